@@ -1,0 +1,481 @@
+"""EarthDial checkpoints in their published layout, and their conversion to transformers' native InternVL.
+
+The published repositories (EarthDial_4B_RGB, _MS, _Methane_UHI) hold an InternVL-chat `config.json`
+(`model_type: internvl_chat`, `vision_config`, `llm_config`), safetensors keyed `vision_model.*`,
+`mlp1.*`, `language_model.*`, and tokenizer files, but no modelling code. Names and config are converted
+here, in memory, to `InternVLForConditionalGeneration` with a `phi3` text config; `make_tiny_checkpoint`
+writes the same layout with random weights so tests load through this exact path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tokens import (
+    CHAT_TOKENS,
+    IMG_CONTEXT,
+    INTERNVL_TOKENS,
+    PHI3_TOKENS,
+    detect_variant,
+    earthdial_tokens,
+)
+
+INTERNVL_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be loaded; the message names the file or keys at fault."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight names
+# ------------------------------------------------------------------------------------------------
+
+# (published regex, native replacement), applied in order to keys under `vision_model.`
+_VISION_RENAMES = (
+    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
+)  # fmt: skip
+_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+def published_to_native(published: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename published keys to native ones. Returns (native state dict, published keys not understood)."""
+    native: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in published.items():
+        if m := _QKV.match(key):
+            q, k, v = tensor.chunk(3, dim=0)  # InternViT stacks q, k, v by rows
+            base = f"model.vision_tower.encoder.layer.{m[1]}.attention"
+            native[f"{base}.q_proj.{m[2]}"] = q
+            native[f"{base}.k_proj.{m[2]}"] = k
+            native[f"{base}.v_proj.{m[2]}"] = v
+        elif key.startswith("vision_model."):
+            for pattern, repl in _VISION_RENAMES:
+                new, n = re.subn(pattern, repl, key)
+                if n:
+                    native[new] = tensor
+                    break
+            else:
+                unknown.append(key)
+        elif m := re.match(r"^mlp1\.(\d+)\.(weight|bias)$", key):
+            if m[1] in _PROJECTOR:
+                native[f"model.multi_modal_projector.{_PROJECTOR[m[1]]}.{m[2]}"] = tensor
+            else:
+                unknown.append(key)
+        elif key.startswith("language_model.model."):
+            native["model.language_model." + key[len("language_model.model.") :]] = tensor
+        elif key == "language_model.lm_head.weight":
+            native["lm_head.weight"] = tensor
+        else:
+            unknown.append(key)
+    return native, unknown
+
+
+def native_to_published(native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `published_to_native`, used to write checkpoints in the published layout."""
+    out: dict[str, torch.Tensor] = {}
+    inverse = [
+        (r"^model\.vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
+        (r"^model\.vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
+        (r"^model\.vision_tower\.embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"vision_model.encoder.layers.\1.attn.proj."),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.", r"vision_model.encoder.layers.\1.norm1."),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.", r"vision_model.encoder.layers.\1.norm2."),
+        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+        (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
+        (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
+        (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^lm_head\.", "language_model.lm_head."),
+    ]  # fmt: skip
+    qkv = re.compile(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in native.items():
+        if m := qkv.match(key):
+            parts.setdefault((m[1], m[3]), {})[m[2]] = tensor
+            continue
+        for pattern, repl in inverse:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = tensor
+                break
+        else:
+            raise CheckpointError(f"no published name for native key {key}")
+    for (layer, kind), qkv_parts in parts.items():
+        out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat(
+            [qkv_parts["q"], qkv_parts["k"], qkv_parts["v"]], dim=0
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def native_config(published: dict[str, Any], image_token_id: int) -> Any:
+    """An `InternVLConfig` (phi3 text config) equivalent to a published internvl_chat config."""
+    from transformers import InternVLConfig
+
+    if published.get("model_type") != "internvl_chat":
+        raise CheckpointError(f"config.json model_type is {published.get('model_type')!r}, expected 'internvl_chat'")
+    vis, llm = dict(published["vision_config"]), dict(published["llm_config"])
+    if llm.get("model_type") != "phi3":
+        raise CheckpointError(f"llm_config.model_type is {llm.get('model_type')!r}; EarthDial uses phi3")
+    if published.get("ps_version", "v2") != "v2":
+        raise CheckpointError("only ps_version v2 pixel shuffle is supported (the one EarthDial uses)")
+    vision_config = {
+        "hidden_size": vis["hidden_size"],
+        "num_hidden_layers": vis["num_hidden_layers"],
+        "num_attention_heads": vis["num_attention_heads"],
+        "intermediate_size": vis["intermediate_size"],
+        "hidden_act": vis.get("hidden_act", "gelu"),
+        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
+        "image_size": vis["image_size"],
+        "patch_size": vis["patch_size"],
+        "num_channels": vis.get("num_channels", 3),
+        "attention_bias": vis.get("qkv_bias", True),
+        "use_qk_norm": vis.get("qk_normalization", False),
+        "norm_type": vis.get("norm_type", "layer_norm"),
+        "layer_scale_init_value": vis.get("initializer_factor", 0.1),
+        "use_mean_pooling": True,  # InternViT has no final norm; the native class skips it with this flag
+    }
+    text = {k: v for k, v in llm.items() if k not in ("architectures", "auto_map", "_name_or_path", "attn_implementation")}
+    rope = text.pop("rope_scaling", None)
+    if rope:
+        rope = dict(rope)
+        kind = rope.pop("type", rope.pop("rope_type", None))
+        # Phi-3's old name for long-context RoPE is "su"; current transformers calls it "longrope".
+        rope["rope_type"] = "longrope" if kind in ("su", "longrope") else kind
+        rope["rope_theta"] = text.get("rope_theta", 10000.0)
+        if "original_max_position_embeddings" in text and "factor" not in rope:
+            rope["factor"] = text["max_position_embeddings"] / text["original_max_position_embeddings"]
+        text["rope_parameters"] = rope
+    text["model_type"] = "phi3"
+    text["tie_word_embeddings"] = False
+    size = int(published.get("force_image_size") or vis["image_size"])
+    tokens_per_tile = int((size // vis["patch_size"]) ** 2 * published.get("downsample_ratio", 0.5) ** 2)
+    return InternVLConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=published.get("downsample_ratio", 0.5),
+        projector_hidden_act="gelu",
+        vision_feature_layer=published.get("select_layer", -1),
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,  # Phi-3's lm_head is its own matrix; the native default would tie it
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    variant: str
+    image_size: int  # force_image_size: the tile size the model was trained at
+    tokens_per_tile: int
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    system_message: str
+    vocab: frozenset[str]
+    num_parameters: int
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (directory / shard).exists():
+            raise CheckpointError(f"{directory}: weight shard {shard} named in the index is missing")
+        tensors.update(load_file(str(directory / shard)))
+    return tensors
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    missing = [t for t in (*INTERNVL_TOKENS, "<|end|>", "<|user|>", "<|assistant|>") if t not in tok.get_vocab()]
+    if missing:
+        raise CheckpointError(f"{directory}: tokenizer lacks InternVL/Phi-3 tokens {missing}")
+    return tok
+
+
+def load(
+    directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[Any, Any, CheckpointInfo]:
+    """Load a published-layout checkpoint into `InternVLForConditionalGeneration`.
+    Every published key must land on a native parameter of the right shape and none may be left over."""
+    from transformers import InternVLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json (is this an EarthDial checkpoint directory?)")
+    published_cfg = json.loads((directory / "config.json").read_text())
+    tokenizer = load_tokenizer(directory)
+    vocab = tokenizer.get_vocab()
+    config = native_config(published_cfg, image_token_id=vocab[IMG_CONTEXT])
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is {config.text_config.vocab_size}"
+        )
+    published = _read_safetensors(directory)
+    native, unknown = published_to_native(published)
+
+    with no_init_weights(), torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(native))
+    mismatched = [
+        f"{k}: checkpoint {tuple(native[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(native))
+        if native[k].shape != expected[k].shape
+    ]
+    unexpected = unknown + sorted(set(native) - set(expected))
+    if missing or mismatched or unexpected:
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+        problems = []
+        if missing:
+            published_names = native_to_published({k: expected[k] for k in missing})
+            problems.append(f"missing weights: {names(sorted(published_names))}")
+        if mismatched:
+            problems.append(f"wrong shapes: {names(mismatched)}")
+        if unexpected:
+            problems.append(f"unexpected weights: {names(unexpected)}")
+        raise CheckpointError(f"{directory}: weights do not match config.json: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(dtype) for k, v in native.items()}, strict=True)
+    model.eval()
+
+    size = int(published_cfg.get("force_image_size") or published_cfg["vision_config"]["image_size"])
+    declared = published_cfg.get("earthdial_variant") or _variant_from_name(
+        str(published_cfg.get("_name_or_path", "")) + " " + directory.name
+    )
+    info = CheckpointInfo(
+        path=str(directory),
+        variant=detect_variant(set(vocab), declared),
+        image_size=size,
+        tokens_per_tile=config.image_seq_length,
+        min_tiles=int(published_cfg.get("min_dynamic_patch", 1)),
+        max_tiles=int(published_cfg.get("max_dynamic_patch", 6)),
+        use_thumbnail=bool(published_cfg.get("use_thumbnail", True)),
+        system_message=published_cfg.get("system_message") or INTERNVL_SYSTEM_MESSAGE,
+        vocab=frozenset(vocab),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return model, tokenizer, info
+
+
+def _variant_from_name(name: str) -> str | None:
+    upper = name.upper()
+    if "METHANE" in upper or "UHI" in upper:
+        return "EarthDial_4B_Methane_UHI"
+    if re.search(r"(^|[_\-\s/])MS($|[_\-\s/])", upper):
+        return "EarthDial_4B_MS"
+    if "RGB" in upper:
+        return "EarthDial_4B_RGB"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny checkpoints in the published layout
+# ------------------------------------------------------------------------------------------------
+
+# A small text corpus for the tiny tokenizer: the prompt vocabulary of EarthDial's tasks.
+_CORPUS = """
+Could you please provide the caption for the input image? Classify the given image in one of the following
+classes. Classes: Answer in one word or a short phrase. Give me the location of what object is in this location
+Describe the image in detail. Detect objects location. Describe objects size. Where objects are located?
+Describe relation between objects. Answer the question using a single word. are there any semantic change
+detected in the provided images? Analyze the images to identify the type of disaster that occurred. Options:
+volcano, fire, flood, earthquake, storm. Compare the building at classify the level of damage. no-damage,
+destroyed, minor-damage, major-damage. Locate all large buildings in the post-disaster image. ship ships
+airplane airplanes storage tank tanks building buildings road roads river water forest farmland residential
+industrial harbor airport bridge small medium large gray white red at the left right top bottom center of
+Does this image has a methane plume ? What factors are responsible for the temperature? yes no The image shows
+Image-1: Image-2: Classify the botanical tree species. Species: pine oak beech spruce birch
+"""
+
+
+def _tiny_tokenizer(variant: str) -> Any:
+    """A byte-level BPE trained offline on `_CORPUS`, with Phi-3's, InternVL's and EarthDial's added tokens
+    in their published order. Digits are split one by one, as in Phi-3's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    # transformers 5 ignores additional_special_tokens at construction: add them on the object.
+    fast.add_special_tokens({"additional_special_tokens": [*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens(variant)]})
+    fast.eos_token = "<|endoftext|>"
+    fast.pad_token = "<|endoftext|>"
+    return fast
+
+
+def _rope_factors(n: int, seed: float) -> list[float]:
+    return [round(1.0 + seed * i / max(n - 1, 1), 4) for i in range(n)]
+
+
+def tiny_published_config(vocab_size: int, image_size: int = 224, variant: str = "EarthDial_4B_RGB") -> dict[str, Any]:
+    """A small config in the published internvl_chat layout (same keys as EarthDial's config.json)."""
+    head_dim = 16
+    return {
+        "_name_or_path": f"tiny-{variant}",
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+        },
+        "model_type": "internvl_chat",
+        "earthdial_variant": variant,
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": image_size,
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 1,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "phi3-chat",
+        "use_thumbnail": True,
+        "torch_dtype": "float32",
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": image_size,
+            "patch_size": 14,
+            "num_channels": 3,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            "initializer_factor": 0.1,
+            "drop_path_rate": 0.0,
+            "use_flash_attn": False,
+        },
+        "llm_config": {
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "hidden_size": 4 * head_dim,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "num_hidden_layers": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 8192,
+            "original_max_position_embeddings": 4096,
+            "rope_theta": 10000.0,
+            "rope_scaling": {
+                "type": "su",
+                "long_factor": _rope_factors(head_dim // 2, 0.5),
+                "short_factor": _rope_factors(head_dim // 2, 0.1),
+            },
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 32000 if vocab_size > 32000 else 2,
+            "pad_token_id": None,
+            "sliding_window": 262144,
+            "tie_word_embeddings": False,
+            "attn_implementation": "flash_attention_2",
+        },
+    }
+
+
+def make_tiny_checkpoint(directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0) -> Path:
+    """Write a tiny random-weight checkpoint in EarthDial's published layout (config, safetensors with
+    published key names, tokenizer files with the added tokens)."""
+    from safetensors.torch import save_file
+    from transformers import InternVLForConditionalGeneration
+
+    if variant not in ("EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI"):
+        raise ValueError(f"unknown variant {variant!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_tokenizer(variant)
+    vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)  # padded, like real checkpoints' embedding rows
+    cfg = tiny_published_config(vocab_size, image_size, variant)
+    cfg["llm_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    cfg["llm_config"]["pad_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(native_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT)))
+    with torch.no_grad():
+        # Random init leaves the class embedding, position embeddings and layer scales at constants;
+        # give every tensor some spread so tests can tell a dropped or swapped weight from a kept one.
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" not in name:
+                p.normal_(0.0, 0.1)
+            elif "position_embeddings" in name or "cls_token" in name:
+                p.normal_(0.0, 0.02)
+    published = {k: v.contiguous() for k, v in native_to_published(model.state_dict()).items()}
+    save_file(published, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [tokenizer.convert_tokens_to_ids(t) for t in ("</s>", "<|endoftext|>", "<|end|>")]})
+    )
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+__all__ = [
+    "CHAT_TOKENS",
+    "CheckpointError",
+    "CheckpointInfo",
+    "load",
+    "load_tokenizer",
+    "make_tiny_checkpoint",
+    "native_config",
+    "native_to_published",
+    "published_to_native",
+]

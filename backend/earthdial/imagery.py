@@ -1,0 +1,280 @@
+"""The pixels of a request: a window of a raster file read with rasterio, or an array sent by value.
+
+A window is found by carrying the requested bounds (densified, so curved edges after reprojection are
+covered) into the raster's pixel space through the inverse of its geotransform. Unlike
+``rasterio.windows.from_bounds`` this also holds for rotated or skewed geotransforms. The window is
+snapped outwards to whole pixels and clipped to the raster.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+import rasterio.windows
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import CRSError, RasterioError
+from rasterio.warp import transform as warp_transform
+
+from .protocol import EarthDialError, ErrorCode
+
+__all__ = ["Chip", "read_chip", "chip_from_array"]
+
+EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
+SNAP = 1e-6  # pixel coordinates this close to an integer are taken as that integer before floor/ceil
+
+
+@dataclass
+class Chip:
+    data: np.ndarray  # (bands, rows, cols), the raster's dtype
+    transform: Affine  # affine of data's pixel grid
+    crs: str  # "EPSG:n" when the CRS has an EPSG code, else WKT; "" when the pixels have no CRS
+    band_indexes: list[int]  # 1-based indexes read (1..n for arrays sent by value)
+    nodata: float | None
+    source: str  # file path or "<array>"
+
+    @property
+    def width(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def height(self) -> int:
+        return int(self.data.shape[1])
+
+
+def read_chip(
+    path: str,
+    bands: list[int] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    bounds_crs: str | None = None,
+    max_size: int | None = 2048,
+) -> Chip:
+    """Read ``bands`` (1-based; default the first three, or all when fewer) of the raster at ``path``
+    inside ``bounds`` (minx, miny, maxx, maxy in ``bounds_crs``, default the raster's CRS; None: the
+    whole raster). A window whose long side exceeds ``max_size`` is read resampled to that size."""
+    path = os.fspath(path)
+    if not path.startswith("/vsi") and not os.path.exists(path):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    if bounds is not None:
+        bounds = _check_bounds(bounds)
+    if max_size is not None and (not isinstance(max_size, numbers.Integral) or max_size < 1):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"max_size must be a positive integer or None, got {max_size!r}"
+        )
+    try:
+        src = rasterio.open(path)
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
+    with src:
+        if src.count < 1:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} has no raster bands")
+        indexes = _check_bands(bands, src.count, path)
+        window = _window(src, bounds, bounds_crs, path)
+        win_w, win_h = int(window.width), int(window.height)
+        out_w, out_h = win_w, win_h
+        if max_size is not None and max(win_w, win_h) > max_size:
+            scale = max_size / max(win_w, win_h)
+            out_w = max(1, min(max_size, round(win_w * scale)))
+            out_h = max(1, min(max_size, round(win_h * scale)))
+        try:
+            # Average (a box filter) when shrinking: it does not alias fine texture the way nearest
+            # does, works for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
+            data = src.read(
+                indexes,
+                window=window,
+                out_shape=(len(indexes), out_h, out_w),
+                resampling=Resampling.average,
+            )
+        except RasterioError as exc:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+        # The window's transform (rasterio.windows.transform) scaled to the grid actually read, spelled
+        # out because affine 2 and 3 disagree on how composition is written.
+        a, b, c, d, e, f = src.transform[:6]
+        col0, row0 = int(window.col_off), int(window.row_off)
+        sx, sy = win_w / out_w, win_h / out_h
+        transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
+        nodata = src.nodatavals[indexes[0] - 1]
+        return Chip(
+            data=data,
+            transform=transform,
+            crs=_crs_string(src.crs),
+            band_indexes=indexes,
+            nodata=None if nodata is None else float(nodata),
+            source=path,
+        )
+
+
+def chip_from_array(
+    array: np.ndarray,
+    transform: Sequence[float] | Affine,
+    crs: str | None,
+    nodata: float | None = None,
+) -> Chip:
+    """A Chip for pixels sent by value: ``array`` is (rows, cols) or (bands, rows, cols) and
+    ``transform`` its affine (a, b, c, d, e, f)."""
+    if not isinstance(array, np.ndarray):
+        raise EarthDialError(ErrorCode.BAD_ARRAY, f"pixels must be a numpy array, got {type(array).__name__}")
+    if array.dtype.kind not in "uif":
+        raise EarthDialError(ErrorCode.BAD_ARRAY, f"pixels must be numeric, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    elif array.ndim != 3:
+        raise EarthDialError(
+            ErrorCode.BAD_ARRAY,
+            f"pixels must be (rows, cols) or (bands, rows, cols), got shape {array.shape}",
+        )
+    if array.size == 0:
+        raise EarthDialError(ErrorCode.BAD_ARRAY, f"pixels are empty: shape {array.shape}")
+    aff = _affine_from(transform)
+    if crs is None or crs == "":
+        crs_text = ""
+    else:
+        crs_text = _crs_string(_parse_crs(crs, "pixels"))
+    if nodata is not None:
+        if not isinstance(nodata, numbers.Real) or isinstance(nodata, bool):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"nodata must be a number or None, got {nodata!r}")
+        nodata = float(nodata)
+    return Chip(
+        data=array,
+        transform=aff,
+        crs=crs_text,
+        band_indexes=list(range(1, array.shape[0] + 1)),
+        nodata=nodata,
+        source="<array>",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in bounds)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"bounds must be 4 finite numbers (minx, miny, maxx, maxy), got {bounds!r}"
+        )
+    minx, miny, maxx, maxy = values
+    if minx >= maxx or miny >= maxy:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"bounds {values} need minx < maxx and miny < maxy")
+    return minx, miny, maxx, maxy
+
+
+def _check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]:
+    if not bands:
+        return list(range(1, min(count, 3) + 1))
+    indexes = []
+    for b in bands:
+        if not isinstance(b, numbers.Integral) or isinstance(b, bool):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"band indexes must be integers, got {b!r}")
+        if not 1 <= b <= count:
+            raise EarthDialError(
+                ErrorCode.BAND_OUT_OF_RANGE, f"band {b} does not exist in {path}: valid bands are 1..{count}"
+            )
+        indexes.append(int(b))
+    return indexes
+
+
+def _parse_crs(text: str, what: str) -> CRS:
+    try:
+        return CRS.from_user_input(text)
+    except (CRSError, TypeError, ValueError) as exc:
+        raise EarthDialError(
+            ErrorCode.BAD_CRS, f"CRS of the {what} {text!r} is not understood: {exc}"
+        ) from None
+
+
+def _crs_string(crs: CRS | None) -> str:
+    if crs is None:
+        return ""
+    # Only an exact match gets a code: a close but different CRS keeps its own definition.
+    epsg = crs.to_epsg(confidence_threshold=100)
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+
+
+def _window(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
+    if bounds is None:
+        return rasterio.windows.Window(0, 0, src.width, src.height)
+    xs, ys = _densified_ring(bounds)
+    if bounds_crs is not None and bounds_crs != "":
+        target = _parse_crs(bounds_crs, "bounds")
+        if src.crs is None:
+            raise EarthDialError(
+                ErrorCode.BAD_CRS, f"bounds are in {bounds_crs} but {path} has no CRS to relate them to"
+            )
+        if target != src.crs:
+            try:
+                xs, ys = warp_transform(target, src.crs, xs, ys)
+            except (CRSError, RasterioError) as exc:
+                raise EarthDialError(
+                    ErrorCode.BAD_CRS,
+                    f"bounds cannot be carried from {bounds_crs} to the CRS of {path}: {exc}",
+                ) from None
+    a, b, c, d, e, f = (~src.transform)[:6]
+    cols, rows = [], []
+    for x, y in zip(xs, ys, strict=True):
+        if math.isfinite(x) and math.isfinite(y):  # points outside a projection's domain come back inf
+            cols.append(a * x + b * y + c)
+            rows.append(d * x + e * y + f)
+    if cols:
+        col0, col1 = max(_floor(min(cols)), 0), min(_ceil(max(cols)), src.width)
+        row0, row1 = max(_floor(min(rows)), 0), min(_ceil(max(rows)), src.height)
+        if col1 > col0 and row1 > row0:
+            return rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
+    raster_crs = _crs_string(src.crs) or "no CRS"
+    raise EarthDialError(
+        ErrorCode.BOUNDS_OUTSIDE,
+        f"bounds {tuple(bounds)} (in {bounds_crs or raster_crs}) do not overlap {path}, "
+        f"whose extent is {tuple(src.bounds)} (in {raster_crs})",
+    )
+
+
+def _densified_ring(bounds: tuple[float, float, float, float]) -> tuple[list[float], list[float]]:
+    minx, miny, maxx, maxy = bounds
+    steps = [i / (EDGE_POINTS - 1) for i in range(EDGE_POINTS)]
+    xs: list[float] = []
+    ys: list[float] = []
+    for t in steps:
+        x, y = minx + t * (maxx - minx), miny + t * (maxy - miny)
+        xs += [x, x, minx, maxx]
+        ys += [miny, maxy, y, y]
+    return xs, ys
+
+
+def _floor(v: float) -> int:
+    r = round(v)
+    return int(r) if abs(v - r) < SNAP else math.floor(v)
+
+
+def _ceil(v: float) -> int:
+    r = round(v)
+    return int(r) if abs(v - r) < SNAP else math.ceil(v)
+
+
+def _affine_from(transform: Sequence[float] | Affine) -> Affine:
+    if isinstance(transform, Affine):
+        values = list(transform[:6])
+    else:
+        try:
+            values = [float(v) for v in transform]
+        except (TypeError, ValueError):
+            values = []
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"transform must be 6 finite numbers (a, b, c, d, e, f), got {transform!r}"
+        )
+    aff = Affine(*values)
+    if aff.is_degenerate:
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"transform {tuple(values)} is degenerate (not invertible)"
+        )
+    return aff
