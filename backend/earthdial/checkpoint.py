@@ -27,9 +27,7 @@ from .tokens import (
     earthdial_tokens,
 )
 
-INTERNVL_SYSTEM_MESSAGE = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-)
+INTERNVL_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
 
 class CheckpointError(Exception):
@@ -138,7 +136,9 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     from transformers import InternVLConfig
 
     if published.get("model_type") != "internvl_chat":
-        raise CheckpointError(f"config.json model_type is {published.get('model_type')!r}, expected 'internvl_chat'")
+        raise CheckpointError(
+            f"config.json model_type is {published.get('model_type')!r}, expected 'internvl_chat'"
+        )
     vis, llm = dict(published["vision_config"]), dict(published["llm_config"])
     if llm.get("model_type") != "phi3":
         raise CheckpointError(f"llm_config.model_type is {llm.get('model_type')!r}; EarthDial uses phi3")
@@ -160,7 +160,11 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
         "layer_scale_init_value": vis.get("initializer_factor", 0.1),
         "use_mean_pooling": True,  # InternViT has no final norm; the native class skips it with this flag
     }
-    text = {k: v for k, v in llm.items() if k not in ("architectures", "auto_map", "_name_or_path", "attn_implementation")}
+    text = {
+        k: v
+        for k, v in llm.items()
+        if k not in ("architectures", "auto_map", "_name_or_path", "attn_implementation")
+    }
     rope = text.pop("rope_scaling", None)
     if rope:
         rope = dict(rope)
@@ -224,14 +228,19 @@ def load_tokenizer(directory: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    missing = [t for t in (*INTERNVL_TOKENS, "<|end|>", "<|user|>", "<|assistant|>") if t not in tok.get_vocab()]
+    missing = [
+        t for t in (*INTERNVL_TOKENS, "<|end|>", "<|user|>", "<|assistant|>") if t not in tok.get_vocab()
+    ]
     if missing:
         raise CheckpointError(f"{directory}: tokenizer lacks InternVL/Phi-3 tokens {missing}")
     return tok
 
 
 def load(
-    directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    directory: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any, CheckpointInfo]:
     """Load a published-layout checkpoint into `InternVLForConditionalGeneration`.
     Every published key must land on a native parameter of the right shape and none may be left over."""
@@ -265,6 +274,7 @@ def load(
     ]
     unexpected = unknown + sorted(set(native) - set(expected))
     if missing or mismatched or unexpected:
+
         def names(keys: list[str]) -> str:
             return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
@@ -349,10 +359,16 @@ def _tiny_tokenizer(variant: str) -> Any:
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
     # transformers 5 ignores additional_special_tokens at construction: add them on the object.
-    fast.add_special_tokens({"additional_special_tokens": [*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens(variant)]})
+    fast.add_special_tokens(
+        {"additional_special_tokens": [*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens(variant)]}
+    )
     fast.eos_token = "<|endoftext|>"
     fast.pad_token = "<|endoftext|>"
     return fast
@@ -362,7 +378,9 @@ def _rope_factors(n: int, seed: float) -> list[float]:
     return [round(1.0 + seed * i / max(n - 1, 1), 4) for i in range(n)]
 
 
-def tiny_published_config(vocab_size: int, image_size: int = 224, variant: str = "EarthDial_4B_RGB") -> dict[str, Any]:
+def tiny_published_config(
+    vocab_size: int, image_size: int = 224, variant: str = "EarthDial_4B_RGB"
+) -> dict[str, Any]:
     """A small config in the published internvl_chat layout (same keys as EarthDial's config.json)."""
     head_dim = 16
     return {
@@ -432,7 +450,9 @@ def tiny_published_config(vocab_size: int, image_size: int = 224, variant: str =
     }
 
 
-def make_tiny_checkpoint(directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0) -> Path:
+def make_tiny_checkpoint(
+    directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0
+) -> Path:
     """Write a tiny random-weight checkpoint in EarthDial's published layout (config, safetensors with
     published key names, tokenizer files with the added tokens)."""
     from safetensors.torch import save_file
@@ -462,7 +482,13 @@ def make_tiny_checkpoint(directory: str | Path, variant: str = "EarthDial_4B_RGB
     save_file(published, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     (directory / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [tokenizer.convert_tokens_to_ids(t) for t in ("</s>", "<|endoftext|>", "<|end|>")]})
+        json.dumps(
+            {
+                "eos_token_id": [
+                    tokenizer.convert_tokens_to_ids(t) for t in ("</s>", "<|endoftext|>", "<|end|>")
+                ]
+            }
+        )
     )
     tokenizer.save_pretrained(str(directory))
     return directory

@@ -18,13 +18,17 @@ def _bands(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bands must be comma-separated 1-based integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"bands must be comma-separated 1-based integers, got {text!r}"
+        ) from None
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("raster", help="raster file (anything GDAL reads)")
     p.add_argument("--bands", type=_bands, help="1-based band indexes, e.g. 1,2,3 (default: the first three)")
-    p.add_argument("--bounds", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"), help="window to read")
+    p.add_argument(
+        "--bounds", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"), help="window to read"
+    )
     p.add_argument("--bounds-crs", help="CRS of --bounds (default: the raster's CRS), e.g. EPSG:4326")
 
 
@@ -72,7 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: server.stop_event.set())
     d = engine.describe()
-    print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]", flush=True)
+    print(
+        f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
+        flush=True,
+    )
     try:
         server.serve_forever()
     finally:
@@ -121,7 +128,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"protocol  {status['protocol']}")
     print(f"model     {model.get('variant')} ({model.get('path')})")
     print(f"device    {model.get('device')} {model.get('dtype')} attention={model.get('attention')}")
-    print(f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}")
+    print(
+        f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}"
+    )
     print(f"queue     {status['queue']} waiting, {status['running']} running")
     print(f"tasks     {', '.join(t['name'] for t in status['tasks'])}")
     return 0
@@ -130,7 +139,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .checkpoint import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.directory, variant=args.variant, image_size=args.image_size, seed=args.seed)
+    path = make_tiny_checkpoint(
+        args.directory, variant=args.variant, image_size=args.image_size, seed=args.seed
+    )
     print(f"wrote a tiny random {args.variant} checkpoint to {path}")
     return 0
 
@@ -148,10 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="load a model once and answer requests over ZeroMQ")
-    p.add_argument("--model", help="checkpoint directory in EarthDial's published layout (or $EARTHDIAL_MODEL)")
+    p.add_argument(
+        "--model", help="checkpoint directory in EarthDial's published layout (or $EARTHDIAL_MODEL)"
+    )
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)")
+    p.add_argument(
+        "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
+    )
     p.add_argument("--queue-size", type=int, default=32)
     p.set_defaults(func=cmd_serve)
 
@@ -159,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     p.add_argument("--prompt", default="", help="the question, or what to find for --task refer")
     p.add_argument("--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify")
-    p.add_argument("--endpoint", help="a running `earthdial serve`; without it the model runs in this process")
+    p.add_argument(
+        "--endpoint", help="a running `earthdial serve`; without it the model runs in this process"
+    )
     p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-new-tokens", type=int)
@@ -169,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("georef", help="turn an EarthDial answer about a raster window into map features")
     _add_source_args(p)
-    p.add_argument("--answer", required=True, help="the model's answer text, e.g. '<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>'")
+    p.add_argument(
+        "--answer",
+        required=True,
+        help="the model's answer text, e.g. '<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>'",
+    )
     p.add_argument("--json", action="store_true", help="print the features as GeoJSON")
     p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file")
     p.set_defaults(func=cmd_georef)
@@ -180,14 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in EarthDial's published layout")
+    p = sub.add_parser(
+        "make-tiny-checkpoint", help="write a tiny random checkpoint in EarthDial's published layout"
+    )
     p.add_argument("directory")
-    p.add_argument("--variant", default="EarthDial_4B_RGB", choices=["EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI"])
+    p.add_argument(
+        "--variant",
+        default="EarthDial_4B_RGB",
+        choices=["EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI"],
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("make-sample", help="write a small synthetic GeoTIFF scene (water, land, a ship) to try things on")
+    p = sub.add_parser(
+        "make-sample", help="write a small synthetic GeoTIFF scene (water, land, a ship) to try things on"
+    )
     p.add_argument("path")
     p.add_argument("--crs", default="EPSG:32633")
     p.add_argument("--seed", type=int, default=0)

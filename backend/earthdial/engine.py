@@ -48,7 +48,9 @@ class Engine:
         self.tokenizer.padding_side = "left"
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = sorted({vocab[t] for t in STOP_TOKENS if t in vocab})
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        )
         self._strip = [t for t in CHAT_TOKENS if t in vocab]
         self._lock = threading.Lock()  # one generate at a time on the device
 

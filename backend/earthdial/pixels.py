@@ -41,7 +41,9 @@ def to_unit_rgb(data: np.ndarray, nodata: float | None = None) -> np.ndarray:
     return out
 
 
-def choose_grid(width: int, height: int, size: int, min_tiles: int = 1, max_tiles: int = 6) -> tuple[int, int]:
+def choose_grid(
+    width: int, height: int, size: int, min_tiles: int = 1, max_tiles: int = 6
+) -> tuple[int, int]:
     """InternVL's tile grid (columns, rows) for an image: the candidate whose aspect ratio is closest to
     the image's; on a tie the larger grid wins when the image has more than half its pixel area."""
     aspect = width / height
@@ -65,7 +67,9 @@ def resize(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Bicubic resize of (c, h, w) with antialiasing (close to PIL's bicubic, which InternVL used)."""
     if image.shape[-2:] == (rows, cols):
         return image
-    out = F.interpolate(image[None], size=(rows, cols), mode="bicubic", align_corners=False, antialias=True)[0]
+    out = F.interpolate(image[None], size=(rows, cols), mode="bicubic", align_corners=False, antialias=True)[
+        0
+    ]
     return out.clamp_(0.0, 1.0)
 
 
@@ -79,7 +83,9 @@ def dynamic_tiles(
     height, width = image.shape[-2:]
     cols, rows = choose_grid(width, height, size, min_tiles, max_tiles)
     big = resize(image, rows * size, cols * size)
-    tiles = [big[:, r * size : (r + 1) * size, c * size : (c + 1) * size] for r in range(rows) for c in range(cols)]
+    tiles = [
+        big[:, r * size : (r + 1) * size, c * size : (c + 1) * size] for r in range(rows) for c in range(cols)
+    ]
     if use_thumbnail and len(tiles) > 1:
         tiles.append(resize(image, size, size))
     return torch.stack(tiles)

@@ -35,7 +35,12 @@ TASKS: dict[str, Task] = {
             100,
             needs_prompt=False,
         ),
-        Task("vqa", "Short answer to a question", "{sensor} <image>\n {prompt} Answer the question using a single word.", 10),
+        Task(
+            "vqa",
+            "Short answer to a question",
+            "{sensor} <image>\n {prompt} Answer the question using a single word.",
+            10,
+        ),
         Task(
             "classify",
             "Scene class from a list (prompt: comma-separated classes)",
@@ -74,7 +79,9 @@ DEFAULT_SENSOR = "[hr_rgb_0.5]"
 def build_question(task: str, prompt: str, sensor: str = DEFAULT_SENSOR) -> str:
     """The user turn for a task, with its task and sensor tags and an <image> marker."""
     if task not in TASKS:
-        raise EarthDialError(ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        raise EarthDialError(
+            ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; known tasks: {', '.join(TASKS)}"
+        )
     spec = TASKS[task]
     prompt = (prompt or "").strip()
     if spec.needs_prompt and not prompt:
@@ -97,7 +104,9 @@ def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -
     """Replace each <image> in order by <img> + <IMG_CONTEXT> x (tiles x tokens per tile) + </img>."""
     count = text.count(IMAGE)
     if count != len(tiles_per_image):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"prompt has {count} <image> markers for {len(tiles_per_image)} images")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"prompt has {count} <image> markers for {len(tiles_per_image)} images"
+        )
     for tiles in tiles_per_image:
         text = text.replace(IMAGE, IMG_START + IMG_CONTEXT * (tiles * tokens_per_tile) + IMG_END, 1)
     return text

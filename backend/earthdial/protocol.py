@@ -116,7 +116,9 @@ def encode(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, 
     for arr in arrays:
         arr = np.ascontiguousarray(arr)
         if arr.dtype.name not in ALLOWED_DTYPES:
-            raise EarthDialError(ErrorCode.BAD_ARRAY, f"dtype {arr.dtype.name} is not one of {ALLOWED_DTYPES}")
+            raise EarthDialError(
+                ErrorCode.BAD_ARRAY, f"dtype {arr.dtype.name} is not one of {ALLOWED_DTYPES}"
+            )
         specs.append({"dtype": arr.dtype.name, "shape": list(arr.shape)})
         buffers.append(memoryview(arr).cast("B") if arr.size else b"")
     full = dict(header)
@@ -138,7 +140,9 @@ def decode(frames: list[Any]) -> Message:
     if not frames:
         raise EarthDialError(ErrorCode.MISSING_FRAMES, "empty message: expected a JSON header frame")
     if len(frames) > MAX_FRAMES:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{len(frames)} frames; at most {MAX_FRAMES} are accepted")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"{len(frames)} frames; at most {MAX_FRAMES} are accepted"
+        )
     head = _frame_bytes(frames[0])
     if head.nbytes > MAX_HEADER_BYTES:
         raise EarthDialError(ErrorCode.BAD_HEADER, f"header of {head.nbytes} bytes; limit {MAX_HEADER_BYTES}")
@@ -171,21 +175,26 @@ def _array_from_frame(index: int, spec: Any, frame: Any) -> np.ndarray:
         raise EarthDialError(ErrorCode.BAD_ARRAY, f"array {index}: spec must be an object")
     dtype, shape = spec.get("dtype"), spec.get("shape")
     if dtype not in ALLOWED_DTYPES:
-        raise EarthDialError(ErrorCode.BAD_ARRAY, f"array {index}: dtype {dtype!r} is not one of {ALLOWED_DTYPES}")
+        raise EarthDialError(
+            ErrorCode.BAD_ARRAY, f"array {index}: dtype {dtype!r} is not one of {ALLOWED_DTYPES}"
+        )
     if (
         not isinstance(shape, list)
         or not 1 <= len(shape) <= MAX_ARRAY_NDIM
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
         raise EarthDialError(
-            ErrorCode.BAD_ARRAY, f"array {index}: shape {shape!r} must be 1 to {MAX_ARRAY_NDIM} non-negative ints"
+            ErrorCode.BAD_ARRAY,
+            f"array {index}: shape {shape!r} must be 1 to {MAX_ARRAY_NDIM} non-negative ints",
         )
     itemsize = np.dtype(dtype).itemsize
     expected = itemsize
     for n in shape:
         expected *= n
         if expected > MAX_ARRAY_BYTES:
-            raise EarthDialError(ErrorCode.BAD_ARRAY, f"array {index}: {shape} exceeds {MAX_ARRAY_BYTES} bytes")
+            raise EarthDialError(
+                ErrorCode.BAD_ARRAY, f"array {index}: {shape} exceeds {MAX_ARRAY_BYTES} bytes"
+            )
     buf = _frame_bytes(frame)
     if buf.nbytes != expected:
         raise EarthDialError(
@@ -212,7 +221,9 @@ class Client:
     """A DEALER-socket client. Replies are matched by request id, so a reply that arrives after its
     request timed out is dropped instead of being taken for the answer to the next one."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 120.0, context: Any = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 120.0, context: Any = None
+    ) -> None:
         import zmq  # imported here so that encode/decode work where pyzmq is missing
 
         self._zmq = zmq

@@ -49,7 +49,9 @@ class Server:
     def __init__(self, engine: Any, endpoint: str, queue_size: int = 32) -> None:
         self.engine = engine
         self.endpoint = endpoint
-        self.jobs: queue.Queue[tuple[bytes, dict[str, Any], list[Any]] | None] = queue.Queue(maxsize=queue_size)
+        self.jobs: queue.Queue[tuple[bytes, dict[str, Any], list[Any]] | None] = queue.Queue(
+            maxsize=queue_size
+        )
         self.running = 0
         self.stop_event = threading.Event()
         self.ctx = zmq.Context()
@@ -85,7 +87,9 @@ class Server:
                     reply = error_reply(header.get("id"), exc)
                 except Exception as exc:  # never let one request take the server down
                     log.error("request %s failed:\n%s", header.get("id"), traceback.format_exc())
-                    reply = error_reply(header.get("id"), EarthDialError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+                    reply = error_reply(
+                        header.get("id"), EarthDialError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                    )
                 finally:
                     self.running = 0
                 out.send_multipart([ident, *encode(reply)])
@@ -106,14 +110,21 @@ class Server:
                 raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'id' must be a string")
             op = msg.header.get("op")
             if op == "status":
-                self._send(ident, ok_reply(request_id, **service.status(self.engine, self.jobs.qsize(), self.running)))
+                self._send(
+                    ident,
+                    ok_reply(request_id, **service.status(self.engine, self.jobs.qsize(), self.running)),
+                )
                 return
             if op not in ("ask", "georef"):
-                raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status")
+                raise EarthDialError(
+                    ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status"
+                )
             try:
                 self.jobs.put_nowait((ident, msg.header, msg.arrays))
             except queue.Full:
-                raise EarthDialError(ErrorCode.BUSY, f"the server queue is full ({self.jobs.maxsize} waiting); retry later") from None
+                raise EarthDialError(
+                    ErrorCode.BUSY, f"the server queue is full ({self.jobs.maxsize} waiting); retry later"
+                ) from None
         except EarthDialError as exc:
             if request_id is None:
                 request_id = _best_effort_id(body)

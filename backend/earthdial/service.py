@@ -39,17 +39,27 @@ def resolve_source(source: Any, arrays: list[np.ndarray]) -> imagery.Chip:
         path = _field(source, "path", str)
         bands = _field(source, "bands", list, required=False)
         if bands is not None and not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"'bands' must be a list of 1-based ints, got {bands!r:.80}")
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"'bands' must be a list of 1-based ints, got {bands!r:.80}"
+            )
         bounds = _field(source, "bounds", list, required=False)
         if bounds is not None and (len(bounds) != 4 or not all(isinstance(v, (int, float)) for v in bounds)):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"'bounds' must be [minx, miny, maxx, maxy], got {bounds!r:.80}")
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"'bounds' must be [minx, miny, maxx, maxy], got {bounds!r:.80}"
+            )
         crs = _field(source, "crs", str, required=False)
         return imagery.read_chip(
-            path, bands=bands, bounds=tuple(bounds) if bounds else None, bounds_crs=crs, max_size=MAX_CHIP_SIZE
+            path,
+            bands=bands,
+            bounds=tuple(bounds) if bounds else None,
+            bounds_crs=crs,
+            max_size=MAX_CHIP_SIZE,
         )
     if kind == "value":
         if len(arrays) != 1:
-            raise EarthDialError(ErrorCode.MISSING_FRAMES, f"a source by value takes 1 array frame, got {len(arrays)}")
+            raise EarthDialError(
+                ErrorCode.MISSING_FRAMES, f"a source by value takes 1 array frame, got {len(arrays)}"
+            )
         transform = _field(source, "transform", list)
         crs = _field(source, "crs", str, required=False)
         nodata = _field(source, "nodata", (int, float), required=False)
@@ -104,7 +114,9 @@ def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[s
 
     max_new = options.get("max_new_tokens", TASKS[task].max_new_tokens)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 2048:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
+        )
     tiles = engine.image_tiles(chip.data, chip.nodata)
     t2 = time.perf_counter()
     timings["preprocess_s"] = t2 - t1
@@ -137,7 +149,12 @@ def status(engine: Any, queued: int = 0, running: int = 0) -> dict[str, Any]:
         "queue": queued,
         "running": running,
         "tasks": [
-            {"name": t.name, "description": t.description, "needs_prompt": t.needs_prompt, "grounded": t.grounded}
+            {
+                "name": t.name,
+                "description": t.description,
+                "needs_prompt": t.needs_prompt,
+                "grounded": t.grounded,
+            }
             for t in TASKS.values()
         ],
     }

@@ -19,7 +19,16 @@ SENSOR_TAGS = (
     "[s2_rgb_10]", "[l8_rgb_30]", "[s2_ms_10]", "[hr_rgb_0.5]", "[hr_rgb_temp_0.5]", "[hr_rgbi_0.5]",
     "[s1_vh_10]", "[s1_vh_1]", "[l8_ms_30]", "[hyper_rgb_3]", "[s1_vh_temp_10]",
 )  # fmt: skip
-TASK_TAGS = ("[treeclassify]", "[grounding]", "[refer]", "[classify]", "[identify]", "[caption]", "[changedet]", "[uhi]")
+TASK_TAGS = (
+    "[treeclassify]",
+    "[grounding]",
+    "[refer]",
+    "[classify]",
+    "[identify]",
+    "[caption]",
+    "[changedet]",
+    "[uhi]",
+)
 EARTHDIAL_OTHER = ("<mb>", "</mb>")
 # Present only in the Methane_UHI checkpoint's vocabulary.
 METHANE_UHI_ONLY = ("[uhi]", "[l8_ms_30]", "[hyper_rgb_3]")

@@ -28,7 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, endpoint: str, timeout: float = 60.0, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_server(
+    model: Path, endpoint: str, timeout: float = 60.0, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*EARTHDIAL, "serve", "--model", str(model), "--endpoint", endpoint, "--device", "cpu", *extra],
         stdout=subprocess.PIPE,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from earthdial.answers import Box, parse_boxes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from earthdial.answers import Box, parse_boxes
 
 
 def B(x1, y1, x2, y2, angle=0.0, label=None):

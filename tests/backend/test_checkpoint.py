@@ -72,7 +72,9 @@ def test_every_published_weight_lands_on_the_native_model(tiny_checkpoint: Path,
     torch.testing.assert_close(
         native["model.vision_tower.encoder.layer.1.lambda_2"], published["vision_model.encoder.layers.1.ls2"]
     )
-    torch.testing.assert_close(native["model.multi_modal_projector.linear_2.weight"], published["mlp1.3.weight"])
+    torch.testing.assert_close(
+        native["model.multi_modal_projector.linear_2.weight"], published["mlp1.3.weight"]
+    )
     torch.testing.assert_close(native["lm_head.weight"], published["language_model.lm_head.weight"])
     # Phi-3's lm_head is untied: the loaded head must not be the embedding matrix
     assert not torch.equal(native["lm_head.weight"], native["model.language_model.embed_tokens.weight"])
@@ -125,17 +127,25 @@ def _reference_image_features(w: dict[str, torch.Tensor], cfg: dict, pixels: tor
         att = att.transpose(1, 2).reshape(x.shape)
         x = x + w[p + "ls1"] * F.linear(att, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
         h = F.layer_norm(x, (d,), w[p + "norm2.weight"], w[p + "norm2.bias"], eps)
-        h = F.linear(F.gelu(F.linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])), w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
+        h = F.linear(
+            F.gelu(F.linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])),
+            w[p + "mlp.fc2.weight"],
+            w[p + "mlp.fc2.bias"],
+        )
         x = x + w[p + "ls2"] * h
     x = x[:, 1:]
     side = int(x.shape[1] ** 0.5)
     x = _pixel_shuffle_v2(x.reshape(x.shape[0], side, side, -1), cfg["downsample_ratio"])
     x = x.reshape(x.shape[0], -1, x.shape[-1])
     x = F.layer_norm(x, (x.shape[-1],), w["mlp1.0.weight"], w["mlp1.0.bias"], 1e-5)
-    return F.linear(F.gelu(F.linear(x, w["mlp1.1.weight"], w["mlp1.1.bias"])), w["mlp1.3.weight"], w["mlp1.3.bias"])
+    return F.linear(
+        F.gelu(F.linear(x, w["mlp1.1.weight"], w["mlp1.1.bias"])), w["mlp1.3.weight"], w["mlp1.3.bias"]
+    )
 
 
-def test_image_features_match_a_reference_computed_from_published_weights(tiny_checkpoint: Path, loaded) -> None:
+def test_image_features_match_a_reference_computed_from_published_weights(
+    tiny_checkpoint: Path, loaded
+) -> None:
     model, _, _ = loaded
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     weights = load_file(str(tiny_checkpoint / "model.safetensors"))

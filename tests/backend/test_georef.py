@@ -8,6 +8,7 @@ import math
 
 import pytest
 from affine import Affine
+
 from earthdial.answers import Box, parse_boxes
 from earthdial.georef import box_pixel_corners, box_to_polygon, features_from_boxes
 from earthdial.protocol import EarthDialError, ErrorCode

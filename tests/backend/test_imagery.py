@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.crs import CRS
+
 from earthdial.imagery import Chip, chip_from_array, read_chip
 from earthdial.protocol import EarthDialError, ErrorCode
-from rasterio.crs import CRS
 
 
 def make_tif(path, data, transform, crs="EPSG:32633", nodata=None):

@@ -13,6 +13,7 @@ import pyogrio
 import pyogrio.raw
 import pytest
 import shapely
+
 from earthdial.output import FIELDS, write_features
 from earthdial.protocol import EarthDialError, ErrorCode
 

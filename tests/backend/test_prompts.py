@@ -14,7 +14,9 @@ from earthdial.tokens import INTERNVL_TOKENS, PHI3_TOKENS, SENSOR_TAGS, TASK_TAG
 
 @pytest.fixture(scope="module", params=[224, 448])
 def engine(request, tmp_path_factory) -> Engine:
-    path = checkpoint.make_tiny_checkpoint(tmp_path_factory.mktemp(f"ck{request.param}"), image_size=request.param)
+    path = checkpoint.make_tiny_checkpoint(
+        tmp_path_factory.mktemp(f"ck{request.param}"), image_size=request.param
+    )
     return Engine(str(path), device="cpu")
 
 
@@ -23,11 +25,17 @@ def test_phi3_chat_template_is_exact() -> None:
     assert text == "<|system|>\nSYS<|end|><|user|>\n<image>\nWhat is this?<|end|><|assistant|>\n"
     assert render_chat("hi", "S").endswith("<|user|>\n<image>\nhi<|end|><|assistant|>\n")
     two = render_chat("again", "S", (("<image>\nfirst", "a1"),))
-    assert two == "<|system|>\nS<|end|><|user|>\n<image>\nfirst<|end|><|assistant|>\na1<|end|><|user|>\nagain<|end|><|assistant|>\n"
+    assert (
+        two
+        == "<|system|>\nS<|end|><|user|>\n<image>\nfirst<|end|><|assistant|>\na1<|end|><|user|>\nagain<|end|><|assistant|>\n"
+    )
 
 
 def test_task_prompts_have_earthdial_shapes() -> None:
-    assert build_question("refer", "ships") == "[refer] [hr_rgb_0.5] <image>\n Give me the location of <ref>ships</ref>"
+    assert (
+        build_question("refer", "ships")
+        == "[refer] [hr_rgb_0.5] <image>\n Give me the location of <ref>ships</ref>"
+    )
     assert build_question("caption", "") == (
         "[caption] [hr_rgb_0.5] <image>\n Could you please provide the caption for the input image?"
     )

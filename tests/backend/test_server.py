@@ -58,7 +58,9 @@ def test_status_reports_model_tasks_and_protocol(client: Client) -> None:
 def test_georef_of_a_known_answer_by_reference(client: Client, utm_tif: Path) -> None:
     # window: 1000 m wide x 500 m high in the middle of the raster
     bounds = (ORIGIN_X + 200, ORIGIN_Y - 700, ORIGIN_X + 1200, ORIGIN_Y - 200)
-    reply = client.georef(source_by_reference(str(utm_tif), bounds=bounds), "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>")
+    reply = client.georef(
+        source_by_reference(str(utm_tif), bounds=bounds), "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
+    )
     (feat,) = reply["features"]["features"]
     assert feat["properties"]["label"] == "ship"
     minx, maxy = bounds[0], bounds[3]
@@ -85,7 +87,9 @@ def test_ask_by_value_matches_by_reference_georeferencing(client: Client, utm_ti
     answer = "<ref>tank</ref><box>[[10, 10, 50, 90, 30]]</box>"
     by_value = client.georef(source_by_value(transform, "EPSG:32633"), answer, pixels=data)
     by_ref = client.georef(source_by_reference(str(utm_tif)), answer)
-    np.testing.assert_allclose(_ring(by_value["features"]["features"][0]), _ring(by_ref["features"]["features"][0]))
+    np.testing.assert_allclose(
+        _ring(by_value["features"]["features"][0]), _ring(by_ref["features"]["features"][0])
+    )
     reply = client.ask(source_by_value(transform, "EPSG:32633"), "", task="caption", pixels=data)
     assert isinstance(reply["answer"], str)
 
@@ -110,20 +114,33 @@ def _header(**fields) -> dict:
 BAD_REQUESTS = {
     "unknown_task": lambda tif: encode(_header(task="segment", source=source_by_reference(str(tif)))),
     "file_not_found": lambda tif: encode(_header(source=source_by_reference(str(tif) + ".missing"))),
-    "bounds_outside": lambda tif: encode(_header(source=source_by_reference(str(tif), bounds=(0, 0, 10, 10)))),
+    "bounds_outside": lambda tif: encode(
+        _header(source=source_by_reference(str(tif), bounds=(0, 0, 10, 10)))
+    ),
     "band_out_of_range": lambda tif: encode(_header(source=source_by_reference(str(tif), bands=[1, 2, 7]))),
-    "version_mismatch": lambda tif: [json.dumps({**_header(source=source_by_reference(str(tif))), "v": 99}).encode()],
+    "version_mismatch": lambda tif: [
+        json.dumps({**_header(source=source_by_reference(str(tif))), "v": 99}).encode()
+    ],
     "bad_header": lambda tif: [b"\x00not json{"],
-    "missing_frames": lambda tif: encode(_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")))
-    ,  # by value, but no array frame follows
+    "missing_frames": lambda tif: encode(
+        _header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633"))
+    ),  # by value, but no array frame follows
     "bad_array": lambda tif: [
-        json.dumps({**_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
-                    "arrays": [{"dtype": "uint8", "shape": [3, 10, 10]}]}).encode(),  # fmt: skip
+        json.dumps(
+            {
+                **_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
+                "arrays": [{"dtype": "uint8", "shape": [3, 10, 10]}],
+            }
+        ).encode(),  # fmt: skip
         b"\x00" * 7,  # 300 bytes announced, 7 sent
     ],
     "bad_array_dtype": lambda tif: [
-        json.dumps({**_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
-                    "arrays": [{"dtype": "complex64", "shape": [1, 1]}]}).encode(),  # fmt: skip
+        json.dumps(
+            {
+                **_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
+                "arrays": [{"dtype": "complex64", "shape": [1, 1]}],
+            }
+        ).encode(),  # fmt: skip
         b"\x00" * 8,
     ],
     "unknown_op": lambda tif: encode({"v": PROTOCOL_VERSION, "id": "r1", "op": "format_disk"}),
@@ -131,7 +148,9 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_bad_input_gets_a_typed_error_and_the_server_keeps_serving(server: str, utm_tif: Path, case: str) -> None:
+def test_bad_input_gets_a_typed_error_and_the_server_keeps_serving(
+    server: str, utm_tif: Path, case: str
+) -> None:
     reply = _raw(server, BAD_REQUESTS[case](utm_tif))
     assert reply["ok"] is False
     assert reply["error"]["code"] == case.removesuffix("_dtype")
