@@ -450,6 +450,32 @@ def tiny_published_config(
     }
 
 
+def full_size_config(vocab_size: int = 32064, image_size: int = 448) -> dict[str, Any]:
+    """The published EarthDial-4B shapes (InternViT-300M + Phi-3-mini), for benchmarks and memory plans."""
+    cfg = tiny_published_config(vocab_size, image_size, "EarthDial_4B_RGB")
+    cfg["_name_or_path"] = "EarthDial_4B-shapes"
+    cfg["vision_config"].update(
+        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24
+    )
+    head_dim = 96
+    cfg["llm_config"].update(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=32,
+        max_position_embeddings=131072,
+        eos_token_id=32000,
+        pad_token_id=32000,
+    )
+    cfg["llm_config"]["rope_scaling"] = {
+        "type": "su",
+        "long_factor": _rope_factors(head_dim // 2, 0.5),
+        "short_factor": _rope_factors(head_dim // 2, 0.1),
+    }
+    return cfg
+
+
 def make_tiny_checkpoint(
     directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0
 ) -> Path:

@@ -18,75 +18,87 @@ IMAGE = "<image>"
 class Task:
     name: str
     description: str
-    template: str  # {sensor} and {prompt} are filled in; "<image>" marks where the picture goes
+    template: str  # {sensor}, {images} and {prompt} are filled in; "<image>" marks where a picture goes
     max_new_tokens: int
     needs_prompt: bool = True
     grounded: bool = False  # answers carry boxes
+    images: int = 1  # how many images (layers) the task takes; 2 = a before/after pair
+    sensor: str = "[hr_rgb_0.5]"  # default sensor tag
+    default_prompt: str = ""
 
+
+DISASTER_TYPES = "volcano, fire, flood, earthquake, tsunami, wind, storm"
+DAMAGE_CLASSES = "no-damage, destroyed, minor-damage, major-damage"
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("chat", "Free question about the image", "{sensor} <image>\n {prompt}", 300),
-        Task(
-            "caption",
-            "Caption the image",
-            "[caption] {sensor} <image>\n Could you please provide the caption for the input image?",
-            100,
-            needs_prompt=False,
-        ),
-        Task(
-            "vqa",
-            "Short answer to a question",
-            "{sensor} <image>\n {prompt} Answer the question using a single word.",
-            10,
-        ),
-        Task(
-            "classify",
-            "Scene class from a list (prompt: comma-separated classes)",
-            "{sensor} <image>\n Classify the given image in one of the following classes. Classes: {prompt} \n"
-            "Answer in one word or a short phrase.",
-            10,
-        ),
-        Task(
-            "grounding",
-            "Describe the image with object boxes",
-            "[grounding] {sensor} <image>\n Describe the image in detail. Detect objects location. Describe objects size."
-            " Where objects are located?. Describe relation between objects.",
-            300,
-            needs_prompt=False,
-            grounded=True,
-        ),
-        Task(
-            "refer",
-            "Find objects (prompt: what to find, e.g. 'ships')",
-            "[refer] {sensor} <image>\n Give me the location of <ref>{prompt}</ref>",
-            100,
-            grounded=True,
-        ),
-        Task(
-            "identify",
-            "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
-            "[identify] {sensor} <image>\n what object is in this location <box>{prompt}</box>",
-            30,
-        ),
+        Task("chat", "Free question about the image", "{sensor} {images}\n {prompt}", 300),
+        Task("caption", "Caption the image",
+             "[caption] {sensor} {images}\n Could you please provide the caption for the input image?", 100,
+             needs_prompt=False),
+        Task("vqa", "Short answer to a question",
+             "{sensor} {images}\n {prompt} Answer the question using a single word.", 10),
+        Task("classify", "Scene class from a list (prompt: comma-separated classes)",
+             "{sensor} {images}\n Classify the given image in one of the following classes. Classes: {prompt} \n"
+             "Answer in one word or a short phrase.", 10),
+        Task("grounding", "Describe the image with object boxes",
+             "[grounding] {sensor} {images}\n Describe the image in detail. Detect objects location. "
+             "Describe objects size. Where objects are located?. Describe relation between objects.", 300,
+             needs_prompt=False, grounded=True),
+        Task("refer", "Find objects (prompt: what to find, e.g. 'ships')",
+             "[refer] {sensor} {images}\n Give me the location of <ref>{prompt}</ref>", 100, grounded=True),
+        Task("identify", "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
+             "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>", 30),
+        Task("tree_species", "Tree species from a list (prompt: comma-separated species)",
+             "{sensor} [treeclassify] {images}\n Classify the botanical tree species in the image. Species: {prompt}",
+             10),
+        Task("methane", "Is there a methane plume? (RGB + methane band; Methane_UHI checkpoint)",
+             "{sensor} {images}\n Does this image has a methane plume ? \nAnswer in one word or a short phrase.",
+             10, needs_prompt=False, sensor="[hyper_rgb_3]"),
+        Task("uhi", "Urban heat island question (8-band Landsat; Methane_UHI checkpoint)",
+             "[uhi] {sensor} {images}\n {prompt}", 50, sensor="[l8_ms_30]",
+             default_prompt="What factors are responsible for the temperature?"),
+        Task("change", "Is there a semantic change between two images?",
+             "[changedet] {sensor} {images}\n are there any semantic change detected in the provided images?", 100,
+             needs_prompt=False, images=2, sensor="[hr_rgb_temp_0.5]"),
+        Task("disaster", "Type of disaster between two images (prompt: options)",
+             "[changedet] {sensor} {images}\n Analyze the images to identify the type of disaster that occurred. "
+             "Options: {prompt}", 10, images=2, sensor="[hr_rgb_temp_0.5]", default_prompt=DISASTER_TYPES),
+        Task("damage", "Damage level of the building at a box (prompt: [[x1, y1, x2, y2, angle]])",
+             "[identify] {sensor} {images}\n Compare the building at <box>{prompt}</box> in the pre- and "
+             f"post-disaster images and classify the level of damage. Classes: {DAMAGE_CLASSES}.", 10,
+             images=2, sensor="[hr_rgb_temp_0.5]"),
+        Task("post_disaster_refer", "Find objects in the later image of a pair (prompt: e.g. 'buildings')",
+             "[refer] {sensor} {images}\n Locate all large <ref>{prompt}</ref> in the post-disaster image.", 300,
+             images=2, grounded=True, sensor="[hr_rgb_temp_0.5]"),
     )
-}
+}  # fmt: skip
 
 DEFAULT_SENSOR = "[hr_rgb_0.5]"
 
 
-def build_question(task: str, prompt: str, sensor: str = DEFAULT_SENSOR) -> str:
-    """The user turn for a task, with its task and sensor tags and an <image> marker."""
-    if task not in TASKS:
+def task(name: str) -> Task:
+    if name not in TASKS:
         raise EarthDialError(
-            ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; known tasks: {', '.join(TASKS)}"
+            ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}; known tasks: {', '.join(TASKS)}"
         )
-    spec = TASKS[task]
-    prompt = (prompt or "").strip()
+    return TASKS[name]
+
+
+def build_question(name: str, prompt: str, sensor: str | None = None, images: int | None = None) -> str:
+    """The user turn for a task, with its task and sensor tags and one <image> marker per image
+    (`<image> <image>` for pairs, as in EarthDial's temporal prompts)."""
+    spec = task(name)
+    prompt = (prompt or "").strip() or spec.default_prompt
     if spec.needs_prompt and not prompt:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"task {task!r} needs a prompt ({spec.description})")
-    return spec.template.format(sensor=sensor, prompt=prompt).strip()
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"task {name!r} needs a prompt ({spec.description})")
+    n = spec.images if images is None else images
+    if 0 < n < spec.images:  # 0: a follow-up turn, whose images are in the history's first question
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"task {name!r} takes {spec.images} images, got {n}")
+    markers = " ".join([IMAGE] * n)
+    text = spec.template.format(sensor=sensor or spec.sensor, images=markers, prompt=prompt).strip()
+    return text.replace("  ", " ").replace(" \n ", " ") if n == 0 else text
 
 
 def render_chat(question: str, system: str, history: tuple[tuple[str, str], ...] = ()) -> str:

@@ -46,6 +46,7 @@ class ErrorCode:
     BOUNDS_OUTSIDE = "bounds_outside"
     BAND_OUT_OF_RANGE = "band_out_of_range"
     BUSY = "busy"
+    WRONG_VARIANT = "wrong_variant"  # the loaded checkpoint lacks a task/sensor tag the request needs
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
     # client side only

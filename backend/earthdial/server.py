@@ -46,8 +46,9 @@ def is_loopback(endpoint: str) -> bool:
 
 
 class Server:
-    def __init__(self, engine: Any, endpoint: str, queue_size: int = 32) -> None:
+    def __init__(self, engine: Any, endpoint: str, queue_size: int = 32, max_batch: int = 8) -> None:
         self.engine = engine
+        self.max_batch = max_batch
         self.endpoint = endpoint
         self.jobs: queue.Queue[tuple[bytes, dict[str, Any], list[Any]] | None] = queue.Queue(
             maxsize=queue_size
@@ -71,30 +72,67 @@ class Server:
         self.ctx.term()
 
     # -- the worker thread ------------------------------------------------------------------------
+    def _next_batch(self) -> list[tuple[bytes, dict[str, Any], list[Any]]] | None:
+        """Block for one job, then take whatever else is already waiting, up to max_batch."""
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)  # stop after this batch
+                break
+            batch.append(job)
+        return batch
+
     def _work(self) -> None:
         out = self.ctx.socket(zmq.PUSH)
         out.connect(_WORKER_ADDR)
         try:
-            while True:
-                job = self.jobs.get()
-                if job is None:
-                    break
-                ident, header, arrays = job
-                self.running = 1
-                try:
-                    reply = ok_reply(header.get("id"), **service.run(header, arrays, self.engine))
-                except EarthDialError as exc:
-                    reply = error_reply(header.get("id"), exc)
-                except Exception as exc:  # never let one request take the server down
-                    log.error("request %s failed:\n%s", header.get("id"), traceback.format_exc())
-                    reply = error_reply(
-                        header.get("id"), EarthDialError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-                    )
-                finally:
-                    self.running = 0
-                out.send_multipart([ident, *encode(reply)])
+            while (batch := self._next_batch()) is not None:
+                self.running = len(batch)
+                for ident, reply in self._answer(batch):
+                    out.send_multipart([ident, *encode(reply)])
+                self.running = 0
         finally:
             out.close(0)
+
+    def _answer(
+        self, batch: list[tuple[bytes, dict[str, Any], list[Any]]]
+    ) -> list[tuple[bytes, dict[str, Any]]]:
+        """Prepare each request (its own errors are its own), decode the model's part as one batch,
+        and fall back to one by one if the batch as a whole fails."""
+        replies: list[tuple[bytes, dict[str, Any]]] = []
+        ready: list[tuple[bytes, service.Job]] = []
+        for ident, header, arrays in batch:
+            try:
+                ready.append((ident, service.prepare(header, arrays, self.engine)))
+            except Exception as exc:
+                replies.append((ident, _error(header, exc)))
+        failed: dict[int, Exception] = {}
+        try:
+            service.generate([job for _, job in ready], self.engine)
+        except Exception as exc:
+            if len(ready) == 1:
+                failed[0] = exc
+            else:  # one bad request must not fail the others: decode each alone
+                for i, (_, job) in enumerate(ready):
+                    try:
+                        service.generate([job], self.engine)
+                    except Exception as one:
+                        failed[i] = one
+        for i, (ident, job) in enumerate(ready):
+            try:
+                if i in failed:
+                    raise failed[i]
+                replies.append((ident, ok_reply(job.header.get("id"), **service.finish(job, self.engine))))
+            except Exception as exc:
+                replies.append((ident, _error(job.header, exc)))
+        return replies
 
     # -- the I/O loop -----------------------------------------------------------------------------
     def _send(self, ident: bytes, reply: dict[str, Any]) -> None:
@@ -148,6 +186,13 @@ class Server:
         finally:
             self.jobs.put(None)
             worker.join(timeout=5)
+
+
+def _error(header: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    if not isinstance(exc, EarthDialError):  # never let one request take the server down
+        log.error("request %s failed:\n%s", header.get("id"), traceback.format_exc())
+        exc = EarthDialError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    return error_reply(header.get("id"), exc)
 
 
 def _best_effort_id(frames: list[Any]) -> str | None:

@@ -6,16 +6,20 @@ Data flows one way: source -> chip -> question + tiles -> engine -> answer -> bo
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import answers, georef, imagery
-from .prompts import DEFAULT_SENSOR, TASKS, build_question
+from . import answers, georef, imagery, prompts, sensors
+from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
+from .tokens import VARIANTS, earthdial_tokens
 
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
+MAX_IMAGES = 8  # images in one request (a pair, or a short time series)
 
 
 def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
@@ -85,61 +89,144 @@ def chip_description(chip: imagery.Chip) -> dict[str, Any]:
     }
 
 
-def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
-    """Carry out one `ask` or `georef` request; returns the reply's fields (without v/id/ok)."""
+@dataclass
+class Job:
+    """A validated request, ready for the engine (query) or already answered (georef)."""
+
+    header: dict[str, Any]
+    chips: list[imagery.Chip]
+    query: Any = None  # engine.Query, for `ask`
+    answer: str | None = None  # set for `georef`; for `ask` once generated
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _sources(header: dict[str, Any], arrays: list[np.ndarray]) -> list[imagery.Chip]:
+    """`source` (one image) or `sources` (a pair or sequence); by-value sources take array frames in order."""
+    if "sources" in header:
+        sources = _field(header, "sources", list)
+        if not 1 <= len(sources) <= MAX_IMAGES:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"'sources' must hold 1 to {MAX_IMAGES} sources")
+    else:
+        sources = [header.get("source")]
+    needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
+    if needed != len(arrays):
+        raise EarthDialError(
+            ErrorCode.MISSING_FRAMES,
+            f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
+        )
+    frames = iter(arrays)
+    chips = []
+    for src in sources:
+        by_value = isinstance(src, dict) and src.get("kind") == "value"
+        chips.append(resolve_source(src, [next(frames)] if by_value else []))
+    return chips
+
+
+def _history(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    history = options.get("history") or []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        for turn in history
+    ):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, "options.history must be a list of [question, answer] pairs"
+        )
+    return tuple((q, a) for q, a in history)
+
+
+def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Job:
+    """Validate a request, read its pixels and build its engine query. Raises EarthDialError."""
     op = header.get("op")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     if op == "georef":
         answer = _field(header, "answer", str)
-        chip = resolve_source(header.get("source"), arrays)
-        timings["read_s"] = time.perf_counter() - t0
-        props = {"task": "georef", "prompt": "", "answer": answer, "model": "", "source": chip.source}
-        features = features_for(answer, chip, props)
-        timings["total_s"] = time.perf_counter() - t0
-        return {"answer": answer, "features": features, "chip": chip_description(chip), "timings": timings}
+        job = Job(header, _sources(header, arrays), answer=answer)
+        job.timings["read_s"] = time.perf_counter() - job.started
+        return job
     if op != "ask":
         raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status")
-    task = _field(header, "task", str)
+    name = _field(header, "task", str)
+    spec = prompts.task(name)  # validates the task before any pixels are read
     prompt = _field(header, "prompt", str, required=False) or ""
     options = _field(header, "options", dict, required=False) or {}
-    sensor = options.get("sensor", DEFAULT_SENSOR)
-    question = build_question(task, prompt, sensor)  # validates the task before any pixels are read
-    chip = resolve_source(header.get("source"), arrays)
-    t1 = time.perf_counter()
-    timings["read_s"] = t1 - t0
-    if engine is None:
-        raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
-    from .engine import Query
-
-    max_new = options.get("max_new_tokens", TASKS[task].max_new_tokens)
+    tag = options.get("sensor") or spec.sensor
+    sensors.sensor(tag)
+    max_new = options.get("max_new_tokens", spec.max_new_tokens)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 2048:
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
         )
-    tiles = engine.image_tiles(chip.data, chip.nodata)
-    t2 = time.perf_counter()
-    timings["preprocess_s"] = t2 - t1
+    history = _history(options)
+    started = time.perf_counter()
+    chips = _sources(header, arrays)
+    in_history = any(prompts.IMAGE in q for q, _ in history)  # a follow-up: the images came with turn one
+    question = prompts.build_question(name, prompt, tag, images=0 if in_history else len(chips))
+    job = Job(header, chips, started=started)
+    job.timings["read_s"] = time.perf_counter() - started
+    if engine is None:
+        raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
+    engine.check_tags(question)
+    t = time.perf_counter()
+    from .engine import Query
+
+    images = [engine.image(chip.data, tag, chip.nodata) for chip in chips]
+    job.query = Query(question, images, max_new, history)
+    job.timings["preprocess_s"] = time.perf_counter() - t
+    return job
+
+
+def finish(job: Job, engine: Any) -> dict[str, Any]:
+    """Reply fields for a job whose answer is known: the answer's boxes georeferenced on the first
+    image's grid (later images of a pair are read on the same window)."""
+    header = job.header
+    chip = job.chips[0]
+    answer = job.answer or ""
+    model_name = engine.info.variant if (engine is not None and job.query is not None) else ""
+    props = {
+        "task": header.get("task", "georef") if job.query is not None else "georef",
+        "prompt": header.get("prompt", "") if job.query is not None else "",
+        "answer": answer,
+        "model": model_name,
+        "source": " | ".join(c.source for c in job.chips),
+    }
+    reply: dict[str, Any] = {
+        "answer": answer,
+        "features": features_for(answer, chip, props),
+        "chip": chip_description(chip),
+        "chips": [chip_description(c) for c in job.chips],
+    }
+    if job.query is not None:
+        reply["model"] = {"variant": model_name, "path": engine.info.path}
+        reply["tiles"] = sum(im.tiles for im in job.query.images)
+    job.timings["total_s"] = time.perf_counter() - job.started
+    reply["timings"] = job.timings
+    return reply
+
+
+def generate(jobs: list[Job], engine: Any) -> None:
+    """Answer the jobs that need the model, in one batch."""
+    todo = [j for j in jobs if j.query is not None and j.answer is None]
+    if not todo:
+        return
+    t = time.perf_counter()
     try:
-        (answer,) = engine.generate([Query(question, [tiles], max_new)])
+        answers_ = engine.generate([j.query for j in todo])
     except EarthDialError:
         raise
-    except Exception as exc:  # a model failure is this request's error, not the server's
+    except Exception as exc:  # a model failure is these requests' error, not the server's
         raise EarthDialError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from exc
-    t3 = time.perf_counter()
-    timings["generate_s"] = t3 - t2
-    model_name = engine.info.variant
-    props = {"task": task, "prompt": prompt, "answer": answer, "model": model_name, "source": chip.source}
-    features = features_for(answer, chip, props)
-    timings["total_s"] = time.perf_counter() - t0
-    return {
-        "answer": answer,
-        "features": features,
-        "chip": chip_description(chip),
-        "model": {"variant": model_name, "path": engine.info.path},
-        "tiles": int(tiles.shape[0]),
-        "timings": timings,
-    }
+    elapsed = time.perf_counter() - t
+    for job, answer in zip(todo, answers_, strict=True):
+        job.answer = answer
+        job.timings["generate_s"] = elapsed
+        job.timings["batch"] = len(todo)
+
+
+def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
+    """Carry out one `ask` or `georef` request; returns the reply's fields (without v/id/ok)."""
+    job = prepare(header, arrays, engine)
+    generate([job], engine)
+    return finish(job, engine)
 
 
 def status(engine: Any, queued: int = 0, running: int = 0) -> dict[str, Any]:
@@ -154,7 +241,28 @@ def status(engine: Any, queued: int = 0, running: int = 0) -> dict[str, Any]:
                 "description": t.description,
                 "needs_prompt": t.needs_prompt,
                 "grounded": t.grounded,
+                "images": t.images,
+                "sensor": t.sensor,
+                "max_new_tokens": t.max_new_tokens,
+                "variants": [v for v in VARIANTS if _supports(v, t)],
             }
             for t in TASKS.values()
         ],
+        "sensors": [
+            {
+                "tag": s.tag,
+                "description": s.description,
+                "path": s.path,
+                "gsd_m": s.gsd_m,
+                "temporal": s.temporal,
+            }
+            for s in sensors.SENSORS.values()
+        ],
     }
+
+
+def _supports(variant: str, spec: prompts.Task) -> bool:
+    """Whether a variant's vocabulary has every tag a task's prompt uses."""
+    vocab = set(earthdial_tokens(variant))
+    text = spec.template.format(sensor=spec.sensor, images="", prompt="")
+    return all(tag in vocab for tag in re.findall(r"\[[a-z0-9_.]+\]", text))

@@ -15,8 +15,10 @@ from earthdial.tokens import INTERNVL_TOKENS, PHI3_TOKENS, SENSOR_TAGS, TASK_TAG
 @pytest.fixture(scope="module", params=[224, 448])
 def engine(request, tmp_path_factory) -> Engine:
     path = checkpoint.make_tiny_checkpoint(
-        tmp_path_factory.mktemp(f"ck{request.param}"), image_size=request.param
-    )
+        tmp_path_factory.mktemp(f"ck{request.param}"),
+        variant="EarthDial_4B_Methane_UHI",
+        image_size=request.param,
+    )  # the Methane_UHI vocabulary holds every task and sensor tag
     return Engine(str(path), device="cpu")
 
 
@@ -56,23 +58,24 @@ def test_unknown_task_and_missing_prompt_are_typed_errors() -> None:
 def test_special_task_and_sensor_tokens_are_single_ids(engine: Engine) -> None:
     tok = engine.tokenizer
     vocab = tok.get_vocab()
-    for t in (*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens("EarthDial_4B_RGB")):
+    for t in (*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens("EarthDial_4B_Methane_UHI")):
         ids = tok.encode(t, add_special_tokens=False)
         assert ids == [vocab[t]], t
     # inside real prompts too, for every task
     for task in TASKS:
         q = build_question(task, "[[1, 2, 3, 4, 0]]" if task == "identify" else "ships")
         ids = tok.encode(render_chat(q, "S"), add_special_tokens=False)
-        for t in ("<|user|>", "<|end|>", "<|assistant|>", "[hr_rgb_0.5]"):
+        for t in ("<|user|>", "<|end|>", "<|assistant|>", TASKS[task].sensor):
             assert ids.count(vocab[t]) >= 1, (task, t)
         tags = [t for t in (*TASK_TAGS, *SENSOR_TAGS) if t in q]
+        assert tags, task
         for t in tags:
             assert vocab[t] in ids
 
 
-def test_rgb_vocabulary_lacks_methane_uhi_tokens(engine: Engine) -> None:
-    vocab = engine.tokenizer.get_vocab()
-    assert "[uhi]" not in vocab and "[hyper_rgb_3]" not in vocab
+def test_rgb_vocabulary_lacks_methane_uhi_tokens(tiny_checkpoint) -> None:
+    vocab = checkpoint.load_tokenizer(tiny_checkpoint).get_vocab()
+    assert "[uhi]" not in vocab and "[hyper_rgb_3]" not in vocab and "[l8_ms_30]" not in vocab
     assert "[refer]" in vocab and "[s1_vh_temp_10]" in vocab
 
 
@@ -81,9 +84,9 @@ def test_image_context_count_is_tiles_times_tokens_per_tile(engine: Engine) -> N
     per_tile = (size // 14) ** 2 // 4
     assert engine.info.tokens_per_tile == per_tile
     img = np.zeros((3, size, 3 * size), dtype=np.uint8)  # a 3x1 grid plus the thumbnail: 4 tiles
-    tiles = engine.image_tiles(img)
-    assert tiles.shape == (4, 3, size, size)
-    text = engine.prompt_text(Query(build_question("caption", ""), [tiles]))
+    image = engine.image(img, "[hr_rgb_0.5]")
+    assert image.pixels.shape == (4, 3, size, size)
+    text = engine.prompt_text(Query(build_question("caption", ""), [image]))
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     assert ids.count(engine.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 4 * per_tile
     assert ids.count(engine.tokenizer.convert_tokens_to_ids("<img>")) == 1
@@ -98,8 +101,8 @@ def test_expand_images_counts_markers() -> None:
 
 def test_generation_returns_text_and_batches_match_single_runs(engine: Engine) -> None:
     rng = np.random.RandomState(0)
-    a = engine.image_tiles((rng.rand(3, 60, 200) * 255).astype(np.uint8))
-    b = engine.image_tiles((rng.rand(3, 90, 90) * 255).astype(np.uint8))
+    a = engine.image((rng.rand(3, 60, 200) * 255).astype(np.uint8), "[hr_rgb_0.5]")
+    b = engine.image((rng.rand(3, 90, 90) * 255).astype(np.uint8), "[hr_rgb_0.5]")
     qa = Query(build_question("refer", "ships"), [a], 12)
     qb = Query(build_question("caption", ""), [b], 12)
     single = [engine.generate([qa])[0], engine.generate([qb])[0]]
