@@ -91,21 +91,99 @@ def cmd_ask(args: argparse.Namespace) -> int:
     header = {"op": "ask", "task": args.task, "prompt": args.prompt, "source": _source(args), "options": {}}
     if args.max_new_tokens:
         header["options"]["max_new_tokens"] = args.max_new_tokens
-    if args.endpoint:
-        with Client(args.endpoint, timeout_s=args.timeout) as client:
-            reply = client.request(header).header
-    else:
-        from . import service
-        from .engine import Engine
-
-        model = args.model or os.environ.get("EARTHDIAL_MODEL")
-        if not model:
-            print("earthdial ask: pass --endpoint URL (a running server) or --model DIR", file=sys.stderr)
-            return 2
-        reply = service.run(header, [], Engine(model, device=args.device))
+    reply = _run(header, args)
     print(reply["answer"])
+    for warning in reply.get("input", {}).get("warnings", []):
+        print(f"note: {warning}", file=sys.stderr)
     _write_output(args.output, reply)
     return 0
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tiles",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .scenes import detect, estimate_seconds, tile_windows
+
+    model = args.model or os.environ.get("EARTHDIAL_MODEL")
+    if not model:
+        print("earthdial detect: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
+        return 2
+    engine = Engine(model, device=args.device)
+    if engine.device == "cpu":
+        import rasterio
+
+        from .imagery import window_for
+
+        with rasterio.open(args.raster) as src:
+            n = len(
+                tile_windows(
+                    window_for(src, args.bounds, args.bounds_crs, args.raster), args.tile_size, args.overlap
+                )
+            )
+        print(
+            f"running on the CPU: {n} tiles, about {estimate_seconds(engine, n, args.batch):.0f} s",
+            file=sys.stderr,
+        )
+    stop = {"now": False}
+
+    def on_sigint(*_: object) -> None:
+        stop["now"] = True  # finish the batch in flight, then stop: nothing is written
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = detect(
+            engine, os.path.abspath(args.raster), args.prompt, task=args.task, tile_size=args.tile_size,
+            overlap=args.overlap, batch_size=args.batch, bands=args.bands, bounds=args.bounds,
+            bounds_crs=args.bounds_crs, preset=args.preset, progress=_progress_bar, cancelled=lambda: stop["now"],
+        )  # fmt: skip
+    except EarthDialError as exc:
+        if exc.code == "cancelled":
+            print(f"\nearthdial detect: {exc.message}; nothing written", file=sys.stderr)
+            return 130
+        raise
+    print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles / max(result.seconds, 1e-9):.2f} tiles/s); "
+          f"{result.raw_boxes} boxes, {len(result.features['features'])} after merging overlaps")  # fmt: skip
+    _write_output(args.output, {"features": result.features})
+    return 0
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    sources = [
+        source_by_reference(os.path.abspath(p), args.bands, args.bounds, args.bounds_crs)
+        for p in args.rasters
+    ]
+    header = {"op": "ask", "task": args.task, "prompt": args.prompt, "sources": sources, "options": {}}
+    reply = _run(header, args)
+    print(reply["answer"])
+    for warning in reply.get("input", {}).get("warnings", []):
+        print(f"note: {warning}", file=sys.stderr)
+    _write_output(args.output, reply)
+    return 0
+
+
+def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A request through a running server (--endpoint) or in this process (--model)."""
+    if args.endpoint:
+        with Client(args.endpoint, timeout_s=args.timeout) as client:
+            return client.request(header).header
+    from . import service
+    from .engine import Engine
+
+    model = args.model or os.environ.get("EARTHDIAL_MODEL")
+    if not model:
+        raise EarthDialError("bad_request", "pass --endpoint URL (a running server) or --model DIR")
+    return service.run(header, [], Engine(model, device=args.device))
 
 
 def cmd_georef(args: argparse.Namespace) -> int:
@@ -183,6 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the boxes")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("detect", help="find objects over a whole raster or extent, tile by tile")
+    _add_source_args(p)
+    p.add_argument("--prompt", required=True, help="what to find, e.g. ships")
+    p.add_argument("--task", default="refer", help="a grounded task: refer (default) or grounding")
+    p.add_argument(
+        "--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)"
+    )
+    p.add_argument("--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours")
+    p.add_argument("--batch", type=int, default=8, help="tiles decoded together")
+    p.add_argument("--preset", help="band preset (default: picked from the raster)")
+    p.add_argument("--model", help="checkpoint directory (or $EARTHDIAL_MODEL)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("change", help="compare two (or more) rasters: later ones are aligned to the first")
+    p.add_argument("rasters", nargs="+", help="BEFORE AFTER [...]")
+    p.add_argument("--task", default="change", help="change, disaster, damage, post_disaster_refer")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--bands", type=_bands)
+    p.add_argument("--bounds", type=float, nargs=4, metavar=("MINX", "MINY", "MAXX", "MAXY"))
+    p.add_argument("--bounds-crs")
+    p.add_argument("--endpoint")
+    p.add_argument("--model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=cmd_change)
 
     p = sub.add_parser("georef", help="turn an EarthDial answer about a raster window into map features")
     _add_source_args(p)

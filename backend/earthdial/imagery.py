@@ -25,7 +25,16 @@ from rasterio.warp import transform as warp_transform
 
 from .protocol import EarthDialError, ErrorCode
 
-__all__ = ["Chip", "read_chip", "chip_from_array"]
+__all__ = [
+    "Chip",
+    "RasterInfo",
+    "chip_from_array",
+    "crop",
+    "describe",
+    "ground_resolution",
+    "read_chip",
+    "read_on_grid",
+]
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
 SNAP = 1e-6  # pixel coordinates this close to an integer are taken as that integer before floor/ceil
@@ -39,6 +48,7 @@ class Chip:
     band_indexes: list[int]  # 1-based indexes read (1..n for arrays sent by value)
     nodata: float | None
     source: str  # file path or "<array>"
+    valid: np.ndarray | None = None  # (rows, cols) True where pixels hold data; None: all of them
 
     @property
     def width(self) -> int:
@@ -55,10 +65,12 @@ def read_chip(
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
     max_size: int | None = 2048,
+    gsd: float | None = None,
 ) -> Chip:
     """Read ``bands`` (1-based; default the first three, or all when fewer) of the raster at ``path``
     inside ``bounds`` (minx, miny, maxx, maxy in ``bounds_crs``, default the raster's CRS; None: the
-    whole raster). A window whose long side exceeds ``max_size`` is read resampled to that size."""
+    whole raster), at native resolution or at ``gsd`` metres per pixel. A window whose long side would
+    exceed ``max_size`` is read resampled to that size."""
     path = os.fspath(path)
     if not path.startswith("/vsi") and not os.path.exists(path):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
@@ -75,14 +87,25 @@ def read_chip(
     with src:
         if src.count < 1:
             raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} has no raster bands")
-        indexes = _check_bands(bands, src.count, path)
-        window = _window(src, bounds, bounds_crs, path)
+        indexes = check_bands(bands, src.count, path)
+        window = window_for(src, bounds, bounds_crs, path)
         win_w, win_h = int(window.width), int(window.height)
         out_w, out_h = win_w, win_h
-        if max_size is not None and max(win_w, win_h) > max_size:
-            scale = max_size / max(win_w, win_h)
-            out_w = max(1, min(max_size, round(win_w * scale)))
-            out_h = max(1, min(max_size, round(win_h * scale)))
+        if gsd is not None:
+            if not isinstance(gsd, numbers.Real) or not gsd > 0:
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, f"gsd must be a positive number of metres, got {gsd!r}"
+                )
+            native = ground_resolution(
+                src.transform, src.crs, window.col_off + win_w / 2, window.row_off + win_h / 2
+            )
+            if native is not None:
+                out_w = max(1, round(win_w * native / gsd))
+                out_h = max(1, round(win_h * native / gsd))
+        if max_size is not None and max(out_w, out_h) > max_size:
+            scale = max_size / max(out_w, out_h)
+            out_w = max(1, min(max_size, round(out_w * scale)))
+            out_h = max(1, min(max_size, round(out_h * scale)))
         try:
             # Average (a box filter) when shrinking: it does not alias fine texture the way nearest
             # does, works for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
@@ -104,11 +127,143 @@ def read_chip(
         return Chip(
             data=data,
             transform=transform,
-            crs=_crs_string(src.crs),
+            crs=crs_string(src.crs),
             band_indexes=indexes,
             nodata=None if nodata is None else float(nodata),
             source=path,
         )
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    path: str
+    count: int
+    dtype: str
+    descriptions: list[str]
+    crs: str
+    width: int
+    height: int
+    gsd_m: float | None  # ground metres per pixel at the raster's centre
+
+
+def describe(path: str) -> RasterInfo:
+    """What a raster says about itself, without reading its pixels."""
+    path = os.fspath(path)
+    if not path.startswith("/vsi") and not os.path.exists(path):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    try:
+        with rasterio.open(path) as src:
+            return RasterInfo(
+                path=path,
+                count=src.count,
+                dtype=src.dtypes[0] if src.count else "",
+                descriptions=[d or "" for d in src.descriptions],
+                crs=crs_string(src.crs),
+                width=src.width,
+                height=src.height,
+                gsd_m=ground_resolution(src.transform, src.crs, src.width / 2, src.height / 2),
+            )
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
+
+
+def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row: float) -> float | None:
+    """Metres on the ground per pixel near (col, row): the mean of the pixel's two sides. Geographic CRSs
+    are measured on the WGS84 ellipsoid; None when the raster has no CRS."""
+    if crs is None or crs == "":
+        return None
+    import pyproj
+
+    pcrs = pyproj.CRS.from_user_input(crs.to_wkt() if isinstance(crs, CRS) else crs)
+    a, b, c, d, e, f = transform[:6]
+
+    def to_map(cc: float, rr: float) -> tuple[float, float]:
+        return a * cc + b * rr + c, d * cc + e * rr + f
+
+    x0, y0 = to_map(col, row)
+    x1, y1 = to_map(col + 1, row)
+    x2, y2 = to_map(col, row + 1)
+    if pcrs.is_geographic:
+        geod = pyproj.Geod(ellps="WGS84")
+        # axis order of the raster's grid is (lon, lat) for GDAL's traditional GIS order
+        side_x = geod.inv(x0, y0, x1, y1)[2]
+        side_y = geod.inv(x0, y0, x2, y2)[2]
+    else:
+        factor = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
+        side_x = math.hypot(x1 - x0, y1 - y0) * factor
+        side_y = math.hypot(x2 - x0, y2 - y0) * factor
+    return (side_x + side_y) / 2
+
+
+def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
+    """Read a raster warped onto another chip's grid (CRS, transform, size), e.g. the later image of a
+    before/after pair onto the first. Pixels the raster does not cover are marked invalid."""
+    from rasterio.vrt import WarpedVRT
+
+    path = os.fspath(path)
+    if not path.startswith("/vsi") and not os.path.exists(path):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    if not grid.crs:
+        raise EarthDialError(
+            ErrorCode.BAD_CRS, "the first image has no CRS, so later images cannot be aligned to it"
+        )
+    try:
+        src = rasterio.open(path)
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
+    with src:
+        if src.crs is None:
+            raise EarthDialError(
+                ErrorCode.BAD_CRS, f"{path} has no CRS, so it cannot be aligned to the first image"
+            )
+        indexes = check_bands(bands, src.count, path)
+        resampling = Resampling.bilinear if src.dtypes[0].startswith("float") else Resampling.nearest
+        # an alpha band marks the grid pixels the raster covers (without it, outside reads as data)
+        with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                       resampling=resampling, add_alpha=True) as vrt:  # fmt: skip
+            data = vrt.read(indexes)
+            valid = vrt.read(vrt.count) > 0
+        nodata = src.nodatavals[indexes[0] - 1]
+        return Chip(
+            data, grid.transform, grid.crs, indexes, None if nodata is None else float(nodata), path, valid
+        )
+
+
+def warp_to_grid(chip: Chip, grid: Chip) -> Chip:
+    """A chip sent by value, warped onto another chip's grid (the by-value twin of `read_on_grid`)."""
+    from rasterio.warp import reproject
+
+    if not chip.crs or not grid.crs:
+        raise EarthDialError(ErrorCode.BAD_CRS, "both images of a pair need a CRS to be aligned")
+    float_data = chip.data.dtype.kind == "f"
+    out = np.zeros((chip.data.shape[0], grid.height, grid.width), dtype=chip.data.dtype)
+    coverage = np.zeros((grid.height, grid.width), dtype=np.uint8)
+    resampling = Resampling.bilinear if float_data else Resampling.nearest
+    reproject(chip.data, out, src_transform=chip.transform, src_crs=chip.crs, dst_transform=grid.transform,
+              dst_crs=grid.crs, resampling=resampling, src_nodata=chip.nodata, dst_nodata=chip.nodata)  # fmt: skip
+    reproject(np.ones(chip.data.shape[1:], np.uint8), coverage, src_transform=chip.transform, src_crs=chip.crs,
+              dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)  # fmt: skip
+    return Chip(out, grid.transform, grid.crs, chip.band_indexes, chip.nodata, chip.source, coverage > 0)
+
+
+def valid_mask(chip: Chip) -> np.ndarray:
+    """(rows, cols) True where every band holds data: not nodata, not NaN, and inside the source."""
+    data = chip.data
+    valid = np.ones(data.shape[1:], dtype=bool) if chip.valid is None else chip.valid.copy()
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    if chip.nodata is not None and not math.isnan(chip.nodata):
+        valid &= (data != chip.nodata).all(axis=0)
+    return valid
+
+
+def crop(chip: Chip, row0: int, row1: int, col0: int, col1: int) -> Chip:
+    """The part of a chip between rows [row0, row1) and columns [col0, col1), with its transform."""
+    a, b, c, d, e, f = chip.transform[:6]
+    transform = Affine(a, b, a * col0 + b * row0 + c, d, e, d * col0 + e * row0 + f)
+    valid = chip.valid[row0:row1, col0:col1] if chip.valid is not None else None
+    return Chip(chip.data[:, row0:row1, col0:col1], transform, chip.crs, chip.band_indexes, chip.nodata,
+                chip.source, valid)  # fmt: skip
 
 
 def chip_from_array(
@@ -136,7 +291,7 @@ def chip_from_array(
     if crs is None or crs == "":
         crs_text = ""
     else:
-        crs_text = _crs_string(_parse_crs(crs, "pixels"))
+        crs_text = crs_string(_parse_crs(crs, "pixels"))
     if nodata is not None:
         if not isinstance(nodata, numbers.Real) or isinstance(nodata, bool):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"nodata must be a number or None, got {nodata!r}")
@@ -169,7 +324,7 @@ def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
     return minx, miny, maxx, maxy
 
 
-def _check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]:
+def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]:
     if not bands:
         return list(range(1, min(count, 3) + 1))
     indexes = []
@@ -193,7 +348,7 @@ def _parse_crs(text: str, what: str) -> CRS:
         ) from None
 
 
-def _crs_string(crs: CRS | None) -> str:
+def crs_string(crs: CRS | None) -> str:
     if crs is None:
         return ""
     # Only an exact match gets a code: a close but different CRS keeps its own definition.
@@ -201,7 +356,7 @@ def _crs_string(crs: CRS | None) -> str:
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
-def _window(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
+def window_for(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
     if bounds is None:
         return rasterio.windows.Window(0, 0, src.width, src.height)
     xs, ys = _densified_ring(bounds)
@@ -230,7 +385,7 @@ def _window(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
         row0, row1 = max(_floor(min(rows)), 0), min(_ceil(max(rows)), src.height)
         if col1 > col0 and row1 > row0:
             return rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
-    raster_crs = _crs_string(src.crs) or "no CRS"
+    raster_crs = crs_string(src.crs) or "no CRS"
     raise EarthDialError(
         ErrorCode.BOUNDS_OUTSIDE,
         f"bounds {tuple(bounds)} (in {bounds_crs or raster_crs}) do not overlap {path}, "

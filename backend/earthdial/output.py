@@ -35,8 +35,9 @@ from .protocol import EarthDialError, ErrorCode
 
 __all__ = ["FIELDS", "write_features"]
 
-FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "source", "created")
-REAL_FIELDS = ("angle",)  # the others are text
+# The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
+FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created")
+REAL_FIELDS = ("angle", "gsd")  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 

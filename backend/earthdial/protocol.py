@@ -9,6 +9,7 @@ See docs/protocol.md for the full description. This module needs only the standa
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,10 +25,12 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 65  # header + 64 arrays
 MAX_ARRAY_BYTES = 512 * 1024 * 1024
 MAX_ARRAY_NDIM = 3
-MAX_MESSAGE_BYTES = MAX_ARRAY_BYTES + MAX_HEADER_BYTES
+MAX_MESSAGE_BYTES = MAX_ARRAY_BYTES + MAX_HEADER_BYTES  # per frame: the server's ZMQ_MAXMSGSIZE
+MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024  # all array frames of one message together
+MAX_ID_CHARS = 256  # request ids and client names
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-OPS = ("ask", "georef", "status")
+OPS = ("ask", "georef", "status", "ping", "cancel")
 
 
 class ErrorCode:
@@ -44,13 +47,18 @@ class ErrorCode:
     NOT_A_RASTER = "not_a_raster"
     BAD_CRS = "bad_crs"
     BOUNDS_OUTSIDE = "bounds_outside"
+    NO_OVERLAP = "no_overlap"  # the images of a pair/sequence share no ground
+    EMPTY_WINDOW = "empty_window"  # the window holds only nodata
     BAND_OUT_OF_RANGE = "band_out_of_range"
     BUSY = "busy"
     WRONG_VARIANT = "wrong_variant"  # the loaded checkpoint lacks a task/sensor tag the request needs
     MODEL_ERROR = "model_error"
+    CANCELLED = "cancelled"  # cancelled by its client (`cancel` op or the client went away)
+    FORBIDDEN_PATH = "forbidden_path"  # a path outside the directories the server may read
     INTERNAL = "internal"
     # client side only
     TIMEOUT = "timeout"
+    DISCONNECTED = "disconnected"  # the connection dropped while a reply was awaited: the reply is lost
 
 
 class EarthDialError(Exception):
@@ -148,13 +156,15 @@ def decode(frames: list[Any]) -> Message:
     if head.nbytes > MAX_HEADER_BYTES:
         raise EarthDialError(ErrorCode.BAD_HEADER, f"header of {head.nbytes} bytes; limit {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(head.tobytes().decode("utf-8"))
+        header = json.loads(head.tobytes().decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise EarthDialError(ErrorCode.BAD_HEADER, f"header frame is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # deeply nested JSON: json raises this instead of ValueError
+        raise EarthDialError(ErrorCode.BAD_HEADER, "header frame is nested too deeply") from None
     if not isinstance(header, dict):
         raise EarthDialError(ErrorCode.BAD_HEADER, "header frame must be a JSON object")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
         raise EarthDialError(
             ErrorCode.VERSION_MISMATCH,
             f"protocol version {version!r} received; this side speaks version {PROTOCOL_VERSION}",
@@ -167,8 +177,16 @@ def decode(frames: list[Any]) -> Message:
             ErrorCode.MISSING_FRAMES,
             f"header announces {len(specs)} array frame(s) but {len(frames) - 1} followed",
         )
-    arrays = [_array_from_frame(i, spec, frames[i + 1]) for i, spec in enumerate(specs)]
+    buffers = [_frame_bytes(f) for f in frames[1:]]
+    total = sum(b.nbytes for b in buffers)
+    if total > MAX_TOTAL_BYTES:
+        raise EarthDialError(ErrorCode.BAD_ARRAY, f"{total} bytes of arrays; limit {MAX_TOTAL_BYTES}")
+    arrays = [_array_from_frame(i, spec, buffers[i]) for i, spec in enumerate(specs)]
     return Message(header, arrays)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: encode never writes them either
 
 
 def _array_from_frame(index: int, spec: Any, frame: Any) -> np.ndarray:
@@ -218,12 +236,52 @@ def ok_reply(request_id: str | None, **fields: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+# Client sockets: reconnect fast to a restarted server, notice a vanished one within seconds (milliseconds).
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+HEARTBEAT_IVL_MS = 1000  # ZMTP pings: a peer gone without closing its socket is dropped after the timeout
+HEARTBEAT_TIMEOUT_MS = 3000
+
+_client_name: tuple[int, str] = (0, "")
+
+
+def client_name() -> str:
+    """This process's name in the `client` field of its requests: the server shares its queue fairly
+    between names (per process, so that the many short-lived Clients of one QGIS count as one)."""
+    global _client_name
+    if _client_name[0] != os.getpid():  # a forked child is a client of its own
+        _client_name = (os.getpid(), uuid.uuid4().hex[:16])
+    return _client_name[1]
+
+
+def _z85_key(key: str | bytes, what: str) -> bytes:
+    text = (key.decode("ascii", "replace") if isinstance(key, bytes) else str(key)).strip()
+    if len(text) != 40:
+        raise ValueError(f"{what} must be a 40-character Z85 CURVE key, got {len(text)} characters")
+    return text.encode("ascii")
+
+
 class Client:
     """A DEALER-socket client. Replies are matched by request id, so a reply that arrives after its
-    request timed out is dropped instead of being taken for the answer to the next one."""
+    request timed out is dropped instead of being taken for the answer to the next one.
+
+    The socket reconnects by itself: after a server restart the next request goes through on the same
+    Client. Nothing is queued while no server is connected (ZMQ_IMMEDIATE): a request sent then waits
+    for a connection until its timeout (`timeout`), and a connection that drops while a reply is awaited
+    ends the request at once (`disconnected`), because a restarted server knows nothing of it.
+
+    CURVE: pass the server's public key (Z85 text, from `earthdial keygen`) as ``server_public_key``;
+    ``client_keys`` (public, secret) identifies this client to a server with an allow-list, otherwise a
+    fresh key pair is made."""
 
     def __init__(
-        self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 120.0, context: Any = None
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout_s: float = 120.0,
+        context: Any = None,
+        *,
+        server_public_key: str | bytes | None = None,
+        client_keys: tuple[str | bytes, str | bytes] | None = None,
     ) -> None:
         import zmq  # imported here so that encode/decode work where pyzmq is missing
 
@@ -231,11 +289,59 @@ class Client:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        if hasattr(zmq, "HEARTBEAT_IVL"):  # libzmq >= 4.2
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if server_public_key is not None:
+            public, secret = client_keys if client_keys is not None else zmq.curve_keypair()
+            sock.setsockopt(zmq.CURVE_SERVERKEY, _z85_key(server_public_key, "server_public_key"))
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, _z85_key(public, "the client public key"))
+            sock.setsockopt(zmq.CURVE_SECRETKEY, _z85_key(secret, "the client secret key"))
+        self._sock = sock
+        self._monitor = self._open_monitor()
+        self._lost = False  # the connection dropped (since the last request was sent)
+        self._refused = False  # a handshake failed: wrong CURVE key, or not on the server's allow-list
+        sock.connect(endpoint)
+
+    def _open_monitor(self) -> Any:
+        zmq = self._zmq
+        events = zmq.EVENT_DISCONNECTED
+        for name in ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "EVENT_HANDSHAKE_FAILED_PROTOCOL",
+                     "EVENT_HANDSHAKE_FAILED_AUTH"):  # fmt: skip
+            events |= getattr(zmq, name, 0)
+        try:
+            return self._sock.get_monitor_socket(events)
+        except (zmq.ZMQError, AttributeError, NotImplementedError):
+            return None  # without events a dead server is noticed by the timeout alone
+
+    def _read_events(self) -> bool:
+        """Take the monitor's pending events; True when one was a disconnect."""
+        zmq, dropped = self._zmq, False
+        while self._monitor is not None:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event = int.from_bytes(frames[0][:2], "little")  # uint16 event id, then uint32 value
+            if event == zmq.EVENT_DISCONNECTED:
+                dropped = self._lost = True
+            else:
+                self._refused = True
+        return dropped
 
     def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except self._zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
         self._sock.close(linger=0)
 
     def __enter__(self) -> Client:
@@ -251,35 +357,101 @@ class Client:
         timeout_s: float | None = None,
         cancelled: Any = None,
     ) -> Message:
-        """Send one request and wait for its reply. Raises EarthDialError for error replies and timeouts.
-        ``cancelled`` is an optional callable polled while waiting (a QgsTask's isCanceled)."""
+        """Send one request and wait for its reply. Raises EarthDialError for error replies, timeouts
+        (`timeout`) and connections lost while waiting (`disconnected`). ``cancelled`` is an optional
+        callable polled while waiting (a QgsTask's isCanceled); when it turns true the server is asked to
+        drop the request and `cancelled` is raised."""
         header = dict(header)
         header.setdefault("id", new_request_id())
         header.setdefault("v", PROTOCOL_VERSION)
-        self._sock.send_multipart(encode(header, arrays), copy=False)
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        header.setdefault("client", client_name())
+        frames = encode(header, arrays)
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait
+        self._send(frames, deadline, wait, cancelled)
+        return self._receive(header["id"], deadline, wait, cancelled)
+
+    def _send(self, frames: list[Any], deadline: float, wait: float, cancelled: Any) -> None:
+        zmq = self._zmq
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                why = (
+                    " (the CURVE handshake failed: wrong server key, or this client's key is not allowed)"
+                    if self._refused
+                    else " (is `earthdial serve` running there?)"
+                )
+                raise EarthDialError(
+                    ErrorCode.TIMEOUT,
+                    f"no connection to the EarthDial backend at {self.endpoint} within {wait:g} s{why}",
+                )
+            if cancelled is not None and cancelled():
+                raise EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
+            if not self._sock.poll(max(1, int(min(remaining, 0.2) * 1000)), zmq.POLLOUT):
+                continue
+            if self._read_events():
+                continue  # a connection just dropped: poll again, so that its pipe is gone before sending
+            self._lost = False
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                continue
+
+    def _receive(self, request_id: str, deadline: float, wait: float, cancelled: Any) -> Message:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise EarthDialError(
-                    ErrorCode.TIMEOUT, f"no reply from the EarthDial backend at {self.endpoint} in time"
+                    ErrorCode.TIMEOUT, f"no reply from the EarthDial backend at {self.endpoint} within {wait:g} s"
                 )
             if cancelled is not None and cancelled():
-                raise EarthDialError("cancelled", "request cancelled by the user")
-            if not self._sock.poll(int(min(remaining, 0.2) * 1000)):
-                continue
-            reply = decode(self._sock.recv_multipart(copy=False))
-            if reply.header.get("id") != header["id"]:
-                continue  # a late reply to an earlier, timed-out request
-            if not reply.header.get("ok", False):
-                err = reply.header.get("error") or {}
-                raise EarthDialError(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")))
-            return reply
+                self._send_cancel(request_id)
+                raise EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
+            events = dict(poller.poll(max(1, int(min(remaining, 0.2) * 1000))))
+            if self._sock in events:
+                reply = decode(self._sock.recv_multipart(copy=False))
+                if reply.header.get("id") != request_id:
+                    continue  # a late reply to an earlier, timed-out or cancelled request
+                if not reply.header.get("ok", False):
+                    err = reply.header.get("error") or {}
+                    raise EarthDialError(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")))
+                return reply
+            if self._read_events() or self._lost:  # checked only when no reply is waiting
+                raise EarthDialError(
+                    ErrorCode.DISCONNECTED,
+                    f"the connection to the EarthDial backend at {self.endpoint} dropped while waiting for "
+                    "the reply (the server stopped, restarted or refused the message); send it again",
+                )
 
-    # Convenience wrappers for the three operations ------------------------------------------------
+    def _send_cancel(self, target: str) -> None:
+        """Best effort: ask the server to drop a request we no longer wait for; its reply is ignored."""
+        header = {"v": PROTOCOL_VERSION, "id": new_request_id(), "op": "cancel", "target": target,
+                  "client": client_name()}  # fmt: skip
+        try:
+            self._sock.send_multipart(encode(header), flags=self._zmq.NOBLOCK)
+        except self._zmq.ZMQError:
+            pass
+
+    # Convenience wrappers ------------------------------------------------------------------------
 
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:
         return self.request({"op": "status"}, timeout_s=timeout_s).header
+
+    def ping(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """A cheap liveness check the server's I/O loop answers even while the model is busy."""
+        return self.request({"op": "ping"}, timeout_s=timeout_s).header
+
+    def cancel(self, target: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Cancel a request of this client by id; the reply's `state` says what happened to it
+        (`queued`: removed, its reply is a `cancelled` error; `running`: stopped at its next batch
+        boundary; `unknown`: finished already, or never seen)."""
+        return self.request({"op": "cancel", "target": target}, timeout_s=timeout_s).header
 
     def ask(
         self,

@@ -6,14 +6,16 @@ Data flows one way: source -> chip -> question + tiles -> engine -> answer -> bo
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from . import answers, georef, imagery, prompts, sensors
+from . import answers, georef, imagery, presets, prompts, sensors
 from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
 from .tokens import VARIANTS, earthdial_tokens
@@ -32,8 +34,16 @@ def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], req
     return value
 
 
-def resolve_source(source: Any, arrays: list[np.ndarray]) -> imagery.Chip:
-    """The chip a request's source names: a window of a file (by reference) or the sent array (by value)."""
+def resolve_source(
+    source: Any,
+    arrays: list[np.ndarray],
+    *,
+    grid: imagery.Chip | None = None,
+    default_bands: list[int] | None = None,
+    gsd: float | None = None,
+) -> imagery.Chip:
+    """The chip a request's source names: a window of a file (by reference) or the sent array (by value).
+    With `grid` (the first image of a pair) the source is warped onto that grid instead."""
     if not isinstance(source, dict):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'source' must be an object")
     kind = source.get("kind")
@@ -52,12 +62,16 @@ def resolve_source(source: Any, arrays: list[np.ndarray]) -> imagery.Chip:
                 ErrorCode.BAD_REQUEST, f"'bounds' must be [minx, miny, maxx, maxy], got {bounds!r:.80}"
             )
         crs = _field(source, "crs", str, required=False)
+        bands = bands or default_bands
+        if grid is not None:
+            return imagery.read_on_grid(path, bands, grid)
         return imagery.read_chip(
             path,
             bands=bands,
             bounds=tuple(bounds) if bounds else None,
             bounds_crs=crs,
             max_size=MAX_CHIP_SIZE,
+            gsd=gsd,
         )
     if kind == "value":
         if len(arrays) != 1:
@@ -67,7 +81,8 @@ def resolve_source(source: Any, arrays: list[np.ndarray]) -> imagery.Chip:
         transform = _field(source, "transform", list)
         crs = _field(source, "crs", str, required=False)
         nodata = _field(source, "nodata", (int, float), required=False)
-        return imagery.chip_from_array(arrays[0], transform, crs, nodata)
+        chip = imagery.chip_from_array(arrays[0], transform, crs, nodata)
+        return imagery.warp_to_grid(chip, grid) if grid is not None else chip
     raise EarthDialError(ErrorCode.BAD_REQUEST, f"source kind must be 'ref' or 'value', got {kind!r:.40}")
 
 
@@ -97,18 +112,57 @@ class Job:
     chips: list[imagery.Chip]
     query: Any = None  # engine.Query, for `ask`
     answer: str | None = None  # set for `georef`; for `ask` once generated
+    inputs: Inputs | None = None
+    sensor: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
-def _sources(header: dict[str, Any], arrays: list[np.ndarray]) -> list[imagery.Chip]:
-    """`source` (one image) or `sources` (a pair or sequence); by-value sources take array frames in order."""
+@dataclass
+class Inputs:
+    """The images of a request, aligned, with how their bands were chosen."""
+
+    chips: list[imagery.Chip]
+    preset: presets.Preset
+    reason: str
+    gsd_m: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _source_list(header: dict[str, Any]) -> list[Any]:
     if "sources" in header:
         sources = _field(header, "sources", list)
         if not 1 <= len(sources) <= MAX_IMAGES:
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"'sources' must hold 1 to {MAX_IMAGES} sources")
-    else:
-        sources = [header.get("source")]
+        return sources
+    return [header.get("source")]
+
+
+def _choose_preset(
+    source: Any, array: np.ndarray | None, options: dict[str, Any]
+) -> tuple[presets.Preset, str]:
+    name = options.get("preset")
+    if name is not None:
+        if not isinstance(name, str):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, "options.preset must be a string")
+        return presets.get(name), "named in the request"
+    if array is not None:
+        data = array if array.ndim == 3 else array[None]
+        return presets.choose(data.shape[0], data.dtype.name, [], data[0, ::16, ::16])
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+        return presets.PRESETS["rgb8"], "default"
+    info = imagery.describe(source["path"])
+    sample = None
+    if info.count == 1:
+        sample = imagery.read_chip(source["path"], bands=[1], max_size=64).data[0]
+    return presets.choose(info.count, info.dtype, info.descriptions, sample)
+
+
+def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[str, Any]) -> Inputs:
+    """`source` (one image) or `sources` (a pair or sequence) -> aligned chips. Later images are warped
+    onto the first image's grid and all are cropped to their common extent; by-value sources take the
+    array frames in order."""
+    sources = _source_list(header)
     needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
     if needed != len(arrays):
         raise EarthDialError(
@@ -116,11 +170,69 @@ def _sources(header: dict[str, Any], arrays: list[np.ndarray]) -> list[imagery.C
             f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
         )
     frames = iter(arrays)
-    chips = []
-    for src in sources:
-        by_value = isinstance(src, dict) and src.get("kind") == "value"
-        chips.append(resolve_source(src, [next(frames)] if by_value else []))
-    return chips
+    own = [[next(frames)] if isinstance(s, dict) and s.get("kind") == "value" else [] for s in sources]
+    preset, reason = _choose_preset(sources[0], own[0][0] if own[0] else None, options)
+    gsd = options.get("gsd")
+    if gsd is not None and (not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not gsd > 0):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"options.gsd must be a positive number of metres, got {gsd!r}"
+        )
+    bands = list(preset.bands) if preset.bands else None
+    if bands and preset.band_count and not own[0]:
+        count = imagery.describe(sources[0]["path"]).count if isinstance(sources[0], dict) else 0
+        if count and count < max(bands):
+            raise EarthDialError(
+                ErrorCode.BAND_OUT_OF_RANGE,
+                f"preset {preset.name} needs {max(bands)} bands; the raster has {count}",
+            )
+    first = resolve_source(sources[0], own[0], default_bands=bands, gsd=gsd)
+    chips = [first] + [
+        resolve_source(s, a, grid=first, default_bands=bands)
+        for s, a in zip(sources[1:], own[1:], strict=True)
+    ]
+    chips = [imagery.Chip(presets.apply(preset, c.data, c.nodata), c.transform, c.crs, c.band_indexes,
+                          c.nodata, c.source, c.valid) for c in chips]  # fmt: skip
+    warnings: list[str] = []
+    masks = [imagery.valid_mask(c) for c in chips]
+    common = np.logical_and.reduce(masks) if len(masks) > 1 else masks[0]
+    for chip in chips[1:]:
+        if chip.valid is not None and not chip.valid.any():
+            raise EarthDialError(
+                ErrorCode.NO_OVERLAP,
+                f"{chip.source} does not overlap the first image's window ({chips[0].source})",
+            )
+    if not common.any():
+        empty = next((c.source for c, m in zip(chips, masks, strict=True) if not m.any()), chips[0].source)
+        if all(m.any() for m in masks):
+            raise EarthDialError(ErrorCode.NO_OVERLAP, "the images hold data in no common pixel")
+        raise EarthDialError(ErrorCode.EMPTY_WINDOW, f"the window of {empty} holds only nodata")
+    if len(chips) > 1:
+        rows, cols = np.nonzero(common.any(axis=1))[0], np.nonzero(common.any(axis=0))[0]
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if (r1 - r0, c1 - c0) != common.shape:
+            chips = [imagery.crop(c, r0, r1, c0, c1) for c in chips]
+            warnings.append(
+                f"images cropped to their common extent: {c1 - c0} x {r1 - r0} pixels of the first image's grid"
+            )
+    share = float(common.mean())
+    if share < 0.5:
+        warnings.append(f"only {share:.0%} of the window holds data in every image; the rest is filled")
+    first = chips[0]
+    gsd_m = imagery.ground_resolution(first.transform, first.crs, first.width / 2, first.height / 2)
+    return Inputs(chips, preset, reason, gsd_m, warnings)
+
+
+def _sensor_for(spec: prompts.Task, inputs: Inputs, options: dict[str, Any]) -> str:
+    """The sensor tag: named in the request, else the task's own (methane, UHI), else for pairs the
+    temporal tag of the data's kind, else the preset's, else the RGB tag nearest the window's GSD."""
+    if options.get("sensor"):
+        return str(options["sensor"])
+    sar = inputs.preset.name.startswith("s1_")
+    if spec.images > 1:
+        return "[s1_vh_temp_10]" if sar else spec.sensor
+    if spec.sensor != prompts.DEFAULT_SENSOR:
+        return spec.sensor
+    return inputs.preset.sensor or presets.rgb_tag_for(inputs.gsd_m)
 
 
 def _history(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -140,7 +252,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     op = header.get("op")
     if op == "georef":
         answer = _field(header, "answer", str)
-        job = Job(header, _sources(header, arrays), answer=answer)
+        inputs = read_inputs(header, arrays, {})
+        job = Job(header, inputs.chips, answer=answer, inputs=inputs)
         job.timings["read_s"] = time.perf_counter() - job.started
         return job
     if op != "ask":
@@ -149,8 +262,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     spec = prompts.task(name)  # validates the task before any pixels are read
     prompt = _field(header, "prompt", str, required=False) or ""
     options = _field(header, "options", dict, required=False) or {}
-    tag = options.get("sensor") or spec.sensor
-    sensors.sensor(tag)
+    if options.get("sensor") is not None:
+        sensors.sensor(options["sensor"])
     max_new = options.get("max_new_tokens", spec.max_new_tokens)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 2048:
         raise EarthDialError(
@@ -158,10 +271,18 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
         )
     history = _history(options)
     started = time.perf_counter()
-    chips = _sources(header, arrays)
+    inputs = read_inputs(header, arrays, options)
+    chips = inputs.chips
+    tag = _sensor_for(spec, inputs, options)
+    spec_sensor = sensors.sensor(tag)
+    if inputs.gsd_m and not 0.25 <= inputs.gsd_m / spec_sensor.gsd_m <= 4:
+        inputs.warnings.append(
+            f"the window's ground resolution ({inputs.gsd_m:.3g} m) is far from {tag}'s {spec_sensor.gsd_m:g} m: "
+            "answers may suffer; set a GSD or another sensor"
+        )
     in_history = any(prompts.IMAGE in q for q, _ in history)  # a follow-up: the images came with turn one
     question = prompts.build_question(name, prompt, tag, images=0 if in_history else len(chips))
-    job = Job(header, chips, started=started)
+    job = Job(header, chips, started=started, inputs=inputs, sensor=tag)
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
@@ -181,13 +302,18 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
     header = job.header
     chip = job.chips[0]
     answer = job.answer or ""
-    model_name = engine.info.variant if (engine is not None and job.query is not None) else ""
+    ran_model = engine is not None and job.query is not None
+    model_name = os.path.basename(engine.info.path.rstrip("/")) if ran_model else ""
+    variant = engine.info.variant if ran_model else ""
     props = {
         "task": header.get("task", "georef") if job.query is not None else "georef",
         "prompt": header.get("prompt", "") if job.query is not None else "",
         "answer": answer,
         "model": model_name,
+        "variant": variant,
         "source": " | ".join(c.source for c in job.chips),
+        "gsd": job.inputs.gsd_m if job.inputs is not None else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     reply: dict[str, Any] = {
         "answer": answer,
@@ -195,8 +321,16 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
         "chip": chip_description(chip),
         "chips": [chip_description(c) for c in job.chips],
     }
+    if job.inputs is not None:
+        reply["input"] = {
+            "preset": job.inputs.preset.name,
+            "reason": job.inputs.reason,
+            "sensor": job.sensor,
+            "gsd_m": job.inputs.gsd_m,
+            "warnings": job.inputs.warnings,
+        }
     if job.query is not None:
-        reply["model"] = {"variant": model_name, "path": engine.info.path}
+        reply["model"] = {"name": model_name, "variant": variant, "path": engine.info.path}
         reply["tiles"] = sum(im.tiles for im in job.query.images)
     job.timings["total_s"] = time.perf_counter() - job.started
     reply["timings"] = job.timings

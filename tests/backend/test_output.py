@@ -53,7 +53,10 @@ FULL = {
     "prompt": "[grounding] [hr_rgb_0.5] <image>\n Describe the image in detail.",
     "answer": "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>",
     "model": "EarthDial_4B_RGB",
+    "variant": "EarthDial_4B_RGB",
     "source": "/data/scene.tif",
+    "tile": "0,448",
+    "gsd": 0.5,
     "created": "2025-01-02T03:04:05Z",
 }
 TWO = collection(feature(RING_A, **FULL), feature(RING_B, label="pool", angle=90))
@@ -92,7 +95,10 @@ def test_geopackage_round_trip(tmp_path):
         "prompt": "OFTString",
         "answer": "OFTString",
         "model": "OFTString",
+        "variant": "OFTString",
         "source": "OFTString",
+        "tile": "OFTString",
+        "gsd": "OFTReal",
         "created": "OFTString",
     }
     # missing properties are NULL
