@@ -24,6 +24,9 @@ from . import answers, georef, imagery, presets, prompts
 from .protocol import EarthDialError, ErrorCode
 
 
+SCENE_CACHE_MB = 128
+
+
 @dataclass
 class SceneResult:
     features: dict[str, Any]  # FeatureCollection in the raster's CRS, merged across tiles
@@ -140,7 +143,9 @@ def detect(
     model_name = os.path.basename(engine.info.path.rstrip("/"))
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
-    with rasterio.open(path) as src:
+    # GDAL's block cache (5% of RAM by default) would otherwise grow with the scene; one row of tiles
+    # in cache is all a streaming pass can reuse.
+    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), rasterio.open(path) as src:
         indexes = imagery.check_bands(indexes, src.count, path)
         region = imagery.window_for(src, bounds, bounds_crs, path)
         windows = tile_windows(region, tile_size, overlap)
