@@ -32,6 +32,21 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bounds-crs", help="CRS of --bounds (default: the raster's CRS), e.g. EPSG:4326")
 
 
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", help="band preset, e.g. rgb8, rgb16, s2_l2a, s2_rgb, landsat8, s1_vh_linear, rgbn"
+    )
+    p.add_argument("--gsd", type=float, help="read at this many ground metres per pixel (default: native)")
+    p.add_argument(
+        "--sensor", help="EarthDial sensor tag, e.g. [s2_rgb_10] (default: from the preset and GSD)"
+    )
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("preset", "gsd", "sensor", "max_new_tokens")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def _source(args: argparse.Namespace) -> dict[str, Any]:
     return source_by_reference(os.path.abspath(args.raster), args.bands, args.bounds, args.bounds_crs)
 
@@ -52,34 +67,62 @@ def _write_output(path: str | None, reply: dict[str, Any]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .engine import Engine
-    from .server import Server, is_loopback
+    import zmq
 
-    if not is_loopback(args.endpoint):
-        print(
-            f"earthdial serve: refusing to bind {args.endpoint}: only loopback endpoints are served "
-            "(a network bind would expose the model and files to other machines without authentication)",
-            file=sys.stderr,
-        )
-        return 2
-    model = args.model or os.environ.get("EARTHDIAL_MODEL")
-    if not model:
-        print("earthdial serve: no model; pass --model DIR or set EARTHDIAL_MODEL", file=sys.stderr)
-        return 2
+    from . import access
+    from .server import Server
+
+    def refuse(message: str, code: int = 2) -> int:
+        print(f"earthdial serve: {message}", file=sys.stderr)
+        return code
+
+    secret = clients = None
     try:
-        engine = Engine(model, device=args.device, max_tiles=args.max_tiles)
-    except (CheckpointError, OSError, RuntimeError) as exc:
-        print(f"earthdial serve: cannot load {model}: {exc}", file=sys.stderr)
-        return 3
-    server = Server(engine, args.endpoint, queue_size=args.queue_size)
+        if args.curve_secret_key:
+            secret = access.read_key(args.curve_secret_key, secret=True)
+        if args.curve_clients:
+            if not secret:
+                return refuse("--curve-clients needs --curve-secret-key")
+            clients = access.read_client_keys(args.curve_clients)
+    except (OSError, ValueError) as exc:
+        return refuse(f"cannot read CURVE keys: {exc}")
+    refusal = access.bind_refusal(args.endpoint, curve=secret is not None)
+    if refusal:
+        return refuse(refusal)
+    dirs = [os.getcwd(), *(args.allow_dir or [])]
+    bad = [d for d in dirs if not os.path.isdir(d)]
+    if bad:
+        return refuse(f"--allow-dir must name directories: {', '.join(bad)}")
+    engine = None
+    if not args.no_model:
+        model = args.model or os.environ.get("EARTHDIAL_MODEL")
+        if not model:
+            return refuse("no model; pass --model DIR, set EARTHDIAL_MODEL, or pass --no-model (georef only)")
+        from .checkpoint import CheckpointError
+        from .engine import Engine
+
+        try:
+            engine = Engine(model, device=args.device, max_tiles=args.max_tiles)
+        except (CheckpointError, OSError, RuntimeError) as exc:
+            return refuse(f"cannot load {model}: {exc}", 3)
+    try:
+        server = Server(engine, args.endpoint, queue_size=args.queue_size, client_queue=args.client_queue,
+                        curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs)  # fmt: skip
+    except zmq.ZMQError as exc:
+        return refuse(f"cannot bind {args.endpoint}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: server.stop_event.set())
-    d = engine.describe()
-    print(
-        f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
-        flush=True,
-    )
+    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under "
+          f"{', '.join(access.allowed_dirs() or ())}", flush=True)  # fmt: skip
+    if secret is not None and clients is None and not access.is_loopback(args.endpoint):
+        print("earthdial serve: warning: any client that knows the server's public key can connect; "
+              "pass --curve-clients DIR to admit only listed client keys", file=sys.stderr)  # fmt: skip
+    if engine is None:
+        print(f"earthdial: serving no model (georef only) on {server.bound}", flush=True)
+    else:
+        d = engine.describe()
+        print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
+              flush=True)  # fmt: skip
     try:
         server.serve_forever()
     finally:
@@ -87,10 +130,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from . import access
+
+    try:
+        paths = access.keygen(args.directory)
+    except (OSError, ValueError) as exc:
+        print(f"earthdial keygen: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"wrote {path}{'  (mode 0600: keep it private)' if name.endswith('secret') else ''}")
+    server_key = access.read_key(paths["server.public"]).decode()
+    print(f"server public key (give it to clients, e.g. the QGIS plugin's settings): {server_key}")
+    print(
+        f"serve with: earthdial serve --curve-secret-key {paths['server.secret']} --curve-clients {args.directory}"
+    )
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    header = {"op": "ask", "task": args.task, "prompt": args.prompt, "source": _source(args), "options": {}}
-    if args.max_new_tokens:
-        header["options"]["max_new_tokens"] = args.max_new_tokens
+    header = {
+        "op": "ask",
+        "task": args.task,
+        "prompt": args.prompt,
+        "source": _source(args),
+        "options": _options(args),
+    }
     reply = _run(header, args)
     print(reply["answer"])
     for warning in reply.get("input", {}).get("warnings", []):
@@ -163,7 +228,13 @@ def cmd_change(args: argparse.Namespace) -> int:
         source_by_reference(os.path.abspath(p), args.bands, args.bounds, args.bounds_crs)
         for p in args.rasters
     ]
-    header = {"op": "ask", "task": args.task, "prompt": args.prompt, "sources": sources, "options": {}}
+    header = {
+        "op": "ask",
+        "task": args.task,
+        "prompt": args.prompt,
+        "sources": sources,
+        "options": _options(args),
+    }
     reply = _run(header, args)
     print(reply["answer"])
     for warning in reply.get("input", {}).get("warnings", []):
@@ -245,13 +316,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
     )
-    p.add_argument("--queue-size", type=int, default=32)
+    p.add_argument("--no-model", action="store_true", help="serve without a model: georef, status, ping only")
+    p.add_argument(
+        "--queue-size", type=int, default=64, help="requests waiting at most, all clients together"
+    )
+    p.add_argument(
+        "--client-queue", type=int, help="requests one client may have waiting (default: half the queue)"
+    )
+    p.add_argument(
+        "--allow-dir",
+        action="append",
+        metavar="DIR",
+        help="a directory by-reference requests may read under (repeatable; the current directory always is)",
+    )
+    p.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="enable CURVE with this server secret key (earthdial keygen)",
+    )
+    p.add_argument("--curve-clients", metavar="DIR", help="admit only the CURVE client keys in DIR/*.public")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keygen", help="write CURVE key pairs for a server and a client into DIR")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("ask", help="ask EarthDial about a raster window; write grounded boxes")
     _add_source_args(p)
+    _add_input_args(p)
     p.add_argument("--prompt", default="", help="the question, or what to find for --task refer")
-    p.add_argument("--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify")
+    p.add_argument(
+        "--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify, ..."
+    )
     p.add_argument(
         "--endpoint", help="a running `earthdial serve`; without it the model runs in this process"
     )
@@ -279,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("change", help="compare two (or more) rasters: later ones are aligned to the first")
     p.add_argument("rasters", nargs="+", help="BEFORE AFTER [...]")
+    _add_input_args(p)
     p.add_argument("--task", default="change", help="change, disaster, damage, post_disaster_refer")
     p.add_argument("--prompt", default="")
     p.add_argument("--bands", type=_bands)

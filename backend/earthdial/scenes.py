@@ -23,7 +23,6 @@ from rasterio.windows import Window
 from . import answers, georef, imagery, presets, prompts
 from .protocol import EarthDialError, ErrorCode
 
-
 SCENE_CACHE_MB = 128
 
 
