@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from . import checkpoint, pixels, sensors
 from .prompts import expand_images, render_chat
 from .protocol import EarthDialError, ErrorCode
+from .quantize import device_memory, weight_bytes
+from .quantize import quantize as quantize_model
 from .tokens import CHAT_TOKENS, METHANE_UHI_ONLY, SENSOR_TAGS, STOP_TOKENS, TASK_TAGS
 
 
@@ -78,11 +80,14 @@ def attention_for(device: str) -> str:
 
 
 class Engine:
-    def __init__(self, model_dir: str, device: str = "auto", max_tiles: int | None = None) -> None:
+    def __init__(
+        self, model_dir: str, device: str = "auto", max_tiles: int | None = None, quantize: str = "none"
+    ) -> None:
         device = pick_device(device)
         # bf16 on GPUs (what the weights are published in); fp32 on CPUs, where bf16 matmuls are slow or absent.
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model, tokenizer, info = checkpoint.load(model_dir, device, dtype, attention_for(device))
+        self.quantization = quantize_model(model, quantize)
         self._setup(model, tokenizer, info, max_tiles)
 
     @classmethod
@@ -111,6 +116,9 @@ class Engine:
         self.image_token_id = self.model.config.image_token_id
         self._strip = [t for t in CHAT_TOKENS if t in vocab]
         self._lock = threading.Lock()  # one generate at a time on the device
+        if not hasattr(self, "quantization"):
+            self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
+        self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -123,6 +131,26 @@ class Engine:
             "tokens_per_tile": self.info.tokens_per_tile,
             "max_tiles": self.max_tiles,
             "parameters": self.info.num_parameters,
+            "quantize": self.quantization["mode"],
+            "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),
+            "memory": self.memory(),
+            "plan": self.plan,
+        }
+
+    def memory(self) -> dict[str, float | None]:
+        """Device memory in GiB: what this process uses and what is free."""
+        free, total = device_memory(self.device)
+        if self.device.startswith("cuda"):
+            used = torch.cuda.memory_allocated()
+        else:
+            import resource
+
+            used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS, Linux reports kB
+        gib = 1024**3
+        return {
+            "used_gb": round(used / gib, 3),
+            "free_gb": None if free is None else round(free / gib, 3),
+            "total_gb": None if total is None else round(total / gib, 3),
         }
 
     # -- pixels -> images ---------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""A memory plan at start-up: what the weights, the KV cache and the activations need, against what the
+device has free; the largest batch that fits, or a refusal that names what would fit.
+
+All figures are estimates from the model's shapes (parameter counts by part, layers, heads), not
+measurements; docs/performance.md compares them with measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .quantize import BYTES_PER_WEIGHT
+
+GIB = 1024**3
+RESERVE_FRACTION = 0.10  # left free for the allocator's fragmentation and other processes
+CUDA_OVERHEAD = 0.6 * GIB  # CUDA context, cuBLAS workspaces
+PROMPT_TOKENS = 120  # system message + task prompt, in tokens
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan needs to know about a model."""
+
+    vision_params: int
+    projector_params: int
+    llm_params: int  # language model + lm_head
+    llm_layers: int
+    kv_heads: int
+    head_dim: int
+    vision_tokens_per_tile: int  # patches + CLS
+    vision_hidden: int
+    vision_mlp: int
+    tokens_per_tile: int  # image tokens the LLM sees per tile
+    llm_hidden: int
+    llm_mlp: int
+
+    @classmethod
+    def of(cls, model: Any) -> Shapes:
+        cfg = model.config
+        vc, tc = cfg.vision_config, cfg.text_config
+        count = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        return cls(
+            vision_params=count("model.vision_tower"),
+            projector_params=count("model.multi_modal_projector"),
+            llm_params=count("model.language_model") + count("lm_head"),
+            llm_layers=tc.num_hidden_layers,
+            kv_heads=tc.num_key_value_heads,
+            head_dim=tc.hidden_size // tc.num_attention_heads,
+            vision_tokens_per_tile=(size // patch) ** 2 + 1,
+            vision_hidden=vc.hidden_size,
+            vision_mlp=vc.intermediate_size,
+            tokens_per_tile=cfg.image_seq_length,
+            llm_hidden=tc.hidden_size,
+            llm_mlp=tc.intermediate_size,
+        )
+
+
+def shapes_of_checkpoint(directory: str) -> Shapes:
+    """A checkpoint's shapes from its config alone (a model on the meta device: no weights read)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from .checkpoint import native_config
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration._from_config(native_config(cfg, image_token_id=0))
+    return Shapes.of(model)
+
+
+# EarthDial-4B at 448 px tiles (InternViT-300M + Phi-3-mini), counted from the published shapes.
+EARTHDIAL_4B = Shapes(
+    vision_params=304_012_288,
+    projector_params=22_034_432,
+    llm_params=3_821_079_552,
+    llm_layers=32,
+    kv_heads=32,
+    head_dim=96,
+    vision_tokens_per_tile=1025,
+    vision_hidden=1024,
+    vision_mlp=4096,
+    tokens_per_tile=256,
+    llm_hidden=3072,
+    llm_mlp=8192,
+)
+
+
+@dataclass
+class Plan:
+    device: str
+    dtype_bytes: int
+    quantize: str
+    weights: int  # bytes
+    per_request: int  # KV cache + activations of one request at the planned sequence length
+    free: int | None
+    batch: int  # largest batch that fits (0: nothing fits)
+    seq_len: int
+    tiles: int
+    message: str
+    alternatives: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "quantize": self.quantize,
+            "weights_gb": round(self.weights / GIB, 3),
+            "per_request_gb": round(self.per_request / GIB, 3),
+            "free_gb": None if self.free is None else round(self.free / GIB, 3),
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "tiles": self.tiles,
+            "message": self.message,
+        }
+
+
+def weights_bytes(shapes: Shapes, dtype_bytes: int, quantize: str) -> int:
+    llm = shapes.llm_params * (BYTES_PER_WEIGHT[quantize] if quantize != "none" else dtype_bytes)
+    return int((shapes.vision_params + shapes.projector_params) * dtype_bytes + llm)
+
+
+def request_bytes(shapes: Shapes, dtype_bytes: int, tiles: int, max_new_tokens: int) -> tuple[int, int]:
+    """(bytes, sequence length) of one request: its KV cache at full length, plus the larger of the vision
+    tower's and the prefill's transient activations."""
+    seq = tiles * shapes.tokens_per_tile + PROMPT_TOKENS + max_new_tokens
+    kv = 2 * shapes.llm_layers * shapes.kv_heads * shapes.head_dim * seq * dtype_bytes
+    # vision: every tile's hidden states and MLP expansion live at once in one layer
+    vision = (
+        tiles * shapes.vision_tokens_per_tile * (3 * shapes.vision_hidden + shapes.vision_mlp) * dtype_bytes
+    )
+    # prefill: one layer's hidden, qkv and gate/up projections over the whole prompt (sdpa: no seq^2 matrix)
+    prefill = seq * (4 * shapes.llm_hidden + 2 * shapes.llm_mlp) * dtype_bytes
+    return int(kv + max(vision, prefill)), seq
+
+
+def plan(
+    shapes: Shapes,
+    device: str,
+    free: int | None,
+    dtype_bytes: int,
+    quantize: str = "none",
+    tiles: int = 7,
+    max_new_tokens: int = 300,
+    want_batch: int = 8,
+) -> Plan:
+    """The largest batch (up to `want_batch`) that fits in `free` bytes, or a refusal naming what fits."""
+    weights = weights_bytes(shapes, dtype_bytes, quantize)
+    per, seq = request_bytes(shapes, dtype_bytes, tiles, max_new_tokens)
+    overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
+    if free is None:  # unknown: plan the batch asked for
+        return Plan(
+            device, dtype_bytes, quantize, weights, per, None, want_batch, seq, tiles, "free memory unknown"
+        )
+    batch = _batch(shapes, device, free, dtype_bytes, quantize, tiles, max_new_tokens, want_batch)
+    need = weights + overhead + per
+    if batch >= 1:
+        message = (
+            f"weights {weights / GIB:.1f} GiB + {batch} x {per / GIB:.2f} GiB per request fit in "
+            f"{free / GIB:.1f} GiB free"
+        )
+        return Plan(device, dtype_bytes, quantize, weights, per, free, batch, seq, tiles, message)
+    alternatives = []
+    for q in ("int8", "nf4"):
+        if q != quantize and _fits(shapes, device, free, dtype_bytes, q, tiles, max_new_tokens):
+            alternatives.append(f"--quantize {q}")
+    if tiles > 1 and _fits(shapes, device, free, dtype_bytes, quantize, 1, max_new_tokens):
+        alternatives.append("--max-tiles 1 (fewer tiles)")
+    if device.startswith("cuda"):
+        alternatives.append("--device cpu")
+    hint = "; try " + " or ".join(alternatives) if alternatives else "; nothing smaller would fit either"
+    message = (
+        f"not enough memory on {device}: one request needs {need / GIB:.1f} GiB (weights {weights / GIB:.1f} GiB "
+        f"{quantize if quantize != 'none' else f'{8 * dtype_bytes}-bit'}), {free / GIB:.1f} GiB is free{hint}"
+    )
+    return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
+
+
+def _batch(
+    shapes: Shapes, device: str, free: int, dtype_bytes: int, quantize: str, tiles: int, new: int, want: int
+) -> int:
+    weights = weights_bytes(shapes, dtype_bytes, quantize)
+    per, _ = request_bytes(shapes, dtype_bytes, tiles, new)
+    overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
+    budget = free * (1 - RESERVE_FRACTION) - overhead - weights
+    return int(max(0, min(want, MAX_BATCH, budget // per))) if budget > 0 else 0
+
+
+def _fits(
+    shapes: Shapes, device: str, free: int, dtype_bytes: int, quantize: str, tiles: int, new: int
+) -> bool:
+    return _batch(shapes, device, free, dtype_bytes, quantize, tiles, new, 1) >= 1

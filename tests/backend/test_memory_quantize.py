@@ -1,0 +1,96 @@
+"""Quantised weights on the CPU, and the start-up memory plan against synthetic budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from earthdial import checkpoint, memory
+from earthdial.engine import Engine, Query
+from earthdial.prompts import build_question
+from earthdial.quantize import weight_bytes
+
+GIB = 1024**3
+
+
+def hand_counted_earthdial_4b() -> tuple[int, int, int]:
+    """(vision, projector, language model + lm_head) parameters, counted from the published shapes."""
+    d, mlp, layers, patches = 1024, 4096, 24, (448 // 14) ** 2
+    vit_layer = 3 * (d * d + d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 4 * d + 2 * d
+    vision = (3 * 14 * 14 * d + d) + (patches + 1) * d + d + layers * vit_layer
+    projector = 2 * 4096 + (4096 * 3072 + 3072) + (3072 * 3072 + 3072)
+    h, m, vocab = 3072, 8192, 32064
+    llm_layer = 3 * h * h + h * h + 2 * m * h + h * m + 2 * h
+    llm = vocab * h + 32 * llm_layer + h + vocab * h
+    return vision, projector, llm
+
+
+def test_the_4b_shapes_match_a_hand_count_and_the_real_config() -> None:
+    vision, projector, llm = hand_counted_earthdial_4b()
+    shapes = memory.EARTHDIAL_4B
+    assert (shapes.vision_params, shapes.projector_params, shapes.llm_params) == (vision, projector, llm)
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = checkpoint.full_size_config(32064, 448)
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration._from_config(checkpoint.native_config(cfg, 32002))
+    assert memory.Shapes.of(model) == shapes
+
+
+@pytest.mark.parametrize(
+    ("free_gb", "quantize", "batch"),
+    [(12, "none", 2), (24, "none", 8), (80, "none", 8), (8, "int8", 2), (8, "nf4", 4)],
+)
+def test_largest_batch_that_fits(free_gb: int, quantize: str, batch: int) -> None:
+    p = memory.plan(memory.EARTHDIAL_4B, "cuda", free_gb * GIB, 2, quantize, tiles=7, max_new_tokens=300)
+    assert p.batch == batch
+    # independent arithmetic: KV cache of one 7-tile request = 2 x 32 layers x 32 heads x 96 x seq x 2 bytes
+    seq = 7 * 256 + memory.PROMPT_TOKENS + 300
+    kv = 2 * 32 * 32 * 96 * seq * 2
+    weights = sum(hand_counted_earthdial_4b()[:2]) * 2 + hand_counted_earthdial_4b()[2] * (
+        2 if quantize == "none" else memory.BYTES_PER_WEIGHT[quantize]
+    )
+    assert p.per_request >= kv
+    room = free_gb * GIB * 0.9 - memory.CUDA_OVERHEAD - weights
+    assert p.batch == min(8, int(room // p.per_request))
+
+
+def test_a_4gb_card_is_refused_with_what_would_fit() -> None:
+    p = memory.plan(memory.EARTHDIAL_4B, "cuda", 4 * GIB, 2, "none")
+    assert p.batch == 0
+    assert "not enough memory" in p.message and "--device cpu" in p.message
+    p = memory.plan(memory.EARTHDIAL_4B, "cuda", 4 * GIB, 2, "nf4")
+    assert p.batch == 0 and "--max-tiles 1" in p.message
+
+
+def test_an_8gb_card_in_bf16_is_told_to_quantise() -> None:
+    p = memory.plan(memory.EARTHDIAL_4B, "cuda", 8 * GIB, 2, "none")
+    assert p.batch == 0
+    assert "--quantize int8" in p.message and "--quantize nf4" in p.message
+
+
+def test_cpu_plans_in_fp32() -> None:
+    assert memory.plan(memory.EARTHDIAL_4B, "cpu", 24 * GIB, 4, "none").batch >= 1
+    small = memory.plan(memory.EARTHDIAL_4B, "cpu", 12 * GIB, 4, "none")
+    assert small.batch == 0 and "--quantize int8" in small.message and "--device cpu" not in small.message
+
+
+def test_unknown_free_memory_plans_the_batch_asked_for() -> None:
+    assert memory.plan(memory.EARTHDIAL_4B, "cpu", None, 4, "none", want_batch=3).batch == 3
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantised_model_answers_on_the_cpu(tiny_checkpoint: Path, mode: str) -> None:
+    engine = Engine(str(tiny_checkpoint), device="cpu", quantize=mode)
+    report = engine.quantization
+    assert report["mode"] == mode and report["quantised"] >= 1
+    assert report["bytes_after"] < report["bytes_before"] == weight_bytes(checkpoint.load(tiny_checkpoint)[0])
+    image = engine.image(
+        (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8), "[hr_rgb_0.5]"
+    )
+    (answer,) = engine.generate([Query(build_question("refer", "ships"), [image], 8)])
+    assert isinstance(answer, str)
+    assert engine.describe()["quantize"] == mode
