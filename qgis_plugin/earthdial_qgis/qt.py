@@ -1,0 +1,17 @@
+"""Qt modules for the plugin: qtpy's, when qtpy is installed and resolves to the binding QGIS itself
+runs on; otherwise QGIS's own ``qgis.PyQt`` (always present inside QGIS), so a missing or misconfigured
+qtpy (e.g. QT_API pointing at another binding) cannot break the plugin."""
+
+from __future__ import annotations
+
+from qgis.PyQt import QtCore as _QgisQtCore
+
+try:
+    from qtpy import QtCore, QtGui, QtWidgets
+
+    if QtCore.QObject is not _QgisQtCore.QObject:  # a different binding: its widgets would not mix
+        raise ImportError("qtpy resolved to a Qt binding other than QGIS's")
+except Exception:  # ImportError, or qtpy's PythonQtError when it finds no binding
+    from qgis.PyQt import QtCore, QtGui, QtWidgets  # type: ignore[no-redef]
+
+__all__ = ["QtCore", "QtGui", "QtWidgets"]

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Build the installable QGIS plugin zip: dist/earthdial_qgis.zip holding earthdial_qgis/.
+
+The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ plus the top-level metadata.txt.
+Symlinks are stored as the files they point to: protocol.py is a link to the backend's protocol module
+in the repository, but a real file in the plugin. Entries get a fixed date so that builds are
+reproducible. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "qgis_plugin" / "earthdial_qgis"
+METADATA = ROOT / "metadata.txt"
+SUFFIXES = {".py", ".svg", ".png"}
+FIXED_DATE = (2024, 1, 1, 0, 0, 0)
+
+
+def package_files() -> list[Path]:
+    return sorted(
+        p for p in PACKAGE.rglob("*") if p.suffix in SUFFIXES and "__pycache__" not in p.parts and p.is_file()
+    )
+
+
+def _add(zf: zipfile.ZipFile, arcname: str, path: Path) -> None:
+    info = zipfile.ZipInfo(arcname, FIXED_DATE)
+    info.external_attr = 0o644 << 16  # a regular file, whatever the source was (a symlink, say)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    zf.writestr(info, path.read_bytes())  # read_bytes follows symlinks
+
+
+def build(output: Path) -> Path:
+    if not METADATA.is_file():
+        raise SystemExit(f"missing {METADATA}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(output, "w") as zf:
+        for path in package_files():
+            _add(zf, f"{PACKAGE.name}/{path.relative_to(PACKAGE).as_posix()}", path)
+        _add(zf, f"{PACKAGE.name}/metadata.txt", METADATA)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "dist" / "earthdial_qgis.zip")
+    args = parser.parse_args(argv)
+    print(build(args.output.resolve()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

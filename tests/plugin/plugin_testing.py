@@ -1,0 +1,83 @@
+"""Shared values and helpers of the plugin tests (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from osgeo import gdal, osr
+from qgis.core import QgsRectangle
+from qgis.PyQt.QtCore import QCoreApplication
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "qgis_plugin") not in sys.path:
+    sys.path.insert(0, str(ROOT / "qgis_plugin"))  # the plugin package, as QGIS would find it
+
+EARTHDIAL = ROOT / ".venv" / "bin" / "earthdial"
+
+# The test raster: 200 x 100 pixels of 10 m in UTM 33N, top-left corner at (500000, 4000000).
+EPSG = 32633
+ORIGIN = (500000.0, 4000000.0)
+PIXEL = 10.0
+SIZE = (200, 100)  # cols, rows
+# What the canvas shows: 50 x 50 pixels inside the raster, on its pixel edges.
+VIEW = QgsRectangle(500100.0, 3999200.0, 500600.0, 3999700.0)
+VIEW_BOUNDS = (500100.0, 3999200.0, 500600.0, 3999700.0)
+VIEW_PIXELS = (slice(30, 80), slice(10, 60))  # rows, cols of the view in the raster
+
+ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_geotiff(path: str, bands: int = 3, seed: int = 0) -> np.ndarray:
+    """The test raster at ``path`` (a file, or /vsimem/...): random uint8 pixels. Returns them."""
+    data = np.random.default_rng(seed).integers(0, 256, size=(bands, SIZE[1], SIZE[0]), dtype=np.uint8)
+    ds = gdal.GetDriverByName("GTiff").Create(path, SIZE[0], SIZE[1], bands, gdal.GDT_Byte)
+    ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(EPSG)
+    ds.SetProjection(srs.ExportToWkt())
+    for i in range(bands):
+        ds.GetRasterBand(i + 1).WriteArray(data[i])
+    ds.FlushCache()
+    ds = None
+    return data
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Run the Qt event loop until ``condition`` holds (QgsTask results arrive through it)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        QCoreApplication.processEvents()
+        time.sleep(0.01)
+
+
+def expected_ring(extent: QgsRectangle, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """Corners of an unrotated 0-100 box on the view, worked out from the extent alone (y runs down)."""
+    x1, y1, x2, y2 = box
+    minx, maxx, maxy = extent.xMinimum(), extent.xMaximum(), extent.yMaximum()
+    w, h = maxx - minx, maxy - extent.yMinimum()
+    xa, xb = minx + x1 / 100 * w, minx + x2 / 100 * w
+    ya, yb = maxy - y1 / 100 * h, maxy - y2 / 100 * h
+    return [(xa, ya), (xb, ya), (xb, yb), (xa, yb)]
+
+
+def same_corners(
+    ring: list[tuple[float, float]], expected: list[tuple[float, float]], tol: float = 1e-6
+) -> bool:
+    """Whether a closed 5-point ring has the 4 expected corners (in any order)."""
+    if len(ring) != 5 or tuple(ring[0]) != tuple(ring[-1]):
+        return False
+    got, want = sorted(map(tuple, ring[:4])), sorted(map(tuple, expected))
+    return all(abs(g[0] - w[0]) <= tol and abs(g[1] - w[1]) <= tol for g, w in zip(got, want, strict=True))

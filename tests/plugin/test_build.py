@@ -1,0 +1,50 @@
+"""scripts/build_plugin.py: the installable zip."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import zipfile
+
+from plugin_testing import ROOT
+
+PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
+
+
+def test_build_plugin_zip(tmp_path) -> None:
+    out = tmp_path / "earthdial_qgis.zip"
+    # QGIS's Python runs it here, but the script needs only the standard library
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_plugin.py"), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == str(out)
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        for module in ("__init__", "plugin", "dock", "task", "layers", "sources", "errors", "qt", "protocol"):
+            assert f"earthdial_qgis/{module}.py" in names
+        assert all(n.startswith("earthdial_qgis/") and "__pycache__" not in n for n in names)
+        metadata = zf.read("earthdial_qgis/metadata.txt").decode()
+        assert "name=EarthDial" in metadata and "qgisMinimumVersion=3.22" in metadata
+        assert "version=0.1.0" in metadata and "experimental=True" in metadata
+        # protocol.py is a symlink in the repository and the backend's real module in the zip
+        assert (PLUGIN / "protocol.py").is_symlink()
+        info = zf.getinfo("earthdial_qgis/protocol.py")
+        assert not stat.S_ISLNK(info.external_attr >> 16)
+        assert zf.read(info) == (ROOT / "backend" / "earthdial" / "protocol.py").read_bytes()
+        zf.extractall(tmp_path / "plugins")
+
+    # The unpacked plugin imports on its own, as QGIS would load it from its plugins folder.
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import earthdial_qgis, earthdial_qgis.plugin, "
+        "earthdial_qgis.dock; assert earthdial_qgis.__file__.startswith(sys.argv[1]); "
+        "assert callable(earthdial_qgis.classFactory); print('ok')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "plugins")], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
