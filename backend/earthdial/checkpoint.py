@@ -204,6 +204,7 @@ class CheckpointInfo:
     system_message: str
     vocab: frozenset[str]
     num_parameters: int
+    demo: bool = False  # the built-in demo model (config.json "demo": true), trained on synthetic scenes
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -305,6 +306,7 @@ def load(
         system_message=published_cfg.get("system_message") or INTERNVL_SYSTEM_MESSAGE,
         vocab=frozenset(vocab),
         num_parameters=sum(p.numel() for p in model.parameters()),
+        demo=bool(published_cfg.get("demo", False)),
     )
     return model, tokenizer, info
 

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return refuse(f"--allow-dir must name directories: {', '.join(bad)}")
     engine = None
     if not args.no_model:
-        model = args.model or os.environ.get("EARTHDIAL_MODEL")
+        model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
         if not model:
             return refuse("no model; pass --model DIR, set EARTHDIAL_MODEL, or pass --no-model (georef only)")
         from .checkpoint import CheckpointError
@@ -121,6 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"earthdial: serving no model (georef only) on {server.bound}", flush=True)
     else:
         d = engine.describe()
+        if d.get("demo"):
+            print("earthdial: no --model given: serving the built-in demo model (a 5 M-parameter micro EarthDial "
+                  "trained on synthetic scenes; see docs/demo-model.md)", flush=True)  # fmt: skip
         print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
               flush=True)  # fmt: skip
     try:
@@ -276,6 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     model = status.get("model") or {}
     print(f"protocol  {status['protocol']}")
     print(f"model     {model.get('variant')} ({model.get('path')})")
+    if model.get("demo"):
+        print("          the built-in DEMO model: trained on synthetic scenes only (docs/demo-model.md)")
     print(f"device    {model.get('device')} {model.get('dtype')} attention={model.get('attention')}")
     print(
         f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}"
@@ -300,6 +305,57 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 
     path = write_sample_scene(args.path, crs=args.crs, seed=args.seed)
     print(f"wrote a sample scene to {path}")
+    return 0
+
+
+def _demo_model() -> str | None:
+    """The built-in demo checkpoint shipped in the package, when it is there."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent / "models" / "demo"
+    return str(demo) if (demo / "config.json").exists() and (demo / "model.safetensors").exists() else None
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from . import train
+
+    cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
+                            threads=args.threads, freeze_vision=args.freeze_vision)  # fmt: skip
+    out = args.out or str(train.DEMO_DIR)
+    print(f"training a demo model from scratch (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
+          f"at most {cfg.minutes:g} min) -> {out}", flush=True)  # fmt: skip
+    _, _, _, summary = train.train(cfg, out, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+    print(f"done: {summary['steps']} steps in {summary['minutes']:.1f} min; wrote {out}")
+    if summary["stopped_early"]:
+        print("warning: the time cap ended training before its schedule did; the model is undertrained",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    import json as json_
+    from pathlib import Path
+
+    from . import train
+    from .engine import Engine
+
+    model = args.model or _demo_model()
+    if not model:
+        print("earthdial eval-demo: no demo model is installed; pass --model DIR", file=sys.stderr)
+        return 2
+    cfg = json_.loads((Path(model) / "config.json").read_text())
+    trained_on = (cfg.get("training") or {}).get("seed")
+    if trained_on is not None and trained_on == args.seed:
+        print(f"earthdial eval-demo: seed {args.seed} is the training seed; pick another", file=sys.stderr)
+        return 2
+    engine = Engine(model, device=args.device)
+    print(f"evaluating {model} on {args.scenes} held-out scenes (seed {args.seed}) through the server's path",
+          flush=True)  # fmt: skip
+    result = train.evaluate(engine, scenes=args.scenes, seed=args.seed)
+    for line in result.lines():
+        print(line)
     return 0
 
 
@@ -425,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crs", default="EPSG:32633")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_sample)
+
+    p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
+    p.add_argument("--out", help="checkpoint directory to write (default: the package's models/demo)")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap (default 30)")
+    p.add_argument("--steps", type=int, default=2400, help="optimiser steps (0: as many as --minutes allows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads at most")
+    p.add_argument("--freeze-vision", action="store_true", help="train the projector and LLM only")
+    p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser("eval-demo", help="score a demo model on held-out synthetic scenes (GeoTIFFs)")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=20261127, help="held-out scene stream (not the training seed)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_eval_demo)
     return parser
 
 

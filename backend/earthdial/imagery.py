@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
+MIN_GSD, MAX_GSD = 0.01, 1e6  # metres per pixel a window may be read at
 SNAP = 1e-6  # pixel coordinates this close to an integer are taken as that integer before floor/ceil
 
 
@@ -92,9 +93,9 @@ def read_chip(
         win_w, win_h = int(window.width), int(window.height)
         out_w, out_h = win_w, win_h
         if gsd is not None:
-            if not isinstance(gsd, numbers.Real) or not gsd > 0:
+            if not isinstance(gsd, numbers.Real) or not MIN_GSD <= gsd <= MAX_GSD:
                 raise EarthDialError(
-                    ErrorCode.BAD_REQUEST, f"gsd must be a positive number of metres, got {gsd!r}"
+                    ErrorCode.BAD_REQUEST, f"gsd must be {MIN_GSD} to {MAX_GSD:g} metres, got {gsd!r}"
                 )
             native = ground_resolution(
                 src.transform, src.crs, window.col_off + win_w / 2, window.row_off + win_h / 2
@@ -239,10 +240,15 @@ def warp_to_grid(chip: Chip, grid: Chip) -> Chip:
     out = np.zeros((chip.data.shape[0], grid.height, grid.width), dtype=chip.data.dtype)
     coverage = np.zeros((grid.height, grid.width), dtype=np.uint8)
     resampling = Resampling.bilinear if float_data else Resampling.nearest
-    reproject(chip.data, out, src_transform=chip.transform, src_crs=chip.crs, dst_transform=grid.transform,
-              dst_crs=grid.crs, resampling=resampling, src_nodata=chip.nodata, dst_nodata=chip.nodata)  # fmt: skip
-    reproject(np.ones(chip.data.shape[1:], np.uint8), coverage, src_transform=chip.transform, src_crs=chip.crs,
-              dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)  # fmt: skip
+    try:
+        reproject(chip.data, out, src_transform=chip.transform, src_crs=chip.crs, dst_transform=grid.transform,
+                  dst_crs=grid.crs, resampling=resampling, src_nodata=chip.nodata, dst_nodata=chip.nodata)  # fmt: skip
+        reproject(np.ones(chip.data.shape[1:], np.uint8), coverage, src_transform=chip.transform, src_crs=chip.crs,
+                  dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)  # fmt: skip
+    except Exception as exc:  # e.g. a transform GDAL cannot invert
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"the image cannot be warped onto the first image's grid: {exc}"
+        ) from None
     return Chip(out, grid.transform, grid.crs, chip.band_indexes, chip.nodata, chip.source, coverage > 0)
 
 
@@ -288,6 +294,13 @@ def chip_from_array(
     if array.size == 0:
         raise EarthDialError(ErrorCode.BAD_ARRAY, f"pixels are empty: shape {array.shape}")
     aff = _affine_from(transform)
+    a, b, c, d, e, f = aff[:6]
+    rows, cols = array.shape[1:]
+    corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, cols) for y in (0, rows)]
+    if not all(math.isfinite(v) for xy in corners for v in xy):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"transform {tuple(aff[:6])} puts the pixels at non-finite coordinates"
+        )
     if crs is None or crs == "":
         crs_text = ""
     else:
@@ -369,7 +382,7 @@ def window_for(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
         if target != src.crs:
             try:
                 xs, ys = warp_transform(target, src.crs, xs, ys)
-            except (CRSError, RasterioError) as exc:
+            except Exception as exc:  # PROJ raises several types for points outside a CRS's domain
                 raise EarthDialError(
                     ErrorCode.BAD_CRS,
                     f"bounds cannot be carried from {bounds_crs} to the CRS of {path}: {exc}",

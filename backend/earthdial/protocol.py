@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: encode never writes them either
 
 
-def _array_from_frame(index: int, spec: Any, frame: Any) -> np.ndarray:
+def _array_from_frame(index: int, spec: Any, buf: memoryview) -> np.ndarray:
     if not isinstance(spec, dict):
         raise EarthDialError(ErrorCode.BAD_ARRAY, f"array {index}: spec must be an object")
     dtype, shape = spec.get("dtype"), spec.get("shape")
@@ -214,7 +215,6 @@ def _array_from_frame(index: int, spec: Any, frame: Any) -> np.ndarray:
             raise EarthDialError(
                 ErrorCode.BAD_ARRAY, f"array {index}: {shape} exceeds {MAX_ARRAY_BYTES} bytes"
             )
-    buf = _frame_bytes(frame)
     if buf.nbytes != expected:
         raise EarthDialError(
             ErrorCode.BAD_ARRAY,
@@ -304,16 +304,25 @@ class Client:
             sock.setsockopt(zmq.CURVE_SECRETKEY, _z85_key(secret, "the client secret key"))
         self._sock = sock
         self._monitor = self._open_monitor()
+        self._up = False  # a connection is up: its handshake was the last event seen
         self._lost = False  # the connection dropped (since the last request was sent)
         self._refused = False  # a handshake failed: wrong CURVE key, or not on the server's allow-list
+        self._poller = zmq.Poller()  # replies and connection events, waited for together
+        self._poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
         sock.connect(endpoint)
 
     def _open_monitor(self) -> Any:
         zmq = self._zmq
-        events = zmq.EVENT_DISCONNECTED
+        # a connection counts as up once its handshake is done (libzmq >= 4.3), else once TCP connects
+        self._up_event = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+        events = zmq.EVENT_DISCONNECTED | self._up_event
         for name in ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "EVENT_HANDSHAKE_FAILED_PROTOCOL",
                      "EVENT_HANDSHAKE_FAILED_AUTH"):  # fmt: skip
             events |= getattr(zmq, name, 0)
+        if self.endpoint.startswith("inproc://"):
+            return None  # no handshake events in-process: rely on POLLOUT and the timeout alone
         try:
             return self._sock.get_monitor_socket(events)
         except (zmq.ZMQError, AttributeError, NotImplementedError):
@@ -327,9 +336,12 @@ class Client:
                 frames = self._monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            event = int.from_bytes(frames[0][:2], "little")  # uint16 event id, then uint32 value
+            event = int.from_bytes(frames[0][:2], sys.byteorder)  # native uint16 event id, then a value
             if event == zmq.EVENT_DISCONNECTED:
                 dropped = self._lost = True
+                self._up = False
+            elif event == self._up_event:
+                self._up, self._refused = True, False
             else:
                 self._refused = True
         return dropped
@@ -387,10 +399,18 @@ class Client:
                 )
             if cancelled is not None and cancelled():
                 raise EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
-            if not self._sock.poll(max(1, int(min(remaining, 0.2) * 1000)), zmq.POLLOUT):
+            writable = self._sock.poll(max(1, int(min(remaining, 0.2) * 1000)), zmq.POLLOUT)
+            self._read_events()
+            if not writable:
                 continue
-            if self._read_events():
-                continue  # a connection just dropped: poll again, so that its pipe is gone before sending
+            # A dropped connection's pipe can look writable until the socket has processed its end; a
+            # message written then is lost. So send only once the newest event is a handshake, and after
+            # one more poll, which processes every command issued before that handshake.
+            if self._monitor is not None and not self._up:
+                time.sleep(0.001)
+                continue
+            if not self._sock.poll(0, zmq.POLLOUT):
+                continue
             self._lost = False
             try:
                 self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -399,28 +419,26 @@ class Client:
                 continue
 
     def _receive(self, request_id: str, deadline: float, wait: float, cancelled: Any) -> Message:
-        zmq = self._zmq
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise EarthDialError(
-                    ErrorCode.TIMEOUT, f"no reply from the EarthDial backend at {self.endpoint} within {wait:g} s"
+                    ErrorCode.TIMEOUT,
+                    f"no reply from the EarthDial backend at {self.endpoint} within {wait:g} s",
                 )
             if cancelled is not None and cancelled():
                 self._send_cancel(request_id)
                 raise EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
-            events = dict(poller.poll(max(1, int(min(remaining, 0.2) * 1000))))
+            events = dict(self._poller.poll(max(1, int(min(remaining, 0.2) * 1000))))
             if self._sock in events:
                 reply = decode(self._sock.recv_multipart(copy=False))
                 if reply.header.get("id") != request_id:
                     continue  # a late reply to an earlier, timed-out or cancelled request
                 if not reply.header.get("ok", False):
                     err = reply.header.get("error") or {}
-                    raise EarthDialError(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")))
+                    raise EarthDialError(
+                        str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", ""))
+                    )
                 return reply
             if self._read_events() or self._lost:  # checked only when no reply is waiting
                 raise EarthDialError(

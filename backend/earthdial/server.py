@@ -1,26 +1,37 @@
-"""The ZeroMQ server: one ROUTER socket, one model, a bounded queue and a worker thread.
+"""The ZeroMQ server: one ROUTER socket, one model, a fair bounded queue and a worker thread.
 
 The I/O loop owns the ROUTER socket (ZeroMQ sockets are not thread-safe): it decodes requests, answers
-`status` and malformed messages at once, queues work, and forwards the worker's replies, which come
-back over an inproc socket. Every failure of one request becomes a typed error reply to that request.
+`ping`, `status`, `cancel` and malformed messages at once, queues work, and forwards the worker's replies,
+which come back over an inproc socket. Every failure of one request becomes a typed error reply to that
+request; nothing a client sends may stop the loop.
+
+Clients that go away: a monitor on the ROUTER socket reports each dropped connection by file descriptor;
+requests remember the descriptor they came on (ZMQ_SRCFD), so a dropped connection's queued requests are
+taken off the queue and its running ones flagged to stop. A client waiting for a reply sends nothing but
+stays connected, so it is never mistaken for a gone one; a vanished peer that did not close its socket
+is dropped by ZMTP heartbeats (HEARTBEAT_TIMEOUT_MS).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
+import struct
+import sys
 import threading
+import time
 import traceback
-from ipaddress import ip_address
+import uuid
 from typing import Any
-from urllib.parse import urlparse
 
 import zmq
 
-from . import service
+from . import access, service
+from .access import is_loopback  # noqa: F401  (imported from here by older code)
 from .protocol import (
+    MAX_HEADER_BYTES,
+    MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
+    OPS,
     EarthDialError,
     ErrorCode,
     decode,
@@ -28,38 +39,56 @@ from .protocol import (
     error_reply,
     ok_reply,
 )
+from .scheduling import FairQueue, Pending
 
 log = logging.getLogger("earthdial.server")
 _WORKER_ADDR = "inproc://earthdial-replies"
-
-
-def is_loopback(endpoint: str) -> bool:
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = urlparse(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
+LOOP_OPS = ("ping", "status", "cancel")  # answered by the I/O loop; the other OPS go to the worker
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 6000
+_DRAIN = 256  # messages handled per socket per loop turn, so that neither socket starves the other
 
 
 class Server:
-    def __init__(self, engine: Any, endpoint: str, queue_size: int = 32, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        endpoint: str,
+        queue_size: int = 64,
+        max_batch: int = 8,
+        *,
+        client_queue: int | None = None,
+        curve_secret_key: bytes | None = None,
+        curve_clients: set[bytes] | None = None,
+        allowed_dirs: list[str] | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.endpoint = endpoint
-        self.jobs: queue.Queue[tuple[bytes, dict[str, Any], list[Any]] | None] = queue.Queue(
-            maxsize=queue_size
-        )
-        self.running = 0
+        self.instance = uuid.uuid4().hex  # tells a client that the server it talks to was restarted
+        self.started = time.monotonic()
+        self.queue = FairQueue(queue_size, client_queue or max(1, queue_size // 2))
         self.stop_event = threading.Event()
+        self._peer_fd: dict[bytes, int] = {}  # routing id -> socket fd it last sent on
+        self._worker: threading.Thread | None = None
+        self._previous_dirs = access.allowed_dirs()
+        self._set_dirs = allowed_dirs is not None
+        if self._set_dirs:
+            access.set_allowed_dirs(allowed_dirs)
+
         self.ctx = zmq.Context()
+        # the ZAP handler must be bound before the first CURVE handshake
+        self.zap = access.ZapHandler(self.ctx, curve_clients) if curve_secret_key and curve_clients else None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # zmq drops larger messages before allocating
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # per frame; libzmq drops the peer past it
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone clients are dropped silently
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if curve_secret_key:
+            access.enable_curve(self.sock, curve_secret_key)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(_WORKER_ADDR)
         self.sock.bind(endpoint)
@@ -67,139 +96,272 @@ class Server:
 
     def close(self) -> None:
         self.stop_event.set()
-        self.sock.close(0)
-        self.replies.close(0)
-        self.ctx.term()
+        self.queue.close()
+        self.sock.disable_monitor()
+        for s in (self.monitor, self.sock, self.replies):
+            s.close(0)
+        if self.zap is not None:
+            self.zap.close()
+        if self._worker is None or not self._worker.is_alive():
+            self.ctx.term()  # else a job is still on the device: its socket would block term()
+        if self._set_dirs:
+            access.set_allowed_dirs(self._previous_dirs)
 
     # -- the worker thread ------------------------------------------------------------------------
-    def _next_batch(self) -> list[tuple[bytes, dict[str, Any], list[Any]]] | None:
-        """Block for one job, then take whatever else is already waiting, up to max_batch."""
-        first = self.jobs.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self.max_batch:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self.jobs.put(None)  # stop after this batch
-                break
-            batch.append(job)
-        return batch
-
     def _work(self) -> None:
         out = self.ctx.socket(zmq.PUSH)
         out.connect(_WORKER_ADDR)
         try:
-            while (batch := self._next_batch()) is not None:
-                self.running = len(batch)
-                for ident, reply in self._answer(batch):
-                    out.send_multipart([ident, *encode(reply)])
-                self.running = 0
+            while (batch := self.queue.take(self.max_batch)) is not None:
+                try:
+                    replies = self._answer(batch)
+                except Exception as exc:  # a bug here must cost this batch, not the worker
+                    replies = [(job.ident, _error(job.header, exc)) for job in batch]
+                finally:
+                    self.queue.done(batch)
+                for ident, reply in replies:
+                    out.send_multipart([ident, *_encode_reply(reply)])
         finally:
             out.close(0)
 
-    def _answer(
-        self, batch: list[tuple[bytes, dict[str, Any], list[Any]]]
-    ) -> list[tuple[bytes, dict[str, Any]]]:
+    def _answer(self, batch: list[Pending]) -> list[tuple[bytes, dict[str, Any]]]:
         """Prepare each request (its own errors are its own), decode the model's part as one batch,
-        and fall back to one by one if the batch as a whole fails."""
+        and fall back to one by one if the batch as a whole fails. Cancellation is honoured between
+        these stages."""
         replies: list[tuple[bytes, dict[str, Any]]] = []
-        ready: list[tuple[bytes, service.Job]] = []
-        for ident, header, arrays in batch:
+        ready: list[tuple[Pending, service.Job]] = []
+        for job in batch:
             try:
-                ready.append((ident, service.prepare(header, arrays, self.engine)))
+                _check_cancel(job)
+                ready.append((job, service.prepare(job.header, job.arrays, self.engine)))
             except Exception as exc:
-                replies.append((ident, _error(header, exc)))
-        failed: dict[int, Exception] = {}
-        try:
-            service.generate([job for _, job in ready], self.engine)
-        except Exception as exc:
-            if len(ready) == 1:
-                failed[0] = exc
-            else:  # one bad request must not fail the others: decode each alone
-                for i, (_, job) in enumerate(ready):
-                    try:
-                        service.generate([job], self.engine)
-                    except Exception as one:
-                        failed[i] = one
-        for i, (ident, job) in enumerate(ready):
+                replies.append((job.ident, _error(job.header, exc)))
+        for job, _ in ready:
+            if job.cancel.is_set():
+                replies.append((job.ident, _error(job.header, _cancelled())))
+        ready = [(job, prepared) for job, prepared in ready if not job.cancel.is_set()]
+        failed = self._generate(ready)
+        for i, (job, prepared) in enumerate(ready):
             try:
                 if i in failed:
                     raise failed[i]
-                replies.append((ident, ok_reply(job.header.get("id"), **service.finish(job, self.engine))))
+                _check_cancel(job)
+                fields = service.finish(prepared, self.engine)
+                replies.append((job.ident, ok_reply(job.request_id, **fields)))
             except Exception as exc:
-                replies.append((ident, _error(job.header, exc)))
+                replies.append((job.ident, _error(job.header, exc)))
         return replies
+
+    def _generate(self, ready: list[tuple[Pending, service.Job]]) -> dict[int, Exception]:
+        """Run the model on the prepared jobs; failures by index. A failed batch is retried one job at a
+        time, after freeing the device's cached memory when it ran out of it."""
+        jobs = [prepared for _, prepared in ready]
+        try:
+            service.generate(jobs, self.engine)
+            return {}
+        except Exception as exc:
+            if _out_of_memory(exc):
+                _free_device_memory()
+                log.warning("out of memory on a batch of %d; retrying one by one", len(jobs))
+            if len(jobs) <= 1:
+                return {0: _oom_error(exc) if _out_of_memory(exc) else exc}
+        failed: dict[int, Exception] = {}
+        for i, (job, prepared) in enumerate(ready):
+            if job.cancel.is_set():
+                continue  # answered as cancelled afterwards
+            try:
+                service.generate([prepared], self.engine)
+            except Exception as one:
+                if _out_of_memory(one):
+                    _free_device_memory()
+                    one = _oom_error(one)
+                failed[i] = one
+        return failed
 
     # -- the I/O loop -----------------------------------------------------------------------------
     def _send(self, ident: bytes, reply: dict[str, Any]) -> None:
-        self.sock.send_multipart([ident, *encode(reply)], copy=False)
+        self.sock.send_multipart([ident, *_encode_reply(reply)], copy=False)
 
     def _on_request(self, frames: list[Any]) -> None:
         ident, body = frames[0].bytes, frames[1:]
-        request_id = None
+        try:
+            self._peer_fd[ident] = frames[0].get(zmq.SRCFD)
+        except zmq.ZMQError:
+            pass  # inproc peers have no descriptor
+        header: dict[str, Any] = {}
         try:
             msg = decode(body)
-            request_id = msg.header.get("id")
-            if not isinstance(request_id, (str, type(None))):
-                raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'id' must be a string")
-            op = msg.header.get("op")
-            if op == "status":
-                self._send(
-                    ident,
-                    ok_reply(request_id, **service.status(self.engine, self.jobs.qsize(), self.running)),
-                )
-                return
-            if op not in ("ask", "georef"):
-                raise EarthDialError(
-                    ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status"
-                )
-            try:
-                self.jobs.put_nowait((ident, msg.header, msg.arrays))
-            except queue.Full:
-                raise EarthDialError(
-                    ErrorCode.BUSY, f"the server queue is full ({self.jobs.maxsize} waiting); retry later"
-                ) from None
+            header = msg.header
+            self._dispatch(ident, header, msg.arrays)
         except EarthDialError as exc:
-            if request_id is None:
-                request_id = _best_effort_id(body)
-            self._send(ident, error_reply(request_id, exc))
+            self._send(ident, error_reply(_valid_id(header.get("id") if header else _peek_id(body)), exc))
+        except Exception as exc:  # a bug: typed `internal`, and the loop goes on
+            self._send(ident, _error({"id": _valid_id(header.get("id"))}, exc))
+
+    def _dispatch(self, ident: bytes, header: dict[str, Any], arrays: list[Any]) -> None:
+        admit(header, arrays)
+        request_id, op = header.get("id"), header["op"]
+        client = header.get("client") or "conn:" + ident.hex()
+        if op == "ping":
+            reply = ok_reply(request_id, pong=True, server=self.instance, uptime_s=time.monotonic() - self.started)  # fmt: skip
+            self._send(ident, reply)
+        elif op == "status":
+            counts = self.queue.counts()
+            fields = service.status(self.engine, counts["queue"], counts["running"])
+            fields.update(clients=counts["clients"], queue_size=self.queue.maxsize, server=self.instance)
+            self._send(ident, ok_reply(request_id, **fields))
+        elif op == "cancel":
+            target = header.get("target")
+            if not isinstance(target, str):
+                raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'target' must be the id of the request to cancel")  # fmt: skip
+            state, job = self.queue.cancel(target, ident, client)
+            if state == "queued" and job is not None:
+                self._send(job.ident, error_reply(job.request_id, _cancelled()))
+            self._send(ident, ok_reply(request_id, target=target, state=state))
+        else:
+            self.queue.put(Pending(ident, client, header, arrays))
+
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event, fd = struct.unpack("=HI", frames[0][:6])  # native order: event id, then the fd
+            if event != zmq.EVENT_DISCONNECTED:
+                continue
+            for ident in [i for i, f in self._peer_fd.items() if f == fd]:
+                del self._peer_fd[ident]
+                gone = self.queue.drop_connection(ident)
+                if gone:
+                    log.info("a client went away: dropped %d queued request(s)", len(gone))
+
+    def _drain(self, sock: zmq.Socket, handle: Any) -> None:
+        for _ in range(_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _forward(self, frames: list[Any]) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        if len(frames) >= 2:  # ROUTER always prepends the routing id; a DEALER sends at least one frame
+            self._on_request(frames)
 
     def serve_forever(self) -> None:
-        worker = threading.Thread(target=self._work, name="earthdial-worker", daemon=True)
-        worker.start()
+        self._worker = threading.Thread(target=self._work, name="earthdial-worker", daemon=True)
+        self._worker.start()
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.replies, zmq.POLLIN)
+        for s in (self.sock, self.replies, self.monitor, self.zap.sock if self.zap else None):
+            if s is not None:
+                poller.register(s, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
                 events = dict(poller.poll(200))
+                # disconnects first: a descriptor reused by a new connection must not inherit them
+                if self.monitor in events:
+                    self._on_monitor()
+                if self.zap is not None and self.zap.sock in events:
+                    self.zap.handle()
                 if self.replies in events:
-                    self.sock.send_multipart(self.replies.recv_multipart(copy=False), copy=False)
+                    self._drain(self.replies, self._forward)
                 if self.sock in events:
-                    frames = self.sock.recv_multipart(copy=False)
-                    if len(frames) >= 1:
-                        self._on_request(frames)
+                    self._drain(self.sock, self._on_frames)
         finally:
-            self.jobs.put(None)
-            worker.join(timeout=5)
+            self.queue.close()
+            self._worker.join(timeout=5)
+
+
+def admit(header: dict[str, Any], arrays: list[Any]) -> None:
+    """The checks a decoded request passes before the I/O loop answers or queues it (typed errors):
+    the envelope fields, by-reference paths (refused before any service code opens them; resolve_source
+    checks again when it reads), and by-value pixels' shape (the service's code assumes an image)."""
+    request_id, op, client = header.get("id"), header.get("op"), header.get("client")
+    if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_CHARS} characters")  # fmt: skip
+    if client is not None and not (isinstance(client, str) and 0 < len(client) <= MAX_ID_CHARS):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'client' must be a string of 1 to {MAX_ID_CHARS} characters")  # fmt: skip
+    if not isinstance(op, str) or op not in OPS:
+        raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: {', '.join(OPS)}")
+    if op in LOOP_OPS:
+        return
+    sources = header.get("sources")
+    for source in [header.get("source"), *(sources if isinstance(sources, list) else [])]:
+        if isinstance(source, dict) and source.get("kind") == "ref" and isinstance(source.get("path"), str):
+            access.check_path(source["path"])
+    for i, array in enumerate(arrays):
+        if array.ndim not in (2, 3) or 0 in array.shape:
+            raise EarthDialError(
+                ErrorCode.BAD_ARRAY,
+                f"array {i}: pixels must be (rows, cols) or (bands, rows, cols) with no empty axis, got shape {list(array.shape)}",
+            )
+
+
+def _check_cancel(job: Pending) -> None:
+    if job.cancel.is_set():
+        raise _cancelled()
+
+
+def _cancelled() -> EarthDialError:
+    return EarthDialError(ErrorCode.CANCELLED, "cancelled by its client (or the client went away)")
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether an exception, or one it was raised from, is the device running out of memory."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _oom_error(exc: Exception) -> EarthDialError:
+    return EarthDialError(
+        ErrorCode.MODEL_ERROR,
+        f"out of memory on the device even for this request alone (fewer tiles or a smaller window may fit): {exc}",
+    )
+
+
+def _free_device_memory() -> None:
+    torch = sys.modules.get("torch")  # only when the engine loaded it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _encode_reply(reply: dict[str, Any]) -> list[Any]:
+    try:
+        return encode(reply)
+    except Exception as exc:  # e.g. a NaN in the reply, which JSON cannot carry
+        log.error("reply %s cannot be encoded: %s", reply.get("id"), exc)
+        err = EarthDialError(
+            ErrorCode.INTERNAL, f"the reply could not be encoded: {type(exc).__name__}: {exc}"
+        )
+        return encode(error_reply(_valid_id(reply.get("id")), err))
 
 
 def _error(header: dict[str, Any], exc: Exception) -> dict[str, Any]:
     if not isinstance(exc, EarthDialError):  # never let one request take the server down
         log.error("request %s failed:\n%s", header.get("id"), traceback.format_exc())
         exc = EarthDialError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-    return error_reply(header.get("id"), exc)
+    return error_reply(_valid_id(header.get("id")), exc)
 
 
-def _best_effort_id(frames: list[Any]) -> str | None:
+def _valid_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and len(value) <= MAX_ID_CHARS else None
+
+
+def _peek_id(frames: list[Any]) -> str | None:
     """The id of a request that failed validation, when its header is at least readable JSON."""
+    import json
+
     try:
-        header = json.loads(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
-        rid = header.get("id")
-        return rid if isinstance(rid, str) else None
+        head = memoryview(getattr(frames[0], "buffer", frames[0]))
+        if head.nbytes > MAX_HEADER_BYTES:
+            return None
+        return _valid_id(json.loads(head.tobytes()).get("id"))
     except Exception:
         return None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import answers, georef, imagery, presets, prompts, sensors
+from . import access, answers, georef, imagery, presets, prompts, sensors
 from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
 from .tokens import VARIANTS, earthdial_tokens
@@ -51,6 +51,7 @@ def resolve_source(
         if arrays:
             raise EarthDialError(ErrorCode.MISSING_FRAMES, "a source by reference takes no array frames")
         path = _field(source, "path", str)
+        real = access.check_path(path)  # `forbidden_path` outside the server's allowed directories
         bands = _field(source, "bands", list, required=False)
         if bands is not None and not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
             raise EarthDialError(
@@ -64,15 +65,18 @@ def resolve_source(
         crs = _field(source, "crs", str, required=False)
         bands = bands or default_bands
         if grid is not None:
-            return imagery.read_on_grid(path, bands, grid)
-        return imagery.read_chip(
-            path,
-            bands=bands,
-            bounds=tuple(bounds) if bounds else None,
-            bounds_crs=crs,
-            max_size=MAX_CHIP_SIZE,
-            gsd=gsd,
-        )
+            chip = imagery.read_on_grid(real, bands, grid)
+        else:
+            chip = imagery.read_chip(
+                real,
+                bands=bands,
+                bounds=tuple(bounds) if bounds else None,
+                bounds_crs=crs,
+                max_size=MAX_CHIP_SIZE,
+                gsd=gsd,
+            )
+        chip.source = path  # the file as the client named it (`real` may have resolved links)
+        return chip
     if kind == "value":
         if len(arrays) != 1:
             raise EarthDialError(
@@ -147,6 +151,10 @@ def _choose_preset(
             raise EarthDialError(ErrorCode.BAD_REQUEST, "options.preset must be a string")
         return presets.get(name), "named in the request"
     if array is not None:
+        if array.ndim not in (2, 3) or array.size == 0:
+            raise EarthDialError(
+                ErrorCode.BAD_ARRAY, f"pixels must be (rows, cols) or (bands, rows, cols), got {array.shape}"
+            )
         data = array if array.ndim == 3 else array[None]
         return presets.choose(data.shape[0], data.dtype.name, [], data[0, ::16, ::16])
     if not isinstance(source, dict) or not isinstance(source.get("path"), str):
@@ -173,9 +181,14 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
     own = [[next(frames)] if isinstance(s, dict) and s.get("kind") == "value" else [] for s in sources]
     preset, reason = _choose_preset(sources[0], own[0][0] if own[0] else None, options)
     gsd = options.get("gsd")
-    if gsd is not None and (not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not gsd > 0):
+    if gsd is not None and (
+        not isinstance(gsd, (int, float))
+        or isinstance(gsd, bool)
+        or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
+    ):
         raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"options.gsd must be a positive number of metres, got {gsd!r}"
+            ErrorCode.BAD_REQUEST,
+            f"options.gsd must be {imagery.MIN_GSD} to {imagery.MAX_GSD:g} metres per pixel, got {gsd!r:.40}",
         )
     bands = list(preset.bands) if preset.bands else None
     if bands and preset.band_count and not own[0]:
@@ -263,6 +276,11 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     prompt = _field(header, "prompt", str, required=False) or ""
     options = _field(header, "options", dict, required=False) or {}
     if options.get("sensor") is not None:
+        if not isinstance(options["sensor"], str):
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"options.sensor must be a tag like '[s2_rgb_10]', got {options['sensor']!r:.40}",
+            )
         sensors.sensor(options["sensor"])
     max_new = options.get("max_new_tokens", spec.max_new_tokens)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 2048:

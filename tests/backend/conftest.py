@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,11 +33,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ALLOWED_DIRS: list[str] = []  # what test servers may read: the pytest temp root (set below)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _servers_read_the_pytest_temp_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    ALLOWED_DIRS[:] = [str(tmp_path_factory.getbasetemp())]
+
+
 def start_server(
-    model: Path, endpoint: str, timeout: float = 60.0, extra: tuple[str, ...] = ()
+    model: Path | None,
+    endpoint: str,
+    timeout: float = 60.0,
+    extra: tuple[str, ...] = (),
+    command: list[str] | None = None,
 ) -> subprocess.Popen:
+    """`earthdial serve` (`--no-model` when model is None) allowed to read the pytest temp root; returns
+    once it serves. `command` replaces `python -m earthdial.cli` (a wrapper that patches something)."""
+    which = ["--model", str(model), "--device", "cpu"] if model is not None else ["--no-model"]
+    allow = [arg for d in ALLOWED_DIRS for arg in ("--allow-dir", d)]
     proc = subprocess.Popen(
-        [*EARTHDIAL, "serve", "--model", str(model), "--endpoint", endpoint, "--device", "cpu", *extra],
+        [*(command or EARTHDIAL), "serve", *which, "--endpoint", endpoint, *allow, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -42,6 +63,9 @@ def start_server(
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith("earthdial: serving"):
+            # keep reading its log, so that a full pipe never blocks the server
+            proc.log = collections.deque(maxlen=200)
+            threading.Thread(target=lambda: proc.log.extend(proc.stdout), daemon=True).start()
             return proc
         if not line and proc.poll() is not None:
             break
@@ -49,13 +73,31 @@ def start_server(
     raise RuntimeError(f"earthdial serve did not start: {proc.stdout.read()}")
 
 
-@pytest.fixture(scope="session")
-def server(tiny_checkpoint: Path):
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(tiny_checkpoint, endpoint)
-    yield endpoint
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(tiny_checkpoint, endpoint)
+    yield endpoint
+    stop_server(proc)
+
+
+@contextlib.contextmanager
+def serving(server: Any) -> Iterator[str]:
+    """Run an in-process earthdial.server.Server on a thread; yields its bound endpoint."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.bound
+    finally:
+        server.stop_event.set()
+        thread.join(10)
+        server.close()

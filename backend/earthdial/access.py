@@ -1,0 +1,200 @@
+"""Who may talk to the server and which files it may read.
+
+- Binds: loopback endpoints are served as they are; any other bind needs CURVE (encryption plus server
+  authentication), optionally with an allow-list of client public keys checked over ZAP.
+- Keys: `keygen` writes Z85 key pairs made by libzmq; secret key files are created with mode 0600.
+- Files: by-reference requests may only name files under the allowed directories, compared after
+  symlinks and `..` are resolved, so a link or a `../` cannot lead out of them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import zmq
+from zmq.utils import z85
+
+from .protocol import EarthDialError, ErrorCode
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
+ZAP_DOMAIN = b"earthdial"
+
+# --------------------------------------------------------------------------------------------------
+# Binds
+# --------------------------------------------------------------------------------------------------
+
+
+def is_loopback(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(endpoint: str, curve: bool) -> str | None:
+    """Why `endpoint` must not be bound, or None when it may."""
+    if is_loopback(endpoint) or curve:
+        return None
+    return (
+        f"refusing to bind {endpoint}: without CURVE only loopback endpoints are served (a network bind "
+        "would expose the model and files to other machines). Make keys with `earthdial keygen DIR` and "
+        "pass --curve-secret-key DIR/server.secret (and --curve-clients DIR to admit only listed clients)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_key(path: Path, key: bytes, secret: bool) -> None:
+    # O_EXCL: never overwrite a key that clients may already trust; 0600 before a byte is written
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.decode("ascii") + "\n")
+
+
+def keygen(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write a server and a client CURVE key pair into `directory` (created if missing):
+    server.public, server.secret, client.public, client.secret. Refuses to overwrite existing keys."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {f"{who}.{part}": out / f"{who}.{part}" for who in ("server", "client") for part in ("public", "secret")}  # fmt: skip
+    taken = [str(p) for p in paths.values() if p.exists()]
+    if taken:
+        raise FileExistsError(f"keys exist already (remove them first): {', '.join(taken)}")
+    for who in ("server", "client"):
+        public, secret = zmq.curve_keypair()
+        _write_key(paths[f"{who}.public"], public, secret=False)
+        _write_key(paths[f"{who}.secret"], secret, secret=True)
+    return paths
+
+
+def read_key(path: str | os.PathLike[str], secret: bool = False) -> bytes:
+    """A Z85 key from a file `keygen` wrote; a secret key readable by group or others is refused."""
+    path = Path(path)
+    if secret and os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path} is readable by other users; `chmod 600 {path}` first")
+    text = path.read_text(encoding="ascii").strip()
+    if len(text) != 40:
+        raise ValueError(f"{path} does not hold a Z85 CURVE key (40 characters)")
+    try:
+        z85.decode(text)
+    except (ValueError, KeyError, IndexError):
+        raise ValueError(f"{path} does not hold a Z85 CURVE key") from None
+    return text.encode("ascii")
+
+
+def public_key_of(secret: bytes) -> bytes:
+    return zmq.curve_public(secret)
+
+
+def read_client_keys(directory: str | os.PathLike[str]) -> set[bytes]:
+    """The Z85 public keys of the clients allowed in: every `*.public` file of `directory`."""
+    files = sorted(Path(directory).glob("*.public"))
+    if not files:
+        raise FileNotFoundError(f"no *.public key files in {directory}")
+    return {read_key(p) for p in files}
+
+
+class ZapHandler:
+    """A ZAP handler (RFC 27) admitting only the listed CURVE client keys. It is polled by the server's
+    I/O loop (one REP socket, no thread of its own); it must be bound before the server socket."""
+
+    def __init__(self, ctx: zmq.Context, allowed: set[bytes]) -> None:
+        self.allowed = {z85.decode(k) for k in allowed}  # raw 32-byte keys, as ZAP sends them
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)
+
+    def handle(self) -> None:
+        request = self.sock.recv_multipart()
+        # version, request id, domain, address, routing id, mechanism, credentials...
+        version, request_id = request[0], request[1]
+        mechanism = request[5] if len(request) > 5 else b""
+        key = request[6] if len(request) > 6 else b""
+        ok = version == b"1.0" and mechanism == b"CURVE" and key in self.allowed
+        status, text = (b"200", b"OK") if ok else (b"400", b"client key not allowed")
+        user = z85.encode(key) if ok else b""
+        self.sock.send_multipart([b"1.0", request_id, status, text, user, b""])
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def enable_curve(sock: zmq.Socket, secret: bytes) -> None:
+    """Make `sock` a CURVE server with this secret key (call before bind)."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key_of(secret))
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+_allowed_dirs: tuple[str, ...] | None = None  # None: no restriction (the in-process CLI)
+
+
+def set_allowed_dirs(dirs: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...] | None:
+    """Restrict by-reference reads to these directories (resolved now); None lifts the restriction."""
+    global _allowed_dirs
+    if dirs is None:
+        _allowed_dirs = None
+    else:
+        resolved = []
+        for d in dirs:
+            real = os.path.realpath(os.fspath(d))
+            if not os.path.isdir(real):
+                raise NotADirectoryError(f"allowed directory {d} is not a directory")
+            if real not in resolved:
+                resolved.append(real)
+        _allowed_dirs = tuple(resolved)
+    return _allowed_dirs
+
+
+def allowed_dirs() -> tuple[str, ...] | None:
+    return _allowed_dirs
+
+
+def check_path(path: str) -> str:
+    """The path to open for a by-reference request: `path` itself when reads are unrestricted, else its
+    real path (symlinks and `..` resolved) when that lies under an allowed directory. Raises
+    `forbidden_path` otherwise, before anything about the file is looked at."""
+    if "\x00" in path:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "the path holds a NUL character")
+    dirs = _allowed_dirs
+    if dirs is None:
+        return path
+    if path.startswith("/vsi"):  # GDAL's virtual file systems reach archives, URLs and cloud stores
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH, f"GDAL virtual file systems are not served: {path:.200}"
+        )
+    real = os.path.realpath(path)
+    for d in dirs:
+        if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
+            return real
+    raise EarthDialError(
+        ErrorCode.FORBIDDEN_PATH,
+        f"{path:.200} is outside the directories this server reads from: {', '.join(dirs)} "
+        "(start it with --allow-dir DIR to add one)",
+    )
+
+
+def describe(curve: Any, clients: set[bytes] | None) -> str:
+    if curve is None:
+        return "no CURVE (loopback only)"
+    who = f"{len(clients)} allowed client key(s)" if clients else "any client that knows the public key"
+    return f"CURVE, server public key {public_key_of(curve).decode()}, {who}"
