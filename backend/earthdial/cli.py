@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .protocol import DEFAULT_ENDPOINT, Client, EarthDialError, source_by_reference
@@ -102,11 +103,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .engine import Engine
 
         try:
-            engine = Engine(model, device=args.device, max_tiles=args.max_tiles)
-        except (CheckpointError, OSError, RuntimeError) as exc:
+            plan = _memory_plan(model, args)
+            if plan is not None and plan.batch == 0:
+                return refuse(plan.message, 4)
+            engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize)
+        except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
             return refuse(f"cannot load {model}: {exc}", 3)
+        if plan is not None:
+            engine.plan = plan.as_dict()
+            args.max_batch = plan.batch
     try:
-        server = Server(engine, args.endpoint, queue_size=args.queue_size, client_queue=args.client_queue,
+        server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
+                        client_queue=args.client_queue,
                         curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs)  # fmt: skip
     except zmq.ZMQError as exc:
         return refuse(f"cannot bind {args.endpoint}: {exc}")
@@ -131,6 +139,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.close()
     return 0
+
+
+def _memory_plan(model: str, args: argparse.Namespace) -> Any:
+    """The start-up memory plan for a checkpoint (from its config alone, before any weight is read)."""
+    from . import memory
+    from .engine import pick_device
+    from .quantize import device_memory
+
+    try:
+        shapes = memory.shapes_of_checkpoint(model)
+    except Exception:  # an unreadable config is reported by the loader, with its reasons
+        return None
+    device = pick_device(args.device)
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    tiles = (args.max_tiles or int(cfg.get("max_dynamic_patch", 6))) + 1  # + the thumbnail
+    free, _ = device_memory(device)
+    dtype_bytes = 2 if device.startswith("cuda") else 4
+    return memory.plan(
+        shapes, device, free, dtype_bytes, args.quantize, tiles=tiles, want_batch=args.max_batch
+    )
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -180,6 +208,41 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    stop = {"now": False}
+
+    def on_sigint(*_: object) -> None:
+        stop["now"] = True  # finish the batch in flight, then stop: nothing is written
+
+    signal.signal(signal.SIGINT, on_sigint)
+    if args.endpoint:
+        options = {"tile_size": args.tile_size, "overlap": args.overlap, "batch": args.batch}
+        if args.preset:
+            options["preset"] = args.preset
+        header = {
+            "op": "detect",
+            "task": args.task,
+            "prompt": args.prompt,
+            "source": _source(args),
+            "options": options,
+        }
+        try:
+            with Client(args.endpoint, timeout_s=args.timeout) as client:
+                reply = client.request(
+                    header,
+                    progress=lambda ev: _progress_bar(ev["done"], ev["total"]),
+                    cancelled=lambda: stop["now"],
+                ).header
+        except EarthDialError as exc:
+            if exc.code == "cancelled":
+                print(f"\nearthdial detect: {exc.message}; nothing written", file=sys.stderr)
+                return 130
+            raise
+        n = len(reply["features"]["features"])
+        print(
+            f"{reply['tiles']} tiles in {reply['timings']['total_s']:.1f} s; {reply['raw_boxes']} boxes, {n} after merging"
+        )
+        _write_output(args.output, reply)
+        return 0
     from .engine import Engine
     from .scenes import detect, estimate_seconds, tile_windows
 
@@ -203,12 +266,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f"running on the CPU: {n} tiles, about {estimate_seconds(engine, n, args.batch):.0f} s",
             file=sys.stderr,
         )
-    stop = {"now": False}
-
-    def on_sigint(*_: object) -> None:
-        stop["now"] = True  # finish the batch in flight, then stop: nothing is written
-
-    signal.signal(signal.SIGINT, on_sigint)
     try:
         result = detect(
             engine, os.path.abspath(args.raster), args.prompt, task=args.task, tile_size=args.tile_size,
@@ -285,6 +342,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}"
     )
+    mem = model.get("memory") or {}
+    plan = model.get("plan") or {}
+    print(f"weights   {model.get('weights_gb')} GiB, quantize={model.get('quantize')}")
+    print(f"memory    {mem.get('used_gb')} GiB used, {mem.get('free_gb')} GiB free of {mem.get('total_gb')}")
+    if plan:
+        print(f"plan      batch {plan.get('batch')}: {plan.get('message')}")
     print(f"queue     {status['queue']} waiting, {status['running']} running")
     print(f"tasks     {', '.join(t['name'] for t in status['tasks'])}")
     return 0
@@ -326,11 +389,15 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     out = args.out or str(train.DEMO_DIR)
     print(f"training a demo model from scratch (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
           f"at most {cfg.minutes:g} min) -> {out}", flush=True)  # fmt: skip
-    _, _, _, summary = train.train(cfg, out, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+    _, _, _, summary = train.train(
+        cfg, out, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)
+    )
     print(f"done: {summary['steps']} steps in {summary['minutes']:.1f} min; wrote {out}")
     if summary["stopped_early"]:
-        print("warning: the time cap ended training before its schedule did; the model is undertrained",
-              file=sys.stderr)
+        print(
+            "warning: the time cap ended training before its schedule did; the model is undertrained",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -371,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="8- or 4-bit language-model weights",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests decoded together at most (the memory plan may lower it)",
     )
     p.add_argument("--no-model", action="store_true", help="serve without a model: georef, status, ping only")
     p.add_argument(
@@ -424,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours")
     p.add_argument("--batch", type=int, default=8, help="tiles decoded together")
     p.add_argument("--preset", help="band preset (default: picked from the raster)")
-    p.add_argument("--model", help="checkpoint directory (or $EARTHDIAL_MODEL)")
+    p.add_argument(
+        "--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
+    p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
     p.set_defaults(func=cmd_detect)

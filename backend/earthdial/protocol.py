@@ -31,7 +31,7 @@ MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024  # all array frames of one message toge
 MAX_ID_CHARS = 256  # request ids and client names
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-OPS = ("ask", "georef", "status", "ping", "cancel")
+OPS = ("ask", "georef", "detect", "status", "ping", "cancel")
 
 
 class ErrorCode:
@@ -368,8 +368,11 @@ class Client:
         arrays: list[np.ndarray] | tuple[np.ndarray, ...] = (),
         timeout_s: float | None = None,
         cancelled: Any = None,
+        progress: Any = None,
     ) -> Message:
-        """Send one request and wait for its reply. Raises EarthDialError for error replies, timeouts
+        """Send one request and wait for its reply. Long jobs (`detect`) send progress events before their
+        reply: each is passed to ``progress`` (a callable taking the event's header) and restarts the
+        timeout, so the timeout bounds silence, not the whole job. Raises EarthDialError for error replies, timeouts
         (`timeout`) and connections lost while waiting (`disconnected`). ``cancelled`` is an optional
         callable polled while waiting (a QgsTask's isCanceled); when it turns true the server is asked to
         drop the request and `cancelled` is raised."""
@@ -381,7 +384,7 @@ class Client:
         wait = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait
         self._send(frames, deadline, wait, cancelled)
-        return self._receive(header["id"], deadline, wait, cancelled)
+        return self._receive(header["id"], deadline, wait, cancelled, progress)
 
     def _send(self, frames: list[Any], deadline: float, wait: float, cancelled: Any) -> None:
         zmq = self._zmq
@@ -418,7 +421,9 @@ class Client:
             except zmq.Again:
                 continue
 
-    def _receive(self, request_id: str, deadline: float, wait: float, cancelled: Any) -> Message:
+    def _receive(
+        self, request_id: str, deadline: float, wait: float, cancelled: Any, progress: Any = None
+    ) -> Message:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -434,6 +439,11 @@ class Client:
                 reply = decode(self._sock.recv_multipart(copy=False))
                 if reply.header.get("id") != request_id:
                     continue  # a late reply to an earlier, timed-out or cancelled request
+                if reply.header.get("event") == "progress":
+                    deadline = time.monotonic() + wait
+                    if progress is not None:
+                        progress(reply.header)
+                    continue
                 if not reply.header.get("ok", False):
                     err = reply.header.get("error") or {}
                     raise EarthDialError(

@@ -113,6 +113,15 @@ class Server:
         out.connect(_WORKER_ADDR)
         try:
             while (batch := self.queue.take(self.max_batch)) is not None:
+                scenes = [job for job in batch if job.header.get("op") == "detect"]
+                batch_rest = [job for job in batch if job.header.get("op") != "detect"]
+                for job in scenes:  # a whole scene batches its own tiles: one at a time
+                    reply = self._detect(job, out)
+                    self.queue.done([job])
+                    out.send_multipart([job.ident, *_encode_reply(reply)])
+                batch = batch_rest
+                if not batch:
+                    continue
                 try:
                     replies = self._answer(batch)
                 except Exception as exc:  # a bug here must cost this batch, not the worker
@@ -123,6 +132,22 @@ class Server:
                     out.send_multipart([ident, *_encode_reply(reply)])
         finally:
             out.close(0)
+
+    def _detect(self, job: Pending, out: zmq.Socket) -> dict[str, Any]:
+        """A whole-scene job: progress events after each batch of tiles; a cancel stops it at the next."""
+
+        def progress(done: int, total: int) -> None:
+            event = ok_reply(job.request_id, event="progress", done=done, total=total)
+            out.send_multipart([job.ident, *_encode_reply(event)])
+
+        try:
+            fields = service.detect(job.header, self.engine, progress, job.cancel.is_set)
+            return ok_reply(job.request_id, **fields)
+        except Exception as exc:
+            if _out_of_memory(exc):
+                _free_device_memory()
+                exc = _oom_error(exc)
+            return _error(job.header, exc)
 
     def _answer(self, batch: list[Pending]) -> list[tuple[bytes, dict[str, Any]]]:
         """Prepare each request (its own errors are its own), decode the model's part as one batch,

@@ -94,3 +94,23 @@ def test_quantised_model_answers_on_the_cpu(tiny_checkpoint: Path, mode: str) ->
     (answer,) = engine.generate([Query(build_question("refer", "ships"), [image], 8)])
     assert isinstance(answer, str)
     assert engine.describe()["quantize"] == mode
+
+
+def test_serve_plans_memory_and_reports_it_in_status(tiny_checkpoint: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import free_port, start_server
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(tiny_checkpoint, endpoint, extra=("--quantize", "int8", "--max-batch", "3"))
+    try:
+        out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", endpoint, "--json"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        model = json.loads(out.stdout)["model"]
+        assert model["quantize"] == "int8" and model["plan"]["batch"] == 3
+        assert model["memory"]["free_gb"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
