@@ -192,7 +192,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for warning in reply.get("input", {}).get("warnings", []):
         print(f"note: {warning}", file=sys.stderr)
     _write_output(args.output, reply)
+    if args.preview:
+        _write_preview(args, reply)
     return 0
+
+
+def _write_preview(args: argparse.Namespace, reply: dict[str, Any]) -> None:
+    """The window that was asked about, as the server read it, with the returned boxes drawn on it."""
+    from . import preview
+    from .imagery import read_chip
+
+    chip = read_chip(os.path.abspath(args.raster), bands=reply["chip"]["bands"], bounds=args.bounds,
+                     bounds_crs=args.bounds_crs)  # fmt: skip
+    path = preview.write_png(args.preview, preview.draw(chip, reply["features"]))
+    print(f"wrote a preview with the boxes drawn to {path.resolve()}")
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -323,7 +336,10 @@ def cmd_georef(args: argparse.Namespace) -> int:
     reply = service.run({"op": "georef", "answer": args.answer, "source": _source(args)}, [], None)
     if args.json:
         print(json.dumps(reply["features"]))
-    _write_output(args.output, reply)
+    elif args.output or not args.preview:
+        _write_output(args.output, reply)
+    if args.preview:
+        _write_preview(args, reply)
     return 0
 
 
@@ -489,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the boxes")
     p.set_defaults(func=cmd_ask)
@@ -535,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's answer text, e.g. '<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>'",
     )
     p.add_argument("--json", action="store_true", help="print the features as GeoJSON")
+    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
     p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file")
     p.set_defaults(func=cmd_georef)
 
