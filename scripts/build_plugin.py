@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the installable QGIS plugin zip: dist/earthdial_qgis.zip holding earthdial_qgis/.
 
-The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ plus the top-level metadata.txt.
+The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ and its subpackages (not a local
+vendor/ folder of installed dependencies) plus the top-level metadata.txt.
 Symlinks are stored as the files they point to: protocol.py is a link to the backend's protocol module
 in the repository, but a real file in the plugin. Entries get a fixed date so that builds are
 reproducible. Standard library only.
@@ -21,9 +22,14 @@ SUFFIXES = {".py", ".svg", ".png"}
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
 
 
+EXCLUDED = {"__pycache__", "vendor"}  # vendor/: packages a user installed into their own copy
+
+
 def package_files() -> list[Path]:
     return sorted(
-        p for p in PACKAGE.rglob("*") if p.suffix in SUFFIXES and "__pycache__" not in p.parts and p.is_file()
+        p
+        for p in PACKAGE.rglob("*")
+        if p.suffix in SUFFIXES and not EXCLUDED & set(p.relative_to(PACKAGE).parts) and p.is_file()
     )
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .deps import add_vendor_to_path
+
+add_vendor_to_path()  # pyzmq / qtpy installed into the plugin's own folder, when the user chose that
+
 
 def classFactory(iface: Any) -> Any:
     """The entry point QGIS calls when it loads the plugin."""

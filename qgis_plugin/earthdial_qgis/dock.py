@@ -1,165 +1,87 @@
-"""The EarthDial panel: pick a raster layer and a task, ask about the visible map area, see the answer
-and get its boxes as a layer. Requests run as QgsTasks; this widget only reacts to their results."""
+"""The EarthDial panel: the backend (status, start/stop of a local one), the layers (one, or an ordered pair
+or sequence for change tasks), the area, the band mapping, the task and prompt; the answer, a preview of
+what was sent with the boxes on it, and the chat history of the layer. Requests run as QgsTasks; this
+widget only reacts to their results, on the main thread."""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from qgis.core import (
     Qgis,
     QgsApplication,
-    QgsMapLayerProxyModel,
+    QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsSettings,
 )
-from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt import sip
 
-from .errors import BAD_ENDPOINT, BAD_INPUT, NO_LAYER, plain_message
+from . import area as areas
+from . import history, log, settings
+from .backend_process import RUNNING, STARTING, LocalBackend
+from .dock_ui import FALLBACK_TASKS, GEOREF, DockLayout
+from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
 from .layers import add_result_layer
-from .protocol import DEFAULT_ENDPOINT, EarthDialError
+from .maptools import RectangleMapTool, RegionMapTool
+from .presets import AUTO, bands_for
+from .presets import names as preset_names
+from .protocol import EarthDialError
 from .qt import QtCore, QtWidgets
-from .sources import area_in_layer_crs, plan_source
+from .results import ResultActions
+from .sources import area_in_layer_crs, displayed_bands, plan_source
 from .task import RequestTask
 
-GEOREF = "georef"  # data of the task entry that imports an answer instead of asking the model
-SETTING_ENDPOINT = "EarthDial/endpoint"
-SETTING_TIMEOUT = "EarthDial/timeout_s"
-DEFAULT_TIMEOUT_S = 300
+SETTING_ENDPOINT = settings.ENDPOINT
+SETTING_TIMEOUT = settings.TIMEOUT
+DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
+CHAT = "chat"
+REGION_TASK, REGION_PAIR_TASK = "identify", "damage"
 
-# The backend's tasks, for when it cannot be asked (names must match backend/earthdial/prompts.py).
-FALLBACK_TASKS: list[dict[str, Any]] = [
-    {"name": "chat", "description": "Free question about the image", "needs_prompt": True, "grounded": False},
-    {"name": "caption", "description": "Caption the image", "needs_prompt": False, "grounded": False},
-    {"name": "vqa", "description": "Short answer to a question", "needs_prompt": True, "grounded": False},
-    {
-        "name": "classify",
-        "description": "Scene class from a list (prompt: comma-separated classes)",
-        "needs_prompt": True,
-        "grounded": False,
-    },
-    {
-        "name": "grounding",
-        "description": "Describe the image with object boxes",
-        "needs_prompt": False,
-        "grounded": True,
-    },
-    {
-        "name": "refer",
-        "description": "Find objects (prompt: what to find, e.g. 'ships')",
-        "needs_prompt": True,
-        "grounded": True,
-    },
-    {
-        "name": "identify",
-        "description": "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
-        "needs_prompt": True,
-        "grounded": False,
-    },
-]
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S+$")
 _BANDS = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
 
-class EarthDialDock(QtWidgets.QDockWidget):
-    def __init__(self, iface: Any, parent: QtWidgets.QWidget | None = None) -> None:
+class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
+    def __init__(
+        self, iface: Any, parent: QtWidgets.QWidget | None = None, local_backend: LocalBackend | None = None
+    ) -> None:
         super().__init__(parent if parent is not None else iface.mainWindow())
         self.iface = iface
         self.setObjectName("EarthDialDock")
         self.setWindowTitle(self.tr("EarthDial"))
+        self._owns_backend = local_backend is None  # else the plugin stops it when it unloads
+        self.local_backend = local_backend or LocalBackend(self)
         self._task: RequestTask | None = None
         self._status_task: RequestTask | None = None
         self._pending: dict[str, Any] = {}  # what the running request was about, for its result layer
         self._tasks: dict[str, dict[str, Any]] = {}
+        self.status_reply: dict[str, Any] | None = None
+        self.status_error = ""
         self.last_reply: dict[str, Any] | None = None
         self.last_error: EarthDialError | None = None
         self.last_layer: Any = None
+        self.last_group: Any = None
+        self.last_preview: Any = None  # QImage of the last chip preview
+        self.drawn: tuple[QgsRectangle, Any] | None = None  # the drawn rectangle and its CRS
         self._closed = False
         self._running: set[RequestTask] = set()
         self._layer_signal: Any = None
+        canvas = iface.mapCanvas()
+        self.rectangle_tool = RectangleMapTool(canvas)
+        self.rectangle_tool.rectangleDrawn.connect(self.set_drawn_area)
+        self.region_tool = RegionMapTool(canvas)
+        self.region_tool.rectangleDrawn.connect(self.ask_region)
         self._build_ui()
         self._fill_tasks(FALLBACK_TASKS)
         self._follow_active_layer()
+        self.local_backend.stateChanged.connect(self._backend_state_changed)
+        QgsProject.instance().readProject.connect(self._project_read)
+        self._show_history()
         self.refresh_status()
-
-    # -- construction ---------------------------------------------------------------------------------
-    def _build_ui(self) -> None:
-        settings = QgsSettings()
-        body = QtWidgets.QWidget(self)
-        form = QtWidgets.QFormLayout()
-
-        self.endpoint_edit = QtWidgets.QLineEdit(str(settings.value(SETTING_ENDPOINT, DEFAULT_ENDPOINT)))
-        self.endpoint_edit.setToolTip(self.tr("ZeroMQ endpoint of `earthdial serve`"))
-        self.endpoint_edit.editingFinished.connect(self._endpoint_edited)
-        self.refresh_button = QtWidgets.QToolButton()
-        self.refresh_button.setText(self.tr("Check"))
-        self.refresh_button.setToolTip(self.tr("Ask the backend what it has loaded"))
-        self.refresh_button.clicked.connect(self.refresh_status)
-        endpoint_row = QtWidgets.QHBoxLayout()
-        endpoint_row.addWidget(self.endpoint_edit, 1)
-        endpoint_row.addWidget(self.refresh_button)
-        form.addRow(self.tr("Backend"), endpoint_row)
-
-        self.status_label = _plain_label(self.tr("Not checked yet"))
-        form.addRow(self.tr("Status"), self.status_label)
-
-        self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(_raster_filter())
-        form.addRow(self.tr("Layer"), self.layer_combo)
-        form.addRow(self.tr("Area"), QtWidgets.QLabel(self.tr("the visible map extent")))
-
-        self.task_combo = QtWidgets.QComboBox()
-        self.task_combo.currentIndexChanged.connect(self._task_changed)
-        form.addRow(self.tr("Task"), self.task_combo)
-        self.task_hint = _plain_label()
-        form.addRow("", self.task_hint)
-
-        self.bands_edit = QtWidgets.QLineEdit()
-        self.bands_edit.setPlaceholderText(self.tr("displayed bands"))
-        self.bands_edit.setToolTip(
-            self.tr("1-based band numbers, e.g. 4,3,2; empty: the bands the layer shows")
-        )
-        self.timeout_spin = QtWidgets.QSpinBox()
-        self.timeout_spin.setRange(1, 3600)
-        self.timeout_spin.setSuffix(self.tr(" s"))
-        self.timeout_spin.setValue(int(settings.value(SETTING_TIMEOUT, DEFAULT_TIMEOUT_S, type=int)))
-        self.timeout_spin.setToolTip(self.tr("How long to wait for an answer"))
-        self.timeout_spin.valueChanged.connect(lambda v: QgsSettings().setValue(SETTING_TIMEOUT, int(v)))
-        options_row = QtWidgets.QHBoxLayout()
-        options_row.addWidget(self.bands_edit, 1)
-        options_row.addWidget(QtWidgets.QLabel(self.tr("Timeout")))
-        options_row.addWidget(self.timeout_spin)
-        form.addRow(self.tr("Bands"), options_row)
-
-        self.prompt_edit = QtWidgets.QPlainTextEdit()
-        self.prompt_edit.setMaximumHeight(90)
-        self.send_button = QtWidgets.QPushButton(self.tr("Send"))
-        self.send_button.setDefault(True)
-        self.send_button.clicked.connect(self.send)
-        self.cancel_button = QtWidgets.QPushButton(self.tr("Cancel"))
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QtWidgets.QHBoxLayout()
-        buttons.addStretch(1)
-        buttons.addWidget(self.send_button)
-        buttons.addWidget(self.cancel_button)
-
-        self.answer_view = QtWidgets.QPlainTextEdit()
-        self.answer_view.setReadOnly(True)
-        self.answer_view.setPlaceholderText(self.tr("The answer appears here."))
-        self.result_label = _plain_label()
-
-        layout = QtWidgets.QVBoxLayout(body)
-        layout.addLayout(form)
-        layout.addWidget(QtWidgets.QLabel(self.tr("Prompt")))
-        layout.addWidget(self.prompt_edit)
-        layout.addLayout(buttons)
-        layout.addWidget(QtWidgets.QLabel(self.tr("Answer")))
-        layout.addWidget(self.answer_view, 1)
-        layout.addWidget(self.result_label)
-        self.setWidget(body)
 
     def _follow_active_layer(self) -> None:
         self._active_layer_changed(self.iface.activeLayer())
@@ -172,30 +94,41 @@ class EarthDialDock(QtWidgets.QDockWidget):
         if isinstance(layer, QgsRasterLayer) and not sip.isdeleted(self):
             self.layer_combo.setLayer(layer)
 
+    def _layer_changed(self, *_: Any) -> None:
+        self._show_history()
+
+    def _project_read(self, *_: Any) -> None:
+        if not self._closed and not sip.isdeleted(self):
+            self._show_history()
+
     # -- tasks list -----------------------------------------------------------------------------------
     def _fill_tasks(self, tasks: list[dict[str, Any]]) -> None:
         current = self.task_combo.currentData()
         self._tasks = {str(t["name"]): dict(t) for t in tasks if t.get("name")}
+        variant = ((self.status_reply or {}).get("model") or {}).get("variant")
         self.task_combo.blockSignals(True)
         self.task_combo.clear()
         for name, info in self._tasks.items():
             self.task_combo.addItem(name, name)
             index = self.task_combo.count() - 1
-            self.task_combo.setItemData(index, info.get("description", ""), QtCore.Qt.ToolTipRole)
-            if int(info.get("images", 1) or 1) > 1:  # before/after pairs need two layers: not offered yet
-                self.task_combo.model().item(index).setEnabled(False)
-                self.task_combo.setItemData(
-                    index,
-                    self.tr("Needs two layers (before/after); not available in this panel yet."),
-                    QtCore.Qt.ToolTipRole,
-                )
+            tip = info.get("description", "")
+            if self.images_for(name) > 1:
+                tip += self.tr(" — takes {n} layers (before/after)").format(n=self.images_for(name))
+            variants = info.get("variants")
+            if variant and isinstance(variants, list) and variants and variant not in variants:
+                tip += self.tr(" — the loaded model ({variant}) cannot do this task").format(variant=variant)
+            self.task_combo.setItemData(index, tip, QtCore.Qt.ItemDataRole.ToolTipRole)
         self.task_combo.addItem(self.tr("Import answer (georef)"), GEOREF)
         index = self.task_combo.findData(current) if current else -1
-        if index < 0 or not self.task_combo.model().item(index).isEnabled():
-            index = 0
-        self.task_combo.setCurrentIndex(index)
+        self.task_combo.setCurrentIndex(max(index, 0))
         self.task_combo.blockSignals(False)
         self._task_changed()
+
+    def images_for(self, name: str) -> int:
+        try:
+            return max(1, int(self._tasks.get(name, {}).get("images", 1) or 1))
+        except (TypeError, ValueError):
+            return 1
 
     def select_task(self, name: str) -> None:
         """Pick a task by its name (or GEOREF), as a user would in the list."""
@@ -206,10 +139,14 @@ class EarthDialDock(QtWidgets.QDockWidget):
 
     def _task_changed(self, *_: Any) -> None:
         name = self.task_combo.currentData()
+        pair = name != GEOREF and self.images_for(str(name)) > 1
+        self.later_label.setVisible(pair)
+        self.later_layers.setVisible(pair)
+        self.layer_label.setText(self.tr("Before") if pair else self.tr("Layer"))
         if name == GEOREF:
             self.task_hint.setText(
                 self.tr(
-                    "Paste an EarthDial answer from elsewhere (with <box> tags): its boxes are placed on the visible map area."
+                    "Paste an EarthDial answer from elsewhere (with <box> tags): its boxes are placed on the area."
                 )
             )
             self.prompt_edit.setPlaceholderText(self.tr("<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"))
@@ -224,7 +161,7 @@ class EarthDialDock(QtWidgets.QDockWidget):
             placeholder = self.tr("(no prompt needed)")
         self.prompt_edit.setPlaceholderText(placeholder)
 
-    # -- backend status -------------------------------------------------------------------------------
+    # -- backend status and the local backend ---------------------------------------------------------
     @property
     def endpoint(self) -> str:
         return self.endpoint_edit.text().strip()
@@ -257,14 +194,23 @@ class EarthDialDock(QtWidgets.QDockWidget):
         self._status_task = None
         if task.error is not None or task.reply is None:
             error = task.error or EarthDialError("internal", "no reply")
-            self.status_label.setText(plain_message(error, task.endpoint))
+            self.status_reply, self.status_error = None, plain_message(error, task.endpoint)
+            if self.local_backend.state == STARTING:
+                self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
+            else:
+                self.status_label.setText(self.status_error)
             return
+        self.status_reply, self.status_error = task.reply, ""
         model = task.reply.get("model")
         if model:
-            text = self.tr("Connected: {variant} on {device}, {queue} queued").format(
+            text = self.tr(
+                "Connected: {variant} ({name}) on {device}, {queue} queued, {running} running"
+            ).format(
                 variant=model.get("variant", "?"),
+                name=_basename(model.get("path", "")),
                 device=model.get("device", "?"),
                 queue=task.reply.get("queue", 0),
+                running=task.reply.get("running", 0),
             )
         else:
             text = self.tr("Connected: no model loaded (only answers can be imported)")
@@ -272,13 +218,147 @@ class EarthDialDock(QtWidgets.QDockWidget):
         tasks = task.reply.get("tasks")
         if isinstance(tasks, list) and tasks:
             self._fill_tasks(tasks)
+        if task.reply.get("presets"):  # newer backends list their band presets
+            self._fill_presets(preset_names(task.reply))
+
+    def _fill_presets(self, names: list[str]) -> None:
+        current = self.preset_combo.currentData()
+        self.preset_combo.blockSignals(True)
+        while self.preset_combo.count() > 1:  # keep "auto"
+            self.preset_combo.removeItem(1)
+        for name in names:
+            self.preset_combo.addItem(name, name)
+        index = self.preset_combo.findData(current)
+        self.preset_combo.setCurrentIndex(max(index, 0))
+        self.preset_combo.blockSignals(False)
+
+    def start_backend(self) -> None:
+        """Start the local backend set in the settings, on the panel's endpoint."""
+        if not _ENDPOINT.match(self.endpoint):
+            self._show_error(
+                EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557.")),
+                self.endpoint,
+            )
+            return
+        QgsSettings().setValue(SETTING_ENDPOINT, self.endpoint)
+        problem = self.local_backend.start(self.endpoint)
+        if problem:
+            self.status_label.setText(problem)
+            self._message(problem, Qgis.MessageLevel.Warning)
+            log.error(problem)
+            return
+        self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
+
+    def stop_backend(self) -> None:
+        self.local_backend.stop()
+        self.status_label.setText(self.tr("Local backend stopped."))
+
+    def _backend_state_changed(self, state: str) -> None:
+        if self._closed or sip.isdeleted(self):
+            return
+        self.start_button.setEnabled(state not in (STARTING, RUNNING))
+        self.stop_button.setEnabled(state in (STARTING, RUNNING))
+        if state == RUNNING:
+            self.refresh_status()
+        elif self.local_backend.last_error:
+            self.status_label.setText(self.local_backend.last_error)
+            self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
+
+    def open_settings(self) -> None:
+        from .settings_dialog import SettingsDialog
+
+        SettingsDialog(self).run()
+
+    def diagnostics_text(self) -> str:
+        from .diagnostics import report
+
+        return report(self.endpoint, self.status_reply, self.status_error, self.local_backend)
+
+    def open_diagnostics(self) -> Any:
+        from .diagnostics import DiagnosticsDialog
+
+        dialog = DiagnosticsDialog(self.diagnostics_text(), self)
+        dialog.setModal(False)
+        dialog.show()
+        return dialog
+
+    # -- areas and map tools --------------------------------------------------------------------------
+    def _draw_toggled(self, on: bool) -> None:
+        canvas = self.iface.mapCanvas()
+        if on:
+            self.region_button.setChecked(False)
+            canvas.setMapTool(self.rectangle_tool)
+        elif canvas.mapTool() is self.rectangle_tool:
+            canvas.unsetMapTool(self.rectangle_tool)
+
+    def _region_toggled(self, on: bool) -> None:
+        canvas = self.iface.mapCanvas()
+        if on:
+            self.draw_button.setChecked(False)
+            canvas.setMapTool(self.region_tool)
+        elif canvas.mapTool() is self.region_tool:
+            canvas.unsetMapTool(self.region_tool)
+
+    def set_drawn_area(self, rect: QgsRectangle) -> None:
+        """A rectangle drawn on the map (canvas CRS) becomes the area asked about."""
+        crs = self.iface.mapCanvas().mapSettings().destinationCrs()
+        self.drawn = (QgsRectangle(rect), crs)
+        self.area_combo.setCurrentIndex(self.area_combo.findData(areas.DRAWN))
+        self.draw_button.setChecked(False)
+
+    def set_area_mode(self, mode: str) -> None:
+        self.area_combo.setCurrentIndex(self.area_combo.findData(mode))
+
+    def current_area(self, layer: QgsRasterLayer) -> QgsRectangle:
+        """The area asked about, in ``layer``'s CRS, snapped to its pixels."""
+        canvas = self.iface.mapCanvas()
+        return areas.area_for(
+            str(self.area_combo.currentData()),
+            layer,
+            canvas.extent(),
+            canvas.mapSettings().destinationCrs(),
+            self.drawn,
+        )
+
+    def ask_region(self, rect: QgsRectangle) -> None:
+        """A region picked on the map (canvas CRS): ask what is there (`identify`, or `damage` for a pair),
+        with the box in the model's own format on 0-100 of the area asked about."""
+        self.region_button.setChecked(False)
+        try:
+            layer = self._first_layer()
+            window = self.current_area(layer)
+            canvas_crs = self.iface.mapCanvas().mapSettings().destinationCrs()
+            region = area_in_layer_crs(rect, canvas_crs, layer)
+            box = areas.region_box(region, window)
+        except EarthDialError as exc:
+            self._show_error(exc, self.endpoint)
+            return
+        pair = self.images_for(str(self.task_combo.currentData())) > 1 and bool(self.later_layers.layers())
+        task = REGION_PAIR_TASK if pair and REGION_PAIR_TASK in self._tasks else REGION_TASK
+        if task in self._tasks:
+            self.select_task(task)
+        self.prompt_edit.setPlainText(areas.box_text(box))
+        self.send()
+
+    # -- chat history ---------------------------------------------------------------------------------
+    def _show_history(self) -> None:
+        layer = self.layer_combo.currentLayer()
+        turns = history.load(layer) if isinstance(layer, QgsRasterLayer) else []
+        self.chat_view.setPlainText(history.as_text(turns))
+        self.new_chat_button.setEnabled(bool(turns))
+
+    def clear_history(self) -> None:
+        layer = self.layer_combo.currentLayer()
+        if isinstance(layer, QgsRasterLayer):
+            history.clear(layer)
+        self._show_history()
 
     # -- requests -------------------------------------------------------------------------------------
     def is_busy(self) -> bool:
         return self._task is not None
 
     def send(self) -> None:
-        """Send the prompt (or import the pasted answer) for the visible area of the chosen layer."""
+        """Send the prompt (or import the pasted answer) for the area of the chosen layer(s)."""
         if self._task is not None:
             return
         try:
@@ -302,44 +382,85 @@ class EarthDialDock(QtWidgets.QDockWidget):
             self.result_label.setText(self.tr("Cancelling…"))
             self._task.cancel()
 
+    def _first_layer(self) -> QgsRasterLayer:
+        layer = self.layer_combo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+            raise EarthDialError(NO_LAYER, self.tr("Pick a raster layer first."))
+        _check_crs(layer, self)
+        return layer
+
+    def _bands(self) -> tuple[list[int] | None, dict[str, Any]]:
+        """The bands to send and the band options (preset, GSD) from the panel."""
+        options: dict[str, Any] = {}
+        bands_text = self.bands_edit.text().strip()
+        if bands_text and not _BANDS.match(bands_text):
+            raise EarthDialError(BAD_INPUT, self.tr("Bands must be numbers separated by commas, e.g. 4,3,2."))
+        bands = [int(b) for b in bands_text.split(",")] if bands_text else None
+        preset = str(self.preset_combo.currentData() or AUTO)
+        if preset != AUTO:
+            options["preset"] = preset
+            bands = bands or bands_for(preset)
+        if self.gsd_spin.value() > 0:
+            options["gsd"] = float(self.gsd_spin.value())
+        return bands, options
+
     def _make_request(self) -> RequestTask:
         endpoint = self.endpoint
         if not _ENDPOINT.match(endpoint):
             raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
         QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
-        layer = self.layer_combo.currentLayer()
-        if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
-            raise EarthDialError(NO_LAYER, self.tr("Pick a raster layer first."))
-        bands_text = self.bands_edit.text().strip()
-        if bands_text and not _BANDS.match(bands_text):
-            raise EarthDialError(BAD_INPUT, self.tr("Bands must be numbers separated by commas, e.g. 4,3,2."))
-        bands = [int(b) for b in bands_text.split(",")] if bands_text else None
+        layer = self._first_layer()
+        bands, options = self._bands()
         name = str(self.task_combo.currentData())
         prompt = self.prompt_edit.toPlainText().strip()
         if name == GEOREF and not prompt:
             raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
+        later: list[QgsRasterLayer] = []
+        if name != GEOREF and self.images_for(name) > 1:
+            later = self.later_layers.layers()
+            if len(later) < self.images_for(name) - 1:
+                raise EarthDialError(
+                    NO_LAYER,
+                    self.tr("Task {task} compares layers: pick the later layer(s) too.").format(task=name),
+                )
+            for other in later:
+                _check_crs(other, self)
 
-        canvas = self.iface.mapCanvas()
-        area = area_in_layer_crs(canvas.extent(), canvas.mapSettings().destinationCrs(), layer)
-        plan = plan_source(layer, area, bands)
+        area = self.current_area(layer)
+        plans = [plan_source(layer, area, bands)]
+        try:
+            for other in later:
+                plans.append(plan_source(other, area_in_layer_crs(area, layer.crs(), other), bands))
+        except EarthDialError:
+            for plan in plans:  # provider clones go now, on this thread, not whenever Python collects them
+                plan.release()
+            raise
         if name == GEOREF:
             header: dict[str, Any] = {"op": "georef", "answer": prompt}
         else:
-            header = {"op": "ask", "task": name, "prompt": prompt, "options": {}}
+            turns = history.load(layer) if name == CHAT else []
+            if turns:
+                options["history"] = history.wire_history(turns)
+            header = {"op": "ask", "task": name, "prompt": prompt, "options": options}
+        names = " | ".join(lyr.name() for lyr in [layer, *later])
         self._pending = {
             "task": name,
             "prompt": prompt,
             "crs": layer.crs(),
-            "layer_name": layer.name(),
-            "source": plan.label,
+            "layer": layer,
+            "layer_name": names,
+            "source": " | ".join(p.label for p in plans),
+            "by_value": plans[0].by_value,
         }
+        preview_bands = displayed_bands(layer) or (bands[:3] if bands else None)
         return RequestTask(
-            self.tr("EarthDial: {task} on {layer}").format(task=name, layer=layer.name()),
+            self.tr("EarthDial: {task} on {layer}").format(task=name, layer=names),
             endpoint,
             header,
-            plan,
+            plans,
             self.timeout_spin.value(),
             self._request_done,
+            preview_bands,
         )
 
     def _request_done(self, task: RequestTask) -> None:
@@ -353,7 +474,19 @@ class EarthDialDock(QtWidgets.QDockWidget):
             return
         reply, pending = task.reply, self._pending
         self.last_reply, self.last_error = reply, None
-        self.answer_view.setPlainText(str(reply.get("answer", "")))
+        answer = str(reply.get("answer", ""))
+        self.answer_view.setPlainText(answer)
+        self._show_preview(task, pending)
+        if pending["task"] == CHAT and not sip.isdeleted(pending["layer"]):
+            sensor = str((reply.get("input") or {}).get("sensor") or "")
+            history.append(pending["layer"], history.Turn(pending["prompt"], answer, sensor))
+            self._show_history()
+        stamp = datetime.now().strftime("%H:%M:%S")
+        short = self.tr("imported answer") if pending["task"] == GEOREF else pending["prompt"]
+        short = short if len(short) <= 30 else short[:29] + "…"
+        group = self.tr("EarthDial {task}: {prompt} – {layer} ({time})").format(
+            task=pending["task"], prompt=short, layer=pending["layer_name"], time=stamp
+        )
         layer = add_result_layer(
             reply,
             pending["crs"],
@@ -361,54 +494,88 @@ class EarthDialDock(QtWidgets.QDockWidget):
             pending["task"],
             pending["prompt"],
             pending["source"],
+            group_name=group,
         )
         self.last_layer = layer
-        note = ""
+        self._set_result_buttons()
+        notes = []
         if task.sent_by_value:
-            note = self.tr("The backend cannot read the file, so its pixels were sent instead. ")
+            notes.append(self.tr("The backend cannot read the file, so its pixels were sent instead."))
+        notes += [str(w) for w in (reply.get("input") or {}).get("warnings") or []]
+        note = "".join(n + " " for n in notes)
+        log.info(f"{pending['task']} on {pending['layer_name']}: {answer}")
         if layer is None:
             self.result_label.setText(note + self.tr("No boxes in the answer."))
+            self._message(self.tr("Answer: {answer}").format(answer=answer[:200]), Qgis.MessageLevel.Info)
             return
         text = self.tr("{n} box(es) added as layer “{name}”.").format(
             n=layer.featureCount(), name=layer.name()
         )
         self.result_label.setText(note + text)
-        self.iface.messageBar().pushMessage(self.tr("EarthDial"), text, level=Qgis.Success, duration=5)
+        self._message(text, Qgis.MessageLevel.Success)
+
+    # -- feedback -------------------------------------------------------------------------------------
+    def _message(self, text: str, level: Any, duration: int = 8) -> None:
+        self.iface.messageBar().pushMessage(self.tr("EarthDial"), text, level=level, duration=duration)
 
     def _show_error(self, error: EarthDialError, endpoint: str) -> None:
         self.last_error = error
         text = plain_message(error, endpoint)
         self.answer_view.setPlainText(text)
         self.result_label.setText("")
-        level = Qgis.Info if error.code == "cancelled" else Qgis.Critical
-        self.iface.messageBar().pushMessage(self.tr("EarthDial"), text, level=level, duration=10)
+        self.tabs.setCurrentIndex(0)
+        cancelled = error.code == "cancelled"
+        if cancelled:
+            log.info(text)
+        else:
+            log.error(f"{error.code}: {error.message}")
+        self._message(text, Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+        self.region_button.setEnabled(not busy)
 
     # -- teardown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Cancel what is running and let go of QGIS signals (the plugin is being unloaded)."""
+        """Cancel what is running and let go of QGIS signals and map tools (the plugin is unloading)."""
         self._closed = True
         for task in list(self._running):
             task.cancel()
-        if self._layer_signal is not None:
+        if self._owns_backend:
+            self.local_backend.stop()
+        try:
+            self.local_backend.stateChanged.disconnect(self._backend_state_changed)
+        except (TypeError, RuntimeError):
+            pass
+        canvas = self.iface.mapCanvas()
+        for tool in (self.rectangle_tool, self.region_tool):
+            if canvas.mapTool() is tool:
+                canvas.unsetMapTool(tool)
+            tool.clear()
+        for signal, slot in (
+            (self._layer_signal, self._active_layer_changed),
+            (QgsProject.instance().readProject, self._project_read),
+        ):
+            if signal is None:
+                continue
             try:
-                self._layer_signal.disconnect(self._active_layer_changed)
+                signal.disconnect(slot)
             except (TypeError, RuntimeError):
                 pass
-            self._layer_signal = None
+        self._layer_signal = None
 
 
-def _plain_label(text: str = "") -> QtWidgets.QLabel:
-    # plain text: answers and messages hold "<box>", "<array>" and the like, which rich text would eat
-    label = QtWidgets.QLabel(text)
-    label.setTextFormat(QtCore.Qt.PlainText)
-    label.setWordWrap(True)
-    return label
+def _check_crs(layer: QgsRasterLayer, owner: Any) -> None:
+    if not layer.crs().isValid():
+        raise EarthDialError(
+            NO_CRS,
+            owner.tr(
+                "Layer “{layer}” has no coordinate reference system, so its boxes could not be placed on the map. "
+                "Set one in Layer Properties → Source, then ask again."
+            ).format(layer=layer.name()),
+        )
 
 
-def _raster_filter() -> Any:
-    layer_filter = getattr(Qgis, "LayerFilter", None)  # QGIS >= 3.34 moved the flags here
-    return layer_filter.RasterLayer if layer_filter is not None else QgsMapLayerProxyModel.RasterLayer
+def _basename(path: str) -> str:
+    return str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

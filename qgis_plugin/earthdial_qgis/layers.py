@@ -1,45 +1,71 @@
-"""A reply's features -> a memory vector layer in the project.
+"""A reply's features -> QGIS features, memory layers in the project, and GeoPackage files.
 
 One polygon per box, in the source layer's CRS (the backend answers in the raster's CRS for a file and
 in the sent CRS for pixels by value; the two differ only when the layer's CRS was overridden in QGIS,
-and then the polygons are carried over). The answer text is kept on the layer as a custom property,
-so that it stays with the boxes when the project is saved.
+and then the polygons are carried over). The fields are docs/outputs.md's schema. The answer text is
+also kept on the layer as a custom property, so that it stays with the boxes when the project is saved.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timezone
 from typing import Any
 
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
     QgsFeature,
     QgsField,
+    QgsFields,
     QgsGeometry,
     QgsPointXY,
     QgsProject,
+    QgsVectorFileWriter,
     QgsVectorLayer,
 )
 
 from .qt import QtCore
+from .styling import result_group, style_result_layer
 
 ANSWER_PROPERTY = "earthdial/answer"
 TASK_PROPERTY = "earthdial/task"
 PROMPT_PROPERTY = "earthdial/prompt"
 _AUTHORITY_ID = re.compile(r"^[A-Za-z]+:[\w.]+$")  # EPSG:32633, ESRI:102003
 
-FIELDS: tuple[tuple[str, Any], ...] = (
-    ("label", QtCore.QVariant.String),
-    ("angle", QtCore.QVariant.Double),
-    ("task", QtCore.QVariant.String),
-    ("prompt", QtCore.QVariant.String),
-    ("answer", QtCore.QVariant.String),
-    ("model", QtCore.QVariant.String),
-    ("source", QtCore.QVariant.String),
-    ("created", QtCore.QVariant.String),
+# docs/outputs.md
+FIELDS: tuple[tuple[str, str], ...] = (
+    ("label", "text"),
+    ("angle", "real"),
+    ("task", "text"),
+    ("prompt", "text"),
+    ("answer", "text"),
+    ("model", "text"),
+    ("variant", "text"),
+    ("source", "text"),
+    ("tile", "text"),
+    ("gsd", "real"),
+    ("created", "text"),
 )
+
+
+def _field(name: str, kind: str) -> QgsField:
+    # QGIS >= 3.38 takes QMetaType (the only kind Qt6 has); older QGIS takes QVariant.Type
+    if Qgis.versionInt() >= 33800:
+        meta = QtCore.QMetaType.Type.QString if kind == "text" else QtCore.QMetaType.Type.Double
+        return QgsField(name, meta)
+    variant = QtCore.QVariant.String if kind == "text" else QtCore.QVariant.Double
+    return QgsField(name, variant)
+
+
+def result_fields() -> QgsFields:
+    fields = QgsFields()
+    for name, kind in FIELDS:
+        fields.append(_field(name, kind))
+    return fields
 
 
 def crs_from_text(text: str | None) -> QgsCoordinateReferenceSystem:
@@ -49,6 +75,57 @@ def crs_from_text(text: str | None) -> QgsCoordinateReferenceSystem:
     if _AUTHORITY_ID.match(text):
         return QgsCoordinateReferenceSystem(text)
     return QgsCoordinateReferenceSystem.fromWkt(text)
+
+
+def reply_features(
+    reply: dict[str, Any],
+    fields: QgsFields,
+    crs: QgsCoordinateReferenceSystem,
+    task: str,
+    prompt: str,
+    source: str,
+    created: str | None = None,
+    tile: str = "",
+) -> list[QgsFeature]:
+    """The boxes of ``reply`` as features with ``fields`` (the output schema), in ``crs``."""
+    collection = reply.get("features") or {}
+    answer = str(reply.get("answer", ""))
+    created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model = reply.get("model") or {}
+    gsd = (reply.get("input") or {}).get("gsd_m")
+    transform = None
+    reply_crs = crs_from_text(collection.get("crs"))
+    if reply_crs.isValid() and crs.isValid() and reply_crs != crs:
+        transform = QgsCoordinateTransform(reply_crs, crs, QgsProject.instance())
+    out = []
+    for feature in collection.get("features") or []:
+        rings = _rings(feature)
+        if not rings:
+            continue
+        props = feature.get("properties") or {}
+        geometry = QgsGeometry.fromPolygonXY(
+            [[QgsPointXY(float(x), float(y)) for x, y in ring] for ring in rings]
+        )
+        if transform is not None:
+            geometry.transform(transform)
+        values = {
+            "label": str(props.get("label") or ""),
+            "angle": float(props.get("angle") or 0.0),
+            "task": task,
+            "prompt": prompt,
+            "answer": answer,
+            "model": str(props.get("model") or model.get("name") or ""),
+            "variant": str(props.get("variant") or model.get("variant") or ""),
+            "source": source,
+            "tile": tile,
+            "gsd": float(props["gsd"]) if props.get("gsd") is not None else (float(gsd) if gsd else None),
+            "created": created,
+        }
+        qfeature = QgsFeature(fields)
+        qfeature.setGeometry(geometry)
+        qfeature.setAttributes([values.get(fields.at(i).name()) for i in range(fields.count())])
+        out.append(qfeature)
+    return out
 
 
 def result_layer(
@@ -61,48 +138,18 @@ def result_layer(
     created: str | None = None,
 ) -> QgsVectorLayer | None:
     """The boxes of ``reply`` as a memory layer named ``name`` in ``crs``; None when there are none."""
-    collection = reply.get("features") or {}
-    features = [f for f in collection.get("features") or [] if _rings(f)]
+    fields = result_fields()
+    features = reply_features(reply, fields, crs, task, prompt, source, created)
     if not features:
         return None
-    answer = str(reply.get("answer", ""))
-    created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     layer = QgsVectorLayer("Polygon", name, "memory")
     layer.setCrs(crs)
     provider = layer.dataProvider()
-    provider.addAttributes([QgsField(field, kind) for field, kind in FIELDS])
+    provider.addAttributes(fields.toList())
     layer.updateFields()
-
-    transform = None
-    reply_crs = crs_from_text(collection.get("crs"))
-    if reply_crs.isValid() and crs.isValid() and reply_crs != crs:
-        transform = QgsCoordinateTransform(reply_crs, crs, QgsProject.instance())
-
-    out = []
-    for feature in features:
-        props = feature.get("properties") or {}
-        geometry = QgsGeometry.fromPolygonXY(
-            [[QgsPointXY(float(x), float(y)) for x, y in ring] for ring in _rings(feature)]
-        )
-        if transform is not None:
-            geometry.transform(transform)
-        qfeature = QgsFeature(layer.fields())
-        qfeature.setGeometry(geometry)
-        qfeature.setAttributes(
-            [
-                props.get("label"),
-                float(props.get("angle") or 0.0),
-                task,
-                prompt,
-                answer,
-                props.get("model") or "",
-                source,
-                created,
-            ]
-        )
-        out.append(qfeature)
-    provider.addFeatures(out)
+    provider.addFeatures(features)
     layer.updateExtents()
+    answer = str(reply.get("answer", ""))
     layer.setCustomProperty(ANSWER_PROPERTY, answer)
     layer.setCustomProperty(TASK_PROPERTY, task)
     layer.setCustomProperty(PROMPT_PROPERTY, prompt)
@@ -110,12 +157,58 @@ def result_layer(
 
 
 def add_result_layer(
-    reply: dict[str, Any], crs: QgsCoordinateReferenceSystem, name: str, task: str, prompt: str, source: str
+    reply: dict[str, Any],
+    crs: QgsCoordinateReferenceSystem,
+    name: str,
+    task: str,
+    prompt: str,
+    source: str,
+    group_name: str | None = None,
 ) -> QgsVectorLayer | None:
+    """The boxes as a styled memory layer inside a new layer-tree group named ``group_name``."""
     layer = result_layer(reply, crs, name, task, prompt, source)
-    if layer is not None:
-        QgsProject.instance().addMapLayer(layer)
+    if layer is None:
+        return None
+    style_result_layer(layer)
+    project = QgsProject.instance()
+    project.addMapLayer(layer, False)
+    group = result_group(group_name or name, project)
+    node = group.addLayer(layer)
+    group.setExpanded(True)
+    if node is not None:
+        node.setExpanded(True)  # the legend: one outline colour per label
     return layer
+
+
+def save_to_geopackage(layer: QgsVectorLayer, path: str, layer_name: str = "earthdial") -> QgsVectorLayer:
+    """Write ``layer`` to the GeoPackage ``path`` (replacing that table, keeping others) and switch the
+    layer over to the file, keeping its name, style and place in the layer tree."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = layer_name
+    options.fileEncoding = "UTF-8"
+    if os.path.exists(path):
+        options.actionOnExistingFile = _writer_enum("ActionOnExistingFile", "CreateOrOverwriteLayer")
+    context = QgsProject.instance().transformContext() or QgsCoordinateTransformContext()
+    writer = getattr(QgsVectorFileWriter, "writeAsVectorFormatV3", None)
+    if writer is not None:  # QGIS >= 3.20
+        result = writer(layer, path, context, options)
+    else:
+        result = QgsVectorFileWriter.writeAsVectorFormatV2(layer, path, context, options)
+    code, message = result[0], result[1] if len(result) > 1 else ""
+    if code != _writer_enum("WriterError", "NoError"):
+        raise OSError(f"cannot write {path}: {message or code}")
+    layer.setDataSource(f"{path}|layername={layer_name}", layer.name(), "ogr")
+    return layer
+
+
+def _writer_enum(kind: str, name: str) -> Any:
+    scoped = getattr(QgsVectorFileWriter, kind, None)
+    return (
+        getattr(scoped, name)
+        if scoped is not None and hasattr(scoped, name)
+        else getattr(QgsVectorFileWriter, name)
+    )
 
 
 def _rings(feature: dict[str, Any]) -> list[list[list[float]]]:

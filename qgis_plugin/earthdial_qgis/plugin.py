@@ -1,10 +1,15 @@
-"""The plugin object QGIS holds: one toolbar/menu action that shows and hides the EarthDial panel."""
+"""The plugin object QGIS holds: the toolbar/menu action that shows and hides the EarthDial panel, menu
+entries for settings, dependencies and diagnostics, the `earthdial` Processing provider and the local
+backend process (stopped when the plugin unloads)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from qgis.core import Qgis, QgsApplication
+
+from . import deps, log
 from .qt import QtCore, QtGui, QtWidgets
 
 MENU = "&EarthDial"
@@ -18,8 +23,11 @@ class EarthDialPlugin:
     def __init__(self, iface: Any) -> None:
         self.iface = iface
         self.action: QtWidgets.QAction | None = None
+        self.menu_actions: list[Any] = []
         self.toolbar: QtWidgets.QToolBar | None = None
         self.dock: Any = None  # created on first use: it contacts the backend
+        self.provider: Any = None
+        self.local_backend: Any = None
 
     def initGui(self) -> None:
         icon = QtGui.QIcon(os.path.join(os.path.dirname(__file__), "icon.svg"))
@@ -32,13 +40,58 @@ class EarthDialPlugin:
         self.toolbar.setObjectName("EarthDialToolbar")
         self.toolbar.addAction(self.action)
         self.iface.addPluginToMenu(MENU, self.action)
+        for text, slot in (
+            (tr("Settings…"), self.open_settings),
+            (tr("Install dependencies…"), self.open_dependencies),
+            (tr("Diagnostics…"), self.open_diagnostics),
+        ):
+            action = QtWidgets.QAction(text, self.iface.mainWindow())
+            action.triggered.connect(slot)
+            self.iface.addPluginToMenu(MENU, action)
+            self.menu_actions.append(action)
+        self.initProcessing()
+        self.check_dependencies()
+
+    def initProcessing(self) -> None:  # noqa: N802  (the name QGIS and qgis_process call)
+        """Register the `earthdial` Processing provider (qgis_process calls only this, without a GUI)."""
+        if self.provider is not None:
+            return
+        from .processing_provider import EarthDialProvider
+
+        self.provider = EarthDialProvider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def check_dependencies(self) -> list[str]:
+        """On load: offer to install what is missing, in the message bar (never silently)."""
+        missing = deps.missing_packages()
+        if not missing:
+            return []
+        text = tr("EarthDial needs the Python package(s) {packages}.").format(packages=", ".join(missing))
+        log.warning(text + " " + deps.pip_command_text(missing))
+        bar = self.iface.messageBar()
+        try:
+            widget = bar.createMessage(tr("EarthDial"), text)
+            button = QtWidgets.QPushButton(tr("Install…"), widget)
+            button.clicked.connect(lambda: self.open_dependencies(missing))
+            widget.layout().addWidget(button)
+            bar.pushWidget(widget, Qgis.MessageLevel.Warning)
+        except Exception:  # a message bar without widgets (tests): the plain message is enough
+            bar.pushMessage(tr("EarthDial"), text, level=Qgis.MessageLevel.Warning)
+        return missing
+
+    def _backend(self) -> Any:
+        if self.local_backend is None:
+            from .backend_process import LocalBackend
+
+            self.local_backend = LocalBackend()
+        return self.local_backend
 
     def set_dock_visible(self, visible: bool) -> None:
         if visible and self.dock is None:
             from .dock import EarthDialDock
 
-            self.dock = EarthDialDock(self.iface)
-            self.iface.addDockWidget(QtCore.Qt.RightDockWidgetArea, self.dock)
+            self.dock = EarthDialDock(self.iface, local_backend=self._backend())
+            self.iface.addDockWidget(QtCore.Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self._dock_visibility_changed)
         if self.dock is not None:
             self.dock.setVisible(visible)
@@ -50,6 +103,25 @@ class EarthDialPlugin:
             self.action.setChecked(visible)
             self.action.blockSignals(False)
 
+    def open_settings(self) -> None:
+        from .settings_dialog import SettingsDialog
+
+        SettingsDialog(self.iface.mainWindow()).run()
+
+    def open_dependencies(self, missing: list[str] | None = None) -> None:
+        from .deps_dialog import DependenciesDialog
+
+        DependenciesDialog(missing or deps.missing_packages(), self.iface.mainWindow()).run()
+
+    def open_diagnostics(self) -> None:
+        if self.dock is not None:
+            self.dock.open_diagnostics()
+            return
+        from .diagnostics import DiagnosticsDialog, report
+        from .settings import endpoint
+
+        DiagnosticsDialog(report(endpoint(), None, "", self.local_backend), self.iface.mainWindow()).run()
+
     def unload(self) -> None:
         if self.dock is not None:
             self.dock.shutdown()
@@ -57,6 +129,17 @@ class EarthDialPlugin:
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
+        if self.local_backend is not None:
+            self.local_backend.stop()
+            self.local_backend.deleteLater()
+            self.local_backend = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        for action in self.menu_actions:
+            self.iface.removePluginMenu(MENU, action)
+            action.deleteLater()
+        self.menu_actions = []
         if self.action is not None:
             self.iface.removePluginMenu(MENU, self.action)
             if self.toolbar is not None:

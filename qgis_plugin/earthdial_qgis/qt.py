@@ -14,4 +14,10 @@ try:
 except Exception:  # ImportError, or qtpy's PythonQtError when it finds no binding
     from qgis.PyQt import QtCore, QtGui, QtWidgets  # type: ignore[no-redef]
 
-__all__ = ["QtCore", "QtGui", "QtWidgets"]
+__all__ = ["QtCore", "QtGui", "QtWidgets", "exec_dialog"]
+
+
+def exec_dialog(dialog: object) -> int:
+    """Run a modal dialog: ``exec`` on Qt6 bindings, ``exec_`` on older PyQt5 ones."""
+    run = getattr(dialog, "exec", None) or dialog.exec_  # type: ignore[attr-defined]
+    return int(run())

@@ -1,8 +1,9 @@
 """One request to the backend, run off the UI thread as a QgsTask.
 
 `run` (a worker thread) reads by-value pixels, opens its own ZeroMQ socket, waits for the reply while
-polling `isCanceled`, and stores the reply or the error; it never touches widgets. `finished` runs on
-the main thread and hands the task to the callback given at construction.
+polling `isCanceled`, reads the preview of what was sent and stores the reply or the error; it never
+touches widgets. `finished` runs on the main thread and hands the task to the callback given at
+construction.
 """
 
 from __future__ import annotations
@@ -10,16 +11,53 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from qgis.core import QgsTask
 
-from .errors import BACKEND_SLOW, BAD_ENDPOINT, CANCELLED, MISSING_DEPENDENCY
+from .errors import BACKEND_SLOW, BAD_ENDPOINT, CANCELLED, FORBIDDEN_PATH, MISSING_DEPENDENCY
 from .protocol import Client, EarthDialError, ErrorCode
 from .sources import SourcePlan
 
 PROBE_TIMEOUT_S = 1.5  # after a timeout: does the backend answer at all?
 # Replies meaning "the backend cannot read this file": it runs on another machine or in a container, or
 # may not read that directory. QGIS can, so the pixels are sent instead.
-UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, getattr(ErrorCode, "FORBIDDEN_PATH", "forbidden_path")}
+UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH}
+
+
+def resolve_sources(
+    header: dict[str, Any], plans: list[SourcePlan], cancelled: Callable[[], bool] | None = None
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The header with its `source` (one plan) or `sources` (a pair or sequence) and the array frames."""
+    header, arrays = dict(header), []
+    sources = []
+    for plan in plans:
+        source, frames = plan.resolve(header.get("op") != "georef", cancelled)
+        sources.append(source)
+        arrays.extend(frames)
+    if len(sources) == 1:
+        header["source"] = sources[0]
+    elif sources:
+        header["sources"] = sources
+    return header, arrays
+
+
+def request_with_fallback(
+    client: Client,
+    header: dict[str, Any],
+    plans: list[SourcePlan],
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[dict[str, Any], list[np.ndarray], bool]:
+    """Send a request; when the backend cannot read a referenced file, send those layers' pixels instead.
+    Returns the reply header, the arrays sent, and whether the fallback was used."""
+    full, arrays = resolve_sources(header, plans, cancelled)
+    try:
+        return client.request(full, arrays, cancelled=cancelled).header, arrays, False
+    except EarthDialError as exc:
+        if exc.code not in UNREADABLE_FILE or not any(p.fallback is not None for p in plans):
+            raise
+    plans = [p.fallback if p.fallback is not None else p for p in plans]
+    full, arrays = resolve_sources(header, plans, cancelled)
+    return client.request(full, arrays, cancelled=cancelled).header, arrays, True
 
 
 class RequestTask(QgsTask):
@@ -28,35 +66,45 @@ class RequestTask(QgsTask):
         description: str,
         endpoint: str,
         header: dict[str, Any],
-        plan: SourcePlan | None,
+        plan: SourcePlan | list[SourcePlan] | None,
         timeout_s: float,
         on_done: Callable[[RequestTask], None],
+        preview_bands: list[int] | None = None,
     ) -> None:
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.endpoint = endpoint
         self.header = dict(header)
-        self.plan = plan
+        self.plans: list[SourcePlan] = (
+            [] if plan is None else list(plan) if isinstance(plan, (list, tuple)) else [plan]
+        )
         self.timeout_s = float(timeout_s)
         self._on_done = on_done
+        self.preview_bands = list(preview_bands or [])
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
+        self.preview: np.ndarray | None = None  # what the model saw (first image), for the preview
+        self.preview_nodata: float | None = None
         self.sent_by_value = False  # a file the backend could not read was sent as pixels instead
 
     @property
     def op(self) -> str:
         return str(self.header.get("op", ""))
 
+    @property
+    def plan(self) -> SourcePlan | None:
+        return self.plans[0] if self.plans else None
+
     def run(self) -> bool:
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:
-                try:
-                    self.reply = self._request(client, self.plan)
-                except EarthDialError as exc:
-                    fallback = self.plan.fallback if self.plan is not None else None
-                    if exc.code not in UNREADABLE_FILE or fallback is None:
-                        raise
-                    self.reply = self._request(client, fallback)
-                    self.sent_by_value = True
+                self.setProgress(5)
+                reply, arrays, self.sent_by_value = request_with_fallback(
+                    client, self.header, self.plans, self.isCanceled
+                )
+                self.reply = reply
+            self.setProgress(90)
+            self._read_preview(arrays)
+            self.setProgress(100)
             return True
         except EarthDialError as exc:
             self.error = self._explain_timeout(exc) if exc.code == ErrorCode.TIMEOUT else exc
@@ -68,19 +116,35 @@ class RequestTask(QgsTask):
             self.error = _other_error(exc, self.endpoint)
         return False
 
-    def _request(self, client: Client, plan: SourcePlan | None) -> dict[str, Any]:
-        header, arrays = dict(self.header), []
-        if plan is not None:
-            header["source"], arrays = plan.resolve(self.op == "ask", self.isCanceled)
-        self.setProgress(10)
-        return client.request(header, arrays, cancelled=self.isCanceled).header
+    def _read_preview(self, arrays: list[np.ndarray]) -> None:
+        """The first image as sent: the array itself (by value), else the reply's window read here."""
+        from . import preview  # QtGui-free parts only on this thread
+
+        if self.reply is None or self.op == "status" or not self.plans:
+            return
+        plan = self.plans[0]
+        sent_first = plan.by_value or self.sent_by_value
+        if sent_first and arrays and self.op == "ask" and arrays[0].ndim == 3:
+            chosen = plan if plan.by_value else plan.fallback
+            indexes = _band_indexes(chosen.bands if chosen else None, self.preview_bands)
+            self.preview = preview.shrink(arrays[0][indexes] if indexes else arrays[0])
+            self.preview_nodata = chosen.nodata if chosen else None
+            return
+        provider_plan = plan if plan.by_value else plan.fallback
+        if provider_plan is None or provider_plan.provider is None:
+            return
+        chip = self.reply.get("chip") or {}
+        self.preview = preview.read_window(
+            provider_plan.provider, chip, self.preview_bands or list(chip.get("bands") or []), self.isCanceled
+        )
+        self.preview_nodata = provider_plan.nodata
 
     def finished(self, result: bool) -> None:
         # Let go of the provider clones here, on the main thread, rather than whenever Python collects
         # this task (possibly after QGIS has shut down, which crashes).
-        if self.plan is not None:
-            self.plan.release()
-        self.plan = None
+        for plan in self.plans:
+            plan.release()
+        self.plans = []
         if not result and self.error is None:  # cancelled before it started
             self.error = EarthDialError(CANCELLED, "request cancelled by the user")
         self._on_done(self)
@@ -100,6 +164,13 @@ class RequestTask(QgsTask):
             f"no reply within {self.timeout_s:g} s ({status.get('queue', 0)} request(s) queued, "
             f"{status.get('running', 0)} running); raise the timeout or try again later",
         )
+
+
+def _band_indexes(sent: list[int] | None, wanted: list[int]) -> list[int]:
+    """Positions in the sent array of the bands the preview should show (the displayed ones)."""
+    if not sent or not wanted or not all(b in sent for b in wanted):
+        return []
+    return [sent.index(b) for b in wanted]
 
 
 def _other_error(exc: Exception, endpoint: str) -> EarthDialError:

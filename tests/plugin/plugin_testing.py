@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from osgeo import gdal, osr
 from qgis.core import QgsRectangle
-from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtCore import QCoreApplication, QEvent, QPoint, Qt
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "qgis_plugin") not in sys.path:
@@ -38,14 +40,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_geotiff(path: str, bands: int = 3, seed: int = 0) -> np.ndarray:
-    """The test raster at ``path`` (a file, or /vsimem/...): random uint8 pixels. Returns them."""
+def write_geotiff(path: str, bands: int = 3, seed: int = 0, epsg: int | None = EPSG) -> np.ndarray:
+    """The test raster at ``path`` (a file, or /vsimem/...): random uint8 pixels. Returns them.
+    ``epsg=None`` writes a raster without a CRS."""
     data = np.random.default_rng(seed).integers(0, 256, size=(bands, SIZE[1], SIZE[0]), dtype=np.uint8)
     ds = gdal.GetDriverByName("GTiff").Create(path, SIZE[0], SIZE[1], bands, gdal.GDT_Byte)
     ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(EPSG)
-    ds.SetProjection(srs.ExportToWkt())
+    if epsg is not None:
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+        ds.SetProjection(srs.ExportToWkt())
     for i in range(bands):
         ds.GetRasterBand(i + 1).WriteArray(data[i])
     ds.FlushCache()
@@ -81,3 +85,48 @@ def same_corners(
         return False
     got, want = sorted(map(tuple, ring[:4])), sorted(map(tuple, expected))
     return all(abs(g[0] - w[0]) <= tol and abs(g[1] - w[1]) <= tol for g, w in zip(got, want, strict=True))
+
+
+def canvas_pixel(canvas: Any, x: float, y: float) -> QPoint:
+    """The canvas pixel showing map point (x, y) (canvas CRS)."""
+    point = canvas.getCoordinateTransform().transform(x, y)
+    return QPoint(round(point.x()), round(point.y()))
+
+
+def mouse(canvas: Any, kind: Any, pixel: QPoint, buttons: Any = None) -> Any:
+    from qgis.gui import QgsMapMouseEvent
+
+    button = Qt.MouseButton.LeftButton
+    if kind == QEvent.Type.MouseMove:
+        return QgsMapMouseEvent(canvas, kind, pixel, Qt.MouseButton.NoButton, buttons or button)
+    return QgsMapMouseEvent(canvas, kind, pixel, button, buttons if buttons is not None else button)
+
+
+def drag(canvas: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Press, move and release the left button on the canvas's current map tool, from map point ``start``
+    to ``end``, as a user dragging a box."""
+    tool = canvas.mapTool()
+    assert tool is not None, "no map tool is active"
+    a, b = canvas_pixel(canvas, *start), canvas_pixel(canvas, *end)
+    tool.canvasPressEvent(mouse(canvas, QEvent.Type.MouseButtonPress, a))
+    middle = QPoint((a.x() + b.x()) // 2, (a.y() + b.y()) // 2)
+    tool.canvasMoveEvent(mouse(canvas, QEvent.Type.MouseMove, middle))
+    tool.canvasMoveEvent(mouse(canvas, QEvent.Type.MouseMove, b))
+    tool.canvasReleaseEvent(mouse(canvas, QEvent.Type.MouseButtonRelease, b, Qt.MouseButton.NoButton))
+
+
+def click(canvas: Any, at: tuple[float, float]) -> None:
+    tool = canvas.mapTool()
+    pixel = canvas_pixel(canvas, *at)
+    tool.canvasPressEvent(mouse(canvas, QEvent.Type.MouseButtonPress, pixel))
+    tool.canvasReleaseEvent(mouse(canvas, QEvent.Type.MouseButtonRelease, pixel, Qt.MouseButton.NoButton))
+
+
+def snap_out(rect: QgsRectangle, pixel: float = PIXEL) -> QgsRectangle:
+    """A rectangle widened to the test raster's pixel edges (which are multiples of ``pixel``)."""
+    return QgsRectangle(
+        math.floor(rect.xMinimum() / pixel) * pixel,
+        math.floor(rect.yMinimum() / pixel) * pixel,
+        math.ceil(rect.xMaximum() / pixel) * pixel,
+        math.ceil(rect.yMaximum() / pixel) * pixel,
+    )

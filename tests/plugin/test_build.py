@@ -25,12 +25,20 @@ def test_build_plugin_zip(tmp_path) -> None:
     assert done.stdout.strip() == str(out)
     with zipfile.ZipFile(out) as zf:
         names = set(zf.namelist())
-        for module in ("__init__", "plugin", "dock", "task", "layers", "sources", "errors", "qt", "protocol"):
-            assert f"earthdial_qgis/{module}.py" in names
+        modules = (
+            "__init__", "plugin", "dock", "task", "layers", "sources", "errors", "qt", "protocol", "area",
+            "maptools", "history", "preview", "styling", "processing_provider", "deps", "deps_dialog",
+            "diagnostics", "backend_process", "settings", "settings_dialog", "tiling", "presets", "widgets", "log", "dock_ui", "results",
+            "algorithms/__init__", "algorithms/common", "algorithms/ask", "algorithms/detect", "algorithms/change",
+        )  # fmt: skip
+        for module in modules:
+            assert f"earthdial_qgis/{module}.py" in names, module
+        assert not any("/vendor/" in n for n in names)
+        assert "hasProcessingProvider=yes" in zf.read("earthdial_qgis/metadata.txt").decode()
         assert all(n.startswith("earthdial_qgis/") and "__pycache__" not in n for n in names)
         metadata = zf.read("earthdial_qgis/metadata.txt").decode()
         assert "name=EarthDial" in metadata and "qgisMinimumVersion=3.22" in metadata
-        assert "version=0.1.0" in metadata and "experimental=True" in metadata
+        assert "version=0.2.0" in metadata and "experimental=True" in metadata
         # protocol.py is a symlink in the repository and the backend's real module in the zip
         assert (PLUGIN / "protocol.py").is_symlink()
         info = zf.getinfo("earthdial_qgis/protocol.py")
@@ -41,7 +49,7 @@ def test_build_plugin_zip(tmp_path) -> None:
     # The unpacked plugin imports on its own, as QGIS would load it from its plugins folder.
     check = (
         "import sys; sys.path.insert(0, sys.argv[1]); import earthdial_qgis, earthdial_qgis.plugin, "
-        "earthdial_qgis.dock; assert earthdial_qgis.__file__.startswith(sys.argv[1]); "
+        "earthdial_qgis.dock, earthdial_qgis.processing_provider, earthdial_qgis.algorithms; assert earthdial_qgis.__file__.startswith(sys.argv[1]); "
         "assert callable(earthdial_qgis.classFactory); print('ok')"
     )
     run = subprocess.run(

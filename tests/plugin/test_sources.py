@@ -24,6 +24,7 @@ from plugin_testing import (
 )
 from qgis.core import QgsProject, QgsRasterDataProvider, QgsRasterLayer, QgsRectangle
 from qgis.PyQt import sip
+from qgis.PyQt.QtGui import QColor
 
 from earthdial_qgis.dock import GEOREF
 from earthdial_qgis.protocol import Client, EarthDialError
@@ -190,6 +191,16 @@ def test_memory_raster_through_the_dock(vsimem_layer, make_dock, show_view, geot
             "crs": None,
         }
         assert dock.answer_view.toPlainText() == client.ask(ref_source, "ship", task="refer")["answer"]
+    # The preview is the array that was sent: the view's pixels, unchanged (8-bit).
+    image, (rows, cols), data = dock.last_preview, VIEW_PIXELS, geotiff[1]
+    assert (image.width(), image.height()) == (50, 50) and "by value" in dock.preview_caption.text()
+    same = sum(
+        QColor(image.pixel(x, y)).getRgb()[:3]
+        == tuple(int(v) for v in data[:, rows.start + y, cols.start + x])
+        for x in range(0, 50, 7)
+        for y in range(0, 50, 7)
+    )
+    assert same >= 40  # of 49 (the answer's boxes, if any, are drawn over some)
 
 
 def test_virtual_raster_provider_goes_by_value(qgis_new_project, geotiff, backend, plans) -> None:

@@ -1,0 +1,80 @@
+"""earthdial:ask — one question about a raster layer (an extent of it, or all of it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsProcessingParameterRasterLayer
+
+from ..protocol import Client, EarthDialError
+from .common import (
+    ANSWER,
+    INPUT,
+    OUTPUT,
+    PROMPT,
+    TASK,
+    EarthDialAlgorithm,
+    LayerReader,
+    ask_once,
+    fail,
+)
+
+SINGLE_IMAGE_TASKS = (
+    "chat",
+    "caption",
+    "vqa",
+    "classify",
+    "grounding",
+    "refer",
+    "identify",
+    "tree_species",
+    "methane",
+    "uhi",
+)
+
+
+class AskAlgorithm(EarthDialAlgorithm):
+    def name(self) -> str:
+        return "ask"
+
+    def displayName(self) -> str:
+        return self.tr("Ask EarthDial about a raster")
+
+    def shortHelpString(self) -> str:
+        return self.tr(
+            "Sends the layer (or the extent) to the EarthDial backend with a task and prompt, writes the "
+            "answer's boxes as polygons (GeoPackage) and returns the answer text as ANSWER."
+        )
+
+    def initAlgorithm(self, config: Any = None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Raster layer")))
+        self.add_task(SINGLE_IMAGE_TASKS, "refer")
+        self.add_common()
+
+    def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
+        layer = self.layer(parameters, INPUT, context)
+        self.reader = LayerReader(layer, self.bands(parameters, context))
+        self.rect = self.area(parameters, context, layer)
+        return True
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:
+        endpoint = self.endpoint(parameters, context)
+        task = self.task_names[self.parameterAsEnum(parameters, TASK, context)]
+        prompt = self.parameterAsString(parameters, PROMPT, context) or ""
+        header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+        sink, dest = self.sink(parameters, context, self.reader.crs)
+        try:
+            with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+                reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)
+        except EarthDialError as exc:
+            raise fail(exc, endpoint) from None
+        count = self.write(sink, reply, self.reader.crs, task, prompt, self.reader.label)
+        answer = str(reply.get("answer", ""))
+        feedback.pushInfo(self.tr("Answer: {answer}").format(answer=answer))
+        feedback.pushInfo(self.tr("{n} box(es)").format(n=count))
+        feedback.setProgress(100)
+        return {OUTPUT: dest, ANSWER: answer}
+
+    def postProcessAlgorithm(self, context: Any, feedback: Any) -> dict[str, Any]:
+        self.reader.release()
+        return {}

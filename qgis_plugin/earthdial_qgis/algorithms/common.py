@@ -1,0 +1,318 @@
+"""What the EarthDial algorithms share: standard parameters, reading a layer's windows (by reference,
+or by value through a provider clone made on the main thread), one request, and the output sink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureSink,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+
+from .. import settings
+from ..errors import FORBIDDEN_PATH, NO_CRS, plain_message
+from ..layers import reply_features, result_fields
+from ..presets import PRESETS
+from ..protocol import Client, EarthDialError, ErrorCode, source_by_reference, source_by_value
+from ..qt import QtCore
+from ..sources import crs_text, displayed_bands, file_path, native_resolution, pixel_grid, read_pixels
+
+INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
+PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
+UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH}
+PRESET_CHOICES = ("auto", *PRESETS)
+
+
+def _flag(name: str) -> Any:
+    flags = getattr(Qgis, "ProcessingParameterFlag", None)  # QGIS >= 3.36
+    return (
+        getattr(flags, name)
+        if flags is not None
+        else getattr(QgsProcessingParameterDefinition, f"Flag{name}")
+    )
+
+
+def advanced(parameter: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
+    parameter.setFlags(parameter.flags() | _flag("Advanced"))
+    return parameter
+
+
+def number_type(name: str) -> Any:
+    """QgsProcessingParameterNumber's Integer/Double (moved to Qgis.ProcessingNumberParameterType in 3.36)."""
+    kind = getattr(Qgis, "ProcessingNumberParameterType", None)
+    return getattr(kind, name) if kind is not None else getattr(QgsProcessingParameterNumber.Type, name)
+
+
+def polygon_type() -> Any:
+    wkb = getattr(Qgis, "WkbType", None)  # QGIS >= 3.30
+    if wkb is not None:
+        return wkb.Polygon
+    from qgis.core import QgsWkbTypes
+
+    return QgsWkbTypes.Type.Polygon
+
+
+class LayerReader:
+    """A raster layer's windows as protocol sources. Made in prepareAlgorithm (the main thread): it keeps
+    the layer's facts and a provider clone, and is used from processAlgorithm's thread."""
+
+    def __init__(self, layer: QgsRasterLayer, bands: list[int] | None) -> None:
+        if not layer.crs().isValid():
+            raise QgsProcessingException(
+                f"Layer '{layer.name()}' has no coordinate reference system: set one in its properties first."
+            )
+        self.name = layer.name()
+        self.path = file_path(layer)
+        self.crs = layer.crs()
+        self.crs_text = crs_text(layer.crs())
+        self.extent = QgsRectangle(layer.extent())
+        self.resolution = native_resolution(layer)
+        self.bands = bands or displayed_bands(layer)
+        provider = layer.dataProvider()
+        self.provider = provider.clone() if provider is not None else None
+        self.band_count = provider.bandCount() if provider is not None else 0
+        self.by_value = self.path is None
+        self.label = self.path or layer.publicSource()
+
+    def release(self) -> None:
+        self.provider = None
+
+    def source(
+        self, rect: QgsRectangle, rect_crs: QgsCoordinateReferenceSystem | None = None,
+        pixels: bool = True, cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:  # fmt: skip
+        """The source for ``rect`` (in ``rect_crs``, default the layer's)."""
+        rect_crs = rect_crs or self.crs
+        if not self.by_value:
+            bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+            return source_by_reference(self.path, self.bands, bounds, crs_text(rect_crs)), []
+        if self.provider is None:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{self.name}' has no readable data")
+        local = rect
+        if rect_crs != self.crs:
+            local = QgsCoordinateTransform(rect_crs, self.crs, QgsProject.instance()).transformBoundingBox(
+                rect
+            )
+        grid = pixel_grid(self.extent, local, self.resolution)
+        bands = self.bands or list(range(1, min(self.band_count, 3) + 1))
+        for band in bands:
+            if not 1 <= band <= self.band_count:
+                raise EarthDialError(
+                    ErrorCode.BAND_OUT_OF_RANGE,
+                    f"band {band} does not exist in layer '{self.name}' (1..{self.band_count})",
+                )
+        data = (
+            read_pixels(self.provider, grid, bands, cancelled)
+            if pixels
+            else np.zeros((1, grid.rows, grid.cols), np.uint8)
+        )
+        return source_by_value(grid.transform, self.crs_text or "", None), [data]
+
+
+def ask_once(
+    client: Client,
+    header: dict[str, Any],
+    readers: list[tuple[LayerReader, QgsRectangle, QgsCoordinateReferenceSystem]],
+    feedback: QgsProcessingFeedback,
+) -> dict[str, Any]:
+    """One request over one or more layers; a referenced file the backend may not read goes by value."""
+    cancelled = feedback.isCanceled
+
+    def build() -> tuple[dict[str, Any], list[np.ndarray]]:
+        full, arrays, sources = dict(header), [], []
+        for reader, rect, crs in readers:
+            source, frames = reader.source(rect, crs, header.get("op") != "georef", cancelled)
+            sources.append(source)
+            arrays += frames
+        if len(sources) == 1:
+            full["source"] = sources[0]
+        else:
+            full["sources"] = sources
+        return full, arrays
+
+    full, arrays = build()
+    try:
+        return client.request(full, arrays, cancelled=cancelled).header
+    except EarthDialError as exc:
+        if exc.code not in UNREADABLE_FILE or not any(r.provider is not None for r, _, _ in readers):
+            raise
+    feedback.pushInfo("The backend cannot read the file; sending its pixels instead.")
+    for reader, _, _ in readers:
+        if reader.provider is not None:
+            reader.by_value = True
+    full, arrays = build()
+    return client.request(full, arrays, cancelled=cancelled).header
+
+
+def fail(exc: EarthDialError, endpoint: str) -> QgsProcessingException:
+    return QgsProcessingException(plain_message(exc, endpoint))
+
+
+class EarthDialAlgorithm(QgsProcessingAlgorithm):
+    """Shared parameters and helpers; subclasses add theirs and implement processAlgorithm."""
+
+    def tr(self, text: str) -> str:
+        return QtCore.QCoreApplication.translate("EarthDialProcessing", text)
+
+    def group(self) -> str:
+        return self.tr("Vision-language model")
+
+    def groupId(self) -> str:
+        return "earthdial"
+
+    def createInstance(self) -> QgsProcessingAlgorithm:
+        return type(self)()
+
+    # parameters --------------------------------------------------------------------------------------
+    def add_task(self, names: tuple[str, ...], default: str) -> None:
+        self.task_names = names
+        self.addParameter(
+            QgsProcessingParameterEnum(
+                TASK, self.tr("Task"), options=list(names), defaultValue=names.index(default)
+            )
+        )
+
+    def add_common(self, prompt_optional: bool = True) -> None:
+        self.addParameter(QgsProcessingParameterString(PROMPT, self.tr("Prompt"), optional=prompt_optional))
+        self.addParameter(
+            QgsProcessingParameterExtent(EXTENT, self.tr("Extent (default: the whole layer)"), optional=True)
+        )
+        self.addParameter(
+            QgsProcessingParameterBand(
+                BANDS,
+                self.tr("Bands (default: the displayed ones)"),
+                None,
+                INPUT,
+                optional=True,
+                allowMultiple=True,
+            )
+        )
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterEnum(
+                    PRESET,
+                    self.tr("Band preset"),
+                    options=list(PRESET_CHOICES),
+                    defaultValue=0,
+                    optional=True,
+                )
+            )
+        )
+        self.addParameter(
+            advanced(QgsProcessingParameterNumber(
+                GSD, self.tr("Ground sampling distance, metres (0: from the layer)"),
+                number_type("Double"), defaultValue=0.0, minValue=0.0, optional=True,
+            ))
+        )  # fmt: skip
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterString(
+                    ENDPOINT, self.tr("Backend endpoint"), defaultValue=settings.endpoint()
+                )
+            )
+        )
+        self.addParameter(
+            advanced(QgsProcessingParameterNumber(
+                TIMEOUT, self.tr("Timeout per request, seconds"), number_type("Integer"),
+                defaultValue=settings.timeout_s(), minValue=1,
+            ))
+        )  # fmt: skip
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Boxes"), type=_polygon_source_type())
+        )
+        self.addOutput(QgsProcessingOutputString(ANSWER, self.tr("Answer")))
+
+    # reading parameters ------------------------------------------------------------------------------
+    def layer(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(self.tr("Invalid raster layer for {name}").format(name=name))
+        if not layer.crs().isValid():
+            raise QgsProcessingException(
+                self.tr("Layer '{layer}' has no coordinate reference system ({code}): set one first.").format(
+                    layer=layer.name(), code=NO_CRS
+                )
+            )
+        return layer
+
+    def bands(self, parameters: dict[str, Any], context: QgsProcessingContext) -> list[int] | None:
+        bands = self.parameterAsInts(parameters, BANDS, context)
+        return [int(b) for b in bands if int(b) > 0] or None
+
+    def area(
+        self, parameters: dict[str, Any], context: QgsProcessingContext, layer: QgsRasterLayer
+    ) -> QgsRectangle:
+        if parameters.get(EXTENT) in (None, ""):
+            return QgsRectangle(layer.extent())
+        rect = self.parameterAsExtent(parameters, EXTENT, context, layer.crs())
+        if rect.isNull() or rect.isEmpty():
+            return QgsRectangle(layer.extent())
+        return rect
+
+    def options(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        preset = (
+            self.parameterAsEnum(parameters, PRESET, context) if parameters.get(PRESET) is not None else 0
+        )
+        if 0 < preset < len(PRESET_CHOICES):
+            options["preset"] = PRESET_CHOICES[preset]
+        gsd = self.parameterAsDouble(parameters, GSD, context) if parameters.get(GSD) is not None else 0.0
+        if gsd > 0:
+            options["gsd"] = gsd
+        return options
+
+    def endpoint(self, parameters: dict[str, Any], context: QgsProcessingContext) -> str:
+        return (self.parameterAsString(parameters, ENDPOINT, context) or settings.endpoint()).strip()
+
+    def timeout(self, parameters: dict[str, Any], context: QgsProcessingContext) -> int:
+        return (
+            self.parameterAsInt(parameters, TIMEOUT, context)
+            if parameters.get(TIMEOUT) is not None
+            else settings.timeout_s()
+        )
+
+    def sink(
+        self, parameters: dict[str, Any], context: QgsProcessingContext, crs: QgsCoordinateReferenceSystem
+    ) -> tuple[Any, str]:
+        sink, dest = self.parameterAsSink(parameters, OUTPUT, context, result_fields(), polygon_type(), crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, OUTPUT))
+        return sink, dest
+
+    def write(self, sink: Any, reply: dict[str, Any], crs: QgsCoordinateReferenceSystem, task: str, prompt: str,
+              source: str, tile: str = "") -> int:  # fmt: skip
+        features = reply_features(reply, result_fields(), crs, task, prompt, source, _now(), tile)
+        sink.addFeatures(features, QgsFeatureSink.Flag.FastInsert)
+        return len(features)
+
+
+def _polygon_source_type() -> Any:
+    from qgis.core import QgsProcessing
+
+    kind = getattr(Qgis, "ProcessingSourceType", None)  # QGIS >= 3.36
+    return kind.VectorPolygon if kind is not None else QgsProcessing.TypeVectorPolygon
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

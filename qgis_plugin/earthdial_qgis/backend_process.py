@@ -1,0 +1,146 @@
+"""A local `earthdial serve` started and stopped by the plugin (QProcess), for users who do not want a
+terminal. Its command (the `earthdial` program or the venv holding it), model directory, device and any
+extra arguments come from the plugin settings; its output goes to the "EarthDial" log tab. It is stopped
+on request and when the plugin unloads."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+from . import log, settings
+from .qt import QtCore
+
+STOPPED, STARTING, RUNNING = "stopped", "starting", "running"
+READY_LINE = "earthdial: serving"
+STOP_WAIT_MS = 5000
+
+
+def resolve_command(configured: str) -> str:
+    """The program to run: the configured file, or ``bin/earthdial`` (``Scripts\\earthdial.exe``) of a
+    configured virtual environment folder."""
+    path = os.path.expanduser(configured.strip())
+    if os.path.isdir(path):
+        for candidate in (
+            os.path.join(path, "bin", "earthdial"),
+            os.path.join(path, "Scripts", "earthdial.exe"),
+            os.path.join(path, "earthdial"),
+        ):
+            if os.path.isfile(candidate):
+                return candidate
+    return path
+
+
+def serve_arguments(model_dir: str, endpoint: str, device: str, extra: str = "") -> list[str]:
+    args = ["serve", "--endpoint", endpoint, "--device", device or "auto"]
+    args += ["--model", os.path.expanduser(model_dir)] if model_dir.strip() else ["--no-model"]
+    return args + (shlex.split(extra) if extra.strip() else [])
+
+
+class LocalBackend(QtCore.QObject):
+    """One backend process at a time."""
+
+    stateChanged = QtCore.pyqtSignal(str) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(str)
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.process: QtCore.QProcess | None = None
+        self.state = STOPPED
+        self.output: list[str] = []  # the last lines it wrote, for diagnostics
+        self.last_error = ""
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.state() != QtCore.QProcess.ProcessState.NotRunning
+
+    def start(self, endpoint: str) -> str:
+        """Start the configured backend on ``endpoint``; returns "" or why it cannot be started."""
+        if self.is_running():
+            return ""
+        program = resolve_command(settings.text(settings.BACKEND_COMMAND))
+        if not program:
+            return self.tr(
+                "Set the backend command (the `earthdial` program or its venv) in the EarthDial settings first."
+            )
+        if not os.path.isfile(program):
+            return self.tr(
+                "The backend command {program} does not exist; fix it in the EarthDial settings."
+            ).format(program=program)
+        model = settings.text(settings.MODEL_DIR)
+        if model.strip() and not os.path.isdir(os.path.expanduser(model)):
+            return self.tr(
+                "The model folder {model} does not exist; fix it in the EarthDial settings."
+            ).format(model=model)
+        args = serve_arguments(
+            model, endpoint, settings.text(settings.DEVICE, "auto"), settings.text(settings.EXTRA_ARGS)
+        )
+        process = QtCore.QProcess(self)
+        process.setProcessChannelMode(QtCore.QProcess.ProcessChannelMode.MergedChannels)
+        process.setWorkingDirectory(os.path.expanduser("~"))  # the backend may read files under it
+        env = QtCore.QProcessEnvironment.systemEnvironment()
+        env.insert("PYTHONUNBUFFERED", "1")
+        process.setProcessEnvironment(env)
+        process.readyReadStandardOutput.connect(self._read_output)
+        process.finished.connect(self._finished)
+        process.errorOccurred.connect(self._error)
+        self.process, self.output, self.last_error = process, [], ""
+        log.info(f"starting the backend: {shlex.join([program, *args])}")
+        self._set_state(STARTING)
+        process.start(program, args)
+        return ""
+
+    def stop(self) -> None:
+        """Stop the process: politely first (it finishes the batch in flight), then for good."""
+        process = self.process
+        if process is None:
+            return
+        if process.state() != QtCore.QProcess.ProcessState.NotRunning:
+            log.info("stopping the backend")
+            process.terminate()
+            if not process.waitForFinished(STOP_WAIT_MS):
+                process.kill()
+                process.waitForFinished(STOP_WAIT_MS)
+        self._read_output()
+        try:
+            process.finished.disconnect(self._finished)
+            process.errorOccurred.disconnect(self._error)
+            process.readyReadStandardOutput.disconnect(self._read_output)
+        except (TypeError, RuntimeError):
+            pass
+        process.deleteLater()
+        self.process, self.last_error = None, ""
+        self._set_state(STOPPED)
+
+    def _read_output(self) -> None:
+        if self.process is None:
+            return
+        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            self.output = (self.output + [line])[-200:]
+            log.info(f"backend: {line}")
+            if line.startswith(READY_LINE) and self.state == STARTING:
+                self._set_state(RUNNING)
+
+    def _finished(self, code: int, _status: Any = None) -> None:
+        self._read_output()
+        if self.state != STOPPED:
+            self.last_error = self.tr("The backend exited with code {code}: {tail}").format(
+                code=code, tail=" / ".join(self.output[-3:])
+            )
+            log.error(self.last_error)
+        self._set_state(STOPPED)
+
+    def _error(self, error: Any) -> None:
+        if error == QtCore.QProcess.ProcessError.FailedToStart:
+            self.last_error = self.tr("The backend could not be started: {why}").format(
+                why=self.process.errorString() if self.process else error
+            )
+            log.error(self.last_error)
+            self._set_state(STOPPED)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.stateChanged.emit(state)

@@ -1,0 +1,43 @@
+"""The plugin's settings, kept in QGIS's own settings store (QgsSettings) under "EarthDial/"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsSettings
+
+from .protocol import DEFAULT_ENDPOINT
+
+ENDPOINT = "EarthDial/endpoint"
+TIMEOUT = "EarthDial/timeout_s"
+BACKEND_COMMAND = "EarthDial/backend_command"  # the `earthdial` program, or the venv holding it
+MODEL_DIR = "EarthDial/model_dir"
+DEVICE = "EarthDial/device"
+EXTRA_ARGS = "EarthDial/extra_args"  # more `earthdial serve` arguments, e.g. --allow-dir /data
+
+DEFAULT_TIMEOUT_S = 300
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def value(key: str, default: Any = "") -> Any:
+    return QgsSettings().value(key, default)
+
+
+def text(key: str, default: str = "") -> str:
+    got = QgsSettings().value(key, default)
+    return str(got) if got is not None else default
+
+
+def set_value(key: str, new: Any) -> None:
+    QgsSettings().setValue(key, new)
+
+
+def endpoint() -> str:
+    return text(ENDPOINT, DEFAULT_ENDPOINT).strip() or DEFAULT_ENDPOINT
+
+
+def timeout_s() -> int:
+    try:
+        return max(1, int(value(TIMEOUT, DEFAULT_TIMEOUT_S)))
+    except (TypeError, ValueError):
+        return DEFAULT_TIMEOUT_S

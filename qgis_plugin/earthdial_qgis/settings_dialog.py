@@ -1,0 +1,59 @@
+"""The plugin settings a user sets once: the local backend's command (or venv), model folder, device and
+extra `earthdial serve` arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.gui import QgsFileWidget
+
+from . import settings
+from .qt import QtWidgets, exec_dialog
+
+
+class SettingsDialog(QtWidgets.QDialog):
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(self.tr("EarthDial settings"))
+        form = QtWidgets.QFormLayout()
+        self.command_widget = QgsFileWidget()
+        self.command_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
+        self.command_widget.setFilePath(settings.text(settings.BACKEND_COMMAND))
+        self.command_widget.setToolTip(
+            self.tr("The `earthdial` program, or the virtual environment folder it is installed in")
+        )
+        form.addRow(self.tr("Backend command or venv"), self.command_widget)
+        self.model_widget = QgsFileWidget()
+        self.model_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.model_widget.setFilePath(settings.text(settings.MODEL_DIR))
+        self.model_widget.setToolTip(self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB)"))
+        form.addRow(self.tr("Model folder"), self.model_widget)
+        self.device_combo = QtWidgets.QComboBox()
+        self.device_combo.addItems(list(settings.DEVICES))
+        self.device_combo.setCurrentText(settings.text(settings.DEVICE, "auto") or "auto")
+        form.addRow(self.tr("Device"), self.device_combo)
+        self.extra_edit = QtWidgets.QLineEdit(settings.text(settings.EXTRA_ARGS))
+        self.extra_edit.setPlaceholderText("--allow-dir /data --quantize int8")
+        form.addRow(self.tr("Extra arguments"), self.extra_edit)
+        buttons = QtWidgets.QDialogButtonBox(
+            QtWidgets.QDialogButtonBox.StandardButton.Ok | QtWidgets.QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(buttons)
+        self.resize(520, 180)
+
+    def save(self) -> None:
+        settings.set_value(settings.BACKEND_COMMAND, self.command_widget.filePath().strip())
+        settings.set_value(settings.MODEL_DIR, self.model_widget.filePath().strip())
+        settings.set_value(settings.DEVICE, self.device_combo.currentText())
+        settings.set_value(settings.EXTRA_ARGS, self.extra_edit.text().strip())
+
+    def accept(self) -> None:
+        self.save()
+        super().accept()
+
+    def run(self) -> int:
+        return exec_dialog(self)

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Screenshots of the plugin in the real QGIS desktop, under Xvfb: docs/screenshots/dock.png (the panel with
+its chip preview) and docs/screenshots/result.png (the result layer on the map).
+
+Run from the repository with any Python 3 (it needs only the standard library):
+
+    python3 scripts/screenshots.py [--out docs/screenshots]
+
+It makes a sample scene and a tiny random-weight checkpoint with the backend's command (.venv), starts
+`qgis --code` on this same file under `xvfb-run` with a throw-away profile, and there, as a user would:
+loads the plugin, adds the scene, opens the panel, starts the local backend from it, imports a known
+answer (the tiny checkpoint's own text is noise, so its boxes would mean nothing), and grabs the panel and
+the main window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ENV_PREFIX = "EARTHDIAL_SHOT_"
+try:
+    SCRIPT = Path(__file__).resolve()
+except NameError:  # `qgis --code` runs the file without __file__: the outer run says where it is
+    SCRIPT = Path(os.environ[ENV_PREFIX + "SCRIPT"])
+ROOT = SCRIPT.parent.parent
+EARTHDIAL = ROOT / ".venv" / "bin" / "earthdial"
+# The sample scene's ship (448 x 448 px at 1 m: hull centred at 30 %, 40 %, 40 x 10 px, turned 20 deg) and
+# its land, as EarthDial would write them.
+ANSWER = (
+    "There is a <ref>ship</ref><box>[[25, 39, 35, 41, 20]]</box> on the water, west of the "
+    "<ref>land</ref><box>[[74, 4, 98, 96, 0]]</box>."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outside QGIS: prepare the data and run QGIS under Xvfb
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds for the whole QGIS run")
+    args = parser.parse_args(argv)
+    if not EARTHDIAL.exists():
+        raise SystemExit(f"{EARTHDIAL} is missing: run scripts/install.sh first")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(prefix="earthdial-shots-") as tmp:
+        work = Path(tmp)
+        scene, model = work / "harbour.tif", work / "tiny"
+        subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, env=env, capture_output=True)
+        subprocess.run(
+            [str(EARTHDIAL), "make-tiny-checkpoint", str(model)], check=True, env=env, capture_output=True
+        )
+        env.update(
+            {
+                f"{ENV_PREFIX}SCENE": str(scene),
+                f"{ENV_PREFIX}MODEL": str(model),
+                f"{ENV_PREFIX}OUT": str(out),
+                f"{ENV_PREFIX}ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+                f"{ENV_PREFIX}WORK": str(work),
+                f"{ENV_PREFIX}SCRIPT": str(SCRIPT),
+            }
+        )
+        # QGIS's embedded Python finds its home through PATH: put QGIS's own folder first, so that the
+        # Python running this script (a venv, pyenv) is not taken for QGIS's
+        qgis = shutil.which("qgis") or "/usr/bin/qgis"
+        env["PATH"] = os.pathsep.join([os.path.dirname(qgis), env.get("PATH", "")])
+        for name in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"):
+            env.pop(name, None)
+        command = [
+            "xvfb-run", "-a", "-s", "-screen 0 1600x1400x24",
+            qgis, "--nologo", "--noversioncheck", "--noplugins",
+            "--profiles-path", str(work / "profiles"), "--code", str(SCRIPT),
+        ]  # fmt: skip
+        # a session of its own, so that a hung QGIS and its Xvfb can be stopped together
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = process.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            output += f"\nQGIS did not finish in {args.timeout} s"
+        status = (work / "status.txt").read_text() if (work / "status.txt").exists() else ""
+    if process.returncode != 0 or not status.startswith("ok"):
+        sys.stderr.write(output[-4000:] + "\n" + status)
+        return 1
+    for name in ("dock.png", "result.png"):
+        print(out / name)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Inside QGIS (`qgis --code`): drive the plugin as a user and grab the pictures
+# --------------------------------------------------------------------------------------------------
+
+
+def in_qgis() -> None:
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.utils import iface
+
+    def env(name: str) -> str:
+        return os.environ[ENV_PREFIX + name]
+
+    out, work = Path(env("OUT")), Path(env("WORK"))
+    sys.path.insert(0, str(ROOT / "qgis_plugin"))
+    import earthdial_qgis
+    from earthdial_qgis import settings
+    from earthdial_qgis.dock import GEOREF
+
+    state: dict = {}
+
+    def wait(condition, seconds: float):  # a generator step: yield until the condition holds
+        for _ in range(int(seconds / 0.2)):
+            if condition():
+                return
+            yield
+        raise TimeoutError(f"waited {seconds} s")
+
+    def steps():
+        window = iface.mainWindow()
+        window.resize(1600, 1000)
+        window.showMaximized()
+        settings.set_value(settings.ENDPOINT, env("ENDPOINT"))
+        settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
+        settings.set_value(settings.MODEL_DIR, env("MODEL"))
+        settings.set_value(settings.DEVICE, "cpu")
+        settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {work}")  # the backend reads the scene itself
+        plugin = earthdial_qgis.classFactory(iface)
+        plugin.initGui()
+        state["plugin"] = plugin
+
+        layer = QgsRasterLayer(env("SCENE"), "harbour (sample scene)", "gdal")
+        QgsProject.instance().addMapLayer(layer)
+        iface.setActiveLayer(layer)
+        iface.mapCanvas().setExtent(layer.extent())
+        plugin.action.trigger()
+        dock = plugin.dock
+        dock.setMinimumWidth(400)
+        yield
+
+        dock.start_button.click()  # the local backend, from the panel
+        yield from wait(lambda: dock.status_label.text().startswith("Connected"), 180)
+
+        dock.set_area_mode("layer")
+        dock.select_task(GEOREF)
+        dock.prompt_edit.setPlainText(ANSWER)
+        dock.send_button.click()
+        yield from wait(lambda: not dock.is_busy(), 60)
+        if dock.last_error is not None:
+            raise RuntimeError(dock.answer_view.toPlainText())
+        dock.tabs.setCurrentIndex(1)  # Preview
+        dock.setFloating(True)  # tall enough to show the whole panel at once
+        dock.resize(440, 1300)
+        for _ in range(5):
+            yield
+        dock.grab().save(str(out / "dock.png"))
+        dock.setFloating(False)
+
+        view = iface.layerTreeView()
+        view.expandAllNodes()  # the result group and its legend: an outline colour per label
+        view.setExpanded(view.node2index(QgsProject.instance().layerTreeRoot().findLayer(layer.id())), False)
+        dock.zoom_to_results()
+        canvas = iface.mapCanvas()
+        canvas.refreshAllLayers()
+        yield from wait(lambda: not canvas.isDrawing(), 30)
+        for _ in range(10):
+            yield
+        window.grab().save(str(out / "result.png"))
+        plugin.unload()
+        (work / "status.txt").write_text("ok\n")
+
+    def finish(error: str = "") -> None:
+        if error:
+            (work / "status.txt").write_text(error)
+            plugin = state.get("plugin")
+            if plugin is not None:
+                plugin.unload()
+        QgsApplication.exit(0)
+
+    runner = steps()
+
+    def tick() -> None:
+        try:
+            next(runner)
+        except StopIteration:
+            timer.stop()
+            finish()
+        except Exception as exc:  # written where the outer script looks for it
+            timer.stop()
+            import traceback
+
+            finish(f"error: {exc}\n{traceback.format_exc()}")
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(200)
+    state["timer"] = timer  # kept alive after this script returns
+    globals()["_earthdial_shots"] = state
+
+
+def in_qgis_safely() -> None:
+    try:
+        in_qgis()
+    except Exception as exc:  # before the event loop runs: report, and quit once it does
+        import traceback
+
+        from qgis.core import QgsApplication
+        from qgis.PyQt.QtCore import QTimer
+
+        Path(os.environ[ENV_PREFIX + "WORK"], "status.txt").write_text(
+            f"error: {exc}\n{traceback.format_exc()}"
+        )
+        QTimer.singleShot(0, lambda: QgsApplication.exit(1))
+
+
+if __name__ == "__main__":
+    if os.environ.get(ENV_PREFIX + "OUT") and "qgis.core" in sys.modules:
+        in_qgis_safely()
+    else:
+        sys.exit(main())

@@ -1,0 +1,197 @@
+"""The `earthdial` Processing provider: algorithms run headless with processing.run against the real
+backend and write GeoPackages; the tiling and merging behind earthdial:detect."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plugin_testing import EPSG, ORIGIN, PIXEL, SIZE, write_geotiff
+from qgis.core import (
+    QgsApplication,
+    QgsFeature,
+    QgsGeometry,
+    QgsProcessingException,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+
+from earthdial_qgis.layers import FIELDS, result_fields
+from earthdial_qgis.tiling import merge_boxes, tiles
+
+LAYER_EXTENT = QgsRectangle(ORIGIN[0], ORIGIN[1] - SIZE[1] * PIXEL, ORIGIN[0] + SIZE[0] * PIXEL, ORIGIN[1])
+
+
+@pytest.fixture(scope="module")
+def processing(qgis_app: Any) -> Iterator[Any]:
+    """Processing initialised as in a headless script, with the EarthDial provider registered."""
+    plugins = "/usr/share/qgis/python/plugins"
+    if plugins not in sys.path:
+        sys.path.append(plugins)
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    import processing as module
+
+    from earthdial_qgis.processing_provider import EarthDialProvider
+
+    registry = QgsApplication.processingRegistry()
+    provider = EarthDialProvider()
+    assert registry.addProvider(provider)
+    try:
+        yield module
+    finally:
+        registry.removeProvider(provider)
+
+
+def read_gpkg(path: str) -> QgsVectorLayer:
+    layer = QgsVectorLayer(path, "out", "ogr")
+    assert layer.isValid(), path
+    return layer
+
+
+def test_algorithms_are_registered(processing) -> None:
+    registry = QgsApplication.processingRegistry()
+    for name in ("ask", "detect", "change"):
+        algorithm = registry.algorithmById(f"earthdial:{name}")
+        assert algorithm is not None, name
+        names = {p.name() for p in algorithm.parameterDefinitions()}
+        assert {"INPUT", "EXTENT", "BANDS", "ENDPOINT", "OUTPUT"} <= names
+    change = registry.algorithmById("earthdial:change")
+    assert {"INPUT_2", "TASK", "PROMPT"} <= {p.name() for p in change.parameterDefinitions()}
+    assert registry.providerById("earthdial").defaultVectorFileExtension() == "gpkg"
+
+
+def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geotiff, tmp_path: Path) -> None:
+    out = tmp_path / "ships.gpkg"
+    result = processing.run(
+        "earthdial:detect",
+        {
+            "INPUT": str(geotiff[0]),
+            "PROMPT": "ship",
+            "TILE_SIZE": 100,
+            "ENDPOINT": backend.endpoint,
+            "TIMEOUT": 120,
+            "OUTPUT": str(out),
+        },
+    )
+    assert result["TILES"] == 3  # 200 x 100 pixels in tiles of 100 overlapping by at least 10
+    assert result["OUTPUT"] == str(out) and out.exists()
+    layer = read_gpkg(str(out))
+    assert [f.name() for f in layer.fields() if f.name() != "fid"] == [name for name, _ in FIELDS]
+    assert layer.crs().authid() == f"EPSG:{EPSG}"
+    for feature in layer.getFeatures():  # whatever the tiny model found: tagged with its tile
+        assert feature["task"] == "refer" and feature["prompt"] == "ship"
+        assert feature["tile"] in {"0,0", "50,0", "100,0"}
+
+
+def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_path_factory) -> None:
+    after = tmp_path_factory.getbasetemp() / "after_processing.tif"
+    write_geotiff(str(after), seed=3)
+    out = tmp_path_factory.mktemp("change") / "change.gpkg"
+    result = processing.run(
+        "earthdial:change",
+        {
+            "INPUT": str(geotiff[0]),
+            "INPUT_2": str(after),
+            "TASK": 0,  # change
+            "BANDS": [3, 2, 1],
+            "EXTENT": "500100,500600,3999200,3999700 [EPSG:32633]",
+            "ENDPOINT": backend.endpoint,
+            "OUTPUT": str(out),
+        },
+    )
+    assert isinstance(result["ANSWER"], str)
+    layer = read_gpkg(result["OUTPUT"])
+    assert "variant" in layer.fields().names() and "gsd" in layer.fields().names()
+
+
+def test_ask_reports_backend_errors_in_plain_words(processing, geotiff, tmp_path: Path) -> None:
+    from plugin_testing import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(QgsProcessingException, match="not reachable"):
+        processing.run(
+            "earthdial:ask",
+            {
+                "INPUT": str(geotiff[0]),
+                "PROMPT": "ship",
+                "ENDPOINT": dead,
+                "TIMEOUT": 1,
+                "OUTPUT": str(tmp_path / "x.gpkg"),
+            },
+        )
+
+
+def test_tiles_cover_the_area_with_overlap() -> None:
+    got = tiles(LAYER_EXTENT, (PIXEL, PIXEL), LAYER_EXTENT, 100, 0.1)
+    assert [(t.col, t.row) for t in got] == [(0, 0), (50, 0), (100, 0)]
+    assert got[0].rect == QgsRectangle(500000, 3999000, 501000, 4000000)
+    assert got[-1].rect.xMaximum() == LAYER_EXTENT.xMaximum()  # the last tile ends on the edge
+    small = tiles(LAYER_EXTENT, (PIXEL, PIXEL), QgsRectangle(500100, 3999200, 500600, 3999700), 448)
+    assert len(small) == 1 and small[0].rect == QgsRectangle(500100, 3999200, 500600, 3999700)
+    assert tiles(LAYER_EXTENT, (PIXEL, PIXEL), QgsRectangle(0, 0, 1, 1), 100) == []
+
+
+def _box(x0: float, y0: float, size: float, label: str) -> QgsFeature:
+    feature = QgsFeature(result_fields())
+    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(x0, y0, x0 + size, y0 + size)))
+    feature["label"] = label
+    return feature
+
+
+def test_merge_drops_boxes_found_twice() -> None:
+    boxes = [
+        _box(0, 0, 10, "ship"),
+        _box(1, 0, 10, "ship"),  # IoU 9/11: the same ship, seen from the next tile
+        _box(1, 0, 10, "harbour"),  # another label: kept
+        _box(6, 0, 10, "ship"),  # IoU 4/16 with the first: another ship
+    ]
+    kept = merge_boxes(boxes)
+    assert [(f["label"], f.geometry().boundingBox().xMinimum()) for f in kept] == [
+        ("ship", 0),
+        ("harbour", 1),
+        ("ship", 6),
+    ]
+
+
+def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tmp_path: Path) -> None:
+    """The plugin as a user installs it (the built zip in a profile), run by qgis_process without a GUI."""
+    import os
+    import shutil
+    import subprocess
+    import zipfile
+
+    from plugin_testing import ROOT
+
+    # Debian's qgis_process wrapper adds --noversioncheck, which qgis_process itself refuses: call the binary
+    program = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
+    if program is None:
+        pytest.skip("qgis_process is not installed")
+    package = tmp_path / "earthdial_qgis.zip"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_plugin.py"), "-o", str(package)], check=True
+    )
+    plugins = tmp_path / "config" / "profiles" / "default" / "python" / "plugins"
+    plugins.mkdir(parents=True)
+    zipfile.ZipFile(package).extractall(plugins)
+    env = {**os.environ, "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "config"), "QT_QPA_PLATFORM": "offscreen"}
+    subprocess.run(
+        [program, "plugins", "enable", "earthdial_qgis"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    out = tmp_path / "detect.gpkg"
+    run = subprocess.run(
+        [program, "run", "earthdial:detect", "--", f"INPUT={geotiff[0]}", "PROMPT=ship", "TILE_SIZE=448",
+         f"ENDPOINT={backend.endpoint}", f"OUTPUT={out}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "TILES" in run.stdout
+    assert read_gpkg(str(out)).fields().indexFromName("tile") >= 0
