@@ -8,13 +8,16 @@ snapped outwards to whole pixels and clipped to the raster.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyproj
 import rasterio
 import rasterio.windows
 from affine import Affine
@@ -173,9 +176,7 @@ def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row:
     are measured on the WGS84 ellipsoid; None when the raster has no CRS."""
     if crs is None or crs == "":
         return None
-    import pyproj
-
-    pcrs = pyproj.CRS.from_user_input(crs.to_wkt() if isinstance(crs, CRS) else crs)
+    pcrs = _pyproj_crs(crs.to_wkt() if isinstance(crs, CRS) else crs)
     a, b, c, d, e, f = transform[:6]
 
     def to_map(cc: float, rr: float) -> tuple[float, float]:
@@ -194,6 +195,12 @@ def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row:
         side_x = math.hypot(x1 - x0, y1 - y0) * factor
         side_y = math.hypot(x2 - x0, y2 - y0) * factor
     return (side_x + side_y) / 2
+
+
+@functools.lru_cache(maxsize=64)
+def _pyproj_crs(text: str) -> Any:
+    """Parsing a CRS costs milliseconds; requests on one raster repeat the same one."""
+    return pyproj.CRS.from_user_input(text)
 
 
 def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:

@@ -143,7 +143,7 @@ def _source_list(header: dict[str, Any]) -> list[Any]:
 
 
 def _choose_preset(
-    source: Any, array: np.ndarray | None, options: dict[str, Any]
+    source: Any, array: np.ndarray | None, options: dict[str, Any], info: imagery.RasterInfo | None
 ) -> tuple[presets.Preset, str]:
     name = options.get("preset")
     if name is not None:
@@ -157,12 +157,11 @@ def _choose_preset(
             )
         data = array if array.ndim == 3 else array[None]
         return presets.choose(data.shape[0], data.dtype.name, [], data[0, ::16, ::16])
-    if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+    if info is None:
         return presets.PRESETS["rgb8"], "default"
-    info = imagery.describe(source["path"])
     sample = None
     if info.count == 1:
-        sample = imagery.read_chip(source["path"], bands=[1], max_size=64).data[0]
+        sample = imagery.read_chip(info.path, bands=[1], max_size=64).data[0]
     return presets.choose(info.count, info.dtype, info.descriptions, sample)
 
 
@@ -179,7 +178,10 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
         )
     frames = iter(arrays)
     own = [[next(frames)] if isinstance(s, dict) and s.get("kind") == "value" else [] for s in sources]
-    preset, reason = _choose_preset(sources[0], own[0][0] if own[0] else None, options)
+    first_src = sources[0]
+    by_ref = not own[0] and isinstance(first_src, dict) and isinstance(first_src.get("path"), str)
+    info = imagery.describe(access.check_path(first_src["path"])) if by_ref else None  # opened once for all
+    preset, reason = _choose_preset(first_src, own[0][0] if own[0] else None, options, info)
     gsd = options.get("gsd")
     if gsd is not None and (
         not isinstance(gsd, (int, float))
@@ -191,9 +193,9 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
             f"options.gsd must be {imagery.MIN_GSD} to {imagery.MAX_GSD:g} metres per pixel, got {gsd!r:.40}",
         )
     bands = list(preset.bands) if preset.bands else None
-    if bands and preset.band_count and not own[0]:
-        count = imagery.describe(sources[0]["path"]).count if isinstance(sources[0], dict) else 0
-        if count and count < max(bands):
+    if bands and preset.band_count and info is not None:
+        count = info.count
+        if count < max(bands):
             raise EarthDialError(
                 ErrorCode.BAND_OUT_OF_RANGE,
                 f"preset {preset.name} needs {max(bands)} bands; the raster has {count}",
