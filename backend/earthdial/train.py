@@ -1,0 +1,1138 @@
+"""Train the built-in demo model: a micro EarthDial (InternVL layout, phi3 text model, 5 M parameters) on
+synthetic scenes (`earthdial.synthetic`), saved in EarthDial's published layout.
+
+The recipe is EarthDial's in miniature:
+
+* records are conversations in EarthDial's format (`[{"from": "human", "value": "<image>\\n..."},
+  {"from": "gpt", "value": "..."}]`) built with the same task prompts the server sends
+  (`prompts.build_question`), rendered with the phi3-chat template (`prompts.render_chat` /
+  `expand_images`, through `Engine.prompt_text`) and with pixels prepared by `Engine.image`, so
+  training and inference see identical inputs;
+* the loss is on the assistant tokens only; number tokens (every integer 0-100 is one token) get soft
+  targets, a Gaussian over neighbouring values (sigma 1.5), since a box off by one is nearly right;
+* AdamW (0.9, 0.98), weight decay 0.05, lr 2e-3, 100 warm-up steps, cosine to 5 %, batch 32, clip 1.0,
+  bf16 autocast on the CPU; the vision tower is trained (from scratch) unless `freeze_vision`;
+* 2-D sin-cos values initialise the ViT position embeddings, smooth sin-cos vectors the number tokens.
+
+Tasks: referring (`[refer]`), grounded description (`[grounding]`), caption (`[caption]`), classification
+of the main object, region identification (`[identify]`) and change between two images (`[changedet]`,
+Yes/No plus the boxes of what appeared or disappeared).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, prompts, synthetic
+from .synthetic import CLASSES, Scene, SceneObject
+from .tokens import IMG_CONTEXT, INTERNVL_TOKENS, PHI3_TOKENS, earthdial_tokens
+
+DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+DEMO_VARIANT = "EarthDial_4B_RGB"  # the tags it knows are the RGB checkpoint's
+SYSTEM_MESSAGE = "EarthDial demo."
+IMAGE_SIZE = 112
+TRAIN_SEED = 0
+EVAL_SEED = 20261127  # held-out scenes: a stream never used in training
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer: a WordLevel vocabulary in which every integer 0-100 is one token
+# ------------------------------------------------------------------------------------------------
+
+NUMBERS = tuple(str(i) for i in range(101))
+# Pieces: a number, "[[" or "]]", a word with its leading space, ", ", one whitespace char, any other char.
+PIECES = r"\d+|\[\[|\]\]| ?[A-Za-z][A-Za-z_'\-]*|, |\s|."
+
+# what users are likely to type for each class (referring prompts), and how answers name it
+SYNONYMS = {
+    "ship": ("ship", "ships", "boat", "boats", "vessel", "vessels", "the ship"),
+    "airplane": ("airplane", "airplanes", "plane", "planes", "aircraft", "aeroplane"),
+    "storage tank": ("storage tank", "storage tanks", "tank", "tanks", "oil tank", "oil tanks"),
+    "building": ("building", "buildings", "house", "houses", "roof", "roofs"),
+}
+ARTICLE = {
+    "ship": "a ship",
+    "airplane": "an airplane",
+    "storage tank": "a storage tank",
+    "building": "a building",
+}
+POSITIONS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+
+_EXTRA_WORDS = """
+A An The There This It is are a an the and with of at in on to no No Yes yes none None nothing object objects
+scene image images inland coastal harbour harbor mostly water land shows appeared disappeared new gone removed
+change changes changed detected found located size small medium large gray grey white red dark light
+left right top bottom center centre middle upper lower near far all any one two three four several
+ship ships boat boats vessel vessels airplane airplanes plane planes aircraft aeroplane storage tank tanks
+oil building buildings house houses roof roofs road roads river forest farmland residential industrial
+airport bridge field fields trees tree EarthDial demo find show where locate give me please what which how
+many is there count of
+"""
+
+
+def _corpus() -> list[str]:
+    """Texts whose words the vocabulary must hold: every task prompt the server sends, the answers the
+    trainer writes, and a few common words."""
+    texts = [SYSTEM_MESSAGE, _EXTRA_WORDS, prompts.DISASTER_TYPES, prompts.DAMAGE_CLASSES]
+    for spec in prompts.TASKS.values():
+        texts.append(spec.template.format(sensor="", images="", prompt=spec.default_prompt))
+        texts.append(spec.description)
+    texts += [p for names in SYNONYMS.values() for p in names]
+    texts += list(POSITIONS)
+    return texts
+
+
+def build_tokenizer() -> Any:
+    """A `PreTrainedTokenizerFast` over a WordLevel model. Words are kept with their leading space (both
+    forms are in the vocabulary), integers 0-100 are single tokens, any other printable ASCII character is
+    its own token, and decoding concatenates tokens exactly (a Fuse decoder), so answers round-trip."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<unk>", "<s>", "</s>"]
+    vocab: dict[str, int] = {t: i for i, t in enumerate(base)}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    for n in NUMBERS:
+        add(n)
+    for c in map(chr, range(32, 127)):
+        if not c.isalnum():
+            add(c)
+    add("\n")
+    add("[[")
+    add("]]")
+    add(", ")
+    for text in _corpus():
+        for word in re.findall(r"[A-Za-z][A-Za-z_'\-]*", text):
+            add(word)
+            add(" " + word)
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":  # any word can still be spelled
+        add(c)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECES), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    # transformers 5 ignores additional_special_tokens at construction: add them on the object.
+    fast.add_special_tokens(
+        {"additional_special_tokens": [*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens(DEMO_VARIANT)]}
+    )
+    fast.eos_token = "<|endoftext|>"
+    fast.pad_token = "<|endoftext|>"
+    return fast
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+
+def demo_published_config(vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """The demo model's config.json in the published internvl_chat layout: image 112, patch 14 (16 image
+    tokens), vision 128 x 4 layers, text 256 x 4 layers, one tile per image."""
+    cfg = checkpoint.tiny_published_config(vocab_size, IMAGE_SIZE, DEMO_VARIANT)
+    cfg["_name_or_path"] = "EarthDial-demo"
+    cfg["demo"] = True
+    cfg["system_message"] = SYSTEM_MESSAGE
+    cfg["max_dynamic_patch"] = 1  # the demo saw single 112 px tiles only: whole windows are resized
+    cfg["use_thumbnail"] = False
+    cfg["vision_config"].update(
+        hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
+        initializer_factor=1.0,  # layer-scale start: 0.1 kept a from-scratch ViT near identity for too long
+    )  # fmt: skip
+    llm = cfg["llm_config"]
+    llm.update(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=1,
+    )
+    llm.pop("rope_scaling", None)  # plain RoPE: sequences are short
+    return cfg
+
+
+def _sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) 2-D sin-cos position values: half the channels encode the row, half the column."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    pos = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+    parts = []
+    for p in (rows.reshape(-1), cols.reshape(-1)):
+        a = p[:, None] * omega[None]
+        parts += [torch.sin(a), torch.cos(a)]
+    return torch.cat(parts, dim=1).float()
+
+
+def _number_vectors(dim: int, scale: float) -> torch.Tensor:
+    """(101, dim) smooth sin-cos vectors for the values 0-100: near values get near vectors."""
+    half = dim // 2
+    periods = torch.logspace(math.log10(6.0), math.log10(400.0), half, dtype=torch.float64)
+    v = torch.arange(101, dtype=torch.float64)[:, None] * (2 * math.pi / periods[None])
+    out = torch.cat([torch.sin(v), torch.cos(v)], dim=1)
+    return (out * scale * math.sqrt(2.0)).float()
+
+
+def build_model(tokenizer: Any, seed: int = TRAIN_SEED) -> tuple[Any, dict[str, Any]]:
+    """A freshly initialised demo model (native InternVL class) and its published config."""
+    from transformers import InternVLForConditionalGeneration
+
+    vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
+    cfg = demo_published_config(vocab_size, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(
+        checkpoint.native_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
+    )
+    with torch.no_grad():
+        emb = model.model.vision_tower.embeddings
+        side = IMAGE_SIZE // cfg["vision_config"]["patch_size"]
+        emb.position_embeddings[0, 1:] = _sincos_2d(side, emb.position_embeddings.shape[-1])
+        emb.position_embeddings[0, 0] = 0.0
+        ids = tokenizer.convert_tokens_to_ids(list(NUMBERS))
+        std = float(model.config.text_config.initializer_range)
+        inp = model.get_input_embeddings().weight
+        inp[ids] = _number_vectors(inp.shape[1], std)
+        out = model.lm_head.weight
+        out[ids] = _number_vectors(out.shape[1], std)
+    return model, cfg
+
+
+def save_checkpoint(model: Any, tokenizer: Any, cfg: dict[str, Any], directory: str | Path) -> Path:
+    """Write the model in EarthDial's published layout (the files `make_tiny_checkpoint` writes)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    published = {k: v.contiguous() for k, v in checkpoint.native_to_published(state).items()}
+    save_file(published, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("</s>", "<|endoftext|>", "<|end|>")]
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}) + "\n")
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def make_engine(model: Any, tokenizer: Any, cfg: dict[str, Any]) -> Any:
+    """An `Engine` around an in-memory model, built the way `checkpoint.load` describes a checkpoint: its
+    `image` and `prompt_text` are what training uses, so the two paths cannot drift apart."""
+    from .engine import Engine
+    from .tokens import detect_variant
+
+    vocab = tokenizer.get_vocab()
+    info = checkpoint.CheckpointInfo(
+        path="<training>",
+        variant=detect_variant(set(vocab), cfg.get("earthdial_variant")),
+        image_size=int(cfg["force_image_size"]),
+        tokens_per_tile=model.config.image_seq_length,
+        min_tiles=int(cfg.get("min_dynamic_patch", 1)),
+        max_tiles=int(cfg.get("max_dynamic_patch", 6)),
+        use_thumbnail=bool(cfg.get("use_thumbnail", True)),
+        system_message=cfg.get("system_message") or checkpoint.INTERNVL_SYSTEM_MESSAGE,
+        vocab=frozenset(vocab),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return Engine.from_model(model, tokenizer, info)
+
+
+# ------------------------------------------------------------------------------------------------
+# Records: scenes -> conversations in EarthDial's format
+# ------------------------------------------------------------------------------------------------
+
+RGB_SENSORS = ("[hr_rgb_0.5]",) * 6 + ("[s2_rgb_10]", "[hr_rgbi_0.5]")
+
+
+def box_text(obj: SceneObject) -> str:
+    return "[[" + ", ".join(str(v) for v in obj.box100()) + "]]"
+
+
+def grounded(label: str, obj: SceneObject) -> str:
+    return f"<ref>{label}</ref><box>{box_text(obj)}</box>"
+
+
+def position_word(obj: SceneObject) -> str:
+    x1, y1, x2, y2 = obj.bounds()
+    col = min(int((x1 + x2) / 2 * 3), 2)
+    row = min(int((y1 + y2) / 2 * 3), 2)
+    return POSITIONS[row * 3 + col]
+
+
+def _ordered(objects: list[SceneObject]) -> list[SceneObject]:
+    return sorted(objects, key=lambda o: CLASSES.index(o.cls))
+
+
+def describe_scene(scene: Scene) -> str:
+    """A caption: the kind of scene and its objects with coarse positions."""
+    wet = scene.terrain.get("_wet")
+    share = float(synthetic._wet_grid(scene).mean()) if wet is None else float(wet.mean())
+    if share == 0:
+        first = "An inland scene."
+    elif share > 0.62:
+        first = "A harbour scene, mostly water."
+    else:
+        first = "A coastal scene with water and land."
+    objs = _ordered(scene.objects)
+    if not objs:
+        return first + " There are no objects."
+    parts = [f"{ARTICLE[o.cls]} at the {position_word(o)}" for o in objs]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{first} There is {listed}."
+
+
+def record(question: str, answer: str) -> list[dict[str, str]]:
+    """A conversation in EarthDial's training format."""
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@dataclass
+class Example:
+    conversation: list[dict[str, str]]
+    images: list[np.ndarray]  # (3, rows, cols) uint8, as read from a GeoTIFF
+    sensor: str
+    task: str
+    objects: list[list[SceneObject]] = field(default_factory=list)  # per image, for the dense aid
+    label_maps: list[np.ndarray] = field(default_factory=list)  # per image: 0 background, 1 + class
+
+
+def _sensor(rng: np.random.Generator) -> str:
+    return str(rng.choice(RGB_SENSORS))
+
+
+def refer_example(scene: Scene, image: np.ndarray, rng: np.random.Generator, max_turns: int = 3) -> Example:
+    """A referring conversation: the first turn asks for one object (the form the server sends), later
+    turns (follow-ups with the image in the history) ask for the scene's other objects."""
+    sensor = _sensor(rng)
+    objs = [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))][:max_turns]
+    conv: list[dict[str, str]] = []
+    for k, obj in enumerate(objs):
+        asked = str(rng.choice(SYNONYMS[obj.cls]))
+        q = prompts.build_question("refer", asked, sensor, images=None if k == 0 else 0)
+        conv += record(q, grounded(obj.cls, obj))
+    return Example(conv, [image], sensor, "refer", [scene.objects])
+
+
+def grounding_answer(scene: Scene) -> str:
+    return " ".join(grounded(o.cls, o) for o in _ordered(scene.objects)) or "No objects."
+
+
+def grounding_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
+    sensor = _sensor(rng)
+    q = prompts.build_question("grounding", "", sensor)
+    return Example(record(q, grounding_answer(scene)), [image], sensor, "grounding", [scene.objects])
+
+
+def describe_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
+    """One of the short single-image tasks: caption, classification of the main object, or what is at a
+    box (identify)."""
+    sensor = _sensor(rng)
+    kind = rng.choice(["caption", "classify", "identify"])
+    if kind == "caption":
+        q, a = prompts.build_question("caption", "", sensor), describe_scene(scene)
+    elif kind == "classify":
+        classes = ", ".join(str(c) for c in rng.permutation(CLASSES))
+        q, a = prompts.build_question("classify", classes, sensor), scene.main_object().cls
+    else:
+        obj = scene.objects[int(rng.integers(0, len(scene.objects)))]
+        q, a = prompts.build_question("identify", box_text(obj), sensor), obj.cls
+    return Example(record(q, a), [image], sensor, "describe", [scene.objects])
+
+
+def change_answer(pair: synthetic.Pair) -> str:
+    if not pair.changed:
+        return "No."
+    items = sorted(pair.changed, key=lambda c: CLASSES.index(c[1].cls))
+    return "Yes. " + " ".join(grounded(f"{o.cls} {what}", o) for what, o in items)
+
+
+def change_example(pair: synthetic.Pair, before: np.ndarray, after: np.ndarray) -> Example:
+    sensor = "[hr_rgb_temp_0.5]"
+    q = prompts.build_question("change", "", sensor)
+    return Example(record(q, change_answer(pair)), [before, after], sensor, "change",
+                   [pair.before.objects, pair.after.objects])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation: the eight flips and quarter turns, applied to images and object labels alike
+# ------------------------------------------------------------------------------------------------
+
+
+def _turn_object(o: SceneObject, quarter: int, flip: bool) -> SceneObject:
+    """The object after np.rot90(image, quarter, axes=(1, 2)) (counter-clockwise turns), then a
+    left-right flip."""
+    from dataclasses import replace
+
+    cx, cy, angle = o.cx, o.cy, o.angle
+    for _ in range(quarter % 4):  # (x, y) -> (y, 1 - x); a direction (cos a, sin a) turns by -90 degrees
+        cx, cy, angle = cy, 1.0 - cx, angle - 90.0
+    if flip:
+        cx, angle = 1.0 - cx, 180.0 - angle
+    return replace(o, cx=cx, cy=cy, angle=angle % 360.0)
+
+
+def turn_scene(scene: Scene, quarter: int, flip: bool) -> Scene:
+    """Labels of a turned scene (the terrain parameters are no longer valid for rendering)."""
+    terrain = {"_wet": _turn_array(synthetic._wet_grid(scene), quarter, flip)}
+    return Scene(
+        scene.seed, [_turn_object(o, quarter, flip) for o in scene.objects], scene.water_level, terrain
+    )
+
+
+def _turn_array(a: np.ndarray, quarter: int, flip: bool) -> np.ndarray:
+    axes = (a.ndim - 2, a.ndim - 1)
+    out = np.rot90(a, quarter % 4, axes=axes)
+    if flip:
+        out = out[..., ::-1]
+    return np.ascontiguousarray(out)
+
+
+def turn_pair(pair: synthetic.Pair, quarter: int, flip: bool) -> synthetic.Pair:
+    return synthetic.Pair(
+        turn_scene(pair.before, quarter, flip),
+        turn_scene(pair.after, quarter, flip),
+        [(what, _turn_object(o, quarter, flip)) for what, o in pair.changed],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+
+SINGLE_TASKS: dict[str, Callable[..., Example]] = {
+    "refer": refer_example,
+    "grounding": grounding_example,
+    "describe": describe_example,
+}
+# share of steps per kind of batch (each step's batch is one kind, so its sequences have similar lengths)
+DEFAULT_MIX = {"refer": 0.4, "change": 0.3, "grounding": 0.2, "describe": 0.1}
+SIZES = ((112, 0.85), (168, 0.10), (224, 0.05))  # rendering sizes; the engine resizes to 112
+
+
+def _render_size(rng: np.random.Generator) -> int:
+    sizes, weights = zip(*SIZES, strict=True)
+    return int(rng.choice(sizes, p=weights))
+
+
+def make_examples(
+    task: str, seed: int, start: int, count: int, rng: np.random.Generator, max_objects: int = 4
+) -> list[Example]:
+    """`count` examples of `task` from scenes start, start+1, ... of the stream `seed`. Each rendered scene
+    serves two examples, in two different orientations."""
+    out: list[Example] = []
+    index = start
+    while len(out) < count:
+        size = _render_size(rng)
+        if task == "change":
+            pair = synthetic.make_pair(seed, index, max_objects)
+            (before, lb), (after, la) = (
+                synthetic.render_with_labels(s, size) for s in (pair.before, pair.after)
+            )
+            for q, f in _two_orientations(rng):
+                ex = change_example(
+                    turn_pair(pair, q, f), _turn_array(before, q, f), _turn_array(after, q, f)
+                )
+                ex.label_maps = [_turn_array(lb, q, f), _turn_array(la, q, f)]
+                out.append(ex)
+        else:
+            scene = synthetic.make_scene(seed, index, max_objects=max_objects)
+            image, labels = synthetic.render_with_labels(scene, size)
+            for q, f in _two_orientations(rng):
+                ex = SINGLE_TASKS[task](turn_scene(scene, q, f), _turn_array(image, q, f), rng)
+                ex.label_maps = [_turn_array(labels, q, f)]
+                out.append(ex)
+        index += 1
+    return out[:count]
+
+
+def _two_orientations(rng: np.random.Generator) -> list[tuple[int, bool]]:
+    a, b = rng.choice(8, size=2, replace=False)
+    return [(int(a) % 4, bool(a >= 4)), (int(b) % 4, bool(b >= 4))]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): the next token to predict at each position, -100 where no loss
+    pixel_values: torch.Tensor  # (images, 3, 112, 112)
+    tasks: list[str] = field(default_factory=list)
+    cell_class: torch.Tensor | None = (
+        None  # (images, cells): 0 background, 1 + class of an object centred there
+    )
+    cell_box: torch.Tensor | None = None  # (images, cells, 4): that object's box / 100
+    patch_class: torch.Tensor | None = None  # (images, patches, 1 + classes): share of each label per patch
+
+
+GRID = 4  # image tokens per side (16 tokens: 8 x 8 patches, pixel-shuffled 2 x 2)
+PATCHES = 8  # ViT patches per side
+
+
+def patch_targets(labels: np.ndarray) -> torch.Tensor:
+    """(patches, 1 + classes): the share of each label (background first) in each ViT patch, row-major."""
+    size = labels.shape[0]
+    k = size // PATCHES
+    onehot = np.eye(1 + len(CLASSES), dtype=np.float32)[labels[: k * PATCHES, : k * PATCHES]]
+    shares = onehot.reshape(PATCHES, k, PATCHES, k, -1).mean(axis=(1, 3))
+    return torch.from_numpy(shares.reshape(PATCHES * PATCHES, -1))
+
+
+def dense_targets(objects: list[SceneObject]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image token (row-major 4 x 4 cells): the class of the object whose centre lies in the cell,
+    and its box on 0-1."""
+    cls = torch.zeros(GRID * GRID, dtype=torch.long)
+    box = torch.zeros(GRID * GRID, 4)
+    for o in objects:
+        x1, y1, x2, y2 = o.bounds()
+        col = min(int((x1 + x2) / 2 * GRID), GRID - 1)
+        row = min(int((y1 + y2) / 2 * GRID), GRID - 1)
+        cls[row * GRID + col] = 1 + CLASSES.index(o.cls)
+        box[row * GRID + col] = torch.tensor([x1, y1, x2, y2])
+    return cls, box
+
+
+def conversation_pieces(
+    conversation: list[dict[str, str]], images: list[Any], engine: Any
+) -> list[tuple[str, bool]]:
+    """The training text of a conversation as (text, is_answer) pieces whose concatenation is exactly the
+    engine's prompt for the last question (history included) followed by the last answer and <|end|>."""
+    from .engine import Query
+
+    turns = [(conversation[i]["value"], conversation[i + 1]["value"]) for i in range(0, len(conversation), 2)]
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, (q, a) in enumerate(turns):
+        prefix = engine.prompt_text(Query(q, images, history=tuple(turns[:k])))
+        if not prefix.startswith(done):
+            raise ValueError("the chat template did not extend the previous turns")
+        pieces.append((prefix[len(done) :], False))
+        pieces.append((a + "<|end|>", True))
+        done = prefix + a + "<|end|>"
+    return pieces
+
+
+def collate(examples: list[Example], engine: Any) -> Batch:
+    """Tokenise conversations as the engine prompts them; the loss is on the assistant answers (and the
+    <|end|> that closes each) only."""
+    tok = engine.tokenizer
+    rows, targets, pixels = [], [], []
+    for ex in examples:
+        images = [engine.image(im, ex.sensor) for im in ex.images]
+        ids: list[int] = []
+        is_answer: list[bool] = []
+        for text, answer in conversation_pieces(ex.conversation, images, engine):
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            is_answer += [answer] * len(piece)
+        # labels[t] = the token at t+1 where that token belongs to an answer
+        lab = [ids[t + 1] if is_answer[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+        rows.append(ids)
+        targets.append(lab)
+        pixels += [im.pixels for im in images]
+    width = max(len(r) for r in rows)
+    pad = engine.pad_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+    dense = [dense_targets(objs) for ex in examples for objs in ex.objects]
+    cell_class = torch.stack([d[0] for d in dense]) if dense else None
+    cell_box = torch.stack([d[1] for d in dense]) if dense else None
+    maps = [m for ex in examples for m in ex.label_maps]
+    patch_class = torch.stack([patch_targets(m) for m in maps]) if maps and len(maps) == len(dense) else None
+    return Batch(input_ids, attention, labels, torch.cat(pixels), [ex.task for ex in examples], cell_class,
+                 cell_box, patch_class)  # fmt: skip
+
+
+class SoftNumberLoss:
+    """Cross-entropy over the vocabulary where a number target (0-100) is a Gaussian over the number
+    tokens around it (sigma in number units) instead of a single token."""
+
+    def __init__(self, number_ids: list[int], vocab_size: int, sigma: float = 1.5) -> None:
+        self.number_ids = torch.tensor(number_ids)
+        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+        lookup[self.number_ids] = torch.arange(len(number_ids))
+        self.value_of = lookup
+        v = torch.arange(len(number_ids), dtype=torch.float32)
+        kernel = torch.exp(-0.5 * ((v[:, None] - v[None]) / sigma) ** 2)
+        self.kernel = kernel / kernel.sum(dim=1, keepdim=True)  # row n: the target for value n
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sel = labels != -100
+        logp = F.log_softmax(logits[sel].float(), dim=-1)  # (N, V)
+        target = labels[sel]
+        value = self.value_of[target]
+        is_num = value >= 0
+        loss = torch.empty(target.shape[0], dtype=logp.dtype)
+        other = ~is_num
+        loss[other] = -logp[other].gather(1, target[other, None])[:, 0]
+        if is_num.any():
+            q = self.kernel[value[is_num]]  # (n, 101)
+            loss[is_num] = -(q * logp[is_num][:, self.number_ids]).sum(dim=1)
+        return loss.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    minutes: float = 29.0  # wall-clock cap of the optimisation loop (with `steps`, stops early if reached)
+    seed: int = TRAIN_SEED
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    bf16: bool | None = None  # None: only where the CPU has native bf16 (AVX512-BF16 or AMX)
+    freeze_vision: bool = False
+    threads: int = 2
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    dense_weight: float = 0.5  # weight of the training-only dense aid (0: off)
+    easy_share: float = 0.0  # share of stage 2 on scenes with fewer objects (a curriculum; 0: none)
+    vision_share: float = 0.1  # share of the budget spent first on the vision tower alone (dense aid)
+    vision_batch: int = 48
+    vision_steps: int | None = None  # with `steps`: the vision stage's steps
+    steps: int | None = None  # the schedule's length in steps; None: as many as `minutes` allows
+    check_every: int = 400  # a quick held-out check every this many steps (0: never)
+    check_scenes: int = 48
+
+
+def _lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first steps, then a cosine from 1 to `final_lr_ratio` over the run's
+    progress (0..1: the share of the time budget, or of max_steps, used)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ThreadTuner:
+    """Picks 1 or `most` torch threads by measured seconds per token. On a shared 2-core machine two
+    threads are ~1.7x faster when the cores are free, but a step can take 10x longer while another
+    process holds a core (the threads wait on each other), where one thread is the better choice."""
+
+    def __init__(self, most: int) -> None:
+        self.options = sorted({1, max(most, 1)})
+        self.cost: dict[int, float] = {}
+        self.step = 0
+
+    def choose(self) -> int:
+        self.step += 1
+        untried = [n for n in self.options if n not in self.cost]
+        if untried:
+            return untried[0]
+        best = min(self.options, key=lambda n: self.cost[n])
+        if len(self.options) > 1 and self.step % 12 == 0:  # keep measuring the other choice
+            return next(n for n in self.options if n != best)
+        return best
+
+    def record(self, threads: int, seconds: float, tokens: int) -> None:
+        v = seconds / max(tokens, 1)
+        old = self.cost.get(threads)
+        self.cost[threads] = v if old is None else 0.7 * old + 0.3 * v
+
+
+def optimiser(model: Any, cfg: TrainConfig, extra: Any = None) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    named = list(model.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "embeddings" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively. Without it (AVX2 only), bf16 autocast is emulated and was
+    measured ~20x SLOWER than fp32 here, so it is used only where it helps."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+class DenseAid(torch.nn.Module):
+    """Training-only heads that give the vision tower and projector a dense signal from the first step (the
+    language loss reaches them only through a few answer tokens): on each ViT patch, the share of each
+    class in it (a segmentation); on each projected image token, the class of an object centred in its
+    cell and that object's box. They are not saved: the checkpoint is the plain InternVL layout."""
+
+    def __init__(self, vision_dim: int, dim: int) -> None:
+        super().__init__()
+        self.patch_head = torch.nn.Linear(vision_dim, 1 + len(CLASSES))
+        self.head = torch.nn.Linear(dim, 1 + len(CLASSES) + 4)
+
+    def loss(self, vision: torch.Tensor, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
+        out = self.head(feats.float())  # (images, cells, 1 + classes + 4)
+        logits, box = out[..., : 1 + len(CLASSES)], out[..., 1 + len(CLASSES) :]
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.cell_class.reshape(-1))
+        pos = batch.cell_class > 0
+        if pos.any():
+            total = total + 5.0 * F.l1_loss(box[pos], batch.cell_box[pos])
+        if batch.patch_class is not None:
+            patch_logits = self.patch_head(vision[:, 1:].float())  # drop the CLS token
+            logp = F.log_softmax(patch_logits, dim=-1)
+            total = total - (batch.patch_class * logp).sum(-1).mean()
+        return total
+
+
+def train_step(model: Any, batch: Batch, loss_fn: SoftNumberLoss, opt: torch.optim.Optimizer, cfg: TrainConfig,
+               aid: DenseAid | None = None) -> float:  # fmt: skip
+    """One optimiser step. The image features are computed once and spliced into the prompt embeddings
+    at the <IMG_CONTEXT> positions, exactly as `Engine.generate` does."""
+    model.train()
+    bf16 = native_bf16() if cfg.bf16 is None else cfg.bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        image_out = model.model.get_image_features(pixel_values=batch.pixel_values)
+        feats = image_out.pooler_output
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        slots = (batch.input_ids == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(slots, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+    lm = loss_fn(out.logits, batch.labels)
+    loss = lm
+    if aid is not None and batch.cell_class is not None and cfg.dense_weight > 0:
+        loss = lm + cfg.dense_weight * aid.loss(image_out.last_hidden_state, feats, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    opt.step()
+    return float(lm.detach())  # the language loss (the dense aid's is not reported)
+
+
+class TaskStream:
+    """Endless batches: each step draws a task by the mix and takes fresh scenes from the seed's stream."""
+
+    def __init__(self, cfg: TrainConfig, engine: Any) -> None:
+        self.cfg, self.engine = cfg, engine
+        self.rng = np.random.default_rng([cfg.seed, 0xBA7C4])
+        self.next_index = 0
+        self.tasks = list(cfg.mix)
+        w = np.array([cfg.mix[t] for t in self.tasks], dtype=np.float64)
+        self.weights = w / w.sum()
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next(1.0)
+
+    def next(self, progress: float) -> Batch:
+        """A batch; early in training (`cfg.easy_share` of it) scenes hold fewer objects: first one, then
+        up to two, so that finding *an* object is learned before picking the one asked for."""
+        task = str(self.rng.choice(self.tasks, p=self.weights))
+        n = self.cfg.batch_size
+        easy = self.cfg.easy_share
+        most = 1 if progress < easy / 2 else 2 if progress < easy else 4
+        examples = make_examples(task, self.cfg.seed, self.next_index, n, self.rng, most)
+        self.next_index += (n + 1) // 2
+        return collate(examples, self.engine)
+
+
+def vision_batch(cfg: TrainConfig, engine: Any, start: int, rng: np.random.Generator) -> Batch:
+    """Images only (single scenes and both images of pairs), with their dense targets."""
+    pixels, dense, maps = [], [], []
+    index = start
+    while len(pixels) < cfg.vision_batch:
+        size = _render_size(rng)
+        if rng.random() < 0.3:
+            pair = synthetic.make_pair(cfg.seed, index)
+            scenes = [pair.before, pair.after]
+        else:
+            scenes = [synthetic.make_scene(cfg.seed, index)]
+        for scene in scenes:
+            image, labels = synthetic.render_with_labels(scene, size)
+            for q, f in _two_orientations(rng):
+                pixels.append(engine.image(_turn_array(image, q, f), "[hr_rgb_0.5]").pixels)
+                dense.append(dense_targets(turn_scene(scene, q, f).objects))
+                maps.append(patch_targets(_turn_array(labels, q, f)))
+        index += 1
+    n = cfg.vision_batch
+    empty = torch.zeros(0, dtype=torch.long)
+    return Batch(empty, empty, empty, torch.cat(pixels[:n]), ["vision"], torch.stack([d[0] for d in dense[:n]]),
+                 torch.stack([d[1] for d in dense[:n]]), torch.stack(maps[:n]))  # fmt: skip
+
+
+def train_vision(model: Any, engine: Any, aid: DenseAid, cfg: TrainConfig, seconds: float, steps: int | None,
+                 log: Callable[[str], None]) -> int:  # fmt: skip
+    """Stage 1: the vision tower and projector learn the scenes through the dense aid alone (cheap: no
+    language model), so that stage 2 starts from image tokens that already say what is where."""
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *aid.parameters()]  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng([cfg.seed, 0x7151])
+    started = time.perf_counter()
+    step, index = 0, 10_000_000  # scenes of the same stream, far from stage 2's
+    recent: list[float] = []
+    tuner = ThreadTuner(cfg.threads)
+    model.train()
+    while (step < steps) if steps is not None else (time.perf_counter() - started < seconds):
+        progress = step / steps if steps is not None else (time.perf_counter() - started) / max(seconds, 1e-9)
+        for g in opt.param_groups:
+            # 50 warm-up steps, then a cosine from 1 to 0.3: stage 2 warms up again from there
+            g["lr"] = (
+                cfg.lr
+                * min(1.0, (step + 1) / 50)
+                * (0.3 + 0.35 * (1 + math.cos(math.pi * min(progress, 1.0))))
+            )
+        torch.set_num_threads(1)
+        batch = vision_batch(cfg, engine, index, rng)
+        index += cfg.vision_batch
+        threads = tuner.choose()
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        out = model.model.get_image_features(pixel_values=batch.pixel_values)
+        loss = aid.loss(out.last_hidden_state, out.pooler_output, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        tuner.record(threads, time.perf_counter() - t0, batch.pixel_values.shape[0])
+        recent.append(float(loss.detach()))
+        step += 1
+        if step % 50 == 0:
+            log(
+                f"vision step {step} {(time.perf_counter() - started) / 60:.1f} min dense loss {np.mean(recent[-20:]):.3f}"
+            )
+    return step
+
+
+def train(
+    cfg: TrainConfig, out: str | Path | None = None, log: Callable[[str], None] = print
+) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Train a demo model from scratch for `cfg.minutes` of wall-clock time (or exactly `cfg.max_steps`
+    steps); save it to `out` if given. Returns (model, tokenizer, published config, training summary).
+    The data stream is fixed by the seed; with a time budget the number of steps depends on the
+    machine's speed, with max_steps the run is step-for-step repeatable."""
+    torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer()
+    model, pub = build_model(tokenizer, cfg.seed)
+    if cfg.freeze_vision:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    engine = make_engine(model, tokenizer, pub)
+    loss_fn = SoftNumberLoss(
+        tokenizer.convert_tokens_to_ids(list(NUMBERS)), model.config.text_config.vocab_size
+    )
+    aid = (DenseAid(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+           if cfg.dense_weight > 0 else None)  # fmt: skip
+    started_all = time.perf_counter()
+    vision_steps = 0
+    if aid is not None and (cfg.vision_steps if cfg.steps is not None else cfg.vision_share > 0):
+        vision_steps = train_vision(model, engine, aid, cfg, cfg.vision_share * cfg.minutes * 60.0,
+                                    cfg.vision_steps if cfg.steps is not None else None, log)  # fmt: skip
+    opt = optimiser(model, cfg, aid)
+    stream = TaskStream(cfg, engine)
+    tuner = ThreadTuner(cfg.threads)
+    budget = cfg.minutes * 60.0 - (time.perf_counter() - started_all)
+    started = time.perf_counter()
+    step = 0
+    losses: dict[str, list[float]] = {t: [] for t in cfg.mix}
+    checks: list[dict[str, Any]] = []
+    stopped_early = False
+    while True:
+        elapsed = time.perf_counter() - started
+        if cfg.steps is not None and step >= cfg.steps:
+            break
+        if elapsed >= budget:
+            stopped_early = cfg.steps is not None
+            if stopped_early:
+                log(f"time cap of {cfg.minutes:g} min reached after {step} of {cfg.steps} steps")
+            break
+        progress = step / cfg.steps if cfg.steps is not None else elapsed / budget
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, progress, cfg)
+        torch.set_num_threads(1)  # data: small ops, no use for a second thread
+        batch = stream.next(progress)
+        threads = tuner.choose()
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        loss = train_step(model, batch, loss_fn, opt, cfg, aid)
+        tuner.record(threads, time.perf_counter() - t0, batch.input_ids.numel())
+        losses[batch.tasks[0]].append(loss)
+        step += 1
+        if step % 50 == 0:
+            means = {t: np.mean(v[-20:]) for t, v in losses.items() if v}
+            log(f"step {step} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} threads {threads} "
+                + " ".join(f"{t} {m:.3f}" for t, m in means.items()))  # fmt: skip
+        if cfg.check_every and step % cfg.check_every == 0:
+            res = quick_check(engine, cfg.check_scenes)
+            res.update(step=step, minutes=round((time.perf_counter() - started) / 60, 2))
+            checks.append(res)
+            log(f"check: {res}")
+    torch.set_num_threads(cfg.threads)
+    model.eval()
+    seconds = time.perf_counter() - started_all
+    summary = {
+        "seed": cfg.seed,
+        "vision_steps": vision_steps,
+        "vision_batch": cfg.vision_batch,
+        "steps": step,
+        "planned_steps": cfg.steps,
+        "stopped_early": stopped_early,
+        "minutes": round(seconds / 60, 2),
+        "threads_seconds_per_token": {str(k): round(v, 7) for k, v in tuner.cost.items()},
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "mix": cfg.mix,
+        "freeze_vision": cfg.freeze_vision,
+        "dense_weight": cfg.dense_weight,
+        "easy_share": cfg.easy_share,
+        "vision_share": cfg.vision_share,
+        "bf16": native_bf16() if cfg.bf16 is None else cfg.bf16,
+        "checks": checks,
+    }
+    pub["training"] = summary
+    if out is not None:
+        save_checkpoint(model, tokenizer, pub, out)
+    return model, tokenizer, pub, summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def box_iou(a: Any, b: Any) -> float:
+    """IoU of two boxes (answers.Box-like: x1, y1, x2, y2, angle on 0-100) as rotated polygons."""
+    from shapely.geometry import Polygon
+
+    from .georef import box_pixel_corners
+
+    pa, pb = Polygon(box_pixel_corners(a, 100.0, 100.0)), Polygon(box_pixel_corners(b, 100.0, 100.0))
+    if pa.area <= 0 or pb.area <= 0:
+        return 0.0
+    inter = pa.intersection(pb).area
+    return float(inter / (pa.area + pb.area - inter))
+
+
+def truth_box(obj: SceneObject) -> Any:
+    from .answers import Box
+
+    x1, y1, x2, y2, angle = obj.box100()
+    return Box(x1, y1, x2, y2, angle, obj.cls)
+
+
+def refer_target(scene: Scene, i: int) -> SceneObject:
+    """The object asked for in held-out scene i: classes take turns, so every class is tested."""
+    for k in range(len(CLASSES)):
+        found = scene.of_class(CLASSES[(i + k) % len(CLASSES)])
+        if found:
+            return found[0]
+    return scene.objects[0]
+
+
+def score_refer(answer: str, obj: SceneObject) -> tuple[bool, float]:
+    from .answers import parse_boxes
+
+    boxes = parse_boxes(answer)
+    if not boxes:
+        return False, 0.0
+    return True, box_iou(boxes[0], truth_box(obj))
+
+
+def score_change(answer: str, pair: synthetic.Pair) -> tuple[bool, bool]:
+    """(parsed, right): an answer parses when it starts with Yes or No (and a Yes names boxes)."""
+    from .answers import parse_boxes
+
+    text = answer.strip().lower()
+    said_yes, said_no = text.startswith("yes"), text.startswith("no")
+    parsed = (said_yes and bool(parse_boxes(answer))) or said_no
+    return parsed, (said_yes if pair.changed else said_no) and (said_yes or said_no)
+
+
+@torch.inference_mode()
+def quick_check(engine: Any, n: int, seed: int = EVAL_SEED) -> dict[str, float]:
+    """Held-out referring and change on n in-memory scenes (no GeoTIFFs): for progress logs."""
+    from .engine import Query
+
+    was_training = engine.model.training
+    engine.model.eval()
+    queries, objs = [], []
+    for i in range(n):
+        scene = synthetic.make_scene(seed, i)
+        obj = refer_target(scene, i)
+        im = engine.image(synthetic.render(scene, IMAGE_SIZE), "[hr_rgb_0.5]")
+        queries.append(Query(prompts.build_question("refer", obj.cls, "[hr_rgb_0.5]"), [im], 40))
+        objs.append(obj)
+    answers_ = engine.generate(queries)
+    ious = [score_refer(a, o)[1] for a, o in zip(answers_, objs, strict=True)]
+    queries, pairs = [], []
+    for i in range(n):
+        pair = synthetic.make_pair(seed, i)
+        ims = [
+            engine.image(synthetic.render(s, IMAGE_SIZE), "[hr_rgb_temp_0.5]")
+            for s in (pair.before, pair.after)
+        ]
+        queries.append(Query(prompts.build_question("change", "", "[hr_rgb_temp_0.5]"), ims, 40))
+        pairs.append(pair)
+    answers_ = engine.generate(queries)
+    right = [score_change(a, p)[1] for a, p in zip(answers_, pairs, strict=True)]
+    engine.model.train(was_training)
+    return {
+        "refer_iou50": round(float(np.mean([v >= 0.5 for v in ious])), 3),
+        "mean_iou": round(float(np.mean(ious)), 3),
+        "change_acc": round(float(np.mean(right)), 3),
+    }
+
+
+@dataclass
+class EvalResult:
+    scenes: int
+    parse_rate: float
+    refer_iou50: float
+    mean_iou: float
+    change_accuracy: float
+    classify_accuracy: float
+    grounding_recall: float
+    by_class: dict[str, float]
+    seconds: float
+
+    def lines(self) -> list[str]:
+        out = [
+            f"held-out scenes      {self.scenes} referring + {self.scenes} change pairs (+ {self.scenes} classify/grounding)",
+            f"parse rate           {self.parse_rate:.1%}",
+            f"referring IoU>=0.5   {self.refer_iou50:.1%}   (mean IoU {self.mean_iou:.3f})",
+            "  by class           " + ", ".join(f"{c} {v:.0%}" for c, v in self.by_class.items()),
+            f"change yes/no        {self.change_accuracy:.1%}",
+            f"classify main object {self.classify_accuracy:.1%}",
+            f"grounding recall     {self.grounding_recall:.1%} (objects found at IoU>=0.5)",
+            f"time                 {self.seconds:.1f} s",
+        ]
+        return out
+
+
+def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str | Path | None = None,
+             batch: int = 50, log: Callable[[str], None] | None = None) -> EvalResult:  # fmt: skip
+    """Held-out evaluation through the server's own path: each scene is written as a GeoTIFF and asked
+    about with `service` requests by reference (reading, band preset, sensor tag, pixels, prompt, model,
+    answer parsing). Scenes are rendered at 112, 168 or 224 px like the training mix."""
+    import tempfile
+
+    from . import service
+    from .answers import parse_boxes
+    from .protocol import source_by_reference
+
+    started = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="earthdial-eval-") if workdir is None else None
+    root = Path(workdir or tmp.name)
+    rng = np.random.default_rng([seed, 0xE7A1])
+    jobs: list[tuple[str, Any, Any]] = []  # (kind, truth, service job)
+    for i in range(scenes):
+        size = _render_size(rng)
+        scene = synthetic.make_scene(seed, i)
+        path = synthetic.write_geotiff(root / f"scene_{i:04d}.tif", synthetic.render(scene, size))
+        src = source_by_reference(str(path))
+        obj = refer_target(scene, i)
+        asked = SYNONYMS[obj.cls][i % 2]  # singular and plural forms
+        jobs.append(("refer", obj, {"op": "ask", "task": "refer", "prompt": asked, "source": src}))
+        classes = ", ".join(CLASSES)
+        jobs.append(("classify", scene, {"op": "ask", "task": "classify", "prompt": classes, "source": src}))
+        jobs.append(("grounding", scene, {"op": "ask", "task": "grounding", "source": src}))
+        pair = synthetic.make_pair(seed, i)
+        pb = synthetic.write_geotiff(root / f"pair_{i:04d}_a.tif", synthetic.render(pair.before, size))
+        pa = synthetic.write_geotiff(root / f"pair_{i:04d}_b.tif", synthetic.render(pair.after, size))
+        sources = [source_by_reference(str(pb)), source_by_reference(str(pa))]
+        jobs.append(("change", pair, {"op": "ask", "task": "change", "sources": sources}))
+    replies: list[dict[str, Any]] = []
+    for k in range(0, len(jobs), batch):
+        part = [service.prepare(h, [], engine) for _, _, h in jobs[k : k + batch]]
+        service.generate(part, engine)
+        replies += [service.finish(j, engine) for j in part]
+        if log:
+            log(f"  {len(replies)}/{len(jobs)} requests answered")
+    parsed, ious, by_class, right, cls_right, found, total_objs = (
+        [],
+        [],
+        {c: [] for c in CLASSES},
+        [],
+        [],
+        0,
+        0,
+    )
+    for (kind, truth, _), reply in zip(jobs, replies, strict=True):
+        answer = reply["answer"]
+        if kind == "refer":
+            ok, iou = score_refer(answer, truth)
+            parsed.append(ok)
+            ious.append(iou)
+            by_class[truth.cls].append(iou >= 0.5)
+        elif kind == "change":
+            ok, good = score_change(answer, truth)
+            parsed.append(ok)
+            right.append(good)
+        elif kind == "classify":
+            cls_right.append(answer.strip().lower() == truth.main_object().cls)
+        else:
+            boxes = parse_boxes(answer)
+            for obj in truth.objects:
+                total_objs += 1
+                found += any(b.label == obj.cls and box_iou(b, truth_box(obj)) >= 0.5 for b in boxes)
+    if tmp is not None:
+        tmp.cleanup()
+    return EvalResult(
+        scenes=scenes,
+        parse_rate=float(np.mean(parsed)),
+        refer_iou50=float(np.mean([v >= 0.5 for v in ious])),
+        mean_iou=float(np.mean(ious)),
+        change_accuracy=float(np.mean(right)),
+        classify_accuracy=float(np.mean(cls_right)),
+        grounding_recall=found / max(total_objs, 1),
+        by_class={c: float(np.mean(v)) if v else float("nan") for c, v in by_class.items()},
+        seconds=time.perf_counter() - started,
+    )
+
+
+__all__ = [
+    "DEMO_DIR",
+    "EvalResult",
+    "TrainConfig",
+    "build_model",
+    "build_tokenizer",
+    "collate",
+    "demo_published_config",
+    "evaluate",
+    "make_engine",
+    "make_examples",
+    "save_checkpoint",
+    "train",
+]

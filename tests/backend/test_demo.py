@@ -1,0 +1,314 @@
+"""The demo model: synthetic scenes, the training recipe, the published-layout checkpoint it writes, and
+the shipped checkpoint finding real objects through the server's own path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from earthdial import checkpoint, service, synthetic, train
+from earthdial.answers import parse_boxes
+from earthdial.protocol import source_by_reference
+
+# ------------------------------------------------------------------------------------------------
+# Scenes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scenes_are_deterministic_by_seed_and_index() -> None:
+    a, b = synthetic.make_scene(3, 7), synthetic.make_scene(3, 7)
+    assert a.objects == b.objects
+    assert np.array_equal(synthetic.render(a), synthetic.render(b))
+    other = synthetic.make_scene(3, 8)
+    assert other.objects != a.objects
+    pa, pb = synthetic.make_pair(3, 7), synthetic.make_pair(3, 7)
+    assert pa.changed == pb.changed
+    assert np.array_equal(synthetic.render(pa.after), synthetic.render(pb.after))
+
+
+def _object_pixels(scene: synthetic.Scene, size: int) -> np.ndarray:
+    """Where drawing the objects changed the image (the background render uses the same noise)."""
+    diff = np.abs(synthetic.render(scene, size).astype(int) - synthetic.render(scene, size, objects=False))
+    return diff.sum(axis=0) > 45
+
+
+def _box_pixels(box: tuple[int, ...], size: int, pad: int = 0) -> tuple[slice, slice]:
+    x1, y1, x2, y2 = (v * size / 100 for v in box[:4])
+    return (
+        slice(max(int(y1) - pad, 0), int(np.ceil(y2)) + pad),
+        slice(max(int(x1) - pad, 0), int(np.ceil(x2)) + pad),
+    )
+
+
+@pytest.mark.parametrize("size", [112, 224])
+def test_objects_are_where_their_labels_say(size: int) -> None:
+    seen = set()
+    for i in range(12):
+        scene = synthetic.make_scene(11, i)
+        changed = _object_pixels(scene, size)
+        inside = np.zeros_like(changed)
+        for obj in scene.objects:
+            seen.add(obj.cls)
+            rows, cols = _box_pixels(obj.box100(), size)
+            area = changed[rows, cols]
+            assert area.mean() > 0.25, f"{obj.cls} in scene {i}: its box holds few object pixels"
+            # the object reaches every side of its box (within 2 px)
+            r, c = np.nonzero(area)
+            assert r.min() <= 2 and c.min() <= 2
+            assert r.max() >= area.shape[0] - 3 and c.max() >= area.shape[1] - 3
+            inside[_box_pixels(obj.box100(), size, pad=max(size // 28, 2))] = True
+        # nearly all drawn pixels are in a box (wakes and shadows spill over a little)
+        assert (changed & ~inside).sum() <= 0.05 * changed.sum() + 2
+        # ships are on water, the others on land
+        for obj in scene.objects:
+            wet = synthetic.is_water(scene, obj.cx, obj.cy)
+            assert bool(wet) == (obj.cls == "ship")
+    assert seen == set(synthetic.CLASSES)
+
+
+def test_pairs_record_what_appeared_and_disappeared() -> None:
+    kinds = {"yes": 0, "no": 0}
+    for i in range(40):
+        pair = synthetic.make_pair(5, i)
+        kinds["yes" if pair.changed else "no"] += 1
+        for what, obj in pair.changed:
+            if what == "appeared":
+                assert obj in pair.after.objects and obj not in pair.before.objects
+            else:
+                assert obj in pair.before.objects and obj not in pair.after.objects
+        if not pair.changed:
+            assert pair.before.objects == pair.after.objects
+    assert kinds["yes"] >= 12 and kinds["no"] >= 12
+
+
+@pytest.mark.parametrize("quarter,flip", [(1, False), (2, False), (3, True), (0, True)])
+def test_turned_labels_follow_turned_pixels(quarter: int, flip: bool) -> None:
+    scene = synthetic.make_scene(2, 4)
+    mask = train._turn_array(_object_pixels(scene, 112)[None], quarter, flip)[0]
+    for obj in train.turn_scene(scene, quarter, flip).objects:
+        area = mask[_box_pixels(obj.box100(), 112)]
+        assert area.mean() > 0.25
+
+
+def test_scene_geotiff_has_a_crs_and_reads_back() -> None:
+    import rasterio
+
+    scene = synthetic.make_scene(1, 1)
+    image = synthetic.render(scene)
+    path = synthetic.write_geotiff(_tmp() / "s.tif", image)
+    with rasterio.open(path) as src:
+        assert src.crs.to_epsg() == 32633
+        assert np.array_equal(src.read(), image)
+        assert src.res == (1.0, 1.0)
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="earthdial-demo-test-"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer, records, training
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train.build_tokenizer()
+
+
+def test_tokenizer_round_trips_answers(tokenizer) -> None:
+    vocab = tokenizer.get_vocab()
+    assert all(str(n) in vocab for n in range(101))
+    for text in [
+        "<ref>ship</ref><box>[[12, 40, 30, 52, 0]]</box>",
+        "Yes. <ref>storage tank appeared</ref><box>[[0, 100, 7, 99, 0]]</box>",
+        "<ref>ship</ref><box>[[5, 6, 7, 8, 0]]</box> <ref>building</ref><box>[[50, 60, 70, 80, 0]]</box>",
+        "A coastal scene with water and land. There is a ship at the top left.",
+    ]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    ids = tokenizer("[[12, 40, 30, 52, 0]]", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "[[",
+        "12",
+        ", ",
+        "40",
+        ", ",
+        "30",
+        ", ",
+        "52",
+        ", ",
+        "0",
+        "]]",
+    ]
+    box = parse_boxes(
+        tokenizer.decode(tokenizer("<ref>ship</ref><box>[[12, 40, 30, 52, 0]]</box>")["input_ids"])
+    )
+    assert [(b.x1, b.y1, b.x2, b.y2, b.label) for b in box] == [(12, 40, 30, 52, "ship")]
+
+
+def test_every_task_prompt_tokenizes_without_unknowns(tokenizer) -> None:
+    from earthdial import prompts
+    from earthdial.tokens import METHANE_UHI_ONLY
+
+    for name, spec in prompts.TASKS.items():
+        q = prompts.build_question(name, spec.default_prompt or "ship", spec.sensor)
+        if any(tag in q for tag in METHANE_UHI_ONLY):
+            continue  # tags of the Methane_UHI checkpoint, which the RGB-vocabulary demo refuses by name
+        ids = tokenizer(q.replace("<image>", "<img></img>"), add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, name
+
+
+@pytest.fixture(scope="module")
+def fresh(tokenizer):
+    model, cfg = train.build_model(tokenizer, seed=0)
+    return model, cfg, train.make_engine(model, tokenizer, cfg)
+
+
+def test_records_are_earthdial_conversations_and_match_the_engine_prompt(fresh) -> None:
+    _, _, engine = fresh
+    rng = np.random.default_rng(0)
+    ex = train.make_examples("refer", 0, 0, 2, rng)[0]
+    conv = ex.conversation
+    assert [t["from"] for t in conv[:2]] == ["human", "gpt"] and conv[0]["value"].count("<image>") == 1
+    assert conv[0]["value"].startswith("[refer] [")
+    batch = train.collate([ex], engine)
+    # the first turn's tokens are exactly the engine's prompt for that question
+    from earthdial.engine import Query
+
+    first = engine.prompt_text(Query(conv[0]["value"], [engine.image(im, ex.sensor) for im in ex.images]))
+    prompt_ids = engine.tokenizer(first, add_special_tokens=False)["input_ids"]
+    assert batch.input_ids[0, : len(prompt_ids)].tolist() == prompt_ids
+    # loss only on answers: the first label is the first answer token
+    lab = batch.labels[0]
+    assert (lab[: len(prompt_ids) - 1] == -100).all() and lab[len(prompt_ids) - 1] != -100
+    answer = engine.tokenizer.decode([t for t in lab.tolist() if t != -100])
+    assert answer.startswith(conv[1]["value"] + "<|end|>")
+
+
+def test_soft_number_targets_spread_over_neighbours(tokenizer) -> None:
+    ids = tokenizer.convert_tokens_to_ids([str(n) for n in range(101)])
+    loss = train.SoftNumberLoss(ids, len(tokenizer) + 10, sigma=1.5)
+    logits = torch.full((1, 2, len(tokenizer) + 10), -20.0)
+    labels = torch.tensor([[ids[50], -100]])
+    logits[0, 0, ids[50]] = 20.0
+    exact = loss(logits, labels)
+    logits[0, 0, ids[50]], logits[0, 0, ids[52]] = -20.0, 20.0
+    near = loss(logits, labels)
+    logits[0, 0, ids[52]], logits[0, 0, ids[90]] = -20.0, 20.0
+    far = loss(logits, labels)
+    assert exact < near < far
+
+
+def test_a_training_step_runs_and_the_loss_drops(tokenizer) -> None:
+    torch.manual_seed(0)
+    model, cfg = train.build_model(tokenizer, seed=1)
+    engine = train.make_engine(model, tokenizer, cfg)
+    tc = train.TrainConfig(batch_size=2, warmup_steps=1, lr=2e-3)
+    batch = train.collate(train.make_examples("grounding", 0, 0, 2, np.random.default_rng(1)), engine)
+    loss_fn = train.SoftNumberLoss(
+        tokenizer.convert_tokens_to_ids(list(train.NUMBERS)), model.config.text_config.vocab_size
+    )
+    aid = train.DenseAid(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+    opt = train.optimiser(model, tc, aid)
+    losses = [train.train_step(model, batch, loss_fn, opt, tc, aid) for _ in range(5)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_saved_checkpoint_reloads_with_identical_logits(fresh, tmp_path) -> None:
+    model, cfg, engine = fresh
+    out = train.save_checkpoint(model, engine.tokenizer, cfg, tmp_path / "demo")
+    loaded, tok, info = checkpoint.load(out)
+    assert info.demo and info.image_size == 112 and info.tokens_per_tile == 16 and info.max_tiles == 1
+    assert tok.get_vocab() == engine.tokenizer.get_vocab()
+    batch = train.collate(train.make_examples("change", 0, 0, 2, np.random.default_rng(0)), engine)
+    model.eval()
+    with torch.no_grad():
+        a = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).logits
+        b = loaded(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).logits
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped demo checkpoint
+# ------------------------------------------------------------------------------------------------
+
+shipped = pytest.mark.skipif(
+    not (train.DEMO_DIR / "model.safetensors").exists(), reason="the demo checkpoint is not built yet"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    from earthdial.engine import Engine
+
+    return Engine(str(train.DEMO_DIR), device="cpu")
+
+
+@shipped
+def test_shipped_demo_is_small_and_says_it_is_the_demo(demo_engine) -> None:
+    size = sum(p.stat().st_size for p in train.DEMO_DIR.iterdir())
+    assert size <= 30 * 1024 * 1024
+    d = demo_engine.describe()
+    assert d["demo"] is True and d["image_size"] == 112 and d["tokens_per_tile"] == 16
+
+
+@shipped
+def test_shipped_demo_finds_ships_through_the_server_path(demo_engine, tmp_path) -> None:
+    """Held-out scenes (a seed training never used) written as GeoTIFFs and asked about by reference,
+    as a client would: the returned box must overlap the true ship."""
+    hits, tried = 0, 0
+    for i in range(200):
+        scene = synthetic.make_scene(train.EVAL_SEED + 1, i)
+        ships = scene.of_class("ship")
+        if not ships:
+            continue
+        path = synthetic.write_geotiff(tmp_path / f"ship_{i}.tif", synthetic.render(scene))
+        reply = service.run(
+            {"op": "ask", "task": "refer", "prompt": "ship", "source": source_by_reference(str(path))},
+            [],
+            demo_engine,
+        )
+        boxes = parse_boxes(reply["answer"])
+        assert boxes, reply["answer"]
+        assert reply["features"]["features"] and reply["features"]["crs"] == "EPSG:32633"
+        hits += train.box_iou(boxes[0], train.truth_box(ships[0])) >= 0.5
+        tried += 1
+        if tried == 6:
+            break
+    assert hits >= 5, f"{hits} of {tried} ships found at IoU >= 0.5"
+
+
+@shipped
+def test_shipped_demo_sees_a_change(demo_engine, tmp_path) -> None:
+    right = 0
+    for i in range(6):
+        pair = synthetic.make_pair(train.EVAL_SEED + 1, i)
+        paths = [
+            synthetic.write_geotiff(tmp_path / f"p{i}_{k}.tif", synthetic.render(s))
+            for k, s in enumerate((pair.before, pair.after))
+        ]
+        reply = service.run(
+            {"op": "ask", "task": "change", "sources": [source_by_reference(str(p)) for p in paths]},
+            [],
+            demo_engine,
+        )
+        right += reply["answer"].lower().startswith("yes") == bool(pair.changed)
+    assert right >= 5
+
+
+def test_serve_falls_back_to_the_shipped_demo() -> None:
+    from earthdial import cli
+
+    found = cli._demo_model()
+    assert found is None or found == str(train.DEMO_DIR)
