@@ -401,7 +401,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from . import train
 
     cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
-                            threads=args.threads, freeze_vision=args.freeze_vision)  # fmt: skip
+                            threads=args.threads, freeze_vision=args.freeze_vision,
+                            vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
     out = args.out or str(train.DEMO_DIR)
     print(f"training a demo model from scratch (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
           f"at most {cfg.minutes:g} min) -> {out}", flush=True)  # fmt: skip
@@ -585,8 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
     p.add_argument("--out", help="checkpoint directory to write (default: the package's models/demo)")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap (default 30)")
-    p.add_argument("--steps", type=int, default=2400, help="optimiser steps (0: as many as --minutes allows)")
+    p.add_argument("--minutes", type=float, default=29.0, help="wall-clock budget, both stages (default 29)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="fixed optimiser steps for stage 2 (default 0: a schedule over --minutes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads at most")
     p.add_argument("--freeze-vision", action="store_true", help="train the projector and LLM only")
