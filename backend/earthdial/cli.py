@@ -187,14 +187,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "source": _source(args),
         "options": _options(args),
     }
+    reply = _ask_and_report(header, args)
+    if args.preview:
+        _write_preview(args, reply)
+    return 0
+
+
+def _ask_and_report(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Run an `ask`, print its answer and input notes, write its boxes where -o says."""
     reply = _run(header, args)
     print(reply["answer"])
     for warning in reply.get("input", {}).get("warnings", []):
         print(f"note: {warning}", file=sys.stderr)
     _write_output(args.output, reply)
-    if args.preview:
-        _write_preview(args, reply)
-    return 0
+    return reply
 
 
 def _write_preview(args: argparse.Namespace, reply: dict[str, Any]) -> None:
@@ -308,11 +314,7 @@ def cmd_change(args: argparse.Namespace) -> int:
         "sources": sources,
         "options": _options(args),
     }
-    reply = _run(header, args)
-    print(reply["answer"])
-    for warning in reply.get("input", {}).get("warnings", []):
-        print(f"note: {warning}", file=sys.stderr)
-    _write_output(args.output, reply)
+    _ask_and_report(header, args)
     return 0
 
 
