@@ -9,7 +9,7 @@ What each class looks like from above:
 
 * ship: an elongated bright (sometimes dark) hull with a pointed bow and a superstructure block,
   often trailing a pale wake; always on water;
-* airplane: a cross - fuselage, swept-free wings about 40 % back from the nose, a small tail plane;
+* airplane: a cross - fuselage, straight wings a little ahead of the middle, a small tail plane;
   light grey, on land;
 * storage tank: a light disc with a darker rim and a shadow crescent; on land;
 * building: a rectangle with a roof tone (red, orange, brown, slate, grey) split by a ridge; on land.
@@ -29,10 +29,10 @@ CLASSES = ("ship", "airplane", "storage tank", "building")
 
 # Size ranges, as a fraction of the scene side: (length or diameter) and width / length.
 _SIZE = {
-    "ship": ((0.10, 0.28), (0.22, 0.34)),
-    "airplane": ((0.14, 0.30), (0.85, 1.0)),  # width = wing span
-    "storage tank": ((0.08, 0.18), (1.0, 1.0)),
-    "building": ((0.09, 0.22), (0.45, 1.0)),
+    "ship": ((0.20, 0.34), (0.28, 0.38)),
+    "airplane": ((0.18, 0.30), (0.85, 1.0)),  # width = wing span
+    "storage tank": ((0.12, 0.20), (1.0, 1.0)),
+    "building": ((0.13, 0.24), (0.45, 1.0)),
 }
 MARGIN = 0.02  # objects keep this far from the scene edge (unit coordinates)
 
@@ -213,8 +213,9 @@ def is_water(scene: Scene, x: np.ndarray | float, y: np.ndarray | float) -> np.n
 _GRID = 48  # cells per side of the coarse water map used to place objects
 
 
-def _wet_grid(scene: Scene) -> np.ndarray:
-    """Water on a coarse grid (cell centres), cached in the terrain dict."""
+def water_grid(scene: Scene) -> np.ndarray:
+    """Water on a coarse 48 x 48 grid (cell centres, row-major from the top left), cached in the terrain
+    dict (a turned scene carries its turned grid there)."""
     grid = scene.terrain.get("_wet")
     if grid is None:
         g = (np.arange(_GRID) + 0.5) / _GRID
@@ -231,7 +232,7 @@ def _footprint_ok(scene: Scene, obj: SceneObject, want_water: bool) -> bool:
     pad = 0.02  # the outline's box plus a rim, on the coarse water map
     c0, c1 = max(int((x1 - pad) * _GRID), 0), min(int((x2 + pad) * _GRID) + 1, _GRID)
     r0, r1 = max(int((y1 - pad) * _GRID), 0), min(int((y2 + pad) * _GRID) + 1, _GRID)
-    wet = _wet_grid(scene)[r0:r1, c0:c1]
+    wet = water_grid(scene)[r0:r1, c0:c1]
     if want_water and not wet.all():
         return False
     if not want_water and wet.any():
@@ -270,7 +271,7 @@ def _random_object(rng: np.random.Generator, cls: str) -> SceneObject:
 
 def place(scene: Scene, rng: np.random.Generator, cls: str, tries: int = 40) -> SceneObject | None:
     """A new object of `cls` at a free, legal spot of the scene (not added), or None when none was found."""
-    wet = _wet_grid(scene)
+    wet = water_grid(scene)
     inner = slice(_GRID // 10, _GRID - _GRID // 10)
     cells = np.argwhere((wet if cls == "ship" else ~wet)[inner, inner]) + _GRID // 10
     if len(cells) == 0:
@@ -531,5 +532,6 @@ __all__ = [
     "place",
     "render",
     "render_with_labels",
+    "water_grid",
     "write_geotiff",
 ]

@@ -1,7 +1,7 @@
-"""Train the built-in demo model: a micro EarthDial (InternVL layout, phi3 text model, 5 M parameters) on
+"""Train the built-in demo model: a micro EarthDial (InternVL layout, phi3 text model, 3 M parameters) on
 synthetic scenes (`earthdial.synthetic`), saved in EarthDial's published layout.
 
-The recipe is EarthDial's in miniature:
+The recipe is EarthDial's in miniature, a vision stage then instruction tuning on conversations:
 
 * records are conversations in EarthDial's format (`[{"from": "human", "value": "<image>\\n..."},
   {"from": "gpt", "value": "..."}]`) built with the same task prompts the server sends
@@ -10,13 +10,21 @@ The recipe is EarthDial's in miniature:
   training and inference see identical inputs;
 * the loss is on the assistant tokens only; number tokens (every integer 0-100 is one token) get soft
   targets, a Gaussian over neighbouring values (sigma 1.5), since a box off by one is nearly right;
-* AdamW (0.9, 0.98), weight decay 0.05, lr 2e-3, 100 warm-up steps, cosine to 5 %, batch 32, clip 1.0,
-  bf16 autocast on the CPU; the vision tower is trained (from scratch) unless `freeze_vision`;
-* 2-D sin-cos values initialise the ViT position embeddings, smooth sin-cos vectors the number tokens.
+* stage 1 trains the vision tower and projector alone through training-only dense heads (per patch the
+  share of each class, per image token the class and box of the object covering it): cheap, and where
+  localisation is learned. Stage 2 freezes the tower (unless `freeze_vision` is off) and trains the
+  projector and language model on the conversations, with two training-only attention targets (the "look"
+  aids): one head of layers 2-3 attends to the object whose box is being written, one head of layer 1
+  matches each token of a pair's later image with the same cell of the earlier one;
+* initialisation: 2-D sin-cos ViT position embeddings, smooth sin-cos number-token vectors, and a quadratic
+  code in two dimensions of the numbers' output rows (see `build_model`);
+* AdamW (0.9, 0.98), weight decay 0.05, warm-up then cosine in each stage, clip 1.0; bf16 autocast only
+  where the CPU computes bf16 natively (on AVX2-only CPUs it is ~20x slower than fp32).
 
-Tasks: referring (`[refer]`), grounded description (`[grounding]`), caption (`[caption]`), classification
-of the main object, region identification (`[identify]`) and change between two images (`[changedet]`,
-Yes/No plus the boxes of what appeared or disappeared).
+Tasks: referring (`[refer]`, with follow-up turns for the scene's other objects), grounded description
+(`[grounding]`), caption (`[caption]`), classification of the main object, region identification
+(`[identify]`) and change between two images (`[changedet]`: Yes/No plus the boxes of what appeared or
+disappeared). `evaluate` scores a checkpoint on held-out scenes through the server's own request path.
 """
 
 from __future__ import annotations
@@ -172,8 +180,8 @@ def demo_published_config(vocab_size: int, eos_id: int) -> dict[str, Any]:
     )  # fmt: skip
     llm = cfg["llm_config"]
     llm.update(
-        hidden_size=256,
-        intermediate_size=1024,
+        hidden_size=192,
+        intermediate_size=512,
         num_attention_heads=4,
         num_key_value_heads=4,
         num_hidden_layers=4,
@@ -209,6 +217,9 @@ def _number_vectors(dim: int, scale: float) -> torch.Tensor:
     return (out * scale * math.sqrt(2.0)).float()
 
 
+NUMBER_CODE_SCALE = 20.0
+
+
 def build_model(tokenizer: Any, seed: int = TRAIN_SEED) -> tuple[Any, dict[str, Any]]:
     """A freshly initialised demo model (native InternVL class) and its published config."""
     from transformers import InternVLForConditionalGeneration
@@ -230,7 +241,15 @@ def build_model(tokenizer: Any, seed: int = TRAIN_SEED) -> tuple[Any, dict[str, 
         inp[ids] = _number_vectors(inp.shape[1], std)
         out = model.lm_head.weight
         out[ids] = _number_vectors(out.shape[1], std)
+        # The last two dimensions of the number rows are a quadratic code: when the final hidden state
+        # holds (c * v, c) there, the number logits are c * S * (v * n - n^2 / 2), a peak at n = v whatever
+        # the scale c. So a coordinate read linearly off an image token becomes the right number token by
+        # a linear map; without it the readout has to be learned as a non-linear function first.
+        n = torch.arange(101, dtype=torch.float32) / 100.0
+        out[ids, -2] = NUMBER_CODE_SCALE * n
+        out[ids, -1] = -NUMBER_CODE_SCALE * n * n / 2
     return model, cfg
+
 
 
 def save_checkpoint(model: Any, tokenizer: Any, cfg: dict[str, Any], directory: str | Path) -> Path:
@@ -275,7 +294,7 @@ def make_engine(model: Any, tokenizer: Any, cfg: dict[str, Any]) -> Any:
 # Records: scenes -> conversations in EarthDial's format
 # ------------------------------------------------------------------------------------------------
 
-RGB_SENSORS = ("[hr_rgb_0.5]",) * 6 + ("[s2_rgb_10]", "[hr_rgbi_0.5]")
+RGB_SENSORS = ("[hr_rgb_0.5]",) * 3 + ("[s2_rgb_10]",)  # tags whose path is plain RGB
 
 
 def box_text(obj: SceneObject) -> str:
@@ -299,8 +318,7 @@ def _ordered(objects: list[SceneObject]) -> list[SceneObject]:
 
 def describe_scene(scene: Scene) -> str:
     """A caption: the kind of scene and its objects with coarse positions."""
-    wet = scene.terrain.get("_wet")
-    share = float(synthetic._wet_grid(scene).mean()) if wet is None else float(wet.mean())
+    share = float(synthetic.water_grid(scene).mean())
     if share == 0:
         first = "An inland scene."
     elif share > 0.62:
@@ -328,6 +346,8 @@ class Example:
     task: str
     objects: list[list[SceneObject]] = field(default_factory=list)  # per image, for the dense aid
     label_maps: list[np.ndarray] = field(default_factory=list)  # per image: 0 background, 1 + class
+    # per answer turn, the (image index, object) of each box it writes, in order (for the look aid)
+    focus: list[list[tuple[int, SceneObject]]] = field(default_factory=list)
 
 
 def _sensor(rng: np.random.Generator) -> str:
@@ -344,7 +364,7 @@ def refer_example(scene: Scene, image: np.ndarray, rng: np.random.Generator, max
         asked = str(rng.choice(SYNONYMS[obj.cls]))
         q = prompts.build_question("refer", asked, sensor, images=None if k == 0 else 0)
         conv += record(q, grounded(obj.cls, obj))
-    return Example(conv, [image], sensor, "refer", [scene.objects])
+    return Example(conv, [image], sensor, "refer", [scene.objects], focus=[[(0, o)] for o in objs])
 
 
 def grounding_answer(scene: Scene) -> str:
@@ -354,7 +374,8 @@ def grounding_answer(scene: Scene) -> str:
 def grounding_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
     sensor = _sensor(rng)
     q = prompts.build_question("grounding", "", sensor)
-    return Example(record(q, grounding_answer(scene)), [image], sensor, "grounding", [scene.objects])
+    focus = [[(0, o) for o in _ordered(scene.objects)]]
+    return Example(record(q, grounding_answer(scene)), [image], sensor, "grounding", [scene.objects], focus=focus)
 
 
 def describe_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
@@ -370,7 +391,7 @@ def describe_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) 
     else:
         obj = scene.objects[int(rng.integers(0, len(scene.objects)))]
         q, a = prompts.build_question("identify", box_text(obj), sensor), obj.cls
-    return Example(record(q, a), [image], sensor, "describe", [scene.objects])
+    return Example(record(q, a), [image], sensor, "describe", [scene.objects], focus=[[]])
 
 
 def change_answer(pair: synthetic.Pair) -> str:
@@ -383,8 +404,12 @@ def change_answer(pair: synthetic.Pair) -> str:
 def change_example(pair: synthetic.Pair, before: np.ndarray, after: np.ndarray) -> Example:
     sensor = "[hr_rgb_temp_0.5]"
     q = prompts.build_question("change", "", sensor)
-    return Example(record(q, change_answer(pair)), [before, after], sensor, "change",
-                   [pair.before.objects, pair.after.objects])  # fmt: skip
+    items = sorted(pair.changed, key=lambda c: CLASSES.index(c[1].cls))
+    focus = [[(1 if what == "appeared" else 0, o) for what, o in items]]
+    return Example(
+        record(q, change_answer(pair)), [before, after], sensor, "change",
+        [pair.before.objects, pair.after.objects], focus=focus,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +432,7 @@ def _turn_object(o: SceneObject, quarter: int, flip: bool) -> SceneObject:
 
 def turn_scene(scene: Scene, quarter: int, flip: bool) -> Scene:
     """Labels of a turned scene (the terrain parameters are no longer valid for rendering)."""
-    terrain = {"_wet": _turn_array(synthetic._wet_grid(scene), quarter, flip)}
+    terrain = {"_wet": _turn_array(synthetic.water_grid(scene), quarter, flip)}
     return Scene(
         scene.seed, [_turn_object(o, quarter, flip) for o in scene.objects], scene.water_level, terrain
     )
@@ -439,7 +464,7 @@ SINGLE_TASKS: dict[str, Callable[..., Example]] = {
     "describe": describe_example,
 }
 # share of steps per kind of batch (each step's batch is one kind, so its sequences have similar lengths)
-DEFAULT_MIX = {"refer": 0.4, "change": 0.3, "grounding": 0.2, "describe": 0.1}
+DEFAULT_MIX = {"refer": 0.5, "change": 0.25, "grounding": 0.2, "describe": 0.05}
 SIZES = ((112, 0.85), (168, 0.10), (224, 0.05))  # rendering sizes; the engine resizes to 112
 
 
@@ -496,6 +521,8 @@ class Batch:
     )
     cell_box: torch.Tensor | None = None  # (images, cells, 4): that object's box / 100
     patch_class: torch.Tensor | None = None  # (images, patches, 1 + classes): share of each label per patch
+    look: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, position, key positions)
+    pair_look: list[tuple[int, int, list[int]]] = field(default_factory=list)  # same, image to image
 
 
 GRID = 4  # image tokens per side (16 tokens: 8 x 8 patches, pixel-shuffled 2 x 2)
@@ -512,16 +539,23 @@ def patch_targets(labels: np.ndarray) -> torch.Tensor:
 
 
 def dense_targets(objects: list[SceneObject]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image token (row-major 4 x 4 cells): the class of the object whose centre lies in the cell,
-    and its box on 0-1."""
+    """Per image token (row-major 4 x 4 cells): the class of the object that covers most of the cell, and
+    that object's box on 0-1, on every cell the object's box overlaps (so whichever of its cells the
+    language model looks at, the box can be read there)."""
     cls = torch.zeros(GRID * GRID, dtype=torch.long)
     box = torch.zeros(GRID * GRID, 4)
+    best = torch.zeros(GRID * GRID)
     for o in objects:
         x1, y1, x2, y2 = o.bounds()
-        col = min(int((x1 + x2) / 2 * GRID), GRID - 1)
-        row = min(int((y1 + y2) / 2 * GRID), GRID - 1)
-        cls[row * GRID + col] = 1 + CLASSES.index(o.cls)
-        box[row * GRID + col] = torch.tensor([x1, y1, x2, y2])
+        for cell in _cells_of(o):
+            r, c = divmod(cell, GRID)
+            share = max(0.0, min(x2, (c + 1) / GRID) - max(x1, c / GRID)) * max(
+                0.0, min(y2, (r + 1) / GRID) - max(y1, r / GRID)
+            )
+            if share > best[cell]:
+                best[cell] = share
+                cls[cell] = 1 + CLASSES.index(o.cls)
+                box[cell] = torch.tensor([x1, y1, x2, y2])
     return cls, box
 
 
@@ -545,24 +579,65 @@ def conversation_pieces(
     return pieces
 
 
+def _cells_of(obj: SceneObject) -> list[int]:
+    """The image-token cells (row-major 4 x 4) that an object's box overlaps."""
+    x1, y1, x2, y2 = obj.bounds()
+    c0, c1 = int(max(x1, 0.0) * GRID), min(int(min(x2, 0.999) * GRID), GRID - 1)
+    r0, r1 = int(max(y1, 0.0) * GRID), min(int(min(y2, 0.999) * GRID), GRID - 1)
+    return [r * GRID + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+
+_PROMPT_IDS: dict[tuple[int, str], list[int]] = {}
+
+
+def _token_ids(tok: Any, text: str) -> list[int]:
+    """Token ids of a prompt piece; prompts repeat (a few tasks, tags and phrasings), so they are cached."""
+    key = (id(tok), text)
+    ids = _PROMPT_IDS.get(key)
+    if ids is None:
+        if len(_PROMPT_IDS) > 20_000:
+            _PROMPT_IDS.clear()
+        ids = _PROMPT_IDS[key] = tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def collate(examples: list[Example], engine: Any) -> Batch:
     """Tokenise conversations as the engine prompts them; the loss is on the assistant answers (and the
-    <|end|> that closes each) only."""
+    <|end|> that closes each) only. Also lists, for the look aid, where each box's numbers are predicted
+    and which image tokens hold that box's object."""
     tok = engine.tokenizer
-    rows, targets, pixels = [], [], []
-    for ex in examples:
+    numbers = set(tok.convert_tokens_to_ids(list(NUMBERS)))
+    image_id = engine.image_token_id
+    rows, targets, pixels, look, pair_look = [], [], [], [], []
+    for b, ex in enumerate(examples):
         images = [engine.image(im, ex.sensor) for im in ex.images]
         ids: list[int] = []
-        is_answer: list[bool] = []
+        turn_of: list[int] = []  # answer turn of each token, -1 outside answers
+        turn = 0
         for text, answer in conversation_pieces(ex.conversation, images, engine):
-            piece = tok(text, add_special_tokens=False)["input_ids"]
+            piece = _token_ids(tok, text) if not answer else tok(text, add_special_tokens=False)["input_ids"]
             ids += piece
-            is_answer += [answer] * len(piece)
+            turn_of += [turn if answer else -1] * len(piece)
+            turn += answer
         # labels[t] = the token at t+1 where that token belongs to an answer
-        lab = [ids[t + 1] if is_answer[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+        lab = [ids[t + 1] if turn_of[t + 1] >= 0 else -100 for t in range(len(ids) - 1)] + [-100]
         rows.append(ids)
         targets.append(lab)
         pixels += [im.pixels for im in images]
+        context = [i for i, t in enumerate(ids) if t == image_id]
+        per_image = engine.info.tokens_per_tile
+        for k, focus in enumerate(ex.focus):
+            spots = [t for t in range(len(lab)) if turn_of[t + 1 if t + 1 < len(ids) else t] == k and lab[t] in numbers]
+            for n, t in enumerate(spots):
+                if n // 5 < len(focus):
+                    img, obj = focus[n // 5]
+                    look.append((b, t, [context[img * per_image + c] for c in _cells_of(obj)]))
+            if ex.task == "change" and focus:  # the Yes: look at what changed
+                first = next(t for t in range(len(lab)) if turn_of[t + 1] == k)
+                cells = [context[img * per_image + c] for img, obj in focus for c in _cells_of(obj)]
+                look.append((b, first, cells))
+        if ex.task == "change":  # each token of the later image looks at the same cell of the earlier one
+            pair_look += [(b, context[per_image + c], [context[c]]) for c in range(per_image)]
     width = max(len(r) for r in rows)
     pad = engine.pad_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -574,7 +649,7 @@ def collate(examples: list[Example], engine: Any) -> Batch:
     maps = [m for ex in examples for m in ex.label_maps]
     patch_class = torch.stack([patch_targets(m) for m in maps]) if maps and len(maps) == len(dense) else None
     return Batch(input_ids, attention, labels, torch.cat(pixels), [ex.task for ex in examples], cell_class,
-                 cell_box, patch_class)  # fmt: skip
+                 cell_box, patch_class, look, pair_look)  # fmt: skip
 
 
 class SoftNumberLoss:
@@ -614,23 +689,26 @@ class SoftNumberLoss:
 class TrainConfig:
     minutes: float = 29.0  # wall-clock cap of the optimisation loop (with `steps`, stops early if reached)
     seed: int = TRAIN_SEED
-    batch_size: int = 16
-    lr: float = 3e-3
+    batch_size: int = 32
+    lr: float = 1e-3  # stage 2 (2e-3 there kept the referring loss flat for 450 steps)
+    vision_lr: float = 2e-3  # stage 1
     warmup_steps: int = 100
-    final_lr_ratio: float = 0.05
+    final_lr_ratio: float = 0.15
     weight_decay: float = 0.05
     clip: float = 1.0
     bf16: bool | None = None  # None: only where the CPU has native bf16 (AVX512-BF16 or AMX)
-    freeze_vision: bool = False
+    freeze_vision: bool = True  # after stage 1; False trains the vision tower in stage 2 too
     threads: int = 2
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     dense_weight: float = 0.5  # weight of the training-only dense aid (0: off)
-    easy_share: float = 0.0  # share of stage 2 on scenes with fewer objects (a curriculum; 0: none)
-    vision_share: float = 0.1  # share of the budget spent first on the vision tower alone (dense aid)
+    look_weight: float = 0.5  # weight of the training-only look aid (attention supervision; 0: off)
+    look_layers: tuple[int, ...] = (2, 3)
+    easy_share: float = 0.2  # share of stage 2 on scenes with fewer objects (a curriculum; 0: none)
+    vision_share: float = 0.25  # share of the budget spent first on the vision tower alone (dense aid)
     vision_batch: int = 48
     vision_steps: int | None = None  # with `steps`: the vision stage's steps
     steps: int | None = None  # the schedule's length in steps; None: as many as `minutes` allows
-    check_every: int = 400  # a quick held-out check every this many steps (0: never)
+    check_every: int = 200  # a quick held-out check every this many steps (0: never)
     check_scenes: int = 48
 
 
@@ -689,6 +767,9 @@ def native_bf16() -> bool:
         return False
 
 
+BOX_WEIGHT = 5.0  # of the dense aid's box term (L1 on 0-1 coordinates)
+
+
 class DenseAid(torch.nn.Module):
     """Training-only heads that give the vision tower and projector a dense signal from the first step (the
     language loss reaches them only through a few answer tokens): on each ViT patch, the share of each
@@ -699,6 +780,7 @@ class DenseAid(torch.nn.Module):
         super().__init__()
         self.patch_head = torch.nn.Linear(vision_dim, 1 + len(CLASSES))
         self.head = torch.nn.Linear(dim, 1 + len(CLASSES) + 4)
+        self.last_box_error = float("nan")
 
     def loss(self, vision: torch.Tensor, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = self.head(feats.float())  # (images, cells, 1 + classes + 4)
@@ -706,12 +788,40 @@ class DenseAid(torch.nn.Module):
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.cell_class.reshape(-1))
         pos = batch.cell_class > 0
         if pos.any():
-            total = total + 5.0 * F.l1_loss(box[pos], batch.cell_box[pos])
+            box_l1 = F.l1_loss(box[pos], batch.cell_box[pos])
+            self.last_box_error = float(box_l1.detach()) * 100  # mean error on the 0-100 scale, for logs
+            total = total + BOX_WEIGHT * box_l1
         if batch.patch_class is not None:
             patch_logits = self.patch_head(vision[:, 1:].float())  # drop the CLS token
             logp = F.log_softmax(patch_logits, dim=-1)
             total = total - (batch.patch_class * logp).sum(-1).mean()
         return total
+
+
+def look_loss(attentions: tuple[torch.Tensor, ...], look: list[tuple[int, int, list[int]]],
+              layers: tuple[int, ...], head: int = 0) -> torch.Tensor:  # fmt: skip
+    """The look aid (training only): where the answer writes a box's numbers (and a change answer its Yes),
+    one head of the given language-model layers should attend to the image tokens of that box's object;
+    in a pair, one head should match each token of the later image with the same cell of the earlier one
+    (the comparison a change answer needs). The loss is -log of the attention mass on the target tokens;
+    the other heads are free."""
+    rows = torch.tensor([b for b, _, _ in look])
+    pos = torch.tensor([t for _, t, _ in look])
+    mask = torch.zeros(len(look), attentions[0].shape[-1], dtype=torch.bool)
+    for i, (_, _, keys) in enumerate(look):
+        mask[i, keys] = True
+    total = attentions[0].new_zeros(())
+    for layer in layers:
+        probs = attentions[layer][rows, head, pos].float()  # (entries, keys)
+        mass = (probs * mask).sum(-1)
+        total = total - torch.log(mass + 1e-6).mean()
+    return total / len(layers)
+
+
+def attend_eagerly(model: Any) -> None:
+    """The look aids need the language model's attention weights, which only the eager implementation
+    returns (the vision tower keeps sdpa)."""
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
 
 
 def train_step(model: Any, batch: Batch, loss_fn: SoftNumberLoss, opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -726,11 +836,16 @@ def train_step(model: Any, batch: Batch, loss_fn: SoftNumberLoss, opt: torch.opt
         embeds = model.get_input_embeddings()(batch.input_ids)
         slots = (batch.input_ids == model.config.image_token_id)[..., None]
         embeds = embeds.masked_scatter(slots, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+        looking = cfg.look_weight > 0 and bool(batch.look or batch.pair_look)
+        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_attentions=looking)
     lm = loss_fn(out.logits, batch.labels)
     loss = lm
     if aid is not None and batch.cell_class is not None and cfg.dense_weight > 0:
         loss = lm + cfg.dense_weight * aid.loss(image_out.last_hidden_state, feats, batch)
+    if looking and batch.look:
+        loss = loss + cfg.look_weight * look_loss(out.attentions, batch.look, cfg.look_layers)
+    if looking and batch.pair_look:
+        loss = loss + cfg.look_weight * look_loss(out.attentions, batch.pair_look, (1,), head=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -798,7 +913,7 @@ def train_vision(model: Any, engine: Any, aid: DenseAid, cfg: TrainConfig, secon
     language model), so that stage 2 starts from image tokens that already say what is where."""
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *aid.parameters()]  # fmt: skip
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, 0x7151])
     started = time.perf_counter()
     step, index = 0, 10_000_000  # scenes of the same stream, far from stage 2's
@@ -810,7 +925,7 @@ def train_vision(model: Any, engine: Any, aid: DenseAid, cfg: TrainConfig, secon
         for g in opt.param_groups:
             # 50 warm-up steps, then a cosine from 1 to 0.3: stage 2 warms up again from there
             g["lr"] = (
-                cfg.lr
+                cfg.vision_lr
                 * min(1.0, (step + 1) / 50)
                 * (0.3 + 0.35 * (1 + math.cos(math.pi * min(progress, 1.0))))
             )
@@ -832,6 +947,7 @@ def train_vision(model: Any, engine: Any, aid: DenseAid, cfg: TrainConfig, secon
         if step % 50 == 0:
             log(
                 f"vision step {step} {(time.perf_counter() - started) / 60:.1f} min dense loss {np.mean(recent[-20:]):.3f}"
+                f" box error {aid.last_box_error:.1f}"
             )
     return step
 
@@ -846,9 +962,8 @@ def train(
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer()
     model, pub = build_model(tokenizer, cfg.seed)
-    if cfg.freeze_vision:
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(False)
+    if cfg.look_weight > 0:
+        attend_eagerly(model)
     engine = make_engine(model, tokenizer, pub)
     loss_fn = SoftNumberLoss(
         tokenizer.convert_tokens_to_ids(list(NUMBERS)), model.config.text_config.vocab_size
@@ -860,6 +975,9 @@ def train(
     if aid is not None and (cfg.vision_steps if cfg.steps is not None else cfg.vision_share > 0):
         vision_steps = train_vision(model, engine, aid, cfg, cfg.vision_share * cfg.minutes * 60.0,
                                     cfg.vision_steps if cfg.steps is not None else None, log)  # fmt: skip
+    if cfg.freeze_vision:  # the vision tower learns in stage 1 only (or stays as initialised without it)
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
     opt = optimiser(model, cfg, aid)
     stream = TaskStream(cfg, engine)
     tuner = ThreadTuner(cfg.threads)
@@ -900,6 +1018,7 @@ def train(
             checks.append(res)
             log(f"check: {res}")
     torch.set_num_threads(cfg.threads)
+    model.set_attn_implementation("sdpa")
     model.eval()
     seconds = time.perf_counter() - started_all
     summary = {
@@ -916,6 +1035,7 @@ def train(
         "mix": cfg.mix,
         "freeze_vision": cfg.freeze_vision,
         "dense_weight": cfg.dense_weight,
+        "look_weight": cfg.look_weight,
         "easy_share": cfg.easy_share,
         "vision_share": cfg.vision_share,
         "bf16": native_bf16() if cfg.bf16 is None else cfg.bf16,
@@ -1030,7 +1150,7 @@ class EvalResult:
     def lines(self) -> list[str]:
         out = [
             f"held-out scenes      {self.scenes} referring + {self.scenes} change pairs (+ {self.scenes} classify/grounding)",
-            f"parse rate           {self.parse_rate:.1%}",
+            f"parse rate           {self.parse_rate:.1%}   (all {4 * self.scenes} answers)",
             f"referring IoU>=0.5   {self.refer_iou50:.1%}   (mean IoU {self.mean_iou:.3f})",
             "  by class           " + ", ".join(f"{c} {v:.0%}" for c, v in self.by_class.items()),
             f"change yes/no        {self.change_accuracy:.1%}",
@@ -1101,9 +1221,12 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
             parsed.append(ok)
             right.append(good)
         elif kind == "classify":
-            cls_right.append(answer.strip().lower() == truth.main_object().cls)
+            said = answer.strip().lower().rstrip(".")
+            parsed.append(said in CLASSES)
+            cls_right.append(said == truth.main_object().cls)
         else:
             boxes = parse_boxes(answer)
+            parsed.append(bool(boxes))
             for obj in truth.objects:
                 total_objs += 1
                 found += any(b.label == obj.cls and box_iou(b, truth_box(obj)) >= 0.5 for b in boxes)

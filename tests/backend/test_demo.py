@@ -208,9 +208,11 @@ def test_soft_number_targets_spread_over_neighbours(tokenizer) -> None:
 def test_a_training_step_runs_and_the_loss_drops(tokenizer) -> None:
     torch.manual_seed(0)
     model, cfg = train.build_model(tokenizer, seed=1)
+    train.attend_eagerly(model)
     engine = train.make_engine(model, tokenizer, cfg)
     tc = train.TrainConfig(batch_size=2, warmup_steps=1, lr=2e-3)
-    batch = train.collate(train.make_examples("grounding", 0, 0, 2, np.random.default_rng(1)), engine)
+    batch = train.collate(train.make_examples("change", 0, 0, 2, np.random.default_rng(1)), engine)
+    assert batch.look and batch.pair_look  # both look aids are in the loss
     loss_fn = train.SoftNumberLoss(
         tokenizer.convert_tokens_to_ids(list(train.NUMBERS)), model.config.text_config.vocab_size
     )
@@ -284,15 +286,16 @@ def test_shipped_demo_finds_ships_through_the_server_path(demo_engine, tmp_path)
         assert reply["features"]["features"] and reply["features"]["crs"] == "EPSG:32633"
         hits += train.box_iou(boxes[0], train.truth_box(ships[0])) >= 0.5
         tried += 1
-        if tried == 6:
+        if tried == 20:
             break
-    assert hits >= 5, f"{hits} of {tried} ships found at IoU >= 0.5"
+    # eval-demo measures the rate on 200 scenes; 20 are enough to catch a broken model or path
+    assert hits >= 14, f"{hits} of {tried} ships found at IoU >= 0.5"
 
 
 @shipped
 def test_shipped_demo_sees_a_change(demo_engine, tmp_path) -> None:
     right = 0
-    for i in range(6):
+    for i in range(20):
         pair = synthetic.make_pair(train.EVAL_SEED + 1, i)
         paths = [
             synthetic.write_geotiff(tmp_path / f"p{i}_{k}.tif", synthetic.render(s))
@@ -304,7 +307,7 @@ def test_shipped_demo_sees_a_change(demo_engine, tmp_path) -> None:
             demo_engine,
         )
         right += reply["answer"].lower().startswith("yes") == bool(pair.changed)
-    assert right >= 5
+    assert right >= 16, f"{right} of 20 pairs right"
 
 
 def test_serve_falls_back_to_the_shipped_demo() -> None:
@@ -312,3 +315,66 @@ def test_serve_falls_back_to_the_shipped_demo() -> None:
 
     found = cli._demo_model()
     assert found is None or found == str(train.DEMO_DIR)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training aids and the number code
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dense_targets_cover_every_cell_the_box_overlaps() -> None:
+    ship = synthetic.SceneObject("ship", 0.30, 0.40, 0.30, 0.08, 0.0, (230.0, 230.0, 230.0))
+    cls, box = train.dense_targets([ship])
+    x1, y1, x2, y2 = ship.bounds()  # x 0.15-0.45, y ~0.36-0.44: columns 0-1 of row 1
+    covered = sorted(int(i) for i in torch.nonzero(cls).flatten())
+    assert covered == [4, 5]
+    assert all(int(cls[i]) == 1 + synthetic.CLASSES.index("ship") for i in covered)
+    assert torch.allclose(box[4], torch.tensor([x1, y1, x2, y2])) and torch.equal(box[4], box[5])
+    assert float(box[0].abs().sum()) == 0.0
+
+
+def test_pair_look_matches_each_later_token_with_the_same_cell(fresh) -> None:
+    _, _, engine = fresh
+    batch = train.collate(train.make_examples("change", 0, 0, 2, np.random.default_rng(3)), engine)
+    assert len(batch.pair_look) == 2 * 16
+    for row, position, (key,) in batch.pair_look:
+        ids = batch.input_ids[row].tolist()
+        slots = [i for i, t in enumerate(ids) if t == engine.image_token_id]
+        assert position in slots[16:] and key == slots[slots.index(position) - 16]
+
+
+def test_number_code_turns_a_linear_read_into_the_right_number(tokenizer) -> None:
+    model, _ = train.build_model(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(list(train.NUMBERS))
+    rows = model.lm_head.weight.detach()[ids]
+    for value in (0, 7, 38, 64, 100):
+        h = torch.zeros(rows.shape[1])
+        h[-2], h[-1] = 3.0 * value / 100, 3.0  # (c * v, c) for any scale c
+        assert int(torch.argmax(rows @ h)) == value
+
+
+def test_sample_scene_truth_lies_on_the_drawn_objects(tmp_path) -> None:
+    import json
+
+    import rasterio
+    from rasterio.features import rasterize
+    from shapely.geometry import shape
+
+    from earthdial import samples
+
+    for crs in ("EPSG:32633", "EPSG:3857"):
+        path = samples.write_sample_scene(tmp_path / f"s_{crs[5:]}.tif", crs=crs)
+        truth = json.loads(samples.truth_path(path).read_text())
+        scene = samples.sample_scene()
+        _, labels = synthetic.render_with_labels(scene, 448)
+        with rasterio.open(path) as src:
+            assert src.crs.to_string() == crs and (src.width, src.height) == (448, 448)
+            transform = src.transform
+        assert [f["properties"]["class"] for f in truth["features"]] == [o.cls for o in scene.objects]
+        assert "ship" in [f["properties"]["class"] for f in truth["features"]]
+        for feature, obj in zip(truth["features"], scene.objects, strict=True):
+            drawn = rasterize([(shape(feature["geometry"]), 1)], out_shape=(448, 448), transform=transform)
+            mine = labels == 1 + synthetic.CLASSES.index(obj.cls)
+            overlap = (drawn.astype(bool) & mine).sum() / mine.sum()
+            assert overlap > 0.9, (crs, obj.cls, overlap)  # the outline holds the object's pixels
+            assert feature["properties"]["box"] == list(obj.box100())
