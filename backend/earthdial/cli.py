@@ -130,8 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         d = engine.describe()
         if d.get("demo"):
-            print("earthdial: no --model given: serving the built-in demo model (a 5 M-parameter micro EarthDial "
-                  "trained on synthetic scenes; see docs/demo-model.md)", flush=True)  # fmt: skip
+            print("earthdial: this is the built-in demo model (a 3 M-parameter micro EarthDial trained on "
+                  "synthetic scenes only; see docs/demo-model.md)", flush=True)  # fmt: skip
         print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
               flush=True)  # fmt: skip
     try:
@@ -382,10 +382,14 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
-    from .samples import write_sample_scene
+    from .samples import truth_path, write_sample_scene
 
-    path = write_sample_scene(args.path, crs=args.crs, seed=args.seed)
-    print(f"wrote a sample scene to {path}")
+    try:
+        path = write_sample_scene(args.path, crs=args.crs, index=args.index)
+    except ValueError as exc:
+        print(f"earthdial make-sample: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote a sample scene to {path} and its objects' true outlines to {truth_path(path)}")
     return 0
 
 
@@ -403,7 +407,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from . import train
 
     cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
-                            threads=args.threads, freeze_vision=args.freeze_vision,
+                            threads=args.threads, freeze_vision=not args.train_vision,
                             vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
     out = args.out or str(train.DEMO_DIR)
     print(f"training a demo model from scratch (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
@@ -579,11 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(
-        "make-sample", help="write a small synthetic GeoTIFF scene (water, land, a ship) to try things on"
+        "make-sample",
+        help="write a synthetic GeoTIFF scene (water, land, a ship, other objects) and its true outlines",
     )
     p.add_argument("path")
-    p.add_argument("--crs", default="EPSG:32633")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crs", default="EPSG:32633", help="EPSG:32633 or EPSG:3857")
+    p.add_argument("--index", type=int, default=0, help="which sample scene (default 0)")
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
@@ -597,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads at most")
-    p.add_argument("--freeze-vision", action="store_true", help="train the projector and LLM only")
+    p.add_argument(
+        "--train-vision", action="store_true", help="keep training the vision tower in stage 2 (default: frozen)"
+    )
     p.set_defaults(func=cmd_train_demo)
 
     p = sub.add_parser("eval-demo", help="score a demo model on held-out synthetic scenes (GeoTIFFs)")

@@ -131,6 +131,7 @@ class Engine:
             "tokens_per_tile": self.info.tokens_per_tile,
             "max_tiles": self.max_tiles,
             "parameters": self.info.num_parameters,
+            "demo": self.info.demo,
             "quantize": self.quantization["mode"],
             "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),
             "memory": self.memory(),

@@ -1,36 +1,68 @@
-"""A small synthetic scene to try the tool on: water on the left, land on the right, one ship."""
+"""A sample scene to try the tool on: one of the demo model's synthetic scenes (land, water, a ship and a
+few other objects) as a GeoTIFF, with the objects' true footprints beside it as GeoJSON, so that what the
+model returns can be checked on the map."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
+from . import synthetic
+
+SAMPLE_SEED = 7_000_001  # a scene stream used neither by train-demo nor by eval-demo
+# where a sample scene is put on the map, per CRS (its upper-left corner, in that CRS's units)
+ORIGINS = {
+    "EPSG:32633": synthetic.ORIGIN,  # UTM 33N, near the Gulf of Taranto
+    "EPSG:3857": (1_930_000.0, 4_950_000.0),  # Web Mercator, the same area
+}
 
 
-def write_sample_scene(path: str | Path, crs: str = "EPSG:32633", seed: int = 0, size: int = 448) -> Path:
-    """Write a 3-band uint8 GeoTIFF of `size` x `size` pixels at 1 m (0.5 m-class imagery is what the
-    RGB model's [hr_rgb_0.5] tag expects; 1 m is close). Returns the path."""
-    import rasterio
-    from rasterio.transform import from_origin
+def sample_scene(index: int = 0) -> synthetic.Scene:
+    """Scene `index` of the sample stream, or the first one after it that has a ship."""
+    for i in range(index, index + 1000):
+        scene = synthetic.make_scene(SAMPLE_SEED, i)
+        if scene.of_class("ship"):
+            return scene
+    raise RuntimeError("no sample scene with a ship")  # pragma: no cover - the stream has many
 
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:size, 0:size]
-    water = cols < size * 0.6 + 20 * np.sin(rows / 40.0)
-    img = np.empty((3, size, size), dtype=np.float32)
-    for band, (w, land) in enumerate(((30, 95), (70, 110), (110, 70))):
-        img[band] = np.where(water, w, land) + rng.normal(0, 6, (size, size))
-    # a ship: an elongated bright hull on the water, 40 x 10 px, at a slight angle
-    cy, cx, angle = size * 0.4, size * 0.3, np.deg2rad(20)
-    u = (cols - cx) * np.cos(angle) + (rows - cy) * np.sin(angle)
-    v = -(cols - cx) * np.sin(angle) + (rows - cy) * np.cos(angle)
-    hull = (np.abs(u) < 20) & (np.abs(v) < 5)
-    img[:, hull] = 230
-    data = np.clip(img, 0, 255).astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    origin = (500_000.0, 4_000_000.0) if crs.upper() == "EPSG:32633" else (0.0, 0.0)
-    transform = from_origin(origin[0], origin[1], 1.0, 1.0)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                       crs=crs, transform=transform, photometric="RGB") as dst:  # fmt: skip
-        dst.write(data)
+
+def footprint(obj: synthetic.SceneObject, origin: tuple[float, float], metres: float) -> list[list[float]]:
+    """The object's outline (convex hull of its drawn shape) as a closed ring in map coordinates."""
+    from shapely.geometry import MultiPoint, Point
+
+    if obj.cls == "storage tank":
+        hull = Point(obj.cx, obj.cy).buffer(obj.length / 2, 16)
+    else:
+        hull = MultiPoint([tuple(p) for p in obj.corners()]).convex_hull
+    return [[origin[0] + x * metres, origin[1] - y * metres] for x, y in hull.exterior.coords]
+
+
+def write_sample_scene(path: str | Path, crs: str = "EPSG:32633", index: int = 0, size: int = 448) -> Path:
+    """Write a 3-band uint8 GeoTIFF of `size` x `size` pixels covering 112 m x 112 m (0.25 m pixels at
+    the default size) and `<name>.truth.geojson` beside it: each object's class, its true outline and the
+    0-100 box the demo model is trained to answer. Returns the GeoTIFF's path."""
+    key = crs.upper()
+    if key not in ORIGINS:
+        raise ValueError(f"sample scenes can be written in {', '.join(ORIGINS)}, not {crs}")
+    origin = ORIGINS[key]
+    scene = sample_scene(index)
+    path = synthetic.write_geotiff(path, synthetic.render(scene, size), crs=key, origin=origin)
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"class": o.cls, "box": list(o.box100())},
+            "geometry": {"type": "Polygon", "coordinates": [footprint(o, origin, synthetic.SCENE_METRES)]},
+        }
+        for o in scene.objects
+    ]
+    truth = {"type": "FeatureCollection", "crs_authid": key, "features": features}
+    truth_path(path).write_text(json.dumps(truth, indent=1) + "\n")
     return path
+
+
+def truth_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".truth.geojson")
+
+
+__all__ = ["ORIGINS", "SAMPLE_SEED", "footprint", "sample_scene", "truth_path", "write_sample_scene"]
