@@ -6,11 +6,10 @@ Run from the repository with any Python 3 (it needs only the standard library):
 
     python3 scripts/screenshots.py [--out docs/screenshots]
 
-It makes a sample scene and a tiny random-weight checkpoint with the backend's command (.venv), starts
-`qgis --code` on this same file under `xvfb-run` with a throw-away profile, and there, as a user would:
-loads the plugin, adds the scene, opens the panel, starts the local backend from it, imports a known
-answer (the tiny checkpoint's own text is noise, so its boxes would mean nothing), and grabs the panel and
-the main window.
+It makes the sample scene with the backend's command (.venv), starts `qgis --code` on this same file under
+`xvfb-run` with a throw-away profile, and there, as a user would: loads the plugin, adds the scene, opens
+the panel, starts the local backend from it (no model folder set: the built-in demo model), asks for the
+ships, and grabs the panel and the main window.
 """
 
 from __future__ import annotations
@@ -32,12 +31,6 @@ except NameError:  # `qgis --code` runs the file without __file__: the outer run
     SCRIPT = Path(os.environ[ENV_PREFIX + "SCRIPT"])
 ROOT = SCRIPT.parent.parent
 EARTHDIAL = ROOT / ".venv" / "bin" / "earthdial"
-# The sample scene's ship (448 x 448 px at 1 m: hull centred at 30 %, 40 %, 40 x 10 px, turned 20 deg) and
-# its land, as EarthDial would write them.
-ANSWER = (
-    "There is a <ref>ship</ref><box>[[25, 39, 35, 41, 20]]</box> on the water, west of the "
-    "<ref>land</ref><box>[[74, 4, 98, 96, 0]]</box>."
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,15 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="earthdial-shots-") as tmp:
         work = Path(tmp)
-        scene, model = work / "harbour.tif", work / "tiny"
+        scene = work / "harbour.tif"
         subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, env=env, capture_output=True)
-        subprocess.run(
-            [str(EARTHDIAL), "make-tiny-checkpoint", str(model)], check=True, env=env, capture_output=True
-        )
         env.update(
             {
                 f"{ENV_PREFIX}SCENE": str(scene),
-                f"{ENV_PREFIX}MODEL": str(model),
                 f"{ENV_PREFIX}OUT": str(out),
                 f"{ENV_PREFIX}ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
                 f"{ENV_PREFIX}WORK": str(work),
@@ -130,7 +119,6 @@ def in_qgis() -> None:
     sys.path.insert(0, str(ROOT / "qgis_plugin"))
     import earthdial_qgis
     from earthdial_qgis import settings
-    from earthdial_qgis.dock import GEOREF
 
     state: dict = {}
 
@@ -147,7 +135,7 @@ def in_qgis() -> None:
         window.showMaximized()
         settings.set_value(settings.ENDPOINT, env("ENDPOINT"))
         settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
-        settings.set_value(settings.MODEL_DIR, env("MODEL"))
+        settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
         settings.set_value(settings.DEVICE, "cpu")
         settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {work}")  # the backend reads the scene itself
         plugin = earthdial_qgis.classFactory(iface)
@@ -167,8 +155,8 @@ def in_qgis() -> None:
         yield from wait(lambda: dock.status_label.text().startswith("Connected"), 180)
 
         dock.set_area_mode("layer")
-        dock.select_task(GEOREF)
-        dock.prompt_edit.setPlainText(ANSWER)
+        dock.select_task("refer")
+        dock.prompt_edit.setPlainText("ships")
         dock.send_button.click()
         yield from wait(lambda: not dock.is_busy(), 60)
         if dock.last_error is not None:

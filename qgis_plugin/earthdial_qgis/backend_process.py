@@ -34,7 +34,8 @@ def resolve_command(configured: str) -> str:
 
 def serve_arguments(model_dir: str, endpoint: str, device: str, extra: str = "") -> list[str]:
     args = ["serve", "--endpoint", endpoint, "--device", device or "auto"]
-    args += ["--model", os.path.expanduser(model_dir)] if model_dir.strip() else ["--no-model"]
+    if model_dir.strip():  # else the backend's default: $EARTHDIAL_MODEL or its built-in demo model
+        args += ["--model", os.path.expanduser(model_dir)]
     return args + (shlex.split(extra) if extra.strip() else [])
 
 

@@ -26,7 +26,7 @@ class SettingsDialog(QtWidgets.QDialog):
         self.model_widget = QgsFileWidget()
         self.model_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.model_widget.setFilePath(settings.text(settings.MODEL_DIR))
-        self.model_widget.setToolTip(self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB)"))
+        self.model_widget.setToolTip(self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB); empty: the built-in demo model"))
         form.addRow(self.tr("Model folder"), self.model_widget)
         self.device_combo = QtWidgets.QComboBox()
         self.device_combo.addItems(list(settings.DEVICES))

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,14 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     if "--allow-dir" in help_text:  # backends that read only allowed directories: add the test rasters'
         allowed = tmp_path_factory.getbasetemp()
         command += ["--allow-dir", str(allowed)]
+    with running_backend(command) as (process, log):
+        yield Backend(endpoint, model, process, log, allowed)
+
+
+@contextmanager
+def running_backend(command: list[str]) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """Start `earthdial serve ...`, wait for its "serving" line, yield (process, its output lines so far and
+    to come), and stop it afterwards."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -93,7 +102,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
                     break
             except queue.Empty:
                 continue
-        yield Backend(endpoint, model, process, log, allowed)
+        yield process, log
     finally:
         process.terminate()
         try:

@@ -35,7 +35,10 @@ def test_command_and_arguments(tmp_path) -> None:
     assert serve_arguments("/m", "tcp://127.0.0.1:1", "cpu", "--allow-dir '/a b'") == [
         "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "cpu", "--model", "/m", "--allow-dir", "/a b",
     ]  # fmt: skip
-    assert "--no-model" in serve_arguments("", "tcp://127.0.0.1:1", "auto")
+    # no model folder set: the backend picks its default (the built-in demo model)
+    assert serve_arguments("", "tcp://127.0.0.1:1", "auto") == [
+        "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "auto",
+    ]  # fmt: skip
 
 
 def test_start_and_stop_from_the_panel_and_on_unload(qgis_iface, qgis_new_project, backend, tmp_path) -> None:
