@@ -464,7 +464,7 @@ SINGLE_TASKS: dict[str, Callable[..., Example]] = {
     "describe": describe_example,
 }
 # share of steps per kind of batch (each step's batch is one kind, so its sequences have similar lengths)
-DEFAULT_MIX = {"refer": 0.5, "change": 0.25, "grounding": 0.2, "describe": 0.05}
+DEFAULT_MIX = {"refer": 0.55, "change": 0.2, "grounding": 0.2, "describe": 0.05}
 SIZES = ((112, 0.85), (168, 0.10), (224, 0.05))  # rendering sizes; the engine resizes to 112
 
 
