@@ -11,7 +11,7 @@ ed=.venv/bin/earthdial
 $ed make-sample "$out/sample_scene.tif"
 endpoint=${EARTHDIAL_ENDPOINT:-tcp://127.0.0.1:5557}
 # no --model: the server loads the built-in demo model (a micro EarthDial trained on scenes like this one)
-$ed serve --endpoint "$endpoint" --device auto > "$out/server.log" 2>&1 &
+$ed serve --endpoint "$endpoint" --device auto --allow-dir "$out" > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 60); do
