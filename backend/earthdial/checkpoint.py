@@ -346,7 +346,6 @@ def _tiny_tokenizer(variant: str) -> Any:
     """A byte-level BPE trained offline on `_CORPUS`, with Phi-3's, InternVL's and EarthDial's added tokens
     in their published order. Digits are split one by one, as in Phi-3's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -360,12 +359,21 @@ def _tiny_tokenizer(variant: str) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return earthdial_tokenizer(tok, variant)
+
+
+def earthdial_tokenizer(tok: Any, variant: str, **options: Any) -> Any:
+    """A `tokenizers.Tokenizer` as a `PreTrainedTokenizerFast` with Phi-3's, InternVL's and `variant`'s
+    EarthDial tokens added in their published order, and Phi-3's end-of-text as eos and pad."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
+        **options,
     )
     # transformers 5 ignores additional_special_tokens at construction: add them on the object.
     fast.add_special_tokens(

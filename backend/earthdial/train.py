@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, prompts, synthetic
 from .synthetic import CLASSES, Scene, SceneObject
-from .tokens import IMG_CONTEXT, INTERNVL_TOKENS, PHI3_TOKENS, earthdial_tokens
+from .tokens import IMG_CONTEXT
 
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 DEMO_VARIANT = "EarthDial_4B_RGB"  # the tags it knows are the RGB checkpoint's
@@ -116,7 +116,6 @@ def build_tokenizer() -> Any:
     import re
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     base = ["<unk>", "<s>", "</s>"]
     vocab: dict[str, int] = {t: i for i, t in enumerate(base)}
@@ -143,21 +142,7 @@ def build_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECES), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-    )
-    # transformers 5 ignores additional_special_tokens at construction: add them on the object.
-    fast.add_special_tokens(
-        {"additional_special_tokens": [*PHI3_TOKENS, *INTERNVL_TOKENS, *earthdial_tokens(DEMO_VARIANT)]}
-    )
-    fast.eos_token = "<|endoftext|>"
-    fast.pad_token = "<|endoftext|>"
-    return fast
+    return checkpoint.earthdial_tokenizer(tok, DEMO_VARIANT, clean_up_tokenization_spaces=False)
 
 
 # ------------------------------------------------------------------------------------------------
