@@ -236,7 +236,6 @@ def build_model(tokenizer: Any, seed: int = TRAIN_SEED) -> tuple[Any, dict[str, 
     return model, cfg
 
 
-
 def save_checkpoint(model: Any, tokenizer: Any, cfg: dict[str, Any], directory: str | Path) -> Path:
     """Write the model in EarthDial's published layout (the files `make_tiny_checkpoint` writes)."""
     from safetensors.torch import save_file
@@ -360,7 +359,9 @@ def grounding_example(scene: Scene, image: np.ndarray, rng: np.random.Generator)
     sensor = _sensor(rng)
     q = prompts.build_question("grounding", "", sensor)
     focus = [[(0, o) for o in _ordered(scene.objects)]]
-    return Example(record(q, grounding_answer(scene)), [image], sensor, "grounding", [scene.objects], focus=focus)
+    return Example(
+        record(q, grounding_answer(scene)), [image], sensor, "grounding", [scene.objects], focus=focus
+    )
 
 
 def describe_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
@@ -612,15 +613,22 @@ def collate(examples: list[Example], engine: Any) -> Batch:
         context = [i for i, t in enumerate(ids) if t == image_id]
         per_image = engine.info.tokens_per_tile
         for k, focus in enumerate(ex.focus):
-            spots = [t for t in range(len(lab)) if turn_of[t + 1 if t + 1 < len(ids) else t] == k and lab[t] in numbers]
+            spots = [
+                t
+                for t in range(len(lab))
+                if turn_of[t + 1 if t + 1 < len(ids) else t] == k and lab[t] in numbers
+            ]
             for n, t in enumerate(spots):
                 if n // 5 < len(focus):
                     img, obj = focus[n // 5]
                     look.append((b, t, [context[img * per_image + c] for c in _cells_of(obj)]))
-            if ex.task == "change" and focus:  # the Yes: look at what changed
+            if ex.task == "change" and focus:
+                # the Yes looks at what changed in the LATER image, even for an object that disappeared:
+                # attention is causal, so only the later image's tokens can have compared the two images
+                # (looking at the earlier image's object instead left 19 of 43 disappearances unseen)
                 first = next(t for t in range(len(lab)) if turn_of[t + 1] == k)
-                cells = [context[img * per_image + c] for img, obj in focus for c in _cells_of(obj)]
-                look.append((b, first, cells))
+                cells = [context[per_image + c] for _, obj in focus for c in _cells_of(obj)]
+                look.append((b, first, sorted(set(cells))))
         if ex.task == "change":  # each token of the later image looks at the same cell of the earlier one
             pair_look += [(b, context[per_image + c], [context[c]]) for c in range(per_image)]
     width = max(len(r) for r in rows)

@@ -289,7 +289,7 @@ def test_shipped_demo_finds_ships_through_the_server_path(demo_engine, tmp_path)
         if tried == 20:
             break
     # eval-demo measures the rate on 200 scenes; 20 are enough to catch a broken model or path
-    assert hits >= 14, f"{hits} of {tried} ships found at IoU >= 0.5"
+    assert hits >= 14, f"{hits} of {tried} ships found at IoU >= 0.5"  # the shipped model: 17
 
 
 @shipped
@@ -307,7 +307,7 @@ def test_shipped_demo_sees_a_change(demo_engine, tmp_path) -> None:
             demo_engine,
         )
         right += reply["answer"].lower().startswith("yes") == bool(pair.changed)
-    assert right >= 16, f"{right} of 20 pairs right"
+    assert right >= 18, f"{right} of 20 pairs right"  # the acceptance: >= 90 % (the shipped model: 20)
 
 
 def test_serve_falls_back_to_the_shipped_demo() -> None:
@@ -341,6 +341,24 @@ def test_pair_look_matches_each_later_token_with_the_same_cell(fresh) -> None:
         ids = batch.input_ids[row].tolist()
         slots = [i for i, t in enumerate(ids) if t == engine.image_token_id]
         assert position in slots[16:] and key == slots[slots.index(position) - 16]
+
+
+def test_change_yes_looks_at_the_later_image_even_for_a_disappearance(fresh) -> None:
+    # attention is causal: only the later image's tokens can have compared the two images
+    _, _, engine = fresh
+    index = next(
+        i for i in range(200) if [w for w, _ in synthetic.make_pair(0, i).changed] == ["disappeared"]
+    )
+    examples = train.make_examples("change", 0, index, 2, np.random.default_rng(3))
+    batch = train.collate(examples, engine)
+    yes = engine.tokenizer.convert_tokens_to_ids("Yes")
+    entries = [(row, pos, keys) for row, pos, keys in batch.look if int(batch.labels[row, pos]) == yes]
+    assert len(entries) == 2  # one Yes per example
+    for row, _, keys in entries:
+        slots = [i for i, t in enumerate(batch.input_ids[row].tolist()) if t == engine.image_token_id]
+        ((image, obj),) = examples[row].focus[0]
+        assert image == 0  # the object is drawn in the earlier image...
+        assert keys == [slots[16 + c] for c in train._cells_of(obj)]  # ...the Yes looks at the later one
 
 
 def test_number_code_turns_a_linear_read_into_the_right_number(tokenizer) -> None:
