@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,8 @@ class Example:
     label_maps: list[np.ndarray] = field(default_factory=list)  # per image: 0 background, 1 + class
     # per answer turn, the (image index, object) of each box it writes, in order (for the look aid)
     focus: list[list[tuple[int, SceneObject]]] = field(default_factory=list)
+    # per answer turn, the (image index, object)s its first token looks at (a change answer's Yes)
+    answer_look: list[list[tuple[int, SceneObject]]] = field(default_factory=list)
 
 
 def _sensor(rng: np.random.Generator) -> str:
@@ -392,9 +395,13 @@ def change_example(pair: synthetic.Pair, before: np.ndarray, after: np.ndarray) 
     q = prompts.build_question("change", "", sensor)
     items = sorted(pair.changed, key=lambda c: CLASSES.index(c[1].cls))
     focus = [[(1 if what == "appeared" else 0, o) for what, o in items]]
+    # the Yes looks at what changed in the LATER image, even for an object that disappeared: attention is
+    # causal, so only the later image's tokens can have compared the two images (looking at the earlier
+    # image's object instead left 19 of 43 disappearances unseen)
+    answer_look = [[(1, o) for _, o in items]]
     return Example(
         record(q, change_answer(pair)), [before, after], sensor, "change",
-        [pair.before.objects, pair.after.objects], focus=focus,
+        [pair.before.objects, pair.after.objects], focus=focus, answer_look=answer_look,
     )  # fmt: skip
 
 
@@ -573,24 +580,26 @@ def _cells_of(obj: SceneObject) -> list[int]:
     return [r * GRID + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
 
 
-_PROMPT_IDS: dict[tuple[int, str], list[int]] = {}
+_PROMPT_IDS: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = weakref.WeakKeyDictionary()
 
 
 def _token_ids(tok: Any, text: str) -> list[int]:
-    """Token ids of a prompt piece; prompts repeat (a few tasks, tags and phrasings), so they are cached."""
-    key = (id(tok), text)
-    ids = _PROMPT_IDS.get(key)
+    """Token ids of a prompt piece; prompts repeat (a few tasks, tags and phrasings), so they are cached,
+    per tokenizer."""
+    known = _PROMPT_IDS.setdefault(tok, {})
+    ids = known.get(text)
     if ids is None:
-        if len(_PROMPT_IDS) > 20_000:
-            _PROMPT_IDS.clear()
-        ids = _PROMPT_IDS[key] = tok(text, add_special_tokens=False)["input_ids"]
+        if len(known) > 20_000:
+            known.clear()
+        ids = known[text] = tok(text, add_special_tokens=False)["input_ids"]
     return ids
 
 
 def collate(examples: list[Example], engine: Any) -> Batch:
     """Tokenise conversations as the engine prompts them; the loss is on the assistant answers (and the
-    <|end|> that closes each) only. Also lists, for the look aid, where each box's numbers are predicted
-    and which image tokens hold that box's object."""
+    <|end|> that closes each) only. Also lists, for the look aids, where each box's numbers are predicted
+    and which image tokens hold that box's object, what a turn's first token looks at, and in a pair which
+    earlier-image token each later-image token matches."""
     tok = engine.tokenizer
     numbers = set(tok.convert_tokens_to_ids(list(NUMBERS)))
     image_id = engine.image_token_id
@@ -613,23 +622,18 @@ def collate(examples: list[Example], engine: Any) -> Batch:
         context = [i for i, t in enumerate(ids) if t == image_id]
         per_image = engine.info.tokens_per_tile
         for k, focus in enumerate(ex.focus):
-            spots = [
-                t
-                for t in range(len(lab))
-                if turn_of[t + 1 if t + 1 < len(ids) else t] == k and lab[t] in numbers
-            ]
+            spots = [t for t in range(len(ids) - 1) if turn_of[t + 1] == k and lab[t] in numbers]
             for n, t in enumerate(spots):
                 if n // 5 < len(focus):
                     img, obj = focus[n // 5]
                     look.append((b, t, [context[img * per_image + c] for c in _cells_of(obj)]))
-            if ex.task == "change" and focus:
-                # the Yes looks at what changed in the LATER image, even for an object that disappeared:
-                # attention is causal, so only the later image's tokens can have compared the two images
-                # (looking at the earlier image's object instead left 19 of 43 disappearances unseen)
-                first = next(t for t in range(len(lab)) if turn_of[t + 1] == k)
-                cells = [context[per_image + c] for _, obj in focus for c in _cells_of(obj)]
-                look.append((b, first, sorted(set(cells))))
-        if ex.task == "change":  # each token of the later image looks at the same cell of the earlier one
+        for k, seen in enumerate(ex.answer_look):
+            if seen:
+                first = next(t for t in range(len(ids) - 1) if turn_of[t + 1] == k)
+                cells = {context[img * per_image + c] for img, obj in seen for c in _cells_of(obj)}
+                look.append((b, first, sorted(cells)))
+        # a pair: each token of the later image looks at the same cell of the earlier one
+        if len(images) == 2:
             pair_look += [(b, context[per_image + c], [context[c]]) for c in range(per_image)]
     width = max(len(r) for r in rows)
     pad = engine.pad_id
