@@ -89,27 +89,9 @@ def read_chip(
     except RasterioError as exc:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
     with src:
-        if src.count < 1:
-            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} has no raster bands")
-        indexes = check_bands(bands, src.count, path)
-        window = window_for(src, bounds, bounds_crs, path)
-        win_w, win_h = int(window.width), int(window.height)
-        out_w, out_h = win_w, win_h
-        if gsd is not None:
-            if not isinstance(gsd, numbers.Real) or not MIN_GSD <= gsd <= MAX_GSD:
-                raise EarthDialError(
-                    ErrorCode.BAD_REQUEST, f"gsd must be {MIN_GSD} to {MAX_GSD:g} metres, got {gsd!r}"
-                )
-            native = ground_resolution(
-                src.transform, src.crs, window.col_off + win_w / 2, window.row_off + win_h / 2
-            )
-            if native is not None:
-                out_w = max(1, round(win_w * native / gsd))
-                out_h = max(1, round(win_h * native / gsd))
-        if max_size is not None and max(out_w, out_h) > max_size:
-            scale = max_size / max(out_w, out_h)
-            out_w = max(1, min(max_size, round(out_w * scale)))
-            out_h = max(1, min(max_size, round(out_h * scale)))
+        indexes, window, (out_h, out_w), transform = _read_plan(
+            src, path, bands, bounds, bounds_crs, max_size, gsd
+        )
         try:
             # Average (a box filter) when shrinking: it does not alias fine texture the way nearest
             # does, works for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
@@ -121,12 +103,6 @@ def read_chip(
             )
         except RasterioError as exc:
             raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
-        # The window's transform (rasterio.windows.transform) scaled to the grid actually read, spelled
-        # out because affine 2 and 3 disagree on how composition is written.
-        a, b, c, d, e, f = src.transform[:6]
-        col0, row0 = int(window.col_off), int(window.row_off)
-        sx, sy = win_w / out_w, win_h / out_h
-        transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
         nodata = src.nodatavals[indexes[0] - 1]
         return Chip(
             data=data,
@@ -136,6 +112,91 @@ def read_chip(
             nodata=None if nodata is None else float(nodata),
             source=path,
         )
+
+
+def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
+    """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
+    averaging, which would hide the speckle that tells linear SAR power apart)."""
+    try:
+        with rasterio.open(os.fspath(path)) as src:
+            scale = max(1.0, max(src.width, src.height) / size)
+            shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+            return src.read(band, out_shape=shape, resampling=Resampling.nearest)
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+
+@dataclass(frozen=True)
+class ChipPlan:
+    """What `read_chip` would read, worked out from the raster's metadata alone (no pixels)."""
+
+    band_indexes: list[int]
+    width: int
+    height: int
+    transform: Affine
+    crs: str
+
+
+def plan_chip(
+    path: str,
+    bands: list[int] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    bounds_crs: str | None = None,
+    max_size: int | None = 2048,
+    gsd: float | None = None,
+) -> ChipPlan:
+    """The bands, size and grid `read_chip` with the same arguments reads, without reading pixels."""
+    path = os.fspath(path)
+    if not path.startswith("/vsi") and not os.path.exists(path):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    if bounds is not None:
+        bounds = _check_bounds(bounds)
+    try:
+        src = rasterio.open(path)
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
+    with src:
+        indexes, _, (rows, cols), transform = _read_plan(src, path, bands, bounds, bounds_crs, max_size, gsd)
+        return ChipPlan(indexes, cols, rows, transform, crs_string(src.crs))
+
+
+def _read_plan(
+    src: Any,
+    path: str,
+    bands: list[int] | None,
+    bounds: tuple[float, float, float, float] | None,
+    bounds_crs: str | None,
+    max_size: int | None,
+    gsd: float | None,
+) -> tuple[list[int], rasterio.windows.Window, tuple[int, int], Affine]:
+    """Bands, window, output (rows, cols) and the output grid's transform of a read (`read_chip`)."""
+    if src.count < 1:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} has no raster bands")
+    indexes = check_bands(bands, src.count, path)
+    window = window_for(src, bounds, bounds_crs, path)
+    win_w, win_h = int(window.width), int(window.height)
+    out_w, out_h = win_w, win_h
+    if gsd is not None:
+        if not isinstance(gsd, numbers.Real) or not MIN_GSD <= gsd <= MAX_GSD:
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"gsd must be {MIN_GSD} to {MAX_GSD:g} metres, got {gsd!r}"
+            )
+        native = ground_resolution(
+            src.transform, src.crs, window.col_off + win_w / 2, window.row_off + win_h / 2
+        )
+        if native is not None:
+            out_w = max(1, round(win_w * native / gsd))
+            out_h = max(1, round(win_h * native / gsd))
+    if max_size is not None and max(out_w, out_h) > max_size:
+        scale = max_size / max(out_w, out_h)
+        out_w = max(1, min(max_size, round(out_w * scale)))
+        out_h = max(1, min(max_size, round(out_h * scale)))
+    # The window's transform (rasterio.windows.transform) scaled to the grid actually read, spelled
+    # out because affine 2 and 3 disagree on how composition is written.
+    a, b, c, d, e, f = src.transform[:6]
+    col0, row0 = int(window.col_off), int(window.row_off)
+    sx, sy = win_w / out_w, win_h / out_h
+    transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
+    return indexes, window, (out_h, out_w), transform
 
 
 @dataclass(frozen=True)

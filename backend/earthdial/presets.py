@@ -70,6 +70,12 @@ def choose(
         return _sar(sample, f"one band described as SAR ({text.strip()[:40]!r})")
     if count == 1 and np.dtype(dtype).kind == "f" and sample is not None and _looks_like_db(sample):
         return PRESETS["s1_vh_db"], "one float band with values like SAR decibels (mostly -35 to 5)"
+    if count == 1 and np.dtype(dtype).kind == "f" and sample is not None and _looks_like_linear(sample):
+        return PRESETS["s1_vh_linear"], (
+            "one float band with values like SAR linear power (non-negative, mostly below 1, over 10 dB of "
+            "contrast): "
+            "converted to dB"
+        )
     if count == 1:
         return PRESETS["grey"], "one band: shown as grey"
     if count == 12:
@@ -92,6 +98,17 @@ def _looks_like_db(sample: np.ndarray) -> bool:
     return v.size > 0 and float(np.mean((v > -40) & (v < 10))) > 0.95 and float(np.mean(v < 0)) > 0.5
 
 
+def _looks_like_linear(sample: np.ndarray) -> bool:
+    """Backscatter in linear power: never negative, a median well below 1 and more than 10 dB between the
+    2nd and 98th percentiles (speckle and the water/land/town contrast), unlike NDVI, heights or kelvins.
+    A one-band reflectance can look the same: a band description or a named preset then decides."""
+    v = sample[np.isfinite(sample)].astype(np.float64)
+    if v.size < 16 or float(v.min()) < 0:
+        return False
+    lo, mid, hi = np.percentile(v, [2.0, 50.0, 98.0])
+    return 0 < mid < 1 and hi > 10 * max(lo, 1e-12)
+
+
 def _sar(sample: np.ndarray | None, why: str) -> tuple[Preset, str]:
     if sample is not None and not _looks_like_db(sample):
         return PRESETS["s1_vh_linear"], why + "; values look like linear power: converted to dB"
@@ -110,3 +127,22 @@ def apply(preset: Preset, data: np.ndarray, nodata: float | None) -> np.ndarray:
         out = 10.0 * np.log10(x)
     out[invalid] = np.nan  # left out of statistics, filled downstream
     return out
+
+
+# Checkpoint variants that were trained on EarthDial's band-group path (stage 3: multispectral and SAR).
+BAND_GROUP_VARIANTS = ("EarthDial_4B_MS", "EarthDial_4B_Methane_UHI")
+
+
+def check_variant(variant: str | None, tag: str) -> None:
+    """Refuse input the loaded checkpoint was not trained on: the RGB checkpoint (stage 2) never saw the
+    band-group path, so multispectral and SAR tags need the MS checkpoint. Its vocabulary has these tags
+    (RGB and MS share one), which is why a tag check alone lets such a request through."""
+    from .sensors import sensor
+
+    spec = sensor(tag)
+    if variant and spec.path == "bands" and variant not in BAND_GROUP_VARIANTS:
+        raise EarthDialError(
+            ErrorCode.WRONG_VARIANT,
+            f"{tag} ({spec.description}) goes through EarthDial's multispectral/SAR band-group path, which the "
+            f"loaded {variant} was not trained on; serve EarthDial_4B_MS for it, or pick an RGB band preset",
+        )

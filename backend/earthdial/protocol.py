@@ -31,7 +31,7 @@ MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024  # all array frames of one message toge
 MAX_ID_CHARS = 256  # request ids and client names
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-OPS = ("ask", "georef", "detect", "status", "ping", "cancel")
+OPS = ("ask", "georef", "detect", "status", "ping", "cancel", "plan")
 
 
 class ErrorCode:
@@ -480,6 +480,11 @@ class Client:
         (`queued`: removed, its reply is a `cancelled` error; `running`: stopped at its next batch
         boundary; `unknown`: finished already, or never seen)."""
         return self.request({"op": "cancel", "target": target}, timeout_s=timeout_s).header
+
+    def plan(self, header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, ...] = (),
+             timeout_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+        """What an `ask` with this header would send (preset, bands, sensor, GSD, tiles), from metadata."""
+        return self.request({**header, "op": "plan"}, arrays, timeout_s=timeout_s).header["plan"]
 
     def ask(
         self,

@@ -182,7 +182,7 @@ class Server:
         time, after freeing the device's cached memory when it ran out of it."""
         jobs = [prepared for _, prepared in ready]
         try:
-            service.generate(jobs, self.engine)
+            service.generate(jobs, self.engine, [job.cancel.is_set for job, _ in ready])
             return {}
         except Exception as exc:
             if _out_of_memory(exc):
@@ -195,7 +195,7 @@ class Server:
             if job.cancel.is_set():
                 continue  # answered as cancelled afterwards
             try:
-                service.generate([prepared], self.engine)
+                service.generate([prepared], self.engine, [job.cancel.is_set])
             except Exception as one:
                 if _out_of_memory(one):
                     _free_device_memory()
@@ -235,6 +235,8 @@ class Server:
             fields = service.status(self.engine, counts["queue"], counts["running"])
             fields.update(clients=counts["clients"], queue_size=self.queue.maxsize, server=self.instance)
             self._send(ident, ok_reply(request_id, **fields))
+        elif op == "plan":  # metadata and at most a small sample: cheap enough for the I/O loop
+            self._send(ident, ok_reply(request_id, **service.plan(header, arrays, self.engine)))
         elif op == "cancel":
             target = header.get("target")
             if not isinstance(target, str):

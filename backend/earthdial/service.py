@@ -161,7 +161,7 @@ def _choose_preset(
         return presets.PRESETS["rgb8"], "default"
     sample = None
     if info.count == 1:
-        sample = imagery.read_chip(info.path, bands=[1], max_size=64).data[0]
+        sample = imagery.sample_band(info.path, 1, 64)
     return presets.choose(info.count, info.dtype, info.descriptions, sample)
 
 
@@ -294,19 +294,14 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     inputs = read_inputs(header, arrays, options)
     chips = inputs.chips
     tag = _sensor_for(spec, inputs, options)
-    spec_sensor = sensors.sensor(tag)
-    if inputs.gsd_m and not 0.25 <= inputs.gsd_m / spec_sensor.gsd_m <= 4:
-        inputs.warnings.append(
-            f"the window's ground resolution ({inputs.gsd_m:.3g} m) is far from {tag}'s {spec_sensor.gsd_m:g} m: "
-            "answers may suffer; set a GSD or another sensor"
-        )
+    inputs.warnings += _gsd_warnings(inputs.gsd_m, tag)
     in_history = any(prompts.IMAGE in q for q, _ in history)  # a follow-up: the images came with turn one
     question = prompts.build_question(name, prompt, tag, images=0 if in_history else len(chips))
     job = Job(header, chips, started=started, inputs=inputs, sensor=tag)
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
-    engine.check_tags(question)
+    _check_model(engine, question, tag)
     t = time.perf_counter()
     from .engine import Query
 
@@ -314,6 +309,121 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     job.query = Query(question, images, max_new, history)
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
+
+
+def _gsd_warnings(gsd_m: float | None, tag: str) -> list[str]:
+    spec = sensors.sensor(tag)
+    if gsd_m and not 0.25 <= gsd_m / spec.gsd_m <= 4:
+        return [
+            f"the window's ground resolution ({gsd_m:.3g} m) is far from {tag}'s {spec.gsd_m:g} m: "
+            "answers may suffer; set a GSD or another sensor"
+        ]
+    return []
+
+
+def _check_model(engine: Any, question: str, tag: str) -> None:
+    """`wrong_variant` when the loaded checkpoint lacks a tag of the question or was not trained on the
+    input's path (multispectral or SAR to the RGB checkpoint)."""
+    engine.check_tags(question)
+    presets.check_variant(engine.info.variant, tag)
+
+
+def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
+    """What an `ask` with this header would send to the model, from metadata alone: the band preset and
+    why, the bands, the sensor tag, the GSD, the window's size, the model tiles, by reference or by
+    value, and warnings; or the error the `ask` would get. Reads no pixels beyond a small sample of a
+    one-band raster (to tell SAR in dB from linear power). A by-value source may carry ``shape``
+    ([rows, cols] of the array the `ask` will send) with a small sample of it as its array frame."""
+    name = _field(header, "task", str)
+    spec = prompts.task(name)
+    prompt = _field(header, "prompt", str, required=False) or ""
+    options = _field(header, "options", dict, required=False) or {}
+    if options.get("sensor") is not None:
+        if not isinstance(options["sensor"], str):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, "options.sensor must be a tag like '[s2_rgb_10]'")
+        sensors.sensor(options["sensor"])
+    sources = _source_list(header)
+    needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
+    if needed != len(arrays):
+        raise EarthDialError(
+            ErrorCode.MISSING_FRAMES,
+            f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
+        )
+    gsd = options.get("gsd")
+    if gsd is not None and (
+        not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
+    ):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.gsd must be a ground resolution in metres, got {gsd!r:.40}")
+    first = sources[0]
+    if not isinstance(first, dict) or first.get("kind") not in ("ref", "value"):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'source' must be an object of kind 'ref' or 'value'")
+    if first["kind"] == "ref":
+        path = access.check_path(_field(first, "path", str))
+        info = imagery.describe(path)
+        preset, reason = _choose_preset(first, None, options, info)
+        bands = _field(first, "bands", list, required=False) or (list(preset.bands) if preset.bands else None)
+        if preset.bands and preset.band_count and info.count < max(preset.bands):
+            raise EarthDialError(
+                ErrorCode.BAND_OUT_OF_RANGE,
+                f"preset {preset.name} needs {max(preset.bands)} bands; the raster has {info.count}",
+            )
+        bounds = _field(first, "bounds", list, required=False)
+        chip = imagery.plan_chip(path, bands, tuple(bounds) if bounds else None,
+                                 _field(first, "crs", str, required=False), MAX_CHIP_SIZE, gsd)  # fmt: skip
+    else:
+        array = arrays[0]
+        shape = _field(first, "shape", list, required=False)
+        if shape is not None and not (len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}")
+        preset, reason = _choose_preset(first, array, options, None)
+        data = array if array.ndim == 3 else array[None]
+        height, width = shape if shape is not None else data.shape[1:]
+        sample = imagery.chip_from_array(data, _field(first, "transform", list),
+                                         _field(first, "crs", str, required=False))  # fmt: skip
+        chip = imagery.ChipPlan(sample.band_indexes, int(width), int(height), sample.transform, sample.crs)
+    width, height = chip.width, chip.height
+    gsd_m = imagery.ground_resolution(chip.transform, chip.crs, width / 2, height / 2)
+    inputs = Inputs([], preset, reason, gsd_m)
+    tag = _sensor_for(spec, inputs, options)
+    warnings = _gsd_warnings(gsd_m, tag)
+    question = prompts.build_question(name, prompt, tag, images=len(sources))
+    tiles = None
+    model = None
+    if engine is not None:
+        _check_model(engine, question, tag)
+        per_image = _tiles_for(engine, width, height, tag)
+        tiles = per_image * len(sources)
+        model = {"variant": engine.info.variant, "path": engine.info.path}
+    return {
+        "plan": {
+            "task": name,
+            "preset": preset.name,
+            "reason": reason,
+            "bands": chip.band_indexes,
+            "sensor": tag,
+            "gsd_m": gsd_m,
+            "width": int(width),
+            "height": int(height),
+            "images": len(sources),
+            "tiles": tiles,
+            "by": "value" if first["kind"] == "value" else "reference",
+            "warnings": warnings,
+            "model": model,
+        }
+    }
+
+
+def _tiles_for(engine: Any, width: int, height: int, tag: str) -> int:
+    """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
+    (plus the thumbnail) for RGB; the same choice `engine.image` makes."""
+    from . import pixels
+
+    if sensors.sensor(tag).path != "rgb":
+        return 1
+    size = engine.info.image_size
+    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.max_tiles)
+    n = cols * rows
+    return n + 1 if engine.info.use_thumbnail and n > 1 else n
 
 
 def finish(job: Job, engine: Any) -> dict[str, Any]:
@@ -357,14 +467,17 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
     return reply
 
 
-def generate(jobs: list[Job], engine: Any) -> None:
-    """Answer the jobs that need the model, in one batch."""
+def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> None:
+    """Answer the jobs that need the model, in one batch. ``stop`` (one callable per job) stops a job's
+    decoding at the next token once it returns true (a cancelled request); the batch's others go on."""
     todo = [j for j in jobs if j.query is not None and j.answer is None]
     if not todo:
         return
+    flags = [f for j, f in zip(jobs, stop, strict=True) if any(j is t for t in todo)] if stop else None
+    overrides = {"stopping_criteria": _stop_criteria(flags)} if flags else {}
     t = time.perf_counter()
     try:
-        answers_ = engine.generate([j.query for j in todo])
+        answers_ = engine.generate([j.query for j in todo], **overrides)
     except EarthDialError:
         raise
     except Exception as exc:  # a model failure is these requests' error, not the server's
@@ -374,6 +487,20 @@ def generate(jobs: list[Job], engine: Any) -> None:
         job.answer = answer
         job.timings["generate_s"] = elapsed
         job.timings["batch"] = len(todo)
+
+
+def _stop_criteria(flags: list[Any]) -> Any:
+    """transformers stopping criteria that end each row whose flag is set (per row, so one cancelled
+    request of a batch does not stop the others)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = [bool(f()) for f in flags]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
 
 
 def detect(

@@ -27,6 +27,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_RGB-tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_ms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multispectral/SAR variant: the one trained on EarthDial's band-group path."""
+    from earthdial.checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_MS-tiny", variant="EarthDial_4B_MS")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,6 +23,11 @@ def engine(tiny_checkpoint: Path) -> Engine:
     return Engine(str(tiny_checkpoint), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def ms_engine(tiny_ms_checkpoint: Path) -> Engine:
+    return Engine(str(tiny_ms_checkpoint), device="cpu")  # multispectral and SAR need the MS variant
+
+
 def write(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata=None, descriptions=()) -> Path:
     count, rows, cols = data.shape
     with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
@@ -84,7 +89,8 @@ def test_bounds_in_the_project_crs_and_features_in_the_layer_crs(tmp_path: Path)
     assert 500_280 < min(xs) and max(xs) < 501_320 and 3_999_380 < min(ys) and max(ys) < 3_999_920
 
 
-def test_12_band_uint16_gets_the_sentinel2_preset(tmp_path: Path, engine: Engine) -> None:
+def test_12_band_uint16_gets_the_sentinel2_preset(tmp_path: Path, ms_engine: Engine) -> None:
+    engine = ms_engine
     data = np.random.default_rng(0).integers(0, 6000, (12, 64, 64)).astype(np.uint16)
     path = write(tmp_path / "s2.tif", data, "EPSG:32633", GRIDS["utm_32633"][1])
     reply = service.run(
@@ -99,7 +105,8 @@ def test_12_band_uint16_gets_the_sentinel2_preset(tmp_path: Path, engine: Engine
     assert reply["chip"]["bands"] == [4, 3, 2] and reply["input"]["sensor"] == "[s2_rgb_10]"
 
 
-def test_sar_float32_with_nans_in_linear_power_is_converted_to_db(tmp_path: Path, engine: Engine) -> None:
+def test_sar_float32_with_nans_in_linear_power_is_converted_to_db(tmp_path: Path, ms_engine: Engine) -> None:
+    engine = ms_engine
     rng = np.random.default_rng(1)
     power = rng.uniform(0.001, 0.3, (1, 64, 64)).astype(np.float32)
     power[0, :8, :] = np.nan
