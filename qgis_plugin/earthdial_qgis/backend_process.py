@@ -49,7 +49,9 @@ class LocalBackend(QtCore.QObject):
         self.process: QtCore.QProcess | None = None
         self.state = STOPPED
         self.output: list[str] = []  # the last lines it wrote, for diagnostics
-        self.last_error = ""
+        self.last_error = ""  # why it failed: a crash, a start that failed (a red message)
+        self.last_exit = ""  # how it ended when that was no failure (news, not an error)
+        self._stopping = False
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.state() != QtCore.QProcess.ProcessState.NotRunning
@@ -84,7 +86,7 @@ class LocalBackend(QtCore.QObject):
         process.readyReadStandardOutput.connect(self._read_output)
         process.finished.connect(self._finished)
         process.errorOccurred.connect(self._error)
-        self.process, self.output, self.last_error = process, [], ""
+        self.process, self.output, self.last_error, self.last_exit = process, [], "", ""
         log.info(f"starting the backend: {shlex.join([program, *args])}")
         self._set_state(STARTING)
         process.start(program, args)
@@ -95,12 +97,14 @@ class LocalBackend(QtCore.QObject):
         process = self.process
         if process is None:
             return
+        self._stopping = True  # its exit, whatever the code, is the one asked for
         if process.state() != QtCore.QProcess.ProcessState.NotRunning:
             log.info("stopping the backend")
             process.terminate()
             if not process.waitForFinished(STOP_WAIT_MS):
                 process.kill()
                 process.waitForFinished(STOP_WAIT_MS)
+        self._stopping = False
         self._read_output()
         try:
             process.finished.disconnect(self._finished)
@@ -110,6 +114,7 @@ class LocalBackend(QtCore.QObject):
             pass
         process.deleteLater()
         self.process, self.last_error = None, ""
+        self.last_exit = self.tr("The local backend was stopped.")
         self._set_state(STOPPED)
 
     def _read_output(self) -> None:
@@ -126,7 +131,12 @@ class LocalBackend(QtCore.QObject):
 
     def _finished(self, code: int, _status: Any = None) -> None:
         self._read_output()
-        if self.state != STOPPED:
+        if self._stopping or self.state == STOPPED:
+            pass  # stop() says so
+        elif code == 0:  # it ended by itself without an error, e.g. stopped from a terminal
+            self.last_exit = self.tr("The local backend stopped (exit code 0).")
+            log.info(self.last_exit)
+        else:
             self.last_error = self.tr("The backend exited with code {code}: {tail}").format(
                 code=code, tail=" / ".join(self.output[-3:])
             )

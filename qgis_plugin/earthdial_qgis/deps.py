@@ -42,6 +42,14 @@ def missing_packages() -> list[str]:
     return missing
 
 
+OPTIONAL = ("qtpy",)  # the plugin falls back to qgis.PyQt without it
+
+
+def essential(missing: list[str]) -> list[str]:
+    """The missing packages the plugin cannot work without (pyzmq); qtpy is installed along with them."""
+    return [p for p in missing if p not in OPTIONAL]
+
+
 def python_executable() -> str:
     """QGIS's own Python interpreter. Inside QGIS, sys.executable is often the QGIS program itself, so
     the interpreter is looked for beside the running Python's prefix first."""

@@ -11,7 +11,7 @@ from typing import Any
 from qgis.core import Qgis
 
 from . import deps, log
-from .qt import QtCore, QtWidgets, exec_dialog
+from .qt import BINDING, QtCore, QtWidgets, exec_dialog
 
 
 def _version(module: str, attribute: str = "__version__") -> str:
@@ -31,6 +31,7 @@ def versions() -> dict[str, str]:
         "numpy": _version("numpy"),
         "pyzmq": _version("zmq"),
         "qtpy": _version("qtpy"),
+        "Qt layer": BINDING,
     }
     try:
         import zmq

@@ -20,24 +20,28 @@ from qgis.core import (
 from qgis.PyQt import sip
 
 from . import area as areas
-from . import history, log, settings
-from .backend_process import RUNNING, STARTING, LocalBackend
+from . import geopackage, history, log, settings
+from .backend_process import RUNNING, STARTING, STOPPED, LocalBackend
 from .dock_ui import FALLBACK_TASKS, GEOREF, DockLayout
-from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
-from .layers import add_result_layer
+from .errors import BAD_ENDPOINT, BAD_INPUT, CANCELLED, NO_CRS, NO_LAYER, plain_message
+from .layers import add_result_layer, is_in_memory, unique_layer_name
 from .maptools import RectangleMapTool, RegionMapTool
 from .presets import AUTO, bands_for
 from .presets import names as preset_names
-from .protocol import EarthDialError
+from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
 from .sources import area_in_layer_crs, displayed_bands, plan_source
 from .task import RequestTask
+from .watch import StatusWatcher
 
 SETTING_ENDPOINT = settings.ENDPOINT
 SETTING_TIMEOUT = settings.TIMEOUT
 DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
+PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
+PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
+HELP_URL = "https://example.org/earthdial-qgis#the-qgis-plugin"  # the README's plugin section
 CHAT = "chat"
 REGION_TASK, REGION_PAIR_TASK = "identify", "damage"
 
@@ -70,17 +74,30 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._closed = False
         self._running: set[RequestTask] = set()
         self._layer_signal: Any = None
+        self._plan_task: RequestTask | None = None
+        self.last_plan: dict[str, Any] | None = None  # the backend's summary of what a Send would send
+        self.plan_error: EarthDialError | None = None
+        self._plan_bands: list[int] | None = None  # the layer's bands a by-value request reads
         canvas = iface.mapCanvas()
         self.rectangle_tool = RectangleMapTool(canvas)
         self.rectangle_tool.rectangleDrawn.connect(self.set_drawn_area)
         self.region_tool = RegionMapTool(canvas)
         self.region_tool.rectangleDrawn.connect(self.ask_region)
+        self._plan_timer = QtCore.QTimer(self)
+        self._plan_timer.setSingleShot(True)
+        self._plan_timer.setInterval(PLAN_DELAY_MS)
+        self._plan_timer.timeout.connect(self.update_plan)
+        self.status_watcher = StatusWatcher(self)
+        self.status_watcher.answered.connect(self._watched)
         self._build_ui()
         self._fill_tasks(FALLBACK_TASKS)
         self._follow_active_layer()
         self.local_backend.stateChanged.connect(self._backend_state_changed)
         QgsProject.instance().readProject.connect(self._project_read)
+        QgsProject.instance().writeProject.connect(self._project_writing)
+        canvas.extentsChanged.connect(self._extent_changed)
         self._show_history()
+        self._show_storage()
         self.refresh_status()
 
     def _follow_active_layer(self) -> None:
@@ -96,10 +113,46 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _layer_changed(self, *_: Any) -> None:
         self._show_history()
+        self.schedule_plan()
+
+    def _extent_changed(self) -> None:
+        if self.area_combo.currentData() == areas.MAP_EXTENT:
+            self.schedule_plan()
 
     def _project_read(self, *_: Any) -> None:
         if not self._closed and not sip.isdeleted(self):
             self._show_history()
+            self._show_storage()
+
+    def _project_writing(self, *_: Any) -> None:
+        """QGIS is writing the project file: results of a project saved for the first time move from the
+        temporary GeoPackage beside it, before the file records where the layers read from."""
+        try:
+            moved = geopackage.move_temporary_results(QgsProject.instance())
+        except OSError as exc:
+            self._message(self.tr("Results could not be moved beside the project: {why}").format(why=exc),
+                          Qgis.MessageLevel.Critical)  # fmt: skip
+            return
+        if moved:
+            log.info(f"{len(moved)} result layer(s) moved to {geopackage.project_results_path()}")
+        self._show_storage()
+
+    def _show_storage(self) -> None:
+        """Where results go, under the result buttons; memory results are named as what they are."""
+        if settings.results_in_memory():
+            text = self.tr(
+                "Results are kept in memory (a setting): they are lost when QGIS closes unless you save "
+                "them with Save to GeoPackage…"
+            )
+        else:
+            path = geopackage.project_results_path()
+            where = (
+                self.tr("a temporary GeoPackage until the project is saved, then beside the project file")
+                if geopackage.is_temporary(path)
+                else path
+            )
+            text = self.tr("Results are stored in {where}.").format(where=where)
+        self.storage_label.setText(text)
 
     # -- tasks list -----------------------------------------------------------------------------------
     def _fill_tasks(self, tasks: list[dict[str, Any]]) -> None:
@@ -168,6 +221,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _endpoint_edited(self) -> None:
         QgsSettings().setValue(SETTING_ENDPOINT, self.endpoint)
+        self.status_reply = None
         self.refresh_status()
 
     def refresh_status(self) -> None:
@@ -176,6 +230,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             self.status_label.setText(self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
             return
         self.status_label.setText(self.tr("Checking {endpoint}…").format(endpoint=self.endpoint))
+        if not self._closed:
+            self.status_watcher.watch(self.endpoint)
         task = RequestTask(
             self.tr("EarthDial: status"),
             self.endpoint,
@@ -200,8 +256,14 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             else:
                 self.status_label.setText(self.status_error)
             return
-        self.status_reply, self.status_error = task.reply, ""
-        model = task.reply.get("model")
+        self._connected(task.reply)
+
+    def _connected(self, reply: dict[str, Any]) -> None:
+        """A status reply: the status line, and the task and preset lists when the server is new to us."""
+        known = (self.status_reply or {}).get("server")
+        fresh = self.status_reply is None or known != reply.get("server")
+        self.status_reply, self.status_error = reply, ""
+        model = reply.get("model")
         if model:
             text = self.tr(
                 "Connected: {variant} ({name}) on {device}, {queue} queued, {running} running"
@@ -209,17 +271,37 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
                 variant=model.get("variant", "?"),
                 name=_basename(model.get("path", "")),
                 device=model.get("device", "?"),
-                queue=task.reply.get("queue", 0),
-                running=task.reply.get("running", 0),
+                queue=reply.get("queue", 0),
+                running=reply.get("running", 0),
             )
         else:
             text = self.tr("Connected: no model loaded (only answers can be imported)")
         self.status_label.setText(text)
-        tasks = task.reply.get("tasks")
+        if not fresh:
+            return
+        tasks = reply.get("tasks")
         if isinstance(tasks, list) and tasks:
             self._fill_tasks(tasks)
-        if task.reply.get("presets"):  # newer backends list their band presets
-            self._fill_presets(preset_names(task.reply))
+        if reply.get("presets"):  # newer backends list their band presets
+            self._fill_presets(preset_names(reply))
+        self.schedule_plan()
+
+    def _watched(self, endpoint: str, reply: Any, error: str) -> None:
+        """The status watcher's answer (main thread): the line follows the server as it comes and goes."""
+        if self._closed or sip.isdeleted(self) or endpoint != self.endpoint:
+            return
+        if isinstance(reply, dict):
+            self._connected(reply)
+            return
+        was_up = self.status_reply is not None
+        self.status_reply = None
+        self.status_error = plain_message(EarthDialError(ErrorCode.TIMEOUT, error), endpoint)
+        if self.local_backend.state == STARTING:
+            self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
+        else:
+            self.status_label.setText(self.status_error)
+        if was_up:
+            self.schedule_plan()
 
     def _fill_presets(self, names: list[str]) -> None:
         current = self.preset_combo.currentData()
@@ -260,9 +342,12 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.stop_button.setEnabled(state in (STARTING, RUNNING))
         if state == RUNNING:
             self.refresh_status()
-        elif self.local_backend.last_error:
+        elif self.local_backend.last_error:  # a crash or a failed start
             self.status_label.setText(self.local_backend.last_error)
             self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
+        elif state == STOPPED and self.local_backend.last_exit:  # stopped as asked: news, not an error
+            self.status_label.setText(self.local_backend.last_exit)
+            self._message(self.local_backend.last_exit, Qgis.MessageLevel.Info, 4)
 
     def open_settings(self) -> None:
         from .settings_dialog import SettingsDialog
@@ -273,6 +358,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         from .diagnostics import report
 
         return report(self.endpoint, self.status_reply, self.status_error, self.local_backend)
+
+    def open_help(self) -> None:
+        from .qt import QtGui
+
+        QtGui.QDesktopServices.openUrl(QtCore.QUrl(HELP_URL))
 
     def open_diagnostics(self) -> Any:
         from .diagnostics import DiagnosticsDialog
@@ -305,6 +395,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.drawn = (QgsRectangle(rect), crs)
         self.area_combo.setCurrentIndex(self.area_combo.findData(areas.DRAWN))
         self.draw_button.setChecked(False)
+        self.schedule_plan()
 
     def set_area_mode(self, mode: str) -> None:
         self.area_combo.setCurrentIndex(self.area_combo.findData(mode))
@@ -404,17 +495,13 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             options["gsd"] = float(self.gsd_spin.value())
         return bands, options
 
-    def _make_request(self) -> RequestTask:
-        endpoint = self.endpoint
-        if not _ENDPOINT.match(endpoint):
-            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
-        QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
+    def _question(self) -> dict[str, Any]:
+        """What the controls ask for: the layers, the area, the bands, the task, the prompt and the request
+        header, with each layer's source plan (release the plans when they are not sent)."""
         layer = self._first_layer()
         bands, options = self._bands()
         name = str(self.task_combo.currentData())
         prompt = self.prompt_edit.toPlainText().strip()
-        if name == GEOREF and not prompt:
-            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
         later: list[QgsRasterLayer] = []
         if name != GEOREF and self.images_for(name) > 1:
             later = self.later_layers.layers()
@@ -425,7 +512,6 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
                 )
             for other in later:
                 _check_crs(other, self)
-
         area = self.current_area(layer)
         plans = [plan_source(layer, area, bands)]
         try:
@@ -442,6 +528,20 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             if turns:
                 options["history"] = history.wire_history(turns)
             header = {"op": "ask", "task": name, "prompt": prompt, "options": options}
+        return {"layer": layer, "later": later, "bands": bands, "name": name, "prompt": prompt,
+                "plans": plans, "header": header}  # fmt: skip
+
+    def _make_request(self) -> RequestTask:
+        endpoint = self.endpoint
+        if not _ENDPOINT.match(endpoint):
+            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
+        QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
+        q = self._question()
+        layer, later, name, prompt, plans = q["layer"], q["later"], q["name"], q["prompt"], q["plans"]
+        if name == GEOREF and not prompt:
+            for plan in plans:
+                plan.release()
+            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
         names = " | ".join(lyr.name() for lyr in [layer, *later])
         self._pending = {
             "task": name,
@@ -452,16 +552,71 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             "source": " | ".join(p.label for p in plans),
             "by_value": plans[0].by_value,
         }
+        bands = q["bands"]
         preview_bands = displayed_bands(layer) or (bands[:3] if bands else None)
         return RequestTask(
             self.tr("EarthDial: {task} on {layer}").format(task=name, layer=names),
             endpoint,
-            header,
+            q["header"],
             plans,
             self.timeout_spin.value(),
             self._request_done,
             preview_bands,
         )
+
+    # -- what will be sent ----------------------------------------------------------------------------
+    def schedule_plan(self, *_: Any) -> None:
+        """Ask for a new summary of what Send would send, once the controls stop changing."""
+        if not self._closed and not sip.isdeleted(self):
+            self._plan_timer.start()
+
+    def update_plan(self) -> None:
+        """Ask the backend (`plan`, in the background, a short timeout) what a Send would send now."""
+        if self._closed or sip.isdeleted(self):
+            return
+        name = str(self.task_combo.currentData())
+        if name == GEOREF:
+            self._show_plan_text(self.tr("Imports an answer: nothing is sent to the model."))
+            return
+        if self.status_reply is None or not _ENDPOINT.match(self.endpoint):
+            self._show_plan_text(self.tr("What will be sent is shown here once a backend answers."))
+            return
+        try:
+            q = self._question()
+        except EarthDialError as exc:
+            self.last_plan, self.plan_error = None, exc
+            self._show_plan_text(plain_message(exc, self.endpoint))
+            return
+        header = {**q["header"], "op": "plan"}
+        first = q["plans"][0]
+        self._plan_bands = first.bands if first.by_value else first.fallback.bands if first.fallback else None
+        task = RequestTask(self.tr("EarthDial: what will be sent"), self.endpoint, header, q["plans"],
+                           PLAN_TIMEOUT_S, self._plan_done)  # fmt: skip
+        self._plan_task = task
+        self._start(task)
+
+    def _plan_done(self, task: RequestTask) -> None:
+        self._running.discard(task)
+        if self._closed or sip.isdeleted(self) or task is not self._plan_task:
+            return  # closed, or a newer summary is on its way
+        self._plan_task = None
+        if task.error is not None or task.reply is None:
+            self.last_plan, self.plan_error = None, task.error
+            error = task.error or EarthDialError(ErrorCode.INTERNAL, "no reply")
+            prefix = "" if error.code == ErrorCode.TIMEOUT else self.tr("Send would be refused: ")
+            self._show_plan_text(prefix + plain_message(error, task.endpoint), error=True)
+            return
+        plan = dict(task.reply.get("plan") or {})
+        if task.sent_by_value:
+            plan["by"] = "value"
+        if plan.get("by") == "value" and self._plan_bands:
+            plan["layer_bands"] = self._plan_bands  # the sent array's bands 1..n are these of the layer
+        self.last_plan, self.plan_error = plan, None
+        self._show_plan_text(plan_summary(plan, self.tr))
+
+    def _show_plan_text(self, text: str, error: bool = False) -> None:
+        self.plan_label.setText(text)
+        self.plan_label.setStyleSheet("color: #b00020;" if error else "")
 
     def _request_done(self, task: RequestTask) -> None:
         self._running.discard(task)
@@ -487,14 +642,16 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         group = self.tr("EarthDial {task}: {prompt} – {layer} ({time})").format(
             task=pending["task"], prompt=short, layer=pending["layer_name"], time=stamp
         )
+        problems: list[str] = []
         layer = add_result_layer(
             reply,
             pending["crs"],
-            self.tr("EarthDial {task} – {layer}").format(task=pending["task"], layer=pending["layer_name"]),
+            unique_layer_name(result_name(pending["task"], short, pending["layer_name"], stamp)),
             pending["task"],
             pending["prompt"],
             pending["source"],
             group_name=group,
+            problems=problems,
         )
         self.last_layer = layer
         self._set_result_buttons()
@@ -502,6 +659,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if task.sent_by_value:
             notes.append(self.tr("The backend cannot read the file, so its pixels were sent instead."))
         notes += [str(w) for w in (reply.get("input") or {}).get("warnings") or []]
+        for problem in problems:
+            notes.append(self.tr("The results GeoPackage could not be written ({why}).").format(why=problem))
+            log.error(problem)
+        if layer is not None and is_in_memory(layer):
+            notes.append(self.tr("The layer is in memory: it is lost when QGIS closes unless you save it."))
         note = "".join(n + " " for n in notes)
         log.info(f"{pending['task']} on {pending['layer_name']}: {answer}")
         if layer is None:
@@ -524,8 +686,9 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.answer_view.setPlainText(text)
         self.result_label.setText("")
         self.tabs.setCurrentIndex(0)
-        cancelled = error.code == "cancelled"
+        cancelled = error.code == CANCELLED
         if cancelled:
+            self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
             log.info(text)
         else:
             log.error(f"{error.code}: {error.message}")
@@ -540,6 +703,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
     def shutdown(self) -> None:
         """Cancel what is running and let go of QGIS signals and map tools (the plugin is unloading)."""
         self._closed = True
+        self._plan_timer.stop()
+        self.status_watcher.stop()
         for task in list(self._running):
             task.cancel()
         if self._owns_backend:
@@ -556,6 +721,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         for signal, slot in (
             (self._layer_signal, self._active_layer_changed),
             (QgsProject.instance().readProject, self._project_read),
+            (QgsProject.instance().writeProject, self._project_writing),
+            (self.iface.mapCanvas().extentsChanged, self._extent_changed),
         ):
             if signal is None:
                 continue
@@ -579,3 +746,30 @@ def _check_crs(layer: QgsRasterLayer, owner: Any) -> None:
 
 def _basename(path: str) -> str:
     return str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def result_name(task: str, prompt: str, layer: str, stamp: str) -> str:
+    """A result layer's name: what was asked, of which layer, when (names of two requests differ)."""
+    asked = f"{task} “{prompt}”" if prompt else task
+    return f"{asked} – {layer} ({stamp})"
+
+
+def plan_summary(plan: dict[str, Any], tr: Any) -> str:
+    """The backend's `plan` in a few words: the window, how it travels, the bands and preset, the sensor
+    tag, the ground resolution and the model tiles; then its warnings."""
+    bands = plan.get("layer_bands") or plan.get("bands") or []
+    how = tr("by value") if plan.get("by") == "value" else tr("by reference")
+    parts = [
+        tr("{w} × {h} px {how}").format(w=plan.get("width", "?"), h=plan.get("height", "?"), how=how),
+        tr("bands {bands}").format(bands=",".join(str(b) for b in bands)),
+        tr("preset {preset} ({reason})").format(preset=plan.get("preset"), reason=plan.get("reason", "")),
+        tr("sensor {sensor}").format(sensor=plan.get("sensor")),
+    ]
+    if plan.get("gsd_m"):
+        parts.append(tr("GSD {gsd:.3g} m").format(gsd=float(plan["gsd_m"])))
+    if plan.get("tiles"):
+        parts.append(tr("{n} model tile(s)").format(n=plan["tiles"]))
+    text = tr("Will send: ") + "; ".join(parts) + "."
+    for warning in plan.get("warnings") or []:
+        text += "\n" + tr("Warning: ") + str(warning)
+    return text

@@ -65,17 +65,44 @@ class DockLayout:
         layout.addWidget(QtWidgets.QLabel(self.tr("Prompt")))
         self.prompt_edit = QtWidgets.QPlainTextEdit()
         self.prompt_edit.setMaximumHeight(70)
+        self.prompt_edit.setToolTip(
+            self.tr("What to ask or find (the task's hint says what it takes); Ctrl+Return sends")
+        )
         layout.addWidget(self.prompt_edit)
         layout.addLayout(self._request_buttons())
         layout.addWidget(self._output_tabs(), 1)
         scroll = QtWidgets.QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # fit, never scroll sideways
         scroll.setWidget(body)
         self.setWidget(scroll)
+        self._shortcuts()
+        self._connect_plan_updates()
+
+    def _shortcuts(self) -> None:
+        from .qt import QtGui
+
+        shortcut_class = getattr(QtWidgets, "QShortcut", None) or QtGui.QShortcut  # QtGui on Qt6
+        self.send_shortcuts = []
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):  # the main keyboard's and the keypad's
+            shortcut = shortcut_class(QtGui.QKeySequence(keys), self)
+            shortcut.setContext(QtCore.Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(self.send)
+            self.send_shortcuts.append(shortcut)
+
+    def _connect_plan_updates(self) -> None:
+        """Every control that changes what would be sent asks for a new summary (debounced)."""
+        self.task_combo.currentIndexChanged.connect(self.schedule_plan)
+        self.area_combo.currentIndexChanged.connect(self.schedule_plan)
+        self.preset_combo.currentIndexChanged.connect(self.schedule_plan)
+        self.bands_edit.textChanged.connect(self.schedule_plan)
+        self.gsd_spin.valueChanged.connect(self.schedule_plan)
+        for combo in self.later_layers.combos:
+            combo.layerChanged.connect(self.schedule_plan)
 
     def _backend_box(self) -> QtWidgets.QGroupBox:
         box = QtWidgets.QGroupBox(self.tr("Backend"))
-        form = QtWidgets.QFormLayout(box)
+        form = narrow_form(box)
         self.endpoint_edit = QtWidgets.QLineEdit(settings.endpoint())
         self.endpoint_edit.setToolTip(self.tr("ZeroMQ endpoint of `earthdial serve`"))
         self.endpoint_edit.editingFinished.connect(self._endpoint_edited)
@@ -88,33 +115,45 @@ class DockLayout:
         row.addWidget(self.refresh_button)
         form.addRow(self.tr("Endpoint"), row)
         self.status_label = plain_label(self.tr("Not checked yet"))
+        self.status_label.setToolTip(self.tr("What the backend says about itself, checked every few seconds"))
         form.addRow(self.tr("Status"), self.status_label)
         self.start_button = QtWidgets.QPushButton(self.tr("Start local"))
         self.start_button.setToolTip(self.tr("Start `earthdial serve` with the model set in the settings"))
         self.start_button.clicked.connect(self.start_backend)
         self.stop_button = QtWidgets.QPushButton(self.tr("Stop"))
         self.stop_button.setEnabled(False)
+        self.stop_button.setToolTip(self.tr("Stop the local backend started from this panel"))
         self.stop_button.clicked.connect(self.stop_backend)
-        self.settings_button = QtWidgets.QToolButton()
-        self.settings_button.setText(self.tr("Settings…"))
+        self.settings_button = QtWidgets.QPushButton(self.tr("Settings…"))
+        self.settings_button.setToolTip(
+            self.tr("The local backend's command and model, and where results are stored")
+        )
         self.settings_button.clicked.connect(self.open_settings)
-        self.diagnostics_button = QtWidgets.QToolButton()
-        self.diagnostics_button.setText(self.tr("Diagnostics…"))
+        self.diagnostics_button = QtWidgets.QPushButton(self.tr("Diagnostics…"))
+        self.diagnostics_button.setToolTip(self.tr("A report of versions, the backend and recent errors, to copy"))
         self.diagnostics_button.clicked.connect(self.open_diagnostics)
+        self.help_button = QtWidgets.QPushButton(self.tr("Help"))
+        self.help_button.setToolTip(self.tr("Open the plugin's documentation (the README's plugin section)"))
+        self.help_button.clicked.connect(self.open_help)
+        # full rows under the form, three buttons a row at most: nothing is clipped in a 300 px dock
         buttons = QtWidgets.QGridLayout()
         buttons.addWidget(self.start_button, 0, 0)
         buttons.addWidget(self.stop_button, 0, 1)
-        buttons.addWidget(self.settings_button, 1, 0)
-        buttons.addWidget(self.diagnostics_button, 1, 1)
-        for widget in (self.settings_button, self.diagnostics_button):
-            widget.setSizePolicy(QtWidgets.QSizePolicy.Policy.Expanding, QtWidgets.QSizePolicy.Policy.Fixed)
-        form.addRow("", buttons)
+        buttons.addWidget(self.help_button, 0, 2)
+        buttons.addWidget(self.settings_button, 1, 0, 1, 1)
+        buttons.addWidget(self.diagnostics_button, 1, 1, 1, 2)
+        for widget in (self.start_button, self.stop_button, self.help_button, self.settings_button,
+                       self.diagnostics_button):  # fmt: skip
+            widget.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Fixed)
+            widget.setMinimumWidth(widget.fontMetrics().horizontalAdvance(widget.text()) + 16)
+        form.addRow(buttons)
         return box
 
     def _input_box(self) -> QtWidgets.QGroupBox:
         box = QtWidgets.QGroupBox(self.tr("Question"))
-        form = QtWidgets.QFormLayout(box)
+        form = narrow_form(box)
         self.task_combo = QtWidgets.QComboBox()
+        self.task_combo.setToolTip(self.tr("What to ask the model; the hint below says what the prompt takes"))
         self.task_combo.currentIndexChanged.connect(self._task_changed)
         form.addRow(self.tr("Task"), self.task_combo)
         self.task_hint = plain_label()
@@ -122,10 +161,12 @@ class DockLayout:
 
         self.layer_label = QtWidgets.QLabel(self.tr("Layer"))
         self.layer_combo = raster_combo()
+        self.layer_combo.setToolTip(self.tr("The raster layer to ask about (the first image of a pair)"))
         self.layer_combo.layerChanged.connect(self._layer_changed)
         form.addRow(self.layer_label, self.layer_combo)
         self.later_label = QtWidgets.QLabel(self.tr("Later layers"))
         self.later_layers = LaterLayers()
+        self.later_layers.setToolTip(self.tr("The later image(s) of a before/after pair or time series"))
         form.addRow(self.later_label, self.later_layers)
 
         self.area_combo = QtWidgets.QComboBox()
@@ -136,6 +177,10 @@ class DockLayout:
             (areas.SELECTION, self.tr("Selected features")),
         ):
             self.area_combo.addItem(text, mode)
+        self.area_combo.setToolTip(
+            self.tr("The part of the layer that is sent: the map view, the whole layer, a rectangle you "
+                    "draw, or the extent of the selected features")
+        )  # fmt: skip
         self.draw_button = QtWidgets.QToolButton()
         self.draw_button.setText(self.tr("Draw"))
         self.draw_button.setCheckable(True)
@@ -148,6 +193,8 @@ class DockLayout:
         form.addRow(self.tr("Area"), row)
 
         self.preset_combo = QtWidgets.QComboBox()
+        self.preset_combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.preset_combo.setMinimumContentsLength(6)
         self.preset_combo.addItem(self.tr("auto"), AUTO)
         for name, description in PRESETS.items():
             self.preset_combo.addItem(name, name)
@@ -184,6 +231,12 @@ class DockLayout:
         row.addWidget(QtWidgets.QLabel(self.tr("Timeout")))
         row.addWidget(self.timeout_spin)
         form.addRow(self.tr("GSD"), row)
+        self.plan_label = plain_label(self.tr("What will be sent is shown here once a backend answers."))
+        self.plan_label.setToolTip(
+            self.tr("What Send will send, as the backend plans it from the layer's metadata: the window, by "
+                    "reference or by value, bands, band preset and why, sensor tag, ground resolution, tiles")
+        )  # fmt: skip
+        form.addRow(self.tr("Sends"), self.plan_label)
         return box
 
     def _request_buttons(self) -> QtWidgets.QHBoxLayout:
@@ -196,16 +249,18 @@ class DockLayout:
         self.region_tool.deactivated.connect(lambda: self.region_button.setChecked(False))
         self.send_button = QtWidgets.QPushButton(self.tr("Send"))
         self.send_button.setDefault(True)
+        self.send_button.setToolTip(self.tr("Send the question for the area (Ctrl+Return)"))
         self.send_button.clicked.connect(self.send)
         self.cancel_button = QtWidgets.QPushButton(self.tr("Cancel"))
         self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip(self.tr("Stop the running request; the backend stops working on it"))
         self.cancel_button.clicked.connect(self.cancel)
-        buttons = QtWidgets.QHBoxLayout()
-        buttons.addWidget(self.region_button)
-        buttons.addStretch(1)
-        buttons.addWidget(self.send_button)
-        buttons.addWidget(self.cancel_button)
-        return buttons
+        # two rows, so that a 300 px dock shows every button whole; a scan mode adds its own row here
+        self.request_rows = QtWidgets.QGridLayout()
+        self.request_rows.addWidget(self.region_button, 0, 0, 1, 2)
+        self.request_rows.addWidget(self.send_button, 1, 0)
+        self.request_rows.addWidget(self.cancel_button, 1, 1)
+        return self.request_rows
 
     def _output_tabs(self) -> QtWidgets.QTabWidget:
         self.tabs = QtWidgets.QTabWidget()
@@ -214,24 +269,32 @@ class DockLayout:
         self.answer_view = QtWidgets.QPlainTextEdit()
         self.answer_view.setReadOnly(True)
         self.answer_view.setPlaceholderText(self.tr("The answer appears here."))
+        self.answer_view.setToolTip(self.tr("The model's answer, or what went wrong"))
         self.result_label = plain_label()
+        self.storage_label = plain_label()
+        self.storage_label.setToolTip(self.tr("Where result layers are written (Settings… changes it)"))
         self.zoom_button = QtWidgets.QPushButton(self.tr("Zoom to results"))
+        self.zoom_button.setToolTip(self.tr("Zoom the map to the last result layer"))
         self.zoom_button.clicked.connect(self.zoom_to_results)
         self.save_button = QtWidgets.QPushButton(self.tr("Save to GeoPackage…"))
+        self.save_button.setToolTip(
+            self.tr("Add the last result as a new layer to a GeoPackage; the file's other layers are kept")
+        )
         self.save_button.clicked.connect(lambda: self.save_results())
-        buttons = QtWidgets.QHBoxLayout()
-        buttons.addWidget(self.zoom_button)
-        buttons.addWidget(self.save_button)
-        buttons.addStretch(1)
+        buttons = QtWidgets.QGridLayout()
+        buttons.addWidget(self.zoom_button, 0, 0)
+        buttons.addWidget(self.save_button, 0, 1)
         layout.addWidget(self.answer_view, 1)
         layout.addWidget(self.result_label)
         layout.addLayout(buttons)
+        layout.addWidget(self.storage_label)
         self.tabs.addTab(answer, self.tr("Answer"))
 
         chip = QtWidgets.QWidget()
         layout = QtWidgets.QVBoxLayout(chip)
         self.preview_label = PreviewLabel()
         self.preview_label.setMinimumHeight(240)
+        self.preview_label.setToolTip(self.tr("Exactly the window that was sent, with the answer's boxes"))
         self.preview_caption = plain_label()
         layout.addWidget(self.preview_label, 1)
         layout.addWidget(self.preview_caption)
@@ -245,12 +308,21 @@ class DockLayout:
             self.tr("Chat turns about this layer appear here; they are saved with the project.")
         )
         self.new_chat_button = QtWidgets.QPushButton(self.tr("New conversation"))
+        self.new_chat_button.setToolTip(self.tr("Forget this layer's chat: the next chat question starts afresh"))
         self.new_chat_button.clicked.connect(self.clear_history)
         layout.addWidget(self.chat_view, 1)
         layout.addWidget(self.new_chat_button)
         self.tabs.addTab(chat, self.tr("Chat"))
         self._set_result_buttons()
         return self.tabs
+
+
+def narrow_form(box: QtWidgets.QWidget) -> QtWidgets.QFormLayout:
+    """A form whose fields go under their labels when the dock is too narrow for both side by side."""
+    form = QtWidgets.QFormLayout(box)
+    form.setRowWrapPolicy(QtWidgets.QFormLayout.RowWrapPolicy.WrapLongRows)
+    form.setFieldGrowthPolicy(QtWidgets.QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return form
 
 
 def plain_label(text: str = "") -> QtWidgets.QLabel:

@@ -18,6 +18,7 @@ NO_LAYER = "no_layer"
 NO_CRS = "no_crs"  # a layer without a coordinate reference system
 NO_AREA = "no_area"  # no rectangle drawn, nothing selected, a region off the area
 BAD_INPUT = "bad_input"
+UNREACHABLE = "unreachable"  # nothing answered the ping sent before a request
 
 # codes of newer backends, spelled out so that this module also loads with an older protocol.py
 NO_OVERLAP = getattr(ErrorCode, "NO_OVERLAP", "no_overlap")
@@ -73,7 +74,11 @@ def _templates() -> dict[str, str]:
             "The area holds no data, only nodata pixels ({message}); move the map or pick another area."
         ),
         WRONG_VARIANT: tr(
-            "The loaded model cannot do this task ({message}); start the backend with the checkpoint the task needs."
+            "The loaded model cannot take this request: {message}. Start the backend with that checkpoint."
+        ),
+        UNREACHABLE: tr(
+            "EarthDial backend not reachable at {endpoint}: {message}. Start one with the panel's Start local "
+            "button or `earthdial serve --endpoint {endpoint}`, or check the endpoint."
         ),
         FORBIDDEN_PATH: tr(
             "The backend may not read this file ({message}); start it with --allow-dir for the folder, "

@@ -1,4 +1,4 @@
-"""A reply's features -> QGIS features, memory layers in the project, and GeoPackage files.
+"""A reply's features -> QGIS features and result layers in the project (in its results GeoPackage).
 
 One polygon per box, in the source layer's CRS (the backend answers in the raster's CRS for a file and
 in the sent CRS for pixels by value; the two differ only when the layer's CRS was overridden in QGIS,
@@ -8,7 +8,6 @@ also kept on the layer as a custom property, so that it stays with the boxes whe
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -17,17 +16,16 @@ from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
-    QgsCoordinateTransformContext,
     QgsFeature,
     QgsField,
     QgsFields,
     QgsGeometry,
     QgsPointXY,
     QgsProject,
-    QgsVectorFileWriter,
     QgsVectorLayer,
 )
 
+from . import geopackage, settings
 from .qt import QtCore
 from .styling import result_group, style_result_layer
 
@@ -164,11 +162,27 @@ def add_result_layer(
     prompt: str,
     source: str,
     group_name: str | None = None,
+    *,
+    in_memory: bool | None = None,
+    problems: list[str] | None = None,
 ) -> QgsVectorLayer | None:
-    """The boxes as a styled memory layer inside a new layer-tree group named ``group_name``."""
+    """The one way results become a project layer (the panel, scans and algorithms call it): the boxes
+    as a styled layer named ``name`` inside a new layer-tree group named ``group_name``, stored as a new
+    table of the project's results GeoPackage, or kept in memory when ``in_memory`` (default: the
+    plugin setting). A GeoPackage that cannot be written leaves a memory layer and says why in
+    ``problems``. None when the reply has no boxes."""
     layer = result_layer(reply, crs, name, task, prompt, source)
     if layer is None:
         return None
+    if in_memory is None:
+        in_memory = settings.results_in_memory()
+    if not in_memory:
+        path = geopackage.project_results_path()
+        try:
+            geopackage.store_layer(layer, path, name)
+        except OSError as exc:
+            if problems is not None:
+                problems.append(str(exc))
     style_result_layer(layer)
     project = QgsProject.instance()
     project.addMapLayer(layer, False)
@@ -180,35 +194,24 @@ def add_result_layer(
     return layer
 
 
-def save_to_geopackage(layer: QgsVectorLayer, path: str, layer_name: str = "earthdial") -> QgsVectorLayer:
-    """Write ``layer`` to the GeoPackage ``path`` (replacing that table, keeping others) and switch the
-    layer over to the file, keeping its name, style and place in the layer tree."""
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.layerName = layer_name
-    options.fileEncoding = "UTF-8"
-    if os.path.exists(path):
-        options.actionOnExistingFile = _writer_enum("ActionOnExistingFile", "CreateOrOverwriteLayer")
-    context = QgsProject.instance().transformContext() or QgsCoordinateTransformContext()
-    writer = getattr(QgsVectorFileWriter, "writeAsVectorFormatV3", None)
-    if writer is not None:  # QGIS >= 3.20
-        result = writer(layer, path, context, options)
-    else:
-        result = QgsVectorFileWriter.writeAsVectorFormatV2(layer, path, context, options)
-    code, message = result[0], result[1] if len(result) > 1 else ""
-    if code != _writer_enum("WriterError", "NoError"):
-        raise OSError(f"cannot write {path}: {message or code}")
-    layer.setDataSource(f"{path}|layername={layer_name}", layer.name(), "ogr")
-    return layer
+def unique_layer_name(wanted: str, project: QgsProject | None = None) -> str:
+    """``wanted``, or ``wanted (2)``, ... : a name no layer of the project has."""
+    taken = {lyr.name() for lyr in (project or QgsProject.instance()).mapLayers().values()}
+    name, n = wanted, 2
+    while name in taken:
+        name, n = f"{wanted} ({n})", n + 1
+    return name
 
 
-def _writer_enum(kind: str, name: str) -> Any:
-    scoped = getattr(QgsVectorFileWriter, kind, None)
-    return (
-        getattr(scoped, name)
-        if scoped is not None and hasattr(scoped, name)
-        else getattr(QgsVectorFileWriter, name)
-    )
+def is_in_memory(layer: QgsVectorLayer) -> bool:
+    return layer.providerType() == "memory"
+
+
+def save_to_geopackage(layer: QgsVectorLayer, path: str, layer_name: str | None = None) -> str:
+    """Add ``layer`` to the GeoPackage ``path`` as a new table (named like ``layer_name``, default the
+    layer's name; every other table of the file is kept as it was) and switch the layer over to it,
+    keeping its name, style and place in the layer tree. Returns the table's name."""
+    return geopackage.store_layer(layer, path, layer_name or layer.name())
 
 
 def _rings(feature: dict[str, Any]) -> list[list[list[float]]]:

@@ -62,9 +62,14 @@ class EarthDialPlugin:
         QgsApplication.processingRegistry().addProvider(self.provider)
 
     def check_dependencies(self) -> list[str]:
-        """On load: offer to install what is missing, in the message bar (never silently)."""
+        """On load: offer to install what is missing, in the message bar (never silently). qtpy alone
+        missing is no news: the plugin runs on qgis.PyQt the same (a log line; Diagnostics says so), and
+        the installer adds it whenever it installs pyzmq."""
         missing = deps.missing_packages()
         if not missing:
+            return []
+        if not deps.essential(missing):
+            log.info(f"qtpy is not installed: the plugin uses qgis.PyQt ({deps.pip_command_text(missing)} adds it)")
             return []
         text = tr("EarthDial needs the Python package(s) {packages}.").format(packages=", ".join(missing))
         log.warning(text + " " + deps.pip_command_text(missing))

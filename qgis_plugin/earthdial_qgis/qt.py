@@ -11,10 +11,14 @@ try:
 
     if QtCore.QObject is not _QgisQtCore.QObject:  # a different binding: its widgets would not mix
         raise ImportError("qtpy resolved to a Qt binding other than QGIS's")
-except Exception:  # ImportError, or qtpy's PythonQtError when it finds no binding
+    BINDING = "qtpy"
+except Exception as _exc:  # ImportError, or qtpy's PythonQtError when it finds no binding
     from qgis.PyQt import QtCore, QtGui, QtWidgets  # type: ignore[no-redef]
 
-__all__ = ["QtCore", "QtGui", "QtWidgets", "exec_dialog"]
+    # quiet on purpose: the plugin works the same this way; Diagnostics shows the line
+    BINDING = f"qgis.PyQt (qtpy not used: {type(_exc).__name__}: {_exc})"
+
+__all__ = ["BINDING", "QtCore", "QtGui", "QtWidgets", "exec_dialog"]
 
 
 def exec_dialog(dialog: object) -> int:

@@ -87,21 +87,27 @@ class ResultActions:
         layer = self._result_layer()
         if layer is None:
             return None
-        if path is None:
+        if path is None:  # an existing file is added to, not replaced: no "overwrite?" question
             path, _ = QtWidgets.QFileDialog.getSaveFileName(
-                self, self.tr("Save EarthDial results"), "", self.tr("GeoPackage (*.gpkg)")
+                self,
+                self.tr("Add the EarthDial results to a GeoPackage"),
+                "",
+                self.tr("GeoPackage (*.gpkg)"),
+                options=QtWidgets.QFileDialog.Option.DontConfirmOverwrite,
             )
             if not path:
                 return None
             if not path.lower().endswith(".gpkg"):
                 path += ".gpkg"
         try:
-            save_to_geopackage(layer, path)
+            table = save_to_geopackage(layer, path)
         except OSError as exc:
             self._message(str(exc), Qgis.MessageLevel.Critical)
             log.error(str(exc))
             return None
-        text = self.tr("Saved “{name}” to {path}.").format(name=layer.name(), path=path)
+        text = self.tr("Saved “{name}” to {path} as layer “{table}”.").format(
+            name=layer.name(), path=path, table=table
+        )
         self.result_label.setText(text)
         self._message(text, Qgis.MessageLevel.Success)
         return path

@@ -14,6 +14,8 @@ BACKEND_COMMAND = "EarthDial/backend_command"  # the `earthdial` program, or the
 MODEL_DIR = "EarthDial/model_dir"
 DEVICE = "EarthDial/device"
 EXTRA_ARGS = "EarthDial/extra_args"  # more `earthdial serve` arguments, e.g. --allow-dir /data
+RESULTS_GPKG = "EarthDial/results_gpkg"  # where result layers go; empty: <project>_earthdial.gpkg beside it
+RESULTS_IN_MEMORY = "EarthDial/results_in_memory"  # memory layers instead (lost unless saved)
 
 DEFAULT_TIMEOUT_S = 300
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,3 +43,8 @@ def timeout_s() -> int:
         return max(1, int(value(TIMEOUT, DEFAULT_TIMEOUT_S)))
     except (TypeError, ValueError):
         return DEFAULT_TIMEOUT_S
+
+
+def results_in_memory() -> bool:
+    got = value(RESULTS_IN_MEMORY, False)
+    return got is True or str(got).lower() in ("true", "1", "yes")

@@ -31,10 +31,28 @@ class SettingsDialog(QtWidgets.QDialog):
         self.device_combo = QtWidgets.QComboBox()
         self.device_combo.addItems(list(settings.DEVICES))
         self.device_combo.setCurrentText(settings.text(settings.DEVICE, "auto") or "auto")
+        self.device_combo.setToolTip(self.tr("Where the local backend runs the model; auto: a GPU when there is one"))
         form.addRow(self.tr("Device"), self.device_combo)
         self.extra_edit = QtWidgets.QLineEdit(settings.text(settings.EXTRA_ARGS))
         self.extra_edit.setPlaceholderText("--allow-dir /data --quantize int8")
+        self.extra_edit.setToolTip(self.tr("More `earthdial serve` arguments for the local backend"))
         form.addRow(self.tr("Extra arguments"), self.extra_edit)
+        self.results_widget = QgsFileWidget()
+        self.results_widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+        self.results_widget.setFilter(self.tr("GeoPackage (*.gpkg)"))
+        self.results_widget.setConfirmOverwrite(False)  # results are added to it as new layers
+        self.results_widget.setFilePath(settings.text(settings.RESULTS_GPKG))
+        self.results_widget.setToolTip(
+            self.tr("The GeoPackage every result is added to as a new layer; empty: "
+                    "<project>_earthdial.gpkg beside the project file")
+        )  # fmt: skip
+        form.addRow(self.tr("Results GeoPackage"), self.results_widget)
+        self.memory_check = QtWidgets.QCheckBox(self.tr("Keep results in memory layers (lost unless saved)"))
+        self.memory_check.setChecked(settings.results_in_memory())
+        self.memory_check.setToolTip(
+            self.tr("Memory layers are not written anywhere: they are gone when QGIS closes unless saved")
+        )
+        form.addRow("", self.memory_check)
         buttons = QtWidgets.QDialogButtonBox(
             QtWidgets.QDialogButtonBox.StandardButton.Ok | QtWidgets.QDialogButtonBox.StandardButton.Cancel
         )
@@ -43,13 +61,15 @@ class SettingsDialog(QtWidgets.QDialog):
         layout = QtWidgets.QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(buttons)
-        self.resize(520, 180)
+        self.resize(560, 240)
 
     def save(self) -> None:
         settings.set_value(settings.BACKEND_COMMAND, self.command_widget.filePath().strip())
         settings.set_value(settings.MODEL_DIR, self.model_widget.filePath().strip())
         settings.set_value(settings.DEVICE, self.device_combo.currentText())
         settings.set_value(settings.EXTRA_ARGS, self.extra_edit.text().strip())
+        settings.set_value(settings.RESULTS_GPKG, self.results_widget.filePath().strip())
+        settings.set_value(settings.RESULTS_IN_MEMORY, self.memory_check.isChecked())
 
     def accept(self) -> None:
         self.save()

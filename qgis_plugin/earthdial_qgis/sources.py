@@ -271,6 +271,26 @@ class SourcePlan:
         return source_by_value(self.grid.transform, self.crs or "", nodata), [pixels]
 
 
+PLAN_SAMPLE_SIZE = 32  # long side, in pixels, of the sample a `plan` request carries for a by-value source
+
+
+def planning_source(
+    plan: SourcePlan, cancelled: Callable[[], bool] | None = None
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The source of a `plan` request: the reference as it is; by value, the grid's shape with a coarse
+    sample of the pixels (enough for the backend to tell the band preset), not the whole window."""
+    if plan.reference is not None:
+        return plan.reference, []
+    assert plan.grid is not None and plan.provider is not None and plan.bands
+    grid = plan.grid
+    scale = max(1.0, max(grid.cols, grid.rows) / PLAN_SAMPLE_SIZE)
+    coarse = PixelGrid(grid.bounds, max(1, round(grid.cols / scale)), max(1, round(grid.rows / scale)))
+    sample = read_pixels(plan.provider, coarse, plan.bands, cancelled)
+    source = source_by_value(grid.transform, plan.crs or "", plan.nodata)
+    source["shape"] = [grid.rows, grid.cols]
+    return source, [sample]
+
+
 def plan_source(
     layer: QgsRasterLayer,
     area: QgsRectangle,

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 from qgis.core import QgsTask
 
-from .errors import BACKEND_SLOW, BAD_ENDPOINT, CANCELLED, FORBIDDEN_PATH, MISSING_DEPENDENCY
+from .errors import BACKEND_SLOW, BAD_ENDPOINT, CANCELLED, FORBIDDEN_PATH, MISSING_DEPENDENCY, UNREACHABLE
 from .protocol import Client, EarthDialError, ErrorCode
-from .sources import SourcePlan
+from .sources import SourcePlan, planning_source
 
 PROBE_TIMEOUT_S = 1.5  # after a timeout: does the backend answer at all?
+PING_TIMEOUT_S = 3.0  # before a request: a backend that is not there is an error now, not after the timeout
+UNPINGED_OPS = ("status", "ping", "plan")  # short requests with short timeouts of their own
 # Replies meaning "the backend cannot read this file": it runs on another machine or in a container, or
 # may not read that directory. QGIS can, so the pixels are sent instead.
 UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH}
@@ -48,16 +50,44 @@ def request_with_fallback(
     cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray], bool]:
     """Send a request; when the backend cannot read a referenced file, send those layers' pixels instead.
-    Returns the reply header, the arrays sent, and whether the fallback was used."""
-    full, arrays = resolve_sources(header, plans, cancelled)
+    Returns the reply header, the arrays sent, and whether the fallback was used. A `plan` request
+    carries a coarse sample of by-value pixels instead of the whole window."""
+    full, arrays = _sources(header, plans, cancelled)
     try:
         return client.request(full, arrays, cancelled=cancelled).header, arrays, False
     except EarthDialError as exc:
         if exc.code not in UNREADABLE_FILE or not any(p.fallback is not None for p in plans):
             raise
     plans = [p.fallback if p.fallback is not None else p for p in plans]
-    full, arrays = resolve_sources(header, plans, cancelled)
+    full, arrays = _sources(header, plans, cancelled)
     return client.request(full, arrays, cancelled=cancelled).header, arrays, True
+
+
+def _sources(
+    header: dict[str, Any], plans: list[SourcePlan], cancelled: Callable[[], bool] | None
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    if header.get("op") != "plan":
+        return resolve_sources(header, plans, cancelled)
+    header, arrays, sources = dict(header), [], []
+    for plan in plans:
+        source, frames = planning_source(plan, cancelled)
+        sources.append(source)
+        arrays.extend(frames)
+    header["source" if len(sources) == 1 else "sources"] = sources[0] if len(sources) == 1 else sources
+    return header, arrays
+
+
+def ping_first(client: Client, endpoint: str, cancelled: Callable[[], bool] | None = None) -> None:
+    """A short ping before a request, so that an endpoint where nothing runs fails within seconds (the
+    request's own timeout may be minutes: it bounds the model's work)."""
+    try:
+        client.request({"op": "ping"}, timeout_s=PING_TIMEOUT_S, cancelled=cancelled)
+    except EarthDialError as exc:
+        if exc.code != ErrorCode.TIMEOUT:
+            raise
+        raise EarthDialError(
+            UNREACHABLE, f"nothing answered a ping within {PING_TIMEOUT_S:g} s"
+        ) from None
 
 
 class RequestTask(QgsTask):
@@ -97,6 +127,8 @@ class RequestTask(QgsTask):
     def run(self) -> bool:
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:
+                if self.op not in UNPINGED_OPS:
+                    ping_first(client, self.endpoint, self.isCanceled)
                 self.setProgress(5)
                 reply, arrays, self.sent_by_value = request_with_fallback(
                     client, self.header, self.plans, self.isCanceled
@@ -120,7 +152,7 @@ class RequestTask(QgsTask):
         """The first image as sent: the array itself (by value), else the reply's window read here."""
         from . import preview  # QtGui-free parts only on this thread
 
-        if self.reply is None or self.op == "status" or not self.plans:
+        if self.reply is None or self.op in ("status", "plan") or not self.plans:
             return
         plan = self.plans[0]
         sent_first = plan.by_value or self.sent_by_value
@@ -152,7 +184,7 @@ class RequestTask(QgsTask):
     def _explain_timeout(self, exc: EarthDialError) -> EarthDialError:
         """A timeout means either nothing listens at the endpoint or the backend is slow; a quick
         `status` tells which, so that the message can say the right thing."""
-        if self.op == "status" or self.isCanceled():
+        if self.op in UNPINGED_OPS or self.isCanceled():
             return exc
         try:
             with Client(self.endpoint, timeout_s=PROBE_TIMEOUT_S) as client:

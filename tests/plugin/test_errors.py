@@ -4,6 +4,7 @@ fit, a layer without a CRS. Each gives a clear message, and the panel stays usab
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from earthdial_qgis.protocol import EarthDialError, decode, encode, error_reply,
 
 
 class FakeServer:
-    """A ROUTER socket on a thread that answers `status`, and answers everything else with ``behaviour``:
+    """A ROUTER socket on a thread that answers `status` and `ping`, and answers everything else with ``behaviour``:
     an error code to reply with, or None to never answer (a backend stuck on other work)."""
 
     def __init__(self, behaviour: str | None) -> None:
@@ -46,6 +47,8 @@ class FakeServer:
                 reply = ok_reply(header["id"], protocol=1, model=None, queue=64, running=1, tasks=[])
             elif op == "cancel":
                 reply = ok_reply(header["id"], target=header.get("target"), state="unknown")
+            elif op == "ping":  # a real server's I/O loop answers it whatever its worker does
+                reply = ok_reply(header["id"], pong=True, server="fake", uptime_s=1.0)
             elif self.behaviour is None:
                 continue
             else:
@@ -102,13 +105,16 @@ def test_backend_not_running(make_dock, raster_layer, show_view, backend, qgis_i
     dock = make_dock()
     dead = f"tcp://127.0.0.1:{free_port()}"
     dock.endpoint_edit.setText(dead)
-    dock.timeout_spin.setValue(1)
+    dock.timeout_spin.setValue(300)  # the request's own timeout is not what the user waits for
     dock.select_task(GEOREF)
     dock.prompt_edit.setPlainText(ANSWER)
-    send_and_wait(dock)
+    started = time.monotonic()
+    send_and_wait(dock, 30)
+    elapsed = time.monotonic() - started
     text = dock.answer_view.toPlainText()
-    assert dock.last_error.code == "timeout"
-    assert f"not reachable at {dead}" in text and "Start" in text
+    assert dock.last_error.code == errors.UNREACHABLE
+    assert elapsed < 5, f"an endpoint where nothing runs took {elapsed:.1f} s to fail"
+    assert f"not reachable at {dead}" in text and "ping" in text and "Start" in text
     assert any(dead in m for m in critical(qgis_iface))
     still_usable(dock, backend.endpoint)
 
