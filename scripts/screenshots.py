@@ -148,7 +148,6 @@ def in_qgis() -> None:
         iface.mapCanvas().setExtent(layer.extent())
         plugin.action.trigger()
         dock = plugin.dock
-        dock.setMinimumWidth(400)
         yield
 
         dock.start_button.click()  # the local backend, from the panel
@@ -157,13 +156,14 @@ def in_qgis() -> None:
         dock.set_area_mode("layer")
         dock.select_task("refer")
         dock.prompt_edit.setPlainText("ships")
+        yield from wait(lambda: dock.last_plan is not None, 30)  # the summary of what will be sent
         dock.send_button.click()
         yield from wait(lambda: not dock.is_busy(), 60)
         if dock.last_error is not None:
             raise RuntimeError(dock.answer_view.toPlainText())
         dock.tabs.setCurrentIndex(1)  # Preview
-        dock.setFloating(True)  # tall enough to show the whole panel at once
-        dock.resize(440, 1300)
+        dock.setFloating(True)  # tall enough to show the whole panel at once, as narrow as a small dock
+        dock.resize(300, 1350)
         for _ in range(5):
             yield
         dock.grab().save(str(out / "dock.png"))

@@ -153,10 +153,12 @@ class DockLayout:
         box = QtWidgets.QGroupBox(self.tr("Question"))
         form = narrow_form(box)
         self.task_combo = QtWidgets.QComboBox()
+        narrow_combo(self.task_combo)
         self.task_combo.setToolTip(self.tr("What to ask the model; the hint below says what the prompt takes"))
         self.task_combo.currentIndexChanged.connect(self._task_changed)
         form.addRow(self.tr("Task"), self.task_combo)
         self.task_hint = plain_label()
+        self.task_hint.setToolTip(self.tr("What the task does and what its prompt takes"))
         form.addRow("", self.task_hint)
 
         self.layer_label = QtWidgets.QLabel(self.tr("Layer"))
@@ -177,6 +179,7 @@ class DockLayout:
             (areas.SELECTION, self.tr("Selected features")),
         ):
             self.area_combo.addItem(text, mode)
+        narrow_combo(self.area_combo)
         self.area_combo.setToolTip(
             self.tr("The part of the layer that is sent: the map view, the whole layer, a rectangle you "
                     "draw, or the extent of the selected features")
@@ -193,8 +196,7 @@ class DockLayout:
         form.addRow(self.tr("Area"), row)
 
         self.preset_combo = QtWidgets.QComboBox()
-        self.preset_combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.preset_combo.setMinimumContentsLength(6)
+        narrow_combo(self.preset_combo, 6)
         self.preset_combo.addItem(self.tr("auto"), AUTO)
         for name, description in PRESETS.items():
             self.preset_combo.addItem(name, name)
@@ -226,11 +228,8 @@ class DockLayout:
         self.timeout_spin.setValue(settings.timeout_s())
         self.timeout_spin.setToolTip(self.tr("How long to wait for an answer"))
         self.timeout_spin.valueChanged.connect(lambda v: QgsSettings().setValue(settings.TIMEOUT, int(v)))
-        row = QtWidgets.QHBoxLayout()
-        row.addWidget(self.gsd_spin)
-        row.addWidget(QtWidgets.QLabel(self.tr("Timeout")))
-        row.addWidget(self.timeout_spin)
-        form.addRow(self.tr("GSD"), row)
+        form.addRow(self.tr("GSD"), self.gsd_spin)
+        form.addRow(self.tr("Timeout"), self.timeout_spin)
         self.plan_label = plain_label(self.tr("What will be sent is shown here once a backend answers."))
         self.plan_label.setToolTip(
             self.tr("What Send will send, as the backend plans it from the layer's metadata: the window, by "
@@ -264,6 +263,7 @@ class DockLayout:
 
     def _output_tabs(self) -> QtWidgets.QTabWidget:
         self.tabs = QtWidgets.QTabWidget()
+        self.tabs.setToolTip(self.tr("The answer, the picture that was sent, and this layer's chat"))
         answer = QtWidgets.QWidget()
         layout = QtWidgets.QVBoxLayout(answer)
         self.answer_view = QtWidgets.QPlainTextEdit()
@@ -281,9 +281,9 @@ class DockLayout:
             self.tr("Add the last result as a new layer to a GeoPackage; the file's other layers are kept")
         )
         self.save_button.clicked.connect(lambda: self.save_results())
-        buttons = QtWidgets.QGridLayout()
-        buttons.addWidget(self.zoom_button, 0, 0)
-        buttons.addWidget(self.save_button, 0, 1)
+        buttons = QtWidgets.QVBoxLayout()  # one above the other: both whole in a narrow dock
+        buttons.addWidget(self.zoom_button)
+        buttons.addWidget(self.save_button)
         layout.addWidget(self.answer_view, 1)
         layout.addWidget(self.result_label)
         layout.addLayout(buttons)
@@ -296,6 +296,7 @@ class DockLayout:
         self.preview_label.setMinimumHeight(240)
         self.preview_label.setToolTip(self.tr("Exactly the window that was sent, with the answer's boxes"))
         self.preview_caption = plain_label()
+        self.preview_caption.setToolTip(self.tr("What was sent, as the backend's reply reports it"))
         layout.addWidget(self.preview_label, 1)
         layout.addWidget(self.preview_caption)
         self.tabs.addTab(chip, self.tr("Preview"))
@@ -304,6 +305,7 @@ class DockLayout:
         layout = QtWidgets.QVBoxLayout(chat)
         self.chat_view = QtWidgets.QPlainTextEdit()
         self.chat_view.setReadOnly(True)
+        self.chat_view.setToolTip(self.tr("The conversation about this layer; follow-ups carry it along"))
         self.chat_view.setPlaceholderText(
             self.tr("Chat turns about this layer appear here; they are saved with the project.")
         )
@@ -315,6 +317,12 @@ class DockLayout:
         self.tabs.addTab(chat, self.tr("Chat"))
         self._set_result_buttons()
         return self.tabs
+
+
+def narrow_combo(combo: QtWidgets.QComboBox, chars: int = 8) -> None:
+    """A combo box as narrow as ``chars`` characters (its list still shows whole entries)."""
+    combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
 
 
 def narrow_form(box: QtWidgets.QWidget) -> QtWidgets.QFormLayout:
