@@ -134,7 +134,8 @@ def in_qgis() -> None:
         window.resize(1600, 1000)
         window.showMaximized()
         settings.set_value(settings.ENDPOINT, env("ENDPOINT"))
-        settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
+        # the backend's command: .venv's, or another one (e.g. a wrapper running a checkout's own code)
+        settings.set_value(settings.BACKEND_COMMAND, os.environ.get(ENV_PREFIX + "BACKEND") or str(ROOT / ".venv"))
         settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
         settings.set_value(settings.DEVICE, "cpu")
         settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {work}")  # the backend reads the scene itself
@@ -156,7 +157,10 @@ def in_qgis() -> None:
         dock.set_area_mode("layer")
         dock.select_task("refer")
         dock.prompt_edit.setPlainText("ships")
-        yield from wait(lambda: dock.last_plan is not None, 30)  # the summary of what will be sent
+        dock.schedule_plan()
+        yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
+        if dock.last_plan is None:  # the summary of what will be sent
+            raise RuntimeError(f"no summary of what will be sent: {dock.plan_label.text()}")
         dock.send_button.click()
         yield from wait(lambda: not dock.is_busy(), 60)
         if dock.last_error is not None:

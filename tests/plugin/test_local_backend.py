@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from plugin_testing import ROOT, free_port, wait_until
-from qgis.core import QgsSettings
+from qgis.core import Qgis, QgsSettings
 
 import earthdial_qgis
 from earthdial_qgis import settings
@@ -69,6 +69,9 @@ def test_start_and_stop_from_the_panel_and_on_unload(qgis_iface, qgis_new_projec
 
         dock.stop_button.click()
         assert dock.local_backend.state == STOPPED and dock.local_backend.process is None
+        bar = qgis_iface.messageBar()  # a stop that was asked for is news, not a red "exited with code 0"
+        assert not any("exited" in m for m in bar.get_messages(Qgis.MessageLevel.Critical))
+        assert any("stopped" in m for m in bar.get_messages(Qgis.MessageLevel.Info))
         assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
 
         # Started again, then the plugin unloads: the process goes with it.
