@@ -375,8 +375,11 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
         shape = _field(first, "shape", list, required=False)
         if shape is not None and not (len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}")
-        preset, reason = _choose_preset(first, array, options, None)
         data = array if array.ndim == 3 else array[None]
+        if shape is not None and options.get("preset") is None:  # a sample: all of it tells the values
+            preset, reason = presets.choose(data.shape[0], data.dtype.name, [], data[0])
+        else:
+            preset, reason = _choose_preset(first, array, options, None)
         height, width = shape if shape is not None else data.shape[1:]
         sample = imagery.chip_from_array(data, _field(first, "transform", list),
                                          _field(first, "crs", str, required=False))  # fmt: skip

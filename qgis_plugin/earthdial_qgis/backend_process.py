@@ -98,6 +98,7 @@ class LocalBackend(QtCore.QObject):
         if process is None:
             return
         self._stopping = True  # its exit, whatever the code, is the one asked for
+        self.last_error, self.last_exit = "", self.tr("The local backend was stopped.")
         if process.state() != QtCore.QProcess.ProcessState.NotRunning:
             log.info("stopping the backend")
             process.terminate()
@@ -113,8 +114,7 @@ class LocalBackend(QtCore.QObject):
         except (TypeError, RuntimeError):
             pass
         process.deleteLater()
-        self.process, self.last_error = None, ""
-        self.last_exit = self.tr("The local backend was stopped.")
+        self.process = None
         self._set_state(STOPPED)
 
     def _read_output(self) -> None:

@@ -271,7 +271,7 @@ class SourcePlan:
         return source_by_value(self.grid.transform, self.crs or "", nodata), [pixels]
 
 
-PLAN_SAMPLE_SIZE = 32  # long side, in pixels, of the sample a `plan` request carries for a by-value source
+PLAN_SAMPLE_SIZE = 64  # long side, in pixels, of the sample a `plan` request carries for a by-value source
 
 
 def planning_source(

@@ -166,13 +166,17 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("kinds")
     rng = np.random.default_rng(5)
     paths = {"rgb": str(folder / "rgb.tif"), "s2": str(folder / "s2.tif"), "sar": str(folder / "sar.tif"),
-             "value": "/vsimem/earthdial-plan/rgb.tif"}  # fmt: skip
+             "value": "/vsimem/earthdial-plan/rgb.tif", "sar_value": "/vsimem/earthdial-plan/sar.tif"}  # fmt: skip
     write_geotiff(paths["rgb"])
     write_raster(paths["s2"], rng.integers(0, 6000, (12, 100, 200)).astype(np.uint16), gdal.GDT_UInt16)
-    write_raster(paths["sar"], rng.exponential(0.05, (1, 100, 200)).astype(np.float32), gdal.GDT_Float32)
-    write_geotiff(paths["value"], seed=2)  # GDAL's memory file system: the backend cannot open it
+    sar = rng.exponential(0.05, (1, 100, 200)).astype(np.float32)
+    write_raster(paths["sar"], sar, gdal.GDT_Float32)
+    # in GDAL's memory file system: layers the backend cannot open, sent by value
+    write_geotiff(paths["value"], seed=2)
+    write_raster(paths["sar_value"], sar, gdal.GDT_Float32)
     yield paths
     gdal.Unlink(paths["value"])
+    gdal.Unlink(paths["sar_value"])
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +210,7 @@ def plan_then_send(dock: Any, layer: QgsRasterLayer) -> tuple[dict | None, Any]:
         ("value", "rgb", "rgb8", "[s2_rgb_10]", "value"),
         ("s2", "ms", "s2_l2a", "[s2_ms_10]", "reference"),
         ("sar", "ms", "s1_vh_linear", "[s1_vh_10]", "reference"),
+        ("sar_value", "ms", "s1_vh_linear", "[s1_vh_10]", "value"),
     ],
 )
 def test_the_summary_before_sending_is_what_the_reply_reports(
