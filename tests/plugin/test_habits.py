@@ -9,13 +9,14 @@ from typing import Any
 from unittest import mock
 
 from plugin_testing import ANSWER, EARTHDIAL, ROOT, free_port, wait_until
-from qgis.core import Qgis
+from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QCoreApplication, Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QAbstractButton, QWidget
 
 import earthdial_qgis
 from conftest import running_backend
+from earthdial_qgis import diagnostics
 from earthdial_qgis.dock import GEOREF, HELP_URL
 
 
@@ -88,10 +89,14 @@ def test_a_missing_qtpy_is_a_line_in_the_log_not_a_warning(qgis_iface, qgis_new_
 
     monkeypatch.setitem(sys.modules, "qtpy", None)
     qgis_iface.messageBar().clear_messages()
+    logged: list[tuple[str, str]] = []
+    QgsApplication.messageLog().messageReceived.connect(lambda m, tag, level: logged.append((tag, m)))
     plugin = earthdial_qgis.classFactory(qgis_iface)
     plugin.initGui()
     try:
         assert deps.missing_packages() == ["qtpy"]
         assert qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning) == []
+        assert any(tag == "EarthDial" and "qgis.PyQt" in m for tag, m in logged)  # one line in the log
     finally:
         plugin.unload()
+    assert "Qt layer: " in diagnostics.report("tcp://127.0.0.1:1", None)
