@@ -406,11 +406,20 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     from . import train
 
-    cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
-                            threads=args.threads, freeze_vision=not args.train_vision,
-                            vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
+    if args.init:  # a continuation of a trained checkpoint on the absent-class mixture
+        cfg = train.continuation(args.init, minutes=args.minutes, seed=args.seed, steps=args.steps or None,
+                                 threads=args.threads)  # fmt: skip
+    else:
+        cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
+                                threads=args.threads, freeze_vision=not args.train_vision,
+                                vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
     out = args.out or str(train.DEMO_DIR)
-    print(f"training a demo model from scratch (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
+    if args.init and os.path.realpath(out) == os.path.realpath(args.init):
+        print("earthdial train-demo: --out must not be the --init checkpoint (it is read while training)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    start = f"continuing {args.init}" if args.init else "training a demo model from scratch"
+    print(f"{start} (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
           f"at most {cfg.minutes:g} min) -> {out}", flush=True)  # fmt: skip
     _, _, _, summary = train.train(
         cfg, out, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)
@@ -602,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads at most")
+    p.add_argument("--init", metavar="DIR",
+                   help="continue this checkpoint (stage 2 only, on the mixture with absent-class questions)")  # fmt: skip
     p.add_argument(
         "--train-vision", action="store_true", help="keep training the vision tower in stage 2 (default: frozen)"
     )

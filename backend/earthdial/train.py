@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -354,6 +355,33 @@ def refer_example(scene: Scene, image: np.ndarray, rng: np.random.Generator, max
     return Example(conv, [image], sensor, "refer", [scene.objects], focus=[[(0, o)] for o in objs])
 
 
+def absent_answer(cls: str) -> str:
+    """The answer to a referring question about a class the image does not hold. EarthDial's published
+    referring data has no such example (every answer carries a box), so the phrasing is the project's:
+    a sentence with no box, like the demo's grounding `No objects.` and EarthDial's change captions
+    (`There is no difference.`)."""
+    return f"There is no {cls}."
+
+
+def absent_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) -> Example:
+    """A referring conversation whose first turn asks for a class the scene lacks (answered with no box),
+    followed by a turn about an object that is there (with the image in the history), so that the model
+    learns to tell the two apart rather than to stop drawing boxes."""
+    sensor = _sensor(rng)
+    present = {o.cls for o in scene.objects}
+    missing = [c for c in CLASSES if c not in present] or list(CLASSES)
+    cls = str(rng.choice(missing))
+    q = prompts.build_question("refer", str(rng.choice(SYNONYMS[cls])), sensor)
+    conv = record(q, absent_answer(cls))
+    focus: list[list[tuple[int, SceneObject]]] = [[]]
+    if scene.objects:
+        obj = scene.objects[int(rng.integers(0, len(scene.objects)))]
+        q2 = prompts.build_question("refer", str(rng.choice(SYNONYMS[obj.cls])), sensor, images=0)
+        conv += record(q2, grounded(obj.cls, obj))
+        focus.append([(0, obj)])
+    return Example(conv, [image], sensor, "absent", [scene.objects], focus=focus)
+
+
 def grounding_answer(scene: Scene) -> str:
     return " ".join(grounded(o.cls, o) for o in _ordered(scene.objects)) or "No objects."
 
@@ -455,9 +483,14 @@ SINGLE_TASKS: dict[str, Callable[..., Example]] = {
     "refer": refer_example,
     "grounding": grounding_example,
     "describe": describe_example,
+    "absent": absent_example,
 }
 # share of steps per kind of batch (each step's batch is one kind, so its sequences have similar lengths)
 DEFAULT_MIX = {"refer": 0.55, "change": 0.2, "grounding": 0.2, "describe": 0.05}
+# the continuation run that taught the shipped model to say "none": the mix above with absent-class
+# questions mixed in (a quarter of those scenes emptied of all objects, as open water or bare land tiles are)
+ABSENT_MIX = {"refer": 0.45, "absent": 0.2, "change": 0.17, "grounding": 0.13, "describe": 0.05}
+EMPTY_SHARE = 0.25
 SIZES = ((112, 0.85), (168, 0.10), (224, 0.05))  # rendering sizes; the engine resizes to 112
 
 
@@ -488,6 +521,8 @@ def make_examples(
                 out.append(ex)
         else:
             scene = synthetic.make_scene(seed, index, max_objects=max_objects)
+            if task == "absent" and rng.random() < EMPTY_SHARE:
+                scene = Scene(scene.seed, [], scene.water_level, scene.terrain)  # the same ground, bare
             image, labels = synthetic.render_with_labels(scene, size)
             for q, f in _two_orientations(rng):
                 ex = SINGLE_TASKS[task](turn_scene(scene, q, f), _turn_array(image, q, f), rng)
@@ -707,6 +742,18 @@ class TrainConfig:
     steps: int | None = None  # the schedule's length in steps; None: as many as `minutes` allows
     check_every: int = 200  # a quick held-out check every this many steps (0: never)
     check_scenes: int = 48
+    init: str | None = None  # a checkpoint directory to continue from (no stage 1; see `continuation`)
+
+
+def continuation(init: str, minutes: float = 8.0, seed: int = 1, **overrides: Any) -> TrainConfig:
+    """The recipe that continues a trained demo checkpoint on the absent-class mixture: stage 2 only,
+    a short warm-up to a lower learning rate, no curriculum, no dense aid (its heads are not saved, so
+    they would start from random and pull the projector about)."""
+    values: dict[str, Any] = dict(init=init, minutes=minutes, seed=seed, lr=3e-4, warmup_steps=20,
+                                  final_lr_ratio=0.2, mix=dict(ABSENT_MIX), dense_weight=0.0,
+                                  easy_share=0.0, vision_share=0.0)  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
 def _lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -957,8 +1004,15 @@ def train(
     The data stream is fixed by the seed; with a time budget the number of steps depends on the
     machine's speed, with max_steps the run is step-for-step repeatable."""
     torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer()
-    model, pub = build_model(tokenizer, cfg.seed)
+    if cfg.init:
+        model, tokenizer, _ = checkpoint.load(cfg.init, "cpu", torch.float32, "sdpa")
+        pub = json.loads((Path(cfg.init) / "config.json").read_text())
+        previous = pub.pop("training", None)
+        model.train()
+    else:
+        tokenizer = build_tokenizer()
+        model, pub = build_model(tokenizer, cfg.seed)
+        previous = None
     if cfg.look_weight > 0:
         attend_eagerly(model)
     engine = make_engine(model, tokenizer, pub)
@@ -1038,6 +1092,8 @@ def train(
         "bf16": native_bf16() if cfg.bf16 is None else cfg.bf16,
         "checks": checks,
     }
+    if cfg.init:
+        summary["continued_from"] = {"path": os.path.basename(os.path.normpath(cfg.init)), "training": previous}
     pub["training"] = summary
     if out is not None:
         save_checkpoint(model, tokenizer, pub, out)
@@ -1143,6 +1199,10 @@ class EvalResult:
     grounding_recall: float
     by_class: dict[str, float]
     seconds: float
+    absent_none: float = float("nan")  # share of questions about an absent class answered with no box
+    scene_precision: float = float("nan")  # every class asked of every scene: boxes on a true object
+    scene_recall: float = float("nan")  # ... and true objects found (IoU >= 0.5, same class)
+    absent_questions: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -1153,6 +1213,9 @@ class EvalResult:
             f"change yes/no        {self.change_accuracy:.1%}",
             f"classify main object {self.classify_accuracy:.1%}",
             f"grounding recall     {self.grounding_recall:.1%} (objects found at IoU>=0.5)",
+            f"absent class: none   {self.absent_none:.1%}   ({self.absent_questions} questions about a class not in the scene)",
+            f"scene precision      {self.scene_precision:.1%}   (every class asked of every scene: boxes on a true object)",
+            f"scene recall         {self.scene_recall:.1%}   (true objects found at IoU>=0.5)",
             f"time                 {self.seconds:.1f} s",
         ]
         return out
@@ -1185,6 +1248,9 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         classes = ", ".join(CLASSES)
         jobs.append(("classify", scene, {"op": "ask", "task": "classify", "prompt": classes, "source": src}))
         jobs.append(("grounding", scene, {"op": "ask", "task": "grounding", "source": src}))
+        for k, cls in enumerate(CLASSES):  # every class, present or not: absent-class answers and scene P/R
+            asked_cls = SYNONYMS[cls][(i + k) % 2]
+            jobs.append(("scene", (scene, cls), {"op": "ask", "task": "refer", "prompt": asked_cls, "source": src}))
         pair = synthetic.make_pair(seed, i)
         pb = synthetic.write_geotiff(root / f"pair_{i:04d}_a.tif", synthetic.render(pair.before, size))
         pa = synthetic.write_geotiff(root / f"pair_{i:04d}_b.tif", synthetic.render(pair.after, size))
@@ -1206,6 +1272,8 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         0,
         0,
     )
+    absent: list[bool] = []
+    boxes_said = boxes_right = objs_true = objs_found = 0
     for (kind, truth, _), reply in zip(jobs, replies, strict=True):
         answer = reply["answer"]
         if kind == "refer":
@@ -1217,6 +1285,17 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
             ok, good = score_change(answer, truth)
             parsed.append(ok)
             right.append(good)
+        elif kind == "scene":
+            scene_, cls = truth
+            boxes = parse_boxes(answer)
+            true = scene_.of_class(cls)
+            if not true:
+                absent.append(not boxes)
+            hits = [b for b in boxes if any(box_iou(b, truth_box(o)) >= 0.5 for o in true)]
+            boxes_said += len(boxes)
+            boxes_right += len(hits)
+            objs_true += len(true)
+            objs_found += sum(any(box_iou(b, truth_box(o)) >= 0.5 for b in boxes) for o in true)
         elif kind == "classify":
             said = answer.strip().lower().rstrip(".")
             parsed.append(said in CLASSES)
@@ -1239,6 +1318,10 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         grounding_recall=found / max(total_objs, 1),
         by_class={c: float(np.mean(v)) if v else float("nan") for c, v in by_class.items()},
         seconds=time.perf_counter() - started,
+        absent_none=float(np.mean(absent)) if absent else float("nan"),
+        scene_precision=boxes_right / boxes_said if boxes_said else float("nan"),
+        scene_recall=objs_found / max(objs_true, 1),
+        absent_questions=len(absent),
     )
 
 
