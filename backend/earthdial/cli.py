@@ -43,6 +43,20 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_scan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)")
+    p.add_argument("--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours (0-0.5)")
+    p.add_argument("--batch", type=int, default=8, help="tiles decoded together")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop boxes scored below this (0-1; docs/outputs.md)")
+    p.add_argument("--sensor", help="EarthDial sensor tag (default: from the preset and GSD)")
+    p.add_argument("--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
+    p.add_argument("--model", help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="go on from the journal an interrupted run left beside -o")
+    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("preset", "gsd", "sensor", "max_new_tokens")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -227,79 +241,125 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    header = {"op": "detect", "task": args.task, "prompt": args.prompt, "source": _source(args),
+              "options": _scan_options(args)}  # fmt: skip
+    return _run_scan(args, header)
+
+
+def cmd_detect_changes(args: argparse.Namespace) -> int:
+    sources = [source_by_reference(os.path.abspath(p)) for p in args.rasters]
+    header = {"op": "detect_changes", "task": "change", "sources": sources, "options": _scan_options(args)}
+    return _run_scan(args, header)
+
+
+def _scan_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {"tile_size": args.tile_size, "overlap": args.overlap, "batch": args.batch,
+               "min_score": args.min_score, "merge": False}  # fmt: skip
+    for name in ("preset", "sensor"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
+    return options
+
+
+def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
+    """A whole-scene scan (in-process or over the protocol) whose finished tiles go into a journal as they
+    come; the output is written from the journal at the end. Ctrl-C, a lost server or an error leaves the
+    journal for `--resume`."""
+    from . import journal, scenes
+
+    name = f"earthdial {args.command}"
     stop = {"now": False}
 
     def on_sigint(*_: object) -> None:
-        stop["now"] = True  # finish the batch in flight, then stop: nothing is written
+        stop["now"] = True  # finish the batch in flight, then stop: what is done stays in the journal
 
     signal.signal(signal.SIGINT, on_sigint)
-    if args.endpoint:
-        options = {"tile_size": args.tile_size, "overlap": args.overlap, "batch": args.batch}
-        if args.preset:
-            options["preset"] = args.preset
-        header = {
-            "op": "detect",
-            "task": args.task,
-            "prompt": args.prompt,
-            "source": _source(args),
-            "options": options,
-        }
-        try:
-            with Client(args.endpoint, timeout_s=args.timeout) as client:
-                reply = client.request(
-                    header,
-                    progress=lambda ev: _progress_bar(ev["done"], ev["total"]),
-                    cancelled=lambda: stop["now"],
-                ).header
-        except EarthDialError as exc:
-            if exc.code == "cancelled":
-                print(f"\nearthdial detect: {exc.message}; nothing written", file=sys.stderr)
-                return 130
-            raise
-        n = len(reply["features"]["features"])
-        print(
-            f"{reply['tiles']} tiles in {reply['timings']['total_s']:.1f} s; {reply['raw_boxes']} boxes, {n} after merging"
-        )
-        _write_output(args.output, reply)
-        return 0
-    from .engine import Engine
-    from .scenes import detect, estimate_seconds, tile_windows
+    options = header["options"]
+    request = {k: header.get(k) for k in ("op", "task", "prompt", "source", "sources")}
+    request["options"] = {k: v for k, v in options.items() if k not in ("batch", "merge", "skip")}
+    log = journal.Journal.open(journal.path_for(args.output), request, args.resume) if args.output else None
+    kept: list[dict[str, Any]] = []  # without -o: results in memory only
+    tiles_seen: dict[int, dict[str, Any]] = {}
+    if log is not None:
+        options["skip"] = sorted(log.tiles)
+        if log.tiles:
+            print(f"resuming: {len(log.tiles)} tile(s) already done", file=sys.stderr)
 
-    model = args.model or os.environ.get("EARTHDIAL_MODEL")
-    if not model:
-        print("earthdial detect: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
-        return 2
-    engine = Engine(model, device=args.device)
-    if engine.device == "cpu":
-        import rasterio
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "plan":
+            print(f"{event['total']} tiles of {event['plan']['tile_size']} px", file=sys.stderr)
+        elif kind == "progress":
+            if log is not None:
+                log.record(event)
+            else:
+                kept.extend(event.get("features", []))
+                tiles_seen.update({t["index"]: t for t in event.get("tiles", [])})
+            _progress_bar(event["done"], event["total"])
 
-        from .imagery import window_for
-
-        with rasterio.open(args.raster) as src:
-            n = len(
-                tile_windows(
-                    window_for(src, args.bounds, args.bounds_crs, args.raster), args.tile_size, args.overlap
-                )
-            )
-        print(
-            f"running on the CPU: {n} tiles, about {estimate_seconds(engine, n, args.batch):.0f} s",
-            file=sys.stderr,
-        )
     try:
-        result = detect(
-            engine, os.path.abspath(args.raster), args.prompt, task=args.task, tile_size=args.tile_size,
-            overlap=args.overlap, batch_size=args.batch, bands=args.bands, bounds=args.bounds,
-            bounds_crs=args.bounds_crs, preset=args.preset, progress=_progress_bar, cancelled=lambda: stop["now"],
-        )  # fmt: skip
+        if args.endpoint:
+            with Client(args.endpoint, timeout_s=args.timeout) as client:
+                reply = client.request(header, progress=on_event, cancelled=lambda: stop["now"]).header
+        else:
+            from . import scan
+            from .engine import Engine
+
+            model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+            if not model:
+                print(f"{name}: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
+                return 2
+            engine = Engine(model, device=args.device)
+            reply = scan.run(header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"])
     except EarthDialError as exc:
-        if exc.code == "cancelled":
-            print(f"\nearthdial detect: {exc.message}; nothing written", file=sys.stderr)
-            return 130
-        raise
-    print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles / max(result.seconds, 1e-9):.2f} tiles/s); "
-          f"{result.raw_boxes} boxes, {len(result.features['features'])} after merging overlaps")  # fmt: skip
-    _write_output(args.output, {"features": result.features})
+        if log is not None:
+            log.close()
+            if exc.code in ("cancelled", "disconnected", "timeout") or log.tiles:
+                print(f"\n{name}: {exc.message}\n{len(log.tiles)} finished tile(s) are kept in {log.path}; "
+                      "run the same command with --resume to go on", file=sys.stderr)  # fmt: skip
+        elif exc.code == "cancelled":
+            print(f"\n{name}: {exc.message}; nothing written", file=sys.stderr)
+        return 130 if exc.code == "cancelled" else _fail(name, exc)
+    features = log.features if log is not None else kept
+    tiles = log.tiles if log is not None else tiles_seen
+    merged = scenes.finished(features)
+    crs = reply.get("crs", "")
+    print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
+          f"{reply['timings']['total_s']:.1f} s; {len(features)} boxes, {len(merged)} after merging")  # fmt: skip
+    if header["op"] == "detect_changes":
+        changed = sum(1 for t in tiles.values() if t.get("changed"))
+        print(f"{changed} of {len(tiles)} tile pairs changed")
+        if args.output:
+            _write_changes(args.output, merged, tiles, crs)
+    else:
+        _write_output(args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}})
+    if log is not None:
+        log.remove()
     return 0
+
+
+def _fail(name: str, exc: EarthDialError) -> int:
+    print(f"{name}: {exc.code}: {exc.message}", file=sys.stderr)
+    return 1
+
+
+def change_tile_features(tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-tile change map: each tile pair's footprint, changed or not, the answer and its score."""
+    return [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
+             "properties": {"label": "changed" if t.get("changed") else "unchanged", "tile": i,
+                            "answer": t.get("answer"), "score": t.get("score"), "pair": t.get("pair"),
+                            "task": "change"}}
+            for i, t in sorted(tiles.items())]  # fmt: skip
+
+
+def _write_changes(path: str, merged: list[dict[str, Any]], tiles: dict[int, dict[str, Any]], crs: str) -> None:
+    from .output import write_features
+
+    write_features(path, {"type": "FeatureCollection", "crs": crs, "features": change_tile_features(tiles)},
+                   layer="change_tiles")  # fmt: skip
+    write_features(path, {"type": "FeatureCollection", "crs": crs, "features": merged}, layer="changes")
+    print(f"wrote {len(merged)} change box(es) (layer 'changes') and {len(tiles)} tile pair(s) "
+          f"(layer 'change_tiles') to {os.path.abspath(path)}")  # fmt: skip
 
 
 def cmd_change(args: argparse.Namespace) -> int:
@@ -530,20 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     p.add_argument("--prompt", required=True, help="what to find, e.g. ships")
     p.add_argument("--task", default="refer", help="a grounded task: refer (default) or grounding")
-    p.add_argument(
-        "--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)"
-    )
-    p.add_argument("--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours")
-    p.add_argument("--batch", type=int, default=8, help="tiles decoded together")
     p.add_argument("--preset", help="band preset (default: picked from the raster)")
-    p.add_argument(
-        "--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)"
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
-    p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
+    _add_scan_args(p)
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("detect-changes", help="change detection over whole layers: BEFORE AFTER [LATER ...], tile by tile")
+    p.add_argument("rasters", nargs="+", help="BEFORE AFTER [LATER ...]: later layers are aligned on the first's grid")
+    p.add_argument("--preset", help="band preset (default: picked from the first raster)")
+    _add_scan_args(p)
+    p.set_defaults(func=cmd_detect_changes)
 
     p = sub.add_parser("change", help="compare two (or more) rasters: later ones are aligned to the first")
     p.add_argument("rasters", nargs="+", help="BEFORE AFTER [...]")

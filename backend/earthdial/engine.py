@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, pixels, sensors
+from . import checkpoint, pixels, scoring, sensors
 from .prompts import expand_images, render_chat
 from .protocol import EarthDialError, ErrorCode
 from .quantize import device_memory, weight_bytes
@@ -247,10 +247,9 @@ class Engine:
                 num_beams=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                **overrides,
+                **{"output_scores": True, "return_dict_in_generate": True, **overrides},
             )
-        new = out.tolist()  # with inputs_embeds only, generate returns just the new tokens
-        return [self._decode(ids[: q.max_new_tokens]) for ids, q in zip(new, queries, strict=True)]
+        return scoring.answers(self, out, [q.max_new_tokens for q in queries])
 
     def _decode(self, ids: list[int]) -> str:
         for i, tok in enumerate(ids):

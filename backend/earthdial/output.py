@@ -36,8 +36,9 @@ from .protocol import EarthDialError, ErrorCode
 __all__ = ["FIELDS", "write_features"]
 
 # The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
-FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created")
-REAL_FIELDS = ("angle", "gsd")  # the others are text
+FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created",
+          "score", "change", "pair")  # score, change, pair: whole-scene scans (scan.py)
+REAL_FIELDS = ("angle", "gsd", "score")  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 

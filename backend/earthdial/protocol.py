@@ -31,7 +31,7 @@ MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024  # all array frames of one message toge
 MAX_ID_CHARS = 256  # request ids and client names
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-OPS = ("ask", "georef", "detect", "status", "ping", "cancel", "plan")
+OPS = ("ask", "georef", "detect", "detect_changes", "scan_tiles", "status", "ping", "cancel", "plan")
 
 
 class ErrorCode:
@@ -439,7 +439,7 @@ class Client:
                 reply = decode(self._sock.recv_multipart(copy=False))
                 if reply.header.get("id") != request_id:
                     continue  # a late reply to an earlier, timed-out or cancelled request
-                if reply.header.get("event") == "progress":
+                if reply.header.get("event"):  # progress, and a scan's plan and merged-box chunks
                     deadline = time.monotonic() + wait
                     if progress is not None:
                         progress(reply.header)

@@ -1,18 +1,24 @@
-"""Whole scenes: tile a raster (or part of it) into model-sized windows, stream them through the engine in
-batches, and merge the boxes found in overlapping tiles.
+"""Whole scenes: the one scene engine. It lays a region out in model-sized tiles, reads them ahead of the
+model on another thread, runs them through the engine in batches, and merges the boxes that neighbouring
+tiles both found (rotated-polygon non-maximum suppression).
 
-Memory stays flat as the scene grows: only one batch of windows is in memory at a time, and only the
-features found are kept.
+Every whole-scene job goes through here: a raster read by reference, tiles streamed by value from a
+client that reads a layer the backend cannot open (WMS, XYZ, memory), and pairs or sequences of layers
+for change detection. The tile plan is arithmetic (a list of column and row starts), so a client that
+needs tile positions receives the plan instead of computing its own.
+
+Memory stays flat as the scene grows: tiles are made lazily, only a few batches are read ahead, and only
+the features found are kept.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -20,59 +26,360 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from . import answers, georef, imagery, presets, prompts
+from . import answers, georef, imagery
 from .protocol import EarthDialError, ErrorCode
 
 SCENE_CACHE_MB = 128
+MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
+MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read every pixel 4x or more
+MAX_BATCH = 64
+IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
+READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
+
+
+# -- the tile plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of `tile` x `tile` source pixels over a region, row-major; tile i is at
+    (cols[i % len(cols)], rows[i // len(cols)]), cut to the region's size where the region is smaller."""
+
+    col0: int
+    row0: int
+    width: int
+    height: int
+    tile: int
+    overlap: float
+    cols: tuple[int, ...]
+    rows: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.cols) * len(self.rows)
+
+    def window(self, index: int) -> Window:
+        if not 0 <= index < len(self):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})")
+        r, c = divmod(index, len(self.cols))
+        return Window(self.cols[c], self.rows[r], min(self.tile, self.width), min(self.tile, self.height))
+
+    def describe(self) -> dict[str, Any]:
+        """The plan on the wire: what a client needs to read tile i itself."""
+        return {"tiles": len(self), "tile_size": self.tile, "overlap": self.overlap,
+                "region": [self.col0, self.row0, self.width, self.height],
+                "columns": list(self.cols), "rows": list(self.rows)}  # fmt: skip
+
+
+def check_tiling(tile: Any, overlap: Any, batch: Any = 1) -> tuple[int, float, int]:
+    """Typed errors for a tile size, overlap or batch out of range."""
+    if not isinstance(tile, int) or isinstance(tile, bool) or not MIN_TILE <= tile <= MAX_TILE:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile size {tile!r:.20} px is out of range ({MIN_TILE} to {MAX_TILE})")  # fmt: skip
+    if (not isinstance(overlap, (int, float)) or isinstance(overlap, bool)
+            or not math.isfinite(overlap) or not 0 <= overlap <= MAX_OVERLAP):  # fmt: skip
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"overlap {overlap!r:.20} is out of range (0 to {MAX_OVERLAP})")  # fmt: skip
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"batch {batch!r:.20} is out of range (1 to {MAX_BATCH})")
+    return tile, float(overlap), batch
+
+
+def plan_tiles(width: int, height: int, tile: int, overlap: float, col0: int = 0, row0: int = 0) -> TilePlan:
+    """Tiles covering a region of width x height pixels starting at (col0, row0): neighbours `stride` =
+    tile x (1 - overlap) apart, the last row and column moved back to end at the region's edge."""
+    tile, overlap, _ = check_tiling(tile, overlap)
+    if width < 1 or height < 1:
+        raise EarthDialError(ErrorCode.BOUNDS_OUTSIDE, f"the region to tile is empty ({width} x {height} px)")
+    stride = max(1, int(tile * (1 - overlap)))
+
+    def starts(origin: int, length: int) -> tuple[int, ...]:
+        if length <= tile:
+            return (origin,)
+        n = math.ceil((length - tile) / stride) + 1
+        return tuple(origin + min(i * stride, length - tile) for i in range(n))
+
+    return TilePlan(col0, row0, width, height, tile, overlap, starts(col0, width), starts(row0, height))
+
+
+def plan_for_window(region: Window, tile: int, overlap: float) -> TilePlan:
+    return plan_tiles(int(region.width), int(region.height), tile, overlap, int(region.col_off), int(region.row_off))
+
+
+# -- tiles and how they are read ----------------------------------------------------------------------
 
 
 @dataclass
-class SceneResult:
-    features: dict[str, Any]  # FeatureCollection in the raster's CRS, merged across tiles
-    tiles: int
-    tiles_done: int
-    raw_boxes: int  # boxes before merging
-    seconds: float
-    answers: list[str] = field(default_factory=list)
+class Tile:
+    index: int
+    window: Window  # in the first image's source pixels
+    chips: list[imagery.Chip]  # one per image (later images on the first one's grid)
 
 
-def tile_windows(region: Window, tile: int, overlap: float) -> list[Window]:
-    """Windows of `tile` x `tile` pixels covering `region` with at least `overlap` (0..0.9) shared between
-    neighbours; the last row and column are moved back to end at the region's edge."""
-    if tile < 16:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile size {tile} px is too small (at least 16)")
-    if not 0 <= overlap < 0.9:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"overlap {overlap} must be in [0, 0.9)")
-    stride = max(1, int(tile * (1 - overlap)))
-
-    def starts(origin: int, length: int) -> list[int]:
-        if length <= tile:
-            return [origin]
-        n = math.ceil((length - tile) / stride) + 1
-        return [origin + min(i * stride, length - tile) for i in range(n)]
-
-    col0, row0 = int(region.col_off), int(region.row_off)
-    width, height = int(region.width), int(region.height)
-    return [
-        Window(c, r, min(tile, width), min(tile, height))
-        for r in starts(row0, height)
-        for c in starts(col0, width)
-    ]
+def tile_transform(transform: Affine, window: Window, out_w: int, out_h: int) -> Affine:
+    """The affine of a window of a grid read (resampled) at out_w x out_h pixels."""
+    a, b, c, d, e, f = transform[:6]
+    sx, sy = window.width / out_w, window.height / out_h
+    col0, row0 = window.col_off, window.row_off
+    return Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
 
 
-def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = 0.5) -> list[dict[str, Any]]:
+def read_shape(window: Window, out_size: int) -> tuple[int, int]:
+    """(width, height) a window is read at: its long side at the model's image size (never larger than
+    the window itself), so a tile costs the model what one image does."""
+    scale = min(1.0, out_size / max(window.width, window.height))
+    return max(1, round(window.width * scale)), max(1, round(window.height * scale))
+
+
+def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,
+               skip: frozenset[int] = frozenset()) -> Iterator[Tile]:  # fmt: skip
+    """Tiles of a raster (and of later rasters warped onto each tile's grid), made one at a time."""
+    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), rasterio.open(paths[0]) as src:
+        crs = imagery.crs_string(src.crs)
+        nodata = src.nodatavals[indexes[0] - 1]
+        for i in range(len(plan)):
+            if i in skip:
+                continue
+            window = plan.window(i)
+            out_w, out_h = read_shape(window, out_size)
+            data = src.read(indexes, window=window, out_shape=(len(indexes), out_h, out_w),
+                            resampling=rasterio.enums.Resampling.average)  # fmt: skip
+            first = imagery.Chip(data, tile_transform(src.transform, window, out_w, out_h), crs, indexes,
+                                 None if nodata is None else float(nodata), paths[0])  # fmt: skip
+            later = [imagery.read_on_grid(p, indexes, first) for p in paths[1:]]
+            yield Tile(i, window, [first, *later])
+
+
+@dataclass
+class Stream:
+    """Tiles sent by value for a running scan: (header, arrays) messages put by the server's I/O loop."""
+
+    inbox: queue.Queue = field(default_factory=queue.Queue)
+    idle_timeout_s: float = 120.0
+
+
+def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, nodata: float | None,
+                 skip: frozenset[int], cancelled: Callable[[], bool] | None) -> Iterator[Tile]:  # fmt: skip
+    """Tiles as a client sends them: each message names its tile indexes, one array frame per tile, read
+    over that tile's window of the layer's grid (at any size; the affine follows from the shape)."""
+    wanted = set(range(len(plan))) - set(skip)
+    waited = 0.0
+    while wanted:
+        try:
+            header, arrays = stream.inbox.get(timeout=0.2)
+        except queue.Empty:
+            waited += 0.2
+            if cancelled is not None and cancelled():
+                return
+            if waited >= stream.idle_timeout_s:
+                raise EarthDialError(ErrorCode.TIMEOUT, f"no tiles arrived for {stream.idle_timeout_s:g} s; "
+                                     f"{len(wanted)} of the plan's tiles are missing") from None  # fmt: skip
+            continue
+        waited = 0.0
+        indexes = header.get("tiles")
+        if not isinstance(indexes, list) or len(indexes) != len(arrays):
+            raise EarthDialError(ErrorCode.MISSING_FRAMES, "scan_tiles: 'tiles' must list one tile index per array frame")  # fmt: skip
+        for index, array in zip(indexes, arrays, strict=True):
+            if not isinstance(index, int) or isinstance(index, bool) or index not in wanted:
+                raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index!r:.20} is not a tile still to do")  # fmt: skip
+            wanted.discard(index)
+            window = plan.window(index)
+            data = array if array.ndim == 3 else array[None]
+            aff = tile_transform(transform, window, data.shape[2], data.shape[1])
+            chip = imagery.chip_from_array(data, aff, crs, nodata)
+            chip.source = "<stream>"
+            yield Tile(index, window, [chip])
+
+
+class ReadAhead:
+    """Runs a tile iterator on its own thread, `depth` tiles ahead of the consumer (a bounded queue), so
+    the model never waits on GDAL unless reading is slower than the model. `waited_s` is the time the
+    consumer spent waiting for a tile."""
+
+    _END = object()
+
+    def __init__(self, tiles: Iterable[Tile], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.waited_s = 0.0
+        self.read_s = 0.0
+        self._thread = threading.Thread(target=self._run, args=(iter(tiles),), name="earthdial-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, tiles: Iterator[Tile]) -> None:
+        try:
+            while not self._stop.is_set():
+                t = time.perf_counter()
+                item = next(tiles, self._END)
+                self.read_s += time.perf_counter() - t
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item is self._END:
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._error = exc
+            self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Tile]:
+        while True:
+            t = time.perf_counter()
+            item = self._queue.get()
+            self.waited_s += time.perf_counter() - t
+            if item is self._END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a reader waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
+
+
+# -- running tiles through the model --------------------------------------------------------------
+
+
+@dataclass
+class Ask:
+    """What each tile is asked: how to turn a tile's chips into an engine query, and the properties every
+    feature found carries."""
+
+    make_query: Callable[[Tile], Any]  # -> engine.Query, or None to skip the tile (all nodata)
+    properties: dict[str, Any]
+    min_score: float = 0.0
+
+
+@dataclass
+class TileAnswer:
+    index: int
+    answer: str
+    score: float  # probability of the answer's first token (its yes/no, or box/none, decision)
+    features: list[dict[str, Any]]  # boxes kept (score >= min_score), georeferenced, in the tile's order
+    footprint: list[list[float]]  # the tile's outline in map coordinates
+
+
+@dataclass
+class Progress:
+    done: int  # tiles finished, including any skipped as done before
+    total: int
+    answers: list[TileAnswer]
+
+
+@dataclass
+class Stats:
+    tiles: int = 0
+    model_s: float = 0.0
+    waited_s: float = 0.0  # the model waiting for tiles to be read
+    read_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
+        cancelled: Callable[[], bool] | None = None, stats: Stats | None = None) -> Iterator[Progress]:  # fmt: skip
+    """Stream tiles through the model in batches; yields after each batch. A cancel is honoured between
+    batches (typed `cancelled`)."""
+    stats = stats if stats is not None else Stats()
+    reader = ReadAhead(tiles, depth=READ_AHEAD_BATCHES * batch_size)
+    done = skipped
+    try:
+        batch: list[Tile] = []
+        for tile in _with_end(reader):
+            if tile is not None:
+                batch.append(tile)
+            if batch and (len(batch) >= batch_size or tile is None):
+                if cancelled is not None and cancelled():
+                    raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
+                found = _answer_batch(engine, ask, batch, stats)
+                done += len(batch)
+                stats.tiles += len(batch)
+                batch = []
+                yield Progress(done, total, found)
+        if cancelled is not None and cancelled():
+            raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
+    finally:
+        reader.close()
+        stats.waited_s += reader.waited_s
+        stats.read_s += reader.read_s
+
+
+def _with_end(tiles: Iterable[Tile]) -> Iterator[Tile | None]:
+    yield from tiles
+    yield None
+
+
+def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> list[TileAnswer]:
+    queries, kept = [], []
+    for tile in batch:
+        query = ask.make_query(tile)
+        if query is not None:
+            queries.append(query)
+            kept.append(tile)
+    t = time.perf_counter()
+    texts = engine.generate(queries) if queries else []
+    stats.model_s += time.perf_counter() - t
+    out = [TileAnswer(tile.index, "", 0.0, [], footprint(tile.chips[0])) for tile in batch if tile not in kept]
+    for tile, text in zip(kept, texts, strict=True):
+        out.append(tile_answer(tile, text, ask))
+    return sorted(out, key=lambda a: a.index)
+
+
+def tile_answer(tile: Tile, text: str, ask: Ask) -> TileAnswer:
+    chip = tile.chips[0]
+    boxes = answers.parse_boxes(text)
+    scores = text.box_scores() if hasattr(text, "box_scores") else [float("nan")] * len(boxes)
+    logprobs = getattr(text, "logprobs", ())
+    first = round(math.exp(logprobs[0]), 4) if logprobs else float("nan")
+    props = dict(ask.properties, answer=str(text), tile=tile.index)
+    fc = georef.features_from_boxes(boxes, chip.transform, chip.width, chip.height, chip.crs, props)
+    kept = []
+    for k, (feat, box, score) in enumerate(zip(fc["features"], boxes, scores, strict=True)):
+        if not score >= ask.min_score and not (math.isnan(score) and ask.min_score <= 0):
+            continue
+        cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
+        feat["properties"].update(score=_json_number(score), edge_distance=max(abs(cx - 50), abs(cy - 50)), order=k)
+        kept.append(feat)
+    return TileAnswer(tile.index, str(text), _json_number(first), kept, footprint(chip))
+
+
+def _json_number(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def footprint(chip: imagery.Chip) -> list[list[float]]:
+    t = chip.transform
+    ring = [t * (0, 0), t * (chip.width, 0), t * (chip.width, chip.height), t * (0, chip.height), t * (0, 0)]
+    return [[float(x), float(y)] for x, y in ring]
+
+
+def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = IOU_THRESHOLD) -> list[dict[str, Any]]:
     """Rotated-polygon non-maximum suppression across tiles: of boxes with the same label overlapping by
-    IoU >= threshold, keep the one seen nearest its tile's centre (least likely cut by a tile edge)."""
+    IoU >= threshold, keep the one seen nearest its tile's centre (least likely cut by a tile edge), then
+    the higher score. The order is fixed by (tile, order in the tile), not by arrival, so a resumed scan
+    merges exactly as an uninterrupted one."""
     from shapely import STRtree
     from shapely.geometry import shape
 
     if not features:
         return []
-    order = sorted(range(len(features)), key=lambda i: features[i]["properties"].get("edge_distance", 0.0))
+    features = sorted(features, key=lambda f: (f["properties"].get("tile", 0), f["properties"].get("order", 0)))
+
+    def rank(i: int) -> tuple[float, float]:
+        p = features[i]["properties"]
+        score = p.get("score")
+        return (p.get("edge_distance", 0.0), -(score if isinstance(score, (int, float)) else 0.0))
+
+    order = sorted(range(len(features)), key=rank)
     polys = [shape(f["geometry"]) for f in features]
     tree = STRtree(polys)
-    kept: list[int] = []
     removed: set[int] = set()
+    kept: list[int] = []
     for i in order:
         if i in removed:
             continue
@@ -89,114 +396,18 @@ def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = 0.5) -> l
     return [features[i] for i in sorted(kept)]
 
 
-def _read_tile(
-    src: Any, path: str, indexes: list[int], window: Window, out_size: int, crs: str
-) -> imagery.Chip:
-    scale = out_size / max(window.width, window.height)
-    out_w, out_h = max(1, round(window.width * scale)), max(1, round(window.height * scale))
-    data = src.read(indexes, window=window, out_shape=(len(indexes), out_h, out_w),
-                    resampling=rasterio.enums.Resampling.average)  # fmt: skip
-    a, b, c, d, e, f = src.transform[:6]
-    sx, sy = window.width / out_w, window.height / out_h
-    col0, row0 = window.col_off, window.row_off
-    transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
-    nodata = src.nodatavals[indexes[0] - 1]
-    return imagery.Chip(data, transform, crs, indexes, None if nodata is None else float(nodata), path)
-
-
-def detect(
-    engine: Any,
-    path: str,
-    prompt: str,
-    *,
-    task: str = "refer",
-    tile_size: int = 448,
-    overlap: float = 0.1,
-    batch_size: int = 8,
-    bands: list[int] | None = None,
-    bounds: tuple[float, float, float, float] | None = None,
-    bounds_crs: str | None = None,
-    preset: str | None = None,
-    sensor: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    cancelled: Callable[[], bool] | None = None,
-) -> SceneResult:
-    """Run a grounded task over every tile of a raster (or of `bounds` in it) and merge the boxes."""
-    spec = prompts.task(task)
-    if spec.images != 1:
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"task {task!r} takes {spec.images} images; detect runs one"
-        )
-    info = imagery.describe(path)
-    if preset:
-        chosen = presets.get(preset)
-    else:
-        sample = imagery.read_chip(path, bands=[1], max_size=64).data[0] if info.count == 1 else None
-        chosen, _ = presets.choose(info.count, info.dtype, info.descriptions, sample)
-    indexes = list(bands or chosen.bands or range(1, min(info.count, 3) + 1))
-    tag = sensor or chosen.sensor or presets.rgb_tag_for(info.gsd_m)
-    question = prompts.build_question(task, prompt, tag)
-    engine.check_tags(question)
-    out_size = engine.info.image_size
-    gsd = info.gsd_m * tile_size / out_size if info.gsd_m else None  # tiles are resized to the model's size
-    model_name = os.path.basename(engine.info.path.rstrip("/"))
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    started = time.perf_counter()
-    # GDAL's block cache (5% of RAM by default) would otherwise grow with the scene; one row of tiles
-    # in cache is all a streaming pass can reuse.
-    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), rasterio.open(path) as src:
-        indexes = imagery.check_bands(indexes, src.count, path)
-        region = imagery.window_for(src, bounds, bounds_crs, path)
-        windows = tile_windows(region, tile_size, overlap)
-        crs = imagery.crs_string(src.crs)
-        found: list[dict[str, Any]] = []
-        texts: list[str] = []
-        done = 0
-        raw = 0
-        for batch in _batches(windows, batch_size):
-            if cancelled is not None and cancelled():
-                raise EarthDialError(
-                    ErrorCode.CANCELLED, f"detect cancelled after {done} of {len(windows)} tiles"
-                )
-            from .engine import Query
-
-            chips = [_read_tile(src, path, indexes, w, out_size, crs) for w in batch]
-            queries, kept = [], []
-            for window, chip in zip(batch, chips, strict=True):
-                if not imagery.valid_mask(chip).any():
-                    continue  # an all-nodata tile: nothing to ask about
-                data = presets.apply(chosen, chip.data, chip.nodata)
-                queries.append(Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens))
-                kept.append((window, chip))
-            for (window, chip), text in zip(kept, engine.generate(queries) if queries else [], strict=True):
-                texts.append(text)
-                boxes = answers.parse_boxes(text)
-                raw += len(boxes)
-                props = {"task": task, "prompt": prompt, "answer": text, "model": model_name,
-                         "variant": engine.info.variant, "source": path, "created": created,
-                         "tile": f"{int(window.col_off)},{int(window.row_off)}", "gsd": gsd}  # fmt: skip
-                fc = georef.features_from_boxes(boxes, chip.transform, chip.width, chip.height, crs, props)
-                for feat, box in zip(fc["features"], boxes, strict=True):
-                    cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
-                    feat["properties"]["edge_distance"] = max(abs(cx - 50), abs(cy - 50))
-                    found.append(feat)
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(windows))
-    merged = merge_boxes(found)
-    for feat in merged:
-        feat["properties"].pop("edge_distance", None)
-    collection = {"type": "FeatureCollection", "crs": crs, "features": merged}
-    return SceneResult(collection, len(windows), done, raw, time.perf_counter() - started, texts)
-
-
-def _batches(items: list[Window], size: int) -> Iterator[list[Window]]:
-    for i in range(0, len(items), max(1, size)):
-        yield items[i : i + size]
+def finished(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merged features without the merge's working fields."""
+    out = []
+    for f in merge_boxes(features):
+        props = {k: v for k, v in f["properties"].items() if k not in ("edge_distance", "order")}
+        out.append({**f, "properties": props})
+    return out
 
 
 def estimate_seconds(engine: Any, tiles: int, batch_size: int) -> float:
     """A rough time for `tiles` tiles, from one timed batch of blank tiles (shown before a long job)."""
+    from . import prompts
     from .engine import Query
 
     blank = np.zeros((3, engine.info.image_size, engine.info.image_size), dtype=np.uint8)

@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from . import access, service
+from . import access, scan, scenes, service
 from .access import is_loopback  # noqa: F401  (imported from here by older code)
 from .protocol import (
     MAX_HEADER_BYTES,
@@ -46,6 +46,7 @@ _WORKER_ADDR = "inproc://earthdial-replies"
 LOOP_OPS = ("ping", "status", "cancel")  # answered by the I/O loop; the other OPS go to the worker
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
+MAX_STREAM_BACKLOG = 16  # scan_tiles messages waiting for one scan (the client keeps two batches in flight)
 _DRAIN = 256  # messages handled per socket per loop turn, so that neither socket starves the other
 
 
@@ -71,6 +72,7 @@ class Server:
         self.queue = FairQueue(queue_size, client_queue or max(1, queue_size // 2))
         self.stop_event = threading.Event()
         self._peer_fd: dict[bytes, int] = {}  # routing id -> socket fd it last sent on
+        self._streams: dict[tuple[bytes, Any], scenes.Stream] = {}  # streamed detects' tile inboxes
         self._worker: threading.Thread | None = None
         self._previous_dirs = access.allowed_dirs()
         self._set_dirs = allowed_dirs is not None
@@ -113,11 +115,12 @@ class Server:
         out.connect(_WORKER_ADDR)
         try:
             while (batch := self.queue.take(self.max_batch)) is not None:
-                scenes = [job for job in batch if job.header.get("op") == "detect"]
-                batch_rest = [job for job in batch if job.header.get("op") != "detect"]
+                scenes = [job for job in batch if job.header.get("op") in scan.OPS]
+                batch_rest = [job for job in batch if job.header.get("op") not in scan.OPS]
                 for job in scenes:  # a whole scene batches its own tiles: one at a time
-                    reply = self._detect(job, out)
+                    reply = self._scan(job, out)
                     self.queue.done([job])
+                    self._streams.pop((job.ident, job.request_id), None)
                     out.send_multipart([job.ident, *_encode_reply(reply)])
                 batch = batch_rest
                 if not batch:
@@ -133,21 +136,41 @@ class Server:
         finally:
             out.close(0)
 
-    def _detect(self, job: Pending, out: zmq.Socket) -> dict[str, Any]:
-        """A whole-scene job: progress events after each batch of tiles; a cancel stops it at the next."""
+    # -- whole scenes: streamed events, tiles by value ------------------------------------------------
+    def _scan(self, job: Pending, out: zmq.Socket) -> dict[str, Any]:
+        """A whole-scene job: its events (plan, progress with the boxes of each batch, merged chunks) go
+        out as they are made; a cancel stops it at the next batch."""
 
-        def progress(done: int, total: int) -> None:
-            event = ok_reply(job.request_id, event="progress", done=done, total=total)
-            out.send_multipart([job.ident, *_encode_reply(event)])
+        def emit(event: str, **fields: Any) -> None:
+            out.send_multipart([job.ident, *_encode_reply(ok_reply(job.request_id, event=event, **fields))])
 
         try:
-            fields = service.detect(job.header, self.engine, progress, job.cancel.is_set)
+            stream = self._streams.get((job.ident, job.request_id))
+            fields = scan.run(job.header, self.engine, emit, job.cancel.is_set, stream)
             return ok_reply(job.request_id, **fields)
         except Exception as exc:
             if _out_of_memory(exc):
                 _free_device_memory()
                 exc = _oom_error(exc)
             return _error(job.header, exc)
+
+    def _open_stream(self, ident: bytes, header: dict[str, Any]) -> None:
+        """A detect whose tiles come by value: an inbox for its scan_tiles messages, made before it is
+        queued so that tiles sent early wait there."""
+        source = header.get("source")
+        if header.get("op") == "detect" and isinstance(source, dict) and source.get("kind") == "stream":
+            self._streams[(ident, header.get("id"))] = scenes.Stream()
+
+    def _feed_stream(self, ident: bytes, header: dict[str, Any], arrays: list[Any]) -> None:
+        """scan_tiles: pixels for a running (or queued) streamed detect of the same connection. No reply
+        unless it cannot be delivered; a bad tile fails the scan itself."""
+        target = header.get("scan")
+        stream = self._streams.get((ident, target))
+        if stream is None:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: no streamed detect {target!r:.60} is running on this connection")  # fmt: skip
+        if stream.inbox.qsize() > MAX_STREAM_BACKLOG:
+            raise EarthDialError(ErrorCode.BUSY, "scan_tiles: too many tile messages waiting; wait for progress events before sending more")  # fmt: skip
+        stream.inbox.put((header, arrays))
 
     def _answer(self, batch: list[Pending]) -> list[tuple[bytes, dict[str, Any]]]:
         """Prepare each request (its own errors are its own), decode the model's part as one batch,
@@ -245,8 +268,15 @@ class Server:
             if state == "queued" and job is not None:
                 self._send(job.ident, error_reply(job.request_id, _cancelled()))
             self._send(ident, ok_reply(request_id, target=target, state=state))
+        elif op == "scan_tiles":
+            self._feed_stream(ident, header, arrays)
         else:
-            self.queue.put(Pending(ident, client, header, arrays))
+            self._open_stream(ident, header)
+            try:
+                self.queue.put(Pending(ident, client, header, arrays))
+            except Exception:
+                self._streams.pop((ident, request_id), None)
+                raise
 
     def _on_monitor(self) -> None:
         while True:

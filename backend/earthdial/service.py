@@ -506,66 +506,6 @@ def _stop_criteria(flags: list[Any]) -> Any:
     return StoppingCriteriaList([Cancelled()])
 
 
-def detect(
-    header: dict[str, Any], engine: Any, progress: Any = None, cancelled: Any = None
-) -> dict[str, Any]:
-    """A `detect` request: a grounded task over every tile of a raster (by reference) or of its bounds."""
-    from . import scenes
-
-    if engine is None:
-        raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
-    source = header.get("source")
-    if not isinstance(source, dict) or source.get("kind") != "ref":
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "detect reads a raster by reference: source.kind must be 'ref'"
-        )
-    path = access.check_path(_field(source, "path", str))
-    bands = _field(source, "bands", list, required=False)
-    bounds = _field(source, "bounds", list, required=False)
-    options = _field(header, "options", dict, required=False) or {}
-    numbers = {"tile_size": (int, 448), "batch": (int, 8), "overlap": ((int, float), 0.1)}
-    values = {}
-    for name, (kind, default) in numbers.items():
-        value = options.get(name, default)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.{name} must be a number, got {value!r:.40}")
-        values[name] = value
-    if not 1 <= values["batch"] <= 64 or not 16 <= values["tile_size"] <= 8192:
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "options.batch must be 1-64 and options.tile_size 16-8192"
-        )
-    for name in ("preset", "sensor"):
-        if options.get(name) is not None and not isinstance(options[name], str):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.{name} must be a string")
-    started = time.perf_counter()
-    result = scenes.detect(
-        engine,
-        path,
-        _field(header, "prompt", str, required=False) or "",
-        task=_field(header, "task", str, required=False) or "refer",
-        tile_size=values["tile_size"],
-        overlap=float(values["overlap"]),
-        batch_size=values["batch"],
-        bands=bands,
-        bounds=tuple(bounds) if bounds else None,
-        bounds_crs=_field(source, "crs", str, required=False),
-        preset=options.get("preset"),
-        sensor=options.get("sensor"),
-        progress=progress,
-        cancelled=cancelled,
-    )
-    return {
-        "answer": "",
-        "features": result.features,
-        "tiles": result.tiles,
-        "raw_boxes": result.raw_boxes,
-        "timings": {
-            "total_s": time.perf_counter() - started,
-            "tiles_per_s": result.tiles / max(result.seconds, 1e-9),
-        },
-    }
-
-
 def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
     """Carry out one `ask` or `georef` request; returns the reply's fields (without v/id/ok)."""
     job = prepare(header, arrays, engine)

@@ -1,0 +1,304 @@
+"""The streaming whole-scene ops: `detect` (a grounded task over every tile of a layer) and `detect_changes`
+(EarthDial's change question over every tile of a pair or sequence of layers), with `scan_tiles` carrying
+the pixels of a layer the backend cannot read itself.
+
+A scan's results come back as they are made, in events small enough for any frame limit:
+
+1. `{"event": "plan", "plan": {...}}`: the tile plan (`scenes.TilePlan.describe`), before any work;
+2. `{"event": "progress", "done", "total", "tiles": [...], "features": [...]}` after each batch: the
+   finished tiles (index, answer, score, footprint) and the boxes they found, complete per tile;
+3. with `options.merge` (default true) `{"event": "merged", "features": [...]}` chunks of the merged boxes;
+4. the reply: counts and timings only.
+
+`options.skip` lists tiles already done (a resumed scan). Data flows one way: request -> tile plan ->
+tiles -> engine -> answers -> features -> events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import rasterio
+from rasterio.warp import transform_bounds
+
+from . import access, imagery, presets, prompts, scenes
+from .protocol import EarthDialError, ErrorCode
+from .service import _choose_preset, _field
+
+OPS = ("detect", "detect_changes")  # scan_tiles feeds a running detect; it gets no reply of its own
+EVENT_BYTES = 48 * 1024  # JSON budget of one event's items: well under any header limit (64 KiB)
+DEFAULTS = {"tile_size": 448, "overlap": 0.1, "batch": 8, "min_score": 0.0}
+
+Emit = Callable[..., None]  # emit(event_name, **fields)
+
+
+def chunks(items: list[Any], budget: int = EVENT_BYTES) -> Iterator[list[Any]]:
+    """Consecutive runs of `items` whose JSON stays within `budget` bytes (one item alone may not be split,
+    and none is near the budget: a tile's answer is at most a few hundred tokens)."""
+    run: list[Any] = []
+    size = 0
+    for item in items:
+        n = len(json.dumps(item, separators=(",", ":"), allow_nan=False)) + 1
+        if run and size + n > budget:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += n
+    if run:
+        yield run
+
+
+def options_of(header: dict[str, Any]) -> dict[str, Any]:
+    """A scan's options, checked (typed errors)."""
+    options = _field(header, "options", dict, required=False) or {}
+    values = {k: options.get(k, v) for k, v in DEFAULTS.items()}
+    scenes.check_tiling(values["tile_size"], values["overlap"], values["batch"])
+    score = values["min_score"]
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 1:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.min_score must be 0 to 1, got {score!r:.20}")
+    skip = options.get("skip") or []
+    if not isinstance(skip, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "options.skip must be a list of tile indexes")
+    for name in ("preset", "sensor"):
+        if options.get(name) is not None and not isinstance(options[name], str):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.{name} must be a string")
+    merge = options.get("merge", True)
+    if not isinstance(merge, bool):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "options.merge must be true or false")
+    values.update(skip=frozenset(skip), merge=merge, preset=options.get("preset"), sensor=options.get("sensor"),
+                  overlap=float(values["overlap"]), min_score=float(score))  # fmt: skip
+    return values
+
+
+def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[], bool] | None = None,
+        stream: scenes.Stream | None = None) -> dict[str, Any]:  # fmt: skip
+    """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
+    if engine is None:
+        raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
+    op = header.get("op")
+    options = options_of(header)
+    started = time.perf_counter()
+    stats = scenes.Stats()
+    changes = op == "detect_changes"
+    if changes:
+        jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled)
+    else:
+        jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
+    emit("plan", plan=plan.describe(), total=total, crs=crs, pairs=len(jobs))
+    found: list[dict[str, Any]] = []
+    done = len(options["skip"] & set(range(total)))
+    for ask, tiles, offset in jobs:
+        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options["batch"],
+                                   cancelled=cancelled, stats=stats):  # fmt: skip
+            done += len(progress.answers)
+            entries = []
+            for a in progress.answers:
+                a.index += offset  # tiles of the k-th pair follow those of the pairs before
+                entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint}
+                for f in a.features:
+                    f["properties"]["tile"] = a.index
+                    if changes:
+                        f["properties"]["change"] = change_of(f["properties"].get("label"))
+                if changes:
+                    entry.update(pair=ask.properties["pair"], changed=said_changed(a.answer))
+                entries.append((entry, a.features))
+            _emit_progress(emit, entries, done, total)
+            if options["merge"]:
+                found += [f for a in progress.answers for f in a.features]
+    merged = scenes.finished(found) if options["merge"] else []
+    for part in chunks(merged):
+        emit("merged", features=part)
+    elapsed = time.perf_counter() - started
+    return {
+        "answer": "",
+        "tiles": total,
+        "tiles_done": stats.tiles,
+        "tiles_skipped": len(options["skip"] & set(range(total))),
+        "raw_boxes": len(found) if options["merge"] else None,
+        "boxes": len(merged) if options["merge"] else None,
+        "crs": crs,
+        "timings": {
+            "total_s": elapsed,
+            "model_s": stats.model_s,
+            "read_wait_s": stats.waited_s,
+            "read_s": stats.read_s,
+            "tiles_per_s": stats.tiles / max(elapsed, 1e-9),
+        },
+    }
+
+
+def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str, Any]]]], done: int, total: int) -> None:  # fmt: skip
+    """One event per run of whole tiles (a tile and its boxes are never split across events)."""
+    sized = [(e, fs, len(json.dumps([e, fs], separators=(",", ":"), allow_nan=False))) for e, fs in entries]
+    run_tiles: list[dict[str, Any]] = []
+    run_feats: list[dict[str, Any]] = []
+    size = 0
+    for k, (entry, feats, n) in enumerate(sized):
+        if run_tiles and size + n > EVENT_BYTES:
+            emit("progress", done=done - sum(1 for _ in sized[k:]), total=total, tiles=run_tiles, features=run_feats)
+            run_tiles, run_feats, size = [], [], 0
+        run_tiles.append(entry)
+        run_feats += feats
+        size += n
+    emit("progress", done=done, total=total, tiles=run_tiles, features=run_feats)
+
+
+def _base_properties(engine: Any, task: str, prompt: str, source: str, gsd: float | None) -> dict[str, Any]:
+    return {"task": task, "prompt": prompt, "model": os.path.basename(engine.info.path.rstrip("/")),
+            "variant": engine.info.variant, "source": source, "gsd": gsd,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+
+def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], cancelled: Any,
+                 stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
+    from .engine import Query
+
+    task = _field(header, "task", str, required=False) or "refer"
+    spec = prompts.task(task)
+    if spec.images != 1 or not spec.grounded:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect runs a grounded one-image task (refer, grounding), not {task!r}")  # fmt: skip
+    prompt = _field(header, "prompt", str, required=False) or ""
+    source = header.get("source")
+    if not isinstance(source, dict) or source.get("kind") not in ("ref", "stream"):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect reads a raster by reference (source.kind 'ref') or "
+                             "tiles streamed by value (source.kind 'stream')")  # fmt: skip
+    out_size = engine.info.image_size
+    if source["kind"] == "ref":
+        path = access.check_path(_field(source, "path", str))
+        info = imagery.describe(path)
+        preset, _ = _choose_preset(source, None, {"preset": options["preset"]} if options["preset"] else {}, info)
+        bands = _field(source, "bands", list, required=False) or list(preset.bands or []) or None
+        bounds = _field(source, "bounds", list, required=False)
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise EarthDialError(ErrorCode.BAD_CRS, f"{source['path']} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+            indexes = imagery.check_bands(bands, src.count, path)
+            region = imagery.window_for(src, tuple(bounds) if bounds else None,
+                                        _field(source, "crs", str, required=False), path)  # fmt: skip
+            crs = imagery.crs_string(src.crs)
+        plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
+        tiles = scenes.file_tiles([path], indexes, plan, out_size, options["skip"])
+        name, gsd_src = source["path"], info.gsd_m
+    else:
+        if stream is None:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
+        width, height = _field(source, "width", int), _field(source, "height", int)
+        count = _field(source, "bands", int)
+        transform = imagery._affine_from(_field(source, "transform", list))
+        crs_in = _field(source, "crs", str, required=False) or ""
+        if not crs_in:
+            raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+        crs = imagery.crs_string(imagery._parse_crs(crs_in, "source"))
+        dtype = _field(source, "dtype", str, required=False) or "uint8"
+        nodata = _field(source, "nodata", (int, float), required=False)
+        name_preset = options["preset"]
+        if name_preset:
+            preset = presets.get(name_preset)
+        else:
+            preset, _ = presets.choose(count, dtype, [], None)
+        plan = scenes.plan_tiles(width, height, options["tile_size"], options["overlap"])
+        tiles = scenes.stream_tiles(stream, plan, transform, crs, nodata, options["skip"], cancelled)
+        name = str(source.get("name") or "<stream>")
+        gsd_src = imagery.ground_resolution(transform, crs, width / 2, height / 2)
+    tag = options["sensor"] or preset.sensor or presets.rgb_tag_for(gsd_src)
+    question = prompts.build_question(task, prompt, tag)
+    engine.check_tags(question)
+    gsd = gsd_src * options["tile_size"] / out_size if gsd_src else None
+
+    def make_query(tile: scenes.Tile) -> Any:
+        chip = tile.chips[0]
+        if not imagery.valid_mask(chip).any():
+            return None  # an all-nodata tile: nothing to ask about
+        data = presets.apply(preset, chip.data, chip.nodata)
+        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens)
+
+    props = _base_properties(engine, task, prompt, name, gsd)
+    ask = scenes.Ask(make_query, props, options["min_score"])
+    return [(ask, tiles, 0)], plan, len(plan), crs
+
+
+def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
+                 cancelled: Any) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
+    """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
+    extent; each consecutive pair of each tile is asked the change question."""
+    from .engine import Query
+
+    sources = _field(header, "sources", list)
+    if not 2 <= len(sources) <= 8:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes takes 2 to 8 layers (BEFORE AFTER [LATER ...])")
+    if not all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (source.kind 'ref')")  # fmt: skip
+    names = [_field(s, "path", str) for s in sources]
+    paths = [access.check_path(n) for n in names]
+    infos = [imagery.describe(p) for p in paths]
+    for name, info in zip(names, infos, strict=True):
+        if not info.crs:
+            raise EarthDialError(ErrorCode.BAD_CRS, f"{name} has no CRS, so it cannot be aligned with the others")
+    for k, (name, info) in enumerate(zip(names[1:], infos[1:], strict=True), start=2):
+        if info.count != infos[0].count:
+            raise EarthDialError(ErrorCode.BAND_OUT_OF_RANGE, f"layer {k} ({name}) has {info.count} band(s) "
+                                 f"but {names[0]} has {infos[0].count}: a sequence needs the same bands")  # fmt: skip
+    with rasterio.open(paths[0]) as src:
+        left, bottom, right, top = src.bounds
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            with rasterio.open(path) as other:
+                b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
+            left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
+            if left >= right or bottom >= top:
+                raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
+        region = imagery.window_for(src, (left, bottom, right, top), None, paths[0])
+        crs = imagery.crs_string(src.crs)
+    preset, _ = _choose_preset(sources[0], None, {"preset": options["preset"]} if options["preset"] else {}, infos[0])
+    bands = list(preset.bands or []) or None
+    indexes = imagery.check_bands(bands, infos[0].count, paths[0])
+    plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
+    out_size = engine.info.image_size
+    spec = prompts.task("change")
+    tag = options["sensor"] or spec.sensor
+    question = prompts.build_question("change", "", tag)
+    engine.check_tags(question)
+    gsd = infos[0].gsd_m * options["tile_size"] / out_size if infos[0].gsd_m else None
+    jobs = []
+    n = len(plan)
+    for k in range(len(paths) - 1):
+        pair = f"{os.path.basename(names[k])} -> {os.path.basename(names[k + 1])}"
+
+        def make_query(tile: scenes.Tile) -> Any:
+            masks = [imagery.valid_mask(c) for c in tile.chips]
+            if not all(m.any() for m in masks):
+                return None
+            data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
+            images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
+            return Query(question, images, spec.max_new_tokens)
+
+        props = _base_properties(engine, "change", "", f"{names[k]} | {names[k + 1]}", gsd)
+        props["pair"] = pair
+        skip = frozenset(i - k * n for i in options["skip"] if k * n <= i < (k + 1) * n)
+        tiles = scenes.file_tiles([paths[0], paths[k + 1]] if k == 0 else [paths[0], paths[k], paths[k + 1]],
+                                  indexes, plan, out_size, skip)  # fmt: skip
+        if k > 0:
+            tiles = _drop_first_image(tiles)
+        jobs.append((scenes.Ask(make_query, props, options["min_score"]), tiles, k * n))
+    return jobs, plan, n * (len(paths) - 1), crs
+
+
+def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:
+    """Later pairs are read on the first layer's grid (every pair shares one grid); only the pair's own
+    two images are asked about."""
+    for tile in tiles:
+        yield scenes.Tile(tile.index, tile.window, tile.chips[1:])
+
+
+def change_of(label: str | None) -> str:
+    """`appeared` or `disappeared` as a change box's label says (`ship appeared`), else ''."""
+    words = (label or "").lower().split()
+    return next((w for w in reversed(words) if w in ("appeared", "disappeared")), "")
+
+
+def said_changed(answer: str) -> bool:
+    return answer.strip().lower().startswith("yes")
