@@ -322,7 +322,9 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         return 130 if exc.code == "cancelled" else _fail(name, exc)
     features = log.features if log is not None else kept
     tiles = log.tiles if log is not None else tiles_seen
-    merged = scenes.finished(features)
+    from .scan import attach_answers
+
+    merged = attach_answers(scenes.finished(features), tiles)
     crs = reply.get("crs", "")
     print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
           f"{reply['timings']['total_s']:.1f} s; {len(features)} boxes, {len(merged)} after merging")  # fmt: skip

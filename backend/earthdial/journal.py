@@ -64,6 +64,8 @@ class Journal:
                 break
             self._add(event)
             good += len(line) + 1
+        # boxes of a tile whose entry never came (cut off mid-tile) are dropped: that tile runs again
+        self.features = [f for f in self.features if f["properties"].get("tile") in self.tiles]
         with open(self.path, "r+b") as f:
             f.truncate(good)  # appends go after the last whole line
 

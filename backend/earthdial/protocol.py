@@ -113,6 +113,23 @@ def source_by_value(
 # --------------------------------------------------------------------------------------------------
 
 
+def plan_window(plan: dict[str, Any], index: int) -> tuple[int, int, int, int]:
+    """Tile `index` of a scan's plan (the `plan` event): (col, row, width, height) in the layer's pixels.
+    Tiles are row-major over the plan's column and row starts, cut to the region where it is smaller."""
+    cols, rows = plan["columns"], plan["rows"]
+    r, c = divmod(index, len(cols))
+    _, _, width, height = plan["region"]
+    size = plan["tile_size"]
+    return cols[c], rows[r], min(size, width), min(size, height)
+
+
+def read_shape(width: int, height: int, read_size: int) -> tuple[int, int]:
+    """(width, height) a tile of width x height layer pixels is read at: its long side at the model's
+    image size `read_size`, never larger than the tile itself."""
+    scale = min(1.0, read_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 @dataclass
 class Message:
     header: dict[str, Any]
@@ -465,6 +482,53 @@ class Client:
             self._sock.send_multipart(encode(header), flags=self._zmq.NOBLOCK)
         except self._zmq.ZMQError:
             pass
+
+    def scan(
+        self,
+        header: dict[str, Any],
+        read_tile: Any = None,
+        on_event: Any = None,
+        cancelled: Any = None,
+        timeout_s: float | None = None,
+        ahead: int = 2,
+    ) -> dict[str, Any]:
+        """A whole-scene `detect` / `detect_changes`: every event (plan, progress, merged) goes to
+        ``on_event``; returns the reply. For a layer streamed by value (``source.kind`` 'stream'),
+        ``read_tile(index, (col, row, width, height), (out_w, out_h))`` returns the tile's pixels
+        ((bands, rows, cols) array); tiles are read and sent as the plan and progress events come, at
+        most ``ahead`` batches ahead of the model."""
+        header = dict(header)
+        header.setdefault("id", new_request_id())
+        options = header.get("options") or {}
+        batch = int(options.get("batch", 8))
+        state: dict[str, Any] = {"plan": None, "todo": [], "sent": 0, "read_size": 0}
+
+        def feed(done: int) -> None:
+            while state["todo"] and state["sent"] - done < ahead * batch:
+                part, state["todo"] = state["todo"][:batch], state["todo"][batch:]
+                arrays = []
+                for i in part:
+                    window = plan_window(state["plan"], i)
+                    arrays.append(read_tile(i, window, read_shape(window[2], window[3], state["read_size"])))
+                tiles = {"op": "scan_tiles", "scan": header["id"], "tiles": part, "id": new_request_id(),
+                         "v": PROTOCOL_VERSION, "client": header.get("client") or client_name()}  # fmt: skip
+                self._sock.send_multipart(encode(tiles, arrays), copy=False)
+                state["sent"] += len(part)
+
+        def event(ev: dict[str, Any]) -> None:
+            if ev.get("event") == "plan":
+                state["plan"] = ev["plan"]
+                state["read_size"] = int(ev["plan"].get("read_size") or 448)
+                skip = set(options.get("skip") or [])
+                state["todo"] = [i for i in range(ev["total"]) if i not in skip]
+                state["base"] = ev["total"] - len(state["todo"])
+            if read_tile is not None and state["plan"] is not None:
+                done = int(ev.get("done", state.get("base", 0))) - state.get("base", 0)
+                feed(done)
+            if on_event is not None:
+                on_event(ev)
+
+        return self.request(header, timeout_s=timeout_s, cancelled=cancelled, progress=event).header
 
     # Convenience wrappers ------------------------------------------------------------------------
 

@@ -89,7 +89,7 @@ def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[],
         jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled)
     else:
         jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
-    emit("plan", plan=plan.describe(), total=total, crs=crs, pairs=len(jobs))
+    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs))
     found: list[dict[str, Any]] = []
     done = len(options["skip"] & set(range(total)))
     for ask, tiles, offset in jobs:
@@ -102,6 +102,7 @@ def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[],
                 entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint}
                 for f in a.features:
                     f["properties"]["tile"] = a.index
+                    del f["properties"]["answer"]  # carried once, by the tile's entry (see attach_answers)
                     if changes:
                         f["properties"]["change"] = change_of(f["properties"].get("label"))
                 if changes:
@@ -133,19 +134,26 @@ def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[],
 
 
 def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str, Any]]]], done: int, total: int) -> None:  # fmt: skip
-    """One event per run of whole tiles (a tile and its boxes are never split across events)."""
-    sized = [(e, fs, len(json.dumps([e, fs], separators=(",", ":"), allow_nan=False))) for e, fs in entries]
-    run_tiles: list[dict[str, Any]] = []
-    run_feats: list[dict[str, Any]] = []
-    size = 0
-    for k, (entry, feats, n) in enumerate(sized):
-        if run_tiles and size + n > EVENT_BYTES:
-            emit("progress", done=done - sum(1 for _ in sized[k:]), total=total, tiles=run_tiles, features=run_feats)
-            run_tiles, run_feats, size = [], [], 0
-        run_tiles.append(entry)
-        run_feats += feats
-        size += n
-    emit("progress", done=done, total=total, tiles=run_tiles, features=run_feats)
+    """Events of at most EVENT_BYTES of items: a tile's entry comes with (after) the last of its boxes, so
+    a client that keeps what it received knows a tile is finished exactly when its entry has arrived."""
+    items: list[tuple[str, dict[str, Any]]] = []
+    for entry, feats in entries:
+        items += [("feature", f) for f in feats] + [("tile", entry)]
+    sent = done - len(entries)
+    for part in chunks(items):
+        tiles = [item for kind, item in part if kind == "tile"]
+        sent += len(tiles)
+        emit("progress", done=sent, total=total, tiles=tiles,
+             features=[item for kind, item in part if kind == "feature"])  # fmt: skip
+
+
+def attach_answers(features: list[dict[str, Any]], tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Features with the answer of the tile that found them (events carry each answer once)."""
+    for f in features:
+        tile = tiles.get(f["properties"].get("tile"))
+        if tile is not None:
+            f["properties"]["answer"] = tile.get("answer")
+    return features
 
 
 def _base_properties(engine: Any, task: str, prompt: str, source: str, gsd: float | None) -> dict[str, Any]:

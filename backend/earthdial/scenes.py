@@ -26,7 +26,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from . import answers, georef, imagery
+from . import answers, georef, imagery, protocol
 from .protocol import EarthDialError, ErrorCode
 
 SCENE_CACHE_MB = 128
@@ -60,14 +60,17 @@ class TilePlan:
     def window(self, index: int) -> Window:
         if not 0 <= index < len(self):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})")
-        r, c = divmod(index, len(self.cols))
-        return Window(self.cols[c], self.rows[r], min(self.tile, self.width), min(self.tile, self.height))
+        return Window(*protocol.plan_window(self.describe(), index))
 
-    def describe(self) -> dict[str, Any]:
-        """The plan on the wire: what a client needs to read tile i itself."""
-        return {"tiles": len(self), "tile_size": self.tile, "overlap": self.overlap,
+    def describe(self, read_size: int | None = None) -> dict[str, Any]:
+        """The plan on the wire: what a client needs to read tile i itself (`protocol.plan_window`), and
+        the model's image size its tiles are read at (`protocol.read_shape`)."""
+        plan = {"tiles": len(self), "tile_size": self.tile, "overlap": self.overlap,
                 "region": [self.col0, self.row0, self.width, self.height],
                 "columns": list(self.cols), "rows": list(self.rows)}  # fmt: skip
+        if read_size is not None:
+            plan["read_size"] = read_size
+        return plan
 
 
 def check_tiling(tile: Any, overlap: Any, batch: Any = 1) -> tuple[int, float, int]:
@@ -122,10 +125,8 @@ def tile_transform(transform: Affine, window: Window, out_w: int, out_h: int) ->
 
 
 def read_shape(window: Window, out_size: int) -> tuple[int, int]:
-    """(width, height) a window is read at: its long side at the model's image size (never larger than
-    the window itself), so a tile costs the model what one image does."""
-    scale = min(1.0, out_size / max(window.width, window.height))
-    return max(1, round(window.width * scale)), max(1, round(window.height * scale))
+    """(width, height) a window is read at: the protocol's rule, which clients streaming tiles follow too."""
+    return protocol.read_shape(int(window.width), int(window.height), out_size)
 
 
 def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,
@@ -353,9 +354,9 @@ def _json_number(v: float) -> float | None:
 
 
 def footprint(chip: imagery.Chip) -> list[list[float]]:
-    t = chip.transform
-    ring = [t * (0, 0), t * (chip.width, 0), t * (chip.width, chip.height), t * (0, chip.height), t * (0, 0)]
-    return [[float(x), float(y)] for x, y in ring]
+    a, b, c, d, e, f = chip.transform[:6]
+    corners = [(0, 0), (chip.width, 0), (chip.width, chip.height), (0, chip.height), (0, 0)]
+    return [[float(a * x + b * y + c), float(d * x + e * y + f)] for x, y in corners]
 
 
 def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = IOU_THRESHOLD) -> list[dict[str, Any]]:

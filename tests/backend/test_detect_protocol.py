@@ -1,70 +1,274 @@
-"""Whole-scene detect over the protocol: progress events, the final reply, and cancelling mid-scene."""
+"""Whole scenes over the protocol: the streaming detect / detect_changes ops, events small enough for any
+frame limit, cancel, tiles streamed by value, resume, and typed errors with the server still serving."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyogrio.raw
 import pytest
 import rasterio
+from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
 from rasterio.transform import from_origin
 
-from earthdial.protocol import Client, EarthDialError, source_by_reference
+from earthdial import journal, protocol, synthetic
+from earthdial.engine import Engine
+from earthdial.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
+from earthdial.scoring import Answer
+from earthdial.server import Server
+from earthdial.train import DEMO_DIR
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("scenes") / "scene.tif"
-    data = (np.random.default_rng(5).random((3, 400, 600)) * 255).astype(np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=600, height=400, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 1, 1)) as dst:  # fmt: skip
+def write(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1) -> Path:
+    count, rows, cols = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
+                       crs=crs, transform=from_origin(x0, 4_000_000, px, px)) as dst:  # fmt: skip
         dst.write(data)
     return path
 
 
-def _header(path: Path, **options) -> dict:
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    data = (np.random.default_rng(5).random((3, 400, 600)) * 255).astype(np.uint8)
+    return write(tmp_path_factory.mktemp("scenes") / "scene.tif", data)
+
+
+def mosaic(path: Path, n: int = 3, size: int = 224, seed: int = 7) -> Path:
+    """n x n synthetic demo scenes side by side: a multi-tile layer with objects the demo model knows."""
+    rows = [np.concatenate([synthetic.render(synthetic.make_scene(seed, r * n + c), size) for c in range(n)], axis=2)
+            for r in range(n)]  # fmt: skip
+    return synthetic.write_geotiff(path, np.concatenate(rows, axis=1))
+
+
+def _header(path: Path, **options: Any) -> dict:
     return {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
             "options": {"tile_size": 224, "overlap": 0.1, "batch": 2, **options}}  # fmt: skip
 
 
-def test_detect_streams_progress_then_the_merged_features(server: str, scene: Path) -> None:
-    events: list[tuple[int, int]] = []
+def test_detect_streams_the_plan_then_progress_then_merged_chunks(server: str, scene: Path) -> None:
+    events: list[dict] = []
     with Client(server, timeout_s=120) as c:
-        reply = c.request(_header(scene), progress=lambda ev: events.append((ev["done"], ev["total"]))).header
-    total = reply["tiles"]
-    assert total == 6  # 3 x 2 tiles of 224 px over 600 x 400
-    assert events == [(2, 6), (4, 6), (6, 6)]
-    assert reply["features"]["crs"] == "EPSG:32633"
+        reply = c.scan(_header(scene), on_event=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan" and events[0]["plan"]["tiles"] == 6  # 3 x 2 tiles of 224 px over 600 x 400
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["done"] for e in progress] == [2, 4, 6] and reply["tiles"] == 6
+    assert sorted(t["index"] for e in progress for t in e["tiles"]) == list(range(6))
+    assert reply["crs"] == "EPSG:32633" and reply["boxes"] == sum(len(e["features"]) for e in events if e["event"] == "merged")  # fmt: skip
 
 
-def test_cancelling_a_scene_stops_it_within_a_batch_and_the_server_goes_on(server: str, scene: Path) -> None:
+def test_cancelling_a_scan_stops_it_within_a_batch_and_the_next_request_is_answered_at_once(
+    server: str, scene: Path
+) -> None:
     events: list[int] = []
     with Client(server, timeout_s=120) as c:
         with pytest.raises(EarthDialError) as err:
-            c.request(_header(scene, batch=1), progress=lambda ev: events.append(ev["done"]),
-                      cancelled=lambda: len(events) >= 1)  # fmt: skip
+            c.scan(_header(scene, batch=1), on_event=lambda ev: ev["event"] == "progress" and events.append(ev["done"]),
+                   cancelled=lambda: len(events) >= 1)  # fmt: skip
         assert err.value.code == "cancelled"
-        assert c.status()["protocol"] == 1  # the next request is served
+        t = time.monotonic()
+        assert c.ping(timeout_s=10)["pong"] and c.status()["protocol"] == 1
+        assert time.monotonic() - t < 5  # answered by the loop while the worker drops the scan
+        # the worker is free again: an ask goes through
+        ask = c.ask(source_by_reference(str(scene), bounds=[500_000, 3_999_800, 500_200, 4_000_000]), "ships", task="refer")  # fmt: skip
+        assert ask["ok"]
     assert len(events) == 1
 
 
-def test_detect_needs_a_file_by_reference(server: str) -> None:
-    header = {
-        "op": "detect",
-        "prompt": "ships",
-        "source": {"kind": "value", "transform": [1, 0, 0, 0, -1, 0]},
-    }
-    with Client(server, timeout_s=30) as c, pytest.raises(EarthDialError) as err:
-        c.request(header, [np.zeros((3, 8, 8), np.uint8)])
-    assert err.value.code == "bad_request"
+class ManyBoxes:
+    """The real tiny engine (vision path, tags) answering every tile with a 32 x 32 grid of boxes, so
+    that a scan produces more than any frame limit could carry in one reply."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.inner, self.info = engine, engine.info
+        text = "".join(f"[[{3 * c}, {3 * r}, {3 * c + 2}, {3 * r + 2}, 0]]" for r in range(32) for c in range(32))
+        self.answer = "<ref>ship</ref><box>" + text + "</box>"
+
+    def image(self, *a: Any, **k: Any) -> Any:
+        return self.inner.image(*a, **k)
+
+    def check_tags(self, text: str) -> None:
+        self.inner.check_tags(text)
+
+    def generate(self, queries: list) -> list[str]:
+        return [Answer(self.answer) for _ in queries]
 
 
-def test_cli_detect_over_the_protocol_writes_a_geopackage(server: str, scene: Path, tmp_path: Path) -> None:
-    out = tmp_path / "found.gpkg"
-    proc = subprocess.run([sys.executable, "-m", "earthdial.cli", "detect", str(scene), "--prompt", "ships",
-                           "--tile-size", "224", "--endpoint", server, "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "6 tiles" in proc.stdout and out.exists()
+def test_a_scan_of_20000_boxes_arrives_whole_in_events_within_the_frame_limit(tiny_checkpoint: Path, tmp_path: Path) -> None:  # fmt: skip
+    path = write(tmp_path / "wide.tif", np.zeros((3, 224, 224 * 20), np.uint8) + 80)
+    engine = ManyBoxes(Engine(str(tiny_checkpoint), device="cpu"))
+    server = Server(engine, f"tcp://127.0.0.1:{free_port()}", allowed_dirs=[str(tmp_path)])
+    sizes: list[int] = []
+    got: dict[str, list] = {"progress": [], "merged": []}
+
+    def on_event(ev: dict) -> None:
+        sizes.append(len(protocol.encode(ev)[0]))
+        if ev["event"] in got:
+            got[ev["event"]] += ev["features"]
+
+    with serving(server) as endpoint, Client(endpoint, timeout_s=120) as c:
+        reply = c.scan(_header(path, overlap=0, batch=8), on_event=on_event)
+    assert reply["tiles"] == 20 and reply["raw_boxes"] == 20 * 1024 == len(got["progress"])
+    assert reply["boxes"] == 20 * 1024 == len(got["merged"])  # no two boxes overlap: all kept
+    assert max(sizes) < MAX_HEADER_BYTES  # every event fits where the whole reply (megabytes) would not
+    assert sum(sizes) > 5 * MAX_HEADER_BYTES
+
+
+def _stream_header(path: Path) -> dict:
+    with rasterio.open(path) as src:
+        source = {"kind": "stream", "width": src.width, "height": src.height, "bands": src.count,
+                  "transform": list(src.transform)[:6], "crs": src.crs.to_string(), "dtype": "uint8",
+                  "name": "memory layer"}  # fmt: skip
+    header = _header(path)
+    header["source"] = source
+    return header
+
+
+def _read_like_the_backend(path: Path):
+    src = rasterio.open(path)
+
+    def read_tile(index: int, window: tuple, shape: tuple) -> np.ndarray:
+        return src.read([1, 2, 3], window=rasterio.windows.Window(*window), out_shape=(3, shape[1], shape[0]),
+                        resampling=rasterio.enums.Resampling.average)  # fmt: skip
+
+    return src, read_tile
+
+
+def _merged(c: Client, header: dict, read_tile=None) -> tuple[dict, list[dict], list[dict]]:
+    events: list[dict] = []
+    reply = c.scan(header, read_tile=read_tile, on_event=events.append)
+    merged = [f for e in events if e["event"] == "merged" for f in e["features"]]
+    return reply, merged, events
+
+
+def test_a_layer_streamed_by_value_scans_with_the_same_tiles_and_merge_as_the_file(tmp_path: Path) -> None:
+    path = mosaic(tmp_path / "mosaic.tif", n=2)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(DEMO_DIR, endpoint)
+    try:
+        with Client(endpoint, timeout_s=120) as c:
+            by_file, merged_file, ev_file = _merged(c, _header(path))
+            src, read_tile = _read_like_the_backend(path)
+            with src:
+                by_value, merged_value, ev_value = _merged(c, _stream_header(path), read_tile)
+            assert c.status()["protocol"] == 1
+    finally:
+        stop_server(proc)
+    assert ev_file[0]["plan"] == ev_value[0]["plan"] and by_file["tiles"] == by_value["tiles"] == 9
+    strip = lambda fs: [(f["geometry"], f["properties"]["label"], f["properties"]["score"], f["properties"]["tile"]) for f in fs]  # noqa: E731
+    assert merged_file and strip(merged_file) == strip(merged_value)
+    assert by_value["raw_boxes"] == by_file["raw_boxes"] > by_value["boxes"]  # overlapping tiles merged
+
+
+def _gpkg(path: Path, layer: str | None = None) -> list[tuple]:
+    meta, _, geoms, fields = pyogrio.raw.read(str(path), layer=layer)
+    names = list(meta["fields"])
+    return sorted(zip([bytes(g) for g in geoms], *(fields[names.index(n)] for n in ("label", "tile", "score", "answer")), strict=True))  # fmt: skip
+
+
+def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    path = mosaic(tmp_path / "mosaic.tif", n=3)
+    base = [*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2",
+            "--model", str(DEMO_DIR), "--device", "cpu"]  # fmt: skip
+    whole = tmp_path / "whole.gpkg"
+    run = subprocess.run([*base, "-o", str(whole)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    cut = tmp_path / "cut.gpkg"
+    log = Path(journal.path_for(str(cut)))
+    proc = subprocess.Popen([*base, "-o", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
+        time.sleep(0.05)  # waiting on state: two batches journalled
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not cut.exists() and log.exists() and "--resume" in err
+    done_before = _tiles_in(log)
+    assert 4 <= done_before < 16
+    resumed = subprocess.run([*base, "-o", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{16 - done_before} run now, {done_before} done before" in resumed.stdout
+    assert not log.exists()
+    assert _gpkg(cut) == _gpkg(whole) and len(_gpkg(whole)) > 0
+
+
+def _tiles_in(log: Path) -> int:
+    import json
+
+    lines = log.read_text().split("\n")[1:-1]  # after the request line, each whole line is an event
+    return sum(len(json.loads(line)["tiles"]) for line in lines)
+
+
+def test_a_server_restart_leaves_a_resumable_scan(tmp_path: Path) -> None:
+    path = mosaic(tmp_path / "mosaic.tif", n=3, seed=8)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "out.gpkg"
+    log = Path(journal.path_for(str(out)))
+    cmd = [*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2",
+           "--endpoint", endpoint, "--timeout", "60", "-o", str(out)]  # fmt: skip
+    server = start_server(DEMO_DIR, endpoint)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    stop_server(server)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and log.exists() and "--resume" in err and not out.exists()
+    server = start_server(DEMO_DIR, endpoint)
+    try:
+        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    finally:
+        stop_server(server)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "done before" in resumed.stdout and " 0 done before" not in resumed.stdout
+    assert out.exists() and not log.exists()
+
+
+def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp_path: Path) -> None:
+    pairs = [synthetic.make_pair(11, i) for i in range(4)]
+    before = np.concatenate([synthetic.render(p.before, 224) for p in pairs], axis=2)
+    after = np.concatenate([synthetic.render(p.after, 224) for p in pairs], axis=2)
+    a = synthetic.write_geotiff(tmp_path / "before.tif", before)
+    b = synthetic.write_geotiff(tmp_path / "after.tif", after)
+    out = tmp_path / "changes.gpkg"
+    run = subprocess.run([*EARTHDIAL, "detect-changes", str(a), str(b), "--tile-size", "224", "--overlap", "0",
+                          "--model", str(DEMO_DIR), "--device", "cpu", "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    tiles = _gpkg(out, "change_tiles")
+    assert len(tiles) == 4
+    truth = ["changed" if p.changed else "unchanged" for p in pairs]
+    assert [t[1] for t in sorted(tiles, key=lambda t: int(t[2]))] == truth  # the demo model is right here
+    boxes = _gpkg(out, "changes")
+    assert all(" appeared" in b[1] or " disappeared" in b[1] for b in boxes)
+    assert len(boxes) >= sum(1 for p in pairs if p.changed)
+
+
+def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(server: str, scene: Path, tmp_path: Path) -> None:
+    far = write(tmp_path / "far.tif", np.zeros((3, 50, 50), np.uint8), x0=900_000)
+    no_crs = write(tmp_path / "nocrs.tif", np.zeros((3, 300, 300), np.uint8), crs=None)
+    four = write(tmp_path / "four.tif", np.zeros((4, 400, 600), np.uint8))
+    pair = lambda *ps: {"op": "detect_changes", "task": "change", "sources": [source_by_reference(str(p)) for p in ps],  # noqa: E731
+                        "options": {"tile_size": 224}}  # fmt: skip
+    cases = [
+        (_header(scene, tile_size=8), "bad_request"),
+        (_header(scene, tile_size=100_000), "bad_request"),
+        (_header(scene, overlap=0.95), "bad_request"),
+        (_header(scene, overlap=-0.1), "bad_request"),
+        (_header(no_crs), "bad_crs"),
+        (pair(scene, far), "no_overlap"),
+        (pair(scene, no_crs), "bad_crs"),
+        (pair(scene, scene, four), "band_out_of_range"),
+    ]
+    with Client(server, timeout_s=60) as c:
+        for header, code in cases:
+            with pytest.raises(EarthDialError) as err:
+                c.scan(header)
+            assert err.value.code == code, (header, err.value.message)
+            assert c.status()["protocol"] == 1

@@ -195,8 +195,9 @@ def test_a_pair_that_does_not_overlap_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_tiles_cover_the_region_with_the_overlap_asked_for() -> None:
-    region = Window(100, 50, 2000, 1000)
-    tiles = scenes.tile_windows(region, 448, 0.1)
+    plan = scenes.plan_for_window(Window(100, 50, 2000, 1000), 448, 0.1)
+    tiles = [plan.window(i) for i in range(len(plan))]
+    assert len(plan) == len(plan.cols) * len(plan.rows) == len(tiles)
     covered = np.zeros((1000, 2000), bool)
     for w in tiles:
         assert w.width == 448 and w.height == 448
@@ -207,7 +208,7 @@ def test_tiles_cover_the_region_with_the_overlap_asked_for() -> None:
     cols = sorted({int(w.col_off) for w in tiles})
     assert all(b - a <= 448 * 0.9 for a, b in zip(cols, cols[1:], strict=False))
     assert cols[-1] + 448 == 2100  # the last column ends at the region's edge
-    assert len(scenes.tile_windows(Window(0, 0, 300, 200), 448, 0.1)) == 1
+    assert len(scenes.plan_tiles(300, 200, 448, 0.1)) == 1
 
 
 def _feature(x0: float, y0: float, size: float, label: str, edge: float) -> dict:
@@ -228,15 +229,21 @@ def test_merge_keeps_one_of_overlapping_boxes_per_label() -> None:
     assert kept[0]["properties"]["edge_distance"] == 5.0
 
 
-def test_detect_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Path, engine: Engine) -> None:
+def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Path, engine: Engine) -> None:
+    from earthdial import scan
+
     data = (np.random.default_rng(4).random((3, 300, 500)) * 255).astype(np.uint8)
     path = write(tmp_path / "scene.tif", data, "EPSG:32633", GRIDS["utm_32633"][1])
-    seen: list[tuple[int, int]] = []
-    result = scenes.detect(engine, str(path), "ships", tile_size=224, overlap=0.2, batch_size=4,
-                           progress=lambda d, t: seen.append((d, t)))  # fmt: skip
-    n = len(scenes.tile_windows(Window(0, 0, 500, 300), 224, 0.2))
-    assert result.tiles == n == seen[-1][0] == seen[-1][1] and len(result.answers) == n
-    assert result.features["crs"] == "EPSG:32633"
+    header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
+              "options": {"tile_size": 224, "overlap": 0.2, "batch": 4}}  # fmt: skip
+    events: list[tuple[str, dict]] = []
+    reply = scan.run(header, engine, lambda event, **f: events.append((event, f)))
+    n = len(scenes.plan_tiles(500, 300, 224, 0.2))
+    progress = [f for e, f in events if e == "progress"]
+    assert events[0][0] == "plan" and events[0][1]["total"] == n
+    assert reply["tiles"] == n == progress[-1]["done"] == progress[-1]["total"]
+    assert sorted(t["index"] for f in progress for t in f["tiles"]) == list(range(n))
+    assert reply["crs"] == "EPSG:32633"
     calls = {"n": 0}
 
     def cancel_after_first_batch() -> bool:
@@ -244,6 +251,5 @@ def test_detect_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Pa
         return calls["n"] > 1
 
     with pytest.raises(EarthDialError) as err:
-        scenes.detect(engine, str(path), "ships", tile_size=224, overlap=0.2, batch_size=4,
-                      cancelled=cancel_after_first_batch)  # fmt: skip
+        scan.run(header, engine, lambda *a, **k: None, cancel_after_first_batch)
     assert err.value.code == "cancelled" and "after 4 of" in err.value.message
