@@ -47,6 +47,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("tile", "text"),
     ("gsd", "real"),
     ("created", "text"),
+    ("score", "real"),
 )
 
 
@@ -118,6 +119,7 @@ def reply_features(
             "tile": tile,
             "gsd": float(props["gsd"]) if props.get("gsd") is not None else (float(gsd) if gsd else None),
             "created": created,
+            "score": float(props["score"]) if isinstance(props.get("score"), (int, float)) else None,
         }
         qfeature = QgsFeature(fields)
         qfeature.setGeometry(geometry)

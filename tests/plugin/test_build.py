@@ -28,7 +28,7 @@ def test_build_plugin_zip(tmp_path) -> None:
         modules = (
             "__init__", "plugin", "dock", "task", "layers", "sources", "errors", "qt", "protocol", "area",
             "maptools", "history", "preview", "styling", "processing_provider", "deps", "deps_dialog",
-            "diagnostics", "backend_process", "settings", "settings_dialog", "tiling", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
+            "diagnostics", "backend_process", "settings", "settings_dialog", "scanning", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
             "algorithms/__init__", "algorithms/common", "algorithms/ask", "algorithms/detect", "algorithms/change",
         )  # fmt: skip
         for module in modules:

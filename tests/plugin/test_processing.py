@@ -1,5 +1,6 @@
 """The `earthdial` Processing provider: algorithms run headless with processing.run against the real
-backend and write GeoPackages; the tiling and merging behind earthdial:detect."""
+backend and write GeoPackages; earthdial:detect and earthdial:detect_changes through the backend's streaming
+scan, in-process and through qgis_process."""
 
 from __future__ import annotations
 
@@ -12,15 +13,12 @@ import pytest
 from plugin_testing import EPSG, ORIGIN, PIXEL, SIZE, write_geotiff
 from qgis.core import (
     QgsApplication,
-    QgsFeature,
-    QgsGeometry,
     QgsProcessingException,
     QgsRectangle,
     QgsVectorLayer,
 )
 
-from earthdial_qgis.layers import FIELDS, result_fields
-from earthdial_qgis.tiling import merge_boxes, tiles
+from earthdial_qgis.layers import FIELDS
 
 LAYER_EXTENT = QgsRectangle(ORIGIN[0], ORIGIN[1] - SIZE[1] * PIXEL, ORIGIN[0] + SIZE[0] * PIXEL, ORIGIN[1])
 
@@ -55,11 +53,11 @@ def read_gpkg(path: str) -> QgsVectorLayer:
 
 def test_algorithms_are_registered(processing) -> None:
     registry = QgsApplication.processingRegistry()
-    for name in ("ask", "detect", "change"):
+    for name in ("ask", "detect", "change", "detect_changes"):
         algorithm = registry.algorithmById(f"earthdial:{name}")
         assert algorithm is not None, name
         names = {p.name() for p in algorithm.parameterDefinitions()}
-        assert {"INPUT", "EXTENT", "BANDS", "ENDPOINT", "OUTPUT"} <= names
+        assert {"INPUT", "ENDPOINT", "OUTPUT"} <= names
     change = registry.algorithmById("earthdial:change")
     assert {"INPUT_2", "TASK", "PROMPT"} <= {p.name() for p in change.parameterDefinitions()}
     assert registry.providerById("earthdial").defaultVectorFileExtension() == "gpkg"
@@ -78,14 +76,14 @@ def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geo
             "OUTPUT": str(out),
         },
     )
-    assert result["TILES"] == 3  # 200 x 100 pixels in tiles of 100 overlapping by at least 10
+    assert result["TILES"] == 3  # 200 x 100 pixels in tiles of 100 overlapping by at least 10: the backend's plan
     assert result["OUTPUT"] == str(out) and out.exists()
     layer = read_gpkg(str(out))
     assert [f.name() for f in layer.fields() if f.name() != "fid"] == [name for name, _ in FIELDS]
     assert layer.crs().authid() == f"EPSG:{EPSG}"
-    for feature in layer.getFeatures():  # whatever the tiny model found: tagged with its tile
+    for feature in layer.getFeatures():  # whatever the tiny model found: tagged with its tile and score
         assert feature["task"] == "refer" and feature["prompt"] == "ship"
-        assert feature["tile"] in {"0,0", "50,0", "100,0"}
+        assert feature["tile"] in {"0", "1", "2"}
 
 
 def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_path_factory) -> None:
@@ -126,38 +124,6 @@ def test_ask_reports_backend_errors_in_plain_words(processing, geotiff, tmp_path
         )
 
 
-def test_tiles_cover_the_area_with_overlap() -> None:
-    got = tiles(LAYER_EXTENT, (PIXEL, PIXEL), LAYER_EXTENT, 100, 0.1)
-    assert [(t.col, t.row) for t in got] == [(0, 0), (50, 0), (100, 0)]
-    assert got[0].rect == QgsRectangle(500000, 3999000, 501000, 4000000)
-    assert got[-1].rect.xMaximum() == LAYER_EXTENT.xMaximum()  # the last tile ends on the edge
-    small = tiles(LAYER_EXTENT, (PIXEL, PIXEL), QgsRectangle(500100, 3999200, 500600, 3999700), 448)
-    assert len(small) == 1 and small[0].rect == QgsRectangle(500100, 3999200, 500600, 3999700)
-    assert tiles(LAYER_EXTENT, (PIXEL, PIXEL), QgsRectangle(0, 0, 1, 1), 100) == []
-
-
-def _box(x0: float, y0: float, size: float, label: str) -> QgsFeature:
-    feature = QgsFeature(result_fields())
-    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(x0, y0, x0 + size, y0 + size)))
-    feature["label"] = label
-    return feature
-
-
-def test_merge_drops_boxes_found_twice() -> None:
-    boxes = [
-        _box(0, 0, 10, "ship"),
-        _box(1, 0, 10, "ship"),  # IoU 9/11: the same ship, seen from the next tile
-        _box(1, 0, 10, "harbour"),  # another label: kept
-        _box(6, 0, 10, "ship"),  # IoU 4/16 with the first: another ship
-    ]
-    kept = merge_boxes(boxes)
-    assert [(f["label"], f.geometry().boundingBox().xMinimum()) for f in kept] == [
-        ("ship", 0),
-        ("harbour", 1),
-        ("ship", 6),
-    ]
-
-
 def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tmp_path: Path) -> None:
     """The plugin as a user installs it (the built zip in a profile), run by qgis_process without a GUI."""
     import os
@@ -194,4 +160,33 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "TILES" in run.stdout
-    assert read_gpkg(str(out)).fields().indexFromName("tile") >= 0
+    assert read_gpkg(str(out)).fields().indexFromName("score") >= 0
+    after = tmp_path / "after.tif"
+    write_geotiff(str(after), seed=4)
+    changes, tiles = tmp_path / "changes.gpkg", tmp_path / "change_tiles.gpkg"
+    run = subprocess.run(
+        [program, "run", "earthdial:detect_changes", "--", f"INPUT={geotiff[0]}", f"INPUT_2={after}",
+         "TILE_SIZE=100", f"ENDPOINT={backend.endpoint}", f"OUTPUT={changes}", f"OUTPUT_TILES={tiles}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    tile_map = read_gpkg(str(tiles))
+    assert tile_map.featureCount() == 3  # one per tile pair, changed or not
+    assert {f["label"] for f in tile_map.getFeatures()} <= {"changed", "unchanged"}
+    assert read_gpkg(str(changes)).fields().indexFromName("score") >= 0
+
+
+def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend, geotiff) -> None:
+    from qgis.core import QgsCategorizedSymbolRenderer, QgsProject
+
+    result = processing.runAndLoadResults(
+        "earthdial:detect",
+        {"INPUT": str(geotiff[0]), "PROMPT": "ship", "TILE_SIZE": 100, "ENDPOINT": backend.endpoint,
+         "TIMEOUT": 120, "OUTPUT": "TEMPORARY_OUTPUT"},
+    )  # fmt: skip
+    layer = QgsProject.instance().mapLayer(result["OUTPUT"]) or next(
+        iter(QgsProject.instance().mapLayersByName(f"ship — {Path(geotiff[0]).stem}")), None
+    )
+    assert layer is not None and layer.name().startswith("ship — ") and layer.name() != "Boxes"
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
+    QgsProject.instance().removeMapLayer(layer.id())

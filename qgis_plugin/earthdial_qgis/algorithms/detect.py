@@ -1,9 +1,9 @@
-"""earthdial:detect — find objects over a whole layer (or an extent), tile by tile.
+"""earthdial:detect — find objects over a whole layer (or an extent) with the backend's streaming scan.
 
-The area is cut into windows of TILE_SIZE layer pixels overlapping by OVERLAP; each window is one `ask`
-(task `refer`) by reference with its bounds (by value for layers the backend cannot open); boxes found
-twice in overlapping windows (same label, IoU >= 0.5) are merged. This needs nothing from the backend
-beyond `ask`.
+The backend tiles the area, runs the tiles through the model in batches and merges the boxes found in
+overlapping tiles; this algorithm sends one `detect` request (by reference for a file, tiles streamed by
+value for other layers), follows its progress events, and writes the merged boxes: one styled layer
+named for the request.
 """
 
 from __future__ import annotations
@@ -11,31 +11,83 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import (
+    QgsFeatureSink,
     QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
 )
 
-from ..layers import reply_features, result_fields
+from .. import scanning
 from ..protocol import Client, EarthDialError
-from ..tiling import merge_boxes, tiles
-from .common import (
-    ANSWER,
-    INPUT,
-    OUTPUT,
-    PROMPT,
-    EarthDialAlgorithm,
-    LayerReader,
-    _now,
-    advanced,
-    ask_once,
-    fail,
-    number_type,
-)
+from ..styling import style_result_layer
+from .common import ANSWER, INPUT, OUTPUT, PROMPT, EarthDialAlgorithm, advanced, fail, number_type
 
-TILE_SIZE, OVERLAP, TILES = "TILE_SIZE", "OVERLAP", "TILES"
+TILE_SIZE, OVERLAP, TILES, BATCH, MIN_SCORE = "TILE_SIZE", "OVERLAP", "TILES", "BATCH", "MIN_SCORE"
 TASK_NAME = "refer"
+
+
+class Styled(QgsProcessingLayerPostProcessorInterface):
+    """Names and styles a result layer once Processing has loaded it into the project."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def postProcessLayer(self, layer: Any, context: Any, feedback: Any) -> None:  # noqa: N802
+        layer.setName(self.name)
+        style_result_layer(layer)
+
+
+_KEEP: list[Styled] = []  # Processing holds post-processors by pointer only; they must outlive the run
+
+
+def style_on_load(context: Any, dest: str, name: str) -> None:
+    if context.willLoadLayerOnCompletion(dest):
+        details = context.layerToLoadOnCompletionDetails(dest)
+        details.name = name
+        del _KEEP[:-16]
+        _KEEP.append(Styled(name))
+        details.setPostProcessor(_KEEP[-1])
+
+
+def add_scan_parameters(algorithm: EarthDialAlgorithm) -> None:
+    tr = algorithm.tr
+    algorithm.addParameter(QgsProcessingParameterNumber(
+        TILE_SIZE, tr("Tile size, pixels"), number_type("Integer"), defaultValue=448, minValue=32, maxValue=8192))  # fmt: skip
+    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
+        OVERLAP, tr("Tile overlap (share of a tile)"), number_type("Double"), defaultValue=0.1, minValue=0.0,
+        maxValue=0.5)))  # fmt: skip
+    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
+        BATCH, tr("Tiles per model batch"), number_type("Integer"), defaultValue=8, minValue=1, maxValue=64)))  # fmt: skip
+    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
+        MIN_SCORE, tr("Minimum box score (0-1)"), number_type("Double"), defaultValue=0.0, minValue=0.0,
+        maxValue=1.0)))  # fmt: skip
+    algorithm.addOutput(QgsProcessingOutputNumber(TILES, tr("Tiles scanned")))
+
+
+def scan_options(algorithm: EarthDialAlgorithm, parameters: dict[str, Any], context: Any) -> dict[str, Any]:
+    def get(name: str, default: Any, kind: str) -> Any:
+        if parameters.get(name) is None:
+            return default
+        return (algorithm.parameterAsInt if kind == "int" else algorithm.parameterAsDouble)(parameters, name, context)
+
+    return {**algorithm.options(parameters, context), "tile_size": get(TILE_SIZE, 448, "int"),
+            "overlap": get(OVERLAP, 0.1, "float"), "batch": get(BATCH, 8, "int"),
+            "min_score": get(MIN_SCORE, 0.0, "float")}  # fmt: skip
+
+
+def follow(feedback: Any) -> Any:
+    """A scan's events -> Processing progress."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "plan":
+            feedback.pushInfo(f"{event['total']} tile(s) of {event['plan']['tile_size']} pixels")
+        elif event.get("event") == "progress":
+            feedback.setProgress(100.0 * event["done"] / max(event["total"], 1))
+
+    return on_event
 
 
 class DetectAlgorithm(EarthDialAlgorithm):
@@ -47,87 +99,47 @@ class DetectAlgorithm(EarthDialAlgorithm):
 
     def shortHelpString(self) -> str:
         return self.tr(
-            "Finds what the prompt names (e.g. 'ships') over the whole layer or the extent: the area is cut "
-            "into overlapping tiles, each asked about with the refer task, and boxes found in two tiles are "
-            "merged (same label, IoU ≥ 0.5). Output: one polygon per object (GeoPackage), with the tile it "
-            "came from."
+            "Finds what the prompt names (e.g. 'ships') over the whole layer or the extent. The backend cuts "
+            "the area into overlapping tiles, runs them through the model in batches and merges boxes found "
+            "in two tiles (same label, rotated-polygon IoU ≥ 0.5). Output: one styled polygon layer, named "
+            "for the request, with each box's score and tile."
         )
 
     def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Raster layer")))
         self.task_names = (TASK_NAME,)
         self.add_common(prompt_optional=False)
-        self.addParameter(
-            QgsProcessingParameterNumber(
-                TILE_SIZE, self.tr("Tile size, pixels"), number_type("Integer"),
-                defaultValue=448, minValue=16, maxValue=4096,
-            )
-        )  # fmt: skip
-        self.addParameter(
-            advanced(QgsProcessingParameterNumber(
-                OVERLAP, self.tr("Tile overlap (share of a tile)"), number_type("Double"),
-                defaultValue=0.1, minValue=0.0, maxValue=0.5,
-            ))
-        )  # fmt: skip
-        self.addOutput(QgsProcessingOutputNumber(TILES, self.tr("Tiles asked")))
+        add_scan_parameters(self)
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
         layer = self.layer(parameters, INPUT, context)
-        self.reader = LayerReader(layer, self.bands(parameters, context))
-        if self.reader.resolution is None:
-            raise QgsProcessingException(
-                self.tr("Layer '{layer}' has no pixel grid to tile (a web layer?).").format(
-                    layer=layer.name()
-                )
-            )
+        self.scan_layer = scanning.ScanLayer.of(layer, self.bands(parameters, context))
         self.rect = self.area(parameters, context, layer)
+        if self.rect.intersect(self.scan_layer.extent).isEmpty():
+            raise QgsProcessingException(self.tr("The extent does not overlap the layer."))
         return True
 
     def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:
         endpoint = self.endpoint(parameters, context)
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
-        size = self.parameterAsInt(parameters, TILE_SIZE, context)
-        overlap = (
-            self.parameterAsDouble(parameters, OVERLAP, context)
-            if parameters.get(OVERLAP) is not None
-            else 0.1
-        )
-        reader = self.reader
-        windows = tiles(reader.extent, reader.resolution, self.rect, size, overlap)
-        if not windows:
-            raise QgsProcessingException(self.tr("The extent does not overlap the layer."))
-        header = {
-            "op": "ask",
-            "task": TASK_NAME,
-            "prompt": prompt,
-            "options": self.options(parameters, context),
-        }
-        sink, dest = self.sink(parameters, context, reader.crs)
-        fields, created, found, answers = result_fields(), _now(), [], []
-        feedback.pushInfo(self.tr("{n} tile(s) of {size} pixels").format(n=len(windows), size=size))
+        layer = self.scan_layer
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
-                for i, tile in enumerate(windows):
-                    if feedback.isCanceled():
-                        break
-                    reply = ask_once(client, header, [(reader, tile.rect, reader.crs)], feedback)
-                    answers.append(f"{tile.name}: {reply.get('answer', '')}")
-                    found += reply_features(
-                        reply, fields, reader.crs, TASK_NAME, prompt, reader.label, created, tile.name
-                    )
-                    feedback.setProgress(100.0 * (i + 1) / len(windows))
+                scan, reply = scanning.run_layer(client, layer, self.rect, TASK_NAME, prompt,
+                                                 scan_options(self, parameters, context),
+                                                 feedback.isCanceled, follow(feedback))  # fmt: skip
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
-        kept = merge_boxes(found)
-        for feature in kept:
-            sink.addFeature(feature)
-        feedback.pushInfo(
-            self.tr("{found} box(es) found, {kept} after merging overlaps").format(
-                found=len(found), kept=len(kept)
-            )
-        )
-        return {OUTPUT: dest, TILES: len(windows), ANSWER: "\n".join(answers)}
+        sink, dest = self.sink(parameters, context, layer.crs)
+        kept = scanning.features(scan.merged, scan, layer.crs, TASK_NAME, prompt, layer.path or layer.name)
+        sink.addFeatures(kept, QgsFeatureSink.Flag.FastInsert)
+        feedback.pushInfo(self.tr("{found} box(es) found, {kept} after merging overlaps").format(
+            found=len(scan.found), kept=len(kept)))  # fmt: skip
+        self.result_name = f"{prompt} — {layer.name}"
+        style_on_load(context, dest, self.result_name)
+        answers = [f"{i}: {t.get('answer', '')}" for i, t in sorted(scan.tiles.items())]
+        return {OUTPUT: dest, TILES: reply["tiles"], ANSWER: "\n".join(answers)}
 
     def postProcessAlgorithm(self, context: Any, feedback: Any) -> dict[str, Any]:
-        self.reader.release()
+        self.scan_layer.provider = None
         return {}

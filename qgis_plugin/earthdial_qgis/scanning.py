@@ -1,0 +1,173 @@
+"""A whole-layer scan as the plugin runs it: the backend's streaming `detect` / `detect_changes` ops.
+
+The backend lays the tiles and merges the boxes; the plugin has no tiling or merge rules of its own.
+A layer the backend can read is scanned by reference; any other (WMS, XYZ, memory, or a file the backend
+may not open) is streamed by value: the backend's `plan` event says which windows to read (the
+protocol's `plan_window` / `read_shape`), and `Client.scan` reads them here, tile by tile, and sends
+them as the model asks for more. Made on the main thread (`ScanLayer.of`), used from a task's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
+
+from .layers import reply_features, result_fields
+from .protocol import Client, EarthDialError, ErrorCode, source_by_reference
+from .sources import (
+    PixelGrid,
+    crs_text,
+    displayed_bands,
+    file_path,
+    native_resolution,
+    pixel_grid,
+    read_pixels,
+)
+
+WEB_SCAN_SIZE = 4096  # long side, in pixels, a layer without its own pixel grid (WMS, XYZ) is scanned at
+UNREADABLE = {ErrorCode.FILE_NOT_FOUND, "forbidden_path"}
+
+
+@dataclass
+class ScanLayer:
+    name: str
+    path: str | None
+    crs: QgsCoordinateReferenceSystem
+    extent: QgsRectangle
+    resolution: tuple[float, float] | None
+    bands: list[int] | None
+    provider: Any  # a clone for the task's thread
+    band_count: int
+
+    @classmethod
+    def of(cls, layer: QgsRasterLayer, bands: list[int] | None = None) -> ScanLayer:
+        provider = layer.dataProvider()
+        return cls(layer.name(), file_path(layer), layer.crs(), QgsRectangle(layer.extent()),
+                   native_resolution(layer), bands or displayed_bands(layer),
+                   provider.clone() if provider is not None else None,
+                   provider.bandCount() if provider is not None else 0)  # fmt: skip
+
+
+@dataclass
+class Scan:
+    """What a scan request is and what it has returned so far (filled from its events)."""
+
+    header: dict[str, Any]
+    read_tile: Callable[..., np.ndarray] | None = None
+    plan: dict[str, Any] | None = None
+    tiles: dict[int, dict[str, Any]] = field(default_factory=dict)  # finished tiles, by index
+    found: list[dict[str, Any]] = field(default_factory=list)  # boxes as tiles finish (before merging)
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    crs: str = ""
+    done: int = 0
+    total: int = 0
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "plan":
+            self.plan, self.total, self.crs = event["plan"], int(event["total"]), str(event.get("crs") or "")
+        elif kind == "progress":
+            self.tiles.update({int(t["index"]): t for t in event.get("tiles", [])})
+            self.found += event.get("features", [])
+            self.done, self.total = int(event["done"]), int(event["total"])
+        elif kind == "merged":
+            self.merged += event.get("features", [])
+
+
+def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str, options: dict[str, Any],
+                   by_value: bool = False) -> Scan:  # fmt: skip
+    """A `detect` of ``rect`` (in the layer's CRS): by reference when the layer is a file, else streamed."""
+    header: dict[str, Any] = {"op": "detect", "task": task, "prompt": prompt, "options": dict(options)}
+    if layer.path is not None and not by_value:
+        bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+        header["source"] = source_by_reference(layer.path, layer.bands, bounds, crs_text(layer.crs))
+        return Scan(header)
+    if layer.provider is None:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{layer.name}' has no readable data")
+    if not layer.crs.isValid():
+        raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first")
+    size = 10**9 if layer.resolution is not None else WEB_SCAN_SIZE  # native pixels; web layers at a fixed size
+    grid = pixel_grid(layer.extent, rect, layer.resolution, max_size=size)
+    bands = layer.bands or list(range(1, min(layer.band_count, 3) + 1))
+    sample = read_pixels(layer.provider, PixelGrid(grid.bounds, 4, 4), bands)
+    header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "bands": int(sample.shape[0]),
+                        "transform": list(grid.transform), "crs": crs_text(layer.crs) or "",
+                        "dtype": sample.dtype.name, "name": layer.name}  # fmt: skip
+    return Scan(header, _tile_reader(layer, grid, bands))
+
+
+def _tile_reader(layer: ScanLayer, grid: PixelGrid, bands: list[int]) -> Callable[..., np.ndarray]:
+    a, _, c, _, e, f = grid.transform
+
+    def read_tile(index: int, window: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+        col, row, width, height = window
+        bounds = (c + col * a, f + (row + height) * e, c + (col + width) * a, f + row * e)
+        return read_pixels(layer.provider, PixelGrid(bounds, shape[0], shape[1]), bands)
+
+    return read_tile
+
+
+def run(client: Client, scan: Scan, cancelled: Callable[[], bool] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    def event(ev: dict[str, Any]) -> None:
+        scan.on_event(ev)
+        if on_event is not None:
+            on_event(ev)
+
+    return client.scan(scan.header, read_tile=scan.read_tile, on_event=event, cancelled=cancelled)
+
+
+def run_layer(client: Client, layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
+              options: dict[str, Any], cancelled: Callable[[], bool] | None = None,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
+    """Scan by reference; a file the backend may not read is streamed by value instead."""
+    scan = detect_request(layer, rect, task, prompt, options)
+    try:
+        return scan, run(client, scan, cancelled, on_event)
+    except EarthDialError as exc:
+        if exc.code not in UNREADABLE or layer.provider is None or scan.read_tile is not None:
+            raise
+    scan = detect_request(layer, rect, task, prompt, options, by_value=True)
+    return scan, run(client, scan, cancelled, on_event)
+
+
+def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenceSystem, task: str,
+             prompt: str, source: str) -> list[Any]:  # fmt: skip
+    """Boxes (from progress or merged events) as QGIS features in the output schema, each with the
+    answer of the tile that found it."""
+    fields = result_fields()
+    out = []
+    for feature in found:
+        props = feature.get("properties") or {}
+        tile = scan.tiles.get(props.get("tile"), {})
+        reply = {"answer": tile.get("answer", ""), "features": {"crs": scan.crs, "features": [feature]}}
+        out += reply_features(reply, fields, crs, task, prompt, source, props.get("created"), str(props.get("tile", "")))
+    return out
+
+
+def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem, source: str) -> list[Any]:
+    """The per-tile change map: each tile pair's footprint, labelled changed or unchanged, with the
+    answer and its score."""
+    fields = result_fields()
+    out = []
+    for index, tile in sorted(scan.tiles.items()):
+        label = "changed" if tile.get("changed") else "unchanged"
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [tile["footprint"]]},
+                   "properties": {"label": label, "score": tile.get("score"), "pair": tile.get("pair")}}  # fmt: skip
+        reply = {"answer": tile.get("answer", ""), "features": {"crs": scan.crs, "features": [feature]}}
+        out += reply_features(reply, fields, crs, "change", "", source, None, str(index))
+    return out
+
+
+def changes_request(layers: list[ScanLayer], options: dict[str, Any]) -> Scan:
+    """A `detect_changes` over BEFORE AFTER [LATER ...]: files the backend reads and aligns itself."""
+    for layer in layers:
+        if layer.path is None:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer '{layer.name}' is not a file: change detection over "
+                                 "whole layers reads files (save the layer as a GeoTIFF first)")  # fmt: skip
+    sources = [source_by_reference(layer.path) for layer in layers]
+    return Scan({"op": "detect_changes", "task": "change", "sources": sources, "options": dict(options)})
