@@ -31,6 +31,7 @@ from .presets import names as preset_names
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
+from .scan_task import DockScan
 from .sources import area_in_layer_crs, displayed_bands, plan_source
 from .task import RequestTask
 from .watch import StatusWatcher
@@ -90,6 +91,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.status_watcher = StatusWatcher(self)
         self.status_watcher.answered.connect(self._watched)
         self._build_ui()
+        self.scan = DockScan(self)  # the tiled scan: its controls and logic live in scan_task.py
         self._fill_tasks(FALLBACK_TASKS)
         self._follow_active_layer()
         self.local_backend.stateChanged.connect(self._backend_state_changed)
@@ -453,6 +455,9 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if self._task is not None:
             return
         try:
+            if self.scan.wanted():
+                self.scan.start()
+                return
             task = self._make_request()
         except EarthDialError as exc:
             self._show_error(exc, self.endpoint)

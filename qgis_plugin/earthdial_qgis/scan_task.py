@@ -1,0 +1,230 @@
+"""The dock's tiled scan: the whole layer (or the map extent, a drawn rectangle...) through the backend's
+streaming `detect` (or `detect_changes` for a pair or sequence), off the UI thread.
+
+`ScanTask.run` (a worker thread) sends the request, reads and streams tiles when the layer is not a
+file the backend reads, and passes each progress event's boxes to the main thread by a queued signal;
+`DockScan` (main thread) puts them on the map as tiles finish, shows the progress, and at the end
+replaces them with the backend's merged boxes: one styled layer (plus the change map for changes).
+Cancel stops the backend within one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
+
+from . import scanning
+from .layers import add_result_layer
+from .protocol import Client, EarthDialError
+from .qt import QtCore, QtWidgets
+from .styling import style_result_layer
+
+SCAN_TASKS = ("refer", "grounding")  # one-image grounded tasks a detect scan runs
+CHANGE_TASK = "change"
+
+
+class ScanTask(QgsTask):
+    boxes = QtCore.pyqtSignal(object) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object)
+
+    def __init__(self, description: str, endpoint: str, layer: scanning.ScanLayer | None, scan: scanning.Scan,
+                 rect: Any, timeout_s: float, on_done: Callable[[ScanTask], None]) -> None:  # fmt: skip
+        super().__init__(description, QgsTask.Flag.CanCancel)
+        self.endpoint, self.layer, self.scan, self.rect = endpoint, layer, scan, rect
+        self.timeout_s, self.on_done = timeout_s, on_done
+        self.reply: dict[str, Any] | None = None
+        self.error: EarthDialError | None = None
+
+    def run(self) -> bool:
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "progress":
+                self.setProgress(100.0 * event["done"] / max(event["total"], 1))
+                if event.get("features"):
+                    self.boxes.emit(list(event["features"]))
+
+        try:
+            with Client(self.endpoint, timeout_s=self.timeout_s) as client:
+                if self.layer is not None and self.scan.header["op"] == "detect":
+                    header = self.scan.header
+                    self.scan, self.reply = scanning.run_layer(
+                        client, self.layer, self.rect, header["task"], header["prompt"], header["options"],
+                        self.isCanceled, on_event)  # fmt: skip
+                else:
+                    self.reply = scanning.run(client, self.scan, self.isCanceled, on_event)
+        except EarthDialError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug must reach the dock as an error, not kill the task silently
+            self.error = EarthDialError("internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.layer is not None:
+                self.layer.provider = None
+        return self.error is None
+
+    def finished(self, result: bool) -> None:
+        self.on_done(self)
+
+
+class DockScan(QtCore.QObject):
+    """The dock's scan controls (a checkbox and a progress bar beside the Send button) and their logic.
+    A QObject of the main thread, so that the task's signals reach it there (queued)."""
+
+    def __init__(self, dock: Any) -> None:
+        super().__init__(dock)
+        self.dock = dock
+        self.check = QtWidgets.QCheckBox(dock.tr("Tiled scan"))
+        self.check.setToolTip(dock.tr("Find objects (refer, grounding) or changes (change) over the whole area, "
+                                      "tile by tile: boxes appear as tiles finish and are merged at the end"))  # fmt: skip
+        self.tile_spin = QtWidgets.QSpinBox()
+        self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
+        self.tile_spin.setValue(448)
+        self.tile_spin.setSuffix(dock.tr(" px"))
+        self.tile_spin.setToolTip(dock.tr("Tile size in layer pixels (each tile is resized to the model's input)"))
+        self.progress = QtWidgets.QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setVisible(False)
+        buttons = dock.send_button.parentWidget().layout() if dock.send_button.parentWidget() else None
+        row = _layout_holding(buttons, dock.send_button) if buttons is not None else None
+        if row is not None:
+            row.insertWidget(1, self.check)
+            row.insertWidget(2, self.tile_spin)
+            row.insertWidget(3, self.progress, 1)
+        self.task: ScanTask | None = None
+        self.live: Any = None  # the result layer boxes are added to as tiles finish
+        self.tiles_layer: Any = None
+        self.pending: dict[str, Any] = {}
+
+    def wanted(self) -> bool:
+        name = str(self.dock.task_combo.currentData())
+        return self.check.isChecked() and (name in SCAN_TASKS or name == CHANGE_TASK)
+
+    def start(self) -> None:
+        dock = self.dock
+        layer = dock._first_layer()
+        bands, options = dock._bands()
+        options = {k: v for k, v in options.items() if k == "preset"}
+        options["tile_size"] = int(self.tile_spin.value())
+        name = str(dock.task_combo.currentData())
+        prompt = dock.prompt_edit.toPlainText().strip()
+        rect = dock.current_area(layer)
+        if name == CHANGE_TASK:
+            later = dock.later_layers.layers()
+            if not later:
+                raise EarthDialError("no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too."))
+            scan = scanning.changes_request([scanning.ScanLayer.of(x) for x in [layer, *later]], options)
+            source_layer, names = None, " | ".join(x.name() for x in [layer, *later])
+        else:
+            source_layer = scanning.ScanLayer.of(layer, bands)
+            scan = scanning.Scan({"op": "detect", "task": name, "prompt": prompt, "options": options})
+            names = layer.name()
+        stamp = datetime.now().strftime("%H:%M:%S")
+        self.pending = {"task": name, "prompt": prompt, "crs": layer.crs(), "names": names,
+                        "group": dock.tr("EarthDial scan {task}: {prompt} – {layer} ({time})").format(
+                            task=name, prompt=prompt[:30], layer=names, time=stamp)}  # fmt: skip
+        self.live, self.tiles_layer = None, None
+        self.task = ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=name, layer=names),
+                             dock.endpoint, source_layer, scan, rect, dock.timeout_spin.value(), self._done)  # fmt: skip
+        self.task.boxes.connect(self._on_boxes)
+        self.task.progressChanged.connect(self._on_progress)
+        self.progress.setValue(0)
+        self.progress.setVisible(True)
+        dock._task = self.task  # the dock's Cancel cancels it
+        dock._set_busy(True)
+        dock.result_label.setText(dock.tr("Scanning…"))
+        dock._running.add(self.task)
+        QgsApplication.taskManager().addTask(self.task)
+
+    def _layer_name(self) -> str:
+        p = self.pending
+        what = p["prompt"] or p["task"]
+        return self.dock.tr("{what} – {layer}").format(what=what, layer=p["names"])
+
+    def _on_progress(self, value: float) -> None:
+        self.progress.setValue(int(value))
+
+    def _on_boxes(self, found: list[dict[str, Any]]) -> None:
+        """Boxes of the tiles just finished, on the map at once (before merging)."""
+        task = self.task
+        if task is None:
+            return
+        p = self.pending
+        feats = scanning.features(found, task.scan, p["crs"], p["task"], p["prompt"], p["names"])
+        if self.live is None or _deleted(self.live):
+            reply = {"answer": "", "features": {"crs": task.scan.crs, "features": found}}
+            self.live = add_result_layer(reply, p["crs"], self._layer_name(), p["task"], p["prompt"], p["names"],
+                                         group_name=p["group"])  # fmt: skip
+            if self.live is None:
+                return
+            self.live.dataProvider().truncate()
+        self.live.dataProvider().addFeatures(feats)
+        self.live.updateExtents()
+        self.live.triggerRepaint()
+
+    def _done(self, task: ScanTask) -> None:
+        dock = self.dock
+        dock._running.discard(task)
+        if getattr(dock, "_closed", False):
+            return
+        dock._task = None
+        self.task = None
+        dock._set_busy(False)
+        self.progress.setVisible(False)
+        if task.error is not None or task.reply is None:
+            if self.live is not None and not _deleted(self.live) and task.error is not None and task.error.code == "cancelled":
+                self.live.setName(self.live.name() + dock.tr(" (cancelled: unmerged)"))
+            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
+            return
+        p, scan = self.pending, task.scan
+        merged = scanning.features(scan.merged, scan, p["crs"], p["task"], p["prompt"], p["names"])
+        if self.live is None or _deleted(self.live):
+            reply = {"answer": "", "features": {"crs": scan.crs, "features": scan.merged}}
+            self.live = add_result_layer(reply, p["crs"], self._layer_name(), p["task"], p["prompt"], p["names"],
+                                         group_name=p["group"])  # fmt: skip
+        if self.live is not None:
+            self.live.dataProvider().truncate()
+            self.live.dataProvider().addFeatures(merged)
+            self.live.updateExtents()
+            style_result_layer(self.live)
+            self.live.triggerRepaint()
+        if p["task"] == CHANGE_TASK:
+            tiles = scanning.tile_features(scan, p["crs"], p["names"])
+            footprints = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
+                           "properties": {}} for t in scan.tiles.values()]  # fmt: skip
+            self.tiles_layer = add_result_layer({"answer": "", "features": {"crs": scan.crs, "features": footprints}},
+                                                p["crs"], dock.tr("change tiles – {layer}").format(layer=p["names"]),
+                                                p["task"], "", p["names"], group_name=p["group"] + " ")  # fmt: skip
+            if self.tiles_layer is not None:
+                self.tiles_layer.dataProvider().truncate()
+                self.tiles_layer.dataProvider().addFeatures(tiles)
+                style_result_layer(self.tiles_layer)
+        dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, self.live
+        text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
+            tiles=task.reply.get("tiles"), n=len(merged), raw=len(scan.found))
+        dock.result_label.setText(text)
+        dock.iface.messageBar().pushMessage(dock.tr("EarthDial"), text, level=Qgis.MessageLevel.Success, duration=8)
+
+
+def _layout_holding(layout: Any, widget: Any) -> Any:
+    """The (nested) box layout that holds ``widget``."""
+    if layout is None:
+        return None
+    for i in range(layout.count()):
+        item = layout.itemAt(i)
+        if item.widget() is widget:
+            return layout
+        found = _layout_holding(item.layout(), widget) if item.layout() is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def _deleted(layer: Any) -> bool:
+    try:
+        from qgis.PyQt import sip
+    except ImportError:  # pragma: no cover
+        import sip  # type: ignore[no-redef]
+    return sip.isdeleted(layer) or QgsProject.instance().mapLayer(layer.id()) is None
+
+
+__all__ = ["DockScan", "QgsRasterLayer", "ScanTask"]

@@ -1,0 +1,153 @@
+"""The dock's tiled scan in real QGIS against a real backend: a multi-tile layer scanned with progress
+into one styled, merged layer; the same layer streamed by value (a file the backend may not read) gives
+the same tiles and boxes; Cancel stops the backend, whose next request is answered at once."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
+from qgis.core import QgsCategorizedSymbolRenderer, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
+
+from conftest import Backend, backend_env, running_backend
+from earthdial_qgis.area import WHOLE_LAYER
+from earthdial_qgis.protocol import Client
+
+MOSAIC = """
+import sys, numpy as np
+from earthdial import synthetic
+n, size = 3, 112
+rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
+        for r in range(n)]
+synthetic.write_geotiff(sys.argv[1], np.concatenate(rows, axis=1))
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """The demo model (it finds the drawn objects), reading files only under the pytest temp root."""
+    if not EARTHDIAL.exists():
+        pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing)")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    allowed = tmp_path_factory.getbasetemp()
+    command = [str(EARTHDIAL), "serve", "--endpoint", endpoint, "--device", "cpu", "--allow-dir", str(allowed)]
+    with running_backend(command) as (process, log):
+        yield Backend(endpoint, Path(), process, log, allowed)
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 x 3 demo scenes of 112 px side by side: 16 tiles of 112 px at 10 % overlap."""
+    path = tmp_path_factory.mktemp("scan") / "mosaic.tif"
+    python = ROOT / ".venv" / "bin" / "python"
+    subprocess.run([str(python), "-c", MOSAIC, str(path)], check=True, timeout=120, env=backend_env())
+    return path
+
+
+def _dock(qgis_iface: Any, endpoint: str, layer: QgsRasterLayer, task: str = "refer", prompt: str = "ship",
+          tile: int = 112) -> Any:
+    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+
+    QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
+    dock = EarthDialDock(qgis_iface)
+    dock.timeout_spin.setValue(120)
+    dock.layer_combo.setLayer(layer)
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))
+    dock.prompt_edit.setPlainText(prompt)
+    dock.set_area_mode(WHOLE_LAYER)
+    dock.scan.check.setChecked(True)
+    dock.scan.tile_spin.setValue(tile)
+    return dock
+
+
+def _scan(qgis_iface: Any, endpoint: str, path: Path) -> tuple[Any, list[float], list[QgsVectorLayer]]:
+    layer = QgsRasterLayer(str(path), "mosaic", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    before = set(QgsProject.instance().mapLayers())
+    dock = _dock(qgis_iface, endpoint, layer)
+    seen: list[float] = []
+    counts: list[int] = []
+    dock.send_button.click()
+    task = dock.scan.task
+    assert task is not None and dock.is_busy()
+    task.progressChanged.connect(seen.append)
+    task.boxes.connect(lambda feats: counts.append(len(feats)))
+    wait_until(lambda: not dock.is_busy(), 300)
+    assert dock.last_error is None, dock.answer_view.toPlainText()
+    new = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
+    dock.shutdown()
+    return dock, seen, new
+
+
+def test_a_scan_of_a_multi_tile_layer_gives_one_styled_merged_layer_with_progress(
+    demo_backend, mosaic, qgis_new_project, qgis_iface
+) -> None:
+    dock, seen, new = _scan(qgis_iface, demo_backend.endpoint, mosaic)
+    assert len(seen) >= 2 and max(seen) == 100  # several progress steps, ending at the end
+    (layer,) = new  # one layer, not one per tile
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
+    assert layer.name().startswith("ship") and "mosaic" in layer.name()
+    feats = list(layer.getFeatures())
+    assert feats and all(0 < f["score"] <= 1 and f["label"] == "ship" for f in feats)
+    assert len({f["tile"] for f in feats}) == len(feats) or len(feats) < 16  # merged across tiles
+    assert dock.last_reply["tiles"] == 16
+
+
+def test_a_layer_the_backend_cannot_read_is_streamed_with_the_same_tiles_and_merge(
+    demo_backend, mosaic, qgis_new_project, qgis_iface
+) -> None:
+    outside = Path(tempfile.mkdtemp(prefix="earthdial-outside-"))  # not under the backend's allowed folder
+    try:
+        copy = outside / "mosaic.tif"
+        shutil.copy(mosaic, copy)
+        _, _, (by_value,) = _scan(qgis_iface, demo_backend.endpoint, copy)
+        _, _, (by_file,) = _scan(qgis_iface, demo_backend.endpoint, mosaic)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+    def boxes(layer: QgsVectorLayer) -> list[tuple]:
+        return sorted((f["tile"], f["label"], round(f["score"], 3), f.geometry().asWkt(1)) for f in layer.getFeatures())
+
+    assert boxes(by_file) and boxes(by_value) == boxes(by_file)
+
+
+def test_cancel_stops_the_backend_and_its_next_request_is_answered_at_once(
+    make_dock, backend, qgis_new_project, qgis_iface, tmp_path
+) -> None:
+    import numpy as np
+    from osgeo import gdal
+
+    path = tmp_path / "big.tif"  # 1600 x 1600 px: 324 tiles of 100 px
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1600, 1600, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000, 1.0, 0.0, 4000000, 0.0, -1.0))
+    ds.SetProjection(QgsProject.instance().crs().fromEpsgId(32633).toWkt())
+    data = np.random.default_rng(5).integers(0, 256, size=(3, 1600, 1600), dtype=np.uint8)
+    for b in range(3):
+        ds.GetRasterBand(b + 1).WriteArray(data[b])
+    ds = None
+    layer = QgsRasterLayer(str(path), "big", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    dock = _dock(qgis_iface, backend.endpoint, layer, prompt="ship", tile=100)
+    dock.send_button.click()
+    task = dock.scan.task
+    steps: list[float] = []
+    task.progressChanged.connect(steps.append)
+    wait_until(lambda: bool(steps) or not dock.is_busy(), 120)
+    assert dock.is_busy() and steps[-1] < 100
+    dock.cancel_button.click()
+    wait_until(lambda: not dock.is_busy(), 60)
+    assert dock.last_error is not None and dock.last_error.code == "cancelled"
+    with Client(backend.endpoint, timeout_s=30) as client:
+        t = time.monotonic()
+        assert client.ping(timeout_s=10)["pong"]
+        wait_until(lambda: client.status()["running"] == 0, 30)  # the scan stopped within a batch
+        assert time.monotonic() - t < 30
+    dock.shutdown()
