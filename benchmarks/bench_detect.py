@@ -39,16 +39,19 @@ def make_scene(path: Path, size: int) -> None:
 
 def run_one(model: str, raster: str, tile: int, batch: int) -> None:
     """Child process: one detect, then print its figures as JSON."""
+    from earthdial import scan
     from earthdial.engine import Engine
-    from earthdial.scenes import detect
+    from earthdial.protocol import source_by_reference
 
     engine = Engine(model, device="cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    result = detect(engine, raster, "ships", tile_size=tile, overlap=0.1, batch_size=batch)
+    header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(raster),
+              "options": {"tile_size": tile, "overlap": 0.1, "batch": batch}}  # fmt: skip
+    result = scan.run(header, engine, lambda *a, **k: None)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    print(json.dumps({"tiles": result.tiles, "seconds": seconds, "tiles_s": result.tiles / seconds,
+    print(json.dumps({"tiles": result["tiles"], "seconds": seconds, "tiles_s": result["tiles"] / seconds,
                       "peak_rss_mb": peak / 1024, "rss_after_load_mb": rss_before / 1024}))  # fmt: skip
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,9 @@ import numpy as np
 import pyogrio.raw
 import pytest
 import rasterio
-from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
 from rasterio.transform import from_origin
 
+from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
 from earthdial import journal, protocol, synthetic
 from earthdial.engine import Engine
 from earthdial.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
