@@ -28,8 +28,9 @@ def test_build_plugin_zip(tmp_path) -> None:
         modules = (
             "__init__", "plugin", "dock", "task", "layers", "sources", "errors", "qt", "protocol", "area",
             "maptools", "history", "preview", "styling", "processing_provider", "deps", "deps_dialog",
-            "diagnostics", "backend_process", "settings", "settings_dialog", "scanning", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
+            "diagnostics", "backend_process", "settings", "settings_dialog", "scanning", "scan_task", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
             "algorithms/__init__", "algorithms/common", "algorithms/ask", "algorithms/detect", "algorithms/change",
+            "algorithms/detect_changes",
         )  # fmt: skip
         for module in modules:
             assert f"earthdial_qgis/{module}.py" in names, module
