@@ -1203,6 +1203,9 @@ class EvalResult:
     scene_precision: float = float("nan")  # every class asked of every scene: boxes on a true object
     scene_recall: float = float("nan")  # ... and true objects found (IoU >= 0.5, same class)
     absent_questions: int = 0
+    scan_precision: float = float("nan")  # a whole-scene scan (mosaic of scenes, overlapping tiles), merged
+    scan_recall: float = float("nan")
+    scan_tiles: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -1216,6 +1219,8 @@ class EvalResult:
             f"absent class: none   {self.absent_none:.1%}   ({self.absent_questions} questions about a class not in the scene)",
             f"scene precision      {self.scene_precision:.1%}   (every class asked of every scene: boxes on a true object)",
             f"scene recall         {self.scene_recall:.1%}   (true objects found at IoU>=0.5)",
+            f"scan precision       {self.scan_precision:.1%}   (a {self.scan_tiles}-tile scan per class over a mosaic of scenes, merged boxes)",
+            f"scan recall          {self.scan_recall:.1%}",
             f"time                 {self.seconds:.1f} s",
         ]
         return out
@@ -1306,6 +1311,7 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
             for obj in truth.objects:
                 total_objs += 1
                 found += any(b.label == obj.cls and box_iou(b, truth_box(obj)) >= 0.5 for b in boxes)
+    scan_p, scan_r, scan_tiles = scan_check(engine, seed, root)
     if tmp is not None:
         tmp.cleanup()
     return EvalResult(
@@ -1322,7 +1328,62 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         scene_precision=boxes_right / boxes_said if boxes_said else float("nan"),
         scene_recall=objs_found / max(objs_true, 1),
         absent_questions=len(absent),
+        scan_precision=scan_p,
+        scan_recall=scan_r,
+        scan_tiles=scan_tiles,
     )
+
+
+def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) -> tuple[float, float, int]:
+    """Scene-level precision and recall of whole-scene scans: n x n held-out scenes (0.5 m pixels) side by
+    side, each class scanned with 224 px tiles at 10 % overlap (so tiles straddle the scenes' borders),
+    merged boxes matched to the true objects of that class at IoU >= 0.5."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from shapely.geometry import Polygon
+
+    from . import scan, scenes
+    from .answers import Box
+    from .georef import box_pixel_corners
+    from .protocol import source_by_reference
+
+    layout = [[synthetic.make_scene(seed, 50_000 + r * n + c) for c in range(n)] for r in range(n)]
+    image = np.concatenate([np.concatenate([synthetic.render(sc, side) for sc in row], axis=2) for row in layout], axis=1)
+    path = root / "scan_mosaic.tif"
+    transform = from_origin(*synthetic.ORIGIN, synthetic.SCENE_METRES / side, synthetic.SCENE_METRES / side)
+    with rasterio.open(path, "w", driver="GTiff", width=image.shape[2], height=image.shape[1], count=3,
+                       dtype="uint8", crs="EPSG:32633", transform=transform) as dst:  # fmt: skip
+        dst.write(image)
+    inverse = ~transform
+    said = right = true_n = found_n = tiles = 0
+    for cls in CLASSES:
+        truth = []
+        for r, row in enumerate(layout):
+            for c, sc in enumerate(row):
+                for o in sc.of_class(cls):
+                    x1, y1, x2, y2, angle = o.box100()
+                    corners = box_pixel_corners(Box(x1, y1, x2, y2, angle, cls), side, side)
+                    truth.append(Polygon([(c * side + x, r * side + y) for x, y in corners]))
+        found: list[dict[str, Any]] = []
+
+        def keep(event: str, found: list[dict[str, Any]] = found, **fields: Any) -> None:
+            if event == "progress":
+                found.extend(fields["features"])
+
+        header = {"op": "detect", "task": "refer", "prompt": SYNONYMS[cls][1], "source": source_by_reference(str(path)),
+                  "options": {"tile_size": side, "overlap": 0.1, "batch": 16}}  # fmt: skip
+        tiles = scan.run(header, engine, keep)["tiles"]
+        boxes = [Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]]) for f in scenes.finished(found)]
+
+        def iou(a: Any, b: Any) -> float:
+            inter = a.intersection(b).area
+            return inter / max(a.area + b.area - inter, 1e-9)
+
+        said += len(boxes)
+        right += sum(any(iou(b, t) >= 0.5 for t in truth) for b in boxes)
+        true_n += len(truth)
+        found_n += sum(any(iou(b, t) >= 0.5 for b in boxes) for t in truth)
+    return (right / said if said else float("nan")), found_n / max(true_n, 1), tiles
 
 
 __all__ = [
