@@ -266,6 +266,7 @@ class Server:
                 raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'target' must be the id of the request to cancel")  # fmt: skip
             state, job = self.queue.cancel(target, ident, client)
             if state == "queued" and job is not None:
+                self._streams.pop((job.ident, job.request_id), None)
                 self._send(job.ident, error_reply(job.request_id, _cancelled()))
             self._send(ident, ok_reply(request_id, target=target, state=state))
         elif op == "scan_tiles":
@@ -290,6 +291,8 @@ class Server:
             for ident in [i for i, f in self._peer_fd.items() if f == fd]:
                 del self._peer_fd[ident]
                 gone = self.queue.drop_connection(ident)
+                for job in gone:
+                    self._streams.pop((job.ident, job.request_id), None)
                 if gone:
                     log.info("a client went away: dropped %d queued request(s)", len(gone))
 
