@@ -489,7 +489,7 @@ SINGLE_TASKS: dict[str, Callable[..., Example]] = {
 DEFAULT_MIX = {"refer": 0.55, "change": 0.2, "grounding": 0.2, "describe": 0.05}
 # the continuation run that taught the shipped model to say "none": the mix above with absent-class
 # questions mixed in (a quarter of those scenes emptied of all objects, as open water or bare land tiles are)
-ABSENT_MIX = {"refer": 0.33, "absent": 0.35, "change": 0.15, "grounding": 0.12, "describe": 0.05}
+ABSENT_MIX = {"refer": 0.45, "absent": 0.2, "change": 0.17, "grounding": 0.13, "describe": 0.05}
 EMPTY_SHARE = 0.25
 SIZES = ((112, 0.85), (168, 0.10), (224, 0.05))  # rendering sizes; the engine resizes to 112
 
@@ -749,7 +749,7 @@ def continuation(init: str, minutes: float = 8.0, seed: int = 1, **overrides: An
     """The recipe that continues a trained demo checkpoint on the absent-class mixture: stage 2 only,
     a short warm-up to a lower learning rate, no curriculum, no dense aid (its heads are not saved, so
     they would start from random and pull the projector about)."""
-    values: dict[str, Any] = dict(init=init, minutes=minutes, seed=seed, lr=4e-4, warmup_steps=20,
+    values: dict[str, Any] = dict(init=init, minutes=minutes, seed=seed, lr=3e-4, warmup_steps=20,
                                   final_lr_ratio=0.2, mix=dict(ABSENT_MIX), dense_weight=0.0,
                                   easy_share=0.0, vision_share=0.0)  # fmt: skip
     values.update(overrides)
