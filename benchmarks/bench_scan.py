@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ def make_scene(path: Path, side: int) -> Path:
 
 def serve(model: str | None, endpoint: str, folder: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "earthdial.cli", "serve", "--endpoint", endpoint, "--device", "cpu",
-           "--allow-dir", folder, "--max-batch", "32"]  # fmt: skip
+           "--allow-dir", folder]  # fmt: skip
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=2240, help="scene side in pixels")
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
@@ -101,25 +103,28 @@ def main() -> None:
     proc = serve(args.model, endpoint, folder)
     try:
         with Client(endpoint, timeout_s=600) as client:
-            scan(client, path, args.tile, 8, args.prompt)  # warm-up (first-call costs on both paths)
-            results = {}
-            for batch in (1, 8, 32):
-                seconds, reply, plan = scan(client, path, args.tile, batch, args.prompt)
-                t = reply["timings"]
-                results[batch] = (seconds, reply["tiles"], t["read_wait_s"] / max(t["model_s"] + t["read_wait_s"], 1e-9))
-            loop = ask_loop(client, path, plan, transform, args.prompt)
-            again, _, _ = scan(client, path, args.tile, 8, args.prompt)  # interleaved: a busy machine slows both
+            _, _, plan = scan(client, path, args.tile, 8, args.prompt)  # warm-up (first-call costs)
+            loops: list[float] = []
+            runs: dict[int, list[tuple[float, float]]] = {1: [], 8: [], 32: []}
+            for _ in range(args.repeats):  # interleaved, so that a busy machine slows every variant alike
+                loops.append(ask_loop(client, path, plan, transform, args.prompt))
+                for batch in runs:
+                    seconds, reply, _ = scan(client, path, args.tile, batch, args.prompt)
+                    t = reply["timings"]
+                    runs[batch].append((seconds, t["read_wait_s"] / max(t["model_s"] + t["read_wait_s"], 1e-9)))
     finally:
         proc.terminate()
         proc.wait(10)
     tiles = plan["tiles"]
+    loop = statistics.median(loops)
     print(f"scene {args.side} x {args.side} px, {tiles} tiles of {args.tile} px (10 % overlap), model "
-          f"{args.model or 'demo'}, CPU")  # fmt: skip
-    print(f"per-tile ask loop      {loop:7.2f} s   {tiles / loop:6.2f} tiles/s   (baseline)")
-    for batch, (seconds, n, waited) in results.items():
-        print(f"scan op, batch {batch:<3}     {seconds:7.2f} s   {n / seconds:6.2f} tiles/s   {loop / seconds:5.1f}x the loop   "
+          f"{args.model or 'demo'}, CPU; medians of {args.repeats} interleaved runs")  # fmt: skip
+    print(f"per-tile ask loop   {loop:7.2f} s   {tiles / loop:6.2f} tiles/s   (baseline)")
+    for batch, values in runs.items():
+        seconds = statistics.median(v[0] for v in values)
+        waited = statistics.median(v[1] for v in values)
+        print(f"scan op, batch {batch:<3}  {seconds:7.2f} s   {tiles / seconds:6.2f} tiles/s   {loop / seconds:5.1f}x the loop   "
               f"model waited on reading {waited:.1%}")  # fmt: skip
-    print(f"scan op, batch 8 again {again:7.2f} s   {tiles / again:6.2f} tiles/s   {loop / again:5.1f}x the loop")
 
 
 if __name__ == "__main__":

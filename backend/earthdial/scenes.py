@@ -109,11 +109,15 @@ def plan_for_window(region: Window, tile: int, overlap: float) -> TilePlan:
 # -- tiles and how they are read ----------------------------------------------------------------------
 
 
-@dataclass
+_UNSET: Any = object()
+
+
+@dataclass(eq=False)
 class Tile:
     index: int
     window: Window  # in the first image's source pixels
     chips: list[imagery.Chip]  # one per image (later images on the first one's grid)
+    query: Any = _UNSET  # the engine query, made on the reader thread (None: nothing to ask)
 
 
 def tile_transform(transform: Affine, window: Window, out_w: int, out_h: int) -> Affine:
@@ -287,7 +291,9 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
     """Stream tiles through the model in batches; yields after each batch. A cancel is honoured between
     batches (typed `cancelled`)."""
     stats = stats if stats is not None else Stats()
-    reader = ReadAhead(tiles, depth=READ_AHEAD_BATCHES * batch_size)
+    # the reader thread also turns each tile into its query (presets, pixel normalisation, resizing), so
+    # the model's thread does nothing but generate
+    reader = ReadAhead(_with_queries(tiles, ask), depth=READ_AHEAD_BATCHES * batch_size)
     done = skipped
     try:
         batch: list[Tile] = []
@@ -315,17 +321,24 @@ def _with_end(tiles: Iterable[Tile]) -> Iterator[Tile | None]:
     yield None
 
 
+def _with_queries(tiles: Iterable[Tile], ask: Ask) -> Iterator[Tile]:
+    for tile in tiles:
+        tile.query = ask.make_query(tile)
+        yield tile
+
+
 def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> list[TileAnswer]:
     queries, kept = [], []
     for tile in batch:
-        query = ask.make_query(tile)
+        query = tile.query if tile.query is not _UNSET else ask.make_query(tile)
         if query is not None:
             queries.append(query)
             kept.append(tile)
     t = time.perf_counter()
     texts = engine.generate(queries) if queries else []
     stats.model_s += time.perf_counter() - t
-    out = [TileAnswer(tile.index, "", 0.0, [], footprint(tile.chips[0])) for tile in batch if tile not in kept]
+    asked = {id(tile) for tile in kept}
+    out = [TileAnswer(tile.index, "", None, [], footprint(tile.chips[0])) for tile in batch if id(tile) not in asked]
     for tile, text in zip(kept, texts, strict=True):
         out.append(tile_answer(tile, text, ask))
     return sorted(out, key=lambda a: a.index)
