@@ -112,11 +112,11 @@ def reply_features(
             "angle": float(props.get("angle") or 0.0),
             "task": task,
             "prompt": prompt,
-            "answer": answer,
+            "answer": str(props["answer"]) if props.get("answer") is not None else answer,  # scans: per tile
             "model": str(props.get("model") or model.get("name") or ""),
             "variant": str(props.get("variant") or model.get("variant") or ""),
             "source": source,
-            "tile": tile,
+            "tile": tile or (str(props["tile"]) if props.get("tile") is not None else ""),
             "gsd": float(props["gsd"]) if props.get("gsd") is not None else (float(gsd) if gsd else None),
             "created": created,
             "score": float(props["score"]) if isinstance(props.get("score"), (int, float)) else None,

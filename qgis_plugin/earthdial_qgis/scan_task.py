@@ -20,7 +20,6 @@ from . import scanning
 from .layers import add_result_layer
 from .protocol import Client, EarthDialError
 from .qt import QtCore, QtWidgets
-from .styling import style_result_layer
 
 SCAN_TASKS = ("refer", "grounding")  # one-image grounded tasks a detect scan runs
 CHANGE_TASK = "change"
@@ -84,12 +83,11 @@ class DockScan(QtCore.QObject):
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setVisible(False)
-        buttons = dock.send_button.parentWidget().layout() if dock.send_button.parentWidget() else None
-        row = _layout_holding(buttons, dock.send_button) if buttons is not None else None
-        if row is not None:
-            row.insertWidget(1, self.check)
-            row.insertWidget(2, self.tile_spin)
-            row.insertWidget(3, self.progress, 1)
+        rows = dock.request_rows  # the dock's button grid: the scan takes the rows below its buttons
+        at = rows.rowCount()
+        rows.addWidget(self.check, at, 0)
+        rows.addWidget(self.tile_spin, at, 1)
+        rows.addWidget(self.progress, at + 1, 0, 1, 2)
         self.task: ScanTask | None = None
         self.live: Any = None  # the result layer boxes are added to as tiles finish
         self.tiles_layer: Any = None
@@ -144,22 +142,31 @@ class DockScan(QtCore.QObject):
         self.progress.setValue(int(value))
 
     def _on_boxes(self, found: list[dict[str, Any]]) -> None:
-        """Boxes of the tiles just finished, on the map at once (before merging)."""
+        """Boxes of the tiles just finished, on the map at once (before merging): a memory layer that
+        the merged result replaces at the end."""
         task = self.task
         if task is None:
             return
         p = self.pending
-        feats = scanning.features(found, task.scan, p["crs"], p["task"], p["prompt"], p["names"])
         if self.live is None or _deleted(self.live):
-            reply = {"answer": "", "features": {"crs": task.scan.crs, "features": found}}
-            self.live = add_result_layer(reply, p["crs"], self._layer_name(), p["task"], p["prompt"], p["names"],
-                                         group_name=p["group"])  # fmt: skip
-            if self.live is None:
-                return
-            self.live.dataProvider().truncate()
+            self.live = add_result_layer(scanning.collection(found, task.scan), p["crs"],
+                                         self.dock.tr("{name} (scanning…)").format(name=self._layer_name()),
+                                         p["task"], p["prompt"], p["names"], group_name=p["group"], in_memory=True)  # fmt: skip
+            return
+        feats = scanning.features(found, task.scan, p["crs"], p["task"], p["prompt"], p["names"])
         self.live.dataProvider().addFeatures(feats)
         self.live.updateExtents()
         self.live.triggerRepaint()
+
+    def _drop_live(self) -> None:
+        if self.live is not None and not _deleted(self.live):
+            project = QgsProject.instance()
+            node = project.layerTreeRoot().findLayer(self.live.id())
+            group = node.parent() if node is not None else None
+            project.removeMapLayer(self.live.id())
+            if group is not None and group.parent() is not None and not group.children():
+                group.parent().removeChildNode(group)
+        self.live = None
 
     def _done(self, task: ScanTask) -> None:
         dock = self.dock
@@ -171,52 +178,25 @@ class DockScan(QtCore.QObject):
         dock._set_busy(False)
         self.progress.setVisible(False)
         if task.error is not None or task.reply is None:
-            if self.live is not None and not _deleted(self.live) and task.error is not None and task.error.code == "cancelled":
-                self.live.setName(self.live.name() + dock.tr(" (cancelled: unmerged)"))
+            if self.live is not None and not _deleted(self.live):  # what was found stays, marked unmerged
+                self.live.setName(self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)")))
             dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
             return
         p, scan = self.pending, task.scan
-        merged = scanning.features(scan.merged, scan, p["crs"], p["task"], p["prompt"], p["names"])
-        if self.live is None or _deleted(self.live):
-            reply = {"answer": "", "features": {"crs": scan.crs, "features": scan.merged}}
-            self.live = add_result_layer(reply, p["crs"], self._layer_name(), p["task"], p["prompt"], p["names"],
-                                         group_name=p["group"])  # fmt: skip
-        if self.live is not None:
-            self.live.dataProvider().truncate()
-            self.live.dataProvider().addFeatures(merged)
-            self.live.updateExtents()
-            style_result_layer(self.live)
-            self.live.triggerRepaint()
-        if p["task"] == CHANGE_TASK:
-            tiles = scanning.tile_features(scan, p["crs"], p["names"])
-            footprints = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
-                           "properties": {}} for t in scan.tiles.values()]  # fmt: skip
-            self.tiles_layer = add_result_layer({"answer": "", "features": {"crs": scan.crs, "features": footprints}},
-                                                p["crs"], dock.tr("change tiles – {layer}").format(layer=p["names"]),
-                                                p["task"], "", p["names"], group_name=p["group"] + " ")  # fmt: skip
-            if self.tiles_layer is not None:
-                self.tiles_layer.dataProvider().truncate()
-                self.tiles_layer.dataProvider().addFeatures(tiles)
-                style_result_layer(self.tiles_layer)
-        dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, self.live
+        self._drop_live()
+        problems: list[str] = []
+        layer = add_result_layer(scanning.collection(scan.merged, scan), p["crs"], self._layer_name(), p["task"],
+                                 p["prompt"], p["names"], group_name=p["group"], problems=problems)  # fmt: skip
+        if p["task"] == CHANGE_TASK and scan.tiles:
+            self.tiles_layer = add_result_layer(
+                scanning.tile_collection(scan), p["crs"], dock.tr("change tiles – {layer}").format(layer=p["names"]),
+                p["task"], "", p["names"], group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
+        dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
         text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
-            tiles=task.reply.get("tiles"), n=len(merged), raw=len(scan.found))
+            tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found))
+        text += "".join(" " + x for x in problems)
         dock.result_label.setText(text)
         dock.iface.messageBar().pushMessage(dock.tr("EarthDial"), text, level=Qgis.MessageLevel.Success, duration=8)
-
-
-def _layout_holding(layout: Any, widget: Any) -> Any:
-    """The (nested) box layout that holds ``widget``."""
-    if layout is None:
-        return None
-    for i in range(layout.count()):
-        item = layout.itemAt(i)
-        if item.widget() is widget:
-            return layout
-        found = _layout_holding(item.layout(), widget) if item.layout() is not None else None
-        if found is not None:
-            return found
-    return None
 
 
 def _deleted(layer: Any) -> bool:

@@ -135,32 +135,37 @@ def run_layer(client: Client, layer: ScanLayer, rect: QgsRectangle, task: str, p
     return scan, run(client, scan, cancelled, on_event)
 
 
-def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenceSystem, task: str,
-             prompt: str, source: str) -> list[Any]:  # fmt: skip
-    """Boxes (from progress or merged events) as QGIS features in the output schema, each with the
-    answer of the tile that found it."""
-    fields = result_fields()
+def collection(found: list[dict[str, Any]], scan: Scan) -> dict[str, Any]:
+    """Boxes (from progress or merged events) as a reply for `layers`, each with the answer of the tile
+    that found it (events carry each answer once, in the tile's entry)."""
     out = []
     for feature in found:
-        props = feature.get("properties") or {}
-        tile = scan.tiles.get(props.get("tile"), {})
-        reply = {"answer": tile.get("answer", ""), "features": {"crs": scan.crs, "features": [feature]}}
-        out += reply_features(reply, fields, crs, task, prompt, source, props.get("created"), str(props.get("tile", "")))
-    return out
+        props = dict(feature.get("properties") or {})
+        tile = scan.tiles.get(props.get("tile"))
+        if tile is not None:
+            props["answer"] = tile.get("answer", "")
+        out.append({**feature, "properties": props})
+    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs, "features": out}}
+
+
+def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenceSystem, task: str,
+             prompt: str, source: str) -> list[Any]:  # fmt: skip
+    """The boxes as QGIS features in the output schema (for sinks)."""
+    return reply_features(collection(found, scan), result_fields(), crs, task, prompt, source)
+
+
+def tile_collection(scan: Scan) -> dict[str, Any]:
+    """The per-tile change map: each tile pair's footprint, labelled changed or unchanged, with the
+    answer and its score."""
+    out = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
+            "properties": {"label": "changed" if t.get("changed") else "unchanged", "score": t.get("score"),
+                           "answer": t.get("answer", ""), "tile": index}}
+           for index, t in sorted(scan.tiles.items())]  # fmt: skip
+    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs, "features": out}}
 
 
 def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem, source: str) -> list[Any]:
-    """The per-tile change map: each tile pair's footprint, labelled changed or unchanged, with the
-    answer and its score."""
-    fields = result_fields()
-    out = []
-    for index, tile in sorted(scan.tiles.items()):
-        label = "changed" if tile.get("changed") else "unchanged"
-        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [tile["footprint"]]},
-                   "properties": {"label": label, "score": tile.get("score"), "pair": tile.get("pair")}}  # fmt: skip
-        reply = {"answer": tile.get("answer", ""), "features": {"crs": scan.crs, "features": [feature]}}
-        out += reply_features(reply, fields, crs, "change", "", source, None, str(index))
-    return out
+    return reply_features(tile_collection(scan), result_fields(), crs, "change", "", source)
 
 
 def changes_request(layers: list[ScanLayer], options: dict[str, Any]) -> Scan:
