@@ -369,7 +369,9 @@ def absent_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) ->
     learns to tell the two apart rather than to stop drawing boxes."""
     sensor = _sensor(rng)
     present = {o.cls for o in scene.objects}
-    missing = [c for c in CLASSES if c not in present] or list(CLASSES)
+    missing = [c for c in CLASSES if c not in present]
+    if not missing:
+        raise ValueError("an absent-class example needs a scene that lacks a class (make_examples leaves one out)")
     cls = str(rng.choice(missing))
     q = prompts.build_question("refer", str(rng.choice(SYNONYMS[cls])), sensor)
     conv = record(q, absent_answer(cls))
@@ -523,6 +525,11 @@ def make_examples(
             scene = synthetic.make_scene(seed, index, max_objects=max_objects)
             if task == "absent" and rng.random() < EMPTY_SHARE:
                 scene = Scene(scene.seed, [], scene.water_level, scene.terrain)  # the same ground, bare
+            elif task == "absent" and {o.cls for o in scene.objects} == set(CLASSES):
+                # every class is there: leave one object out, so that the class asked about is truly absent
+                gone = int(rng.integers(0, len(scene.objects)))
+                scene = Scene(scene.seed, [o for k, o in enumerate(scene.objects) if k != gone],
+                              scene.water_level, scene.terrain)  # fmt: skip
             image, labels = synthetic.render_with_labels(scene, size)
             for q, f in _two_orientations(rng):
                 ex = SINGLE_TASKS[task](turn_scene(scene, q, f), _turn_array(image, q, f), rng)
