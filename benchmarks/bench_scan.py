@@ -41,12 +41,13 @@ def make_scene(path: Path, side: int) -> Path:
     return synthetic.write_geotiff(path, np.ascontiguousarray(image))
 
 
-def serve(model: str | None, endpoint: str, folder: str) -> subprocess.Popen:
+def serve(model: str | None, endpoint: str, folder: str, threads: int = 0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "earthdial.cli", "serve", "--endpoint", endpoint, "--device", "cpu",
            "--allow-dir", folder]  # fmt: skip
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a shared "
+                         "machine 1 keeps two threads from waiting on each other")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
@@ -100,7 +104,7 @@ def main() -> None:
     with rasterio.open(path) as src:
         transform = src.transform
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = serve(args.model, endpoint, folder)
+    proc = serve(args.model, endpoint, folder, args.threads)
     try:
         with Client(endpoint, timeout_s=600) as client:
             _, _, plan = scan(client, path, args.tile, 8, args.prompt)  # warm-up (first-call costs)
@@ -118,7 +122,8 @@ def main() -> None:
     tiles = plan["tiles"]
     loop = statistics.median(loops)
     print(f"scene {args.side} x {args.side} px, {tiles} tiles of {args.tile} px (10 % overlap), model "
-          f"{args.model or 'demo'}, CPU; medians of {args.repeats} interleaved runs")  # fmt: skip
+          f"{args.model or 'demo'}, CPU, server threads {args.threads or 'default'}; medians of {args.repeats} "
+          "interleaved runs")  # fmt: skip
     print(f"per-tile ask loop   {loop:7.2f} s   {tiles / loop:6.2f} tiles/s   (baseline)")
     for batch, values in runs.items():
         seconds = statistics.median(v[0] for v in values)
