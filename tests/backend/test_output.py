@@ -58,6 +58,9 @@ FULL = {
     "tile": "0,448",
     "gsd": 0.5,
     "created": "2025-01-02T03:04:05Z",
+    "score": 0.42,
+    "change": "appeared",
+    "pair": "a.tif -> b.tif",
 }
 TWO = collection(feature(RING_A, **FULL), feature(RING_B, label="pool", angle=90))
 
@@ -100,6 +103,9 @@ def test_geopackage_round_trip(tmp_path):
         "tile": "OFTString",
         "gsd": "OFTReal",
         "created": "OFTString",
+        "score": "OFTReal",
+        "change": "OFTString",
+        "pair": "OFTString",
     }
     # missing properties are NULL
     assert all(rows[1][k] is None for k in ("task", "prompt", "answer", "model", "source", "created"))
