@@ -174,7 +174,7 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
             if cancelled is not None and cancelled():
                 return
             if waited >= stream.idle_timeout_s:
-                raise EarthDialError(ErrorCode.TIMEOUT, f"no tiles arrived for {stream.idle_timeout_s:g} s; "
+                raise EarthDialError(ErrorCode.MISSING_FRAMES, f"no tiles arrived for {stream.idle_timeout_s:g} s; "
                                      f"{len(wanted)} of the plan's tiles are missing") from None  # fmt: skip
             continue
         waited = 0.0
