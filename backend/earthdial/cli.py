@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,19 +54,73 @@ def _source(args: argparse.Namespace) -> dict[str, Any]:
     return source_by_reference(os.path.abspath(args.raster), args.bands, args.bounds, args.bounds_crs)
 
 
-def _write_output(path: str | None, reply: dict[str, Any]) -> None:
+PING_TIMEOUT_S = 3.0  # an endpoint named on the command line that does not answer: an error this soon
+PROBE_TIMEOUT_S = 1.5  # the default endpoint, tried when neither --endpoint nor --model is given
+
+
+def _default_endpoint() -> str:
+    return os.environ.get("EARTHDIAL_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+@contextlib.contextmanager
+def _connected(endpoint: str, timeout_s: float) -> Iterator[Client]:
+    """A Client whose server answered a ping: a server that is not there fails in seconds, not after
+    the whole request timeout."""
+    with Client(endpoint, timeout_s=timeout_s) as client:
+        client.ping(timeout_s=min(PING_TIMEOUT_S, timeout_s))
+        yield client
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        with Client(endpoint, timeout_s=PROBE_TIMEOUT_S) as client:
+            client.ping(timeout_s=PROBE_TIMEOUT_S)
+        return True
+    except EarthDialError:
+        return False
+
+
+def _add_output_args(p: argparse.ArgumentParser, what: str = "the boxes") -> None:
+    p.add_argument("-o", "--output", help=f"GeoPackage (.gpkg: adds a layer) or GeoJSON file for {what}")
+    p.add_argument("--layer", help="layer name in the GeoPackage (default: task, prompt, source and time)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier EarthDial layer (or GeoJSON file) of that name; never another's")  # fmt: skip
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable outputs before any model runs (write_features and write_png check again)."""
+    if getattr(args, "output", None):
+        from .output import check_target
+
+        check_target(args.output, getattr(args, "layer", None), getattr(args, "overwrite", False))
+    elif getattr(args, "layer", None):
+        raise EarthDialError("bad_request", "--layer names a layer of the -o GeoPackage: pass -o FILE.gpkg too")
+    if getattr(args, "preview", None):
+        from .preview import check_target as check_preview
+
+        check_preview(args.preview)
+
+
+def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namespace | None = None) -> None:
+    """Write the reply's boxes where -o says: a new layer of a GeoPackage, or a GeoJSON file."""
     features = reply["features"]
     n = len(features["features"])
     if not path:
         print(f"{n} grounded box(es); pass -o OUT.gpkg to write them")
         return
-    from .output import write_features
+    from .output import layer_name, write_features
 
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(timezone.utc)
+    created = now.isoformat(timespec="seconds")
     for feat in features["features"]:
         feat["properties"].setdefault("created", created)
-    write_features(path, features)
-    print(f"wrote {n} feature(s) to {os.path.abspath(path)} (layer 'earthdial', CRS {features['crs'][:60]})")
+    base = None
+    if args is not None:
+        rasters = getattr(args, "rasters", None) or [getattr(args, "raster", None)]
+        base = layer_name(getattr(args, "task", None), getattr(args, "prompt", None), rasters, now)
+    layer = write_features(path, features, getattr(args, "layer", None),
+                           overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
+    print(f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,6 +236,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     header = {
         "op": "ask",
         "task": args.task,
@@ -199,7 +256,7 @@ def _ask_and_report(header: dict[str, Any], args: argparse.Namespace) -> dict[st
     print(reply["answer"])
     for warning in reply.get("input", {}).get("warnings", []):
         print(f"note: {warning}", file=sys.stderr)
-    _write_output(args.output, reply)
+    _write_output(args.output, reply, args)
     return reply
 
 
@@ -233,6 +290,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         stop["now"] = True  # finish the batch in flight, then stop: nothing is written
 
     signal.signal(signal.SIGINT, on_sigint)
+    _check_outputs(args)
     if args.endpoint:
         options = {"tile_size": args.tile_size, "overlap": args.overlap, "batch": args.batch}
         if args.preset:
@@ -245,7 +303,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             "options": options,
         }
         try:
-            with Client(args.endpoint, timeout_s=args.timeout) as client:
+            with _connected(args.endpoint, args.timeout) as client:
                 reply = client.request(
                     header,
                     progress=lambda ev: _progress_bar(ev["done"], ev["total"]),
@@ -260,7 +318,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(
             f"{reply['tiles']} tiles in {reply['timings']['total_s']:.1f} s; {reply['raw_boxes']} boxes, {n} after merging"
         )
-        _write_output(args.output, reply)
+        _write_output(args.output, reply, args)
         return 0
     from .engine import Engine
     from .scenes import detect, estimate_seconds, tile_windows
@@ -298,11 +356,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise
     print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles / max(result.seconds, 1e-9):.2f} tiles/s); "
           f"{result.raw_boxes} boxes, {len(result.features['features'])} after merging overlaps")  # fmt: skip
-    _write_output(args.output, {"features": result.features})
+    _write_output(args.output, {"features": result.features}, args)
     return 0
 
 
 def cmd_change(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     sources = [
         source_by_reference(os.path.abspath(p), args.bands, args.bounds, args.bounds_crs)
         for p in args.rasters
@@ -319,27 +378,42 @@ def cmd_change(args: argparse.Namespace) -> int:
 
 
 def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """A request through a running server (--endpoint) or in this process (--model)."""
-    if args.endpoint:
-        with Client(args.endpoint, timeout_s=args.timeout) as client:
+    """A request through a running server (--endpoint) or in this process (--model). With neither: the
+    server at the default endpoint when one answers, else the default model in this process."""
+    endpoint, model = args.endpoint, args.model
+    if not endpoint and not model:
+        endpoint = _default_endpoint()
+        if _answers(endpoint):
+            print(f"earthdial {args.command}: using the server at {endpoint}", file=sys.stderr)
+        else:
+            model = os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+            if not model:
+                raise EarthDialError(
+                    "bad_request", f"no server answers at {endpoint} and no model is installed: "
+                    "pass --endpoint URL (a running server) or --model DIR"
+                )  # fmt: skip
+            which = "$EARTHDIAL_MODEL" if os.environ.get("EARTHDIAL_MODEL") else "the built-in demo model"
+            print(f"earthdial {args.command}: no server answers at {endpoint}; running {which} ({model}) in "
+                  "this process", file=sys.stderr)  # fmt: skip
+            endpoint = None
+    if endpoint:
+        with _connected(endpoint, args.timeout) as client:
             return client.request(header).header
     from . import service
     from .engine import Engine
 
-    model = args.model or os.environ.get("EARTHDIAL_MODEL")
-    if not model:
-        raise EarthDialError("bad_request", "pass --endpoint URL (a running server) or --model DIR")
     return service.run(header, [], Engine(model, device=args.device))
 
 
 def cmd_georef(args: argparse.Namespace) -> int:
     from . import service
 
+    _check_outputs(args)
     reply = service.run({"op": "georef", "answer": args.answer, "source": _source(args)}, [], None)
     if args.json:
         print(json.dumps(reply["features"]))
     elif args.output or not args.preview:
-        _write_output(args.output, reply)
+        _write_output(args.output, reply, args)
     if args.preview:
         _write_preview(args, reply)
     return 0
@@ -457,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="checkpoint directory in EarthDial's published layout (or $EARTHDIAL_MODEL)"
     )
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    p.add_argument("--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
@@ -507,14 +581,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify, ..."
     )
     p.add_argument(
-        "--endpoint", help="a running `earthdial serve`; without it the model runs in this process"
+        "--endpoint",
+        help="a running `earthdial serve` (default: the one at $EARTHDIAL_ENDPOINT or "
+        f"{DEFAULT_ENDPOINT} when it answers, else the model runs in this process)",
     )
-    p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
+    p.add_argument("--model", help="checkpoint directory to run in this process "
+                   "(default: $EARTHDIAL_MODEL, else the built-in demo model)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
+    p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the boxes")
+    _add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("detect", help="find objects over a whole raster or extent, tile by tile")
@@ -533,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
     p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
+    _add_output_args(p, "the merged boxes")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("change", help="compare two (or more) rasters: later ones are aligned to the first")
@@ -548,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("-o", "--output")
+    _add_output_args(p)
     p.set_defaults(func=cmd_change)
 
     p = sub.add_parser("georef", help="turn an EarthDial answer about a raster window into map features")
@@ -559,12 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's answer text, e.g. '<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>'",
     )
     p.add_argument("--json", action="store_true", help="print the features as GeoJSON")
-    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file")
+    p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")
+    _add_output_args(p, "the features")
     p.set_defaults(func=cmd_georef)
 
     p = sub.add_parser("status", help="what a running server has loaded and how busy it is")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    p.add_argument("--endpoint", default=_default_endpoint())
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

@@ -60,6 +60,11 @@ class ErrorCode:
     # client side only
     TIMEOUT = "timeout"
     DISCONNECTED = "disconnected"  # the connection dropped while a reply was awaited: the reply is lost
+    # writing output files (`earthdial ... -o`, `--preview`)
+    OUTPUT_EXISTS = "output_exists"  # a result of that name is there: --overwrite, or another name/--layer
+    FOREIGN_OUTPUT = "foreign_output"  # the file or layer there is not an EarthDial result: never replaced
+    DISK_FULL = "disk_full"
+    READ_ONLY = "read_only"  # the folder or file cannot be written (read-only file system, no permission)
 
 
 class EarthDialError(Exception):
