@@ -59,10 +59,9 @@ MARK = "EarthDial result"  # how a layer or file says it is ours
 GPKG_VERSION = "1.2"  # QGIS 3.22's GDAL 3.6 warns on 1.4 files; 1.2 has everything a result needs
 GPKG_APPLICATION_IDS = (0x47504B47, 0x47503130, 0x47503131)  # "GPKG"; "GP10", "GP11" for 1.0 and 1.1
 SCRATCH_PREFIX = ".earthdial-tmp-"
-# ours: ".earthdial-tmp-XXXXXXXX"; earlier versions left ".earthdial-XXXXXXXX" (no lock inside)
+# ours: ".earthdial-tmp-XXXXXXXX"; earlier versions left ".earthdial-XXXXXXXX"
 SCRATCH_NAME = re.compile(r"\.earthdial-(tmp-)?[a-z0-9_]{8}")
-SCRATCH_LOCK = ".lock"
-UNLOCKED_STALE_S = 60.0  # a scratch folder without its lock is a killed writer's once this old
+UNLOCKED_STALE_S = 24 * 3600.0  # where folders cannot be locked (Windows): abandoned once this old
 LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
 MAX_CHECK_BYTES = 256 << 20  # a larger JSON file is not parsed to see whether it is ours: refused
 MAX_LAYER_CHARS = 200
@@ -246,24 +245,50 @@ def _fsync_dir(directory: str) -> None:
 
 @contextlib.contextmanager
 def _scratch(directory: str) -> Iterator[str]:
-    """A hidden folder beside the target for this write, locked while it lives, removed after."""
+    """A hidden folder beside the target for this write, locked while it lives, removed after.
+
+    The lock is an flock on the folder itself. A cleaner removes only folders it could lock, and holds
+    the lock while removing, so a writer that finds its new folder gone once it holds the lock (a
+    cleaner got there between mkdtemp and flock) just makes another."""
     clean_scratch(directory)
+    for _ in range(5):
+        try:
+            scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=directory)
+            fd = _lock_folder(scratch, wait=True)
+        except OSError as exc:
+            raise _write_error(exc, directory, f"cannot write in {directory}") from None
+        if fd is None or _same_folder(scratch, fd):
+            break
+        os.close(fd)
+    else:
+        raise EarthDialError(ErrorCode.INTERNAL, f"cannot keep a scratch folder in {directory}")
     try:
-        scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=directory)
-    except OSError as exc:
-        raise _write_error(exc, directory, f"cannot write in {directory}") from None
-    lock = None
-    try:
-        lock = open(os.path.join(scratch, SCRATCH_LOCK), "w")  # noqa: SIM115 - held for the whole write
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield scratch
-    except OSError as exc:
-        raise _write_error(exc, directory, f"cannot write in {directory}") from None
     finally:
-        if lock is not None:
-            lock.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_folder(folder: str, wait: bool) -> int | None:
+    """An fd of ``folder`` holding its lock; None where folders cannot be locked (Windows), or when
+    ``wait`` is false and another process holds it (raises BlockingIOError)."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _same_folder(folder: str, fd: int) -> bool:
+    try:
+        return os.stat(folder).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
 
 
 def clean_scratch(directory: str) -> list[str]:
@@ -276,32 +301,23 @@ def clean_scratch(directory: str) -> list[str]:
     for entry in entries:
         if not SCRATCH_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
             continue
-        if _abandoned(entry.path):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if fcntl is None:  # no locks: only what is surely abandoned
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > UNLOCKED_STALE_S:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append(entry.path)
+            continue
+        try:
+            fd = _lock_folder(entry.path, wait=False)
+        except OSError:  # a live writer holds it (or it is gone already)
+            continue
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)  # with the lock held: see _scratch
             removed.append(entry.path)
+        finally:
+            if fd is not None:
+                os.close(fd)
     return removed
-
-
-def _abandoned(scratch: str) -> bool:
-    try:
-        fd = os.open(os.path.join(scratch, SCRATCH_LOCK), os.O_RDWR)
-    except FileNotFoundError:  # killed before its lock was made, or an earlier version's folder
-        try:
-            return time.time() - os.stat(scratch).st_mtime > UNLOCKED_STALE_S
-        except OSError:
-            return False
-    except OSError:
-        return False
-    try:
-        if fcntl is None:
-            return time.time() - os.fstat(fd).st_mtime > 24 * 3600
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # a live writer holds it
-        return True
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,12 +622,12 @@ def _copy_layer(con: sqlite3.Connection, name: str) -> None:
                 continue  # GDAL's own feature counts: a file without them is counted by GDAL itself
             con.execute(new_tables[table])
             main_tables[table] = new_tables[table]
-        values = {"srs_id": srs}
+        values: dict[str, Any] = {"srs_id": srs} if table in ("gpkg_contents", "gpkg_geometry_columns") else {}
         if table == "gpkg_contents" and con.execute(
             "SELECT 1 FROM main.gpkg_contents WHERE identifier = ?", (name,)
         ).fetchone():
-            values["identifier"] = None
-        _copy_rows(con, table, name, values)
+            values["identifier"] = None  # unique in GeoPackage; another layer of the user's has it
+        _copy_rows(con, table, "table_name = ?", name, values)
 
     counts = "gpkg_ogr_contents" in main_tables
     for kind, _nm, tbl, sql in new_master:
@@ -619,13 +635,13 @@ def _copy_layer(con: sqlite3.Connection, name: str) -> None:
             con.execute(sql)
 
 
-def _copy_rows(con: sqlite3.Connection, table: str, name: str, values: dict[str, Any]) -> None:
-    """The rows of ``new.table`` about layer ``name`` into ``main.table``, over the columns both have
-    (a newer GeoPackage may have more; a NOT NULL one without default gets 'undefined')."""
+def _copy_rows(con: sqlite3.Connection, table: str, where: str, key: Any, values: dict[str, Any]) -> None:
+    """The rows of ``new.table`` matching ``where`` into ``main.table``, with ``values`` set, over the
+    columns both have (a newer GeoPackage may have more; a NOT NULL one without default gets 'undefined')."""
     new_cols = {c[0] for c in _columns_of(con, "new", table)}
     cols, picks, params = [], [], []
     for col, notnull, default in _columns_of(con, "main", table):
-        if col in values and col in new_cols:
+        if col in values:
             cols.append(col)
             picks.append("?")
             params.append(values[col])
@@ -636,7 +652,7 @@ def _copy_rows(con: sqlite3.Connection, table: str, name: str, values: dict[str,
             cols.append(col)
             picks.append("'undefined'")
     con.execute(f"INSERT INTO main.{table} ({', '.join(map(_q, cols))}) SELECT {', '.join(picks)} "
-                f"FROM new.{table} WHERE table_name = ?", (*params, name))  # fmt: skip
+                f"FROM new.{table} WHERE {where}", (*params, key))  # fmt: skip
 
 
 def _srs_in_main(con: sqlite3.Connection, srs_id: int) -> int:
@@ -659,25 +675,8 @@ def _srs_in_main(con: sqlite3.Connection, srs_id: int) -> int:
     target = srs_id
     if con.execute("SELECT 1 FROM main.gpkg_spatial_ref_sys WHERE srs_id = ?", (srs_id,)).fetchone():
         target = max(100000, con.execute("SELECT max(srs_id) FROM main.gpkg_spatial_ref_sys").fetchone()[0]) + 1
-    _copy_srs_row(con, srs_id, target)
+    _copy_rows(con, "gpkg_spatial_ref_sys", "srs_id = ?", srs_id, {"srs_id": target})
     return target
-
-
-def _copy_srs_row(con: sqlite3.Connection, srs_id: int, target: int) -> None:
-    new_cols = {c[0] for c in _columns_of(con, "new", "gpkg_spatial_ref_sys")}
-    cols, picks = [], []
-    for col, notnull, default in _columns_of(con, "main", "gpkg_spatial_ref_sys"):
-        if col == "srs_id":
-            cols.append(col)
-            picks.append(str(int(target)))
-        elif col in new_cols:
-            cols.append(col)
-            picks.append(_q(col))
-        elif notnull and default is None:
-            cols.append(col)
-            picks.append("'undefined'")
-    con.execute(f"INSERT INTO main.gpkg_spatial_ref_sys ({', '.join(map(_q, cols))}) SELECT {', '.join(picks)} "
-                "FROM new.gpkg_spatial_ref_sys WHERE srs_id = ?", (srs_id,))  # fmt: skip
 
 
 def _with_srs(blob: bytes | None, srs_id: int) -> bytes | None:

@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyogrio
@@ -526,19 +525,15 @@ with output._scratch(sys.argv[1]) as scratch:
 
 
 def test_scratch_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path):
-    killed = tmp_path / ".earthdial-tmp-abcd1234"  # lock file there, nobody holding it
+    killed = tmp_path / ".earthdial-tmp-abcd1234"  # nobody holds its lock
     killed.mkdir()
-    (killed / ".lock").touch()
     (killed / "layer.gpkg").write_bytes(b"half")
-    old = tmp_path / ".earthdial-x1y2z3w4"  # an earlier version's, without a lock
+    old = tmp_path / ".earthdial-x1y2z3w4"  # an earlier version's
     old.mkdir()
     (old / "out.gpkg").write_bytes(b"half")
-    an_hour_ago = time.time() - 3600
-    os.utime(old, (an_hour_ago, an_hour_ago))
-    fresh = tmp_path / ".earthdial-q1w2e3r4"  # no lock yet but just made: maybe a writer starting
-    fresh.mkdir()
     users = tmp_path / ".earthdial-notes"  # not a name of ours
     users.mkdir()
+    (tmp_path / ".earthdial-tmp-file0000").write_text("a file, not a folder of ours")
     live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(tmp_path)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env={**os.environ})  # fmt: skip
     try:
@@ -546,7 +541,7 @@ def test_scratch_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path
         assert os.path.isdir(live_scratch)
         write_features(str(tmp_path / "out.gpkg"), TWO)
         left = sorted(os.listdir(tmp_path))
-        assert left == sorted(["out.gpkg", fresh.name, users.name, os.path.basename(live_scratch)])
+        assert left == sorted(["out.gpkg", users.name, ".earthdial-tmp-file0000", os.path.basename(live_scratch)])
     finally:
         live.communicate("done\n", timeout=20)
     assert not os.path.exists(live_scratch)  # the live writer removes its own
