@@ -117,7 +117,8 @@ def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namesp
     base = None
     if args is not None:
         rasters = getattr(args, "rasters", None) or [getattr(args, "raster", None)]
-        base = layer_name(getattr(args, "task", None), getattr(args, "prompt", None), rasters, now)
+        task = getattr(args, "task", None) or getattr(args, "command", None)
+        base = layer_name(task, getattr(args, "prompt", None), rasters, now)
     layer = write_features(path, features, getattr(args, "layer", None),
                            overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
     print(f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})")
@@ -420,7 +421,7 @@ def cmd_georef(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.endpoint, timeout_s=args.timeout) as client:
+    with _connected(args.endpoint, args.timeout) as client:
         status = client.status()
     if args.json:
         print(json.dumps(status, indent=2))
