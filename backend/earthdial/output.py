@@ -159,7 +159,7 @@ def replace_file(
 ) -> str:
     """Write ``data`` to ``path`` atomically; an existing file is replaced only when ``is_ours(path)``
     (``foreign_output`` otherwise). Returns the real path written."""
-    path = os.path.realpath(os.fspath(path))
+    path = os.path.realpath(user_path(path))
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"folder {directory} does not exist (writing {path})")
@@ -325,10 +325,23 @@ def clean_scratch(directory: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _target(path: str | os.PathLike[str]) -> tuple[str, str]:
+def user_path(path: Any) -> str:
+    """An output path as given, checked to be one the file system can take (no NUL, encodable);
+    never globbed or otherwise interpreted."""
     if not isinstance(path, (str, os.PathLike)):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"output path must be a string, got {path!r}")
     path = os.fspath(path)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"output path {path!r} is empty or holds a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"output path {path!r} is not valid text for this system") from None
+    return path
+
+
+def _target(path: str | os.PathLike[str]) -> tuple[str, str]:
+    path = user_path(path)
     ext = os.path.splitext(path)[1].lower()
     driver = DRIVERS.get(ext)
     if driver is None:
@@ -356,6 +369,11 @@ def _check_layer_name(layer: Any) -> None:
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer name {layer!r} is not valid text") from None
     if any(ord(c) < 32 or c == "\x7f" for c in layer):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer name {layer!r} holds control characters")
+    if not (layer[0].isalnum() or layer[0] == "_") or layer != layer.strip():
+        raise EarthDialError(  # GDAL refuses a GeoPackage layer whose name starts with '*', '-', a quote...
+            ErrorCode.BAD_REQUEST,
+            f"layer name {layer!r} must start with a letter, digit or '_' and not end in a space",
+        )
     if layer.lower().startswith(RESERVED_PREFIXES):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST,

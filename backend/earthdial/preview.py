@@ -48,10 +48,13 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
 
 def check_target(path: str | Path) -> None:
     """The refusals of ``write_png`` that need no picture yet (a command checks before it runs a model)."""
-    text = str(path)
+    text = output.user_path(path)
     if not text.lower().endswith(".png"):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"a preview is a PNG: its name must end in .png, got {text}")
-    output.refuse_foreign(os.path.realpath(text), is_our_png, "preview")
+    real = os.path.realpath(text)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"folder {os.path.dirname(real)} does not exist (writing {real})")
+    output.refuse_foreign(real, is_our_png, "preview")
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -467,3 +467,54 @@ def test_fuzz_a_real_server_over_zeromq(paths: list[str]) -> None:
         sock.close()
         stop_server(proc)
     _report("server", N_SERVER)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output paths and layer names (-o, --layer, --preview): written, or a typed error, and the user's own
+# layer and file beside them untouched
+# --------------------------------------------------------------------------------------------------
+
+N_OUTPUTS = 100
+NAME_PARTS = ["*", "?", "[a]", "..", ".", "/", "\\", "\x00", "\udc80", "\ud800", " ", "\n", "gpkg_", "rtree_x",
+              "ü船", "'", '"', ";DROP TABLE roads;--", "roads", "ROADS", "notes", "x" * 300, ".earthdial-tmp-x"]  # fmt: skip
+
+
+def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
+    from earthdial import output, preview
+
+    user = tmp_path / "user.gpkg"
+    pyogrio_points = np.array([b"\x01\x01\x00\x00\x00" + np.float64(1).tobytes() + np.float64(2).tobytes()],
+                              dtype=object)  # fmt: skip
+    import pyogrio.raw
+
+    pyogrio.raw.write(str(user), pyogrio_points, [np.array(["mine"], dtype=object)], ["name"], layer="roads",
+                      driver="GPKG", geometry_type="Point", crs="EPSG:3857")  # fmt: skip
+    notes = tmp_path / "notes.txt.json"
+    notes.write_text('{"mine": true}')
+    ring = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
+    result = {"type": "FeatureCollection", "crs": "EPSG:32633",
+              "features": [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                            "properties": {"label": "ship", "prompt": "\udcff"}}]}  # fmt: skip
+    image = np.zeros((3, 4, 4), np.uint8)
+    parts = st.lists(st.sampled_from(NAME_PARTS) | st.text(max_size=8), max_size=4).map("".join)
+    seen: dict[str, int] = {}
+
+    @fuzz(N_OUTPUTS)
+    @given(parts, st.sampled_from([".gpkg", ".geojson", ".json", ".png", ".docx", ""]),
+           st.none() | parts, st.booleans(), st.sampled_from(["new", "user.gpkg", "notes.txt.json"]))  # fmt: skip
+    def check(name: str, ext: str, layer: str | None, overwrite: bool, where: str) -> None:
+        path = str(tmp_path / (name + ext)) if where == "new" else str(tmp_path / where)
+        for write in (lambda: output.write_features(path, result, layer, overwrite=overwrite),
+                      lambda: preview.write_png(path, image)):  # fmt: skip
+            try:
+                write()
+                seen["written"] = seen.get("written", 0) + 1
+            except EarthDialError as exc:
+                assert exc.code in CODES and exc.code != ErrorCode.INTERNAL, exc.message
+                seen[exc.code] = seen.get(exc.code, 0) + 1
+
+    check()
+    assert pyogrio.raw.read(str(user), layer="roads")[3][0].tolist() == ["mine"]
+    assert notes.read_text() == '{"mine": true}'
+    assert not [p for p in tmp_path.rglob(".earthdial-tmp-*") if p.is_dir()]
+    assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), seen
