@@ -480,14 +480,14 @@ NAME_PARTS = ["*", "?", "[a]", "..", ".", "/", "\\", "\x00", "\udc80", "\ud800",
 
 
 def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
+    import pyogrio.raw
+    import shapely
+
     from earthdial import output, preview
 
     user = tmp_path / "user.gpkg"
-    pyogrio_points = np.array([b"\x01\x01\x00\x00\x00" + np.float64(1).tobytes() + np.float64(2).tobytes()],
-                              dtype=object)  # fmt: skip
-    import pyogrio.raw
-
-    pyogrio.raw.write(str(user), pyogrio_points, [np.array(["mine"], dtype=object)], ["name"], layer="roads",
+    point = shapely.to_wkb(np.array([shapely.Point(1, 2)], dtype=object))
+    pyogrio.raw.write(str(user), point, [np.array(["mine"], dtype=object)], ["name"], layer="roads",
                       driver="GPKG", geometry_type="Point", crs="EPSG:3857")  # fmt: skip
     notes = tmp_path / "notes.txt.json"
     notes.write_text('{"mine": true}')
