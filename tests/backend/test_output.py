@@ -506,6 +506,26 @@ def test_a_real_full_disk_is_disk_full(tmp_path, name):
             assert os.listdir(small) == []
 
 
+def test_a_disk_that_fills_up_inside_the_transaction_leaves_the_old_file(tmp_path):
+    """Room for the scratch GeoPackage but not for copying it into the file: SQLite's own disk-full,
+    rolled back."""
+    big = big_collection(3000)
+    probe = str(tmp_path / "probe.gpkg")
+    write_features(probe, big, "earthdial")
+    layer_bytes = os.path.getsize(probe)
+    with mounted_tmpfs(tmp_path / "small", f"size={(layer_bytes * 3 // 2) // 4096 * 4096 + 4096 * 8}") as small:
+        path = str(small / "old.gpkg")
+        write_features(path, TWO, "earthdial")
+        before = open(path, "rb").read()
+        with pytest.raises(EarthDialError) as info:
+            write_features(path, big, "earthdial", overwrite=True)
+        assert info.value.code == ErrorCode.DISK_FULL, info.value.message
+        assert "database or disk is full" in info.value.message  # SQLite's, in the transaction
+        assert open(path, "rb").read() == before
+        check_two(path, "earthdial")
+        assert os.listdir(small) == ["old.gpkg"]
+
+
 def test_a_real_read_only_folder_is_read_only(tmp_path):
     with mounted_tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         for name in ("new.gpkg", "new.geojson"):
