@@ -117,7 +117,8 @@ def write_features(
             name = _layer_to_write(path, layer, name, overwrite)
             tmp = os.path.join(scratch, "layer.gpkg")
             _gdal_write(tmp, geometry, geometry_type, field_data, name, driver, crs, description)
-            _merge_layer(path, tmp, name, overwrite=overwrite, exact=layer is not None)
+            # a default name was picked free: nothing of that name is ever replaced, --overwrite or not
+            _merge_layer(path, tmp, name, overwrite=overwrite and layer is not None, exact=layer is not None)
             return name
         except EarthDialError:
             raise
@@ -136,7 +137,10 @@ def check_target(path: str | os.PathLike[str], layer: str | None = None, overwri
     if driver == "GeoJSON":
         _refuse_existing_json(path, overwrite)
     elif os.path.lexists(path):
-        _layer_to_write(path, layer, layer or "earthdial", overwrite)
+        try:
+            _layer_to_write(path, layer, layer or "earthdial", overwrite)
+        except (OSError, sqlite3.Error) as exc:
+            raise _write_error(exc, path, f"reading {path}") from None
 
 
 def layer_name(task: str | None, prompt: str | None, sources: list[str], when: datetime | None = None) -> str:
@@ -533,9 +537,10 @@ def _layer_decision(con: sqlite3.Connection, path: str, name: str, overwrite: bo
 
 
 def _layer_to_write(path: str, layer: str | None, base: str, overwrite: bool) -> str:
-    """Checks an existing GeoPackage (read-only) and picks the name: ``layer`` as given, or ``base``
-    made unique."""
-    con = _open_geopackage(path, "ro")
+    """Checks an existing GeoPackage and picks the name: ``layer`` as given, or ``base`` made unique.
+    Opened read-write although only read: a read-only connection cannot roll back the journal a killed
+    write left (SQLITE_READONLY_ROLLBACK), a read-write one does so first, restoring the old content."""
+    con = _open_geopackage(path, "rw")
     try:
         if layer is not None:
             _layer_decision(con, path, layer, overwrite, exact=True)
