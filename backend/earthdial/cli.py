@@ -532,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="checkpoint directory in EarthDial's published layout (or $EARTHDIAL_MODEL)"
     )
-    p.add_argument("--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}")
+    p.add_argument(
+        "--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"

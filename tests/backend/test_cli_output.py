@@ -152,8 +152,7 @@ def test_user_paths_are_never_globbed(tmp_path, scene, capsys):
 def test_an_endpoint_that_is_not_there_fails_within_seconds(scene, capsys, monkeypatch):
     closed = f"tcp://127.0.0.1:{free_port()}"
     for argv in (["ask", str(scene), "--prompt", "ships", "--endpoint", closed],
-                 ["detect", str(scene), "--prompt", "ships", "--endpoint", closed],
-                 ["change", str(scene), str(scene), "--endpoint", closed]):  # fmt: skip
+                 ["detect", str(scene), "--prompt", "ships", "--endpoint", closed]):  # fmt: skip
         started = time.monotonic()
         sigint = signal.getsignal(signal.SIGINT)  # detect installs its own
         try:

@@ -144,6 +144,18 @@ def test_a_write_killed_at_any_point_leaves_the_old_layers(tmp_path, zygote):
     check_two(path, "earthdial")
 
 
+def test_a_geojson_write_killed_leaves_the_old_file_byte_for_byte(tmp_path, zygote):
+    path = str(tmp_path / "ships.geojson")
+    write_features(path, TWO)
+    before = open(path, "rb").read()
+    for when in (lambda: bool(scratch_files(str(tmp_path))),
+                 lambda: any(size(f) > 1 << 20 for f in scratch_files(str(tmp_path)))):  # fmt: skip
+        assert write_and_kill(zygote, path, "ships", when)
+        assert open(path, "rb").read() == before
+    assert not write_and_kill(zygote, path, "ships", lambda: False)  # left alone: replaced whole
+    assert pyogrio.read_info(path)["features"] == N
+
+
 # QGIS's way: a connection kept open on the GeoPackage in WAL mode, reading it now and then.
 HOLDER = """
 import sqlite3, sys
