@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import EarthDialError, ErrorCode
+from .protocol import RESULT_MARK, EarthDialError, ErrorCode
 
 try:
     import fcntl
@@ -55,7 +55,7 @@ __all__ = ["FIELDS", "MARK", "check_target", "clean_scratch", "layer_name", "rep
 FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created")
 REAL_FIELDS = ("angle", "gsd")  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
-MARK = "EarthDial result"  # how a layer or file says it is ours
+MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through protocol.py)
 GPKG_VERSION = "1.2"  # QGIS 3.22's GDAL 3.6 warns on 1.4 files; 1.2 has everything a result needs
 GPKG_APPLICATION_IDS = (0x47504B47, 0x47503130, 0x47503131)  # "GPKG"; "GP10", "GP11" for 1.0 and 1.1
 SCRATCH_PREFIX = ".earthdial-tmp-"

@@ -32,6 +32,9 @@ MAX_ID_CHARS = 256  # request ids and client names
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 OPS = ("ask", "georef", "detect", "status", "ping", "cancel", "plan")
+# A layer or file written by EarthDial says so with a description starting with this (docs/outputs.md):
+# only such layers and files are ever replaced, by the command line and by the plugin.
+RESULT_MARK = "EarthDial result"
 
 
 class ErrorCode:
