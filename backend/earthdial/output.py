@@ -201,6 +201,8 @@ def _install(tmp: str, path: str, replace: bool) -> None:
     """Put the complete file ``tmp`` at ``path``: a hard link when nothing may be there (so that a file
     that appeared meanwhile is never clobbered: FileExistsError), else a rename over it."""
     if replace:
+        with contextlib.suppress(OSError):
+            shutil.copymode(path, tmp)  # the replaced file's permissions, not the scratch file's
         os.replace(tmp, path)
     else:
         try:
