@@ -65,6 +65,7 @@ UNLOCKED_STALE_S = 24 * 3600.0  # where folders cannot be locked (Windows): aban
 LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
 MAX_CHECK_BYTES = 256 << 20  # a larger JSON file is not parsed to see whether it is ours: refused
 MAX_LAYER_CHARS = 200
+BUSY_TIMEOUT_S = 30.0  # how long a GeoPackage another program keeps locked is waited for
 RESERVED_PREFIXES = ("gpkg_", "rtree_", "sqlite_")
 
 
@@ -453,7 +454,7 @@ def _is_our_geojson(path: str) -> bool:
 
 def _connect(path: str, mode: str) -> sqlite3.Connection:
     uri = "file:" + urllib.parse.quote(os.fsencode(path)) + f"?mode={mode}"
-    return sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
 
 
 def _geopackage_refusal(con: sqlite3.Connection, path: str) -> EarthDialError | None:

@@ -440,6 +440,38 @@ def test_a_failure_inside_the_transaction_keeps_the_old_layer(tmp_path, monkeypa
     check_users_layer(path)
 
 
+# Another program in the middle of a write transaction on the GeoPackage, holding its lock.
+LOCKER = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+con.execute("CREATE TABLE pending (x)")
+print("locked", flush=True)
+sys.stdin.readline()
+con.execute("ROLLBACK")
+"""
+
+
+def test_a_geopackage_another_program_keeps_locked_is_busy_and_untouched(tmp_path, monkeypatch):
+    path = str(tmp_path / "project.gpkg")
+    user_geopackage(path)
+    write_features(path, TWO, "earthdial")
+    before = open(path, "rb").read()
+    monkeypatch.setattr(output, "BUSY_TIMEOUT_S", 0.3)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with pytest.raises(EarthDialError) as info:
+            write_features(path, TWO, "earthdial", overwrite=True)
+        assert info.value.code == ErrorCode.BUSY
+        assert "another program" in info.value.message
+    finally:
+        locker.communicate("done\n", timeout=20)
+    assert open(path, "rb").read() == before
+    assert write_features(path, TWO, "second") == "second"  # once it lets go
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
