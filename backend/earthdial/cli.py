@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refusal = access.bind_refusal(args.endpoint, curve=secret is not None)
     if refusal:
         return refuse(refusal)
-    dirs = [os.getcwd(), *(args.allow_dir or [])]
+    dirs = list(args.allow_dir or [])  # what the user asked for; never the working directory by itself
     bad = [d for d in dirs if not os.path.isdir(d)]
     if bad:
         return refuse(f"--allow-dir must name directories: {', '.join(bad)}")
@@ -169,16 +169,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
+    from .connections import raise_open_file_limit
+    from .limits import MIB, Limits
+
+    access.harden_process()  # PROJ network and GDAL HTTP off, GDAL reads only the named file
+    raise_open_file_limit()
+    budgets = Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
+                     max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
+                     max_queue_bytes=int(args.max_queue_mb * MIB), deadline_s=args.deadline,
+                     scan_deadline_s=args.scan_deadline)  # fmt: skip
     try:
         server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
                         client_queue=args.client_queue,
-                        curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs)  # fmt: skip
+                        curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs, budgets=budgets,
+                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)  # fmt: skip
     except zmq.ZMQError as exc:
         return refuse(f"cannot bind {args.endpoint}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: server.stop_event.set())
-    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under "
-          f"{', '.join(access.allowed_dirs() or ())}", flush=True)  # fmt: skip
+    reads = ", ".join(access.allowed_dirs() or ()) or "no directory (pass --allow-dir DIR)"
+    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under {reads}; "
+          f"at most {server.connections.cap} connections", flush=True)  # fmt: skip
     if secret is not None and clients is None and not access.is_loopback(args.endpoint):
         print("earthdial serve: warning: any client that knows the server's public key can connect; "
               "pass --curve-clients DIR to admit only listed client keys", file=sys.stderr)  # fmt: skip
@@ -562,8 +573,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-dir",
         action="append",
         metavar="DIR",
-        help="a directory by-reference requests may read under (repeatable; the current directory always is)",
+        help="a directory by-reference requests may read under (repeatable; without it no file is read "
+        "by reference: clients send pixels by value)",
     )
+    budgets = p.add_argument_group("limits (docs/security.md)")
+    budgets.add_argument("--max-pixels", type=int, default=500_000_000,
+                         help="source pixels decoded for one image of a request (window x bands, after overviews)")
+    budgets.add_argument("--max-value-pixels", type=int, default=64 * 1024 * 1024,
+                         help="pixels (rows x cols x bands) of one array sent by value")
+    budgets.add_argument("--max-bands", type=int, default=32, help="bands one source may name")
+    budgets.add_argument("--max-scan-tiles", type=int, default=20_000, help="tiles of one detect scan")
+    budgets.add_argument("--max-reply-mb", type=float, default=64, help="size of one reply, MiB")
+    budgets.add_argument("--max-queue-mb", type=float, default=1024,
+                         help="MiB of queued and running requests together (their arrays and headers)")
+    budgets.add_argument("--deadline", type=float, default=600,
+                         help="seconds an ask/georef request may take from its arrival (0: none)")
+    budgets.add_argument("--scan-deadline", type=float, default=0,
+                         help="seconds a detect scan may take from its arrival (0: none)")
+    budgets.add_argument("--max-connections", type=int, default=512,
+                         help="open connections; past it the longest idle are ended")
+    budgets.add_argument("--idle-timeout", type=float, default=300,
+                         help="seconds a connection with no request in flight may stay silent (0: forever)")  # fmt: skip
     p.add_argument(
         "--curve-secret-key",
         metavar="FILE",

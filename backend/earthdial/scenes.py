@@ -20,7 +20,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from . import answers, georef, imagery, presets, prompts
+from . import answers, georef, imagery, limits, presets, prompts
 from .protocol import EarthDialError, ErrorCode
 
 SCENE_CACHE_MB = 128
@@ -144,9 +144,10 @@ def detect(
     started = time.perf_counter()
     # GDAL's block cache (5% of RAM by default) would otherwise grow with the scene; one row of tiles
     # in cache is all a streaming pass can reuse.
-    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), rasterio.open(path) as src:
+    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), imagery.open_raster(path) as src:
         indexes = imagery.check_bands(indexes, src.count, path)
         region = imagery.window_for(src, bounds, bounds_crs, path)
+        limits.check_scan(region.width, region.height, tile_size, overlap)  # before any tile is built
         windows = tile_windows(region, tile_size, overlap)
         crs = imagery.crs_string(src.crs)
         found: list[dict[str, Any]] = []
@@ -154,6 +155,7 @@ def detect(
         done = 0
         raw = 0
         for batch in _batches(windows, batch_size):
+            limits.checkpoint(f"scanning {done} of {len(windows)} tiles")  # a cancel, or past the deadline
             if cancelled is not None and cancelled():
                 raise EarthDialError(
                     ErrorCode.CANCELLED, f"detect cancelled after {done} of {len(windows)} tiles"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import access, answers, georef, imagery, presets, prompts, sensors
+from . import access, answers, georef, imagery, limits, presets, prompts, sensors
 from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
 from .tokens import VARIANTS, earthdial_tokens
@@ -92,6 +92,8 @@ def resolve_source(
 
 def features_for(answer: str, chip: imagery.Chip, properties: dict[str, Any]) -> dict[str, Any]:
     boxes = answers.parse_boxes(answer)
+    # every feature repeats the properties (the answer among them): bound the reply before building it
+    limits.check_features(len(boxes), sum(len(v) for v in properties.values() if isinstance(v, str)))
     return georef.features_from_boxes(boxes, chip.transform, chip.width, chip.height, chip.crs, properties)
 
 
