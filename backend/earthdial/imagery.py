@@ -101,17 +101,6 @@ def read_chip(
         )
 
 
-def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
-    """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
-    averaging, which would hide the speckle that tells linear SAR power apart)."""
-    try:
-        with open_raster(os.fspath(path)) as src:
-            scale = max(1.0, max(src.width, src.height) / size)
-            shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-            return src.read(band, out_shape=shape, resampling=Resampling.nearest)
-    except RasterioError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
-
 @dataclass(frozen=True)
 class ChipPlan:
     """What `read_chip` would read, worked out from the raster's metadata alone (no pixels)."""
@@ -240,6 +229,27 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
         return data
     except RasterioError as exc:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+
+
+def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
+    """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
+    averaging, which would hide the speckle that tells linear SAR power apart). Of the whole raster when
+    it is small or has overviews, else of its central 1024 x 1024 pixels: a nearest read of a whole large
+    tiled raster without overviews decodes every tile it samples (billions of pixels)."""
+    with open_raster(os.fspath(path)) as src:
+        index = check_bands([band], src.count, path)
+        width, height = src.width, src.height
+        if src.overviews(index[0]) or max(width, height) <= 1024:
+            window = rasterio.windows.Window(0, 0, width, height)
+        else:
+            w, h = min(width, 1024), min(height, 1024)
+            window = rasterio.windows.Window((width - w) // 2, (height - h) // 2, w, h)
+        scale = max(1.0, max(window.width, window.height) / size)
+        shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
+        try:
+            return src.read(index[0], window=window, out_shape=shape, resampling=Resampling.nearest)
+        except RasterioError as exc:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def detect(
     if preset:
         chosen = presets.get(preset)
     else:
-        sample = imagery.read_chip(path, bands=[1], max_size=64).data[0] if info.count == 1 else None
+        sample = imagery.sample_band(path) if info.count == 1 else None
         chosen, _ = presets.choose(info.count, info.dtype, info.descriptions, sample)
     indexes = list(bands or chosen.bands or range(1, min(info.count, 3) + 1))
     tag = sensor or chosen.sensor or presets.rgb_tag_for(info.gsd_m)

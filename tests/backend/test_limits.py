@@ -131,6 +131,15 @@ def test_a_whole_huge_sparse_raster_is_refused_at_once(server: str, rasters) -> 
     assert _pings_at_once(server) < 2
 
 
+def test_a_small_window_of_a_huge_raster_is_still_read(server: str, rasters) -> None:
+    """The budget is on what a request reads, not on the raster's size (its preset's look at band 1 is
+    of the centre, not an average of 40 G pixels)."""
+    bounds = (500_000 + 1000, 4_000_000 - 2000, 500_000 + 2000, 4_000_000 - 1000)
+    with Client(server, timeout_s=20) as c:
+        reply = c.georef(source_by_reference(str(rasters["huge"]), bounds=bounds), ANSWER)
+    assert reply["chip"]["width"] == 1000 and len(reply["features"]["features"]) == 1
+
+
 def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(server: str, rasters, tmp_path) -> None:
     """`detect` with tile 16 and overlap 0.89 (a 235-byte request) built its tile list eagerly, to 5.5 GB."""
     path = _sparse_tif(tmp_path / "scene.tif", 4000)
