@@ -443,3 +443,79 @@ def test_the_limited_server_stayed_small(limited) -> None:
     peak = _peak_rss_mb(proc.pid)
     print(f"\nlimited server: peak RSS {peak:.0f} MB")
     assert peak < 1200
+
+
+def _curve_dealer(endpoint: str, server_public: bytes, keys: tuple[bytes, bytes]) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
+    sock.connect(endpoint)
+    return sock
+
+
+def test_with_curve_a_client_is_its_key(rasters) -> None:
+    """With CURVE the identity is the client's public key: any connection of that key may cancel its
+    requests, a connection of another key may not, whatever names the requests carry."""
+    from conftest import serving
+    from earthdial.server import Server
+
+    public, secret = zmq.curve_keypair()
+    alice, other = zmq.curve_keypair(), zmq.curve_keypair()
+    server = Server(None, "tcp://127.0.0.1:0", curve_secret_key=secret, allowed_dirs=[str(rasters["slow"].parent)],
+                    budgets=limits.Limits(max_pixels=20_000_000_000))  # fmt: skip
+    with serving(server) as endpoint:
+        first, second, stranger = (_curve_dealer(endpoint, public, k) for k in (alice, alice, other))
+        try:
+            _send(first, {"id": "hers", "op": "georef", "answer": ANSWER,
+                          "source": source_by_reference(str(rasters["slow"]))})  # fmt: skip
+            with Client(endpoint, timeout_s=10, server_public_key=public) as probe:
+                job = _wait_stage(probe, "hers", "reading")
+                assert job["client"] == "key:" + alice[0].decode()[:9]
+                _send(stranger, {"id": "s", "op": "cancel", "target": "hers", "client": job["client"]})
+                assert _recv(stranger)["state"] == "unknown"
+                _send(second, {"id": "a", "op": "cancel", "target": "hers"})  # her key, another connection
+                assert _recv(second)["state"] == "running"
+                assert _recv(first)["error"]["code"] == "cancelled"
+        finally:
+            for sock in (first, second, stranger):
+                sock.close()
+
+
+def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> None:
+    from earthdial import imagery
+
+    path = tmp_path / "striped.tif"  # 4000 x 4000 px in strips of one row, no overviews
+    data = (np.arange(4000 * 4000, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 4000, 4000)
+    with rasterio.open(path, "w", driver="GTiff", width=4000, height=4000, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 1, 1), blockysize=1) as dst:  # fmt: skip
+        dst.write(data)
+    previous = limits.configure(limits.Limits(max_pixels=5_000_000))
+    try:
+        # averaging would decode 16 M pixels; a nearest read of 500 rows decodes 500 x 4000 = 2 M
+        chip = imagery.read_chip(str(path), max_size=500)
+        with rasterio.open(path) as src:
+            nearest = src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.nearest)
+        assert np.array_equal(chip.data[0], nearest)
+        with rasterio.open(path, "r+") as dst:
+            dst.build_overviews([4, 8], rasterio.enums.Resampling.average)
+        chip = imagery.read_chip(str(path), max_size=500)  # through the 8x overview: 250 000 pixels
+        with rasterio.open(path) as src:
+            assert np.array_equal(chip.data[0], src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.average))
+        with pytest.raises(EarthDialError) as err:  # at full resolution: 16 M pixels either way
+            imagery.read_chip(str(path), max_size=None)
+        assert err.value.code == "too_large" and "--max-pixels" in err.value.message
+    finally:
+        limits.configure(previous)
+
+
+def test_a_server_process_has_proj_network_and_gdal_http_off() -> None:
+    import subprocess
+    import sys
+
+    code = ("import os, pyproj.network; from earthdial import access; access.harden_process(); "
+            "print(pyproj.network.is_network_enabled(), os.environ['PROJ_NETWORK'], "
+            "os.environ['GDAL_DISABLE_READDIR_ON_OPEN'], os.environ['GDAL_PAM_ENABLED'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "OFF", "EMPTY_DIR", "NO"]
