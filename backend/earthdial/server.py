@@ -306,6 +306,9 @@ class Server:
             return
         self._next_sweep = now + 1.0
         busy_fds = {self._peer_fd.get(job_ident) for job_ident in self._busy_idents()}
+        for fd in busy_fds:  # busy counts as active: a job just done has its reply still to come
+            if fd is not None:
+                self.connections.message(fd, now)
         for fd in self.connections.to_end(now, lambda fd: fd in busy_fds):
             self.connections.end(fd)
         if self.connections.dropped:
@@ -323,6 +326,9 @@ class Server:
             handle(frames)
 
     def _forward(self, frames: list[Any]) -> None:
+        fd = self._peer_fd.get(frames[0].bytes)
+        if fd is not None:
+            self.connections.message(fd, time.monotonic())  # a reply is activity too
         self.sock.send_multipart(frames, copy=False)
 
     def _on_frames(self, frames: list[Any]) -> None:
