@@ -191,7 +191,8 @@ class Server:
             try:
                 if i in failed:
                     raise failed[i]
-                _check_cancel(job)
+                with _running(job):
+                    limits.checkpoint("finishing")  # a decode stopped by a cancel or the deadline
                 fields = service.finish(prepared, self.engine)
                 replies.append((job.ident, ok_reply(job.request_id, **fields)))
             except Exception as exc:
@@ -205,7 +206,7 @@ class Server:
         for job, _ in ready:
             job.stage = f"generating (a batch of {len(ready)})"
         try:
-            service.generate(jobs, self.engine, [job.cancel.is_set for job, _ in ready])
+            service.generate(jobs, self.engine, [_stop_flag(job) for job, _ in ready])
             return {}
         except Exception as exc:
             if _out_of_memory(exc):
@@ -218,7 +219,7 @@ class Server:
             if job.cancel.is_set():
                 continue  # answered as cancelled afterwards
             try:
-                service.generate([prepared], self.engine, [job.cancel.is_set])
+                service.generate([prepared], self.engine, [_stop_flag(job)])
             except Exception as one:
                 if _out_of_memory(one):
                     _free_device_memory()
@@ -403,17 +404,20 @@ def _running(job: Pending) -> Any:
     return limits.running(job.cancel.is_set, limits.deadline_for(str(job.header.get("op")), job.received), stage)
 
 
+def _stop_flag(job: Pending) -> Any:
+    """What stops a job's decoding at its next token: a cancel, or its deadline passing."""
+    deadline = limits.deadline_for(str(job.header.get("op")), job.received)
+    if deadline is None:
+        return job.cancel.is_set
+    return lambda: job.cancel.is_set() or time.monotonic() > deadline
+
+
 def _limits_view(budgets: limits.Limits) -> dict[str, Any]:
     return {name: getattr(budgets, name) for name in limits.OPTIONS}
 
 
 def _frame_bytes(frame: Any) -> memoryview:
     return memoryview(getattr(frame, "buffer", frame)).cast("B")
-
-
-def _check_cancel(job: Pending) -> None:
-    if job.cancel.is_set():
-        raise _cancelled()
 
 
 def _cancelled() -> EarthDialError:

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access
+from earthdial import access, service
 from earthdial.protocol import (
     ALLOWED_DTYPES,
     OPS,
@@ -49,6 +49,7 @@ from earthdial.protocol import (
     decode,
     encode,
     error_reply,
+    ok_reply,
 )
 from earthdial.scheduling import Pending
 from earthdial.server import Server, _encode_reply, admit
@@ -404,6 +405,12 @@ def run_in_process(worker: Server, frames: list[bytes]) -> str:
     if msg.header["op"] in ("status", "ping", "cancel"):
         return "loop-op"  # answered by the server's I/O loop: fuzzed over ZeroMQ below
     job = Pending(b"fuzz", "fuzz", msg.header, msg.arrays)
+    if msg.header["op"] == "plan":  # answered by the I/O loop from metadata: it must be as safe
+        try:
+            reply = ok_reply(msg.header.get("id"), **service.plan(msg.header, msg.arrays, None))
+        except EarthDialError as exc:
+            reply = error_reply(None, exc)
+        return outcome(decode(_encode_reply(reply)).header)
     if msg.header["op"] == "detect":
         return outcome(decode(_encode_reply(worker._detect(job, _NoEvents()))).header)
     ((_, reply),) = worker._answer([job])
@@ -495,6 +502,9 @@ def test_the_findings_of_issue_15_are_typed_errors(allow_fuzz_dir, worker, paths
     for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("hard.tif", "forbidden_path"),
                            ("huge.tif", "too_large")):  # fmt: skip
         assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/{name}"}}) == expected
+    for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("huge.tif", "ok")):
+        plan = {"op": "plan", "task": "refer", "prompt": "ships", "source": {"kind": "ref", "path": f"{root}/{name}"}}
+        assert code(plan) == expected, name  # a plan reads metadata and a small sample only
     assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": rgb, "bands": [1] * 600}}) == "too_large"
     assert code({"op": "georef", "answer": ANSWER_MANY, "source": {"kind": "ref", "path": rgb}}) == "too_large"
 
