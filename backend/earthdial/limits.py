@@ -198,7 +198,10 @@ def scan_tiles(width: int, height: int, tile: int, overlap: float) -> int:
 
 
 def check_scan(width: int, height: int, tile: int, overlap: float) -> int:
-    """The tile count of a scan, or `too_large` when it exceeds the scan budget."""
+    """The tile count of a scan, or `too_large` when it exceeds the scan budget (0, unchecked, for a
+    tile size or overlap the tiling itself refuses)."""
+    if tile < 16 or not 0 <= overlap < 0.9:
+        return 0
     n = scan_tiles(width, height, tile, overlap)
     if _limits is not None and n > _limits.max_scan_tiles:
         raise too_large(

@@ -172,6 +172,12 @@ class FairQueue:
                     job.cancel.set()
             return gone
 
+    def cancel_running(self) -> None:
+        """Flag every running job to stop (the server is shutting down)."""
+        with self._cond:
+            for job in self._running:
+                job.cancel.set()
+
     def has_connection(self, ident: bytes) -> bool:
         """Whether a request of this connection is queued or running."""
         with self._cond:

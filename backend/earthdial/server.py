@@ -111,6 +111,7 @@ class Server:
 
     def close(self) -> None:
         self.stop_event.set()
+        self.queue.cancel_running()  # a read in progress stops at its next strip
         self.queue.close()
         self.sock.disable_monitor()
         for s in (self.monitor, self.sock, self.replies):
@@ -357,6 +358,7 @@ class Server:
                     self._drain(self.sock, self._on_frames)
                 self._sweep()
         finally:
+            self.queue.cancel_running()
             self.queue.close()
             self._worker.join(timeout=5)
 

@@ -266,6 +266,22 @@ def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
         assert probe.status()["running"] == 0 and time.monotonic() - t < 5
 
 
+def test_sigterm_during_a_long_read_stops_the_server_at_once(rasters) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=("--max-pixels", "20000000000"))
+    worker = _dealer(endpoint)
+    try:
+        _send(worker, {"id": "long", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+        with Client(endpoint, timeout_s=10) as probe:
+            _wait_stage(probe, "long", "reading")
+        t = time.monotonic()
+        proc.terminate()
+        assert proc.wait(timeout=8) == 0 and time.monotonic() - t < 5
+    finally:
+        worker.close()
+        stop_server(proc)
+
+
 def test_a_request_past_its_deadline_is_stopped(rasters, tiny_checkpoint) -> None:
     """A read is stopped between its strips, a decode at its next token (the tiny model would go on to
     2 048 tokens otherwise)."""
