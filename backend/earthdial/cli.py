@@ -453,6 +453,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if plan:
         print(f"plan      batch {plan.get('batch')}: {plan.get('message')}")
     print(f"queue     {status['queue']} waiting, {status['running']} running")
+    for job in status.get("jobs", []):  # what a running request is doing, and for how long
+        print(f"running   {job['id']} ({job['op']}): {job['stage']}, {job['age_s']:.0f} s since it arrived"
+              + (", cancel requested" if job.get("cancel_requested") else ""))  # fmt: skip
+    if "connections" in status:
+        conns = status["connections"]
+        print(f"clients   {conns['open']} connection(s) open, at most {conns['max']}")
     print(f"tasks     {', '.join(t['name'] for t in status['tasks'])}")
     return 0
 
