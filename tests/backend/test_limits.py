@@ -400,6 +400,22 @@ def test_a_flood_of_idle_connections_does_not_lock_clients_out() -> None:
         stop_server(proc)
 
 
+def test_a_client_ended_for_idleness_reconnects_on_its_next_request() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=("--idle-timeout", "1"))
+    try:
+        with Client(endpoint, timeout_s=10) as idle:
+            first = idle.ping()
+            deadline = time.monotonic() + 15
+            while not idle._read_events() and time.monotonic() < deadline:  # its connection's end
+                time.sleep(0.05)
+            assert time.monotonic() < deadline, "the idle connection was not ended"
+            again = idle.ping(timeout_s=10)  # the same Client, over a new connection
+            assert again["pong"] and again["server"] == first["server"]
+    finally:
+        stop_server(proc)
+
+
 # --------------------------------------------------------------------------------------------------
 # Oversize headers
 # --------------------------------------------------------------------------------------------------
