@@ -394,6 +394,19 @@ def test_a_flood_of_idle_connections_does_not_lock_clients_out() -> None:
             time.sleep(0.1)
         assert _open_fds(proc.pid) <= before + 2
         assert _pings_at_once(endpoint) < 5
+        # ZMTP peers that reconnect as soon as they are ended (DEALER sockets) churn, but do not lock out
+        ctx = zmq.Context()
+        dealers = [ctx.socket(zmq.DEALER) for _ in range(80)]
+        for d in dealers:
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(endpoint)
+        try:
+            for _ in range(5):
+                assert _pings_at_once(endpoint) < 5
+        finally:
+            for d in dealers:
+                d.close()
+            ctx.term()
     finally:
         for s in flood:
             s.close()
