@@ -142,8 +142,8 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     vis, llm = dict(published["vision_config"]), dict(published["llm_config"])
     if llm.get("model_type") != "phi3":
         raise CheckpointError(f"llm_config.model_type is {llm.get('model_type')!r}; EarthDial uses phi3")
-    if published.get("ps_version", "v2") != "v2":
-        raise CheckpointError("only ps_version v2 pixel shuffle is supported (the one EarthDial uses)")
+    if ps_version(published) not in ("v1", "v2"):
+        raise CheckpointError(f"ps_version {published['ps_version']!r} is unknown (InternVL has v1 and v2)")
     vision_config = {
         "hidden_size": vis["hidden_size"],
         "num_hidden_layers": vis["num_hidden_layers"],
@@ -192,6 +192,28 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     )
 
 
+def ps_version(published: dict[str, Any]) -> str:
+    """The pixel-shuffle version; upstream's config class defaults to 'v1' (transposed) when absent."""
+    return str(published.get("ps_version", "v1"))
+
+
+def use_thumbnail(published: dict[str, Any]) -> bool:
+    """Whether multi-tile images get a thumbnail; upstream's config class defaults to False."""
+    return bool(published.get("use_thumbnail", False))
+
+
+def adds_bos(directory: str | Path, tokenizer: Any) -> bool:
+    """Whether a prompt starts with the BOS token, as upstream's `tokenizer(query)` would add it: the
+    checkpoint's tokenizer_config.json `add_bos_token` when it has the key, else what the tokenizer's
+    own default special tokens do to a plain text."""
+    cfg_path = Path(directory) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if "add_bos_token" in cfg:
+        return bool(cfg["add_bos_token"]) and tokenizer.bos_token_id is not None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
@@ -205,6 +227,8 @@ class CheckpointInfo:
     vocab: frozenset[str]
     num_parameters: int
     demo: bool = False  # the built-in demo model (config.json "demo": true), trained on synthetic scenes
+    ps_version: str = "v2"  # pixel shuffle: "v2", or "v1" (features left transposed, as upstream's v1)
+    add_bos: bool = False  # prompts start with <s> (the tokenizer config asks for it)
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -302,11 +326,13 @@ def load(
         tokens_per_tile=config.image_seq_length,
         min_tiles=int(published_cfg.get("min_dynamic_patch", 1)),
         max_tiles=int(published_cfg.get("max_dynamic_patch", 6)),
-        use_thumbnail=bool(published_cfg.get("use_thumbnail", True)),
+        use_thumbnail=use_thumbnail(published_cfg),
         system_message=published_cfg.get("system_message") or INTERNVL_SYSTEM_MESSAGE,
         vocab=frozenset(vocab),
         num_parameters=sum(p.numel() for p in model.parameters()),
         demo=bool(published_cfg.get("demo", False)),
+        ps_version=ps_version(published_cfg),
+        add_bos=adds_bos(directory, tokenizer),
     )
     return model, tokenizer, info
 

@@ -164,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
             engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize)
+            if args.decoding != "auto":
+                engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
             return refuse(f"cannot load {model}: {exc}", 3)
         if plan is not None:
@@ -567,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="requests decoded together at most (the memory plan may lower it)",
+    )
+    p.add_argument(
+        "--decoding",
+        default="auto",
+        choices=["auto", "upstream", "greedy"],
+        help="upstream: beams per task as EarthDial's evaluation runs them; greedy: one beam "
+        "(default auto: upstream, greedy for the demo model; a request's options.decoding wins)",
     )
     p.add_argument("--no-model", action="store_true", help="serve without a model: georef, status, ping only")
     p.add_argument(

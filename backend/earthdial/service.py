@@ -239,14 +239,17 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
     return Inputs(chips, preset, reason, gsd_m, warnings)
 
 
-def _sensor_for(spec: prompts.Task, inputs: Inputs, options: dict[str, Any]) -> str:
+def _sensor_for(
+    spec: prompts.Task, inputs: Inputs, options: dict[str, Any], vocab: frozenset[str] = frozenset()
+) -> str:
     """The sensor tag: named in the request, else the task's own (methane, UHI), else for pairs the
-    temporal tag of the data's kind, else the preset's, else the RGB tag nearest the window's GSD."""
+    temporal tag of the data's kind (SAR's only if `vocab` holds it), else the preset's, else the RGB
+    tag nearest the window's GSD."""
     if options.get("sensor"):
         return str(options["sensor"])
     sar = inputs.preset.name.startswith("s1_")
     if spec.images > 1:
-        return "[s1_vh_temp_10]" if sar else spec.sensor
+        return sensors.pair_tag(sar, spec.sensor, vocab)
     if spec.sensor != prompts.DEFAULT_SENSOR:
         return spec.sensor
     return inputs.preset.sensor or presets.rgb_tag_for(inputs.gsd_m)
@@ -292,13 +295,19 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
             ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
         )
     history = _history(options)
+    decoding = options.get("decoding") or (engine.decoding if engine is not None else "greedy")
+    if not isinstance(decoding, str):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}")
+    num_beams, min_new = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
     chips = inputs.chips
-    tag = _sensor_for(spec, inputs, options)
+    tag = _sensor_for(spec, inputs, options, engine.info.vocab if engine is not None else frozenset())
     inputs.warnings += _gsd_warnings(inputs.gsd_m, tag)
     in_history = any(prompts.IMAGE in q for q, _ in history)  # a follow-up: the images came with turn one
-    question = prompts.build_question(name, prompt, tag, images=0 if in_history else len(chips))
+    question = prompts.build_question(
+        name, prompt, sensors.prompt_tag(tag, chips[0].data.shape[0]), images=0 if in_history else len(chips)
+    )
     job = Job(header, chips, started=started, inputs=inputs, sensor=tag)
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
@@ -307,8 +316,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     t = time.perf_counter()
     from .engine import Query
 
-    images = [engine.image(chip.data, tag, chip.nodata) for chip in chips]
-    job.query = Query(question, images, max_new, history)
+    images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
+    job.query = Query(question, images, max_new, history, num_beams=num_beams, min_new_tokens=min_new)
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
 
