@@ -513,10 +513,15 @@ def full_size_config(vocab_size: int = 32064, image_size: int = 448) -> dict[str
 
 
 def make_tiny_checkpoint(
-    directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0
+    directory: str | Path,
+    variant: str = "EarthDial_4B_RGB",
+    image_size: int = 224,
+    seed: int = 0,
+    vision_hidden: int = 64,
 ) -> Path:
     """Write a tiny random-weight checkpoint in EarthDial's published layout (config, safetensors with
-    published key names, tokenizer files with the added tokens)."""
+    published key names, tokenizer files with the added tokens). `vision_hidden` 1024 at image_size 448
+    gives the (1024 tokens x 1024) vision features upstream's fixed-size band-group fusion assumes."""
     from safetensors.torch import save_file
     from transformers import InternVLForConditionalGeneration
 
@@ -527,6 +532,7 @@ def make_tiny_checkpoint(
     tokenizer = _tiny_tokenizer(variant)
     vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)  # padded, like real checkpoints' embedding rows
     cfg = tiny_published_config(vocab_size, image_size, variant)
+    cfg["vision_config"]["hidden_size"] = vision_hidden
     cfg["llm_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     cfg["llm_config"]["pad_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
