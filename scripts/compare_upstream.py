@@ -19,7 +19,8 @@ Shims in the upstream run, none of which touches the arithmetic: `timm` (importe
 which is used only when drop_path_rate > 0; timm needs torchvision, which has no build for torch 2.13
 here) is a stub; `Tensor.cuda` is the identity (upstream's `chat` moves ids to CUDA unconditionally);
 the tokenizer is read from tokenizer.json with `PreTrainedTokenizerFast` (transformers 4.37 does not know
-the `TokenizersBackend` class name transformers 5 writes); the LLM runs with eager attention (the tiny
+the `TokenizersBackend` class name transformers 5 writes), its BPE merges rewritten from [a, b] pairs to
+the "a b" strings tokenizers 0.15 reads; the LLM runs with eager attention (the tiny
 config asks for flash-attention 2, which is not installed).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +65,7 @@ def run_upstream(work: Path) -> None:
         name, ckpt = case["name"], case["checkpoint"]
         if ckpt not in models:
             model = InternVLChatModel.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(ckpt) / "tokenizer.json"))
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(old_format_tokenizer(Path(ckpt), work)))
             tok.pad_token = "<|endoftext|>"
             models[ckpt] = (model, tok)
         model, tok = models[ckpt]
@@ -108,6 +110,8 @@ def run_upstream(work: Path) -> None:
                          do_sample=False),
                 )  # fmt: skip
                 results[f"{name}.ids.{label}"] = seen["ids"][0].numpy()
+            results[f"{name}.end_id"] = np.array(tok.convert_tokens_to_ids("<|end|>"))
+            results[f"{name}.bos_id"] = np.array(model.language_model.config.bos_token_id)
             model.language_model.generate = lm_generate
             enc = tok(seen_query(model, tok, case, feats_in), return_tensors="pt")
             results[f"{name}.input_ids"] = enc["input_ids"][0].numpy()
@@ -122,6 +126,17 @@ def run_upstream(work: Path) -> None:
             meta[name] = {"answers": answers}
     np.savez(work / "upstream.npz", **results)
     (work / "upstream.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
+
+
+def old_format_tokenizer(ckpt: Path, work: Path) -> Path:
+    """tokenizer.json as tokenizers 0.15 reads it: BPE merges as "a b" strings (newer tokenizers write
+    [a, b] pairs). The same vocabulary, merges and added tokens."""
+    data = json.loads((ckpt / "tokenizer.json").read_text())
+    merges = data["model"].get("merges") or []
+    data["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    out = work / f"{ckpt.name}.tokenizer-0.15.json"
+    out.write_text(json.dumps(data, ensure_ascii=False))
+    return out
 
 
 def seen_query(model, tok, case: dict, feats_in) -> str:
@@ -176,6 +191,15 @@ def prepare(work: Path, upstream_git: Path) -> None:
         cfg["llm_config"]["attn_implementation"] = "eager"
         cfg["llm_config"]["_attn_implementation"] = "eager"
         (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    # the same weights with ps_version and use_thumbnail absent: both sides must fall back to upstream's
+    # config-class defaults (v1 pixel shuffle, no thumbnail)
+    v1 = work / "tiny224-nodefaults"
+    if v1.exists():
+        shutil.rmtree(v1)
+    shutil.copytree(work / "tiny224", v1)
+    cfg = json.loads((v1 / "config.json").read_text())
+    del cfg["ps_version"], cfg["use_thumbnail"]
+    (v1 / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def cases(work: Path) -> list[dict]:
@@ -203,6 +227,8 @@ def cases(work: Path) -> list[dict]:
         for c in out[-4:]:
             c["final_size"] = None
             c["final"] = final
+    out.append({"name": "nodefaults-rgb", "checkpoint": "tiny224-nodefaults", "kind": "rgb", "tag": "[hr_rgb_0.5]",
+                "data": rgb, "question": out[0]["question"]})  # fmt: skip
     for c in out:
         c["checkpoint"] = str(work / c["checkpoint"])
         c["decodings"] = [greedy, beams]
@@ -242,12 +268,29 @@ def run_ours(work: Path, case_list: list[dict]) -> dict:
             embeds = engine.embed(ids, [q])
             logits = engine.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].numpy()
         answers, gen_ids = {}, {}
+        decode = engine._decode
         for label, beams, min_new in case["decodings"]:
             q = Query(case["question"], [image], case["max_new_tokens"], num_beams=beams, min_new_tokens=min_new)
+            seen: list[list[int]] = []
+            engine._decode = lambda ids, _seen=seen, _decode=decode: (_seen.append(ids), _decode(ids))[1]
             answers[label] = engine.generate([q])
+            engine._decode = decode
+            gen_ids[label] = seen[0]
+            # upstream's chat() decodes with skip_special_tokens and cuts at <|end|>; ours keeps the
+            # added tags and markup (<ref>, <box>, sensor tags), so compare texts decoded its way too
+            answers[label + "_upstream_style"] = engine.tokenizer.decode(
+                until_stop(seen[0], engine.stop_ids), skip_special_tokens=True
+            ).strip()
         ours[case["name"]] = {"features": feats, "input_ids": ids[0].numpy(), "logits": logits,
                               "answers": answers, "ids": gen_ids}  # fmt: skip
     return ours
+
+
+def until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return list(ids)
 
 
 def main() -> int:
@@ -292,21 +335,34 @@ def main() -> int:
             "logits_max_abs": float(np.abs(mine["logits"] - theirs[f"{name}.logits"]).max()),
             "argmax_equal": bool(mine["logits"].argmax() == theirs[f"{name}.logits"].argmax()),
         }
-        for label in mine["answers"]:
-            row[f"{label}_equal"] = mine["answers"][label][0] == their_meta[name]["answers"][label]
+        end = [int(theirs[f"{name}.end_id"])]
+        for label, _, _ in case["decodings"]:
+            their_ids = theirs[f"{name}.ids.{label}"].tolist()
+            # transformers 4.37 starts an inputs_embeds-only generation from the LLM config's BOS and
+            # returns it ahead of the new tokens (skip_special_tokens then hides it)
+            if their_ids and their_ids[0] == int(theirs[f"{name}.bos_id"]):
+                their_ids = their_ids[1:]
+            their_ids = until_stop(their_ids, end)
+            row[f"{label}_ids_equal"] = until_stop(mine["ids"][label], end) == their_ids
+            row[f"{label}_tokens"] = len(their_ids)
+            row[f"{label}_text_equal"] = mine["answers"][label + "_upstream_style"] == their_meta[name]["answers"][label]
             row[f"{label}_ours"] = mine["answers"][label][0]
             row[f"{label}_upstream"] = their_meta[name]["answers"][label]
         rows.append(row)
-    print(f"{'case':16} {'features':>14} {'max|d|':>9} {'rel':>9} {'ids':>4} {'logit|d|':>9} "
-          f"{'top1':>4} {'greedy':>6} {'beams':>6}")  # fmt: skip
+    def mark(ok: bool) -> str:
+        return "=" if ok else "DIFF"
+
+    print(f"{'case':14} {'features':>11} {'max|d|':>9} {'rel':>9} {'prompt':>6} {'logit|d|':>9} {'top1':>4} "
+          f"{'greedy ids/text':>16} {'beam-2 ids/text':>16}")  # fmt: skip
     for r in rows:
-        print(f"{r['case']:16} {str(r['features_shape']):>14} {r['features_max_abs']:9.2e} "
-              f"{r['features_max_rel']:9.2e} {'=' if r['prompt_ids_equal'] else 'DIFF':>4} "
-              f"{r['logits_max_abs']:9.2e} {'=' if r['argmax_equal'] else 'DIFF':>4} "
-              f"{'=' if r['greedy_equal'] else 'DIFF':>6} {'=' if r['beams_equal'] else 'DIFF':>6}")  # fmt: skip
+        greedy = f"{mark(r['greedy_ids_equal'])}/{mark(r['greedy_text_equal'])} ({r['greedy_tokens']})"
+        beams = f"{mark(r['beams_ids_equal'])}/{mark(r['beams_text_equal'])} ({r['beams_tokens']})"
+        print(f"{r['case']:14} {str(r['features_shape']):>11} {r['features_max_abs']:9.2e} "
+              f"{r['features_max_rel']:9.2e} {mark(r['prompt_ids_equal']):>6} {r['logits_max_abs']:9.2e} "
+              f"{mark(r['argmax_equal']):>4} {greedy:>16} {beams:>16}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=1))
-    ok = all(r["prompt_ids_equal"] and r["greedy_equal"] and r["beams_equal"] for r in rows)
+    ok = all(r["prompt_ids_equal"] and r["greedy_ids_equal"] and r["beams_ids_equal"] for r in rows)
     return 0 if ok else 1
 
 
