@@ -250,6 +250,12 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(directory: str | Path) -> Any:
+    """The checkpoint's tokenizer, `tokenizers`-backed. Upstream loads the slow (sentencepiece) one
+    (`use_fast=False`); transformers 5 has only the `tokenizers` backend for Llama-type vocabularies
+    (it ignores `use_fast`), and the tiny and demo tokenizers exist only as tokenizer.json. Phi-3-mini's
+    tokenizer config sets `legacy: false`, under which the two backends are meant to split text alike
+    (not checkable here: the published tokenizer files are not on this machine). So: the fast one, with
+    BOS decided by `adds_bos` (docs/fidelity.md)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
