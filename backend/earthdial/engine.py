@@ -354,13 +354,18 @@ class Engine:
             groups.setdefault(key, []).append(i)
         answers: list[str] = [""] * len(queries)
         for (beams, min_new, _), idx in groups.items():
-            batch = [queries[i] for i in idx]
             if beams <= 1 and min_new == 0:
-                out = self.generate(batch, **overrides)
-            else:
-                out = self.generate_beams(batch, beams, min_new, **overrides)
-            for i, a in zip(idx, out, strict=True):
-                answers[i] = a
+                out = self.generate([queries[i] for i in idx], **overrides)
+                for i, a in zip(idx, out, strict=True):
+                    answers[i] = a
+                continue
+            # each beam is a sequence with its own cache: the memory plan's batch counts sequences
+            step = max(1, int((self.plan or {}).get("batch") or len(idx)) // beams)
+            for start in range(0, len(idx), step):
+                chunk = idx[start : start + step]
+                out = self.generate_beams([queries[i] for i in chunk], beams, min_new, **overrides)
+                for i, a in zip(chunk, out, strict=True):
+                    answers[i] = a
         return answers
 
     @torch.inference_mode()

@@ -307,6 +307,16 @@ def test_a_batch_mixing_decodings_answers_each_as_alone(engine: Engine) -> None:
     assert engine.generate(mixed) == [engine.generate([q])[0] for q in mixed]
 
 
+def test_beam_batches_fit_the_memory_plan_in_sequences(engine: Engine, monkeypatch) -> None:
+    # a plan for 4 requests at one sequence each holds 2 requests of 2 beams: 3 queries -> batches 2 + 1
+    sizes: list[int] = []
+    real = engine.generate_beams
+    monkeypatch.setattr(engine, "generate_beams", lambda qs, *a, **k: (sizes.append(len(qs)), real(qs, *a, **k))[1])
+    monkeypatch.setattr(engine, "plan", {"batch": 4})
+    engine.generate(_queries(engine, beams=2))
+    assert sizes == [2, 1]
+
+
 # -- 8. config defaults ---------------------------------------------------------------------------
 
 
