@@ -381,3 +381,14 @@ def test_rotation_matches_upstreams_row_vector_product() -> None:
     expected = (rect - centre) @ rot + centre
     got = np.array(box_pixel_corners(Box(10, 20, 50, 40, 37, None), 100, 100))
     np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None:
+    from types import SimpleNamespace
+
+    from earthdial import presets
+
+    inputs = SimpleNamespace(preset=presets.PRESETS["s1_vh_db"], gsd_m=10.0)
+    spec = prompts.task("change")
+    assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_temp_10]"})) == "[s1_vh_temp_10]"
+    assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_10]"})) == "[s1_vh_10]"
