@@ -10,6 +10,7 @@ import importlib.util
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class Query:
     # Decoding (see prompts.decoding_for): greedy unless the caller asks for upstream's beams.
     num_beams: int = 1
     min_new_tokens: int = 0
+    cancelled: Callable[[], bool] | None = None  # true once the request is cancelled: decoding stops
 
 
 def pick_device(device: str = "auto") -> str:
@@ -102,6 +104,24 @@ def fuse_group_features(features: torch.Tensor, size: tuple[int, int] | None = N
             left += widths[c]
         top += heights[r]
     return out
+
+
+def with_cancel(queries: list[Query], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` plus a stopping criterion that ends the rows of cancelled queries (each query's own
+    rows: one with greedy decoding, every beam candidate with beam search), so one cancelled request of a
+    batch does not stop the others."""
+    flags = [q.cancelled for q in queries]
+    if not any(flags):
+        return overrides
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = torch.tensor([bool(f and f()) for f in flags], dtype=torch.bool, device=input_ids.device)
+            return done.repeat_interleave(input_ids.shape[0] // len(flags))  # rows are grouped per query
+
+    criteria = StoppingCriteriaList([*overrides.get("stopping_criteria", []), Cancelled()])
+    return {**overrides, "stopping_criteria": criteria}
 
 
 def attention_for(device: str) -> str:
@@ -308,7 +328,7 @@ class Engine:
                 num_beams=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                **overrides,
+                **with_cancel(queries, overrides),
             )
         new = out.tolist()  # with inputs_embeds only, generate returns just the new tokens
         return [self._decode(ids[: q.max_new_tokens]) for ids, q in zip(new, queries, strict=True)]
@@ -390,7 +410,7 @@ class Engine:
                 num_return_sequences=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                **overrides,
+                **with_cancel(queries, overrides),
             )
         return [self._decode(ids[: q.max_new_tokens]) for ids, q in zip(out.tolist(), queries, strict=True)]
 

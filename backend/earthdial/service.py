@@ -398,14 +398,16 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     width, height = chip.width, chip.height
     gsd_m = imagery.ground_resolution(chip.transform, chip.crs, width / 2, height / 2)
     inputs = Inputs([], preset, reason, gsd_m)
-    tag = _sensor_for(spec, inputs, options)
+    tag = _sensor_for(spec, inputs, options, engine.info.vocab if engine is not None else frozenset())
     warnings = _gsd_warnings(gsd_m, tag)
-    question = prompts.build_question(name, prompt, tag, images=len(sources))
+    question = prompts.build_question(
+        name, prompt, sensors.prompt_tag(tag, len(chip.band_indexes)), images=len(sources)
+    )
     tiles = None
     model = None
     if engine is not None:
         _check_model(engine, question, tag)
-        per_image = _tiles_for(engine, width, height, tag)
+        per_image = _tiles_for(engine, width, height, tag, name, len(sources))
         tiles = per_image * len(sources)
         model = {"variant": engine.info.variant, "path": engine.info.path}
     return {
@@ -427,15 +429,16 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     }
 
 
-def _tiles_for(engine: Any, width: int, height: int, tag: str) -> int:
+def _tiles_for(engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1) -> int:
     """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
-    (plus the thumbnail) for RGB; the same choice `engine.image` makes."""
+    (plus the thumbnail) for RGB within each image's share of the budget; the same choice
+    `engine.image` makes."""
     from . import pixels
 
-    if sensors.sensor(tag).path != "rgb":
+    if sensors.pixel_path(tag, task) != "rgb":
         return 1
     size = engine.info.image_size
-    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.max_tiles)
+    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
     n = cols * rows
     return n + 1 if engine.info.use_thumbnail and n > 1 else n
 
@@ -487,11 +490,13 @@ def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> Non
     todo = [j for j in jobs if j.query is not None and j.answer is None]
     if not todo:
         return
-    flags = [f for j, f in zip(jobs, stop, strict=True) if any(j is t for t in todo)] if stop else None
-    overrides = {"stopping_criteria": _stop_criteria(flags)} if flags else {}
+    if stop:  # the engine ends each query's own rows (beams included) once its flag is set
+        for job, flag in zip(jobs, stop, strict=True):
+            if job.query is not None:
+                job.query.cancelled = flag
     t = time.perf_counter()
     try:
-        answers_ = engine.generate([j.query for j in todo], **overrides)
+        answers_ = engine.generate([j.query for j in todo])
     except EarthDialError:
         raise
     except Exception as exc:  # a model failure is these requests' error, not the server's
@@ -501,20 +506,6 @@ def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> Non
         job.answer = answer
         job.timings["generate_s"] = elapsed
         job.timings["batch"] = len(todo)
-
-
-def _stop_criteria(flags: list[Any]) -> Any:
-    """transformers stopping criteria that end each row whose flag is set (per row, so one cancelled
-    request of a batch does not stop the others)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            done = [bool(f()) for f in flags]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
 
 
 def detect(

@@ -317,6 +317,16 @@ def test_beam_batches_fit_the_memory_plan_in_sequences(engine: Engine, monkeypat
     assert sizes == [2, 1]
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_cancelled_query_stops_alone_in_a_beam_or_greedy_batch(engine: Engine, beams: int) -> None:
+    queries = _queries(engine, beams=beams)
+    alone = engine.generate([queries[1]])[0]
+    queries[0].cancelled = lambda: True  # set before the first token: it stops after one
+    out = engine.generate(queries)
+    assert len(engine.tokenizer(out[0], add_special_tokens=False)["input_ids"]) <= 1
+    assert out[1] == alone
+
+
 # -- 8. config defaults ---------------------------------------------------------------------------
 
 
@@ -392,3 +402,24 @@ def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None
     spec = prompts.task("change")
     assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_temp_10]"})) == "[s1_vh_temp_10]"
     assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_10]"})) == "[s1_vh_10]"
+
+
+def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(tmp_path: Path, engine: Engine) -> None:
+    import rasterio
+    from affine import Affine
+
+    from earthdial.protocol import source_by_reference
+
+    paths = []
+    for i in range(2):  # 3:2 windows: 6 + 1 tiles alone, at most 3 + 1 each in a pair
+        p = tmp_path / f"t{i}.tif"
+        data = np.random.default_rng(i).integers(0, 255, (3, 448, 672), dtype=np.uint8)
+        with rasterio.open(p, "w", driver="GTiff", width=672, height=448, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000)) as dst:  # fmt: skip
+            dst.write(data)
+        paths.append(p)
+    header = {"op": "ask", "task": "change", "sources": [source_by_reference(str(p)) for p in paths],
+              "options": {"max_new_tokens": 2, "decoding": "greedy"}}  # fmt: skip
+    plan = service.plan(header, [], engine)["plan"]
+    reply = service.run(header, [], engine)
+    assert plan["tiles"] == reply["tiles"] <= 2 * (3 + 1)
