@@ -213,7 +213,8 @@ def test_lcz_questions_carry_the_s1_vh_10_tag() -> None:
     assert sensors.norm_for("[s2_ms_10]", 10) == "s2_norm"  # the pixels stay Sentinel-2's
 
 
-def test_lcz_through_the_service(engine: Engine) -> None:
+def test_lcz_through_the_service(tiny_ms_checkpoint: Path) -> None:
+    engine = Engine(str(tiny_ms_checkpoint), device="cpu")  # multispectral needs the MS variant
     header = {"op": "ask", "task": "classify", "prompt": "compact high-rise, water",
               "source": {"kind": "value", "transform": [10, 0, 500000, 0, -10, 4000000], "crs": "EPSG:32633"},
               "options": {"sensor": "[s2_ms_10]"}}  # fmt: skip
