@@ -3,13 +3,21 @@
 - Binds: loopback endpoints are served as they are; any other bind needs CURVE (encryption plus server
   authentication), optionally with an allow-list of client public keys checked over ZAP.
 - Keys: `keygen` writes Z85 key pairs made by libzmq; secret key files are created with mode 0600.
-- Files: by-reference requests may only name files under the allowed directories, compared after
-  symlinks and `..` are resolved, so a link or a `../` cannot lead out of them.
+- Files: by-reference requests may only name absolute paths under the allowed directories, compared
+  after symlinks and `..` are resolved, so a link or a `../` cannot lead out of them; no GDAL virtual file
+  systems or URLs. What is opened must be a regular file with one link (no FIFO, device, directory, or
+  hard link to a file elsewhere), and only through the raster drivers in RASTER_DRIVERS, none of which
+  can name other files (so no VRT, GDAL WMS XML, ...), with GDAL's sidecar probing, PAM and HTTP off.
+- CRSs: a CRS from a request is accepted only as an authority code, WKT or PROJJSON that names no file
+  (no PROJ strings, grids, `init` files, EXTENSION[PROJ4], PARAMETERFILE), checked before PROJ or GDAL
+  parse it: PROJ opens the files a CRS names, and a FIFO there would block the server.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from collections.abc import Iterable
 from ipaddress import ip_address
@@ -109,11 +117,14 @@ def read_client_keys(directory: str | os.PathLike[str]) -> set[bytes]:
 
 
 class ZapHandler:
-    """A ZAP handler (RFC 27) admitting only the listed CURVE client keys. It is polled by the server's
+    """A ZAP handler (RFC 27) admitting only the listed CURVE client keys (or any), and naming each
+    connection's key as its User-Id (the server's identity of that client). It is polled by the server's
     I/O loop (one REP socket, no thread of its own); it must be bound before the server socket."""
 
-    def __init__(self, ctx: zmq.Context, allowed: set[bytes]) -> None:
-        self.allowed = {z85.decode(k) for k in allowed}  # raw 32-byte keys, as ZAP sends them
+    def __init__(self, ctx: zmq.Context, allowed: set[bytes] | None) -> None:
+        # raw 32-byte keys, as ZAP sends them; None admits any CURVE key (the handler then only tells the
+        # server each connection's key, which is the client's identity)
+        self.allowed = None if allowed is None else {z85.decode(k) for k in allowed}
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ZAP_ENDPOINT)
@@ -124,7 +135,7 @@ class ZapHandler:
         version, request_id = request[0], request[1]
         mechanism = request[5] if len(request) > 5 else b""
         key = request[6] if len(request) > 6 else b""
-        ok = version == b"1.0" and mechanism == b"CURVE" and key in self.allowed
+        ok = version == b"1.0" and mechanism == b"CURVE" and (self.allowed is None or key in self.allowed)
         status, text = (b"200", b"OK") if ok else (b"400", b"client key not allowed")
         user = z85.encode(key) if ok else b""
         self.sock.send_multipart([b"1.0", request_id, status, text, user, b""])
@@ -169,28 +180,179 @@ def allowed_dirs() -> tuple[str, ...] | None:
     return _allowed_dirs
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def check_path(path: str) -> str:
     """The path to open for a by-reference request: `path` itself when reads are unrestricted, else its
     real path (symlinks and `..` resolved) when that lies under an allowed directory. Raises
     `forbidden_path` otherwise, before anything about the file is looked at."""
     if "\x00" in path:
         raise EarthDialError(ErrorCode.BAD_REQUEST, "the path holds a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeError:  # a lone surrogate: no file can have this name
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"the path {path!a:.200} is not valid Unicode") from None
     dirs = _allowed_dirs
     if dirs is None:
         return path
-    if path.startswith("/vsi"):  # GDAL's virtual file systems reach archives, URLs and cloud stores
+    if path.startswith("/vsi") or _URL.match(path):
+        # GDAL's virtual file systems reach archives, URLs and cloud stores
         raise EarthDialError(
-            ErrorCode.FORBIDDEN_PATH, f"GDAL virtual file systems are not served: {path:.200}"
+            ErrorCode.FORBIDDEN_PATH, f"GDAL virtual file systems and URLs are not served: {path:.200}"
+        )
+    if not os.path.isabs(path):  # relative to what? also keeps GDAL's `DRIVER:...` names out
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{path:.200} is not an absolute path; the server reads files under {', '.join(dirs) or 'no directory'}",
         )
     real = os.path.realpath(path)
     for d in dirs:
         if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
             return real
+    where = ", ".join(dirs) if dirs else "no directory (it was started without --allow-dir)"
     raise EarthDialError(
         ErrorCode.FORBIDDEN_PATH,
-        f"{path:.200} is outside the directories this server reads from: {', '.join(dirs)} "
+        f"{path:.200} is outside the directories this server reads from: {where} "
         "(start it with --allow-dir DIR to add one)",
     )
+
+
+def check_file(path: str) -> None:
+    """Refuse what must not be handed to GDAL: anything but a regular file (a FIFO would block the
+    reading thread for good, a device could be endless), and a file with more than one hard link (a link
+    inside an allowed directory to a file outside it cannot be told from the file itself). The file is
+    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here."""
+    try:
+        before = os.stat(path)  # stat opens nothing
+    except FileNotFoundError:
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}") from None
+    except OSError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
+    _check_regular(path, before)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
+    try:
+        now = os.fstat(fd)
+    finally:
+        os.close(fd)
+    _check_regular(path, now)
+    if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+        raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")  # fmt: skip
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is {kind}, not a regular file")
+    if st.st_nlink > 1:
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{path} has {st.st_nlink} hard links; the server reads only files with one (a hard link may "
+            "lead to a file outside its directories): copy the file instead of linking it",
+        )
+
+
+# Raster formats the server opens for by-reference requests: none of them can name another file. VRT,
+# GDAL's WMS/WMTS/TMS XML, and formats with external parts are left out on purpose.
+RASTER_DRIVERS = ("GTiff", "PNG", "JPEG")
+# GDAL settings for reads in a restricted server: read only the named file (no sibling listing, so no
+# .ovr/.msk/.aux.xml/world file is probed, where a FIFO would block the read), write no .aux.xml, and no
+# HTTP even if some path got through.
+GDAL_READ_OPTIONS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_PAM_ENABLED": "NO",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".earthdial-no-http",
+    "GDAL_HTTP_MAX_RETRY": "0",
+    "GDAL_HTTP_TIMEOUT": "1",
+}
+
+
+def harden_process() -> None:
+    """Process-wide settings of a server: PROJ's network (grid downloads) and GDAL's HTTP off, the GDAL
+    read options for every thread. Call before any CRS is built."""
+    os.environ.update(GDAL_READ_OPTIONS)
+    os.environ["PROJ_NETWORK"] = "OFF"
+    try:
+        import pyproj.network
+
+        pyproj.network.set_network_enabled(False)
+    except ImportError:  # pyproj is a dependency of the backend; without it there is no PROJ to turn off
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# CRSs
+# --------------------------------------------------------------------------------------------------
+
+MAX_CRS_CHARS = 16 * 1024
+_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}:[A-Za-z0-9_.]{1,32}")  # EPSG:4326, OGC:CRS84, ESRI:102100
+_URN = re.compile(r"urn:ogc:def:crs:[A-Za-z0-9_]{1,32}:[A-Za-z0-9_.]{0,16}:[A-Za-z0-9_.]{1,32}", re.I)
+_WKT = re.compile(
+    r"\s*(PROJCS|GEOGCS|GEOCCS|VERT_CS|COMPD_CS|LOCAL_CS|FITTED_CS|PROJCRS|PROJECTEDCRS|GEOGCRS|"
+    r"GEOGRAPHICCRS|GEODCRS|GEODETICCRS|VERTCRS|VERTICALCRS|COMPOUNDCRS|ENGCRS|ENGINEERINGCRS|BOUNDCRS|"
+    r"DERIVEDPROJCRS|TIMECRS|PARAMETRICCRS)\s*[\[(]",
+    re.I,
+)
+# what can make PROJ or GDAL open a file: PROJ strings and their keys, WKT1's EXTENSION["PROJ4", ...],
+# WKT2's PARAMETERFILE, methods written as PROJ pipelines
+_NAMES_FILES = re.compile(
+    r"\+\s*[A-Za-z_]|\b(nadgrids|geoidgrids|grids|init|file|proj)\s*=|EXTENSION\s*[\[(]|PARAMETERFILE\s*[\[(]|"
+    r"PROJ-based",
+    re.I,
+)
+
+
+def crs_refusal(text: str) -> str | None:
+    """Why a CRS from a request must not be parsed, or None when it may: only authority codes, WKT and
+    PROJJSON are accepted, and none that names a file (grids, init files, PROJ pipelines)."""
+    if len(text) > MAX_CRS_CHARS:
+        return f"a CRS of {len(text)} characters (at most {MAX_CRS_CHARS})"
+    stripped = text.strip()
+    if _AUTHORITY.fullmatch(stripped) or _URN.fullmatch(stripped):
+        return None
+    if stripped.startswith("{"):
+        try:
+            tree = json.loads(stripped)
+        except (ValueError, RecursionError):
+            return "PROJJSON that is not valid JSON"
+        if _json_names_files(tree, 0):
+            return "PROJJSON naming a file (a grid or a PROJ pipeline)"
+        return None
+    if _WKT.match(stripped):
+        return "WKT naming a file (EXTENSION, PARAMETERFILE or a PROJ string)" if _NAMES_FILES.search(stripped) else None
+    if _NAMES_FILES.search(stripped):
+        return "a PROJ string (PROJ strings can name grid and init files)"
+    return "a CRS that is not an authority code (EPSG:4326), WKT or PROJJSON"
+
+
+def _json_names_files(node: Any, depth: int) -> bool:
+    if depth > 64:
+        return True
+    if isinstance(node, str):
+        return bool(_NAMES_FILES.search(node))
+    if isinstance(node, list):
+        return any(_json_names_files(n, depth + 1) for n in node)
+    if isinstance(node, dict):
+        if isinstance(node.get("value"), str):  # a parameter whose value is a file name
+            return True
+        return any(_json_names_files(k, depth + 1) or _json_names_files(v, depth + 1) for k, v in node.items())
+    return False
+
+
+def check_crs(text: str, what: str) -> str:
+    """`text` when it is a CRS form that names no file; else `bad_crs`, before PROJ sees it."""
+    why = crs_refusal(text)
+    if why is not None:
+        raise EarthDialError(
+            ErrorCode.BAD_CRS,
+            f"the {what} CRS {text!a:.120} is refused: {why}. Send an authority code such as EPSG:32633, "
+            "WKT or PROJJSON without grid files",
+        )
+    return text
 
 
 def describe(curve: Any, clients: set[bytes] | None) -> str:

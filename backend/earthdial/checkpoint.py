@@ -142,8 +142,8 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     vis, llm = dict(published["vision_config"]), dict(published["llm_config"])
     if llm.get("model_type") != "phi3":
         raise CheckpointError(f"llm_config.model_type is {llm.get('model_type')!r}; EarthDial uses phi3")
-    if published.get("ps_version", "v2") != "v2":
-        raise CheckpointError("only ps_version v2 pixel shuffle is supported (the one EarthDial uses)")
+    if ps_version(published) not in ("v1", "v2"):
+        raise CheckpointError(f"ps_version {published['ps_version']!r} is unknown (InternVL has v1 and v2)")
     vision_config = {
         "hidden_size": vis["hidden_size"],
         "num_hidden_layers": vis["num_hidden_layers"],
@@ -192,6 +192,28 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     )
 
 
+def ps_version(published: dict[str, Any]) -> str:
+    """The pixel-shuffle version; upstream's config class defaults to 'v1' (transposed) when absent."""
+    return str(published.get("ps_version", "v1"))
+
+
+def use_thumbnail(published: dict[str, Any]) -> bool:
+    """Whether multi-tile images get a thumbnail; upstream's config class defaults to False."""
+    return bool(published.get("use_thumbnail", False))
+
+
+def adds_bos(directory: str | Path, tokenizer: Any) -> bool:
+    """Whether a prompt starts with the BOS token, as upstream's `tokenizer(query)` would add it: the
+    checkpoint's tokenizer_config.json `add_bos_token` when it has the key, else what the tokenizer's
+    own default special tokens do to a plain text."""
+    cfg_path = Path(directory) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if "add_bos_token" in cfg:
+        return bool(cfg["add_bos_token"]) and tokenizer.bos_token_id is not None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
@@ -205,6 +227,8 @@ class CheckpointInfo:
     vocab: frozenset[str]
     num_parameters: int
     demo: bool = False  # the built-in demo model (config.json "demo": true), trained on synthetic scenes
+    ps_version: str = "v2"  # pixel shuffle: "v2", or "v1" (features left transposed, as upstream's v1)
+    add_bos: bool = False  # prompts start with <s> (the tokenizer config asks for it)
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -226,6 +250,12 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(directory: str | Path) -> Any:
+    """The checkpoint's tokenizer, `tokenizers`-backed. Upstream loads the slow (sentencepiece) one
+    (`use_fast=False`); transformers 5 has only the `tokenizers` backend for Llama-type vocabularies
+    (it ignores `use_fast`), and the tiny and demo tokenizers exist only as tokenizer.json. Phi-3-mini's
+    tokenizer config sets `legacy: false`, under which the two backends are meant to split text alike
+    (not checkable here: the published tokenizer files are not on this machine). So: the fast one, with
+    BOS decided by `adds_bos` (docs/fidelity.md)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
@@ -302,11 +332,13 @@ def load(
         tokens_per_tile=config.image_seq_length,
         min_tiles=int(published_cfg.get("min_dynamic_patch", 1)),
         max_tiles=int(published_cfg.get("max_dynamic_patch", 6)),
-        use_thumbnail=bool(published_cfg.get("use_thumbnail", True)),
+        use_thumbnail=use_thumbnail(published_cfg),
         system_message=published_cfg.get("system_message") or INTERNVL_SYSTEM_MESSAGE,
         vocab=frozenset(vocab),
         num_parameters=sum(p.numel() for p in model.parameters()),
         demo=bool(published_cfg.get("demo", False)),
+        ps_version=ps_version(published_cfg),
+        add_bos=adds_bos(directory, tokenizer),
     )
     return model, tokenizer, info
 
@@ -487,10 +519,15 @@ def full_size_config(vocab_size: int = 32064, image_size: int = 448) -> dict[str
 
 
 def make_tiny_checkpoint(
-    directory: str | Path, variant: str = "EarthDial_4B_RGB", image_size: int = 224, seed: int = 0
+    directory: str | Path,
+    variant: str = "EarthDial_4B_RGB",
+    image_size: int = 224,
+    seed: int = 0,
+    vision_hidden: int = 64,
 ) -> Path:
     """Write a tiny random-weight checkpoint in EarthDial's published layout (config, safetensors with
-    published key names, tokenizer files with the added tokens)."""
+    published key names, tokenizer files with the added tokens). `vision_hidden` 1024 at image_size 448
+    gives the (1024 tokens x 1024) vision features upstream's fixed-size band-group fusion assumes."""
     from safetensors.torch import save_file
     from transformers import InternVLForConditionalGeneration
 
@@ -501,6 +538,7 @@ def make_tiny_checkpoint(
     tokenizer = _tiny_tokenizer(variant)
     vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)  # padded, like real checkpoints' embedding rows
     cfg = tiny_published_config(vocab_size, image_size, variant)
+    cfg["vision_config"]["hidden_size"] = vision_hidden
     cfg["llm_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     cfg["llm_config"]["pad_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 

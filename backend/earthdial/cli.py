@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="go on from the journal an interrupted run left beside -o")
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the merged boxes")
+    _add_output_args(p, "the merged boxes")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,19 +68,74 @@ def _source(args: argparse.Namespace) -> dict[str, Any]:
     return source_by_reference(os.path.abspath(args.raster), args.bands, args.bounds, args.bounds_crs)
 
 
-def _write_output(path: str | None, reply: dict[str, Any]) -> None:
+PING_TIMEOUT_S = 3.0  # an endpoint named on the command line that does not answer: an error this soon
+PROBE_TIMEOUT_S = 1.5  # the default endpoint, tried when neither --endpoint nor --model is given
+
+
+def _default_endpoint() -> str:
+    return os.environ.get("EARTHDIAL_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+@contextlib.contextmanager
+def _connected(endpoint: str, timeout_s: float) -> Iterator[Client]:
+    """A Client whose server answered a ping: a server that is not there fails in seconds, not after
+    the whole request timeout."""
+    with Client(endpoint, timeout_s=timeout_s) as client:
+        client.ping(timeout_s=min(PING_TIMEOUT_S, timeout_s))
+        yield client
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        with Client(endpoint, timeout_s=PROBE_TIMEOUT_S) as client:
+            client.ping(timeout_s=PROBE_TIMEOUT_S)
+        return True
+    except EarthDialError:
+        return False
+
+
+def _add_output_args(p: argparse.ArgumentParser, what: str = "the boxes") -> None:
+    p.add_argument("-o", "--output", help=f"GeoPackage (.gpkg: adds a layer) or GeoJSON file for {what}")
+    p.add_argument("--layer", help="layer name in the GeoPackage (default: task, prompt, source and time)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier EarthDial layer (or GeoJSON file) of that name; never another's")  # fmt: skip
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable outputs before any model runs (write_features and write_png check again)."""
+    if getattr(args, "output", None):
+        from .output import check_target
+
+        check_target(args.output, getattr(args, "layer", None), getattr(args, "overwrite", False))
+    elif getattr(args, "layer", None):
+        raise EarthDialError("bad_request", "--layer names a layer of the -o GeoPackage: pass -o FILE.gpkg too")
+    if getattr(args, "preview", None):
+        from .preview import check_target as check_preview
+
+        check_preview(args.preview)
+
+
+def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namespace | None = None) -> None:
+    """Write the reply's boxes where -o says: a new layer of a GeoPackage, or a GeoJSON file."""
     features = reply["features"]
     n = len(features["features"])
     if not path:
         print(f"{n} grounded box(es); pass -o OUT.gpkg to write them")
         return
-    from .output import write_features
+    from .output import layer_name, write_features
 
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(timezone.utc)
+    created = now.isoformat(timespec="seconds")
     for feat in features["features"]:
         feat["properties"].setdefault("created", created)
-    write_features(path, features)
-    print(f"wrote {n} feature(s) to {os.path.abspath(path)} (layer 'earthdial', CRS {features['crs'][:60]})")
+    base = None
+    if args is not None:
+        rasters = getattr(args, "rasters", None) or [getattr(args, "raster", None)]
+        task = getattr(args, "task", None) or getattr(args, "command", None)
+        base = layer_name(task, getattr(args, "prompt", None), rasters, now)
+    layer = write_features(path, features, getattr(args, "layer", None),
+                           overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
+    print(f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refusal = access.bind_refusal(args.endpoint, curve=secret is not None)
     if refusal:
         return refuse(refusal)
-    dirs = [os.getcwd(), *(args.allow_dir or [])]
+    dirs = list(args.allow_dir or [])  # what the user asked for; never the working directory by itself
     bad = [d for d in dirs if not os.path.isdir(d)]
     if bad:
         return refuse(f"--allow-dir must name directories: {', '.join(bad)}")
@@ -121,21 +178,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
             engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize)
+            if args.decoding != "auto":
+                engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
             return refuse(f"cannot load {model}: {exc}", 3)
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
+    from .connections import raise_open_file_limit
+    from .limits import MIB, Limits
+
+    access.harden_process()  # PROJ network and GDAL HTTP off, GDAL reads only the named file
+    raise_open_file_limit()
+    budgets = Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
+                     max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
+                     max_queue_bytes=int(args.max_queue_mb * MIB), deadline_s=args.deadline,
+                     scan_deadline_s=args.scan_deadline)  # fmt: skip
     try:
         server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
                         client_queue=args.client_queue,
-                        curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs)  # fmt: skip
+                        curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs, budgets=budgets,
+                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)  # fmt: skip
     except zmq.ZMQError as exc:
         return refuse(f"cannot bind {args.endpoint}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: server.stop_event.set())
-    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under "
-          f"{', '.join(access.allowed_dirs() or ())}", flush=True)  # fmt: skip
+    reads = ", ".join(access.allowed_dirs() or ()) or "no directory (pass --allow-dir DIR)"
+    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under {reads}; "
+          f"at most {server.connections.cap} connections", flush=True)  # fmt: skip
     if secret is not None and clients is None and not access.is_loopback(args.endpoint):
         print("earthdial serve: warning: any client that knows the server's public key can connect; "
               "pass --curve-clients DIR to admit only listed client keys", file=sys.stderr)  # fmt: skip
@@ -194,6 +264,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     header = {
         "op": "ask",
         "task": args.task,
@@ -213,7 +284,7 @@ def _ask_and_report(header: dict[str, Any], args: argparse.Namespace) -> dict[st
     print(reply["answer"])
     for warning in reply.get("input", {}).get("warnings", []):
         print(f"note: {warning}", file=sys.stderr)
-    _write_output(args.output, reply)
+    _write_output(args.output, reply, args)
     return reply
 
 
@@ -274,6 +345,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         stop["now"] = True  # finish the batch in flight, then stop: what is done stays in the journal
 
     signal.signal(signal.SIGINT, on_sigint)
+    _check_outputs(args)
     options = header["options"]
     request = {k: header.get(k) for k in ("op", "task", "prompt", "source", "sources")}
     request["options"] = {k: v for k, v in options.items() if k not in ("batch", "merge", "skip")}
@@ -299,7 +371,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
 
     try:
         if args.endpoint:
-            with Client(args.endpoint, timeout_s=args.timeout) as client:
+            with _connected(args.endpoint, args.timeout) as client:
                 reply = client.request(header, progress=on_event, cancelled=lambda: stop["now"]).header
         else:
             from . import scan
@@ -332,9 +404,9 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         changed = sum(1 for t in tiles.values() if t.get("changed"))
         print(f"{changed} of {len(tiles)} tile pairs changed")
         if args.output:
-            _write_changes(args.output, merged, tiles, crs)
+            _write_changes(args, merged, tiles, crs)
     else:
-        _write_output(args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}})
+        _write_output(args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}}, args)
     if log is not None:
         log.remove()
     return 0
@@ -354,17 +426,25 @@ def change_tile_features(tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any
             for i, t in sorted(tiles.items())]  # fmt: skip
 
 
-def _write_changes(path: str, merged: list[dict[str, Any]], tiles: dict[int, dict[str, Any]], crs: str) -> None:
-    from .output import write_features
+def _write_changes(args: argparse.Namespace, merged: list[dict[str, Any]], tiles: dict[int, dict[str, Any]],
+                   crs: str) -> None:  # fmt: skip
+    """Two layers: the change boxes and, beside them, the per-tile change map (its name ends in `_tiles`)."""
+    from .output import layer_name, write_features
 
-    write_features(path, {"type": "FeatureCollection", "crs": crs, "features": change_tile_features(tiles)},
-                   layer="change_tiles")  # fmt: skip
-    write_features(path, {"type": "FeatureCollection", "crs": crs, "features": merged}, layer="changes")
-    print(f"wrote {len(merged)} change box(es) (layer 'changes') and {len(tiles)} tile pair(s) "
-          f"(layer 'change_tiles') to {os.path.abspath(path)}")  # fmt: skip
+    now = datetime.now(timezone.utc)
+    base = getattr(args, "layer", None) or layer_name("changes", None, args.rasters, now)
+    overwrite = getattr(args, "overwrite", False)
+    boxes = write_features(args.output, {"type": "FeatureCollection", "crs": crs, "features": merged}, base,
+                           overwrite=overwrite)  # fmt: skip
+    tile_layer = write_features(args.output, {"type": "FeatureCollection", "crs": crs,
+                                              "features": change_tile_features(tiles)}, f"{boxes}_tiles",
+                                overwrite=overwrite)  # fmt: skip
+    print(f"wrote {len(merged)} change box(es) (layer {boxes!r}) and {len(tiles)} tile pair(s) "
+          f"(layer {tile_layer!r}) to {os.path.abspath(args.output)}")  # fmt: skip
 
 
 def cmd_change(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     sources = [
         source_by_reference(os.path.abspath(p), args.bands, args.bounds, args.bounds_crs)
         for p in args.rasters
@@ -381,34 +461,49 @@ def cmd_change(args: argparse.Namespace) -> int:
 
 
 def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """A request through a running server (--endpoint) or in this process (--model)."""
-    if args.endpoint:
-        with Client(args.endpoint, timeout_s=args.timeout) as client:
+    """A request through a running server (--endpoint) or in this process (--model). With neither: the
+    server at the default endpoint when one answers, else the default model in this process."""
+    endpoint, model = args.endpoint, args.model
+    if not endpoint and not model:
+        endpoint = _default_endpoint()
+        if _answers(endpoint):
+            print(f"earthdial {args.command}: using the server at {endpoint}", file=sys.stderr)
+        else:
+            model = os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+            if not model:
+                raise EarthDialError(
+                    "bad_request", f"no server answers at {endpoint} and no model is installed: "
+                    "pass --endpoint URL (a running server) or --model DIR"
+                )  # fmt: skip
+            which = "$EARTHDIAL_MODEL" if os.environ.get("EARTHDIAL_MODEL") else "the built-in demo model"
+            print(f"earthdial {args.command}: no server answers at {endpoint}; running {which} ({model}) in "
+                  "this process", file=sys.stderr)  # fmt: skip
+            endpoint = None
+    if endpoint:
+        with _connected(endpoint, args.timeout) as client:
             return client.request(header).header
     from . import service
     from .engine import Engine
 
-    model = args.model or os.environ.get("EARTHDIAL_MODEL")
-    if not model:
-        raise EarthDialError("bad_request", "pass --endpoint URL (a running server) or --model DIR")
     return service.run(header, [], Engine(model, device=args.device))
 
 
 def cmd_georef(args: argparse.Namespace) -> int:
     from . import service
 
+    _check_outputs(args)
     reply = service.run({"op": "georef", "answer": args.answer, "source": _source(args)}, [], None)
     if args.json:
         print(json.dumps(reply["features"]))
     elif args.output or not args.preview:
-        _write_output(args.output, reply)
+        _write_output(args.output, reply, args)
     if args.preview:
         _write_preview(args, reply)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.endpoint, timeout_s=args.timeout) as client:
+    with _connected(args.endpoint, args.timeout) as client:
         status = client.status()
     if args.json:
         print(json.dumps(status, indent=2))
@@ -429,6 +524,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if plan:
         print(f"plan      batch {plan.get('batch')}: {plan.get('message')}")
     print(f"queue     {status['queue']} waiting, {status['running']} running")
+    for job in status.get("jobs", []):  # what a running request is doing, and for how long
+        print(f"running   {job['id']} ({job['op']}): {job['stage']}, {job['age_s']:.0f} s since it arrived"
+              + (", cancel requested" if job.get("cancel_requested") else ""))  # fmt: skip
+    if "connections" in status:
+        conns = status["connections"]
+        print(f"clients   {conns['open']} connection(s) open, at most {conns['max']}")
     print(f"tasks     {', '.join(t['name'] for t in status['tasks'])}")
     return 0
 
@@ -528,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="checkpoint directory in EarthDial's published layout (or $EARTHDIAL_MODEL)"
     )
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    p.add_argument(
+        "--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
@@ -545,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="requests decoded together at most (the memory plan may lower it)",
     )
+    p.add_argument(
+        "--decoding",
+        default="auto",
+        choices=["auto", "upstream", "greedy"],
+        help="upstream: beams per task as EarthDial's evaluation runs them; greedy: one beam "
+        "(default auto: upstream, greedy for the demo model; a request's options.decoding wins)",
+    )
     p.add_argument("--no-model", action="store_true", help="serve without a model: georef, status, ping only")
     p.add_argument(
         "--queue-size", type=int, default=64, help="requests waiting at most, all clients together"
@@ -556,8 +666,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-dir",
         action="append",
         metavar="DIR",
-        help="a directory by-reference requests may read under (repeatable; the current directory always is)",
+        help="a directory by-reference requests may read under (repeatable; without it no file is read "
+        "by reference: clients send pixels by value)",
     )
+    budgets = p.add_argument_group("limits (docs/security.md)")
+    budgets.add_argument("--max-pixels", type=int, default=500_000_000,
+                         help="source pixels decoded for one image of a request (window x bands, after overviews)")
+    budgets.add_argument("--max-value-pixels", type=int, default=64 * 1024 * 1024,
+                         help="pixels (rows x cols x bands) of one array sent by value")
+    budgets.add_argument("--max-bands", type=int, default=32, help="bands one source may name")
+    budgets.add_argument("--max-scan-tiles", type=int, default=20_000, help="tiles of one detect scan")
+    budgets.add_argument("--max-reply-mb", type=float, default=64, help="size of one reply, MiB")
+    budgets.add_argument("--max-queue-mb", type=float, default=1024,
+                         help="MiB of queued and running requests together (their arrays and headers)")
+    budgets.add_argument("--deadline", type=float, default=600,
+                         help="seconds an ask/georef request may take from its arrival (0: none)")
+    budgets.add_argument("--scan-deadline", type=float, default=0,
+                         help="seconds a detect scan may take from its arrival (0: none)")
+    budgets.add_argument("--max-connections", type=int, default=512,
+                         help="open connections; past it the longest idle are ended")
+    budgets.add_argument("--idle-timeout", type=float, default=300,
+                         help="seconds a connection with no request in flight may stay silent (0: forever)")  # fmt: skip
     p.add_argument(
         "--curve-secret-key",
         metavar="FILE",
@@ -578,14 +707,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify, ..."
     )
     p.add_argument(
-        "--endpoint", help="a running `earthdial serve`; without it the model runs in this process"
+        "--endpoint",
+        help="a running `earthdial serve` (default: the one at $EARTHDIAL_ENDPOINT or "
+        f"{DEFAULT_ENDPOINT} when it answers, else the model runs in this process)",
     )
-    p.add_argument("--model", help="checkpoint directory when running in-process (or $EARTHDIAL_MODEL)")
+    p.add_argument("--model", help="checkpoint directory to run in this process "
+                   "(default: $EARTHDIAL_MODEL, else the built-in demo model)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
+    p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file for the boxes")
+    _add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("detect", help="find objects over a whole raster or extent, tile by tile")
@@ -614,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("-o", "--output")
+    _add_output_args(p)
     p.set_defaults(func=cmd_change)
 
     p = sub.add_parser("georef", help="turn an EarthDial answer about a raster window into map features")
@@ -625,12 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's answer text, e.g. '<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>'",
     )
     p.add_argument("--json", action="store_true", help="print the features as GeoJSON")
-    p.add_argument("--preview", help="also write a PNG of the window with the boxes drawn")
-    p.add_argument("-o", "--output", help="GeoPackage (.gpkg) or GeoJSON file")
+    p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")
+    _add_output_args(p, "the features")
     p.set_defaults(func=cmd_georef)
 
     p = sub.add_parser("status", help="what a running server has loaded and how busy it is")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    p.add_argument("--endpoint", default=_default_endpoint())
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

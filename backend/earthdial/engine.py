@@ -10,6 +10,7 @@ import importlib.util
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,10 @@ class Query:
     images: list[Image]
     max_new_tokens: int = 100
     history: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Decoding (see prompts.decoding_for): greedy unless the caller asks for upstream's beams.
+    num_beams: int = 1
+    min_new_tokens: int = 0
+    cancelled: Callable[[], bool] | None = None  # true once the request is cancelled: decoding stops
 
 
 def pick_device(device: str = "auto") -> str:
@@ -57,19 +62,66 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def fuse_group_features(features: torch.Tensor) -> torch.Tensor:
-    """EarthDial's band-group fusion: k feature maps (k, tokens, dim) laid out in a ceil(sqrt(k)) grid
-    (row-major, empty cells zero) and resized bilinearly back to (tokens, dim) - an interpolation over the
-    token and feature axes, not over space."""
+def fusion_grid(k: int) -> tuple[int, int]:
+    """(rows, cols) of upstream's band-group fusion grid: ceil(sqrt(k)) rows, ceil(k / rows) columns."""
+    rows = math.ceil(math.sqrt(k))
+    return rows, math.ceil(k / rows)
+
+
+def _cell_sizes(total: int, n: int) -> list[int]:
+    """`total` split into n cells of total // n, the remainder added one by one to the first cells."""
+    base, extra = divmod(total, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def fuse_group_features(features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """EarthDial's band-group fusion (upstream `bilinear_interpolate_and_concat`): k feature maps
+    (k, tokens, dim) are each resized bilinearly (align_corners False) into their own cell of a
+    (tokens, dim) output, laid out row-major on a fusion_grid(k) grid; a short last row is zero on its
+    right. It interpolates over the token and feature axes, not over space.
+
+    Upstream fixes the output at 1024 x 1024, which is (tokens, dim) of a 448 px InternViT-300M tile;
+    at any other size upstream's own image-token count would not match, so the output here is the
+    input's (tokens, dim), equal to upstream's wherever upstream runs. k = 1 is a plain resize."""
     k, tokens, dim = features.shape
+    out_rows, out_cols = size or (tokens, dim)
+
+    def resize(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
     if k == 1:
-        return features[0]
-    g = math.ceil(math.sqrt(k))
-    canvas = features.new_zeros(g * tokens, g * dim)
-    for i in range(k):
-        r, c = divmod(i, g)
-        canvas[r * tokens : (r + 1) * tokens, c * dim : (c + 1) * dim] = features[i]
-    return F.interpolate(canvas[None, None], size=(tokens, dim), mode="bilinear", align_corners=False)[0, 0]
+        return resize(features[0], out_rows, out_cols)
+    rows, cols = fusion_grid(k)
+    heights, widths = _cell_sizes(out_rows, rows), _cell_sizes(out_cols, cols)
+    out = features.new_zeros(out_rows, out_cols)
+    top = 0
+    for r in range(rows):
+        left = 0
+        for c in range(cols):
+            i = r * cols + c
+            if i < k:
+                out[top : top + heights[r], left : left + widths[c]] = resize(features[i], heights[r], widths[c])
+            left += widths[c]
+        top += heights[r]
+    return out
+
+
+def with_cancel(queries: list[Query], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` plus a stopping criterion that ends the rows of cancelled queries (each query's own
+    rows: one with greedy decoding, every beam candidate with beam search), so one cancelled request of a
+    batch does not stop the others."""
+    flags = [q.cancelled for q in queries]
+    if not any(flags):
+        return overrides
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = torch.tensor([bool(f and f()) for f in flags], dtype=torch.bool, device=input_ids.device)
+            return done.repeat_interleave(input_ids.shape[0] // len(flags))  # rows are grouped per query
+
+    criteria = StoppingCriteriaList([*overrides.get("stopping_criteria", []), Cancelled()])
+    return {**overrides, "stopping_criteria": criteria}
 
 
 def attention_for(device: str) -> str:
@@ -119,6 +171,10 @@ class Engine:
         if not hasattr(self, "quantization"):
             self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
         self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
+        # Requests' default decoding (prompts.decoding_for): upstream's beams for published checkpoints;
+        # greedy for the demo model, which was trained and measured greedy. Scans build their own
+        # queries and stay greedy whatever this says.
+        self.decoding = "greedy" if info.demo else "upstream"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -136,6 +192,9 @@ class Engine:
             "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),
             "memory": self.memory(),
             "plan": self.plan,
+            "decoding": self.decoding,
+            "add_bos": self.info.add_bos,
+            "ps_version": self.info.ps_version,
         }
 
     def memory(self) -> dict[str, float | None]:
@@ -155,22 +214,43 @@ class Engine:
         }
 
     # -- pixels -> images ---------------------------------------------------------------------------
-    def image(self, data: np.ndarray, sensor_tag: str, nodata: float | None = None) -> Image:
-        """A chip's (bands, rows, cols) pixels -> the model input its sensor tag calls for."""
-        spec = sensors.sensor(sensor_tag)
+    def image(
+        self,
+        data: np.ndarray,
+        sensor_tag: str,
+        nodata: float | None = None,
+        task: str | None = None,
+        images: int = 1,
+    ) -> Image:
+        """A chip's (bands, rows, cols) pixels -> the model input its sensor tag (and task) calls for.
+        `images`: how many images the query holds; each gets its share of the tile budget."""
         size = self.info.image_size
-        if spec.path == "rgb":
+        if sensors.pixel_path(sensor_tag, task) == "rgb":
+            if sensor_tag in sensors.SAR_TAGS:  # SAR region captions: the 8-bit image as grey RGB
+                data = sensors.sar_to_8bit(data, nodata)
+                nodata = None
             rgb = pixels.to_unit_rgb(data, nodata)
             tiles = pixels.dynamic_tiles(
-                rgb, size, self.info.min_tiles, self.max_tiles, self.info.use_thumbnail
+                rgb, size, self.info.min_tiles, self.tile_budget(images), self.info.use_thumbnail
             )
             return Image(pixels.normalize(tiles), "rgb")
-        norm = sensors.normalize_bands(data, sensors.norm_for(sensor_tag, data.shape[0]), nodata)
+        norm_name = sensors.norm_for(sensor_tag, data.shape[0])
+        norm = sensors.normalize_bands(data, norm_name, nodata)
+        # Upstream resizes SAR with torchvision's Resize on a tensor (antialiased since torchvision 0.17)
+        # and the other band sets with a plain F.interpolate (no antialias); keep each as it is there.
         resized = F.interpolate(
-            torch.from_numpy(norm)[None], size=(size, size), mode="bicubic", align_corners=False
+            torch.from_numpy(norm)[None],
+            size=(size, size),
+            mode="bicubic",
+            align_corners=False,
+            antialias=norm_name == "s1",
         )[0]
         groups = torch.stack([resized[g] for g in sensors.band_groups(resized.shape[0])])
         return Image(groups, "bands")
+
+    def tile_budget(self, images: int = 1) -> int:
+        """Tiles each image of a query may take: upstream's max(1, max_dynamic_patch // images)."""
+        return max(1, self.max_tiles // max(1, images))
 
     # -- images -> features -----------------------------------------------------------------------
     def image_features(self, images: list[Image]) -> torch.Tensor:
@@ -178,7 +258,10 @@ class Engine:
         model = self.model.model
         rgb = [im.pixels for im in images if im.kind == "rgb"]
         rgb_feats = iter(())
-        if rgb:  # all RGB tiles of the batch in one vision call
+        if rgb and self.info.ps_version == "v1":  # the native class knows only v2's shuffle
+            hidden = model.vision_tower(pixel_values=torch.cat(rgb).to(self.device, self.dtype)).last_hidden_state
+            rgb_feats = iter(self.project(hidden[:, 1:, :]).split([t.shape[0] for t in rgb]))
+        elif rgb:  # all RGB tiles of the batch in one vision call
             out = model.get_image_features(
                 pixel_values=torch.cat(rgb).to(self.device, self.dtype)
             ).pooler_output
@@ -190,12 +273,20 @@ class Engine:
                 continue
             hidden = model.vision_tower(pixel_values=im.pixels.to(self.device, self.dtype)).last_hidden_state
             fused = fuse_group_features(hidden[:, 1:, :])  # drop the CLS token, then fuse the groups
-            side = int(math.isqrt(fused.shape[0]))
-            shuffled = model.pixel_shuffle(
-                fused.reshape(1, side, side, -1), self.model.config.downsample_ratio
-            )
-            parts.append(model.multi_modal_projector(shuffled.reshape(1, -1, shuffled.shape[-1]))[0])
+            parts.append(self.project(fused[None])[0])
         return torch.cat(parts)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision-tower tokens (n, tokens, dim), CLS dropped -> LLM image tokens (n, tokens/4, hidden):
+        pixel shuffle as the checkpoint's ps_version says, then the projector. ps_version v1 leaves the
+        shuffled grid transposed, as upstream's v1 does."""
+        model = self.model.model
+        n, tokens, _ = features.shape
+        side = int(math.isqrt(tokens))
+        shuffled = model.pixel_shuffle(features.reshape(n, side, side, -1), self.model.config.downsample_ratio)
+        if self.info.ps_version == "v1":
+            shuffled = shuffled.permute(0, 2, 1, 3).contiguous()  # undo v2's final swap
+        return model.multi_modal_projector(shuffled.reshape(n, -1, shuffled.shape[-1]))
 
     # -- prompts ----------------------------------------------------------------------------------
     def check_tags(self, text: str) -> None:
@@ -222,32 +313,103 @@ class Engine:
         `overrides` go to transformers' generate (benchmarks pin the answer length with them)."""
         if not queries:
             return []
+        if any(q.num_beams > 1 or q.min_new_tokens > 0 for q in queries):
+            return self.generate_by_decoding(queries, **overrides)
         for q in queries:
             self.check_tags(q.question)
-        texts = [self.prompt_text(q) for q in queries]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        input_ids = enc["input_ids"].to(self.device)
+        input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
         with self._lock:
-            embeds = self.model.get_input_embeddings()(input_ids)
-            images = [im for q in queries for im in q.images]
-            if images:
-                feats = self.image_features(images).to(embeds.dtype)
-                slots = input_ids == self.image_token_id
-                if int(slots.sum()) != feats.shape[0]:
-                    raise EarthDialError(
-                        ErrorCode.MODEL_ERROR,
-                        f"{int(slots.sum())} image slots for {feats.shape[0]} image tokens",
-                    )
-                embeds = embeds.masked_scatter(slots[..., None], feats)
+            embeds = self.embed(input_ids, queries)
             out = self.model.generate(
                 inputs_embeds=embeds,
-                attention_mask=enc["attention_mask"].to(self.device),
+                attention_mask=attention_mask,
                 max_new_tokens=max(q.max_new_tokens for q in queries),
                 do_sample=False,
                 num_beams=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                **{"output_scores": True, "return_dict_in_generate": True, **overrides},
+                **{"output_scores": True, "return_dict_in_generate": True, **with_cancel(queries, overrides)},
+            )
+        return scoring.answers(self, out, [q.max_new_tokens for q in queries])
+
+    # -- decoding other than greedy (upstream's beams) and the prompt encoding both paths share --------
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt texts -> left-padded (input_ids, attention_mask) on the device. A BOS is put first
+        exactly when the checkpoint's tokenizer config asks for it (upstream tokenises with the
+        tokenizer's defaults); nothing else is added (no EOS after the open assistant turn)."""
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if self.info.add_bos:
+            rows = [[self.tokenizer.bos_token_id, *r] for r in rows]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def embed(self, input_ids: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        """Token embeddings with the queries' image features at the <IMG_CONTEXT> positions."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        images = [im for q in queries for im in q.images]
+        if not images:
+            return embeds
+        feats = self.image_features(images).to(embeds.dtype)
+        slots = input_ids == self.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise EarthDialError(
+                ErrorCode.MODEL_ERROR, f"{int(slots.sum())} image slots for {feats.shape[0]} image tokens"
+            )
+        return embeds.masked_scatter(slots[..., None], feats)
+
+    def generate_by_decoding(self, queries: list[Query], **overrides: Any) -> list[str]:
+        """Answers for queries that mix decodings: one batch per (beams, min_new_tokens) - and, for beam
+        search, per max_new_tokens too, since a beam answer cut short is not the answer of a shorter
+        search. Greedy groups go back through `generate`."""
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, q in enumerate(queries):
+            key = (q.num_beams, q.min_new_tokens, q.max_new_tokens if q.num_beams > 1 else 0)
+            groups.setdefault(key, []).append(i)
+        answers: list[str] = [""] * len(queries)
+        for (beams, min_new, _), idx in groups.items():
+            if beams <= 1 and min_new == 0:
+                out = self.generate([queries[i] for i in idx], **overrides)
+                for i, a in zip(idx, out, strict=True):
+                    answers[i] = a
+                continue
+            # each beam is a sequence with its own cache: the memory plan's batch counts sequences
+            step = max(1, int((self.plan or {}).get("batch") or len(idx)) // beams)
+            for start in range(0, len(idx), step):
+                chunk = idx[start : start + step]
+                out = self.generate_beams([queries[i] for i in chunk], beams, min_new, **overrides)
+                for i, a in zip(chunk, out, strict=True):
+                    answers[i] = a
+        return answers
+
+    @torch.inference_mode()
+    def generate_beams(
+        self, queries: list[Query], num_beams: int, min_new_tokens: int, **overrides: Any
+    ) -> list[str]:
+        """Beam search as upstream's evaluation scripts run it (no sampling, min_new_tokens, transformers'
+        defaults for length penalty and early stopping), batched with left padding."""
+        for q in queries:
+            self.check_tags(q.question)
+        input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
+        max_new = max(q.max_new_tokens for q in queries)
+        with self._lock:
+            embeds = self.embed(input_ids, queries)
+            out = self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new,
+                min_new_tokens=min(min_new_tokens, max_new),
+                do_sample=False,
+                num_beams=num_beams,
+                num_return_sequences=1,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **{"output_scores": True, "return_dict_in_generate": True, **with_cancel(queries, overrides)},
             )
         return scoring.answers(self, out, [q.max_new_tokens for q in queries])
 

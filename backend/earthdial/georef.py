@@ -7,9 +7,12 @@ Convention:
   (they may be fractional, and the window need not be square). (0, 0) is the outer corner of the
   top-left pixel, (100, 100) the outer corner of the bottom-right one.
 * The rotation by ``angle`` degrees is applied about the box centre in that pixel space, pixels being
-  taken as square on the ground. Image axes are x right, y down, and a positive angle turns the box
-  clockwise as seen on screen (the OpenCV / DOTA convention): a corner offset (dx, dy) from the centre
-  becomes (dx*cos a - dy*sin a, dx*sin a + dy*cos a).
+  taken as square on the ground. It is the rotation of EarthDial's own evaluation (upstream
+  ``eval/rs_detection/eval.py``, the only published reference for the direction): the centred corners
+  as row vectors times R = [[cos a, -sin a], [sin a, cos a]], so a corner offset (dx, dy) from the
+  centre becomes (dx*cos a + dy*sin a, -dx*sin a + dy*cos a). Image axes are x right, y down, so a
+  positive angle turns the box counter-clockwise as seen on screen (and on a north-up map): at 90
+  degrees the end that pointed right points up. docs/outputs.md works an example.
 * Pixel (col, row) goes to the map through the window's affine ``transform``
   (x = a*col + b*row + c, y = d*col + e*row + f), which may be rotated, skewed or south-up.
 
@@ -43,7 +46,7 @@ def box_pixel_corners(box: Box, width: float, height: float) -> list[tuple[float
     cos_a, sin_a = math.cos(a), math.sin(a)
     corners = []
     for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)):
-        corners.append((cx + dx * cos_a - dy * sin_a, cy + dx * sin_a + dy * cos_a))
+        corners.append((cx + dx * cos_a + dy * sin_a, cy - dx * sin_a + dy * cos_a))
     return corners
 
 

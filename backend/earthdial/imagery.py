@@ -8,11 +8,12 @@ snapped outwards to whole pixels and clipped to the raster.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform as warp_transform
 
+from . import access, limits
 from .protocol import EarthDialError, ErrorCode
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "crop",
     "describe",
     "ground_resolution",
+    "open_raster",
     "read_chip",
     "read_on_grid",
 ]
@@ -76,33 +79,17 @@ def read_chip(
     whole raster), at native resolution or at ``gsd`` metres per pixel. A window whose long side would
     exceed ``max_size`` is read resampled to that size."""
     path = os.fspath(path)
-    if not path.startswith("/vsi") and not os.path.exists(path):
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
     if bounds is not None:
         bounds = _check_bounds(bounds)
     if max_size is not None and (not isinstance(max_size, numbers.Integral) or max_size < 1):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"max_size must be a positive integer or None, got {max_size!r}"
         )
-    try:
-        src = rasterio.open(path)
-    except RasterioError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
-    with src:
+    with open_raster(path) as src:
         indexes, window, (out_h, out_w), transform = _read_plan(
             src, path, bands, bounds, bounds_crs, max_size, gsd
         )
-        try:
-            # Average (a box filter) when shrinking: it does not alias fine texture the way nearest
-            # does, works for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
-            data = src.read(
-                indexes,
-                window=window,
-                out_shape=(len(indexes), out_h, out_w),
-                resampling=Resampling.average,
-            )
-        except RasterioError as exc:
-            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+        data = read_window(src, indexes, window, out_w, out_h, path)
         nodata = src.nodatavals[indexes[0] - 1]
         return Chip(
             data=data,
@@ -113,17 +100,6 @@ def read_chip(
             source=path,
         )
 
-
-def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
-    """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
-    averaging, which would hide the speckle that tells linear SAR power apart)."""
-    try:
-        with rasterio.open(os.fspath(path)) as src:
-            scale = max(1.0, max(src.width, src.height) / size)
-            shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-            return src.read(band, out_shape=shape, resampling=Resampling.nearest)
-    except RasterioError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
 
 @dataclass(frozen=True)
 class ChipPlan:
@@ -146,15 +122,9 @@ def plan_chip(
 ) -> ChipPlan:
     """The bands, size and grid `read_chip` with the same arguments reads, without reading pixels."""
     path = os.fspath(path)
-    if not path.startswith("/vsi") and not os.path.exists(path):
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
     if bounds is not None:
         bounds = _check_bounds(bounds)
-    try:
-        src = rasterio.open(path)
-    except RasterioError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
-    with src:
+    with open_raster(path) as src:
         indexes, _, (rows, cols), transform = _read_plan(src, path, bands, bounds, bounds_crs, max_size, gsd)
         return ChipPlan(indexes, cols, rows, transform, crs_string(src.crs))
 
@@ -199,6 +169,89 @@ def _read_plan(
     return indexes, window, (out_h, out_w), transform
 
 
+@contextlib.contextmanager
+def open_raster(path: str) -> Iterator[Any]:
+    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) only a
+    regular file with one link is opened, only through access.RASTER_DRIVERS (no VRT or other format
+    that names more files), with GDAL reading no sidecar files and no network, and a raster whose own
+    CRS names a grid file is refused before anything is transformed with it."""
+    path = os.fspath(path)
+    restricted = access.allowed_dirs() is not None
+    if restricted:
+        access.check_file(path)
+    elif not path.startswith("/vsi") and not os.path.exists(path):
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
+        try:
+            if restricted:
+                from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
+
+                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
+            else:
+                src = rasterio.open(path)
+        except RasterioError as exc:
+            formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if restricted else ""  # fmt: skip
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}") from None
+        with src:
+            if restricted and src.crs is not None:
+                why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
+                if why is not None:
+                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
+            yield src
+
+
+def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: int, path: str) -> np.ndarray:
+    """Read a window of `src` into out_w x out_h pixels: averaged when the source pixels that decodes
+    (through GDAL's overviews) fit the server's budget, else decimated (nearest), else `too_large`. A
+    large read goes in strips of output rows, with the job's cancel flag and deadline checked between
+    them (strips of an averaged read cover whole output rows, so the result equals one read)."""
+    win_w, win_h = int(window.width), int(window.height)
+    overviews = src.overviews(indexes[0]) if src.count else []
+    block = src.block_shapes[indexes[0] - 1] if src.block_shapes else (1, win_w)
+    average, cost = limits.plan_read(win_w, win_h, out_w, out_h, len(indexes), overviews, block, path)
+    # Average (a box filter) when shrinking: it does not alias fine texture the way nearest does, works
+    # for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
+    resampling = Resampling.average if average else Resampling.nearest
+    strips = max(1, min(out_h, math.ceil(cost / limits.STRIP_PIXELS)))
+    limits.checkpoint("reading")
+    try:
+        if strips == 1:
+            return src.read(indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=resampling)
+        data = np.empty((len(indexes), out_h, out_w), dtype=src.dtypes[indexes[0] - 1])
+        rows_per = math.ceil(out_h / strips)
+        scale = win_h / out_h
+        for r0 in range(0, out_h, rows_per):
+            r1 = min(out_h, r0 + rows_per)
+            strip = rasterio.windows.Window(window.col_off, window.row_off + r0 * scale, win_w, (r1 - r0) * scale)
+            data[:, r0:r1, :] = src.read(indexes, window=strip, out_shape=(len(indexes), r1 - r0, out_w),
+                                         resampling=resampling)  # fmt: skip
+            limits.checkpoint(f"reading {r1} of {out_h} rows")
+        return data
+    except RasterioError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+
+
+def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
+    """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
+    averaging, which would hide the speckle that tells linear SAR power apart). Of the whole raster when
+    it is small or has overviews, else of its central 1024 x 1024 pixels: a nearest read of a whole large
+    tiled raster without overviews decodes every tile it samples (billions of pixels)."""
+    with open_raster(os.fspath(path)) as src:
+        index = check_bands([band], src.count, path)
+        width, height = src.width, src.height
+        if src.overviews(index[0]) or max(width, height) <= 1024:
+            window = rasterio.windows.Window(0, 0, width, height)
+        else:
+            w, h = min(width, 1024), min(height, 1024)
+            window = rasterio.windows.Window((width - w) // 2, (height - h) // 2, w, h)
+        scale = max(1.0, max(window.width, window.height) / size)
+        shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
+        try:
+            return src.read(index[0], window=window, out_shape=shape, resampling=Resampling.nearest)
+        except RasterioError as exc:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
+
+
 @dataclass(frozen=True)
 class RasterInfo:
     path: str
@@ -214,10 +267,8 @@ class RasterInfo:
 def describe(path: str) -> RasterInfo:
     """What a raster says about itself, without reading its pixels."""
     path = os.fspath(path)
-    if not path.startswith("/vsi") and not os.path.exists(path):
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             return RasterInfo(
                 path=path,
                 count=src.count,
@@ -270,21 +321,25 @@ def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
     from rasterio.vrt import WarpedVRT
 
     path = os.fspath(path)
-    if not path.startswith("/vsi") and not os.path.exists(path):
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
     if not grid.crs:
         raise EarthDialError(
             ErrorCode.BAD_CRS, "the first image has no CRS, so later images cannot be aligned to it"
         )
-    try:
-        src = rasterio.open(path)
-    except RasterioError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
-    with src:
+    with open_raster(path) as src:
         if src.crs is None:
             raise EarthDialError(
                 ErrorCode.BAD_CRS, f"{path} has no CRS, so it cannot be aligned to the first image"
             )
+        if limits.current() is not None:  # the warp decodes the source pixels under the grid
+            a, b, c, d, e, f = grid.transform[:6]
+            corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, grid.width) for y in (0, grid.height)]
+            xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+            try:
+                under = window_for(src, (min(xs), min(ys), max(xs), max(ys)), grid.crs, path)
+                pixels = int(under.width) * int(under.height) * max(1, len(bands or [1, 2, 3]))
+            except EarthDialError:
+                pixels = 0  # no overlap: the warp reads nothing, and the caller says so
+            limits.check_source_pixels(pixels, f"warping {path} onto the first image's grid decodes {pixels:,} source pixels")
         indexes = check_bands(bands, src.count, path)
         resampling = Resampling.bilinear if src.dtypes[0].startswith("float") else Resampling.nearest
         # an alpha band marks the grid pixels the raster covers (without it, outside reads as data)
@@ -421,6 +476,7 @@ def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]
 
 
 def _parse_crs(text: str, what: str) -> CRS:
+    access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
     try:
         return CRS.from_user_input(text)
     except (CRSError, TypeError, ValueError) as exc:

@@ -25,15 +25,21 @@ class Task:
     images: int = 1  # how many images (layers) the task takes; 2 = a before/after pair
     sensor: str = "[hr_rgb_0.5]"  # default sensor tag
     default_prompt: str = ""
+    num_beams: int = 5  # beams upstream's evaluation script for this kind of task defaults to
 
 
-DISASTER_TYPES = "volcano, fire, flood, earthquake, tsunami, wind, storm"
+# Options and classes in the order and wording of upstream's xBD evaluation prompts.
+DISASTER_TYPES = "volcano, fire, earthquake, flood, tsunami, wind."
 DAMAGE_CLASSES = "no-damage, destroyed, minor-damage, major-damage"
+# Upstream's evaluation prompt files hold a literal backslash-n (two characters) where the training
+# records hold a newline; the refer and grounding scripts turn it back into a newline. The model learnt
+# from the training records, so every template here has a real newline.
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("chat", "Free question about the image", "{sensor} {images}\n {prompt}", 300),
+        # Free chat has no upstream evaluation; upstream's demo worker chats with one beam.
+        Task("chat", "Free question about the image", "{sensor} {images}\n {prompt}", 300, num_beams=1),
         Task("caption", "Caption the image",
              "[caption] {sensor} {images}\n Could you please provide the caption for the input image?", 100,
              needs_prompt=False),
@@ -45,14 +51,18 @@ TASKS: dict[str, Task] = {
         Task("grounding", "Describe the image with object boxes",
              "[grounding] {sensor} {images}\n Describe the image in detail. Detect objects location. "
              "Describe objects size. Where objects are located?. Describe relation between objects.", 300,
-             needs_prompt=False, grounded=True),
+             needs_prompt=False, grounded=True, num_beams=2),
         Task("refer", "Find objects (prompt: what to find, e.g. 'ships')",
-             "[refer] {sensor} {images}\n Give me the location of <ref>{prompt}</ref>", 100, grounded=True),
+             "[refer] {sensor} {images}\n Give me the location of <ref>{prompt}</ref>", 100, grounded=True,
+             num_beams=2),
         Task("identify", "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
-             "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>", 30),
-        Task("tree_species", "Tree species from a list (prompt: comma-separated species)",
-             "{sensor} [treeclassify] {images}\n Classify the botanical tree species in the image. Species: {prompt}",
-             10),
+             "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>", 30,
+             num_beams=2),
+        # No <image> in upstream's TreeSatAI question, so `<image>\n` goes first (render_chat).
+        Task("tree_species", "Tree species from a list (RGB + NIR; prompt: comma-separated species)",
+             "{sensor} [treeclassify] Classify the botanical tree species present inside the image in one of the "
+             "following species. Species: {prompt} \nAnswer in one word or a short phrase.", 10,
+             sensor="[hr_rgbi_0.5]"),
         Task("methane", "Is there a methane plume? (RGB + methane band; Methane_UHI checkpoint)",
              "{sensor} {images}\n Does this image has a methane plume ? \nAnswer in one word or a short phrase.",
              10, needs_prompt=False, sensor="[hyper_rgb_3]"),
@@ -66,14 +76,16 @@ TASKS: dict[str, Task] = {
              "[changedet] {sensor} {images}\n Analyze the images to identify the type of disaster that occurred. "
              "Options: {prompt}", 10, images=2, sensor="[hr_rgb_temp_0.5]", default_prompt=DISASTER_TYPES),
         Task("damage", "Damage level of the building at a box (prompt: [[x1, y1, x2, y2, angle]])",
-             "[identify] {sensor} {images}\n Compare the building at <box>{prompt}</box> in the pre- and "
-             f"post-disaster images and classify the level of damage. Classes: {DAMAGE_CLASSES}.", 10,
-             images=2, sensor="[hr_rgb_temp_0.5]"),
+             "[identify] {sensor} {images}\n Compare the building at <box>{prompt}</box> between the pre-disaster "
+             "and post-disaster images. In the post-disaster image, classify the level of damage. "
+             f"Classes: {DAMAGE_CLASSES}.", 10, images=2, sensor="[hr_rgb_temp_0.5]"),
         Task("post_disaster_refer", "Find objects in the later image of a pair (prompt: e.g. 'buildings')",
-             "[refer] {sensor} {images}\n Locate all large <ref>{prompt}</ref> in the post-disaster image.", 300,
+             "[refer] {sensor} {images}\n Locate all large <ref>{prompt}</ref> in the post-disaster image.", 100,
              images=2, grounded=True, sensor="[hr_rgb_temp_0.5]"),
     )
 }  # fmt: skip
+
+DECODINGS = ("upstream", "greedy")
 
 DEFAULT_SENSOR = "[hr_rgb_0.5]"
 
@@ -84,6 +96,18 @@ def task(name: str) -> Task:
             ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}; known tasks: {', '.join(TASKS)}"
         )
     return TASKS[name]
+
+
+def decoding_for(name: str, mode: str) -> tuple[int, int]:
+    """(num_beams, min_new_tokens) for a task: "upstream" is what upstream's evaluation scripts run
+    (their --num-beams default for the task's kind, min_new_tokens 1; one beam and no minimum where
+    upstream chats), "greedy" is one beam and no minimum."""
+    if mode not in DECODINGS:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"unknown decoding {mode!r}; known: {', '.join(DECODINGS)}")
+    beams = task(name).num_beams
+    if mode == "greedy" or beams <= 1:
+        return 1, 0
+    return beams, 1
 
 
 def build_question(name: str, prompt: str, sensor: str | None = None, images: int | None = None) -> str:

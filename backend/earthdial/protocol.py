@@ -29,9 +29,13 @@ MAX_ARRAY_NDIM = 3
 MAX_MESSAGE_BYTES = MAX_ARRAY_BYTES + MAX_HEADER_BYTES  # per frame: the server's ZMQ_MAXMSGSIZE
 MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024  # all array frames of one message together
 MAX_ID_CHARS = 256  # request ids and client names
+PEEK_ID_MAX_BYTES = 4 * 1024 * 1024  # an oversize header up to this size is still parsed for its id
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 OPS = ("ask", "georef", "detect", "detect_changes", "scan_tiles", "status", "ping", "cancel", "plan")
+# A layer or file written by EarthDial says so with a description starting with this (docs/outputs.md):
+# only such layers and files are ever replaced, by the command line and by the plugin.
+RESULT_MARK = "EarthDial result"
 
 
 class ErrorCode:
@@ -56,10 +60,18 @@ class ErrorCode:
     MODEL_ERROR = "model_error"
     CANCELLED = "cancelled"  # cancelled by its client (`cancel` op or the client went away)
     FORBIDDEN_PATH = "forbidden_path"  # a path outside the directories the server may read
+    # server limits (issue 15): the message names the limit and the `earthdial serve` option raising it
+    TOO_LARGE = "too_large"  # pixels, tiles, bands, reply or queue bytes over a budget
+    DEADLINE = "deadline"  # the request ran (or waited) past the server's per-request deadline
     INTERNAL = "internal"
     # client side only
     TIMEOUT = "timeout"
     DISCONNECTED = "disconnected"  # the connection dropped while a reply was awaited: the reply is lost
+    # writing output files (`earthdial ... -o`, `--preview`)
+    OUTPUT_EXISTS = "output_exists"  # a result of that name is there: --overwrite, or another name/--layer
+    FOREIGN_OUTPUT = "foreign_output"  # the file or layer there is not an EarthDial result: never replaced
+    DISK_FULL = "disk_full"
+    READ_ONLY = "read_only"  # the folder or file cannot be written (read-only file system, no permission)
 
 
 class EarthDialError(Exception):
@@ -201,6 +213,20 @@ def decode(frames: list[Any]) -> Message:
         raise EarthDialError(ErrorCode.BAD_ARRAY, f"{total} bytes of arrays; limit {MAX_TOTAL_BYTES}")
     arrays = [_array_from_frame(i, spec, buffers[i]) for i, spec in enumerate(specs)]
     return Message(header, arrays)
+
+
+def peek_id(frame: Any) -> str | None:
+    """The top-level `id` of a header that failed validation (too large, wrong version, ...), so that
+    the error reply reaches the request that caused it; None when the frame is not a readable JSON
+    object or is larger than PEEK_ID_MAX_BYTES (parsing it would cost more than answering it)."""
+    try:
+        head = _frame_bytes(frame)
+        if head.nbytes > PEEK_ID_MAX_BYTES:
+            return None
+        value = json.loads(head.tobytes().decode("utf-8"), parse_constant=_no_constant).get("id")
+    except (ValueError, AttributeError, RecursionError, TypeError):
+        return None
+    return value if isinstance(value, str) and len(value) <= MAX_ID_CHARS else None
 
 
 def _no_constant(name: str) -> Any:
@@ -398,6 +424,12 @@ class Client:
         header.setdefault("v", PROTOCOL_VERSION)
         header.setdefault("client", client_name())
         frames = encode(header, arrays)
+        if len(frames[0]) > MAX_HEADER_BYTES:  # the server would refuse it: say so now, not after a wait
+            raise EarthDialError(
+                ErrorCode.BAD_HEADER,
+                f"the request header is {len(frames[0])} bytes; the protocol's limit is {MAX_HEADER_BYTES} "
+                "(a long chat history or prompt? shorten it)",
+            )
         wait = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait
         self._send(frames, deadline, wait, cancelled)
@@ -454,8 +486,11 @@ class Client:
             events = dict(self._poller.poll(max(1, int(min(remaining, 0.2) * 1000))))
             if self._sock in events:
                 reply = decode(self._sock.recv_multipart(copy=False))
-                if reply.header.get("id") != request_id:
+                unread = reply.header.get("id") is None and not reply.header.get("ok", True)
+                if reply.header.get("id") != request_id and not unread:
                     continue  # a late reply to an earlier, timed-out or cancelled request
+                # (an error without an id: the server could not read our header's id, and this Client
+                # has one request in flight at a time, so it is this request's error)
                 if reply.header.get("event"):  # progress, and a scan's plan and merged-box chunks
                     deadline = time.monotonic() + wait
                     if progress is not None:

@@ -23,10 +23,9 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-import rasterio
 from rasterio.warp import transform_bounds
 
-from . import access, imagery, presets, prompts, scenes
+from . import access, imagery, limits, presets, prompts, scenes
 from .protocol import EarthDialError, ErrorCode
 from .service import _choose_preset, _field
 
@@ -64,13 +63,14 @@ def options_of(header: dict[str, Any]) -> dict[str, Any]:
     skip = options.get("skip") or []
     if not isinstance(skip, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "options.skip must be a list of tile indexes")
-    for name in ("preset", "sensor"):
+    for name in ("preset", "sensor", "decoding"):
         if options.get(name) is not None and not isinstance(options[name], str):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.{name} must be a string")
     merge = options.get("merge", True)
     if not isinstance(merge, bool):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "options.merge must be true or false")
     values.update(skip=frozenset(skip), merge=merge, preset=options.get("preset"), sensor=options.get("sensor"),
+                  decoding=options.get("decoding"),
                   overlap=float(values["overlap"]), min_score=float(score))  # fmt: skip
     return values
 
@@ -182,13 +182,14 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
         preset, _ = _choose_preset(source, None, {"preset": options["preset"]} if options["preset"] else {}, info)
         bands = _field(source, "bands", list, required=False) or list(preset.bands or []) or None
         bounds = _field(source, "bounds", list, required=False)
-        with rasterio.open(path) as src:
+        with imagery.open_raster(path) as src:
             if src.crs is None:
                 raise EarthDialError(ErrorCode.BAD_CRS, f"{source['path']} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
             indexes = imagery.check_bands(bands, src.count, path)
             region = imagery.window_for(src, tuple(bounds) if bounds else None,
                                         _field(source, "crs", str, required=False), path)  # fmt: skip
             crs = imagery.crs_string(src.crs)
+        limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])  # the budget
         plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
         tiles = scenes.file_tiles([path], indexes, plan, out_size, options["skip"])
         name, gsd_src = source["path"], info.gsd_m
@@ -209,6 +210,7 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
             preset = presets.get(name_preset)
         else:
             preset, _ = presets.choose(count, dtype, [], None)
+        limits.check_scan(width, height, options["tile_size"], options["overlap"])
         plan = scenes.plan_tiles(width, height, options["tile_size"], options["overlap"])
         tiles = scenes.stream_tiles(stream, plan, transform, crs, nodata, options["skip"], cancelled)
         name = str(source.get("name") or "<stream>")
@@ -216,6 +218,7 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     tag = options["sensor"] or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
+    beams, min_new = prompts.decoding_for(task, options["decoding"] or getattr(engine, "decoding", "greedy"))
     gsd = gsd_src * options["tile_size"] / out_size if gsd_src else None
 
     def make_query(tile: scenes.Tile) -> Any:
@@ -223,7 +226,8 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
         if not imagery.valid_mask(chip).any():
             return None  # an all-nodata tile: nothing to ask about
         data = presets.apply(preset, chip.data, chip.nodata)
-        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens)
+        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=beams,
+                     min_new_tokens=min_new, cancelled=cancelled)  # fmt: skip
 
     props = _base_properties(engine, task, prompt, name, gsd)
     ask = scenes.Ask(make_query, props, options["min_score"])
@@ -251,10 +255,10 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
         if info.count != infos[0].count:
             raise EarthDialError(ErrorCode.BAND_OUT_OF_RANGE, f"layer {k} ({name}) has {info.count} band(s) "
                                  f"but {names[0]} has {infos[0].count}: a sequence needs the same bands")  # fmt: skip
-    with rasterio.open(paths[0]) as src:
+    with imagery.open_raster(paths[0]) as src:
         left, bottom, right, top = src.bounds
         for name, path in zip(names[1:], paths[1:], strict=True):
-            with rasterio.open(path) as other:
+            with imagery.open_raster(path) as other:
                 b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
             left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
             if left >= right or bottom >= top:
@@ -264,12 +268,18 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
     preset, _ = _choose_preset(sources[0], None, {"preset": options["preset"]} if options["preset"] else {}, infos[0])
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
+    per_pair = limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])
+    budget = limits.current()
+    if budget is not None and per_pair * (len(paths) - 1) > budget.max_scan_tiles:
+        raise limits.too_large(f"{len(paths) - 1} pairs of {per_pair:,} tiles", per_pair * (len(paths) - 1),
+                               "max_scan_tiles")  # fmt: skip
     plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
     out_size = engine.info.image_size
     spec = prompts.task("change")
     tag = options["sensor"] or spec.sensor
     question = prompts.build_question("change", "", tag)
     engine.check_tags(question)
+    beams, min_new = prompts.decoding_for("change", options["decoding"] or getattr(engine, "decoding", "greedy"))
     gsd = infos[0].gsd_m * options["tile_size"] / out_size if infos[0].gsd_m else None
     jobs = []
     n = len(plan)
@@ -282,7 +292,8 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
                 return None
             data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
             images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
-            return Query(question, images, spec.max_new_tokens)
+            return Query(question, images, spec.max_new_tokens, num_beams=beams, min_new_tokens=min_new,
+                         cancelled=cancelled)  # fmt: skip
 
         props = _base_properties(engine, "change", "", f"{names[k]} | {names[k + 1]}", gsd)
         props["pair"] = pair

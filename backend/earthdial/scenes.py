@@ -26,7 +26,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from . import answers, georef, imagery, protocol
+from . import answers, georef, imagery, limits, protocol
 from .protocol import EarthDialError, ErrorCode
 
 SCENE_CACHE_MB = 128
@@ -136,7 +136,7 @@ def read_shape(window: Window, out_size: int) -> tuple[int, int]:
 def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,
                skip: frozenset[int] = frozenset()) -> Iterator[Tile]:  # fmt: skip
     """Tiles of a raster (and of later rasters warped onto each tile's grid), made one at a time."""
-    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), rasterio.open(paths[0]) as src:
+    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), imagery.open_raster(paths[0]) as src:
         crs = imagery.crs_string(src.crs)
         nodata = src.nodatavals[indexes[0] - 1]
         for i in range(len(plan)):
@@ -301,6 +301,7 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
             if tile is not None:
                 batch.append(tile)
             if batch and (len(batch) >= batch_size or tile is None):
+                limits.checkpoint(f"scanning {done} of {total} tiles")  # a cancel, or past the deadline
                 if cancelled is not None and cancelled():
                     raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
                 found = _answer_batch(engine, ask, batch, stats)
@@ -335,7 +336,8 @@ def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> lis
             queries.append(query)
             kept.append(tile)
     t = time.perf_counter()
-    texts = engine.generate(queries) if queries else []
+    decode = getattr(engine, "generate_by_decoding", None) or engine.generate  # greedy or upstream's beams
+    texts = decode(queries) if queries else []
     stats.model_s += time.perf_counter() - t
     asked = {id(tile) for tile in kept}
     out = [TileAnswer(tile.index, "", None, [], footprint(tile.chips[0])) for tile in batch if id(tile) not in asked]

@@ -1,6 +1,7 @@
 """The server's waiting room: a bounded queue served round-robin between clients, and cancellation.
 
-Requests wait in one FIFO per client (the request's `client` name, else its connection). The worker takes
+Requests wait in one FIFO per client: its identity from the transport (the connection's routing id, or
+its CURVE key), never a name the request gives itself. The worker takes
 the head of each client's FIFO in turn, so one client's burst of 50 puts at most one of its requests
 ahead of another client's, not 50. Each queued or running request carries a threading.Event that a
 `cancel` request, or its client going away, sets; the worker (and any long job through `is_cancelled`)
@@ -10,6 +11,7 @@ checks it between stages and batches.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +25,14 @@ class Pending:
     """A request that was accepted for the worker."""
 
     ident: bytes  # routing id of the connection it came on: where its reply goes
-    client: str  # fairness key: the `client` field, else the connection
+    client: str  # fairness and cancel key: the transport's identity of its client
     header: dict[str, Any]
     arrays: list[Any]
     cancel: threading.Event = field(default_factory=threading.Event)
+    nbytes: int = 0  # what it holds in memory (header and arrays), counted against the queue's bytes
+    received: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when the worker took it
+    stage: str = "queued"  # what it is doing, for `status`
 
     @property
     def request_id(self) -> Any:
@@ -51,8 +57,10 @@ def cancel_check(header: dict[str, Any]) -> Callable[[], bool]:
 
 
 class FairQueue:
-    def __init__(self, maxsize: int, per_client: int) -> None:
+    def __init__(self, maxsize: int, per_client: int, max_bytes: int | None = None) -> None:
         self.maxsize = maxsize
+        self.max_bytes = max_bytes  # queued and running requests' bytes together; None: no bound
+        self._bytes = 0
         self.per_client = max(1, min(per_client, maxsize))
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[Pending]] = {}
@@ -68,6 +76,15 @@ class FairQueue:
                 raise EarthDialError(
                     ErrorCode.BUSY, f"the server queue is full ({self.maxsize} waiting); retry later"
                 )
+            if self.max_bytes is not None and self._bytes + job.nbytes > self.max_bytes:
+                from .limits import MIB
+
+                raise EarthDialError(
+                    ErrorCode.BUSY,
+                    f"the server holds {self._bytes / MIB:.0f} MiB of requests already and this one has "
+                    f"{job.nbytes / MIB:.1f} MiB; its limit is {self.max_bytes // MIB} MiB (`earthdial serve "
+                    "--max-queue-mb` raises it); retry when some are answered",
+                )
             waiting = self._waiting.get(job.client)
             if waiting is not None and len(waiting) >= self.per_client:
                 raise EarthDialError(
@@ -80,6 +97,7 @@ class FairQueue:
                 self._turns.append(job.client)
             waiting.append(job)
             self._size += 1
+            self._bytes += job.nbytes
             _jobs[id(job.header)] = job
             self._cond.notify()
 
@@ -101,6 +119,9 @@ class FairQueue:
                 else:
                     del self._waiting[client]
             self._size -= len(batch)
+            now = time.monotonic()
+            for job in batch:
+                job.started, job.stage = now, "starting"
             self._running.extend(batch)
             return batch
 
@@ -108,6 +129,7 @@ class FairQueue:
         with self._cond:
             for job in batch:
                 self._running.remove(job)
+                self._bytes -= job.nbytes
                 _jobs.pop(id(job.header), None)
 
     def _unqueue(self, job: Pending) -> None:
@@ -117,10 +139,12 @@ class FairQueue:
             del self._waiting[job.client]
             self._turns.remove(job.client)
         self._size -= 1
+        self._bytes -= job.nbytes
         _jobs.pop(id(job.header), None)
 
     def cancel(self, target: str, ident: bytes, client: str) -> tuple[str, Pending | None]:
-        """Cancel the request `target` of this connection or client: ("queued", job) when it was taken
+        """Cancel the request `target` of this connection or client (its transport identity: a request
+        of another client is "unknown" to it): ("queued", job) when it was taken
         off the queue (the caller replies for it), ("running", job) when it is flagged to stop at its
         next batch boundary, ("unknown", None) otherwise."""
         with self._cond:
@@ -148,6 +172,31 @@ class FairQueue:
                     job.cancel.set()
             return gone
 
+    def cancel_running(self) -> None:
+        """Flag every running job to stop (the server is shutting down)."""
+        with self._cond:
+            for job in self._running:
+                job.cancel.set()
+
+    def has_connection(self, ident: bytes) -> bool:
+        """Whether a request of this connection is queued or running."""
+        with self._cond:
+            return any(job.ident == ident for job in self._running) or any(
+                job.ident == ident for waiting in self._waiting.values() for job in waiting
+            )
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The running jobs, as `status` tells them: id, op, stage, seconds since arrival and start."""
+        now = time.monotonic()
+        with self._cond:
+            return [
+                {"id": job.request_id, "op": job.header.get("op"), "client": job.client[:13], "stage": job.stage,
+                 "age_s": round(now - job.received, 3),
+                 "running_s": round(now - job.started, 3) if job.started is not None else None,
+                 "cancel_requested": job.cancel.is_set()}
+                for job in self._running
+            ]  # fmt: skip
+
     def counts(self) -> dict[str, Any]:
         """Queue length, running jobs, and both per client (names shortened: they are not for sharing)."""
         with self._cond:
@@ -158,8 +207,9 @@ class FairQueue:
                 per.setdefault(job.client, [0, 0])[1] += 1
             return {
                 "queue": self._size,
+                "queue_bytes": self._bytes,
                 "running": len(self._running),
-                "clients": [{"client": c[:8], "queued": q, "running": r} for c, (q, r) in per.items()],
+                "clients": [{"client": c[:13], "queued": q, "running": r} for c, (q, r) in per.items()],
             }
 
     def close(self) -> None:

@@ -65,9 +65,12 @@ def answers(engine: Any, out: Any, limits: list[int]) -> list[Answer]:
     logprobs = None
     if getattr(out, "scores", None):
         beams = getattr(out, "beam_indices", None)
-        logprobs = engine.model.compute_transition_scores(
-            sequences, out.scores, beams, normalize_logits=beams is None
-        ).float().tolist()
+        try:
+            logprobs = engine.model.compute_transition_scores(
+                sequences, out.scores, beams, normalize_logits=beams is None
+            ).float().tolist()
+        except Exception:  # an output transformers cannot score: answers without scores, never a failure
+            logprobs = None
     result = []
     for row, (ids, limit) in enumerate(zip(sequences.tolist(), limits, strict=True)):
         ids = ids[len(ids) - len(out.scores):] if logprobs is not None else ids  # the new tokens only

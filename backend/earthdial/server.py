@@ -10,6 +10,10 @@ requests remember the descriptor they came on (ZMQ_SRCFD), so a dropped connecti
 taken off the queue and its running ones flagged to stop. A client waiting for a reply sends nothing but
 stays connected, so it is never mistaken for a gone one; a vanished peer that did not close its socket
 is dropped by ZMTP heartbeats (HEARTBEAT_TIMEOUT_MS).
+
+Hostile input (issue 15): a client's identity is its connection (routing id) or its CURVE key, never a
+field of its requests; connections are capped and idle ones ended (connections.py); every request is
+bounded before it is queued and while it runs (limits.py); see docs/security.md.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from typing import Any
 
 import zmq
 
-from . import access, scan, scenes, service
+from . import access, limits, scan, scenes, service
 from .access import is_loopback  # noqa: F401  (imported from here by older code)
+from .connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from .protocol import (
-    MAX_HEADER_BYTES,
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
     OPS,
@@ -38,6 +42,7 @@ from .protocol import (
     encode,
     error_reply,
     ok_reply,
+    peek_id,
 )
 from .scheduling import FairQueue, Pending
 
@@ -63,13 +68,22 @@ class Server:
         curve_clients: set[bytes] | None = None,
         allowed_dirs: list[str] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        budgets: limits.Limits | None = None,
+        max_connections: int | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.endpoint = endpoint
         self.instance = uuid.uuid4().hex  # tells a client that the server it talks to was restarted
         self.started = time.monotonic()
-        self.queue = FairQueue(queue_size, client_queue or max(1, queue_size // 2))
+        self.budgets = budgets or limits.Limits()
+        self._previous_limits = limits.configure(self.budgets)
+        self.queue = FairQueue(queue_size, client_queue or max(1, queue_size // 2), self.budgets.max_queue_bytes)
+        self.connections = Connections(
+            connection_cap(max_connections or 512), 300.0 if idle_timeout_s is None else idle_timeout_s
+        )
+        self._next_sweep = 0.0
         self.stop_event = threading.Event()
         self._peer_fd: dict[bytes, int] = {}  # routing id -> socket fd it last sent on
         self._streams: dict[tuple[bytes, Any], scenes.Stream] = {}  # streamed detects' tile inboxes
@@ -80,17 +94,18 @@ class Server:
             access.set_allowed_dirs(allowed_dirs)
 
         self.ctx = zmq.Context()
-        # the ZAP handler must be bound before the first CURVE handshake
-        self.zap = access.ZapHandler(self.ctx, curve_clients) if curve_secret_key and curve_clients else None
+        # the ZAP handler must be bound before the first CURVE handshake; it also names each client's key
+        self.zap = access.ZapHandler(self.ctx, curve_clients) if curve_secret_key else None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # per frame; libzmq drops the peer past it
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone clients are dropped silently
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         if curve_secret_key:
             access.enable_curve(self.sock, curve_secret_key)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(_WORKER_ADDR)
         self.sock.bind(endpoint)
@@ -98,6 +113,7 @@ class Server:
 
     def close(self) -> None:
         self.stop_event.set()
+        self.queue.cancel_running()  # a read in progress stops at its next strip
         self.queue.close()
         self.sock.disable_monitor()
         for s in (self.monitor, self.sock, self.replies):
@@ -108,6 +124,7 @@ class Server:
             self.ctx.term()  # else a job is still on the device: its socket would block term()
         if self._set_dirs:
             access.set_allowed_dirs(self._previous_dirs)
+        limits.configure(self._previous_limits)
 
     # -- the worker thread ------------------------------------------------------------------------
     def _work(self) -> None:
@@ -142,11 +159,15 @@ class Server:
         out as they are made; a cancel stops it at the next batch."""
 
         def emit(event: str, **fields: Any) -> None:
+            if event == "progress":
+                job.stage = f"scanning {fields['done']} of {fields['total']} tiles"
             out.send_multipart([job.ident, *_encode_reply(ok_reply(job.request_id, event=event, **fields))])
 
         try:
-            stream = self._streams.get((job.ident, job.request_id))
-            fields = scan.run(job.header, self.engine, emit, job.cancel.is_set, stream)
+            with _running(job):
+                limits.checkpoint("starting")  # cancelled, or past its deadline while it waited
+                stream = self._streams.get((job.ident, job.request_id))
+                fields = scan.run(job.header, self.engine, emit, job.cancel.is_set, stream)
             return ok_reply(job.request_id, **fields)
         except Exception as exc:
             if _out_of_memory(exc):
@@ -180,8 +201,10 @@ class Server:
         ready: list[tuple[Pending, service.Job]] = []
         for job in batch:
             try:
-                _check_cancel(job)
-                ready.append((job, service.prepare(job.header, job.arrays, self.engine)))
+                with _running(job):
+                    limits.checkpoint("reading")  # cancelled, or past its deadline while it waited
+                    ready.append((job, service.prepare(job.header, job.arrays, self.engine)))
+                    job.stage = "waiting for the model"
             except Exception as exc:
                 replies.append((job.ident, _error(job.header, exc)))
         for job, _ in ready:
@@ -193,7 +216,8 @@ class Server:
             try:
                 if i in failed:
                     raise failed[i]
-                _check_cancel(job)
+                with _running(job):
+                    limits.checkpoint("finishing")  # a decode stopped by a cancel or the deadline
                 fields = service.finish(prepared, self.engine)
                 replies.append((job.ident, ok_reply(job.request_id, **fields)))
             except Exception as exc:
@@ -204,8 +228,10 @@ class Server:
         """Run the model on the prepared jobs; failures by index. A failed batch is retried one job at a
         time, after freeing the device's cached memory when it ran out of it."""
         jobs = [prepared for _, prepared in ready]
+        for job, _ in ready:
+            job.stage = f"generating (a batch of {len(ready)})"
         try:
-            service.generate(jobs, self.engine, [job.cancel.is_set for job, _ in ready])
+            service.generate(jobs, self.engine, [_stop_flag(job) for job, _ in ready])
             return {}
         except Exception as exc:
             if _out_of_memory(exc):
@@ -218,7 +244,7 @@ class Server:
             if job.cancel.is_set():
                 continue  # answered as cancelled afterwards
             try:
-                service.generate([prepared], self.engine, [job.cancel.is_set])
+                service.generate([prepared], self.engine, [_stop_flag(job)])
             except Exception as one:
                 if _out_of_memory(one):
                     _free_device_memory()
@@ -233,30 +259,36 @@ class Server:
     def _on_request(self, frames: list[Any]) -> None:
         ident, body = frames[0].bytes, frames[1:]
         try:
-            self._peer_fd[ident] = frames[0].get(zmq.SRCFD)
+            fd = frames[0].get(zmq.SRCFD)
+            self._peer_fd[ident] = fd
+            self.connections.message(fd, time.monotonic())
         except zmq.ZMQError:
             pass  # inproc peers have no descriptor
         header: dict[str, Any] = {}
         try:
             msg = decode(body)
             header = msg.header
-            self._dispatch(ident, header, msg.arrays)
+            self._dispatch(ident, _identity(ident, body), header, msg.arrays, body)
         except EarthDialError as exc:
-            self._send(ident, error_reply(_valid_id(header.get("id") if header else _peek_id(body)), exc))
+            self._send(ident, error_reply(_valid_id(header.get("id")) if header else peek_id(body[0]), exc))
         except Exception as exc:  # a bug: typed `internal`, and the loop goes on
             self._send(ident, _error({"id": _valid_id(header.get("id"))}, exc))
 
-    def _dispatch(self, ident: bytes, header: dict[str, Any], arrays: list[Any]) -> None:
-        admit(header, arrays)
+    def _dispatch(
+        self, ident: bytes, client: str, header: dict[str, Any], arrays: list[Any], frames: list[Any] = ()
+    ) -> None:
+        raw = _frame_bytes(frames[0]) if frames else None
+        admit(header, arrays, raw)
         request_id, op = header.get("id"), header["op"]
-        client = header.get("client") or "conn:" + ident.hex()
         if op == "ping":
             reply = ok_reply(request_id, pong=True, server=self.instance, uptime_s=time.monotonic() - self.started)  # fmt: skip
             self._send(ident, reply)
         elif op == "status":
             counts = self.queue.counts()
             fields = service.status(self.engine, counts["queue"], counts["running"])
-            fields.update(clients=counts["clients"], queue_size=self.queue.maxsize, server=self.instance)
+            fields.update(clients=counts["clients"], queue_size=self.queue.maxsize, server=self.instance,
+                          jobs=self.queue.jobs(), queue_bytes=counts["queue_bytes"],
+                          connections=self.connections.counts(), limits=_limits_view(self.budgets))  # fmt: skip
             self._send(ident, ok_reply(request_id, **fields))
         elif op == "plan":  # metadata and at most a small sample: cheap enough for the I/O loop
             self._send(ident, ok_reply(request_id, **service.plan(header, arrays, self.engine)))
@@ -272,9 +304,12 @@ class Server:
         elif op == "scan_tiles":
             self._feed_stream(ident, header, arrays)
         else:
+            nbytes = sum(int(a.nbytes) for a in arrays) + (raw.nbytes if raw is not None else 0)
+            if self.queue.max_bytes is not None and nbytes > self.queue.max_bytes:
+                raise limits.too_large("the request holds", nbytes, "max_queue_bytes", "bytes")
             self._open_stream(ident, header)
             try:
-                self.queue.put(Pending(ident, client, header, arrays))
+                self.queue.put(Pending(ident, client, header, arrays, nbytes=nbytes))
             except Exception:
                 self._streams.pop((ident, request_id), None)
                 raise
@@ -286,8 +321,12 @@ class Server:
             except zmq.Again:
                 return
             event, fd = struct.unpack("=HI", frames[0][:6])  # native order: event id, then the fd
+            if event == zmq.EVENT_ACCEPTED:
+                self.connections.accepted(fd, time.monotonic())
+                continue
             if event != zmq.EVENT_DISCONNECTED:
                 continue
+            self.connections.closed(fd)
             for ident in [i for i, f in self._peer_fd.items() if f == fd]:
                 del self._peer_fd[ident]
                 gone = self.queue.drop_connection(ident)
@@ -295,6 +334,24 @@ class Server:
                     self._streams.pop((job.ident, job.request_id), None)
                 if gone:
                     log.info("a client went away: dropped %d queued request(s)", len(gone))
+
+    def _sweep(self) -> None:
+        """End idle connections and those over the cap (connections.py); at most once a second."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        busy_fds = {self._peer_fd.get(job_ident) for job_ident in self._busy_idents()}
+        for fd in busy_fds:  # busy counts as active: a job just done has its reply still to come
+            if fd is not None:
+                self.connections.message(fd, now)
+        for fd in self.connections.to_end(now, lambda fd: fd in busy_fds):
+            self.connections.end(fd)
+        if self.connections.dropped:
+            log.debug("connections: %s", self.connections.counts())
+
+    def _busy_idents(self) -> set[bytes]:
+        return {i for i in self._peer_fd if self.queue.has_connection(i)}
 
     def _drain(self, sock: zmq.Socket, handle: Any) -> None:
         for _ in range(_DRAIN):
@@ -305,6 +362,9 @@ class Server:
             handle(frames)
 
     def _forward(self, frames: list[Any]) -> None:
+        fd = self._peer_fd.get(frames[0].bytes)
+        if fd is not None:
+            self.connections.message(fd, time.monotonic())  # a reply is activity too
         self.sock.send_multipart(frames, copy=False)
 
     def _on_frames(self, frames: list[Any]) -> None:
@@ -330,39 +390,70 @@ class Server:
                     self._drain(self.replies, self._forward)
                 if self.sock in events:
                     self._drain(self.sock, self._on_frames)
+                self._sweep()
         finally:
+            self.queue.cancel_running()
             self.queue.close()
             self._worker.join(timeout=5)
 
 
-def admit(header: dict[str, Any], arrays: list[Any]) -> None:
+def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> None:
     """The checks a decoded request passes before the I/O loop answers or queues it (typed errors):
-    the envelope fields, by-reference paths (refused before any service code opens them; resolve_source
-    checks again when it reads), and by-value pixels' shape (the service's code assumes an image)."""
+    the envelope fields; then, for work, the form of what its sources name (paths refused before any
+    service code opens them, CRSs before PROJ parses them; resolve_source checks again when it reads),
+    by-value pixels' shape and the budgets that need no file (limits.admit_request)."""
     request_id, op, client = header.get("id"), header.get("op"), header.get("client")
     if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_CHARS} characters")  # fmt: skip
+    # `client` is accepted for older clients and ignored: identity comes from the transport
     if client is not None and not (isinstance(client, str) and 0 < len(client) <= MAX_ID_CHARS):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'client' must be a string of 1 to {MAX_ID_CHARS} characters")  # fmt: skip
     if not isinstance(op, str) or op not in OPS:
         raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: {', '.join(OPS)}")
     if op in LOOP_OPS:
         return
-    sources = header.get("sources")
-    for source in [header.get("source"), *(sources if isinstance(sources, list) else [])]:
-        if isinstance(source, dict) and source.get("kind") == "ref" and isinstance(source.get("path"), str):
-            access.check_path(source["path"])
     for i, array in enumerate(arrays):
         if array.ndim not in (2, 3) or 0 in array.shape:
             raise EarthDialError(
                 ErrorCode.BAD_ARRAY,
                 f"array {i}: pixels must be (rows, cols) or (bands, rows, cols) with no empty axis, got shape {list(array.shape)}",
             )
+    limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None)
 
 
-def _check_cancel(job: Pending) -> None:
-    if job.cancel.is_set():
-        raise _cancelled()
+def _identity(ident: bytes, body: list[Any]) -> str:
+    """Who sent a message, from the transport: its CURVE key when the ZAP handler named one (any
+    connection of that key is that client), else its connection's routing id."""
+    try:
+        user = body[0].get("User-Id") if hasattr(body[0], "get") else None
+    except (zmq.ZMQError, UnicodeDecodeError):
+        user = None
+    return f"key:{user}" if user else "conn:" + ident.hex()
+
+
+def _running(job: Pending) -> Any:
+    """limits.running for a server job: its cancel flag, its deadline and where its stage goes."""
+
+    def stage(text: str) -> None:
+        job.stage = text
+
+    return limits.running(job.cancel.is_set, limits.deadline_for(str(job.header.get("op")), job.received), stage)
+
+
+def _stop_flag(job: Pending) -> Any:
+    """What stops a job's decoding at its next token: a cancel, or its deadline passing."""
+    deadline = limits.deadline_for(str(job.header.get("op")), job.received)
+    if deadline is None:
+        return job.cancel.is_set
+    return lambda: job.cancel.is_set() or time.monotonic() > deadline
+
+
+def _limits_view(budgets: limits.Limits) -> dict[str, Any]:
+    return {name: getattr(budgets, name) for name in limits.OPTIONS}
+
+
+def _frame_bytes(frame: Any) -> memoryview:
+    return memoryview(getattr(frame, "buffer", frame)).cast("B")
 
 
 def _cancelled() -> EarthDialError:
@@ -394,7 +485,12 @@ def _free_device_memory() -> None:
 
 def _encode_reply(reply: dict[str, Any]) -> list[Any]:
     try:
-        return encode(reply)
+        frames = encode(reply)
+        limits.check_reply(len(frames[0]))
+        return frames
+    except EarthDialError as exc:  # over the reply budget
+        log.warning("reply %s refused: %s", reply.get("id"), exc.message)
+        return encode(error_reply(_valid_id(reply.get("id")), exc))
     except Exception as exc:  # e.g. a NaN in the reply, which JSON cannot carry
         log.error("reply %s cannot be encoded: %s", reply.get("id"), exc)
         err = EarthDialError(
@@ -412,16 +508,3 @@ def _error(header: dict[str, Any], exc: Exception) -> dict[str, Any]:
 
 def _valid_id(value: Any) -> str | None:
     return value if isinstance(value, str) and len(value) <= MAX_ID_CHARS else None
-
-
-def _peek_id(frames: list[Any]) -> str | None:
-    """The id of a request that failed validation, when its header is at least readable JSON."""
-    import json
-
-    try:
-        head = memoryview(getattr(frames[0], "buffer", frames[0]))
-        if head.nbytes > MAX_HEADER_BYTES:
-            return None
-        return _valid_id(json.loads(head.tobytes()).get("id"))
-    except Exception:
-        return None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import access, answers, georef, imagery, presets, prompts, sensors
+from . import access, answers, georef, imagery, limits, presets, prompts, sensors
 from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
 from .tokens import VARIANTS, earthdial_tokens
@@ -92,6 +92,8 @@ def resolve_source(
 
 def features_for(answer: str, chip: imagery.Chip, properties: dict[str, Any]) -> dict[str, Any]:
     boxes = answers.parse_boxes(answer)
+    # every feature repeats the properties (the answer among them): bound the reply before building it
+    limits.check_features(len(boxes), sum(len(v) for v in properties.values() if isinstance(v, str)))
     return georef.features_from_boxes(boxes, chip.transform, chip.width, chip.height, chip.crs, properties)
 
 
@@ -237,14 +239,17 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
     return Inputs(chips, preset, reason, gsd_m, warnings)
 
 
-def _sensor_for(spec: prompts.Task, inputs: Inputs, options: dict[str, Any]) -> str:
+def _sensor_for(
+    spec: prompts.Task, inputs: Inputs, options: dict[str, Any], vocab: frozenset[str] = frozenset()
+) -> str:
     """The sensor tag: named in the request, else the task's own (methane, UHI), else for pairs the
-    temporal tag of the data's kind, else the preset's, else the RGB tag nearest the window's GSD."""
+    temporal tag of the data's kind (SAR's only if `vocab` holds it), else the preset's, else the RGB
+    tag nearest the window's GSD."""
     if options.get("sensor"):
         return str(options["sensor"])
     sar = inputs.preset.name.startswith("s1_")
     if spec.images > 1:
-        return "[s1_vh_temp_10]" if sar else spec.sensor
+        return sensors.pair_tag(sar, spec.sensor, vocab)
     if spec.sensor != prompts.DEFAULT_SENSOR:
         return spec.sensor
     return inputs.preset.sensor or presets.rgb_tag_for(inputs.gsd_m)
@@ -290,13 +295,19 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
             ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
         )
     history = _history(options)
+    decoding = options.get("decoding") or (engine.decoding if engine is not None else "greedy")
+    if not isinstance(decoding, str):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}")
+    num_beams, min_new = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
     chips = inputs.chips
-    tag = _sensor_for(spec, inputs, options)
+    tag = _sensor_for(spec, inputs, options, engine.info.vocab if engine is not None else frozenset())
     inputs.warnings += _gsd_warnings(inputs.gsd_m, tag)
     in_history = any(prompts.IMAGE in q for q, _ in history)  # a follow-up: the images came with turn one
-    question = prompts.build_question(name, prompt, tag, images=0 if in_history else len(chips))
+    question = prompts.build_question(
+        name, prompt, sensors.prompt_tag(tag, chips[0].data.shape[0]), images=0 if in_history else len(chips)
+    )
     job = Job(header, chips, started=started, inputs=inputs, sensor=tag)
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
@@ -305,8 +316,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     t = time.perf_counter()
     from .engine import Query
 
-    images = [engine.image(chip.data, tag, chip.nodata) for chip in chips]
-    job.query = Query(question, images, max_new, history)
+    images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
+    job.query = Query(question, images, max_new, history, num_beams=num_beams, min_new_tokens=min_new)
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
 
@@ -387,14 +398,16 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     width, height = chip.width, chip.height
     gsd_m = imagery.ground_resolution(chip.transform, chip.crs, width / 2, height / 2)
     inputs = Inputs([], preset, reason, gsd_m)
-    tag = _sensor_for(spec, inputs, options)
+    tag = _sensor_for(spec, inputs, options, engine.info.vocab if engine is not None else frozenset())
     warnings = _gsd_warnings(gsd_m, tag)
-    question = prompts.build_question(name, prompt, tag, images=len(sources))
+    question = prompts.build_question(
+        name, prompt, sensors.prompt_tag(tag, len(chip.band_indexes)), images=len(sources)
+    )
     tiles = None
     model = None
     if engine is not None:
         _check_model(engine, question, tag)
-        per_image = _tiles_for(engine, width, height, tag)
+        per_image = _tiles_for(engine, width, height, tag, name, len(sources))
         tiles = per_image * len(sources)
         model = {"variant": engine.info.variant, "path": engine.info.path}
     return {
@@ -416,15 +429,16 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     }
 
 
-def _tiles_for(engine: Any, width: int, height: int, tag: str) -> int:
+def _tiles_for(engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1) -> int:
     """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
-    (plus the thumbnail) for RGB; the same choice `engine.image` makes."""
+    (plus the thumbnail) for RGB within each image's share of the budget; the same choice
+    `engine.image` makes."""
     from . import pixels
 
-    if sensors.sensor(tag).path != "rgb":
+    if sensors.pixel_path(tag, task) != "rgb":
         return 1
     size = engine.info.image_size
-    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.max_tiles)
+    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
     n = cols * rows
     return n + 1 if engine.info.use_thumbnail and n > 1 else n
 
@@ -476,11 +490,13 @@ def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> Non
     todo = [j for j in jobs if j.query is not None and j.answer is None]
     if not todo:
         return
-    flags = [f for j, f in zip(jobs, stop, strict=True) if any(j is t for t in todo)] if stop else None
-    overrides = {"stopping_criteria": _stop_criteria(flags)} if flags else {}
+    if stop:  # the engine ends each query's own rows (beams included) once its flag is set
+        for job, flag in zip(jobs, stop, strict=True):
+            if job.query is not None:
+                job.query.cancelled = flag
     t = time.perf_counter()
     try:
-        answers_ = engine.generate([j.query for j in todo], **overrides)
+        answers_ = engine.generate([j.query for j in todo])
     except EarthDialError:
         raise
     except Exception as exc:  # a model failure is these requests' error, not the server's
@@ -490,20 +506,6 @@ def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> Non
         job.answer = answer
         job.timings["generate_s"] = elapsed
         job.timings["batch"] = len(todo)
-
-
-def _stop_criteria(flags: list[Any]) -> Any:
-    """transformers stopping criteria that end each row whose flag is set (per row, so one cancelled
-    request of a batch does not stop the others)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            done = [bool(f()) for f in flags]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
 
 
 def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:

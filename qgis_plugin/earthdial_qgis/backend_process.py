@@ -1,7 +1,8 @@
 """A local `earthdial serve` started and stopped by the plugin (QProcess), for users who do not want a
 terminal. Its command (the `earthdial` program or the venv holding it), model directory, device and any
 extra arguments come from the plugin settings; its output goes to the "EarthDial" log tab. It is stopped
-on request and when the plugin unloads."""
+on request and when the plugin unloads. It may read by reference only the folders of the project's raster
+files (`--allow-dir` each, plus any the extra arguments name); other layers go by value."""
 
 from __future__ import annotations
 
@@ -32,11 +33,30 @@ def resolve_command(configured: str) -> str:
     return path
 
 
-def serve_arguments(model_dir: str, endpoint: str, device: str, extra: str = "") -> list[str]:
+def serve_arguments(
+    model_dir: str, endpoint: str, device: str, extra: str = "", allow_dirs: list[str] | None = None
+) -> list[str]:
     args = ["serve", "--endpoint", endpoint, "--device", device or "auto"]
     if model_dir.strip():  # else the backend's default: $EARTHDIAL_MODEL or its built-in demo model
         args += ["--model", os.path.expanduser(model_dir)]
+    for folder in allow_dirs or []:
+        args += ["--allow-dir", folder]
     return args + (shlex.split(extra) if extra.strip() else [])
+
+
+def layer_folders() -> list[str]:
+    """The folders of the current project's file-backed raster layers: what a local backend may read."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    from .sources import file_path
+
+    folders: list[str] = []
+    for layer in QgsProject.instance().mapLayers().values():
+        path = file_path(layer) if isinstance(layer, QgsRasterLayer) else None
+        folder = os.path.dirname(path) if path else ""
+        if folder and os.path.isdir(folder) and folder not in folders:
+            folders.append(folder)
+    return folders
 
 
 class LocalBackend(QtCore.QObject):
@@ -75,11 +95,12 @@ class LocalBackend(QtCore.QObject):
                 "The model folder {model} does not exist; fix it in the EarthDial settings."
             ).format(model=model)
         args = serve_arguments(
-            model, endpoint, settings.text(settings.DEVICE, "auto"), settings.text(settings.EXTRA_ARGS)
+            model, endpoint, settings.text(settings.DEVICE, "auto"), settings.text(settings.EXTRA_ARGS),
+            layer_folders(),
         )
         process = QtCore.QProcess(self)
         process.setProcessChannelMode(QtCore.QProcess.ProcessChannelMode.MergedChannels)
-        process.setWorkingDirectory(os.path.expanduser("~"))  # the backend may read files under it
+        process.setWorkingDirectory(os.path.expanduser("~"))  # it reads only the --allow-dir folders
         env = QtCore.QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")
         process.setProcessEnvironment(env)

@@ -25,6 +25,7 @@ from qgis.core import (
 )
 
 from . import settings
+from .protocol import RESULT_MARK
 
 SUFFIX = "_earthdial.gpkg"
 MAX_TABLE_CHARS = 60
@@ -92,6 +93,8 @@ def write_layer(layer: QgsVectorLayer, path: str, table: str) -> None:
     options.driverName = "GPKG"
     options.layerName = table
     options.fileEncoding = "UTF-8"
+    # the backend's mark of a result of ours: `earthdial ... -o --overwrite` may then replace this table
+    options.layerOptions = [f"DESCRIPTION={RESULT_MARK} (QGIS plugin)"]
     if os.path.exists(path):
         options.actionOnExistingFile = _writer_enum("ActionOnExistingFile", "CreateOrOverwriteLayer")
     else:

@@ -3,7 +3,7 @@
 By value the picture is the array that went out; by reference it is the same window (the reply's `chip`:
 width, height, transform) read again here through a clone of the layer's provider, on the task thread.
 Pixels become 8-bit RGB (a 2-98 percentile stretch for anything but 8-bit data), then a QImage; the
-boxes (0-100 of the window, rotated by `angle` clockwise about their centre) are painted with QPainter
+boxes (0-100 of the window, rotated by `angle` counter-clockwise about their centre, as georef does) are painted with QPainter
 in the same colours as the result layer.
 """
 
@@ -121,7 +121,7 @@ def draw_boxes(image: QtGui.QImage, boxes: list[tuple[str, list[float]]]) -> QtG
             py1, py2 = y1 / 100 * height, y2 / 100 * height
             painter.save()
             painter.translate((px1 + px2) / 2, (py1 + py2) / 2)
-            painter.rotate(angle)  # degrees, clockwise on screen as in the model's boxes
+            painter.rotate(-angle)  # Qt turns clockwise on screen; EarthDial's angle turns the other way
             w, h = abs(px2 - px1), abs(py2 - py1)
             painter.drawRect(QtCore.QRectF(-w / 2, -h / 2, w, h))
             painter.restore()

@@ -6,6 +6,12 @@ finish, with no model (a valid `ask` ends in model_error after its pixels were r
 message must end in a reply or a typed error whose code is an ErrorCode (and not `internal`, which
 would be a bug); nothing else may escape, and the server must go on answering.
 
+Issue 15 added hostile input to every generator: PROJ strings and WKT/PROJJSON naming grid files as
+CRSs, FIFOs, directories, VRTs (one named .tif), hard links and a 200 000 x 200 000 px sparse raster as
+paths, lone surrogates in paths and prompts, band lists of hundreds, `detect` requests with bounds of the
+wrong type; each must end in a typed error within the per-message wait (a FIFO or grid file opened
+would block the server for good).
+
 Derandomized, so CI sees the same messages every run; no deadline; bounded example counts. Three
 generators: hypothesis strategies for the request grammar, seeded mutations of valid requests (cheap to
 generate, so they carry most of the count and reach deep paths), and raw frames.
@@ -15,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +39,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access
+from earthdial import access, service
 from earthdial.protocol import (
     ALLOWED_DTYPES,
     OPS,
@@ -41,6 +49,7 @@ from earthdial.protocol import (
     decode,
     encode,
     error_reply,
+    ok_reply,
 )
 from earthdial.scheduling import Pending
 from earthdial.server import Server, _encode_reply, admit
@@ -54,9 +63,16 @@ TASKS = ["chat", "caption", "vqa", "classify", "grounding", "refer", "identify",
 SENSORS = ["[hr_rgb_0.5]", "[s2_ms_10]", "[s1_vh_10]", "[bogus]"]
 ANSWERS = ["", "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>", "<box>[[0,0,100,100,90]]</box>",
            "<box>[[1e308, -5, 3, 4, 720]]</box>", "<ref>a</ref><box>[[1,2,3]]</box><box>", "[[5, 5, 95, 95]]"]  # fmt: skip
+PROJ_CRS = ["+proj=longlat +ellps=WGS84 +nadgrids=/dev/stdin +type=crs", "+init=epsg:4326",
+            'GEOGCS["x",DATUM["d",SPHEROID["s",6378137,298.25]],EXTENSION["PROJ4","+proj=longlat +nadgrids=/dev/stdin"]]',
+            '{"type": "BoundCRS", "transformation": {"parameters": [{"name": "f", "value": "/dev/stdin"}]}}',
+            "/dev/stdin", "proj=longlat"]  # fmt: skip
 NASTY: list[Any] = [None, True, False, 0, -1, 1, 3, 2**63, -(2**63), 2**100, 1e308, -1e308, 5e-324, 0.5, "",
                     "x" * 3000, "<image>", "../../../../etc/passwd", "\x00", "EPSG:999999", "EPSG:4326", [], {},
-                    [[[]]], [1, 2, 3, 4], [0] * 6, {"kind": "ref"}, {"kind": "value"}, ["a", "b"]]  # fmt: skip
+                    [[[]]], [1, 2, 3, 4], [0] * 6, {"kind": "ref"}, {"kind": "value"}, ["a", "b"],
+                    *PROJ_CRS, "\ud800", "ships \udfff", "/tmp/\udcff.tif", [1] * 600, ["a", 1, 2, 3],
+                    [None, 0, 1, 1], [float("inf"), 0, 1, 1]]  # fmt: skip
+ANSWER_MANY = "<ref>a</ref>" + "<box>[[1,2,30,40,0]]</box>" * 2000  # a reply of ~100 MiB if it were built
 TRANSFORM = [10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0]
 COUNTS: dict[str, int] = {}
 
@@ -87,6 +103,15 @@ def paths(tmp_path_factory) -> list[str]:
     (root / "text.tif").write_text("not a raster")
     (root / "adir").mkdir()
     (root / "link-out.tif").symlink_to(outside)
+    os.mkfifo(root / "fifo.tif")  # opened for reading, it would block for good
+    os.link(outside, root / "hard.tif")
+    (root / "vrt.tif").write_text(f'<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
+                                  f'<SimpleSource><SourceFilename>{outside}</SourceFilename><SourceBand>1</SourceBand>'
+                                  '</SimpleSource></VRTRasterBand></VRTDataset>')  # fmt: skip
+    with rasterio.open(root / "huge.tif", "w", driver="GTiff", width=200_000, height=200_000, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10), tiled=True,
+                       blockxsize=1024, blockysize=1024, sparse_ok=True, BIGTIFF="YES"):
+        pass  # every tile sparse: 1 MB on disk
     found = [
         _tif(root / "rgb.tif", (rng.random((3, 24, 40)) * 255).astype(np.uint8)),
         _tif(root / "one.tif", rng.integers(0, 4000, (1, 16, 16)).astype(np.uint16)),
@@ -95,6 +120,8 @@ def paths(tmp_path_factory) -> list[str]:
         str(root / "text.tif"), str(root / "adir"), str(root / "missing.tif"), str(root / "link-out.tif"),
         f"{root}/../../../../../..{outside}", outside, "/etc/passwd", "", "relative.tif", "/vsimem/x.tif",
         "a\x00b", "~/x.tif",
+        str(root / "fifo.tif"), str(root / "hard.tif"), str(root / "vrt.tif"), str(root / "huge.tif"),
+        f"{root}/\ud800.tif", "/vsicurl/http://127.0.0.1:9/x.tif", "http://127.0.0.1:9/x.tif",
     ]  # fmt: skip
     yield found
     shutil.rmtree(outside_dir)
@@ -131,16 +158,16 @@ def sources(paths: list[str]) -> st.SearchStrategy:
     ref = st.fixed_dictionaries(
         {"kind": st.just("ref"), "path": mostly(st.sampled_from(paths))},
         optional={
-            "bands": mostly(st.lists(st.integers(-1, 13), max_size=4)),
+            "bands": mostly(st.lists(st.integers(-1, 13), max_size=4) | st.just([1] * 600)),
             "bounds": mostly(
                 st.lists(number, min_size=4, max_size=4) | st.just([500_000, 3_999_800, 500_200, 4_000_000])
             ),
-            "crs": mostly(st.sampled_from(["EPSG:4326", "EPSG:32633", "bogus", ""])),
+            "crs": mostly(st.sampled_from(["EPSG:4326", "EPSG:32633", "bogus", "", *PROJ_CRS])),
         },
     )
     value = st.fixed_dictionaries(
         {"kind": st.just("value"), "transform": mostly(st.just(TRANSFORM) | st.lists(number, min_size=6, max_size=6))},
-        optional={"crs": mostly(st.sampled_from(["EPSG:32633", "EPSG:4326", "", "nope"])), "nodata": mostly(number)},
+        optional={"crs": mostly(st.sampled_from(["EPSG:32633", "EPSG:4326", "", "nope", *PROJ_CRS])), "nodata": mostly(number)},
     )  # fmt: skip
     return st.one_of(ref, ref, value, value, anything)
 
@@ -163,10 +190,10 @@ def headers(paths: list[str]) -> st.SearchStrategy:
     return st.fixed_dictionaries(
         {"v": st.sampled_from([1] * 12 + [2, 1.0, True, "1", None]),
          "id": mostly(st.text(max_size=20)),
-         "op": mostly(st.sampled_from([*OPS, "ask", "georef", "ask", "georef", "format_disk"]))},
+         "op": mostly(st.sampled_from([*OPS, "ask", "georef", "ask", "georef", "detect", "format_disk"]))},
         optional={
             "task": mostly(st.sampled_from(TASKS)),
-            "prompt": mostly(st.sampled_from(["ships", "", "<image>", "[[1, 2, 3, 4, 0]]", "a" * 500])),
+            "prompt": mostly(st.sampled_from(["ships", "", "<image>", "[[1, 2, 3, 4, 0]]", "a" * 500, "\ud800 ships"])),
             "answer": mostly(st.sampled_from(ANSWERS)),
             "source": sources(paths),
             "sources": mostly(st.lists(sources(paths), max_size=3)),
@@ -255,6 +282,10 @@ def valid_requests(paths: list[str]) -> list[tuple[dict, list[np.ndarray]]]:
           "options": {"history": [["<image> what?", "a field"]], "gsd": 10}}, []),
         ({"op": "cancel", "target": "x"}, []),
         ({"op": "ping"}, []),
+        ({"op": "detect", "task": "refer", "prompt": "ships", "source": ref(rgb, bounds=[500_010, 3_999_900, 500_200, 3_999_990]),
+          "options": {"tile_size": 16, "overlap": 0.5}}, []),
+        ({"op": "georef", "answer": ANSWER_MANY, "source": ref(rgb)}, []),
+        ({"op": "georef", "answer": ANSWERS[1], "source": ref(next(p for p in paths if p.endswith("huge.tif")), bounds=[500_000, 3_990_000, 510_000, 4_000_000])}, []),
     ]  # fmt: skip
 
 
@@ -357,6 +388,13 @@ def outcome(reply: dict) -> str:
     return code
 
 
+class _NoEvents:
+    """Where the worker sends a scan's progress events; in-process they go nowhere."""
+
+    def send_multipart(self, frames: list[Any]) -> None:
+        pass
+
+
 def run_in_process(worker: Server, frames: list[bytes]) -> str:
     """What a message comes to without a model: "ok", or the code of the typed error it got."""
     try:
@@ -366,7 +404,16 @@ def run_in_process(worker: Server, frames: list[bytes]) -> str:
         return outcome(error_reply(None, exc))
     if msg.header["op"] in ("status", "ping", "cancel"):
         return "loop-op"  # answered by the server's I/O loop: fuzzed over ZeroMQ below
-    ((_, reply),) = worker._answer([Pending(b"fuzz", "fuzz", msg.header, msg.arrays)])
+    job = Pending(b"fuzz", "fuzz", msg.header, msg.arrays)
+    if msg.header["op"] == "plan":  # answered by the I/O loop from metadata: it must be as safe
+        try:
+            reply = ok_reply(msg.header.get("id"), **service.plan(msg.header, msg.arrays, None))
+        except EarthDialError as exc:
+            reply = error_reply(None, exc)
+        return outcome(decode(_encode_reply(reply)).header)
+    if msg.header["op"] == "detect":
+        return outcome(decode(_encode_reply(worker._detect(job, _NoEvents()))).header)
+    ((_, reply),) = worker._answer([job])
     return outcome(decode(_encode_reply(reply)).header)  # as the server would send it
 
 
@@ -429,6 +476,39 @@ def test_fuzz_pixels_by_value_in_process(allow_fuzz_dir, worker) -> None:
     _report("pixels", N_ARRAYS * PER_PIXELS)
 
 
+def test_the_findings_of_issue_15_are_typed_errors(allow_fuzz_dir, worker, paths: list[str]) -> None:
+    """The fuzz run of issue 15 got `internal` for these: `detect` bounds items of the wrong type, lone
+    surrogates in a path or a prompt. And the other findings, one message each, in bounded time."""
+    root = str(Path(paths[0]).parent)
+    rgb = paths[0]
+
+    def code(header: dict, arrays: tuple = ()) -> str:
+        t = time.monotonic()
+        got = run_in_process(worker, [bytes(f) for f in encode({"v": 1, "id": "f", **header}, arrays)])
+        assert time.monotonic() - t < 10, header
+        return got
+
+    detect = {"op": "detect", "task": "refer", "prompt": "ships"}
+    for bounds in (["a", 0, 1, 1], [None, 0, 1, 1], [[1], 0, 1, 1], [True, 0, 1, 1]):
+        assert code({**detect, "source": {"kind": "ref", "path": rgb, "bounds": bounds}}) == "bad_request"
+    assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/\ud800.tif"}}) == "bad_request"
+    assert code({"op": "ask", "task": "refer", "prompt": "ships \udfff", "source": {"kind": "ref", "path": rgb}}) == "bad_request"
+    assert code({**detect, "prompt": "\ud800", "source": {"kind": "ref", "path": rgb}}) == "bad_request"
+    for crs in PROJ_CRS:
+        assert code({"op": "georef", "answer": ANSWERS[1],
+                     "source": {"kind": "ref", "path": rgb, "bounds": [0, 0, 1, 1], "crs": crs}}) == "bad_crs", crs
+        assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "value", "transform": TRANSFORM, "crs": crs}},
+                    (np.zeros((3, 8, 8), np.uint8),)) == "bad_crs", crs  # fmt: skip
+    for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("hard.tif", "forbidden_path"),
+                           ("huge.tif", "too_large")):  # fmt: skip
+        assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/{name}"}}) == expected
+    for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("huge.tif", "ok")):
+        plan = {"op": "plan", "task": "refer", "prompt": "ships", "source": {"kind": "ref", "path": f"{root}/{name}"}}
+        assert code(plan) == expected, name  # a plan reads metadata and a small sample only
+    assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": rgb, "bands": [1] * 600}}) == "too_large"
+    assert code({"op": "georef", "answer": ANSWER_MANY, "source": {"kind": "ref", "path": rgb}}) == "too_large"
+
+
 def test_in_process_fuzz_reached_ten_thousand_messages() -> None:
     total = sum(COUNTS.get(name, 0) for name in ("raw", "grammar", "mutants", "pixels"))
     print(f"\nfuzz in-process: {total} messages in all")
@@ -467,3 +547,54 @@ def test_fuzz_a_real_server_over_zeromq(paths: list[str]) -> None:
         sock.close()
         stop_server(proc)
     _report("server", N_SERVER)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output paths and layer names (-o, --layer, --preview): written, or a typed error, and the user's own
+# layer and file beside them untouched
+# --------------------------------------------------------------------------------------------------
+
+N_OUTPUTS = 100
+NAME_PARTS = ["*", "?", "[a]", "..", ".", "/", "\\", "\x00", "\udc80", "\ud800", " ", "\n", "gpkg_", "rtree_x",
+              "ü船", "'", '"', ";DROP TABLE roads;--", "roads", "ROADS", "notes", "x" * 300, ".earthdial-tmp-x"]  # fmt: skip
+
+
+def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
+    import pyogrio.raw
+    import shapely
+
+    from earthdial import output, preview
+
+    user = tmp_path / "user.gpkg"
+    point = shapely.to_wkb(np.array([shapely.Point(1, 2)], dtype=object))
+    pyogrio.raw.write(str(user), point, [np.array(["mine"], dtype=object)], ["name"], layer="roads",
+                      driver="GPKG", geometry_type="Point", crs="EPSG:3857")  # fmt: skip
+    notes = tmp_path / "notes.txt.json"
+    notes.write_text('{"mine": true}')
+    ring = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
+    result = {"type": "FeatureCollection", "crs": "EPSG:32633",
+              "features": [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                            "properties": {"label": "ship", "prompt": "\udcff"}}]}  # fmt: skip
+    image = np.zeros((3, 4, 4), np.uint8)
+    parts = st.lists(st.sampled_from(NAME_PARTS) | st.text(max_size=8), max_size=4).map("".join)
+    seen: dict[str, int] = {}
+
+    @fuzz(N_OUTPUTS)
+    @given(parts, st.sampled_from([".gpkg", ".geojson", ".json", ".png", ".docx", ""]),
+           st.none() | parts, st.booleans(), st.sampled_from(["new", "user.gpkg", "notes.txt.json"]))  # fmt: skip
+    def check(name: str, ext: str, layer: str | None, overwrite: bool, where: str) -> None:
+        path = str(tmp_path / (name + ext)) if where == "new" else str(tmp_path / where)
+        for write in (lambda: output.write_features(path, result, layer, overwrite=overwrite),
+                      lambda: preview.write_png(path, image)):  # fmt: skip
+            try:
+                write()
+                seen["written"] = seen.get("written", 0) + 1
+            except EarthDialError as exc:
+                assert exc.code in CODES and exc.code != ErrorCode.INTERNAL, exc.message
+                seen[exc.code] = seen.get(exc.code, 0) + 1
+
+    check()
+    assert pyogrio.raw.read(str(user), layer="roads")[3][0].tolist() == ["mine"]
+    assert notes.read_text() == '{"mine": true}'
+    assert not [p for p in tmp_path.rglob(".earthdial-tmp-*") if p.is_dir()]
+    assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), seen

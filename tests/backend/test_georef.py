@@ -39,37 +39,38 @@ def test_corner_order_without_rotation():
     assert_points(box_pixel_corners(box, 100, 100), [(20, 30), (40, 30), (40, 60), (20, 60)])
 
 
-def test_rotation_by_90_degrees_is_clockwise_on_screen():
-    # centre (30, 45), half sizes 10 x 15; (dx, dy) -> (-dy, dx)
+def test_rotation_by_90_degrees_is_counter_clockwise_on_screen():
+    # Upstream's eval (rs_detection/eval.py): centred corners @ [[cos, -sin], [sin, cos]] as row vectors,
+    # so at 90 degrees (dx, dy) -> (dy, -dx). Centre (30, 45), half sizes 10 x 15.
     box = Box(20, 30, 40, 60, 90, None)
     corners = box_pixel_corners(box, 100, 100)
-    # top-left (-10, -15) -> (15, -10): the top-left corner swings to the top right
-    assert_points(corners, [(45, 35), (45, 55), (15, 55), (15, 35)])
+    # top-left (-10, -15) -> (-15, 10): the top-left corner swings down to the bottom left
+    assert_points(corners, [(15, 55), (15, 35), (45, 35), (45, 55)])
 
 
 def test_rotation_by_30_degrees():
-    # centre (50, 50), half sizes 10 x 5
+    # centre (50, 50), half sizes 10 x 5; (dx, dy) -> (dx cos + dy sin, -dx sin + dy cos)
     box = Box(40, 45, 60, 55, 30, None)
     corners = box_pixel_corners(box, 100, 100)
     expected = [
-        (50 + (-10) * C30 - (-5) * S30, 50 + (-10) * S30 + (-5) * C30),
-        (50 + 10 * C30 - (-5) * S30, 50 + 10 * S30 + (-5) * C30),
-        (50 + 10 * C30 - 5 * S30, 50 + 10 * S30 + 5 * C30),
-        (50 + (-10) * C30 - 5 * S30, 50 + (-10) * S30 + 5 * C30),
+        (50 + (-10) * C30 + (-5) * S30, 50 - (-10) * S30 + (-5) * C30),
+        (50 + 10 * C30 + (-5) * S30, 50 - 10 * S30 + (-5) * C30),
+        (50 + 10 * C30 + 5 * S30, 50 - 10 * S30 + 5 * C30),
+        (50 + (-10) * C30 + 5 * S30, 50 - (-10) * S30 + 5 * C30),
     ]
     assert_points(corners, expected)
-    # the top edge now runs right and down on screen (rows grow downwards)
+    # the top edge now runs right and up on screen (rows grow downwards): counter-clockwise
     (x0, y0), (x1, y1) = corners[0], corners[1]
-    assert x1 > x0 and y1 > y0
+    assert x1 > x0 and y1 < y0
     assert math.hypot(x1 - x0, y1 - y0) == pytest.approx(20)
 
 
 def test_rotated_box_on_the_map():
-    # 90 degrees on the UTM grid: pixel corners (45,35),(45,55),(15,55),(15,35)
+    # 90 degrees on the UTM grid: pixel corners (15,55),(15,35),(45,35),(45,55)
     ring = box_to_polygon(Box(20, 30, 40, 60, 90, None), UTM, 100, 100)
     assert_points(
         ring,
-        [(500450, 3999650), (500450, 3999450), (500150, 3999450), (500150, 3999650), (500450, 3999650)],
+        [(500150, 3999450), (500150, 3999650), (500450, 3999650), (500450, 3999450), (500150, 3999450)],
     )
 
 
@@ -98,9 +99,11 @@ def test_non_square_window():
 
 
 def test_rotation_happens_in_square_pixel_space_of_a_non_square_window():
-    # cols 80..120, rows 20..30: 40 x 10 pixels about (100, 25); turned 90 degrees it is 10 x 40 pixels
+    # cols 80..120, rows 20..30: 40 x 10 pixels about (100, 25); turned 90 degrees it is 10 x 40 pixels.
+    # Upstream's direction (counter-clockwise on screen): the top-left corner (-20, -5) from the centre
+    # goes to (-5, +20), i.e. (95, 45); the top edge, which pointed right, points up.
     corners = box_pixel_corners(Box(40, 40, 60, 60, 90, None), 200, 50)
-    assert_points(corners, [(105, 5), (105, 45), (95, 45), (95, 5)])
+    assert_points(corners, [(95, 45), (95, 5), (105, 5), (105, 45)])
 
 
 def test_fractional_window_size():
@@ -137,7 +140,7 @@ def test_features_from_two_labelled_boxes():
     assert second["properties"]["angle"] == 90.0
     assert_points(
         second["geometry"]["coordinates"][0],
-        [(500100, 4000000), (500100, 3999900), (500000, 3999900), (500000, 4000000), (500100, 4000000)],
+        [(500000, 3999900), (500000, 4000000), (500100, 4000000), (500100, 3999900), (500000, 3999900)],
     )
     # plain JSON: lists and floats only
     text = json.dumps(fc, allow_nan=False)

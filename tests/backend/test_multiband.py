@@ -80,9 +80,12 @@ def test_s2_l2a_normalisation_uses_the_published_constants() -> None:
 
 
 def test_sar_db_normalisation_and_nan_fill() -> None:
+    # As upstream evaluated SAR: dB -> 8-bit over -30..0 dB (our documented choice), /255, then the dB
+    # constants. By hand: -20.26 dB -> 9.74/30*255 = 82.79 -> 83 -> (83/255 + 20.26)/5.91 = 3.48316;
+    # NaN -> 0 -> 20.26/5.91 = 3.42809; -14.35 -> 133.0 -> 133 -> 3.51634; -26.17 -> 32.56 -> 33 -> 3.44998.
     data = np.array([[[-20.26, np.nan], [-14.35, -26.17]]], dtype=np.float32)
     out = sensors.normalize_bands(data, "s1")
-    np.testing.assert_allclose(out[0], [[0.0, 0.0], [1.0, -1.0]], atol=1e-3)
+    np.testing.assert_allclose(out[0], [[3.48316, 3.42809], [3.51634, 3.44998]], atol=1e-4)
 
 
 def test_multispectral_image_runs_the_band_group_path(engine: Engine) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from plugin_testing import ROOT, free_port, wait_until
-from qgis.core import Qgis, QgsSettings
+from plugin_testing import ROOT, free_port, wait_until, write_geotiff
+from qgis.core import Qgis, QgsProject, QgsRasterLayer, QgsSettings
 
 import earthdial_qgis
 from earthdial_qgis import settings
-from earthdial_qgis.backend_process import RUNNING, STOPPED, resolve_command, serve_arguments
+from earthdial_qgis.backend_process import RUNNING, STOPPED, layer_folders, resolve_command, serve_arguments
 
 
 def alive(pid: int) -> bool:
@@ -39,6 +39,17 @@ def test_command_and_arguments(tmp_path) -> None:
     assert serve_arguments("", "tcp://127.0.0.1:1", "auto") == [
         "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "auto",
     ]  # fmt: skip
+
+
+def test_the_local_backend_reads_only_the_folders_of_the_projects_rasters(qgis_new_project, tmp_path) -> None:
+    (tmp_path / "scenes").mkdir()
+    write_geotiff(str(tmp_path / "scenes" / "a.tif"))
+    layer = QgsRasterLayer(str(tmp_path / "scenes" / "a.tif"), "a")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    folders = layer_folders()
+    assert folders == [str(tmp_path / "scenes")]  # not the home folder it runs in, nor the project's
+    assert serve_arguments("", "tcp://127.0.0.1:1", "cpu", "", folders)[-2:] == ["--allow-dir", folders[0]]
 
 
 def test_start_and_stop_from_the_panel_and_on_unload(qgis_iface, qgis_new_project, backend, tmp_path) -> None:

@@ -39,3 +39,16 @@ def test_grid_of_a_reply_chip() -> None:
     assert chip_grid({"width": 2, "height": 2, "transform": [1, 0.5, 0, 0, -1, 0]}) is None  # rotated
     reply = {"features": {"features": [{"properties": {"label": "a", "box": [0, 0, 50, 50, 0]}}]}}
     assert not preview_image(np.zeros((3, 10, 10), np.uint8), reply).isNull()
+
+
+def test_a_positive_angle_turns_the_box_counter_clockwise_as_georef_does() -> None:
+    # 120 x 20 px box about (100, 100) at 30 degrees (EarthDial's direction, docs/outputs.md): the middle of
+    # its right end, offset (60, 0), goes to (60 cos 30, -60 sin 30) = (+52, -30), i.e. pixel (152, 70);
+    # clockwise it would be at (152, 130)
+    image = to_qimage(np.zeros((200, 200, 3), np.uint8))
+    drawn = draw_boxes(image, [("", [20, 45, 80, 55, 30])])
+
+    def inked(x: int, y: int) -> bool:
+        return any(QColor(drawn.pixel(x + dx, y + dy)).name() != "#000000" for dx in (-1, 0, 1) for dy in (-1, 0, 1))
+
+    assert inked(152, 70) and not inked(152, 130)

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 from plugin_testing import ANSWER, EARTHDIAL, EPSG, ORIGIN, PIXEL, free_port, wait_until, write_geotiff
-from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import QgsProject, QgsRasterLayer, QgsVectorFileWriter, QgsVectorLayer
 
 from conftest import backend_env, running_backend
 from earthdial_qgis import geopackage, settings
 from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.layers import save_to_geopackage
 from earthdial_qgis.protocol import Client
 
 HARBOUR = "<ref>harbour</ref><box>[[60, 10, 90, 40, 0]]</box>"
@@ -55,7 +54,12 @@ def test_two_saves_to_one_geopackage_keep_both_results_and_the_users_own_layer(
     show_view()
     mine = tmp_path / "mine.gpkg"  # the analyst's own GeoPackage, with a layer of their own in it
     own = QgsVectorLayer("Point?crs=EPSG:32633&field=note:string", "my notes", "memory")
-    save_to_geopackage(own, str(mine), "my notes")
+    options = QgsVectorFileWriter.SaveVectorOptions()  # written by QGIS itself, as the analyst would
+    options.driverName, options.layerName = "GPKG", "my notes"
+    written = QgsVectorFileWriter.writeAsVectorFormatV3(
+        own, str(mine), QgsProject.instance().transformContext(), options
+    )
+    assert written[0] == QgsVectorFileWriter.NoError
     dock = make_dock()
     ship, harbour = georef(dock, ANSWER), georef(dock, HARBOUR)
     assert ship.name() != harbour.name() and "georef" in ship.name() and "scene" in ship.name()
@@ -70,6 +74,10 @@ def test_two_saves_to_one_geopackage_keep_both_results_and_the_users_own_layer(
     assert ship.source() != harbour.source() and all(str(mine) in lyr.source() for lyr in (ship, harbour))
     reopened = QgsVectorLayer(f"{mine}|layername=my notes", "check", "ogr")
     assert reopened.isValid()
+    with sqlite3.connect(mine) as db:  # our tables carry the backend's mark, the analyst's own does not
+        marks = dict(db.execute("SELECT table_name, description FROM gpkg_contents").fetchall())
+    assert not (marks["my notes"] or "").startswith("EarthDial result")
+    assert sum((d or "").startswith("EarthDial result") for d in marks.values()) == 2
 
 
 def test_results_are_written_to_a_geopackage_that_moves_with_the_saved_project(

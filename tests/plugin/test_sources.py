@@ -321,3 +321,38 @@ def test_file_the_backend_may_not_read_is_sent_as_pixels(
     finally:
         QgsProject.instance().removeAllMapLayers()
         shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_vrt_layer_the_backend_does_not_open_is_sent_as_pixels(
+    qgis_new_project, qgis_iface, make_dock, show_view, backend, tmp_path
+):
+    """A backend that opens only plain raster formats (issue 15: a VRT can name files outside its
+    folders) refuses a VRT with not_a_raster; QGIS reads it, so its pixels go instead."""
+    tif = tmp_path / "scene.tif"
+    write_geotiff(str(tif))
+    vrt = tmp_path / "scene.vrt"
+    gdal.Translate(str(vrt), str(tif), format="VRT")
+    layer = QgsRasterLayer(str(vrt), "virtual", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    qgis_iface.setActiveLayer(layer)
+    try:
+        with Client(backend.endpoint, timeout_s=60) as client:
+            try:
+                client.georef({"kind": "ref", "path": str(vrt), "bands": None, "bounds": None, "crs": None}, ANSWER)
+                pytest.skip("this backend reads VRTs")
+            except EarthDialError as refused:
+                assert refused.code == "not_a_raster"
+        extent = show_view()
+        dock = make_dock()
+        before = set(QgsProject.instance().mapLayers())
+        dock.select_task(GEOREF)
+        dock.prompt_edit.setPlainText(ANSWER)
+        dock.send_button.click()
+        wait_until(lambda: not dock.is_busy())
+        assert dock.last_error is None, dock.answer_view.toPlainText()
+        assert dock.last_reply["chip"]["source"] == "<array>"
+        (result,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
+        ring = [(p.x(), p.y()) for p in next(result.getFeatures()).geometry().asPolygon()[0]]
+        assert same_corners(ring, expected_ring(extent, (20, 30, 40, 60)))
+    finally:
+        QgsProject.instance().removeAllMapLayers()

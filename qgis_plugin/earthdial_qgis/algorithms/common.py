@@ -40,7 +40,8 @@ from ..sources import crs_text, displayed_bands, file_path, native_resolution, p
 
 INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
 PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
-UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH}
+# (and since issue 15: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
+UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH, ErrorCode.NOT_A_RASTER, ErrorCode.TOO_LARGE}
 PRESET_CHOICES = ("auto", *PRESETS)
 
 

@@ -1,0 +1,104 @@
+"""The server's connection policy: a cap on open connections, an idle timeout, and the open-file limit.
+
+libzmq accepts every TCP connection a ROUTER socket's listener gets, and has no call to close one peer.
+So the server watches its socket's monitor (ACCEPTED and DISCONNECTED events carry the connection's file
+descriptor) and the descriptor each message came on (ZMQ_SRCFD), and ends a connection by shutting its
+socket down (shutdown(2), not close: libzmq sees the end of the stream, closes the descriptor itself and
+reports DISCONNECTED, so no descriptor is reused under it):
+
+- idle: no message for `idle_s` and no request queued or running on it (a client waiting for its reply
+  is never dropped; a dropped client's DEALER reconnects by itself on its next request);
+- over the cap: the connections idle the longest are ended first, so a flood of connections that send
+  nothing cannot lock a new client out: the newest connection is the last to go.
+
+Connections that never finish the ZMTP handshake are also dropped by libzmq after HANDSHAKE_IVL_MS.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("earthdial.server")
+
+HANDSHAKE_IVL_MS = 5000  # a connection must finish its ZMTP greeting in this time (libzmq: 30 s)
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_IDLE_S = 300.0
+FD_RESERVE = 64  # descriptors kept free for the model's files, sockets of the worker, logs
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a platform that refuses: keep what there is
+            pass
+    return soft
+
+
+def connection_cap(wanted: int) -> int:
+    """The cap actually used: what was asked for, but never more than the open-file limit leaves."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(wanted, soft - FD_RESERVE))
+
+
+@dataclass
+class Connection:
+    fd: int
+    opened: float
+    last: float  # last message (or the accept)
+
+
+class Connections:
+    def __init__(self, cap: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S) -> None:
+        self.cap = cap
+        self.idle_s = idle_s
+        self.open: dict[int, Connection] = {}
+        self.dropped = 0  # connections this policy ended (for status)
+
+    def accepted(self, fd: int, now: float) -> None:
+        self.open[fd] = Connection(fd, now, now)
+
+    def closed(self, fd: int) -> None:
+        self.open.pop(fd, None)
+
+    def message(self, fd: int, now: float) -> None:
+        conn = self.open.get(fd)
+        if conn is not None:
+            conn.last = now
+
+    def to_end(self, now: float, busy: Callable[[int], bool]) -> list[int]:
+        """Descriptors to shut down now: idle ones, then the longest idle beyond the cap."""
+        idle = [c for c in self.open.values() if not busy(c.fd)]
+        ending = {c.fd for c in idle if self.idle_s > 0 and now - c.last > self.idle_s}
+        excess = len(self.open) - len(ending) - self.cap
+        if excess > 0:
+            rest = sorted((c for c in idle if c.fd not in ending), key=lambda c: c.last)
+            ending.update(c.fd for c in rest[:excess])
+        return sorted(ending)
+
+    def end(self, fd: int) -> None:
+        """Shut a connection's socket down; libzmq then closes it and reports the disconnect."""
+        self.open.pop(fd, None)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return  # not a socket (any more)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            self.dropped += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor stays libzmq's
+
+    def counts(self) -> dict[str, int]:
+        return {"open": len(self.open), "max": self.cap, "ended": self.dropped}

@@ -1,0 +1,571 @@
+"""Issue 15's findings against a real `earthdial serve` process, each refused with a typed error in bounded
+time and memory, the server answering the next request at once: budgets (pixels, scan tiles, bands,
+by-value pixels, reply and queue bytes), a per-request deadline, cancel and disconnect stopping a read in
+progress, `status` naming a running job's stage, the connection cap and idle timeout under a flood,
+identity from the transport (no cancelling or starving by naming another client), oversize headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import zmq
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from conftest import free_port, start_server, stop_server
+from earthdial import limits, scenes
+from earthdial.protocol import (
+    MAX_HEADER_BYTES,
+    Client,
+    EarthDialError,
+    decode,
+    encode,
+    source_by_reference,
+    source_by_value,
+)
+from earthdial.scheduling import FairQueue, Pending
+
+ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
+TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0)
+
+
+def _sparse_tif(path: Path, size: int, bands: int = 3) -> Path:
+    """A size x size GeoTIFF of ~1 MB: tiled, every tile but one left sparse (GDAL writes no data for it)."""
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=bands, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 1, 1), tiled=True,
+                       blockxsize=1024, blockysize=1024, sparse_ok=True, BIGTIFF="YES") as dst:  # fmt: skip
+        dst.write(np.ones((bands, 16, 16), np.uint8), window=Window(0, 0, 16, 16))
+    return path
+
+
+def _tif(path: Path, size: int = 64) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+        dst.write(np.full((3, size, size), 7, np.uint8))
+    return path
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _dealer(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _send(sock: zmq.Socket, header: dict, arrays: list = ()) -> None:
+    sock.send_multipart(encode({"v": 1, **header}, arrays))
+
+
+def _recv(sock: zmq.Socket, timeout_s: float = 20) -> dict:
+    assert sock.poll(int(timeout_s * 1000)), "no reply"
+    return decode(sock.recv_multipart()).header
+
+
+def _pings_at_once(endpoint: str) -> float:
+    t = time.monotonic()
+    with Client(endpoint, timeout_s=5) as c:
+        assert c.ping(timeout_s=5)["pong"]
+    return time.monotonic() - t
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("limits")
+    return {
+        "huge": _sparse_tif(root / "huge.tif", 200_000, bands=1),  # the issue's 200 000 x 200 000 px
+        "slow": _sparse_tif(root / "slow.tif", 60_000),  # ~10 G source pixels: seconds to average
+        "small": _tif(root / "small.tif"),
+    }
+
+
+@pytest.fixture(scope="module")
+def limited(rasters):
+    """A server with a generous pixel budget (so that the slow raster is read, for seconds), a small
+    queue budget, small by-value and reply budgets; `--no-model`: `georef` reads pixels all the same."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=(
+        "--max-pixels", "20000000000", "--max-value-pixels", "400000", "--max-queue-mb", "1",
+        "--max-reply-mb", "1", "--max-bands", "16", "--client-queue", "4"))  # fmt: skip
+    yield endpoint, proc
+    stop_server(proc)
+
+
+def _wait_stage(probe: Client, request_id: str, prefix: str, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = [j for j in probe.status()["jobs"] if j["id"] == request_id]
+        if jobs and jobs[0]["stage"].startswith(prefix):
+            return jobs[0]
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} never reached stage {prefix!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Budgets, before the work starts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_whole_huge_sparse_raster_is_refused_at_once(server: str, rasters) -> None:
+    """200 000 x 200 000 px asked as a whole layer: no reply after 150 s before; now `too_large` naming
+    --max-pixels (the default budget), and ping answers at once."""
+    with Client(server, timeout_s=20) as c:
+        t = time.monotonic()
+        with pytest.raises(EarthDialError) as err:
+            c.georef(source_by_reference(str(rasters["huge"])), ANSWER)
+        assert time.monotonic() - t < 5
+        assert err.value.code == "too_large" and "--max-pixels" in err.value.message, err.value
+        assert "overviews" in err.value.message  # says what would make it readable
+    assert _pings_at_once(server) < 2
+
+
+def test_a_small_window_of_a_huge_raster_is_still_read(server: str, rasters) -> None:
+    """The budget is on what a request reads, not on the raster's size (its preset's look at band 1 is
+    of the centre, not an average of 40 G pixels)."""
+    bounds = (500_000 + 1000, 4_000_000 - 2000, 500_000 + 2000, 4_000_000 - 1000)
+    with Client(server, timeout_s=20) as c:
+        reply = c.georef(source_by_reference(str(rasters["huge"]), bounds=bounds), ANSWER)
+    assert reply["chip"]["width"] == 1000 and len(reply["features"]["features"]) == 1
+
+
+def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(server: str, rasters, tmp_path) -> None:
+    """`detect` with tile 16 and overlap 0.89 (a 235-byte request) built its tile list eagerly, to 5.5 GB."""
+    path = _sparse_tif(tmp_path / "scene.tif", 4000)
+    with Client(server, timeout_s=20) as c:
+        t = time.monotonic()
+        with pytest.raises(EarthDialError) as err:
+            c.request({"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
+                       "options": {"tile_size": 16, "overlap": 0.89}})  # fmt: skip
+        assert time.monotonic() - t < 10
+        assert err.value.code == "too_large" and "--max-scan-tiles" in err.value.message, err.value
+    assert _pings_at_once(server) < 2
+
+
+@pytest.mark.parametrize(("width", "height", "tile", "overlap"),
+                         [(448, 448, 448, 0.1), (1000, 700, 448, 0.1), (5000, 37, 16, 0.89), (100, 3000, 64, 0.0),
+                          (449, 449, 448, 0.5)])  # fmt: skip
+def test_the_tile_count_is_the_tiling_s_own(width: int, height: int, tile: int, overlap: float) -> None:
+    built = scenes.tile_windows(Window(0, 0, width, height), tile, overlap)
+    assert limits.scan_tiles(width, height, tile, overlap) == len(built)
+
+
+def test_band_lists_by_value_pixels_and_wrong_bounds_are_refused_at_admission(limited, rasters) -> None:
+    endpoint, proc = limited
+    small = str(rasters["small"])
+    with Client(endpoint, timeout_s=20) as c:
+        with pytest.raises(EarthDialError) as err:  # band 1 six hundred times in a 2 KB request: 2.8 GB before
+            c.georef(source_by_reference(small, bands=[1] * 600), ANSWER)
+        assert err.value.code == "too_large" and "--max-bands" in err.value.message
+        with pytest.raises(EarthDialError) as err:  # by value: 3 x 400 x 400 px, over --max-value-pixels
+            c.georef(source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((3, 400, 400), np.uint8))
+        assert err.value.code == "too_large" and "--max-value-pixels" in err.value.message
+        for bounds in (["a", 1, 2, 3], [None, 1, 2, 3], [1, 2, 3], [True, 1, 2, 3]):
+            for op in ("georef", "detect"):
+                source = {**source_by_reference(small), "bounds": bounds}
+                with pytest.raises(EarthDialError) as err:
+                    c.request({"op": op, "answer": ANSWER, "task": "refer", "prompt": "x", "source": source})
+                assert err.value.code == "bad_request", (op, bounds, err.value)
+        assert c.georef(source_by_reference(small), ANSWER)["ok"]  # and the next request is answered
+
+
+def test_a_request_over_the_queue_budget_is_refused(limited) -> None:
+    endpoint, _ = limited
+    with Client(endpoint, timeout_s=20) as c:
+        with pytest.raises(EarthDialError) as err:  # 1.28 MB of pixels (160 000 px), queue budget 1 MiB
+            c.georef(source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((1, 400, 400), np.float64))
+        assert err.value.code == "too_large" and "--max-queue-mb" in err.value.message
+
+
+def test_the_queue_is_bounded_by_bytes_as_well_as_count() -> None:
+    q = FairQueue(maxsize=64, per_client=64, max_bytes=1000)
+    for i in range(3):
+        q.put(Pending(b"a", "a", {"id": str(i)}, [], nbytes=300))
+    with pytest.raises(EarthDialError) as err:
+        q.put(Pending(b"b", "b", {"id": "x"}, [], nbytes=300))
+    assert err.value.code == "busy" and "--max-queue-mb" in err.value.message
+    batch = q.take(1)
+    q.done(batch)  # its bytes are free again
+    q.put(Pending(b"b", "b", {"id": "y"}, [], nbytes=300))
+    assert q.counts()["queue_bytes"] == 900
+
+
+def test_a_reply_of_hundreds_of_megabytes_is_refused_in_bounded_memory(server: str, rasters) -> None:
+    """A 60 KB georef request whose answer holds 2 000 boxes made a 264 MiB reply (every feature repeats
+    the answer); now `too_large` naming --max-reply-mb (default 64 MiB) before the features are built."""
+    answer = "<ref>a</ref>" + "<box>[[1, 2, 30, 40, 0]]</box>" * 2000
+    with Client(server, timeout_s=30) as c:
+        t = time.monotonic()
+        with pytest.raises(EarthDialError) as err:
+            c.georef(source_by_reference(str(rasters["small"])), answer)
+        assert time.monotonic() - t < 5
+        assert err.value.code == "too_large" and "--max-reply-mb" in err.value.message, err.value
+        assert c.georef(source_by_reference(str(rasters["small"])), ANSWER)["ok"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Work in progress: status, cancel, disconnect, deadline
+# --------------------------------------------------------------------------------------------------
+
+
+def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
+    endpoint, proc = limited
+    slow = source_by_reference(str(rasters["slow"]))
+    worker = _dealer(endpoint)
+    try:
+        _send(worker, {"id": "long", "op": "georef", "answer": ANSWER, "source": slow})
+        with Client(endpoint, timeout_s=10) as probe:
+            job = _wait_stage(probe, "long", "reading")
+            assert job["op"] == "georef" and job["age_s"] >= 0 and not job["cancel_requested"]
+            # while it reads: more bytes than the queue budget (1 MiB) are refused by name
+            value = source_by_value(TRANSFORM, "EPSG:32633")
+            for i in range(4):  # 360 KB each: the third is over the 1 MiB budget
+                _send(worker, {"id": f"q{i}", "op": "georef", "answer": ANSWER, "source": value},
+                      [np.zeros((1, 600, 600), np.uint8)])  # fmt: skip
+            replies = {}
+            while len(replies) < 2:
+                reply = _recv(worker, 5)
+                replies[reply["id"]] = reply
+            assert {"q2", "q3"} == set(replies)
+            assert all(r["error"]["code"] == "busy" and "--max-queue-mb" in r["error"]["message"] for r in replies.values())
+            t = time.monotonic()
+            _send(worker, {"id": "c", "op": "cancel", "target": "long"})
+            while not {"long", "c", "q0", "q1"} <= set(replies):
+                reply = _recv(worker)
+                replies[reply["id"]] = reply
+            assert replies["c"]["state"] == "running"
+            assert replies["long"]["error"]["code"] == "cancelled"
+            assert time.monotonic() - t < 3  # within a strip or two, not the ~10 s the whole read takes
+            assert probe.ping(timeout_s=2)["pong"]
+            assert replies["q0"]["ok"] and replies["q1"]["ok"]  # the queued ones that were accepted are answered
+    finally:
+        worker.close()
+
+
+def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
+    endpoint, _ = limited
+    worker = _dealer(endpoint)
+    _send(worker, {"id": "gone", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+    with Client(endpoint, timeout_s=10) as probe:
+        _wait_stage(probe, "gone", "reading")
+        t = time.monotonic()
+        worker.close()
+        while probe.status()["running"] and time.monotonic() - t < 10:
+            time.sleep(0.05)
+        assert probe.status()["running"] == 0 and time.monotonic() - t < 5
+
+
+def test_sigterm_during_a_long_read_stops_the_server_at_once(rasters) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=("--max-pixels", "20000000000"))
+    worker = _dealer(endpoint)
+    try:
+        _send(worker, {"id": "long", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+        with Client(endpoint, timeout_s=10) as probe:
+            _wait_stage(probe, "long", "reading")
+        t = time.monotonic()
+        proc.terminate()
+        assert proc.wait(timeout=8) == 0 and time.monotonic() - t < 5
+    finally:
+        worker.close()
+        stop_server(proc)
+
+
+def test_a_request_past_its_deadline_is_stopped(rasters, tiny_checkpoint) -> None:
+    """A read is stopped between its strips, a decode at its next token (the tiny model would go on to
+    2 048 tokens otherwise)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(tiny_checkpoint, endpoint, extra=("--max-pixels", "20000000000", "--deadline", "1.5"))
+    try:
+        with Client(endpoint, timeout_s=60) as c:
+            for call in (lambda: c.georef(source_by_reference(str(rasters["slow"])), ANSWER),
+                         lambda: c.ask(source_by_value(TRANSFORM, "EPSG:32633"), "hi", task="chat",
+                                       pixels=np.zeros((3, 64, 64), np.uint8), options={"max_new_tokens": 2048})):  # fmt: skip
+                t = time.monotonic()
+                with pytest.raises(EarthDialError) as err:
+                    call()
+                assert err.value.code == "deadline" and "--deadline" in err.value.message
+                assert time.monotonic() - t < 5
+            assert c.georef(source_by_reference(str(rasters["small"])), ANSWER)["ok"]
+    finally:
+        stop_server(proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity from the transport
+# --------------------------------------------------------------------------------------------------
+
+
+def test_another_connection_naming_alice_cannot_cancel_her_request(limited, rasters) -> None:
+    endpoint, _ = limited
+    alice, mallory = _dealer(endpoint), _dealer(endpoint)
+    try:
+        _send(alice, {"id": "hers", "op": "georef", "answer": ANSWER, "client": "alice",
+                      "source": source_by_reference(str(rasters["slow"]))})  # fmt: skip
+        with Client(endpoint, timeout_s=10) as probe:
+            _wait_stage(probe, "hers", "reading")
+            _send(mallory, {"id": "m", "op": "cancel", "target": "hers", "client": "alice"})
+            assert _recv(mallory)["state"] == "unknown"  # not hers to cancel
+            job = _wait_stage(probe, "hers", "reading")
+            assert not job["cancel_requested"]
+            _send(alice, {"id": "a", "op": "cancel", "target": "hers"})  # her own connection can
+            replies = {r["id"]: r for r in (_recv(alice), _recv(alice))}
+            assert replies["a"]["state"] == "running" and replies["hers"]["error"]["code"] == "cancelled"
+    finally:
+        alice.close()
+        mallory.close()
+
+
+def test_invented_client_names_do_not_starve_a_new_client(limited, rasters) -> None:
+    """One connection naming 64 clients had 64 shares of the queue; its share is its connection's now."""
+    endpoint, _ = limited
+    flood, newcomer = _dealer(endpoint), _dealer(endpoint)
+    try:
+        _send(flood, {"id": "block", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+        with Client(endpoint, timeout_s=10) as probe:
+            _wait_stage(probe, "block", "reading")
+            small = source_by_reference(str(rasters["small"]))
+            for i in range(12):
+                _send(flood, {"id": f"f{i}", "op": "georef", "answer": ANSWER, "source": small, "client": f"name{i}"})
+            busy = [_recv(flood, 5) for _ in range(12 - 4)]  # --client-queue 4: its connection's share
+            assert all(r["error"]["code"] == "busy" for r in busy), busy
+            _send(newcomer, {"id": "new", "op": "georef", "answer": ANSWER, "source": small})
+            _send(flood, {"id": "c", "op": "cancel", "target": "block"})
+            assert _recv(newcomer)["ok"]
+    finally:
+        flood.close()
+        newcomer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Connections
+# --------------------------------------------------------------------------------------------------
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_flood_of_idle_connections_does_not_lock_clients_out() -> None:
+    """1 100 idle connections under an open-file limit of 1 024 locked every client out. Here: a cap of
+    20 connections and 300 idle TCP connections; ping is answered, the server holds ~20 of them."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=("--max-connections", "20", "--idle-timeout", "3"))
+    port = int(endpoint.rsplit(":", 1)[1])
+    flood: list[socket.socket] = []
+    try:
+        with open(f"/proc/{proc.pid}/limits") as f:
+            soft, hard = next(x for x in f if x.startswith("Max open files")).split()[3:5]
+        assert soft == hard  # raised to the hard limit at start
+        before = _open_fds(proc.pid)
+        for _ in range(300):
+            flood.append(socket.create_connection(("127.0.0.1", port)))
+        t = time.monotonic()
+        assert _pings_at_once(endpoint) < 5
+        deadline = time.monotonic() + 10
+        while _open_fds(proc.pid) > before + 25 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _open_fds(proc.pid) <= before + 25, _open_fds(proc.pid)  # the cap, not 300
+        with Client(endpoint, timeout_s=5) as c:
+            conns = c.status()["connections"]
+            assert conns["max"] == 20 and conns["open"] <= 21 and conns["ended"] >= 250
+        print(f"\nflood: 300 idle connections, cap 20: ping in {time.monotonic() - t:.2f} s")
+        # idle ones (silent for --idle-timeout) are ended too: every flood socket sees its end
+        deadline = time.monotonic() + 15
+        for s in flood:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while s.recv(4096):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+        while _open_fds(proc.pid) > before + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _open_fds(proc.pid) <= before + 2
+        assert _pings_at_once(endpoint) < 5
+        # ZMTP peers that reconnect as soon as they are ended (DEALER sockets) churn, but do not lock out
+        ctx = zmq.Context()
+        dealers = [ctx.socket(zmq.DEALER) for _ in range(80)]
+        for d in dealers:
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(endpoint)
+        try:
+            for _ in range(5):
+                assert _pings_at_once(endpoint) < 5
+        finally:
+            for d in dealers:
+                d.close()
+            ctx.term()
+    finally:
+        for s in flood:
+            s.close()
+        stop_server(proc)
+
+
+def test_a_client_ended_for_idleness_reconnects_on_its_next_request() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(None, endpoint, extra=("--idle-timeout", "1"))
+    try:
+        with Client(endpoint, timeout_s=10) as idle:
+            first = idle.ping()
+            deadline = time.monotonic() + 15
+            while not idle._read_events() and time.monotonic() < deadline:  # its connection's end
+                time.sleep(0.05)
+            assert time.monotonic() < deadline, "the idle connection was not ended"
+            again = idle.ping(timeout_s=10)  # the same Client, over a new connection
+            assert again["pong"] and again["server"] == first["server"]
+    finally:
+        stop_server(proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Oversize headers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_an_oversize_header_is_answered_with_its_id(limited) -> None:
+    endpoint, _ = limited
+    sock = _dealer(endpoint)
+    try:
+        history = [["<image> " + "q" * 1000, "a" * 1000]] * 40  # a long chat history: ~80 KB
+        header = {"v": 1, "op": "ask", "task": "chat", "prompt": "hi", "options": {"history": history}, "id": "chat-7"}
+        sock.send_multipart([json.dumps(header).encode()])
+        reply = _recv(sock)
+        assert reply["id"] == "chat-7" and reply["error"]["code"] == "bad_header"
+    finally:
+        sock.close()
+    with Client(endpoint, timeout_s=10) as c:  # the Client says so at once, instead of a timeout
+        t = time.monotonic()
+        with pytest.raises(EarthDialError) as err:
+            c.ask(source_by_value(TRANSFORM, "EPSG:32633"), "hi", options={"history": history},
+                  pixels=np.zeros((3, 8, 8), np.uint8))  # fmt: skip
+        assert err.value.code == "bad_header" and str(MAX_HEADER_BYTES) in err.value.message
+        assert time.monotonic() - t < 1
+
+
+def test_the_client_reports_an_error_reply_without_an_id() -> None:
+    """A server that could not read the id (e.g. a header too large to parse) answers with id null:
+    `Client` reports that error instead of waiting for its timeout."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=10) as c:
+            c._sock.send_multipart(encode({"v": 1, "id": "x", "op": "ping"}))  # let the connection come up
+            ident = router.recv_multipart()[0]
+            router.send_multipart([ident, *encode({"v": 1, "id": "x", "ok": True, "pong": True})])
+            c._sock.recv_multipart()
+
+            def answer() -> None:
+                assert router.poll(5000)
+                who = router.recv_multipart()[0]
+                router.send_multipart([who, *encode({"v": 1, "id": None, "ok": False,
+                                                     "error": {"code": "bad_header", "message": "too big"}})])  # fmt: skip
+
+            import threading
+
+            thread = threading.Thread(target=answer)
+            thread.start()
+            t = time.monotonic()
+            with pytest.raises(EarthDialError) as err:
+                c.ping(timeout_s=10)
+            thread.join()
+            assert err.value.code == "bad_header" and time.monotonic() - t < 5
+    finally:
+        router.close()
+
+
+def test_the_limited_server_stayed_small(limited) -> None:
+    """Everything above in one server process: its peak memory stays far from the gigabytes of before."""
+    _, proc = limited
+    peak = _peak_rss_mb(proc.pid)
+    print(f"\nlimited server: peak RSS {peak:.0f} MB")
+    assert peak < 1200
+
+
+def _curve_dealer(endpoint: str, server_public: bytes, keys: tuple[bytes, bytes]) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
+    sock.connect(endpoint)
+    return sock
+
+
+def test_with_curve_a_client_is_its_key(rasters) -> None:
+    """With CURVE the identity is the client's public key: any connection of that key may cancel its
+    requests, a connection of another key may not, whatever names the requests carry."""
+    from conftest import serving
+    from earthdial.server import Server
+
+    public, secret = zmq.curve_keypair()
+    alice, other = zmq.curve_keypair(), zmq.curve_keypair()
+    server = Server(None, "tcp://127.0.0.1:0", curve_secret_key=secret, allowed_dirs=[str(rasters["slow"].parent)],
+                    budgets=limits.Limits(max_pixels=20_000_000_000))  # fmt: skip
+    with serving(server) as endpoint:
+        first, second, stranger = (_curve_dealer(endpoint, public, k) for k in (alice, alice, other))
+        try:
+            _send(first, {"id": "hers", "op": "georef", "answer": ANSWER,
+                          "source": source_by_reference(str(rasters["slow"]))})  # fmt: skip
+            with Client(endpoint, timeout_s=10, server_public_key=public) as probe:
+                job = _wait_stage(probe, "hers", "reading")
+                assert job["client"] == "key:" + alice[0].decode()[:9]
+                _send(stranger, {"id": "s", "op": "cancel", "target": "hers", "client": job["client"]})
+                assert _recv(stranger)["state"] == "unknown"
+                _send(second, {"id": "a", "op": "cancel", "target": "hers"})  # her key, another connection
+                assert _recv(second)["state"] == "running"
+                assert _recv(first)["error"]["code"] == "cancelled"
+        finally:
+            for sock in (first, second, stranger):
+                sock.close()
+
+
+def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> None:
+    from earthdial import imagery
+
+    path = tmp_path / "striped.tif"  # 4000 x 4000 px in strips of one row, no overviews
+    data = (np.arange(4000 * 4000, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 4000, 4000)
+    with rasterio.open(path, "w", driver="GTiff", width=4000, height=4000, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 1, 1), blockysize=1) as dst:  # fmt: skip
+        dst.write(data)
+    previous = limits.configure(limits.Limits(max_pixels=5_000_000))
+    try:
+        # averaging would decode 16 M pixels; a nearest read of 500 rows decodes 500 x 4000 = 2 M
+        chip = imagery.read_chip(str(path), max_size=500)
+        with rasterio.open(path) as src:
+            nearest = src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.nearest)
+        assert np.array_equal(chip.data[0], nearest)
+        with rasterio.open(path, "r+") as dst:
+            dst.build_overviews([4, 8], rasterio.enums.Resampling.average)
+        chip = imagery.read_chip(str(path), max_size=500)  # through the 8x overview: 250 000 pixels
+        with rasterio.open(path) as src:
+            assert np.array_equal(chip.data[0], src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.average))
+        with pytest.raises(EarthDialError) as err:  # at full resolution: 16 M pixels either way
+            imagery.read_chip(str(path), max_size=None)
+        assert err.value.code == "too_large" and "--max-pixels" in err.value.message
+    finally:
+        limits.configure(previous)
+
+
+def test_a_server_process_has_proj_network_and_gdal_http_off() -> None:
+    import subprocess
+    import sys
+
+    code = ("import os, pyproj.network; from earthdial import access; access.harden_process(); "
+            "print(pyproj.network.is_network_enabled(), os.environ['PROJ_NETWORK'], "
+            "os.environ['GDAL_DISABLE_READDIR_ON_OPEN'], os.environ['GDAL_PAM_ENABLED'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "OFF", "EMPTY_DIR", "NO"]
