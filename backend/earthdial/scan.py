@@ -197,7 +197,7 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
         if stream is None:
             raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
         width, height = _field(source, "width", int), _field(source, "height", int)
-        count = _field(source, "bands", int)
+        count = _field(source, "band_count", int)
         transform = imagery._affine_from(_field(source, "transform", list))
         crs_in = _field(source, "crs", str, required=False) or ""
         if not crs_in:

@@ -305,6 +305,8 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
                 if cancelled is not None and cancelled():
                     raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
                 found = _answer_batch(engine, ask, batch, stats)
+                if cancelled is not None and cancelled():  # its decoding was cut short: not finished work
+                    raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
                 done += len(batch)
                 stats.tiles += len(batch)
                 batch = []

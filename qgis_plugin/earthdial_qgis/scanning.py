@@ -94,7 +94,7 @@ def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
     grid = pixel_grid(layer.extent, rect, layer.resolution, max_size=size)
     bands = layer.bands or list(range(1, min(layer.band_count, 3) + 1))
     sample = read_pixels(layer.provider, PixelGrid(grid.bounds, 4, 4), bands)
-    header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "bands": int(sample.shape[0]),
+    header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "band_count": int(sample.shape[0]),
                         "transform": list(grid.transform), "crs": crs_text(layer.crs) or "",
                         "dtype": sample.dtype.name, "name": layer.name}  # fmt: skip
     return Scan(header, _tile_reader(layer, grid, bands))
