@@ -244,12 +244,13 @@ def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Pa
     assert reply["tiles"] == n == progress[-1]["done"] == progress[-1]["total"]
     assert sorted(t["index"] for f in progress for t in f["tiles"]) == list(range(n))
     assert reply["crs"] == "EPSG:32633"
-    calls = {"n": 0}
+    seen: list[int] = []  # cancel once the first batch is reported done
 
-    def cancel_after_first_batch() -> bool:  # asked before and after each batch's decoding
-        calls["n"] += 1
-        return calls["n"] > 2
+    def on_event(event: str, **fields: object) -> None:
+        if event == "progress":
+            seen.append(fields["done"])
 
     with pytest.raises(EarthDialError) as err:
-        scan.run(header, engine, lambda *a, **k: None, cancel_after_first_batch)
+        scan.run(header, engine, on_event, lambda: bool(seen))
+    assert seen == [4]
     assert err.value.code == "cancelled" and "after 4 of" in err.value.message
