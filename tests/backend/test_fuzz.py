@@ -411,8 +411,14 @@ def run_in_process(worker: Server, frames: list[bytes]) -> str:
         except EarthDialError as exc:
             reply = error_reply(None, exc)
         return outcome(decode(_encode_reply(reply)).header)
-    if msg.header["op"] == "detect":
-        return outcome(decode(_encode_reply(worker._detect(job, _NoEvents()))).header)
+    if msg.header["op"] in ("detect", "detect_changes"):
+        return outcome(decode(_encode_reply(worker._scan(job, _NoEvents()))).header)
+    if msg.header["op"] == "scan_tiles":  # routed by the I/O loop to a running streamed detect: none here
+        try:
+            worker._feed_stream(b"fuzz", msg.header, msg.arrays)
+        except EarthDialError as exc:
+            return outcome(error_reply(None, exc))
+        return "fed"
     ((_, reply),) = worker._answer([job])
     return outcome(decode(_encode_reply(reply)).header)  # as the server would send it
 

@@ -141,23 +141,25 @@ def test_a_small_window_of_a_huge_raster_is_still_read(server: str, rasters) -> 
 
 
 def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(server: str, rasters, tmp_path) -> None:
-    """`detect` with tile 16 and overlap 0.89 (a 235-byte request) built its tile list eagerly, to 5.5 GB."""
+    """`detect` with tile 16 and overlap 0.89 (a 235-byte request) built its tile list eagerly, to 5.5 GB;
+    such tiles are now out of range, and tile 32 at overlap 0.5 over 4 000 px still makes 62 001 tiles."""
     path = _sparse_tif(tmp_path / "scene.tif", 4000)
     with Client(server, timeout_s=20) as c:
         t = time.monotonic()
         with pytest.raises(EarthDialError) as err:
             c.request({"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-                       "options": {"tile_size": 16, "overlap": 0.89}})  # fmt: skip
+                       "options": {"tile_size": 32, "overlap": 0.5}})  # fmt: skip
         assert time.monotonic() - t < 10
         assert err.value.code == "too_large" and "--max-scan-tiles" in err.value.message, err.value
     assert _pings_at_once(server) < 2
 
 
 @pytest.mark.parametrize(("width", "height", "tile", "overlap"),
-                         [(448, 448, 448, 0.1), (1000, 700, 448, 0.1), (5000, 37, 16, 0.89), (100, 3000, 64, 0.0),
+                         [(448, 448, 448, 0.1), (1000, 700, 448, 0.1), (5000, 37, 32, 0.5), (100, 3000, 64, 0.0),
                           (449, 449, 448, 0.5)])  # fmt: skip
 def test_the_tile_count_is_the_tiling_s_own(width: int, height: int, tile: int, overlap: float) -> None:
-    built = scenes.tile_windows(Window(0, 0, width, height), tile, overlap)
+    plan = scenes.plan_for_window(Window(0, 0, width, height), tile, overlap)
+    built = [plan.window(i) for i in range(len(plan))]
     assert limits.scan_tiles(width, height, tile, overlap) == len(built)
 
 
