@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,9 +233,7 @@ class CheckpointInfo:
     add_bos: bool = False  # prompts start with <s> (the tokenizer config asks for it)
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _shards(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -241,12 +241,80 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         shards = ["model.safetensors"]
     else:
         raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (directory / shard).exists():
             raise CheckpointError(f"{directory}: weight shard {shard} named in the index is missing")
-        tensors.update(load_file(str(directory / shard)))
+    return [directory / shard for shard in shards]
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in _shards(directory):
+        tensors.update(load_file(str(shard)))
     return tensors
+
+
+# safetensors dtype names <-> torch dtypes (the format: 8-byte little-endian header length, a JSON header
+# of name -> dtype/shape/data_offsets, then the raw little-endian tensor bytes)
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one safetensors file, read one tensor at a time with plain reads: no mmap
+    whose touched pages would count as a second copy of the weights in the process's memory."""
+    with open(path, "rb") as f:
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        except (struct.error, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a safetensors file ({exc})") from exc
+        start = 8 + length
+        header.pop("__metadata__", None)
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if entry["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {entry['shape']}")
+            f.seek(start + begin)
+            if end > begin and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise CheckpointError(f"{path}: tensor {name} is cut short (truncated file?)")
+            yield name, tensor
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+    make: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """A safetensors file written one tensor at a time (`make(name)` builds each on demand), so writing
+    a full-size checkpoint needs one tensor in memory, not all of them. Written beside and renamed."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, dtype in specs:
+            tensor = make(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: made {tuple(tensor.shape)}, declared {tuple(shape)}")
+            f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+    tmp.replace(path)
 
 
 def load_tokenizer(directory: str | Path) -> Any:
@@ -272,12 +340,13 @@ def load(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    weights: str = "meta",
 ) -> tuple[Any, Any, CheckpointInfo]:
     """Load a published-layout checkpoint into `InternVLForConditionalGeneration`.
-    Every published key must land on a native parameter of the right shape and none may be left over."""
-    from transformers import InternVLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
+    Every published key must land on a native parameter of the right shape and none may be left over.
+    `weights`: "meta" (the default) builds the model without storage and moves each published tensor,
+    renamed and cast one at a time, into it, so the peak is about one copy of the weights; "copy" is the
+    former path (build on the device, read the whole file, copy in), kept for the load benchmark."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this an EarthDial checkpoint directory?)")
@@ -289,36 +358,12 @@ def load(
         raise CheckpointError(
             f"{directory}: tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is {config.text_config.vocab_size}"
         )
-    published = _read_safetensors(directory)
-    native, unknown = published_to_native(published)
-
-    with no_init_weights(), torch.device(device):
-        model = InternVLForConditionalGeneration._from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(native))
-    mismatched = [
-        f"{k}: checkpoint {tuple(native[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(native))
-        if native[k].shape != expected[k].shape
-    ]
-    unexpected = unknown + sorted(set(native) - set(expected))
-    if missing or mismatched or unexpected:
-
-        def names(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
-
-        problems = []
-        if missing:
-            published_names = native_to_published({k: expected[k] for k in missing})
-            problems.append(f"missing weights: {names(sorted(published_names))}")
-        if mismatched:
-            problems.append(f"wrong shapes: {names(mismatched)}")
-        if unexpected:
-            problems.append(f"unexpected weights: {names(unexpected)}")
-        raise CheckpointError(f"{directory}: weights do not match config.json: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(dtype) for k, v in native.items()}, strict=True)
+    if weights == "copy":
+        model = _load_by_copy(directory, config, device, dtype, attn_implementation)
+    elif weights == "meta":
+        model = _load_on_meta(directory, config, device, dtype, attn_implementation)
+    else:
+        raise ValueError(f"weights must be 'meta' or 'copy', not {weights!r}")
     model.eval()
 
     size = int(published_cfg.get("force_image_size") or published_cfg["vision_config"]["image_size"])
@@ -341,6 +386,91 @@ def load(
         add_bos=adds_bos(directory, tokenizer),
     )
     return model, tokenizer, info
+
+
+def _weight_problems(
+    directory: Path,
+    expected: dict[str, torch.Size],
+    native: dict[str, torch.Size],
+    unknown: list[str],
+) -> None:
+    """A CheckpointError naming missing, misshapen and unexpected weights, if there are any."""
+    missing = sorted(set(expected) - set(native))
+    mismatched = [
+        f"{k}: checkpoint {tuple(native[k])} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(native))
+        if native[k] != expected[k]
+    ]
+    unexpected = unknown + sorted(set(native) - set(expected))
+    if not (missing or mismatched or unexpected):
+        return
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+    problems = []
+    if missing:
+        published_names = native_to_published({k: torch.empty(expected[k], device="meta") for k in missing})
+        problems.append(f"missing weights: {names(sorted(published_names))}")
+    if mismatched:
+        problems.append(f"wrong shapes: {names(mismatched)}")
+    if unexpected:
+        problems.append(f"unexpected weights: {names(unexpected)}")
+    raise CheckpointError(f"{directory}: weights do not match config.json: " + "; ".join(problems))
+
+
+def _load_by_copy(directory: Path, config: Any, device: str, dtype: torch.dtype, attn: str) -> Any:
+    """The former path: whole published dict + the model on the device + a converted copy at peak."""
+    from transformers import InternVLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    native, unknown = published_to_native(_read_safetensors(directory))
+    with no_init_weights(), torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    _weight_problems(directory, expected, {k: v.shape for k, v in native.items()}, unknown)
+    model.load_state_dict({k: v.to(dtype) for k, v in native.items()}, strict=True)
+    return model
+
+
+def _load_on_meta(directory: Path, config: Any, device: str, dtype: torch.dtype, attn: str) -> Any:
+    """gpt-fast's way: the model built on the meta device (no storage), each published tensor read,
+    renamed (qkv split), cast and moved to the device on its own, then assigned in place of the meta
+    parameter. Non-persistent buffers (RoPE frequencies), which no checkpoint holds, are rebuilt."""
+    from transformers import InternVLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    native: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for shard in _shards(directory):
+        for key, tensor in iter_safetensors(shard):
+            part, unk = published_to_native({key: tensor})
+            unknown += unk
+            for name, t in part.items():
+                # q, k, v come out as views of the stacked qkv: clone them so the stack can be freed
+                native[name] = t.to(device=device, dtype=dtype, copy=t.dtype == dtype)
+            del tensor, part
+    _weight_problems(directory, expected, {k: v.shape for k, v in native.items()}, unknown)
+    model.load_state_dict(native, strict=True, assign=True)
+    del native
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as `_from_config(dtype=...)` builds them on the copy path
+    try:
+        for module in model.modules():
+            stale = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+            if not stale:
+                continue
+            if not hasattr(module, "config"):
+                raise CheckpointError(f"{directory}: cannot rebuild buffers {stale} of {type(module).__name__}")
+            with torch.device(device):
+                fresh = type(module)(config=module.config)
+            for n in stale:
+                module._buffers[n] = fresh._buffers[n]
+    finally:
+        torch.set_default_dtype(previous)
+    return model
 
 
 def _variant_from_name(name: str) -> str | None:
@@ -568,12 +698,47 @@ def make_tiny_checkpoint(
     return directory
 
 
+def make_full_size_checkpoint(
+    directory: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> Path:
+    """A random checkpoint with the published EarthDial-4B shapes and layout (`full_size_config`), in
+    `dtype` (bf16, as published: about 8.3 GB), for load benchmarks. Written one tensor at a time from
+    the shapes of a meta-device model, so writing it never holds more than one tensor."""
+    from transformers import InternVLForConditionalGeneration
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_tokenizer("EarthDial_4B_RGB")
+    cfg = full_size_config()
+    cfg["llm_config"]["eos_token_id"] = cfg["llm_config"]["pad_token_id"] = tokenizer.pad_token_id
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration._from_config(
+            native_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
+        )
+    shapes = native_to_published(model.state_dict())
+    specs = [(name, tuple(t.shape), dtype) for name, t in sorted(shapes.items())]
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name: str) -> torch.Tensor:
+        shape = shapes[name].shape
+        if "norm" in name and len(shape) == 1:
+            return torch.ones(shape)
+        return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+
+    write_safetensors(directory / "model.safetensors", specs, make, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 __all__ = [
     "CHAT_TOKENS",
     "CheckpointError",
     "CheckpointInfo",
     "load",
     "load_tokenizer",
+    "make_full_size_checkpoint",
     "make_tiny_checkpoint",
     "native_config",
     "native_to_published",

@@ -535,8 +535,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .checkpoint import make_tiny_checkpoint
+    from .checkpoint import make_full_size_checkpoint, make_tiny_checkpoint
 
+    if args.full_size:
+        path = make_full_size_checkpoint(args.directory, seed=args.seed)
+        print(f"wrote a random checkpoint with EarthDial-4B's shapes (bf16) to {path}")
+        return 0
     path = make_tiny_checkpoint(
         args.directory, variant=args.variant, image_size=args.image_size, seed=args.seed
     )
@@ -778,6 +782,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--full-size",
+        action="store_true",
+        help="the published 4B shapes in bf16 (about 8.3 GB, written one tensor at a time), for load benchmarks",
+    )
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(

@@ -199,3 +199,38 @@ def test_serve_refuses_a_broken_checkpoint_and_names_the_keys(tiny_checkpoint: P
 def test_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no config.json"):
         checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_device_load_equals_the_copying_load(tiny_checkpoint: Path, dtype: torch.dtype) -> None:
+    """The default (meta device, tensor by tensor, assign) gives the former path's weights, buffers and
+    logits exactly, with nothing left on the meta device."""
+    old, _, _ = checkpoint.load(tiny_checkpoint, dtype=dtype, weights="copy")
+    new, _, _ = checkpoint.load(tiny_checkpoint, dtype=dtype)
+    for a, b in ((old.state_dict(), new.state_dict()), (dict(old.named_buffers()), dict(new.named_buffers()))):
+        assert set(a) == set(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert not any(t.is_meta for t in (*new.parameters(), *new.buffers()))
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        assert torch.equal(old(input_ids=ids).logits, new(input_ids=ids).logits)
+
+
+def test_streamed_safetensors_read_and_write_match_the_library(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.randn(3, 5).to(torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, 2, 2),
+    }
+    path = tmp_path / "w.safetensors"
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    checkpoint.write_safetensors(path, specs, lambda name: tensors[name], metadata={"format": "pt"})
+    for name, t in load_file(str(path)).items():  # the library reads what we wrote
+        assert torch.equal(t, tensors[name])
+    save_file(tensors, str(tmp_path / "lib.safetensors"))
+    read = dict(checkpoint.iter_safetensors(tmp_path / "lib.safetensors"))  # we read what it wrote
+    assert set(read) == set(tensors) and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "lib.safetensors").read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="cut short"):
+        list(checkpoint.iter_safetensors(tmp_path / "cut.safetensors"))
