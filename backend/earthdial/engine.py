@@ -253,27 +253,25 @@ class Engine:
         return max(1, self.max_tiles // max(1, images))
 
     # -- images -> features -----------------------------------------------------------------------
-    def image_features(self, images: list[Image]) -> torch.Tensor:
-        """Projected features for the images in order: (sum of tiles x tokens_per_tile, llm hidden)."""
-        model = self.model.model
-        rgb = [im.pixels for im in images if im.kind == "rgb"]
-        rgb_feats = iter(())
-        if rgb and self.info.ps_version == "v1":  # the native class knows only v2's shuffle
-            hidden = model.vision_tower(pixel_values=torch.cat(rgb).to(self.device, self.dtype)).last_hidden_state
-            rgb_feats = iter(self.project(hidden[:, 1:, :]).split([t.shape[0] for t in rgb]))
-        elif rgb:  # all RGB tiles of the batch in one vision call
-            out = model.get_image_features(
-                pixel_values=torch.cat(rgb).to(self.device, self.dtype)
-            ).pooler_output
-            rgb_feats = iter(out.split([t.shape[0] for t in rgb]))
+    def image_features(self, images: list[Image], one_call: bool = True) -> torch.Tensor:
+        """Projected features for the images in order: (sum of tiles x tokens_per_tile, llm hidden).
+        All RGB tiles and all band groups of all the images go through the vision tower in ONE call
+        (`one_call=False`: one call per image, the former way, kept for the equality test and benchmark)."""
+        if not images:
+            raise ValueError("image_features needs at least one image")
+        if not one_call:
+            return torch.cat([self.image_features([im]) for im in images])
+        pix = torch.cat([im.pixels for im in images]).to(self.device, self.dtype)
+        hidden = self.model.model.vision_tower(pixel_values=pix).last_hidden_state[:, 1:, :]  # CLS dropped
+        per_image = hidden.split([int(im.pixels.shape[0]) for im in images])
+        rgb = [h for h, im in zip(per_image, images, strict=True) if im.kind == "rgb"]
+        rgb_feats = iter(self.project(torch.cat(rgb)).split([h.shape[0] for h in rgb]) if rgb else ())
         parts = []
-        for im in images:
+        for h, im in zip(per_image, images, strict=True):
             if im.kind == "rgb":
                 parts.append(next(rgb_feats).flatten(0, 1))
-                continue
-            hidden = model.vision_tower(pixel_values=im.pixels.to(self.device, self.dtype)).last_hidden_state
-            fused = fuse_group_features(hidden[:, 1:, :])  # drop the CLS token, then fuse the groups
-            parts.append(self.project(fused[None])[0])
+            else:  # the groups of one image fuse into one tile's worth of tokens
+                parts.append(self.project(fuse_group_features(h)[None])[0])
         return torch.cat(parts)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

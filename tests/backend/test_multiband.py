@@ -205,3 +205,33 @@ def test_the_server_batches_concurrent_requests_with_unchanged_answers(server: s
         t.join(180)
     assert [together[i]["answer"] for i in range(len(paths))] == alone
     assert max(r["timings"]["batch"] for r in together.values()) > 1
+
+
+def test_all_groups_and_tiles_of_a_batch_in_one_vision_call(engine: Engine) -> None:
+    """Band groups of several multispectral/SAR images and RGB tiles go through the vision tower in one
+    call, and give what one call per image gives (RGB also what the native get_image_features gives)."""
+    rng = np.random.default_rng(7)
+    images = [
+        engine.image(rng.random((12, 40, 40)).astype(np.float32), "[s2_ms_10]"),
+        engine.image((rng.random((3, 500, 300)) * 255).astype(np.uint8), "[hr_rgb_0.5]"),
+        engine.image(rng.random((8, 30, 30)).astype(np.float32), "[l8_ms_30]"),
+        engine.image(rng.random((1, 30, 30)).astype(np.float32), "[s1_vh_10]"),
+        engine.image(rng.random((12, 40, 40)).astype(np.float32), "[s2_ms_10]"),
+    ]
+    assert [im.kind for im in images] == ["bands", "rgb", "bands", "bands", "bands"]
+    assert images[1].pixels.shape[0] > 1  # several tiles
+    calls = []
+    hook = engine.model.model.vision_tower.register_forward_hook(lambda m, a, k: calls.append(1))
+    try:
+        with torch.no_grad():
+            batched = engine.image_features(images)
+            assert len(calls) == 1
+            looped = engine.image_features(images, one_call=False)
+            assert len(calls) == 1 + len(images)
+            native = engine.model.model.get_image_features(pixel_values=images[1].pixels).pooler_output
+    finally:
+        hook.remove()
+    assert batched.shape == (sum(im.tiles for im in images) * engine.info.tokens_per_tile, batched.shape[1])
+    torch.testing.assert_close(batched, looped)
+    start = images[0].tiles * engine.info.tokens_per_tile
+    torch.testing.assert_close(batched[start : start + native.shape[0] * native.shape[1]], native.flatten(0, 1))
