@@ -4,12 +4,15 @@ Builds the model with random weights through the same config conversion and engi
 (`--size full`: the published EarthDial-4B shapes, bf16 on CUDA; `--size small`: a small config for CPUs),
 then prints:
   - time to first token for one 448 px tile (one image, one tile, caption prompt);
-  - decode tokens/s at batch 1, beside the memory-bandwidth bound (weight bytes / bandwidth), with the
+  - decode tokens/s at batch 1 for each decode mode (dynamic cache; static cache; static cache + compiled
+    decode step), as ratios to the dynamic path measured in the same run;
+  - decode tokens/s at batch 1 (the engine's default mode for the device), beside the memory-bandwidth bound (weight bytes / bandwidth), with the
     bandwidth both from the card's data sheet (where known) and MEASURED here by a large device copy;
   - tiles/s at batch 8 and 32 (one-tile requests, one new token: vision + prefill), beside the compute bound.
 
     python benchmarks/bench_generation.py --size full --device cuda      # on a GPU
     python benchmarks/bench_generation.py --size small --device cpu      # anywhere
+    python benchmarks/bench_generation.py --size demo --device cpu       # the shipped demo checkpoint
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from earthdial import checkpoint
-from earthdial.engine import Engine, Query, attention_for
+from earthdial import checkpoint, train
+from earthdial.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
 from earthdial.prompts import build_question
 
 # Data-sheet memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) of cards we may run on.
@@ -49,6 +52,8 @@ def small_config(vocab: int, image_size: int) -> dict:
 
 
 def build_engine(size: str, device: str, image_size: int) -> Engine:
+    if size == "demo":
+        return Engine(str(train.DEMO_DIR), device=device)
     from transformers import InternVLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
@@ -108,11 +113,13 @@ def measured_bandwidth(device: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["full", "small"], default="full")
+    ap.add_argument("--size", choices=["full", "small", "demo"], default="full")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--modes", nargs="+", default=list(DECODE_MODES), choices=DECODE_MODES,
+                    help="decode modes to compare (the first is the baseline)")  # fmt: skip
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     dev = args.device
@@ -125,7 +132,7 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     print(f"model: {args.size} shapes, {engine.info.num_parameters / 1e9:.3f} B parameters, "
           f"{weight_bytes / 1e9:.2f} GB {engine.dtype}, attention {engine.attn_implementation}")  # fmt: skip
-    size = args.image_size
+    size = engine.info.image_size
     tile = np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8)
     image = engine.image(tile, "[hr_rgb_0.5]")
     assert image.tiles == 1
@@ -136,14 +143,25 @@ def main() -> None:
 
     bw = measured_bandwidth(dev)
     sheet = next((v for k, v in CARDS.items() if k in card), None)
-    ttft = timed(lambda: run(1, 1), dev)
-    t_long = timed(lambda: run(1, args.decode_tokens), dev, repeat=2)
-    decode = (args.decode_tokens - 1) / (t_long - ttft)
+    per_mode: dict[str, tuple[float, float]] = {}  # mode -> (time to first token, decode tokens/s)
+    for mode in dict.fromkeys([*args.modes, decode_for(dev)]):
+        engine.decode = mode  # each timing's warm-up call pays the compile for its shapes
+        ttft_m = timed(lambda: run(1, 1), dev)
+        t_long = timed(lambda: run(1, args.decode_tokens), dev, repeat=2)
+        per_mode[mode] = (ttft_m, (args.decode_tokens - 1) / (t_long - ttft_m))
+    base = args.modes[0]
+    for mode in args.modes:
+        print(f"decode {mode:9}: {per_mode[mode][1]:8.1f} tokens/s at batch 1 "
+              f"({per_mode[mode][1] / per_mode[base][1]:.2f}x {base}); first token {per_mode[mode][0] * 1000:.0f} ms")  # fmt: skip
+    engine.decode = decode_for(dev)
+    ttft, decode = per_mode[engine.decode]
     results = {"device": card, "size": args.size, "weights_gb": weight_bytes / 1e9, "ttft_s": ttft,
-               "decode_tok_s": decode, "measured_bandwidth_gbs": bw / 1e9}  # fmt: skip
+               "decode_tok_s": decode, "measured_bandwidth_gbs": bw / 1e9,
+               "decode_modes": {m: {"ttft_s": v[0], "decode_tok_s": v[1]} for m, v in per_mode.items()},
+               "default_decode": engine.decode}  # fmt: skip
     bound = bw / weight_bytes
     print(f"time to first token (1 tile of {size} px): {ttft * 1000:.1f} ms")
-    print(f"decode at batch 1: {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
+    print(f"decode at batch 1 ({engine.decode}, the default here): {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
           f"(measured copy bandwidth {bw / 1e9:.0f} GB/s) -> {decode / bound:.2f} of the bound")  # fmt: skip
     if sheet:
         print(

@@ -124,6 +124,32 @@ def with_cancel(queries: list[Query], overrides: dict[str, Any]) -> dict[str, An
     return {**overrides, "stopping_criteria": criteria}
 
 
+DECODE_MODES = ("dynamic", "static", "compiled")
+
+
+def decode_for(device: str, decode: str = "auto") -> str:
+    """Greedy decoding's cache and compilation. "dynamic": transformers' growing cache, eager (the
+    fallback); "static": a preallocated KV cache, eager; "compiled": the static cache with the decode
+    step compiled (torch.compile), the one way to near the bandwidth bound on a GPU. "auto": compiled on
+    CUDA, dynamic on a CPU, where compiling did not pay on the demo model or the small config
+    (benchmarks/bench_generation.py, docs/performance.md)."""
+    if decode == "auto":
+        return "compiled" if device.startswith("cuda") else "dynamic"
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be auto or one of {', '.join(DECODE_MODES)}, not {decode!r}")
+    return decode
+
+
+def compile_config(device: str) -> Any:
+    """How generate compiles the decode step: CUDA graphs ("reduce-overhead") on a GPU, plain inductor
+    elsewhere; generate compiles only on accelerators unless told to compile on all devices."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(mode="reduce-overhead" if device.startswith("cuda") else "default")
+    config._compile_all_devices = True
+    return config
+
+
 def attention_for(device: str) -> str:
     """flash-attention 2 where the package imports on a GPU, else PyTorch's sdpa (flash kernels on sm80+)."""
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
@@ -133,7 +159,12 @@ def attention_for(device: str) -> str:
 
 class Engine:
     def __init__(
-        self, model_dir: str, device: str = "auto", max_tiles: int | None = None, quantize: str = "none"
+        self,
+        model_dir: str,
+        device: str = "auto",
+        max_tiles: int | None = None,
+        quantize: str = "none",
+        decode: str = "auto",
     ) -> None:
         device = pick_device(device)
         # bf16 on GPUs (what the weights are published in); fp32 on CPUs, where bf16 matmuls are slow or absent.
@@ -141,6 +172,7 @@ class Engine:
         model, tokenizer, info = checkpoint.load(model_dir, device, dtype, attention_for(device))
         self.quantization = quantize_model(model, quantize)
         self._setup(model, tokenizer, info, max_tiles)
+        self.decode = decode_for(self.device, decode)
 
     @classmethod
     def from_model(
@@ -175,6 +207,8 @@ class Engine:
         # greedy for the demo model, which was trained and measured greedy. Scans build their own
         # queries and stay greedy whatever this says.
         self.decoding = "greedy" if info.demo else "upstream"
+        self.decode = decode_for(self.device)  # greedy's cache/compile mode (decode_for)
+        self._static: tuple[tuple[int, int], Any] | None = None  # ((batch, cache length), StaticCache)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -193,6 +227,7 @@ class Engine:
             "memory": self.memory(),
             "plan": self.plan,
             "decoding": self.decoding,
+            "decode": self.decode,
             "add_bos": self.info.add_bos,
             "ps_version": self.info.ps_version,
         }
@@ -316,19 +351,46 @@ class Engine:
         for q in queries:
             self.check_tags(q.question)
         input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
+        max_new = max(q.max_new_tokens for q in queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
             out = self.model.generate(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
-                max_new_tokens=max(q.max_new_tokens for q in queries),
+                max_new_tokens=max_new,
                 do_sample=False,
                 num_beams=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
-                **{"output_scores": True, "return_dict_in_generate": True, **with_cancel(queries, overrides)},
+                **{
+                    "output_scores": True,
+                    "return_dict_in_generate": True,
+                    **with_cancel(
+                        queries,
+                        {**self.decode_options(len(queries), input_ids.shape[1] + max_new), **overrides},
+                    ),
+                },
             )
         return scoring.answers(self, out, [q.max_new_tokens for q in queries])
+
+    def decode_options(self, batch: int, length: int) -> dict[str, Any]:
+        """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`
+        positions. The static cache is sized up to a multiple of 256 positions (at most 255 more than the
+        memory plan's dynamic cache) and kept while batch and size stay the same (reset between batches,
+        as gpt-fast keeps one), so the compiled decode step sees the same shapes and is not recompiled
+        for every prompt length."""
+        if self.decode == "dynamic":
+            return {}
+        from transformers import StaticCache
+
+        key = (batch, -(-length // 256) * 256)
+        if self._static is None or self._static[0] != key:
+            self._static = (key, StaticCache(config=self.model.config, max_cache_len=key[1]))
+        else:
+            self._static[1].reset()
+        if self.decode == "compiled":
+            return {"cache": self._static[1], "compile_config": compile_config(self.device)}
+        return {"cache": self._static[1], "disable_compile": True}
 
     # -- decoding other than greedy (upstream's beams) and the prompt encoding both paths share --------
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
