@@ -177,7 +177,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             plan = _memory_plan(model, args)
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
-            engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize)
+            engine = Engine(
+                model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize, decode=args.decode
+            )
             if args.decoding != "auto":
                 engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
@@ -645,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "int8", "nf4"],
         help="8- or 4-bit language-model weights",
+    )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "dynamic", "static", "compiled"],
+        help="greedy decoding's KV cache: auto = static + compiled decode step on CUDA, dynamic on CPU",
     )
     p.add_argument(
         "--max-batch",
