@@ -3,7 +3,7 @@
 #   - QGIS 3.22+ with its Python bindings, pyzmq and Xvfb (Debian packages);
 #   - .venv       the backend: torch (CPU build unless TORCH_SPEC says otherwise), transformers, rasterio ...
 #   - .venv-qgis  QGIS's own Python plus pytest-qgis and qtpy, for the plugin's tests.
-# Usage: scripts/install.sh [--test]   (--test adds the test tools)
+# Usage: scripts/install.sh [--test]   (--test adds the test tools and peft for the fine-tuning tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_test=0
@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then "$py" -m venv .venv; fi
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 if [ "$with_test" = 1 ]; then
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[test,finetune]"
 else
   .venv/bin/pip install -q -e .
 fi

@@ -177,13 +177,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             plan = _memory_plan(model, args)
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
-            engine = Engine(
-                model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize, decode=args.decode
-            )
+            engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize,
+                            decode=args.decode, adapter=args.adapter)  # fmt: skip
             if args.decoding != "auto":
                 engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-            return refuse(f"cannot load {model}: {exc}", 3)
+            return refuse(f"cannot load {model}{' with adapter ' + args.adapter if args.adapter else ''}: {exc}", 3)
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
@@ -218,6 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if d.get("demo"):
             print("earthdial: this is the built-in demo model (a 3 M-parameter micro EarthDial trained on "
                   "synthetic scenes only; see docs/demo-model.md)", flush=True)  # fmt: skip
+        if d.get("adapter"):
+            print(f"earthdial: with the LoRA adapter {d['adapter']['path']} (merged)", flush=True)
         print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
               flush=True)  # fmt: skip
     try:
@@ -515,6 +516,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model     {model.get('variant')} ({model.get('path')})")
     if model.get("demo"):
         print("          the built-in DEMO model: trained on synthetic scenes only (docs/demo-model.md)")
+    adapter = model.get("adapter")
+    print(f"adapter   {adapter['path'] + ' (LoRA, merged)' if adapter else 'none'}")
     print(f"device    {model.get('device')} {model.get('dtype')} attention={model.get('attention')}")
     print(
         f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}"
@@ -627,6 +630,38 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_training(args: argparse.Namespace) -> int:
+    from . import training_data
+
+    result = training_data.export(args.gpkg, args.output, args.layer or None)
+    for line in result.lines():
+        print(line)
+    print(f"wrote {os.path.join(os.path.abspath(args.output), training_data.RECORDS_FILE)}")
+    return 0 if result.records else 1
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import time
+
+    from . import finetune
+
+    model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+    if not model:
+        print("earthdial finetune: no model; pass --model DIR", file=sys.stderr)
+        return 2
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("earthdial finetune: needs peft: pip install 'earthdial-qgis[finetune]'", file=sys.stderr)
+        return 2
+    cfg = finetune.FinetuneConfig(minutes=args.minutes, steps=args.steps or None, batch_size=args.batch_size,
+                                  lr=args.lr, rank=args.rank, projector=args.projector, seed=args.seed,
+                                  threads=args.threads, device=args.device)  # fmt: skip
+    finetune.finetune(args.records, model, args.output, cfg,
+                      log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earthdial", description="EarthDial remote-sensing VLM backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -642,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
     )
+    p.add_argument("--adapter", help="a LoRA adapter folder (earthdial finetune) to load onto the model")
     p.add_argument(
         "--quantize",
         default="none",
@@ -830,6 +866,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=20261127, help="held-out scene stream (not the training seed)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval_demo)
+
+    p = sub.add_parser("export-training", help="reviewed result layers of a GeoPackage -> training records")
+    p.add_argument("gpkg", help="GeoPackage with EarthDial result layers (review field set in QGIS)")
+    p.add_argument("--layer", action="append", help="a layer to export (repeatable; default: all result layers)")
+    p.add_argument("-o", "--output", required=True, help="new folder for records.jsonl and chips/")
+    p.set_defaults(func=cmd_export_training)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on exported training records")
+    p.add_argument("records", help="folder written by export-training")
+    p.add_argument("--model", help="base checkpoint (default: $EARTHDIAL_MODEL, else the built-in demo model)")
+    p.add_argument("-o", "--output", required=True, help="new folder for the adapter")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget (default 10)")
+    p.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default 0: as many as fit)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--projector", action="store_true", help="also train the vision-language projector")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -165,11 +165,17 @@ class Engine:
         max_tiles: int | None = None,
         quantize: str = "none",
         decode: str = "auto",
+        adapter: str | None = None,
     ) -> None:
         device = pick_device(device)
         # bf16 on GPUs (what the weights are published in); fp32 on CPUs, where bf16 matmuls are slow or absent.
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model, tokenizer, info = checkpoint.load(model_dir, device, dtype, attention_for(device))
+        self.adapter: dict[str, Any] | None = None
+        if adapter:  # a LoRA adapter merged into the weights, before any quantization
+            from . import adapters
+
+            model, self.adapter = adapters.apply(model, info, adapter)
         self.quantization = quantize_model(model, quantize)
         self._setup(model, tokenizer, info, max_tiles)
         self.decode = decode_for(self.device, decode)
@@ -200,6 +206,8 @@ class Engine:
         self.image_token_id = self.model.config.image_token_id
         self._strip = [t for t in CHAT_TOKENS if t in vocab]
         self._lock = threading.Lock()  # one generate at a time on the device
+        if not hasattr(self, "adapter"):
+            self.adapter = None
         if not hasattr(self, "quantization"):
             self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
         self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
@@ -222,6 +230,7 @@ class Engine:
             "max_tiles": self.max_tiles,
             "parameters": self.info.num_parameters,
             "demo": self.info.demo,
+            "adapter": self.adapter,
             "quantize": self.quantization["mode"],
             "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),
             "memory": self.memory(),

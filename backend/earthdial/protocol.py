@@ -36,6 +36,8 @@ OPS = ("ask", "georef", "detect", "detect_changes", "scan_tiles", "status", "pin
 # A layer or file written by EarthDial says so with a description starting with this (docs/outputs.md):
 # only such layers and files are ever replaced, by the command line and by the plugin.
 RESULT_MARK = "EarthDial result"
+# A result feature's `review` field (docs/outputs.md), set by the analyst in QGIS; empty: not reviewed.
+REVIEWS = ("accepted", "rejected", "corrected", "added")
 
 
 class ErrorCode:

@@ -6,6 +6,7 @@ Data flows one way: source -> chip -> question + tiles -> engine -> answer -> bo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -461,6 +462,8 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
         "source": " | ".join(c.source for c in job.chips),
         "gsd": job.inputs.gsd_m if job.inputs is not None else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "review": "",
+        "request": request_record(job) if job.query is not None else "",
     }
     reply: dict[str, Any] = {
         "answer": answer,
@@ -482,6 +485,24 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
     job.timings["total_s"] = time.perf_counter() - job.started
     reply["timings"] = job.timings
     return reply
+
+
+def request_record(job: Job) -> str:
+    """What an answer's boxes need to become training data again (`training_data`): the task, prompt, band
+    options, sensor tag, each source (a by-value source has no path) and the window read, as JSON."""
+    header = job.header
+    options = {k: v for k, v in (header.get("options") or {}).items() if k in ("preset", "gsd", "sensor")}
+    sources = []
+    for src in _source_list(header):
+        src = src if isinstance(src, dict) else {}
+        by_ref = src.get("kind") != "value"
+        sources.append({k: src.get(k) for k in ("path", "bands", "bounds", "crs")} if by_ref else
+                       {"path": None, "bands": None, "bounds": None, "crs": src.get("crs")})  # fmt: skip
+    window = {k: v for k, v in chip_description(job.chips[0]).items() if k != "source"}
+    record = {"task": header.get("task"), "prompt": header.get("prompt", ""), "sensor": job.sensor,
+              "preset": job.inputs.preset.name if job.inputs else None, "options": options,
+              "sources": sources, "window": window}  # fmt: skip
+    return json.dumps(record, separators=(",", ":"))
 
 
 def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> None:

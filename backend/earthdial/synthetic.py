@@ -14,6 +14,12 @@ What each class looks like from above:
 * storage tank: a light disc with a darker rim and a shadow crescent; on land;
 * building: a rectangle with a roof tone (red, orange, brown, slate, grey) split by a ridge; on land.
 
+A fifth class the shipped demo model never saw, for the fine-tuning proof (docs/demo-model.md):
+
+* tree: a large round crown, lumpy at the edge, green with a lit side and a long shadow; on land. It is
+  not in `CLASSES`, so `make_scene` and `make_pair` draw exactly what they drew before;
+  `make_scene_with(seed, index, NEW_CLASS)` adds one to a scene of its own stream.
+
 Clutter that is none of these: rocks and shrubs on land, light specks (debris, foam) on water, roads.
 """
 
@@ -26,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("ship", "airplane", "storage tank", "building")
+NEW_CLASS = "tree"  # never in the demo model's training (see the module docstring)
 
 # Size ranges, as a fraction of the scene side: (length or diameter) and width / length.
 _SIZE = {
@@ -33,7 +40,9 @@ _SIZE = {
     "airplane": ((0.18, 0.30), (0.85, 1.0)),  # width = wing span
     "storage tank": ((0.12, 0.20), (1.0, 1.0)),
     "building": ((0.13, 0.24), (0.45, 1.0)),
+    NEW_CLASS: ((0.14, 0.22), (1.0, 1.0)),  # crown diameter
 }
+_ROUND = ("storage tank", NEW_CLASS)  # outlines that are discs
 MARGIN = 0.02  # objects keep this far from the scene edge (unit coordinates)
 
 
@@ -62,7 +71,7 @@ class SceneObject:
 
     def corners(self) -> np.ndarray:
         """All corner points of the outline in unit scene coordinates, (n, 2)."""
-        if self.cls == "storage tank":
+        if self.cls in _ROUND:
             r = self.length / 2
             return np.array([[self.cx - r, self.cy - r], [self.cx + r, self.cy + r]])
         a = math.radians(self.angle)
@@ -119,7 +128,7 @@ class Scene:
 
 
 def _area(o: SceneObject) -> float:
-    if o.cls == "storage tank":
+    if o.cls in _ROUND:
         return math.pi * (o.length / 2) ** 2
     return sum(4 * hl * hw for _, _, hl, hw in o.parts())
 
@@ -261,6 +270,9 @@ def _random_object(rng: np.random.Generator, cls: str) -> SceneObject:
         color = (g, g, g)
         width = length
         angle = 0.0
+    elif cls == NEW_CLASS:
+        color = (rng.uniform(40, 70), rng.uniform(95, 135), rng.uniform(30, 55))
+        width, angle = length, float(rng.uniform(0, 360))  # the angle turns the crown's lumps
     else:
         color = tuple(rng.choice(_ROOFS) + rng.normal(0, 8, 3))
         if rng.random() < 0.5:  # buildings mostly square to the street grid
@@ -307,6 +319,18 @@ def make_scene(seed: int, index: int, min_objects: int = 1, max_objects: int = 4
             if obj is not None:
                 scene.objects.append(obj)
                 break
+    return scene
+
+
+def make_scene_with(seed: int, index: int, cls: str = NEW_CLASS, max_objects: int = 3) -> Scene:
+    """Scene `index` of the stream `seed` (`make_scene`, at most `max_objects` objects) plus one object of
+    `cls`, placed with a random stream of its own; None of the other objects change. Returns the scene
+    even when no spot was found (then without `cls`): callers check `scene.of_class(cls)`."""
+    scene = make_scene(seed, index, max_objects=max_objects)
+    rng = np.random.default_rng([seed, index, 0x7EE])
+    obj = place(scene, rng, cls, tries=200)
+    if obj is not None:
+        scene.objects.append(obj)
     return scene
 
 
@@ -428,6 +452,18 @@ def _draw_object(img: np.ndarray, obj: SceneObject, size: int, labels: np.ndarra
         _paint(img, _coverage(dist - 0.86 * R, px), color, r0, c0)  # roof
         if obj.variant % 2:
             _paint(img, 0.6 * _coverage(dist - 0.15 * R, px), color * 0.85, r0, c0)  # roof vent
+    elif obj.cls == NEW_CLASS:
+        R = L / 2
+        theta = np.arctan2(Y, X) - a
+        edge = R * (1 + 0.07 * np.sin(5 * theta) + 0.04 * np.sin(9 * theta + 1.0))  # a lumpy crown
+        dist = np.hypot(X, Y)
+        shadow = np.hypot(X - 0.22 * R, Y - 0.22 * R) - edge
+        _paint(img, 0.55 * _coverage(shadow, px), (25, 32, 20), r0, c0)
+        body = _coverage(dist - edge, px)
+        _paint(img, body, color * 0.7, r0, c0)  # the shaded side
+        lit = np.hypot(X + 0.2 * R, Y + 0.2 * R) - 0.7 * R
+        _paint(img, 0.8 * _coverage(lit, px), color, r0, c0)
+        _paint(img, 0.5 * _coverage(np.hypot(X + 0.35 * R, Y + 0.3 * R) - 0.25 * R, px), color * 1.25, r0, c0)
     else:  # building
         body = np.maximum(np.abs(U) - L / 2, np.abs(V) - W / 2)
         shadow = np.maximum(np.abs(U - 0.06 * L) - L / 2, np.abs(V - 0.06 * L) - W / 2)
@@ -438,7 +474,7 @@ def _draw_object(img: np.ndarray, obj: SceneObject, size: int, labels: np.ndarra
         _paint(img, 0.5 * _coverage(roof, px), color * 0.72, r0, c0)
     if labels is not None:
         region = labels[r0 : r0 + body.shape[0], c0 : c0 + body.shape[1]]
-        region[body >= 0.5] = 1 + CLASSES.index(obj.cls)
+        region[body >= 0.5] = 1 + (CLASSES + (NEW_CLASS,)).index(obj.cls)
 
 
 def _disc(img: np.ndarray, cx: float, cy: float, r: float, color, alpha: float = 1.0) -> None:
@@ -523,12 +559,14 @@ def write_geotiff(path: str | Path, image: np.ndarray, crs: str = "EPSG:32633", 
 
 __all__ = [
     "CLASSES",
+    "NEW_CLASS",
     "Pair",
     "Scene",
     "SceneObject",
     "is_water",
     "make_pair",
     "make_scene",
+    "make_scene_with",
     "place",
     "render",
     "render_with_labels",

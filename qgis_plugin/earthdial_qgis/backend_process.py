@@ -34,11 +34,14 @@ def resolve_command(configured: str) -> str:
 
 
 def serve_arguments(
-    model_dir: str, endpoint: str, device: str, extra: str = "", allow_dirs: list[str] | None = None
+    model_dir: str, endpoint: str, device: str, extra: str = "", allow_dirs: list[str] | None = None,
+    adapter: str = "",
 ) -> list[str]:
     args = ["serve", "--endpoint", endpoint, "--device", device or "auto"]
     if model_dir.strip():  # else the backend's default: $EARTHDIAL_MODEL or its built-in demo model
         args += ["--model", os.path.expanduser(model_dir)]
+    if adapter.strip():  # a LoRA adapter from `earthdial finetune`
+        args += ["--adapter", os.path.expanduser(adapter.strip())]
     for folder in allow_dirs or []:
         args += ["--allow-dir", folder]
     return args + (shlex.split(extra) if extra.strip() else [])
@@ -94,9 +97,14 @@ class LocalBackend(QtCore.QObject):
             return self.tr(
                 "The model folder {model} does not exist; fix it in the EarthDial settings."
             ).format(model=model)
+        adapter = settings.text(settings.ADAPTER_DIR)
+        if adapter.strip() and not os.path.isdir(os.path.expanduser(adapter.strip())):
+            return self.tr(
+                "The adapter folder {adapter} does not exist; fix it in the EarthDial settings."
+            ).format(adapter=adapter)
         args = serve_arguments(
             model, endpoint, settings.text(settings.DEVICE, "auto"), settings.text(settings.EXTRA_ARGS),
-            layer_folders(),
+            layer_folders(), adapter,
         )
         process = QtCore.QProcess(self)
         process.setProcessChannelMode(QtCore.QProcess.ProcessChannelMode.MergedChannels)

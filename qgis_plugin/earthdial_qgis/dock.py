@@ -31,6 +31,7 @@ from .presets import names as preset_names
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
+from .review import complete_request
 from .scan_task import DockScan
 from .sources import area_in_layer_crs, displayed_bands, plan_source
 from .task import RequestTask
@@ -276,6 +277,9 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
                 queue=reply.get("queue", 0),
                 running=reply.get("running", 0),
             )
+            adapter = model.get("adapter") or {}
+            if adapter.get("name"):
+                text += self.tr(", adapter {name}").format(name=adapter["name"])
         else:
             text = self.tr("Connected: no model loaded (only answers can be imported)")
         self.status_label.setText(text)
@@ -648,6 +652,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             task=pending["task"], prompt=short, layer=pending["layer_name"], time=stamp
         )
         problems: list[str] = []
+        if not sip.isdeleted(pending["layer"]):
+            complete_request(reply, [pending["layer"]])  # a file sent by value: its path, for export-training
         layer = add_result_layer(
             reply,
             pending["crs"],

@@ -48,6 +48,8 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("gsd", "real"),
     ("created", "text"),
     ("score", "real"),
+    ("review", "text"),  # the analyst's verdict (review.py); empty: not reviewed
+    ("request", "text"),  # the request as JSON: window, source, bands, prompt (for export-training)
 )
 
 
@@ -120,6 +122,8 @@ def reply_features(
             "gsd": float(props["gsd"]) if props.get("gsd") is not None else (float(gsd) if gsd else None),
             "created": created,
             "score": float(props["score"]) if isinstance(props.get("score"), (int, float)) else None,
+            "review": str(props.get("review") or ""),
+            "request": str(props.get("request") or ""),
         }
         qfeature = QgsFeature(fields)
         qfeature.setGeometry(geometry)

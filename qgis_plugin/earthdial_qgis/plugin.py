@@ -28,6 +28,7 @@ class EarthDialPlugin:
         self.dock: Any = None  # created on first use: it contacts the backend
         self.provider: Any = None
         self.local_backend: Any = None
+        self.review: Any = None  # review.ReviewActions: the review field follows edits on result layers
 
     def initGui(self) -> None:
         icon = QtGui.QIcon(os.path.join(os.path.dirname(__file__), "icon.svg"))
@@ -49,6 +50,9 @@ class EarthDialPlugin:
             action.triggered.connect(slot)
             self.iface.addPluginToMenu(MENU, action)
             self.menu_actions.append(action)
+        from .review import ReviewActions
+
+        self.review = ReviewActions(self.iface, MENU, self.toolbar)
         self.initProcessing()
         self.check_dependencies()
 
@@ -141,6 +145,9 @@ class EarthDialPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        if self.review is not None:
+            self.review.unload()
+            self.review = None
         for action in self.menu_actions:
             self.iface.removePluginMenu(MENU, action)
             action.deleteLater()

@@ -12,6 +12,7 @@ ENDPOINT = "EarthDial/endpoint"
 TIMEOUT = "EarthDial/timeout_s"
 BACKEND_COMMAND = "EarthDial/backend_command"  # the `earthdial` program, or the venv holding it
 MODEL_DIR = "EarthDial/model_dir"
+ADAPTER_DIR = "EarthDial/adapter_dir"  # a LoRA adapter (earthdial finetune) the local backend loads
 DEVICE = "EarthDial/device"
 EXTRA_ARGS = "EarthDial/extra_args"  # more `earthdial serve` arguments, e.g. --allow-dir /data
 RESULTS_GPKG = "EarthDial/results_gpkg"  # where result layers go; empty: <project>_earthdial.gpkg beside it

@@ -28,6 +28,13 @@ class SettingsDialog(QtWidgets.QDialog):
         self.model_widget.setFilePath(settings.text(settings.MODEL_DIR))
         self.model_widget.setToolTip(self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB); empty: the built-in demo model"))
         form.addRow(self.tr("Model folder"), self.model_widget)
+        self.adapter_widget = QgsFileWidget()
+        self.adapter_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.adapter_widget.setFilePath(settings.text(settings.ADAPTER_DIR))
+        self.adapter_widget.setToolTip(
+            self.tr("A LoRA adapter folder written by `earthdial finetune` for this model; empty: none")
+        )
+        form.addRow(self.tr("Adapter folder"), self.adapter_widget)
         self.device_combo = QtWidgets.QComboBox()
         self.device_combo.addItems(list(settings.DEVICES))
         self.device_combo.setCurrentText(settings.text(settings.DEVICE, "auto") or "auto")
@@ -66,6 +73,7 @@ class SettingsDialog(QtWidgets.QDialog):
     def save(self) -> None:
         settings.set_value(settings.BACKEND_COMMAND, self.command_widget.filePath().strip())
         settings.set_value(settings.MODEL_DIR, self.model_widget.filePath().strip())
+        settings.set_value(settings.ADAPTER_DIR, self.adapter_widget.filePath().strip())
         settings.set_value(settings.DEVICE, self.device_combo.currentText())
         settings.set_value(settings.EXTRA_ARGS, self.extra_edit.text().strip())
         settings.set_value(settings.RESULTS_GPKG, self.results_widget.filePath().strip())

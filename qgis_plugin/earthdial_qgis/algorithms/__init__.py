@@ -1,5 +1,5 @@
 """The EarthDial Processing algorithms: earthdial:ask, earthdial:detect, earthdial:change,
-earthdial:detect_changes."""
+earthdial:detect_changes, earthdial:export_training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from .ask import AskAlgorithm
 from .change import ChangeAlgorithm
 from .detect import DetectAlgorithm
 from .detect_changes import DetectChangesAlgorithm
+from .export_training import ExportTrainingAlgorithm
 
-ALGORITHMS = (AskAlgorithm, DetectAlgorithm, ChangeAlgorithm, DetectChangesAlgorithm)
+ALGORITHMS = (AskAlgorithm, DetectAlgorithm, ChangeAlgorithm, DetectChangesAlgorithm, ExportTrainingAlgorithm)
 
-__all__ = ["ALGORITHMS", "AskAlgorithm", "ChangeAlgorithm", "DetectAlgorithm", "DetectChangesAlgorithm"]
+__all__ = ["ALGORITHMS", "AskAlgorithm", "ChangeAlgorithm", "DetectAlgorithm", "DetectChangesAlgorithm",
+           "ExportTrainingAlgorithm"]
