@@ -226,6 +226,11 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
         elif bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if cfg.steps is None and step > TIMING_STEPS and step % 20 == 0:
+            # a shared machine changes speed: the schedule follows the time that is left
+            total = max(step + 1, step + int((budget - elapsed) / ((elapsed - first) / (step - 1))))
+            if bar is not None:
+                bar.total = total
         if cfg.steps is None and elapsed > budget:
             break
     if bar is not None:

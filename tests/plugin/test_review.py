@@ -1,0 +1,135 @@
+"""Issue 19 in real QGIS: the demo model's result layer is reviewed with QGIS's own editing (the review
+field follows), exported with earthdial:export_training, an adapter is fine-tuned on it, and the local
+backend started from the plugin settings with that adapter answers through the panel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
+from qgis.core import QgsApplication, QgsFeature, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
+
+import earthdial_qgis
+from conftest import backend_env
+from earthdial_qgis import settings
+from earthdial_qgis.area import WHOLE_LAYER
+from earthdial_qgis.backend_process import serve_arguments
+from earthdial_qgis.review import ACCEPTED, ADDED, CORRECTED
+
+DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
+KEYS = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE, settings.EXTRA_ARGS,
+        settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip
+
+
+def test_the_adapter_is_a_serve_argument() -> None:
+    assert serve_arguments("", "tcp://127.0.0.1:1", "cpu", "", "/a/lora") == [
+        "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "cpu", "--adapter", "/a/lora",
+    ]  # fmt: skip
+
+
+def ask_ships(dock: Any, raster: Any) -> QgsVectorLayer:
+    before = set(QgsProject.instance().mapLayers())
+    dock.select_task("refer")
+    dock.set_area_mode(WHOLE_LAYER)
+    dock.prompt_edit.setPlainText("ship")
+    dock.send_button.click()
+    wait_until(lambda: not dock.is_busy(), 180)
+    assert dock.last_error is None, dock.answer_view.toPlainText()
+    (layer,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items()
+                if lid not in before and isinstance(lyr, QgsVectorLayer)]  # fmt: skip
+    return layer
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="no demo checkpoint is installed")
+def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_project, tmp_path: Path) -> None:
+    if not EARTHDIAL.exists():
+        pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing)")
+    plugins = "/usr/share/qgis/python/plugins"
+    if plugins not in sys.path:
+        sys.path.append(plugins)
+    from processing.core.Processing import Processing
+    from qgis.core import QgsRasterLayer
+
+    Processing.initialize()
+    import processing
+
+    scene = tmp_path / "harbour.tif"
+    subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, capture_output=True, timeout=120,
+                   env=backend_env())  # fmt: skip
+    raster = QgsRasterLayer(str(scene), "harbour", "gdal")
+    QgsProject.instance().addMapLayer(raster)
+    qgis_iface.setActiveLayer(raster)
+
+    settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")
+    settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
+    settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
+    settings.set_value(settings.DEVICE, "cpu")
+    settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {tmp_path}")
+    settings.set_value(settings.RESULTS_GPKG, str(tmp_path / "results.gpkg"))
+    plugin = earthdial_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        plugin.action.trigger()
+        dock = plugin.dock
+        dock.timeout_spin.setValue(120)
+        dock.start_button.click()
+        wait_until(lambda: dock.status_label.text().startswith("Connected"), 180)
+        assert "adapter" not in dock.status_label.text()
+        layer = ask_ships(dock, raster)
+        assert layer.providerType() == "ogr"  # in the results GeoPackage
+        (model_box,) = list(layer.getFeatures())
+        request = json.loads(model_box["request"])
+        assert request["task"] == "refer" and request["prompt"] == "ship"
+        assert request["sources"][0]["path"] == str(scene) and request["window"]["width"] > 0
+        assert not model_box["review"]
+
+        # the analyst: accepts the box with the action, then moves it, then draws a missed one
+        layer.selectByIds([model_box.id()])
+        qgis_iface.setActiveLayer(layer)
+        accept = next(a for a in plugin.review.actions if a.objectName() == f"EarthDialReview_{ACCEPTED}")
+        accept.trigger()
+        assert QgsVectorLayer(layer.source(), "again", "ogr").getFeature(model_box.id())["review"] == ACCEPTED
+        assert layer.startEditing()
+        moved = QgsGeometry(model_box.geometry())
+        moved.translate(2.0, -1.0)
+        assert layer.changeGeometry(model_box.id(), moved)
+        drawn = QgsFeature(layer.fields())
+        box = layer.extent()
+        drawn.setGeometry(QgsGeometry.fromRect(box.buffered(-box.width() * 0.45)))
+        assert layer.addFeature(drawn)
+        assert layer.commitChanges(), layer.commitErrors()
+        saved = {f["review"]: f for f in QgsVectorLayer(layer.source(), "again", "ogr").getFeatures()}
+        assert set(saved) == {CORRECTED, ADDED}
+        assert saved[ADDED]["request"] == model_box["request"] and saved[ADDED]["label"] == "ship"
+
+        # Processing exports it through the backend; the records are the layer's two boxes
+        records = tmp_path / "records"
+        processing.run("earthdial:export_training", {"INPUT": layer, "OUTPUT": str(records)})
+        (row,) = [json.loads(line) for line in (records / "records.jsonl").read_text().splitlines()]
+        assert row["conversations"][0]["value"].endswith("Give me the location of <ref>ship</ref>")
+        assert row["conversations"][1]["value"].count("[[") == 2 and (records / row["image"]).is_file()
+
+        # a short fine-tune, then the plugin's local backend serves the demo model with the adapter
+        adapter = tmp_path / "lora-ships"
+        done = subprocess.run([str(EARTHDIAL), "finetune", str(records), "-o", str(adapter), "--steps", "2",
+                               "--batch-size", "2", "--threads", "1", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300, env=backend_env())  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "s a step" in done.stdout  # the time estimate before the run goes on
+        dock.stop_button.click()
+        settings.set_value(settings.ADAPTER_DIR, str(adapter))
+        dock.start_button.click()
+        wait_until(lambda: "adapter lora-ships" in dock.status_label.text(), 180)
+        assert any("LoRA adapter" in line for line in dock.local_backend.output)
+        again = ask_ships(dock, raster)
+        assert again.featureCount() >= 1 and next(again.getFeatures())["label"]
+    finally:
+        plugin.unload()
+        for key in KEYS:
+            QgsSettings().remove(key)
+        wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)
