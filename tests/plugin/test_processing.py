@@ -58,6 +58,8 @@ def test_algorithms_are_registered(processing) -> None:
         assert algorithm is not None, name
         names = {p.name() for p in algorithm.parameterDefinitions()}
         assert {"INPUT", "ENDPOINT", "OUTPUT"} <= names
+    export = registry.algorithmById("earthdial:export_training")
+    assert {p.name() for p in export.parameterDefinitions()} == {"INPUT", "OUTPUT"}
     change = registry.algorithmById("earthdial:change")
     assert {"INPUT_2", "TASK", "PROMPT"} <= {p.name() for p in change.parameterDefinitions()}
     assert registry.providerById("earthdial").defaultVectorFileExtension() == "gpkg"
