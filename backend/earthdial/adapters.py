@@ -20,6 +20,9 @@ META_FILE = "earthdial_adapter.json"
 # language model only: the vision tower's own q/k/v and fc layers are left as they are.
 LLM_TARGETS = r".*language_model.*\.(qkv_proj|o_proj|gate_up_proj|down_proj)$"
 PROJECTOR = "multi_modal_projector"
+# optionally the vision tower's attention and MLP too (InternViT in transformers' naming): for objects the
+# tower has never learned to tell apart, whose boxes the frozen image tokens do not carry
+VISION_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)$"
 
 
 def base_identity(model: Any, info: Any) -> dict[str, Any]:
@@ -32,10 +35,12 @@ def base_identity(model: Any, info: Any) -> dict[str, Any]:
     }
 
 
-def lora_config(rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, projector: bool = False) -> Any:
+def lora_config(rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, projector: bool = False,
+                vision: bool = False) -> Any:  # fmt: skip
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LLM_TARGETS,
+    targets = f"({LLM_TARGETS})|({VISION_TARGETS})" if vision else LLM_TARGETS
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                       modules_to_save=[PROJECTOR] if projector else None, bias="none")  # fmt: skip
 
 

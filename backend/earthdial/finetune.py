@@ -46,6 +46,7 @@ class FinetuneConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     projector: bool = False  # also train the vision-language projector (in full)
+    vision: bool = False  # also adapt the vision tower's attention and MLP (LoRA)
     augment: bool = True  # the eight flips / quarter turns of square chips
     seed: int = 0
     threads: int = 2
@@ -180,7 +181,8 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     device = pick_device(cfg.device)
     model, tokenizer, info = load_base(model_dir, device)
     base = adapters.base_identity(model, info)
-    peft_model = adapters.wrap(model, adapters.lora_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.projector))
+    peft_model = adapters.wrap(model, adapters.lora_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.projector,
+                                                              cfg.vision))
     engine = Engine.from_model(model, tokenizer, info)  # `model` now runs with the adapter's modules
     examples = read_examples(records)
     sampler = Sampler(examples, cfg)
@@ -190,7 +192,8 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     step_cfg = train.TrainConfig(bf16=False, dense_weight=0.0, look_weight=0.0, clip=1.0)
     trainable = sum(p.numel() for p in params)
     log(f"{len(records)} records, {trainable:,} trainable parameters "
-        f"(LoRA r={cfg.rank}{', projector' if cfg.projector else ''}) on {device}")  # fmt: skip
+        f"(LoRA r={cfg.rank}{', projector' if cfg.projector else ''}{', vision tower' if cfg.vision else ''}) "
+        f"on {device}")  # fmt: skip
 
     def lr_at(step: int, total: int) -> float:
         if step < cfg.warmup_steps:
