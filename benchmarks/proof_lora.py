@@ -135,6 +135,8 @@ def main() -> int:
     ap.add_argument("--old-scenes", type=int, default=200)
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--projector", action="store_true")
+    ap.add_argument("--vision", action="store_true")
+    ap.add_argument("--look", type=float, default=0.0)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -167,21 +169,21 @@ def main() -> int:
             edited = review(reply, scene, task)
             for f in edited["features"]:
                 counts[f["properties"]["review"]] += 1
-            write_features(str(gpkg), edited, layer=layer)
+            write_features(str(gpkg), edited, layer=layer, overwrite=True)  # the analyst saves the edits
     print("analyst review:", ", ".join(f"{v} {k}" for k, v in counts.items()))
 
     # 3: export and fine-tune
     exported = training_data.export(str(gpkg), str(run / "records"))
     for line in exported.lines():
         print(line)
-    cfg = finetune.FinetuneConfig(minutes=args.minutes, projector=args.projector, rank=args.rank, lr=args.lr,
-                                  batch_size=args.batch_size, threads=2)  # fmt: skip
+    cfg = finetune.FinetuneConfig(minutes=args.minutes, projector=args.projector, vision=args.vision, look=args.look,
+                                  rank=args.rank, lr=args.lr, batch_size=args.batch_size, threads=2)  # fmt: skip
     summary = finetune.finetune(run / "records", base, run / "adapter", cfg, progress=False)
 
     # 4: held-out scenes, before and after
     held = scenes_with_new_class(HELD_OUT_SEED, args.held_out, run / "scenes")
     tuned = Engine(base, device="cpu", adapter=str(run / "adapter"))
-    out = {"records": len(exported.records), "reviews": counts, "steps": summary["steps"],
+    out = {"config": {k: v for k, v in vars(args).items() if k != "work"}, "records": len(exported.records), "reviews": counts, "steps": summary["steps"],
            "minutes": round(summary["seconds"] / 60, 2), "loss": [round(summary["loss_start"], 3),
            round(summary["loss_end"], 3)]}  # fmt: skip
     for name, eng in (("before", engine), ("after", tuned)):

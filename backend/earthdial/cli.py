@@ -656,7 +656,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 2
     cfg = finetune.FinetuneConfig(minutes=args.minutes, steps=args.steps or None, batch_size=args.batch_size,
                                   lr=args.lr, rank=args.rank, projector=args.projector, vision=args.vision,
-                                  seed=args.seed,
+                                  look=args.look, seed=args.seed,
                                   threads=args.threads, device=args.device)  # fmt: skip
     finetune.finetune(args.records, model, args.output, cfg,
                       log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))  # fmt: skip
@@ -885,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--projector", action="store_true", help="also train the vision-language projector")
     p.add_argument("--vision", action="store_true", help="also adapt the vision tower (LoRA on its attention/MLP)")
+    p.add_argument("--look", type=float, default=0.0,
+                   help="weight of the demo trainer's look aid (attention on each box's object; demo model only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

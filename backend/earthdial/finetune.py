@@ -30,7 +30,7 @@ from .engine import Engine, attention_for, pick_device
 from .protocol import EarthDialError, ErrorCode
 
 _BOX = re.compile(r"\[\[(\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\]")
-TIMING_STEPS = 3  # steps timed for the estimate (the first, which warms up, is left out of it)
+TIMING_STEPS = 5  # steps timed for the estimate (the first, which warms up, is left out of it)
 
 
 @dataclass
@@ -48,6 +48,8 @@ class FinetuneConfig:
     projector: bool = False  # also train the vision-language projector (in full)
     vision: bool = False  # also adapt the vision tower's attention and MLP (LoRA)
     augment: bool = True  # the eight flips / quarter turns of square chips
+    look: float = 0.0  # weight of the demo trainer's look aid (0: off): the layers below attend to a box's object
+    look_layers: tuple[int, ...] = (2, 3)
     seed: int = 0
     threads: int = 2
     device: str = "auto"
@@ -110,6 +112,36 @@ def turned(example: train.Example, quarter: int, flip: bool) -> train.Example:
     return replace(example, conversation=conv, images=[image])
 
 
+@dataclass(frozen=True)
+class Region:
+    """A box of an answer where the look aid wants a `SceneObject`: its bounds on 0-1."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        return self.x1, self.y1, self.x2, self.y2
+
+
+def with_focus(example: train.Example) -> train.Example:
+    """The example with, per answer turn, the regions of the boxes it writes (for the look aid)."""
+    from shapely.geometry import Polygon
+
+    from .answers import parse_boxes
+    from .georef import box_pixel_corners
+
+    focus = []
+    for turn in example.conversation[1::2]:
+        regions = []
+        for box in parse_boxes(turn["value"]):
+            x1, y1, x2, y2 = Polygon(box_pixel_corners(box, 1.0, 1.0)).bounds
+            regions.append((0, Region(max(x1, 0.0), max(y1, 0.0), min(x2, 1.0), min(y2, 1.0))))
+        focus.append(regions)
+    return replace(example, focus=focus)
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +185,7 @@ class Sampler:
             if self.cfg.augment and square:
                 k = int(self.rng.integers(0, 8))
                 ex = turned(ex, k % 4, k >= 4)
-            out.append(ex)
+            out.append(with_focus(ex) if self.cfg.look > 0 else ex)
         return out
 
 
@@ -177,7 +209,9 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     if (out_dir / "adapter_config.json").exists():
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"{out_dir} already holds an adapter; name a new folder")
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, cfg.threads))
+    # on a shared CPU a second thread can make a step several times slower: the demo trainer's tuner
+    # measures both and keeps the faster
+    tuner = train.ThreadTuner(max(1, cfg.threads) if cfg.device != "cuda" else 1)
     device = pick_device(cfg.device)
     model, tokenizer, info = load_base(model_dir, device)
     base = adapters.base_identity(model, info)
@@ -189,7 +223,10 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     loss_fn = _loss_fn(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    step_cfg = train.TrainConfig(bf16=False, dense_weight=0.0, look_weight=0.0, clip=1.0)
+    step_cfg = train.TrainConfig(bf16=False, dense_weight=0.0, look_weight=cfg.look, look_layers=cfg.look_layers,
+                                 clip=1.0)  # fmt: skip
+    if cfg.look > 0:
+        train.attend_eagerly(model)
     trainable = sum(p.numel() for p in params)
     log(f"{len(records)} records, {trainable:,} trainable parameters "
         f"(LoRA r={cfg.rank}{', projector' if cfg.projector else ''}{', vision tower' if cfg.vision else ''}) "
@@ -208,17 +245,24 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     step = 0
     bar = None
     first = 0.0  # the first step's time
+    durations: list[float] = []
     while step < total:
+        step_started = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total)
         batch = _to(train.collate(sampler.next(), engine), device)
+        threads = tuner.choose()
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
         losses.append(train.train_step(model, batch, loss_fn, opt, step_cfg))
+        tuner.record(threads, time.perf_counter() - t0, batch.input_ids.numel())
+        durations.append(time.perf_counter() - step_started)
         step += 1
         elapsed = time.perf_counter() - started
         if step == 1:
             first = elapsed
         if step == TIMING_STEPS or (step < TIMING_STEPS and step == total):
-            per_step = (elapsed - first) / (step - 1) if step > 1 else elapsed
+            per_step = float(np.median(durations[1:])) if step > 1 else elapsed
             if cfg.steps is None:
                 total = max(step, step + int((budget - elapsed) / per_step))
             log(f"{per_step:.2f} s a step: {total} steps, about {total * per_step / 60:.1f} min")
