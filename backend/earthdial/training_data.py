@@ -312,7 +312,11 @@ def export(path: str, out_dir: str, layers: list[str] | None = None) -> Export:
             if all(not f.review for f in group):
                 result.skipped.append(f"layer {name!r}: not reviewed")
                 continue
-            chip = _read_chip(request, name)
+            try:
+                chip = _read_chip(request, name)
+            except EarthDialError as exc:  # this layer's pixels are gone or unreadable: the others still export
+                result.skipped.append(f"layer {name!r}: {exc.code}: {exc.message}")
+                continue
             records, skipped = records_for_request(request, group, chip, name)
             result.skipped += skipped
             stem = _safe(f"{name}-{n}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import errno
+import json
 import os
 import sqlite3
 import subprocess

@@ -204,3 +204,15 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
     # and a folder that is no adapter is refused with why
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         adapters.apply(model, info, tmp_path / "records")
+
+
+def test_a_layer_whose_raster_is_gone_is_skipped_with_why(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
+    path, _ = raster
+    gpkg = tmp_path / "r.gpkg"
+    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted",
+                                             request(tmp_path / "moved.tif", "refer", "ship"))]), layer="gone")  # fmt: skip
+    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
+                   layer="here")  # fmt: skip
+    result = training_data.export(str(gpkg), str(tmp_path / "out"))
+    assert [r["layer"] for r in result.records] == ["here"]
+    assert any(s.startswith("layer 'gone': file_not_found") for s in result.skipped)
