@@ -65,13 +65,13 @@ def truth_box(obj: synthetic.SceneObject) -> Box:
     return Box(x1, y1, x2, y2, a, obj.cls)
 
 
-def review(reply: dict, scene: synthetic.Scene, task: str) -> dict:
+def review(reply: dict, scene: synthetic.Scene, task: str, cls: str) -> dict:
     """The analyst: the reply's layer, read back, with each box accepted, corrected or rejected and the
     missed objects added (the features' request copied, as the plugin does for a drawn feature)."""
     chip = reply["chip"]
     window = (chip["transform"], chip["width"], chip["height"])
     features = reply["features"]["features"]
-    truth = scene.of_class(NEW) if task == "refer" else list(scene.objects)
+    truth = scene.of_class(cls) if task == "refer" else list(scene.objects)
     boxes = [Box(*f["properties"]["box"], f["properties"]["label"]) for f in features]
     used: set[int] = set()
     for feat, box in zip(features, boxes, strict=True):
@@ -151,25 +151,32 @@ def main() -> int:
 
     # 1-2: the model's layers, reviewed by the analyst in the GeoPackage
     analyst = scenes_with_new_class(ANALYST_SEED, args.analyst_scenes, run / "scenes")
-    headers = []
-    for _, path in analyst:
+    # per scene the analyst asks for the trees, for each other class there (in their own words: singular,
+    # plural, synonyms) and for a grounded description, and reviews every layer
+    asks: list[tuple[int, str, str, dict]] = []  # (scene, task, class, header)
+    for n, (scene, path) in enumerate(analyst):
         src = source_by_reference(path)
-        headers += [{"op": "ask", "task": "refer", "prompt": NEW, "source": src},
-                    {"op": "ask", "task": "grounding", "source": src}]  # fmt: skip
-    replies = ask(engine, headers)
+        asks.append((n, "refer", NEW, {"op": "ask", "task": "refer", "prompt": ("tree", "trees")[n % 2], "source": src}))
+        for j, cls in enumerate(sorted({o.cls for o in scene.objects} - {NEW})):
+            said = train.SYNONYMS[cls][(n + j) % len(train.SYNONYMS[cls])]
+            asks.append((n, "refer", cls, {"op": "ask", "task": "refer", "prompt": said, "source": src}))
+        asks.append((n, "grounding", "", {"op": "ask", "task": "grounding", "source": src}))
+    replies = []
+    for k in range(0, len(asks), 50):
+        replies += ask(engine, [h for *_, h in asks[k : k + 50]])
     counts = {r: 0 for r in training_data.REVIEWS}
-    for n, (scene, _) in enumerate(analyst):
-        for task, reply in zip(("refer", "grounding"), replies[2 * n : 2 * n + 2], strict=True):
-            layer = f"{task}_{n:03d}"
-            write_features(str(gpkg), reply["features"], layer=layer)
-            opened = read_back(gpkg, layer)
-            for feat, orig in zip(opened["features"], reply["features"]["features"], strict=True):
-                feat["properties"]["box"] = orig["properties"]["box"]  # the model's box, to compare with truth
-            reply = dict(reply, features=opened)
-            edited = review(reply, scene, task)
-            for f in edited["features"]:
-                counts[f["properties"]["review"]] += 1
-            write_features(str(gpkg), edited, layer=layer, overwrite=True)  # the analyst saves the edits
+    for k, ((n, task, cls, _), reply) in enumerate(zip(asks, replies, strict=True)):
+        scene = analyst[n][0]
+        layer = f"{task}_{k:03d}"
+        write_features(str(gpkg), reply["features"], layer=layer)
+        opened = read_back(gpkg, layer)
+        for feat, orig in zip(opened["features"], reply["features"]["features"], strict=True):
+            feat["properties"]["box"] = orig["properties"]["box"]  # the model's box, to compare with truth
+        reply = dict(reply, features=opened)
+        edited = review(reply, scene, task, cls)
+        for f in edited["features"]:
+            counts[f["properties"]["review"]] += 1
+        write_features(str(gpkg), edited, layer=layer, overwrite=True)  # the analyst saves the edits
     print("analyst review:", ", ".join(f"{v} {k}" for k, v in counts.items()))
 
     # 3: export and fine-tune
@@ -184,7 +191,7 @@ def main() -> int:
     held = scenes_with_new_class(HELD_OUT_SEED, args.held_out, run / "scenes")
     tuned = Engine(base, device="cpu", adapter=str(run / "adapter"))
     out = {"config": {k: v for k, v in vars(args).items() if k != "work"}, "records": len(exported.records), "reviews": counts, "steps": summary["steps"],
-           "minutes": round(summary["seconds"] / 60, 2), "loss": [round(summary["loss_start"], 3),
+           "minutes": round(summary["seconds"] / 60, 2), "cpu_minutes": round(summary["cpu_seconds"] / 60, 2), "loss": [round(summary["loss_start"], 3),
            round(summary["loss_end"], 3)]}  # fmt: skip
     for name, eng in (("before", engine), ("after", tuned)):
         share, mean = refer_share(eng, held)

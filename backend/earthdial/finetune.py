@@ -239,6 +239,7 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
         return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     losses: list[float] = []
+    cpu_started = time.process_time()  # this process's CPU time, all threads
     started = time.perf_counter()
     budget = cfg.minutes * 60.0
     total = cfg.steps or 10**9
@@ -284,18 +285,21 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
         bar.close()
     model.eval()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     head = float(np.mean(losses[: max(1, min(5, len(losses) // 4 or 1))]))
     tail = float(np.mean(losses[-max(1, min(5, len(losses) // 4 or 1)) :]))
     meta = {
         "base": base,
         "records": len(records),
         "records_dir": str(Path(records_dir).resolve()),
-        "training": {**asdict(cfg), "steps": step, "seconds": round(seconds, 1), "loss_start": round(head, 4),
+        "training": {**asdict(cfg), "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                     "loss_start": round(head, 4),
                      "loss_end": round(tail, 4)},  # fmt: skip
     }
     adapters.save(peft_model, out_dir, meta)
-    log(f"{step} steps in {seconds / 60:.1f} min, loss {head:.3f} -> {tail:.3f}; wrote {out_dir}")
-    return {"steps": step, "seconds": seconds, "loss_start": head, "loss_end": tail, "losses": losses,
+    log(f"{step} steps in {seconds / 60:.1f} min ({cpu_seconds / 60:.1f} CPU min), loss {head:.3f} -> {tail:.3f}; "
+        f"wrote {out_dir}")
+    return {"steps": step, "seconds": seconds, "cpu_seconds": cpu_seconds, "loss_start": head, "loss_end": tail, "losses": losses,
             "engine": engine, "model": model}  # fmt: skip
 
 
