@@ -87,7 +87,8 @@ def polygon_to_box(ring: Iterable[tuple[float, float]], transform: Any, width: f
     rect = list(poly.minimum_rotated_rectangle.exterior.coords)[:4]
     (x0, y0), (x1, y1), (x2, y2) = rect[0], rect[1], rect[2]
     w, h = math.hypot(x1 - x0, y1 - y0), math.hypot(x2 - x1, y2 - y1)
-    angle = math.degrees(math.atan2(y1 - y0, x1 - x0)) % 180.0  # of the side rect[0] -> rect[1]
+    # the angle of the side rect[0] -> rect[1], in georef's sense of a positive turn on screen
+    angle = math.degrees(math.atan2(_TURN * (y1 - y0), x1 - x0)) % 180.0
     if angle >= 90.0:
         angle, w, h = angle - 90.0, h, w
     angle = float(round(angle))
@@ -101,6 +102,18 @@ def polygon_to_box(ring: Iterable[tuple[float, float]], transform: Any, width: f
 
     return Box(scale((cx - w / 2) * sx), scale((cy - h / 2) * sy), scale((cx + w / 2) * sx),
                scale((cy + h / 2) * sy), angle, label)  # fmt: skip
+
+
+def _turn_sense() -> float:
+    """+1 when georef turns a positive angle clockwise on screen (y down), -1 when counter-clockwise: read
+    off georef itself, so that this inverse follows its convention."""
+    from .georef import box_pixel_corners
+
+    (x0, y0), (x1, y1) = box_pixel_corners(Box(40, 40, 60, 60, 30, ""), 100.0, 100.0)[:2]
+    return 1.0 if y1 > y0 else -1.0
+
+
+_TURN = _turn_sense()
 
 
 def box_text(boxes: list[Box]) -> str:

@@ -27,7 +27,7 @@ KEYS = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, setting
 
 
 def test_the_adapter_is_a_serve_argument() -> None:
-    assert serve_arguments("", "tcp://127.0.0.1:1", "cpu", "", "/a/lora") == [
+    assert serve_arguments("", "tcp://127.0.0.1:1", "cpu", "", adapter="/a/lora") == [
         "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "cpu", "--adapter", "/a/lora",
     ]  # fmt: skip
 
