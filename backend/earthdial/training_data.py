@@ -45,9 +45,11 @@ EXPORTED_TASKS = ("refer", "grounding")  # tasks whose answers are boxes of name
 
 
 def absent_answer(label: str) -> str:
-    """The answer for a class that is not in the image: the demo model's training phrasing (`train`'s
-    absent-class records use the same sentence)."""
-    return f"There is no {label}."
+    """The answer for a class that is not in the image: the one sentence the demo model is trained to say
+    (`train.absent_answer`), so that corrections and the demo's own training agree."""
+    from .train import absent_answer as trained  # imported here: train pulls in torch
+
+    return trained(label)
 
 
 @dataclass
