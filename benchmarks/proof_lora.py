@@ -88,7 +88,7 @@ def review(reply: dict, scene: synthetic.Scene, task: str, cls: str) -> dict:
             ring = box_to_polygon(truth_box(best), *window)
             feat["geometry"] = {"type": "Polygon", "coordinates": [[list(p) for p in ring]]}
             props["review"] = training_data.CORRECTED
-    request = features[0]["properties"]["request"] if features else ""
+    request = features[0]["properties"]["request"] if features else reply["request"]  # "There is no tree."
     for obj in truth:
         if id(obj) in used:
             continue

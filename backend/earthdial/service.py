@@ -467,6 +467,7 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
     }
     reply: dict[str, Any] = {
         "answer": answer,
+        "request": props["request"],  # also with no boxes: a missed object drawn by hand needs it
         "features": features_for(answer, chip, props),
         "chip": chip_description(chip),
         "chips": [chip_description(c) for c in job.chips],
