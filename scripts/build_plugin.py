@@ -11,6 +11,7 @@ reproducible. Standard library only.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qgis_plugin" / "earthdial_qgis"
 METADATA = ROOT / "metadata.txt"
+PYPROJECT = ROOT / "pyproject.toml"
 SUFFIXES = {".py", ".svg", ".png"}
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
 
@@ -40,9 +42,27 @@ def _add(zf: zipfile.ZipFile, arcname: str, path: Path) -> None:
     zf.writestr(info, path.read_bytes())  # read_bytes follows symlinks
 
 
+def _field(path: Path, pattern: str) -> str | None:
+    match = re.search(pattern, path.read_text(encoding="utf-8"), re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def versions() -> tuple[str | None, str | None]:
+    """(pyproject.toml's version, metadata.txt's version): the package and the plugin are released together."""
+    return (
+        _field(PYPROJECT, r'^version\s*=\s*"([^"]+)"'),
+        _field(METADATA, r"^version\s*=\s*(\S+)"),
+    )
+
+
 def build(output: Path) -> Path:
     if not METADATA.is_file():
         raise SystemExit(f"missing {METADATA}")
+    package_version, plugin_version = versions()
+    if package_version is None or package_version != plugin_version:
+        raise SystemExit(
+            f"version mismatch: pyproject.toml says {package_version}, metadata.txt says {plugin_version}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(output, "w") as zf:
         for path in package_files():

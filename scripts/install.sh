@@ -18,10 +18,12 @@ fi
 
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$py" -m venv .venv; fi
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch first, pinned to pyproject.toml's version: an unpinned torch would pull a multi-GB CUDA build.
+# (README.md: the CUDA build through TORCH_SPEC and PIP_INDEX_URL; tests/backend/test_packaging.py checks
+# that this default and pyproject.toml name the same release.)
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 if [ "$with_test" = 1 ]; then
-  .venv/bin/pip install -q -e ".[test,finetune]"
+  .venv/bin/pip install -q -e ".[test,quantize,finetune]"  # quantize: torchao, so the --quantize tests run
 else
   .venv/bin/pip install -q -e .
 fi

@@ -74,6 +74,8 @@ class ErrorCode:
     FOREIGN_OUTPUT = "foreign_output"  # the file or layer there is not an EarthDial result: never replaced
     DISK_FULL = "disk_full"
     READ_ONLY = "read_only"  # the folder or file cannot be written (read-only file system, no permission)
+    # a Python package a feature needs is not installed (torchao for --quantize; pyzmq in QGIS's Python)
+    MISSING_DEPENDENCY = "missing_dependency"
 
 
 class EarthDialError(Exception):

@@ -40,11 +40,27 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
+def _require_torchao() -> None:
+    """torchao is an extra (`[quantize]`): say how to get it instead of failing on an import deep inside."""
+    from .protocol import EarthDialError, ErrorCode
+
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise EarthDialError(
+            ErrorCode.MISSING_DEPENDENCY,
+            "--quantize needs torchao, which is not installed: pip install 'earthdial-qgis[quantize]' "
+            "(or pip install 'torchao>=0.12' into the backend's environment)",
+        ) from None
+
+
 def quantize(model: Any, mode: str) -> dict[str, Any]:
     """Quantise the language model (and its lm_head) of an InternVLForConditionalGeneration in place.
     Returns a report: mode, bytes before/after, layers quantised and kept."""
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
+    if mode != "none":
+        _require_torchao()
     before = weight_bytes(model)
     targets = [model.model.language_model, model.lm_head]
     kept = 0

@@ -40,7 +40,8 @@ def test_build_plugin_zip(tmp_path) -> None:
         assert all(n.startswith("earthdial_qgis/") and "__pycache__" not in n for n in names)
         metadata = zf.read("earthdial_qgis/metadata.txt").decode()
         assert "name=EarthDial" in metadata and "qgisMinimumVersion=3.22" in metadata
-        assert "version=0.2.0" in metadata and "experimental=True" in metadata
+        assert "version=0.3.0" in metadata and "experimental=True" in metadata
+        assert 'version = "0.3.0"' in (ROOT / "pyproject.toml").read_text()  # one version for both
         # protocol.py is a symlink in the repository and the backend's real module in the zip
         assert (PLUGIN / "protocol.py").is_symlink()
         info = zf.getinfo("earthdial_qgis/protocol.py")
