@@ -2,10 +2,11 @@
 """Build the installable QGIS plugin zip: dist/earthdial_qgis.zip holding earthdial_qgis/.
 
 The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ and its subpackages (not a local
-vendor/ folder of installed dependencies) plus the top-level metadata.txt.
-Symlinks are stored as the files they point to: protocol.py is a link to the backend's protocol module
-in the repository, but a real file in the plugin. Entries get a fixed date so that builds are
-reproducible. Standard library only.
+vendor/ folder of installed dependencies) plus the top-level metadata.txt, and the contract shared with
+the backend: wire.py, client.py and protocol.py are written once, in backend/earthdial/, and copied into
+the plugin from there (the repository holds no copy and no symlink; `--sync` copies them into
+qgis_plugin/earthdial_qgis/ for running the plugin from a checkout, as its tests do). Entries get a fixed
+date so that builds are reproducible. Standard library only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qgis_plugin" / "earthdial_qgis"
 METADATA = ROOT / "metadata.txt"
 PYPROJECT = ROOT / "pyproject.toml"
+BACKEND = ROOT / "backend" / "earthdial"
+SHARED = ("wire.py", "client.py", "protocol.py")  # the backend's modules the plugin runs as they are
 SUFFIXES = {".py", ".svg", ".png"}
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
 
@@ -31,8 +34,24 @@ def package_files() -> list[Path]:
     return sorted(
         p
         for p in PACKAGE.rglob("*")
-        if p.suffix in SUFFIXES and not EXCLUDED & set(p.relative_to(PACKAGE).parts) and p.is_file()
+        if p.suffix in SUFFIXES
+        and not EXCLUDED & set(p.relative_to(PACKAGE).parts)
+        and p.is_file()
+        and p.relative_to(PACKAGE).as_posix() not in SHARED  # taken from the backend, not a stale copy
     )
+
+
+def sync_shared(package: Path = PACKAGE) -> list[Path]:
+    """Copy the shared modules from the backend into the plugin folder where they differ; the copied paths."""
+    copied = []
+    for name in SHARED:
+        source, target = BACKEND / name, package / name
+        data = source.read_bytes()
+        if target.is_symlink() or not target.is_file() or target.read_bytes() != data:
+            target.unlink(missing_ok=True)
+            target.write_bytes(data)
+            copied.append(target)
+    return copied
 
 
 def _add(zf: zipfile.ZipFile, arcname: str, path: Path) -> None:
@@ -67,6 +86,8 @@ def build(output: Path) -> Path:
     with zipfile.ZipFile(output, "w") as zf:
         for path in package_files():
             _add(zf, f"{PACKAGE.name}/{path.relative_to(PACKAGE).as_posix()}", path)
+        for name in SHARED:
+            _add(zf, f"{PACKAGE.name}/{name}", BACKEND / name)
         _add(zf, f"{PACKAGE.name}/metadata.txt", METADATA)
     return output
 
@@ -74,7 +95,14 @@ def build(output: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "dist" / "earthdial_qgis.zip")
+    parser.add_argument(
+        "--sync", action="store_true", help="only copy the shared modules into qgis_plugin/earthdial_qgis/"
+    )
     args = parser.parse_args(argv)
+    if args.sync:
+        for path in sync_shared():
+            print(path)
+        return 0
     print(build(args.output.resolve()))
     return 0
 

@@ -116,6 +116,9 @@ def in_qgis() -> None:
         return os.environ[ENV_PREFIX + name]
 
     out, work = Path(env("OUT")), Path(env("WORK"))
+    from build_plugin import sync_shared  # scripts/ is this script's folder, first on sys.path
+
+    sync_shared()  # the contract modules the build copies from the backend
     sys.path.insert(0, str(ROOT / "qgis_plugin"))
     import earthdial_qgis
     from earthdial_qgis import settings

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import access, answers, georef, imagery, limits, presets, prompts, sensors
 from .prompts import TASKS
-from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode
+from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
 from .tokens import VARIANTS, earthdial_tokens
 
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
@@ -556,6 +556,11 @@ def status(engine: Any, queued: int = 0, running: int = 0) -> dict[str, Any]:
             }
             for t in TASKS.values()
         ],
+        "presets": [
+            {"name": p.name, "bands": list(p.bands) if p.bands else None, "description": p.description}
+            for p in presets.PRESETS.values()
+        ],
+        "error_codes": error_codes(),
         "sensors": [
             {
                 "tag": s.tag,

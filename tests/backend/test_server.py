@@ -55,6 +55,23 @@ def test_status_reports_model_tasks_and_protocol(client: Client) -> None:
     assert status["queue"] == 0
 
 
+def test_status_carries_the_contract_the_plugin_uses(client: Client) -> None:
+    """Tasks, band presets and error codes come from the backend's own tables, all of them (issue 18)."""
+    from earthdial import presets, prompts
+    from earthdial.protocol import ErrorCode
+
+    status = client.status()
+    assert [t["name"] for t in status["tasks"]] == list(prompts.TASKS)
+    assert status["presets"] == [
+        {"name": p.name, "bands": list(p.bands) if p.bands else None, "description": p.description}
+        for p in presets.PRESETS.values()
+    ]
+    assert status["presets"][1]["description"].startswith("16-bit or float RGB, 2-98 percentile")
+    codes = {v for k, v in vars(ErrorCode).items() if k.isupper()}
+    assert set(status["error_codes"]) == codes and len(status["error_codes"]) == len(codes)
+    assert {"cancelled", "no_overlap", "missing_dependency", "timeout"} <= codes
+
+
 def test_georef_of_a_known_answer_by_reference(client: Client, utm_tif: Path) -> None:
     # window: 1000 m wide x 500 m high in the middle of the raster
     bounds = (ORIGIN_X + 200, ORIGIN_Y - 700, ORIGIN_X + 1200, ORIGIN_Y - 200)

@@ -207,6 +207,16 @@ def _recv(sock: zmq.Socket, timeout_ms: int = 10_000) -> dict:
     return decode(sock.recv_multipart()).header
 
 
+def _until(predicate, timeout_s: float = 10.0) -> bool:
+    """Wait for a state (polled), never for a fixed time; True once it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _dealer(endpoint: str) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -287,15 +297,16 @@ def test_queued_work_of_a_client_that_went_away_is_dropped(gated) -> None:
         for i in range(10):
             _send(sock, f"g{i}")
         assert started.wait(5)
-        assert probe.status()["queue"] == 9
+        # the nine others reach the queue in their own time: wait for them, not for a fixed while
+        assert _until(lambda: probe.status()["queue"] == 9), probe.status()["queue"]
         sock.close()  # the client process is gone; its socket closes with it
-        deadline = time.monotonic() + 5
-        while probe.status()["queue"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert probe.status()["queue"] == 0
+        assert _until(lambda: probe.status()["queue"] == 0), probe.status()["queue"]
         gate.set()
-        time.sleep(0.2)
-        assert [rid for rid, _ in flags] == ["g0"] and flags[0][1] is True  # the running one was flagged
+        assert _until(lambda: bool(flags))
+        # nothing of that client is left to run: a request sent now is the next and only one to start
+        probe.georef(BY_VALUE, ANSWER, pixels=PIXELS)
+        assert [rid for rid, _ in flags[:1]] == ["g0"] and flags[0][1] is True  # the running one was flagged
+        assert len(flags) == 2 and flags[1][1] is False  # g1..g9 never ran; the probe's request did
 
 
 def test_is_cancelled_is_false_outside_the_server() -> None:
@@ -326,10 +337,10 @@ def test_an_oversized_frame_drops_the_connection_and_the_server_goes_on() -> Non
 
 
 def test_total_array_bytes_are_limited(monkeypatch) -> None:
-    from earthdial import protocol
+    from earthdial import wire
 
-    monkeypatch.setattr(protocol, "MAX_TOTAL_BYTES", 1000)
+    monkeypatch.setattr(wire, "MAX_TOTAL_BYTES", 1000)
     frames = encode({"id": "t", "op": "georef"}, [np.zeros(600, np.uint8), np.zeros(600, np.uint8)])
     with pytest.raises(EarthDialError) as err:
-        protocol.decode(frames)
+        wire.decode(frames)
     assert err.value.code == "bad_array"

@@ -16,6 +16,11 @@ from qgis.core import QgsRectangle
 from qgis.PyQt.QtCore import QCoreApplication, QEvent, QPoint, Qt
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_plugin  # noqa: E402
+
+sys.path.pop(0)
+build_plugin.sync_shared()  # the contract modules, copied from the backend as the build copies them
 if str(ROOT / "qgis_plugin") not in sys.path:
     sys.path.insert(0, str(ROOT / "qgis_plugin"))  # the plugin package, as QGIS would find it
 

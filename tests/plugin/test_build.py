@@ -12,6 +12,19 @@ from plugin_testing import ROOT
 PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
 
 
+def test_the_repository_holds_no_symlink_and_no_copy_of_the_contract() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "-s", "--", "qgis_plugin", "backend"], cwd=ROOT, capture_output=True, text=True,
+        check=True, timeout=30,
+    ).stdout.splitlines()  # fmt: skip
+    assert tracked
+    assert not [row for row in tracked if row.startswith("120000")]  # a Windows clone gets no link to fix
+    paths = {row.split("\t", 1)[1] for row in tracked}
+    for name in ("wire.py", "client.py", "protocol.py"):
+        assert f"backend/earthdial/{name}" in paths
+        assert f"qgis_plugin/earthdial_qgis/{name}" not in paths
+
+
 def test_build_plugin_zip(tmp_path) -> None:
     out = tmp_path / "earthdial_qgis.zip"
     # QGIS's Python runs it here, but the script needs only the standard library
@@ -42,11 +55,13 @@ def test_build_plugin_zip(tmp_path) -> None:
         assert "name=EarthDial" in metadata and "qgisMinimumVersion=3.22" in metadata
         assert "version=0.3.0" in metadata and "experimental=True" in metadata
         assert 'version = "0.3.0"' in (ROOT / "pyproject.toml").read_text()  # one version for both
-        # protocol.py is a symlink in the repository and the backend's real module in the zip
-        assert (PLUGIN / "protocol.py").is_symlink()
-        info = zf.getinfo("earthdial_qgis/protocol.py")
-        assert not stat.S_ISLNK(info.external_attr >> 16)
-        assert zf.read(info) == (ROOT / "backend" / "earthdial" / "protocol.py").read_bytes()
+        # the shared contract: the backend's modules, byte for byte, as regular files
+        for name in ("wire.py", "client.py", "protocol.py"):
+            info = zf.getinfo(f"earthdial_qgis/{name}")
+            assert not stat.S_ISLNK(info.external_attr >> 16)
+            assert zf.read(info) == (ROOT / "backend" / "earthdial" / name).read_bytes(), name
+            # and the copy the tests (and a checkout) run is the same
+            assert (PLUGIN / name).read_bytes() == (ROOT / "backend" / "earthdial" / name).read_bytes(), name
         zf.extractall(tmp_path / "plugins")
 
     # The unpacked plugin imports on its own, as QGIS would load it from its plugins folder.

@@ -1,1 +1,0 @@
-../../backend/earthdial/protocol.py
