@@ -5,6 +5,7 @@ widget only reacts to their results, on the main thread."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any
@@ -22,12 +23,11 @@ from qgis.PyQt import sip
 from . import area as areas
 from . import geopackage, history, log, settings
 from .backend_process import RUNNING, STARTING, STOPPED, LocalBackend
-from .dock_ui import FALLBACK_TASKS, GEOREF, DockLayout
-from .errors import BAD_ENDPOINT, BAD_INPUT, CANCELLED, NO_CRS, NO_LAYER, plain_message
+from .dock_ui import GEOREF, DockLayout
+from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
 from .layers import add_result_layer, is_in_memory, unique_layer_name
 from .maptools import RectangleMapTool, RegionMapTool
-from .presets import AUTO, bands_for
-from .presets import names as preset_names
+from .presets import AUTO, bands_for, presets
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
@@ -39,6 +39,7 @@ from .watch import StatusWatcher
 
 SETTING_ENDPOINT = settings.ENDPOINT
 SETTING_TIMEOUT = settings.TIMEOUT
+SETTING_LAST_TASKS = "EarthDial/last_tasks"  # the tasks the last backend's status listed (JSON)
 DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
 PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
@@ -93,7 +94,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.status_watcher.answered.connect(self._watched)
         self._build_ui()
         self.scan = DockScan(self)  # the tiled scan: its controls and logic live in scan_task.py
-        self._fill_tasks(FALLBACK_TASKS)
+        self._fill_tasks(_last_tasks())  # the last backend's, until this one answers
         self._follow_active_layer()
         self.local_backend.stateChanged.connect(self._backend_state_changed)
         QgsProject.instance().readProject.connect(self._project_read)
@@ -288,8 +289,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         tasks = reply.get("tasks")
         if isinstance(tasks, list) and tasks:
             self._fill_tasks(tasks)
-        if reply.get("presets"):  # newer backends list their band presets
-            self._fill_presets(preset_names(reply))
+            QgsSettings().setValue(SETTING_LAST_TASKS, json.dumps(tasks))
+        self._fill_presets(presets(reply))
         self.schedule_plan()
 
     def _watched(self, endpoint: str, reply: Any, error: str) -> None:
@@ -309,13 +310,17 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if was_up:
             self.schedule_plan()
 
-    def _fill_presets(self, names: list[str]) -> None:
+    def _fill_presets(self, listed: list[dict[str, Any]]) -> None:
         current = self.preset_combo.currentData()
         self.preset_combo.blockSignals(True)
         while self.preset_combo.count() > 1:  # keep "auto"
             self.preset_combo.removeItem(1)
-        for name in names:
-            self.preset_combo.addItem(name, name)
+        for preset in listed:
+            self.preset_combo.addItem(preset["name"], preset["name"])
+            self.preset_combo.setItemData(
+                self.preset_combo.count() - 1, str(preset.get("description") or ""),
+                QtCore.Qt.ItemDataRole.ToolTipRole,
+            )  # fmt: skip
         index = self.preset_combo.findData(current)
         self.preset_combo.setCurrentIndex(max(index, 0))
         self.preset_combo.blockSignals(False)
@@ -499,7 +504,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         preset = str(self.preset_combo.currentData() or AUTO)
         if preset != AUTO:
             options["preset"] = preset
-            bands = bands or bands_for(preset)
+            bands = bands or bands_for(preset, self.status_reply)
         if self.gsd_spin.value() > 0:
             options["gsd"] = float(self.gsd_spin.value())
         return bands, options
@@ -697,7 +702,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.answer_view.setPlainText(text)
         self.result_label.setText("")
         self.tabs.setCurrentIndex(0)
-        cancelled = error.code == CANCELLED
+        cancelled = error.code == ErrorCode.CANCELLED
         if cancelled:
             self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
             log.info(text)
@@ -753,6 +758,15 @@ def _check_crs(layer: QgsRasterLayer, owner: Any) -> None:
                 "Set one in Layer Properties → Source, then ask again."
             ).format(layer=layer.name()),
         )
+
+
+def _last_tasks() -> list[dict[str, Any]]:
+    """The tasks the last backend answered with (the plugin keeps no list of its own); [] before any."""
+    try:
+        tasks = json.loads(str(QgsSettings().value(SETTING_LAST_TASKS, "[]") or "[]"))
+    except ValueError:
+        return []
+    return [t for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
 
 
 def _basename(path: str) -> str:

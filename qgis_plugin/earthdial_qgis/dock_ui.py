@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from qgis.core import QgsSettings
 
 from . import area as areas
 from . import settings
-from .presets import AUTO, PRESETS
+from .presets import AUTO
 from .qt import QtCore, QtWidgets
 from .widgets import LaterLayers, PreviewLabel, raster_combo
 
 GEOREF = "georef"  # data of the task entry that imports an answer instead of asking the model
-
-# The backend's tasks, for when it cannot be asked (names must match backend/earthdial/prompts.py).
-FALLBACK_TASKS: list[dict[str, Any]] = [
-    {"name": "chat", "description": "Free question about the image", "needs_prompt": True, "grounded": False},
-    {"name": "caption", "description": "Caption the image", "needs_prompt": False, "grounded": False},
-    {"name": "vqa", "description": "Short answer to a question", "needs_prompt": True, "grounded": False},
-    {
-        "name": "classify",
-        "description": "Scene class from a list (prompt: comma-separated classes)",
-        "needs_prompt": True,
-        "grounded": False,
-    },
-    {
-        "name": "grounding",
-        "description": "Describe the image with object boxes",
-        "needs_prompt": False,
-        "grounded": True,
-    },
-    {
-        "name": "refer",
-        "description": "Find objects (prompt: what to find, e.g. 'ships')",
-        "needs_prompt": True,
-        "grounded": True,
-    },
-    {
-        "name": "identify",
-        "description": "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
-        "needs_prompt": True,
-        "grounded": False,
-    },
-    {"name": "change", "description": "Is there a semantic change between two images?", "needs_prompt": False,
-     "grounded": False, "images": 2},
-    {"name": "disaster", "description": "Type of disaster between two images (prompt: options)",
-     "needs_prompt": False, "grounded": False, "images": 2},
-    {"name": "damage", "description": "Damage level of the building at a box (prompt: [[x1, y1, x2, y2, angle]])",
-     "needs_prompt": True, "grounded": False, "images": 2},
-    {"name": "post_disaster_refer", "description": "Find objects in the later image of a pair (prompt: e.g. 'buildings')",
-     "needs_prompt": True, "grounded": True, "images": 2},
-]  # fmt: skip
 
 
 class DockLayout:
@@ -197,12 +156,7 @@ class DockLayout:
 
         self.preset_combo = QtWidgets.QComboBox()
         narrow_combo(self.preset_combo, 6)
-        self.preset_combo.addItem(self.tr("auto"), AUTO)
-        for name, description in PRESETS.items():
-            self.preset_combo.addItem(name, name)
-            self.preset_combo.setItemData(
-                self.preset_combo.count() - 1, description, QtCore.Qt.ItemDataRole.ToolTipRole
-            )
+        self.preset_combo.addItem(self.tr("auto"), AUTO)  # the backend's presets follow once it answers
         self.preset_combo.setToolTip(self.tr("How bands become the model's input; auto: the backend decides"))
         self.bands_edit = QtWidgets.QLineEdit()
         self.bands_edit.setPlaceholderText(self.tr("displayed bands"))

@@ -28,7 +28,6 @@ from qgis.core import (
     QgsSingleBandGrayRenderer,
 )
 
-from .errors import CANCELLED
 from .protocol import ALLOWED_DTYPES, EarthDialError, ErrorCode, source_by_reference, source_by_value
 
 MAX_VALUE_SIZE = 1024  # long side, in pixels, of an array sent by value
@@ -192,7 +191,7 @@ def read_pixels(
     planes: list[np.ndarray] = []
     for band in bands:
         if cancelled is not None and cancelled():
-            raise EarthDialError(CANCELLED, "request cancelled by the user")
+            raise EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
         block = provider.block(band, grid.rectangle, grid.cols, grid.rows)
         if block is None or not block.isValid() or block.isEmpty():
             raise EarthDialError(ErrorCode.NOT_A_RASTER, f"band {band} could not be read from the layer")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from qgis.core import QgsTask
 
-from .errors import BACKEND_SLOW, BAD_ENDPOINT, CANCELLED, FORBIDDEN_PATH, MISSING_DEPENDENCY, UNREACHABLE
+from .errors import BACKEND_SLOW, BAD_ENDPOINT, UNREACHABLE, UNREADABLE_FILE
 from .protocol import Client, EarthDialError, ErrorCode
 from .sources import SourcePlan, planning_source
 
@@ -24,7 +24,6 @@ UNPINGED_OPS = ("status", "ping", "plan")  # short requests with short timeouts 
 # Replies meaning "the backend cannot read this file": it runs on another machine or in a container, or
 # may not read that directory. QGIS can, so the pixels are sent instead.
 # (and since issue 15: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
-UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH, ErrorCode.NOT_A_RASTER, ErrorCode.TOO_LARGE}
 
 
 def resolve_sources(
@@ -143,7 +142,7 @@ class RequestTask(QgsTask):
             self.error = self._explain_timeout(exc) if exc.code == ErrorCode.TIMEOUT else exc
         except ImportError as exc:  # pyzmq is missing from QGIS's Python
             self.error = EarthDialError(
-                MISSING_DEPENDENCY, f"QGIS's Python lacks a module EarthDial needs: {exc}"
+                ErrorCode.MISSING_DEPENDENCY, f"QGIS's Python lacks a module EarthDial needs: {exc}"
             )
         except Exception as exc:  # anything else must not escape into QGIS's task manager
             self.error = _other_error(exc, self.endpoint)
@@ -179,7 +178,7 @@ class RequestTask(QgsTask):
             plan.release()
         self.plans = []
         if not result and self.error is None:  # cancelled before it started
-            self.error = EarthDialError(CANCELLED, "request cancelled by the user")
+            self.error = EarthDialError(ErrorCode.CANCELLED, "request cancelled by the user")
         self._on_done(self)
 
     def _explain_timeout(self, exc: EarthDialError) -> EarthDialError:

@@ -167,6 +167,8 @@ def make_dock(qgis_iface: Any, backend: Backend) -> Iterator[Callable[[], Any]]:
         dock = EarthDialDock(qgis_iface)
         dock.timeout_spin.setValue(60)
         docks.append(dock)
+        # as a user sees it: the task and preset lists are the backend's, once its status has come
+        wait_until(lambda: dock.status_reply is not None or bool(dock.status_error), 30)
         return dock
 
     yield make

@@ -169,21 +169,24 @@ def test_local_input_errors_and_cancel(make_dock, raster_layer, show_view) -> No
     assert dock.answer_view.toPlainText() == "Request cancelled."
 
 
-def test_task_list_from_server_or_fallback(qgis_iface, qgis_new_project, backend) -> None:
+def test_task_and_preset_lists_come_from_the_server(qgis_iface, qgis_new_project, backend) -> None:
+    """The plugin keeps no list of the backend's: before any backend answered it offers only the import;
+    then exactly the server's tasks and presets (kept for the next start, as the server said them)."""
     from qgis.core import QgsSettings
 
-    from earthdial_qgis.dock import FALLBACK_TASKS, SETTING_ENDPOINT, EarthDialDock
+    from earthdial_qgis.dock import SETTING_ENDPOINT, SETTING_LAST_TASKS, EarthDialDock
 
-    def shown(dock: Any) -> list[str]:
-        return [dock.task_combo.itemData(i) for i in range(dock.task_combo.count())]
+    def shown(combo: Any) -> list[str]:
+        return [combo.itemData(i) for i in range(combo.count())]
 
     dead = f"tcp://127.0.0.1:{free_port()}"
     QgsSettings().setValue(SETTING_ENDPOINT, dead)
+    QgsSettings().remove(SETTING_LAST_TASKS)
     dock = EarthDialDock(qgis_iface)
     try:
         assert dock.endpoint == dead  # the stored endpoint
         wait_until(lambda: "not reachable" in dock.status_label.text(), 15)
-        assert shown(dock) == [t["name"] for t in FALLBACK_TASKS] + [GEOREF]
+        assert shown(dock.task_combo) == [GEOREF] and shown(dock.preset_combo) == ["auto"]
         assert dock.task_combo.itemText(dock.task_combo.count() - 1) == "Import answer (georef)"
 
         dock.endpoint_edit.setText(backend.endpoint)
@@ -191,11 +194,23 @@ def test_task_list_from_server_or_fallback(qgis_iface, qgis_new_project, backend
         assert QgsSettings().value(SETTING_ENDPOINT) == backend.endpoint
         wait_until(lambda: dock.status_label.text().startswith("Connected"), 15)
         with Client(backend.endpoint, timeout_s=10) as client:
-            server_tasks = client.status()["tasks"]
-        assert shown(dock) == [t["name"] for t in server_tasks] + [GEOREF]
+            status = client.status()
+        assert len(status["tasks"]) >= 14 and len(status["presets"]) >= 10
+        assert shown(dock.task_combo) == [t["name"] for t in status["tasks"]] + [GEOREF]
+        assert shown(dock.preset_combo) == ["auto"] + [p["name"] for p in status["presets"]]
+        tips = [dock.preset_combo.itemData(i, 3) for i in range(1, dock.preset_combo.count())]  # ToolTipRole
+        assert tips == [p["description"] for p in status["presets"]]
+        dock.preset_combo.setCurrentIndex(shown(dock.preset_combo).index("s2_rgb"))
+        assert dock._bands() == ([4, 3, 2], {"preset": "s2_rgb"})  # the server's bands for its preset
     finally:
         dock.shutdown()
         dock.deleteLater()
+    again = EarthDialDock(qgis_iface)  # a new panel shows the last server's tasks before it connects
+    try:
+        assert shown(again.task_combo)[:-1] == [t["name"] for t in status["tasks"]]
+    finally:
+        again.shutdown()
+        again.deleteLater()
 
 
 def test_area_is_carried_into_the_layer_crs(raster_layer) -> None:

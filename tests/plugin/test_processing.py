@@ -97,7 +97,7 @@ def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_
         {
             "INPUT": str(geotiff[0]),
             "INPUT_2": str(after),
-            "TASK": 0,  # change
+            "TASK": "change",
             "BANDS": [3, 2, 1],
             "EXTENT": "500100,500600,3999200,3999700 [EPSG:32633]",
             "ENDPOINT": backend.endpoint,

@@ -12,24 +12,10 @@ from .common import (
     INPUT,
     OUTPUT,
     PROMPT,
-    TASK,
     EarthDialAlgorithm,
     LayerReader,
     ask_once,
     fail,
-)
-
-SINGLE_IMAGE_TASKS = (
-    "chat",
-    "caption",
-    "vqa",
-    "classify",
-    "grounding",
-    "refer",
-    "identify",
-    "tree_species",
-    "methane",
-    "uhi",
 )
 
 
@@ -48,7 +34,7 @@ class AskAlgorithm(EarthDialAlgorithm):
 
     def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Raster layer")))
-        self.add_task(SINGLE_IMAGE_TASKS, "refer")
+        self.add_task(1, "refer")
         self.add_common()
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
@@ -59,12 +45,12 @@ class AskAlgorithm(EarthDialAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:
         endpoint = self.endpoint(parameters, context)
-        task = self.task_names[self.parameterAsEnum(parameters, TASK, context)]
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
-        header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
-        sink, dest = self.sink(parameters, context, self.reader.crs)
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+                task = self.task(parameters, context, client)
+                header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+                sink, dest = self.sink(parameters, context, self.reader.crs)
                 reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None

@@ -20,14 +20,11 @@ from .common import (
     INPUT_2,
     OUTPUT,
     PROMPT,
-    TASK,
     EarthDialAlgorithm,
     LayerReader,
     ask_once,
     fail,
 )
-
-PAIR_TASKS = ("change", "disaster", "damage", "post_disaster_refer")
 
 
 class ChangeAlgorithm(EarthDialAlgorithm):
@@ -47,7 +44,7 @@ class ChangeAlgorithm(EarthDialAlgorithm):
     def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Before (first) raster")))
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT_2, self.tr("After (second) raster")))
-        self.add_task(PAIR_TASKS, "change")
+        self.add_task(2, "change")
         self.add_common()
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
@@ -70,14 +67,14 @@ class ChangeAlgorithm(EarthDialAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:
         endpoint = self.endpoint(parameters, context)
-        task = self.task_names[self.parameterAsEnum(parameters, TASK, context)]
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
-        header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
         first = self.readers[0]
-        sink, dest = self.sink(parameters, context, first.crs)
         pair = [(reader, self.rect, first.crs) for reader in self.readers]
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+                task = self.task(parameters, context, client)
+                header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+                sink, dest = self.sink(parameters, context, first.crs)
                 reply = ask_once(client, header, pair, feedback)
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None

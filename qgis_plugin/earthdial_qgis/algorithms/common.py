@@ -20,7 +20,6 @@ from qgis.core import (
     QgsProcessingOutputString,
     QgsProcessingParameterBand,
     QgsProcessingParameterDefinition,
-    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterNumber,
@@ -31,9 +30,8 @@ from qgis.core import (
 )
 
 from .. import settings
-from ..errors import FORBIDDEN_PATH, NO_CRS, plain_message
+from ..errors import NO_CRS, UNREADABLE_FILE, plain_message
 from ..layers import reply_features, result_fields
-from ..presets import PRESETS
 from ..protocol import Client, EarthDialError, ErrorCode, source_by_reference, source_by_value
 from ..qt import QtCore
 from ..sources import crs_text, displayed_bands, file_path, native_resolution, pixel_grid, read_pixels
@@ -41,8 +39,6 @@ from ..sources import crs_text, displayed_bands, file_path, native_resolution, p
 INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
 PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
 # (and since issue 15: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
-UNREADABLE_FILE = {ErrorCode.FILE_NOT_FOUND, FORBIDDEN_PATH, ErrorCode.NOT_A_RASTER, ErrorCode.TOO_LARGE}
-PRESET_CHOICES = ("auto", *PRESETS)
 
 
 def _flag(name: str) -> Any:
@@ -186,13 +182,32 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
         return type(self)()
 
     # parameters --------------------------------------------------------------------------------------
-    def add_task(self, names: tuple[str, ...], default: str) -> None:
-        self.task_names = names
+    def add_task(self, images: int, default: str) -> None:
+        """The task, by name: the backend's status lists them (`earthdial status`); the plugin keeps no list,
+        so the name is checked against the backend's when the algorithm runs."""
+        self.task_images = images
         self.addParameter(
-            QgsProcessingParameterEnum(
-                TASK, self.tr("Task"), options=list(names), defaultValue=names.index(default)
+            QgsProcessingParameterString(
+                TASK,
+                self.tr("Task (one of the backend's tasks on {n} image(s); `earthdial status` lists them)").format(
+                    n=images
+                ),
+                defaultValue=default,
             )
         )
+
+    def task(self, parameters: dict[str, Any], context: QgsProcessingContext, client: Any) -> str:
+        """The task asked for, if the backend has it for this algorithm's number of images."""
+        name = (self.parameterAsString(parameters, TASK, context) or "").strip()
+        tasks = client.status().get("tasks") or []
+        fitting = [str(t.get("name")) for t in tasks if int(t.get("images", 1) or 1) == self.task_images]
+        if name not in fitting:
+            raise QgsProcessingException(
+                self.tr("Unknown task {name!r} for {n} image(s); the backend's are: {names}").format(
+                    name=name, n=self.task_images, names=", ".join(fitting)
+                )
+            )
+        return name
 
     def add_common(self, prompt_optional: bool = True) -> None:
         self.addParameter(QgsProcessingParameterString(PROMPT, self.tr("Prompt"), optional=prompt_optional))
@@ -211,11 +226,9 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
         )
         self.addParameter(
             advanced(
-                QgsProcessingParameterEnum(
+                QgsProcessingParameterString(
                     PRESET,
-                    self.tr("Band preset"),
-                    options=list(PRESET_CHOICES),
-                    defaultValue=0,
+                    self.tr("Band preset (empty: auto; `earthdial status` lists the backend's)"),
                     optional=True,
                 )
             )
@@ -273,11 +286,9 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
 
     def options(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        preset = (
-            self.parameterAsEnum(parameters, PRESET, context) if parameters.get(PRESET) is not None else 0
-        )
-        if 0 < preset < len(PRESET_CHOICES):
-            options["preset"] = PRESET_CHOICES[preset]
+        preset = (self.parameterAsString(parameters, PRESET, context) or "").strip()
+        if preset and preset != "auto":
+            options["preset"] = preset  # the backend refuses a name it does not know, naming those it does
         gsd = self.parameterAsDouble(parameters, GSD, context) if parameters.get(GSD) is not None else 0.0
         if gsd > 0:
             options["gsd"] = gsd
