@@ -489,6 +489,6 @@ class Engine:
                 break
         # skip_special_tokens would also drop <ref>/<box>, which carry the answer's grounding
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        for tok in self._strip:
-            text = text.replace(tok, "")
+        for mark in self._strip:
+            text = text.replace(mark, "")
         return text.strip()

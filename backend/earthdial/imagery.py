@@ -463,7 +463,7 @@ def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
 def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]:
     if not bands:
         return list(range(1, min(count, 3) + 1))
-    indexes = []
+    indexes: list[int] = []
     for b in bands:
         if not isinstance(b, numbers.Integral) or isinstance(b, bool):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"band indexes must be integers, got {b!r}")

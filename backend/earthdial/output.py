@@ -302,7 +302,7 @@ def _same_folder(folder: str, fd: int) -> bool:
 
 def clean_scratch(directory: str) -> list[str]:
     """Remove the scratch folders of writes that were killed (nobody holds their lock); returns them."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:

@@ -32,9 +32,9 @@ def weight_bytes(module: nn.Module) -> int:
         if inner:  # NF4
             total += sum(t.numel() * t.element_size() for t in inner)
             continue
-        qdata = getattr(p, "qdata", None)
-        if qdata is not None:  # torchao int8
-            total += qdata.numel() * qdata.element_size() + p.scale.numel() * p.scale.element_size()
+        qdata, scale = getattr(p, "qdata", None), getattr(p, "scale", None)
+        if qdata is not None and scale is not None:  # torchao int8: int8 data and a scale per row
+            total += qdata.numel() * qdata.element_size() + scale.numel() * scale.element_size()
             continue
         total += p.numel() * p.element_size()
     return total

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -275,7 +276,7 @@ class Server:
             self._send(ident, _error({"id": _valid_id(header.get("id"))}, exc))
 
     def _dispatch(
-        self, ident: bytes, client: str, header: dict[str, Any], arrays: list[Any], frames: list[Any] = ()
+        self, ident: bytes, client: str, header: dict[str, Any], arrays: list[Any], frames: Sequence[Any] = ()
     ) -> None:
         raw = _frame_bytes(frames[0]) if frames else None
         admit(header, arrays, raw)

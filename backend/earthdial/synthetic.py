@@ -260,8 +260,8 @@ def _random_object(rng: np.random.Generator, cls: str) -> SceneObject:
     angle = float(rng.uniform(0, 180)) if cls != "airplane" else float(rng.uniform(0, 360))
     variant = int(rng.integers(0, 4))
     if cls == "ship":
-        color = (rng.uniform(200, 245),) * 3 if variant != 3 else (rng.uniform(70, 110),) * 3
-        color = tuple(c + rng.normal(0, 6) for c in color)
+        grey = rng.uniform(200, 245) if variant != 3 else rng.uniform(70, 110)
+        color = (grey + rng.normal(0, 6), grey + rng.normal(0, 6), grey + rng.normal(0, 6))  # the same draws
     elif cls == "airplane":
         g = rng.uniform(190, 235)
         color = (g, g, g + rng.uniform(-5, 8))
@@ -274,11 +274,12 @@ def _random_object(rng: np.random.Generator, cls: str) -> SceneObject:
         color = (rng.uniform(40, 70), rng.uniform(95, 135), rng.uniform(30, 55))
         width, angle = length, float(rng.uniform(0, 360))  # the angle turns the crown's lumps
     else:
-        color = tuple(rng.choice(_ROOFS) + rng.normal(0, 8, 3))
+        r, g, b = rng.choice(_ROOFS) + rng.normal(0, 8, 3)
+        color = (r, g, b)
         if rng.random() < 0.5:  # buildings mostly square to the street grid
             angle = float(rng.choice([0.0, 90.0]) + rng.normal(0, 4))
     return SceneObject(cls, 0.5, 0.5, length, width, angle % 360 if cls == "airplane" else angle % 180,
-                       tuple(float(c) for c in color), variant)  # fmt: skip
+                       (float(color[0]), float(color[1]), float(color[2])), variant)  # fmt: skip
 
 
 def place(scene: Scene, rng: np.random.Generator, cls: str, tries: int = 40) -> SceneObject | None:
@@ -433,10 +434,8 @@ def _draw_object(img: np.ndarray, obj: SceneObject, size: int, labels: np.ndarra
         block = np.maximum(np.abs(U + 0.15 * L) - 0.12 * L, np.abs(V) - 0.28 * W)  # superstructure
         _paint(img, _coverage(block, px), color * 0.75 + 20, r0, c0)
     elif obj.cls == "airplane":
-        d = None
-        for du, dv, hl, hw in obj.parts():
-            part = np.maximum(np.abs(U - du) - hl, np.abs(V - dv) - hw)
-            d = part if d is None else np.minimum(d, part)
+        parts = [np.maximum(np.abs(U - du) - hl, np.abs(V - dv) - hw) for du, dv, hl, hw in obj.parts()]
+        d = np.minimum.reduce(parts)
         # nose and wing tips slightly rounded by a shadow copy offset to the bottom-right first
         shadow = np.roll(np.roll(d, 2, axis=0), 2, axis=1)
         _paint(img, 0.35 * _coverage(shadow, px), (40, 40, 40), r0, c0)

@@ -167,7 +167,7 @@ def encode(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, 
                 ErrorCode.BAD_ARRAY, f"dtype {arr.dtype.name} is not one of {ALLOWED_DTYPES}"
             )
         specs.append({"dtype": arr.dtype.name, "shape": list(arr.shape)})
-        buffers.append(memoryview(arr).cast("B") if arr.size else b"")
+        buffers.append(memoryview(arr).cast("B") if arr.size else b"")  # type: ignore[arg-type]  # numpy arrays are buffers; numpy's stubs do not say so
     full = dict(header)
     full.setdefault("v", PROTOCOL_VERSION)
     full["arrays"] = specs

@@ -37,14 +37,14 @@ def versions() -> dict[str, str]:
         import zmq
 
         out["libzmq"] = zmq.zmq_version()
-    except Exception:
-        pass
+    except Exception as exc:  # a diagnostics report names what is missing instead of failing
+        out["libzmq"] = f"unavailable ({exc.__class__.__name__})"
     try:
         import qtpy
 
         out["qtpy API"] = str(getattr(qtpy, "API_NAME", "?"))
-    except Exception:
-        pass
+    except Exception as exc:
+        out["qtpy API"] = f"unavailable ({exc.__class__.__name__}; qgis.PyQt is used)"
     return out
 
 

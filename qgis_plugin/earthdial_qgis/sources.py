@@ -261,7 +261,8 @@ class SourcePlan:
         shape, so ``pixels_needed=False`` sends a blank one-band array instead of reading (web) pixels."""
         if self.reference is not None:
             return self.reference, []
-        assert self.grid is not None and self.provider is not None and self.bands
+        if self.grid is None or self.provider is None or not self.bands:
+            raise ValueError("a by-value source plan needs a grid, a provider and bands")  # a bug, not input
         if pixels_needed:
             pixels = read_pixels(self.provider, self.grid, self.bands, cancelled)
             nodata = self.nodata
@@ -280,7 +281,8 @@ def planning_source(
     sample of the pixels (enough for the backend to tell the band preset), not the whole window."""
     if plan.reference is not None:
         return plan.reference, []
-    assert plan.grid is not None and plan.provider is not None and plan.bands
+    if plan.grid is None or plan.provider is None or not plan.bands:
+        raise ValueError("a by-value source plan needs a grid, a provider and bands")  # a bug, not input
     grid = plan.grid
     scale = max(1.0, max(grid.cols, grid.rows) / PLAN_SAMPLE_SIZE)
     coarse = PixelGrid(grid.bounds, max(1, round(grid.cols / scale)), max(1, round(grid.rows / scale)))
