@@ -3,7 +3,10 @@
 pyzmq carries the requests; qtpy lets the same code run on Qt5 and Qt6 builds of QGIS (the plugin falls
 back to qgis.PyQt without it). Nothing is ever installed silently or into QGIS's own site-packages: the
 user sees the exact pip command, may run it from a button (a QProcess on QGIS's own Python) or by hand,
-and the packages go to ``<plugin>/vendor``, which `add_vendor_to_path` puts on sys.path at import.
+and the packages go to ``<QGIS profile>/python/earthdial-vendor/py<version>``, which `add_vendor_to_path`
+puts on sys.path at import. That folder is beside the plugins folder, not inside the plugin's: an upgrade
+of the plugin replaces its whole folder and would remove them; the Python version in the name keeps a
+compiled pyzmq from being loaded by another QGIS's Python.
 """
 
 from __future__ import annotations
@@ -15,7 +18,25 @@ import shutil
 import sys
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
-VENDOR_DIR = os.path.join(PLUGIN_DIR, "vendor")
+
+
+def vendor_dir() -> str:
+    """Where the plugin's own packages go: under the QGIS profile (qgisSettingsDirPath), outside the plugins
+    folder; without QGIS, the profile is taken to be two levels above the plugin (<profile>/python/plugins)."""
+    base = ""
+    try:
+        from qgis.core import QgsApplication
+
+        base = QgsApplication.qgisSettingsDirPath()
+    except Exception:  # no QGIS in this Python (a script importing the module): fall back to the layout
+        base = ""
+    if not base:
+        base = os.path.join(PLUGIN_DIR, os.pardir, os.pardir, os.pardir)
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(os.path.abspath(base), "python", "earthdial-vendor", version)
+
+
+VENDOR_DIR = vendor_dir()
 # import name -> pip name
 REQUIRED = {"zmq": "pyzmq", "qtpy": "qtpy"}
 

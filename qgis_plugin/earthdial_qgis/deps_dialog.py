@@ -19,7 +19,7 @@ class DependenciesDialog(QtWidgets.QDialog):
         intro = QtWidgets.QLabel(
             self.tr(
                 "EarthDial needs the Python packages {packages}, which QGIS's Python does not have. They can be "
-                "installed into the plugin's own folder ({vendor}); QGIS's own packages are not touched. "
+                "installed into a folder of the plugin's own ({vendor}, kept when the plugin is upgraded); QGIS's own packages are not touched. "
                 "This runs:"
             ).format(packages=", ".join(self.missing), vendor=deps.VENDOR_DIR)
         )

@@ -110,7 +110,7 @@ def _templates() -> dict[str, str]:
         NO_CRS: tr("{message}"),
         NO_AREA: tr("{message}"),
         ErrorCode.MISSING_DEPENDENCY: tr(
-            "A Python module is missing ({message}). Use Plugins → EarthDial → Install dependencies… to install them into the plugin's folder."
+            "A Python module is missing ({message}). Use Plugins → EarthDial → Install dependencies… to install them into the plugin's own folder."
         ),
     }
 

@@ -24,7 +24,13 @@ def test_the_command_targets_the_plugin_folder(tmp_path: Path) -> None:
     assert args == ["-m", "pip", "install", "--target", str(tmp_path / "vendor"), "pyzmq", "qtpy"]
     text = deps.pip_command_text(["pyzmq", "qtpy"], str(tmp_path / "vendor"))
     assert text.endswith(f"-m pip install --target {tmp_path / 'vendor'} pyzmq qtpy")
-    assert deps.VENDOR_DIR.endswith("earthdial_qgis/vendor")
+    # outside the plugin's folder, which an upgrade of the plugin replaces; per Python version
+    from qgis.core import QgsApplication
+
+    vendor = Path(deps.VENDOR_DIR)
+    assert Path(deps.PLUGIN_DIR) not in vendor.parents and vendor != Path(deps.PLUGIN_DIR)
+    assert vendor.parent == Path(QgsApplication.qgisSettingsDirPath()).resolve() / "python" / "earthdial-vendor"
+    assert vendor.name == f"py{sys.version_info.major}{sys.version_info.minor}"
     assert Path(deps.python_executable()).name.startswith("python")
 
 
