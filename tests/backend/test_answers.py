@@ -96,8 +96,18 @@ def test_parse_boxes_corpus(text, expected):
     assert parse_boxes(text) == expected
 
 
-def test_corpus_is_large():
-    assert len(CORPUS) >= 25
+def test_corpus_covers_every_form_of_answer():
+    """The corpus holds each form the parser must read (a pruned corpus would pass the test above while
+    leaving a form untested), and no input twice."""
+    texts = [text for text, _ in CORPUS]
+    assert len(set(texts)) == len(texts)
+    boxes = [b for _, expected in CORPUS for b in expected]
+    assert any(b.angle != 0 for b in boxes)  # EarthDial's rotated boxes
+    assert any(b.label for b in boxes) and any(b.label is None for b in boxes)  # <ref> labels, and none
+    assert any("[[" in t and t.count(",") == 3 and "<ref>" in t for t in texts)  # InternVL's 0-1000 boxes
+    assert any(len(expected) > 1 for _, expected in CORPUS)  # several boxes in one answer
+    assert sum(1 for _, expected in CORPUS if not expected) >= 10  # malformed, truncated, none at all
+    assert any(t.startswith("[[[") or "[[[" in t for t in texts)  # nested brackets
 
 
 def test_non_string_input_gives_no_boxes():

@@ -88,7 +88,19 @@ def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geo
         assert feature["tile"] in {"0", "1", "2"}
 
 
-def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_path_factory) -> None:
+def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_path_factory, monkeypatch) -> None:
+    from earthdial_qgis.client import Client
+
+    asked: list[tuple[dict, dict]] = []  # (request header, reply header) of each ask the algorithm made
+    request = Client.request
+
+    def recording(self, header, *args, **kwargs):
+        reply = request(self, header, *args, **kwargs)
+        if header.get("op") == "ask":
+            asked.append((dict(header), reply.header))
+        return reply
+
+    monkeypatch.setattr(Client, "request", recording)
     after = tmp_path_factory.getbasetemp() / "after_processing.tif"
     write_geotiff(str(after), seed=3)
     out = tmp_path_factory.mktemp("change") / "change.gpkg"
@@ -104,7 +116,14 @@ def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_
             "OUTPUT": str(out),
         },
     )
-    assert isinstance(result["ANSWER"], str)
+    # one ask, of the change task, about both images on one window, whose answer is the one returned
+    ((header, reply),) = asked
+    assert header["task"] == "change"
+    chips = reply["chips"]
+    assert len(chips) == 2 and chips[0]["source"] != chips[1]["source"]
+    assert chips[0]["transform"] == chips[1]["transform"]  # the later image on the first one's grid
+    assert (chips[0]["width"], chips[0]["height"]) == (chips[1]["width"], chips[1]["height"]) == (50, 50)
+    assert result["ANSWER"] == reply["answer"]
     layer = read_gpkg(result["OUTPUT"])
     assert "variant" in layer.fields().names() and "gsd" in layer.fields().names()
 
