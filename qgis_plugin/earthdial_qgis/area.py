@@ -8,8 +8,6 @@ pixels to the model.
 
 from __future__ import annotations
 
-import math
-
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -22,14 +20,13 @@ from qgis.core import (
 
 from .errors import BAD_INPUT, NO_AREA, tr
 from .protocol import EarthDialError, ErrorCode
-from .sources import area_in_layer_crs, native_resolution
+from .sources import area_in_layer_crs, native_resolution, pixel_edges
 
 MAP_EXTENT = "map"
 WHOLE_LAYER = "layer"
 DRAWN = "drawn"
 SELECTION = "selection"
 MODES = (MAP_EXTENT, WHOLE_LAYER, DRAWN, SELECTION)
-SNAP = 1e-6
 
 
 def snap_to_pixels(area: QgsRectangle, layer: QgsRasterLayer) -> QgsRectangle:
@@ -47,13 +44,8 @@ def snap_to_pixels(area: QgsRectangle, layer: QgsRasterLayer) -> QgsRectangle:
     resolution = native_resolution(layer)
     if resolution is None:
         return clip
-    xres, yres = resolution
-    x0, ytop = extent.xMinimum(), extent.yMaximum()
-    col0 = _floor((clip.xMinimum() - x0) / xres)
-    col1 = _ceil((clip.xMaximum() - x0) / xres)
-    row0 = _floor((ytop - clip.yMaximum()) / yres)
-    row1 = _ceil((ytop - clip.yMinimum()) / yres)
-    return QgsRectangle(x0 + col0 * xres, ytop - row1 * yres, x0 + col1 * xres, ytop - row0 * yres)
+    (minx, miny, maxx, maxy), _ = pixel_edges(clip, extent, resolution)
+    return QgsRectangle(minx, miny, maxx, maxy)
 
 
 def selection_extent(crs: QgsCoordinateReferenceSystem, project: QgsProject | None = None) -> QgsRectangle:
@@ -134,13 +126,3 @@ def region_box(region: QgsRectangle, window: QgsRectangle) -> list[list[int]]:
 def box_text(box: list[list[int]]) -> str:
     """The box as the model writes it: ``[[20, 30, 40, 60, 0]]``."""
     return "[" + ", ".join("[" + ", ".join(str(int(v)) for v in b) + "]" for b in box) + "]"
-
-
-def _floor(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.floor(v)
-
-
-def _ceil(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.ceil(v)

@@ -147,14 +147,7 @@ def pixel_grid(
             f"the map view {_fmt(area)} does not overlap the layer, whose extent is {_fmt(layer_extent)}",
         )
     if resolution is not None:
-        xres, yres = resolution
-        x0, ytop = layer_extent.xMinimum(), layer_extent.yMaximum()
-        col0 = _floor((clip.xMinimum() - x0) / xres)
-        col1 = _ceil((clip.xMaximum() - x0) / xres)
-        row0 = _floor((ytop - clip.yMaximum()) / yres)
-        row1 = _ceil((ytop - clip.yMinimum()) / yres)
-        bounds = (x0 + col0 * xres, ytop - row1 * yres, x0 + col1 * xres, ytop - row0 * yres)
-        cols, rows = col1 - col0, row1 - row0
+        bounds, (cols, rows) = pixel_edges(clip, layer_extent, resolution)
     else:
         bounds = (clip.xMinimum(), clip.yMinimum(), clip.xMaximum(), clip.yMaximum())
         cols, rows = max_size, max_size
@@ -327,33 +320,60 @@ def _value_plan(
     provider = layer.dataProvider()
     if provider is None or not provider.isValid():
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{layer.name()}' has no readable data")
+    clone = provider.clone()  # the task thread reads its own copy: providers are not thread-safe
+    if clone is None:
+        raise EarthDialError(
+            ErrorCode.NOT_A_RASTER, f"layer '{layer.name()}' cannot be read in the background"
+        )
+    # publicSource: without passwords a WMS URI may hold
+    return value_plan(clone, layer.name(), layer.publicSource(), layer.extent(), native_resolution(layer),
+                      area, bands, crs, max_size)  # fmt: skip
+
+
+def value_plan(
+    provider: QgsRasterDataProvider,
+    name: str,
+    label: str,
+    extent: QgsRectangle,
+    resolution: tuple[float, float] | None,
+    area: QgsRectangle,
+    bands: list[int] | None,
+    crs: str | None,
+    max_size: int = MAX_VALUE_SIZE,
+) -> SourcePlan:
+    """The by-value plan for ``area`` (layer CRS) of a layer read through ``provider`` (a clone for the
+    thread that reads it): the one way from a layer's pixels to a source, for the panel and Processing."""
     count = provider.bandCount()
     bands = bands or list(range(1, min(count, 3) + 1))
     for band in bands:
         if not 1 <= band <= count:
             raise EarthDialError(
                 ErrorCode.BAND_OUT_OF_RANGE,
-                f"band {band} does not exist in layer '{layer.name()}': valid bands are 1..{count}",
+                f"band {band} does not exist in layer '{name}': valid bands are 1..{count}",
             )
-    grid = pixel_grid(layer.extent(), area, native_resolution(layer), max_size)
+    grid = pixel_grid(extent, area, resolution, max_size)
     nodata = None
     first = bands[0]
     if provider.sourceHasNoDataValue(first) and provider.useSourceNoDataValue(first):
         value = provider.sourceNoDataValue(first)
         nodata = float(value) if math.isfinite(value) else None
-    clone = provider.clone()  # the task thread reads its own copy: providers are not thread-safe
-    if clone is None:
-        raise EarthDialError(
-            ErrorCode.NOT_A_RASTER, f"layer '{layer.name()}' cannot be read in the background"
-        )
-    return SourcePlan(
-        crs=crs,
-        label=layer.publicSource(),  # publicSource: without passwords a WMS URI may hold
-        provider=clone,
-        grid=grid,
-        bands=bands,
-        nodata=nodata,
-    )
+    return SourcePlan(crs=crs, label=label, provider=provider, grid=grid, bands=bands, nodata=nodata)
+
+
+def pixel_edges(
+    clip: QgsRectangle, extent: QgsRectangle, resolution: tuple[float, float]
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """``clip`` grown out to the pixel edges of a layer with this ``extent`` and (x, y) pixel size:
+    its bounds (minx, miny, maxx, maxy) and its size in pixels (cols, rows). An edge within SNAP of a
+    pixel edge is that edge, so that a float error never adds a row or column."""
+    xres, yres = resolution
+    x0, ytop = extent.xMinimum(), extent.yMaximum()
+    col0 = _floor((clip.xMinimum() - x0) / xres)
+    col1 = _ceil((clip.xMaximum() - x0) / xres)
+    row0 = _floor((ytop - clip.yMaximum()) / yres)
+    row1 = _ceil((ytop - clip.yMinimum()) / yres)
+    bounds = (x0 + col0 * xres, ytop - row1 * yres, x0 + col1 * xres, ytop - row0 * yres)
+    return bounds, (col1 - col0, row1 - row0)
 
 
 def _floor(v: float) -> int:

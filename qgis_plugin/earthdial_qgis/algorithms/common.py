@@ -30,11 +30,12 @@ from qgis.core import (
 )
 
 from .. import settings
-from ..errors import NO_CRS, UNREADABLE_FILE, plain_message
+from ..errors import NO_CRS, plain_message
 from ..layers import reply_features, result_fields
-from ..protocol import Client, EarthDialError, ErrorCode, source_by_reference, source_by_value
+from ..protocol import Client, EarthDialError, ErrorCode, source_by_reference
 from ..qt import QtCore
-from ..sources import crs_text, displayed_bands, file_path, native_resolution, pixel_grid, read_pixels
+from ..sources import SourcePlan, crs_text, displayed_bands, file_path, native_resolution, value_plan
+from ..task import request_with_fallback
 
 INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
 PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
@@ -100,31 +101,31 @@ class LayerReader:
         pixels: bool = True, cancelled: Callable[[], bool] | None = None,
     ) -> tuple[dict[str, Any], list[np.ndarray]]:  # fmt: skip
         """The source for ``rect`` (in ``rect_crs``, default the layer's)."""
+        return self.plan(rect, rect_crs).resolve(pixels, cancelled)
+
+    def plan(self, rect: QgsRectangle, rect_crs: QgsCoordinateReferenceSystem | None = None) -> SourcePlan:
+        """How to send ``rect``: the panel's SourcePlan, by reference with the pixels as its fallback."""
         rect_crs = rect_crs or self.crs
-        if not self.by_value:
-            bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
-            return source_by_reference(self.path, self.bands, bounds, crs_text(rect_crs)), []
-        if self.provider is None:
-            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{self.name}' has no readable data")
         local = rect
         if rect_crs != self.crs:
             local = QgsCoordinateTransform(rect_crs, self.crs, QgsProject.instance()).transformBoundingBox(
                 rect
             )
-        grid = pixel_grid(self.extent, local, self.resolution)
-        bands = self.bands or list(range(1, min(self.band_count, 3) + 1))
-        for band in bands:
-            if not 1 <= band <= self.band_count:
-                raise EarthDialError(
-                    ErrorCode.BAND_OUT_OF_RANGE,
-                    f"band {band} does not exist in layer '{self.name}' (1..{self.band_count})",
-                )
-        data = (
-            read_pixels(self.provider, grid, bands, cancelled)
-            if pixels
-            else np.zeros((1, grid.rows, grid.cols), np.uint8)
-        )
-        return source_by_value(grid.transform, self.crs_text or "", None), [data]
+        value: SourcePlan | None = None
+        if self.provider is not None:
+            try:
+                value = value_plan(self.provider, self.name, self.label, self.extent, self.resolution, local,
+                                   self.bands, self.crs_text)  # fmt: skip
+            except EarthDialError:
+                if self.by_value:
+                    raise
+        if self.by_value or self.path is None:
+            if value is None:
+                raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{self.name}' has no readable data")
+            return value
+        bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+        reference = source_by_reference(self.path, self.bands, bounds, crs_text(rect_crs))
+        return SourcePlan(crs=self.crs_text, label=self.label, reference=reference, fallback=value)
 
 
 def ask_once(
@@ -134,32 +135,14 @@ def ask_once(
     feedback: QgsProcessingFeedback,
 ) -> dict[str, Any]:
     """One request over one or more layers; a referenced file the backend may not read goes by value."""
-    cancelled = feedback.isCanceled
-
-    def build() -> tuple[dict[str, Any], list[np.ndarray]]:
-        full, arrays, sources = dict(header), [], []
-        for reader, rect, crs in readers:
-            source, frames = reader.source(rect, crs, header.get("op") != "georef", cancelled)
-            sources.append(source)
-            arrays += frames
-        if len(sources) == 1:
-            full["source"] = sources[0]
-        else:
-            full["sources"] = sources
-        return full, arrays
-
-    full, arrays = build()
-    try:
-        return client.request(full, arrays, cancelled=cancelled).header
-    except EarthDialError as exc:
-        if exc.code not in UNREADABLE_FILE or not any(r.provider is not None for r, _, _ in readers):
-            raise
-    feedback.pushInfo("The backend cannot read the file; sending its pixels instead.")
-    for reader, _, _ in readers:
-        if reader.provider is not None:
-            reader.by_value = True
-    full, arrays = build()
-    return client.request(full, arrays, cancelled=cancelled).header
+    plans = [reader.plan(rect, crs) for reader, rect, crs in readers]
+    reply, _, fell_back = request_with_fallback(client, header, plans, feedback.isCanceled)
+    if fell_back:
+        feedback.pushInfo("The backend could not read the file; its pixels were sent instead.")
+        for reader, _, _ in readers:  # the next requests of this run go by value at once
+            if reader.provider is not None:
+                reader.by_value = True
+    return reply
 
 
 def fail(exc: EarthDialError, endpoint: str) -> QgsProcessingException:
