@@ -29,6 +29,8 @@ from rasterio.warp import transform as warp_transform
 
 from . import access, limits
 from .protocol import EarthDialError, ErrorCode
+from .protocol import snap_ceil as _ceil
+from .protocol import snap_floor as _floor
 
 __all__ = [
     "Chip",
@@ -44,7 +46,6 @@ __all__ = [
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
 MIN_GSD, MAX_GSD = 0.01, 1e6  # metres per pixel a window may be read at
-SNAP = 1e-6  # pixel coordinates this close to an integer are taken as that integer before floor/ceil
 
 
 @dataclass
@@ -540,16 +541,6 @@ def _densified_ring(bounds: tuple[float, float, float, float]) -> tuple[list[flo
         xs += [x, x, minx, maxx]
         ys += [miny, maxy, y, y]
     return xs, ys
-
-
-def _floor(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.floor(v)
-
-
-def _ceil(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.ceil(v)
 
 
 def _affine_from(transform: Sequence[float] | Affine) -> Affine:

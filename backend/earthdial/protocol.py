@@ -42,6 +42,8 @@ from .wire import (
     peek_id,
     plan_window,
     read_shape,
+    snap_ceil,
+    snap_floor,
     source_by_reference,
     source_by_value,
 )
@@ -51,5 +53,6 @@ __all__ = [
     "MAX_ARRAY_NDIM", "MAX_FRAMES", "MAX_HEADER_BYTES", "MAX_ID_CHARS", "MAX_MESSAGE_BYTES", "MAX_TOTAL_BYTES",
     "OPS", "PEEK_ID_MAX_BYTES", "PROTOCOL_VERSION", "RECONNECT_IVL_MAX_MS", "RECONNECT_IVL_MS", "RESULT_MARK", "REVIEWS",
     "Client", "EarthDialError", "ErrorCode", "Message", "client_name", "decode", "encode", "error_codes", "error_reply",
-    "new_request_id", "ok_reply", "peek_id", "plan_window", "read_shape", "source_by_reference", "source_by_value",
+    "new_request_id", "ok_reply", "peek_id", "plan_window", "read_shape", "snap_ceil", "snap_floor",
+    "source_by_reference", "source_by_value",
 ]  # fmt: skip

@@ -11,6 +11,7 @@ See docs/protocol.md for the full description. This module needs only the standa
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,21 @@ class ErrorCode:
     READ_ONLY = "read_only"  # the folder or file cannot be written (read-only file system, no permission)
     # a Python package a feature needs is not installed (torchao for --quantize; pyzmq in QGIS's Python)
     MISSING_DEPENDENCY = "missing_dependency"
+
+
+# Pixel windows: both sides turn bounds into the same rows and columns, so a grid coordinate this close
+# to an integer is that integer before floor/ceil (a float error never adds a row or column).
+SNAP = 1e-6
+
+
+def snap_floor(v: float) -> int:
+    r = round(v)
+    return int(r) if abs(v - r) < SNAP else math.floor(v)
+
+
+def snap_ceil(v: float) -> int:
+    r = round(v)
+    return int(r) if abs(v - r) < SNAP else math.ceil(v)
 
 
 def error_codes() -> list[str]:

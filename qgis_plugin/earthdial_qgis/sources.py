@@ -29,9 +29,10 @@ from qgis.core import (
 )
 
 from .protocol import ALLOWED_DTYPES, EarthDialError, ErrorCode, source_by_reference, source_by_value
+from .protocol import snap_ceil as _ceil
+from .protocol import snap_floor as _floor
 
 MAX_VALUE_SIZE = 1024  # long side, in pixels, of an array sent by value
-SNAP = 1e-6  # in pixels: grid coordinates this close to an integer count as that integer
 
 _NUMPY_TYPES = {
     getattr(Qgis.DataType, name): dtype
@@ -364,7 +365,7 @@ def pixel_edges(
     clip: QgsRectangle, extent: QgsRectangle, resolution: tuple[float, float]
 ) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     """``clip`` grown out to the pixel edges of a layer with this ``extent`` and (x, y) pixel size:
-    its bounds (minx, miny, maxx, maxy) and its size in pixels (cols, rows). An edge within SNAP of a
+    its bounds (minx, miny, maxx, maxy) and its size in pixels (cols, rows). An edge within wire.SNAP of a
     pixel edge is that edge, so that a float error never adds a row or column."""
     xres, yres = resolution
     x0, ytop = extent.xMinimum(), extent.yMaximum()
@@ -374,16 +375,6 @@ def pixel_edges(
     row1 = _ceil((ytop - clip.yMinimum()) / yres)
     bounds = (x0 + col0 * xres, ytop - row1 * yres, x0 + col1 * xres, ytop - row0 * yres)
     return bounds, (col1 - col0, row1 - row0)
-
-
-def _floor(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.floor(v)
-
-
-def _ceil(v: float) -> int:
-    r = round(v)
-    return int(r) if abs(v - r) < SNAP else math.ceil(v)
 
 
 def _fmt(rect: QgsRectangle) -> str:
