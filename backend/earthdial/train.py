@@ -214,7 +214,7 @@ def build_model(tokenizer: Any, seed: int = TRAIN_SEED) -> tuple[Any, dict[str, 
     vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
     cfg = demo_published_config(vocab_size, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(
+    model: Any = InternVLForConditionalGeneration(
         checkpoint.native_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
     )
     with torch.no_grad():
@@ -799,7 +799,8 @@ class ThreadTuner:
 
 
 def optimiser(model: Any, cfg: TrainConfig, extra: Any = None) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     named = list(model.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
     for name, p in named:
         if not p.requires_grad:
@@ -836,10 +837,13 @@ class DenseAid(torch.nn.Module):
     def loss(self, vision: torch.Tensor, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = self.head(feats.float())  # (images, cells, 1 + classes + 4)
         logits, box = out[..., : 1 + len(CLASSES)], out[..., 1 + len(CLASSES) :]
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.cell_class.reshape(-1))
-        pos = batch.cell_class > 0
+        cell_class, cell_box = batch.cell_class, batch.cell_box
+        if cell_class is None or cell_box is None:
+            raise ValueError("a vision batch needs its dense targets (cell_class, cell_box)")
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cell_class.reshape(-1))
+        pos = cell_class > 0
         if pos.any():
-            box_l1 = F.l1_loss(box[pos], batch.cell_box[pos])
+            box_l1 = F.l1_loss(box[pos], cell_box[pos])
             self.last_box_error = float(box_l1.detach()) * 100  # mean error on the 0-100 scale, for logs
             total = total + BOX_WEIGHT * box_l1
         if batch.patch_class is not None:
@@ -936,7 +940,9 @@ class TaskStream:
 
 def vision_batch(cfg: TrainConfig, engine: Any, start: int, rng: np.random.Generator) -> Batch:
     """Images only (single scenes and both images of pairs), with their dense targets."""
-    pixels, dense, maps = [], [], []
+    pixels: list[torch.Tensor] = []
+    dense: list[tuple[torch.Tensor, torch.Tensor]] = []
+    maps: list[torch.Tensor] = []
     index = start
     while len(pixels) < cfg.vision_batch:
         size = _render_size(rng)
@@ -1245,8 +1251,11 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
     from .protocol import source_by_reference
 
     started = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory(prefix="earthdial-eval-") if workdir is None else None
-    root = Path(workdir or tmp.name)
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="earthdial-eval-")
+        workdir = tmp.name
+    root = Path(workdir)
     rng = np.random.default_rng([seed, 0xE7A1])
     jobs: list[tuple[str, Any, Any]] = []  # (kind, truth, service job)
     for i in range(scenes):
@@ -1275,15 +1284,8 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         replies += [service.finish(j, engine) for j in part]
         if log:
             log(f"  {len(replies)}/{len(jobs)} requests answered")
-    parsed, ious, by_class, right, cls_right, found, total_objs = (
-        [],
-        [],
-        {c: [] for c in CLASSES},
-        [],
-        [],
-        0,
-        0,
-    )
+    by_class: dict[str, list[bool]] = {c: [] for c in CLASSES}
+    parsed, ious, right, cls_right, found, total_objs = [], [], [], [], 0, 0
     absent: list[bool] = []
     boxes_said = boxes_right = objs_true = objs_found = 0
     for (kind, truth, _), reply in zip(jobs, replies, strict=True):
