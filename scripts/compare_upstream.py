@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 UPSTREAM_FILES = "src/earthdial"
-TIMM_STUB = '''class DropPath:  # stand-in: upstream uses DropPath only when drop_path_rate > 0
+TIMM_STUB = """class DropPath:  # stand-in: upstream uses DropPath only when drop_path_rate > 0
     def __init__(self, *args, **kwargs):
         raise RuntimeError("timm stub: run with drop_path_rate 0")
-'''
+"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +185,9 @@ def prepare(work: Path, upstream_git: Path) -> None:
     for name, size, hidden in (("tiny224", 224, 64), ("tiny448", 448, 1024)):
         ckpt = work / name
         if not (ckpt / "config.json").exists():
-            checkpoint.make_tiny_checkpoint(ckpt, "EarthDial_4B_MS", image_size=size, seed=1, vision_hidden=hidden)
+            checkpoint.make_tiny_checkpoint(
+                ckpt, "EarthDial_4B_MS", image_size=size, seed=1, vision_hidden=hidden
+            )
         # upstream's Phi-3 would ask for flash-attention 2 (not installed); eager is the same arithmetic
         cfg = json.loads((ckpt / "config.json").read_text())
         cfg["llm_config"]["attn_implementation"] = "eager"
@@ -270,7 +272,9 @@ def run_ours(work: Path, case_list: list[dict]) -> dict:
         answers, gen_ids = {}, {}
         decode = engine._decode
         for label, beams, min_new in case["decodings"]:
-            q = Query(case["question"], [image], case["max_new_tokens"], num_beams=beams, min_new_tokens=min_new)
+            q = Query(
+                case["question"], [image], case["max_new_tokens"], num_beams=beams, min_new_tokens=min_new
+            )
             seen: list[list[int]] = []
             engine._decode = lambda ids, _seen=seen, _decode=decode: (_seen.append(ids), _decode(ids))[1]
             answers[label] = engine.generate([q])
@@ -345,10 +349,13 @@ def main() -> int:
             their_ids = until_stop(their_ids, end)
             row[f"{label}_ids_equal"] = until_stop(mine["ids"][label], end) == their_ids
             row[f"{label}_tokens"] = len(their_ids)
-            row[f"{label}_text_equal"] = mine["answers"][label + "_upstream_style"] == their_meta[name]["answers"][label]
+            row[f"{label}_text_equal"] = (
+                mine["answers"][label + "_upstream_style"] == their_meta[name]["answers"][label]
+            )
             row[f"{label}_ours"] = mine["answers"][label][0]
             row[f"{label}_upstream"] = their_meta[name]["answers"][label]
         rows.append(row)
+
     def mark(ok: bool) -> str:
         return "=" if ok else "DIFF"
 

@@ -138,7 +138,9 @@ def in_qgis() -> None:
         window.showMaximized()
         settings.set_value(settings.ENDPOINT, env("ENDPOINT"))
         # the backend's command: .venv's, or another one (e.g. a wrapper running a checkout's own code)
-        settings.set_value(settings.BACKEND_COMMAND, os.environ.get(ENV_PREFIX + "BACKEND") or str(ROOT / ".venv"))
+        settings.set_value(
+            settings.BACKEND_COMMAND, os.environ.get(ENV_PREFIX + "BACKEND") or str(ROOT / ".venv")
+        )
         settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
         settings.set_value(settings.DEVICE, "cpu")
         settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {work}")  # the backend reads the scene itself

@@ -289,7 +289,9 @@ def harden_process() -> None:
 # --------------------------------------------------------------------------------------------------
 
 MAX_CRS_CHARS = 16 * 1024
-_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}:[A-Za-z0-9_.]{1,32}")  # EPSG:4326, OGC:CRS84, ESRI:102100
+_AUTHORITY = re.compile(
+    r"[A-Za-z][A-Za-z0-9_]{0,31}:[A-Za-z0-9_.]{1,32}"
+)  # EPSG:4326, OGC:CRS84, ESRI:102100
 _URN = re.compile(r"urn:ogc:def:crs:[A-Za-z0-9_]{1,32}:[A-Za-z0-9_.]{0,16}:[A-Za-z0-9_.]{1,32}", re.I)
 _WKT = re.compile(
     r"\s*(PROJCS|GEOGCS|GEOCCS|VERT_CS|COMPD_CS|LOCAL_CS|FITTED_CS|PROJCRS|PROJECTEDCRS|GEOGCRS|"
@@ -323,7 +325,11 @@ def crs_refusal(text: str) -> str | None:
             return "PROJJSON naming a file (a grid or a PROJ pipeline)"
         return None
     if _WKT.match(stripped):
-        return "WKT naming a file (EXTENSION, PARAMETERFILE or a PROJ string)" if _NAMES_FILES.search(stripped) else None
+        return (
+            "WKT naming a file (EXTENSION, PARAMETERFILE or a PROJ string)"
+            if _NAMES_FILES.search(stripped)
+            else None
+        )
     if _NAMES_FILES.search(stripped):
         return "a PROJ string (PROJ strings can name grid and init files)"
     return "a CRS that is not an authority code (EPSG:4326), WKT or PROJJSON"
@@ -339,7 +345,9 @@ def _json_names_files(node: Any, depth: int) -> bool:
     if isinstance(node, dict):
         if isinstance(node.get("value"), str):  # a parameter whose value is a file name
             return True
-        return any(_json_names_files(k, depth + 1) or _json_names_files(v, depth + 1) for k, v in node.items())
+        return any(
+            _json_names_files(k, depth + 1) or _json_names_files(v, depth + 1) for k, v in node.items()
+        )
     return False
 
 

@@ -192,7 +192,9 @@ def open_raster(path: str) -> Iterator[Any]:
                 src = rasterio.open(path)
         except RasterioError as exc:
             formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if restricted else ""  # fmt: skip
-            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}") from None
+            raise EarthDialError(
+                ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
+            ) from None
         with src:
             if restricted and src.crs is not None:
                 why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
@@ -217,13 +219,17 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
     limits.checkpoint("reading")
     try:
         if strips == 1:
-            return src.read(indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=resampling)
+            return src.read(
+                indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=resampling
+            )
         data = np.empty((len(indexes), out_h, out_w), dtype=src.dtypes[indexes[0] - 1])
         rows_per = math.ceil(out_h / strips)
         scale = win_h / out_h
         for r0 in range(0, out_h, rows_per):
             r1 = min(out_h, r0 + rows_per)
-            strip = rasterio.windows.Window(window.col_off, window.row_off + r0 * scale, win_w, (r1 - r0) * scale)
+            strip = rasterio.windows.Window(
+                window.col_off, window.row_off + r0 * scale, win_w, (r1 - r0) * scale
+            )
             data[:, r0:r1, :] = src.read(indexes, window=strip, out_shape=(len(indexes), r1 - r0, out_w),
                                          resampling=resampling)  # fmt: skip
             limits.checkpoint(f"reading {r1} of {out_h} rows")
@@ -333,14 +339,18 @@ def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
             )
         if limits.current() is not None:  # the warp decodes the source pixels under the grid
             a, b, c, d, e, f = grid.transform[:6]
-            corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, grid.width) for y in (0, grid.height)]
+            corners = [
+                (a * x + b * y + c, d * x + e * y + f) for x in (0, grid.width) for y in (0, grid.height)
+            ]
             xs, ys = [p[0] for p in corners], [p[1] for p in corners]
             try:
                 under = window_for(src, (min(xs), min(ys), max(xs), max(ys)), grid.crs, path)
                 pixels = int(under.width) * int(under.height) * max(1, len(bands or [1, 2, 3]))
             except EarthDialError:
                 pixels = 0  # no overlap: the warp reads nothing, and the caller says so
-            limits.check_source_pixels(pixels, f"warping {path} onto the first image's grid decodes {pixels:,} source pixels")
+            limits.check_source_pixels(
+                pixels, f"warping {path} onto the first image's grid decodes {pixels:,} source pixels"
+            )
         indexes = check_bands(bands, src.count, path)
         resampling = Resampling.bilinear if src.dtypes[0].startswith("float") else Resampling.nearest
         # an alpha band marks the grid pixels the raster covers (without it, outside reads as data)

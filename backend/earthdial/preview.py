@@ -50,10 +50,14 @@ def check_target(path: str | Path) -> None:
     """The refusals of ``write_png`` that need no picture yet (a command checks before it runs a model)."""
     text = output.user_path(path)
     if not text.lower().endswith(".png"):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"a preview is a PNG: its name must end in .png, got {text}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"a preview is a PNG: its name must end in .png, got {text}"
+        )
     real = os.path.realpath(text)
     if not os.path.isdir(os.path.dirname(real)):
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"folder {os.path.dirname(real)} does not exist (writing {real})")
+        raise EarthDialError(
+            ErrorCode.FILE_NOT_FOUND, f"folder {os.path.dirname(real)} does not exist (writing {real})"
+        )
     output.refuse_foreign(real, is_our_png, "preview")
 
 
@@ -92,4 +96,6 @@ def is_our_png(path: str) -> bool:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )

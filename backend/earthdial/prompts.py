@@ -103,7 +103,9 @@ def decoding_for(name: str, mode: str) -> tuple[int, int]:
     (their --num-beams default for the task's kind, min_new_tokens 1; one beam and no minimum where
     upstream chats), "greedy" is one beam and no minimum."""
     if mode not in DECODINGS:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"unknown decoding {mode!r}; known: {', '.join(DECODINGS)}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"unknown decoding {mode!r}; known: {', '.join(DECODINGS)}"
+        )
     beams = task(name).num_beams
     if mode == "greedy" or beams <= 1:
         return 1, 0

@@ -113,7 +113,7 @@ def pair_tag(sar: bool, task_sensor: str, vocab: frozenset[str] | set[str]) -> s
 
 
 def pixel_path(tag: str, task: str | None = None) -> str:
-    """"rgb" (dynamic ImageNet tiles) or "bands" (band groups) for a sensor tag and task: the tag's own
+    """ "rgb" (dynamic ImageNet tiles) or "bands" (band groups) for a sensor tag and task: the tag's own
     path, except SAR region captions, which upstream ran through the RGB path."""
     if tag in SAR_TAGS and task in SAR_RGB_TASKS:
         return "rgb"

@@ -32,7 +32,9 @@ class DockLayout:
         layout.addWidget(self._output_tabs(), 1)
         scroll = QtWidgets.QScrollArea()
         scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # fit, never scroll sideways
+        scroll.setHorizontalScrollBarPolicy(
+            QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+        )  # fit, never scroll sideways
         scroll.setWidget(body)
         self.setWidget(scroll)
         self._shortcuts()
@@ -89,7 +91,9 @@ class DockLayout:
         )
         self.settings_button.clicked.connect(self.open_settings)
         self.diagnostics_button = QtWidgets.QPushButton(self.tr("Diagnostics…"))
-        self.diagnostics_button.setToolTip(self.tr("A report of versions, the backend and recent errors, to copy"))
+        self.diagnostics_button.setToolTip(
+            self.tr("A report of versions, the backend and recent errors, to copy")
+        )
         self.diagnostics_button.clicked.connect(self.open_diagnostics)
         self.help_button = QtWidgets.QPushButton(self.tr("Help"))
         self.help_button.setToolTip(self.tr("Open the plugin's documentation (the README's plugin section)"))
@@ -113,7 +117,9 @@ class DockLayout:
         form = narrow_form(box)
         self.task_combo = QtWidgets.QComboBox()
         narrow_combo(self.task_combo)
-        self.task_combo.setToolTip(self.tr("What to ask the model; the hint below says what the prompt takes"))
+        self.task_combo.setToolTip(
+            self.tr("What to ask the model; the hint below says what the prompt takes")
+        )
         self.task_combo.currentIndexChanged.connect(self._task_changed)
         form.addRow(self.tr("Task"), self.task_combo)
         self.task_hint = plain_label()
@@ -264,7 +270,9 @@ class DockLayout:
             self.tr("Chat turns about this layer appear here; they are saved with the project.")
         )
         self.new_chat_button = QtWidgets.QPushButton(self.tr("New conversation"))
-        self.new_chat_button.setToolTip(self.tr("Forget this layer's chat: the next chat question starts afresh"))
+        self.new_chat_button.setToolTip(
+            self.tr("Forget this layer's chat: the next chat question starts afresh")
+        )
         self.new_chat_button.clicked.connect(self.clear_history)
         layout.addWidget(self.chat_view, 1)
         layout.addWidget(self.new_chat_button)

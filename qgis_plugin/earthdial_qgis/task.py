@@ -85,9 +85,7 @@ def ping_first(client: Client, endpoint: str, cancelled: Callable[[], bool] | No
     except EarthDialError as exc:
         if exc.code != ErrorCode.TIMEOUT:
             raise
-        raise EarthDialError(
-            UNREACHABLE, f"nothing answered a ping within {PING_TIMEOUT_S:g} s"
-        ) from None
+        raise EarthDialError(UNREACHABLE, f"nothing answered a ping within {PING_TIMEOUT_S:g} s") from None
 
 
 class RequestTask(QgsTask):

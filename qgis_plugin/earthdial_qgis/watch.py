@@ -21,7 +21,9 @@ class StatusWatcher(QtCore.QObject):
 
     answered = _Signal(str, object, str)
 
-    def __init__(self, parent: Any = None, interval_s: float = INTERVAL_S, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, parent: Any = None, interval_s: float = INTERVAL_S, timeout_s: float = TIMEOUT_S
+    ) -> None:
         super().__init__(parent)
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self._endpoint = ""

@@ -32,7 +32,9 @@ def tiny_ms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The multispectral/SAR variant: the one trained on EarthDial's band-group path."""
     from earthdial.checkpoint import make_tiny_checkpoint
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_MS-tiny", variant="EarthDial_4B_MS")
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_MS-tiny", variant="EarthDial_4B_MS"
+    )
 
 
 def free_port() -> int:

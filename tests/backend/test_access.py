@@ -234,10 +234,14 @@ def _refusing_crs(fifo: str) -> list[str]:
 def test_crs_forms_that_name_files_are_refused_before_proj_sees_them(allowed: Path, fifo: str) -> None:
     for crs in _refusing_crs(fifo):
         with pytest.raises(EarthDialError) as err:  # bounds in that CRS
-            service.resolve_source({**source_by_reference(str(allowed / "ok.tif")), "bounds": [0, 0, 1, 1], "crs": crs}, [])
+            service.resolve_source(
+                {**source_by_reference(str(allowed / "ok.tif")), "bounds": [0, 0, 1, 1], "crs": crs}, []
+            )
         assert err.value.code == "bad_crs" and "EPSG:" in err.value.message, (crs, err.value)
         with pytest.raises(EarthDialError) as err:  # pixels by value in that CRS
-            service.resolve_source(source_by_value((10, 0, 0, 0, -10, 0), crs), [np.zeros((1, 4, 4), np.uint8)])
+            service.resolve_source(
+                source_by_value((10, 0, 0, 0, -10, 0), crs), [np.zeros((1, 4, 4), np.uint8)]
+            )
         assert err.value.code == "bad_crs", (crs, err.value)
 
 
@@ -252,7 +256,9 @@ def test_crs_forms_that_name_no_file_are_accepted(allowed: Path) -> None:
         assert chip.crs
 
 
-def test_the_server_refuses_a_proj_string_crs_at_once_and_keeps_answering(server: str, tmp_path: Path, fifo: str) -> None:
+def test_the_server_refuses_a_proj_string_crs_at_once_and_keeps_answering(
+    server: str, tmp_path: Path, fifo: str
+) -> None:
     """The issue's PROJ string froze the whole server (ping, status, cancel, SIGTERM) until SIGKILL."""
     tif = str(_tif(tmp_path / "a.tif"))
     with Client(server, timeout_s=10) as c:
@@ -262,7 +268,9 @@ def test_the_server_refuses_a_proj_string_crs_at_once_and_keeps_answering(server
                 c.georef(source_by_reference(tif, bounds=(0, 0, 1, 1), crs=crs), ANSWER)
             assert err.value.code == "bad_crs"
             with pytest.raises(EarthDialError) as err:
-                c.georef(source_by_value((10, 0, 0, 0, -10, 0), crs), ANSWER, pixels=np.zeros((3, 8, 8), np.uint8))
+                c.georef(
+                    source_by_value((10, 0, 0, 0, -10, 0), crs), ANSWER, pixels=np.zeros((3, 8, 8), np.uint8)
+                )
             assert err.value.code == "bad_crs"
             assert time.monotonic() - t < 3
             assert c.ping(timeout_s=2)["pong"] and c.status(timeout_s=2)["queue"] == 0
@@ -302,7 +310,9 @@ def _nobody_called(listener) -> bool:
         return True
 
 
-def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(allowed: Path, outside: Path, http_listener) -> None:
+def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(
+    allowed: Path, outside: Path, http_listener
+) -> None:
     port, listener = http_listener
     secret = outside.parent / "secret.txt"
     secret.write_text("the 24-byte secret file!")
@@ -339,15 +349,23 @@ def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(allowed: Pat
     assert _nobody_called(listener)  # no HTTP request was sent
 
 
-def test_fifos_directories_and_hard_links_are_refused_without_blocking(allowed: Path, outside: Path, tmp_path: Path) -> None:
+def test_fifos_directories_and_hard_links_are_refused_without_blocking(
+    allowed: Path, outside: Path, tmp_path: Path
+) -> None:
     os.mkfifo(allowed / "fifo.tif")
     (allowed / "dir.tif").mkdir()
     os.link(outside, allowed / "hard.tif")  # a hard link inside to a file outside
-    for name, code in (("fifo.tif", "not_a_raster"), ("dir.tif", "not_a_raster"), ("hard.tif", "forbidden_path")):
+    for name, code in (
+        ("fifo.tif", "not_a_raster"),
+        ("dir.tif", "not_a_raster"),
+        ("hard.tif", "forbidden_path"),
+    ):
         with pytest.raises(EarthDialError) as err:
             _read(str(allowed / name))
         assert err.value.code == code, (name, err.value)
-    assert "FIFO" in _message(str(allowed / "fifo.tif")) and "hard link" in _message(str(allowed / "hard.tif"))
+    assert "FIFO" in _message(str(allowed / "fifo.tif")) and "hard link" in _message(
+        str(allowed / "hard.tif")
+    )
     # FIFOs where GDAL looks for sidecars (overviews, masks, PAM, world files) are never opened
     for suffix in (".ovr", ".msk", ".aux.xml"):
         os.mkfifo(str(allowed / "ok.tif") + suffix)

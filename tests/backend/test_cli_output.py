@@ -107,7 +107,12 @@ def sqlite_app(path: Path) -> None:
         (("-o",), "app.gpkg", sqlite_app, "foreign_output"),
         (("-o",), "package.json", lambda p: p.write_text('{"name": "app"}\n'), "foreign_output"),
         (("--preview",), "thesis.docx", lambda p: p.write_bytes(b"PK\x03\x04 a document"), "bad_request"),
-        (("--preview",), "photo.png", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n not ours"), "foreign_output"),
+        (
+            ("--preview",),
+            "photo.png",
+            lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n not ours"),
+            "foreign_output",
+        ),
     ],
 )
 def test_files_that_are_not_ours_are_refused_and_untouched(tmp_path, scene, capsys, args, name, make, code):

@@ -171,7 +171,9 @@ def test_the_engine_puts_bos_first_only_when_the_checkpoint_asks(engine: Engine)
     bos = engine.tokenizer.convert_tokens_to_ids("<s>")
     ids, mask = engine.encode(["<|user|>\nhi<|end|>", "<|user|>\nhello there<|end|>"])
     assert bos not in ids.tolist()[0] and bos not in ids.tolist()[1]
-    with_bos = Engine.from_model(engine.model, engine.tokenizer, dataclasses.replace(engine.info, add_bos=True))
+    with_bos = Engine.from_model(
+        engine.model, engine.tokenizer, dataclasses.replace(engine.info, add_bos=True)
+    )
     ids2, mask2 = with_bos.encode(["<|user|>\nhi<|end|>", "<|user|>\nhello there<|end|>"])
     for row in range(2):
         first = int(mask2[row].tolist().index(1))
@@ -312,7 +314,9 @@ def test_beam_batches_fit_the_memory_plan_in_sequences(engine: Engine, monkeypat
     # a plan for 4 requests at one sequence each holds 2 requests of 2 beams: 3 queries -> batches 2 + 1
     sizes: list[int] = []
     real = engine.generate_beams
-    monkeypatch.setattr(engine, "generate_beams", lambda qs, *a, **k: (sizes.append(len(qs)), real(qs, *a, **k))[1])
+    monkeypatch.setattr(
+        engine, "generate_beams", lambda qs, *a, **k: (sizes.append(len(qs)), real(qs, *a, **k))[1]
+    )
     monkeypatch.setattr(engine, "plan", {"batch": 4})
     engine.generate(_queries(engine, beams=2))
     assert sizes == [2, 1]
@@ -405,7 +409,9 @@ def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None
     assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_10]"})) == "[s1_vh_10]"
 
 
-def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(tmp_path: Path, engine: Engine) -> None:
+def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
+    tmp_path: Path, engine: Engine
+) -> None:
     import rasterio
     from affine import Affine
 

@@ -168,7 +168,9 @@ for line in sys.stdin:
 """
 
 
-def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_the_old_layer(tmp_path, zygote):
+def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_the_old_layer(
+    tmp_path, zygote
+):
     path = str(tmp_path / "project.gpkg")
     user_geopackage(path)
     write_features(path, TWO, "first")
@@ -182,6 +184,7 @@ def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_t
         for trial in range(15):
             write_features(path, TWO, "earthdial", overwrite=True)  # the old layer: 2 features
             if trial % 5 == 0:  # while the scratch GeoPackage is being built
+
                 def when():
                     return any(size(f) > 1 << 20 for f in scratch_files(str(tmp_path)))
             else:  # once the transaction's pages spill into the log, before its commit
@@ -189,6 +192,7 @@ def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_t
 
                 def when(base=base):
                     return size(wal) > base + (256 << 10)
+
             killed = write_and_kill(zygote, path, "earthdial", when)
             holder.stdin.write("count\n")
             holder.stdin.flush()

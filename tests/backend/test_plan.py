@@ -45,7 +45,11 @@ def sar_linear(rows: int = 120, cols: int = 200) -> np.ndarray:
 def same(plan: dict, reply: dict) -> None:
     """The plan names what the reply says was sent."""
     info, chip = reply["input"], reply["chip"]
-    assert (plan["preset"], plan["reason"], plan["sensor"]) == (info["preset"], info["reason"], info["sensor"])
+    assert (plan["preset"], plan["reason"], plan["sensor"]) == (
+        info["preset"],
+        info["reason"],
+        info["sensor"],
+    )
     assert plan["bands"] == chip["bands"]
     assert (plan["width"], plan["height"]) == (chip["width"], chip["height"])
     assert plan["gsd_m"] == pytest.approx(info["gsd_m"])
@@ -62,7 +66,9 @@ def same(plan: dict, reply: dict) -> None:
         ("rgb16", np.random.default_rng(1).integers(0, 4000, (4, 90, 90), dtype=np.uint16), None, {}),
     ],
 )  # fmt: skip
-def test_plan_matches_what_the_ask_reports_rgb(tmp_path: Path, rgb_engine: Engine, name, data, bounds, options) -> None:
+def test_plan_matches_what_the_ask_reports_rgb(
+    tmp_path: Path, rgb_engine: Engine, name, data, bounds, options
+) -> None:
     path = tif(tmp_path / f"{name}.tif", data)
     header = {"op": "ask", "task": "caption", "source": source_by_reference(str(path), bounds=bounds),
               "options": {**options, "max_new_tokens": 2}}  # fmt: skip
@@ -71,7 +77,9 @@ def test_plan_matches_what_the_ask_reports_rgb(tmp_path: Path, rgb_engine: Engin
     same(plan, service.run(header, [], rgb_engine))
 
 
-def test_plan_matches_the_ask_for_12_bands_and_sar_on_the_ms_checkpoint(tmp_path: Path, ms_engine: Engine) -> None:
+def test_plan_matches_the_ask_for_12_bands_and_sar_on_the_ms_checkpoint(
+    tmp_path: Path, ms_engine: Engine
+) -> None:
     s2 = tif(tmp_path / "s2.tif", np.random.default_rng(0).integers(0, 6000, (12, 64, 64)).astype(np.uint16))
     s1 = tif(tmp_path / "s1.tif", sar_linear())
     for path, preset, sensor in ((s2, "s2_l2a", "[s2_ms_10]"), (s1, "s1_vh_linear", "[s1_vh_10]")):
@@ -118,7 +126,9 @@ def test_multispectral_or_sar_to_the_rgb_checkpoint_is_refused_naming_the_ms_one
             assert err.value.code == "wrong_variant" and "serve EarthDial_4B_MS" in err.value.message
     rgb = tif(tmp_path / "rgb.tif", np.zeros((3, 40, 40), np.uint8) + 9)
     with pytest.raises(EarthDialError) as err:  # methane needs the tag only Methane_UHI's vocabulary has
-        service.plan({"op": "ask", "task": "methane", "source": source_by_reference(str(rgb))}, [], rgb_engine)
+        service.plan(
+            {"op": "ask", "task": "methane", "source": source_by_reference(str(rgb))}, [], rgb_engine
+        )
     assert err.value.code == "wrong_variant" and "EarthDial_4B_Methane_UHI" in err.value.message
 
 
@@ -134,7 +144,9 @@ def test_cancel_stops_a_running_decode_and_the_next_request_is_answered(server: 
         def slow() -> None:  # 2048 tokens of a random model: far longer than this test waits
             with Client(server, timeout_s=120) as client:
                 try:
-                    client.ask(source, "hi", task="chat", options={"max_new_tokens": 2048}, cancelled=stop.is_set)
+                    client.ask(
+                        source, "hi", task="chat", options={"max_new_tokens": 2048}, cancelled=stop.is_set
+                    )
                 except EarthDialError as exc:
                     outcome.append(exc)
 

@@ -43,7 +43,9 @@ def test_the_plugin_lists_nothing_the_backend_status_lists(backend) -> None:
                 if len(strings & names) >= 3:  # a second copy of (part of) a backend list
                     found.append(f"{module.relative_to(ROOT)}:{line} repeats the backend's {what}")
         text = module.read_text(encoding="utf-8")
-        found += [f"{module.relative_to(ROOT)} repeats {d!r}" for d in lists["preset descriptions"] if d in text]
+        found += [
+            f"{module.relative_to(ROOT)} repeats {d!r}" for d in lists["preset descriptions"] if d in text
+        ]
     assert not found, "\n".join(found)
 
 

@@ -30,7 +30,10 @@ def demo_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     if not EARTHDIAL.exists():
         pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing; run scripts/install.sh)")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    with running_backend([str(EARTHDIAL), "serve", "--endpoint", endpoint, "--device", "cpu"]) as (process, log):
+    with running_backend([str(EARTHDIAL), "serve", "--endpoint", endpoint, "--device", "cpu"]) as (
+        process,
+        log,
+    ):
         assert any("demo model" in line for line in log), "".join(log)
         yield Backend(endpoint, DEMO.parent, process, log, None)
 

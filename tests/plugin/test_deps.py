@@ -29,7 +29,9 @@ def test_the_command_targets_the_plugin_folder(tmp_path: Path) -> None:
 
     vendor = Path(deps.VENDOR_DIR)
     assert Path(deps.PLUGIN_DIR) not in vendor.parents and vendor != Path(deps.PLUGIN_DIR)
-    assert vendor.parent == Path(QgsApplication.qgisSettingsDirPath()).resolve() / "python" / "earthdial-vendor"
+    assert (
+        vendor.parent == Path(QgsApplication.qgisSettingsDirPath()).resolve() / "python" / "earthdial-vendor"
+    )
     assert vendor.name == f"py{sys.version_info.major}{sys.version_info.minor}"
     assert Path(deps.python_executable()).name.startswith("python")
 

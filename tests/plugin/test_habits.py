@@ -22,7 +22,16 @@ from earthdial_qgis.dock import GEOREF, HELP_URL
 
 def test_the_status_line_follows_a_backend_that_is_killed_and_restarted(make_dock, backend) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    command = [str(EARTHDIAL), "serve", "--model", str(backend.model), "--endpoint", endpoint, "--device", "cpu"]
+    command = [
+        str(EARTHDIAL),
+        "serve",
+        "--model",
+        str(backend.model),
+        "--endpoint",
+        endpoint,
+        "--device",
+        "cpu",
+    ]
     dock = make_dock()
     dock.endpoint_edit.setText(endpoint)
     dock.endpoint_edit.editingFinished.emit()

@@ -49,6 +49,8 @@ def test_a_positive_angle_turns_the_box_counter_clockwise_as_georef_does() -> No
     drawn = draw_boxes(image, [("", [20, 45, 80, 55, 30])])
 
     def inked(x: int, y: int) -> bool:
-        return any(QColor(drawn.pixel(x + dx, y + dy)).name() != "#000000" for dx in (-1, 0, 1) for dy in (-1, 0, 1))
+        return any(
+            QColor(drawn.pixel(x + dx, y + dy)).name() != "#000000" for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+        )
 
     assert inked(152, 70) and not inked(152, 130)

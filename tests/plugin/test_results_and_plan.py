@@ -222,7 +222,18 @@ def plan_then_send(dock: Any, layer: QgsRasterLayer) -> tuple[dict | None, Any]:
     ],
 )
 def test_the_summary_before_sending_is_what_the_reply_reports(
-    make_dock, qgis_new_project, qgis_iface, show_view, rasters, backend, ms_backend, kind, server, preset, sensor, by
+    make_dock,
+    qgis_new_project,
+    qgis_iface,
+    show_view,
+    rasters,
+    backend,
+    ms_backend,
+    kind,
+    server,
+    preset,
+    sensor,
+    by,
 ) -> None:
     layer = QgsRasterLayer(rasters[kind], kind, "gdal")
     assert layer.isValid()
@@ -237,7 +248,11 @@ def test_the_summary_before_sending_is_what_the_reply_reports(
     assert isinstance(reply, dict), reply
     info, chip = reply["input"], reply["chip"]
     assert (plan["preset"], plan["sensor"], plan["by"]) == (preset, sensor, by)
-    assert (plan["preset"], plan["reason"], plan["sensor"]) == (info["preset"], info["reason"], info["sensor"])
+    assert (plan["preset"], plan["reason"], plan["sensor"]) == (
+        info["preset"],
+        info["reason"],
+        info["sensor"],
+    )
     assert (plan["width"], plan["height"], plan["bands"]) == (chip["width"], chip["height"], chip["bands"])
     assert plan["gsd_m"] == pytest.approx(info["gsd_m"]) and plan["tiles"] == reply["tiles"]
     assert plan["warnings"] == info["warnings"]

@@ -338,7 +338,9 @@ def test_a_vrt_layer_the_backend_does_not_open_is_sent_as_pixels(
     try:
         with Client(backend.endpoint, timeout_s=60) as client:
             try:
-                client.georef({"kind": "ref", "path": str(vrt), "bands": None, "bounds": None, "crs": None}, ANSWER)
+                client.georef(
+                    {"kind": "ref", "path": str(vrt), "bands": None, "bounds": None, "crs": None}, ANSWER
+                )
                 pytest.skip("this backend reads VRTs")
             except EarthDialError as refused:
                 assert refused.code == "not_a_raster"
