@@ -536,6 +536,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         conns = status["connections"]
         print(f"clients   {conns['open']} connection(s) open, at most {conns['max']}")
     print(f"tasks     {', '.join(t['name'] for t in status['tasks'])}")
+    print(f"presets   {', '.join(p['name'] for p in status.get('presets', []))}")
     return 0
 
 

@@ -194,6 +194,7 @@ def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_p
     out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", server],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0 and "EarthDial_4B_RGB" in out.stdout
+    assert "presets   rgb8, rgb16, grey," in out.stdout  # the names Processing's PRESET takes
     gpkg = tmp_path / "ask.gpkg"
     out = subprocess.run([sys.executable, "-m", "earthdial.cli", "ask", str(utm_tif), "--task", "refer",
                           "--prompt", "ships", "--endpoint", server, "-o", str(gpkg)],
