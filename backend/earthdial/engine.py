@@ -380,7 +380,7 @@ class Engine:
                     ),
                 },
             )
-        return scoring.answers(self, out, [q.max_new_tokens for q in queries])
+        return list(scoring.answers(self, out, [q.max_new_tokens for q in queries]))  # Answer is a str
 
     def decode_options(self, batch: int, length: int) -> dict[str, Any]:
         """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`
@@ -480,7 +480,7 @@ class Engine:
                 pad_token_id=self.pad_id,
                 **{"output_scores": True, "return_dict_in_generate": True, **with_cancel(queries, overrides)},
             )
-        return scoring.answers(self, out, [q.max_new_tokens for q in queries])
+        return list(scoring.answers(self, out, [q.max_new_tokens for q in queries]))  # Answer is a str
 
     def _decode(self, ids: list[int]) -> str:
         for i, tok in enumerate(ids):

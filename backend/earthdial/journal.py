@@ -66,8 +66,8 @@ class Journal:
             good += len(line) + 1
         # boxes of a tile whose entry never came (cut off mid-tile) are dropped: that tile runs again
         self.features = [f for f in self.features if f["properties"].get("tile") in self.tiles]
-        with open(self.path, "r+b") as f:
-            f.truncate(good)  # appends go after the last whole line
+        with open(self.path, "r+b") as out:  # another name: mypy types `f` as the reader above
+            out.truncate(good)  # appends go after the last whole line
 
     def _add(self, event: dict[str, Any]) -> None:
         for tile in event.get("tiles", []):

@@ -265,7 +265,7 @@ class Ask:
 class TileAnswer:
     index: int
     answer: str
-    score: float  # probability of the answer's first token (its yes/no, or box/none, decision)
+    score: float | None  # probability of the answer's first token (its yes/no, or box/none, decision)
     features: list[dict[str, Any]]  # boxes kept (score >= min_score), georeferenced, in the tile's order
     footprint: list[list[float]]  # the tile's outline in map coordinates
 

@@ -1085,7 +1085,7 @@ def train(
     model.set_attn_implementation("sdpa")
     model.eval()
     seconds = time.perf_counter() - started_all
-    summary = {
+    summary: dict[str, Any] = {
         "seed": cfg.seed,
         "vision_steps": vision_steps,
         "vision_batch": cfg.vision_batch,
