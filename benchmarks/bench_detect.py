@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:
-            from earthdial.checkpoint import make_tiny_checkpoint
+            from earthdial.training.tiny import make_tiny_checkpoint
 
             model = str(make_tiny_checkpoint(Path(tmp) / "tiny"))
         rows = []

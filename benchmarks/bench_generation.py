@@ -28,6 +28,7 @@ import torch
 from earthdial import checkpoint, train
 from earthdial.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
 from earthdial.prompts import build_question
+from earthdial.training import tiny
 
 # Data-sheet memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) of cards we may run on.
 CARDS = {
@@ -39,7 +40,7 @@ CARDS = {
 
 
 def small_config(vocab: int, image_size: int) -> dict:
-    cfg = checkpoint.tiny_published_config(vocab, image_size)
+    cfg = tiny.tiny_published_config(vocab, image_size)
     cfg["vision_config"].update(
         hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=6
     )
@@ -57,8 +58,8 @@ def build_engine(size: str, device: str, image_size: int) -> Engine:
     from transformers import InternVLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    tokenizer = checkpoint._tiny_tokenizer("EarthDial_4B_RGB")
-    cfg = checkpoint.full_size_config(32064, image_size) if size == "full" else small_config(1024, image_size)
+    tokenizer = tiny._tiny_tokenizer("EarthDial_4B_RGB")
+    cfg = tiny.full_size_config(32064, image_size) if size == "full" else small_config(1024, image_size)
     cfg["llm_config"]["eos_token_id"] = cfg["llm_config"]["pad_token_id"] = tokenizer.pad_token_id
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     config = checkpoint.native_config(cfg, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))

@@ -29,7 +29,7 @@ def default_model(tmp: str) -> str:
     demo = Path(__file__).resolve().parents[1] / "backend" / "earthdial" / "models" / "demo"
     if (demo / "config.json").exists():
         return str(demo)
-    from earthdial.checkpoint import make_tiny_checkpoint
+    from earthdial.training.tiny import make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(Path(tmp) / "tiny", image_size=448))
 

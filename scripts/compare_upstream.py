@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from earthdial.training import tiny
+
 UPSTREAM_FILES = "src/earthdial"
 TIMM_STUB = """class DropPath:  # stand-in: upstream uses DropPath only when drop_path_rate > 0
     def __init__(self, *args, **kwargs):
@@ -162,7 +164,6 @@ def seen_query(model, tok, case: dict, feats_in) -> str:
 
 def prepare(work: Path, upstream_git: Path) -> None:
     """Upstream's Python files out of the bare git dir, the timm stub, and the two tiny checkpoints."""
-    from earthdial import checkpoint
 
     files = subprocess.run(
         ["git", f"--git-dir={upstream_git}", "ls-tree", "-r", "--name-only", "HEAD", UPSTREAM_FILES],
@@ -185,7 +186,7 @@ def prepare(work: Path, upstream_git: Path) -> None:
     for name, size, hidden in (("tiny224", 224, 64), ("tiny448", 448, 1024)):
         ckpt = work / name
         if not (ckpt / "config.json").exists():
-            checkpoint.make_tiny_checkpoint(
+            tiny.make_tiny_checkpoint(
                 ckpt, "EarthDial_4B_MS", image_size=size, seed=1, vision_hidden=hidden
             )
         # upstream's Phi-3 would ask for flash-attention 2 (not installed); eager is the same arithmetic

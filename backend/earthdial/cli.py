@@ -541,7 +541,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .checkpoint import make_full_size_checkpoint, make_tiny_checkpoint
+    from .training.tiny import make_full_size_checkpoint, make_tiny_checkpoint
 
     if args.full_size:
         path = make_full_size_checkpoint(args.directory, seed=args.seed)
@@ -577,7 +577,7 @@ def _demo_model() -> str | None:
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import time
 
-    from . import train
+    from . import training as train
 
     if args.init:  # a continuation of a trained checkpoint on the absent-class mixture
         cfg = train.continuation(args.init, minutes=args.minutes, seed=args.seed, steps=args.steps or None,
@@ -610,7 +610,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json as json_
     from pathlib import Path
 
-    from . import train
+    from . import training as train
     from .engine import Engine
 
     model = args.model or _demo_model()

@@ -22,7 +22,7 @@ EARTHDIAL = [sys.executable, "-m", "earthdial.cli"]
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from earthdial.checkpoint import make_tiny_checkpoint
+    from earthdial.training.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_RGB-tiny")
 
@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The multispectral/SAR variant: the one trained on EarthDial's band-group path."""
-    from earthdial.checkpoint import make_tiny_checkpoint
+    from earthdial.training.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "EarthDial_4B_MS-tiny", variant="EarthDial_4B_MS"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import checkpoint, service, synthetic, train
+from earthdial import checkpoint, prompts, service, synthetic
+from earthdial import training as train
 from earthdial.answers import parse_boxes
 from earthdial.protocol import source_by_reference
 
@@ -348,7 +349,7 @@ def test_shipped_demo_boxes_carry_scores_from_their_token_probabilities(demo_eng
     scene = synthetic.make_scene(train.EVAL_SEED + 1, 3)
     image = demo_engine.image(synthetic.render(scene), "[hr_rgb_0.5]")
     asked = scene.objects[0].cls
-    (answer,) = demo_engine.generate([Query(train.prompts.build_question("refer", asked, "[hr_rgb_0.5]"), [image], 40)])
+    (answer,) = demo_engine.generate([Query(prompts.build_question("refer", asked, "[hr_rgb_0.5]"), [image], 40)])
     assert isinstance(answer, Answer) and len(answer.logprobs) == len(answer.ids) > 0
     scores = answer.box_scores()
     assert len(scores) == len(parse_boxes(answer)) >= 1

@@ -22,7 +22,7 @@ from earthdial.engine import Engine
 from earthdial.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
 from earthdial.scoring import Answer
 from earthdial.server import Server
-from earthdial.train import DEMO_DIR
+from earthdial.training import DEMO_DIR
 
 
 def write(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1) -> Path:

@@ -12,6 +12,7 @@ from earthdial import checkpoint, memory
 from earthdial.engine import Engine, Query
 from earthdial.prompts import build_question
 from earthdial.quantize import weight_bytes
+from earthdial.training import tiny
 
 GIB = 1024**3
 
@@ -34,7 +35,7 @@ def test_the_4b_shapes_match_a_hand_count_and_the_real_config() -> None:
     assert (shapes.vision_params, shapes.projector_params, shapes.llm_params) == (vision, projector, llm)
     from transformers import InternVLForConditionalGeneration
 
-    cfg = checkpoint.full_size_config(32064, 448)
+    cfg = tiny.full_size_config(32064, 448)
     with torch.device("meta"):
         model = InternVLForConditionalGeneration._from_config(checkpoint.native_config(cfg, 32002))
     assert memory.Shapes.of(model) == shapes

@@ -16,6 +16,7 @@ from earthdial import checkpoint, sensors
 from earthdial.engine import Engine, Query, fuse_group_features
 from earthdial.prompts import build_question
 from earthdial.protocol import Client, EarthDialError, source_by_reference
+from earthdial.training import tiny
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +127,9 @@ def test_tags_the_vocabulary_lacks_name_the_variant_to_load(engine: Engine) -> N
 
 
 def test_variant_is_recognised_from_the_checkpoint(tmp_path: Path) -> None:
-    uhi = checkpoint.make_tiny_checkpoint(tmp_path / "whatever", variant="EarthDial_4B_Methane_UHI")
+    uhi = tiny.make_tiny_checkpoint(tmp_path / "whatever", variant="EarthDial_4B_Methane_UHI")
     assert checkpoint.load(uhi)[2].variant == "EarthDial_4B_Methane_UHI"
-    ms = checkpoint.make_tiny_checkpoint(tmp_path / "ms", variant="EarthDial_4B_MS")
+    ms = tiny.make_tiny_checkpoint(tmp_path / "ms", variant="EarthDial_4B_MS")
     assert checkpoint.load(ms)[2].variant == "EarthDial_4B_MS"
 
 

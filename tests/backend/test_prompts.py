@@ -10,11 +10,12 @@ from earthdial.engine import Engine, Query
 from earthdial.prompts import TASKS, build_question, expand_images, render_chat
 from earthdial.protocol import EarthDialError
 from earthdial.tokens import INTERNVL_TOKENS, PHI3_TOKENS, SENSOR_TAGS, TASK_TAGS, earthdial_tokens
+from earthdial.training import tiny
 
 
 @pytest.fixture(scope="module", params=[224, 448])
 def engine(request, tmp_path_factory) -> Engine:
-    path = checkpoint.make_tiny_checkpoint(
+    path = tiny.make_tiny_checkpoint(
         tmp_path_factory.mktemp(f"ck{request.param}"),
         variant="EarthDial_4B_Methane_UHI",
         image_size=request.param,
