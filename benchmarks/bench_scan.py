@@ -115,7 +115,9 @@ def main() -> None:
                 for batch in runs:
                     seconds, reply, _ = scan(client, path, args.tile, batch, args.prompt)
                     t = reply["timings"]
-                    runs[batch].append((seconds, t["read_wait_s"] / max(t["model_s"] + t["read_wait_s"], 1e-9)))
+                    runs[batch].append(
+                        (seconds, t["read_wait_s"] / max(t["model_s"] + t["read_wait_s"], 1e-9))
+                    )
     finally:
         proc.terminate()
         proc.wait(10)

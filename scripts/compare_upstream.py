@@ -186,9 +186,7 @@ def prepare(work: Path, upstream_git: Path) -> None:
     for name, size, hidden in (("tiny224", 224, 64), ("tiny448", 448, 1024)):
         ckpt = work / name
         if not (ckpt / "config.json").exists():
-            tiny.make_tiny_checkpoint(
-                ckpt, "EarthDial_4B_MS", image_size=size, seed=1, vision_hidden=hidden
-            )
+            tiny.make_tiny_checkpoint(ckpt, "EarthDial_4B_MS", image_size=size, seed=1, vision_hidden=hidden)
         # upstream's Phi-3 would ask for flash-attention 2 (not installed); eager is the same arithmetic
         cfg = json.loads((ckpt / "config.json").read_text())
         cfg["llm_config"]["attn_implementation"] = "eager"

@@ -78,8 +78,7 @@ def too_large(what: str, value: float, name: str, unit: str = "") -> EarthDialEr
     value_shown = f"{value / MIB:.1f} MiB" if unit == "bytes" else f"{value:,.0f}"
     return EarthDialError(
         ErrorCode.TOO_LARGE,
-        f"{what}: {value_shown}, over the server's limit of {shown} "
-        f"(`earthdial serve {option}` raises it)",
+        f"{what}: {value_shown}, over the server's limit of {shown} (`earthdial serve {option}` raises it)",
     )
 
 
@@ -159,7 +158,13 @@ def decimated_cost(win_w: int, win_h: int, out_w: int, out_h: int, bands: int, b
 
 
 def plan_read(
-    win_w: int, win_h: int, out_w: int, out_h: int, bands: int, overviews: list[int], block: tuple[int, int],
+    win_w: int,
+    win_h: int,
+    out_w: int,
+    out_h: int,
+    bands: int,
+    overviews: list[int],
+    block: tuple[int, int],
     what: str,
 ) -> tuple[bool, int]:
     """(average?, source pixels) for a read: averaged when that fits the pixel budget, else decimated
@@ -258,7 +263,8 @@ def check_text(header: dict[str, Any], raw: bytes | None = None) -> None:
         return
     if _has_surrogate(header):
         raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "a string of the request holds a lone surrogate (\\ud800-\\udfff): not valid Unicode"
+            ErrorCode.BAD_REQUEST,
+            "a string of the request holds a lone surrogate (\\ud800-\\udfff): not valid Unicode",
         )
 
 
@@ -268,7 +274,9 @@ def check_source_fields(source: dict[str, Any], where: str) -> None:
 
     bands = source.get("bands")
     if bands is not None:
-        if not isinstance(bands, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
+        if not isinstance(bands, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in bands
+        ):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.bands must be a list of 1-based ints, got {bands!r:.80}")  # fmt: skip
         if _limits is not None and len(bands) > _limits.max_bands:
             raise too_large(f"{where}.bands names {len(bands)} bands", len(bands), "max_bands")
@@ -279,7 +287,8 @@ def check_source_fields(source: dict[str, Any], where: str) -> None:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bounds)
     ):
         raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}"
+            ErrorCode.BAD_REQUEST,
+            f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}",
         )
     crs = source.get("crs")
     if crs is not None:

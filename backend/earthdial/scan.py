@@ -179,7 +179,9 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     if source["kind"] == "ref":
         path = access.check_path(_field(source, "path", str))
         info = imagery.describe(path)
-        preset, _ = _choose_preset(source, None, {"preset": options["preset"]} if options["preset"] else {}, info)
+        preset, _ = _choose_preset(
+            source, None, {"preset": options["preset"]} if options["preset"] else {}, info
+        )
         bands = _field(source, "bands", list, required=False) or list(preset.bands or []) or None
         bounds = _field(source, "bounds", list, required=False)
         with imagery.open_raster(path) as src:
@@ -242,7 +244,9 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
 
     sources = _field(header, "sources", list)
     if not 2 <= len(sources) <= 8:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes takes 2 to 8 layers (BEFORE AFTER [LATER ...])")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, "detect_changes takes 2 to 8 layers (BEFORE AFTER [LATER ...])"
+        )
     if not all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (source.kind 'ref')")  # fmt: skip
     names = [_field(s, "path", str) for s in sources]
@@ -250,7 +254,9 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
     infos = [imagery.describe(p) for p in paths]
     for name, info in zip(names, infos, strict=True):
         if not info.crs:
-            raise EarthDialError(ErrorCode.BAD_CRS, f"{name} has no CRS, so it cannot be aligned with the others")
+            raise EarthDialError(
+                ErrorCode.BAD_CRS, f"{name} has no CRS, so it cannot be aligned with the others"
+            )
     for k, (name, info) in enumerate(zip(names[1:], infos[1:], strict=True), start=2):
         if info.count != infos[0].count:
             raise EarthDialError(ErrorCode.BAND_OUT_OF_RANGE, f"layer {k} ({name}) has {info.count} band(s) "
@@ -265,7 +271,9 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
                 raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
         region = imagery.window_for(src, (left, bottom, right, top), None, paths[0])
         crs = imagery.crs_string(src.crs)
-    preset, _ = _choose_preset(sources[0], None, {"preset": options["preset"]} if options["preset"] else {}, infos[0])
+    preset, _ = _choose_preset(
+        sources[0], None, {"preset": options["preset"]} if options["preset"] else {}, infos[0]
+    )
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
     per_pair = limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])
@@ -279,7 +287,9 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
     tag = options["sensor"] or spec.sensor
     question = prompts.build_question("change", "", tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for("change", options["decoding"] or getattr(engine, "decoding", "greedy"))
+    beams, min_new = prompts.decoding_for(
+        "change", options["decoding"] or getattr(engine, "decoding", "greedy")
+    )
     gsd = infos[0].gsd_m * options["tile_size"] / out_size if infos[0].gsd_m else None
     jobs = []
     n = len(plan)

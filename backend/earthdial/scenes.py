@@ -59,7 +59,9 @@ class TilePlan:
 
     def window(self, index: int) -> Window:
         if not 0 <= index < len(self):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})")
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})"
+            )
         return Window(*protocol.plan_window(self.describe(), index))
 
     def describe(self, read_size: int | None = None) -> dict[str, Any]:
@@ -103,7 +105,9 @@ def plan_tiles(width: int, height: int, tile: int, overlap: float, col0: int = 0
 
 
 def plan_for_window(region: Window, tile: int, overlap: float) -> TilePlan:
-    return plan_tiles(int(region.width), int(region.height), tile, overlap, int(region.col_off), int(region.row_off))
+    return plan_tiles(
+        int(region.width), int(region.height), tile, overlap, int(region.col_off), int(region.row_off)
+    )
 
 
 # -- tiles and how they are read ----------------------------------------------------------------------
@@ -206,7 +210,9 @@ class ReadAhead:
         self._error: BaseException | None = None
         self.waited_s = 0.0
         self.read_s = 0.0
-        self._thread = threading.Thread(target=self._run, args=(iter(tiles),), name="earthdial-read", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(tiles),), name="earthdial-read", daemon=True
+        )
         self._thread.start()
 
     def _run(self, tiles: Iterator[Tile]) -> None:
@@ -342,7 +348,11 @@ def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> lis
     texts = decode(queries) if queries else []
     stats.model_s += time.perf_counter() - t
     asked = {id(tile) for tile in kept}
-    out = [TileAnswer(tile.index, "", None, [], footprint(tile.chips[0])) for tile in batch if id(tile) not in asked]
+    out = [
+        TileAnswer(tile.index, "", None, [], footprint(tile.chips[0]))
+        for tile in batch
+        if id(tile) not in asked
+    ]
     for tile, text in zip(kept, texts, strict=True):
         out.append(tile_answer(tile, text, ask))
     return sorted(out, key=lambda a: a.index)
@@ -361,7 +371,9 @@ def tile_answer(tile: Tile, text: str, ask: Ask) -> TileAnswer:
         if not score >= ask.min_score and not (math.isnan(score) and ask.min_score <= 0):
             continue
         cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
-        feat["properties"].update(score=_json_number(score), edge_distance=max(abs(cx - 50), abs(cy - 50)), order=k)
+        feat["properties"].update(
+            score=_json_number(score), edge_distance=max(abs(cx - 50), abs(cy - 50)), order=k
+        )
         kept.append(feat)
     return TileAnswer(tile.index, str(text), _json_number(first), kept, footprint(chip))
 
@@ -386,7 +398,9 @@ def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = IOU_THRES
 
     if not features:
         return []
-    features = sorted(features, key=lambda f: (f["properties"].get("tile", 0), f["properties"].get("order", 0)))
+    features = sorted(
+        features, key=lambda f: (f["properties"].get("tile", 0), f["properties"].get("order", 0))
+    )
 
     def rank(i: int) -> tuple[float, float]:
         p = features[i]["properties"]

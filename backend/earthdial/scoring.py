@@ -66,14 +66,18 @@ def answers(engine: Any, out: Any, limits: list[int]) -> list[Answer]:
     if getattr(out, "scores", None):
         beams = getattr(out, "beam_indices", None)
         try:
-            logprobs = engine.model.compute_transition_scores(
-                sequences, out.scores, beams, normalize_logits=beams is None
-            ).float().tolist()
+            logprobs = (
+                engine.model.compute_transition_scores(
+                    sequences, out.scores, beams, normalize_logits=beams is None
+                )
+                .float()
+                .tolist()
+            )
         except Exception:  # an output transformers cannot score: answers without scores, never a failure
             logprobs = None
     result = []
     for row, (ids, limit) in enumerate(zip(sequences.tolist(), limits, strict=True)):
-        ids = ids[len(ids) - len(out.scores):] if logprobs is not None else ids  # the new tokens only
+        ids = ids[len(ids) - len(out.scores) :] if logprobs is not None else ids  # the new tokens only
         ids = ids[:limit]
         end = next((i for i, tok in enumerate(ids) if tok in engine.stop_ids), len(ids))
         answer = Answer(engine._decode(ids))

@@ -80,7 +80,9 @@ class Server:
         self.started = time.monotonic()
         self.budgets = budgets or limits.Limits()
         self._previous_limits = limits.configure(self.budgets)
-        self.queue = FairQueue(queue_size, client_queue or max(1, queue_size // 2), self.budgets.max_queue_bytes)
+        self.queue = FairQueue(
+            queue_size, client_queue or max(1, queue_size // 2), self.budgets.max_queue_bytes
+        )
         self.connections = Connections(
             connection_cap(max_connections or 512), 300.0 if idle_timeout_s is None else idle_timeout_s
         )
@@ -438,7 +440,9 @@ def _running(job: Pending) -> Any:
     def stage(text: str) -> None:
         job.stage = text
 
-    return limits.running(job.cancel.is_set, limits.deadline_for(str(job.header.get("op")), job.received), stage)
+    return limits.running(
+        job.cancel.is_set, limits.deadline_for(str(job.header.get("op")), job.received), stage
+    )
 
 
 def _stop_flag(job: Pending) -> Any:

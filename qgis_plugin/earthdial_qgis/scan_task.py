@@ -79,7 +79,9 @@ class DockScan(QtCore.QObject):
         self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
         self.tile_spin.setValue(448)
         self.tile_spin.setSuffix(dock.tr(" px"))
-        self.tile_spin.setToolTip(dock.tr("Tile size in layer pixels (each tile is resized to the model's input)"))
+        self.tile_spin.setToolTip(
+            dock.tr("Tile size in layer pixels (each tile is resized to the model's input)")
+        )
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setVisible(False)
@@ -109,7 +111,9 @@ class DockScan(QtCore.QObject):
         if name == CHANGE_TASK:
             later = dock.later_layers.layers()
             if not later:
-                raise EarthDialError("no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too."))
+                raise EarthDialError(
+                    "no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too.")
+                )
             scan = scanning.changes_request([scanning.ScanLayer.of(x) for x in [layer, *later]], options)
             source_layer, names = None, " | ".join(x.name() for x in [layer, *later])
         else:
@@ -179,7 +183,9 @@ class DockScan(QtCore.QObject):
         self.progress.setVisible(False)
         if task.error is not None or task.reply is None:
             if self.live is not None and not _deleted(self.live):  # what was found stays, marked unmerged
-                self.live.setName(self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)")))
+                self.live.setName(
+                    self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)"))
+                )
             dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
             return
         p, scan = self.pending, task.scan
@@ -193,10 +199,13 @@ class DockScan(QtCore.QObject):
                 p["task"], "", p["names"], group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
         dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
         text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
-            tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found))
+            tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found)
+        )
         text += "".join(" " + x for x in problems)
         dock.result_label.setText(text)
-        dock.iface.messageBar().pushMessage(dock.tr("EarthDial"), text, level=Qgis.MessageLevel.Success, duration=8)
+        dock.iface.messageBar().pushMessage(
+            dock.tr("EarthDial"), text, level=Qgis.MessageLevel.Success, duration=8
+        )
 
 
 def _deleted(layer: Any) -> bool:

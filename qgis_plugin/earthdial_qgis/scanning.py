@@ -89,8 +89,12 @@ def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
     if layer.provider is None:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{layer.name}' has no readable data")
     if not layer.crs.isValid():
-        raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first")
-    size = 10**9 if layer.resolution is not None else WEB_SCAN_SIZE  # native pixels; web layers at a fixed size
+        raise EarthDialError(
+            ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first"
+        )
+    size = (
+        10**9 if layer.resolution is not None else WEB_SCAN_SIZE
+    )  # native pixels; web layers at a fixed size
     grid = pixel_grid(layer.extent, rect, layer.resolution, max_size=size)
     bands = layer.bands or list(range(1, min(layer.band_count, 3) + 1))
     sample = read_pixels(layer.provider, PixelGrid(grid.bounds, 4, 4), bands)

@@ -72,7 +72,9 @@ def test_serving_loads_no_training_module() -> None:
         "import sys, earthdial.cli, earthdial.server, earthdial.service, earthdial.engine, earthdial.checkpoint\n"
         "print(sorted(m for m in sys.modules if m.startswith('earthdial.training')))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 

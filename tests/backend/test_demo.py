@@ -349,7 +349,9 @@ def test_shipped_demo_boxes_carry_scores_from_their_token_probabilities(demo_eng
     scene = synthetic.make_scene(train.EVAL_SEED + 1, 3)
     image = demo_engine.image(synthetic.render(scene), "[hr_rgb_0.5]")
     asked = scene.objects[0].cls
-    (answer,) = demo_engine.generate([Query(prompts.build_question("refer", asked, "[hr_rgb_0.5]"), [image], 40)])
+    (answer,) = demo_engine.generate(
+        [Query(prompts.build_question("refer", asked, "[hr_rgb_0.5]"), [image], 40)]
+    )
     assert isinstance(answer, Answer) and len(answer.logprobs) == len(answer.ids) > 0
     scores = answer.box_scores()
     assert len(scores) == len(parse_boxes(answer)) >= 1
@@ -379,7 +381,9 @@ def test_serve_falls_back_to_the_shipped_demo() -> None:
 
     found = cli._demo_model()  # the package ships the demo model: `earthdial serve` without --model uses it
     assert found == str(train.DEMO_DIR)
-    assert (train.DEMO_DIR / "config.json").is_file() and (train.DEMO_DIR / "model.safetensors").stat().st_size > 1e6
+    assert (train.DEMO_DIR / "config.json").is_file() and (
+        train.DEMO_DIR / "model.safetensors"
+    ).stat().st_size > 1e6
 
 
 # ------------------------------------------------------------------------------------------------

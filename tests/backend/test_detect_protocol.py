@@ -25,7 +25,9 @@ from earthdial.server import Server
 from earthdial.training import DEMO_DIR
 
 
-def write(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1) -> Path:
+def write(
+    path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1
+) -> Path:
     count, rows, cols = data.shape
     with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
                        crs=crs, transform=from_origin(x0, 4_000_000, px, px)) as dst:  # fmt: skip
@@ -87,7 +89,9 @@ class ManyBoxes:
 
     def __init__(self, engine: Engine) -> None:
         self.inner, self.info = engine, engine.info
-        text = "".join(f"[[{3 * c}, {3 * r}, {3 * c + 2}, {3 * r + 2}, 0]]" for r in range(32) for c in range(32))
+        text = "".join(
+            f"[[{3 * c}, {3 * r}, {3 * c + 2}, {3 * r + 2}, 0]]" for r in range(32) for c in range(32)
+        )
         self.answer = "<ref>ship</ref><box>" + text + "</box>"
 
     def image(self, *a: Any, **k: Any) -> Any:
@@ -161,7 +165,13 @@ def test_a_layer_streamed_by_value_scans_with_the_same_tiles_and_merge_as_the_fi
     finally:
         stop_server(proc)
     assert ev_file[0]["plan"] == ev_value[0]["plan"] and by_file["tiles"] == by_value["tiles"] == 9
-    strip = lambda fs: [(f["geometry"], f["properties"]["label"], f["properties"]["score"], f["properties"]["tile"]) for f in fs]  # noqa: E731
+
+    def strip(fs):
+        return [
+            (f["geometry"], f["properties"]["label"], f["properties"]["score"], f["properties"]["tile"])
+            for f in fs
+        ]
+
     assert merged_file and strip(merged_file) == strip(merged_value)
     assert by_value["raw_boxes"] == by_file["raw_boxes"] > by_value["boxes"]  # overlapping tiles merged
 
@@ -172,7 +182,9 @@ def _gpkg(path: Path, layer: str | None = None) -> list[tuple]:
     return sorted(zip([bytes(g) for g in geoms], *(fields[names.index(n)] for n in ("label", "tile", "score", "answer")), strict=True))  # fmt: skip
 
 
-def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
     path = mosaic(tmp_path / "mosaic.tif", n=3)
     base = [*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2",
             "--model", str(DEMO_DIR), "--device", "cpu"]  # fmt: skip
@@ -181,7 +193,9 @@ def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_unint
     assert run.returncode == 0, run.stderr
     cut = tmp_path / "cut.gpkg"
     log = Path(journal.path_for(str(cut)))
-    proc = subprocess.Popen([*base, "-o", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*base, "-o", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
         time.sleep(0.05)  # waiting on state: two batches journalled
@@ -253,7 +267,9 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
     assert len(boxes) >= sum(1 for p in pairs if p.changed)
 
 
-def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(server: str, scene: Path, tmp_path: Path) -> None:
+def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(
+    server: str, scene: Path, tmp_path: Path
+) -> None:
     far = write(tmp_path / "far.tif", np.zeros((3, 50, 50), np.uint8), x0=900_000)
     no_crs = write(tmp_path / "nocrs.tif", np.zeros((3, 300, 300), np.uint8), crs=None)
     four = write(tmp_path / "four.tif", np.zeros((4, 400, 600), np.uint8))

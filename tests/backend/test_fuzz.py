@@ -108,9 +108,22 @@ def paths(tmp_path_factory) -> list[str]:
     (root / "vrt.tif").write_text(f'<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
                                   f'<SimpleSource><SourceFilename>{outside}</SourceFilename><SourceBand>1</SourceBand>'
                                   '</SimpleSource></VRTRasterBand></VRTDataset>')  # fmt: skip
-    with rasterio.open(root / "huge.tif", "w", driver="GTiff", width=200_000, height=200_000, count=1, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10), tiled=True,
-                       blockxsize=1024, blockysize=1024, sparse_ok=True, BIGTIFF="YES"):
+    with rasterio.open(
+        root / "huge.tif",
+        "w",
+        driver="GTiff",
+        width=200_000,
+        height=200_000,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+        tiled=True,
+        blockxsize=1024,
+        blockysize=1024,
+        sparse_ok=True,
+        BIGTIFF="YES",
+    ):
         pass  # every tile sparse: 1 MB on disk
     found = [
         _tif(root / "rgb.tif", (rng.random((3, 24, 40)) * 255).astype(np.uint8)),
@@ -497,22 +510,51 @@ def test_the_findings_of_issue_15_are_typed_errors(allow_fuzz_dir, worker, paths
     detect = {"op": "detect", "task": "refer", "prompt": "ships"}
     for bounds in (["a", 0, 1, 1], [None, 0, 1, 1], [[1], 0, 1, 1], [True, 0, 1, 1]):
         assert code({**detect, "source": {"kind": "ref", "path": rgb, "bounds": bounds}}) == "bad_request"
-    assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/\ud800.tif"}}) == "bad_request"
-    assert code({"op": "ask", "task": "refer", "prompt": "ships \udfff", "source": {"kind": "ref", "path": rgb}}) == "bad_request"
+    assert (
+        code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/\ud800.tif"}})
+        == "bad_request"
+    )
+    assert (
+        code({"op": "ask", "task": "refer", "prompt": "ships \udfff", "source": {"kind": "ref", "path": rgb}})
+        == "bad_request"
+    )
     assert code({**detect, "prompt": "\ud800", "source": {"kind": "ref", "path": rgb}}) == "bad_request"
     for crs in PROJ_CRS:
-        assert code({"op": "georef", "answer": ANSWERS[1],
-                     "source": {"kind": "ref", "path": rgb, "bounds": [0, 0, 1, 1], "crs": crs}}) == "bad_crs", crs
+        assert (
+            code(
+                {
+                    "op": "georef",
+                    "answer": ANSWERS[1],
+                    "source": {"kind": "ref", "path": rgb, "bounds": [0, 0, 1, 1], "crs": crs},
+                }
+            )
+            == "bad_crs"
+        ), crs
         assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "value", "transform": TRANSFORM, "crs": crs}},
                     (np.zeros((3, 8, 8), np.uint8),)) == "bad_crs", crs  # fmt: skip
     for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("hard.tif", "forbidden_path"),
                            ("huge.tif", "too_large")):  # fmt: skip
-        assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/{name}"}}) == expected
+        assert (
+            code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/{name}"}})
+            == expected
+        )
     for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("huge.tif", "ok")):
-        plan = {"op": "plan", "task": "refer", "prompt": "ships", "source": {"kind": "ref", "path": f"{root}/{name}"}}
+        plan = {
+            "op": "plan",
+            "task": "refer",
+            "prompt": "ships",
+            "source": {"kind": "ref", "path": f"{root}/{name}"},
+        }
         assert code(plan) == expected, name  # a plan reads metadata and a small sample only
-    assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": rgb, "bands": [1] * 600}}) == "too_large"
-    assert code({"op": "georef", "answer": ANSWER_MANY, "source": {"kind": "ref", "path": rgb}}) == "too_large"
+    assert (
+        code(
+            {"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": rgb, "bands": [1] * 600}}
+        )
+        == "too_large"
+    )
+    assert (
+        code({"op": "georef", "answer": ANSWER_MANY, "source": {"kind": "ref", "path": rgb}}) == "too_large"
+    )
 
 
 def test_in_process_fuzz_reached_ten_thousand_messages() -> None:
@@ -603,4 +645,6 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
     assert pyogrio.raw.read(str(user), layer="roads")[3][0].tolist() == ["mine"]
     assert notes.read_text() == '{"mine": true}'
     assert not [p for p in tmp_path.rglob(".earthdial-tmp-*") if p.is_dir()]
-    assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), seen
+    assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), (
+        seen
+    )

@@ -140,7 +140,9 @@ def test_a_small_window_of_a_huge_raster_is_still_read(server: str, rasters) -> 
     assert reply["chip"]["width"] == 1000 and len(reply["features"]["features"]) == 1
 
 
-def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(server: str, rasters, tmp_path) -> None:
+def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(
+    server: str, rasters, tmp_path
+) -> None:
     """`detect` with tile 16 and overlap 0.89 (a 235-byte request) built its tile list eagerly, to 5.5 GB;
     such tiles are now out of range, and tile 32 at overlap 0.5 over 4 000 px still makes 62 001 tiles."""
     path = _sparse_tif(tmp_path / "scene.tif", 4000)
@@ -167,11 +169,15 @@ def test_band_lists_by_value_pixels_and_wrong_bounds_are_refused_at_admission(li
     endpoint, proc = limited
     small = str(rasters["small"])
     with Client(endpoint, timeout_s=20) as c:
-        with pytest.raises(EarthDialError) as err:  # band 1 six hundred times in a 2 KB request: 2.8 GB before
+        with pytest.raises(
+            EarthDialError
+        ) as err:  # band 1 six hundred times in a 2 KB request: 2.8 GB before
             c.georef(source_by_reference(small, bands=[1] * 600), ANSWER)
         assert err.value.code == "too_large" and "--max-bands" in err.value.message
         with pytest.raises(EarthDialError) as err:  # by value: 3 x 400 x 400 px, over --max-value-pixels
-            c.georef(source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((3, 400, 400), np.uint8))
+            c.georef(
+                source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((3, 400, 400), np.uint8)
+            )
         assert err.value.code == "too_large" and "--max-value-pixels" in err.value.message
         for bounds in (["a", 1, 2, 3], [None, 1, 2, 3], [1, 2, 3], [True, 1, 2, 3]):
             for op in ("georef", "detect"):
@@ -186,7 +192,9 @@ def test_a_request_over_the_queue_budget_is_refused(limited) -> None:
     endpoint, _ = limited
     with Client(endpoint, timeout_s=20) as c:
         with pytest.raises(EarthDialError) as err:  # 1.28 MB of pixels (160 000 px), queue budget 1 MiB
-            c.georef(source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((1, 400, 400), np.float64))
+            c.georef(
+                source_by_value(TRANSFORM, "EPSG:32633"), ANSWER, pixels=np.zeros((1, 400, 400), np.float64)
+            )
         assert err.value.code == "too_large" and "--max-queue-mb" in err.value.message
 
 
@@ -240,7 +248,10 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
                 reply = _recv(worker, 5)
                 replies[reply["id"]] = reply
             assert {"q2", "q3"} == set(replies)
-            assert all(r["error"]["code"] == "busy" and "--max-queue-mb" in r["error"]["message"] for r in replies.values())
+            assert all(
+                r["error"]["code"] == "busy" and "--max-queue-mb" in r["error"]["message"]
+                for r in replies.values()
+            )
             t = time.monotonic()
             _send(worker, {"id": "c", "op": "cancel", "target": "long"})
             while not {"long", "c", "q0", "q1"} <= set(replies):
@@ -250,7 +261,9 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
             assert replies["long"]["error"]["code"] == "cancelled"
             assert time.monotonic() - t < 3  # within a strip or two, not the ~10 s the whole read takes
             assert probe.ping(timeout_s=2)["pong"]
-            assert replies["q0"]["ok"] and replies["q1"]["ok"]  # the queued ones that were accepted are answered
+            assert (
+                replies["q0"]["ok"] and replies["q1"]["ok"]
+            )  # the queued ones that were accepted are answered
     finally:
         worker.close()
 
@@ -258,7 +271,10 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
 def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
     endpoint, _ = limited
     worker = _dealer(endpoint)
-    _send(worker, {"id": "gone", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+    _send(
+        worker,
+        {"id": "gone", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))},
+    )
     with Client(endpoint, timeout_s=10) as probe:
         _wait_stage(probe, "gone", "reading")
         t = time.monotonic()
@@ -273,7 +289,15 @@ def test_sigterm_during_a_long_read_stops_the_server_at_once(rasters) -> None:
     proc = start_server(None, endpoint, extra=("--max-pixels", "20000000000"))
     worker = _dealer(endpoint)
     try:
-        _send(worker, {"id": "long", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+        _send(
+            worker,
+            {
+                "id": "long",
+                "op": "georef",
+                "answer": ANSWER,
+                "source": source_by_reference(str(rasters["slow"])),
+            },
+        )
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "long", "reading")
         t = time.monotonic()
@@ -334,12 +358,23 @@ def test_invented_client_names_do_not_starve_a_new_client(limited, rasters) -> N
     endpoint, _ = limited
     flood, newcomer = _dealer(endpoint), _dealer(endpoint)
     try:
-        _send(flood, {"id": "block", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))})
+        _send(
+            flood,
+            {
+                "id": "block",
+                "op": "georef",
+                "answer": ANSWER,
+                "source": source_by_reference(str(rasters["slow"])),
+            },
+        )
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "block", "reading")
             small = source_by_reference(str(rasters["small"]))
             for i in range(12):
-                _send(flood, {"id": f"f{i}", "op": "georef", "answer": ANSWER, "source": small, "client": f"name{i}"})
+                _send(
+                    flood,
+                    {"id": f"f{i}", "op": "georef", "answer": ANSWER, "source": small, "client": f"name{i}"},
+                )
             busy = [_recv(flood, 5) for _ in range(12 - 4)]  # --client-queue 4: its connection's share
             assert all(r["error"]["code"] == "busy" for r in busy), busy
             _send(newcomer, {"id": "new", "op": "georef", "answer": ANSWER, "source": small})
@@ -441,7 +476,14 @@ def test_an_oversize_header_is_answered_with_its_id(limited) -> None:
     sock = _dealer(endpoint)
     try:
         history = [["<image> " + "q" * 1000, "a" * 1000]] * 40  # a long chat history: ~80 KB
-        header = {"v": 1, "op": "ask", "task": "chat", "prompt": "hi", "options": {"history": history}, "id": "chat-7"}
+        header = {
+            "v": 1,
+            "op": "ask",
+            "task": "chat",
+            "prompt": "hi",
+            "options": {"history": history},
+            "id": "chat-7",
+        }
         sock.send_multipart([json.dumps(header).encode()])
         reply = _recv(sock)
         assert reply["id"] == "chat-7" and reply["error"]["code"] == "bad_header"
@@ -554,7 +596,9 @@ def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> N
             dst.build_overviews([4, 8], rasterio.enums.Resampling.average)
         chip = imagery.read_chip(str(path), max_size=500)  # through the 8x overview: 250 000 pixels
         with rasterio.open(path) as src:
-            assert np.array_equal(chip.data[0], src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.average))
+            assert np.array_equal(
+                chip.data[0], src.read(1, out_shape=(500, 500), resampling=rasterio.enums.Resampling.average)
+            )
         with pytest.raises(EarthDialError) as err:  # at full resolution: 16 M pixels either way
             imagery.read_chip(str(path), max_size=None)
         assert err.value.code == "too_large" and "--max-pixels" in err.value.message

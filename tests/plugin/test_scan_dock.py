@@ -37,7 +37,16 @@ def demo_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing)")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     allowed = tmp_path_factory.getbasetemp()
-    command = [str(EARTHDIAL), "serve", "--endpoint", endpoint, "--device", "cpu", "--allow-dir", str(allowed)]
+    command = [
+        str(EARTHDIAL),
+        "serve",
+        "--endpoint",
+        endpoint,
+        "--device",
+        "cpu",
+        "--allow-dir",
+        str(allowed),
+    ]
     with running_backend(command) as (process, log):
         yield Backend(endpoint, Path(), process, log, allowed)
 
@@ -51,8 +60,14 @@ def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _dock(qgis_iface: Any, endpoint: str, layer: QgsRasterLayer, task: str = "refer", prompt: str = "ship",
-          tile: int = 112) -> Any:
+def _dock(
+    qgis_iface: Any,
+    endpoint: str,
+    layer: QgsRasterLayer,
+    task: str = "refer",
+    prompt: str = "ship",
+    tile: int = 112,
+) -> Any:
     from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
 
     QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
@@ -114,7 +129,9 @@ def test_a_layer_the_backend_cannot_read_is_streamed_with_the_same_tiles_and_mer
         shutil.rmtree(outside, ignore_errors=True)
 
     def boxes(layer: QgsVectorLayer) -> list[tuple]:
-        return sorted((f["tile"], f["label"], round(f["score"], 3), f.geometry().asWkt(1)) for f in layer.getFeatures())
+        return sorted(
+            (f["tile"], f["label"], round(f["score"], 3), f.geometry().asWkt(1)) for f in layer.getFeatures()
+        )
 
     assert boxes(by_file) and boxes(by_value) == boxes(by_file)
 

@@ -112,7 +112,9 @@ def absent_example(scene: Scene, image: np.ndarray, rng: np.random.Generator) ->
     present = {o.cls for o in scene.objects}
     missing = [c for c in CLASSES if c not in present]
     if not missing:
-        raise ValueError("an absent-class example needs a scene that lacks a class (make_examples leaves one out)")
+        raise ValueError(
+            "an absent-class example needs a scene that lacks a class (make_examples leaves one out)"
+        )
     cls = str(rng.choice(missing))
     q = prompts.build_question("refer", str(rng.choice(SYNONYMS[cls])), sensor)
     conv = record(q, absent_answer(cls))

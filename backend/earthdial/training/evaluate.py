@@ -1,5 +1,4 @@
-"""Scoring a checkpoint on held-out synthetic scenes through the server's own request path.
-"""
+"""Scoring a checkpoint on held-out synthetic scenes through the server's own request path."""
 
 from __future__ import annotations
 
@@ -175,7 +174,9 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
         jobs.append(("grounding", scene, {"op": "ask", "task": "grounding", "source": src}))
         for k, cls in enumerate(CLASSES):  # every class, present or not: absent-class answers and scene P/R
             asked_cls = SYNONYMS[cls][(i + k) % 2]
-            jobs.append(("scene", (scene, cls), {"op": "ask", "task": "refer", "prompt": asked_cls, "source": src}))
+            jobs.append(
+                ("scene", (scene, cls), {"op": "ask", "task": "refer", "prompt": asked_cls, "source": src})
+            )
         pair = synthetic.make_pair(seed, i)
         pb = synthetic.write_geotiff(root / f"pair_{i:04d}_a.tif", synthetic.render(pair.before, size))
         pa = synthetic.write_geotiff(root / f"pair_{i:04d}_b.tif", synthetic.render(pair.after, size))
@@ -261,7 +262,9 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
     from ..protocol import source_by_reference
 
     layout = [[synthetic.make_scene(seed, 50_000 + r * n + c) for c in range(n)] for r in range(n)]
-    image = np.concatenate([np.concatenate([synthetic.render(sc, side) for sc in row], axis=2) for row in layout], axis=1)
+    image = np.concatenate(
+        [np.concatenate([synthetic.render(sc, side) for sc in row], axis=2) for row in layout], axis=1
+    )
     path = root / "scan_mosaic.tif"
     transform = from_origin(*synthetic.ORIGIN, synthetic.SCENE_METRES / side, synthetic.SCENE_METRES / side)
     with rasterio.open(path, "w", driver="GTiff", width=image.shape[2], height=image.shape[1], count=3,
@@ -286,7 +289,10 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
         header = {"op": "detect", "task": "refer", "prompt": SYNONYMS[cls][1], "source": source_by_reference(str(path)),
                   "options": {"tile_size": side, "overlap": 0.1, "batch": 16}}  # fmt: skip
         tiles = scan.run(header, engine, keep)["tiles"]
-        boxes = [Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]]) for f in scenes.finished(found)]
+        boxes = [
+            Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]])
+            for f in scenes.finished(found)
+        ]
 
         def iou(a: Any, b: Any) -> float:
             inter = a.intersection(b).area

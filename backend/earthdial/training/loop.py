@@ -423,7 +423,10 @@ def train(
         "checks": checks,
     }
     if cfg.init:
-        summary["continued_from"] = {"path": os.path.basename(os.path.normpath(cfg.init)), "training": previous}
+        summary["continued_from"] = {
+            "path": os.path.basename(os.path.normpath(cfg.init)),
+            "training": previous,
+        }
     pub["training"] = summary
     if out is not None:
         save_checkpoint(model, tokenizer, pub, out)

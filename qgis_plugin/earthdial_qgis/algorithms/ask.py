@@ -49,7 +49,12 @@ class AskAlgorithm(EarthDialAlgorithm):
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
                 task = self.task(parameters, context, client)
-                header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+                header = {
+                    "op": "ask",
+                    "task": task,
+                    "prompt": prompt,
+                    "options": self.options(parameters, context),
+                }
                 sink, dest = self.sink(parameters, context, self.reader.crs)
                 reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)
         except EarthDialError as exc:

@@ -73,7 +73,12 @@ class ChangeAlgorithm(EarthDialAlgorithm):
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
                 task = self.task(parameters, context, client)
-                header = {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+                header = {
+                    "op": "ask",
+                    "task": task,
+                    "prompt": prompt,
+                    "options": self.options(parameters, context),
+                }
                 sink, dest = self.sink(parameters, context, first.crs)
                 reply = ask_once(client, header, pair, feedback)
         except EarthDialError as exc:

@@ -172,9 +172,9 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(
             QgsProcessingParameterString(
                 TASK,
-                self.tr("Task (one of the backend's tasks on {n} image(s); `earthdial status` lists them)").format(
-                    n=images
-                ),
+                self.tr(
+                    "Task (one of the backend's tasks on {n} image(s); `earthdial status` lists them)"
+                ).format(n=images),
                 defaultValue=default,
             )
         )

@@ -71,7 +71,9 @@ def scan_options(algorithm: EarthDialAlgorithm, parameters: dict[str, Any], cont
     def get(name: str, default: Any, kind: str) -> Any:
         if parameters.get(name) is None:
             return default
-        return (algorithm.parameterAsInt if kind == "int" else algorithm.parameterAsDouble)(parameters, name, context)
+        return (algorithm.parameterAsInt if kind == "int" else algorithm.parameterAsDouble)(
+            parameters, name, context
+        )
 
     return {**algorithm.options(parameters, context), "tile_size": get(TILE_SIZE, 448, "int"),
             "overlap": get(OVERLAP, 0.1, "float"), "batch": get(BATCH, 8, "int"),

@@ -66,7 +66,9 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterNumber(
             TIMEOUT, self.tr("Timeout without progress, seconds"), number_type("Integer"),
             defaultValue=settings.timeout_s(), minValue=1)))  # fmt: skip
-        self.addParameter(QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Changes"), type=_polygon_source_type()))
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Changes"), type=_polygon_source_type())
+        )
         self.addParameter(QgsProcessingParameterFeatureSink(
             OUTPUT_TILES, self.tr("Change map tiles"), type=_polygon_source_type()))  # fmt: skip
 
@@ -91,7 +93,9 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         outputs = {}
         names = {OUTPUT: f"changes — {first.name}", OUTPUT_TILES: f"change tiles — {first.name}"}
         for key, features in ((OUTPUT, boxes), (OUTPUT_TILES, tiles)):
-            sink, dest = self.parameterAsSink(parameters, key, context, result_fields(), polygon_type(), first.crs)
+            sink, dest = self.parameterAsSink(
+                parameters, key, context, result_fields(), polygon_type(), first.crs
+            )
             if sink is None:
                 raise QgsProcessingException(self.invalidSinkError(parameters, key))
             sink.addFeatures(features, QgsFeatureSink.Flag.FastInsert)
