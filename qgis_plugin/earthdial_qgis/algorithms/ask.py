@@ -48,13 +48,8 @@ class AskAlgorithm(EarthDialAlgorithm):
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
-                task = self.task(parameters, context, client)
-                header = {
-                    "op": "ask",
-                    "task": task,
-                    "prompt": prompt,
-                    "options": self.options(parameters, context),
-                }
+                header = self.ask_header(parameters, context, client, prompt)
+                task = header["task"]
                 sink, dest = self.sink(parameters, context, self.reader.crs)
                 reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)
         except EarthDialError as exc:

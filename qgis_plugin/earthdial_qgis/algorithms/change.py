@@ -72,13 +72,8 @@ class ChangeAlgorithm(EarthDialAlgorithm):
         pair = [(reader, self.rect, first.crs) for reader in self.readers]
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
-                task = self.task(parameters, context, client)
-                header = {
-                    "op": "ask",
-                    "task": task,
-                    "prompt": prompt,
-                    "options": self.options(parameters, context),
-                }
+                header = self.ask_header(parameters, context, client, prompt)
+                task = header["task"]
                 sink, dest = self.sink(parameters, context, first.crs)
                 reply = ask_once(client, header, pair, feedback)
         except EarthDialError as exc:

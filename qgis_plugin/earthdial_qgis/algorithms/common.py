@@ -179,6 +179,13 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
             )
         )
 
+    def ask_header(
+        self, parameters: dict[str, Any], context: QgsProcessingContext, client: Any, prompt: str
+    ) -> dict[str, Any]:
+        """The `ask` request of this run: the task (checked with the backend), prompt and band options."""
+        task = self.task(parameters, context, client)
+        return {"op": "ask", "task": task, "prompt": prompt, "options": self.options(parameters, context)}
+
     def task(self, parameters: dict[str, Any], context: QgsProcessingContext, client: Any) -> str:
         """The task asked for, if the backend has it for this algorithm's number of images."""
         name = (self.parameterAsString(parameters, TASK, context) or "").strip()
