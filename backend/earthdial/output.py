@@ -766,6 +766,8 @@ def _write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
         code = ErrorCode.READ_ONLY
     elif isinstance(exc, sqlite3.OperationalError) and "locked" in text:
         code = ErrorCode.BUSY
+    elif number == errno.ENAMETOOLONG:  # the name the user gave, not a fault of ours
+        code = ErrorCode.BAD_REQUEST
     elif _low_space(directory):
         code = ErrorCode.DISK_FULL
     elif not os.access(directory, os.W_OK):
@@ -774,6 +776,7 @@ def _write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
         ErrorCode.DISK_FULL: f"the disk holding {directory} is full; free some space, or write elsewhere",
         ErrorCode.READ_ONLY: f"{directory} cannot be written (read-only or no permission); write elsewhere",
         ErrorCode.BUSY: "another program holds the GeoPackage locked; save or close its edits and run again",
+        ErrorCode.BAD_REQUEST: "the file name is longer than the file system allows; pick a shorter one",
     }.get(code)
     message = f"{what} failed: {exc}" + (f" ({advice})" if advice else "") + "; nothing was changed"
     return EarthDialError(code, message)
