@@ -282,7 +282,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if tensor.numel() * tensor.element_size() != end - begin:
                 raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {entry['shape']}")
             f.seek(start + begin)
-            if end > begin and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+            raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy is a buffer
+            if end > begin and f.readinto(raw) != end - begin:
                 raise CheckpointError(f"{path}: tensor {name} is cut short (truncated file?)")
             yield name, tensor
 
@@ -311,7 +312,7 @@ def write_safetensors(
             tensor = make(name).to(dtype).contiguous()
             if tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{name}: made {tuple(tensor.shape)}, declared {tuple(shape)}")
-            f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # numpy is a buffer
     tmp.replace(path)
 
 
