@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from earthdial import checkpoint, train
+from earthdial import checkpoint
+from earthdial import training as train
 from earthdial.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
 from earthdial.prompts import build_question
 from earthdial.training import tiny

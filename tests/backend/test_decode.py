@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from earthdial import prompts, train
+from earthdial import prompts
+from earthdial import training as train
 from earthdial.engine import Engine, Query, decode_for
 from earthdial.protocol import EarthDialError
 
