@@ -62,13 +62,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    ap.add_argument("--skip-above-gb", type=float, default=20.0, help="do not run a load estimated above this")
+    ap.add_argument(
+        "--skip-above-gb", type=float, default=20.0, help="do not run a load estimated above this"
+    )
     args = ap.parse_args()
     count, file_bytes = file_dtype_bytes(Path(args.checkpoint))
     floor = measure(args.checkpoint, "imports", "float32")["peak_gb"]
     gb = 1024**3
-    print(f"{count / 1e9:.2f} B weights, {file_bytes} bytes each in the file; imports alone: {floor:.2f} GB RSS")
-    print(f"{'dtype':6} {'path':5} {'estimate GB':>11} {'peak RSS GB':>11} {'over imports':>12} {'load s':>7}")
+    print(
+        f"{count / 1e9:.2f} B weights, {file_bytes} bytes each in the file; imports alone: {floor:.2f} GB RSS"
+    )
+    print(
+        f"{'dtype':6} {'path':5} {'estimate GB':>11} {'peak RSS GB':>11} {'over imports':>12} {'load s':>7}"
+    )
     for name in args.dtype:
         dtype, size = DTYPES[name]
         estimates = {
@@ -78,7 +84,9 @@ def main() -> None:
         peaks = {}
         for weights in ("copy", "meta"):
             if estimates[weights] > args.skip_above_gb:
-                print(f"{name:6} {weights:5} {estimates[weights]:11.1f} {'not run: estimate over ' + str(args.skip_above_gb) + ' GB':>32}")
+                print(
+                    f"{name:6} {weights:5} {estimates[weights]:11.1f} {'not run: estimate over ' + str(args.skip_above_gb) + ' GB':>32}"
+                )
                 continue
             r = measure(args.checkpoint, weights, dtype)
             peaks[weights] = r["peak_gb"]

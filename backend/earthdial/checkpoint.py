@@ -280,7 +280,9 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
             if tensor.numel() * tensor.element_size() != end - begin:
-                raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {entry['shape']}")
+                raise CheckpointError(
+                    f"{path}: tensor {name}: {end - begin} bytes for shape {entry['shape']}"
+                )
             f.seek(start + begin)
             raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy is a buffer
             if end > begin and f.readinto(raw) != end - begin:
@@ -462,7 +464,9 @@ def _load_on_meta(directory: Path, config: Any, device: str, dtype: torch.dtype,
             if not stale:
                 continue
             if not hasattr(module, "config"):
-                raise CheckpointError(f"{directory}: cannot rebuild buffers {stale} of {type(module).__name__}")
+                raise CheckpointError(
+                    f"{directory}: cannot rebuild buffers {stale} of {type(module).__name__}"
+                )
             with torch.device(device):
                 fresh = type(module)(config=module.config)
             for n in stale:

@@ -207,7 +207,10 @@ def test_meta_device_load_equals_the_copying_load(tiny_checkpoint: Path, dtype: 
     logits exactly, with nothing left on the meta device."""
     old, _, _ = checkpoint.load(tiny_checkpoint, dtype=dtype, weights="copy")
     new, _, _ = checkpoint.load(tiny_checkpoint, dtype=dtype)
-    for a, b in ((old.state_dict(), new.state_dict()), (dict(old.named_buffers()), dict(new.named_buffers()))):
+    for a, b in (
+        (old.state_dict(), new.state_dict()),
+        (dict(old.named_buffers()), dict(new.named_buffers())),
+    ):
         assert set(a) == set(b)
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

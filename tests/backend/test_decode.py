@@ -43,7 +43,9 @@ def _answers(engine: Engine, mode: str, queries: list[Query]) -> tuple[list[str]
         engine.decode = "dynamic"
 
 
-@pytest.mark.skipif(not (train.DEMO_DIR / "model.safetensors").exists(), reason="the demo checkpoint is not built")
+@pytest.mark.skipif(
+    not (train.DEMO_DIR / "model.safetensors").exists(), reason="the demo checkpoint is not built"
+)
 def test_static_cache_answers_equal_dynamic_on_every_task_shape() -> None:
     engine = Engine(str(train.DEMO_DIR), device="cpu")
     assert engine.decode == "dynamic"  # CPU default: compiling does not pay here (docs/performance.md)

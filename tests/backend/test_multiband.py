@@ -235,4 +235,6 @@ def test_all_groups_and_tiles_of_a_batch_in_one_vision_call(engine: Engine) -> N
     assert batched.shape == (sum(im.tiles for im in images) * engine.info.tokens_per_tile, batched.shape[1])
     torch.testing.assert_close(batched, looped)
     start = images[0].tiles * engine.info.tokens_per_tile
-    torch.testing.assert_close(batched[start : start + native.shape[0] * native.shape[1]], native.flatten(0, 1))
+    torch.testing.assert_close(
+        batched[start : start + native.shape[0] * native.shape[1]], native.flatten(0, 1)
+    )
