@@ -29,12 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 
-from earthdial import finetune, service, synthetic, train, training_data  # noqa: E402
+from earthdial import service, synthetic  # noqa: E402
+from earthdial import training as train  # noqa: E402
 from earthdial.answers import Box, parse_boxes  # noqa: E402
 from earthdial.engine import Engine  # noqa: E402
 from earthdial.georef import box_to_polygon  # noqa: E402
 from earthdial.output import write_features  # noqa: E402
 from earthdial.protocol import source_by_reference  # noqa: E402
+from earthdial.training import export as training_data  # noqa: E402
+from earthdial.training import finetune  # noqa: E402
 
 NEW = synthetic.NEW_CLASS
 ANALYST_SEED, HELD_OUT_SEED = 4401, 4402

@@ -632,7 +632,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_training(args: argparse.Namespace) -> int:
-    from . import training_data
+    from .training import export as training_data
 
     result = training_data.export(args.gpkg, args.output, args.layer or None)
     for line in result.lines():
@@ -644,7 +644,7 @@ def cmd_export_training(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import time
 
-    from . import finetune
+    from .training import finetune
 
     model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
     if not model:

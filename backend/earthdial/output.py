@@ -54,7 +54,7 @@ __all__ = ["FIELDS", "MARK", "check_target", "clean_scratch", "layer_name", "rep
 # The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
 FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created",
           "score", "change", "pair",  # score, change, pair: whole-scene scans (scan.py)
-          "review", "request")  # review, request: the analyst's verdict and the request (training_data.py)
+          "review", "request")  # review, request: the analyst's verdict and the request (training/export.py)
 REAL_FIELDS = ("angle", "gsd", "score")  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through protocol.py)

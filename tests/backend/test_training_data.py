@@ -13,11 +13,12 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from earthdial import synthetic, training_data
+from earthdial import synthetic
 from earthdial.answers import Box
 from earthdial.georef import box_to_polygon
 from earthdial.output import write_features
 from earthdial.protocol import EarthDialError
+from earthdial.training import export as training_data
 
 # a 100 x 100 raster of 1 m pixels; the window asked about is 50 x 50 pixels at cols 20-70, rows 10-60
 ORIGIN = (500_000.0, 4_000_100.0)
@@ -163,9 +164,11 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
     pytest.importorskip("peft")
     import torch
 
-    from earthdial import adapters, finetune, prompts, train
+    from earthdial import adapters, prompts
+    from earthdial import training as train
     from earthdial.checkpoint import CheckpointError, load
     from earthdial.engine import Engine, Query
+    from earthdial.training import finetune
 
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"

@@ -36,8 +36,11 @@ from __future__ import annotations
 
 from .data import (
     ABSENT_MIX,
+    Batch,
+    Example,
     SoftNumberLoss,
     _cells_of,
+    _render_size,
     _turn_array,
     absent_answer,
     collate,
@@ -46,7 +49,16 @@ from .data import (
     turn_scene,
 )
 from .evaluate import EvalResult, box_iou, evaluate, truth_box
-from .loop import DenseAid, TrainConfig, attend_eagerly, continuation, optimiser, train, train_step
+from .loop import (
+    DenseAid,
+    ThreadTuner,
+    TrainConfig,
+    attend_eagerly,
+    continuation,
+    optimiser,
+    train,
+    train_step,
+)
 from .model import (
     DEMO_DIR,
     EVAL_SEED,
@@ -60,6 +72,10 @@ from .model import (
 )
 
 __all__ = [
+    "Batch",
+    "Example",
+    "ThreadTuner",
+    "_render_size",
     "ABSENT_MIX",
     "DEMO_DIR",
     "DenseAid",

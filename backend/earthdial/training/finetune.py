@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import adapters, checkpoint, train, training_data
-from .engine import Engine, attention_for, pick_device
-from .protocol import EarthDialError, ErrorCode
+from .. import adapters, checkpoint
+from .. import training as train
+from ..engine import Engine, attention_for, pick_device
+from ..protocol import EarthDialError, ErrorCode
+from . import export as training_data
 
 _BOX = re.compile(r"\[\[(\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\]")
 TIMING_STEPS = 5  # steps timed for the estimate (the first, which warms up, is left out of it)
@@ -129,8 +131,8 @@ def with_focus(example: train.Example) -> train.Example:
     """The example with, per answer turn, the regions of the boxes it writes (for the look aid)."""
     from shapely.geometry import Polygon
 
-    from .answers import parse_boxes
-    from .georef import box_pixel_corners
+    from ..answers import parse_boxes
+    from ..georef import box_pixel_corners
 
     focus = []
     for turn in example.conversation[1::2]:
