@@ -40,7 +40,8 @@ def lora_config(rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, proj
     from peft import LoraConfig
 
     targets = f"({LLM_TARGETS})|({VISION_TARGETS})" if vision else LLM_TARGETS
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+    scale: Any = alpha  # peft annotates an int but scales by alpha / r: a float is fine
+    return LoraConfig(r=rank, lora_alpha=scale, lora_dropout=dropout, target_modules=targets,
                       modules_to_save=[PROJECTOR] if projector else None, bias="none")  # fmt: skip
 
 

@@ -275,9 +275,9 @@ def records_for_request(request: dict[str, Any], features: list[Feature], chip: 
         records.append({"kind": "refer" if boxes else "negative", "label": label, "boxes": boxes,
                         "conversations": _record(question, answer)})  # fmt: skip
     if task == "grounding" and complete:
-        kept = [(lbl, f) for lbl, g in labels.items() for f in g if f.review in KEPT]
+        labelled = [(lbl, f) for lbl, g in labels.items() for f in g if f.review in KEPT]
         boxes = _reading_order([polygon_to_box(f.ring, chip.transform, chip.width, chip.height, lbl)
-                                for lbl, f in kept])  # fmt: skip
+                                for lbl, f in labelled])  # fmt: skip
         if boxes:
             answer = " ".join(grounded(b.label or "", [b]) for b in boxes)
             question = prompts.build_question("grounding", "", sensor)

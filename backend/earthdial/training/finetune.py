@@ -106,8 +106,12 @@ def turned(example: train.Example, quarter: int, flip: bool) -> train.Example:
         image = image[:, :, ::-1]
     image = np.ascontiguousarray(np.rot90(image, k=-quarter, axes=(1, 2)))
 
+    def turn(m: re.Match[str]) -> str:
+        x1, y1, x2, y2, angle = (float(g) for g in m.groups())
+        return _turn_box(x1, y1, x2, y2, angle, quarter, flip)
+
     def fix(text: str) -> str:
-        return _BOX.sub(lambda m: _turn_box(*(float(g) for g in m.groups()), quarter, flip), text)
+        return _BOX.sub(turn, text)
 
     conv = [dict(turn, value=fix(turn["value"])) if turn["from"] == "gpt" else turn
             for turn in example.conversation]  # fmt: skip
@@ -141,7 +145,7 @@ def with_focus(example: train.Example) -> train.Example:
             x1, y1, x2, y2 = Polygon(box_pixel_corners(box, 1.0, 1.0)).bounds
             regions.append((0, Region(max(x1, 0.0), max(y1, 0.0), min(x2, 1.0), min(y2, 1.0))))
         focus.append(regions)
-    return replace(example, focus=focus)
+    return replace(example, focus=focus)  # type: ignore[arg-type]  # only the focus' bounds are read
 
 
 # ------------------------------------------------------------------------------------------------

@@ -196,8 +196,8 @@ def attend_eagerly(model: Any) -> None:
     model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
 
 
-def train_step(model: Any, batch: Batch, loss_fn: SoftNumberLoss, opt: torch.optim.Optimizer, cfg: TrainConfig,
-               aid: DenseAid | None = None) -> float:  # fmt: skip
+def train_step(model: Any, batch: Batch, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               opt: torch.optim.Optimizer, cfg: TrainConfig, aid: DenseAid | None = None) -> float:  # fmt: skip
     """One optimiser step. The image features are computed once and spliced into the prompt embeddings
     at the <IMG_CONTEXT> positions, exactly as `Engine.generate` does."""
     model.train()
