@@ -121,7 +121,9 @@ def read_back(gpkg: Path, layer: str) -> dict:
 
 def refer_share(engine: Engine, scenes: list[tuple[synthetic.Scene, str]]) -> tuple[float, float]:
     """Referring IoU >= 0.5 (and mean IoU) for the new class, asked by reference through `service`."""
-    headers = [{"op": "ask", "task": "refer", "prompt": NEW, "source": source_by_reference(p)} for _, p in scenes]
+    headers = [
+        {"op": "ask", "task": "refer", "prompt": NEW, "source": source_by_reference(p)} for _, p in scenes
+    ]
     ious = []
     for k in range(0, len(headers), 50):
         for reply, (scene, _) in zip(ask(engine, headers[k : k + 50]), scenes[k : k + 50], strict=True):
@@ -159,7 +161,14 @@ def main() -> int:
     asks: list[tuple[int, str, str, dict]] = []  # (scene, task, class, header)
     for n, (scene, path) in enumerate(analyst):
         src = source_by_reference(path)
-        asks.append((n, "refer", NEW, {"op": "ask", "task": "refer", "prompt": ("tree", "trees")[n % 2], "source": src}))
+        asks.append(
+            (
+                n,
+                "refer",
+                NEW,
+                {"op": "ask", "task": "refer", "prompt": ("tree", "trees")[n % 2], "source": src},
+            )
+        )
         for j, cls in enumerate(sorted({o.cls for o in scene.objects} - {NEW})):
             said = train.SYNONYMS[cls][(n + j) % len(train.SYNONYMS[cls])]
             asks.append((n, "refer", cls, {"op": "ask", "task": "refer", "prompt": said, "source": src}))

@@ -46,16 +46,26 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)")
-    p.add_argument("--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours (0-0.5)")
+    p.add_argument(
+        "--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)"
+    )
+    p.add_argument(
+        "--overlap", type=float, default=0.1, help="share of a tile overlapping its neighbours (0-0.5)"
+    )
     p.add_argument("--batch", type=int, default=8, help="tiles decoded together")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop boxes scored below this (0-1; docs/outputs.md)")
+    p.add_argument(
+        "--min-score", type=float, default=0.0, help="drop boxes scored below this (0-1; docs/outputs.md)"
+    )
     p.add_argument("--sensor", help="EarthDial sensor tag (default: from the preset and GSD)")
-    p.add_argument("--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)")
+    p.add_argument(
+        "--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)"
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
     p.add_argument("--model", help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--resume", action="store_true", help="go on from the journal an interrupted run left beside -o")
+    p.add_argument(
+        "--resume", action="store_true", help="go on from the journal an interrupted run left beside -o"
+    )
     _add_output_args(p, "the merged boxes")
 
 
@@ -108,7 +118,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
         check_target(args.output, getattr(args, "layer", None), getattr(args, "overwrite", False))
     elif getattr(args, "layer", None):
-        raise EarthDialError("bad_request", "--layer names a layer of the -o GeoPackage: pass -o FILE.gpkg too")
+        raise EarthDialError(
+            "bad_request", "--layer names a layer of the -o GeoPackage: pass -o FILE.gpkg too"
+        )
     if getattr(args, "preview", None):
         from .preview import check_target as check_preview
 
@@ -135,7 +147,9 @@ def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namesp
         base = layer_name(task, getattr(args, "prompt", None), rasters, now)
     layer = write_features(path, features, getattr(args, "layer", None),
                            overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
-    print(f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})")
+    print(
+        f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -182,7 +196,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if args.decoding != "auto":
                 engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-            return refuse(f"cannot load {model}{' with adapter ' + args.adapter if args.adapter else ''}: {exc}", 3)
+            return refuse(
+                f"cannot load {model}{' with adapter ' + args.adapter if args.adapter else ''}: {exc}", 3
+            )
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
@@ -385,7 +401,9 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
                 print(f"{name}: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
                 return 2
             engine = Engine(model, device=args.device)
-            reply = scan.run(header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"])
+            reply = scan.run(
+                header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"]
+            )
     except EarthDialError as exc:
         if log is not None:
             log.close()
@@ -409,7 +427,9 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         if args.output:
             _write_changes(args, merged, tiles, crs)
     else:
-        _write_output(args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}}, args)
+        _write_output(
+            args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}}, args
+        )
     if log is not None:
         log.remove()
     return 0
@@ -720,21 +740,45 @@ def build_parser() -> argparse.ArgumentParser:
         "by reference: clients send pixels by value)",
     )
     budgets = p.add_argument_group("limits (docs/security.md)")
-    budgets.add_argument("--max-pixels", type=int, default=500_000_000,
-                         help="source pixels decoded for one image of a request (window x bands, after overviews)")
-    budgets.add_argument("--max-value-pixels", type=int, default=64 * 1024 * 1024,
-                         help="pixels (rows x cols x bands) of one array sent by value")
+    budgets.add_argument(
+        "--max-pixels",
+        type=int,
+        default=500_000_000,
+        help="source pixels decoded for one image of a request (window x bands, after overviews)",
+    )
+    budgets.add_argument(
+        "--max-value-pixels",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="pixels (rows x cols x bands) of one array sent by value",
+    )
     budgets.add_argument("--max-bands", type=int, default=32, help="bands one source may name")
     budgets.add_argument("--max-scan-tiles", type=int, default=20_000, help="tiles of one detect scan")
     budgets.add_argument("--max-reply-mb", type=float, default=64, help="size of one reply, MiB")
-    budgets.add_argument("--max-queue-mb", type=float, default=1024,
-                         help="MiB of queued and running requests together (their arrays and headers)")
-    budgets.add_argument("--deadline", type=float, default=600,
-                         help="seconds an ask/georef request may take from its arrival (0: none)")
-    budgets.add_argument("--scan-deadline", type=float, default=0,
-                         help="seconds a detect scan may take from its arrival (0: none)")
-    budgets.add_argument("--max-connections", type=int, default=512,
-                         help="open connections; past it the longest idle are ended")
+    budgets.add_argument(
+        "--max-queue-mb",
+        type=float,
+        default=1024,
+        help="MiB of queued and running requests together (their arrays and headers)",
+    )
+    budgets.add_argument(
+        "--deadline",
+        type=float,
+        default=600,
+        help="seconds an ask/georef request may take from its arrival (0: none)",
+    )
+    budgets.add_argument(
+        "--scan-deadline",
+        type=float,
+        default=0,
+        help="seconds a detect scan may take from its arrival (0: none)",
+    )
+    budgets.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections; past it the longest idle are ended",
+    )
     budgets.add_argument("--idle-timeout", type=float, default=300,
                          help="seconds a connection with no request in flight may stay silent (0: forever)")  # fmt: skip
     p.add_argument(
@@ -778,8 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_args(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("detect-changes", help="change detection over whole layers: BEFORE AFTER [LATER ...], tile by tile")
-    p.add_argument("rasters", nargs="+", help="BEFORE AFTER [LATER ...]: later layers are aligned on the first's grid")
+    p = sub.add_parser(
+        "detect-changes", help="change detection over whole layers: BEFORE AFTER [LATER ...], tile by tile"
+    )
+    p.add_argument(
+        "rasters", nargs="+", help="BEFORE AFTER [LATER ...]: later layers are aligned on the first's grid"
+    )
     p.add_argument("--preset", help="band preset (default: picked from the first raster)")
     _add_scan_args(p)
     p.set_defaults(func=cmd_detect_changes)
@@ -858,7 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="DIR",
                    help="continue this checkpoint (stage 2 only, on the mixture with absent-class questions)")  # fmt: skip
     p.add_argument(
-        "--train-vision", action="store_true", help="keep training the vision tower in stage 2 (default: frozen)"
+        "--train-vision",
+        action="store_true",
+        help="keep training the vision tower in stage 2 (default: frozen)",
     )
     p.set_defaults(func=cmd_train_demo)
 
@@ -871,13 +921,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-training", help="reviewed result layers of a GeoPackage -> training records")
     p.add_argument("gpkg", help="GeoPackage with EarthDial result layers (review field set in QGIS)")
-    p.add_argument("--layer", action="append", help="a layer to export (repeatable; default: all result layers)")
+    p.add_argument(
+        "--layer", action="append", help="a layer to export (repeatable; default: all result layers)"
+    )
     p.add_argument("-o", "--output", required=True, help="new folder for records.jsonl and chips/")
     p.set_defaults(func=cmd_export_training)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on exported training records")
     p.add_argument("records", help="folder written by export-training")
-    p.add_argument("--model", help="base checkpoint (default: $EARTHDIAL_MODEL, else the built-in demo model)")
+    p.add_argument(
+        "--model", help="base checkpoint (default: $EARTHDIAL_MODEL, else the built-in demo model)"
+    )
     p.add_argument("-o", "--output", required=True, help="new folder for the adapter")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget (default 10)")
     p.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default 0: as many as fit)")
@@ -885,9 +939,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--projector", action="store_true", help="also train the vision-language projector")
-    p.add_argument("--vision", action="store_true", help="also adapt the vision tower (LoRA on its attention/MLP)")
-    p.add_argument("--look", type=float, default=0.0,
-                   help="weight of the demo trainer's look aid (attention on each box's object; demo model only)")
+    p.add_argument(
+        "--vision", action="store_true", help="also adapt the vision tower (LoRA on its attention/MLP)"
+    )
+    p.add_argument(
+        "--look",
+        type=float,
+        default=0.0,
+        help="weight of the demo trainer's look aid (attention on each box's object; demo model only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

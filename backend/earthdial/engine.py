@@ -100,7 +100,9 @@ def fuse_group_features(features: torch.Tensor, size: tuple[int, int] | None = N
         for c in range(cols):
             i = r * cols + c
             if i < k:
-                out[top : top + heights[r], left : left + widths[c]] = resize(features[i], heights[r], widths[c])
+                out[top : top + heights[r], left : left + widths[c]] = resize(
+                    features[i], heights[r], widths[c]
+                )
             left += widths[c]
         top += heights[r]
     return out
@@ -325,7 +327,9 @@ class Engine:
         model = self.model.model
         n, tokens, _ = features.shape
         side = int(math.isqrt(tokens))
-        shuffled = model.pixel_shuffle(features.reshape(n, side, side, -1), self.model.config.downsample_ratio)
+        shuffled = model.pixel_shuffle(
+            features.reshape(n, side, side, -1), self.model.config.downsample_ratio
+        )
         if self.info.ps_version == "v1":
             shuffled = shuffled.permute(0, 2, 1, 3).contiguous()  # undo v2's final swap
         return model.multi_modal_projector(shuffled.reshape(n, -1, shuffled.shape[-1]))

@@ -52,9 +52,24 @@ except ImportError:  # Windows: a live writer's open files cannot be deleted the
 __all__ = ["FIELDS", "MARK", "check_target", "clean_scratch", "layer_name", "replace_file", "write_features"]
 
 # The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
-FIELDS = ("label", "angle", "task", "prompt", "answer", "model", "variant", "source", "tile", "gsd", "created",
-          "score", "change", "pair",  # score, change, pair: whole-scene scans (scan.py)
-          "review", "request")  # review, request: the analyst's verdict and the request (training/export.py)
+FIELDS = (
+    "label",
+    "angle",
+    "task",
+    "prompt",
+    "answer",
+    "model",
+    "variant",
+    "source",
+    "tile",
+    "gsd",
+    "created",
+    "score",
+    "change",
+    "pair",  # score, change, pair: whole-scene scans (scan.py)
+    "review",
+    "request",
+)  # review, request: the analyst's verdict and the request (training/export.py)
 REAL_FIELDS = ("angle", "gsd", "score")  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through protocol.py)
@@ -345,7 +360,9 @@ def user_path(path: Any) -> str:
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"output path {path!r} is not valid text for this system") from None
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"output path {path!r} is not valid text for this system"
+        ) from None
     return path
 
 
@@ -363,7 +380,9 @@ def _target(path: str | os.PathLike[str]) -> tuple[str, str]:
     if not os.path.isdir(directory):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"folder {directory} does not exist (writing {path})")
     if os.path.lexists(path) and not os.path.isfile(path):
-        raise EarthDialError(ErrorCode.FOREIGN_OUTPUT, f"{path} exists and is not a file: it is never replaced")
+        raise EarthDialError(
+            ErrorCode.FOREIGN_OUTPUT, f"{path} exists and is not a file: it is never replaced"
+        )
     return path, driver
 
 
@@ -371,7 +390,9 @@ def _check_layer_name(layer: Any) -> None:
     if not isinstance(layer, str) or not layer.strip():
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer name must be a non-empty string, got {layer!r}")
     if len(layer) > MAX_LAYER_CHARS:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer name of {len(layer)} characters; at most {MAX_LAYER_CHARS}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"layer name of {len(layer)} characters; at most {MAX_LAYER_CHARS}"
+        )
     try:
         layer.encode("utf-8")
     except UnicodeEncodeError:
@@ -488,7 +509,9 @@ def _open_geopackage(path: str, mode: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         con.close()
         if "not a database" in str(exc) or "malformed" in str(exc):
-            raise EarthDialError(ErrorCode.FOREIGN_OUTPUT, f"{path} is not a readable GeoPackage: {exc}") from None
+            raise EarthDialError(
+                ErrorCode.FOREIGN_OUTPUT, f"{path} is not a readable GeoPackage: {exc}"
+            ) from None
         raise
     if refusal is not None:
         con.close()
@@ -502,7 +525,8 @@ def _q(name: str) -> str:
 
 def _layer_row(con: sqlite3.Connection, name: str, schema: str = "main") -> tuple[str, str] | None:
     row = con.execute(
-        f"SELECT table_name, description FROM {schema}.gpkg_contents WHERE lower(table_name) = lower(?)", (name,)
+        f"SELECT table_name, description FROM {schema}.gpkg_contents WHERE lower(table_name) = lower(?)",
+        (name,),
     ).fetchone()
     return (row[0], row[1] or "") if row else None
 
@@ -511,13 +535,18 @@ def _name_taken(con: sqlite3.Connection, name: str) -> bool:
     """A table, view or index of that name (or of its spatial index), or a layer with it as identifier."""
     names = (name.lower(), f"rtree_{name}_geom".lower())
     if con.execute(
-        "SELECT 1 FROM main.sqlite_master WHERE type IN ('table', 'view', 'index') AND lower(name) IN (?, ?)", names
+        "SELECT 1 FROM main.sqlite_master WHERE type IN ('table', 'view', 'index') AND lower(name) IN (?, ?)",
+        names,
     ).fetchone():
         return True
-    return con.execute("SELECT 1 FROM main.gpkg_contents WHERE identifier = ?", (name,)).fetchone() is not None
+    return (
+        con.execute("SELECT 1 FROM main.gpkg_contents WHERE identifier = ?", (name,)).fetchone() is not None
+    )
 
 
-def _layer_decision(con: sqlite3.Connection, path: str, name: str, overwrite: bool, exact: bool) -> str | None:
+def _layer_decision(
+    con: sqlite3.Connection, path: str, name: str, overwrite: bool, exact: bool
+) -> str | None:
     """Raise unless ``name`` may be written; returns the existing layer's stored name when it is replaced."""
     row = _layer_row(con, name)
     if row is None:
@@ -565,7 +594,9 @@ def _merge_layer(path: str, tmp: str, name: str, overwrite: bool, exact: bool) -
     con = _open_geopackage(path, "rw")
     try:
         con.create_function("earthdial_srs", 2, _with_srs, deterministic=True)
-        con.execute("ATTACH DATABASE ? AS new", ("file:" + urllib.parse.quote(os.fsencode(tmp)) + "?mode=ro",))
+        con.execute(
+            "ATTACH DATABASE ? AS new", ("file:" + urllib.parse.quote(os.fsencode(tmp)) + "?mode=ro",)
+        )
         con.execute("BEGIN IMMEDIATE")  # the write lock first: nothing changes between check and write
         try:
             refusal = _geopackage_refusal(con, path)
@@ -609,7 +640,9 @@ def _drop_layer(con: sqlite3.Connection, name: str) -> None:
             "SELECT md_file_id FROM main.gpkg_metadata_reference WHERE lower(table_name) = lower(?)", (name,))]  # fmt: skip
         con.execute("DELETE FROM main.gpkg_metadata_reference WHERE lower(table_name) = lower(?)", (name,))
         for md in ids:  # metadata no other reference points at
-            if not con.execute("SELECT 1 FROM main.gpkg_metadata_reference WHERE md_file_id = ?", (md,)).fetchone():
+            if not con.execute(
+                "SELECT 1 FROM main.gpkg_metadata_reference WHERE md_file_id = ?", (md,)
+            ).fetchone():
                 con.execute("DELETE FROM main.gpkg_metadata WHERE id = ?", (md,))
     for table in ("gpkg_geometry_columns", "gpkg_extensions", "gpkg_ogr_contents", "gpkg_data_columns",
                   "gpkg_contents"):  # fmt: skip
@@ -632,7 +665,9 @@ def _copy_layer(con: sqlite3.Connection, name: str) -> None:
 
     con.execute(next(sql for kind, nm, _t, sql in new_master if kind == "table" and nm == name))
     cols = [c[0] for c in _columns_of(con, "new", name)]
-    picks = [f"earthdial_srs({_q(c)}, {int(srs)})" if c == geom_col and srs != srs_id else _q(c) for c in cols]
+    picks = [
+        f"earthdial_srs({_q(c)}, {int(srs)})" if c == geom_col and srs != srs_id else _q(c) for c in cols
+    ]
     con.execute(f"INSERT INTO main.{_q(name)} ({', '.join(map(_q, cols))}) "
                 f"SELECT {', '.join(picks)} FROM new.{_q(name)}")  # fmt: skip
     rtree = f"rtree_{name}_{geom_col}"
@@ -650,10 +685,13 @@ def _copy_layer(con: sqlite3.Connection, name: str) -> None:
                 continue  # GDAL's own feature counts: a file without them is counted by GDAL itself
             con.execute(new_tables[table])
             main_tables[table] = new_tables[table]
-        values: dict[str, Any] = {"srs_id": srs} if table in ("gpkg_contents", "gpkg_geometry_columns") else {}
-        if table == "gpkg_contents" and con.execute(
-            "SELECT 1 FROM main.gpkg_contents WHERE identifier = ?", (name,)
-        ).fetchone():
+        values: dict[str, Any] = (
+            {"srs_id": srs} if table in ("gpkg_contents", "gpkg_geometry_columns") else {}
+        )
+        if (
+            table == "gpkg_contents"
+            and con.execute("SELECT 1 FROM main.gpkg_contents WHERE identifier = ?", (name,)).fetchone()
+        ):
             values["identifier"] = None  # unique in GeoPackage; another layer of the user's has it
         _copy_rows(con, table, "table_name = ?", name, values)
 
@@ -702,7 +740,9 @@ def _srs_in_main(con: sqlite3.Connection, srs_id: int) -> int:
         return int(found[0])
     target = srs_id
     if con.execute("SELECT 1 FROM main.gpkg_spatial_ref_sys WHERE srs_id = ?", (srs_id,)).fetchone():
-        target = max(100000, con.execute("SELECT max(srs_id) FROM main.gpkg_spatial_ref_sys").fetchone()[0]) + 1
+        target = (
+            max(100000, con.execute("SELECT max(srs_id) FROM main.gpkg_spatial_ref_sys").fetchone()[0]) + 1
+        )
     _copy_rows(con, "gpkg_spatial_ref_sys", "srs_id = ?", srs_id, {"srs_id": target})
     return target
 
@@ -759,7 +799,12 @@ def _write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
     if sqlite_code is not None:
         sqlite_code &= 0xFF  # the primary code of an extended one
     text = str(exc).lower()
-    if number in DISK_FULL_ERRNOS or sqlite_code == SQLITE_FULL or "no space left" in text or "disk is full" in text:
+    if (
+        number in DISK_FULL_ERRNOS
+        or sqlite_code == SQLITE_FULL
+        or "no space left" in text
+        or "disk is full" in text
+    ):
         code = ErrorCode.DISK_FULL
     elif number in READ_ONLY_ERRNOS or sqlite_code == SQLITE_READONLY or "read-only file system" in text \
             or "readonly database" in text:  # fmt: skip

@@ -298,7 +298,9 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     history = _history(options)
     decoding = options.get("decoding") or (engine.decoding if engine is not None else "greedy")
     if not isinstance(decoding, str):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}"
+        )
     num_beams, min_new = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
@@ -363,12 +365,18 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
         )
     gsd = options.get("gsd")
     if gsd is not None and (
-        not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
+        not isinstance(gsd, (int, float))
+        or isinstance(gsd, bool)
+        or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
     ):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.gsd must be a ground resolution in metres, got {gsd!r:.40}")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"options.gsd must be a ground resolution in metres, got {gsd!r:.40}"
+        )
     first = sources[0]
     if not isinstance(first, dict) or first.get("kind") not in ("ref", "value"):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'source' must be an object of kind 'ref' or 'value'")
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, "field 'source' must be an object of kind 'ref' or 'value'"
+        )
     if first["kind"] == "ref":
         path = access.check_path(_field(first, "path", str))
         info = imagery.describe(path)
@@ -386,7 +394,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
         array = arrays[0]
         shape = _field(first, "shape", list, required=False)
         if shape is not None and not (len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}")
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}"
+            )
         data = array if array.ndim == 3 else array[None]
         if shape is not None and options.get("preset") is None:  # a sample: all of it tells the values
             preset, reason = presets.choose(data.shape[0], data.dtype.name, [], data[0])
@@ -430,7 +440,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     }
 
 
-def _tiles_for(engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1) -> int:
+def _tiles_for(
+    engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+) -> int:
     """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
     (plus the thumbnail) for RGB within each image's share of the budget; the same choice
     `engine.image` makes."""

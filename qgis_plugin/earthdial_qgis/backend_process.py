@@ -34,7 +34,11 @@ def resolve_command(configured: str) -> str:
 
 
 def serve_arguments(
-    model_dir: str, endpoint: str, device: str, extra: str = "", allow_dirs: list[str] | None = None,
+    model_dir: str,
+    endpoint: str,
+    device: str,
+    extra: str = "",
+    allow_dirs: list[str] | None = None,
     adapter: str = "",
 ) -> list[str]:
     args = ["serve", "--endpoint", endpoint, "--device", device or "auto"]
@@ -103,8 +107,12 @@ class LocalBackend(QtCore.QObject):
                 "The adapter folder {adapter} does not exist; fix it in the EarthDial settings."
             ).format(adapter=adapter)
         args = serve_arguments(
-            model, endpoint, settings.text(settings.DEVICE, "auto"), settings.text(settings.EXTRA_ARGS),
-            layer_folders(), adapter,
+            model,
+            endpoint,
+            settings.text(settings.DEVICE, "auto"),
+            settings.text(settings.EXTRA_ARGS),
+            layer_folders(),
+            adapter,
         )
         process = QtCore.QProcess(self)
         process.setProcessChannelMode(QtCore.QProcess.ProcessChannelMode.MergedChannels)

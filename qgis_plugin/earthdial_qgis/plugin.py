@@ -73,7 +73,9 @@ class EarthDialPlugin:
         if not missing:
             return []
         if not deps.essential(missing):
-            log.info(f"qtpy is not installed: the plugin uses qgis.PyQt ({deps.pip_command_text(missing)} adds it)")
+            log.info(
+                f"qtpy is not installed: the plugin uses qgis.PyQt ({deps.pip_command_text(missing)} adds it)"
+            )
             return []
         text = tr("EarthDial needs the Python package(s) {packages}.").format(packages=", ".join(missing))
         log.warning(text + " " + deps.pip_command_text(missing))

@@ -177,7 +177,9 @@ class ReviewActions:
         layer = self.iface.activeLayer()
         bar = self.iface.messageBar()
         if not is_result_layer(layer):
-            bar.pushMessage(tr("EarthDial"), tr("Select boxes on an EarthDial result layer first."), duration=5)
+            bar.pushMessage(
+                tr("EarthDial"), tr("Select boxes on an EarthDial result layer first."), duration=5
+            )
             return 0
         try:
             n = mark(layer, verdict)

@@ -26,7 +26,9 @@ class SettingsDialog(QtWidgets.QDialog):
         self.model_widget = QgsFileWidget()
         self.model_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.model_widget.setFilePath(settings.text(settings.MODEL_DIR))
-        self.model_widget.setToolTip(self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB); empty: the built-in demo model"))
+        self.model_widget.setToolTip(
+            self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB); empty: the built-in demo model")
+        )
         form.addRow(self.tr("Model folder"), self.model_widget)
         self.adapter_widget = QgsFileWidget()
         self.adapter_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
@@ -38,7 +40,9 @@ class SettingsDialog(QtWidgets.QDialog):
         self.device_combo = QtWidgets.QComboBox()
         self.device_combo.addItems(list(settings.DEVICES))
         self.device_combo.setCurrentText(settings.text(settings.DEVICE, "auto") or "auto")
-        self.device_combo.setToolTip(self.tr("Where the local backend runs the model; auto: a GPU when there is one"))
+        self.device_combo.setToolTip(
+            self.tr("Where the local backend runs the model; auto: a GPU when there is one")
+        )
         form.addRow(self.tr("Device"), self.device_combo)
         self.extra_edit = QtWidgets.QLineEdit(settings.text(settings.EXTRA_ARGS))
         self.extra_edit.setPlaceholderText("--allow-dir /data --quantize int8")

@@ -256,16 +256,23 @@ def test_a_crs_whose_id_is_taken_gets_another_and_the_geometries_say_so(tmp_path
     path = str(tmp_path / "project.gpkg")
     user_geopackage(path)
     con = sqlite3.connect(path)  # srs_id 32633 used by the user for some local system
-    con.execute("INSERT INTO gpkg_spatial_ref_sys VALUES ('local', 32633, 'NONE', 32633, 'LOCAL_CS[\"x\"]', '')")
+    con.execute(
+        "INSERT INTO gpkg_spatial_ref_sys VALUES ('local', 32633, 'NONE', 32633, 'LOCAL_CS[\"x\"]', '')"
+    )
     con.commit()
     con.close()
     layer = write_features(path, TWO)
     check_two(path, layer)  # EPSG:32633 as written
     con = sqlite3.connect(path)
     try:
-        srs = con.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)).fetchone()[0]
+        srs = con.execute(
+            "SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
+        ).fetchone()[0]
         assert srs != 32633
-        assert con.execute("SELECT srs_id FROM gpkg_contents WHERE table_name = ?", (layer,)).fetchone()[0] == srs
+        assert (
+            con.execute("SELECT srs_id FROM gpkg_contents WHERE table_name = ?", (layer,)).fetchone()[0]
+            == srs
+        )
         blob = con.execute(f'SELECT geom FROM "{layer}"').fetchone()[0]
         assert int.from_bytes(blob[4:8], "little" if blob[3] & 1 else "big") == srs
     finally:
@@ -520,7 +527,9 @@ def mounted_tmpfs(where, options):
     """A real tmpfs mounted at ``where`` (root only: skipped elsewhere)."""
     where.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True
+        )
     except FileNotFoundError:
         pytest.skip("no mount command here")
     if done.returncode != 0:
@@ -533,7 +542,9 @@ def mounted_tmpfs(where, options):
 
 def big_collection(n, text=400):
     ring = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
-    return collection(*[feature([[x + i, y] for x, y in ring], label="ship", answer="x" * text) for i in range(n)])
+    return collection(
+        *[feature([[x + i, y] for x, y in ring], label="ship", answer="x" * text) for i in range(n)]
+    )
 
 
 @pytest.mark.parametrize("name", ["big.gpkg", "big.geojson", "old.gpkg"])
@@ -561,7 +572,9 @@ def test_a_disk_that_fills_up_inside_the_transaction_leaves_the_old_file(tmp_pat
     probe = str(tmp_path / "probe.gpkg")
     write_features(probe, big, "earthdial")
     layer_bytes = os.path.getsize(probe)
-    with mounted_tmpfs(tmp_path / "small", f"size={(layer_bytes * 3 // 2) // 4096 * 4096 + 4096 * 8}") as small:
+    with mounted_tmpfs(
+        tmp_path / "small", f"size={(layer_bytes * 3 // 2) // 4096 * 4096 + 4096 * 8}"
+    ) as small:
         path = str(small / "old.gpkg")
         write_features(path, TWO, "earthdial")
         before = open(path, "rb").read()
@@ -609,7 +622,9 @@ def test_scratch_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path
         assert os.path.isdir(live_scratch)
         write_features(str(tmp_path / "out.gpkg"), TWO)
         left = sorted(os.listdir(tmp_path))
-        assert left == sorted(["out.gpkg", users.name, ".earthdial-tmp-file0000", os.path.basename(live_scratch)])
+        assert left == sorted(
+            ["out.gpkg", users.name, ".earthdial-tmp-file0000", os.path.basename(live_scratch)]
+        )
     finally:
         live.communicate("done\n", timeout=20)
     assert not os.path.exists(live_scratch)  # the live writer removes its own

@@ -59,11 +59,15 @@ def test_polygon_to_box_inverts_georef_and_folds_the_angle() -> None:
         got = training_data.polygon_to_box(ring, WINDOW, 50, 50)
         assert (got.x1, got.y1, got.x2, got.y2, got.angle) == box
     # 120 degrees is the same rectangle as 30 degrees with its sides swapped
-    got = training_data.polygon_to_box(box_to_polygon(Box(40, 40, 60, 50, 120, ""), WINDOW, 50, 50), WINDOW, 50, 50)
+    got = training_data.polygon_to_box(
+        box_to_polygon(Box(40, 40, 60, 50, 120, ""), WINDOW, 50, 50), WINDOW, 50, 50
+    )
     assert (got.x1, got.y1, got.x2, got.y2, got.angle) == (45, 35, 55, 55, 30)
 
 
-def test_a_corrected_layer_exports_the_expected_records(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
+def test_a_corrected_layer_exports_the_expected_records(
+    tmp_path: Path, raster: tuple[Path, np.ndarray]
+) -> None:
     path, data = raster
     gpkg = tmp_path / "results.gpkg"
     refer = request(path, "refer", "ships")
@@ -118,7 +122,9 @@ def test_a_corrected_layer_exports_the_expected_records(tmp_path: Path, raster: 
     assert (tmp_path / "out" / "records.jsonl").read_bytes() == before
 
 
-def test_a_class_with_unreviewed_boxes_gives_no_record(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
+def test_a_class_with_unreviewed_boxes_gives_no_record(
+    tmp_path: Path, raster: tuple[Path, np.ndarray]
+) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
     ground = request(path, "grounding")
@@ -209,7 +215,9 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
         adapters.apply(model, info, tmp_path / "records")
 
 
-def test_a_layer_whose_raster_is_gone_is_skipped_with_why(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
+def test_a_layer_whose_raster_is_gone_is_skipped_with_why(
+    tmp_path: Path, raster: tuple[Path, np.ndarray]
+) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
     write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted",

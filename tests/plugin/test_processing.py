@@ -78,7 +78,9 @@ def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geo
             "OUTPUT": str(out),
         },
     )
-    assert result["TILES"] == 3  # 200 x 100 pixels in tiles of 100 overlapping by at least 10: the backend's plan
+    assert (
+        result["TILES"] == 3
+    )  # 200 x 100 pixels in tiles of 100 overlapping by at least 10: the backend's plan
     assert result["OUTPUT"] == str(out) and out.exists()
     layer = read_gpkg(str(out))
     assert [f.name() for f in layer.fields() if f.name() != "fid"] == [name for name, _ in FIELDS]
@@ -88,7 +90,9 @@ def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geo
         assert feature["tile"] in {"0", "1", "2"}
 
 
-def test_change_on_a_pair_writes_a_geopackage(processing, backend, geotiff, tmp_path_factory, monkeypatch) -> None:
+def test_change_on_a_pair_writes_a_geopackage(
+    processing, backend, geotiff, tmp_path_factory, monkeypatch
+) -> None:
     from earthdial_qgis.client import Client
 
     asked: list[tuple[dict, dict]] = []  # (request header, reply header) of each ask the algorithm made

@@ -152,7 +152,9 @@ def read_layer(path: str, layer: str) -> tuple[list[Feature], str]:
     try:
         meta, _, geometry, values = pyogrio.raw.read(path, layer=layer)
     except Exception as exc:  # pyogrio raises its own DataSourceError / DataLayerError
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"cannot read layer {layer!r} of {path}: {exc}") from None
+        raise EarthDialError(
+            ErrorCode.FILE_NOT_FOUND, f"cannot read layer {layer!r} of {path}: {exc}"
+        ) from None
     fields = list(meta["fields"])
     missing = [f for f in ("label", "review") if f not in fields]
     if missing:
@@ -300,7 +302,8 @@ def export(path: str, out_dir: str, layers: list[str] | None = None) -> Export:
     out = Path(out_dir)
     if (out / RECORDS_FILE).exists():
         raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"{out / RECORDS_FILE} exists; export into a new folder (nothing was written)"
+            ErrorCode.BAD_REQUEST,
+            f"{out / RECORDS_FILE} exists; export into a new folder (nothing was written)",
         )
     names = layers or result_layers(path)
     if not names:
@@ -314,22 +317,30 @@ def export(path: str, out_dir: str, layers: list[str] | None = None) -> Export:
             continue
         for n, (text, group) in enumerate(_requests(features, name).items()):
             if not text:
-                result.skipped.append(f"layer {name!r}: boxes without a request (written before reviews existed)")
+                result.skipped.append(
+                    f"layer {name!r}: boxes without a request (written before reviews existed)"
+                )
                 continue
             try:
                 request = json.loads(text)
             except json.JSONDecodeError:
-                raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer {name!r}: its request field is not JSON") from None
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, f"layer {name!r}: its request field is not JSON"
+                ) from None
             task = request.get("task")
             if task not in EXPORTED_TASKS:
-                result.skipped.append(f"layer {name!r}: task {task!r} (only {', '.join(EXPORTED_TASKS)} export)")
+                result.skipped.append(
+                    f"layer {name!r}: task {task!r} (only {', '.join(EXPORTED_TASKS)} export)"
+                )
                 continue
             if all(not f.review for f in group):
                 result.skipped.append(f"layer {name!r}: not reviewed")
                 continue
             try:
                 chip = _read_chip(request, name)
-            except EarthDialError as exc:  # this layer's pixels are gone or unreadable: the others still export
+            except (
+                EarthDialError
+            ) as exc:  # this layer's pixels are gone or unreadable: the others still export
                 result.skipped.append(f"layer {name!r}: {exc.code}: {exc.message}")
                 continue
             records, skipped = records_for_request(request, group, chip, name)
@@ -380,7 +391,9 @@ def load_records(directory: str | Path) -> list[dict[str, Any]]:
     directory = Path(directory)
     path = directory / RECORDS_FILE
     if not path.is_file():
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"{directory} holds no {RECORDS_FILE} (run export-training)")
+        raise EarthDialError(
+            ErrorCode.FILE_NOT_FOUND, f"{directory} holds no {RECORDS_FILE} (run export-training)"
+        )
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -391,7 +404,9 @@ def load_records(directory: str | Path) -> list[dict[str, Any]]:
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{path} line {n} is not JSON") from None
         conv = rec.get("conversations")
         if not isinstance(conv, list) or len(conv) < 2 or len(conv) % 2:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{path} line {n}: conversations must be human/gpt pairs")
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"{path} line {n}: conversations must be human/gpt pairs"
+            )
         rec["image"] = str(directory / rec["image"])
         records.append(rec)
     return records

@@ -31,7 +31,9 @@ from ..engine import Engine, attention_for, pick_device
 from ..protocol import EarthDialError, ErrorCode
 from . import export as training_data
 
-_BOX = re.compile(r"\[\[(\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\]")
+_BOX = re.compile(
+    r"\[\[(\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\]"
+)
 TIMING_STEPS = 5  # steps timed for the estimate (the first, which warms up, is left out of it)
 
 
@@ -50,7 +52,9 @@ class FinetuneConfig:
     projector: bool = False  # also train the vision-language projector (in full)
     vision: bool = False  # also adapt the vision tower's attention and MLP (LoRA)
     augment: bool = True  # the eight flips / quarter turns of square chips
-    look: float = 0.0  # weight of the demo trainer's look aid (0: off): the layers below attend to a box's object
+    look: float = (
+        0.0  # weight of the demo trainer's look aid (0: off): the layers below attend to a box's object
+    )
     look_layers: tuple[int, ...] = (2, 3)
     seed: int = 0
     threads: int = 2
@@ -161,7 +165,9 @@ def _loss_fn(tokenizer: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
         return train.SoftNumberLoss([vocab[n] for n in train.NUMBERS], len(tokenizer))
 
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
 
     return cross_entropy
 
@@ -221,8 +227,9 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     device = pick_device(cfg.device)
     model, tokenizer, info = load_base(model_dir, device)
     base = adapters.base_identity(model, info)
-    peft_model = adapters.wrap(model, adapters.lora_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.projector,
-                                                              cfg.vision))
+    peft_model = adapters.wrap(
+        model, adapters.lora_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.projector, cfg.vision)
+    )
     engine = Engine.from_model(model, tokenizer, info)  # `model` now runs with the adapter's modules
     examples = read_examples(records)
     sampler = Sampler(examples, cfg)
@@ -298,13 +305,20 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
         "base": base,
         "records": len(records),
         "records_dir": str(Path(records_dir).resolve()),
-        "training": {**asdict(cfg), "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-                     "loss_start": round(head, 4),
-                     "loss_end": round(tail, 4)},  # fmt: skip
+        "training": {
+            **asdict(cfg),
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "loss_start": round(head, 4),
+            "loss_end": round(tail, 4),
+        },  # fmt: skip
     }
     adapters.save(peft_model, out_dir, meta)
-    log(f"{step} steps in {seconds / 60:.1f} min ({cpu_seconds / 60:.1f} CPU min), loss {head:.3f} -> {tail:.3f}; "
-        f"wrote {out_dir}")
+    log(
+        f"{step} steps in {seconds / 60:.1f} min ({cpu_seconds / 60:.1f} CPU min), loss {head:.3f} -> {tail:.3f}; "
+        f"wrote {out_dir}"
+    )
     return {"steps": step, "seconds": seconds, "cpu_seconds": cpu_seconds, "loss_start": head, "loss_end": tail, "losses": losses,
             "engine": engine, "model": model}  # fmt: skip
 

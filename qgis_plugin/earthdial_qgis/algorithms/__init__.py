@@ -11,5 +11,11 @@ from .export_training import ExportTrainingAlgorithm
 
 ALGORITHMS = (AskAlgorithm, DetectAlgorithm, ChangeAlgorithm, DetectChangesAlgorithm, ExportTrainingAlgorithm)
 
-__all__ = ["ALGORITHMS", "AskAlgorithm", "ChangeAlgorithm", "DetectAlgorithm", "DetectChangesAlgorithm",
-           "ExportTrainingAlgorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "AskAlgorithm",
+    "ChangeAlgorithm",
+    "DetectAlgorithm",
+    "DetectChangesAlgorithm",
+    "ExportTrainingAlgorithm",
+]

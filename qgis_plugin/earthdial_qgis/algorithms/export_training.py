@@ -41,7 +41,9 @@ class ExportTrainingAlgorithm(EarthDialAlgorithm):
         )
 
     def initAlgorithm(self, config: Any = None) -> None:
-        self.addParameter(QgsProcessingParameterVectorLayer(INPUT, self.tr("Reviewed result layer (GeoPackage)")))
+        self.addParameter(
+            QgsProcessingParameterVectorLayer(INPUT, self.tr("Reviewed result layer (GeoPackage)"))
+        )
         self.addParameter(QgsProcessingParameterFolderDestination(OUTPUT, self.tr("Training records folder")))
         self.addOutput(QgsProcessingOutputFolder(OUTPUT, self.tr("Training records folder")))
 
@@ -51,9 +53,9 @@ class ExportTrainingAlgorithm(EarthDialAlgorithm):
             raise QgsProcessingException(self.tr("No layer given"))
         if layer.isEditable() and layer.isModified():
             raise QgsProcessingException(
-                self.tr("Layer {name} has unsaved edits: save them first (they are the training data).").format(
-                    name=layer.name()
-                )
+                self.tr(
+                    "Layer {name} has unsaved edits: save them first (they are the training data)."
+                ).format(name=layer.name())
             )
         path, table = split_source(layer.source())
         if layer.providerType() != "ogr" or not path.lower().endswith(".gpkg") or not os.path.isfile(path):
@@ -69,7 +71,9 @@ class ExportTrainingAlgorithm(EarthDialAlgorithm):
         program = resolve_command(settings.text(settings.BACKEND_COMMAND))
         if not program or not os.path.isfile(program):
             raise QgsProcessingException(
-                self.tr("Set the backend command (the `earthdial` program or its venv) in the EarthDial settings.")
+                self.tr(
+                    "Set the backend command (the `earthdial` program or its venv) in the EarthDial settings."
+                )
             )
         out = self.parameterAsString(parameters, OUTPUT, context)
         args = [program, "export-training", self.path, "-o", out]
@@ -79,9 +83,13 @@ class ExportTrainingAlgorithm(EarthDialAlgorithm):
         try:
             done = subprocess.run(args, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise QgsProcessingException(self.tr("earthdial export-training failed: {why}").format(why=exc)) from None
+            raise QgsProcessingException(
+                self.tr("earthdial export-training failed: {why}").format(why=exc)
+            ) from None
         for line in (done.stdout or "").splitlines():
             feedback.pushInfo(line)
         if done.returncode != 0:
-            raise QgsProcessingException((done.stderr or done.stdout or "").strip() or f"exit {done.returncode}")
+            raise QgsProcessingException(
+                (done.stderr or done.stdout or "").strip() or f"exit {done.returncode}"
+            )
         return {OUTPUT: out}
