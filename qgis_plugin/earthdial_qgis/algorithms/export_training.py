@@ -7,7 +7,6 @@ run as the local backend's command from the plugin settings, so QGIS needs nothi
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import Any
 
 from qgis.core import (
@@ -20,6 +19,7 @@ from qgis.core import (
 from .. import settings
 from ..backend_process import resolve_command
 from ..geopackage import split_source
+from ..qt import QtCore
 from .common import INPUT, OUTPUT, EarthDialAlgorithm
 
 EXPORT_TIMEOUT_S = 3600
@@ -80,16 +80,24 @@ class ExportTrainingAlgorithm(EarthDialAlgorithm):
         if self.table:
             args += ["--layer", self.table]
         feedback.pushCommandInfo(" ".join(args))
-        try:
-            done = subprocess.run(args, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        # QProcess rather than subprocess: no shell, and the same process API the panel's local backend uses
+        process = QtCore.QProcess()
+        process.start(program, args[1:])
+        if not process.waitForStarted(10_000):
             raise QgsProcessingException(
-                self.tr("earthdial export-training failed: {why}").format(why=exc)
-            ) from None
-        for line in (done.stdout or "").splitlines():
-            feedback.pushInfo(line)
-        if done.returncode != 0:
-            raise QgsProcessingException(
-                (done.stderr or done.stdout or "").strip() or f"exit {done.returncode}"
+                self.tr("earthdial export-training failed: {why}").format(why=process.errorString())
             )
+        if not process.waitForFinished(EXPORT_TIMEOUT_S * 1000):
+            process.kill()
+            process.waitForFinished(5_000)
+            raise QgsProcessingException(
+                self.tr("earthdial export-training took longer than {s} s").format(s=EXPORT_TIMEOUT_S)
+            )
+        stdout = bytes(process.readAllStandardOutput()).decode("utf-8", "replace")
+        stderr = bytes(process.readAllStandardError()).decode("utf-8", "replace")
+        for line in stdout.splitlines():
+            feedback.pushInfo(line)
+        code = process.exitCode() if process.exitStatus() == QtCore.QProcess.ExitStatus.NormalExit else -1
+        if code != 0:
+            raise QgsProcessingException((stderr or stdout).strip() or f"exit {code}")
         return {OUTPUT: out}
