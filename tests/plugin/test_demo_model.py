@@ -70,6 +70,8 @@ def test_the_panel_finds_the_ship_on_the_map(
     dock = EarthDialDock(qgis_iface)
     try:
         dock.timeout_spin.setValue(120)
+        # the task list comes from the backend's status, which the panel asks for in the background
+        wait_until(lambda: dock.status_reply is not None or bool(dock.status_error), 30)
         dock.select_task("refer")
         dock.set_area_mode(WHOLE_LAYER)
         dock.prompt_edit.setPlainText("ships")
