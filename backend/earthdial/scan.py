@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -78,6 +78,19 @@ def options_of(header: dict[str, Any]) -> dict[str, Any]:
 def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[], bool] | None = None,
         stream: scenes.Stream | None = None) -> dict[str, Any]:  # fmt: skip
     """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
+    work = steps(header, engine, emit, cancelled, stream)
+    while True:
+        try:
+            next(work)
+        except StopIteration as end:
+            return end.value
+
+
+def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[], bool] | None = None,
+          stream: scenes.Stream | None = None) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
+    """`run` one batch at a time: the generator yields after each batch's progress events and returns
+    the reply's fields, so that the server can answer other clients between a scan's batches. Closing
+    it early stops the scan's reader thread."""
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     op = header.get("op")
@@ -111,6 +124,7 @@ def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[],
             _emit_progress(emit, entries, done, total)
             if options["merge"]:
                 found += [f for a in progress.answers for f in a.features]
+            yield
     merged = scenes.finished(found) if options["merge"] else []
     for part in chunks(merged):
         emit("merged", features=part)

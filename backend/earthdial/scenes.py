@@ -35,6 +35,7 @@ MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read 
 MAX_BATCH = 64
 IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
 READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
+PATIENCE_S = 0.05  # how long a scan waits for a tile before letting its caller do other work
 
 
 # -- the tile plan ------------------------------------------------------------------------------------
@@ -197,6 +198,9 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
             yield Tile(index, window, [chip])
 
 
+NOT_READY: Any = object()  # ReadAhead.next: no tile was read in time
+
+
 class ReadAhead:
     """Runs a tile iterator on its own thread, `depth` tiles ahead of the consumer (a bounded queue), so
     the model never waits on GDAL unless reading is slower than the model. `waited_s` is the time the
@@ -233,16 +237,20 @@ class ReadAhead:
             self._error = exc
             self._queue.put(self._END)
 
-    def __iter__(self) -> Iterator[Tile]:
-        while True:
-            t = time.perf_counter()
-            item = self._queue.get()
+    def next(self, timeout: float | None = None) -> Any:
+        """The next tile; None after the last one; NOT_READY when none came within `timeout` seconds."""
+        t = time.perf_counter()
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return NOT_READY
+        finally:
             self.waited_s += time.perf_counter() - t
-            if item is self._END:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield item
+        if item is self._END:
+            if self._error is not None:
+                raise self._error
+            return None
+        return item
 
     def close(self) -> None:
         self._stop.set()
@@ -293,9 +301,12 @@ class Stats:
 
 
 def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
-        cancelled: Callable[[], bool] | None = None, stats: Stats | None = None) -> Iterator[Progress]:  # fmt: skip
-    """Stream tiles through the model in batches; yields after each batch. A cancel is honoured between
-    batches (typed `cancelled`)."""
+        cancelled: Callable[[], bool] | None = None, stats: Stats | None = None,
+        patience_s: float | None = PATIENCE_S) -> Iterator[Progress]:  # fmt: skip
+    """Stream tiles through the model in batches; yields after each batch. While no tile is ready for
+    `patience_s` (a slow disk, a client streaming its tiles) it yields an empty Progress instead of
+    holding the caller, so a server can answer others meanwhile. A cancel is honoured between batches
+    and while waiting (typed `cancelled`)."""
     stats = stats if stats is not None else Stats()
     # the reader thread also turns each tile into its query (presets, pixel normalisation, resizing), so
     # the model's thread does nothing but generate
@@ -303,7 +314,15 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
     done = skipped
     try:
         batch: list[Tile] = []
-        for tile in _with_end(reader):
+        tile: Any = NOT_READY
+        while tile is not None:
+            tile = reader.next(patience_s)
+            if tile is NOT_READY:
+                limits.checkpoint()  # past the deadline while waiting
+                if cancelled is not None and cancelled():
+                    raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
+                yield Progress(done, total, [])
+                continue
             if tile is not None:
                 batch.append(tile)
             if batch and (len(batch) >= batch_size or tile is None):
@@ -323,11 +342,6 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
         reader.close()
         stats.waited_s += reader.waited_s
         stats.read_s += reader.read_s
-
-
-def _with_end(tiles: Iterable[Tile]) -> Iterator[Tile | None]:
-    yield from tiles
-    yield None
 
 
 def _with_queries(tiles: Iterable[Tile], ask: Ask) -> Iterator[Tile]:

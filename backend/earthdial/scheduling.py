@@ -101,23 +101,31 @@ class FairQueue:
             _jobs[id(job.header)] = job
             self._cond.notify()
 
-    def take(self, n: int) -> list[Pending] | None:
-        """Block until work is waiting, then take up to n jobs round-robin between clients and mark
-        them running. None once the queue is closed."""
+    def take(
+        self, n: int, wait: bool = True, admit: Callable[[Pending], bool] | None = None
+    ) -> list[Pending] | None:
+        """Take up to n jobs round-robin between clients and mark them running; with `wait`, block until
+        work is waiting (else the list may be empty). A job `admit` refuses stays at the head of its
+        client's queue and keeps that client's place in the turns. None once the queue is closed."""
         with self._cond:
-            while self._size == 0 and not self._closed:
+            while wait and self._size == 0 and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             batch: list[Pending] = []
+            passed: list[str] = []
             while len(batch) < n and self._turns:
                 client = self._turns.popleft()
                 waiting = self._waiting[client]
+                if admit is not None and not admit(waiting[0]):
+                    passed.append(client)
+                    continue
                 batch.append(waiting.popleft())
                 if waiting:
                     self._turns.append(client)
                 else:
                     del self._waiting[client]
+            self._turns.extendleft(reversed(passed))
             self._size -= len(batch)
             now = time.monotonic()
             for job in batch:

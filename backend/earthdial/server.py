@@ -3,7 +3,8 @@
 The I/O loop owns the ROUTER socket (ZeroMQ sockets are not thread-safe): it decodes requests, answers
 `ping`, `status`, `cancel` and malformed messages at once, queues work, and forwards the worker's replies,
 which come back over an inproc socket. Every failure of one request becomes a typed error reply to that
-request; nothing a client sends may stop the loop.
+request; nothing a client sends may stop the loop. The worker answers requests in batches and advances
+whole-scene scans one batch of tiles at a time, in turn, so a long scan never holds the model from others.
 
 Clients that go away: a monitor on the ROUTER socket reports each dropped connection by file descriptor;
 requests remember the descriptor they came on (ZMQ_SRCFD), so a dropped connection's queued requests are
@@ -25,7 +26,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import zmq
@@ -52,6 +54,7 @@ _WORKER_ADDR = "inproc://earthdial-replies"
 LOOP_OPS = ("ping", "status", "cancel")  # answered by the I/O loop; the other OPS go to the worker
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
+MAX_SCANS = 4  # whole-scene scans advanced in turn; more wait in the queue (each holds a reader thread)
 MAX_STREAM_BACKLOG = 16  # scan_tiles messages waiting for one scan (the client keeps two batches in flight)
 _DRAIN = 256  # messages handled per socket per loop turn, so that neither socket starves the other
 
@@ -131,52 +134,90 @@ class Server:
 
     # -- the worker thread ------------------------------------------------------------------------
     def _work(self) -> None:
+        """Answers batches of requests and advances whole-scene scans one batch at a time, in turn, so
+        that a long scan shares the model: a request that arrives during it waits at most for the scan
+        batch in progress (and one batch of each other running scan), not for the whole scene."""
         out = self.ctx.socket(zmq.PUSH)
         out.connect(_WORKER_ADDR)
+        scans: deque[tuple[Pending, Generator[None, None, dict[str, Any]]]] = deque()
         try:
-            while (batch := self.queue.take(self.max_batch)) is not None:
-                scenes = [job for job in batch if job.header.get("op") in scan.OPS]
-                batch_rest = [job for job in batch if job.header.get("op") not in scan.OPS]
-                for job in scenes:  # a whole scene batches its own tiles: one at a time
-                    reply = self._scan(job, out)
-                    self.queue.done([job])
-                    self._streams.pop((job.ident, job.request_id), None)
-                    out.send_multipart([job.ident, *_encode_reply(reply)])
-                batch = batch_rest
-                if not batch:
-                    continue
-                try:
-                    replies = self._answer(batch)
-                except Exception as exc:  # a bug here must cost this batch, not the worker
-                    replies = [(job.ident, _error(job.header, exc)) for job in batch]
-                finally:
-                    self.queue.done(batch)
-                for ident, reply in replies:
-                    out.send_multipart([ident, *_encode_reply(reply)])
+            while True:
+                taken = len(scans)
+
+                def admit(job: Pending) -> bool:  # at most MAX_SCANS scans at once; the rest wait queued
+                    nonlocal taken
+                    if job.header.get("op") not in scan.OPS:
+                        return True
+                    taken += 1
+                    return taken <= MAX_SCANS
+
+                batch = self.queue.take(self.max_batch, wait=not scans, admit=admit)
+                if batch is None:
+                    break
+                asks = [job for job in batch if job.header.get("op") not in scan.OPS]
+                scans.extend((job, self._start_scan(job, out)) for job in batch if job not in asks)
+                if asks:
+                    self._answer_and_send(asks, out)
+                if scans:
+                    job, work = scans.popleft()
+                    reply = self._step_scan(job, work)
+                    if reply is None:
+                        scans.append((job, work))
+                    else:
+                        self.queue.done([job])
+                        self._streams.pop((job.ident, job.request_id), None)
+                        out.send_multipart([job.ident, *_encode_reply(reply)])
         finally:
+            for _, work in scans:
+                work.close()  # stops its reader thread
             out.close(0)
 
+    def _answer_and_send(self, batch: list[Pending], out: zmq.Socket) -> None:
+        try:
+            replies = self._answer(batch)
+        except Exception as exc:  # a bug here must cost this batch, not the worker
+            replies = [(job.ident, _error(job.header, exc)) for job in batch]
+        finally:
+            self.queue.done(batch)
+        for ident, reply in replies:
+            out.send_multipart([ident, *_encode_reply(reply)])
+
     # -- whole scenes: streamed events, tiles by value ------------------------------------------------
-    def _scan(self, job: Pending, out: zmq.Socket) -> dict[str, Any]:
-        """A whole-scene job: its events (plan, progress with the boxes of each batch, merged chunks) go
-        out as they are made; a cancel stops it at the next batch."""
+    def _start_scan(self, job: Pending, out: zmq.Socket) -> Generator[None, None, dict[str, Any]]:
+        """A whole-scene job as steps of one batch: its events (plan, progress with the boxes of each
+        batch, merged chunks) go out as they are made; a cancel stops it at the next step."""
 
         def emit(event: str, **fields: Any) -> None:
             if event == "progress":
                 job.stage = f"scanning {fields['done']} of {fields['total']} tiles"
             out.send_multipart([job.ident, *_encode_reply(ok_reply(job.request_id, event=event, **fields))])
 
+        stream = self._streams.get((job.ident, job.request_id))
+        return scan.steps(job.header, self.engine, emit, job.cancel.is_set, stream)
+
+    def _step_scan(self, job: Pending, work: Generator[None, None, dict[str, Any]]) -> dict[str, Any] | None:
+        """Run a scan's next step under its cancel flag and deadline: None while it is unfinished, else
+        its reply (the result, or its error)."""
         try:
             with _running(job):
-                limits.checkpoint("starting")  # cancelled, or past its deadline while it waited
-                stream = self._streams.get((job.ident, job.request_id))
-                fields = scan.run(job.header, self.engine, emit, job.cancel.is_set, stream)
-            return ok_reply(job.request_id, **fields)
+                limits.checkpoint()  # cancelled, or past its deadline (also while it waited its turn)
+                next(work)
+            return None
+        except StopIteration as end:
+            return ok_reply(job.request_id, **end.value)
         except Exception as exc:
+            work.close()
             if _out_of_memory(exc):
                 _free_device_memory()
                 exc = _oom_error(exc)
             return _error(job.header, exc)
+
+    def _scan(self, job: Pending, out: zmq.Socket) -> dict[str, Any]:
+        """A scan run to its end in one go (the in-process fuzzer drives scans this way)."""
+        work = self._start_scan(job, out)
+        while (reply := self._step_scan(job, work)) is None:
+            pass
+        return reply
 
     def _open_stream(self, ident: bytes, header: dict[str, Any]) -> None:
         """A detect whose tiles come by value: an inbox for its scan_tiles messages, made before it is

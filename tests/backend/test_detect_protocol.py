@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,75 @@ def test_cancelling_a_scan_stops_it_within_a_batch_and_the_next_request_is_answe
         ask = c.ask(source_by_reference(str(scene), bounds=[500_000, 3_999_800, 500_200, 4_000_000]), "ships", task="refer")  # fmt: skip
         assert ask["ok"]
     assert len(events) == 1
+
+
+def test_an_ask_during_a_long_scan_is_answered_within_two_of_its_batches(server: str, tmp_path: Path) -> None:
+    """A 600-tile scan shares the model: another client's ask waits for the scan's batch in progress,
+    not for the scene (before, the scan held the worker to its end). The scan is cancelled afterwards,
+    so the test costs a few batches."""
+    scene = write(
+        tmp_path / "big.tif", (np.random.default_rng(2).random((3, 640, 960)) * 255).astype(np.uint8)
+    )
+    header = _header(scene, tile_size=32, overlap=0.0, batch=4)  # 20 x 30 = 600 tiles
+    seen: list[int] = []
+    started, stop = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "progress":
+            seen.append(event["done"])
+            started.set()
+
+    def scanning() -> None:
+        with Client(server, timeout_s=300) as a:
+            try:
+                outcome.append(a.scan(header, on_event=on_event, cancelled=stop.is_set))
+            except EarthDialError as exc:
+                outcome.append(exc.code)
+
+    thread = threading.Thread(target=scanning)
+    thread.start()
+    try:
+        assert started.wait(120), "the scan sent no progress"
+        before = seen[-1]
+        with Client(server, timeout_s=120) as b:
+            reply = b.ask(source_by_reference(str(scene), bounds=[500_000, 3_999_900, 500_100, 4_000_000]),
+                          "ships", task="refer")  # fmt: skip
+        after = seen[-1]
+    finally:
+        stop.set()
+        thread.join(120)
+    assert reply["ok"] and isinstance(reply["answer"], str)
+    assert after - before <= 2 * 4, f"the ask waited for {after - before} tiles of the scan"
+    assert outcome == ["cancelled"] and after < 600  # the scan was still running when the ask came back
+
+
+def test_two_scans_take_turns_batch_by_batch(server: str, tmp_path: Path) -> None:
+    """A second client's scan starts while the first is running, and progresses before the first ends."""
+    scene = write(
+        tmp_path / "two.tif", (np.random.default_rng(3).random((3, 320, 640)) * 255).astype(np.uint8)
+    )
+    order: list[str] = []
+    first_started = threading.Event()
+
+    def run(name: str, tiles: int) -> None:
+        def on_event(event: dict) -> None:
+            if event["event"] == "progress":
+                order.append(name)
+                first_started.set()
+
+        header = _header(scene, tile_size=32, overlap=0.0, batch=4)
+        header["source"] = source_by_reference(str(scene), bounds=[500_000, 4_000_000 - 32, 500_000 + 32 * tiles, 4_000_000])  # fmt: skip
+        with Client(server, timeout_s=300) as c:
+            assert c.scan(header, on_event=on_event)["tiles"] == tiles
+
+    a = threading.Thread(target=run, args=("a", 20))  # 20 tiles in one row: 5 batches
+    a.start()
+    assert first_started.wait(120)
+    run("b", 8)  # 2 batches, asked while a is running
+    a.join(120)
+    assert order.count("a") == 5 and order.count("b") == 2
+    assert order.index("b") < len(order) - 1 - order[::-1].index("a")  # b progressed before a finished
 
 
 class ManyBoxes:
