@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="scan batch sizes to run")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a shared "
                          "machine 1 keeps two threads from waiting on each other")  # fmt: skip
@@ -109,7 +110,7 @@ def main() -> None:
         with Client(endpoint, timeout_s=600) as client:
             _, _, plan = scan(client, path, args.tile, 8, args.prompt)  # warm-up (first-call costs)
             loops: list[float] = []
-            runs: dict[int, list[tuple[float, float]]] = {1: [], 8: [], 32: []}
+            runs: dict[int, list[tuple[float, float]]] = {b: [] for b in args.batches}
             for _ in range(args.repeats):  # interleaved, so that a busy machine slows every variant alike
                 loops.append(ask_loop(client, path, plan, transform, args.prompt))
                 for batch in runs:

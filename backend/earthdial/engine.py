@@ -127,6 +127,7 @@ def with_cancel(queries: list[Query], overrides: dict[str, Any]) -> dict[str, An
 
 
 DECODE_MODES = ("dynamic", "static", "compiled")
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix saves less than its extra forward pass costs
 
 
 def decode_for(device: str, decode: str = "auto") -> str:
@@ -219,6 +220,7 @@ class Engine:
         self.decoding = "greedy" if info.demo else "upstream"
         self.decode = decode_for(self.device)  # greedy's cache/compile mode (decode_for)
         self._static: tuple[tuple[int, int], Any] | None = None  # ((batch, cache length), StaticCache)
+        self.share_prefix = True  # greedy batches prefill a common text prefix once (shared_prefix)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -367,6 +369,9 @@ class Engine:
         max_new = max(q.max_new_tokens for q in queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
+            options = self.decode_options(len(queries), input_ids.shape[1] + max_new)
+            if not options and self.share_prefix:
+                options = self.shared_prefix(input_ids, attention_mask, embeds)
             out = self.model.generate(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -378,13 +383,33 @@ class Engine:
                 **{
                     "output_scores": True,
                     "return_dict_in_generate": True,
-                    **with_cancel(
-                        queries,
-                        {**self.decode_options(len(queries), input_ids.shape[1] + max_new), **overrides},
-                    ),
+                    **with_cancel(queries, {**options, **overrides}),
                 },
             )
         return list(scoring.answers(self, out, [q.max_new_tokens for q in queries]))  # Answer is a str
+
+    def shared_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embeds: torch.Tensor
+    ) -> dict[str, Any]:
+        """generate's arguments for a batch whose rows all begin with the same text (a scan's tiles: one
+        system message, task and sensor tags before each image): that prefix goes through the language
+        model once and its cache is copied to every row, so the prefill computes only the rest. Only
+        for rows without padding (equal lengths) and a prefix of MIN_SHARED_PREFIX tokens or more; {}
+        otherwise. Answers and scores equal an unshared prefill's (test_decode.py)."""
+        rows, length = input_ids.shape
+        if rows < 2 or not bool(attention_mask.all()):
+            return {}
+        same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.image_token_id)
+        prefix = int(same.long().cumprod(0).sum())  # image tokens never count: their embeddings differ
+        if prefix < MIN_SHARED_PREFIX or prefix >= length:
+            return {}
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(inputs_embeds=embeds[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache.batch_repeat_interleave(rows)
+        return {"past_key_values": cache}
 
     def decode_options(self, batch: int, length: int) -> dict[str, Any]:
         """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from earthdial import prompts
 from earthdial import training as train
@@ -75,3 +76,34 @@ def test_decode_modes() -> None:
     assert decode_for("cpu", "static") == "static"
     with pytest.raises(ValueError, match="decode must be"):
         decode_for("cpu", "fast")
+
+
+@pytest.mark.skipif(
+    not (train.DEMO_DIR / "model.safetensors").exists(), reason="the demo checkpoint is not built"
+)
+def test_a_shared_prompt_prefix_gives_the_same_answers_and_scores() -> None:
+    """A scan's batch: one question, one image each. Prefilling the common prefix once and copying its
+    cache to every row must change nothing but the time."""
+    from earthdial import synthetic
+
+    engine = Engine(str(train.DEMO_DIR), device="cpu")
+    question = prompts.build_question("refer", "ships", "[hr_rgb_0.5]")
+    queries = [
+        Query(
+            question, [engine.image(synthetic.render(synthetic.make_scene(11, i), 224), "[hr_rgb_0.5]")], 40
+        )
+        for i in range(6)
+    ]
+    ids, mask = engine.encode([engine.prompt_text(q) for q in queries])
+    with torch.inference_mode():
+        shared = engine.shared_prefix(ids, mask, engine.embed(ids, queries))
+    assert shared and shared["past_key_values"].get_seq_length() >= 8  # the prefix is really shared here
+    engine.share_prefix = False
+    plain = engine.generate(queries)
+    engine.share_prefix = True
+    fast = engine.generate(queries)
+    assert len(set(plain)) > 1 and [str(a) for a in fast] == [str(a) for a in plain]
+    for f, p in zip(fast, plain, strict=True):
+        assert f.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+    one = [engine.generate([q])[0] for q in queries[:2]]  # a single row shares nothing: same answers
+    assert [str(a) for a in one] == [str(a) for a in plain[:2]]
