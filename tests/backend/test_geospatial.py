@@ -211,6 +211,22 @@ def test_tiles_cover_the_region_with_the_overlap_asked_for() -> None:
     assert len(scenes.plan_tiles(300, 200, 448, 0.1)) == 1
 
 
+def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Path) -> None:
+    """rasterio takes GDAL_CACHEMAX in bytes: a cache of SCENE_CACHE_MB "bytes" made every tile decode
+    its rows again. While a scene's tiles are read, the cache must hold many rows of a wide raster."""
+    path = tmp_path / "wide.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=4000, height=64, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:  # fmt: skip
+        dst.write(np.zeros((3, 64, 4000), np.uint8))
+    tiles = scenes.file_tiles([str(path)], [1, 2, 3], scenes.plan_tiles(4000, 64, 64, 0.0), 32)
+    next(tiles)
+    try:
+        cache = int(rasterio.env.getenv()["GDAL_CACHEMAX"])
+    finally:
+        tiles.close()
+    assert cache == scenes.SCENE_CACHE_MB * 1024 * 1024  # bytes: rows of 4000 px x 3 bands fit many times
+
+
 def _feature(x0: float, y0: float, size: float, label: str, edge: float) -> dict:
     ring = [[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
