@@ -409,7 +409,7 @@ class Engine:
         self.model(inputs_embeds=embeds[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         cache.batch_repeat_interleave(rows)
-        return {"past_key_values": cache}
+        return {"cache": cache}
 
     def decode_options(self, batch: int, length: int) -> dict[str, Any]:
         """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`
