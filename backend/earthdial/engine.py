@@ -407,7 +407,7 @@ class Engine:
 
         cache = DynamicCache(config=self.model.config)
         self.model(inputs_embeds=embeds[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                   cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         cache.batch_repeat_interleave(rows)
         return {"cache": cache}
 

@@ -97,7 +97,7 @@ def test_a_shared_prompt_prefix_gives_the_same_answers_and_scores() -> None:
     ids, mask = engine.encode([engine.prompt_text(q) for q in queries])
     with torch.inference_mode():
         shared = engine.shared_prefix(ids, mask, engine.embed(ids, queries))
-    assert shared and shared["past_key_values"].get_seq_length() >= 8  # the prefix is really shared here
+    assert shared and shared["cache"].get_seq_length() >= 8  # the prefix is really shared here
     engine.share_prefix = False
     plain = engine.generate(queries)
     engine.share_prefix = True
