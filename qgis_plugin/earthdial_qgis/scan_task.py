@@ -16,7 +16,7 @@ from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
 
-from . import scanning
+from . import geopackage, scanning, settings
 from .layers import add_result_layer
 from .protocol import Client, EarthDialError
 from .qt import QtCore, QtWidgets
@@ -172,6 +172,18 @@ class DockScan(QtCore.QObject):
                 group.parent().removeChildNode(group)
         self.live = None
 
+    def _keep(self, layer: Any) -> None:
+        """A stopped scan's boxes go into the results GeoPackage like any result: left in memory, the
+        tiles already finished would be lost with the project."""
+        if settings.results_in_memory():
+            return
+        try:
+            geopackage.store_layer(layer, geopackage.project_results_path(), layer.name())
+        except OSError as exc:
+            self.dock.iface.messageBar().pushMessage(
+                self.dock.tr("EarthDial"), str(exc), level=Qgis.MessageLevel.Warning, duration=0
+            )
+
     def _done(self, task: ScanTask) -> None:
         dock = self.dock
         dock._running.discard(task)
@@ -186,6 +198,7 @@ class DockScan(QtCore.QObject):
                 self.live.setName(
                     self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)"))
                 )
+                self._keep(self.live)
             dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
             return
         p, scan = self.pending, task.scan

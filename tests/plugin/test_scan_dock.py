@@ -23,7 +23,7 @@ from earthdial_qgis.protocol import Client
 MOSAIC = """
 import sys, numpy as np
 from earthdial import synthetic
-n, size = 3, 112
+n, size = int(sys.argv[2]) if len(sys.argv) > 2 else 3, 112
 rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
         for r in range(n)]
 synthetic.write_geotiff(sys.argv[1], np.concatenate(rows, axis=1))
@@ -57,6 +57,15 @@ def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("scan") / "mosaic.tif"
     python = ROOT / ".venv" / "bin" / "python"
     subprocess.run([str(python), "-c", MOSAIC, str(path)], check=True, timeout=120, env=backend_env())
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """9 x 9 demo scenes of 112 px: 81 tiles of 112 px at 10 % overlap, ten batches."""
+    path = tmp_path_factory.mktemp("scan") / "big-mosaic.tif"
+    python = ROOT / ".venv" / "bin" / "python"
+    subprocess.run([str(python), "-c", MOSAIC, str(path), "9"], check=True, timeout=120, env=backend_env())
     return path
 
 
@@ -167,4 +176,30 @@ def test_cancel_stops_the_backend_and_its_next_request_is_answered_at_once(
         assert client.ping(timeout_s=10)["pong"]
         wait_until(lambda: client.status()["running"] == 0, 30)  # the scan stopped within a batch
         assert time.monotonic() - t < 30
+    dock.shutdown()
+
+
+def test_a_cancelled_scan_keeps_its_finished_tiles_in_the_results_geopackage(
+    demo_backend, big_mosaic, qgis_new_project, qgis_iface
+) -> None:
+    """What the tiles finished before Cancel found is not left in memory (lost with the project): it is a
+    table of the results GeoPackage, marked unmerged."""
+    from earthdial_qgis import geopackage
+
+    layer = QgsRasterLayer(str(big_mosaic), "big mosaic", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    dock = _dock(qgis_iface, demo_backend.endpoint, layer)
+    dock.send_button.click()
+    wait_until(lambda: dock.scan.live is not None or not dock.is_busy(), 120)
+    assert dock.is_busy(), "the scan ended before its first boxes arrived"
+    dock.cancel_button.click()
+    wait_until(lambda: not dock.is_busy(), 60)
+    assert dock.last_error is not None and dock.last_error.code == "cancelled"
+    stopped = dock.scan.live
+    assert stopped is not None and "stopped: unmerged" in stopped.name()
+    assert stopped.providerType() == "ogr"  # no longer a memory layer
+    path, table = geopackage.split_source(stopped.source())
+    assert Path(path) == Path(geopackage.project_results_path()) and table
+    kept = QgsVectorLayer(f"{path}|layername={table}", "check", "ogr")
+    assert kept.isValid() and 0 < kept.featureCount() == stopped.featureCount()
     dock.shutdown()
