@@ -151,7 +151,8 @@ def test_cancel_stops_the_backend_and_its_next_request_is_answered_at_once(
     import numpy as np
     from osgeo import gdal
 
-    path = tmp_path / "big.tif"  # 1600 x 1600 px: 1 296 tiles of 50 px, so that Cancel comes long before the end
+    # 1600 x 1600 px: 1 296 tiles of 50 px, so that Cancel comes long before the end
+    path = tmp_path / "big.tif"
     ds = gdal.GetDriverByName("GTiff").Create(str(path), 1600, 1600, 3, gdal.GDT_Byte)
     ds.SetGeoTransform((500000, 1.0, 0.0, 4000000, 0.0, -1.0))
     ds.SetProjection(QgsProject.instance().crs().fromEpsgId(32633).toWkt())
