@@ -3,7 +3,7 @@
 #   - QGIS 3.22+ with its Python bindings, pyzmq and Xvfb (Debian packages);
 #   - .venv       the backend: torch (CPU build unless TORCH_SPEC says otherwise), transformers, rasterio ...
 #   - .venv-qgis  QGIS's own Python plus pytest-qgis and qtpy, for the plugin's tests.
-# Usage: scripts/install.sh [--test]   (--test adds the test tools and peft for the fine-tuning tests)
+# Usage: scripts/install.sh [--test]   (--test adds the test tools, peft for the fine-tuning tests, Ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_test=0
@@ -23,7 +23,8 @@ if [ ! -x .venv/bin/python ]; then "$py" -m venv .venv; fi
 # that this default and pyproject.toml name the same release.)
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 if [ "$with_test" = 1 ]; then
-  .venv/bin/pip install -q -e ".[test,quantize,finetune]"  # quantize: torchao, so the --quantize tests run
+  # quantize: torchao, so the --quantize tests run; cluster: Ray, for detect-many's tests
+  .venv/bin/pip install -q -e ".[test,quantize,finetune,cluster]"
 else
   .venv/bin/pip install -q -e .
 fi

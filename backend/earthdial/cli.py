@@ -45,7 +45,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_scan_args(p: argparse.ArgumentParser) -> None:
+def _add_tiling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-size", type=int, default=448, help="tile size in raster pixels (resized to the model's)"
     )
@@ -57,6 +57,10 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
         "--min-score", type=float, default=0.0, help="drop boxes scored below this (0-1; docs/outputs.md)"
     )
     p.add_argument("--sensor", help="EarthDial sensor tag (default: from the preset and GSD)")
+
+
+def _add_scan_args(p: argparse.ArgumentParser) -> None:
+    _add_tiling_args(p)
     p.add_argument(
         "--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)"
     )
@@ -340,6 +344,47 @@ def cmd_detect_changes(args: argparse.Namespace) -> int:
     sources = [source_by_reference(os.path.abspath(p)) for p in args.rasters]
     header = {"op": "detect_changes", "task": "change", "sources": sources, "options": _scan_options(args)}
     return _run_scan(args, header)
+
+
+def cmd_detect_many(args: argparse.Namespace) -> int:
+    """Many scenes on Ray workers (earthdial.many): a layer per scene and a merged layer in -o."""
+    from . import archive, many, prompts
+
+    many.require_ray()  # a missing extra is said before anything else is looked at
+    spec = prompts.task(args.task)
+    if spec.images != 1 or not spec.grounded:
+        raise EarthDialError("bad_request", f"detect-many runs a grounded one-image task (refer, grounding), not {args.task!r}")  # fmt: skip
+    many.check_output(args.output)
+    scenes = archive.scenes_of(args.rasters, args.list, args.stac, args.asset)
+    if not scenes:
+        raise EarthDialError("bad_request", "no scenes: name rasters, --list FILE or --stac FILE")
+    model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+    if not model:
+        print("earthdial detect-many: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
+        return 2
+    from .scan import options_of
+
+    options = _scan_options(args)
+    options_of({"options": options})  # tiling and score checked once, here, not in every worker
+    job = many.Run(scenes, args.task, args.prompt, options, args.output,
+                   os.path.abspath(model) if os.path.exists(model) else model, device=args.device,
+                   workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                   gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, resume=args.resume)  # fmt: skip
+    try:
+        summary = many.run(job, lambda line: print(line, file=sys.stderr, flush=True))
+    except EarthDialError as exc:
+        if exc.code == "cancelled":
+            print(f"\nearthdial detect-many: {exc.message}", file=sys.stderr)
+            return 130
+        raise
+    print(f"{summary.scenes} scene(s): {summary.ran} run now, {summary.before} done before, "
+          f"{len(summary.errors)} failed; {summary.boxes} boxes in {summary.seconds:.1f} s")  # fmt: skip
+    if summary.merged:
+        print(f"wrote {len(summary.layers)} scene layer(s) and the merged layer {summary.merged!r} to "
+              f"{os.path.realpath(args.output)}")  # fmt: skip
+    for k, error in sorted(summary.errors.items()):
+        print(f"failed: {scenes[k].name} ({scenes[k].origin}): {error.code}: {error.message}")
+    return 1 if summary.errors else 0
 
 
 def _scan_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -831,6 +876,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="band preset (default: picked from the first raster)")
     _add_scan_args(p)
     p.set_defaults(func=cmd_detect_changes)
+
+    p = sub.add_parser(
+        "detect-many", help="detect over many scenes (paths, list files, STAC items) on Ray workers"
+    )
+    p.add_argument("rasters", nargs="*", help="scene rasters")
+    p.add_argument("--list", action="append", default=[], metavar="FILE",
+                   help="a file of raster paths, one a line (relative ones: to the file's folder)")  # fmt: skip
+    p.add_argument("--stac", action="append", default=[], metavar="FILE",
+                   help="a STAC ItemCollection (or Item) JSON file; its assets must be local files")  # fmt: skip
+    p.add_argument("--asset", help="the STAC asset to read (default: visual, else the item's first GeoTIFF)")
+    p.add_argument("--prompt", required=True, help="what to find, e.g. ships")
+    p.add_argument("--task", default="refer", help="a grounded task: refer (default) or grounding")
+    p.add_argument("--preset", help="band preset (default: picked from each raster)")
+    _add_tiling_args(p)
+    p.add_argument("--model", help="checkpoint directory, the same path on every Ray node (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=2, help="engines (Ray actors), each with its own model")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPU slots (and torch threads) of a worker")  # fmt: skip
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs of a worker (e.g. 1)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="an existing Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
+                   "else a local Ray started for this run)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="GeoPackage (.gpkg) for a layer per scene and the merged layer")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="go on from the journal an interrupted run left beside -o")  # fmt: skip
+    p.set_defaults(func=cmd_detect_many)
 
     p = sub.add_parser("change", help="compare two (or more) rasters: later ones are aligned to the first")
     p.add_argument("rasters", nargs="+", help="BEFORE AFTER [...]")

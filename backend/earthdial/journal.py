@@ -17,9 +17,10 @@ from typing import Any
 from .protocol import EarthDialError, ErrorCode
 
 
-def path_for(output: str) -> str:
+def path_for(output: str, kind: str = "scan") -> str:
+    """The journal of a run writing `output`: `.OUT.gpkg.scan.jsonl` (detect), `.many.jsonl` (detect-many)."""
     folder, name = os.path.split(os.path.abspath(output))
-    return os.path.join(folder, f".{name}.scan.jsonl")
+    return os.path.join(folder, f".{name}.{kind}.jsonl")
 
 
 @dataclass

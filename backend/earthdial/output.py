@@ -49,7 +49,16 @@ try:
 except ImportError:  # Windows: a live writer's open files cannot be deleted there anyway
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FIELDS", "MARK", "check_target", "clean_scratch", "layer_name", "replace_file", "write_features"]
+__all__ = [
+    "FIELDS",
+    "MARK",
+    "check_target",
+    "clean_scratch",
+    "free_layer_name",
+    "layer_name",
+    "replace_file",
+    "write_features",
+]
 
 # The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
 FIELDS = (
@@ -159,6 +168,20 @@ def check_target(path: str | os.PathLike[str], layer: str | None = None, overwri
             _layer_to_write(path, layer, layer or "earthdial", overwrite)
         except (OSError, sqlite3.Error) as exc:
             raise _write_error(exc, path, f"reading {path}") from None
+
+
+def free_layer_name(path: str | os.PathLike[str], base: str) -> str:
+    """``base``, else the first of ``base_2``, ``base_3``... that no layer or table of the GeoPackage at
+    ``path`` takes (``base`` itself while there is no file), for a caller that records a layer's name
+    before writing it by that exact name."""
+    path, driver = _target(path)
+    _check_layer_name(base)
+    if driver != "GPKG" or not os.path.lexists(path):
+        return base
+    try:
+        return _layer_to_write(path, None, base, False)
+    except (OSError, sqlite3.Error) as exc:
+        raise _write_error(exc, path, f"reading {path}") from None
 
 
 def layer_name(task: str | None, prompt: str | None, sources: list[str], when: datetime | None = None) -> str:

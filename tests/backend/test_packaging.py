@@ -30,7 +30,14 @@ def test_torchao_is_an_extra_not_a_dependency() -> None:
     dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert "torchao" not in dependencies
     assert re.search(r'^quantize = \["torchao', text, re.MULTILINE)
-    assert '".[test,quantize,finetune]"' in (ROOT / "scripts" / "install.sh").read_text()
+    assert '".[test,quantize,finetune,cluster]"' in (ROOT / "scripts" / "install.sh").read_text()
+
+
+def test_ray_is_an_extra_not_a_dependency() -> None:
+    text = _pyproject()
+    dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "ray" not in dependencies
+    assert re.search(r'^cluster = \["ray\[data\]>=', text, re.MULTILINE)
 
 
 def test_licence_is_gpl2_or_later() -> None:
