@@ -144,7 +144,7 @@ def main() -> int:
         scenes_b, scenes_r = statistics.median(b[1] for b in base), statistics.median(m[1] for m in ray)
         tiles = args.scenes * args.grid**2
         print(
-            f"\n| measure | 1 process | detect-many, {args.workers} Ray workers x {args.cpus_per_worker:g} CPU | ratio |"
+            f"\n| measure | 1 process, {args.baseline_threads} torch thread(s) | detect-many, {args.workers} Ray workers x {args.cpus_per_worker:g} CPU | ratio |"
         )
         print("|---|---|---|---|")
         print(f"| whole run, s | {wall_b:.1f} | {wall_r:.1f} | {wall_b / wall_r:.2f}x |")

@@ -355,6 +355,8 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
     if spec.images != 1 or not spec.grounded:
         raise EarthDialError("bad_request", f"detect-many runs a grounded one-image task (refer, grounding), not {args.task!r}")  # fmt: skip
     many.check_output(args.output)
+    if args.workers < 1 or not args.cpus_per_worker > 0 or not args.gpus_per_worker >= 0:
+        raise EarthDialError("bad_request", "--workers must be 1 or more, --cpus-per-worker above 0 and --gpus-per-worker 0 or more")  # fmt: skip
     scenes = archive.scenes_of(args.rasters, args.list, args.stac, args.asset)
     if not scenes:
         raise EarthDialError("bad_request", "no scenes: name rasters, --list FILE or --stac FILE")

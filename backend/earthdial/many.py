@@ -217,9 +217,14 @@ def run(job: Run, say: Say) -> Summary:
         log.remove()
     except KeyboardInterrupt:
         log.close()
-        kept = len([k for k in log.tiles if k != MERGED_INDEX])
-        raise EarthDialError(ErrorCode.CANCELLED, f"interrupted; the {kept} finished scene(s) are kept in "
-                             f"{path} and {log.path}: run the same command with --resume to go on") from None  # fmt: skip
+        raise EarthDialError(ErrorCode.CANCELLED, "interrupted" + _kept(log, path)) from None
+    except EarthDialError as exc:
+        log.close()
+        raise EarthDialError(exc.code, exc.message + _kept(log, path)) from None
+    except Exception as exc:  # Ray's own failures (a worker lost for good, the cluster gone ...)
+        log.close()
+        raise EarthDialError(ErrorCode.INTERNAL, f"the run failed: {type(exc).__name__}: {str(exc)[:2000]}"
+                             + _kept(log, path)) from exc  # fmt: skip
     except BaseException:
         log.close()
         raise
@@ -227,6 +232,17 @@ def run(job: Run, say: Say) -> Summary:
         signal.signal(signal.SIGINT, previous)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _kept(log: journal.Journal, path: str) -> str:
+    """What a stopped run leaves: its finished scenes and the journal to resume from; no journal when
+    nothing was finished (so the same command runs afresh without --resume)."""
+    kept = len([k for k in log.tiles if k != MERGED_INDEX])
+    if not kept:
+        log.remove()
+        return "; no scene was finished"
+    return (f"; the {kept} finished scene(s) are kept in {path} and {log.path}: run the same command with "
+            "--resume to go on")  # fmt: skip
 
 
 def _take(job: Run, path: str, log: journal.Journal, k: int, result: dict[str, Any], when: datetime,

@@ -167,13 +167,6 @@ def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_res
     (The journal and the GeoPackage are what is tested: the worker runs in this process, without Ray.)"""
     out = tmp_path / "out.gpkg"
     args = ["detect-many", *map(str, archive_dir["paths"][:2]), *TILING, *MANY, "-o", str(out)]
-    worker = many.SceneWorker(str(DEMO_DIR), "cpu", 1)
-
-    def in_process(job: many.Run, items: list[dict[str, Any]], say: Any) -> Iterator[dict[str, Any]]:
-        for it in items:
-            result = worker({"index": [it["index"]], "header": [it["header"]]})
-            yield {"index": result["index"][0], "result": result["result"][0]}
-
     write = many._write_layer
 
     def killed_before_the_second_layer(path: str, entry: dict[str, Any], resumed: bool = False) -> None:
@@ -181,7 +174,7 @@ def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_res
             raise KeyboardInterrupt  # as a kill would, after the scene's journal line was fsynced
         write(path, entry, resumed)
 
-    monkeypatch.setattr(many, "_stream", in_process)
+    monkeypatch.setattr(many, "_stream", in_process_stream(many.SceneWorker(str(DEMO_DIR), "cpu", 1)))
     monkeypatch.setattr(many, "_write_layer", killed_before_the_second_layer)
     assert cli.main(args) == 130
     assert (
@@ -282,3 +275,46 @@ def test_the_runtime_and_the_rest_of_the_cli_never_import_ray() -> None:
                           env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def in_process_stream(worker: many.SceneWorker):
+    """`many._stream` without Ray: the same worker class, called in this process."""
+
+    def stream(job: many.Run, items: list[dict[str, Any]], say: Any) -> Iterator[dict[str, Any]]:
+        for it in items:
+            result = worker({"index": [it["index"]], "header": [it["header"]]})
+            yield {"index": result["index"][0], "result": result["result"][0]}
+
+    return stream
+
+
+def test_a_model_that_cannot_load_stops_the_run_with_a_typed_error(archive_dir, tmp_path, monkeypatch, capsys) -> None:  # fmt: skip
+    worker = many.SceneWorker(str(tmp_path / "no-model"), "cpu", 1)
+    monkeypatch.setattr(many, "_stream", in_process_stream(worker))
+    out = tmp_path / "out.gpkg"
+    args = ["detect-many", str(archive_dir["paths"][0]), *TILING, "-o", str(out)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "earthdial detect-many: model_error: cannot load " in err and "no scene was finished" in err, err
+    assert not out.exists() and not Path(journal.path_for(str(out), "many")).exists()  # a fresh run may start
+
+
+def test_the_merged_layer_of_scenes_in_different_crs_is_in_wgs84(tmp_path: Path) -> None:
+    def box(x: float, y: float) -> dict[str, Any]:
+        ring = [[x, y], [x + 100, y], [x + 100, y + 100], [x, y + 100], [x, y]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"label": "ship", "task": "refer", "source": f"{x}"}}  # fmt: skip
+
+    out = tmp_path / "out.gpkg"
+    log = journal.Journal.open(journal.path_for(str(out), "many"), {"op": "detect-many"}, False)
+    done = {0: {"crs": "EPSG:32633", "features": [box(500_000, 4_000_000)]},
+            1: {"crs": "EPSG:3857", "features": [box(1_669_792, 4_865_942)]}}  # fmt: skip
+    job = many.Run([], "refer", "ships", {}, str(out), "m")
+    name = many._write_merged(str(out), log, done, job, many.datetime.now(many.timezone.utc))
+    log.close()
+    assert pyogrio.read_info(str(out), layer=name)["crs"] == "EPSG:4326"
+    _, _, geoms, _ = pyogrio.raw.read(str(out), layer=name)
+    import shapely
+
+    centres = sorted((round(p.x, 2), round(p.y, 2)) for p in shapely.centroid(shapely.from_wkb(geoms)))
+    assert centres == [(15.0, 36.15), (15.0, 40.0)]  # 33N: its central meridian 15 E; 3857: 15 E, 40 N
