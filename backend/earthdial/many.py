@@ -271,17 +271,16 @@ def _stream(job: Run, items: list[dict[str, Any]], say: Say) -> Generator[dict[s
     """The workers' results, one row per scene as it finishes: Ray Data's streaming executor over an
     actor pool of engines. Starts a local Ray unless one is running or --ray-address names a cluster."""
     ray = require_ray()
-    started = False
-    if not ray.is_initialized():
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": False}
-        if job.ray_address:
-            ray.init(address=job.ray_address, **quiet)
-        else:
-            cpus = max(1, math.ceil(job.workers * job.cpus_per_worker))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)  # fmt: skip
-        started = True
+    started = not ray.is_initialized()  # a Ray this run connects to (or starts) is let go at its end
     try:
+        if started:  # inside the try: a Ctrl-C while Ray starts still shuts down what was started
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": False}
+            if job.ray_address:
+                ray.init(address=job.ray_address, **quiet)
+            else:
+                cpus = max(1, math.ceil(job.workers * job.cpus_per_worker))
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)  # fmt: skip
         size = _pool_size(ray.cluster_resources(), job, len(items), say)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress lines would bury ours
         context = ray.data.DataContext.get_current()
@@ -294,7 +293,7 @@ def _stream(job: Run, items: list[dict[str, Any]], say: Say) -> Generator[dict[s
                 "model": job.model,
                 "device": job.device,
                 "threads": max(1, int(job.cpus_per_worker)),
-            },  # fmt: skip
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
             num_cpus=job.cpus_per_worker,
