@@ -280,7 +280,9 @@ class Client:
         ``on_event``; returns the reply. For a layer streamed by value (``source.kind`` 'stream'),
         ``read_tile(index, (col, row, width, height), (out_w, out_h))`` returns the tile's pixels
         ((bands, rows, cols) array); tiles are read and sent as the plan and progress events come, at
-        most ``ahead`` batches ahead of the model."""
+        most ``ahead`` batches ahead of the model. A streamed `detect_changes` numbers the tiles of its
+        k-th pair from k x the plan's tiles: ``read_tile`` returns layers k and k + 1 over the window,
+        stacked band-wise."""
         header = dict(header)
         header.setdefault("id", new_request_id())
         options = header.get("options") or {}
@@ -292,7 +294,7 @@ class Client:
                 part, state["todo"] = state["todo"][:batch], state["todo"][batch:]
                 arrays = []
                 for i in part:
-                    window = plan_window(state["plan"], i)
+                    window = plan_window(state["plan"], i % state["plan"]["tiles"])  # pair k: k x tiles + i
                     arrays.append(read_tile(i, window, read_shape(window[2], window[3], state["read_size"])))
                 tiles = {"op": "scan_tiles", "scan": header["id"], "tiles": part, "id": new_request_id(),
                          "v": PROTOCOL_VERSION, "client": header.get("client") or client_name()}  # fmt: skip

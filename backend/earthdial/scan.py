@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -99,7 +100,7 @@ def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[
     stats = scenes.Stats()
     changes = op == "detect_changes"
     if changes:
-        jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled)
+        jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled, stream)
     else:
         jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
     emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs))
@@ -212,25 +213,14 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     else:
         if stream is None:
             raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
-        width, height = _field(source, "width", int), _field(source, "height", int)
-        count = _field(source, "band_count", int)
-        transform = imagery._affine_from(_field(source, "transform", list))
-        crs_in = _field(source, "crs", str, required=False) or ""
-        if not crs_in:
-            raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
-        crs = imagery.crs_string(imagery._parse_crs(crs_in, "source"))
-        dtype = _field(source, "dtype", str, required=False) or "uint8"
-        nodata = _field(source, "nodata", (int, float), required=False)
-        name_preset = options["preset"]
-        if name_preset:
-            preset = presets.get(name_preset)
-        else:
-            preset, _ = presets.choose(count, dtype, [], None)
-        limits.check_scan(width, height, options["tile_size"], options["overlap"])
-        plan = scenes.plan_tiles(width, height, options["tile_size"], options["overlap"])
-        tiles = scenes.stream_tiles(stream, plan, transform, crs, nodata, options["skip"], cancelled)
-        name = str(source.get("name") or "<stream>")
-        gsd_src = imagery.ground_resolution(transform, crs, width / 2, height / 2)
+        grid = _stream_grid(source, options)
+        limits.check_scan(grid.width, grid.height, options["tile_size"], options["overlap"])
+        plan = scenes.plan_tiles(grid.width, grid.height, options["tile_size"], options["overlap"])
+        tiles = scenes.stream_tiles(
+            stream, plan, grid.transform, grid.crs, grid.nodata, options["skip"], cancelled
+        )
+        name, preset, crs = str(source.get("name") or "<stream>"), grid.preset, grid.crs
+        gsd_src = imagery.ground_resolution(grid.transform, crs, grid.width / 2, grid.height / 2)
     tag = options["sensor"] or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
@@ -250,19 +240,109 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     return [(ask, tiles, 0)], plan, len(plan), crs
 
 
-def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
-                 cancelled: Any) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
+@dataclass
+class _StreamGrid:
+    """The pixel grid of a layer the client streams (width, height, transform, CRS) and how to read it."""
+
+    width: int
+    height: int
+    band_count: int
+    transform: Any
+    crs: str
+    nodata: float | None
+    preset: Any
+
+
+def _stream_grid(source: dict[str, Any], options: dict[str, Any]) -> _StreamGrid:
+    width, height = _field(source, "width", int), _field(source, "height", int)
+    count = _field(source, "band_count", int)
+    transform = imagery._affine_from(_field(source, "transform", list))
+    crs_in = _field(source, "crs", str, required=False) or ""
+    if not crs_in:
+        raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+    crs = imagery.crs_string(imagery._parse_crs(crs_in, "source"))
+    dtype = _field(source, "dtype", str, required=False) or "uint8"
+    nodata = _field(source, "nodata", (int, float), required=False)
+    preset = (
+        presets.get(options["preset"]) if options["preset"] else presets.choose(count, dtype, [], None)[0]
+    )
+    return _StreamGrid(width, height, count, transform, crs, nodata, preset)
+
+
+@dataclass
+class _Sequence:
+    """BEFORE AFTER [LATER ...] on one grid: names, tile plan, CRS, preset, ground resolution, and the
+    tiles of pair k (its two images, numbered within the plan) without the skipped ones."""
+
+    names: list[str]
+    plan: scenes.TilePlan
+    crs: str
+    preset: Any
+    gsd_m: float | None
+    tiles: Callable[[int, frozenset[int]], Iterator[scenes.Tile]]
+
+
+def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], cancelled: Any,
+                 stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
-    extent; each consecutive pair of each tile is asked the change question."""
+    extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
+    files the backend reads and warps), or streamed (`source.kind` 'stream' naming its `layers`: the
+    client reads every layer on one grid and sends each tile's images stacked in one frame)."""
     from .engine import Query
 
-    sources = _field(header, "sources", list)
+    source = header.get("source")
+    if isinstance(source, dict) and source.get("kind") == "stream":
+        seq = _streamed_sequence(source, options, engine, stream, cancelled)
+    else:
+        seq = _sequence_by_reference(header, options, engine)
+    pairs = len(seq.names) - 1
+    per_pair = limits.check_scan(seq.plan.width, seq.plan.height, options["tile_size"], options["overlap"])
+    budget = limits.current()
+    if budget is not None and per_pair * pairs > budget.max_scan_tiles:
+        raise limits.too_large(f"{pairs} pairs of {per_pair:,} tiles", per_pair * pairs, "max_scan_tiles")
+    spec = prompts.task("change")
+    tag = options["sensor"] or spec.sensor
+    question = prompts.build_question("change", "", tag)
+    engine.check_tags(question)
+    beams, min_new = prompts.decoding_for(
+        "change", options["decoding"] or getattr(engine, "decoding", "greedy")
+    )
+    gsd = seq.gsd_m * options["tile_size"] / engine.info.image_size if seq.gsd_m else None
+    preset = seq.preset
+
+    def make_query(tile: scenes.Tile) -> Any:
+        masks = [imagery.valid_mask(c) for c in tile.chips]
+        if not all(m.any() for m in masks):
+            return None
+        data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
+        images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
+        return Query(question, images, spec.max_new_tokens, num_beams=beams, min_new_tokens=min_new,
+                     cancelled=cancelled)  # fmt: skip
+
+    jobs = []
+    n = len(seq.plan)
+    for k in range(pairs):
+        before, after = seq.names[k], seq.names[k + 1]
+        props = _base_properties(engine, "change", "", f"{before} | {after}", gsd)
+        props["pair"] = f"{os.path.basename(before)} -> {os.path.basename(after)}"
+        skip = frozenset(i - k * n for i in options["skip"] if k * n <= i < (k + 1) * n)
+        jobs.append((scenes.Ask(make_query, props, options["min_score"]), seq.tiles(k, skip), k * n))
+    return jobs, seq.plan, n * pairs, seq.crs
+
+
+def _check_count(sources: list[Any]) -> None:
     if not 2 <= len(sources) <= 8:
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, "detect_changes takes 2 to 8 layers (BEFORE AFTER [LATER ...])"
         )
+
+
+def _sequence_by_reference(header: dict[str, Any], options: dict[str, Any], engine: Any) -> _Sequence:
+    sources = _field(header, "sources", list)
+    _check_count(sources)
     if not all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (source.kind 'ref')")  # fmt: skip
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (`sources` "
+                             "of kind 'ref') or streamed (a `source` of kind 'stream')")  # fmt: skip
     names = [_field(s, "path", str) for s in sources]
     paths = [access.check_path(n) for n in names]
     infos = [imagery.describe(p) for p in paths]
@@ -290,44 +370,40 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any],
     )
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
-    per_pair = limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])
-    budget = limits.current()
-    if budget is not None and per_pair * (len(paths) - 1) > budget.max_scan_tiles:
-        raise limits.too_large(f"{len(paths) - 1} pairs of {per_pair:,} tiles", per_pair * (len(paths) - 1),
-                               "max_scan_tiles")  # fmt: skip
+    limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])
     plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
     out_size = engine.info.image_size
-    spec = prompts.task("change")
-    tag = options["sensor"] or spec.sensor
-    question = prompts.build_question("change", "", tag)
-    engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(
-        "change", options["decoding"] or getattr(engine, "decoding", "greedy")
-    )
-    gsd = infos[0].gsd_m * options["tile_size"] / out_size if infos[0].gsd_m else None
-    jobs = []
-    n = len(plan)
-    for k in range(len(paths) - 1):
-        pair = f"{os.path.basename(names[k])} -> {os.path.basename(names[k + 1])}"
 
-        def make_query(tile: scenes.Tile) -> Any:
-            masks = [imagery.valid_mask(c) for c in tile.chips]
-            if not all(m.any() for m in masks):
-                return None
-            data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
-            images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
-            return Query(question, images, spec.max_new_tokens, num_beams=beams, min_new_tokens=min_new,
-                         cancelled=cancelled)  # fmt: skip
+    def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
+        if k == 0:
+            return scenes.file_tiles([paths[0], paths[1]], indexes, plan, out_size, skip)
+        # later pairs are read on the first layer's grid too; only the pair's own two images are asked
+        return _drop_first_image(
+            scenes.file_tiles([paths[0], paths[k], paths[k + 1]], indexes, plan, out_size, skip)
+        )
 
-        props = _base_properties(engine, "change", "", f"{names[k]} | {names[k + 1]}", gsd)
-        props["pair"] = pair
-        skip = frozenset(i - k * n for i in options["skip"] if k * n <= i < (k + 1) * n)
-        tiles = scenes.file_tiles([paths[0], paths[k + 1]] if k == 0 else [paths[0], paths[k], paths[k + 1]],
-                                  indexes, plan, out_size, skip)  # fmt: skip
-        if k > 0:
-            tiles = _drop_first_image(tiles)
-        jobs.append((scenes.Ask(make_query, props, options["min_score"]), tiles, k * n))
-    return jobs, plan, n * (len(paths) - 1), crs
+    return _Sequence(names, plan, crs, preset, infos[0].gsd_m, tiles)
+
+
+def _streamed_sequence(source: dict[str, Any], options: dict[str, Any], engine: Any,
+                       stream: scenes.Stream | None, cancelled: Any) -> _Sequence:  # fmt: skip
+    if stream is None:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
+    layers = _field(source, "layers", list)
+    _check_count(layers)
+    names = [str(x)[:200] for x in layers]
+    grid = _stream_grid(source, options)
+    limits.check_scan(grid.width, grid.height, options["tile_size"], options["overlap"])
+    plan = scenes.plan_tiles(grid.width, grid.height, options["tile_size"], options["overlap"])
+    total = len(plan) * (len(names) - 1)
+
+    def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
+        return scenes.stream_tiles(stream, plan, grid.transform, grid.crs, grid.nodata,
+                                   frozenset(i + k * len(plan) for i in skip), cancelled,
+                                   first=k * len(plan), total=total, images=2)  # fmt: skip
+
+    gsd = imagery.ground_resolution(grid.transform, grid.crs, grid.width / 2, grid.height / 2)
+    return _Sequence(names, plan, grid.crs, grid.preset, gsd, tiles)
 
 
 def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:

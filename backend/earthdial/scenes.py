@@ -33,6 +33,9 @@ SCENE_CACHE_MB = 128
 MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
 MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read every pixel 4x or more
 MAX_BATCH = 64
+MAX_EARLY_TILES = (
+    4 * MAX_BATCH
+)  # streamed tiles of a later pair held before their turn (clients send 2 batches ahead)
 IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
 READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
 PATIENCE_S = 0.05  # how long a scan waits for a tile before letting its caller do other work
@@ -161,19 +164,49 @@ def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: i
 
 @dataclass
 class Stream:
-    """Tiles sent by value for a running scan: (header, arrays) messages put by the server's I/O loop."""
+    """Tiles sent by value for a running scan: (header, arrays) messages put by the server's I/O loop.
+    `early` holds tiles that came before their turn: those of a change scan's next pair, sent while the
+    pair before is still being asked about."""
 
     inbox: queue.Queue = field(default_factory=queue.Queue)
     idle_timeout_s: float = 120.0
+    early: dict[int, Any] = field(default_factory=dict)
 
 
 def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, nodata: float | None,
-                 skip: frozenset[int], cancelled: Callable[[], bool] | None) -> Iterator[Tile]:  # fmt: skip
+                 skip: frozenset[int], cancelled: Callable[[], bool] | None, *, first: int = 0,
+                 total: int | None = None, images: int = 1) -> Iterator[Tile]:  # fmt: skip
     """Tiles as a client sends them: each message names its tile indexes, one array frame per tile, read
-    over that tile's window of the layer's grid (at any size; the affine follows from the shape)."""
-    wanted = set(range(len(plan))) - set(skip)
+    over that tile's window of the layer's grid (at any size; the affine follows from the shape).
+    A change scan numbers the tiles of its k-th pair from k x len(plan) (`first`; `total` over all
+    pairs) and sends each tile's `images` images stacked band-wise in one frame; its tiles come out
+    numbered within the plan, as file tiles do."""
+    total = len(plan) if total is None else total
+    wanted = set(range(first, first + len(plan))) - set(skip)
     waited = 0.0
+
+    def tile(index: int, array: Any) -> Tile:
+        local = index - first
+        window = plan.window(local)
+        data = array if array.ndim == 3 else array[None]
+        if data.shape[0] % images:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index} has {data.shape[0]} bands, "
+                                 f"not a multiple of its {images} images")  # fmt: skip
+        aff = tile_transform(transform, window, data.shape[2], data.shape[1])
+        chips = []
+        for part in np.split(data, images):
+            chip = imagery.chip_from_array(part, aff, crs, nodata)
+            chip.source = "<stream>"
+            chips.append(chip)
+        return Tile(local, window, chips)
+
     while wanted:
+        ready = sorted(wanted & stream.early.keys())
+        if ready:
+            for index in ready:
+                wanted.discard(index)
+                yield tile(index, stream.early.pop(index))
+            continue
         try:
             header, arrays = stream.inbox.get(timeout=0.2)
         except queue.Empty:
@@ -189,15 +222,20 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
         if not isinstance(indexes, list) or len(indexes) != len(arrays):
             raise EarthDialError(ErrorCode.MISSING_FRAMES, "scan_tiles: 'tiles' must list one tile index per array frame")  # fmt: skip
         for index, array in zip(indexes, arrays, strict=True):
-            if not isinstance(index, int) or isinstance(index, bool) or index not in wanted:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index!r:.20} is not a tile index"
+                )
+            if index in wanted:
+                wanted.discard(index)
+                yield tile(index, array)
+            elif first + len(plan) <= index < total and index not in stream.early:
+                if len(stream.early) >= MAX_EARLY_TILES:
+                    raise EarthDialError(ErrorCode.BUSY, f"scan_tiles: more than {MAX_EARLY_TILES} tiles sent "
+                                         "ahead of their turn; send tiles as progress events ask for them")  # fmt: skip
+                stream.early[index] = array  # a later pair's: kept for its turn
+            else:
                 raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index!r:.20} is not a tile still to do")  # fmt: skip
-            wanted.discard(index)
-            window = plan.window(index)
-            data = array if array.ndim == 3 else array[None]
-            aff = tile_transform(transform, window, data.shape[2], data.shape[1])
-            chip = imagery.chip_from_array(data, aff, crs, nodata)
-            chip.source = "<stream>"
-            yield Tile(index, window, [chip])
 
 
 NOT_READY: Any = object()  # ReadAhead.next: no tile was read in time

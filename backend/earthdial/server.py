@@ -223,7 +223,7 @@ class Server:
         """A detect whose tiles come by value: an inbox for its scan_tiles messages, made before it is
         queued so that tiles sent early wait there."""
         source = header.get("source")
-        if header.get("op") == "detect" and isinstance(source, dict) and source.get("kind") == "stream":
+        if header.get("op") in scan.OPS and isinstance(source, dict) and source.get("kind") == "stream":
             self._streams[(ident, header.get("id"))] = scenes.Stream()
 
     def _feed_stream(self, ident: bytes, header: dict[str, Any], arrays: list[Any]) -> None:

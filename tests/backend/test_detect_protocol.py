@@ -337,6 +337,62 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
     assert len(boxes) >= sum(1 for p in pairs if p.changed)
 
 
+def test_a_sequence_streamed_by_value_detects_the_same_changes_as_the_files(tmp_path: Path) -> None:
+    """BEFORE AFTER LATER read by the client on one grid and streamed (a web or memory layer's way) give
+    the tile plan, per-tile answers and merged change boxes of the same files read by the backend. Tiles
+    of 112 px are read at the demo model's 112 px, so both ways see the same pixels; a batch of 3 over 4
+    tiles a pair makes the client send a later pair's tiles while the pair before is still asked about."""
+    pairs = [synthetic.make_pair(11, i) for i in range(4)]
+    layers = [np.concatenate([synthetic.render(getattr(p, side), 112) for p in pairs], axis=2)
+              for side in ("before", "after", "before")]  # fmt: skip
+    paths = [synthetic.write_geotiff(tmp_path / f"t{k}.tif", data) for k, data in enumerate(layers)]
+    options = {"tile_size": 112, "overlap": 0.0, "batch": 3}
+    by_ref = {"op": "detect_changes", "task": "change", "sources": [source_by_reference(str(p)) for p in paths],
+              "options": options}  # fmt: skip
+    with rasterio.open(paths[0]) as src:
+        grid = {"kind": "stream", "width": src.width, "height": src.height, "band_count": 3, "dtype": "uint8",
+                "transform": list(src.transform)[:6], "crs": src.crs.to_string(),
+                "layers": ["before (web)", "after (web)", "later (web)"]}  # fmt: skip
+    streamed = {"op": "detect_changes", "task": "change", "source": grid, "options": options}
+    read: list[int] = []
+
+    def read_tile(index: int, window: tuple, shape: tuple) -> np.ndarray:
+        k = index // 4  # pair k: layers k and k + 1
+        read.append(index)
+        col, row, w, h = window
+        return np.concatenate([data[:, row : row + h, col : col + w] for data in layers[k : k + 2]])
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(DEMO_DIR, endpoint)
+    try:
+        with Client(endpoint, timeout_s=120) as c:
+            ref_reply, ref_merged, ref_events = _merged(c, by_ref)
+            val_reply, val_merged, val_events = _merged(c, streamed, read_tile)
+    finally:
+        stop_server(proc)
+
+    def tiles(events: list[dict]) -> list[tuple]:
+        return sorted((t["index"], t["pair"], t["answer"], t["changed"]) for e in events if e["event"] == "progress"
+                      for t in e["tiles"])  # fmt: skip
+
+    assert ref_reply["tiles"] == val_reply["tiles"] == 8 and sorted(read) == list(range(8))
+    assert ref_events[0]["plan"] == val_events[0]["plan"]
+    ref_tiles, val_tiles = tiles(ref_events), tiles(val_events)
+    assert [t[0] for t in val_tiles] == list(range(8)) and [t[2:] for t in val_tiles] == [
+        t[2:] for t in ref_tiles
+    ]
+    assert any(t[3] for t in val_tiles) and not all(t[3] for t in val_tiles)  # the answers tell pairs apart
+    assert [t[1] for t in val_tiles] == ["before (web) -> after (web)"] * 4 + [
+        "after (web) -> later (web)"
+    ] * 4
+
+    def boxes(merged: list[dict]) -> list[tuple]:
+        return sorted((f["properties"]["tile"], f["properties"]["label"], str(f["geometry"]["coordinates"]))
+                      for f in merged)  # fmt: skip
+
+    assert boxes(val_merged) == boxes(ref_merged)
+
+
 def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(
     server: str, scene: Path, tmp_path: Path
 ) -> None:
@@ -345,6 +401,12 @@ def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(
     four = write(tmp_path / "four.tif", np.zeros((4, 400, 600), np.uint8))
     pair = lambda *ps: {"op": "detect_changes", "task": "change", "sources": [source_by_reference(str(p)) for p in ps],  # noqa: E731
                         "options": {"tile_size": 224}}  # fmt: skip
+
+    def streamed_pair(layers: list[str], crs: str = "EPSG:32633") -> dict:
+        grid = {"kind": "stream", "width": 448, "height": 224, "band_count": 3, "transform": [1, 0, 500_000, 0, -1, 4_000_000],
+                "crs": crs, "layers": layers}  # fmt: skip
+        return {"op": "detect_changes", "task": "change", "source": grid, "options": {"tile_size": 224}}
+
     cases = [
         (_header(scene, tile_size=8), "bad_request"),
         (_header(scene, tile_size=100_000), "bad_request"),
@@ -354,6 +416,8 @@ def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(
         (pair(scene, far), "no_overlap"),
         (pair(scene, no_crs), "bad_crs"),
         (pair(scene, scene, four), "band_out_of_range"),
+        (streamed_pair(["only one"]), "bad_request"),
+        (streamed_pair(["a", "b"], crs=""), "bad_crs"),
     ]
     with Client(server, timeout_s=60) as c:
         for header, code in cases:
