@@ -308,11 +308,11 @@ class Client:
                 skip = set(options.get("skip") or [])
                 state["todo"] = [i for i in range(ev["total"]) if i not in skip]
                 state["base"] = ev["total"] - len(state["todo"])
+            if on_event is not None:  # first: a reader may need what the event tells (the plan)
+                on_event(ev)
             if read_tile is not None and state["plan"] is not None:
                 done = int(ev.get("done", state.get("base", 0))) - state.get("base", 0)
                 feed(done)
-            if on_event is not None:
-                on_event(ev)
 
         return self.request(header, timeout_s=timeout_s, cancelled=cancelled, progress=event).header
 

@@ -29,9 +29,11 @@ class ScanTask(QgsTask):
     boxes = QtCore.pyqtSignal(object) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object)
 
     def __init__(self, description: str, endpoint: str, layer: scanning.ScanLayer | None, scan: scanning.Scan,
-                 rect: Any, timeout_s: float, on_done: Callable[[ScanTask], None]) -> None:  # fmt: skip
+                 rect: Any, timeout_s: float, on_done: Callable[[ScanTask], None],
+                 layers: list[scanning.ScanLayer] | None = None) -> None:  # fmt: skip
         super().__init__(description, QgsTask.Flag.CanCancel)
         self.endpoint, self.layer, self.scan, self.rect = endpoint, layer, scan, rect
+        self.layers = layers or []  # a change scan's BEFORE AFTER [LATER ...]
         self.timeout_s, self.on_done = timeout_s, on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
@@ -50,6 +52,10 @@ class ScanTask(QgsTask):
                     self.scan, self.reply = scanning.run_layer(
                         client, self.layer, self.rect, header["task"], header["prompt"], header["options"],
                         self.isCanceled, on_event)  # fmt: skip
+                elif self.layers:
+                    self.scan, self.reply = scanning.run_changes(
+                        client, self.layers, self.scan.header["options"], self.isCanceled, on_event
+                    )
                 else:
                     self.reply = scanning.run(client, self.scan, self.isCanceled, on_event)
         except EarthDialError as exc:
@@ -57,8 +63,9 @@ class ScanTask(QgsTask):
         except Exception as exc:  # a bug must reach the dock as an error, not kill the task silently
             self.error = EarthDialError("internal", f"{type(exc).__name__}: {exc}")
         finally:
-            if self.layer is not None:
-                self.layer.provider = None
+            for used in [self.layer, *self.layers]:
+                if used is not None:
+                    used.provider = None
         return self.error is None
 
     def finished(self, result: bool) -> None:
@@ -114,9 +121,13 @@ class DockScan(QtCore.QObject):
                 raise EarthDialError(
                     "no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too.")
                 )
-            scan = scanning.changes_request([scanning.ScanLayer.of(x) for x in [layer, *later]], options)
+            change_layers = [scanning.ScanLayer.of(x) for x in [layer, *later]]
+            scan = scanning.Scan(
+                {"op": "detect_changes", "task": name, "options": options}
+            )  # made in the task
             source_layer, names = None, " | ".join(x.name() for x in [layer, *later])
         else:
+            change_layers = []
             source_layer = scanning.ScanLayer.of(layer, bands)
             scan = scanning.Scan({"op": "detect", "task": name, "prompt": prompt, "options": options})
             names = layer.name()
@@ -126,7 +137,8 @@ class DockScan(QtCore.QObject):
                             task=name, prompt=prompt[:30], layer=names, time=stamp)}  # fmt: skip
         self.live, self.tiles_layer = None, None
         self.task = ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=name, layer=names),
-                             dock.endpoint, source_layer, scan, rect, dock.timeout_spin.value(), self._done)  # fmt: skip
+                             dock.endpoint, source_layer, scan, rect, dock.timeout_spin.value(), self._done,
+                             change_layers)  # fmt: skip
         self.task.boxes.connect(self._on_boxes)
         self.task.progressChanged.connect(self._on_progress)
         self.progress.setValue(0)

@@ -172,11 +172,62 @@ def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem, source: str) ->
     return reply_features(tile_collection(scan), result_fields(), crs, "change", "", source)
 
 
-def changes_request(layers: list[ScanLayer], options: dict[str, Any]) -> Scan:
-    """A `detect_changes` over BEFORE AFTER [LATER ...]: files the backend reads and aligns itself."""
+def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: bool = False) -> Scan:
+    """A `detect_changes` over BEFORE AFTER [LATER ...]: files the backend reads and aligns itself, or,
+    for layers it cannot read (WMS, XYZ, memory, a file it may not open), every layer read here on the
+    first one's grid over their common extent and streamed, each tile's pair stacked band-wise."""
+    if not by_value and all(layer.path is not None for layer in layers):
+        sources = [source_by_reference(layer.path) for layer in layers]  # type: ignore[arg-type]
+        return Scan({"op": "detect_changes", "task": "change", "sources": sources, "options": dict(options)})
+    first = layers[0]
+    area = QgsRectangle(first.extent)
     for layer in layers:
-        if layer.path is None:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer '{layer.name}' is not a file: change detection over "
-                                 "whole layers reads files (save the layer as a GeoTIFF first)")  # fmt: skip
-    sources = [source_by_reference(layer.path) for layer in layers]
-    return Scan({"op": "detect_changes", "task": "change", "sources": sources, "options": dict(options)})
+        if layer.provider is None:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{layer.name}' has no readable data")
+        if not layer.crs.isValid():
+            raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first")  # fmt: skip
+        if layer.crs != first.crs:
+            raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' is in {layer.crs.authid()} and '{first.name}' in "
+                                 f"{first.crs.authid()}: a change scan of layers the backend cannot read needs one CRS "
+                                 "(save them as GeoTIFFs, or reproject one)")  # fmt: skip
+        area = area.intersect(layer.extent)
+        if area.isEmpty():
+            raise EarthDialError(ErrorCode.NO_OVERLAP, f"layer '{layer.name}' does not overlap the others")
+    size = 10**9 if first.resolution is not None else WEB_SCAN_SIZE
+    grid = pixel_grid(first.extent, area, first.resolution, max_size=size)
+    bands = [layer.bands or list(range(1, min(layer.band_count, 3) + 1)) for layer in layers]
+    sample = read_pixels(first.provider, PixelGrid(grid.bounds, 4, 4), bands[0])
+    header: dict[str, Any] = {"op": "detect_changes", "task": "change", "options": dict(options)}
+    header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "band_count": int(sample.shape[0]),
+                        "transform": list(grid.transform), "crs": crs_text(first.crs) or "", "dtype": sample.dtype.name,
+                        "layers": [layer.name for layer in layers]}  # fmt: skip
+    scan = Scan(header)
+    a, _, c, _, e, f = grid.transform
+
+    def read_tile(index: int, window: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+        k = index // int(scan.plan["tiles"])  # pair k: layers k and k + 1 (protocol: k x tiles + i)
+        col, row, width, height = window
+        bounds = (c + col * a, f + (row + height) * e, c + (col + width) * a, f + row * e)
+        return np.concatenate([read_pixels(layers[j].provider, PixelGrid(bounds, shape[0], shape[1]), bands[j])
+                               for j in (k, k + 1)])  # fmt: skip
+
+    scan.read_tile = read_tile
+    return scan
+
+
+def run_changes(client: Client, layers: list[ScanLayer], options: dict[str, Any],
+                cancelled: Callable[[], bool] | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
+    """Change detection by reference; layers the backend may not read are streamed by value instead."""
+    scan = changes_request(layers, options)
+    try:
+        return scan, run(client, scan, cancelled, on_event)
+    except EarthDialError as exc:
+        if (
+            exc.code not in UNREADABLE
+            or scan.read_tile is not None
+            or any(x.provider is None for x in layers)
+        ):
+            raise
+    scan = changes_request(layers, options, by_value=True)
+    return scan, run(client, scan, cancelled, on_event)

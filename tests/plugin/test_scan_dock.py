@@ -204,3 +204,54 @@ def test_a_cancelled_scan_keeps_its_finished_tiles_in_the_results_geopackage(
     kept = QgsVectorLayer(f"{path}|layername={table}", "check", "ogr")
     assert kept.isValid() and 0 < kept.featureCount() == stopped.featureCount()
     dock.shutdown()
+
+
+PAIR = """
+import sys, numpy as np
+from earthdial import synthetic
+pairs = [synthetic.make_pair(11, i) for i in range(4)]
+for side, out in (("before", sys.argv[1]), ("after", sys.argv[2])):
+    synthetic.write_geotiff(out, np.concatenate([synthetic.render(getattr(p, side), 112) for p in pairs], axis=2))
+"""
+
+
+def _change_scan(qgis_iface: Any, endpoint: str, before: Path, after: Path) -> list[QgsVectorLayer]:
+    layers = [QgsRasterLayer(str(p), p.stem, "gdal") for p in (before, after)]
+    for layer in layers:
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+    known = set(QgsProject.instance().mapLayers())
+    dock = _dock(qgis_iface, endpoint, layers[0], task="change", prompt="")
+    dock.later_layers.set_layers([layers[1]])
+    dock.send_button.click()
+    wait_until(lambda: not dock.is_busy(), 300)
+    assert dock.last_error is None, dock.answer_view.toPlainText()
+    dock.shutdown()
+    return [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in known]
+
+
+def test_a_change_scan_of_layers_the_backend_cannot_read_streams_them_with_the_same_result(
+    demo_backend, qgis_new_project, qgis_iface, tmp_path_factory
+) -> None:
+    inside = tmp_path_factory.mktemp("pair")
+    python = ROOT / ".venv" / "bin" / "python"
+    subprocess.run([str(python), "-c", PAIR, str(inside / "before.tif"), str(inside / "after.tif")],
+                   check=True, timeout=120, env=backend_env())  # fmt: skip
+    outside = Path(tempfile.mkdtemp(prefix="earthdial-outside-"))  # not under the backend's allowed folder
+    try:
+        for name in ("before.tif", "after.tif"):
+            shutil.copy(inside / name, outside / name)
+        by_value = _change_scan(
+            qgis_iface, demo_backend.endpoint, outside / "before.tif", outside / "after.tif"
+        )
+        by_file = _change_scan(qgis_iface, demo_backend.endpoint, inside / "before.tif", inside / "after.tif")
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+    def tile_map(layers: list[QgsVectorLayer]) -> list[tuple]:
+        (tiles,) = [lyr for lyr in layers if "change tiles" in lyr.name()]
+        return sorted((f["tile"], f["label"], f["answer"]) for f in tiles.getFeatures())
+
+    # 448 px in tiles of 112 px at 10 % overlap: 5 tiles
+    assert len(tile_map(by_file)) == 5 and tile_map(by_value) == tile_map(by_file)
+    assert {f[1] for f in tile_map(by_file)} == {"changed", "unchanged"}  # the map tells tiles apart

@@ -82,9 +82,9 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         endpoint = self.endpoint(parameters, context)
         first = self.layers[0]
         try:
-            scan = scanning.changes_request(self.layers, scan_options(self, parameters, context))
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
-                reply = scanning.run(client, scan, feedback.isCanceled, follow(feedback))
+                scan, reply = scanning.run_changes(client, self.layers, scan_options(self, parameters, context),
+                                                   feedback.isCanceled, follow(feedback))  # fmt: skip
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
         source = " | ".join(layer.path or layer.name for layer in self.layers)
