@@ -41,13 +41,14 @@ def make_scene(path: Path, side: int) -> Path:
     return synthetic.write_geotiff(path, np.ascontiguousarray(image))
 
 
-def serve(model: str | None, endpoint: str, folder: str, threads: int = 0) -> subprocess.Popen:
+def serve(model: str | None, endpoint: str, folder: str, threads: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "earthdial.cli", "serve", "--endpoint", endpoint, "--device", "cpu",
            "--allow-dir", folder]  # fmt: skip
     if model:
         cmd += ["--model", model]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -92,9 +93,9 @@ def main() -> None:
     ap.add_argument("--prompt", default="ships")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="scan batch sizes to run")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a shared "
-                         "machine 1 keeps two threads from waiting on each other")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the server (`serve --threads`; default: serve's own, one fewer "
+                         "than the cores; 0: torch's default)")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
@@ -126,7 +127,7 @@ def main() -> None:
     tiles = plan["tiles"]
     loop = statistics.median(loops)
     print(f"scene {args.side} x {args.side} px, {tiles} tiles of {args.tile} px (10 % overlap), model "
-          f"{args.model or 'demo'}, CPU, server threads {args.threads or 'default'}; medians of {args.repeats} "
+          f"{args.model or 'demo'}, CPU, server threads {'serve default' if args.threads is None else args.threads}; medians of {args.repeats} "
           "interleaved runs")  # fmt: skip
     print(f"per-tile ask loop   {loop:7.2f} s   {tiles / loop:6.2f} tiles/s   (baseline)")
     for batch, values in runs.items():

@@ -206,6 +206,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
+        if engine.device == "cpu":
+            import torch
+
+            from .engine import cpu_threads
+
+            threads = cpu_threads(args.threads)
+            if threads:
+                torch.set_num_threads(threads)
+            print(f"earthdial: {torch.get_num_threads()} torch thread(s) on the CPU", file=sys.stderr)
     from .connections import raise_open_file_limit
     from .limits import MIB, Limits
 
@@ -743,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads on a CPU (default: one fewer than the cores; 0: torch's default)")  # fmt: skip
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -141,6 +142,16 @@ def decode_for(device: str, decode: str = "auto") -> str:
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be auto or one of {', '.join(DECODE_MODES)}, not {decode!r}")
     return decode
+
+
+def cpu_threads(requested: int | None, cores: int | None = None) -> int:
+    """torch threads for a CPU engine: `requested`, else one fewer than the cores (at least one), so that
+    the scan's reader thread and the server's I/O have a core of their own; 0 leaves torch's default. On
+    the 2-core dev machine one thread scanned faster than torch's two at every batch size
+    (docs/performance.md)."""
+    if requested is not None:
+        return max(0, requested)
+    return max(1, (cores if cores is not None else os.cpu_count() or 1) - 1)
 
 
 def compile_config(device: str) -> Any:

@@ -107,3 +107,10 @@ def test_a_shared_prompt_prefix_gives_the_same_answers_and_scores() -> None:
         assert f.logprobs == pytest.approx(p.logprobs, abs=1e-5)
     one = [engine.generate([q])[0] for q in queries[:2]]  # a single row shares nothing: same answers
     assert [str(a) for a in one] == [str(a) for a in plain[:2]]
+
+
+def test_a_cpu_engine_leaves_a_core_to_the_reader() -> None:
+    from earthdial.engine import cpu_threads
+
+    assert [cpu_threads(None, cores) for cores in (1, 2, 16)] == [1, 1, 15]
+    assert cpu_threads(4, 2) == 4 and cpu_threads(0, 8) == 0  # asked for; 0: torch's own default
