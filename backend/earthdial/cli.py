@@ -457,6 +457,12 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
                 print(f"{name}: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
                 return 2
             engine = Engine(model, device=args.device)
+            if engine.device == "cpu":  # the scan's reader thread gets a core of its own, as under serve
+                import torch
+
+                from .engine import cpu_threads
+
+                torch.set_num_threads(cpu_threads(None))
             reply = scan.run(
                 header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"]
             )
