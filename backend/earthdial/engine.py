@@ -147,7 +147,7 @@ def decode_for(device: str, decode: str = "auto") -> str:
 def cpu_threads(requested: int | None, cores: int | None = None) -> int:
     """torch threads for a CPU engine: `requested`, else one fewer than the cores (at least one), so that
     the scan's reader thread and the server's I/O have a core of their own; 0 leaves torch's default. On
-    the 2-core dev machine one thread scanned faster than torch's two at every batch size
+    the 2-core dev machine one thread scanned faster than torch's two at batch 1 to 32, as fast at 64
     (docs/performance.md)."""
     if requested is not None:
         return max(0, requested)
