@@ -374,10 +374,7 @@ class Engine:
             return []
         if any(q.num_beams > 1 or q.min_new_tokens > 0 for q in queries):
             return self.generate_by_decoding(queries, **overrides)
-        for q in queries:
-            self.check_tags(q.question)
-        input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
-        max_new = max(q.max_new_tokens for q in queries)
+        input_ids, attention_mask, max_new = self._encoded(queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
             options = self.decode_options(len(queries), input_ids.shape[1] + max_new)
@@ -421,6 +418,13 @@ class Engine:
                    cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         cache.batch_repeat_interleave(rows)
         return {"cache": cache}
+
+    def _encoded(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A batch's tags checked, its prompts encoded, and the most new tokens any of its rows may take."""
+        for q in queries:
+            self.check_tags(q.question)
+        input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
+        return input_ids, attention_mask, max(q.max_new_tokens for q in queries)
 
     def decode_options(self, batch: int, length: int) -> dict[str, Any]:
         """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`
@@ -502,10 +506,7 @@ class Engine:
     ) -> list[str]:
         """Beam search as upstream's evaluation scripts run it (no sampling, min_new_tokens, transformers'
         defaults for length penalty and early stopping), batched with left padding."""
-        for q in queries:
-            self.check_tags(q.question)
-        input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
-        max_new = max(q.max_new_tokens for q in queries)
+        input_ids, attention_mask, max_new = self._encoded(queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
             out = self.model.generate(
