@@ -33,9 +33,8 @@ SCENE_CACHE_MB = 128
 MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
 MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read every pixel 4x or more
 MAX_BATCH = 64
-MAX_EARLY_TILES = (
-    4 * MAX_BATCH
-)  # streamed tiles of a later pair held before their turn (clients send 2 batches ahead)
+# streamed tiles of a later pair held before their turn (clients send 2 batches ahead)
+MAX_EARLY_TILES = 4 * MAX_BATCH
 IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
 READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
 PATIENCE_S = 0.05  # how long a scan waits for a tile before letting its caller do other work
