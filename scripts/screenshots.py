@@ -116,7 +116,8 @@ def in_qgis() -> None:
         return os.environ[ENV_PREFIX + name]
 
     out, work = Path(env("OUT")), Path(env("WORK"))
-    from build_plugin import sync_shared  # scripts/ is this script's folder, first on sys.path
+    sys.path.insert(0, str(SCRIPT.parent))  # `qgis --code` does not put this script's folder on sys.path
+    from build_plugin import sync_shared
 
     sync_shared()  # the contract modules the build copies from the backend
     sys.path.insert(0, str(ROOT / "qgis_plugin"))
