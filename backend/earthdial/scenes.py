@@ -275,6 +275,10 @@ class ReadAhead:
         except BaseException as exc:  # handed to the consumer, which raises it
             self._error = exc
             self._queue.put(self._END)
+        finally:
+            close = getattr(tiles, "close", None)
+            if close is not None:  # in this thread: a file's GDAL environment is this thread's and ends here
+                close()
 
     def next(self, timeout: float | None = None) -> Any:
         """The next tile; None after the last one; NOT_READY when none came within `timeout` seconds."""
@@ -384,9 +388,14 @@ def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: in
 
 
 def _with_queries(tiles: Iterable[Tile], ask: Ask) -> Iterator[Tile]:
-    for tile in tiles:
-        tile.query = ask.make_query(tile)
-        yield tile
+    try:
+        for tile in tiles:
+            tile.query = ask.make_query(tile)
+            yield tile
+    finally:
+        close = getattr(tiles, "close", None)
+        if close is not None:  # closed with this one, on the reader thread (ReadAhead._run)
+            close()
 
 
 def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> list[TileAnswer]:

@@ -227,6 +227,32 @@ def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Pat
     assert cache == scenes.SCENE_CACHE_MB * 1024 * 1024  # bytes: rows of 4000 px x 3 bands fit many times
 
 
+def test_a_scan_stopped_mid_way_closes_its_file_on_the_reader_thread(tmp_path: Path) -> None:
+    """Ctrl-C in `earthdial detect` stops the reader with tiles left; the file's GDAL environment was
+    opened on the reader thread and must be left there (garbage-collected elsewhere, rasterio raised
+    `EnvError: No GDAL environment exists` at exit)."""
+    import gc
+    import sys
+
+    path = tmp_path / "stop.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=640, height=64, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:  # fmt: skip
+        dst.write(np.zeros((3, 64, 640), np.uint8))
+    unraisable: list = []
+    previous, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        # held here as a scan's job list holds it: it is not collected with the reader
+        tiles = scenes.file_tiles([str(path)], [1, 2, 3], scenes.plan_tiles(640, 64, 32, 0.0), 32)
+        reader = scenes.ReadAhead(tiles, 2)
+        assert reader.next(10) is not None  # reading; 19 tiles left
+        reader.close()
+        del reader, tiles
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert unraisable == []
+
+
 def _feature(x0: float, y0: float, size: float, label: str, edge: float) -> dict:
     ring = [[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
