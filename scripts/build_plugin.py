@@ -3,7 +3,7 @@
 
 The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ and its subpackages (not a local
 vendor/ folder of installed dependencies) plus the top-level metadata.txt, and the contract shared with
-the backend: wire.py, client.py and protocol.py are written once, in backend/earthdial/, and copied into
+the backend: wire.py, client.py, protocol.py and result_features.py are written once, in backend/earthdial/, and copied into
 the plugin from there (the repository holds no copy and no symlink; `--sync` copies them into
 qgis_plugin/earthdial_qgis/ for running the plugin from a checkout, as its tests do). Entries get a fixed
 date so that builds are reproducible. Standard library only.
@@ -22,7 +22,12 @@ PACKAGE = ROOT / "qgis_plugin" / "earthdial_qgis"
 METADATA = ROOT / "metadata.txt"
 PYPROJECT = ROOT / "pyproject.toml"
 BACKEND = ROOT / "backend" / "earthdial"
-SHARED = ("wire.py", "client.py", "protocol.py")  # the backend's modules the plugin runs as they are
+SHARED = (
+    "wire.py",
+    "client.py",
+    "protocol.py",
+    "result_features.py",
+)  # the backend's modules the plugin runs as they are
 SUFFIXES = {".py", ".svg", ".png"}
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
 

@@ -139,16 +139,15 @@ def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namesp
         print(f"{n} grounded box(es); pass -o OUT.gpkg to write them")
         return
     from .output import layer_name, write_features
+    from .result_features import layer_name as result_layer_name
 
-    now = datetime.now(timezone.utc)
-    created = now.isoformat(timespec="seconds")
-    for feat in features["features"]:
-        feat["properties"].setdefault("created", created)
-    base = None
-    if args is not None:
+    # named from what the backend recorded (task, the prompt it kept, source, time; scans say so)
+    shared = reply.get("properties") or (features["features"][0]["properties"] if n else None)
+    base = result_layer_name(shared, scan=bool(reply.get("scan"))) if shared else None
+    if base is None and args is not None:
         rasters = getattr(args, "rasters", None) or [getattr(args, "raster", None)]
         task = getattr(args, "task", None) or getattr(args, "command", None)
-        base = layer_name(task, getattr(args, "prompt", None), rasters, now)
+        base = layer_name(task, getattr(args, "prompt", None), rasters, datetime.now(timezone.utc))
     layer = write_features(path, features, getattr(args, "layer", None),
                            overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
     print(
@@ -427,6 +426,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     log = journal.Journal.open(journal.path_for(args.output), request, args.resume) if args.output else None
     kept: list[dict[str, Any]] = []  # without -o: results in memory only
     tiles_seen: dict[int, dict[str, Any]] = {}
+    shared: dict[str, Any] = {}  # what every box of the scan shares (the plan event's properties)
     if log is not None:
         options["skip"] = sorted(log.tiles)
         if log.tiles:
@@ -435,6 +435,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     def on_event(event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "plan":
+            shared.update(event.get("properties") or {})
             print(f"{event['total']} tiles of {event['plan']['tile_size']} px", file=sys.stderr)
         elif kind == "progress":
             if log is not None:
@@ -477,9 +478,9 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         return 130 if exc.code == "cancelled" else _fail(name, exc)
     features = log.features if log is not None else kept
     tiles = log.tiles if log is not None else tiles_seen
-    from .scan import attach_answers
+    from .result_features import with_tile_fields
 
-    merged = attach_answers(scenes.finished(features), tiles)
+    merged = with_tile_fields(scenes.finished(features), tiles)
     crs = reply.get("crs", "")
     print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
           f"{reply['timings']['total_s']:.1f} s; {len(features)} boxes, {len(merged)} after merging")  # fmt: skip
@@ -487,11 +488,10 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         changed = sum(1 for t in tiles.values() if t.get("changed"))
         print(f"{changed} of {len(tiles)} tile pairs changed")
         if args.output:
-            _write_changes(args, merged, tiles, crs)
+            _write_changes(args, merged, tiles, crs, shared)
     else:
-        _write_output(
-            args.output, {"features": {"type": "FeatureCollection", "crs": crs, "features": merged}}, args
-        )
+        collection = {"type": "FeatureCollection", "crs": crs, "features": merged}
+        _write_output(args.output, {"features": collection, "properties": shared or None, "scan": True}, args)
     if log is not None:
         log.remove()
     return 0
@@ -502,27 +502,18 @@ def _fail(name: str, exc: EarthDialError) -> int:
     return 1
 
 
-def change_tile_features(tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-tile change map: each tile pair's footprint, changed or not, the answer and its score."""
-    return [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
-             "properties": {"label": "changed" if t.get("changed") else "unchanged", "tile": i,
-                            "answer": t.get("answer"), "score": t.get("score"), "pair": t.get("pair"),
-                            "task": "change"}}
-            for i, t in sorted(tiles.items())]  # fmt: skip
-
-
 def _write_changes(args: argparse.Namespace, merged: list[dict[str, Any]], tiles: dict[int, dict[str, Any]],
-                   crs: str) -> None:  # fmt: skip
+                   crs: str, shared: dict[str, Any]) -> None:  # fmt: skip
     """Two layers: the change boxes and, beside them, the per-tile change map (its name ends in `_tiles`)."""
-    from .output import layer_name, write_features
+    from .output import write_features
+    from .result_features import change_map, layer_name
 
-    now = datetime.now(timezone.utc)
-    base = getattr(args, "layer", None) or layer_name("changes", None, args.rasters, now)
+    base = getattr(args, "layer", None) or layer_name(shared, scan=True)
     overwrite = getattr(args, "overwrite", False)
     boxes = write_features(args.output, {"type": "FeatureCollection", "crs": crs, "features": merged}, base,
                            overwrite=overwrite)  # fmt: skip
     tile_layer = write_features(args.output, {"type": "FeatureCollection", "crs": crs,
-                                              "features": change_tile_features(tiles)}, f"{boxes}_tiles",
+                                              "features": change_map(tiles, shared)}, f"{boxes}_tiles",
                                 overwrite=overwrite)  # fmt: skip
     print(f"wrote {len(merged)} change box(es) (layer {boxes!r}) and {len(tiles)} tile pair(s) "
           f"(layer {tile_layer!r}) to {os.path.abspath(args.output)}")  # fmt: skip

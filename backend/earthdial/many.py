@@ -33,11 +33,14 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import journal, output
+from . import journal, output, result_features
 from .archive import Scene
 from .protocol import EarthDialError, ErrorCode, source_by_reference
+
+if TYPE_CHECKING:  # torch only where the model runs
+    from .engine import Engine
 
 RAY_HINT = (
     "pip install 'earthdial-qgis[cluster]' (or pip install 'ray[data]>=2.40' into the backend's environment)"
@@ -100,7 +103,7 @@ def scene_header(path: str, task: str, prompt: str, options: dict[str, Any]) -> 
             "options": {**options, "merge": False}}  # fmt: skip
 
 
-def detect_scene(header: dict[str, Any], engine: Any) -> dict[str, Any]:
+def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any]:
     """One scene through the streaming detect op; the boxes merged and answered as `earthdial detect`
     writes them. Returns plain JSON data: `ok` with features and CRS, or `ok` false with a typed error."""
     from . import scan, scenes
@@ -120,7 +123,7 @@ def detect_scene(header: dict[str, Any], engine: Any) -> dict[str, Any]:
         return {"ok": False, "code": exc.code, "message": exc.message}
     except Exception as exc:  # a bug or a library failure on this scene: reported, the run goes on
         return {"ok": False, "code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
-    merged = scan.attach_answers(scenes.finished(features), tiles)
+    merged = result_features.with_tile_fields(scenes.finished(features), tiles)
     return {"ok": True, "features": merged, "crs": reply["crs"], "tiles": reply["tiles"],
             "raw_boxes": len(features), "seconds": time.perf_counter() - started,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
@@ -130,7 +133,7 @@ class SceneWorker:
     """A Ray Data actor: loads the engine once, then runs the scenes of each batch it is handed."""
 
     def __init__(self, model: str, device: str, threads: int) -> None:
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.failure: dict[str, Any] | None = None
         try:
             import torch

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from . import result_features
 from .protocol import RESULT_MARK, EarthDialError, ErrorCode
 
 try:
@@ -60,26 +61,9 @@ __all__ = [
     "write_features",
 ]
 
-# The attribute schema (docs/outputs.md): one for every task, so layers from different tasks can be merged.
-FIELDS = (
-    "label",
-    "angle",
-    "task",
-    "prompt",
-    "answer",
-    "model",
-    "variant",
-    "source",
-    "tile",
-    "gsd",
-    "created",
-    "score",
-    "change",
-    "pair",  # score, change, pair: whole-scene scans (scan.py)
-    "review",
-    "request",
-)  # review, request: the analyst's verdict and the request (training/export.py)
-REAL_FIELDS = ("angle", "gsd", "score")  # the others are text
+# The attribute schema (docs/outputs.md), defined once in result_features.py for every writer
+FIELDS = result_features.NAMES
+REAL_FIELDS = result_features.REAL  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through protocol.py)
 GPKG_VERSION = "1.2"  # QGIS 3.22's GDAL 3.6 warns on 1.4 files; 1.2 has everything a result needs
@@ -185,13 +169,9 @@ def free_layer_name(path: str | os.PathLike[str], base: str) -> str:
 
 
 def layer_name(task: str | None, prompt: str | None, sources: list[str], when: datetime | None = None) -> str:
-    """A readable layer name: task, the start of the prompt, the source's name and the UTC time
-    (``refer_ships_scene_20261202_021500``)."""
-    when = when or datetime.now(timezone.utc)
-    stems = [os.path.splitext(os.path.basename(str(s).strip()))[0] for s in sources if s]
-    parts = [_slug(task or "earthdial", 20), _slug(prompt or "", 32), _slug("-".join(stems), 32),
-             when.strftime("%Y%m%d_%H%M%S")]  # fmt: skip
-    return "_".join(p for p in parts if p)
+    """A readable layer name (result_features.layer_name) for a task, prompt and sources."""
+    return result_features.layer_name({"task": task, "prompt": prompt, "source": " | ".join(s for s in sources if s)},
+                              when or datetime.now(timezone.utc))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,27 +414,11 @@ def _check_layer_name(layer: Any) -> None:
         )
 
 
-def _slug(text: str, limit: int) -> str:
-    text = str(text).encode("utf-8", "replace").decode("utf-8")
-    return re.sub(r"[\W_]+", "_", text).strip("_")[:limit].strip("_")
-
-
 def _default_base(collection: dict[str, Any]) -> str:
     features = collection.get("features") or []
     props = (features[0].get("properties") or {}) if features else {}
-    created = props.get("created")
-    when = None
-    if isinstance(created, str):
-        with contextlib.suppress(ValueError):
-            when = datetime.fromisoformat(created.replace("Z", "+00:00")).astimezone(timezone.utc)
-    sources = str(props.get("source") or "").split(" | ")
-    return layer_name(props.get("task"), _user_prompt(props.get("prompt")), sources, when)
-
-
-def _user_prompt(prompt: Any) -> str:
-    # a rendered prompt starts with its tags and <image>; the name wants the user's words
-    text = re.sub(r"\[[^\]]*\]|<image>", " ", str(prompt or ""))
-    return text.strip()
+    scan = any((f.get("properties") or {}).get("tile") not in (None, "") for f in features)
+    return result_features.layer_name(props, scan=scan)
 
 
 def _description(collection: dict[str, Any]) -> str:

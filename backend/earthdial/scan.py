@@ -21,18 +21,22 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from affine import Affine
 from rasterio.warp import transform_bounds
 
-from . import access, imagery, limits, presets, prompts, scenes
+from . import access, imagery, limits, presets, prompts, requests, result_features, scenes, service
 from .protocol import EarthDialError, ErrorCode
-from .service import _choose_preset, _field
+from .requests import field
+from .result_features import change_of, said_changed
+
+if TYPE_CHECKING:  # torch only where the model runs
+    from .engine import Engine
 
 OPS = ("detect", "detect_changes")  # scan_tiles feeds a running detect; it gets no reply of its own
 EVENT_BYTES = 48 * 1024  # JSON budget of one event's items: well under any header limit (64 KiB)
-DEFAULTS = {"tile_size": 448, "overlap": 0.1, "batch": 8, "min_score": 0.0}
+DEFAULTS = requests.SCAN_DEFAULTS
 
 Emit = Callable[..., None]  # emit(event_name, **fields)
 
@@ -53,30 +57,12 @@ def chunks(items: list[Any], budget: int = EVENT_BYTES) -> Iterator[list[Any]]:
         yield run
 
 
-def options_of(header: dict[str, Any]) -> dict[str, Any]:
-    """A scan's options, checked (typed errors)."""
-    options = _field(header, "options", dict, required=False) or {}
-    values = {k: options.get(k, v) for k, v in DEFAULTS.items()}
-    scenes.check_tiling(values["tile_size"], values["overlap"], values["batch"])
-    score = values["min_score"]
-    if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 1:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.min_score must be 0 to 1, got {score!r:.20}")
-    skip = options.get("skip") or []
-    if not isinstance(skip, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "options.skip must be a list of tile indexes")
-    for name in ("preset", "sensor", "decoding"):
-        if options.get(name) is not None and not isinstance(options[name], str):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.{name} must be a string")
-    merge = options.get("merge", True)
-    if not isinstance(merge, bool):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "options.merge must be true or false")
-    values.update(skip=frozenset(skip), merge=merge, preset=options.get("preset"), sensor=options.get("sensor"),
-                  decoding=options.get("decoding"),
-                  overlap=float(values["overlap"]), min_score=float(score))  # fmt: skip
-    return values
+def options_of(header: dict[str, Any]) -> requests.Options:
+    """A scan's options, checked (typed errors): the one request model's."""
+    return requests.options(header)
 
 
-def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[], bool] | None = None,
+def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
         stream: scenes.Stream | None = None) -> dict[str, Any]:  # fmt: skip
     """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
     work = steps(header, engine, emit, cancelled, stream)
@@ -87,7 +73,7 @@ def run(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[],
             return end.value
 
 
-def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[], bool] | None = None,
+def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
           stream: scenes.Stream | None = None) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
     """`run` one batch at a time: the generator yields after each batch's progress events and returns
     the reply's fields, so that the server can answer other clients between a scan's batches. Closing
@@ -103,30 +89,34 @@ def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[
         jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled, stream)
     else:
         jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
-    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs))
+    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs),
+         properties=jobs[0][0].properties)  # fmt: skip
     found: list[dict[str, Any]] = []
-    done = len(options["skip"] & set(range(total)))
+    done = len(options.skip & set(range(total)))
     for ask, tiles, offset in jobs:
-        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options["batch"],
+        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch,
                                    cancelled=cancelled, stats=stats):  # fmt: skip
             done += len(progress.answers)
             entries = []
             for a in progress.answers:
+                request = ask.request(a.index) if ask.request is not None else ""
                 a.index += offset  # tiles of the k-th pair follow those of the pairs before
-                entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint}
+                entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint,
+                         "request": request}  # fmt: skip
                 for f in a.features:
                     f["properties"]["tile"] = a.index
-                    del f["properties"]["answer"]  # carried once, by the tile's entry (see attach_answers)
+                    # answer and request are carried once, by the tile's entry (result_features.with_tile_fields)
+                    f["properties"]["answer"] = f["properties"]["request"] = None
                     if changes:
                         f["properties"]["change"] = change_of(f["properties"].get("label"))
                 if changes:
                     entry.update(pair=ask.properties["pair"], changed=said_changed(a.answer))
                 entries.append((entry, a.features))
             _emit_progress(emit, entries, done, total)
-            if options["merge"]:
+            if options.merge:
                 found += [f for a in progress.answers for f in a.features]
             yield
-    merged = scenes.finished(found) if options["merge"] else []
+    merged = scenes.finished(found) if options.merge else []
     for part in chunks(merged):
         emit("merged", features=part)
     elapsed = time.perf_counter() - started
@@ -134,9 +124,9 @@ def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[
         "answer": "",
         "tiles": total,
         "tiles_done": stats.tiles,
-        "tiles_skipped": len(options["skip"] & set(range(total))),
-        "raw_boxes": len(found) if options["merge"] else None,
-        "boxes": len(merged) if options["merge"] else None,
+        "tiles_skipped": len(options.skip & set(range(total))),
+        "raw_boxes": len(found) if options.merge else None,
+        "boxes": len(merged) if options.merge else None,
         "crs": crs,
         "timings": {
             "total_s": elapsed,
@@ -162,70 +152,83 @@ def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str
              features=[item for kind, item in part if kind == "feature"])  # fmt: skip
 
 
-def attach_answers(features: list[dict[str, Any]], tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Features with the answer of the tile that found them (events carry each answer once)."""
-    for f in features:
-        tile = tiles.get(f["properties"].get("tile"))
-        if tile is not None:
-            f["properties"]["answer"] = tile.get("answer")
-    return features
+def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: requests.Options,
+                  paths: list[str | None], bands: list[int] | None, plan: scenes.TilePlan, transform: Affine,
+                  crs: str) -> Callable[[int], str]:  # fmt: skip
+    """Tile index -> the tile's `request` field: its window on the raster's grid, as an `ask` of that
+    window would record it, so that any box of a scan, reviewed, can become training data."""
+
+    def request(index: int) -> str:
+        w = plan.window(index)
+        t = transform @ Affine.translation(w.col_off, w.row_off)
+        x0, y0 = t @ (0, 0)
+        x1, y1 = t @ (w.width, w.height)
+        bounds = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+        sources = [{"path": p, "bands": bands, "bounds": bounds, "crs": crs} for p in paths]
+        window = {
+            "bands": bands,
+            "width": int(w.width),
+            "height": int(w.height),
+            "transform": list(t)[:6],
+            "crs": crs,
+        }
+        return service.record(task, prompt, sensor, preset, options, sources, window)
+
+    return request
 
 
-def _base_properties(engine: Any, task: str, prompt: str, source: str, gsd: float | None) -> dict[str, Any]:
-    return {"task": task, "prompt": prompt, "model": os.path.basename(engine.info.path.rstrip("/")),
-            "variant": engine.info.variant, "source": source, "gsd": gsd,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-
-
-def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], cancelled: Any,
+def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
                  stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
     from .engine import Query
 
-    task = _field(header, "task", str, required=False) or "refer"
+    task = field(header, "task", str, required=False) or "refer"
     spec = prompts.task(task)
     if spec.images != 1 or not spec.grounded:
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect runs a grounded one-image task (refer, grounding), not {task!r}")  # fmt: skip
-    prompt = _field(header, "prompt", str, required=False) or ""
+    prompt = field(header, "prompt", str, required=False) or ""
     source = header.get("source")
     if not isinstance(source, dict) or source.get("kind") not in ("ref", "stream"):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "detect reads a raster by reference (source.kind 'ref') or "
                              "tiles streamed by value (source.kind 'stream')")  # fmt: skip
     out_size = engine.info.image_size
     if source["kind"] == "ref":
-        path = access.check_path(_field(source, "path", str))
+        path = access.check_path(field(source, "path", str))
         info = imagery.describe(path)
-        preset, _ = _choose_preset(
-            source, None, {"preset": options["preset"]} if options["preset"] else {}, info
-        )
-        bands = _field(source, "bands", list, required=False) or list(preset.bands or []) or None
-        bounds = _field(source, "bounds", list, required=False)
+        preset, _ = service.choose_preset(source, None, options, info)
+        bands = field(source, "bands", list, required=False) or list(preset.bands or []) or None
+        bounds = field(source, "bounds", list, required=False)
         with imagery.open_raster(path) as src:
             if src.crs is None:
                 raise EarthDialError(ErrorCode.BAD_CRS, f"{source['path']} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
             indexes = imagery.check_bands(bands, src.count, path)
             region = imagery.window_for(src, tuple(bounds) if bounds else None,
-                                        _field(source, "crs", str, required=False), path)  # fmt: skip
+                                        field(source, "crs", str, required=False), path)  # fmt: skip
             crs = imagery.crs_string(src.crs)
-        limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])  # the budget
-        plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
-        tiles = scenes.file_tiles([path], indexes, plan, out_size, options["skip"])
-        name, gsd_src = source["path"], info.gsd_m
+            transform = src.transform
+        limits.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
+        plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
+        tiles = scenes.file_tiles([path], indexes, plan, out_size, options.skip)
+        name, gsd_src, recorded = source["path"], info.gsd_m, source["path"]
     else:
         if stream is None:
             raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
         grid = _stream_grid(source, options)
-        limits.check_scan(grid.width, grid.height, options["tile_size"], options["overlap"])
-        plan = scenes.plan_tiles(grid.width, grid.height, options["tile_size"], options["overlap"])
+        limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
+        plan = scenes.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
         tiles = scenes.stream_tiles(
-            stream, plan, grid.transform, grid.crs, grid.nodata, options["skip"], cancelled
+            stream, plan, grid.transform, grid.crs, grid.nodata, options.skip, cancelled
         )
         name, preset, crs = str(source.get("name") or "<stream>"), grid.preset, grid.crs
         gsd_src = imagery.ground_resolution(grid.transform, crs, grid.width / 2, grid.height / 2)
-    tag = options["sensor"] or preset.sensor or presets.rgb_tag_for(gsd_src)
+        transform, indexes = grid.transform, None
+        recorded = source.get("path") if isinstance(source.get("path"), str) else None  # never opened here
+    tag = options.sensor or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(task, options["decoding"] or getattr(engine, "decoding", "greedy"))
-    gsd = gsd_src * options["tile_size"] / out_size if gsd_src else None
+    beams, min_new = prompts.decoding_for(
+        task, options.decoding or str(getattr(engine, "decoding", "greedy"))
+    )
+    gsd = gsd_src * options.tile_size / out_size if gsd_src else None
 
     def make_query(tile: scenes.Tile) -> Any:
         chip = tile.chips[0]
@@ -235,9 +238,19 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
         return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=beams,
                      min_new_tokens=min_new, cancelled=cancelled)  # fmt: skip
 
-    props = _base_properties(engine, task, prompt, name, gsd)
-    ask = scenes.Ask(make_query, props, options["min_score"])
+    props = _properties(engine, task, prompt if spec.needs_prompt else "", name, gsd_src, gsd)
+    request = _tile_request(
+        task, prompt, tag, preset.name, options, [recorded], indexes, plan, transform, crs
+    )
+    ask = scenes.Ask(make_query, props, options.min_score, request)
     return [(ask, tiles, 0)], plan, len(plan), crs
+
+
+def _properties(engine: Engine, task: str, prompt: str, source: str, gsd_data: float | None,
+                gsd_model: float | None) -> dict[str, Any]:  # fmt: skip
+    return result_features.properties(task=task, prompt=prompt, model=os.path.basename(engine.info.path.rstrip("/")),
+                              variant=engine.info.variant, source=source, gsd_data=gsd_data,
+                              gsd_model=gsd_model)  # fmt: skip
 
 
 @dataclass
@@ -253,19 +266,17 @@ class _StreamGrid:
     preset: Any
 
 
-def _stream_grid(source: dict[str, Any], options: dict[str, Any]) -> _StreamGrid:
-    width, height = _field(source, "width", int), _field(source, "height", int)
-    count = _field(source, "band_count", int)
-    transform = imagery._affine_from(_field(source, "transform", list))
-    crs_in = _field(source, "crs", str, required=False) or ""
+def _stream_grid(source: dict[str, Any], options: requests.Options) -> _StreamGrid:
+    width, height = field(source, "width", int), field(source, "height", int)
+    count = field(source, "band_count", int)
+    transform = imagery._affine_from(field(source, "transform", list))
+    crs_in = field(source, "crs", str, required=False) or ""
     if not crs_in:
         raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
     crs = imagery.crs_string(imagery._parse_crs(crs_in, "source"))
-    dtype = _field(source, "dtype", str, required=False) or "uint8"
-    nodata = _field(source, "nodata", (int, float), required=False)
-    preset = (
-        presets.get(options["preset"]) if options["preset"] else presets.choose(count, dtype, [], None)[0]
-    )
+    dtype = field(source, "dtype", str, required=False) or "uint8"
+    nodata = field(source, "nodata", (int, float), required=False)
+    preset = presets.get(options.preset) if options.preset else presets.choose(count, dtype, [], None)[0]
     return _StreamGrid(width, height, count, transform, crs, nodata, preset)
 
 
@@ -280,9 +291,12 @@ class _Sequence:
     preset: Any
     gsd_m: float | None
     tiles: Callable[[int, frozenset[int]], Iterator[scenes.Tile]]
+    paths: list[str | None]  # as recorded in each tile's request (streamed layers: the files named, if any)
+    bands: list[int] | None
+    transform: Any  # the first layer's grid, which the plan's windows are on
 
 
-def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], cancelled: Any,
+def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
                  stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
@@ -296,18 +310,18 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     else:
         seq = _sequence_by_reference(header, options, engine)
     pairs = len(seq.names) - 1
-    per_pair = limits.check_scan(seq.plan.width, seq.plan.height, options["tile_size"], options["overlap"])
+    per_pair = limits.check_scan(seq.plan.width, seq.plan.height, options.tile_size, options.overlap)
     budget = limits.current()
     if budget is not None and per_pair * pairs > budget.max_scan_tiles:
         raise limits.too_large(f"{pairs} pairs of {per_pair:,} tiles", per_pair * pairs, "max_scan_tiles")
     spec = prompts.task("change")
-    tag = options["sensor"] or spec.sensor
+    tag = options.sensor or spec.sensor
     question = prompts.build_question("change", "", tag)
     engine.check_tags(question)
     beams, min_new = prompts.decoding_for(
-        "change", options["decoding"] or getattr(engine, "decoding", "greedy")
+        "change", options.decoding or str(getattr(engine, "decoding", "greedy"))
     )
-    gsd = seq.gsd_m * options["tile_size"] / engine.info.image_size if seq.gsd_m else None
+    gsd = seq.gsd_m * options.tile_size / engine.info.image_size if seq.gsd_m else None
     preset = seq.preset
 
     def make_query(tile: scenes.Tile) -> Any:
@@ -323,10 +337,12 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     n = len(seq.plan)
     for k in range(pairs):
         before, after = seq.names[k], seq.names[k + 1]
-        props = _base_properties(engine, "change", "", f"{before} | {after}", gsd)
+        props = _properties(engine, "change", "", f"{before} | {after}", seq.gsd_m, gsd)
         props["pair"] = f"{os.path.basename(before)} -> {os.path.basename(after)}"
-        skip = frozenset(i - k * n for i in options["skip"] if k * n <= i < (k + 1) * n)
-        jobs.append((scenes.Ask(make_query, props, options["min_score"]), seq.tiles(k, skip), k * n))
+        skip = frozenset(i - k * n for i in options.skip if k * n <= i < (k + 1) * n)
+        request = _tile_request("change", "", tag, preset.name, options, [seq.paths[k], seq.paths[k + 1]],
+                                seq.bands, seq.plan, seq.transform, seq.crs)  # fmt: skip
+        jobs.append((scenes.Ask(make_query, props, options.min_score, request), seq.tiles(k, skip), k * n))
     return jobs, seq.plan, n * pairs, seq.crs
 
 
@@ -337,13 +353,13 @@ def _check_count(sources: list[Any]) -> None:
         )
 
 
-def _sequence_by_reference(header: dict[str, Any], options: dict[str, Any], engine: Any) -> _Sequence:
-    sources = _field(header, "sources", list)
+def _sequence_by_reference(header: dict[str, Any], options: requests.Options, engine: Engine) -> _Sequence:
+    sources = field(header, "sources", list)
     _check_count(sources)
     if not all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources):
         raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (`sources` "
                              "of kind 'ref') or streamed (a `source` of kind 'stream')")  # fmt: skip
-    names = [_field(s, "path", str) for s in sources]
+    names = [field(s, "path", str) for s in sources]
     paths = [access.check_path(n) for n in names]
     infos = [imagery.describe(p) for p in paths]
     for name, info in zip(names, infos, strict=True):
@@ -365,13 +381,12 @@ def _sequence_by_reference(header: dict[str, Any], options: dict[str, Any], engi
                 raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
         region = imagery.window_for(src, (left, bottom, right, top), None, paths[0])
         crs = imagery.crs_string(src.crs)
-    preset, _ = _choose_preset(
-        sources[0], None, {"preset": options["preset"]} if options["preset"] else {}, infos[0]
-    )
+        transform = src.transform
+    preset, _ = service.choose_preset(sources[0], None, options, infos[0])
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
-    limits.check_scan(region.width, region.height, options["tile_size"], options["overlap"])
-    plan = scenes.plan_for_window(region, options["tile_size"], options["overlap"])
+    limits.check_scan(region.width, region.height, options.tile_size, options.overlap)
+    plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
     out_size = engine.info.image_size
 
     def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
@@ -382,19 +397,19 @@ def _sequence_by_reference(header: dict[str, Any], options: dict[str, Any], engi
             scenes.file_tiles([paths[0], paths[k], paths[k + 1]], indexes, plan, out_size, skip)
         )
 
-    return _Sequence(names, plan, crs, preset, infos[0].gsd_m, tiles)
+    return _Sequence(names, plan, crs, preset, infos[0].gsd_m, tiles, list(names), indexes, transform)
 
 
-def _streamed_sequence(source: dict[str, Any], options: dict[str, Any], engine: Any,
+def _streamed_sequence(source: dict[str, Any], options: requests.Options, engine: Engine,
                        stream: scenes.Stream | None, cancelled: Any) -> _Sequence:  # fmt: skip
     if stream is None:
         raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
-    layers = _field(source, "layers", list)
+    layers = field(source, "layers", list)
     _check_count(layers)
     names = [str(x)[:200] for x in layers]
     grid = _stream_grid(source, options)
-    limits.check_scan(grid.width, grid.height, options["tile_size"], options["overlap"])
-    plan = scenes.plan_tiles(grid.width, grid.height, options["tile_size"], options["overlap"])
+    limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
+    plan = scenes.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
     total = len(plan) * (len(names) - 1)
 
     def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
@@ -403,7 +418,11 @@ def _streamed_sequence(source: dict[str, Any], options: dict[str, Any], engine: 
                                    first=k * len(plan), total=total, images=2)  # fmt: skip
 
     gsd = imagery.ground_resolution(grid.transform, grid.crs, grid.width / 2, grid.height / 2)
-    return _Sequence(names, plan, grid.crs, grid.preset, gsd, tiles)
+    files = source.get("paths")
+    files = files if isinstance(files, list) else []
+    paths: list[str | None] = [p if isinstance(p, str) and p else None for p in files[: len(names)]]
+    paths += [None] * (len(names) - len(paths))
+    return _Sequence(names, plan, grid.crs, grid.preset, gsd, tiles, paths, None, grid.transform)
 
 
 def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:
@@ -411,13 +430,3 @@ def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:
     two images are asked about."""
     for tile in tiles:
         yield scenes.Tile(tile.index, tile.window, tile.chips[1:])
-
-
-def change_of(label: str | None) -> str:
-    """`appeared` or `disappeared` as a change box's label says (`ship appeared`), else ''."""
-    words = (label or "").lower().split()
-    return next((w for w in reversed(words) if w in ("appeared", "disappeared")), "")
-
-
-def said_changed(answer: str) -> bool:
-    return answer.strip().lower().startswith("yes")

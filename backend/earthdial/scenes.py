@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -28,6 +28,9 @@ from rasterio.windows import Window
 
 from . import answers, georef, imagery, limits, protocol
 from .protocol import EarthDialError, ErrorCode
+
+if TYPE_CHECKING:  # torch only where the model runs
+    from .engine import Engine
 
 SCENE_CACHE_MB = 128
 MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
@@ -316,6 +319,7 @@ class Ask:
     make_query: Callable[[Tile], Any]  # -> engine.Query, or None to skip the tile (all nodata)
     properties: dict[str, Any]
     min_score: float = 0.0
+    request: Callable[[int], str] | None = None  # tile index in the plan -> its `request` field (JSON)
 
 
 @dataclass
@@ -343,7 +347,7 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
 
 
-def run(engine: Any, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
+def run(engine: Engine, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
         cancelled: Callable[[], bool] | None = None, stats: Stats | None = None,
         patience_s: float | None = PATIENCE_S) -> Iterator[Progress]:  # fmt: skip
     """Stream tiles through the model in batches; yields after each batch. While no tile is ready for
@@ -398,7 +402,7 @@ def _with_queries(tiles: Iterable[Tile], ask: Ask) -> Iterator[Tile]:
             close()
 
 
-def _answer_batch(engine: Any, ask: Ask, batch: list[Tile], stats: Stats) -> list[TileAnswer]:
+def _answer_batch(engine: Engine, ask: Ask, batch: list[Tile], stats: Stats) -> list[TileAnswer]:
     queries, kept = [], []
     for tile in batch:
         query = tile.query if tile.query is not _UNSET else ask.make_query(tile)
@@ -499,7 +503,7 @@ def finished(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def estimate_seconds(engine: Any, tiles: int, batch_size: int) -> float:
+def estimate_seconds(engine: Engine, tiles: int, batch_size: int) -> float:
     """A rough time for `tiles` tiles, from one timed batch of blank tiles (shown before a long job)."""
     from . import prompts
     from .engine import Query

@@ -28,11 +28,11 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import access, limits, scan, scenes, service
+from . import access, limits, requests, scan, scenes, service
 from .access import is_loopback  # noqa: F401  (imported from here by older code)
 from .connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from .protocol import (
@@ -49,6 +49,9 @@ from .protocol import (
 )
 from .scheduling import FairQueue, Pending
 
+if TYPE_CHECKING:  # torch only where the model runs
+    from .engine import Engine
+
 log = logging.getLogger("earthdial.server")
 _WORKER_ADDR = "inproc://earthdial-replies"
 LOOP_OPS = ("ping", "status", "cancel")  # answered by the I/O loop; the other OPS go to the worker
@@ -62,7 +65,7 @@ _DRAIN = 256  # messages handled per socket per loop turn, so that neither socke
 class Server:
     def __init__(
         self,
-        engine: Any,
+        engine: Engine | None,
         endpoint: str,
         queue_size: int = 64,
         max_batch: int = 8,
@@ -462,6 +465,7 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> None:
                 ErrorCode.BAD_ARRAY,
                 f"array {i}: pixels must be (rows, cols) or (bands, rows, cols) with no empty axis, got shape {list(array.shape)}",
             )
+    requests.check(header)  # task, prompt and options: the one request model's checks, before queueing
     limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None)
 
 

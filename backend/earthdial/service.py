@@ -6,33 +6,24 @@ Data flows one way: source -> chip -> question + tiles -> engine -> answer -> bo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import access, answers, georef, imagery, limits, presets, prompts, sensors
+from . import access, answers, georef, imagery, limits, presets, prompts, requests, result_features, sensors
 from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
 from .tokens import VARIANTS, earthdial_tokens
 
+if TYPE_CHECKING:  # torch only where the model runs
+    from .engine import Engine
+
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
 MAX_IMAGES = 8  # images in one request (a pair, or a short time series)
-
-
-def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
-    value = header.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"field {name!r} must be {expected}, got {value!r:.80}")
-    return value
 
 
 def resolve_source(
@@ -51,19 +42,19 @@ def resolve_source(
     if kind == "ref":
         if arrays:
             raise EarthDialError(ErrorCode.MISSING_FRAMES, "a source by reference takes no array frames")
-        path = _field(source, "path", str)
+        path = requests.field(source, "path", str)
         real = access.check_path(path)  # `forbidden_path` outside the server's allowed directories
-        bands = _field(source, "bands", list, required=False)
+        bands = requests.field(source, "bands", list, required=False)
         if bands is not None and not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
             raise EarthDialError(
                 ErrorCode.BAD_REQUEST, f"'bands' must be a list of 1-based ints, got {bands!r:.80}"
             )
-        bounds = _field(source, "bounds", list, required=False)
+        bounds = requests.field(source, "bounds", list, required=False)
         if bounds is not None and (len(bounds) != 4 or not all(isinstance(v, (int, float)) for v in bounds)):
             raise EarthDialError(
                 ErrorCode.BAD_REQUEST, f"'bounds' must be [minx, miny, maxx, maxy], got {bounds!r:.80}"
             )
-        crs = _field(source, "crs", str, required=False)
+        crs = requests.field(source, "crs", str, required=False)
         bands = bands or default_bands
         if grid is not None:
             chip = imagery.read_on_grid(real, bands, grid)
@@ -83,11 +74,14 @@ def resolve_source(
             raise EarthDialError(
                 ErrorCode.MISSING_FRAMES, f"a source by value takes 1 array frame, got {len(arrays)}"
             )
-        transform = _field(source, "transform", list)
-        crs = _field(source, "crs", str, required=False)
-        nodata = _field(source, "nodata", (int, float), required=False)
+        transform = requests.field(source, "transform", list)
+        crs = requests.field(source, "crs", str, required=False)
+        nodata = requests.field(source, "nodata", (int, float), required=False)
         chip = imagery.chip_from_array(arrays[0], transform, crs, nodata)
-        return imagery.warp_to_grid(chip, grid) if grid is not None else chip
+        chip = imagery.warp_to_grid(chip, grid) if grid is not None else chip
+        # the layer the client read the pixels from, as it names it (recorded, never opened here)
+        chip.source = _text_or_none(source.get("name")) or _text_or_none(source.get("path")) or chip.source
+        return chip
     raise EarthDialError(ErrorCode.BAD_REQUEST, f"source kind must be 'ref' or 'value', got {kind!r:.40}")
 
 
@@ -132,27 +126,25 @@ class Inputs:
     chips: list[imagery.Chip]
     preset: presets.Preset
     reason: str
-    gsd_m: float | None
+    gsd_m: float | None  # of the first chip as read (a large window is read coarser than stored)
     warnings: list[str] = field(default_factory=list)
+    native_gsd_m: float | None = None  # of the first raster as stored
 
 
 def _source_list(header: dict[str, Any]) -> list[Any]:
     if "sources" in header:
-        sources = _field(header, "sources", list)
+        sources = requests.field(header, "sources", list)
         if not 1 <= len(sources) <= MAX_IMAGES:
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"'sources' must hold 1 to {MAX_IMAGES} sources")
         return sources
     return [header.get("source")]
 
 
-def _choose_preset(
-    source: Any, array: np.ndarray | None, options: dict[str, Any], info: imagery.RasterInfo | None
+def choose_preset(
+    source: Any, array: np.ndarray | None, options: requests.Options, info: imagery.RasterInfo | None
 ) -> tuple[presets.Preset, str]:
-    name = options.get("preset")
-    if name is not None:
-        if not isinstance(name, str):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, "options.preset must be a string")
-        return presets.get(name), "named in the request"
+    if options.preset is not None:
+        return presets.get(options.preset), "named in the request"
     if array is not None:
         if array.ndim not in (2, 3) or array.size == 0:
             raise EarthDialError(
@@ -168,7 +160,7 @@ def _choose_preset(
     return presets.choose(info.count, info.dtype, info.descriptions, sample)
 
 
-def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[str, Any]) -> Inputs:
+def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: requests.Options) -> Inputs:
     """`source` (one image) or `sources` (a pair or sequence) -> aligned chips. Later images are warped
     onto the first image's grid and all are cropped to their common extent; by-value sources take the
     array frames in order."""
@@ -184,17 +176,8 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
     first_src = sources[0]
     by_ref = not own[0] and isinstance(first_src, dict) and isinstance(first_src.get("path"), str)
     info = imagery.describe(access.check_path(first_src["path"])) if by_ref else None  # opened once for all
-    preset, reason = _choose_preset(first_src, own[0][0] if own[0] else None, options, info)
-    gsd = options.get("gsd")
-    if gsd is not None and (
-        not isinstance(gsd, (int, float))
-        or isinstance(gsd, bool)
-        or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
-    ):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST,
-            f"options.gsd must be {imagery.MIN_GSD} to {imagery.MAX_GSD:g} metres per pixel, got {gsd!r:.40}",
-        )
+    preset, reason = choose_preset(first_src, own[0][0] if own[0] else None, options, info)
+    gsd = options.gsd
     bands = list(preset.bands) if preset.bands else None
     if bands and preset.band_count and info is not None:
         count = info.count
@@ -237,17 +220,24 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: dict[
         warnings.append(f"only {share:.0%} of the window holds data in every image; the rest is filled")
     first = chips[0]
     gsd_m = imagery.ground_resolution(first.transform, first.crs, first.width / 2, first.height / 2)
-    return Inputs(chips, preset, reason, gsd_m, warnings)
+    native = info.gsd_m if info is not None else _number(first_src.get("gsd_data"))
+    return Inputs(chips, preset, reason, gsd_m, warnings, native_gsd_m=native or gsd_m)
+
+
+def _number(value: Any) -> float | None:
+    """A positive finite number a client declared (the stored GSD of a layer it sends by value), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    return float(value) if ok else None
 
 
 def _sensor_for(
-    spec: prompts.Task, inputs: Inputs, options: dict[str, Any], vocab: frozenset[str] = frozenset()
+    spec: prompts.Task, inputs: Inputs, options: requests.Options, vocab: frozenset[str] = frozenset()
 ) -> str:
     """The sensor tag: named in the request, else the task's own (methane, UHI), else for pairs the
     temporal tag of the data's kind (SAR's only if `vocab` holds it), else the preset's, else the RGB
     tag nearest the window's GSD."""
-    if options.get("sensor"):
-        return str(options["sensor"])
+    if options.sensor:
+        return options.sensor
     sar = inputs.preset.name.startswith("s1_")
     if spec.images > 1:
         return sensors.pair_tag(sar, spec.sensor, vocab)
@@ -256,51 +246,24 @@ def _sensor_for(
     return inputs.preset.sensor or presets.rgb_tag_for(inputs.gsd_m)
 
 
-def _history(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    history = options.get("history") or []
-    if not isinstance(history, list) or not all(
-        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
-        for turn in history
-    ):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "options.history must be a list of [question, answer] pairs"
-        )
-    return tuple((q, a) for q, a in history)
-
-
-def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Job:
+def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None) -> Job:
     """Validate a request, read its pixels and build its engine query. Raises EarthDialError."""
     op = header.get("op")
     if op == "georef":
-        answer = _field(header, "answer", str)
-        inputs = read_inputs(header, arrays, {})
+        answer = requests.field(header, "answer", str)
+        inputs = read_inputs(header, arrays, requests.Options())
         job = Job(header, inputs.chips, answer=answer, inputs=inputs)
         job.timings["read_s"] = time.perf_counter() - job.started
         return job
     if op != "ask":
         raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status")
-    name = _field(header, "task", str)
+    name = requests.field(header, "task", str)
     spec = prompts.task(name)  # validates the task before any pixels are read
-    prompt = _field(header, "prompt", str, required=False) or ""
-    options = _field(header, "options", dict, required=False) or {}
-    if options.get("sensor") is not None:
-        if not isinstance(options["sensor"], str):
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST,
-                f"options.sensor must be a tag like '[s2_rgb_10]', got {options['sensor']!r:.40}",
-            )
-        sensors.sensor(options["sensor"])
-    max_new = options.get("max_new_tokens", spec.max_new_tokens)
-    if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 2048:
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
-        )
-    history = _history(options)
-    decoding = options.get("decoding") or (engine.decoding if engine is not None else "greedy")
-    if not isinstance(decoding, str):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}"
-        )
+    prompt = requests.prompt(header)
+    options = requests.options(header)
+    max_new = options.max_new_tokens or spec.max_new_tokens
+    history = options.history
+    decoding = options.decoding or (engine.decoding if engine is not None else "greedy")
     num_beams, min_new = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
@@ -335,27 +298,23 @@ def _gsd_warnings(gsd_m: float | None, tag: str) -> list[str]:
     return []
 
 
-def _check_model(engine: Any, question: str, tag: str) -> None:
+def _check_model(engine: Engine, question: str, tag: str) -> None:
     """`wrong_variant` when the loaded checkpoint lacks a tag of the question or was not trained on the
     input's path (multispectral or SAR to the RGB checkpoint)."""
     engine.check_tags(question)
     presets.check_variant(engine.info.variant, tag)
 
 
-def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
+def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None) -> dict[str, Any]:
     """What an `ask` with this header would send to the model, from metadata alone: the band preset and
     why, the bands, the sensor tag, the GSD, the window's size, the model tiles, by reference or by
     value, and warnings; or the error the `ask` would get. Reads no pixels beyond a small sample of a
     one-band raster (to tell SAR in dB from linear power). A by-value source may carry ``shape``
     ([rows, cols] of the array the `ask` will send) with a small sample of it as its array frame."""
-    name = _field(header, "task", str)
+    name = requests.field(header, "task", str)
     spec = prompts.task(name)
-    prompt = _field(header, "prompt", str, required=False) or ""
-    options = _field(header, "options", dict, required=False) or {}
-    if options.get("sensor") is not None:
-        if not isinstance(options["sensor"], str):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, "options.sensor must be a tag like '[s2_rgb_10]'")
-        sensors.sensor(options["sensor"])
+    prompt = requests.prompt(header)
+    options = requests.options(header)
     sources = _source_list(header)
     needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
     if needed != len(arrays):
@@ -363,48 +322,42 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
             ErrorCode.MISSING_FRAMES,
             f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
         )
-    gsd = options.get("gsd")
-    if gsd is not None and (
-        not isinstance(gsd, (int, float))
-        or isinstance(gsd, bool)
-        or not imagery.MIN_GSD <= gsd <= imagery.MAX_GSD
-    ):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"options.gsd must be a ground resolution in metres, got {gsd!r:.40}"
-        )
+    gsd = options.gsd
     first = sources[0]
     if not isinstance(first, dict) or first.get("kind") not in ("ref", "value"):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, "field 'source' must be an object of kind 'ref' or 'value'"
         )
     if first["kind"] == "ref":
-        path = access.check_path(_field(first, "path", str))
+        path = access.check_path(requests.field(first, "path", str))
         info = imagery.describe(path)
-        preset, reason = _choose_preset(first, None, options, info)
-        bands = _field(first, "bands", list, required=False) or (list(preset.bands) if preset.bands else None)
+        preset, reason = choose_preset(first, None, options, info)
+        bands = requests.field(first, "bands", list, required=False) or (
+            list(preset.bands) if preset.bands else None
+        )
         if preset.bands and preset.band_count and info.count < max(preset.bands):
             raise EarthDialError(
                 ErrorCode.BAND_OUT_OF_RANGE,
                 f"preset {preset.name} needs {max(preset.bands)} bands; the raster has {info.count}",
             )
-        bounds = _field(first, "bounds", list, required=False)
+        bounds = requests.field(first, "bounds", list, required=False)
         chip = imagery.plan_chip(path, bands, tuple(bounds) if bounds else None,
-                                 _field(first, "crs", str, required=False), MAX_CHIP_SIZE, gsd)  # fmt: skip
+                                 requests.field(first, "crs", str, required=False), MAX_CHIP_SIZE, gsd)  # fmt: skip
     else:
         array = arrays[0]
-        shape = _field(first, "shape", list, required=False)
+        shape = requests.field(first, "shape", list, required=False)
         if shape is not None and not (len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
             raise EarthDialError(
                 ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}"
             )
         data = array if array.ndim == 3 else array[None]
-        if shape is not None and options.get("preset") is None:  # a sample: all of it tells the values
+        if shape is not None and options.preset is None:  # a sample: all of it tells the values
             preset, reason = presets.choose(data.shape[0], data.dtype.name, [], data[0])
         else:
-            preset, reason = _choose_preset(first, array, options, None)
+            preset, reason = choose_preset(first, array, options, None)
         height, width = shape if shape is not None else data.shape[1:]
-        sample = imagery.chip_from_array(data, _field(first, "transform", list),
-                                         _field(first, "crs", str, required=False))  # fmt: skip
+        sample = imagery.chip_from_array(data, requests.field(first, "transform", list),
+                                         requests.field(first, "crs", str, required=False))  # fmt: skip
         chip = imagery.ChipPlan(sample.band_indexes, int(width), int(height), sample.transform, sample.crs)
     width, height = chip.width, chip.height
     gsd_m = imagery.ground_resolution(chip.transform, chip.crs, width / 2, height / 2)
@@ -441,7 +394,7 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
 
 
 def _tiles_for(
-    engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+    engine: Engine, width: int, height: int, tag: str, task: str | None = None, images: int = 1
 ) -> int:
     """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
     (plus the thumbnail) for RGB within each image's share of the budget; the same choice
@@ -456,30 +409,33 @@ def _tiles_for(
     return n + 1 if engine.info.use_thumbnail and n > 1 else n
 
 
-def finish(job: Job, engine: Any) -> dict[str, Any]:
+def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
     """Reply fields for a job whose answer is known: the answer's boxes georeferenced on the first
     image's grid (later images of a pair are read on the same window)."""
     header = job.header
     chip = job.chips[0]
     answer = job.answer or ""
-    ran_model = engine is not None and job.query is not None
-    model_name = os.path.basename(engine.info.path.rstrip("/")) if ran_model else ""
-    variant = engine.info.variant if ran_model else ""
-    props = {
-        "task": header.get("task", "georef") if job.query is not None else "georef",
-        "prompt": header.get("prompt", "") if job.query is not None else "",
-        "answer": answer,
-        "model": model_name,
-        "variant": variant,
-        "source": " | ".join(c.source for c in job.chips),
-        "gsd": job.inputs.gsd_m if job.inputs is not None else None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "review": "",
-        "request": request_record(job) if job.query is not None else "",
-    }
+    model = engine if job.query is not None else None  # georef runs no model
+    model_name = os.path.basename(model.info.path.rstrip("/")) if model is not None else ""
+    variant = model.info.variant if model is not None else ""
+    task = str(header.get("task", "georef")) if job.query is not None else "georef"
+    spec = prompts.TASKS.get(task)
+    prompt = str(header.get("prompt") or "") if spec is not None and spec.needs_prompt else ""
+    props = result_features.properties(
+        task=task,
+        prompt=prompt,
+        answer=answer,
+        model=model_name,
+        variant=variant,
+        source=" | ".join(c.source for c in job.chips),
+        gsd_data=job.inputs.native_gsd_m if job.inputs is not None else None,
+        gsd_model=model_gsd(model, chip, job.sensor, task, len(job.chips)) if model is not None else None,
+        request=request_record(job) if job.query is not None else "",
+    )
     reply: dict[str, Any] = {
         "answer": answer,
         "request": props["request"],  # also with no boxes: a missed object drawn by hand needs it
+        "properties": props,  # what every box of this answer shares (a box drawn by hand starts from it)
         "features": features_for(answer, chip, props),
         "chip": chip_description(chip),
         "chips": [chip_description(c) for c in job.chips],
@@ -492,38 +448,71 @@ def finish(job: Job, engine: Any) -> dict[str, Any]:
             "gsd_m": job.inputs.gsd_m,
             "warnings": job.inputs.warnings,
         }
-    if job.query is not None:
-        reply["model"] = {"name": model_name, "variant": variant, "path": engine.info.path}
+    if job.query is not None and model is not None:
+        reply["model"] = {"name": model_name, "variant": variant, "path": model.info.path}
         reply["tiles"] = sum(im.tiles for im in job.query.images)
     job.timings["total_s"] = time.perf_counter() - job.started
     reply["timings"] = job.timings
     return reply
 
 
+def model_gsd(engine: Engine, chip: imagery.Chip | imagery.ChipPlan, tag: str, task: str | None, images: int = 1) -> float | None:  # fmt: skip
+    """Ground metres per pixel of the image the model sees: the chip resized onto its model tiles (the
+    dynamic grid for RGB, one tile for the band-group path)."""
+    from . import pixels
+
+    gsd = imagery.ground_resolution(chip.transform, chip.crs, chip.width / 2, chip.height / 2)
+    if not gsd:
+        return None
+    size = engine.info.image_size
+    cols, rows = 1, 1
+    if sensors.pixel_path(tag, task) == "rgb":
+        cols, rows = pixels.choose_grid(
+            chip.width, chip.height, size, engine.info.min_tiles, engine.tile_budget(images)
+        )
+    return float(gsd * ((chip.width / (size * cols)) * (chip.height / (size * rows))) ** 0.5)
+
+
 def request_record(job: Job) -> str:
     """What an answer's boxes need to become training data again (`training_data`): the task, prompt, band
-    options, sensor tag, each source (a by-value source has no path) and the window read, as JSON."""
+    options, sensor tag, each source (a by-value source names the file it was read from when its client
+    said so) and the window read, as JSON."""
     header = job.header
-    options = {k: v for k, v in (header.get("options") or {}).items() if k in ("preset", "gsd", "sensor")}
     sources = []
     for src in _source_list(header):
         src = src if isinstance(src, dict) else {}
-        by_ref = src.get("kind") != "value"
-        sources.append({k: src.get(k) for k in ("path", "bands", "bounds", "crs")} if by_ref else
-                       {"path": None, "bands": None, "bounds": None, "crs": src.get("crs")})  # fmt: skip
-    window = {k: v for k, v in chip_description(job.chips[0]).items() if k != "source"}
-    record = {"task": header.get("task"), "prompt": header.get("prompt", ""), "sensor": job.sensor,
-              "preset": job.inputs.preset.name if job.inputs else None, "options": options,
-              "sources": sources, "window": window}  # fmt: skip
-    return json.dumps(record, separators=(",", ":"))
+        if src.get("kind") == "value":  # pixels sent by value: only the file they came from, if any
+            sources.append(
+                {"path": _text_or_none(src.get("path")), "bands": None, "bounds": None, "crs": src.get("crs")}
+            )
+        else:
+            sources.append({k: src.get(k) for k in ("path", "bands", "bounds", "crs")})
+    return record(header.get("task"), header.get("prompt", ""), job.sensor,
+                  job.inputs.preset.name if job.inputs else None, requests.options(header), sources,
+                  chip_description(job.chips[0]))  # fmt: skip
 
 
-def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> None:
+def record(task: Any, prompt: Any, sensor: str, preset: str | None, options: requests.Options,
+           sources: list[dict[str, Any]], window: dict[str, Any]) -> str:  # fmt: skip
+    """The `request` field: one JSON form for an answer's window and for each tile of a scan."""
+    kept = options.recorded()
+    window = {k: v for k, v in window.items() if k != "source"}
+    return result_features.request_json({"task": task, "prompt": prompt, "sensor": sensor, "preset": preset,
+                                 "options": kept, "sources": sources, "window": window})  # fmt: skip
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def generate(jobs: list[Job], engine: Engine | None, stop: list[Any] | None = None) -> None:
     """Answer the jobs that need the model, in one batch. ``stop`` (one callable per job) stops a job's
     decoding at the next token once it returns true (a cancelled request); the batch's others go on."""
     todo = [j for j in jobs if j.query is not None and j.answer is None]
     if not todo:
         return
+    if engine is None:
+        raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     if stop:  # the engine ends each query's own rows (beams included) once its flag is set
         for job, flag in zip(jobs, stop, strict=True):
             if job.query is not None:
@@ -542,14 +531,14 @@ def generate(jobs: list[Job], engine: Any, stop: list[Any] | None = None) -> Non
         job.timings["batch"] = len(todo)
 
 
-def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[str, Any]:
+def run(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None) -> dict[str, Any]:
     """Carry out one `ask` or `georef` request; returns the reply's fields (without v/id/ok)."""
     job = prepare(header, arrays, engine)
     generate([job], engine)
     return finish(job, engine)
 
 
-def status(engine: Any, queued: int = 0, running: int = 0) -> dict[str, Any]:
+def status(engine: Engine | None, queued: int = 0, running: int = 0) -> dict[str, Any]:
     return {
         "protocol": PROTOCOL_VERSION,
         "model": engine.describe() if engine is not None else None,

@@ -137,11 +137,28 @@ def source_by_reference(
 
 
 def source_by_value(
-    transform: tuple[float, float, float, float, float, float], crs: str, nodata: float | None = None
+    transform: tuple[float, float, float, float, float, float],
+    crs: str,
+    nodata: float | None = None,
+    name: str | None = None,
+    path: str | None = None,
 ) -> dict[str, Any]:
     """Pixels sent as the request's first array frame, shape (bands, rows, cols).
-    ``transform`` is the affine (a, b, c, d, e, f) of that array: x = a*col + b*row + c, y = d*col + e*row + f."""
-    return {"kind": "value", "transform": [float(v) for v in transform], "crs": crs, "nodata": nodata}
+    ``transform`` is the affine (a, b, c, d, e, f) of that array: x = a*col + b*row + c, y = d*col + e*row + f.
+    ``name`` is the layer as the result's `source` field should say; ``path`` the file the pixels were read
+    from, if any, recorded in the result's `request` so that export-training can read them again (the
+    server never opens it)."""
+    source: dict[str, Any] = {
+        "kind": "value",
+        "transform": [float(v) for v in transform],
+        "crs": crs,
+        "nodata": nodata,
+    }
+    if name:
+        source["name"] = name
+    if path:
+        source["path"] = path
+    return source
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,13 +25,12 @@ from . import geopackage, history, log, settings
 from .backend_process import RUNNING, STARTING, STOPPED, LocalBackend
 from .dock_ui import GEOREF, DockLayout
 from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
-from .layers import add_result_layer, is_in_memory, unique_layer_name
+from .layers import add_result_layer, is_in_memory, result_name, unique_layer_name
 from .maptools import RectangleMapTool, RegionMapTool
 from .presets import AUTO, bands_for, presets
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
-from .review import complete_request
 from .scan_task import DockScan
 from .sources import area_in_layer_crs, displayed_bands, plan_source
 from .task import RequestTask
@@ -651,21 +650,18 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             history.append(pending["layer"], history.Turn(pending["prompt"], answer, sensor))
             self._show_history()
         stamp = datetime.now().strftime("%H:%M:%S")
-        short = self.tr("imported answer") if pending["task"] == GEOREF else pending["prompt"]
+        # the prompt as the backend recorded it: none for a task that takes none (no stale prompt in names)
+        asked = str((reply.get("properties") or {}).get("prompt") or "")
+        short = self.tr("imported answer") if pending["task"] == GEOREF else asked
         short = short if len(short) <= 30 else short[:29] + "…"
         group = self.tr("EarthDial {task}: {prompt} – {layer} ({time})").format(
             task=pending["task"], prompt=short, layer=pending["layer_name"], time=stamp
         )
         problems: list[str] = []
-        if not sip.isdeleted(pending["layer"]):
-            complete_request(reply, [pending["layer"]])  # a file sent by value: its path, for export-training
         layer = add_result_layer(
             reply,
             pending["crs"],
             unique_layer_name(result_name(pending["task"], short, pending["layer_name"], stamp)),
-            pending["task"],
-            pending["prompt"],
-            pending["source"],
             group_name=group,
             problems=problems,
         )
@@ -771,12 +767,6 @@ def _last_tasks() -> list[dict[str, Any]]:
 
 def _basename(path: str) -> str:
     return str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def result_name(task: str, prompt: str, layer: str, stamp: str) -> str:
-    """A result layer's name: what was asked, of which layer, when (names of two requests differ)."""
-    asked = f"{task} “{prompt}”" if prompt else task
-    return f"{asked} – {layer} ({stamp})"
 
 
 def plan_summary(plan: dict[str, Any], tr: Any) -> str:

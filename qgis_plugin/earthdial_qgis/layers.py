@@ -9,7 +9,6 @@ also kept on the layer as a custom property, so that it stays with the boxes whe
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
 from typing import Any
 
 from qgis.core import (
@@ -25,7 +24,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from . import geopackage, settings
+from . import geopackage, result_features, settings
 from .qt import QtCore
 from .styling import result_group, style_result_layer
 
@@ -34,23 +33,7 @@ TASK_PROPERTY = "earthdial/task"
 PROMPT_PROPERTY = "earthdial/prompt"
 _AUTHORITY_ID = re.compile(r"^[A-Za-z]+:[\w.]+$")  # EPSG:32633, ESRI:102003
 
-# docs/outputs.md
-FIELDS: tuple[tuple[str, str], ...] = (
-    ("label", "text"),
-    ("angle", "real"),
-    ("task", "text"),
-    ("prompt", "text"),
-    ("answer", "text"),
-    ("model", "text"),
-    ("variant", "text"),
-    ("source", "text"),
-    ("tile", "text"),
-    ("gsd", "real"),
-    ("created", "text"),
-    ("score", "real"),
-    ("review", "text"),  # the analyst's verdict (review.py); empty: not reviewed
-    ("request", "text"),  # the request as JSON: window, source, bands, prompt (for export-training)
-)
+FIELDS = result_features.FIELDS  # docs/outputs.md: the backend's schema, run here as it is
 
 
 def _field(name: str, kind: str) -> QgsField:
@@ -79,21 +62,11 @@ def crs_from_text(text: str | None) -> QgsCoordinateReferenceSystem:
 
 
 def reply_features(
-    reply: dict[str, Any],
-    fields: QgsFields,
-    crs: QgsCoordinateReferenceSystem,
-    task: str,
-    prompt: str,
-    source: str,
-    created: str | None = None,
-    tile: str = "",
+    reply: dict[str, Any], fields: QgsFields, crs: QgsCoordinateReferenceSystem
 ) -> list[QgsFeature]:
-    """The boxes of ``reply`` as features with ``fields`` (the output schema), in ``crs``."""
+    """The boxes of ``reply`` as features with ``fields`` (the output schema), in ``crs``. Every value is
+    the backend's (result_features.py): the plugin composes no field of its own."""
     collection = reply.get("features") or {}
-    answer = str(reply.get("answer", ""))
-    created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    model = reply.get("model") or {}
-    gsd = (reply.get("input") or {}).get("gsd_m")
     transform = None
     reply_crs = crs_from_text(collection.get("crs"))
     if reply_crs.isValid() and crs.isValid() and reply_crs != crs:
@@ -103,47 +76,34 @@ def reply_features(
         rings = _rings(feature)
         if not rings:
             continue
-        props = feature.get("properties") or {}
         geometry = QgsGeometry.fromPolygonXY(
             [[QgsPointXY(float(x), float(y)) for x, y in ring] for ring in rings]
         )
         if transform is not None:
             geometry.transform(transform)
-        values = {
-            "label": str(props.get("label") or ""),
-            "angle": float(props.get("angle") or 0.0),
-            "task": task,
-            "prompt": prompt,
-            "answer": str(props["answer"]) if props.get("answer") is not None else answer,  # scans: per tile
-            "model": str(props.get("model") or model.get("name") or ""),
-            "variant": str(props.get("variant") or model.get("variant") or ""),
-            "source": source,
-            "tile": tile or (str(props["tile"]) if props.get("tile") is not None else ""),
-            "gsd": float(props["gsd"]) if props.get("gsd") is not None else (float(gsd) if gsd else None),
-            "created": created,
-            "score": float(props["score"]) if isinstance(props.get("score"), (int, float)) else None,
-            "review": str(props.get("review") or ""),
-            "request": str(props.get("request") or ""),
-        }
+        values = result_features.complete(feature.get("properties"))
         qfeature = QgsFeature(fields)
         qfeature.setGeometry(geometry)
-        qfeature.setAttributes([values.get(fields.at(i).name()) for i in range(fields.count())])
+        qfeature.setAttributes([_value(values.get(fields.at(i).name()), fields.at(i).name())
+                                for i in range(fields.count())])  # fmt: skip
         out.append(qfeature)
     return out
 
 
+def _value(value: Any, name: str) -> Any:
+    if value is None:
+        return None
+    if name in result_features.REAL:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return str(value)
+
+
 def result_layer(
-    reply: dict[str, Any],
-    crs: QgsCoordinateReferenceSystem,
-    name: str,
-    task: str,
-    prompt: str,
-    source: str,
-    created: str | None = None,
+    reply: dict[str, Any], crs: QgsCoordinateReferenceSystem, name: str
 ) -> QgsVectorLayer | None:
     """The boxes of ``reply`` as a memory layer named ``name`` in ``crs``; None when there are none."""
     fields = result_fields()
-    features = reply_features(reply, fields, crs, task, prompt, source, created)
+    features = reply_features(reply, fields, crs)
     if not features:
         return None
     layer = QgsVectorLayer("Polygon", name, "memory")
@@ -153,10 +113,10 @@ def result_layer(
     layer.updateFields()
     provider.addFeatures(features)
     layer.updateExtents()
-    answer = str(reply.get("answer", ""))
-    layer.setCustomProperty(ANSWER_PROPERTY, answer)
-    layer.setCustomProperty(TASK_PROPERTY, task)
-    layer.setCustomProperty(PROMPT_PROPERTY, prompt)
+    shared = reply.get("properties") or (reply["features"]["features"][0].get("properties") or {})
+    layer.setCustomProperty(ANSWER_PROPERTY, str(reply.get("answer", "")))
+    layer.setCustomProperty(TASK_PROPERTY, str(shared.get("task") or ""))
+    layer.setCustomProperty(PROMPT_PROPERTY, str(shared.get("prompt") or ""))
     return layer
 
 
@@ -164,9 +124,6 @@ def add_result_layer(
     reply: dict[str, Any],
     crs: QgsCoordinateReferenceSystem,
     name: str,
-    task: str,
-    prompt: str,
-    source: str,
     group_name: str | None = None,
     *,
     in_memory: bool | None = None,
@@ -177,7 +134,7 @@ def add_result_layer(
     table of the project's results GeoPackage, or kept in memory when ``in_memory`` (default: the
     plugin setting). A GeoPackage that cannot be written leaves a memory layer and says why in
     ``problems``. None when the reply has no boxes."""
-    layer = result_layer(reply, crs, name, task, prompt, source)
+    layer = result_layer(reply, crs, name)
     if layer is None:
         return None
     if in_memory is None:
@@ -198,6 +155,12 @@ def add_result_layer(
     if node is not None:
         node.setExpanded(True)  # the legend: one outline colour per label
     return layer
+
+
+def result_name(task: str, prompt: str, layer: str, stamp: str) -> str:
+    """A result layer's name: what was asked, of which layer, when (names of two requests differ)."""
+    asked = f"{task} “{prompt}”" if prompt else task
+    return f"{asked} – {layer} ({stamp})"
 
 
 def unique_layer_name(wanted: str, project: QgsProject | None = None) -> str:

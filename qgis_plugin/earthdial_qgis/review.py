@@ -8,8 +8,8 @@ Analysts edit result layers with QGIS's own tools; this module only keeps the ``
 * the "Accept selected boxes" / "Reject selected boxes" actions mark the active layer's selection
   (through the edit buffer when the layer is being edited, else saved at once).
 
-The review values are the backend's (protocol.REVIEWS). By-value requests carry no file path; when the
-layer sent by value is a file all the same, `complete_request` writes its path into the request.
+The review values are the backend's (protocol.REVIEWS). A request sent by value names the file its
+pixels came from (when the layer is one), so the backend records it in the request like any other.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from qgis.core import QgsProject, QgsVectorLayer
 from . import log
 from .protocol import REVIEWS
 from .qt import QtCore, QtGui, QtWidgets
-from .sources import file_path
 
 ACCEPTED, REJECTED, CORRECTED, ADDED = REVIEWS
 REVIEW, REQUEST, LABEL = "review", "request", "label"
@@ -37,26 +36,6 @@ def is_result_layer(layer: Any) -> bool:
         return False
     names = layer.fields().names()
     return REVIEW in names and REQUEST in names
-
-
-def complete_request(reply: dict[str, Any], layers: list[Any]) -> None:
-    """Fill in the file path of each by-value source of ``reply``'s request from the QGIS raster
-    ``layers`` it was read from (in order), where those layers are files."""
-    paths = [file_path(lyr) if lyr is not None else None for lyr in layers]
-    for feature in (reply.get("features") or {}).get("features") or []:
-        props = feature.get("properties") or {}
-        try:
-            request = json.loads(props.get(REQUEST) or "")
-        except (TypeError, ValueError):
-            continue
-        sources = request.get("sources") or []
-        changed = False
-        for src, path in zip(sources, paths, strict=False):  # a pair's later layers may be missing
-            if not src.get("path") and path:
-                src["path"] = path
-                changed = True
-        if changed:
-            props[REQUEST] = json.dumps(request, separators=(",", ":"))
 
 
 def layer_request(layer: QgsVectorLayer) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
 
 from . import geopackage, scanning, settings
-from .layers import add_result_layer
+from .layers import add_result_layer, result_name, unique_layer_name
 from .protocol import Client, EarthDialError
 from .qt import QtCore, QtWidgets
 
@@ -113,7 +113,8 @@ class DockScan(QtCore.QObject):
         options = {k: v for k, v in options.items() if k == "preset"}
         options["tile_size"] = int(self.tile_spin.value())
         name = str(dock.task_combo.currentData())
-        prompt = dock.prompt_edit.toPlainText().strip()
+        needs_prompt = dock._tasks.get(name, {}).get("needs_prompt", name != CHANGE_TASK)
+        prompt = dock.prompt_edit.toPlainText().strip() if needs_prompt else ""  # no stale prompt in names
         rect = dock.current_area(layer)
         if name == CHANGE_TASK:
             later = dock.later_layers.layers()
@@ -132,7 +133,7 @@ class DockScan(QtCore.QObject):
             scan = scanning.Scan({"op": "detect", "task": name, "prompt": prompt, "options": options})
             names = layer.name()
         stamp = datetime.now().strftime("%H:%M:%S")
-        self.pending = {"task": name, "prompt": prompt, "crs": layer.crs(), "names": names,
+        self.pending = {"task": name, "prompt": prompt, "crs": layer.crs(), "names": names, "stamp": stamp,
                         "group": dock.tr("EarthDial scan {task}: {prompt} – {layer} ({time})").format(
                             task=name, prompt=prompt[:30], layer=names, time=stamp)}  # fmt: skip
         self.live, self.tiles_layer = None, None
@@ -150,9 +151,11 @@ class DockScan(QtCore.QObject):
         QgsApplication.taskManager().addTask(self.task)
 
     def _layer_name(self) -> str:
+        """Named as single-window results are (task, prompt, layer, time), marked as a scan: two scans of
+        one layer make two layers of different names."""
         p = self.pending
-        what = p["prompt"] or p["task"]
-        return self.dock.tr("{what} – {layer}").format(what=what, layer=p["names"])
+        return unique_layer_name(result_name(self.dock.tr("scan {task}").format(task=p["task"]), p["prompt"][:30],
+                                             p["names"], p["stamp"]))  # fmt: skip
 
     def _on_progress(self, value: float) -> None:
         self.progress.setValue(int(value))
@@ -167,9 +170,9 @@ class DockScan(QtCore.QObject):
         if self.live is None or _deleted(self.live):
             self.live = add_result_layer(scanning.collection(found, task.scan), p["crs"],
                                          self.dock.tr("{name} (scanning…)").format(name=self._layer_name()),
-                                         p["task"], p["prompt"], p["names"], group_name=p["group"], in_memory=True)  # fmt: skip
+                                         group_name=p["group"], in_memory=True)  # fmt: skip
             return
-        feats = scanning.features(found, task.scan, p["crs"], p["task"], p["prompt"], p["names"])
+        feats = scanning.features(found, task.scan, p["crs"])
         self.live.dataProvider().addFeatures(feats)
         self.live.updateExtents()
         self.live.triggerRepaint()
@@ -216,12 +219,13 @@ class DockScan(QtCore.QObject):
         p, scan = self.pending, task.scan
         self._drop_live()
         problems: list[str] = []
-        layer = add_result_layer(scanning.collection(scan.merged, scan), p["crs"], self._layer_name(), p["task"],
-                                 p["prompt"], p["names"], group_name=p["group"], problems=problems)  # fmt: skip
+        layer = add_result_layer(scanning.collection(scan.merged, scan), p["crs"], self._layer_name(),
+                                 group_name=p["group"], problems=problems)  # fmt: skip
         if p["task"] == CHANGE_TASK and scan.tiles:
             self.tiles_layer = add_result_layer(
-                scanning.tile_collection(scan), p["crs"], dock.tr("change tiles – {layer}").format(layer=p["names"]),
-                p["task"], "", p["names"], group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
+                scanning.tile_collection(scan), p["crs"],
+                unique_layer_name(dock.tr("change tiles – {layer} ({time})").format(layer=p["names"], time=p["stamp"])),
+                group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
         dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
         text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
             tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found)

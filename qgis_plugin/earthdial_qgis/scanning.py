@@ -18,6 +18,7 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
 
 from .layers import reply_features, result_fields
 from .protocol import Client, EarthDialError, ErrorCode, source_by_reference
+from .result_features import change_map, with_tile_fields
 from .sources import (
     PixelGrid,
     crs_text,
@@ -63,6 +64,7 @@ class Scan:
     found: list[dict[str, Any]] = field(default_factory=list)  # boxes as tiles finish (before merging)
     merged: list[dict[str, Any]] = field(default_factory=list)
     crs: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)  # what every box shares (the plan event's)
     done: int = 0
     total: int = 0
 
@@ -70,6 +72,7 @@ class Scan:
         kind = event.get("event")
         if kind == "plan":
             self.plan, self.total, self.crs = event["plan"], int(event["total"]), str(event.get("crs") or "")
+            self.properties = dict(event.get("properties") or {})
         elif kind == "progress":
             self.tiles.update({int(t["index"]): t for t in event.get("tiles", [])})
             self.found += event.get("features", [])
@@ -100,7 +103,7 @@ def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
     sample = read_pixels(layer.provider, PixelGrid(grid.bounds, 4, 4), bands)
     header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "band_count": int(sample.shape[0]),
                         "transform": list(grid.transform), "crs": crs_text(layer.crs) or "",
-                        "dtype": sample.dtype.name, "name": layer.name}  # fmt: skip
+                        "dtype": sample.dtype.name, "name": layer.path or layer.name, "path": layer.path}  # fmt: skip
     return Scan(header, _tile_reader(layer, grid, bands))
 
 
@@ -140,36 +143,25 @@ def run_layer(client: Client, layer: ScanLayer, rect: QgsRectangle, task: str, p
 
 
 def collection(found: list[dict[str, Any]], scan: Scan) -> dict[str, Any]:
-    """Boxes (from progress or merged events) as a reply for `layers`, each with the answer of the tile
-    that found it (events carry each answer once, in the tile's entry)."""
-    out = []
-    for feature in found:
-        props = dict(feature.get("properties") or {})
-        tile = scan.tiles.get(props.get("tile"))
-        if tile is not None:
-            props["answer"] = tile.get("answer", "")
-        out.append({**feature, "properties": props})
-    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs, "features": out}}
+    """Boxes (from progress or merged events) as a reply for `layers`, each with the answer and request of
+    the tile that found it (events carry those once, in the tile's entry)."""
+    features = with_tile_fields(found, scan.tiles)
+    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs, "features": features}}
 
 
-def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenceSystem, task: str,
-             prompt: str, source: str) -> list[Any]:  # fmt: skip
+def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenceSystem) -> list[Any]:
     """The boxes as QGIS features in the output schema (for sinks)."""
-    return reply_features(collection(found, scan), result_fields(), crs, task, prompt, source)
+    return reply_features(collection(found, scan), result_fields(), crs)
 
 
 def tile_collection(scan: Scan) -> dict[str, Any]:
-    """The per-tile change map: each tile pair's footprint, labelled changed or unchanged, with the
-    answer and its score."""
-    out = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
-            "properties": {"label": "changed" if t.get("changed") else "unchanged", "score": t.get("score"),
-                           "answer": t.get("answer", ""), "tile": index}}
-           for index, t in sorted(scan.tiles.items())]  # fmt: skip
-    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs, "features": out}}
+    """The per-tile change map (result_features.change_map): each tile pair's footprint, changed or unchanged."""
+    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs,
+                                       "features": change_map(scan.tiles, scan.properties)}}  # fmt: skip
 
 
-def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem, source: str) -> list[Any]:
-    return reply_features(tile_collection(scan), result_fields(), crs, "change", "", source)
+def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem) -> list[Any]:
+    return reply_features(tile_collection(scan), result_fields(), crs)
 
 
 def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: bool = False) -> Scan:
@@ -200,7 +192,7 @@ def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: 
     header: dict[str, Any] = {"op": "detect_changes", "task": "change", "options": dict(options)}
     header["source"] = {"kind": "stream", "width": grid.cols, "height": grid.rows, "band_count": int(sample.shape[0]),
                         "transform": list(grid.transform), "crs": crs_text(first.crs) or "", "dtype": sample.dtype.name,
-                        "layers": [layer.name for layer in layers]}  # fmt: skip
+                        "layers": [layer.name for layer in layers], "paths": [layer.path for layer in layers]}  # fmt: skip
     scan = Scan(header)
     a, _, c, _, e, f = grid.transform
 

@@ -234,6 +234,7 @@ class SourcePlan:
     grid: PixelGrid | None = None
     bands: list[int] | None = None
     nodata: float | None = None
+    path: str | None = None  # by value: the file the layer reads, if any (recorded for export-training)
     # By reference: the same area by value, for when the backend cannot read the file (it runs
     # elsewhere, or the file is outside the directories it may read).
     fallback: SourcePlan | None = None
@@ -262,7 +263,7 @@ class SourcePlan:
             nodata = self.nodata
         else:
             pixels, nodata = np.zeros((1, self.grid.rows, self.grid.cols), dtype=np.uint8), None
-        return source_by_value(self.grid.transform, self.crs or "", nodata), [pixels]
+        return source_by_value(self.grid.transform, self.crs or "", nodata, self.label, self.path), [pixels]
 
 
 PLAN_SAMPLE_SIZE = 64  # long side, in pixels, of the sample a `plan` request carries for a by-value source
@@ -328,7 +329,7 @@ def _value_plan(
         )
     # publicSource: without passwords a WMS URI may hold
     return value_plan(clone, layer.name(), layer.publicSource(), layer.extent(), native_resolution(layer),
-                      area, bands, crs, max_size)  # fmt: skip
+                      area, bands, crs, max_size, path=file_path(layer))  # fmt: skip
 
 
 def value_plan(
@@ -341,6 +342,7 @@ def value_plan(
     bands: list[int] | None,
     crs: str | None,
     max_size: int = MAX_VALUE_SIZE,
+    path: str | None = None,
 ) -> SourcePlan:
     """The by-value plan for ``area`` (layer CRS) of a layer read through ``provider`` (a clone for the
     thread that reads it): the one way from a layer's pixels to a source, for the panel and Processing."""
@@ -358,7 +360,9 @@ def value_plan(
     if provider.sourceHasNoDataValue(first) and provider.useSourceNoDataValue(first):
         value = provider.sourceNoDataValue(first)
         nodata = float(value) if math.isfinite(value) else None
-    return SourcePlan(crs=crs, label=label, provider=provider, grid=grid, bands=bands, nodata=nodata)
+    return SourcePlan(
+        crs=crs, label=label, provider=provider, grid=grid, bands=bands, nodata=nodata, path=path
+    )
 
 
 def pixel_edges(

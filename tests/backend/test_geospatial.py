@@ -11,7 +11,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.windows import Window
 
-from earthdial import scenes, service
+from earthdial import requests, scenes, service
 from earthdial.engine import Engine
 from earthdial.protocol import EarthDialError, source_by_reference
 
@@ -165,7 +165,7 @@ def test_a_pair_in_different_crs_and_resolution_is_aligned_on_the_first_grid(tmp
                   "EPSG:3857", t2)  # fmt: skip
     header = {"op": "georef", "answer": ANSWER,
               "sources": [source_by_reference(str(before)), source_by_reference(str(after))]}  # fmt: skip
-    inputs = service.read_inputs(header, [], {})
+    inputs = service.read_inputs(header, [], requests.Options())
     a, b = inputs.chips
     assert a.crs == b.crs == "EPSG:32633" and a.data.shape == b.data.shape
     # the common extent starts where `after` begins: 250 m east of `before`'s origin -> column 25

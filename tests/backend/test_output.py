@@ -61,7 +61,8 @@ FULL = {
     "variant": "EarthDial_4B_RGB",
     "source": "/data/scene.tif",
     "tile": "0,448",
-    "gsd": 0.5,
+    "gsd_data": 0.25,
+    "gsd_model": 0.5,
     "created": "2025-01-02T03:04:05Z",
     "score": 0.42,
     "change": "appeared",
@@ -110,7 +111,8 @@ def test_geopackage_round_trip(tmp_path):
         "variant": "OFTString",
         "source": "OFTString",
         "tile": "OFTString",
-        "gsd": "OFTReal",
+        "gsd_data": "OFTReal",
+        "gsd_model": "OFTReal",
         "created": "OFTString",
         "score": "OFTReal",
         "change": "OFTString",
@@ -194,7 +196,8 @@ def test_each_write_adds_a_layer_and_keeps_the_users_and_earlier_ones(tmp_path):
     user_geopackage(path)
     first = write_features(path, TWO)
     second = write_features(path, collection(feature(RING_B, **{**FULL, "label": "second"})))  # same name
-    assert first == "grounding_Describe_the_image_in_detail_scene_20250102_030405"
+    # FULL carries a scan tile: the default name says it is a scan
+    assert first == "scan_grounding_Describe_the_image_in_detail_scene_20250102_030405"
     assert second == first + "_2"
     assert write_features(path, TWO, base_name="refer_ships") == "refer_ships"
     assert layers(path) == ["roads", first, second, "refer_ships"]

@@ -8,7 +8,12 @@ import ast
 from plugin_testing import ROOT
 
 PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
-SHARED = {"wire.py", "client.py", "protocol.py"}  # the backend's own modules, copied in by the build
+SHARED = {
+    "wire.py",
+    "client.py",
+    "protocol.py",
+    "result_features.py",
+}  # the backend's own modules, copied in by the build
 
 
 def _literal_groups(path) -> list[tuple[int, set[str]]]:

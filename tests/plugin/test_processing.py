@@ -129,7 +129,7 @@ def test_change_on_a_pair_writes_a_geopackage(
     assert (chips[0]["width"], chips[0]["height"]) == (chips[1]["width"], chips[1]["height"]) == (50, 50)
     assert result["ANSWER"] == reply["answer"]
     layer = read_gpkg(result["OUTPUT"])
-    assert "variant" in layer.fields().names() and "gsd" in layer.fields().names()
+    assert "variant" in layer.fields().names() and "gsd_model" in layer.fields().names()
 
 
 def test_ask_reports_backend_errors_in_plain_words(processing, geotiff, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the same tiles and boxes; Cancel stops the backend, whose next request is answer
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -118,9 +119,18 @@ def test_a_scan_of_a_multi_tile_layer_gives_one_styled_merged_layer_with_progres
     assert len(seen) >= 2 and max(seen) == 100  # several progress steps, ending at the end
     (layer,) = new  # one layer, not one per tile
     assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
-    assert layer.name().startswith("ship") and "mosaic" in layer.name()
+    assert layer.name().startswith("scan refer “ship”") and "mosaic" in layer.name()
     feats = list(layer.getFeatures())
     assert feats and all(0 < f["score"] <= 1 and f["label"] == "ship" for f in feats)
+    # the backend's fields, whole: every box carries its tile's window, so a reviewed scan exports
+    for f in feats:
+        assert (f["task"], f["prompt"], f["source"]) == ("refer", "ship", str(mosaic))
+        assert f["gsd_data"] == pytest.approx(1.0) and f["gsd_model"] == pytest.approx(
+            1.0
+        )  # 112 px seen as 112
+        request = json.loads(f["request"])
+        assert (request["window"]["width"], request["window"]["height"]) == (112, 112)
+        assert request["sources"][0]["path"] == str(mosaic) and request["prompt"] == "ship"
     assert len({f["tile"] for f in feats}) == len(feats) or len(feats) < 16  # merged across tiles
     assert dock.last_reply["tiles"] == 16
 
@@ -136,6 +146,10 @@ def test_a_layer_the_backend_cannot_read_is_streamed_with_the_same_tiles_and_mer
         _, _, (by_file,) = _scan(qgis_iface, demo_backend.endpoint, mosaic)
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+    assert by_value.name() != by_file.name()  # two scans of layers named alike: two names
+    # streamed pixels still name the file they came from, so the scan exports like one by reference
+    assert {json.loads(f["request"])["sources"][0]["path"] for f in by_value.getFeatures()} == {str(copy)}
+    assert {f["source"] for f in by_value.getFeatures()} == {str(copy)}
 
     def boxes(layer: QgsVectorLayer) -> list[tuple]:
         return sorted(
@@ -221,7 +235,7 @@ def _change_scan(qgis_iface: Any, endpoint: str, before: Path, after: Path) -> l
         assert layer.isValid()
         QgsProject.instance().addMapLayer(layer)
     known = set(QgsProject.instance().mapLayers())
-    dock = _dock(qgis_iface, endpoint, layers[0], task="change", prompt="")
+    dock = _dock(qgis_iface, endpoint, layers[0], task="change", prompt="ships")  # a stale prompt, unused
     dock.later_layers.set_layers([layers[1]])
     dock.send_button.click()
     wait_until(lambda: not dock.is_busy(), 300)
@@ -254,4 +268,11 @@ def test_a_change_scan_of_layers_the_backend_cannot_read_streams_them_with_the_s
 
     # 448 px in tiles of 112 px at 10 % overlap: 5 tiles
     assert len(tile_map(by_file)) == 5 and tile_map(by_value) == tile_map(by_file)
+    for layers in (by_file, by_value):
+        assert not any("ships" in lyr.name() for lyr in layers)  # the stale prompt names nothing
+        (tiles,) = [lyr for lyr in layers if "change tiles" in lyr.name()]
+        assert {f["pair"] for f in tiles.getFeatures()} == {"before.tif -> after.tif"}
+        boxes = [f for lyr in layers if lyr is not tiles for f in lyr.getFeatures()]
+        assert boxes and all(f["change"] in ("appeared", "disappeared") and f["pair"] for f in boxes)
+        assert all(f["prompt"] in ("", None) and f["task"] == "change" for f in boxes)
     assert {f[1] for f in tile_map(by_file)} == {"changed", "unchanged"}  # the map tells tiles apart

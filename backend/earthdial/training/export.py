@@ -22,6 +22,7 @@ Records are JSON lines: ``{"id", "image", "sensor", "task", "conversations": [{"
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -164,6 +165,10 @@ def read_layer(path: str, layer: str) -> tuple[list[Feature], str]:
         )
     column = {name: values[i] for i, name in enumerate(fields)}
     features = []
+    if geometry is None:
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"layer {layer!r} of {path} has no geometry: not a result layer"
+        )
     for k, wkb in enumerate(geometry):
         if wkb is None:
             continue
@@ -202,41 +207,103 @@ def result_layers(path: str) -> list[str]:
     return out
 
 
-def _requests(features: list[Feature], layer: str) -> dict[str, list[Feature]]:
-    """Features grouped by request; a feature without one (drawn by hand in QGIS without the plugin)
-    belongs to the layer's only request."""
-    known = sorted({f.request for f in features if f.request})
-    groups: dict[str, list[Feature]] = {r: [] for r in known}
-    for f in features:
-        if f.request:
-            groups[f.request].append(f)
-        elif len(known) == 1:
-            groups[known[0]].append(f)
-        else:
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST,
-                f"layer {layer!r}: a feature has no request and the layer holds {len(known)} requests; "
-                "it cannot be told which window it belongs to",
-            )
-    return groups
+def parse_request(text: str, layer: str) -> dict[str, Any]:
+    """A feature's `request` field as the dict `service.record` wrote; a typed error for anything else."""
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"layer {layer!r}: a request field is not JSON") from None
+    window = request.get("window") if isinstance(request, dict) else None
+    sources = request.get("sources") if isinstance(request, dict) else None
+    if (
+        not isinstance(window, dict)
+        or not isinstance(sources, list)
+        or not sources
+        or not all(isinstance(s, dict) for s in sources)
+        or not isinstance(window.get("transform"), list)
+        or len(window["transform"]) < 6
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in window["transform"][:6])
+        or not all(isinstance(window.get(k), int) and window[k] > 0 for k in ("width", "height"))
+    ):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"layer {layer!r}: a request field is not an EarthDial request (no window)"
+        )
+    return request
+
+
+def window_polygon(request: dict[str, Any]) -> Any:
+    """The window a request read, as a polygon in its CRS (the layer's)."""
+    import shapely.geometry
+    from affine import Affine
+
+    w = request["window"]
+    aff = Affine(*[float(v) for v in w["transform"][:6]])
+    corners = [aff @ (0, 0), aff @ (w["width"], 0), aff @ (w["width"], w["height"]), aff @ (0, w["height"])]
+    return shapely.geometry.Polygon(corners)
+
+
+INSIDE_SHARE = 0.5  # a box belongs to a window when at least this share of its area lies inside it
+
+
+def _windows(features: list[Feature], layer: str) -> list[tuple[str, dict[str, Any], list[Feature]]]:
+    """(request text, request, the features seen in its window) for every request of a layer.
+
+    A feature belongs to every window that holds at least half of it, whichever request produced it: a
+    merged scan kept one box for an object two overlapping tiles saw, and each tile's record must show it
+    (its own tile's request alone would teach the other tile that nothing is there). A box partly outside
+    a window is clipped to it; one mostly outside is left out of that window. Boxes drawn by hand count
+    wherever they lie."""
+    import shapely.geometry
+
+    texts = sorted({f.request for f in features if f.request})
+    out = []
+    for text in texts:
+        request = parse_request(text, layer)
+        area = window_polygon(request)
+        seen = []
+        for f in features:
+            poly = shapely.geometry.Polygon(f.ring)
+            if not poly.is_valid:
+                poly = poly.buffer(0)
+            if poly.is_empty or poly.area <= 0:
+                continue
+            inside = poly.intersection(area)
+            share = inside.area / poly.area
+            if share < INSIDE_SHARE:
+                continue
+            if share < 1.0 - 1e-9:  # clipped to the window: the part of the object the window shows
+                inside = (
+                    inside
+                    if inside.geom_type == "Polygon"
+                    else max(getattr(inside, "geoms", [inside]), key=lambda g: g.area)
+                )
+                f = Feature(
+                    [(float(x), float(y)) for x, y, *_ in inside.exterior.coords],
+                    f.label,
+                    f.review,
+                    f.request,
+                )
+            seen.append(f)
+        out.append((text, request, seen))
+    return out
 
 
 def _read_chip(request: dict[str, Any], layer: str) -> Any:
     """The request's first image, read as inference read it (bounds, bands, preset, GSD)."""
-    from .. import service
+    from .. import requests, service
 
     sources = request.get("sources") or []
-    if not sources or not sources[0].get("path"):
+    if not sources or not isinstance(sources[0].get("path"), str) or not sources[0]["path"]:
         raise EarthDialError(
             ErrorCode.FILE_NOT_FOUND,
             f"layer {layer!r}: its request was sent by value from a layer that is not a file, so its pixels "
             "cannot be read again",
         )
     src = dict(sources[0], kind="ref")
-    options = dict(request.get("options") or {})
+    options = dict(request.get("options") or {}) if isinstance(request.get("options"), dict) else {}
     if request.get("preset"):
         options["preset"] = request["preset"]
-    return service.read_inputs({"source": src}, [], options).chips[0]
+    return service.read_inputs({"source": src}, [], requests.options({"options": options})).chips[0]
 
 
 def records_for_request(request: dict[str, Any], features: list[Feature], chip: Any,
@@ -311,48 +378,62 @@ def export(path: str, out_dir: str, layers: list[str] | None = None) -> Export:
     result = Export()
     pending: list[tuple[dict[str, Any], Any]] = []  # (record, chip)
     for name in names:
-        features, _ = read_layer(path, name)
-        if not features:
-            result.skipped.append(f"layer {name!r}: no boxes")
+        try:  # one odd layer never stops the others: it is reported and skipped
+            records, skipped = _layer_records(path, name)
+        except EarthDialError as exc:
+            result.skipped.append(f"layer {name!r}: {exc.code}: {exc.message}")
             continue
-        for n, (text, group) in enumerate(_requests(features, name).items()):
-            if not text:
-                result.skipped.append(
-                    f"layer {name!r}: boxes without a request (written before reviews existed)"
-                )
-                continue
-            try:
-                request = json.loads(text)
-            except json.JSONDecodeError:
-                raise EarthDialError(
-                    ErrorCode.BAD_REQUEST, f"layer {name!r}: its request field is not JSON"
-                ) from None
-            task = request.get("task")
-            if task not in EXPORTED_TASKS:
-                result.skipped.append(
-                    f"layer {name!r}: task {task!r} (only {', '.join(EXPORTED_TASKS)} export)"
-                )
-                continue
-            if all(not f.review for f in group):
-                result.skipped.append(f"layer {name!r}: not reviewed")
-                continue
-            try:
-                chip = _read_chip(request, name)
-            except (
-                EarthDialError
-            ) as exc:  # this layer's pixels are gone or unreadable: the others still export
-                result.skipped.append(f"layer {name!r}: {exc.code}: {exc.message}")
-                continue
-            records, skipped = records_for_request(request, group, chip, name)
-            result.skipped += skipped
-            stem = _safe(f"{name}-{n}")
-            for k, rec in enumerate(records):
-                rec.update(id=f"{stem}-{k}", image=f"{CHIPS_DIR}/{stem}.tif", sensor=request.get("sensor"),
-                           task=task, layer=name, source=request["sources"][0].get("path"))  # fmt: skip
-                pending.append((rec, chip))
+        result.skipped += skipped
+        pending += records
     _write(out, pending)
     result.records = [rec for rec, _ in pending]
     return result
+
+
+def _layer_records(path: str, name: str) -> tuple[list[tuple[dict[str, Any], Any]], list[str]]:
+    """The records of one layer (one per reviewed window and class) with their chips, and what was
+    skipped and why (each reason once, with how many windows it cost)."""
+    features, _ = read_layer(path, name)
+    if not features:
+        return [], [f"layer {name!r}: no boxes"]
+    if not any(f.request for f in features):
+        return [], [f"layer {name!r}: boxes without a request (written before reviews existed)"]
+    if all(not f.review for f in features):
+        return [], [f"layer {name!r}: not reviewed"]
+    reasons: dict[str, int] = {}
+    pending: list[tuple[dict[str, Any], Any]] = []
+    for text, request, group in _windows(features, name):
+        task = request.get("task")
+        if task not in EXPORTED_TASKS:
+            reasons[f"task {task!r} (only {', '.join(EXPORTED_TASKS)} export)"] = 1
+            continue
+        if not group or all(not f.review for f in group):
+            reasons["window(s) with no reviewed box"] = reasons.get("window(s) with no reviewed box", 0) + 1
+            continue
+        try:
+            chip = _read_chip(request, name)
+        except EarthDialError as exc:  # this window's pixels are gone or unreadable: the others still export
+            why = f"{exc.code}: {exc.message}"
+            reasons[why] = reasons.get(why, 0) + 1
+            continue
+        records, skipped = records_for_request(request, group, chip, name)
+        for why in skipped:
+            why = why.split(": ", 1)[-1] if why.startswith(f"layer {name!r}: ") else why
+            reasons[why] = reasons.get(why, 0) + 1
+        stem = chip_stem(name, text)
+        for k, rec in enumerate(records):
+            rec.update(id=f"{stem}-{k}", image=f"{CHIPS_DIR}/{stem}.tif", sensor=request.get("sensor"),
+                       task=task, layer=name, source=request["sources"][0].get("path"))  # fmt: skip
+            pending.append((rec, chip))
+    skipped = [f"layer {name!r}: {why}" + (f" ({n} windows)" if n > 1 else "") for why, n in reasons.items()]
+    return pending, skipped
+
+
+def chip_stem(layer: str, request: str) -> str:
+    """A chip's file name: readable, and unique per layer and request (layers `a b` and `a_b`, or names
+    that agree in their first characters, must never share a chip)."""
+    digest = hashlib.sha256(f"{layer}\n{request}".encode()).hexdigest()[:16]
+    return f"{_safe(layer)[:48]}-{digest}"
 
 
 def _safe(name: str) -> str:

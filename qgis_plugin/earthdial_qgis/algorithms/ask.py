@@ -49,12 +49,11 @@ class AskAlgorithm(EarthDialAlgorithm):
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
                 header = self.ask_header(parameters, context, client, prompt)
-                task = header["task"]
                 sink, dest = self.sink(parameters, context, self.reader.crs)
                 reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
-        count = self.write(sink, reply, self.reader.crs, task, prompt, self.reader.label)
+        count = self.write(sink, reply, self.reader.crs)
         answer = str(reply.get("answer", ""))
         feedback.pushInfo(self.tr("Answer: {answer}").format(answer=answer))
         feedback.pushInfo(self.tr("{n} box(es)").format(n=count))

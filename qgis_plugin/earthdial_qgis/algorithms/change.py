@@ -73,13 +73,11 @@ class ChangeAlgorithm(EarthDialAlgorithm):
         try:
             with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
                 header = self.ask_header(parameters, context, client, prompt)
-                task = header["task"]
                 sink, dest = self.sink(parameters, context, first.crs)
                 reply = ask_once(client, header, pair, feedback)
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
-        source = " | ".join(r.label for r in self.readers)
-        count = self.write(sink, reply, first.crs, task, prompt, source)
+        count = self.write(sink, reply, first.crs)
         answer = str(reply.get("answer", ""))
         for warning in (reply.get("input") or {}).get("warnings") or []:
             feedback.pushWarning(warning) if hasattr(feedback, "pushWarning") else feedback.pushInfo(warning)

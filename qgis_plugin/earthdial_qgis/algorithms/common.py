@@ -4,7 +4,6 @@ or by value through a provider clone made on the main thread), one request, and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -115,7 +114,7 @@ class LayerReader:
         if self.provider is not None:
             try:
                 value = value_plan(self.provider, self.name, self.label, self.extent, self.resolution, local,
-                                   self.bands, self.crs_text)  # fmt: skip
+                                   self.bands, self.crs_text, path=self.path)  # fmt: skip
             except EarthDialError:
                 if self.by_value:
                     raise
@@ -302,9 +301,8 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(self.invalidSinkError(parameters, OUTPUT))
         return sink, dest
 
-    def write(self, sink: Any, reply: dict[str, Any], crs: QgsCoordinateReferenceSystem, task: str, prompt: str,
-              source: str, tile: str = "") -> int:  # fmt: skip
-        features = reply_features(reply, result_fields(), crs, task, prompt, source, _now(), tile)
+    def write(self, sink: Any, reply: dict[str, Any], crs: QgsCoordinateReferenceSystem) -> int:
+        features = reply_features(reply, result_fields(), crs)
         sink.addFeatures(features, QgsFeatureSink.Flag.FastInsert)
         return len(features)
 
@@ -314,7 +312,3 @@ def _polygon_source_type() -> Any:
 
     kind = getattr(Qgis, "ProcessingSourceType", None)  # QGIS >= 3.36
     return kind.VectorPolygon if kind is not None else QgsProcessing.TypeVectorPolygon
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -133,7 +133,7 @@ class DetectAlgorithm(EarthDialAlgorithm):
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
         sink, dest = self.sink(parameters, context, layer.crs)
-        kept = scanning.features(scan.merged, scan, layer.crs, TASK_NAME, prompt, layer.path or layer.name)
+        kept = scanning.features(scan.merged, scan, layer.crs)
         sink.addFeatures(kept, QgsFeatureSink.Flag.FastInsert)
         feedback.pushInfo(self.tr("{found} box(es) found, {kept} after merging overlaps").format(
             found=len(scan.found), kept=len(kept)))  # fmt: skip

@@ -87,9 +87,8 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
                                                    feedback.isCanceled, follow(feedback))  # fmt: skip
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
-        source = " | ".join(layer.path or layer.name for layer in self.layers)
-        boxes = scanning.features(scan.merged, scan, first.crs, "change", "", source)
-        tiles = scanning.tile_features(scan, first.crs, source)
+        boxes = scanning.features(scan.merged, scan, first.crs)
+        tiles = scanning.tile_features(scan, first.crs)
         outputs = {}
         names = {OUTPUT: f"changes — {first.name}", OUTPUT_TILES: f"change tiles — {first.name}"}
         for key, features in ((OUTPUT, boxes), (OUTPUT_TILES, tiles)):
