@@ -297,6 +297,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     _check_outputs(args)
+    if args.task is None:
+        from .prompts import default_task
+
+        args.task = default_task(args.prompt)
+        why = (f"finding {args.prompt.strip()!r} (--task chat asks it as a question)" if args.task == "refer"
+               else "the prompt is a question (--task refer with a prompt naming objects returns boxes)")  # fmt: skip
+        print(f"earthdial ask: task {args.task}: {why}", file=sys.stderr)
     header = {
         "op": "ask",
         "task": args.task,
@@ -861,9 +868,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     _add_input_args(p)
     p.add_argument("--prompt", default="", help="the question, or what to find for --task refer")
-    p.add_argument(
-        "--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify, ..."
-    )
+    p.add_argument("--task", help="chat, caption, vqa, classify, grounding, refer, identify, ... (default: "
+                   "refer when the prompt names objects, e.g. 'ships'; chat for a question)")  # fmt: skip
     p.add_argument(
         "--endpoint",
         help="a running `earthdial serve` (default: the one at $EARTHDIAL_ENDPOINT or "
