@@ -453,8 +453,12 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
 
     try:
         if args.endpoint:
+            from . import by_value
+
+            # a file the server may not open is streamed: tiles read here, as the model asks for them
             with _connected(args.endpoint, args.timeout) as client:
-                reply = client.request(header, progress=on_event, cancelled=lambda: stop["now"]).header
+                reply = by_value.scan(client, header, on_event, lambda: stop["now"],
+                                      lambda line: print(f"\n{name}: {line}", file=sys.stderr))  # fmt: skip
         else:
             from . import scan
             from .engine import Engine
@@ -572,8 +576,11 @@ def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                   "this process", file=sys.stderr)  # fmt: skip
             endpoint = None
     if endpoint:
-        with _connected(endpoint, args.timeout) as client:
-            return client.request(header).header
+        from . import by_value
+
+        with _connected(endpoint, args.timeout) as client:  # a file the server may not open goes by value
+            return by_value.ask(client, header, lambda line: print(f"earthdial {args.command}: {line}",
+                                                                   file=sys.stderr))  # fmt: skip
     from . import service
     from .engine import Engine
 

@@ -21,6 +21,7 @@ from .prompts import TASKS
 from .protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
 from .tokens import VARIANTS, earthdial_tokens
 
+MAX_NAME_CHARS = 1000  # a by-value source's `name` kept in results
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
 MAX_IMAGES = 8  # images in one request (a pair, or a short time series)
 
@@ -87,6 +88,9 @@ def resolve_source(
         crs = _field(source, "crs", str, required=False)
         nodata = _field(source, "nodata", (int, float), required=False)
         chip = imagery.chip_from_array(arrays[0], transform, crs, nodata)
+        name = _field(source, "name", str, required=False)
+        if name:  # the file or layer the client read the pixels from, for results' `source`
+            chip.source = name[:MAX_NAME_CHARS]
         return imagery.warp_to_grid(chip, grid) if grid is not None else chip
     raise EarthDialError(ErrorCode.BAD_REQUEST, f"source kind must be 'ref' or 'value', got {kind!r:.40}")
 
