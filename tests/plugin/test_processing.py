@@ -224,6 +224,20 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     assert tile_map.featureCount() == 3  # one per tile pair, changed or not
     assert {f["label"] for f in tile_map.getFeatures()} <= {"changed", "unchanged"}
     assert read_gpkg(str(changes)).fields().indexFromName("score") >= 0
+    # the reported command: no backend at the endpoint fails in seconds, naming it (was silent for 300 s)
+    import time
+
+    from plugin_testing import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = subprocess.run(
+        [program, "run", "earthdial:ask", "--", f"INPUT={geotiff[0]}", "PROMPT=ships", f"ENDPOINT={dead}",
+         f"OUTPUT={tmp_path / 'ask.gpkg'}"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode != 0 and time.monotonic() - started < 15
+    assert f"not reachable at {dead}" in run.stdout + run.stderr
 
 
 def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend, geotiff) -> None:
