@@ -50,16 +50,17 @@ def preset_for(path: str, options: dict[str, Any]) -> presets.Preset:
     return presets.choose(info.count, info.dtype, info.descriptions, sample)[0]
 
 
-def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray], list[list[int]]]:
     """An `ask` whose sources (files, by reference) are read here: the first one's window as the server
     reads it (bounds, bands, GSD, at most MAX_CHIP_SIZE a side), later ones over the same bounds at their
-    own resolution (the server warps them onto the first one's grid, as it does the plugin's)."""
+    own resolution (the server warps them onto the first one's grid, as it does the plugin's). Also
+    returns the file bands read for each source."""
     refs = _refs(header)
     options = dict(header.get("options") or {})
     preset = preset_for(refs[0]["path"], options)
     options["preset"] = preset.name
     default = list(preset.bands) if preset.bands else None
-    sources, arrays = [], []
+    sources, arrays, read = [], [], []
     first: imagery.Chip | None = None
     for ref in refs:
         bands = ref.get("bands") or default
@@ -76,13 +77,14 @@ def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray
         source = source_by_value(tuple(chip.transform[:6]), chip.crs, chip.nodata)
         sources.append({**source, "name": str(ref["path"])})
         arrays.append(chip.data)
+        read.append(chip.band_indexes)
     out = {k: v for k, v in header.items() if k not in ("source", "sources")}
     out["options"] = options
     if "source" in header:
         out["source"] = sources[0]
     else:
         out["sources"] = sources
-    return out, arrays
+    return out, arrays, read
 
 
 def ask(client: Client, header: dict[str, Any], note: Note) -> dict[str, Any]:
@@ -93,8 +95,13 @@ def ask(client: Client, header: dict[str, Any], note: Note) -> dict[str, Any]:
         if not _unreadable(exc, header):
             raise
         _note(note, exc, header)
-    value, arrays = ask_request(header)
-    return client.request(value, arrays).header
+    value, arrays, read = ask_request(header)
+    reply = client.request(value, arrays).header
+    # what was read, as the file's bands (the server saw bands 1..n of the array): `--preview` reads them again
+    for chip, bands in zip([reply.get("chip"), *(reply.get("chips") or [])], [read[0], *read], strict=False):
+        if isinstance(chip, dict):
+            chip["bands"] = bands
+    return reply
 
 
 def scan(client: Client, header: dict[str, Any], on_event: Callable[[dict[str, Any]], None],

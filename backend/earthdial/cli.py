@@ -458,7 +458,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
             # a file the server may not open is streamed: tiles read here, as the model asks for them
             with _connected(args.endpoint, args.timeout) as client:
                 reply = by_value.scan(client, header, on_event, lambda: stop["now"],
-                                      lambda line: print(f"\n{name}: {line}", file=sys.stderr))  # fmt: skip
+                                      lambda line: print(f"{name}: {line}", file=sys.stderr))  # fmt: skip
         else:
             from . import scan
             from .engine import Engine

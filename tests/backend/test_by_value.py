@@ -113,3 +113,16 @@ def test_scans_stream_the_tiles_of_a_file_the_server_may_not_open(
                        "--tile-size", "200", "--endpoint", demo_server, "-o", str(tmp_path / "ref.gpkg"))  # fmt: skip
     changed = [line for line in out.splitlines() if "tile pairs changed" in line]
     assert changed and changed == [line for line in reference.splitlines() if "tile pairs changed" in line]
+
+
+def test_the_preview_of_an_ask_sent_by_value_shows_the_bands_asked_for(
+    demo_server, folders, tmp_path, capsys
+) -> None:
+    import rasterio
+
+    allowed, elsewhere = folders
+    for folder, name in ((elsewhere, "value.png"), (allowed, "ref.png")):
+        run(capsys, "ask", str(folder / "scene.tif"), "--prompt", "ships", "--bands", "3,2,1",
+            "--endpoint", demo_server, "--preview", str(tmp_path / name))  # fmt: skip
+    with rasterio.open(tmp_path / "value.png") as a, rasterio.open(tmp_path / "ref.png") as b:
+        assert (a.read() == b.read()).all()  # bands 3, 2, 1 of the file in both, boxes drawn alike
