@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .quiet import quiet_model_loading
 from .tokens import (
     CHAT_TOKENS,
     IMG_CONTEXT,
@@ -325,6 +326,7 @@ def load_tokenizer(directory: str | Path) -> Any:
     tokenizer config sets `legacy: false`, under which the two backends are meant to split text alike
     (not checkable here: the published tokenizer files are not on this machine). So: the fast one, with
     BOS decided by `adds_bos` (docs/fidelity.md)."""
+    quiet_model_loading()  # before transformers (and torchao through it) is imported
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
@@ -348,6 +350,7 @@ def load(
     `weights`: "meta" (the default) builds the model without storage and moves each published tensor,
     renamed and cast one at a time, into it, so the peak is about one copy of the weights; "copy" is the
     former path (build on the device, read the whole file, copy in), kept for the load benchmark."""
+    quiet_model_loading()
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this an EarthDial checkpoint directory?)")

@@ -296,6 +296,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     _check_outputs(args)
+    if args.task is None:
+        from .prompts import default_task
+
+        args.task = default_task(args.prompt)
+        why = (f"finding {args.prompt.strip()!r} (--task chat asks it as a question)" if args.task == "refer"
+               else "the prompt is a question (--task refer with a prompt naming objects returns boxes)")  # fmt: skip
+        print(f"earthdial ask: task {args.task}: {why}", file=sys.stderr)
     header = {
         "op": "ask",
         "task": args.task,
@@ -447,8 +454,12 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
 
     try:
         if args.endpoint:
+            from . import by_value
+
+            # a file the server may not open is streamed: tiles read here, as the model asks for them
             with _connected(args.endpoint, args.timeout) as client:
-                reply = client.request(header, progress=on_event, cancelled=lambda: stop["now"]).header
+                reply = by_value.scan(client, header, on_event, lambda: stop["now"],
+                                      lambda line: print(f"{name}: {line}", file=sys.stderr))  # fmt: skip
         else:
             from . import scan
             from .engine import Engine
@@ -556,8 +567,11 @@ def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                   "this process", file=sys.stderr)  # fmt: skip
             endpoint = None
     if endpoint:
-        with _connected(endpoint, args.timeout) as client:
-            return client.request(header).header
+        from . import by_value
+
+        with _connected(endpoint, args.timeout) as client:  # a file the server may not open goes by value
+            return by_value.ask(client, header, lambda line: print(f"earthdial {args.command}: {line}",
+                                                                   file=sys.stderr))  # fmt: skip
     from . import service
     from .engine import Engine
 
@@ -852,9 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     _add_input_args(p)
     p.add_argument("--prompt", default="", help="the question, or what to find for --task refer")
-    p.add_argument(
-        "--task", default="chat", help="chat, caption, vqa, classify, grounding, refer, identify, ..."
-    )
+    p.add_argument("--task", help="chat, caption, vqa, classify, grounding, refer, identify, ... (default: "
+                   "refer when the prompt names objects, e.g. 'ships'; chat for a question)")  # fmt: skip
     p.add_argument(
         "--endpoint",
         help="a running `earthdial serve` (default: the one at $EARTHDIAL_ENDPOINT or "

@@ -98,6 +98,23 @@ def task(name: str) -> Task:
     return TASKS[name]
 
 
+# First words of a question or an instruction: a prompt starting so is asked as chat, not looked for.
+QUESTION_WORDS = frozenset(
+    "what where which who whom whose why when how is are was were do does did can could will would should "
+    "has have had describe count list tell give explain find show locate detect identify classify".split()
+)
+MAX_OBJECT_WORDS = 4  # "ships", "small boats", "oil storage tanks": the refer prompts EarthDial learnt
+
+
+def default_task(prompt: str) -> str:
+    """The task for a prompt given without one: `refer` when it names objects (a short noun phrase such
+    as "ships"), so that the answer has boxes; `chat` for a question, an instruction or no prompt."""
+    words = prompt.strip().rstrip(".").split()
+    if not words or "?" in prompt or len(words) > MAX_OBJECT_WORDS:
+        return "chat"
+    return "chat" if words[0].lower() in QUESTION_WORDS else "refer"
+
+
 def decoding_for(name: str, mode: str) -> tuple[int, int]:
     """(num_beams, min_new_tokens) for a task: "upstream" is what upstream's evaluation scripts run
     (their --num-beams default for the task's kind, min_new_tokens 1; one beam and no minimum where

@@ -55,7 +55,11 @@ def write_sample_scene(path: str | Path, crs: str = "EPSG:32633", index: int = 0
         }
         for o in scene.objects
     ]
-    truth = {"type": "FeatureCollection", "crs_authid": key, "features": features}
+    # The outlines stay in the scene's CRS (they overlay it as they are); the GeoJSON 2008 `crs` member is
+    # how GDAL, and so QGIS, learns that CRS (RFC 7946 would force WGS84).
+    epsg = key.split(":")[1]
+    named = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+    truth = {"type": "FeatureCollection", "crs": named, "features": features}
     truth_path(path).write_text(json.dumps(truth, indent=1) + "\n")
     return path
 

@@ -22,6 +22,7 @@ from .tokens import VARIANTS, earthdial_tokens
 if TYPE_CHECKING:  # torch only where the model runs
     from .engine import Engine
 
+MAX_NAME_CHARS = 1000  # a by-value source's `name` kept in results
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
 MAX_IMAGES = 8  # images in one request (a pair, or a short time series)
 
@@ -80,7 +81,8 @@ def resolve_source(
         chip = imagery.chip_from_array(arrays[0], transform, crs, nodata)
         chip = imagery.warp_to_grid(chip, grid) if grid is not None else chip
         # the layer the client read the pixels from, as it names it (recorded, never opened here)
-        chip.source = _text_or_none(source.get("name")) or _text_or_none(source.get("path")) or chip.source
+        name = _text_or_none(source.get("name")) or _text_or_none(source.get("path"))
+        chip.source = name[:MAX_NAME_CHARS] if name else chip.source
         return chip
     raise EarthDialError(ErrorCode.BAD_REQUEST, f"source kind must be 'ref' or 'value', got {kind!r:.40}")
 

@@ -202,3 +202,28 @@ def test_ask_with_no_flags_and_no_server_runs_the_demo_model_in_process(tmp_path
     assert f"no server answers at {closed}; running the built-in demo model" in done.stderr
     assert done.stdout.strip()  # the demo model's answer
     assert layers(out)[0].startswith("refer_ship_scene_")
+
+
+# Lines an in-process run printed that a user can do nothing about (earthdial.quiet drops them)
+NOISE = ("You are using a model of type", "Failed to load", "Detected no triton", "register_constant()")
+
+
+def test_the_readme_example_finds_boxes_and_prints_no_noise(tmp_path):
+    """README: `earthdial ask scene.tif --prompt ships`, no flags: the prompt names objects, so the task is
+    refer and the answer has boxes (chat gave "0 grounded box(es)"); in-process, stderr says which task
+    and model ran and nothing a user cannot act on. `detect` in-process is as quiet."""
+    from earthdial.samples import write_sample_scene
+
+    scene = write_sample_scene(tmp_path / "scene.tif")
+    env = {k: v for k, v in os.environ.items() if k != "EARTHDIAL_MODEL"}
+    env["EARTHDIAL_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
+    done = subprocess.run([*EARTHDIAL, "ask", str(scene), "--prompt", "ships"], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "earthdial ask: task refer" in done.stderr
+    assert "<box>" in done.stdout and "0 grounded box(es)" not in done.stdout, done.stdout
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
+    done = subprocess.run([*EARTHDIAL, "detect", str(scene), "--prompt", "ships"], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr

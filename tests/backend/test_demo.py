@@ -440,6 +440,20 @@ def test_number_code_turns_a_linear_read_into_the_right_number(tokenizer) -> Non
         assert int(torch.argmax(rows @ h)) == value
 
 
+def test_sample_scene_truth_names_its_crs_as_gdal_reads_it(tmp_path) -> None:
+    """The truth GeoJSON holds the scene's CRS coordinates, so it must say so in a way GDAL (and so QGIS)
+    reads: a file GDAL takes for EPSG:4326 turns a QGIS project to 4326 when added first."""
+    import pyogrio
+
+    from earthdial import samples
+
+    for crs in ("EPSG:32633", "EPSG:3857"):
+        path = samples.write_sample_scene(tmp_path / f"s_{crs[5:]}.tif", crs=crs)
+        info = pyogrio.read_info(samples.truth_path(path))
+        assert info["crs"] == crs, (crs, info["crs"])
+        assert info["features"] == len(samples.sample_scene().objects)
+
+
 def test_sample_scene_truth_lies_on_the_drawn_objects(tmp_path) -> None:
     import json
 

@@ -109,3 +109,13 @@ def test_generation_returns_text_and_batches_match_single_runs(engine: Engine) -
     single = [engine.generate([qa])[0], engine.generate([qb])[0]]
     assert engine.generate([qa, qb]) == single
     assert all(isinstance(s, str) for s in single)
+
+
+def test_a_prompt_naming_objects_defaults_to_refer_and_a_question_to_chat() -> None:
+    from earthdial.prompts import default_task
+
+    for prompt in ("ships", "small boats", " oil storage tanks. ", "Airplanes"):
+        assert default_task(prompt) == "refer", prompt
+    for prompt in ("", "Is there a ship?", "what is in the image", "describe the harbour",
+                   "how many ships are moored here", "a harbour with many ships and two cranes"):  # fmt: skip
+        assert default_task(prompt) == "chat", prompt

@@ -98,3 +98,12 @@ def test_the_panel_finds_the_ship_on_the_map(
         dock.shutdown()
         dock.deleteLater()
         wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)
+
+
+def test_the_sample_truth_opens_in_the_scene_crs(mercator_scene) -> None:
+    """`make-sample`'s truth GeoJSON says its CRS as GDAL reads it: QGIS opens it in the scene's CRS (the
+    CRS a new project takes from its first layer), over the scene, not as EPSG:4326."""
+    path, _ = mercator_scene
+    truth = QgsVectorLayer(str(path.with_name("harbour.truth.geojson")), "truth", "ogr")
+    assert truth.isValid() and truth.crs().authid() == "EPSG:3857"
+    assert truth.extent().intersects(QgsRasterLayer(str(path), "harbour", "gdal").extent())

@@ -149,6 +149,31 @@ def test_ask_reports_backend_errors_in_plain_words(processing, geotiff, tmp_path
         )
 
 
+@pytest.mark.parametrize("algorithm", ["ask", "detect", "change", "detect_changes"])
+def test_each_algorithm_fails_fast_when_no_backend_answers(
+    processing, geotiff, tmp_path: Path, algorithm: str
+) -> None:
+    """A ping first, as the panel does: no backend at the endpoint is an error naming it within seconds,
+    not silence until the request timeout (300 s here), which would cost minutes per batch item."""
+    import time
+
+    from plugin_testing import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    parameters: dict[str, Any] = {"INPUT": str(geotiff[0]), "PROMPT": "ship", "ENDPOINT": dead, "TIMEOUT": 300,
+                                  "OUTPUT": str(tmp_path / "out.gpkg")}  # fmt: skip
+    if algorithm in ("change", "detect_changes"):
+        parameters["INPUT_2"] = str(geotiff[0])
+    if algorithm == "detect_changes":
+        parameters["OUTPUT_TILES"] = str(tmp_path / "tiles.gpkg")
+    started = time.monotonic()
+    with pytest.raises(QgsProcessingException) as failure:
+        processing.run(f"earthdial:{algorithm}", parameters)
+    elapsed = time.monotonic() - started
+    assert "not reachable" in str(failure.value) and dead in str(failure.value)
+    assert elapsed < 15, f"{algorithm} took {elapsed:.1f} s to fail"
+
+
 def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tmp_path: Path) -> None:
     """The plugin as a user installs it (the built zip in a profile), run by qgis_process without a GUI."""
     import os
@@ -199,6 +224,20 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     assert tile_map.featureCount() == 3  # one per tile pair, changed or not
     assert {f["label"] for f in tile_map.getFeatures()} <= {"changed", "unchanged"}
     assert read_gpkg(str(changes)).fields().indexFromName("score") >= 0
+    # the reported command: no backend at the endpoint fails in seconds, naming it (was silent for 300 s)
+    import time
+
+    from plugin_testing import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = subprocess.run(
+        [program, "run", "earthdial:ask", "--", f"INPUT={geotiff[0]}", "PROMPT=ships", f"ENDPOINT={dead}",
+         f"OUTPUT={tmp_path / 'ask.gpkg'}"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode != 0 and time.monotonic() - started < 15
+    assert f"not reachable at {dead}" in run.stdout + run.stderr
 
 
 def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend, geotiff) -> None:

@@ -123,11 +123,14 @@ def test_a_scan_of_a_multi_tile_layer_gives_one_styled_merged_layer_with_progres
     feats = list(layer.getFeatures())
     assert feats and all(0 < f["score"] <= 1 and f["label"] == "ship" for f in feats)
     # the backend's fields, whole: every box carries its tile's window, so a reviewed scan exports
+    (raster,) = QgsProject.instance().mapLayersByName("mosaic")
+    gsd = raster.rasterUnitsPerPixelX()
+    assert gsd < 1  # 336 px over the synthetic scene's metres
     for f in feats:
         assert (f["task"], f["prompt"], f["source"]) == ("refer", "ship", str(mosaic))
-        assert f["gsd_data"] == pytest.approx(1.0) and f["gsd_model"] == pytest.approx(
-            1.0
-        )  # 112 px seen as 112
+        assert f["gsd_data"] == pytest.approx(gsd) and f["gsd_model"] == pytest.approx(
+            gsd
+        )  # 112 px seen at 112
         request = json.loads(f["request"])
         assert (request["window"]["width"], request["window"]["height"]) == (112, 112)
         assert request["sources"][0]["path"] == str(mosaic) and request["prompt"] == "ship"

@@ -6,7 +6,7 @@ from typing import Any
 
 from qgis.core import QgsProcessingParameterRasterLayer
 
-from ..protocol import Client, EarthDialError
+from ..protocol import EarthDialError
 from .common import (
     ANSWER,
     INPUT,
@@ -15,6 +15,7 @@ from .common import (
     EarthDialAlgorithm,
     LayerReader,
     ask_once,
+    connected,
     fail,
 )
 
@@ -47,7 +48,7 @@ class AskAlgorithm(EarthDialAlgorithm):
         endpoint = self.endpoint(parameters, context)
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
         try:
-            with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+            with connected(endpoint, self.timeout(parameters, context), feedback) as client:
                 header = self.ask_header(parameters, context, client, prompt)
                 sink, dest = self.sink(parameters, context, self.reader.crs)
                 reply = ask_once(client, header, [(self.reader, self.rect, self.reader.crs)], feedback)

@@ -13,7 +13,7 @@ from qgis.core import (
     QgsProject,
 )
 
-from ..protocol import Client, EarthDialError
+from ..protocol import EarthDialError
 from .common import (
     ANSWER,
     INPUT,
@@ -23,6 +23,7 @@ from .common import (
     EarthDialAlgorithm,
     LayerReader,
     ask_once,
+    connected,
     fail,
 )
 
@@ -71,7 +72,7 @@ class ChangeAlgorithm(EarthDialAlgorithm):
         first = self.readers[0]
         pair = [(reader, self.rect, first.crs) for reader in self.readers]
         try:
-            with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+            with connected(endpoint, self.timeout(parameters, context), feedback) as client:
                 header = self.ask_header(parameters, context, client, prompt)
                 sink, dest = self.sink(parameters, context, first.crs)
                 reply = ask_once(client, header, pair, feedback)

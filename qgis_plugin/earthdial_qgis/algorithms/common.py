@@ -3,7 +3,8 @@ or by value through a provider clone made on the main thread), one request, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..layers import reply_features, result_fields
 from ..protocol import Client, EarthDialError, ErrorCode, source_by_reference
 from ..qt import QtCore
 from ..sources import SourcePlan, crs_text, displayed_bands, file_path, native_resolution, value_plan
-from ..task import request_with_fallback
+from ..task import ping_first, request_with_fallback
 
 INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
 PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
@@ -142,6 +143,16 @@ def ask_once(
             if reader.provider is not None:
                 reader.by_value = True
     return reply
+
+
+@contextmanager
+def connected(endpoint: str, timeout_s: float, feedback: QgsProcessingFeedback) -> Iterator[Client]:
+    """A Client whose backend answered a short ping, as the panel's requests do: an endpoint where nothing
+    runs fails within seconds (`unreachable`), not after TIMEOUT, which bounds the model's work and would
+    cost minutes per item in the Modeler or a batch."""
+    with Client(endpoint, timeout_s=timeout_s) as client:
+        ping_first(client, endpoint, feedback.isCanceled)
+        yield client
 
 
 def fail(exc: EarthDialError, endpoint: str) -> QgsProcessingException:

@@ -20,9 +20,9 @@ from qgis.core import (
 )
 
 from .. import scanning
-from ..protocol import Client, EarthDialError
+from ..protocol import EarthDialError
 from ..styling import style_result_layer
-from .common import ANSWER, INPUT, OUTPUT, PROMPT, EarthDialAlgorithm, advanced, fail, number_type
+from .common import ANSWER, INPUT, OUTPUT, PROMPT, EarthDialAlgorithm, advanced, connected, fail, number_type
 
 TILE_SIZE, OVERLAP, TILES, BATCH, MIN_SCORE = "TILE_SIZE", "OVERLAP", "TILES", "BATCH", "MIN_SCORE"
 TASK_NAME = "refer"
@@ -126,7 +126,7 @@ class DetectAlgorithm(EarthDialAlgorithm):
         prompt = self.parameterAsString(parameters, PROMPT, context) or ""
         layer = self.scan_layer
         try:
-            with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+            with connected(endpoint, self.timeout(parameters, context), feedback) as client:
                 scan, reply = scanning.run_layer(client, layer, self.rect, TASK_NAME, prompt,
                                                  scan_options(self, parameters, context),
                                                  feedback.isCanceled, follow(feedback))  # fmt: skip

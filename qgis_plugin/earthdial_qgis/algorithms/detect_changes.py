@@ -21,7 +21,7 @@ from qgis.core import (
 
 from .. import scanning, settings
 from ..layers import result_fields
-from ..protocol import Client, EarthDialError
+from ..protocol import EarthDialError
 from .common import (
     ENDPOINT,
     INPUT,
@@ -31,6 +31,7 @@ from .common import (
     EarthDialAlgorithm,
     _polygon_source_type,
     advanced,
+    connected,
     fail,
     number_type,
     polygon_type,
@@ -82,7 +83,7 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         endpoint = self.endpoint(parameters, context)
         first = self.layers[0]
         try:
-            with Client(endpoint, timeout_s=self.timeout(parameters, context)) as client:
+            with connected(endpoint, self.timeout(parameters, context), feedback) as client:
                 scan, reply = scanning.run_changes(client, self.layers, scan_options(self, parameters, context),
                                                    feedback.isCanceled, follow(feedback))  # fmt: skip
         except EarthDialError as exc:
