@@ -422,6 +422,7 @@ def _streamed_sequence(source: dict[str, Any], options: requests.Options, engine
     files = files if isinstance(files, list) else []
     paths: list[str | None] = [p if isinstance(p, str) and p else None for p in files[: len(names)]]
     paths += [None] * (len(names) - len(paths))
+    names = [p or n for p, n in zip(paths, names, strict=True)]  # named as by reference where they are files
     return _Sequence(names, plan, grid.crs, grid.preset, gsd, tiles, paths, None, grid.transform)
 
 
