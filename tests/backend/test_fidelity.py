@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import checkpoint, prompts, sensors, service
+from earthdial import checkpoint, prompts, requests, sensors, service
 from earthdial.answers import Box
 from earthdial.cli import build_parser
 from earthdial.engine import Engine, Image, Query, fuse_group_features, fusion_grid
@@ -405,8 +405,11 @@ def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None
 
     inputs = SimpleNamespace(preset=presets.PRESETS["s1_vh_db"], gsd_m=10.0)
     spec = prompts.task("change")
-    assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_temp_10]"})) == "[s1_vh_temp_10]"
-    assert service._sensor_for(spec, inputs, {}, frozenset({"[s1_vh_10]"})) == "[s1_vh_10]"
+    assert (
+        service._sensor_for(spec, inputs, requests.Options(), frozenset({"[s1_vh_temp_10]"}))
+        == "[s1_vh_temp_10]"
+    )
+    assert service._sensor_for(spec, inputs, requests.Options(), frozenset({"[s1_vh_10]"})) == "[s1_vh_10]"
 
 
 def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(

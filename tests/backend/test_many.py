@@ -32,7 +32,18 @@ from earthdial.training import DEMO_DIR
 TILING = ["--prompt", "ships", "--tile-size", "224", "--overlap", "0", "--batch", "2", "--model", str(DEMO_DIR),
           "--device", "cpu"]  # fmt: skip
 MANY = ["--workers", "2", "--cpus-per-worker", "1"]
-FIELDS = ("label", "tile", "score", "answer", "task", "prompt", "source", "gsd", "model")  # all but `created`
+FIELDS = (
+    "label",
+    "tile",
+    "score",
+    "answer",
+    "task",
+    "prompt",
+    "source",
+    "gsd_data",
+    "gsd_model",
+    "model",
+)  # all but `created`
 
 
 def mosaic(path: Path, seed: int) -> Path:
