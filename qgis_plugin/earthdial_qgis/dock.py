@@ -27,6 +27,7 @@ from .dock_ui import GEOREF, DockLayout
 from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
 from .layers import add_result_layer, is_in_memory, unique_layer_name
 from .maptools import RectangleMapTool, RegionMapTool
+from .notices import drop_task_notice
 from .presets import AUTO, bands_for, presets
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
@@ -43,6 +44,7 @@ SETTING_LAST_TASKS = "EarthDial/last_tasks"  # the tasks the last backend's stat
 DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
 PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
+LOSS_WAIT_MS = 1500  # a dropped connection: how long to wait for the local backend's exit to show
 PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
 HELP_URL = "https://example.org/earthdial-qgis#the-qgis-plugin"  # the README's plugin section
 CHAT = "chat"
@@ -75,6 +77,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.last_preview: Any = None  # QImage of the last chip preview
         self.drawn: tuple[QgsRectangle, Any] | None = None  # the drawn rectangle and its CRS
         self._closed = False
+        self._reporting_loss = False  # a request's error is telling why the local backend ended
         self._running: set[RequestTask] = set()
         self._layer_signal: Any = None
         self._plan_task: RequestTask | None = None
@@ -249,6 +252,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _status_done(self, task: RequestTask) -> None:
         self._running.discard(task)
+        if not self._closed and not sip.isdeleted(self):
+            self._task_ended(task.description())
         if self._closed or sip.isdeleted(self) or task is not self._status_task:
             return  # closed, or an older check answering after a newer one started
         self._status_task = None
@@ -355,7 +360,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             self.refresh_status()
         elif self.local_backend.last_error:  # a crash or a failed start
             self.status_label.setText(self.local_backend.last_error)
-            self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
+            if self._task is None and not self._reporting_loss:  # else the request's message tells it
+                self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
         elif state == STOPPED and self.local_backend.last_exit:  # stopped as asked: news, not an error
             self.status_label.setText(self.local_backend.last_exit)
             self._message(self.local_backend.last_exit, Qgis.MessageLevel.Info, 4)
@@ -611,6 +617,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _plan_done(self, task: RequestTask) -> None:
         self._running.discard(task)
+        if not self._closed and not sip.isdeleted(self):
+            self._task_ended(task.description())
         if self._closed or sip.isdeleted(self) or task is not self._plan_task:
             return  # closed, or a newer summary is on its way
         self._plan_task = None
@@ -636,6 +644,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._running.discard(task)
         if self._closed or sip.isdeleted(self):
             return
+        self._task_ended(task.description())
         self._task = None
         self._set_busy(False)
         if task.error is not None or task.reply is None:
@@ -696,19 +705,45 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
     def _message(self, text: str, level: Any, duration: int = 8) -> None:
         self.iface.messageBar().pushMessage(self.tr("EarthDial"), text, level=level, duration=duration)
 
-    def _show_error(self, error: EarthDialError, endpoint: str) -> None:
+    def _show_error(self, error: EarthDialError, endpoint: str, note: str = "") -> None:
+        """One message for how a request ended: the error in plain words (for a local backend that died
+        under it, why it died), plus ``note`` (what was kept)."""
         self.last_error = error
-        text = plain_message(error, endpoint)
+        text = self._lost_backend(error) or plain_message(error, endpoint)
         self.answer_view.setPlainText(text)
-        self.result_label.setText("")
+        self.result_label.setText(note)
         self.tabs.setCurrentIndex(0)
         cancelled = error.code == ErrorCode.CANCELLED
         if cancelled:
-            self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
+            if not note:
+                self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
             log.info(text)
         else:
             log.error(f"{error.code}: {error.message}")
-        self._message(text, Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)
+        self._message(text + (" " + note if note else ""),
+                      Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)  # fmt: skip
+
+    def _lost_backend(self, error: EarthDialError) -> str:
+        """For a request cut off because the panel's local backend ended: that, and why it ended."""
+        if error.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
+            return ""
+        backend = self.local_backend
+        process = backend.process
+        if error.code == ErrorCode.DISCONNECTED and backend.state == RUNNING and process is not None:
+            self._reporting_loss = True  # its exit, seen now, is told here rather than in a second message
+            try:
+                process.waitForFinished(LOSS_WAIT_MS)  # a dropped connection: did the process end?
+            finally:
+                self._reporting_loss = False
+        if backend.state != STOPPED or not backend.last_error:
+            return ""
+        return self.tr("The request stopped because the local backend ended. {why}").format(
+            why=backend.last_error
+        )
+
+    def _task_ended(self, description: str) -> None:
+        """QGIS's own "Task failed/complete" notice of a panel request is dropped: the panel says it."""
+        drop_task_notice(self.iface.messageBar(), description)
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.setEnabled(not busy)

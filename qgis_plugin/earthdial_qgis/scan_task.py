@@ -205,13 +205,20 @@ class DockScan(QtCore.QObject):
         self.task = None
         dock._set_busy(False)
         self.progress.setVisible(False)
+        dock._task_ended(task.description())
         if task.error is not None or task.reply is None:
+            note = ""
             if self.live is not None and not _deleted(self.live):  # what was found stays, marked unmerged
                 self.live.setName(
                     self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)"))
                 )
                 self._keep(self.live)
-            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
+                dock.last_layer = self.live  # Zoom and Save act on what the scan found so far
+                note = dock.tr("{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
+                               "in layer “{name}”.").format(done=task.scan.done, total=task.scan.total,
+                                                             n=self.live.featureCount(), name=self.live.name())  # fmt: skip
+            dock._set_result_buttons()
+            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint, note)
             return
         p, scan = self.pending, task.scan
         self._drop_live()
@@ -223,6 +230,7 @@ class DockScan(QtCore.QObject):
                 scanning.tile_collection(scan), p["crs"], dock.tr("change tiles – {layer}").format(layer=p["names"]),
                 p["task"], "", p["names"], group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
         dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
+        dock._set_result_buttons()
         text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
             tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found)
         )
