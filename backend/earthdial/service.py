@@ -356,6 +356,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
         if not isinstance(options["sensor"], str):
             raise EarthDialError(ErrorCode.BAD_REQUEST, "options.sensor must be a tag like '[s2_rgb_10]'")
         sensors.sensor(options["sensor"])
+    # `scan`: the plan of a `detect`/`detect_changes` with these options (tile_size, overlap, batch) over
+    # the same area, read at the layer's own resolution (a by-value source's `shape` is its full grid)
+    scanning = _field(header, "scan", dict, required=False)
     sources = _source_list(header)
     needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
     if needed != len(arrays):
@@ -389,7 +392,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
             )
         bounds = _field(first, "bounds", list, required=False)
         chip = imagery.plan_chip(path, bands, tuple(bounds) if bounds else None,
-                                 _field(first, "crs", str, required=False), MAX_CHIP_SIZE, gsd)  # fmt: skip
+                                 _field(first, "crs", str, required=False),
+                                 None if scanning is not None else MAX_CHIP_SIZE,
+                                 None if scanning is not None else gsd)  # fmt: skip
     else:
         array = arrays[0]
         shape = _field(first, "shape", list, required=False)
@@ -416,11 +421,20 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     )
     tiles = None
     model = None
+    model_gsd_m = None
     if engine is not None:
         _check_model(engine, question, tag)
         per_image = _tiles_for(engine, width, height, tag, name, len(sources))
         tiles = per_image * len(sources)
         model = {"variant": engine.info.variant, "path": engine.info.path}
+        view_w, view_h = _model_view(engine, width, height, tag, name, len(sources))
+        model_gsd_m = gsd_m * max(width / view_w, height / view_h) if gsd_m else None
+    scan_plan = None
+    if scanning is not None:
+        from . import scan  # scan imports this module
+
+        image_size = engine.info.image_size if engine is not None else None
+        scan_plan = scan.describe(width, height, gsd_m, scanning, image_size, len(sources))
     return {
         "plan": {
             "task": name,
@@ -433,6 +447,8 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
             "height": int(height),
             "images": len(sources),
             "tiles": tiles,
+            "model_gsd_m": model_gsd_m,
+            "scan": scan_plan,
             "by": "value" if first["kind"] == "value" else "reference",
             "warnings": warnings,
             "model": model,
@@ -440,20 +456,35 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> dict[
     }
 
 
-def _tiles_for(
+def _grid_for(
     engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1
-) -> int:
-    """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
-    (plus the thumbnail) for RGB within each image's share of the budget; the same choice
+) -> tuple[int, int]:
+    """(columns, rows) of model tiles one image of this size is resized to: one for the band-group path,
+    InternVL's dynamic grid for RGB within each image's share of the budget; the same choice
     `engine.image` makes."""
     from . import pixels
 
     if sensors.pixel_path(tag, task) != "rgb":
-        return 1
+        return 1, 1
     size = engine.info.image_size
-    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
+    return pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
+
+
+def _tiles_for(
+    engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+) -> int:
+    """Model tiles one image of this size gets: its grid (`_grid_for`), plus the thumbnail."""
+    cols, rows = _grid_for(engine, width, height, tag, task, images)
     n = cols * rows
     return n + 1 if engine.info.use_thumbnail and n > 1 else n
+
+
+def _model_view(
+    engine: Any, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+) -> tuple[int, int]:
+    """The (width, height) in pixels the model sees a window of width x height at: its tile grid."""
+    cols, rows = _grid_for(engine, width, height, tag, task, images)
+    return cols * engine.info.image_size, rows * engine.info.image_size
 
 
 def finish(job: Job, engine: Any) -> dict[str, Any]:
