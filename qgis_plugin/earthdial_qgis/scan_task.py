@@ -73,38 +73,36 @@ class ScanTask(QgsTask):
 
 
 class DockScan(QtCore.QObject):
-    """The dock's scan controls (a checkbox and a progress bar beside the Send button) and their logic.
+    """The dock's scan (chosen by the panel's "Tiled scan" button, with a progress bar below Send) and its logic.
     A QObject of the main thread, so that the task's signals reach it there (queued)."""
 
     def __init__(self, dock: Any) -> None:
         super().__init__(dock)
         self.dock = dock
-        self.check = QtWidgets.QCheckBox(dock.tr("Tiled scan"))
-        self.check.setToolTip(dock.tr("Find objects (refer, grounding) or changes (change) over the whole area, "
-                                      "tile by tile: boxes appear as tiles finish and are merged at the end"))  # fmt: skip
-        self.tile_spin = QtWidgets.QSpinBox()
-        self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
-        self.tile_spin.setValue(448)
-        self.tile_spin.setSuffix(dock.tr(" px"))
-        self.tile_spin.setToolTip(
-            dock.tr("Tile size in layer pixels (each tile is resized to the model's input)")
-        )
+        self.check = dock.scan_radio  # the panel's "Tiled scan" choice (dock_ui), beside the area
+        self.tile_spin = dock.tile_spin
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setVisible(False)
-        rows = dock.request_rows  # the dock's button grid: the scan takes the rows below its buttons
-        at = rows.rowCount()
-        rows.addWidget(self.check, at, 0)
-        rows.addWidget(self.tile_spin, at, 1)
-        rows.addWidget(self.progress, at + 1, 0, 1, 2)
+        rows = dock.request_rows  # the dock's button grid: the progress bar takes the row below its buttons
+        rows.addWidget(self.progress, rows.rowCount(), 0, 1, 2)
         self.task: ScanTask | None = None
         self.live: Any = None  # the result layer boxes are added to as tiles finish
         self.tiles_layer: Any = None
         self.pending: dict[str, Any] = {}
 
     def wanted(self) -> bool:
+        return self.check.isChecked() and self.possible()
+
+    def possible(self) -> bool:
         name = str(self.dock.task_combo.currentData())
-        return self.check.isChecked() and (name in SCAN_TASKS or name == CHANGE_TASK)
+        return name in SCAN_TASKS or name == CHANGE_TASK
+
+    def task_changed(self) -> None:
+        """A scan runs grounded one-image tasks and change: for any other the choice is one window."""
+        self.check.setEnabled(self.possible())
+        if not self.possible():
+            self.dock.window_radio.setChecked(True)
 
     def start(self) -> None:
         dock = self.dock
