@@ -52,8 +52,8 @@ class QgisAppNotices:
 
 
 def test_a_cancelled_scan_keeps_zoom_and_save_and_says_so_once(
-    demo_backend,
-    big_mosaic,
+    demo_backend,  # noqa: F811  (the fixture imported above)
+    big_mosaic,  # noqa: F811
     qgis_new_project,
     qgis_iface,
     tmp_path: Path,  # noqa: F811  (the fixtures)
