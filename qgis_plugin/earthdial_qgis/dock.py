@@ -216,6 +216,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.later_layers.setVisible(pair)
         self.layer_label.setText(self.tr("Before") if pair else self.tr("Layer"))
         if name == GEOREF:
+            self.model_note.setVisible(False)
             self.task_hint.setText(
                 self.tr(
                     "Paste an EarthDial answer from elsewhere (with <box> tags): its boxes are placed on the area."
@@ -225,6 +226,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             return
         info = self._tasks.get(str(name), {})
         self.task_hint.setText(info.get("description", ""))
+        self._show_model_note()
         if info.get("default_prompt"):
             placeholder = self.tr("Default: {prompt}").format(prompt=info["default_prompt"])
         elif info.get("needs_prompt", True):
@@ -232,6 +234,20 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         else:
             placeholder = self.tr("(no prompt needed)")
         self.prompt_edit.setPlaceholderText(placeholder)
+
+    def _show_model_note(self) -> None:
+        """A note when the loaded model was not trained for the chosen task (the demo model knows a few:
+        the backend's status lists them); its answers to it would be noise."""
+        model = (self.status_reply or {}).get("model") or {}
+        trained = model.get("trained_tasks")
+        name = str(self.task_combo.currentData())
+        untrained = isinstance(trained, list) and name != GEOREF and name not in trained
+        if untrained:
+            self.model_note.setText(self.tr(
+                "The loaded model is the built-in demo model, which was not trained for {task}: its answers "
+                "will be noise. It was trained for {tasks}; load EarthDial's weights (Settings…) for the rest."
+            ).format(task=name, tasks=", ".join(str(t) for t in trained)))  # fmt: skip
+        self.model_note.setVisible(untrained)
 
     # -- backend status and the local backend ---------------------------------------------------------
     @property
@@ -301,6 +317,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         else:
             text = self.tr("Connected: no model loaded (only answers can be imported)")
         self.status_label.setText(text)
+        self._show_model_note()
         if not fresh:
             return
         tasks = reply.get("tasks")

@@ -127,6 +127,13 @@ class DockLayout:
         self.task_hint = plain_label()
         self.task_hint.setToolTip(self.tr("What the task does and what its prompt takes"))
         form.addRow("", self.task_hint)
+        self.model_note = plain_label()
+        self.model_note.setStyleSheet("color: #b35900;")
+        self.model_note.setToolTip(
+            self.tr("What the loaded model was trained for, as the backend reports it")
+        )
+        self.model_note.setVisible(False)
+        form.addRow("", self.model_note)
 
         self.layer_label = QtWidgets.QLabel(self.tr("Layer"))
         self.layer_combo = raster_combo()

@@ -12,6 +12,7 @@ from osgeo import gdal
 from plugin_testing import wait_until
 from qgis.core import QgsProject, QgsRasterLayer, QgsSettings
 from qgis.PyQt.QtWidgets import QPushButton, QRadioButton
+from test_scan_dock import demo_backend  # noqa: F401  (the demo model's server, a module fixture)
 
 from earthdial_qgis.area import WHOLE_LAYER
 from earthdial_qgis.dock import SETTING_LAST_TASKS, SHRINK_WARN
@@ -119,3 +120,29 @@ def test_a_send_that_would_shrink_the_layer_offers_the_scan(
     {b.text(): b for b in dock.shrink_offer.findChildren(QPushButton)}["Send one window"].click()
     assert dock.is_busy() and dock.scan.task is None
     wait_until(lambda: not dock.is_busy(), 120)
+
+
+def test_a_note_when_the_demo_model_is_asked_a_task_it_was_not_trained_for(
+    demo_backend: Any,  # noqa: F811  (the fixture imported above)
+    make_dock: Any,
+    raster_layer: Any,
+    qgis_iface: Any,
+) -> None:
+    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+
+    QgsSettings().setValue(SETTING_ENDPOINT, demo_backend.endpoint)
+    dock = EarthDialDock(qgis_iface)
+    try:
+        wait_until(lambda: dock.status_reply is not None, 30)
+        for task in ("chat", "vqa"):
+            dock.select_task(task)
+            assert not dock.model_note.isHidden(), task
+            assert "demo model" in dock.model_note.text() and task in dock.model_note.text()
+            assert "refer" in dock.model_note.text()  # what it was trained for, as its status says
+        dock.select_task("refer")
+        assert dock.model_note.isHidden()
+    finally:
+        dock.shutdown()
+    other = make_dock()  # a model that is not the demo: no note, whatever the task
+    other.select_task("chat")
+    assert other.model_note.isHidden()
