@@ -6,6 +6,7 @@ widget only reacts to their results, on the main thread."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime
 from typing import Any
@@ -50,7 +51,7 @@ SHRINK_WARN = (
     4.0  # a one-window Send the model would see this many times coarser than the layer: offer a scan
 )
 PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
-HELP_URL = "https://example.org/earthdial-qgis#the-qgis-plugin"  # the README's plugin section
+HELP_PAGE = os.path.join(os.path.dirname(__file__), "help", "index.html")  # ships in the plugin's zip
 CHAT = "chat"
 FIRST_TASK = "refer"  # on first open: find objects by name, the panel's most common use (a backend task)
 REGION_TASK, REGION_PAIR_TASK = "identify", "damage"
@@ -405,10 +406,13 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
         return report(self.endpoint, self.status_reply, self.status_error, self.local_backend)
 
-    def open_help(self) -> None:
+    def open_help(self) -> QtCore.QUrl:
+        """The plugin's own help page, in the desktop's browser (it needs no network)."""
         from .qt import QtGui
 
-        QtGui.QDesktopServices.openUrl(QtCore.QUrl(HELP_URL))
+        url = QtCore.QUrl.fromLocalFile(HELP_PAGE)
+        QtGui.QDesktopServices.openUrl(url)
+        return url
 
     def open_diagnostics(self) -> Any:
         from .diagnostics import DiagnosticsDialog

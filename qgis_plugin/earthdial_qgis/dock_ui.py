@@ -98,7 +98,7 @@ class DockLayout:
         )
         self.diagnostics_button.clicked.connect(self.open_diagnostics)
         self.help_button = QtWidgets.QPushButton(self.tr("Help"))
-        self.help_button.setToolTip(self.tr("Open the plugin's documentation (the README's plugin section)"))
+        self.help_button.setToolTip(self.tr("Open the plugin's help page (it ships with the plugin)"))
         self.help_button.clicked.connect(self.open_help)
         # full rows under the form, three buttons a row at most: nothing is clipped in a 300 px dock
         buttons = QtWidgets.QGridLayout()
