@@ -47,9 +47,8 @@ DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
 PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
 LOSS_WAIT_MS = 1500  # a dropped connection: how long to wait for the local backend's exit to show
-SHRINK_WARN = (
-    4.0  # a one-window Send the model would see this many times coarser than the layer: offer a scan
-)
+# a one-window Send the model would see this many times coarser than the layer: the panel offers a scan
+SHRINK_WARN = 4.0
 PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
 HELP_PAGE = os.path.join(os.path.dirname(__file__), "help", "index.html")  # ships in the plugin's zip
 CHAT = "chat"
