@@ -522,8 +522,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         """Not sent: the window would reach the model ``factor`` times coarser than the layer. A message
         offers the scan, or the one window all the same."""
         text = self.tr(
-            "The model would see this area {factor:.0f}× coarser than the layer, so small objects would vanish. "
-            "A tiled scan looks at every part at the layer's resolution."
+            "Not sent: the model would see this area {factor:.0f}× coarser than the layer (small objects vanish)."
         ).format(factor=factor)
         self.result_label.setText(text)
         bar = self.iface.messageBar()

@@ -37,10 +37,16 @@ class ScanTask(QgsTask):
         self.timeout_s, self.on_done = timeout_s, on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
+        self.done = self.total = (
+            0  # tiles finished and planned, whichever Scan (by reference or streamed) ran
+        )
 
     def run(self) -> bool:
         def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "plan":
+                self.total = int(event.get("total") or 0)
             if event.get("event") == "progress":
+                self.done, self.total = int(event["done"]), int(event["total"])
                 self.setProgress(100.0 * event["done"] / max(event["total"], 1))
                 if event.get("features"):
                     self.boxes.emit(list(event["features"]))
@@ -213,7 +219,7 @@ class DockScan(QtCore.QObject):
                 self._keep(self.live)
                 dock.last_layer = self.live  # Zoom and Save act on what the scan found so far
                 note = dock.tr("{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
-                               "in layer “{name}”.").format(done=task.scan.done, total=task.scan.total,
+                               "in layer “{name}”.").format(done=task.done, total=task.total,
                                                              n=self.live.featureCount(), name=self.live.name())  # fmt: skip
             dock._set_result_buttons()
             dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint, note)
