@@ -832,9 +832,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
                 self._reporting_loss = False
         if backend.state != STOPPED or not backend.last_error:
             return ""
-        return self.tr("The request stopped because the local backend ended. {why}").format(
-            why=backend.last_error
-        )
+        return self.tr("The request was cut off. {why}").format(why=backend.last_error)
 
     def _task_ended(self, description: str) -> None:
         """QGIS's own "Task failed/complete" notice of a panel request is dropped: the panel says it."""

@@ -37,9 +37,8 @@ class ScanTask(QgsTask):
         self.timeout_s, self.on_done = timeout_s, on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
-        self.done = self.total = (
-            0  # tiles finished and planned, whichever Scan (by reference or streamed) ran
-        )
+        # tiles finished and planned, whichever Scan (by reference or streamed) ran
+        self.done = self.total = 0
 
     def run(self) -> bool:
         def on_event(event: dict[str, Any]) -> None:
@@ -79,8 +78,8 @@ class ScanTask(QgsTask):
 
 
 class DockScan(QtCore.QObject):
-    """The dock's scan (chosen by the panel's "Tiled scan" button, with a progress bar below Send) and its logic.
-    A QObject of the main thread, so that the task's signals reach it there (queued)."""
+    """The dock's scan (the panel's "Tiled scan" choice; a progress bar below Send) and its logic. A QObject
+    of the main thread, so that the task's signals reach it there (queued)."""
 
     def __init__(self, dock: Any) -> None:
         super().__init__(dock)
