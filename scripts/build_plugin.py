@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the installable QGIS plugin zip: dist/earthdial_qgis.zip holding earthdial_qgis/.
 
-The zip has every .py (and the icon) of qgis_plugin/earthdial_qgis/ and its subpackages (not a local
+The zip has every .py (and the icon and help page) of qgis_plugin/earthdial_qgis/ and its subpackages (not a local
 vendor/ folder of installed dependencies) plus the top-level metadata.txt, and the contract shared with
 the backend: wire.py, client.py, protocol.py and result_features.py are written once, in backend/earthdial/, and copied into
 the plugin from there (the repository holds no copy and no symlink; `--sync` copies them into
@@ -28,7 +28,7 @@ SHARED = (
     "protocol.py",
     "result_features.py",
 )  # the backend's modules the plugin runs as they are
-SUFFIXES = {".py", ".svg", ".png"}
+SUFFIXES = {".py", ".svg", ".png", ".html"}  # .html: the help page the panel's Help opens
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
 
 

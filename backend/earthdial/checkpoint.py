@@ -215,6 +215,12 @@ def adds_bos(directory: str | Path, tokenizer: Any) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
+# The tasks the built-in demo model was trained on (training.data's mix: refer and absent-class refer,
+# grounding, change, and "describe": caption, classify, identify; docs/demo-model.md); any other task's
+# answers from it are noise, so `status` lists these for a demo model (model.trained_tasks).
+DEMO_TASKS = ("refer", "grounding", "caption", "classify", "identify", "change")
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str

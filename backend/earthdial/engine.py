@@ -245,6 +245,7 @@ class Engine:
             "max_tiles": self.max_tiles,
             "parameters": self.info.num_parameters,
             "demo": self.info.demo,
+            "trained_tasks": list(checkpoint.DEMO_TASKS) if self.info.demo else None,  # None: all of them
             "adapter": self.adapter,
             "quantize": self.quantization["mode"],
             "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),

@@ -431,3 +431,17 @@ def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:
     two images are asked about."""
     for tile in tiles:
         yield scenes.Tile(tile.index, tile.window, tile.chips[1:])
+
+
+def describe(width: int, height: int, gsd_m: float | None, options: requests.Options,
+             image_size: int | None, images: int = 1) -> dict[str, Any]:  # fmt: skip
+    """What a scan of a width x height px region (at the layer's resolution, `gsd_m` its GSD) with
+    `options` would run, for `plan`: its tiles and batches (checked against the scan budget as the scan
+    is; a change scan of `images` layers runs them for each of its pairs) and the GSD the model sees each
+    tile at (a tile is resized to the model's `image_size`)."""
+    tile, overlap, batch = options.tile_size, options.overlap, options.batch
+    limits.check_scan(width, height, tile, overlap)
+    tiles = len(scenes.plan_tiles(width, height, tile, overlap)) * max(1, images - 1)
+    side = max(min(tile, width), min(tile, height))  # a tile is cut to a region smaller than it
+    return {"tiles": tiles, "batches": -(-tiles // batch), "tile_size": tile, "overlap": overlap, "batch": batch,
+            "model_gsd_m": gsd_m * side / image_size if gsd_m and image_size else None}  # fmt: skip

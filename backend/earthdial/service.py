@@ -317,6 +317,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
     spec = prompts.task(name)
     prompt = requests.prompt(header)
     options = requests.options(header)
+    # `scan`: the plan of a `detect`/`detect_changes` with these options (tile_size, overlap, batch) over
+    # the same area, read at the layer's own resolution (a by-value source's `shape` is its full grid)
+    scanning = requests.field(header, "scan", dict, required=False)
     sources = _source_list(header)
     needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
     if needed != len(arrays):
@@ -344,7 +347,9 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
             )
         bounds = requests.field(first, "bounds", list, required=False)
         chip = imagery.plan_chip(path, bands, tuple(bounds) if bounds else None,
-                                 requests.field(first, "crs", str, required=False), MAX_CHIP_SIZE, gsd)  # fmt: skip
+                                 requests.field(first, "crs", str, required=False),
+                                 None if scanning is not None else MAX_CHIP_SIZE,
+                                 None if scanning is not None else gsd)  # fmt: skip
     else:
         array = arrays[0]
         shape = requests.field(first, "shape", list, required=False)
@@ -371,11 +376,22 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
     )
     tiles = None
     model = None
+    model_gsd_m = None
     if engine is not None:
         _check_model(engine, question, tag)
         per_image = _tiles_for(engine, width, height, tag, name, len(sources))
         tiles = per_image * len(sources)
         model = {"variant": engine.info.variant, "path": engine.info.path}
+        view_w, view_h = _model_view(engine, width, height, tag, name, len(sources))
+        model_gsd_m = gsd_m * max(width / view_w, height / view_h) if gsd_m else None
+    scan_plan = None
+    if scanning is not None:
+        from . import scan  # scan imports this module
+
+        image_size = engine.info.image_size if engine is not None else None
+        scan_plan = scan.describe(
+            width, height, gsd_m, requests.options({"options": scanning}), image_size, len(sources)
+        )
     return {
         "plan": {
             "task": name,
@@ -388,6 +404,8 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
             "height": int(height),
             "images": len(sources),
             "tiles": tiles,
+            "model_gsd_m": model_gsd_m,
+            "scan": scan_plan,
             "by": "value" if first["kind"] == "value" else "reference",
             "warnings": warnings,
             "model": model,
@@ -395,20 +413,35 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
     }
 
 
-def _tiles_for(
+def _grid_for(
     engine: Engine, width: int, height: int, tag: str, task: str | None = None, images: int = 1
-) -> int:
-    """Model tiles one image of this size gets: one for the band-group path, InternVL's dynamic grid
-    (plus the thumbnail) for RGB within each image's share of the budget; the same choice
+) -> tuple[int, int]:
+    """(columns, rows) of model tiles one image of this size is resized to: one for the band-group path,
+    InternVL's dynamic grid for RGB within each image's share of the budget; the same choice
     `engine.image` makes."""
     from . import pixels
 
     if sensors.pixel_path(tag, task) != "rgb":
-        return 1
+        return 1, 1
     size = engine.info.image_size
-    cols, rows = pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
+    return pixels.choose_grid(width, height, size, engine.info.min_tiles, engine.tile_budget(images))
+
+
+def _tiles_for(
+    engine: Engine, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+) -> int:
+    """Model tiles one image of this size gets: its grid (`_grid_for`), plus the thumbnail."""
+    cols, rows = _grid_for(engine, width, height, tag, task, images)
     n = cols * rows
     return n + 1 if engine.info.use_thumbnail and n > 1 else n
+
+
+def _model_view(
+    engine: Engine, width: int, height: int, tag: str, task: str | None = None, images: int = 1
+) -> tuple[int, int]:
+    """The (width, height) in pixels the model sees a window of width x height at: its tile grid."""
+    cols, rows = _grid_for(engine, width, height, tag, task, images)
+    return cols * engine.info.image_size, rows * engine.info.image_size
 
 
 def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
@@ -458,21 +491,15 @@ def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
     return reply
 
 
-def model_gsd(engine: Engine, chip: imagery.Chip | imagery.ChipPlan, tag: str, task: str | None, images: int = 1) -> float | None:  # fmt: skip
-    """Ground metres per pixel of the image the model sees: the chip resized onto its model tiles (the
-    dynamic grid for RGB, one tile for the band-group path)."""
-    from . import pixels
-
+def model_gsd(
+    engine: Engine, chip: imagery.Chip, tag: str, task: str | None, images: int = 1
+) -> float | None:
+    """Ground metres per pixel of the image the model sees: the chip resized onto its model tiles."""
     gsd = imagery.ground_resolution(chip.transform, chip.crs, chip.width / 2, chip.height / 2)
     if not gsd:
         return None
-    size = engine.info.image_size
-    cols, rows = 1, 1
-    if sensors.pixel_path(tag, task) == "rgb":
-        cols, rows = pixels.choose_grid(
-            chip.width, chip.height, size, engine.info.min_tiles, engine.tile_budget(images)
-        )
-    return float(gsd * ((chip.width / (size * cols)) * (chip.height / (size * rows))) ** 0.5)
+    view_w, view_h = _model_view(engine, chip.width, chip.height, tag, task, images)
+    return float(gsd * ((chip.width / view_w) * (chip.height / view_h)) ** 0.5)
 
 
 def request_record(job: Job) -> str:

@@ -7,6 +7,7 @@ files (`--allow-dir` each, plus any the extra arguments name); other layers go b
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from typing import Any
 
@@ -64,6 +65,23 @@ def layer_folders() -> list[str]:
         if folder and os.path.isdir(folder) and folder not in folders:
             folders.append(folder)
     return folders
+
+
+# what an error looks like in its output: a traceback's last line, the CLI's own error line, the kernel's word
+_CAUSE = re.compile(r"^(\w+(Error|Exception)\b|earthdial serve: |Killed|Segmentation fault)|out of memory")
+
+
+def exit_cause(code: int, crashed: bool, output: list[str], tr: Any = str) -> str:
+    """Why the backend ended, in a few words: killed (a signal has no exit code) or its exit code, and the
+    last error it wrote, if any. Lines from before it served (its start-up banner) are no cause."""
+    start = max((i + 1 for i, line in enumerate(output) if line.startswith(READY_LINE)), default=0)
+    said = [line.strip() for line in output[start:] if _CAUSE.search(line.strip())]
+    how = (
+        tr("it was killed or crashed (no exit code: out of memory, or killed by another program?)")
+        if crashed
+        else tr("exit code {code}").format(code=code)
+    )
+    return f"{how}; it said: {said[-1]}" if said else how
 
 
 class LocalBackend(QtCore.QObject):
@@ -166,16 +184,17 @@ class LocalBackend(QtCore.QObject):
             if line.startswith(READY_LINE) and self.state == STARTING:
                 self._set_state(RUNNING)
 
-    def _finished(self, code: int, _status: Any = None) -> None:
+    def _finished(self, code: int, status: Any = None) -> None:
         self._read_output()
+        crashed = status == QtCore.QProcess.ExitStatus.CrashExit
         if self._stopping or self.state == STOPPED:
             pass  # stop() says so
-        elif code == 0:  # it ended by itself without an error, e.g. stopped from a terminal
+        elif code == 0 and not crashed:  # it ended by itself without an error, e.g. stopped from a terminal
             self.last_exit = self.tr("The local backend stopped (exit code 0).")
             log.info(self.last_exit)
         else:
-            self.last_error = self.tr("The backend exited with code {code}: {tail}").format(
-                code=code, tail=" / ".join(self.output[-3:])
+            self.last_error = self.tr("The local backend stopped: {cause}.").format(
+                cause=exit_cause(code, crashed, self.output, self.tr)
             )
             log.error(self.last_error)
         self._set_state(STOPPED)

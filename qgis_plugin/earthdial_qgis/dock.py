@@ -6,6 +6,7 @@ widget only reacts to their results, on the main thread."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime
 from typing import Any
@@ -27,12 +28,14 @@ from .dock_ui import GEOREF, DockLayout
 from .errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
 from .layers import add_result_layer, is_in_memory, result_name, unique_layer_name
 from .maptools import RectangleMapTool, RegionMapTool
+from .notices import drop_task_notice
 from .presets import AUTO, bands_for, presets
 from .protocol import EarthDialError, ErrorCode
 from .qt import QtCore, QtWidgets
 from .results import ResultActions
 from .scan_task import DockScan
-from .sources import area_in_layer_crs, displayed_bands, plan_source
+from .scanning import WEB_SCAN_SIZE
+from .sources import MAX_VALUE_SIZE, area_in_layer_crs, displayed_bands, native_resolution, plan_source
 from .task import RequestTask
 from .watch import StatusWatcher
 
@@ -42,9 +45,13 @@ SETTING_LAST_TASKS = "EarthDial/last_tasks"  # the tasks the last backend's stat
 DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
 STATUS_TIMEOUT_S = 3.0
 PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
+LOSS_WAIT_MS = 1500  # a dropped connection: how long to wait for the local backend's exit to show
+# a one-window Send the model would see this many times coarser than the layer: the panel offers a scan
+SHRINK_WARN = 4.0
 PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
-HELP_URL = "https://example.org/earthdial-qgis#the-qgis-plugin"  # the README's plugin section
+HELP_PAGE = os.path.join(os.path.dirname(__file__), "help", "index.html")  # ships in the plugin's zip
 CHAT = "chat"
+FIRST_TASK = "refer"  # on first open: find objects by name, the panel's most common use (a backend task)
 REGION_TASK, REGION_PAIR_TASK = "identify", "damage"
 
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S+$")
@@ -74,12 +81,16 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.last_preview: Any = None  # QImage of the last chip preview
         self.drawn: tuple[QgsRectangle, Any] | None = None  # the drawn rectangle and its CRS
         self._closed = False
+        self._reporting_loss = False  # a request's error is telling why the local backend ended
         self._running: set[RequestTask] = set()
         self._layer_signal: Any = None
         self._plan_task: RequestTask | None = None
         self.last_plan: dict[str, Any] | None = None  # the backend's summary of what a Send would send
         self.plan_error: EarthDialError | None = None
         self._plan_bands: list[int] | None = None  # the layer's bands a by-value request reads
+        self._plan_native = 0  # the long side, in the layer's pixels, of the area the plan is of
+        self._shrink_accepted = False  # the user chose one window over the scan offered
+        self.shrink_offer: Any = None  # the message offering the scan
         canvas = iface.mapCanvas()
         self.rectangle_tool = RectangleMapTool(canvas)
         self.rectangle_tool.rectangleDrawn.connect(self.set_drawn_area)
@@ -92,7 +103,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.status_watcher = StatusWatcher(self)
         self.status_watcher.answered.connect(self._watched)
         self._build_ui()
-        self.scan = DockScan(self)  # the tiled scan: its controls and logic live in scan_task.py
+        self.scan = DockScan(self)  # the tiled scan's logic lives in scan_task.py
         self._fill_tasks(_last_tasks())  # the last backend's, until this one answers
         self._follow_active_layer()
         self.local_backend.stateChanged.connect(self._backend_state_changed)
@@ -160,6 +171,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
     # -- tasks list -----------------------------------------------------------------------------------
     def _fill_tasks(self, tasks: list[dict[str, Any]]) -> None:
         current = self.task_combo.currentData()
+        if not self._tasks:  # nothing chosen yet but the import entry, all there was: a sensible first task
+            current = FIRST_TASK
         self._tasks = {str(t["name"]): dict(t) for t in tasks if t.get("name")}
         variant = ((self.status_reply or {}).get("model") or {}).get("variant")
         self.task_combo.blockSignals(True)
@@ -176,7 +189,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             self.task_combo.setItemData(index, tip, QtCore.Qt.ItemDataRole.ToolTipRole)
         self.task_combo.addItem(self.tr("Import answer (georef)"), GEOREF)
         index = self.task_combo.findData(current) if current else -1
-        self.task_combo.setCurrentIndex(max(index, 0))
+        self.task_combo.setCurrentIndex(max(index, 0))  # the backend's first task when it has not that one
         self.task_combo.blockSignals(False)
         self._task_changed()
 
@@ -195,11 +208,14 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _task_changed(self, *_: Any) -> None:
         name = self.task_combo.currentData()
+        if getattr(self, "scan", None) is not None:
+            self.scan.task_changed()
         pair = name != GEOREF and self.images_for(str(name)) > 1
         self.later_label.setVisible(pair)
         self.later_layers.setVisible(pair)
         self.layer_label.setText(self.tr("Before") if pair else self.tr("Layer"))
         if name == GEOREF:
+            self.model_note.setVisible(False)
             self.task_hint.setText(
                 self.tr(
                     "Paste an EarthDial answer from elsewhere (with <box> tags): its boxes are placed on the area."
@@ -209,6 +225,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             return
         info = self._tasks.get(str(name), {})
         self.task_hint.setText(info.get("description", ""))
+        self._show_model_note()
         if info.get("default_prompt"):
             placeholder = self.tr("Default: {prompt}").format(prompt=info["default_prompt"])
         elif info.get("needs_prompt", True):
@@ -216,6 +233,20 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         else:
             placeholder = self.tr("(no prompt needed)")
         self.prompt_edit.setPlaceholderText(placeholder)
+
+    def _show_model_note(self) -> None:
+        """A note when the loaded model was not trained for the chosen task (the demo model knows a few:
+        the backend's status lists them); its answers to it would be noise."""
+        model = (self.status_reply or {}).get("model") or {}
+        trained = model.get("trained_tasks")
+        name = str(self.task_combo.currentData())
+        untrained = isinstance(trained, list) and name != GEOREF and name not in trained
+        if untrained:
+            self.model_note.setText(self.tr(
+                "The loaded model is the built-in demo model, which was not trained for {task}: its answers "
+                "will be noise. It was trained for {tasks}; load EarthDial's weights (Settings…) for the rest."
+            ).format(task=name, tasks=", ".join(str(t) for t in trained)))  # fmt: skip
+        self.model_note.setVisible(untrained)
 
     # -- backend status and the local backend ---------------------------------------------------------
     @property
@@ -248,6 +279,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _status_done(self, task: RequestTask) -> None:
         self._running.discard(task)
+        if not self._closed and not sip.isdeleted(self):
+            self._task_ended(task.description())
         if self._closed or sip.isdeleted(self) or task is not self._status_task:
             return  # closed, or an older check answering after a newer one started
         self._status_task = None
@@ -283,6 +316,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         else:
             text = self.tr("Connected: no model loaded (only answers can be imported)")
         self.status_label.setText(text)
+        self._show_model_note()
         if not fresh:
             return
         tasks = reply.get("tasks")
@@ -354,7 +388,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             self.refresh_status()
         elif self.local_backend.last_error:  # a crash or a failed start
             self.status_label.setText(self.local_backend.last_error)
-            self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
+            if self._task is None and not self._reporting_loss:  # else the request's message tells it
+                self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
         elif state == STOPPED and self.local_backend.last_exit:  # stopped as asked: news, not an error
             self.status_label.setText(self.local_backend.last_exit)
             self._message(self.local_backend.last_exit, Qgis.MessageLevel.Info, 4)
@@ -369,10 +404,13 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
         return report(self.endpoint, self.status_reply, self.status_error, self.local_backend)
 
-    def open_help(self) -> None:
+    def open_help(self) -> QtCore.QUrl:
+        """The plugin's own help page, in the desktop's browser (it needs no network)."""
         from .qt import QtGui
 
-        QtGui.QDesktopServices.openUrl(QtCore.QUrl(HELP_URL))
+        url = QtCore.QUrl.fromLocalFile(HELP_PAGE)
+        QtGui.QDesktopServices.openUrl(url)
+        return url
 
     def open_diagnostics(self) -> Any:
         from .diagnostics import DiagnosticsDialog
@@ -466,6 +504,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             if self.scan.wanted():
                 self.scan.start()
                 return
+            if self._shrinks(self.last_plan) and not self._shrink_accepted:
+                self._offer_scan(float(self.last_plan["shrink"]))  # type: ignore[index]
+                return
+            self._shrink_accepted = False
             task = self._make_request()
         except EarthDialError as exc:
             self._show_error(exc, self.endpoint)
@@ -474,6 +516,36 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._set_busy(True)
         self.result_label.setText(self.tr("Waiting for the backend…"))
         self._start(task)
+
+    def _offer_scan(self, factor: float) -> None:
+        """Not sent: the window would reach the model ``factor`` times coarser than the layer. A message
+        offers the scan, or the one window all the same."""
+        text = self.tr(
+            "Not sent: the model would see this area {factor:.0f}× coarser than the layer (small objects vanish)."
+        ).format(factor=factor)
+        self.result_label.setText(text)
+        bar = self.iface.messageBar()
+        item = bar.createMessage(self.tr("EarthDial"), text)
+        scan_button = QtWidgets.QPushButton(self.tr("Tiled scan"), item)
+        anyway_button = QtWidgets.QPushButton(self.tr("Send one window"), item)
+
+        def choose(scan: bool) -> None:
+            try:
+                bar.popWidget(item)
+            except RuntimeError:
+                pass
+            if scan:
+                self.scan.check.setChecked(True)
+            else:
+                self._shrink_accepted = True
+            self.send()
+
+        scan_button.clicked.connect(lambda: choose(True))
+        anyway_button.clicked.connect(lambda: choose(False))
+        item.layout().addWidget(scan_button)
+        item.layout().addWidget(anyway_button)
+        bar.pushWidget(item, Qgis.MessageLevel.Warning)
+        self.shrink_offer = item
 
     def _start(self, task: RequestTask) -> None:
         # Python keeps each task object until its result is handled, whatever replaced it in the
@@ -508,9 +580,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             options["gsd"] = float(self.gsd_spin.value())
         return bands, options
 
-    def _question(self) -> dict[str, Any]:
+    def _question(self, scan: bool = False) -> dict[str, Any]:
         """What the controls ask for: the layers, the area, the bands, the task, the prompt and the request
-        header, with each layer's source plan (release the plans when they are not sent)."""
+        header, with each layer's source plan (release the plans when they are not sent). For a ``scan``,
+        the plans are of the area at the layers' own resolution, as a scan reads them."""
         layer = self._first_layer()
         bands, options = self._bands()
         name = str(self.task_combo.currentData())
@@ -526,10 +599,18 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             for other in later:
                 _check_crs(other, self)
         area = self.current_area(layer)
-        plans = [plan_source(layer, area, bands)]
+
+        def size(lyr: QgsRasterLayer) -> int:
+            if not scan:
+                return MAX_VALUE_SIZE
+            return 10**9 if native_resolution(lyr) is not None else WEB_SCAN_SIZE
+
+        plans = [plan_source(layer, area, bands, size(layer))]
         try:
             for other in later:
-                plans.append(plan_source(other, area_in_layer_crs(area, layer.crs(), other), bands))
+                plans.append(
+                    plan_source(other, area_in_layer_crs(area, layer.crs(), other), bands, size(other))
+                )
         except EarthDialError:
             for plan in plans:  # provider clones go now, on this thread, not whenever Python collects them
                 plan.release()
@@ -542,7 +623,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
                 options["history"] = history.wire_history(turns)
             header = {"op": "ask", "task": name, "prompt": prompt, "options": options}
         return {"layer": layer, "later": later, "bands": bands, "name": name, "prompt": prompt,
-                "plans": plans, "header": header}  # fmt: skip
+                "plans": plans, "header": header, "area": area}  # fmt: skip
 
     def _make_request(self) -> RequestTask:
         endpoint = self.endpoint
@@ -594,13 +675,18 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if self.status_reply is None or not _ENDPOINT.match(self.endpoint):
             self._show_plan_text(self.tr("What will be sent is shown here once a backend answers."))
             return
+        scan = self.scan.wanted()
         try:
-            q = self._question()
+            q = self._question(scan)
         except EarthDialError as exc:
             self.last_plan, self.plan_error = None, exc
             self._show_plan_text(plain_message(exc, self.endpoint))
             return
         header = {**q["header"], "op": "plan"}
+        if scan:  # the scan's own options: a tile size, the band preset (it takes no GSD)
+            header["scan"] = {"tile_size": int(self.tile_spin.value())}
+            header["options"] = {k: v for k, v in header["options"].items() if k == "preset"}
+        self._plan_native = native_side(q["layer"], q["area"])
         first = q["plans"][0]
         self._plan_bands = first.bands if first.by_value else first.fallback.bands if first.fallback else None
         task = RequestTask(self.tr("EarthDial: what will be sent"), self.endpoint, header, q["plans"],
@@ -610,6 +696,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
     def _plan_done(self, task: RequestTask) -> None:
         self._running.discard(task)
+        if not self._closed and not sip.isdeleted(self):
+            self._task_ended(task.description())
         if self._closed or sip.isdeleted(self) or task is not self._plan_task:
             return  # closed, or a newer summary is on its way
         self._plan_task = None
@@ -624,8 +712,23 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             plan["by"] = "value"
         if plan.get("by") == "value" and self._plan_bands:
             plan["layer_bands"] = self._plan_bands  # the sent array's bands 1..n are these of the layer
+        if not plan.get("scan") and self._plan_native and plan.get("model_gsd_m") and plan.get("gsd_m"):
+            # how much coarser than the layer the model sees it: the read's shrink, then the model's
+            read = self._plan_native / max(int(plan.get("width") or 1), int(plan.get("height") or 1))
+            plan["shrink"] = read * float(plan["model_gsd_m"]) / float(plan["gsd_m"])
         self.last_plan, self.plan_error = plan, None
-        self._show_plan_text(plan_summary(plan, self.tr))
+        text = plan_summary(plan, self.tr)
+        if self._shrinks(plan):
+            text += "\n" + self.tr(
+                "Warning: the model sees this window {factor:.0f}× coarser than the layer: small objects vanish. "
+                "Choose Tiled scan to look at every part at the layer's resolution."
+            ).format(factor=plan["shrink"])
+        self._show_plan_text(text)
+
+    def _shrinks(self, plan: dict[str, Any] | None) -> bool:
+        """Whether a one-window Send would show the model the layer much coarser than it is, where a scan
+        could look at it whole."""
+        return bool(plan) and float((plan or {}).get("shrink") or 0) > SHRINK_WARN and self.scan.possible()
 
     def _show_plan_text(self, text: str, error: bool = False) -> None:
         self.plan_label.setText(text)
@@ -635,6 +738,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._running.discard(task)
         if self._closed or sip.isdeleted(self):
             return
+        self._task_ended(task.description())
         self._task = None
         self._set_busy(False)
         if task.error is not None or task.reply is None:
@@ -692,19 +796,43 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
     def _message(self, text: str, level: Any, duration: int = 8) -> None:
         self.iface.messageBar().pushMessage(self.tr("EarthDial"), text, level=level, duration=duration)
 
-    def _show_error(self, error: EarthDialError, endpoint: str) -> None:
+    def _show_error(self, error: EarthDialError, endpoint: str, note: str = "") -> None:
+        """One message for how a request ended: the error in plain words (for a local backend that died
+        under it, why it died), plus ``note`` (what was kept)."""
         self.last_error = error
-        text = plain_message(error, endpoint)
+        text = self._lost_backend(error) or plain_message(error, endpoint)
         self.answer_view.setPlainText(text)
-        self.result_label.setText("")
+        self.result_label.setText(note)
         self.tabs.setCurrentIndex(0)
         cancelled = error.code == ErrorCode.CANCELLED
         if cancelled:
-            self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
+            if not note:
+                self.result_label.setText(self.tr("Cancelled: the backend stopped working on it."))
             log.info(text)
         else:
             log.error(f"{error.code}: {error.message}")
-        self._message(text, Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)
+        self._message(text + (" " + note if note else ""),
+                      Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)  # fmt: skip
+
+    def _lost_backend(self, error: EarthDialError) -> str:
+        """For a request cut off because the panel's local backend ended: that, and why it ended."""
+        if error.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
+            return ""
+        backend = self.local_backend
+        process = backend.process
+        if error.code == ErrorCode.DISCONNECTED and backend.state == RUNNING and process is not None:
+            self._reporting_loss = True  # its exit, seen now, is told here rather than in a second message
+            try:
+                process.waitForFinished(LOSS_WAIT_MS)  # a dropped connection: did the process end?
+            finally:
+                self._reporting_loss = False
+        if backend.state != STOPPED or not backend.last_error:
+            return ""
+        return self.tr("The request was cut off. {why}").format(why=backend.last_error)
+
+    def _task_ended(self, description: str) -> None:
+        """QGIS's own "Task failed/complete" notice of a panel request is dropped: the panel says it."""
+        drop_task_notice(self.iface.messageBar(), description)
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.setEnabled(not busy)
@@ -769,22 +897,55 @@ def _basename(path: str) -> str:
     return str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
 
 
+def native_side(layer: QgsRasterLayer, area: QgsRectangle) -> int:
+    """The long side of ``area`` in ``layer``'s own pixels (0 for a layer without a pixel grid: WMS, XYZ)."""
+    resolution = native_resolution(layer)
+    if resolution is None or min(resolution) <= 0:
+        return 0
+    return round(max(area.width() / resolution[0], area.height() / resolution[1]))
+
+
 def plan_summary(plan: dict[str, Any], tr: Any) -> str:
-    """The backend's `plan` in a few words: the window, how it travels, the bands and preset, the sensor
-    tag, the ground resolution and the model tiles; then its warnings."""
+    """The backend's `plan` in a few words: for a scan its tiles, batches and the GSD the model sees each
+    tile at; for one window its size and the GSD the model sees it at; how it travels, the bands and
+    preset, the sensor tag; then its warnings."""
     bands = plan.get("layer_bands") or plan.get("bands") or []
     how = tr("by value") if plan.get("by") == "value" else tr("by reference")
-    parts = [
-        tr("{w} × {h} px {how}").format(w=plan.get("width", "?"), h=plan.get("height", "?"), how=how),
+    scan = plan.get("scan") or {}
+
+    def gsd(value: Any) -> str:
+        return tr("{gsd:.3g} m").format(gsd=float(value)) if value else "?"
+
+    if scan:
+        parts = [
+            tr(
+                "a tiled scan of {w} × {h} px {how}: {tiles} tiles of {tile} px in {batches} batch(es)"
+            ).format(
+                w=plan.get("width", "?"),
+                h=plan.get("height", "?"),
+                how=how,
+                tiles=scan.get("tiles"),
+                tile=scan.get("tile_size"),
+                batches=scan.get("batches"),
+            ),  # fmt: skip
+            tr("the model sees each tile at GSD {model} (the layer's {gsd})").format(
+                model=gsd(scan.get("model_gsd_m")), gsd=gsd(plan.get("gsd_m"))
+            ),
+        ]
+    else:
+        parts = [tr("one window of {w} × {h} px {how}").format(w=plan.get("width", "?"), h=plan.get("height", "?"),
+                                                              how=how)]  # fmt: skip
+        if plan.get("model_gsd_m"):
+            parts.append(tr("the model sees it at GSD {model} in {n} model tile(s)").format(
+                model=gsd(plan.get("model_gsd_m")), n=plan.get("tiles")))  # fmt: skip
+        elif plan.get("gsd_m"):
+            parts.append(tr("GSD {gsd}").format(gsd=gsd(plan.get("gsd_m"))))
+    parts += [
         tr("bands {bands}").format(bands=",".join(str(b) for b in bands)),
         tr("preset {preset} ({reason})").format(preset=plan.get("preset"), reason=plan.get("reason", "")),
         tr("sensor {sensor}").format(sensor=plan.get("sensor")),
     ]
-    if plan.get("gsd_m"):
-        parts.append(tr("GSD {gsd:.3g} m").format(gsd=float(plan["gsd_m"])))
-    if plan.get("tiles"):
-        parts.append(tr("{n} model tile(s)").format(n=plan["tiles"]))
-    text = tr("Will send: ") + "; ".join(parts) + "."
+    text = tr("Will send ") + "; ".join(parts) + "."
     for warning in plan.get("warnings") or []:
         text += "\n" + tr("Warning: ") + str(warning)
     return text

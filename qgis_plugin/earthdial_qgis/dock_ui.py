@@ -58,6 +58,8 @@ class DockLayout:
         self.preset_combo.currentIndexChanged.connect(self.schedule_plan)
         self.bands_edit.textChanged.connect(self.schedule_plan)
         self.gsd_spin.valueChanged.connect(self.schedule_plan)
+        self.scan_radio.toggled.connect(self.schedule_plan)
+        self.tile_spin.valueChanged.connect(self.schedule_plan)
         for combo in self.later_layers.combos:
             combo.layerChanged.connect(self.schedule_plan)
 
@@ -96,7 +98,7 @@ class DockLayout:
         )
         self.diagnostics_button.clicked.connect(self.open_diagnostics)
         self.help_button = QtWidgets.QPushButton(self.tr("Help"))
-        self.help_button.setToolTip(self.tr("Open the plugin's documentation (the README's plugin section)"))
+        self.help_button.setToolTip(self.tr("Open the plugin's help page (it ships with the plugin)"))
         self.help_button.clicked.connect(self.open_help)
         # full rows under the form, three buttons a row at most: nothing is clipped in a 300 px dock
         buttons = QtWidgets.QGridLayout()
@@ -125,6 +127,13 @@ class DockLayout:
         self.task_hint = plain_label()
         self.task_hint.setToolTip(self.tr("What the task does and what its prompt takes"))
         form.addRow("", self.task_hint)
+        self.model_note = plain_label()
+        self.model_note.setStyleSheet("color: #b35900;")
+        self.model_note.setToolTip(
+            self.tr("What the loaded model was trained for, as the backend reports it")
+        )
+        self.model_note.setVisible(False)
+        form.addRow("", self.model_note)
 
         self.layer_label = QtWidgets.QLabel(self.tr("Layer"))
         self.layer_combo = raster_combo()
@@ -159,6 +168,7 @@ class DockLayout:
         row.addWidget(self.area_combo, 1)
         row.addWidget(self.draw_button)
         form.addRow(self.tr("Area"), row)
+        form.addRow(self.tr("Send as"), self._mode_row())
 
         self.preset_combo = QtWidgets.QComboBox()
         narrow_combo(self.preset_combo, 6)
@@ -197,6 +207,36 @@ class DockLayout:
         )  # fmt: skip
         form.addRow(self.tr("Sends"), self.plan_label)
         return box
+
+    def _mode_row(self) -> QtWidgets.QGridLayout:
+        """The first choice about the area: one window (read at most 2 048 px and resized to the model's
+        input) or a tiled scan (every tile at the model's input size, boxes merged)."""
+        self.window_radio = QtWidgets.QRadioButton(self.tr("One window"))
+        self.window_radio.setToolTip(
+            self.tr("The whole area as one picture: quick, but a large area is shrunk to the model's input")
+        )
+        self.scan_radio = QtWidgets.QRadioButton(self.tr("Tiled scan"))
+        self.scan_radio.setToolTip(self.tr(
+            "Find objects (refer, grounding) or changes (change) over the whole area, tile by tile at the "
+            "layer's resolution: boxes appear as tiles finish and are merged at the end"))  # fmt: skip
+        self.mode_group = QtWidgets.QButtonGroup(self)
+        self.mode_group.addButton(self.window_radio)
+        self.mode_group.addButton(self.scan_radio)
+        self.window_radio.setChecked(True)
+        self.tile_spin = QtWidgets.QSpinBox()
+        self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
+        self.tile_spin.setValue(448)
+        self.tile_spin.setSuffix(self.tr(" px"))
+        self.tile_spin.setToolTip(
+            self.tr("Tile size in layer pixels (each tile is resized to the model's input)")
+        )
+        self.tile_spin.setEnabled(False)
+        self.scan_radio.toggled.connect(self.tile_spin.setEnabled)
+        rows = QtWidgets.QGridLayout()  # one above the other: whole in a 300 px dock
+        rows.addWidget(self.window_radio, 0, 0, 1, 2)
+        rows.addWidget(self.scan_radio, 1, 0)
+        rows.addWidget(self.tile_spin, 1, 1)
+        return rows
 
     def _request_buttons(self) -> QtWidgets.QHBoxLayout:
         self.region_button = QtWidgets.QPushButton(self.tr("Ask about a region"))

@@ -70,9 +70,9 @@ def _templates() -> dict[str, str]:
         ),
         ErrorCode.DISK_FULL: tr("Nothing was written: the disk is full ({message})."),
         ErrorCode.READ_ONLY: tr("Nothing was written: the folder or file is read-only ({message})."),
-        ErrorCode.DISCONNECTED: tr(
-            "The connection to the EarthDial backend at {endpoint} dropped before the answer came "
-            "(was it stopped or restarted?): {message}"
+        ErrorCode.DISCONNECTED: tr(  # the client's message says the same again: not repeated
+            "The connection to the EarthDial backend at {endpoint} dropped before the answer came (was it "
+            "stopped or restarted?); send the request again once it runs."
         ),
         BACKEND_SLOW: tr(
             "The EarthDial backend at {endpoint} is running but did not answer in time: {message}"

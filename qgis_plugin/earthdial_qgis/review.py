@@ -4,7 +4,8 @@ Analysts edit result layers with QGIS's own tools; this module only keeps the ``
 
 * a box whose geometry is edited becomes ``corrected`` (unless it was drawn by the analyst: ``added``);
 * a box drawn on the layer becomes ``added`` and gets the layer's ``request`` (the window, the source and
-  the prompt, which export needs to read the chip again) and, on a referring layer, the prompt as label;
+  the prompt, which export needs to read the chip again) and, unless it has one, the label the model gave
+  most often on the layer (on a referring layer without boxes, the prompt);
 * the "Accept selected boxes" / "Reject selected boxes" actions mark the active layer's selection
   (through the edit buffer when the layer is being edited, else saved at once).
 
@@ -15,6 +16,7 @@ pixels came from (when the layer is one), so the backend records it in the reque
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from qgis.core import QgsProject, QgsVectorLayer
@@ -46,6 +48,32 @@ def layer_request(layer: QgsVectorLayer) -> str:
         if value:
             return str(value)
     return ""
+
+
+def common_label(layer: QgsVectorLayer, skip: int | None = None) -> str:
+    """The label the model gave most often on ``layer`` (boxes the analyst added do not count): what a
+    box drawn on it most likely shows, e.g. "ship" where the prompt was "ships"."""
+    label_idx, review_idx = layer.fields().indexOf(LABEL), layer.fields().indexOf(REVIEW)
+    if label_idx < 0:
+        return ""
+    counts: Counter[str] = Counter()
+    for feature in layer.getFeatures():
+        value = feature.attribute(label_idx)
+        if feature.id() == skip or not value or str(value) == "NULL":
+            continue
+        if review_idx >= 0 and feature.attribute(review_idx) == ADDED:
+            continue
+        counts[str(value)] += 1
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def _referred(request: str) -> str:
+    """A referring request's prompt (the label when the layer has no box of the model's to go by)."""
+    try:
+        asked = json.loads(request) if request else {}
+    except ValueError:
+        return ""
+    return str(asked.get("prompt") or "") if isinstance(asked, dict) and asked.get("task") == "refer" else ""
 
 
 def mark(layer: QgsVectorLayer, verdict: str, fids: list[int] | None = None) -> int:
@@ -106,17 +134,13 @@ class Watcher(QtCore.QObject):
         feature = layer.getFeature(fid)
         if not feature.attribute(REVIEW):
             self._set(layer, fid, REVIEW, ADDED)
-        if not feature.attribute(REQUEST):
-            request = layer_request(layer)
-            if request:
-                self._set(layer, fid, REQUEST, request)
-                if not feature.attribute(LABEL):
-                    try:
-                        asked = json.loads(request)
-                    except ValueError:
-                        asked = {}
-                    if asked.get("task") == "refer" and asked.get("prompt"):
-                        self._set(layer, fid, LABEL, str(asked["prompt"]))
+        request = "" if feature.attribute(REQUEST) else layer_request(layer)
+        if request:
+            self._set(layer, fid, REQUEST, request)
+        if not feature.attribute(LABEL):
+            label = common_label(layer, fid) or _referred(str(feature.attribute(REQUEST) or "") or request)
+            if label:
+                self._set(layer, fid, LABEL, label)
 
     def _edited(self, layer: QgsVectorLayer, fid: int) -> None:
         if self._busy:

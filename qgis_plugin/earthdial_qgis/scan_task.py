@@ -37,10 +37,15 @@ class ScanTask(QgsTask):
         self.timeout_s, self.on_done = timeout_s, on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
+        # tiles finished and planned, whichever Scan (by reference or streamed) ran
+        self.done = self.total = 0
 
     def run(self) -> bool:
         def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "plan":
+                self.total = int(event.get("total") or 0)
             if event.get("event") == "progress":
+                self.done, self.total = int(event["done"]), int(event["total"])
                 self.setProgress(100.0 * event["done"] / max(event["total"], 1))
                 if event.get("features"):
                     self.boxes.emit(list(event["features"]))
@@ -73,38 +78,36 @@ class ScanTask(QgsTask):
 
 
 class DockScan(QtCore.QObject):
-    """The dock's scan controls (a checkbox and a progress bar beside the Send button) and their logic.
-    A QObject of the main thread, so that the task's signals reach it there (queued)."""
+    """The dock's scan (the panel's "Tiled scan" choice; a progress bar below Send) and its logic. A QObject
+    of the main thread, so that the task's signals reach it there (queued)."""
 
     def __init__(self, dock: Any) -> None:
         super().__init__(dock)
         self.dock = dock
-        self.check = QtWidgets.QCheckBox(dock.tr("Tiled scan"))
-        self.check.setToolTip(dock.tr("Find objects (refer, grounding) or changes (change) over the whole area, "
-                                      "tile by tile: boxes appear as tiles finish and are merged at the end"))  # fmt: skip
-        self.tile_spin = QtWidgets.QSpinBox()
-        self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
-        self.tile_spin.setValue(448)
-        self.tile_spin.setSuffix(dock.tr(" px"))
-        self.tile_spin.setToolTip(
-            dock.tr("Tile size in layer pixels (each tile is resized to the model's input)")
-        )
+        self.check = dock.scan_radio  # the panel's "Tiled scan" choice (dock_ui), beside the area
+        self.tile_spin = dock.tile_spin
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setVisible(False)
-        rows = dock.request_rows  # the dock's button grid: the scan takes the rows below its buttons
-        at = rows.rowCount()
-        rows.addWidget(self.check, at, 0)
-        rows.addWidget(self.tile_spin, at, 1)
-        rows.addWidget(self.progress, at + 1, 0, 1, 2)
+        rows = dock.request_rows  # the dock's button grid: the progress bar takes the row below its buttons
+        rows.addWidget(self.progress, rows.rowCount(), 0, 1, 2)
         self.task: ScanTask | None = None
         self.live: Any = None  # the result layer boxes are added to as tiles finish
         self.tiles_layer: Any = None
         self.pending: dict[str, Any] = {}
 
     def wanted(self) -> bool:
+        return self.check.isChecked() and self.possible()
+
+    def possible(self) -> bool:
         name = str(self.dock.task_combo.currentData())
-        return self.check.isChecked() and (name in SCAN_TASKS or name == CHANGE_TASK)
+        return name in SCAN_TASKS or name == CHANGE_TASK
+
+    def task_changed(self) -> None:
+        """A scan runs grounded one-image tasks and change: for any other the choice is one window."""
+        self.check.setEnabled(self.possible())
+        if not self.possible():
+            self.dock.window_radio.setChecked(True)
 
     def start(self) -> None:
         dock = self.dock
@@ -208,13 +211,20 @@ class DockScan(QtCore.QObject):
         self.task = None
         dock._set_busy(False)
         self.progress.setVisible(False)
+        dock._task_ended(task.description())
         if task.error is not None or task.reply is None:
+            note = ""
             if self.live is not None and not _deleted(self.live):  # what was found stays, marked unmerged
                 self.live.setName(
                     self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)"))
                 )
                 self._keep(self.live)
-            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint)
+                dock.last_layer = self.live  # Zoom and Save act on what the scan found so far
+                note = dock.tr("{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
+                               "in layer “{name}”.").format(done=task.done, total=task.total,
+                                                             n=self.live.featureCount(), name=self.live.name())  # fmt: skip
+            dock._set_result_buttons()
+            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint, note)
             return
         p, scan = self.pending, task.scan
         self._drop_live()
@@ -227,6 +237,7 @@ class DockScan(QtCore.QObject):
                 unique_layer_name(dock.tr("change tiles – {layer} ({time})").format(layer=p["names"], time=p["stamp"])),
                 group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
         dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
+        dock._set_result_buttons()
         text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
             tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found)
         )

@@ -18,7 +18,7 @@ from qgis.core import (
     QgsVectorLayerSimpleLabeling,
 )
 
-from .qt import QtGui
+from .qt import QtCore, QtGui
 
 # distinct, colour-blind-friendly outline colours (Okabe-Ito, then a few more)
 PALETTE = (
@@ -47,10 +47,14 @@ def _outline_symbol(colour: QtGui.QColor) -> QgsFillSymbol:
 def style_result_layer(layer: QgsVectorLayer, field: str = "label") -> None:
     """A categorized renderer on ``field`` (one outline colour per value) and the value as map label."""
     index = layer.fields().indexFromName(field)
-    values = sorted({str(v) for v in layer.uniqueValues(index)} if index >= 0 else set())
+    values = sorted({str(v) for v in layer.uniqueValues(index) if v is not None and str(v) != "NULL"}
+                    if index >= 0 else set())  # fmt: skip
     categories = [
-        QgsRendererCategory(value, _outline_symbol(colour_for(value)), value or "—") for value in values
+        QgsRendererCategory(value, _outline_symbol(colour_for(value)), value) for value in values if value
     ]
+    # The empty value is QGIS's "all other values": a box the analyst draws with a label of their own (or
+    # none) is drawn too, not left invisible for want of a category.
+    categories.append(QgsRendererCategory("", _outline_symbol(colour_for("")), _other_labels()))
     renderer = QgsCategorizedSymbolRenderer(field, categories)
     renderer.setSourceSymbol(_outline_symbol(colour_for("")))
     layer.setRenderer(renderer)
@@ -70,6 +74,10 @@ def style_result_layer(layer: QgsVectorLayer, field: str = "label") -> None:
     layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
     layer.setLabelsEnabled(True)
     layer.triggerRepaint()
+
+
+def _other_labels() -> str:
+    return QtCore.QCoreApplication.translate("EarthDial", "other labels")
 
 
 def result_group(name: str, project: QgsProject | None = None) -> QgsLayerTreeGroup:

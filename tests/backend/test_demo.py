@@ -294,6 +294,17 @@ def test_shipped_demo_is_small_and_says_it_is_the_demo(demo_engine) -> None:
     assert size <= 30 * 1024 * 1024
     d = demo_engine.describe()
     assert d["demo"] is True and d["image_size"] == 112 and d["tokens_per_tile"] == 16
+    assert d["trained_tasks"] == list(checkpoint.DEMO_TASKS)
+
+
+def test_the_demo_tasks_are_the_ones_its_training_mix_teaches() -> None:
+    """checkpoint.DEMO_TASKS (what `status` says the demo model knows) follows the training recipe."""
+    from earthdial.training import data
+
+    kinds = set(data.DEFAULT_MIX) | set(data.ABSENT_MIX)
+    taught = {"absent": {"refer"}, "describe": {"caption", "classify", "identify"}}
+    assert set(checkpoint.DEMO_TASKS) == set().union(*(taught.get(k, {k}) for k in kinds))
+    assert set(checkpoint.DEMO_TASKS) <= set(prompts.TASKS)
 
 
 @shipped

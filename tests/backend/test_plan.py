@@ -166,3 +166,34 @@ def _wait(condition, timeout_s: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_the_plan_of_a_scan_counts_the_tiles_the_scan_runs_and_the_gsd_each_is_seen_at(
+    tmp_path: Path, rgb_engine: Engine
+) -> None:
+    from earthdial import scan
+
+    path = tif(
+        tmp_path / "wide.tif", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8)
+    )
+    options = {"tile_size": 64, "overlap": 0.1, "batch": 4}
+    header = {"op": "detect", "task": "refer", "prompt": "ship", "source": source_by_reference(str(path)),
+              "options": {**options, "max_new_tokens": 2}}  # fmt: skip
+    planned = service.plan({**header, "op": "plan", "scan": options}, [], rgb_engine)["plan"]
+    events: list[dict] = []
+    work = scan.steps(header, rgb_engine, lambda name, **fields: events.append({"event": name, **fields}))
+    next(work)  # the plan event, then the first batch
+    work.close()
+    (event,) = [e for e in events if e["event"] == "plan"]
+    size = rgb_engine.info.image_size
+    assert planned["scan"]["tiles"] == event["total"] and planned["scan"]["batches"] == -(
+        -event["total"] // 4
+    )
+    assert (planned["width"], planned["height"]) == (300, 100)  # the region at the layer's own resolution
+    assert planned["gsd_m"] == pytest.approx(10.0)
+    assert planned["scan"]["model_gsd_m"] == pytest.approx(10.0 * 64 / size)
+    # one window: the model sees it at its tile grid's size, coarser than the data when that is smaller
+    window = service.plan({**header, "op": "plan", "task": "caption"}, [], rgb_engine)["plan"]
+    assert window["scan"] is None
+    cols, rows = service._grid_for(rgb_engine, 300, 100, window["sensor"], "caption")
+    assert window["model_gsd_m"] == pytest.approx(10.0 * max(300 / (cols * size), 100 / (rows * size)))

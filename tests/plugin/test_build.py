@@ -49,6 +49,7 @@ def test_build_plugin_zip(tmp_path) -> None:
         for module in modules:
             assert f"earthdial_qgis/{module}.py" in names, module
         assert not any("/vendor/" in n for n in names)
+        assert "earthdial_qgis/help/index.html" in names  # Help opens it: documentation without a network
         assert "hasProcessingProvider=yes" in zf.read("earthdial_qgis/metadata.txt").decode()
         assert all(n.startswith("earthdial_qgis/") and "__pycache__" not in n for n in names)
         metadata = zf.read("earthdial_qgis/metadata.txt").decode()

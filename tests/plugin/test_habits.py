@@ -5,6 +5,7 @@ panel fits a 300 px dock, and a missing qtpy is no warning."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -17,7 +18,9 @@ from qgis.PyQt.QtWidgets import QAbstractButton, QWidget
 import earthdial_qgis
 from conftest import running_backend
 from earthdial_qgis import diagnostics
-from earthdial_qgis.dock import GEOREF, HELP_URL
+from earthdial_qgis.dock import GEOREF
+
+PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
 
 
 def test_the_status_line_follows_a_backend_that_is_killed_and_restarted(make_dock, backend) -> None:
@@ -68,14 +71,16 @@ def controls(dock: Any) -> dict[str, QWidget]:
     return {name: w for name, w in vars(dock).items() if isinstance(w, QWidget) and w is not dock}
 
 
-def test_every_control_has_a_tooltip_and_help_opens_the_readme(make_dock) -> None:
+def test_every_control_has_a_tooltip_and_help_opens_the_plugins_own_page(make_dock) -> None:
     dock = make_dock()
     bare = [name for name, w in controls(dock).items() if not w.toolTip() and not name.endswith("_label")]
     assert bare == [], f"controls without a tooltip: {bare}"
-    assert HELP_URL.endswith("#the-qgis-plugin") and "## The QGIS plugin" in (ROOT / "README.md").read_text()
     with mock.patch("earthdial_qgis.qt.QtGui.QDesktopServices.openUrl") as opened:
         dock.help_button.click()
-    assert opened.call_args[0][0].toString() == HELP_URL
+    url = opened.call_args[0][0]
+    assert url.isLocalFile() and Path(url.toLocalFile()) == PLUGIN / "help" / "index.html"  # in the zip
+    page = Path(url.toLocalFile()).read_text(encoding="utf-8")
+    assert "Tiled scan" in page and "Sends" in page  # it documents the panel as it is
 
 
 def test_the_panel_fits_a_300_px_dock_without_clipped_buttons(make_dock) -> None:

@@ -88,7 +88,11 @@ def test_draw_send_inspect_save(make_dock, raster_layer, show_view, geotiff, qgi
     renderer = layer.renderer()
     assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "label"
     colours = {c.value(): c.symbol().symbolLayer(0).strokeColor().name() for c in renderer.categories()}
-    assert colours == {"harbour": colour_for("harbour").name(), "ship": colour_for("ship").name()}
+    assert colours == {
+        "harbour": colour_for("harbour").name(),
+        "ship": colour_for("ship").name(),
+        "": colour_for("").name(),
+    }  # fmt: skip  ("": QGIS's "all other values", for drawn boxes)
     assert layer.labelsEnabled() and layer.labeling().settings().fieldName == "label"
     node = QgsProject.instance().layerTreeRoot().findLayer(layer.id())
     group = node.parent()
