@@ -427,7 +427,7 @@ def chip_from_array(
         )
     if array.size == 0:
         raise EarthDialError(ErrorCode.BAD_ARRAY, f"pixels are empty: shape {array.shape}")
-    aff = _affine_from(transform)
+    aff = affine_from(transform)
     a, b, c, d, e, f = aff[:6]
     rows, cols = array.shape[1:]
     corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, cols) for y in (0, rows)]
@@ -438,7 +438,7 @@ def chip_from_array(
     if crs is None or crs == "":
         crs_text = ""
     else:
-        crs_text = crs_string(_parse_crs(crs, "pixels"))
+        crs_text = crs_string(parse_crs(crs, "pixels"))
     if nodata is not None:
         if not isinstance(nodata, numbers.Real) or isinstance(nodata, bool):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"nodata must be a number or None, got {nodata!r}")
@@ -486,7 +486,7 @@ def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]
     return indexes
 
 
-def _parse_crs(text: str, what: str) -> CRS:
+def parse_crs(text: str, what: str) -> CRS:
     access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
     try:
         return CRS.from_user_input(text)
@@ -509,7 +509,7 @@ def window_for(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
         return rasterio.windows.Window(0, 0, src.width, src.height)
     xs, ys = _densified_ring(bounds)
     if bounds_crs is not None and bounds_crs != "":
-        target = _parse_crs(bounds_crs, "bounds")
+        target = parse_crs(bounds_crs, "bounds")
         if src.crs is None:
             raise EarthDialError(
                 ErrorCode.BAD_CRS, f"bounds are in {bounds_crs} but {path} has no CRS to relate them to"
@@ -553,7 +553,7 @@ def _densified_ring(bounds: tuple[float, float, float, float]) -> tuple[list[flo
     return xs, ys
 
 
-def _affine_from(transform: Sequence[float] | Affine) -> Affine:
+def affine_from(transform: Sequence[float] | Affine) -> Affine:
     if isinstance(transform, Affine):
         values = list(transform[:6])
     else:

@@ -269,11 +269,11 @@ class _StreamGrid:
 def _stream_grid(source: dict[str, Any], options: requests.Options) -> _StreamGrid:
     width, height = field(source, "width", int), field(source, "height", int)
     count = field(source, "band_count", int)
-    transform = imagery._affine_from(field(source, "transform", list))
+    transform = imagery.affine_from(field(source, "transform", list))
     crs_in = field(source, "crs", str, required=False) or ""
     if not crs_in:
         raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
-    crs = imagery.crs_string(imagery._parse_crs(crs_in, "source"))
+    crs = imagery.crs_string(imagery.parse_crs(crs_in, "source"))
     dtype = field(source, "dtype", str, required=False) or "uint8"
     nodata = field(source, "nodata", (int, float), required=False)
     preset = presets.get(options.preset) if options.preset else presets.choose(count, dtype, [], None)[0]
