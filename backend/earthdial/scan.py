@@ -105,6 +105,7 @@ def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[
         jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
     emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs))
     found: list[dict[str, Any]] = []
+    footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
     done = len(options["skip"] & set(range(total)))
     for ask, tiles, offset in jobs:
         for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options["batch"],
@@ -125,8 +126,9 @@ def steps(header: dict[str, Any], engine: Any, emit: Emit, cancelled: Callable[[
             _emit_progress(emit, entries, done, total)
             if options["merge"]:
                 found += [f for a in progress.answers for f in a.features]
+                footprints.update({a.index: {"footprint": a.footprint} for a in progress.answers})
             yield
-    merged = scenes.finished(found) if options["merge"] else []
+    merged = scenes.finished(found, footprints) if options["merge"] else []
     for part in chunks(merged):
         emit("merged", features=part)
     elapsed = time.perf_counter() - started
