@@ -596,7 +596,7 @@ def _rectangle_around(parts: list[Any]) -> Any:
     from shapely.ops import unary_union
 
     union = unary_union(parts)
-    if all(abs(p.envelope.area - p.area) <= 1e-9 * max(p.area, 1e-300) for p in parts):
+    if all(p.envelope.area - p.area <= 1e-6 * p.area for p in parts):  # a turned box is 1e-3 or more larger
         return union.envelope
     return union.minimum_rotated_rectangle
 

@@ -53,6 +53,17 @@ def test_two_halves_of_one_ship_cut_by_a_seam_come_back_as_one_box_around_both()
     merged = scenes.finished(halves, tiles(TILE_0, TILE_1))
     assert [bounds(f) for f in merged] == [(358, 282, 488, 336)]
     assert merged[0]["properties"]["tile"] in (0, 1) and "edge_distance" not in merged[0]["properties"]
+    # on a map far from the origin (UTM metres) the joined box is still the axis-aligned one
+    far = [feature(0, 0, 358, 282, 426, 336), feature(1, 0, 425, 287, 488, 336)]
+    for f in far:
+        f["geometry"]["coordinates"] = [
+            [[x + 500_000, y + 4_000_000] for x, y in f["geometry"]["coordinates"][0]]
+        ]
+    far_tiles = {i: {"footprint": [[x + 500_000, y + 4_000_000] for x, y in ring(*b)]}
+                 for i, b in enumerate((TILE_0, TILE_1))}  # fmt: skip
+    (joined,) = scenes.finished(far, far_tiles)
+    assert bounds(joined) == (500_358, 4_000_282, 500_488, 4_000_336)
+    assert shape(joined["geometry"]).area == (488 - 358) * (336 - 282)
     # parts that stop a few pixels short of each other (within 2 % of a tile side) are joined too
     gap = [feature(0, 0, 340, 100, 423, 160), feature(1, 0, 428, 104, 500, 158)]
     assert [bounds(f) for f in scenes.finished(gap, tiles(TILE_0, TILE_1))] == [(340, 100, 500, 160)]
