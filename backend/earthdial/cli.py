@@ -491,7 +491,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     tiles = log.tiles if log is not None else tiles_seen
     from .result_features import with_tile_fields
 
-    merged = with_tile_fields(scenes.finished(features), tiles)
+    merged = with_tile_fields(scenes.finished(features, tiles), tiles)
     crs = reply.get("crs", "")
     print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
           f"{reply['timings']['total_s']:.1f} s; {len(features)} boxes, {len(merged)} after merging")  # fmt: skip

@@ -123,7 +123,7 @@ def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any
         return {"ok": False, "code": exc.code, "message": exc.message}
     except Exception as exc:  # a bug or a library failure on this scene: reported, the run goes on
         return {"ok": False, "code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
-    merged = result_features.with_tile_fields(scenes.finished(features), tiles)
+    merged = result_features.with_tile_fields(scenes.finished(features, tiles), tiles)
     return {"ok": True, "features": merged, "crs": reply["crs"], "tiles": reply["tiles"],
             "raw_boxes": len(features), "seconds": time.perf_counter() - started,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip

@@ -92,6 +92,7 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
     emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs),
          properties=jobs[0][0].properties)  # fmt: skip
     found: list[dict[str, Any]] = []
+    footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
     done = len(options.skip & set(range(total)))
     for ask, tiles, offset in jobs:
         for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch,
@@ -115,8 +116,9 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
             _emit_progress(emit, entries, done, total)
             if options.merge:
                 found += [f for a in progress.answers for f in a.features]
+                footprints.update({a.index: {"footprint": a.footprint} for a in progress.answers})
             yield
-    merged = scenes.finished(found) if options.merge else []
+    merged = scenes.finished(found, footprints) if options.merge else []
     for part in chunks(merged):
         emit("merged", features=part)
     elapsed = time.perf_counter() - started

@@ -17,7 +17,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,10 @@ MAX_BATCH = 64
 # streamed tiles of a later pair held before their turn (clients send 2 batches ahead)
 MAX_EARLY_TILES = 4 * MAX_BATCH
 IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
+IOS_THRESHOLD = 0.5  # ... and so are boxes of two tiles with this share of the smaller inside the other
+# parts of one object cut by a seam (merge_boxes): how far apart they may stop (share of a tile side), how
+# much their extents along the seam overlap (share of the shorter), how far off a tile beside may be
+SEAM_GAP, SEAM_ALONG, SEAM_OFFSET = 0.02, 0.3, 0.25
 READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
 PATIENCE_S = 0.05  # how long a scan waits for a tile before letting its caller do other work
 
@@ -454,27 +458,36 @@ def footprint(chip: imagery.Chip) -> list[list[float]]:
     return [[float(a * x + b * y + c), float(d * x + e * y + f)] for x, y in corners]
 
 
-def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = IOU_THRESHOLD) -> list[dict[str, Any]]:
-    """Rotated-polygon non-maximum suppression across tiles: of boxes with the same label overlapping by
-    IoU >= threshold, keep the one seen nearest its tile's centre (least likely cut by a tile edge), then
-    the higher score. The order is fixed by (tile, order in the tile), not by arrival, so a resumed scan
-    merges exactly as an uninterrupted one."""
+def merge_boxes(features: list[dict[str, Any]], tiles: Mapping[int, Mapping[str, Any]],
+                iou_threshold: float = IOU_THRESHOLD) -> list[dict[str, Any]]:  # fmt: skip
+    """One box per object across a scan's tiles (docs/outputs.md, "Merging a scan's tiles"), from the
+    features and the tile entries (their `footprint`) its progress events carry.
+
+    1. Parts of an object cut by a seam are joined into one box (the rectangle around them): two boxes of
+       one label from two tiles side by side (or one above the other) that touch or nearly touch (a gap
+       up to SEAM_GAP of a tile side), each reaching beyond the other's tile (neither lies in the strip
+       both tiles see), lined up along the seam (their extents along it overlap by SEAM_ALONG of the
+       shorter). A joined box keeps the properties of its best-ranked part.
+    2. Non-maximum suppression: of boxes of one label overlapping by IoU >= `iou_threshold`, or from two
+       tiles with at least IOS_THRESHOLD of the smaller one inside the other (a part that one tile saw
+       of what another saw whole), the one seen nearest its tile's centre (least likely cut by a tile
+       edge) is kept, then the higher score.
+
+    The order is fixed by (tile, order in the tile), not by arrival, so a resumed scan merges exactly as
+    an uninterrupted one."""
     from shapely import STRtree
-    from shapely.geometry import shape
+    from shapely.geometry import Polygon, shape
 
     if not features:
         return []
     features = sorted(
         features, key=lambda f: (f["properties"].get("tile", 0), f["properties"].get("order", 0))
     )
-
-    def rank(i: int) -> tuple[float, float]:
-        p = features[i]["properties"]
-        score = p.get("score")
-        return (p.get("edge_distance", 0.0), -(score if isinstance(score, (int, float)) else 0.0))
-
-    order = sorted(range(len(features)), key=rank)
     polys = [shape(f["geometry"]) for f in features]
+    footprints = {i: Polygon(t["footprint"]) for i, t in tiles.items() if t.get("footprint")}
+    features, polys = _join_seam_parts(features, polys, footprints)
+
+    order = sorted(range(len(features)), key=lambda i: _rank(features[i]))
     tree = STRtree(polys)
     removed: set[int] = set()
     kept: list[int] = []
@@ -482,22 +495,120 @@ def merge_boxes(features: list[dict[str, Any]], iou_threshold: float = IOU_THRES
         if i in removed:
             continue
         kept.append(i)
-        label = features[i]["properties"].get("label")
+        p = features[i]["properties"]
         for j in tree.query(polys[i]):
             j = int(j)
-            if j == i or j in removed or features[j]["properties"].get("label") != label:
+            q = features[j]["properties"]
+            if j == i or j in removed or q.get("label") != p.get("label"):
                 continue
             inter = polys[i].intersection(polys[j]).area
             union = polys[i].area + polys[j].area - inter
-            if union > 0 and inter / union >= iou_threshold:
+            smaller = min(polys[i].area, polys[j].area)
+            if (union > 0 and inter / union >= iou_threshold) or (
+                q.get("tile", 0) != p.get("tile", 0) and smaller > 0 and inter / smaller >= IOS_THRESHOLD
+            ):
                 removed.add(j)
     return [features[i] for i in sorted(kept)]
 
 
-def finished(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Merged features without the merge's working fields."""
+def _join_seam_parts(features: list[dict[str, Any]], polys: list[Any],
+                     footprints: Mapping[int, Any]) -> tuple[list[dict[str, Any]], list[Any]]:  # fmt: skip
+    """Step 1 of `merge_boxes`: groups of seam parts (union-find over pairs, in index order) become one
+    feature each, at the place of the group's first member."""
+    from shapely import STRtree
+
+    parent = list(range(len(features)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tree = STRtree(polys)
+    for i, a in enumerate(polys):
+        pa = features[i]["properties"]
+        ta = footprints.get(pa.get("tile", 0))
+        if ta is None:
+            continue
+        gap = SEAM_GAP * _side(ta)
+        for j in sorted(int(j) for j in tree.query(a.buffer(gap))):
+            pb = features[j]["properties"]
+            if j <= i or pb.get("label") != pa.get("label") or pb.get("tile", 0) == pa.get("tile", 0):
+                continue
+            tb = footprints.get(pb.get("tile", 0))
+            if tb is not None and _seam_parts(a, polys[j], ta, tb, gap):
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(features)):
+        groups.setdefault(root(i), []).append(i)
+    if all(len(g) == 1 for g in groups.values()):
+        return features, polys
+
+    out, out_polys = [], []
+    for members in sorted(groups.values()):
+        if len(members) == 1:
+            out.append(features[members[0]])
+            out_polys.append(polys[members[0]])
+            continue
+        joined = _rectangle_around([polys[k] for k in members])
+        best = features[min(members, key=lambda k: _rank(features[k]))]
+        ring = [[float(x), float(y)] for x, y in joined.exterior.coords]
+        out.append({**best, "geometry": {"type": "Polygon", "coordinates": [ring]}})
+        out_polys.append(joined)
+    return out, out_polys
+
+
+def _rank(feature: dict[str, Any]) -> tuple[float, float]:
+    """Which of two boxes of one object to keep: the one seen nearest its tile's centre, then the higher
+    score."""
+    p = feature["properties"]
+    score = p.get("score")
+    return (p.get("edge_distance", 0.0), -(score if isinstance(score, (int, float)) else 0.0))
+
+
+def _side(footprint: Any) -> float:
+    """The shorter side of a tile's footprint, in map units."""
+    xy = np.asarray(footprint.exterior.coords)
+    return float(np.min(np.hypot(*np.diff(xy, axis=0).T)))
+
+
+def _seam_parts(a: Any, b: Any, ta: Any, tb: Any, gap: float) -> bool:
+    """Whether boxes `a` (found in the tile of footprint `ta`) and `b` (in `tb`) are the two sides of one
+    object cut by the seam between the two tiles (step 1 of `merge_boxes`)."""
+    if a.distance(b) > gap:
+        return False
+    if a.difference(tb.buffer(gap)).is_empty or b.difference(ta.buffer(gap)).is_empty:
+        return False  # one lies where both tiles see: a duplicate or a part of a whole box, not a cut
+    corners = np.asarray(ta.exterior.coords)[:4]
+    u, v = corners[1] - corners[0], corners[3] - corners[0]  # the tile's x and y directions
+    d = np.asarray(tb.centroid.coords[0]) - np.asarray(ta.centroid.coords[0])
+    du, dv = abs(d @ u) / (u @ u), abs(d @ v) / (v @ v)  # offset between the tiles, in tile sides
+    if min(du, dv) > SEAM_OFFSET:
+        return False  # corner neighbours: their parts join through the tiles beside both
+    axis = v if du > dv else u  # the seam runs along the tiles' common side
+    axis = axis / np.hypot(*axis)
+    sa, sb = np.asarray(a.exterior.coords) @ axis, np.asarray(b.exterior.coords) @ axis
+    shared = min(sa.max(), sb.max()) - max(sa.min(), sb.min())
+    shorter = min(sa.max() - sa.min(), sb.max() - sb.min())
+    return shorter > 0 and shared >= SEAM_ALONG * shorter
+
+
+def _rectangle_around(parts: list[Any]) -> Any:
+    """The box around joined parts: axis-aligned when every part is (north-up boxes of angle 0), else the
+    smallest rotated rectangle."""
+    from shapely.ops import unary_union
+
+    union = unary_union(parts)
+    if all(p.envelope.area - p.area <= 1e-6 * p.area for p in parts):  # a turned box is 1e-3 or more larger
+        return union.envelope
+    return union.minimum_rotated_rectangle
+
+
+def finished(features: list[dict[str, Any]], tiles: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Merged features (`merge_boxes`) without the merge's working fields."""
     out = []
-    for f in merge_boxes(features):
+    for f in merge_boxes(features, tiles):
         props = {k: v for k, v in f["properties"].items() if k not in ("edge_distance", "order")}
         out.append({**f, "properties": props})
     return out

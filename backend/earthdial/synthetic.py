@@ -534,6 +534,61 @@ def render_with_labels(scene: Scene, size: int = 112, objects: bool = True) -> t
 
 
 # ------------------------------------------------------------------------------------------------
+# Objects across a scan's tile seams
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeamScene:
+    """Open sea the size of cols x rows scan tiles, drawn as the top-left corner of a `side` px layout."""
+
+    image: np.ndarray  # (3, height, width) uint8
+    ships: list[SceneObject]  # in the layout's unit coordinates
+    side: int
+
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        """Each ship's axis-aligned (x1, y1, x2, y2) in the image's pixels."""
+        return [(x1 * self.side, y1 * self.side, x2 * self.side, y2 * self.side)
+                for x1, y1, x2, y2 in (o.bounds() for o in self.ships)]  # fmt: skip
+
+
+# ten pairs of neighbouring tiles of a 4 x 5 plan, no tile in two: ((col, row), side by side, not one above)
+SEAM_PAIRS = (((0, 0), True), ((2, 0), True), ((0, 1), True), ((2, 1), True), ((0, 4), True), ((2, 4), True),
+              ((0, 2), False), ((1, 2), False), ((2, 2), False), ((3, 2), False))  # fmt: skip
+
+
+def ships_across_seams(seed: int, tile: int = 448, overlap: float = 0.1,
+                       lengths: tuple[float, float] = (100.0, 150.0)) -> SeamScene:  # fmt: skip
+    """Open sea covering 4 x 5 tiles of a scan's plan (`tile` px, `overlap`), with one ship across the
+    seam of each pair in SEAM_PAIRS: the ship's centre within 20 px of the middle of the strip both tiles
+    see, along the seam inside both tiles (clear of the crossing seams), `lengths` px long, heading within
+    45 degrees of square to the seam. No tile sees more than one ship, and none sees its ship whole."""
+    stride = max(1, int(tile * (1 - overlap)))  # as scenes.plan_tiles lays tiles out
+    width, height = tile + 3 * stride, tile + 4 * stride
+    side = max(width, height)
+    rng = np.random.default_rng([seed, 0x5EA])
+    terrain, _ = _new_terrain(rng)
+    terrain.update(layout_seed=int(rng.integers(0, 2**31)), noise_seed=int(rng.integers(0, 2**31)), roads=[])
+    ships = []
+    for (c, r), beside in SEAM_PAIRS:
+        ship = _random_object(rng, "ship")
+        length = float(rng.uniform(*lengths))
+        across = stride * ((c if beside else r) + 1) + (tile - stride) / 2 + float(rng.uniform(-20, 20))
+        along = (
+            stride * (r if beside else c)
+            + (tile - stride)
+            + float(rng.uniform(0.2, 0.8)) * (2 * stride - tile - length)
+        )
+        cx, cy = (across, along + length / 2) if beside else (along + length / 2, across)
+        angle = (0.0 if beside else 90.0) + float(rng.uniform(-45, 45))
+        ships.append(replace(ship, cx=cx / side, cy=cy / side, length=length / side, angle=angle % 180,
+                             width=length / side * ship.width / ship.length))  # fmt: skip
+    scene = Scene((seed,), ships, math.inf, terrain)  # water everywhere
+    image = np.ascontiguousarray(render(scene, side)[:, :height, :width])
+    return SeamScene(image, ships, side)
+
+
+# ------------------------------------------------------------------------------------------------
 # GeoTIFFs
 # ------------------------------------------------------------------------------------------------
 
@@ -569,6 +624,7 @@ __all__ = [
     "place",
     "render",
     "render_with_labels",
+    "ships_across_seams",
     "water_grid",
     "write_geotiff",
 ]

@@ -256,7 +256,7 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
     from rasterio.transform import from_origin
     from shapely.geometry import Polygon
 
-    from .. import scan, scenes
+    from .. import scan
     from ..answers import Box
     from ..georef import box_pixel_corners
     from ..protocol import source_by_reference
@@ -283,16 +283,13 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
         found: list[dict[str, Any]] = []
 
         def keep(event: str, found: list[dict[str, Any]] = found, **fields: Any) -> None:
-            if event == "progress":
+            if event == "merged":  # the scan's own merge, as `earthdial detect` writes it
                 found.extend(fields["features"])
 
         header = {"op": "detect", "task": "refer", "prompt": SYNONYMS[cls][1], "source": source_by_reference(str(path)),
                   "options": {"tile_size": side, "overlap": 0.1, "batch": 16}}  # fmt: skip
         tiles = scan.run(header, engine, keep)["tiles"]
-        boxes = [
-            Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]])
-            for f in scenes.finished(found)
-        ]
+        boxes = [Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]]) for f in found]
 
         def iou(a: Any, b: Any) -> float:
             inter = a.intersection(b).area
