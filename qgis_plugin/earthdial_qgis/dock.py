@@ -319,6 +319,12 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._show_model_note()
         if not fresh:
             return
+        size = (model or {}).get("image_size")
+        if isinstance(size, int) and not self._tile_chosen:
+            # a scan tile of the model's own input size reaches the model at the layer's GSD
+            self._setting_tile = True
+            self.tile_spin.setValue(size)
+            self._setting_tile = False
         tasks = reply.get("tasks")
         if isinstance(tasks, list) and tasks:
             self._fill_tasks(tasks)

@@ -51,6 +51,10 @@ class DockLayout:
             shortcut.activated.connect(self.send)
             self.send_shortcuts.append(shortcut)
 
+    def _tile_edited(self, _value: int) -> None:
+        if not self._setting_tile:
+            self._tile_chosen = True
+
     def _connect_plan_updates(self) -> None:
         """Every control that changes what would be sent asks for a new summary (debounced)."""
         self.task_combo.currentIndexChanged.connect(self.schedule_plan)
@@ -232,6 +236,10 @@ class DockLayout:
         )
         self.tile_spin.setEnabled(False)
         self.scan_radio.toggled.connect(self.tile_spin.setEnabled)
+        self._tile_chosen = self._setting_tile = (
+            False  # the tile size follows the model until the user picks one
+        )
+        self.tile_spin.valueChanged.connect(self._tile_edited)
         rows = QtWidgets.QGridLayout()  # one above the other: whole in a 300 px dock
         rows.addWidget(self.window_radio, 0, 0, 1, 2)
         rows.addWidget(self.scan_radio, 1, 0)

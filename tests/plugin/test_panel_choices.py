@@ -146,3 +146,22 @@ def test_a_note_when_the_demo_model_is_asked_a_task_it_was_not_trained_for(
     other = make_dock()  # a model that is not the demo: no note, whatever the task
     other.select_task("chat")
     assert other.model_note.isHidden()
+
+
+def test_the_scan_tile_follows_the_models_input_size_until_the_user_picks_one(
+    make_dock: Any, backend: Any
+) -> None:
+    """A tile of the model's own image size reaches the model at the layer's GSD (448 px tiles on a
+    112 px model were seen 4x coarser)."""
+    from earthdial_qgis.protocol import Client
+
+    with Client(backend.endpoint, timeout_s=10) as client:
+        size = client.status()["model"]["image_size"]
+    assert size != 448  # the old fixed default, so the test tells the two apart
+    dock = make_dock()
+    wait_until(lambda: dock.tile_spin.value() == size, 30)
+    dock.tile_spin.setValue(size * 2)  # the user's choice stays when the backend answers again
+    dock.status_reply = None
+    dock.refresh_status()
+    wait_until(lambda: dock.status_reply is not None, 30)
+    assert dock.tile_spin.value() == size * 2
