@@ -224,7 +224,9 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     tag = options["sensor"] or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(task, options["decoding"] or getattr(engine, "decoding", "greedy"))
+    how = prompts.decoding_for(
+        task, options["decoding"] or getattr(engine, "decoding", prompts.DEFAULT_DECODING)
+    )
     gsd = gsd_src * options["tile_size"] / out_size if gsd_src else None
 
     def make_query(tile: scenes.Tile) -> Any:
@@ -232,8 +234,9 @@ def _detect_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
         if not imagery.valid_mask(chip).any():
             return None  # an all-nodata tile: nothing to ask about
         data = presets.apply(preset, chip.data, chip.nodata)
-        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=beams,
-                     min_new_tokens=min_new, cancelled=cancelled)  # fmt: skip
+        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=how.num_beams,
+                     min_new_tokens=how.min_new_tokens, cancelled=cancelled, sampling=how.sampling,
+                     system=how.system_message)  # fmt: skip
 
     props = _base_properties(engine, task, prompt, name, gsd)
     ask = scenes.Ask(make_query, props, options["min_score"])
@@ -304,8 +307,8 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
     tag = options["sensor"] or spec.sensor
     question = prompts.build_question("change", "", tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(
-        "change", options["decoding"] or getattr(engine, "decoding", "greedy")
+    how = prompts.decoding_for(
+        "change", options["decoding"] or getattr(engine, "decoding", prompts.DEFAULT_DECODING)
     )
     gsd = seq.gsd_m * options["tile_size"] / engine.info.image_size if seq.gsd_m else None
     preset = seq.preset
@@ -316,8 +319,8 @@ def _change_jobs(header: dict[str, Any], engine: Any, options: dict[str, Any], c
             return None
         data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
         images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
-        return Query(question, images, spec.max_new_tokens, num_beams=beams, min_new_tokens=min_new,
-                     cancelled=cancelled)  # fmt: skip
+        return Query(question, images, spec.max_new_tokens, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
+                     cancelled=cancelled, sampling=how.sampling, system=how.system_message)  # fmt: skip
 
     jobs = []
     n = len(seq.plan)

@@ -296,12 +296,14 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
             ErrorCode.BAD_REQUEST, f"options.max_new_tokens must be an int in 1..2048, got {max_new!r}"
         )
     history = _history(options)
-    decoding = options.get("decoding") or (engine.decoding if engine is not None else "greedy")
+    decoding = options.get("decoding") or (
+        engine.decoding if engine is not None else prompts.DEFAULT_DECODING
+    )
     if not isinstance(decoding, str):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"options.decoding must be a string, got {decoding!r:.40}"
         )
-    num_beams, min_new = prompts.decoding_for(name, decoding)
+    how = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
     chips = inputs.chips
@@ -320,7 +322,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Any) -> Jo
     from .engine import Query
 
     images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
-    job.query = Query(question, images, max_new, history, num_beams=num_beams, min_new_tokens=min_new)
+    job.query = Query(question, images, max_new, history, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
+                      sampling=how.sampling, system=how.system_message)  # fmt: skip
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
 
