@@ -1,7 +1,7 @@
 """The model path as upstream EarthDial's own code runs it (one test or more per row of docs/fidelity.md).
 
-Every expected value here is worked out by hand or written from the facts sheet's description of the
-upstream code ("Corrections read against the upstream code"), never by calling the code under test.
+Every expected value here is worked out by hand or written from the upstream fact as docs/fidelity.md's
+row states it (with upstream's file and line), never by calling the code under test.
 """
 
 from __future__ import annotations
