@@ -145,6 +145,7 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
         raise CheckpointError(f"llm_config.model_type is {llm.get('model_type')!r}; EarthDial uses phi3")
     if ps_version(published) not in ("v1", "v2"):
         raise CheckpointError(f"ps_version {published['ps_version']!r} is unknown (InternVL has v1 and v2)")
+    check_upstream_keys(published)
     vision_config = {
         "hidden_size": vis["hidden_size"],
         "num_hidden_layers": vis["num_hidden_layers"],
@@ -193,6 +194,34 @@ def native_config(published: dict[str, Any], image_token_id: int) -> Any:
     )
 
 
+EVALUATION_MAX_TILES = 6  # `--max-num` of every upstream evaluation script; also its config class default
+TEMPLATE = "phi3-chat"  # the one chat template EarthDial uses (prompts.render_chat)
+
+
+def check_upstream_keys(published: dict[str, Any]) -> None:
+    """Config keys upstream reads that only one value of works here: `select_layer` (which ViT layer's
+    output feeds the projector; upstream takes `hidden_states[select_layer]`, -1 being the last layer,
+    EarthDial's training value) and `template` (the conversation template; EarthDial's is phi3-chat,
+    the only one `render_chat` writes). Any other value is refused rather than silently run as these."""
+    layer = published.get("select_layer", -1)
+    if layer != -1:
+        raise CheckpointError(
+            f"select_layer {layer!r}: only -1 (the vision tower's last layer, as EarthDial was trained) is supported"
+        )
+    template = published.get("template", TEMPLATE)
+    if template != TEMPLATE:
+        raise CheckpointError(
+            f"template {template!r}: only {TEMPLATE!r} (EarthDial's chat template) is supported"
+        )
+
+
+def dynamic_image_size(published: dict[str, Any]) -> bool:
+    """Whether RGB images are split into dynamic tiles. An explicit false (a model trained on whole
+    images: upstream's training dataloader and demo worker then give one tile) is honoured; absent counts
+    as tiled, since every upstream evaluation tiles (`--dynamic`) whatever the config says."""
+    return bool(published.get("dynamic_image_size", True))
+
+
 def ps_version(published: dict[str, Any]) -> str:
     """The pixel-shuffle version; upstream's config class defaults to 'v1' (transposed) when absent."""
     return str(published.get("ps_version", "v1"))
@@ -235,6 +264,7 @@ class CheckpointInfo:
     num_parameters: int
     demo: bool = False  # the built-in demo model (config.json "demo": true), trained on synthetic scenes
     ps_version: str = "v2"  # pixel shuffle: "v2", or "v1" (features left transposed, as upstream's v1)
+    dynamic_image_size: bool = True  # false: each image is one tile (no dynamic tiling)
     add_bos: bool = False  # prompts start with <s> (the tokenizer config asks for it)
 
 
@@ -386,7 +416,7 @@ def load(
         image_size=size,
         tokens_per_tile=config.image_seq_length,
         min_tiles=int(published_cfg.get("min_dynamic_patch", 1)),
-        max_tiles=int(published_cfg.get("max_dynamic_patch", 6)),
+        max_tiles=int(published_cfg.get("max_dynamic_patch", EVALUATION_MAX_TILES)),
         use_thumbnail=use_thumbnail(published_cfg),
         system_message=published_cfg.get("system_message") or INTERNVL_SYSTEM_MESSAGE,
         vocab=frozenset(vocab),
@@ -394,6 +424,7 @@ def load(
         demo=bool(published_cfg.get("demo", False)),
         ps_version=ps_version(published_cfg),
         add_bos=adds_bos(directory, tokenizer),
+        dynamic_image_size=dynamic_image_size(published_cfg),
     )
     return model, tokenizer, info
 

@@ -790,9 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoding",
         default="auto",
-        choices=["auto", "upstream", "greedy"],
-        help="upstream: beams per task as EarthDial's evaluation runs them; greedy: one beam "
-        "(default auto: upstream, greedy for the demo model; a request's options.decoding wins)",
+        choices=["auto", "greedy", "beams", "upstream_demo"],
+        help="greedy (min 1 new token), as EarthDial's evaluation decodes; beams: its scripts' --num-beams "
+        "defaults (5 or 2 per task); upstream_demo: sampled as its demo chats (default auto = greedy; a "
+        "request's options.decoding wins)",
     )
     p.add_argument("--no-model", action="store_true", help="serve without a model: georef, status, ping only")
     p.add_argument(

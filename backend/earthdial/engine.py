@@ -1,7 +1,8 @@
 """The EarthDial engine: a loaded checkpoint plus the whole generation path, readable in one sitting.
 
 chip pixels -> image inputs (RGB tiles, or band groups) -> image features spliced into the prompt's
-embeddings at the <IMG_CONTEXT> positions -> batched greedy decoding -> answer text.
+embeddings at the <IMG_CONTEXT> positions -> batched decoding (greedy as EarthDial's evaluation, beams or
+sampling on request) -> answer text.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, pixels, scoring, sensors
-from .prompts import expand_images, render_chat
+from .prompts import DEFAULT_DECODING, Sampling, expand_images, render_chat
 from .protocol import EarthDialError, ErrorCode
 from .quantize import device_memory, weight_bytes
 from .quantize import quantize as quantize_model
@@ -49,10 +50,13 @@ class Query:
     images: list[Image]
     max_new_tokens: int = 100
     history: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    # Decoding (see prompts.decoding_for): greedy unless the caller asks for upstream's beams.
+    # Decoding (see prompts.decoding_for): greedy with upstream's min_new_tokens 1 unless the caller asks
+    # for beams or sampling; `system` replaces the checkpoint's system message.
     num_beams: int = 1
-    min_new_tokens: int = 0
+    min_new_tokens: int = 1
     cancelled: Callable[[], bool] | None = None  # true once the request is cancelled: decoding stops
+    sampling: Sampling | None = None
+    system: str | None = None
 
 
 def pick_device(device: str = "auto") -> str:
@@ -125,6 +129,21 @@ def with_cancel(queries: list[Query], overrides: dict[str, Any]) -> dict[str, An
 
     criteria = StoppingCriteriaList([*overrides.get("stopping_criteria", []), Cancelled()])
     return {**overrides, "stopping_criteria": criteria}
+
+
+def decoding_key(query: Query) -> tuple[int, int, Sampling | None, int]:
+    """What must be equal for queries to decode in one batch: beams, min_new_tokens, sampling, and for
+    beam search the answer length."""
+    beams = query.num_beams
+    return beams, query.min_new_tokens, query.sampling, query.max_new_tokens if beams > 1 else 0
+
+
+def sampling_options(sampling: Sampling | None) -> dict[str, Any]:
+    """generate's arguments for one-beam decoding: greedy, or sampled as `sampling` says."""
+    if sampling is None:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "repetition_penalty": sampling.repetition_penalty}  # fmt: skip
 
 
 DECODE_MODES = ("dynamic", "static", "compiled")
@@ -213,7 +232,8 @@ class Engine:
         self.max_tiles = max_tiles or self.info.max_tiles
         self.tokenizer.padding_side = "left"
         vocab = self.tokenizer.get_vocab()
-        self.stop_ids = sorted({vocab[t] for t in STOP_TOKENS if t in vocab})
+        # upstream's chat() stops on the template separator <|end|> only (load_tokenizer requires it)
+        self.stop_ids = [vocab[t] for t in STOP_TOKENS]
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         )
@@ -225,10 +245,9 @@ class Engine:
         if not hasattr(self, "quantization"):
             self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
         self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
-        # Requests' default decoding (prompts.decoding_for): upstream's beams for published checkpoints;
-        # greedy for the demo model, which was trained and measured greedy. Scans build their own
-        # queries and stay greedy whatever this says.
-        self.decoding = "greedy" if info.demo else "upstream"
+        # Requests' default decoding (prompts.decoding_for): greedy, min_new_tokens 1, as EarthDial's
+        # published evaluation (and as the demo model was trained and measured); `serve --decoding` sets it.
+        self.decoding = DEFAULT_DECODING
         self.decode = decode_for(self.device)  # greedy's cache/compile mode (decode_for)
         self._static: tuple[tuple[int, int], Any] | None = None  # ((batch, cache length), StaticCache)
         self.share_prefix = True  # greedy batches prefill a common text prefix once (shared_prefix)
@@ -296,20 +315,27 @@ class Engine:
             return Image(pixels.normalize(tiles), "rgb")
         norm_name = sensors.norm_for(sensor_tag, data.shape[0])
         norm = sensors.normalize_bands(data, norm_name, nodata)
-        # Upstream resizes SAR with torchvision's Resize on a tensor (antialiased since torchvision 0.17)
-        # and the other band sets with a plain F.interpolate (no antialias); keep each as it is there.
-        resized = F.interpolate(
-            torch.from_numpy(norm)[None],
-            size=(size, size),
-            mode="bicubic",
-            align_corners=False,
-            antialias=norm_name == "s1",
-        )[0]
+        # Upstream resizes SAR with torchvision's Resize on a tensor (antialiased since torchvision 0.17),
+        # Landsat-8 UHI bands with OpenCV's INTER_LINEAR (its classification evaluation) and the other
+        # band sets with a plain bicubic F.interpolate (no antialias); keep each as it is there.
+        if norm_name == "l8_norm":
+            resized = pixels.resize_linear(torch.from_numpy(norm), size, size)
+        else:
+            resized = F.interpolate(
+                torch.from_numpy(norm)[None],
+                size=(size, size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=norm_name == "s1",
+            )[0]
         groups = torch.stack([resized[g] for g in sensors.band_groups(resized.shape[0])])
         return Image(groups, "bands")
 
     def tile_budget(self, images: int = 1) -> int:
-        """Tiles each image of a query may take: upstream's max(1, max_dynamic_patch // images)."""
+        """Tiles each image of a query may take: upstream's max(1, max_dynamic_patch // images); one for a
+        checkpoint whose config turns dynamic tiling off."""
+        if not self.info.dynamic_image_size:
+            return 1
         return max(1, self.max_tiles // max(1, images))
 
     # -- images -> features -----------------------------------------------------------------------
@@ -363,18 +389,21 @@ class Engine:
                 )
 
     def prompt_text(self, query: Query) -> str:
-        chat = render_chat(query.question, self.info.system_message, query.history)
+        chat = render_chat(query.question, query.system or self.info.system_message, query.history)
         return expand_images(chat, [im.tiles for im in query.images], self.info.tokens_per_tile)
 
     # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, queries: list[Query], **overrides: Any) -> list[str]:
-        """Greedy answers for a batch of queries (left-padded; each row stops at its own stop token).
-        `overrides` go to transformers' generate (benchmarks pin the answer length with them)."""
+        """Answers for a batch of queries (left-padded; each row stops at its own stop token). A batch
+        that shares one single-beam decoding (greedy, or sampled) runs here; others are split by
+        `generate_by_decoding`. `overrides` go to transformers' generate (benchmarks pin the answer
+        length with them)."""
         if not queries:
             return []
-        if any(q.num_beams > 1 or q.min_new_tokens > 0 for q in queries):
+        if queries[0].num_beams > 1 or len({decoding_key(q) for q in queries}) > 1:
             return self.generate_by_decoding(queries, **overrides)
+        first = queries[0]
         input_ids, attention_mask, max_new = self._encoded(queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
@@ -385,13 +414,14 @@ class Engine:
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new,
-                do_sample=False,
                 num_beams=1,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
                 **{
                     "output_scores": True,
                     "return_dict_in_generate": True,
+                    "min_new_tokens": min(first.min_new_tokens, max_new),
+                    **sampling_options(first.sampling),
                     **with_cancel(queries, {**options, **overrides}),
                 },
             )
@@ -478,16 +508,15 @@ class Engine:
         return embeds.masked_scatter(slots[..., None], feats)
 
     def generate_by_decoding(self, queries: list[Query], **overrides: Any) -> list[str]:
-        """Answers for queries that mix decodings: one batch per (beams, min_new_tokens) - and, for beam
-        search, per max_new_tokens too, since a beam answer cut short is not the answer of a shorter
-        search. Greedy groups go back through `generate`."""
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        """Answers for queries that mix decodings: one batch per `decoding_key` - for beam search per
+        max_new_tokens too, since a beam answer cut short is not the answer of a shorter search.
+        Single-beam groups (greedy, sampled) go back through `generate`."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, q in enumerate(queries):
-            key = (q.num_beams, q.min_new_tokens, q.max_new_tokens if q.num_beams > 1 else 0)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(decoding_key(q), []).append(i)
         answers: list[str] = [""] * len(queries)
-        for (beams, min_new, _), idx in groups.items():
-            if beams <= 1 and min_new == 0:
+        for (beams, min_new, _, _), idx in groups.items():
+            if beams <= 1:
                 out = self.generate([queries[i] for i in idx], **overrides)
                 for i, a in zip(idx, out, strict=True):
                     answers[i] = a

@@ -73,6 +73,20 @@ def resize(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
+def resize_linear(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(c, h, w) float resized as OpenCV's `cv2.resize(..., interpolation=INTER_LINEAR)` resizes a float
+    image, each band on its own: an output pixel x samples the input at (x + 0.5) * in / out - 0.5
+    (pixel centres), clamped to the first and last pixel at the edges, as the weighted mean of its two
+    neighbours per axis; no antialiasing when shrinking (OpenCV's exact 2x shrink takes the mean of each
+    2 x 2 block, which is the same value). That is torch's bilinear with align_corners False and no
+    antialias; values are not clipped."""
+    if image.shape[-2:] == (rows, cols):
+        return image
+    return F.interpolate(
+        image[None], size=(rows, cols), mode="bilinear", align_corners=False, antialias=False
+    )[0]
+
+
 def dynamic_tiles(
     rgb: np.ndarray, size: int, min_tiles: int = 1, max_tiles: int = 6, use_thumbnail: bool = True
 ) -> torch.Tensor:

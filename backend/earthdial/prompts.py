@@ -1,7 +1,9 @@
 """EarthDial's prompts: task templates with their tags, the phi3-chat template and image-token expansion.
 
 The task shapes are the ones EarthDial was trained and evaluated with (docs/model.md); each task also
-carries its greedy `max_new_tokens` from EarthDial's evaluation.
+carries its `max_new_tokens` from EarthDial's evaluation, and the decodings (`decoding_for`) say how
+answers are decoded: greedily as EarthDial's evaluation did, with its scripts' beams, or sampled as its
+demo chats.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Task:
     images: int = 1  # how many images (layers) the task takes; 2 = a before/after pair
     sensor: str = "[hr_rgb_0.5]"  # default sensor tag
     default_prompt: str = ""
-    num_beams: int = 5  # beams upstream's evaluation script for this kind of task defaults to
+    num_beams: int = 5  # the `--num-beams` default of upstream's evaluation script for this kind of task
 
 
 # Options and classes in the order and wording of upstream's xBD evaluation prompts.
@@ -33,12 +35,13 @@ DISASTER_TYPES = "volcano, fire, earthquake, flood, tsunami, wind."
 DAMAGE_CLASSES = "no-damage, destroyed, minor-damage, major-damage"
 # Upstream's evaluation prompt files hold a literal backslash-n (two characters) where the training
 # records hold a newline; the refer and grounding scripts turn it back into a newline. The model learnt
-# from the training records, so every template here has a real newline.
+# from the training records, so every template here has a real newline. The refer and grounding
+# scripts write `<image> \n Give ...` (a space before the newline): those two keep it.
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        # Free chat has no upstream evaluation; upstream's demo worker chats with one beam.
+        # Free chat has no upstream evaluation (one beam in every decoding; upstream's demo samples it).
         Task("chat", "Free question about the image", "{sensor} {images}\n {prompt}", 300, num_beams=1),
         Task("caption", "Caption the image",
              "[caption] {sensor} {images}\n Could you please provide the caption for the input image?", 100,
@@ -49,11 +52,11 @@ TASKS: dict[str, Task] = {
              "{sensor} {images}\n Classify the given image in one of the following classes. Classes: {prompt} \n"
              "Answer in one word or a short phrase.", 10),
         Task("grounding", "Describe the image with object boxes",
-             "[grounding] {sensor} {images}\n Describe the image in detail. Detect objects location. "
+             "[grounding] {sensor} {images} \n Describe the image in detail. Detect objects location. "
              "Describe objects size. Where objects are located?. Describe relation between objects.", 300,
              needs_prompt=False, grounded=True, num_beams=2),
         Task("refer", "Find objects (prompt: what to find, e.g. 'ships')",
-             "[refer] {sensor} {images}\n Give me the location of <ref>{prompt}</ref>", 100, grounded=True,
+             "[refer] {sensor} {images} \n Give me the location of <ref>{prompt}</ref>", 100, grounded=True,
              num_beams=2),
         Task("identify", "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
              "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>", 30,
@@ -85,7 +88,33 @@ TASKS: dict[str, Task] = {
     )
 }  # fmt: skip
 
-DECODINGS = ("upstream", "greedy")
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a query is decoded (`decoding_for`). `system_message` replaces the checkpoint's when set."""
+
+    num_beams: int = 1
+    min_new_tokens: int = 1
+    sampling: Sampling | None = None
+    system_message: str | None = None
+
+
+# Upstream's demo (demo/app.py's slider defaults, sent to demo/model_worker.py, which sets the model's
+# system message to what the app sends: its default text, a blank line and the editable persona, whose
+# default is the same text).
+DEMO_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repetition_penalty=1.1)
+DEMO_SYSTEM_MESSAGE = (
+    "Please describe this image in the details!\n\nPlease describe this image in the details!"
+)
+DECODINGS = ("greedy", "beams", "upstream_demo")
+DEFAULT_DECODING = "greedy"  # what EarthDial's published evaluation ran
 
 DEFAULT_SENSOR = "[hr_rgb_0.5]"
 
@@ -115,18 +144,27 @@ def default_task(prompt: str) -> str:
     return "chat" if words[0].lower() in QUESTION_WORDS else "refer"
 
 
-def decoding_for(name: str, mode: str) -> tuple[int, int]:
-    """(num_beams, min_new_tokens) for a task: "upstream" is what upstream's evaluation scripts run
-    (their --num-beams default for the task's kind, min_new_tokens 1; one beam and no minimum where
-    upstream chats), "greedy" is one beam and no minimum."""
+def decoding_for(name: str, mode: str) -> Decoding:
+    """How task `name` is decoded in `mode`:
+    - "greedy": one beam, `min_new_tokens` 1 - what EarthDial's evaluation ran (each script sets
+      num_beams 1 under `--dynamic`, which every published evaluation command passes);
+    - "beams": the scripts' `--num-beams` default for the task's kind (5 or 2; what they run without
+      `--dynamic`), `min_new_tokens` 1; free chat keeps one beam;
+    - "upstream_demo": sampled as upstream's demo chats (temperature 0.7, top_p 0.95, repetition
+      penalty 1.1, one beam) under the demo's system message."""
     if mode not in DECODINGS:
+        hint = " ('upstream' was renamed 'beams'; EarthDial's evaluation itself decodes greedily)"
         raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"unknown decoding {mode!r}; known: {', '.join(DECODINGS)}"
+            ErrorCode.BAD_REQUEST,
+            f"unknown decoding {mode!r:.40}; known: {', '.join(DECODINGS)}"
+            + (hint if mode == "upstream" else ""),
         )
-    beams = task(name).num_beams
-    if mode == "greedy" or beams <= 1:
-        return 1, 0
-    return beams, 1
+    spec = task(name)
+    if mode == "beams":
+        return Decoding(num_beams=spec.num_beams)
+    if mode == "upstream_demo":
+        return Decoding(min_new_tokens=0, sampling=DEMO_SAMPLING, system_message=DEMO_SYSTEM_MESSAGE)
+    return Decoding()
 
 
 def build_question(name: str, prompt: str, sensor: str | None = None, images: int | None = None) -> str:

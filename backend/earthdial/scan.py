@@ -227,8 +227,8 @@ def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
     tag = options.sensor or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(
-        task, options.decoding or str(getattr(engine, "decoding", "greedy"))
+    how = prompts.decoding_for(
+        task, options.decoding or str(getattr(engine, "decoding", prompts.DEFAULT_DECODING))
     )
     gsd = gsd_src * options.tile_size / out_size if gsd_src else None
 
@@ -237,8 +237,9 @@ def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
         if not imagery.valid_mask(chip).any():
             return None  # an all-nodata tile: nothing to ask about
         data = presets.apply(preset, chip.data, chip.nodata)
-        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=beams,
-                     min_new_tokens=min_new, cancelled=cancelled)  # fmt: skip
+        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=how.num_beams,
+                     min_new_tokens=how.min_new_tokens, cancelled=cancelled, sampling=how.sampling,
+                     system=how.system_message)  # fmt: skip
 
     props = _properties(engine, task, prompt if spec.needs_prompt else "", name, gsd_src, gsd)
     request = _tile_request(
@@ -320,8 +321,8 @@ def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
     tag = options.sensor or spec.sensor
     question = prompts.build_question("change", "", tag)
     engine.check_tags(question)
-    beams, min_new = prompts.decoding_for(
-        "change", options.decoding or str(getattr(engine, "decoding", "greedy"))
+    how = prompts.decoding_for(
+        "change", options.decoding or str(getattr(engine, "decoding", prompts.DEFAULT_DECODING))
     )
     gsd = seq.gsd_m * options.tile_size / engine.info.image_size if seq.gsd_m else None
     preset = seq.preset
@@ -332,8 +333,8 @@ def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
             return None
         data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
         images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
-        return Query(question, images, spec.max_new_tokens, num_beams=beams, min_new_tokens=min_new,
-                     cancelled=cancelled)  # fmt: skip
+        return Query(question, images, spec.max_new_tokens, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
+                     cancelled=cancelled, sampling=how.sampling, system=how.system_message)  # fmt: skip
 
     jobs = []
     n = len(seq.plan)

@@ -265,8 +265,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | N
     options = requests.options(header)
     max_new = options.max_new_tokens or spec.max_new_tokens
     history = options.history
-    decoding = options.decoding or (engine.decoding if engine is not None else "greedy")
-    num_beams, min_new = prompts.decoding_for(name, decoding)
+    decoding = options.decoding or (engine.decoding if engine is not None else prompts.DEFAULT_DECODING)
+    how = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
     inputs = read_inputs(header, arrays, options)
     chips = inputs.chips
@@ -285,7 +285,8 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | N
     from .engine import Query
 
     images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
-    job.query = Query(question, images, max_new, history, num_beams=num_beams, min_new_tokens=min_new)
+    job.query = Query(question, images, max_new, history, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
+                      sampling=how.sampling, system=how.system_message)  # fmt: skip
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
 

@@ -35,8 +35,9 @@ METHANE_UHI_ONLY = ("[uhi]", "[l8_ms_30]", "[hyper_rgb_3]")
 
 VARIANTS = ("EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI")
 
-# Generation stops on any of these (Phi-3's </s>, <|endoftext|> and <|end|>).
-STOP_TOKENS = ("</s>", "<|endoftext|>", "<|end|>")
+# Generation stops on these: the phi3-chat separator only, as upstream's chat() (Phi-3's generation
+# config also lists </s> and <|endoftext|>; upstream passes eos_token_id=<|end|> alone).
+STOP_TOKENS = ("<|end|>",)
 # Removed from decoded answers; the grounding markup (<ref>, <box>, ...) is kept for the parser.
 CHAT_TOKENS = ("<s>", "</s>", "<unk>", *PHI3_TOKENS)
 

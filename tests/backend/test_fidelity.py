@@ -1,7 +1,7 @@
 """The model path as upstream EarthDial's own code runs it (one test or more per row of docs/fidelity.md).
 
-Every expected value here is worked out by hand or written from the facts sheet's description of the
-upstream code ("Corrections read against the upstream code"), never by calling the code under test.
+Every expected value here is worked out by hand or written from the upstream fact as docs/fidelity.md's
+row states it (with upstream's file and line), never by calling the code under test.
 """
 
 from __future__ import annotations
@@ -209,6 +209,40 @@ def test_damage_and_disaster_prompts_are_upstreams() -> None:
     assert disaster.endswith("Options: volcano, fire, earthquake, flood, tsunami, wind.")
 
 
+def test_refer_and_grounding_questions_have_upstreams_space_before_the_newline() -> None:
+    # detection_test.py / grounding_desscription_test.py req_prompt: "<image> \n Give ..." / "<image> \n Describe ..."
+    assert prompts.build_question("refer", "ships", "[hr_rgb_0.5]") == (
+        "[refer] [hr_rgb_0.5] <image> \n Give me the location of <ref>ships</ref>"
+    )
+    assert prompts.build_question("grounding", "", "[hr_rgb_0.5]") == (
+        "[grounding] [hr_rgb_0.5] <image> \n Describe the image in detail. Detect objects location. Describe "
+        "objects size. Where objects are located?. Describe relation between objects."
+    )
+    # a follow-up turn (images in the history) still drops the marker and the newline
+    assert prompts.build_question("refer", "ships", "[hr_rgb_0.5]", images=0) == (
+        "[refer] [hr_rgb_0.5] Give me the location of <ref>ships</ref>"
+    )
+
+
+def test_the_prompt_ids_of_a_served_refer_request_equal_upstreams_string(engine: Engine, monkeypatch) -> None:
+    encoded: list[torch.Tensor] = []
+    real = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda texts: (encoded.append(real(texts)[0]), real(texts))[1])
+    rgb = (np.random.default_rng(2).random((3, 40, 40)) * 255).astype(np.uint8)
+    reply = service.run(_value_header("refer", sensor="[hr_rgb_0.5]", max_new_tokens=2), [rgb], engine)
+    # upstream's chat(): phi3-chat with the checkpoint's system message, the detection script's question,
+    # <image> -> <img> + <IMG_CONTEXT> x (64 tokens per 224 px tile x tiles) + </img>, then tokenizer(query)
+    phi3_chat_default = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+    cfg = json.loads((Path(engine.info.path) / "config.json").read_text())
+    system = cfg.get("system_message", phi3_chat_default)  # upstream: the config's, else the template's
+    image = "<img>" + "<IMG_CONTEXT>" * (64 * reply["tiles"]) + "</img>"
+    query = (f"<|system|>\n{system}<|end|><|user|>\n[refer] [hr_rgb_0.5] {image} \n Give me the location of "
+             "<ref>ships</ref><|end|><|assistant|>\n")  # fmt: skip
+    assert encoded[0][0].tolist() == engine.tokenizer(query)["input_ids"]
+    no_space = query.replace("</img> \n", "</img>\n")
+    assert engine.tokenizer(no_space)["input_ids"] != engine.tokenizer(query)["input_ids"]
+
+
 def test_lcz_questions_carry_the_s1_vh_10_tag() -> None:
     assert sensors.prompt_tag("[s2_ms_10]", 10) == "[s1_vh_10]"
     assert sensors.prompt_tag("[s2_ms_10]", 12) == "[s2_ms_10]"
@@ -232,24 +266,40 @@ def test_post_disaster_referring_decodes_100_tokens() -> None:
 # -- 7. decoding per task ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", list(prompts.TASKS))
+def test_greedy_is_one_beam_and_at_least_one_new_token_as_the_published_evaluation(name: str) -> None:
+    # every evaluation script sets num_beams = 1 under --dynamic and passes min_new_tokens=1
+    how = prompts.decoding_for(name, "greedy")
+    assert (how.num_beams, how.min_new_tokens, how.sampling, how.system_message) == (1, 1, None, None)
+
+
 @pytest.mark.parametrize(("name", "beams"), [
     ("classify", 5), ("tree_species", 5), ("methane", 5), ("uhi", 5), ("caption", 5), ("vqa", 5),
     ("change", 5), ("disaster", 5), ("damage", 5), ("post_disaster_refer", 5),
-    ("refer", 2), ("identify", 2), ("grounding", 2),
+    ("refer", 2), ("identify", 2), ("grounding", 2), ("chat", 1),
 ])  # fmt: skip
-def test_upstream_decoding_uses_the_evaluation_scripts_beams(name: str, beams: int) -> None:
-    assert prompts.decoding_for(name, "upstream") == (beams, 1)
-    assert prompts.decoding_for(name, "greedy") == (1, 0)
+def test_beams_are_the_evaluation_scripts_num_beams_defaults(name: str, beams: int) -> None:
+    how = prompts.decoding_for(name, "beams")
+    assert (how.num_beams, how.min_new_tokens, how.sampling) == (beams, 1, None)
 
 
-def test_chat_is_greedy_as_upstreams_demo_worker() -> None:
-    assert prompts.decoding_for("chat", "upstream") == (1, 0)
+def test_upstream_demo_samples_as_the_demos_sliders_under_its_system_message() -> None:
+    # demo/app.py slider defaults: temperature 0.7, top_p 0.95, repetition penalty 1.1; the system message
+    # is its default text + a blank line + the (default) persona text; no min_new_tokens in the worker
+    how = prompts.decoding_for("chat", "upstream_demo")
+    assert how.num_beams == 1 and how.min_new_tokens == 0
+    assert (how.sampling.temperature, how.sampling.top_p, how.sampling.repetition_penalty) == (0.7, 0.95, 1.1)
+    assert how.system_message == (
+        "Please describe this image in the details!\n\nPlease describe this image in the details!"
+    )
 
 
-def test_an_unknown_decoding_is_a_bad_request() -> None:
+@pytest.mark.parametrize("mode", ["sampling", "upstream", "beam"])
+def test_an_unknown_decoding_is_a_bad_request(mode: str) -> None:
     with pytest.raises(EarthDialError) as err:
-        prompts.decoding_for("refer", "sampling")
+        prompts.decoding_for("refer", mode)
     assert err.value.code == "bad_request"
+    assert "greedy, beams, upstream_demo" in err.value.message
 
 
 def _value_header(task: str, **options) -> dict:
@@ -258,27 +308,102 @@ def _value_header(task: str, **options) -> dict:
             "options": options}  # fmt: skip
 
 
-def test_decoding_is_chosen_per_request_over_the_server_default(engine: Engine) -> None:
+def test_a_published_checkpoint_decodes_greedily_unless_a_request_asks_otherwise(engine: Engine) -> None:
     rgb = (np.random.default_rng(1).random((3, 40, 40)) * 255).astype(np.uint8)
-    assert engine.decoding == "upstream"  # a published-layout (non-demo) checkpoint
+    assert not engine.info.demo and engine.decoding == "greedy"  # a published-layout checkpoint
     job = service.prepare(_value_header("refer"), [rgb], engine)
+    assert (job.query.num_beams, job.query.min_new_tokens, job.query.sampling) == (1, 1, None)
+    job = service.prepare(_value_header("refer", decoding="beams"), [rgb], engine)
     assert (job.query.num_beams, job.query.min_new_tokens) == (2, 1)
-    job = service.prepare(_value_header("refer", decoding="greedy"), [rgb], engine)
-    assert (job.query.num_beams, job.query.min_new_tokens) == (1, 0)
+    job = service.prepare(_value_header("chat", decoding="upstream_demo"), [rgb], engine)
+    assert job.query.sampling is not None and job.query.system.startswith("Please describe")
     with pytest.raises(EarthDialError):
         service.prepare(_value_header("refer", decoding=5), [rgb], engine)
 
 
 def test_serve_takes_a_decoding_flag() -> None:
-    assert build_parser().parse_args(["serve", "--decoding", "greedy"]).decoding == "greedy"
+    for mode in ("greedy", "beams", "upstream_demo"):
+        assert build_parser().parse_args(["serve", "--decoding", mode]).decoding == mode
     assert build_parser().parse_args(["serve"]).decoding == "auto"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--decoding", "beam"])
+    for bad in ("beam", "upstream"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--decoding", bad])
 
 
-def test_scan_queries_stay_greedy() -> None:
+def test_queries_built_without_a_decoding_are_greedy_with_one_new_token_at_least() -> None:
     q = Query("x", [])
-    assert (q.num_beams, q.min_new_tokens) == (1, 0)
+    assert (q.num_beams, q.min_new_tokens, q.sampling) == (1, 1, None)
+
+
+class _Bias:
+    """A logits processor adding `value` to one token's score at every step (after transformers' own
+    processors, min_new_tokens among them, have run)."""
+
+    def __init__(self, token: int, value: float) -> None:
+        self.token, self.value = token, value
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.token] += self.value
+        return scores
+
+
+def _refer_query(engine: Engine, **kw) -> Query:
+    image = engine.image(
+        (np.random.default_rng(5).random((3, 40, 40)) * 255).astype(np.uint8), "[hr_rgb_0.5]"
+    )
+    return Query(prompts.build_question("refer", "ships"), [image], 6, **kw)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_min_new_tokens_one_never_gives_an_empty_answer(engine: Engine, beams: int) -> None:
+    from transformers import LogitsProcessorList
+
+    end = engine.tokenizer.convert_tokens_to_ids("<|end|>")
+    wants_end = LogitsProcessorList([_Bias(end, 1e4)])  # the model's first choice is always <|end|>
+    empty = engine.generate(
+        [_refer_query(engine, num_beams=beams, min_new_tokens=0)], logits_processor=wants_end
+    )
+    one = engine.generate(
+        [_refer_query(engine, num_beams=beams, min_new_tokens=1)], logits_processor=wants_end
+    )
+    assert empty[0].ids == () and len(one[0].ids) == 1  # one token, then <|end|> (-inf only at step 0)
+
+
+def test_generation_stops_on_end_only_as_upstream(engine: Engine) -> None:
+    from transformers import LogitsProcessorList
+
+    vocab = engine.tokenizer.get_vocab()
+    assert engine.stop_ids == [vocab["<|end|>"]]
+    for other in (
+        "<|endoftext|>",
+        "</s>",
+    ):  # Phi-3's generation config lists these; upstream's chat() does not
+        push = LogitsProcessorList([_Bias(vocab[other], 1e4)])
+        out = engine.generate([_refer_query(engine)], logits_processor=push)
+        assert out[0].ids == (vocab[other],) * 6  # decoding ran on to max_new_tokens past each of them
+
+
+def test_upstream_demo_decoding_reaches_generate_as_the_demo_samples(engine: Engine, monkeypatch) -> None:
+    seen: dict = {}
+    real = engine.model.generate
+    monkeypatch.setattr(engine.model, "generate", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
+    texts: list[str] = []
+    real_encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda t: (texts.extend(t), real_encode(t))[1])
+    rgb = (np.random.default_rng(1).random((3, 40, 40)) * 255).astype(np.uint8)
+    torch.manual_seed(0)
+    service.run(_value_header("chat", decoding="upstream_demo", max_new_tokens=3), [rgb], engine)
+    assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["repetition_penalty"]) == (
+        True,
+        0.7,
+        0.95,
+        1.1,
+    )
+    assert seen["num_beams"] == 1 and seen["min_new_tokens"] == 0
+    assert texts[0].startswith(
+        "<|system|>\nPlease describe this image in the details!\n\nPlease describe this image in the details!<|end|>"
+    )
 
 
 def _queries(engine: Engine, beams: int) -> list[Query]:
@@ -433,3 +558,93 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     plan = service.plan(header, [], engine)["plan"]
     reply = service.run(header, [], engine)
     assert plan["tiles"] == reply["tiles"] <= 2 * (3 + 1)
+
+
+# -- 11. UHI bands resized as OpenCV's INTER_LINEAR -------------------------------------------------
+
+
+@pytest.mark.parametrize(("row", "size", "expected"), [
+    ([0.0, 1.0, 2.0, 3.0], 2, [0.5, 2.5]),  # 2x shrink: x -> 2x + 0.5, the mean of each pair
+    ([0.0, 10.0, 20.0, 30.0, 40.0], 2, [7.5, 32.5]),  # 2.5x: x -> 2.5x + 0.75; no antialias averaging
+    ([0.0, 4.0], 4, [0.0, 1.0, 3.0, 4.0]),  # 2x growth: x -> x / 2 - 0.25, clamped to the edge pixels
+])  # fmt: skip
+def test_linear_resize_samples_pixel_centres_as_opencv(
+    row: list[float], size: int, expected: list[float]
+) -> None:
+    from earthdial.pixels import resize_linear
+
+    out = resize_linear(torch.tensor([[row]]), 1, size)
+    torch.testing.assert_close(out[0, 0], torch.tensor(expected))
+
+
+def test_linear_resize_is_separable_in_two_dimensions() -> None:
+    from earthdial.pixels import resize_linear
+
+    out = resize_linear(torch.tensor([[[0.0, 4.0], [8.0, 12.0]]]), 4, 4)[0]
+    # rows sample at y = -0.25 (clamped 0), 0.25, 0.75, 1.25 (clamped 1); columns alike
+    expected = torch.tensor([[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]], dtype=torch.float32)
+    torch.testing.assert_close(out, expected)
+
+
+def test_uhi_landsat_bands_take_the_linear_resize(engine: Engine) -> None:
+    # band 1 normalises to 0 on the left half and 2 on the right; at 224 px column x samples the 2-pixel
+    # row at (x + 0.5) / 112 - 0.5: columns up to 55 read 0, column 111 reads 2 * (111.5 / 112 - 0.5)
+    data = np.empty((8, 2, 2), dtype=np.float32)
+    for b, (m, s) in enumerate(zip(sensors.L8_MEAN, sensors.L8_STD, strict=True)):
+        data[b, :, 0], data[b, :, 1] = m, m + 2 * s
+    image = engine.image(data, "[l8_ms_30]")
+    assert image.kind == "bands"
+    band1 = image.pixels[0, 0]
+    assert float(band1[7, 55]) == pytest.approx(0.0, abs=1e-5)
+    assert float(band1[7, 111]) == pytest.approx(2 * (111.5 / 112 - 0.5), abs=1e-5)
+    assert float(band1.max()) == pytest.approx(2.0, abs=1e-5) and float(band1.min()) >= -1e-6  # no overshoot
+
+
+# -- 12. tiles per request ------------------------------------------------------------------------------
+
+
+def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_config_without_max_dynamic_patch_takes_the_evaluations_six_tiles(
+    tiny_checkpoint, tmp_path
+) -> None:
+    d = _copy_with_config(tiny_checkpoint, tmp_path / "c", max_dynamic_patch=None)
+    assert Engine(str(d), device="cpu").max_tiles == 6  # every evaluation script's --max-num
+    d2 = _copy_with_config(tiny_checkpoint, tmp_path / "c2", max_dynamic_patch=2)
+    assert Engine(str(d2), device="cpu").max_tiles == 2  # the config's own value wins when it has one
+
+
+# -- 13. config keys upstream reads -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value"), [("select_layer", -4), ("template", "internlm2-chat")])
+def test_config_values_this_backend_cannot_honour_are_refused(tiny_checkpoint, tmp_path, key, value) -> None:
+    d = _copy_with_config(tiny_checkpoint, tmp_path / "c", **{key: value})
+    with pytest.raises(checkpoint.CheckpointError, match=key):
+        checkpoint.load(d)
+
+
+def test_absent_select_layer_and_template_load_as_earthdials(tiny_checkpoint, tmp_path) -> None:
+    d = _copy_with_config(tiny_checkpoint, tmp_path / "c", select_layer=None, template=None)
+    checkpoint.load(d)  # upstream's config defaults: select_layer -1; phi3-chat is EarthDial's template
+
+
+def test_dynamic_image_size_false_gives_each_image_one_tile(tiny_checkpoint, tmp_path) -> None:
+    # upstream's training dataloader and demo worker use the whole image when the key is false
+    d = _copy_with_config(tiny_checkpoint, tmp_path / "c", dynamic_image_size=False)
+    eng = Engine(str(d), device="cpu")
+    img = (np.random.default_rng(0).random((3, 448, 672)) * 255).astype(np.uint8)  # 6 + 1 tiles when tiled
+    assert eng.image(img, "[hr_rgb_0.5]").pixels.shape[0] == 1
+    assert service._tiles_for(eng, 672, 448, "[hr_rgb_0.5]") == 1
+    absent = _copy_with_config(tiny_checkpoint, tmp_path / "c2", dynamic_image_size=None)
+    assert Engine(str(absent), device="cpu").image(img, "[hr_rgb_0.5]").pixels.shape[0] == 6 + 1

@@ -37,7 +37,7 @@ def test_phi3_chat_template_is_exact() -> None:
 def test_task_prompts_have_earthdial_shapes() -> None:
     assert (
         build_question("refer", "ships")
-        == "[refer] [hr_rgb_0.5] <image>\n Give me the location of <ref>ships</ref>"
+        == "[refer] [hr_rgb_0.5] <image> \n Give me the location of <ref>ships</ref>"
     )
     assert build_question("caption", "") == (
         "[caption] [hr_rgb_0.5] <image>\n Could you please provide the caption for the input image?"

@@ -90,20 +90,20 @@ def test_a_corrected_layer_exports_the_expected_records(
     sensor = "[hr_rgb_0.5]"
     assert [(r["layer"], r["conversations"]) for r in rows] == [
         ("refer ships", [
-            {"from": "human", "value": f"[refer] {sensor} <image>\n Give me the location of <ref>ships</ref>"},
+            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>ships</ref>"},
             {"from": "gpt", "value": "<ref>ships</ref><box>[[10, 20, 50, 40, 0]][[20, 30, 60, 50, 30]]"
              "[[60, 60, 90, 80, 0]]</box>"}]),
         ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image>\n Give me the location of <ref>storage tank</ref>"},
+            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>storage tank</ref>"},
             {"from": "gpt", "value": "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>"}]),
         ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image>\n Give me the location of <ref>building</ref>"},
+            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>building</ref>"},
             {"from": "gpt", "value": "There is no building."}]),
         ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image>\n Give me the location of <ref>airplane</ref>"},
+            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>airplane</ref>"},
             {"from": "gpt", "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box>"}]),
         ("grounding", [
-            {"from": "human", "value": f"[grounding] {sensor} <image>\n Describe the image in detail. Detect objects "
+            {"from": "human", "value": f"[grounding] {sensor} <image> \n Describe the image in detail. Detect objects "
              "location. Describe objects size. Where objects are located?. Describe relation between objects."},
             {"from": "gpt", "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box> "
              "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>"}]),
