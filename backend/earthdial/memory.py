@@ -235,13 +235,19 @@ def _cpu_plan(
         return Plan(
             device, dtype_bytes, quantize, weights, per, None, want, seq, tiles, "free memory unknown"
         )
-    batch = _batch(shapes, device, free, dtype_bytes, quantize, tiles, new, want)
+    batch = (
+        _batch(shapes, device, free, dtype_bytes, quantize, tiles, new, want)
+        if _loads(shapes, free, dtype_bytes)
+        else 0
+    )
     bf16 = dtype_bytes == 2 or (quantize == "int8" and cpu_bf16)  # CPU int8 computes in bf16 where native
     now = CPU_WINDOW_TIME[(bf16, quantize)]
     fitting = [
         (CPU_WINDOW_TIME[(b == 2 or (q == "int8" and cpu_bf16), q)], flags)
         for b, q, flags in _cpu_settings(cpu_bf16)
-        if (b, q) != (dtype_bytes, quantize) and _fits(shapes, device, free, b, q, tiles, new)
+        if (b, q) != (dtype_bytes, quantize)
+        and _loads(shapes, free, b)
+        and _fits(shapes, device, free, b, q, tiles, new)
     ]
     fitting.sort()
     if batch >= 1:
@@ -257,15 +263,25 @@ def _cpu_plan(
         speed, flags = fitting[0]
         note = "faster" if speed < now else "as fast" if speed == now else f"~{speed / now:.2g}x slower"
         alternatives.append(f"{flags} ({note} than this setting on a CPU)")
-    if tiles > 1 and _fits(shapes, device, free, dtype_bytes, quantize, 1, new):
+    if (
+        tiles > 1
+        and _loads(shapes, free, dtype_bytes)
+        and _fits(shapes, device, free, dtype_bytes, quantize, 1, new)
+    ):
         alternatives.append("--max-tiles 1 (fewer tiles)")
     hint = "; try " + " or ".join(alternatives) if alternatives else "; nothing smaller would fit either"
-    need = weights + per
+    need = max(weights + per, weights_bytes(shapes, dtype_bytes, "none"))
     message = (
         f"not enough memory on {device}: one request needs {need / GIB:.1f} GiB (weights {weights / GIB:.1f} GiB "
         f"{quantize if quantize != 'none' else f'{8 * dtype_bytes}-bit'}), {free / GIB:.1f} GiB is free{hint}"
     )
     return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
+
+
+def _loads(shapes: Shapes, free: int, dtype_bytes: int) -> bool:
+    """Whether the weights load at all: they are read in the model's dtype and quantised afterwards, so a
+    quantised model's load peaks at its unquantised weights (measured: docs/performance.md)."""
+    return weights_bytes(shapes, dtype_bytes, "none") <= free * (1 - RESERVE_FRACTION)
 
 
 def _cpu_settings(cpu_bf16: bool) -> list[tuple[int, str, str]]:
