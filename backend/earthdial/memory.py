@@ -18,17 +18,19 @@ CUDA_OVERHEAD = 0.6 * GIB  # CUDA context, cuBLAS workspaces
 PROMPT_TOKENS = 120  # system message + task prompt, in tokens
 MAX_BATCH = 64
 
-# One 448 px window's time on a CPU as a multiple of fp32's, by (computes in bf16, quantize). Measured with
+# One 448 px window's time on a CPU as a multiple of fp32's, by (computes in bf16, quantize). bf16 and int8:
 # EarthDial-4B's shapes on the 2-core AVX-512-BF16 development CPU (benchmarks/bench_cpu.py,
-# docs/performance.md); nf4 and int8 without bf16 from one layer's products (a whole window of nf4 would
-# take most of an hour there). A CPU plan never advises a mode slower than another one that fits.
+# docs/performance.md). Estimated from one layer's products there (a whole window of nf4 would take
+# most of an hour): int8 without bf16 (fp32 activations: 2.9x fp32's time per decode row) and nf4
+# (7x bf16 in prefill, 70x in decode; without bf16 not measured, taken as the same).
+# A CPU plan never advises a mode slower than another one that fits.
 CPU_WINDOW_TIME = {
     (False, "none"): 1.0,
     (True, "none"): 0.5,
     (True, "int8"): 0.5,
-    (False, "int8"): 3.0,
-    (True, "nf4"): 25.0,
-    (False, "nf4"): 50.0,
+    (False, "int8"): 2.0,
+    (True, "nf4"): 18.0,
+    (False, "nf4"): 18.0,
 }
 
 

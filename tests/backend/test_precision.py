@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,22 @@ def test_serve_dtype_option_and_status_say_which_and_why(tiny_checkpoint: Path) 
         assert "dtype     bfloat16: asked for (--dtype)" in text
     finally:
         stop_server(proc)
+
+
+def test_cpu_int8_frees_each_full_precision_weight_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the load peak of an int8 model is its bf16 weights, not bf16 + int8 (12.2 GiB for EarthDial-4B)
+    from earthdial import quantize
+
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64)) for _ in range(4)])
+    originals = [weakref.ref(block[0]) for block in model]
+    alive: list[int] = []
+
+    class Watched(quantize.CpuInt8Linear):
+        def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
+            alive.append(sum(ref() is not None for ref in originals))  # the one being quantised included
+            super().__init__(linear, compute_dtype)
+
+    monkeypatch.setattr(quantize, "CpuInt8Linear", Watched)
+    _, count = quantize._to_cpu_int8(model, torch.bfloat16)
+    assert count == 4 and alive == [4, 3, 2, 1]
+    assert all(ref() is None for ref in originals)
