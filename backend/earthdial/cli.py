@@ -188,14 +188,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not model:
             return refuse("no model; pass --model DIR, set EARTHDIAL_MODEL, or pass --no-model (georef only)")
         from .checkpoint import CheckpointError
-        from .engine import Engine
+        from .engine import Engine, pick_device
+        from .precision import choose, llm_width
 
         try:
-            plan = _memory_plan(model, args)
+            chosen = choose(pick_device(args.device), args.dtype, llm_width(model))
+            print(f"earthdial: computing in {chosen.reason}", file=sys.stderr, flush=True)
+            plan = _memory_plan(model, args, chosen.bytes)
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
             engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize,
-                            decode=args.decode, adapter=args.adapter)  # fmt: skip
+                            decode=args.decode, adapter=args.adapter, dtype=chosen)  # fmt: skip
             if args.decoding != "auto":
                 engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
@@ -256,10 +259,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_plan(model: str, args: argparse.Namespace) -> Any:
+def _memory_plan(model: str, args: argparse.Namespace, dtype_bytes: int) -> Any:
     """The start-up memory plan for a checkpoint (from its config alone, before any weight is read)."""
     from . import memory
     from .engine import pick_device
+    from .precision import cpu_flags, native_bf16
     from .quantize import device_memory
 
     try:
@@ -270,10 +274,10 @@ def _memory_plan(model: str, args: argparse.Namespace) -> Any:
     cfg = json.loads((Path(model) / "config.json").read_text())
     tiles = (args.max_tiles or int(cfg.get("max_dynamic_patch", 6))) + 1  # + the thumbnail
     free, _ = device_memory(device)
-    dtype_bytes = 2 if device.startswith("cuda") else 4
     return memory.plan(
-        shapes, device, free, dtype_bytes, args.quantize, tiles=tiles, want_batch=args.max_batch
-    )
+        shapes, device, free, dtype_bytes, args.quantize, tiles=tiles, want_batch=args.max_batch,
+        cpu_bf16=native_bf16(cpu_flags()) is not None,
+    )  # fmt: skip
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -606,12 +610,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     adapter = model.get("adapter")
     print(f"adapter   {adapter['path'] + ' (LoRA, merged)' if adapter else 'none'}")
     print(f"device    {model.get('device')} {model.get('dtype')} attention={model.get('attention')}")
+    if model.get("dtype_reason"):
+        print(f"dtype     {model['dtype_reason']}")
     print(
         f"tiles     {model.get('image_size')} px, {model.get('tokens_per_tile')} tokens each, up to {model.get('max_tiles')}"
     )
     mem = model.get("memory") or {}
     plan = model.get("plan") or {}
-    print(f"weights   {model.get('weights_gb')} GiB, quantize={model.get('quantize')}")
+    kernel = f" ({model['quantize_kernel']})" if model.get("quantize_kernel") else ""
+    print(f"weights   {model.get('weights_gb')} GiB, quantize={model.get('quantize')}{kernel}")
     print(f"memory    {mem.get('used_gb')} GiB used, {mem.get('free_gb')} GiB free of {mem.get('total_gb')}")
     if plan:
         print(f"plan      batch {plan.get('batch')}: {plan.get('message')}")
@@ -765,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads on a CPU (default: one fewer than the cores; 0: torch's default)")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "fp32", "bf16"],
+                   help="what the model computes in (default auto: bf16 on CUDA; on a CPU bf16 where it has "
+                   "native bf16 and a start-up probe finds it faster, else fp32; status says why)")  # fmt: skip
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
     )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, pixels, scoring, sensors
+from . import checkpoint, pixels, precision, scoring, sensors
 from .prompts import DEFAULT_DECODING, Sampling, expand_images, render_chat
 from .protocol import EarthDialError, ErrorCode
 from .quantize import device_memory, weight_bytes
@@ -199,17 +199,24 @@ class Engine:
         quantize: str = "none",
         decode: str = "auto",
         adapter: str | None = None,
+        dtype: str | precision.Precision = "auto",
     ) -> None:
         device = pick_device(device)
-        # bf16 on GPUs (what the weights are published in); fp32 on CPUs, where bf16 matmuls are slow or absent.
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model, tokenizer, info = checkpoint.load(model_dir, device, dtype, attention_for(device))
+        # bf16 on GPUs (what the weights are published in); on a CPU what it computes fastest (precision.py)
+        chosen = (
+            dtype
+            if isinstance(dtype, precision.Precision)
+            else precision.choose(device, dtype, precision.llm_width(model_dir))
+        )
+        model, tokenizer, info = checkpoint.load(model_dir, device, chosen.dtype, attention_for(device))
+        self.precision = chosen
         self.adapter: dict[str, Any] | None = None
         if adapter:  # a LoRA adapter merged into the weights, before any quantization
             from . import adapters
 
             model, self.adapter = adapters.apply(model, info, adapter)
-        self.quantization = quantize_model(model, quantize)
+        int8_compute = torch.bfloat16 if chosen.dtype == torch.bfloat16 else None  # else as the CPU does best
+        self.quantization = quantize_model(model, quantize, int8_compute)
         self._setup(model, tokenizer, info, max_tiles)
         self.decode = decode_for(self.device, decode)
 
@@ -242,6 +249,8 @@ class Engine:
         self._lock = threading.Lock()  # one generate at a time on the device
         if not hasattr(self, "adapter"):
             self.adapter = None
+        if not hasattr(self, "precision"):
+            self.precision = precision.Precision(model.dtype, "set by the caller (a model built in-process)")
         if not hasattr(self, "quantization"):
             self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
         self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
@@ -258,6 +267,7 @@ class Engine:
             "variant": self.info.variant,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.precision.reason,
             "attention": self.attn_implementation,
             "image_size": self.info.image_size,
             "tokens_per_tile": self.info.tokens_per_tile,
@@ -267,6 +277,7 @@ class Engine:
             "trained_tasks": list(checkpoint.DEMO_TASKS) if self.info.demo else None,  # None: all of them
             "adapter": self.adapter,
             "quantize": self.quantization["mode"],
+            "quantize_kernel": self.quantization.get("kernel"),
             "weights_gb": round(self.quantization["bytes_after"] / 1024**3, 4),
             "memory": self.memory(),
             "plan": self.plan,

@@ -18,6 +18,21 @@ CUDA_OVERHEAD = 0.6 * GIB  # CUDA context, cuBLAS workspaces
 PROMPT_TOKENS = 120  # system message + task prompt, in tokens
 MAX_BATCH = 64
 
+# One 448 px window's time on a CPU as a multiple of fp32's, by (computes in bf16, quantize). bf16 and int8:
+# EarthDial-4B's shapes on the 2-core AVX-512-BF16 development CPU (benchmarks/bench_cpu.py,
+# docs/performance.md). Estimated from one layer's products there (a whole window of nf4 would take
+# most of an hour): int8 without bf16 (fp32 activations: 2.9x fp32's time per decode row) and nf4
+# (7x bf16 in prefill, 70x in decode; without bf16 not measured, taken as the same).
+# A CPU plan never advises a mode slower than another one that fits.
+CPU_WINDOW_TIME = {
+    (False, "none"): 1.0,
+    (True, "none"): 0.55,
+    (True, "int8"): 0.55,  # 0.76-0.98x bf16's window in two runs: taken as equal (int8 costs accuracy)
+    (False, "int8"): 2.0,
+    (True, "nf4"): 18.0,
+    (False, "nf4"): 18.0,
+}
+
 
 @dataclass(frozen=True)
 class Shapes:
@@ -148,8 +163,14 @@ def plan(
     tiles: int = 7,
     max_new_tokens: int = 300,
     want_batch: int = 8,
+    cpu_bf16: bool = False,
 ) -> Plan:
-    """The largest batch (up to `want_batch`) that fits in `free` bytes, or a refusal naming what fits."""
+    """The largest batch (up to `want_batch`) that fits in `free` bytes, or a refusal naming what fits.
+    `cpu_bf16`: the CPU computes bf16 natively (precision.native_bf16), for a CPU plan's advice."""
+    if not device.startswith("cuda"):
+        return _cpu_plan(
+            shapes, device, free, dtype_bytes, quantize, tiles, max_new_tokens, want_batch, cpu_bf16
+        )
     weights = weights_bytes(shapes, dtype_bytes, quantize)
     per, seq = request_bytes(shapes, dtype_bytes, tiles, max_new_tokens)
     overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
@@ -195,3 +216,81 @@ def _fits(
     shapes: Shapes, device: str, free: int, dtype_bytes: int, quantize: str, tiles: int, new: int
 ) -> bool:
     return _batch(shapes, device, free, dtype_bytes, quantize, tiles, new, 1) >= 1
+
+
+def _cpu_plan(
+    shapes: Shapes,
+    device: str,
+    free: int | None,
+    dtype_bytes: int,
+    quantize: str,
+    tiles: int,
+    new: int,
+    want: int,
+    cpu_bf16: bool,
+) -> Plan:
+    """A CPU plan: as `plan`, but its advice is by measured speed (CPU_WINDOW_TIME): the fastest setting
+    that fits first; a quantised one only where it is as fast, or nothing faster fits, with its slow-down."""
+    weights = weights_bytes(shapes, dtype_bytes, quantize)
+    per, seq = request_bytes(shapes, dtype_bytes, tiles, new)
+    if free is None:
+        return Plan(
+            device, dtype_bytes, quantize, weights, per, None, want, seq, tiles, "free memory unknown"
+        )
+    batch = (
+        _batch(shapes, device, free, dtype_bytes, quantize, tiles, new, want)
+        if _loads(shapes, free, dtype_bytes)
+        else 0
+    )
+    bf16 = dtype_bytes == 2 or (quantize == "int8" and cpu_bf16)  # CPU int8 computes in bf16 where native
+    now = CPU_WINDOW_TIME[(bf16, quantize)]
+    fitting = [
+        (CPU_WINDOW_TIME[(b == 2 or (q == "int8" and cpu_bf16), q)], flags)
+        for b, q, flags in _cpu_settings(cpu_bf16)
+        if (b, q) != (dtype_bytes, quantize)
+        and _loads(shapes, free, b)
+        and _fits(shapes, device, free, b, q, tiles, new)
+    ]
+    fitting.sort()
+    if batch >= 1:
+        message = (
+            f"weights {weights / GIB:.1f} GiB + {batch} x {per / GIB:.2f} GiB per request fit in "
+            f"{free / GIB:.1f} GiB free"
+        )
+        if fitting and fitting[0][0] < now:
+            message += f"; {fitting[0][1]} would fit too and answer in ~{fitting[0][0] / now:.2g}x the time"
+        return Plan(device, dtype_bytes, quantize, weights, per, free, batch, seq, tiles, message)
+    alternatives = []
+    if fitting:
+        speed, flags = fitting[0]
+        note = "faster" if speed < now else "as fast" if speed == now else f"~{speed / now:.2g}x slower"
+        alternatives.append(f"{flags} ({note} than this setting on a CPU)")
+    if (
+        tiles > 1
+        and _loads(shapes, free, dtype_bytes)
+        and _fits(shapes, device, free, dtype_bytes, quantize, 1, new)
+    ):
+        alternatives.append("--max-tiles 1 (fewer tiles)")
+    hint = "; try " + " or ".join(alternatives) if alternatives else "; nothing smaller would fit either"
+    need = max(weights + per, weights_bytes(shapes, dtype_bytes, "none"))
+    message = (
+        f"not enough memory on {device}: one request needs {need / GIB:.1f} GiB (weights {weights / GIB:.1f} GiB "
+        f"{quantize if quantize != 'none' else f'{8 * dtype_bytes}-bit'}), {free / GIB:.1f} GiB is free{hint}"
+    )
+    return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
+
+
+def _loads(shapes: Shapes, free: int, dtype_bytes: int) -> bool:
+    """Whether the weights load at all: they are read in the model's dtype and quantised afterwards, so a
+    quantised model's load peaks at its unquantised weights (measured: docs/performance.md)."""
+    return weights_bytes(shapes, dtype_bytes, "none") <= free * (1 - RESERVE_FRACTION)
+
+
+def _cpu_settings(cpu_bf16: bool) -> list[tuple[int, str, str]]:
+    """(dtype bytes, quantize, serve flags) a CPU can run; bf16 ones only where the CPU has it natively."""
+    out = [(4, "none", "--dtype float32"), (4, "int8", "--dtype float32 --quantize int8"),
+           (4, "nf4", "--dtype float32 --quantize nf4")]  # fmt: skip
+    if cpu_bf16:
+        out += [(2, "none", "--dtype bfloat16"), (2, "int8", "--dtype bfloat16 --quantize int8"),
+                (2, "nf4", "--dtype bfloat16 --quantize nf4")]  # fmt: skip
+    return out

@@ -70,6 +70,8 @@ def report(
         lines.append(f"backend status: protocol {status.get('protocol')}, queue {status.get('queue')}, "
                      f"running {status.get('running')}")  # fmt: skip
         lines.append(f"model: {json.dumps(summary)}")
+        if model.get("dtype_reason"):  # why the backend computes in this dtype (bf16 or fp32 on a CPU)
+            lines.append(f"dtype: {model['dtype_reason']}")
         lines.append(f"tasks: {', '.join(str(t.get('name')) for t in status.get('tasks') or [])}")
     else:
         lines.append(f"backend status: {status_error or 'not checked'}")

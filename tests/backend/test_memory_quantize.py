@@ -73,10 +73,40 @@ def test_an_8gb_card_in_bf16_is_told_to_quantise() -> None:
     assert "--quantize int8" in p.message and "--quantize nf4" in p.message
 
 
-def test_cpu_plans_in_fp32() -> None:
+def test_a_cpu_without_bf16_that_cannot_hold_fp32_is_told_int8_and_how_much_slower() -> None:
     assert memory.plan(memory.EARTHDIAL_4B, "cpu", 24 * GIB, 4, "none").batch >= 1
-    small = memory.plan(memory.EARTHDIAL_4B, "cpu", 12 * GIB, 4, "none")
-    assert small.batch == 0 and "--quantize int8" in small.message and "--device cpu" not in small.message
+    # fp32's weights load but leave no room for a request: int8, the fastest that fits, with its slow-down
+    tight = memory.plan(memory.EARTHDIAL_4B, "cpu", int(17.6 * GIB), 4, "none", cpu_bf16=False)
+    assert tight.batch == 0 and "--device cpu" not in tight.message and "bfloat16" not in tight.message
+    assert tight.alternatives[0] == "--dtype float32 --quantize int8 (~2x slower than this setting on a CPU)"
+    assert "nf4" not in tight.message  # never nf4 where int8 fits
+    # fp32's weights cannot be loaded to be quantised at all: int8 is not offered (it would not load)
+    small = memory.plan(memory.EARTHDIAL_4B, "cpu", 12 * GIB, 4, "none", cpu_bf16=False)
+    assert small.batch == 0 and "--quantize" not in small.message
+
+
+def test_a_bf16_cpu_that_cannot_hold_fp32_is_told_bf16_not_quantisation() -> None:
+    small = memory.plan(memory.EARTHDIAL_4B, "cpu", 12 * GIB, 4, "none", cpu_bf16=True)
+    assert small.batch == 0
+    assert small.alternatives[0] == "--dtype bfloat16 (faster than this setting on a CPU)"
+    assert "--quantize" not in small.message
+
+
+def test_a_cpu_plan_never_advises_a_slower_mode_than_one_that_fits() -> None:
+    # nf4 was asked for and fits, but bf16 fits too and is measured far faster: the plan says so
+    p = memory.plan(memory.EARTHDIAL_4B, "cpu", 24 * GIB, 2, "nf4", cpu_bf16=True)
+    assert p.batch >= 1 and "--dtype bfloat16 would fit too" in p.message
+    # bf16 asked for and fitting: nothing faster to name
+    p = memory.plan(memory.EARTHDIAL_4B, "cpu", 24 * GIB, 2, "none", cpu_bf16=True)
+    assert p.batch >= 1 and "would fit too" not in p.message
+    # bf16's weights load but leave no room for a request: int8 (loaded in bf16, then quantised) is named,
+    # with how its speed compares, and nf4 (slower still) is not
+    tight = memory.plan(memory.EARTHDIAL_4B, "cpu", int(9.2 * GIB), 2, "none", cpu_bf16=True)
+    assert tight.batch == 0 and tight.alternatives[0].startswith("--dtype bfloat16 --quantize int8 (")
+    assert "than this setting on a CPU" in tight.alternatives[0] and "nf4" not in tight.message
+    # the weights cannot even be loaded to be quantised: nothing is named
+    small = memory.plan(memory.EARTHDIAL_4B, "cpu", 6 * GIB, 2, "none", cpu_bf16=True)
+    assert small.batch == 0 and small.alternatives == [] and "nothing smaller would fit" in small.message
 
 
 def test_unknown_free_memory_plans_the_batch_asked_for() -> None:
@@ -88,6 +118,12 @@ def test_quantised_model_answers_on_the_cpu(tiny_checkpoint: Path, mode: str) ->
     engine = Engine(str(tiny_checkpoint), device="cpu", quantize=mode)
     report = engine.quantization
     assert report["mode"] == mode and report["quantised"] >= 1
+    # int8 on a CPU: PyTorch's int8 weight-only kernel, not torchao's convert-the-weight-every-call path
+    assert (
+        report["kernel"] == "torchao"
+        if mode == "nf4"
+        else report["kernel"].startswith("aten._weight_int8pack_mm")
+    )
     assert report["bytes_after"] < report["bytes_before"] == weight_bytes(checkpoint.load(tiny_checkpoint)[0])
     image = engine.image(
         (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8), "[hr_rgb_0.5]"

@@ -38,6 +38,7 @@ def test_report_has_versions_backend_and_errors(
         assert needle in text, needle
     assert f"endpoint: {dock.endpoint}" in text
     assert "EarthDial_4B_RGB" in text  # the last status the backend gave
+    assert "dtype: float32: a small model" in text  # which dtype the backend computes in, and why
     assert "unreachable: nothing answered a ping" in text  # the last error
 
     dialog = dock.open_diagnostics()
