@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import zmq
 from zmq.utils import z85
 
+from . import geokeys
 from .protocol import EarthDialError, ErrorCode
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
@@ -222,7 +223,8 @@ def check_file(path: str) -> None:
     """Refuse what must not be handed to GDAL: anything but a regular file (a FIFO would block the
     reading thread for good, a device could be endless), and a file with more than one hard link (a link
     inside an allowed directory to a file outside it cannot be told from the file itself). The file is
-    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here."""
+    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here. A GeoTIFF
+    whose own CRS text names a file is refused from its bytes (geokeys.py), before GDAL or PROJ see it."""
     try:
         before = os.stat(path)  # stat opens nothing
     except FileNotFoundError:
@@ -236,11 +238,14 @@ def check_file(path: str) -> None:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     try:
         now = os.fstat(fd)
+        _check_regular(path, now)
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+        why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
     finally:
         os.close(fd)
-    _check_regular(path, now)
-    if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
-        raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+    if why is not None:
+        raise EarthDialError(ErrorCode.BAD_CRS, f"{path} is refused: {why}")
 
 
 def _check_regular(path: str, st: os.stat_result) -> None:

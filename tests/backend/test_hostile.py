@@ -1,0 +1,197 @@
+"""Hostile input, second round (issue 24): each finding's attack, scaled to seconds, against a real
+`earthdial serve` over loopback ZeroMQ; `status` must keep answering within 1 s throughout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, start_server, stop_server
+from earthdial.protocol import Client, EarthDialError, source_by_reference
+
+STATUS_WITHIN_S = 1.0
+
+
+class StatusProbe:
+    """Asks `status` every 0.1 s on its own connection while an attack runs; every reply must come
+    within STATUS_WITHIN_S (a frozen I/O loop answers none)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with Client(self.endpoint, timeout_s=STATUS_WITHIN_S) as c:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                try:
+                    c.status(timeout_s=STATUS_WITHIN_S)
+                    self.latencies.append(time.monotonic() - t)
+                except Exception as exc:  # a timeout (or anything else) is a missed probe
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    return  # the client's socket is in an unknown state after a timeout
+                self._stop.wait(0.1)
+
+    def __enter__(self) -> StatusProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        assert not self.failures, f"status missed while under attack: {self.failures}"
+        assert self.latencies and max(self.latencies) < STATUS_WITHIN_S, self.latencies
+
+
+# --------------------------------------------------------------------------------------------------
+# 1: a raster's own CRS names a grid file (a FIFO outside the allowed folders)
+# --------------------------------------------------------------------------------------------------
+
+
+def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
+    """A little-endian uncompressed uint8 GeoTIFF written byte by byte, whose GeoKeys make GDAL build
+    its CRS from an ESRI PE citation: a user-defined model type and `PCSCitationGeoKey` holding
+    `citation` in GeoAsciiParams (what ArcGIS writes for CRSs it has no code for)."""
+    text = (citation + "|").encode("latin-1") + b"\0"
+    geokeys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+    pixels = bytes(size * size)
+    tags: list[tuple[int, int, int, bytes]] = []
+
+    def add(tag: int, kind: int, values: list | bytes) -> None:
+        if kind == 2:
+            tags.append((tag, kind, len(values), bytes(values)))
+        else:
+            code = {3: "H", 4: "I", 12: "d"}[kind]
+            tags.append((tag, kind, len(values), struct.pack(f"<{len(values)}{code}", *values)))
+
+    for tag, value in ((256, size), (257, size), (258, 8), (259, 1), (262, 1), (277, 1), (278, size)):
+        add(tag, 3, [value])
+    add(273, 4, [0])  # strip offset, set below
+    add(279, 4, [len(pixels)])
+    add(33550, 12, [10.0, 10.0, 0.0])
+    add(33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])
+    add(34735, 3, geokeys)
+    add(34737, 2, text)
+    tags.sort()
+    data_at = 8 + 2 + 12 * len(tags) + 4
+    blobs, entries = bytearray(pixels), b""
+    for tag, kind, count, value in tags:
+        if tag == 273:
+            value = struct.pack("<I", data_at)
+        if len(value) <= 4:
+            entries += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            if len(blobs) % 2:
+                blobs += b"\0"
+            entries += struct.pack("<HHII", tag, kind, count, data_at + len(blobs))
+            blobs += value
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + bytes(blobs))
+    return path
+
+
+_GEOG = ('GEOGCS["GCS_WGS_1984",DATUM["D_WGS_1984",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
+         'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]')  # fmt: skip
+_PROJ = ('PROJCS["UTM33",{geog},PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],'
+         'PARAMETER["False_Northing",0.0],PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],'
+         'PARAMETER["Latitude_Of_Origin",0.0],UNIT["Meter",1.0]]')  # fmt: skip
+_BOUND = ('BOUNDCRS[SOURCECRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
+          '298.257223563]],CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
+          'TARGETCRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,298.257223563]],'
+          'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
+          'ABRIDGEDTRANSFORMATION["t",METHOD["NTv2",ID["EPSG",9615]],'
+          'PARAMETERFILE["Latitude and longitude difference file","{grid}"]]]')  # fmt: skip
+
+
+def pe_citations(grid: str) -> dict[str, str]:
+    return {
+        "wkt1 PROJ4_GRIDS": "ESRI PE String = "
+        + _PROJ.format(geog=_GEOG.format(ext=f',EXTENSION["PROJ4_GRIDS","{grid}"]')),  # fmt: skip
+        "wkt2 PARAMETERFILE": "ESRI PE String = " + _BOUND.format(grid=grid),
+    }
+
+
+@pytest.fixture()
+def outside_fifo() -> Iterator[str]:
+    """A FIFO outside every allowed folder that nobody writes to: opening it blocks for good."""
+    where = Path(tempfile.mkdtemp(prefix="earthdial-outside-"))
+    os.mkfifo(where / "grid.gsb")
+    yield str(where / "grid.gsb")
+    shutil.rmtree(where)
+
+
+def test_a_grid_fifo_named_in_a_raster_s_own_crs_is_refused_and_the_server_keeps_answering(
+    server: str, tmp_path: Path, outside_fifo: str
+) -> None:
+    """The issue's critical finding: `plan` froze the I/O loop and `ask` the worker in PROJ's open of
+    the FIFO, for good (no status, ping, cancel; SIGTERM ignored)."""
+    with StatusProbe(server), Client(server, timeout_s=10) as c:
+        for name, citation in pe_citations(outside_fifo).items():
+            tif = str(geotiff_with_pe_citation(tmp_path / f"{name.replace(' ', '_')}.tif", citation))
+            source = source_by_reference(tif)
+            for op in ("plan", "ask"):
+                with pytest.raises(EarthDialError) as err:
+                    c.request({"op": op, "task": "refer", "prompt": "ships", "source": source})
+                assert err.value.code == "bad_crs", (name, op, err.value)
+
+
+def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    """With a regular file as the grid, its access time changed before the `bad_crs` reply: the check
+    ran after GDAL/PROJ had opened it. Now the file is never read."""
+    from earthdial import access, service
+
+    grid = tmp_path / "outside" / "grid.gsb"
+    grid.parent.mkdir()
+    grid.write_bytes(b"NUM_OREC" + bytes(200))
+    past = time.time() - 3600
+    os.utime(grid, (past, past))
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([inside])
+    try:
+        for name, citation in pe_citations(str(grid)).items():
+            tif = geotiff_with_pe_citation(inside / "x.tif", citation)
+            with pytest.raises(EarthDialError) as err:
+                service.resolve_source(source_by_reference(str(tif)), [])
+            assert err.value.code == "bad_crs", (name, err.value)
+    finally:
+        access.set_allowed_dirs(previous)
+    assert os.stat(grid).st_atime == past
+
+
+def test_a_pe_citation_naming_no_file_still_opens(tmp_path: Path) -> None:
+    """The refusal is about files, not about ESRI citations: a plain PE string georeferences as before."""
+    from earthdial import access, service
+
+    tif = geotiff_with_pe_citation(
+        tmp_path / "pe.tif", "ESRI PE String = " + _PROJ.format(geog=_GEOG.format(ext=""))
+    )
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        chip = service.resolve_source(source_by_reference(str(tif)), [])
+    finally:
+        access.set_allowed_dirs(previous)
+    assert chip.width == 8 and chip.crs not in ("", "EPSG:4326")
+
+
+@contextlib.contextmanager
+def _server(*extra: str, model: Path | None = None) -> Iterator[tuple[str, object]]:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(model, endpoint, extra=extra)
+    try:
+        yield endpoint, proc
+    finally:
+        stop_server(proc)
