@@ -11,6 +11,14 @@ reports DISCONNECTED, so no descriptor is reused under it):
 - over the cap: the connections idle the longest are ended first, so a flood of connections that send
   nothing cannot lock a new client out: the newest connection is the last to go.
 
+- unfinished messages: libzmq buffers every frame of a multipart message until its last one arrives,
+  and its size limit (ZMQ_MAXMSGSIZE) is per frame, so a peer sending large frames with MORE set and
+  never the last one made the server buffer without bound. A TCP connection's kernel counts the bytes
+  it received (TCP_INFO); the server counts the bytes of the messages it got from it; the difference is
+  what libzmq holds for that connection (its unfinished message, plus whole ones not yet read). When
+  the sum over all connections passes the budget, the connections holding the most are ended (libzmq
+  then frees their partial messages).
+
 Connections that never finish the ZMTP handshake are also dropped by libzmq after HANDSHAKE_IVL_MS.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +37,29 @@ HANDSHAKE_IVL_MS = 5000  # a connection must finish its ZMTP greeting in this ti
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_IDLE_S = 300.0
 FD_RESERVE = 64  # descriptors kept free for the model's files, sockets of the worker, logs
+# bytes a connection may have sent beyond its delivered messages without holding an unfinished message:
+# ZMTP greeting, handshake, heartbeats and frame headers
+FRAMING_SLACK = 1 << 20
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in Linux's struct tcp_info (since 4.1)
+
+
+def tcp_bytes_received(fd: int) -> int | None:
+    """Bytes the kernel received on this TCP socket, None where that is not known (not TCP, or not Linux)."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)[0])
 
 
 def raise_open_file_limit() -> int:
@@ -55,6 +87,7 @@ class Connection:
     fd: int
     opened: float
     last: float  # last message (or the accept)
+    delivered: int = 0  # bytes of the messages libzmq handed over from this connection
 
 
 class Connections:
@@ -70,10 +103,28 @@ class Connections:
     def closed(self, fd: int) -> None:
         self.open.pop(fd, None)
 
-    def message(self, fd: int, now: float) -> None:
+    def message(self, fd: int, now: float, nbytes: int = 0) -> None:
         conn = self.open.get(fd)
         if conn is not None:
             conn.last = now
+            conn.delivered += nbytes
+
+    def over_buffer(self, budget: int) -> list[int]:
+        """Connections to end because libzmq holds more of their bytes than `budget` in all: the
+        largest holders first, until the rest fit (see the module's text)."""
+        held = []
+        for conn in self.open.values():
+            received = tcp_bytes_received(conn.fd)
+            if received is not None:
+                held.append((max(0, received - conn.delivered - FRAMING_SLACK), conn.fd))
+        total = sum(h for h, _ in held)
+        ending = []
+        for h, fd in sorted(held, reverse=True):
+            if total <= budget or h == 0:
+                break
+            ending.append(fd)
+            total -= h
+        return ending
 
     def to_end(self, now: float, busy: Callable[[int], bool]) -> list[int]:
         """Descriptors to shut down now: idle ones, then the longest idle beyond the cap."""
