@@ -43,6 +43,7 @@ class Limits:
     max_queue_bytes: int = 1024 * MIB  # arrays and headers of all queued and running requests
     deadline_s: float = 600.0  # an ask/georef request, from its arrival; 0: none
     scan_deadline_s: float = 0.0  # a detect scan, from its arrival; 0: none
+    stream_timeout_s: float = 60.0  # a streamed scan waiting for its client's tiles; 0: forever
 
 
 OPTIONS = {
@@ -54,6 +55,7 @@ OPTIONS = {
     "max_queue_bytes": "--max-queue-mb",
     "deadline_s": "--deadline",
     "scan_deadline_s": "--scan-deadline",
+    "stream_timeout_s": "--stream-timeout",
 }
 
 _limits: Limits | None = None
@@ -125,6 +127,21 @@ def checkpoint(stage: str | None = None) -> None:
             "the request ran past the server's deadline (`earthdial serve --deadline` / `--scan-deadline` "
             "set it)",
         )
+
+
+def stream_timeout_s() -> float | None:
+    """Seconds a streamed scan may wait for its client's next tile (None: no limit)."""
+    seconds = _limits.stream_timeout_s if _limits is not None else 0.0
+    return seconds if seconds > 0 else None
+
+
+def stream_timeout(seconds: float, done: int, total: int) -> EarthDialError:
+    """`timeout` for a streamed scan whose client stopped sending tiles: its scan slot is freed."""
+    return EarthDialError(
+        ErrorCode.TIMEOUT,
+        f"no tile arrived for {seconds:g} s while the scan waited for one ({done} of {total} tiles done); a "
+        "streamed scan's client must keep sending tiles (`earthdial serve --stream-timeout` sets the wait)",
+    )
 
 
 def deadline_for(op: str, received: float) -> float | None:

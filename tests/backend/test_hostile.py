@@ -247,3 +247,57 @@ def test_an_unfinished_multipart_message_is_bounded_in_total() -> None:
         grew = _rss_mb(proc.pid, "VmHWM:") - before
     assert sent < 256 << 20, f"the server took {sent >> 20} MiB of one unfinished message"
     assert grew < 200, f"the server grew by {grew:.0f} MB"
+
+
+# --------------------------------------------------------------------------------------------------
+# 7: streamed scans that never send tiles
+# --------------------------------------------------------------------------------------------------
+
+
+def _small_tif(path: Path, size: int = 300) -> Path:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 1, 1)) as dst:  # fmt: skip
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8))
+    return path
+
+
+def _stream_detect(band_count: int = 3) -> dict:
+    source = {"kind": "stream", "width": 2000, "height": 2000, "band_count": band_count, "dtype": "uint8",
+              "transform": [1, 0, 500_000, 0, -1, 4_000_000], "crs": "EPSG:32633", "name": "never sent"}  # fmt: skip
+    return {"op": "detect", "task": "refer", "prompt": "ships", "source": source,
+            "options": {"tile_size": 224, "overlap": 0, "batch": 2}}  # fmt: skip
+
+
+def test_streamed_scans_that_send_no_tiles_time_out_and_free_their_slots(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """4 stream detects with no tiles held all 4 scan slots for minutes; every other detect timed out."""
+    tif = _small_tif(tmp_path / "scene.tif")
+    with _server("--stream-timeout", "1", model=tiny_checkpoint) as (endpoint, _), StatusProbe(endpoint):
+        errors: list[EarthDialError] = []
+
+        def stuck() -> None:
+            with Client(endpoint, timeout_s=30) as c:
+                try:
+                    c.request(_stream_detect(), progress=lambda ev: None)
+                except EarthDialError as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=stuck) for _ in range(4)]
+        for t in threads:
+            t.start()
+        with Client(endpoint, timeout_s=60) as c:
+            header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(tif)),
+                      "options": {"tile_size": 224, "overlap": 0, "batch": 2}}  # fmt: skip
+            assert c.scan(header)["tiles"] == 4  # another client's scan gets a slot
+            for t in threads:
+                t.join(30)
+            assert len(errors) == 4
+            assert all(e.code == "timeout" and "--stream-timeout" in e.message for e in errors), errors
+            assert c.status()["running"] == 0
+            with pytest.raises(EarthDialError) as err:  # declared bands are capped like any source's
+                c.request(_stream_detect(band_count=10**6))
+            assert err.value.code == "too_large" and "--max-bands" in err.value.message
