@@ -197,11 +197,7 @@ def check_path(path: str) -> str:
     dirs = _allowed_dirs
     if dirs is None:
         return path
-    if path.startswith("/vsi") or _URL.match(path):
-        # GDAL's virtual file systems reach archives, URLs and cloud stores
-        raise EarthDialError(
-            ErrorCode.FORBIDDEN_PATH, f"GDAL virtual file systems and URLs are not served: {path:.200}"
-        )
+    check_local_path(path, "the path")
     if not os.path.isabs(path):  # relative to what? also keeps GDAL's `DRIVER:...` names out
         raise EarthDialError(
             ErrorCode.FORBIDDEN_PATH,
@@ -217,6 +213,43 @@ def check_path(path: str) -> str:
         f"{path:.200} is outside the directories this server reads from: {where} "
         "(start it with --allow-dir DIR to add one)",
     )
+
+
+def remote_path_refusal(path: str) -> str | None:
+    """Why `path` is no plain local file name, or None: a GDAL virtual file system (`/vsicurl/`,
+    `/vsicurl?url=`, `/vsicurl_streaming/`, `/vsizip/`, `/vsis3/` ... any `/vsi` prefix, also behind
+    repeated slashes) reaches URLs, archives and cloud stores; so do URLs themselves."""
+    if path.lstrip("/").lower().startswith("vsi") and path.startswith("/"):
+        return "a GDAL virtual file system (/vsi...) path"
+    if _URL.match(path):
+        return "a URL"
+    return None
+
+
+def check_local_path(path: str, what: str) -> str:
+    """`path` when it names a local file; else `forbidden_path` (no network request is ever made for it)."""
+    why = remote_path_refusal(path)
+    if why is not None:
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{what} {path!a:.200} is {why}: only local files are read (GDAL virtual file systems and URLs "
+            "can reach the network)",
+        )
+    return path
+
+
+def check_regular(path: str) -> None:
+    """`not_a_raster` unless `path` is a regular file (a FIFO would block its reader for good), checked
+    without opening it; `file_not_found` when there is nothing. For files whose reader is not restricted
+    to the allowed folders (the CLI's own inputs that come from data files)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}") from None
+    except OSError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        _check_regular(path, st)
 
 
 def check_file(path: str) -> None:

@@ -301,3 +301,93 @@ def test_streamed_scans_that_send_no_tiles_time_out_and_free_their_slots(
             with pytest.raises(EarthDialError) as err:  # declared bands are capped like any source's
                 c.request(_stream_detect(band_count=10**6))
             assert err.value.code == "too_large" and "--max-bands" in err.value.message
+
+
+# --------------------------------------------------------------------------------------------------
+# 8: GDAL virtual file systems in paths from STAC items, list files and stored requests
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def http_listener() -> Iterator[tuple[int, socket.socket]]:
+    """A loopback port that must receive no connection (an HTTP HEAD/GET by GDAL)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.3)
+    yield listener.getsockname()[1], listener
+    listener.close()
+
+
+def _nobody_called(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+        return False
+    except TimeoutError:
+        return True
+
+
+def _vsi_paths(port: int) -> list[str]:
+    url = f"http://127.0.0.1:{port}/scene.tif"
+    return [f"/vsicurl/{url}", f"/vsicurl?url={url}", f"/vsicurl_streaming/{url}", f"//vsicurl/{url}",
+            f"file:///vsicurl/{url}"]  # fmt: skip
+
+
+def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
+    tmp_path: Path, http_listener, monkeypatch
+) -> None:
+    """detect-many's workers sent HEAD/GET to a loopback listener for STAC hrefs `/vsicurl/http://...`."""
+    import json
+
+    from earthdial import archive, many
+    from earthdial.training import DEMO_DIR
+
+    port, listener = http_listener
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "2")  # before the fix: GDAL waits on the silent listener
+    paths = _vsi_paths(port)
+    items = [
+        {"type": "Feature", "id": f"item{k}", "assets": {"visual": {"href": p}}} for k, p in enumerate(paths)
+    ]
+    stac = tmp_path / "items.json"
+    stac.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    scenes = archive.scenes_of([paths[0]], [str(listing)], [str(stac)])
+    runnable = [s for s in scenes if s.error is None]
+    if runnable:  # what a worker would do with them (only before the fix)
+        from earthdial.engine import Engine
+
+        engine = Engine(str(DEMO_DIR), device="cpu")
+        for s in runnable:
+            with contextlib.suppress(Exception):
+                many.detect_scene(many.scene_header(s.path, "refer", "ships", {"tile_size": 224}), engine)
+    assert _nobody_called(listener)
+    assert scenes and all(s.error is not None and s.error.code == "forbidden_path" for s in scenes), [
+        (s.path, s.error) for s in scenes
+    ]
+
+
+def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http_listener) -> None:
+    """`export-training` followed a stored `request` naming `/vsicurl` (HTTP HEAD) or a FIFO (hung)."""
+    from earthdial.training import export
+
+    port, listener = http_listener
+    os.mkfifo(tmp_path / "fifo.tif")
+    cases = [(p, "forbidden_path") for p in _vsi_paths(port)[:3]] + [
+        (str(tmp_path / "fifo.tif"), "not_a_raster")
+    ]
+    for path, code in cases:
+        outcome: list[BaseException] = []
+
+        def read(path: str = path, outcome: list[BaseException] = outcome) -> None:
+            try:
+                export._read_chip({"task": "refer", "sources": [{"path": path}]}, "layer")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=read, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), f"reading {path} blocked"
+        assert outcome and isinstance(outcome[0], EarthDialError) and outcome[0].code == code, (path, outcome)
+    assert _nobody_called(listener)
