@@ -187,7 +187,9 @@ def open_raster(path: str) -> Iterator[Any]:
             if restricted:
                 from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
 
-                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
+                src = access.with_descriptors(
+                    lambda: DatasetReader(path, driver=list(access.RASTER_DRIVERS)), path
+                )
             else:
                 src = rasterio.open(path)
         except RasterioError as exc:
