@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, start_server, stop_server
+from conftest import EARTHDIAL, free_port, start_server, stop_server
 from earthdial.protocol import Client, EarthDialError, source_by_reference, source_by_value
 
 STATUS_WITHIN_S = 1.0
@@ -442,3 +443,73 @@ def test_a_reconnecting_dealer_flood_leaves_descriptors_for_files(tmp_path: Path
             d.close()
         ctx.term()
         stop_server(proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# 10: outputs of the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
+    from earthdial.training import DEMO_DIR
+
+    return subprocess.run([*EARTHDIAL, "detect", str(scene), "--task", "refer", "--prompt", "ships", "--model",
+                           str(DEMO_DIR), "--device", "cpu", "--tile-size", "224", "--overlap", "0", "-o", str(output)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_detect_o_on_a_read_only_or_full_disk_is_a_typed_error_and_leaves_no_journal(
+    tmp_path: Path, disk: str
+) -> None:
+    """`detect -o` printed a traceback from the journal (and left a partial .scan.jsonl)."""
+    from test_output import mounted_tmpfs
+
+    scene = _small_tif(tmp_path / "scene.tif", 224)
+    options = "ro,size=64k" if disk == "read-only" else "size=64k"
+    with mounted_tmpfs(tmp_path / "mnt", options) as mnt:
+        if disk == "full":
+            with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(4096))
+        before = sorted(os.listdir(mnt))
+        done = _detect_to(mnt / "out.gpkg", scene)
+        after = sorted(os.listdir(mnt))
+    code = "read_only" if disk == "read-only" else "disk_full"
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert code in done.stderr, done.stderr
+    assert after == before  # no journal, no scratch folder, no output
+
+
+CONCURRENT_WRITER = """
+import json, sys
+from earthdial import output
+collection = json.loads(sys.argv[2])
+sys.stdin.readline()  # all writers start together
+print(output.write_features(sys.argv[1], collection), flush=True)
+"""
+
+
+def test_concurrent_writes_with_default_names_all_land_under_unique_names(tmp_path: Path) -> None:
+    """Six concurrent `ask -o` into one GeoPackage with default names: 1 wrote, 5 exited `output_exists`
+    and their answers were lost (docs/outputs.md promises `_2`, `_3`, ...)."""
+    import json
+
+    import pyogrio
+    from test_output import TWO
+
+    path = tmp_path / "project.gpkg"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(path), json.dumps(TWO)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(6)]  # fmt: skip
+    for w in writers:  # each has imported GDAL and waits: start them all at once
+        w.stdin.write("\n")
+    for w in writers:
+        w.stdin.close()
+    results = [(w.wait(120), w.stdout.read().strip(), w.stderr.read()[-300:]) for w in writers]
+    assert all(rc == 0 for rc, _, _ in results), results
+    names = sorted(name for _, name, _ in results)
+    base = min(names, key=len)
+    assert names == sorted([base, *(f"{base}_{k}" for k in range(2, 7))]), names
+    assert sorted(n for n, _ in pyogrio.list_layers(path)) == names
