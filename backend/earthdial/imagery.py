@@ -13,6 +13,7 @@ import functools
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,11 +199,37 @@ def open_raster(path: str) -> Iterator[Any]:
                 ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
             ) from None
         with src:
+            check_geotransform(src.transform, src.width, src.height, path)
+            if src.crs is not None:
+                try:
+                    why = _crs_values_refusal(src.crs)
+                except (CRSError, TypeError, ValueError) as exc:
+                    why = f"it cannot be read back ({exc})"
+                if why is not None:
+                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
             if restricted and src.crs is not None:
                 why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
                 if why is not None:
                     raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
             yield src
+
+
+def check_geotransform(transform: Affine, width: int, height: int, path: str) -> None:
+    """`not_a_raster` for a raster whose geotransform cannot place its pixels: a NaN or infinite term,
+    a singular (not invertible) one, or corners beyond finite coordinates (scales like 1e308)."""
+    a, b, c, d, e, f = transform[:6]
+    corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, width) for y in (0, height)]
+    det = a * e - b * d
+    ok = all(math.isfinite(v) for v in (a, b, c, d, e, f, det)) and det != 0
+    if ok:
+        inverse = (e / det, -b / det, -a / det, a / det)  # the linear part of ~transform
+        ok = all(math.isfinite(v) for xy in corners for v in xy) and all(math.isfinite(v) for v in inverse)
+    if not ok:
+        raise EarthDialError(
+            ErrorCode.NOT_A_RASTER,
+            f"{path} has a geotransform {tuple(round(v, 6) if math.isfinite(v) else v for v in (a, b, c, d, e, f))} "
+            "that does not place its pixels (not finite, or not invertible); fix its georeferencing",
+        )
 
 
 def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: int, path: str) -> np.ndarray:
@@ -315,7 +342,8 @@ def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row:
         factor = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
         side_x = math.hypot(x1 - x0, y1 - y0) * factor
         side_y = math.hypot(x2 - x0, y2 - y0) * factor
-    return (side_x + side_y) / 2
+    gsd = (side_x + side_y) / 2
+    return gsd if math.isfinite(gsd) else None  # e.g. degrees far beyond the globe: no ground size
 
 
 @functools.lru_cache(maxsize=64)
@@ -444,7 +472,12 @@ def chip_from_array(
     if nodata is not None:
         if not isinstance(nodata, numbers.Real) or isinstance(nodata, bool):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"nodata must be a number or None, got {nodata!r}")
-        nodata = float(nodata)
+        try:
+            nodata = float(nodata)
+        except OverflowError:
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"nodata {nodata:.3g} is beyond any pixel value"
+            ) from None
     return Chip(
         data=array,
         transform=aff,
@@ -461,7 +494,7 @@ def chip_from_array(
 def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in bounds)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         values = ()
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise EarthDialError(
@@ -491,11 +524,43 @@ def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]
 def _parse_crs(text: str, what: str) -> CRS:
     access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
     try:
-        return CRS.from_user_input(text)
+        crs = CRS.from_user_input(text)
+        crs_string(crs)  # PROJ parses units of 0 but cannot write the CRS out again
+        why = _crs_values_refusal(crs)
     except (CRSError, TypeError, ValueError) as exc:
         raise EarthDialError(
-            ErrorCode.BAD_CRS, f"CRS of the {what} {text!r} is not understood: {exc}"
+            ErrorCode.BAD_CRS, f"CRS of the {what} {text!r:.200} is not understood: {exc}"
         ) from None
+    if why is not None:
+        raise EarthDialError(ErrorCode.BAD_CRS, f"CRS of the {what} {text!r:.200} is refused: {why}")
+    return crs
+
+
+MAX_TOWGS84 = 1e7  # metres, arc-seconds or ppm of a datum shift; Earth's size is 1.3e7 m
+
+
+def _crs_values_refusal(crs: CRS) -> str | None:
+    """Why a parsed CRS cannot place coordinates, or None: an axis unit of 0 or not finite, an
+    ellipsoid that is not, or a datum shift (TOWGS84) whose terms are not finite or are absurd."""
+    pcrs = _pyproj_crs(crs.to_wkt())
+    for axis in pcrs.axis_info:
+        factor = axis.unit_conversion_factor
+        if not (math.isfinite(factor) and factor > 0):
+            return f"axis {axis.name!r} has a unit of {factor} (it must be a positive number)"
+    ellipsoid = pcrs.ellipsoid
+    if ellipsoid is not None and not (
+        math.isfinite(ellipsoid.semi_major_metre) and 0 < ellipsoid.semi_major_metre < 1e12
+    ):
+        return f"its ellipsoid's semi-major axis is {ellipsoid.semi_major_metre}"
+    wkt1 = crs.to_wkt()
+    for terms in re.findall(r"TOWGS84\[([^\]]*)\]", wkt1):
+        try:
+            values = [float(v) for v in terms.split(",")]
+        except ValueError:
+            return "its TOWGS84 terms are not numbers"
+        if not all(math.isfinite(v) and abs(v) < MAX_TOWGS84 for v in values):
+            return f"its TOWGS84 terms [{terms[:80]}] are not finite or beyond {MAX_TOWGS84:g}"
+    return None
 
 
 def crs_string(crs: CRS | None) -> str:
@@ -561,7 +626,7 @@ def _affine_from(transform: Sequence[float] | Affine) -> Affine:
     else:
         try:
             values = [float(v) for v in transform]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             values = []
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
         raise EarthDialError(

@@ -285,6 +285,33 @@ def check_text(header: dict[str, Any], raw: bytes | None = None) -> None:
         )
 
 
+MAX_JSON_INT = 2**63  # no count, index or coordinate of the protocol is larger; a float cannot hold 10**400
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _huge_int(node: Any, depth: int = 0) -> bool:
+    if isinstance(node, int) and not isinstance(node, bool):
+        return abs(node) >= MAX_JSON_INT
+    if depth > 200:
+        return False
+    if isinstance(node, dict):
+        return any(_huge_int(v, depth + 1) for v in node.values())
+    if isinstance(node, list):
+        return any(_huge_int(v, depth + 1) for v in node)
+    return False
+
+
+def check_numbers(header: dict[str, Any], raw: bytes | None = None) -> None:
+    """No integer of the header is beyond 2**63: JSON allows 10**400, which no float holds (Python's
+    float() and math.isfinite() raise on it). `raw` lets the common case skip the walk."""
+    if raw is not None and not _LONG_NUMBER.search(raw):
+        return
+    if _huge_int(header):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"a number of the request is beyond {MAX_JSON_INT:.3g}: no field takes one"
+        )
+
+
 def check_source_fields(source: dict[str, Any], where: str) -> None:
     """The form of a source's bands, bounds and CRS (their values are checked against the raster later)."""
     from . import access
@@ -330,6 +357,7 @@ def check_array(index: int, shape: tuple[int, ...]) -> None:
 def admit_request(header: dict[str, Any], arrays: list[Any], raw: bytes | None = None) -> None:
     """Checks of a worker request that need no file: text, sources' fields, by-value pixels."""
     check_text(header, raw)
+    check_numbers(header, raw)
     sources = header.get("sources")
     listed = [("source", header.get("source"))]
     if isinstance(sources, list):

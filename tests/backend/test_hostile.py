@@ -65,12 +65,15 @@ class StatusProbe:
 # --------------------------------------------------------------------------------------------------
 
 
-def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
-    """A little-endian uncompressed uint8 GeoTIFF written byte by byte, whose GeoKeys make GDAL build
-    its CRS from an ESRI PE citation: a user-defined model type and `PCSCitationGeoKey` holding
-    `citation` in GeoAsciiParams (what ArcGIS writes for CRSs it has no code for)."""
-    text = (citation + "|").encode("latin-1") + b"\0"
-    geokeys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+def hand_geotiff(path: Path, geokeys: list[int], text: str = "", size: int = 8,
+                 scale: tuple[float, float] = (10.0, 10.0), matrix: list[float] | None = None,
+                 doubles: list[float] | None = None) -> Path:  # fmt: skip
+    """A little-endian uncompressed uint8 GeoTIFF written byte by byte: `geokeys` (GeoKeyDirectory
+    entries, 4 values each) and GeoAsciiParams `text`; georeferenced by a pixel scale and a tie point,
+    or by a ModelTransformation `matrix` (16 values); GeoDoubleParams `doubles`. Any value, NaN and 0
+    included, is written as is."""
+    ascii_params = text.encode("latin-1") + b"\0"
+    directory = [1, 1, 0, len(geokeys) // 4, *geokeys]
     pixels = bytes(size * size)
     tags: list[tuple[int, int, int, bytes]] = []
 
@@ -85,10 +88,16 @@ def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
         add(tag, 3, [value])
     add(273, 4, [0])  # strip offset, set below
     add(279, 4, [len(pixels)])
-    add(33550, 12, [10.0, 10.0, 0.0])
-    add(33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])
-    add(34735, 3, geokeys)
-    add(34737, 2, text)
+    if matrix is None:
+        add(33550, 12, [scale[0], scale[1], 0.0])
+        add(33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])
+    else:
+        add(34264, 12, matrix)
+    add(34735, 3, directory)
+    if doubles:
+        add(34736, 12, doubles)  # GeoDoubleParams
+    if text:
+        add(34737, 2, ascii_params)
     tags.sort()
     data_at = 8 + 2 + 12 * len(tags) + 4
     blobs, entries = bytearray(pixels), b""
@@ -104,6 +113,16 @@ def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
             blobs += value
     path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + bytes(blobs))
     return path
+
+
+UTM33_KEYS = [1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633]  # projected, pixel is area, EPSG:32633
+
+
+def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
+    """A GeoTIFF whose GeoKeys make GDAL build its CRS from an ESRI PE citation: a user-defined model
+    type and `PCSCitationGeoKey` holding `citation` (what ArcGIS writes for CRSs it has no code for)."""
+    text = citation + "|"
+    return hand_geotiff(path, [1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text), 0], text, size)
 
 
 _GEOG = ('GEOGCS["GCS_WGS_1984",DATUM["D_WGS_1984",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
@@ -513,3 +532,85 @@ def test_concurrent_writes_with_default_names_all_land_under_unique_names(tmp_pa
     base = min(names, key=len)
     assert names == sorted([base, *(f"{base}_{k}" for k in range(2, 7))]), names
     assert sorted(n for n, _ in pyogrio.list_layers(path)) == names
+
+
+# --------------------------------------------------------------------------------------------------
+# 12: bad values are typed errors, never `internal`
+# --------------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+_UTM_UNIT0 = ('PROJCRS["x",BASEGEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
+              '298.257223563]]],CONVERSION["UTM zone 33N",METHOD["Transverse Mercator",ID["EPSG",9807]],'
+              'PARAMETER["Latitude of natural origin",0,ANGLEUNIT["degree",0.0174532925199433]],'
+              'PARAMETER["Longitude of natural origin",15,ANGLEUNIT["degree",0.0174532925199433]],'
+              'PARAMETER["Scale factor at natural origin",0.9996,SCALEUNIT["unity",1]],'
+              'PARAMETER["False easting",500000,LENGTHUNIT["metre",1]],PARAMETER["False northing",0,LENGTHUNIT["metre",1]]],'
+              'CS[Cartesian,2],AXIS["easting",east],AXIS["northing",north],LENGTHUNIT["metre",0]]')  # fmt: skip
+_GEOG = 'GEOGCS["x",DATUM["d",SPHEROID["WGS 84",6378137,298.257223563]{towgs}],PRIMEM["Greenwich",0],UNIT["degree",{unit}]]'
+BAD_CRSS = {
+    "WKT2 length unit 0": _UTM_UNIT0,
+    "TOWGS84 1e308": _GEOG.format(towgs=",TOWGS84[1e308,1e308,1e308,0,0,0,0]", unit="0.0174532925199433"),
+    "angle unit 0": _GEOG.format(towgs="", unit="0"),
+}
+
+
+def _bad_rasters(root: Path) -> dict[str, Path]:
+    m = [0.0] * 4 + [0.0] * 4 + [0.0] * 8  # ModelTransformation rows
+    user_datum = [1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 32767, 2050, 0, 1, 32767, 2056, 0, 1, 7030,
+                  2054, 0, 1, 9102, 2062, 34736, 3, 0]  # fmt: skip
+    degrees_far_off = [1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 4326]
+    singular = [1, 2, 0, 500_000, 2, 4, 0, 4_000_000, *m[8:15], 1]
+    nan_matrix = [NAN, 0, 0, 500_000, 0, -10, 0, 4_000_000, *m[8:15], 1]
+    return {
+        "NaN scale": hand_geotiff(root / "nan.tif", UTM33_KEYS, scale=(NAN, 10.0)),
+        "inf scale": hand_geotiff(root / "inf.tif", UTM33_KEYS, scale=(INF, 10.0)),
+        "singular matrix": hand_geotiff(root / "singular.tif", UTM33_KEYS, matrix=singular),
+        "NaN matrix": hand_geotiff(root / "nanmatrix.tif", UTM33_KEYS, matrix=nan_matrix),
+        "1e308 scale": hand_geotiff(root / "huge.tif", UTM33_KEYS, scale=(1e308, 1e308)),
+        "1e-320 scale": hand_geotiff(root / "tiny.tif", UTM33_KEYS, scale=(1e-320, 1e-320)),
+        "own TOWGS84 1e308": hand_geotiff(
+            root / "towgs.tif", user_datum, scale=(0.001, 0.001), doubles=[1e308] * 3
+        ),
+        "degrees far off the globe": hand_geotiff(root / "far.tif", degrees_far_off, scale=(0.001, 0.001)),
+    }
+
+
+def test_bad_values_are_typed_errors_never_internal(server: str, tmp_path: Path) -> None:
+    """NaN/inf/singular geotransforms, WKT2 with unit 0, a TOWGS84[1e308...], a 10**400 bound: `internal`
+    (the code for our bugs) instead of a typed error."""
+    ok = hand_geotiff(tmp_path / "ok.tif", UTM33_KEYS)
+    answer = "<ref>a</ref><box>[[0, 0, 500, 500]]</box>"
+    pixels = np.zeros((3, 8, 8), np.uint8)
+    by_value = source_by_value((10, 0, 500_000, 0, -10, 4_000_000), "EPSG:32633")
+    cases: list[tuple[str, dict, list, set[str]]] = []
+    for name, path in _bad_rasters(tmp_path).items():
+        cases.append((name, source_by_reference(str(path)), [], {"not_a_raster", "bad_crs", "ok"}))
+    for name, crs in BAD_CRSS.items():
+        cases.append((f"bounds in {name}", {**source_by_reference(str(ok)), "bounds": [10, 10, 20, 20], "crs": crs}, [],
+                      {"bad_crs"}))  # fmt: skip
+        cases.append((f"pixels in {name}", {**by_value, "crs": crs}, [pixels], {"bad_crs"}))
+    huge = 10**400
+    cases += [
+        ("a 10**400 bound", {**source_by_reference(str(ok)), "bounds": [0, 0, huge, 1]}, [], {"bad_request"}),
+        (
+            "a 10**400 transform term",
+            {**by_value, "transform": [huge, 0, 0, 0, -10, 0]},
+            [pixels],
+            {"bad_request"},
+        ),
+        ("a 10**400 nodata", {**by_value, "nodata": huge}, [pixels], {"bad_request"}),
+        ("a 10**400 band", {**source_by_reference(str(ok)), "bands": [huge]}, [], {"bad_request"}),
+    ]
+    seen = []
+    with StatusProbe(server), Client(server, timeout_s=20) as c:
+        for name, source, arrays, codes in cases:
+            for header in ({"op": "georef", "answer": answer, "source": source},
+                           {"op": "plan", "task": "refer", "prompt": "ships", "source": source}):  # fmt: skip
+                try:
+                    c.request(header, arrays)
+                    code = "ok"
+                except EarthDialError as exc:
+                    code = exc.code
+                seen.append((name, header["op"], code))
+                assert code in codes, (name, header["op"], code, codes)
+    assert not [s for s in seen if s[2] == "internal"]
