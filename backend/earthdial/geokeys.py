@@ -26,6 +26,7 @@ _NAMES_FILES = re.compile(
     re.I,
 )
 # field types: (size of one value, struct code)
+_SHORT_OR_LONG = {256, 257, 259, 278, 322}  # tags stored as SHORT, LONG or LONG8
 _TYPES = {
     1: 1,
     2: 1,
@@ -50,9 +51,10 @@ class NotTiff(Exception):
     """The bytes are not a TIFF (the caller lets GDAL decide what they are)."""
 
 
-def geo_ascii_params(fd: int) -> str | None:
-    """The GeoAsciiParams text of the first image of the TIFF open at `fd` (None when it has none);
-    NotTiff when the file is no TIFF; ValueError when its structure is broken or over the bounds."""
+def first_ifd(fd: int, wanted: set[int]) -> dict[int, bytes]:
+    """The raw values of the `wanted` tags of the first image of the TIFF open at `fd`, with the byte
+    order prefixed ("<" or ">") under key -1; NotTiff when the file is no TIFF; ValueError when its
+    structure is broken or over the bounds above."""
     head = os.pread(fd, 16, 0)
     if head[:4] in (b"II*\0", b"MM\0*"):
         big, order = False, "<" if head[:2] == b"II" else ">"
@@ -74,24 +76,58 @@ def geo_ascii_params(fd: int) -> str | None:
     entries = os.pread(fd, count * entry_size, ifd + count_size)
     if len(entries) < count * entry_size:
         raise ValueError("the first image directory is cut short")
+    found: dict[int, bytes] = {-1: order.encode()}
     for i in range(count):
         entry = entries[i * entry_size : (i + 1) * entry_size]
         tag, kind = struct.unpack(order + "HH", entry[:4])
-        if tag != GEO_ASCII_PARAMS:
+        if tag not in wanted:
             continue
         inline = 8 if big else 4  # the value (or its offset) follows the count, both this wide
         (n,) = struct.unpack(order + offset_code, entry[4 : 4 + inline])
         size = n * _TYPES.get(kind, 1)
         if size > MAX_ASCII_BYTES:
-            raise ValueError(f"its GeoAsciiParams tag holds {size} bytes")
+            raise ValueError(f"its tag {tag} holds {size} bytes")
         value_at = entry[4 + inline :]
         if size <= inline:
-            data = value_at[:size]
+            found[tag] = value_at[:size]
         else:
             (offset,) = struct.unpack(order + offset_code, value_at[:inline])
-            data = os.pread(fd, size, offset)
-        return data.decode("latin-1")
-    return None
+            found[tag] = os.pread(fd, size, offset)
+        if tag in _SHORT_OR_LONG:
+            found[tag] = kind.to_bytes(2, "little") + found[tag]  # the type decides 2- or 4-byte values
+    return found
+
+
+def geo_ascii_params(fd: int) -> str | None:
+    """The GeoAsciiParams text of the first image of the TIFF open at `fd` (None when it has none)."""
+    data = first_ifd(fd, {GEO_ASCII_PARAMS}).get(GEO_ASCII_PARAMS)
+    return None if data is None else data.decode("latin-1")
+
+
+def stored_block(fd: int) -> tuple[int, int] | None:
+    """The (rows, cols) GDAL decodes at least for any pixel of the first image of the TIFF at `fd`, where
+    GDAL reports less: a compressed strip of many rows (GDAL shows 1-row blocks for one strip, yet
+    decodes every row above the one read). Tiles are reported right and uncompressed strips are read
+    row by row, so None for those, and for a file that is no TIFF or is broken."""
+    try:
+        tags = first_ifd(fd, {256, 257, 259, 278, 322})
+    except (NotTiff, ValueError, struct.error, OverflowError, OSError):
+        return None
+    order = tags[-1].decode()
+
+    def first(tag: int, default: int) -> int:
+        raw = tags.get(tag)
+        if raw is None or len(raw) < 4:
+            return default
+        kind, data = int.from_bytes(raw[:2], "little"), raw[2:]
+        code = "H" if kind == 3 else "Q" if kind == 16 else "I"
+        size = struct.calcsize(code)
+        return int(struct.unpack(order + code, data[:size])[0]) if len(data) >= size else default
+
+    width, height = first(256, 0), first(257, 0)
+    if width <= 0 or height <= 0 or 322 in tags or first(259, 1) == 1:
+        return None
+    return min(height, max(1, first(278, height))), width
 
 
 def refusal(fd: int) -> str | None:

@@ -28,7 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform as warp_transform
 
-from . import access, limits
+from . import access, geokeys, limits
 from .protocol import EarthDialError, ErrorCode
 from .protocol import snap_ceil as _ceil
 from .protocol import snap_floor as _floor
@@ -232,6 +232,27 @@ def check_geotransform(transform: Affine, width: int, height: int, path: str) ->
         )
 
 
+def decoded_block(src: Any, path: str, band: int) -> tuple[tuple[int, int], bool]:
+    """The (rows, cols) GDAL decodes at least for one pixel, and whether the file is decoded from its
+    top (PNG, JPEG, a GeoTIFF of one compressed strip): GDAL's block, except for a GeoTIFF stored in
+    compressed strips taller than GDAL shows (geokeys.stored_block reads them from the file)."""
+    block = src.block_shapes[band - 1] if src.block_shapes else (1, src.width)
+    if src.driver in ("PNG", "JPEG"):
+        return block, True
+    if src.driver == "GTiff" and not path.startswith("/vsi"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return block, False
+        try:
+            stored = geokeys.stored_block(fd)
+        finally:
+            os.close(fd)
+        if stored is not None and stored[0] > block[0]:
+            return stored, stored[0] >= src.height  # one strip: decoded from its top to the rows read
+    return block, False
+
+
 def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: int, path: str) -> np.ndarray:
     """Read a window of `src` into out_w x out_h pixels: averaged when the source pixels that decodes
     (through GDAL's overviews) fit the server's budget, else decimated (nearest), else `too_large`. A
@@ -239,8 +260,14 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
     them (strips of an averaged read cover whole output rows, so the result equals one read)."""
     win_w, win_h = int(window.width), int(window.height)
     overviews = src.overviews(indexes[0]) if src.count else []
-    block = src.block_shapes[indexes[0] - 1] if src.block_shapes else (1, win_w)
-    average, cost = limits.plan_read(win_w, win_h, out_w, out_h, len(indexes), overviews, block, path)
+    block, sequential = decoded_block(src, path, indexes[0])
+    # pixel-interleaved blocks hold every band of the file: GDAL decodes them all for any one
+    interleaved = src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL"
+    touched = limits.blocks_cost((int(window.col_off), int(window.row_off), win_w, win_h), (src.width, src.height),
+                                 block, src.count if interleaved else len(indexes), sequential)  # fmt: skip
+    average, cost = limits.plan_read(
+        win_w, win_h, out_w, out_h, len(indexes), overviews, block, path, touched, sequential
+    )
     # Average (a box filter) when shrinking: it does not alias fine texture the way nearest does, works
     # for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
     resampling = Resampling.average if average else Resampling.nearest

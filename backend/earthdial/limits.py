@@ -174,6 +174,21 @@ def decimated_cost(win_w: int, win_h: int, out_w: int, out_h: int, bands: int, b
     return min(cols, win_w + block_w) * min(rows, win_h + block_h) * bands
 
 
+def blocks_cost(window: tuple[int, int, int, int], size: tuple[int, int], block: tuple[int, int], bands: int,
+                sequential: bool = False) -> int:  # fmt: skip
+    """Source pixels GDAL decodes for a full-resolution read of `window` (col, row, width, height) of a
+    raster of `size` (width, height): every block the window touches, whole; for a file decoded from its
+    top (PNG, JPEG), every row above the window's last one."""
+    col, row, w, h = window
+    width, height = size
+    if sequential:
+        return min(height, row + h) * width * bands
+    bh, bw = max(1, block[0]), max(1, block[1])
+    across = (col + max(w, 1) - 1) // bw - col // bw + 1
+    down = (row + max(h, 1) - 1) // bh - row // bh + 1
+    return min(across * bw, width) * min(down * bh, height) * bands
+
+
 def plan_read(
     win_w: int,
     win_h: int,
@@ -183,20 +198,29 @@ def plan_read(
     overviews: list[int],
     block: tuple[int, int],
     what: str,
+    touched: int = 0,
+    sequential: bool = False,
 ) -> tuple[bool, int]:
     """(average?, source pixels) for a read: averaged when that fits the pixel budget, else decimated
-    (nearest) when that does; `too_large` otherwise, naming the budget."""
+    (nearest) when that does; `too_large` otherwise, naming the budget. `touched`: what the blocks under
+    the window hold at full resolution (blocks_cost), decoded whenever no overview serves the read:
+    a 10 x 10 px window of a file with 24 576 px tiles decodes 600 M px. A decimated read decodes the
+    blocks its sample points hit, but a `sequential` file (decoded from its top) all of `touched`."""
     cost = average_cost(win_w, win_h, out_w, out_h, bands, overviews)
+    wanted = min(win_w / max(out_w, 1), win_h / max(out_h, 1))
+    floor = 0 if any(f <= wanted for f in overviews) else touched  # full resolution: whole blocks
+    cost = max(cost, floor)
     limits = _limits
     if limits is None or cost <= limits.max_pixels:
         return True, cost
-    sparse = decimated_cost(win_w, win_h, out_w, out_h, bands, block)
+    sparse = max(decimated_cost(win_w, win_h, out_w, out_h, bands, block), floor if sequential else 0)
     if sparse <= limits.max_pixels:
         return False, sparse
     raise too_large(
         f"reading {what} ({win_w} x {win_h} px x {bands} band(s) into {out_w} x {out_h}) decodes "
-        f"{cost:,} source pixels ({'no overviews' if not overviews else 'overviews ' + ','.join(map(str, overviews))}; "
-        "build overviews with gdaladdo, ask for a smaller window or a coarser GSD)",
+        f"{cost:,} source pixels ({'no overviews' if not overviews else 'overviews ' + ','.join(map(str, overviews))}"
+        f"{f'; blocks of {block[1]} x {block[0]} px' if touched > win_w * win_h * bands else ''}; build overviews "
+        "with gdaladdo, retile with gdal_translate -co TILED=YES, ask for a smaller window or a coarser GSD)",
         cost,
         "max_pixels",
     )

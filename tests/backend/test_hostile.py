@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -614,3 +615,51 @@ def test_bad_values_are_typed_errors_never_internal(server: str, tmp_path: Path)
                 seen.append((name, header["op"], code))
                 assert code in codes, (name, header["op"], code, codes)
     assert not [s for s in seen if s[2] == "internal"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 6: block size in the read cost
+# --------------------------------------------------------------------------------------------------
+
+
+def _blocky_tif(path: Path, size: int, **layout: Any) -> Path:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 1, 1), compress="DEFLATE", **layout) as dst:  # fmt: skip
+        dst.write(np.zeros((3, size, size), np.uint8))
+    return path
+
+
+def test_big_blocks_count_in_the_pixel_budget(tmp_path: Path) -> None:
+    """A 7 MB file with 24 576 px tiles: a 10 x 10 px ask took the server from 0.42 to 2.80 GB; a
+    one-strip DEFLATE 100 000 px TIFF: a 100 x 100 window at the last row decoded ~10 G px. Scaled: a
+    budget of 1 M px, one 2 048 px tile, a one-strip 2 048 px file."""
+    tiles = _blocky_tif(tmp_path / "tile.tif", 2048, tiled=True, blockxsize=2048, blockysize=2048)
+    strip = _blocky_tif(tmp_path / "strip.tif", 2048, blockysize=2048)
+    small = _blocky_tif(tmp_path / "small.tif", 2048, tiled=True, blockxsize=256, blockysize=256)
+    answer = "<ref>a</ref><box>[[0, 0, 500, 500]]</box>"
+
+    def window(path: Path, row: int) -> dict:
+        top = 4_000_000 - row
+        return {
+            **source_by_reference(str(path)),
+            "bounds": [500_000, top - 10, 500_010, top],
+            "crs": "EPSG:32633",
+        }
+
+    with (
+        _server("--max-pixels", "1000000") as (endpoint, _),
+        StatusProbe(endpoint),
+        Client(endpoint, timeout_s=20) as c,
+    ):
+        for path, row in ((tiles, 0), (strip, 2038)):
+            with pytest.raises(EarthDialError) as err:
+                c.georef(window(path, row), answer)
+            assert err.value.code == "too_large" and "--max-pixels" in err.value.message, (
+                path.name,
+                err.value,
+            )
+        assert c.georef(window(small, 1000), answer)["ok"]  # 256 px tiles: 1 tile of 65 536 px x 3 bands
+        assert c.georef(window(strip, 0), answer)["ok"]  # the strip's first rows: decoded from its top
