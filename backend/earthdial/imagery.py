@@ -294,19 +294,34 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
 
 
-def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
+SAMPLE_PIXELS = 4 * 1024 * 1024  # source pixels a sample may decode: `plan` takes it on the I/O loop
+
+
+def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
     """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
     averaging, which would hide the speckle that tells linear SAR power apart). Of the whole raster when
     it is small or has overviews, else of its central 1024 x 1024 pixels: a nearest read of a whole large
-    tiled raster without overviews decodes every tile it samples (billions of pixels)."""
+    tiled raster without overviews decodes every tile it samples (billions of pixels). A file decoded
+    from its top (PNG, JPEG, one strip) is sampled in its first rows; None when even that, or the blocks
+    under the sample, would decode more than SAMPLE_PIXELS (a 65 500 px PNG froze `plan` for 5 s)."""
     with open_raster(os.fspath(path)) as src:
         index = check_bands([band], src.count, path)
         width, height = src.width, src.height
+        block, sequential = decoded_block(src, path, index[0])
         if src.overviews(index[0]) or max(width, height) <= 1024:
             window = rasterio.windows.Window(0, 0, width, height)
+        elif sequential:
+            rows = max(1, min(height, 1024, SAMPLE_PIXELS // max(width, 1)))
+            window = rasterio.windows.Window(0, 0, width, rows)
         else:
             w, h = min(width, 1024), min(height, 1024)
             window = rasterio.windows.Window((width - w) // 2, (height - h) // 2, w, h)
+        if not src.overviews(index[0]):
+            bands = src.count if src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL" else 1
+            touched = limits.blocks_cost((int(window.col_off), int(window.row_off), int(window.width),
+                                          int(window.height)), (width, height), block, bands, sequential)  # fmt: skip
+            if touched > SAMPLE_PIXELS:
+                return None
         scale = max(1.0, max(window.width, window.height) / size)
         shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
         try:
