@@ -547,11 +547,11 @@ _UTM_UNIT0 = ('PROJCRS["x",BASEGEOGCRS["WGS 84",DATUM["World Geodetic System 198
               'PARAMETER["Scale factor at natural origin",0.9996,SCALEUNIT["unity",1]],'
               'PARAMETER["False easting",500000,LENGTHUNIT["metre",1]],PARAMETER["False northing",0,LENGTHUNIT["metre",1]]],'
               'CS[Cartesian,2],AXIS["easting",east],AXIS["northing",north],LENGTHUNIT["metre",0]]')  # fmt: skip
-_GEOG = 'GEOGCS["x",DATUM["d",SPHEROID["WGS 84",6378137,298.257223563]{towgs}],PRIMEM["Greenwich",0],UNIT["degree",{unit}]]'
+_GEOG_VALUES = 'GEOGCS["x",DATUM["d",SPHEROID["WGS 84",6378137,298.257223563]{towgs}],PRIMEM["Greenwich",0],UNIT["degree",{unit}]]'
 BAD_CRSS = {
     "WKT2 length unit 0": _UTM_UNIT0,
-    "TOWGS84 1e308": _GEOG.format(towgs=",TOWGS84[1e308,1e308,1e308,0,0,0,0]", unit="0.0174532925199433"),
-    "angle unit 0": _GEOG.format(towgs="", unit="0"),
+    "TOWGS84 1e308": _GEOG_VALUES.format(towgs=",TOWGS84[1e308,1e308,1e308,0,0,0,0]", unit="0.0174532925199433"),
+    "angle unit 0": _GEOG_VALUES.format(towgs="", unit="0"),
 }
 
 
