@@ -550,7 +550,9 @@ _UTM_UNIT0 = ('PROJCRS["x",BASEGEOGCRS["WGS 84",DATUM["World Geodetic System 198
 _GEOG_VALUES = 'GEOGCS["x",DATUM["d",SPHEROID["WGS 84",6378137,298.257223563]{towgs}],PRIMEM["Greenwich",0],UNIT["degree",{unit}]]'
 BAD_CRSS = {
     "WKT2 length unit 0": _UTM_UNIT0,
-    "TOWGS84 1e308": _GEOG_VALUES.format(towgs=",TOWGS84[1e308,1e308,1e308,0,0,0,0]", unit="0.0174532925199433"),
+    "TOWGS84 1e308": _GEOG_VALUES.format(
+        towgs=",TOWGS84[1e308,1e308,1e308,0,0,0,0]", unit="0.0174532925199433"
+    ),
     "angle unit 0": _GEOG_VALUES.format(towgs="", unit="0"),
 }
 
