@@ -306,9 +306,12 @@ def check_file(path: str) -> None:
         _check_regular(path, now)
         if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
             raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
         why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
     finally:
         os.close(fd)
+    if too_many is not None:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is refused: {too_many}")
     if why is not None:
         raise EarthDialError(ErrorCode.BAD_CRS, f"{path} is refused: {why}")
 

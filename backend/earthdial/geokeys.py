@@ -130,6 +130,48 @@ def stored_block(fd: int) -> tuple[int, int] | None:
     return min(height, max(1, first(278, height))), width
 
 
+MAX_IFDS = 4096  # images in one TIFF: a COG has its overviews and masks, some dozens; GDAL lists all at open
+
+
+def ifd_count_refusal(fd: int) -> str | None:
+    """Why a TIFF has too many images for GDAL to open (it reads every image directory as it opens the
+    file, holding the GIL: a 138 MB file of 1 M 1 x 1 directories froze the server for 36 s), or None.
+    The chain of directories is walked from the header, a few bytes a directory, up to MAX_IFDS."""
+    head = os.pread(fd, 16, 0)
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        big, order = False, "<" if head[:2] == b"II" else ">"
+        (ifd,) = struct.unpack(order + "I", head[4:8])
+    elif head[:4] in (b"II+\0", b"MM\0+") and len(head) >= 16:
+        big, order = True, "<" if head[:2] == b"II" else ">"
+        (ifd,) = struct.unpack(order + "Q", head[8:16])
+    else:
+        return None
+    try:
+        return _walk_ifds(fd, ifd, big, order)
+    except (OverflowError, OSError, struct.error):  # an offset past any file: GDAL stops there too
+        return None
+
+
+def _walk_ifds(fd: int, ifd: int, big: bool, order: str) -> str | None:
+    count_size, entry_size, next_code = (8, 20, "Q") if big else (2, 12, "I")
+    seen: set[int] = set()
+    while ifd and ifd not in seen:
+        if len(seen) >= MAX_IFDS:
+            return f"it holds more than {MAX_IFDS} images (TIFF directories)"
+        seen.add(ifd)
+        raw = os.pread(fd, count_size, ifd)
+        if len(raw) < count_size:
+            return None  # a broken chain: GDAL stops there too
+        (count,) = struct.unpack(order + ("Q" if big else "H"), raw)
+        if count > MAX_IFD_ENTRIES:
+            return f"an image directory claims {count} entries"
+        raw = os.pread(fd, struct.calcsize(next_code), ifd + count_size + count * entry_size)
+        if len(raw) < struct.calcsize(next_code):
+            return None
+        (ifd,) = struct.unpack(order + next_code, raw)
+    return None
+
+
 def refusal(fd: int) -> str | None:
     """Why the file open at `fd` must not reach GDAL for its CRS, or None: a TIFF whose GeoKeys' text
     names a file (a grid, an init file, a PROJ pipeline), or whose first directory cannot be read within

@@ -701,3 +701,55 @@ def test_plans_of_a_big_png_do_not_freeze_the_io_loop(server: str, tmp_path: Pat
                 c.close()
     with Client(server, timeout_s=60) as c:
         assert c.plan(header)["preset"]  # still answered, from the first rows' sample
+
+
+# --------------------------------------------------------------------------------------------------
+# 3: a TIFF of very many image directories
+# --------------------------------------------------------------------------------------------------
+
+
+def many_ifd_geotiff(path: Path, extra: int) -> Path:
+    """A small GeoTIFF followed by `extra` 1 x 1 px reduced-resolution images (overview directories),
+    chained after its own: GDAL reads every one of them when it lists the file's overviews."""
+    hand_geotiff(path, UTM33_KEYS)
+    data = bytearray(path.read_bytes())
+    (count,) = struct.unpack_from("<H", data, 8)
+    link = 8 + 2 + 12 * count  # where the first directory names the next one
+    tags = ((254, 4, 1), (256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+            (277, 3, 1), (278, 3, 1), (279, 4, 1))  # fmt: skip
+    size = 2 + 12 * len(tags) + 4
+    start = len(data) + (len(data) % 2)
+    pixel = start + extra * size  # one shared byte of pixels
+    chain = bytearray()
+    for k in range(extra):
+        at = start + k * size
+        chain += struct.pack("<H", len(tags))
+        for tag, kind, value in tags:
+            value = pixel if tag == 273 else value
+            chain += struct.pack("<HHI", tag, kind, 1) + struct.pack("<I" if kind == 4 else "<Hxx", value)
+        chain += struct.pack("<I", at + size if k + 1 < extra else 0)
+    struct.pack_into("<I", data, link, start)
+    path.write_bytes(bytes(data) + bytes(start - len(data)) + bytes(chain) + b"\0")
+    return path
+
+
+def test_a_tiff_of_very_many_directories_is_refused_before_gdal_lists_them(
+    server: str, tmp_path: Path
+) -> None:
+    """1 M 1 x 1 overview directories: `plan` froze the I/O loop 36 s (1.2 -> 3.8 GB), `ask` gave no reply
+    in 300 s. Scaled: 100 000 directories (13 MB)."""
+    tif = many_ifd_geotiff(tmp_path / "ifds.tif", 100_000)
+    few = many_ifd_geotiff(tmp_path / "few.tif", 12)  # a COG's overviews and masks: read as before
+    with StatusProbe(server), Client(server, timeout_s=60) as c:
+        for op in ("plan", "georef"):
+            header = {
+                "op": op,
+                "task": "chat",
+                "prompt": "what?",
+                "answer": "x",
+                "source": source_by_reference(str(tif)),
+            }
+            with pytest.raises(EarthDialError) as err:
+                c.request(header)
+            assert err.value.code == "not_a_raster" and "directories" in err.value.message, err.value
+        assert c.georef(source_by_reference(str(few)), "x")["ok"]
