@@ -15,19 +15,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import stat
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import zmq
 from zmq.utils import z85
 
+from . import geokeys
 from .protocol import EarthDialError, ErrorCode
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
@@ -196,11 +199,7 @@ def check_path(path: str) -> str:
     dirs = _allowed_dirs
     if dirs is None:
         return path
-    if path.startswith("/vsi") or _URL.match(path):
-        # GDAL's virtual file systems reach archives, URLs and cloud stores
-        raise EarthDialError(
-            ErrorCode.FORBIDDEN_PATH, f"GDAL virtual file systems and URLs are not served: {path:.200}"
-        )
+    check_local_path(path, "the path")
     if not os.path.isabs(path):  # relative to what? also keeps GDAL's `DRIVER:...` names out
         raise EarthDialError(
             ErrorCode.FORBIDDEN_PATH,
@@ -218,11 +217,77 @@ def check_path(path: str) -> str:
     )
 
 
+DESCRIPTOR_WAIT_S = 0.5  # how long an open waits for a descriptor while connections are being ended
+T = TypeVar("T")
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or "Too many open files" in str(exc)
+
+
+def with_descriptors(open_file: Callable[[], T], path: str) -> T:
+    """`open_file()`, tried again for up to DESCRIPTOR_WAIT_S while the process has no descriptor left:
+    libzmq accepts every connection of a flood before the server ends those over its cap, and meanwhile
+    a raster could not be opened (`not_a_raster: Too many open files`). Then `busy`, which says why."""
+    deadline = time.monotonic() + DESCRIPTOR_WAIT_S
+    while True:
+        try:
+            return open_file()
+        except Exception as exc:
+            if not out_of_descriptors(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise EarthDialError(
+                    ErrorCode.BUSY,
+                    f"{path} cannot be opened now: the server has no file descriptor free (too many "
+                    "connections at once); try again",
+                ) from None
+        time.sleep(0.02)
+
+
+def remote_path_refusal(path: str) -> str | None:
+    """Why `path` is no plain local file name, or None: a GDAL virtual file system (`/vsicurl/`,
+    `/vsicurl?url=`, `/vsicurl_streaming/`, `/vsizip/`, `/vsis3/` ... any `/vsi` prefix, also behind
+    repeated slashes) reaches URLs, archives and cloud stores; so do URLs themselves."""
+    if path.lstrip("/").lower().startswith("vsi") and path.startswith("/"):
+        return "a GDAL virtual file system (/vsi...) path"
+    if _URL.match(path):
+        return "a URL"
+    return None
+
+
+def check_local_path(path: str, what: str) -> str:
+    """`path` when it names a local file; else `forbidden_path` (no network request is ever made for it)."""
+    why = remote_path_refusal(path)
+    if why is not None:
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{what} {path!a:.200} is {why}: only local files are read (GDAL virtual file systems and URLs "
+            "can reach the network)",
+        )
+    return path
+
+
+def check_regular(path: str) -> None:
+    """`not_a_raster` unless `path` is a regular file (a FIFO would block its reader for good), checked
+    without opening it; `file_not_found` when there is nothing. For files whose reader is not restricted
+    to the allowed folders (the CLI's own inputs that come from data files)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}") from None
+    except OSError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        _check_regular(path, st)
+
+
 def check_file(path: str) -> None:
     """Refuse what must not be handed to GDAL: anything but a regular file (a FIFO would block the
     reading thread for good, a device could be endless), and a file with more than one hard link (a link
     inside an allowed directory to a file outside it cannot be told from the file itself). The file is
-    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here."""
+    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here. A GeoTIFF
+    whose own CRS text names a file is refused from its bytes (geokeys.py), before GDAL or PROJ see it."""
     try:
         before = os.stat(path)  # stat opens nothing
     except FileNotFoundError:
@@ -231,16 +296,24 @@ def check_file(path: str) -> None:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     _check_regular(path, before)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        fd = with_descriptors(
+            lambda: os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)), path
+        )
     except OSError as exc:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     try:
         now = os.fstat(fd)
+        _check_regular(path, now)
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
+        why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
     finally:
         os.close(fd)
-    _check_regular(path, now)
-    if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
-        raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
+    if too_many is not None:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is refused: {too_many}")
+    if why is not None:
+        raise EarthDialError(ErrorCode.BAD_CRS, f"{path} is refused: {why}")
 
 
 def _check_regular(path: str, st: os.stat_result) -> None:

@@ -2,7 +2,9 @@
 (one path a line), or as assets of the items of a STAC ItemCollection (a local JSON file).
 
 Only local files are read: the machines a run goes to have no network at run time, so an asset at an
-http(s) or cloud URL is refused for that scene with a typed error, and the other scenes go on. A relative
+http(s) or cloud URL, or a GDAL virtual file system path (`/vsicurl/...`, `/vsicurl?url=...`, any `/vsi`
+prefix), is refused for that scene with a typed error before any worker opens it, and the other scenes
+go on. A relative
 path or href is resolved against the folder of the file that names it (STAC's rule for relative links;
 the same for list files). Plain data: each scene is a `Scene`; its `error` is set when it cannot be run.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from . import access
 from .protocol import EarthDialError, ErrorCode
 
 # An asset is taken when --asset does not name one: `visual` (STAC's true-colour asset, EarthDial's RGB
@@ -43,6 +46,10 @@ def scenes_of(paths: list[str], lists: list[str], stacs: list[str], asset: str |
         found += _from_list(path)
     for path in stacs:
         found += _from_stac(path, asset)
+    for scene in found:  # `/vsicurl/http://...` is an absolute path to Python, and a URL to GDAL
+        why = access.remote_path_refusal(scene.path) if scene.error is None else None
+        if why is not None:
+            scene.error = _remote(scene.path, f"{scene.origin} ({why})")
     seen: set[str] = set()
     unique = []
     for scene in found:

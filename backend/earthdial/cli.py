@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     budgets = Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
                      max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
                      max_queue_bytes=int(args.max_queue_mb * MIB), deadline_s=args.deadline,
-                     scan_deadline_s=args.scan_deadline)  # fmt: skip
+                     scan_deadline_s=args.scan_deadline, stream_timeout_s=args.stream_timeout)  # fmt: skip
     try:
         server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
                         client_queue=args.client_queue,
@@ -853,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seconds a detect scan may take from its arrival (0: none)",
     )
+    budgets.add_argument("--stream-timeout", type=float, default=60,
+                         help="seconds a streamed detect may wait for its client's next tile (0: forever)")  # fmt: skip
     budgets.add_argument(
         "--max-connections",
         type=int,

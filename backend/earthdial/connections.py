@@ -11,6 +11,14 @@ reports DISCONNECTED, so no descriptor is reused under it):
 - over the cap: the connections idle the longest are ended first, so a flood of connections that send
   nothing cannot lock a new client out: the newest connection is the last to go.
 
+- unfinished messages: libzmq buffers every frame of a multipart message until its last one arrives,
+  and its size limit (ZMQ_MAXMSGSIZE) is per frame, so a peer sending large frames with MORE set and
+  never the last one made the server buffer without bound. A TCP connection's kernel counts the bytes
+  it received (TCP_INFO); the server counts the bytes of the messages it got from it; the difference is
+  what libzmq holds for that connection (its unfinished message, plus whole ones not yet read). When
+  the sum over all connections passes the budget, the connections holding the most are ended (libzmq
+  then frees their partial messages).
+
 Connections that never finish the ZMTP handshake are also dropped by libzmq after HANDSHAKE_IVL_MS.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +37,29 @@ HANDSHAKE_IVL_MS = 5000  # a connection must finish its ZMTP greeting in this ti
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_IDLE_S = 300.0
 FD_RESERVE = 64  # descriptors kept free for the model's files, sockets of the worker, logs
+# bytes a connection may have sent beyond its delivered messages without holding an unfinished message:
+# ZMTP greeting, handshake, heartbeats and frame headers
+FRAMING_SLACK = 1 << 20
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in Linux's struct tcp_info (since 4.1)
+
+
+def tcp_bytes_received(fd: int) -> int | None:
+    """Bytes the kernel received on this TCP socket, None where that is not known (not TCP, or not Linux)."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)[0])
 
 
 def raise_open_file_limit() -> int:
@@ -45,9 +77,19 @@ def raise_open_file_limit() -> int:
 
 
 def connection_cap(wanted: int) -> int:
-    """The cap actually used: what was asked for, but never more than the open-file limit leaves."""
+    """The cap actually used: what was asked for, but never more than half of what the open-file limit
+    leaves: libzmq accepts every connection before the server can end one, so a flood of reconnecting
+    peers overshoots the cap, and the descriptors past it are what the model and rasters still get."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(1, min(wanted, soft - FD_RESERVE))
+    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
+
+
+def connection_ceiling(cap: int) -> int:
+    """Open connections past which they are ended as they are accepted, not at the next sweep: the cap
+    is kept once a second (ending at every accept would make a reconnecting flood churn the I/O loop),
+    this one at once, so that FD_RESERVE descriptors stay free for files."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(cap, min(2 * cap, soft - 2 * FD_RESERVE))
 
 
 @dataclass
@@ -55,11 +97,13 @@ class Connection:
     fd: int
     opened: float
     last: float  # last message (or the accept)
+    delivered: int = 0  # bytes of the messages libzmq handed over from this connection
 
 
 class Connections:
     def __init__(self, cap: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S) -> None:
         self.cap = cap
+        self.ceiling = connection_ceiling(cap)
         self.idle_s = idle_s
         self.open: dict[int, Connection] = {}
         self.dropped = 0  # connections this policy ended (for status)
@@ -70,10 +114,28 @@ class Connections:
     def closed(self, fd: int) -> None:
         self.open.pop(fd, None)
 
-    def message(self, fd: int, now: float) -> None:
+    def message(self, fd: int, now: float, nbytes: int = 0) -> None:
         conn = self.open.get(fd)
         if conn is not None:
             conn.last = now
+            conn.delivered += nbytes
+
+    def over_buffer(self, budget: int) -> list[int]:
+        """Connections to end because libzmq holds more of their bytes than `budget` in all: the
+        largest holders first, until the rest fit (see the module's text)."""
+        held = []
+        for conn in self.open.values():
+            received = tcp_bytes_received(conn.fd)
+            if received is not None:
+                held.append((max(0, received - conn.delivered - FRAMING_SLACK), conn.fd))
+        total = sum(h for h, _ in held)
+        ending = []
+        for h, fd in sorted(held, reverse=True):
+            if total <= budget or h == 0:
+                break
+            ending.append(fd)
+            total -= h
+        return ending
 
     def to_end(self, now: float, busy: Callable[[int], bool]) -> list[int]:
         """Descriptors to shut down now: idle ones, then the longest idle beyond the cap."""
@@ -81,9 +143,18 @@ class Connections:
         ending = {c.fd for c in idle if self.idle_s > 0 and now - c.last > self.idle_s}
         excess = len(self.open) - len(ending) - self.cap
         if excess > 0:
-            rest = sorted((c for c in idle if c.fd not in ending), key=lambda c: c.last)
+            rest = sorted((c for c in idle if c.fd not in ending), key=_ending_order)
             ending.update(c.fd for c in rest[:excess])
         return sorted(ending)
+
+    def over_ceiling(self, busy: Callable[[int], bool]) -> list[int]:
+        """Descriptors to end at once so that the open connections fit under the ceiling (see
+        connection_ceiling): silent ones first, then the longest idle."""
+        excess = len(self.open) - self.ceiling
+        if excess <= 0:
+            return []
+        idle = sorted((c for c in self.open.values() if not busy(c.fd)), key=_ending_order)
+        return [c.fd for c in idle[:excess]]
 
     def end(self, fd: int) -> None:
         """Shut a connection's socket down; libzmq then closes it and reports the disconnect."""
@@ -102,3 +173,10 @@ class Connections:
 
     def counts(self) -> dict[str, int]:
         return {"open": len(self.open), "max": self.cap, "ended": self.dropped}
+
+
+def _ending_order(conn: Connection) -> tuple[bool, float]:
+    """Which connections go first past the cap: those that never sent a message (a flood of silent or
+    reconnecting sockets), then the longest idle; among silent ones the oldest, so that a new client
+    that is about to send its first request is the last to go."""
+    return conn.delivered > 0, conn.last

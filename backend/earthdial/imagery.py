@@ -13,6 +13,7 @@ import functools
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform as warp_transform
 
-from . import access, limits
+from . import access, geokeys, limits
 from .protocol import EarthDialError, ErrorCode
 from .protocol import snap_ceil as _ceil
 from .protocol import snap_floor as _floor
@@ -187,7 +188,9 @@ def open_raster(path: str) -> Iterator[Any]:
             if restricted:
                 from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
 
-                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
+                src = access.with_descriptors(
+                    lambda: DatasetReader(path, driver=list(access.RASTER_DRIVERS)), path
+                )
             else:
                 src = rasterio.open(path)
         except RasterioError as exc:
@@ -196,11 +199,58 @@ def open_raster(path: str) -> Iterator[Any]:
                 ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
             ) from None
         with src:
+            check_geotransform(src.transform, src.width, src.height, path)
+            if src.crs is not None:
+                try:
+                    why = _crs_values_refusal(src.crs)
+                except (CRSError, TypeError, ValueError) as exc:
+                    why = f"it cannot be read back ({exc})"
+                if why is not None:
+                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
             if restricted and src.crs is not None:
                 why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
                 if why is not None:
                     raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
             yield src
+
+
+def check_geotransform(transform: Affine, width: int, height: int, path: str) -> None:
+    """`not_a_raster` for a raster whose geotransform cannot place its pixels: a NaN or infinite term,
+    a singular (not invertible) one, or corners beyond finite coordinates (scales like 1e308)."""
+    a, b, c, d, e, f = transform[:6]
+    corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, width) for y in (0, height)]
+    det = a * e - b * d
+    ok = all(math.isfinite(v) for v in (a, b, c, d, e, f, det)) and det != 0
+    if ok:
+        inverse = (e / det, -b / det, -a / det, a / det)  # the linear part of ~transform
+        ok = all(math.isfinite(v) for xy in corners for v in xy) and all(math.isfinite(v) for v in inverse)
+    if not ok:
+        raise EarthDialError(
+            ErrorCode.NOT_A_RASTER,
+            f"{path} has a geotransform {tuple(round(v, 6) if math.isfinite(v) else v for v in (a, b, c, d, e, f))} "
+            "that does not place its pixels (not finite, or not invertible); fix its georeferencing",
+        )
+
+
+def decoded_block(src: Any, path: str, band: int) -> tuple[tuple[int, int], bool]:
+    """The (rows, cols) GDAL decodes at least for one pixel, and whether the file is decoded from its
+    top (PNG, JPEG, a GeoTIFF of one compressed strip): GDAL's block, except for a GeoTIFF stored in
+    compressed strips taller than GDAL shows (geokeys.stored_block reads them from the file)."""
+    block = src.block_shapes[band - 1] if src.block_shapes else (1, src.width)
+    if src.driver in ("PNG", "JPEG"):
+        return block, True
+    if src.driver == "GTiff" and not path.startswith("/vsi"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return block, False
+        try:
+            stored = geokeys.stored_block(fd)
+        finally:
+            os.close(fd)
+        if stored is not None and stored[0] > block[0]:
+            return stored, stored[0] >= src.height  # one strip: decoded from its top to the rows read
+    return block, False
 
 
 def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: int, path: str) -> np.ndarray:
@@ -210,8 +260,14 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
     them (strips of an averaged read cover whole output rows, so the result equals one read)."""
     win_w, win_h = int(window.width), int(window.height)
     overviews = src.overviews(indexes[0]) if src.count else []
-    block = src.block_shapes[indexes[0] - 1] if src.block_shapes else (1, win_w)
-    average, cost = limits.plan_read(win_w, win_h, out_w, out_h, len(indexes), overviews, block, path)
+    block, sequential = decoded_block(src, path, indexes[0])
+    # pixel-interleaved blocks hold every band of the file: GDAL decodes them all for any one
+    interleaved = src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL"
+    touched = limits.blocks_cost((int(window.col_off), int(window.row_off), win_w, win_h), (src.width, src.height),
+                                 block, src.count if interleaved else len(indexes), sequential)  # fmt: skip
+    average, cost = limits.plan_read(
+        win_w, win_h, out_w, out_h, len(indexes), overviews, block, path, touched, sequential
+    )
     # Average (a box filter) when shrinking: it does not alias fine texture the way nearest does, works
     # for integer and float imagery alike, and GDAL leaves nodata pixels out of it.
     resampling = Resampling.average if average else Resampling.nearest
@@ -238,19 +294,34 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"reading {path} failed: {exc}") from None
 
 
-def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray:
+SAMPLE_PIXELS = 4 * 1024 * 1024  # source pixels a sample may decode: `plan` takes it on the I/O loop
+
+
+def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
     """A coarse (at most size x size) nearest-neighbour sample of one band: its values as stored (no
     averaging, which would hide the speckle that tells linear SAR power apart). Of the whole raster when
     it is small or has overviews, else of its central 1024 x 1024 pixels: a nearest read of a whole large
-    tiled raster without overviews decodes every tile it samples (billions of pixels)."""
+    tiled raster without overviews decodes every tile it samples (billions of pixels). A file decoded
+    from its top (PNG, JPEG, one strip) is sampled in its first rows; None when even that, or the blocks
+    under the sample, would decode more than SAMPLE_PIXELS (a 65 500 px PNG froze `plan` for 5 s)."""
     with open_raster(os.fspath(path)) as src:
         index = check_bands([band], src.count, path)
         width, height = src.width, src.height
+        block, sequential = decoded_block(src, path, index[0])
         if src.overviews(index[0]) or max(width, height) <= 1024:
             window = rasterio.windows.Window(0, 0, width, height)
+        elif sequential:
+            rows = max(1, min(height, 1024, SAMPLE_PIXELS // max(width, 1)))
+            window = rasterio.windows.Window(0, 0, width, rows)
         else:
             w, h = min(width, 1024), min(height, 1024)
             window = rasterio.windows.Window((width - w) // 2, (height - h) // 2, w, h)
+        if not src.overviews(index[0]):
+            bands = src.count if src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL" else 1
+            touched = limits.blocks_cost((int(window.col_off), int(window.row_off), int(window.width),
+                                          int(window.height)), (width, height), block, bands, sequential)  # fmt: skip
+            if touched > SAMPLE_PIXELS:
+                return None
         scale = max(1.0, max(window.width, window.height) / size)
         shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
         try:
@@ -313,7 +384,8 @@ def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row:
         factor = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
         side_x = math.hypot(x1 - x0, y1 - y0) * factor
         side_y = math.hypot(x2 - x0, y2 - y0) * factor
-    return (side_x + side_y) / 2
+    gsd = (side_x + side_y) / 2
+    return gsd if math.isfinite(gsd) else None  # e.g. degrees far beyond the globe: no ground size
 
 
 @functools.lru_cache(maxsize=64)
@@ -442,7 +514,12 @@ def chip_from_array(
     if nodata is not None:
         if not isinstance(nodata, numbers.Real) or isinstance(nodata, bool):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"nodata must be a number or None, got {nodata!r}")
-        nodata = float(nodata)
+        try:
+            nodata = float(nodata)
+        except OverflowError:
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"nodata {nodata:.3g} is beyond any pixel value"
+            ) from None
     return Chip(
         data=array,
         transform=aff,
@@ -459,7 +536,7 @@ def chip_from_array(
 def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in bounds)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         values = ()
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise EarthDialError(
@@ -489,11 +566,43 @@ def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]
 def parse_crs(text: str, what: str) -> CRS:
     access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
     try:
-        return CRS.from_user_input(text)
+        crs = CRS.from_user_input(text)
+        crs_string(crs)  # PROJ parses units of 0 but cannot write the CRS out again
+        why = _crs_values_refusal(crs)
     except (CRSError, TypeError, ValueError) as exc:
         raise EarthDialError(
-            ErrorCode.BAD_CRS, f"CRS of the {what} {text!r} is not understood: {exc}"
+            ErrorCode.BAD_CRS, f"CRS of the {what} {text!r:.200} is not understood: {exc}"
         ) from None
+    if why is not None:
+        raise EarthDialError(ErrorCode.BAD_CRS, f"CRS of the {what} {text!r:.200} is refused: {why}")
+    return crs
+
+
+MAX_TOWGS84 = 1e7  # metres, arc-seconds or ppm of a datum shift; Earth's size is 1.3e7 m
+
+
+def _crs_values_refusal(crs: CRS) -> str | None:
+    """Why a parsed CRS cannot place coordinates, or None: an axis unit of 0 or not finite, an
+    ellipsoid that is not, or a datum shift (TOWGS84) whose terms are not finite or are absurd."""
+    pcrs = _pyproj_crs(crs.to_wkt())
+    for axis in pcrs.axis_info:
+        factor = axis.unit_conversion_factor
+        if not (math.isfinite(factor) and factor > 0):
+            return f"axis {axis.name!r} has a unit of {factor} (it must be a positive number)"
+    ellipsoid = pcrs.ellipsoid
+    if ellipsoid is not None and not (
+        math.isfinite(ellipsoid.semi_major_metre) and 0 < ellipsoid.semi_major_metre < 1e12
+    ):
+        return f"its ellipsoid's semi-major axis is {ellipsoid.semi_major_metre}"
+    wkt1 = crs.to_wkt()
+    for terms in re.findall(r"TOWGS84\[([^\]]*)\]", wkt1):
+        try:
+            values = [float(v) for v in terms.split(",")]
+        except ValueError:
+            return "its TOWGS84 terms are not numbers"
+        if not all(math.isfinite(v) and abs(v) < MAX_TOWGS84 for v in values):
+            return f"its TOWGS84 terms [{terms[:80]}] are not finite or beyond {MAX_TOWGS84:g}"
+    return None
 
 
 def crs_string(crs: CRS | None) -> str:
@@ -559,7 +668,7 @@ def affine_from(transform: Sequence[float] | Affine) -> Affine:
     else:
         try:
             values = [float(v) for v in transform]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             values = []
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
         raise EarthDialError(

@@ -40,11 +40,30 @@ class Journal:
                 raise EarthDialError(ErrorCode.BAD_REQUEST, f"an interrupted scan left {path}: pass --resume to "
                                      "go on from it, or delete it to start again")  # fmt: skip
             journal._load()
-            journal._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run's length)
-        else:
-            journal._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            try:
+                journal._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run's length)
+            except OSError as exc:
+                raise _typed(exc, path, "opening the scan journal") from None
+            return journal
+        try:
+            journal._file = open(path, "x", encoding="utf-8")  # noqa: SIM115
             journal._write({"request": request})
+        except EarthDialError:
+            journal._discard()  # a journal without its first line resumes nothing: leave none behind
+            raise
+        except OSError as exc:
+            raise _typed(exc, path, "creating the scan journal") from None
         return journal
+
+    def _discard(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
 
     def _load(self) -> None:
         with open(self.path, "rb") as f:
@@ -76,9 +95,14 @@ class Journal:
         self.features += event.get("features", [])
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """One line, on disk before this returns; a full disk or a folder that turned read-only is a
+        typed error (the lines before stay whole: a cut last line is dropped on --resume)."""
+        try:
+            self._file.write(json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise _typed(exc, self.path, "writing the scan journal") from None
 
     def record(self, event: dict[str, Any]) -> None:
         """A progress event's finished tiles and boxes, on disk before this returns."""
@@ -88,9 +112,19 @@ class Journal:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # its buffer was flushed (and failed) already, and said so
+                pass
 
     def remove(self) -> None:
         self.close()
         os.remove(self.path)
+
+
+def _typed(exc: OSError, path: str, what: str) -> EarthDialError:
+    """`disk_full`, `read_only`, ... as output files report them (output.py's classification)."""
+    from .output import _write_error
+
+    return _write_error(exc, path, f"{what} {path}")

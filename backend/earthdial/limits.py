@@ -43,6 +43,7 @@ class Limits:
     max_queue_bytes: int = 1024 * MIB  # arrays and headers of all queued and running requests
     deadline_s: float = 600.0  # an ask/georef request, from its arrival; 0: none
     scan_deadline_s: float = 0.0  # a detect scan, from its arrival; 0: none
+    stream_timeout_s: float = 60.0  # a streamed scan waiting for its client's tiles; 0: forever
 
 
 OPTIONS = {
@@ -54,6 +55,7 @@ OPTIONS = {
     "max_queue_bytes": "--max-queue-mb",
     "deadline_s": "--deadline",
     "scan_deadline_s": "--scan-deadline",
+    "stream_timeout_s": "--stream-timeout",
 }
 
 _limits: Limits | None = None
@@ -127,6 +129,21 @@ def checkpoint(stage: str | None = None) -> None:
         )
 
 
+def stream_timeout_s() -> float | None:
+    """Seconds a streamed scan may wait for its client's next tile (None: no limit)."""
+    seconds = _limits.stream_timeout_s if _limits is not None else 0.0
+    return seconds if seconds > 0 else None
+
+
+def stream_timeout(seconds: float, done: int, total: int) -> EarthDialError:
+    """`timeout` for a streamed scan whose client stopped sending tiles: its scan slot is freed."""
+    return EarthDialError(
+        ErrorCode.TIMEOUT,
+        f"no tile arrived for {seconds:g} s while the scan waited for one ({done} of {total} tiles done); a "
+        "streamed scan's client must keep sending tiles (`earthdial serve --stream-timeout` sets the wait)",
+    )
+
+
 def deadline_for(op: str, received: float) -> float | None:
     """The monotonic time at which a request that arrived at `received` must stop (None: never)."""
     limits = _limits
@@ -157,6 +174,21 @@ def decimated_cost(win_w: int, win_h: int, out_w: int, out_h: int, bands: int, b
     return min(cols, win_w + block_w) * min(rows, win_h + block_h) * bands
 
 
+def blocks_cost(window: tuple[int, int, int, int], size: tuple[int, int], block: tuple[int, int], bands: int,
+                sequential: bool = False) -> int:  # fmt: skip
+    """Source pixels GDAL decodes for a full-resolution read of `window` (col, row, width, height) of a
+    raster of `size` (width, height): every block the window touches, whole; for a file decoded from its
+    top (PNG, JPEG), every row above the window's last one."""
+    col, row, w, h = window
+    width, height = size
+    if sequential:
+        return min(height, row + h) * width * bands
+    bh, bw = max(1, block[0]), max(1, block[1])
+    across = (col + max(w, 1) - 1) // bw - col // bw + 1
+    down = (row + max(h, 1) - 1) // bh - row // bh + 1
+    return min(across * bw, width) * min(down * bh, height) * bands
+
+
 def plan_read(
     win_w: int,
     win_h: int,
@@ -166,20 +198,29 @@ def plan_read(
     overviews: list[int],
     block: tuple[int, int],
     what: str,
+    touched: int = 0,
+    sequential: bool = False,
 ) -> tuple[bool, int]:
     """(average?, source pixels) for a read: averaged when that fits the pixel budget, else decimated
-    (nearest) when that does; `too_large` otherwise, naming the budget."""
+    (nearest) when that does; `too_large` otherwise, naming the budget. `touched`: what the blocks under
+    the window hold at full resolution (blocks_cost), decoded whenever no overview serves the read:
+    a 10 x 10 px window of a file with 24 576 px tiles decodes 600 M px. A decimated read decodes the
+    blocks its sample points hit, but a `sequential` file (decoded from its top) all of `touched`."""
     cost = average_cost(win_w, win_h, out_w, out_h, bands, overviews)
+    wanted = min(win_w / max(out_w, 1), win_h / max(out_h, 1))
+    floor = 0 if any(f <= wanted for f in overviews) else touched  # full resolution: whole blocks
+    cost = max(cost, floor)
     limits = _limits
     if limits is None or cost <= limits.max_pixels:
         return True, cost
-    sparse = decimated_cost(win_w, win_h, out_w, out_h, bands, block)
+    sparse = max(decimated_cost(win_w, win_h, out_w, out_h, bands, block), floor if sequential else 0)
     if sparse <= limits.max_pixels:
         return False, sparse
     raise too_large(
         f"reading {what} ({win_w} x {win_h} px x {bands} band(s) into {out_w} x {out_h}) decodes "
-        f"{cost:,} source pixels ({'no overviews' if not overviews else 'overviews ' + ','.join(map(str, overviews))}; "
-        "build overviews with gdaladdo, ask for a smaller window or a coarser GSD)",
+        f"{cost:,} source pixels ({'no overviews' if not overviews else 'overviews ' + ','.join(map(str, overviews))}"
+        f"{f'; blocks of {block[1]} x {block[0]} px' if touched > win_w * win_h * bands else ''}; build overviews "
+        "with gdaladdo, retile with gdal_translate -co TILED=YES, ask for a smaller window or a coarser GSD)",
         cost,
         "max_pixels",
     )
@@ -268,6 +309,33 @@ def check_text(header: dict[str, Any], raw: bytes | None = None) -> None:
         )
 
 
+MAX_JSON_INT = 2**63  # no count, index or coordinate of the protocol is larger; a float cannot hold 10**400
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _huge_int(node: Any, depth: int = 0) -> bool:
+    if isinstance(node, int) and not isinstance(node, bool):
+        return abs(node) >= MAX_JSON_INT
+    if depth > 200:
+        return False
+    if isinstance(node, dict):
+        return any(_huge_int(v, depth + 1) for v in node.values())
+    if isinstance(node, list):
+        return any(_huge_int(v, depth + 1) for v in node)
+    return False
+
+
+def check_numbers(header: dict[str, Any], raw: bytes | None = None) -> None:
+    """No integer of the header is beyond 2**63: JSON allows 10**400, which no float holds (Python's
+    float() and math.isfinite() raise on it). `raw` lets the common case skip the walk."""
+    if raw is not None and not _LONG_NUMBER.search(raw):
+        return
+    if _huge_int(header):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"a number of the request is beyond {MAX_JSON_INT:.3g}: no field takes one"
+        )
+
+
 def check_source_fields(source: dict[str, Any], where: str) -> None:
     """The form of a source's bands, bounds and CRS (their values are checked against the raster later)."""
     from . import access
@@ -313,6 +381,7 @@ def check_array(index: int, shape: tuple[int, ...]) -> None:
 def admit_request(header: dict[str, Any], arrays: list[Any], raw: bytes | None = None) -> None:
     """Checks of a worker request that need no file: text, sources' fields, by-value pixels."""
     check_text(header, raw)
+    check_numbers(header, raw)
     sources = header.get("sources")
     listed = [("source", header.get("source"))]
     if isinstance(sources, list):

@@ -125,12 +125,23 @@ def write_features(
                     return name
                 except FileExistsError:  # someone made it meanwhile: add to theirs like to any other
                     pass
-            name = _layer_to_write(path, layer, name, overwrite)
-            tmp = os.path.join(scratch, "layer.gpkg")
-            _gdal_write(tmp, geometry, geometry_type, field_data, name, driver, crs, description)
-            # a default name was picked free: nothing of that name is ever replaced, --overwrite or not
-            _merge_layer(path, tmp, name, overwrite=overwrite and layer is not None, exact=layer is not None)
-            return name
+            base = name
+            for attempt in range(1, MAX_NAME_TRIES + 1):
+                name = _layer_to_write(path, layer, base, overwrite)
+                tmp = os.path.join(scratch, f"layer{attempt}.gpkg")
+                _gdal_write(tmp, geometry, geometry_type, field_data, name, driver, crs, description)
+                # a default name was picked free: nothing of that name is ever replaced, --overwrite or not
+                try:
+                    _merge_layer(
+                        path, tmp, name, overwrite=overwrite and layer is not None, exact=layer is not None
+                    )
+                    return name
+                except EarthDialError as exc:
+                    # another writer took the free name between the pick and the merge's transaction, which
+                    # checks it again: pick the next free one (the user's --layer is never changed)
+                    if layer is not None or exc.code != ErrorCode.OUTPUT_EXISTS or attempt == MAX_NAME_TRIES:
+                        raise
+            raise AssertionError("unreachable")
         except EarthDialError:
             raise
         except Exception as exc:  # classified before the scratch folder (and its partial file) is gone
@@ -282,6 +293,8 @@ def _scratch(directory: str) -> Iterator[str]:
         try:
             scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=directory)
             fd = _lock_folder(scratch, wait=True)
+        except FileNotFoundError:  # a concurrent writer's cleaner removed it before it was locked
+            continue
         except OSError as exc:
             raise _write_error(exc, directory, f"cannot write in {directory}") from None
         if fd is None or _same_folder(scratch, fd):
@@ -770,6 +783,9 @@ def _gdal_write(path, geometry, geometry_type, field_data, layer, driver, crs, d
         )
 
 
+MAX_NAME_TRIES = (
+    64  # concurrent writers taking default names in one GeoPackage: each try loses to one of them
+)
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 SQLITE_READONLY, SQLITE_FULL = 8, 13

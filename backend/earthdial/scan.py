@@ -95,8 +95,8 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
     footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
     done = len(options.skip & set(range(total)))
     for ask, tiles, offset in jobs:
-        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch,
-                                   cancelled=cancelled, stats=stats):  # fmt: skip
+        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch, cancelled=cancelled,
+                                   stats=stats, starve_s=limits.stream_timeout_s() if stream is not None else None):  # fmt: skip
             done += len(progress.answers)
             entries = []
             for a in progress.answers:
@@ -272,6 +272,12 @@ class _StreamGrid:
 def _stream_grid(source: dict[str, Any], options: requests.Options) -> _StreamGrid:
     width, height = field(source, "width", int), field(source, "height", int)
     count = field(source, "band_count", int)
+    installed = limits.current()
+    budget = installed.max_bands if installed is not None else None
+    if count < 1 or (budget is not None and count > budget):
+        if count >= 1:
+            raise limits.too_large(f"the streamed layer declares {count:,} bands", count, "max_bands")
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"the streamed layer's band_count must be at least 1, got {count}")  # fmt: skip
     transform = imagery.affine_from(field(source, "transform", list))
     crs_in = field(source, "crs", str, required=False) or ""
     if not crs_in:

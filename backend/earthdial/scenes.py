@@ -353,11 +353,13 @@ class Stats:
 
 def run(engine: Engine, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
         cancelled: Callable[[], bool] | None = None, stats: Stats | None = None,
-        patience_s: float | None = PATIENCE_S) -> Iterator[Progress]:  # fmt: skip
+        patience_s: float | None = PATIENCE_S, starve_s: float | None = None) -> Iterator[Progress]:  # fmt: skip
     """Stream tiles through the model in batches; yields after each batch. While no tile is ready for
     `patience_s` (a slow disk, a client streaming its tiles) it yields an empty Progress instead of
     holding the caller, so a server can answer others meanwhile. A cancel is honoured between batches
-    and while waiting (typed `cancelled`)."""
+    and while waiting (typed `cancelled`). `starve_s`: when the model has waited that long for a tile
+    without one coming (a streaming client that stopped sending), the scan ends with `timeout`; the
+    model's own time never counts."""
     stats = stats if stats is not None else Stats()
     # the reader thread also turns each tile into its query (presets, pixel normalisation, resizing), so
     # the model's thread does nothing but generate
@@ -366,10 +368,15 @@ def run(engine: Engine, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped:
     try:
         batch: list[Tile] = []
         tile: Any = NOT_READY
+        starved = 0.0  # seconds waited for a tile since the last one came
         while tile is not None:
-            tile = reader.next(patience_s)
+            waited = reader.waited_s
+            tile = reader.next(patience_s if starve_s is None else min(patience_s or starve_s, starve_s))
+            starved = starved + reader.waited_s - waited if tile is NOT_READY else 0.0
             if tile is NOT_READY:
                 limits.checkpoint()  # past the deadline while waiting
+                if starve_s is not None and starved >= starve_s:
+                    raise limits.stream_timeout(starve_s, done, total)
                 if cancelled is not None and cancelled():
                     raise EarthDialError(ErrorCode.CANCELLED, f"scan cancelled after {done} of {total} tiles")
                 yield Progress(done, total, [])

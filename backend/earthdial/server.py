@@ -36,8 +36,10 @@ from . import access, limits, requests, scan, scenes, service
 from .access import is_loopback  # noqa: F401  (imported from here by older code)
 from .connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from .protocol import (
+    MAX_HEADER_BYTES,
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
+    MAX_TOTAL_BYTES,
     OPS,
     EarthDialError,
     ErrorCode,
@@ -59,6 +61,7 @@ HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
 MAX_SCANS = 4  # whole-scene scans advanced in turn; more wait in the queue (each holds a reader thread)
 MAX_STREAM_BACKLOG = 16  # scan_tiles messages waiting for one scan (the client keeps two batches in flight)
+BUFFER_CHECK_S = 0.1  # how often the bytes libzmq holds per connection are checked
 _DRAIN = 256  # messages handled per socket per loop turn, so that neither socket starves the other
 
 
@@ -93,6 +96,7 @@ class Server:
             connection_cap(max_connections or 512), 300.0 if idle_timeout_s is None else idle_timeout_s
         )
         self._next_sweep = 0.0
+        self._next_buffer_check = 0.0
         self.stop_event = threading.Event()
         self._peer_fd: dict[bytes, int] = {}  # routing id -> socket fd it last sent on
         self._streams: dict[tuple[bytes, Any], scenes.Stream] = {}  # streamed detects' tile inboxes
@@ -308,7 +312,7 @@ class Server:
         try:
             fd = frames[0].get(zmq.SRCFD)
             self._peer_fd[ident] = fd
-            self.connections.message(fd, time.monotonic())
+            self.connections.message(fd, time.monotonic(), sum(self._wire_bytes(len(f)) for f in body))
         except zmq.ZMQError:
             pass  # inproc peers have no descriptor
         header: dict[str, Any] = {}
@@ -362,7 +366,7 @@ class Server:
                 raise
 
     def _on_monitor(self) -> None:
-        while True:
+        for _ in range(_DRAIN):  # bounded: a reconnecting flood makes events as fast as they are read
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -370,6 +374,7 @@ class Server:
             event, fd = struct.unpack("=HI", frames[0][:6])  # native order: event id, then the fd
             if event == zmq.EVENT_ACCEPTED:
                 self.connections.accepted(fd, time.monotonic())
+                self._enforce_cap()
                 continue
             if event != zmq.EVENT_DISCONNECTED:
                 continue
@@ -396,6 +401,34 @@ class Server:
             self.connections.end(fd)
         if self.connections.dropped:
             log.debug("connections: %s", self.connections.counts())
+
+    def _wire_bytes(self, n: int) -> int:
+        """The least a frame of n bytes takes on the wire: ZMTP's frame header, and with CURVE the
+        MESSAGE command wrapping it (name, nonce, MAC, flags). A lower bound, so that a peer cannot
+        earn more credit than it sent (connections.py counts what libzmq holds from the difference)."""
+        return n + (2 if n < 256 else 9) + (33 if self.zap is not None else 0)
+
+    def _bound_buffers(self) -> None:
+        """End the connections whose unfinished messages make libzmq hold more than the queue budget
+        (connections.py); checked every BUFFER_CHECK_S, so a peer gets at most that long past it."""
+        now = time.monotonic()
+        if now < self._next_buffer_check:
+            return
+        self._next_buffer_check = now + BUFFER_CHECK_S
+        budget = self.budgets.max_queue_bytes or MAX_TOTAL_BYTES
+        for fd in self.connections.over_buffer(budget + MAX_HEADER_BYTES):
+            log.warning("ending a connection: its unfinished messages hold more than %d bytes", budget)
+            self.connections.end(fd)
+
+    def _enforce_cap(self) -> None:
+        """Past the ceiling, end connections at once, on their accept: a flood of DEALERs reconnects
+        within 100 ms of each end, so ending them once a second let it take every descriptor and files
+        failed to open (issue 24). The cap itself is kept by the sweep."""
+        if len(self.connections.open) <= self.connections.ceiling:
+            return
+        busy_fds = {self._peer_fd.get(i) for i in self._busy_idents()}
+        for fd in self.connections.over_ceiling(lambda fd: fd in busy_fds):
+            self.connections.end(fd)
 
     def _busy_idents(self) -> set[bytes]:
         return {i for i in self._peer_fd if self.queue.has_connection(i)}
@@ -427,7 +460,7 @@ class Server:
                 poller.register(s, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                events = dict(poller.poll(200))
+                events = dict(poller.poll(int(BUFFER_CHECK_S * 1000)))
                 # disconnects first: a descriptor reused by a new connection must not inherit them
                 if self.monitor in events:
                     self._on_monitor()
@@ -438,6 +471,7 @@ class Server:
                 if self.sock in events:
                     self._drain(self.sock, self._on_frames)
                 self._sweep()
+                self._bound_buffers()
         finally:
             self.queue.cancel_running()
             self.queue.close()
