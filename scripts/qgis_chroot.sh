@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The plugin suite on a second QGIS: Debian trixie's QGIS 3.40 LTR (Python 3.13, numpy 2), in a chroot that
+# debootstrap builds from Debian's archive once and keeps outside the checkout.
+#   scripts/qgis_chroot.sh [--build-only] [pytest args...]   (default args: tests/plugin -q -p no:cacheprovider)
+# The checkout and the backend venv (.venv, with the Python it was made from) are bind-mounted at the same
+# paths, so the tests start the host's `.venv/bin/earthdial` as they do outside. Needs root (debootstrap,
+# chroot, mount). EARTHDIAL_CHROOT picks another place; DEBIAN_MIRROR another mirror.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd -P)
+chroot_dir=${EARTHDIAL_CHROOT:-/var/cache/earthdial/trixie}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# What the chroot holds; a change here rebuilds it (the stamp records this line).
+apt_pkgs=(qgis python3-qgis python3-zmq python3-pytest python3-qtpy python3-gdal python3-pip qgis-providers)
+pip_pkgs=("pytest-qgis==5.0.2")
+recipe="trixie ${apt_pkgs[*]} ${pip_pkgs[*]}"
+
+build_only=0
+if [ "${1:-}" = "--build-only" ]; then build_only=1; shift; fi
+[ "$#" -gt 0 ] || set -- tests/plugin -q -p no:cacheprovider
+[ "$(id -u)" -eq 0 ] || { echo "qgis_chroot.sh: needs root (debootstrap, chroot, mount)" >&2; exit 2; }
+
+# The chroot's build and its suite are heavy jobs on a shared machine: one heavy job at a time
+# (EARTHDIAL_HEAVY_LOCK= for none); and one run per chroot, which owns its mounts while it holds the lock.
+heavy_lock=${EARTHDIAL_HEAVY_LOCK-/tmp/earthdial-heavy.lock}
+held_by_caller() {  # `flock LOCK scripts/test.sh ...` above us: taking the lock again would wait forever
+  local pid=$PPID
+  while [ "${pid:-1}" -gt 1 ]; do
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "flock $1 " && return 0
+    pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
+  done
+  return 1
+}
+if [ -n "$heavy_lock" ] && ! held_by_caller "$heavy_lock"; then
+  exec 9>"$heavy_lock"
+  flock 9
+fi
+mkdir -p "$(dirname "$chroot_dir")"
+exec 8>"$chroot_dir.lock"
+flock 8
+# mounts left by a run that was killed
+for stale in $(findmnt -rn -o TARGET | grep -E "^$chroot_dir(\.new)?/" | sort -r); do umount -l "$stale"; done
+
+in_chroot() { chroot "$chroot_dir" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+
+# rm -rf of a chroot with the checkout still bind-mounted in it would delete the checkout: never.
+remove_tree() {
+  if findmnt -rn -o TARGET | grep -qE "^$1/"; then
+    echo "qgis_chroot.sh: $1 still has mounts; not removing it" >&2
+    exit 1
+  fi
+  rm -rf "$1"
+}
+
+build() {
+  command -v debootstrap >/dev/null || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap ||
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap; }
+  }
+  local started=$SECONDS tmp="$chroot_dir.new"
+  remove_tree "$tmp"
+  debootstrap --variant=minbase trixie "$tmp" "$mirror"
+  cp /etc/resolv.conf "$tmp/etc/resolv.conf"
+  mount -t proc proc "$tmp/proc"
+  trap 'umount "$tmp/proc" 2>/dev/null || true' EXIT
+  chroot_dir=$tmp in_chroot apt-get update -q
+  chroot_dir=$tmp in_chroot env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
+  # pytest-qgis is not packaged by Debian: the host's pip fetches its wheel (with the host's registry settings)
+  # and the chroot's pip installs that file, next to Debian's pytest.
+  mkdir -p "$tmp/tmp/wheels"
+  "${PYTHON:-python3}" -m pip download -q --no-deps -d "$tmp/tmp/wheels" "${pip_pkgs[@]}"
+  chroot_dir=$tmp in_chroot sh -c 'pip install -q --break-system-packages --no-index --no-deps /tmp/wheels/*.whl'
+  rm -rf "$tmp/tmp/wheels"
+  chroot_dir=$tmp in_chroot apt-get clean
+  umount "$tmp/proc"
+  trap - EXIT
+  echo "$recipe" >"$tmp/.earthdial-recipe"
+  remove_tree "$chroot_dir"
+  mv "$tmp" "$chroot_dir"
+  echo "qgis_chroot.sh: built $chroot_dir in $((SECONDS - started)) s"
+}
+
+if [ "$(cat "$chroot_dir/.earthdial-recipe" 2>/dev/null)" != "$recipe" ]; then build; fi
+[ "$build_only" = 1 ] && exit 0
+
+# What the tests need from the host, at the same paths: the checkout, the backend venv (.venv may be a link
+# to a venv elsewhere; the folder holding it too, for an editable install's path) and the Python it was made from.
+mounts=("$root")
+if [ -e .venv/bin/python ]; then
+  venv=$(readlink -f .venv)
+  mounts+=("$(dirname "$venv")")
+  home=$(sed -n 's/^home *= *//p' "$venv/pyvenv.cfg")
+  prefix=$(readlink -f "$(dirname "$(readlink -f "$home/python3")")/..")
+  case $prefix in
+    / | /usr) echo "qgis_chroot.sh: .venv is made from the system's Python ($prefix), which the chroot cannot" \
+      "borrow; the backend tests will not find it (make .venv from a Python outside /usr, e.g. pyenv's)" >&2 ;;
+    *) mounts+=("$prefix") ;;
+  esac
+fi
+mounted=()
+cleanup() {
+  local i
+  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[i]}" 2>/dev/null || umount -l "${mounted[i]}" || true; done
+}
+trap cleanup EXIT
+bind() {  # bind <host path> [ro]
+  local src target
+  src=$(readlink -f "$1")
+  target="$chroot_dir$src"
+  mountpoint -q "$target" && return 0  # already there (a folder inside one mounted before)
+  mkdir -p "$target"
+  mount --bind "$src" "$target"
+  mounted+=("$target")
+  if [ "${2:-}" = ro ]; then mount -o remount,bind,ro "$target"; fi
+}
+mount -t proc proc "$chroot_dir/proc" && mounted+=("$chroot_dir/proc")
+bind /dev
+bind /dev/pts
+mount -t tmpfs tmpfs "$chroot_dir/dev/shm" && mounted+=("$chroot_dir/dev/shm")
+bind "${mounts[0]}"
+for m in "${mounts[@]:1}"; do bind "$m" ro; done
+
+# A fresh home and QGIS profile for this run: nothing is read from or written to a QGIS profile of the host's
+# or of an earlier run.
+home_dir=$(mktemp -d "$chroot_dir/tmp/earthdial-home.XXXXXX")
+home_in=${home_dir#"$chroot_dir"}
+trap 'cleanup; rm -rf "$home_dir"' EXIT
+in_chroot sh -c "$(printf 'cd %q && exec "$@"' "$root")" run \
+  env HOME="$home_in" QGIS_CUSTOM_CONFIG_PATH="$home_in/qgis" XDG_RUNTIME_DIR="$home_in" \
+  HF_HUB_OFFLINE=1 QT_QPA_PLATFORM=offscreen PYTHONPATH="$root/backend" \
+  python3 -m pytest "$@"
