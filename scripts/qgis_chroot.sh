@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
+[ -d "$root/qgis_plugin" ] && [ "$root" != / ] || { echo "qgis_chroot.sh: run it from its place in a checkout" >&2; exit 2; }
 chroot_dir=${EARTHDIAL_CHROOT:-/var/cache/earthdial/trixie}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # What the chroot holds; a change here rebuilds it (the stamp records this line).
@@ -107,6 +108,7 @@ trap cleanup EXIT
 bind() {  # bind <host path> [ro]
   local src target
   src=$(readlink -f "$1")
+  case $src in / | /usr | /usr/* | /etc | /etc/* | /var | /var/cache | /var/cache/*) echo "qgis_chroot.sh: not mounting $src" >&2; exit 2 ;; esac
   target="$chroot_dir$src"
   mountpoint -q "$target" && return 0  # already there (a folder inside one mounted before)
   mkdir -p "$target"
