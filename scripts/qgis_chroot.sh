@@ -11,8 +11,8 @@ root=$(pwd -P)
 [ -d "$root/qgis_plugin" ] && [ "$root" != / ] || { echo "qgis_chroot.sh: run it from its place in a checkout" >&2; exit 2; }
 chroot_dir=${EARTHDIAL_CHROOT:-/var/cache/earthdial/trixie}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# What the chroot holds; a change here rebuilds it (the stamp records this line).
-apt_pkgs=(qgis python3-qgis python3-zmq python3-pytest python3-qtpy python3-gdal python3-pip qgis-providers)
+# What the chroot holds (the stamp records it: a change here installs it into the cached chroot).
+apt_pkgs=(qgis python3-qgis python3-zmq python3-pytest python3-qtpy python3-gdal python3-pip qgis-providers git)
 pip_pkgs=("pytest-qgis==5.0.2")
 recipe="trixie ${apt_pkgs[*]} ${pip_pkgs[*]}"
 
@@ -53,6 +53,28 @@ remove_tree() {
   rm -rf "$1"
 }
 
+# Install the recipe's packages into the chroot at $1 (a new one, or the cached one when the recipe changed).
+provision() {
+  local target=$1
+  cp /etc/resolv.conf "$target/etc/resolv.conf"
+  mount -t proc proc "$target/proc"
+  trap 'umount "$target/proc" 2>/dev/null || true' EXIT
+  chroot_dir=$target in_chroot apt-get update -q
+  chroot_dir=$target in_chroot env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
+  # pytest-qgis is not packaged by Debian: the host's pip fetches its wheel (with the host's registry settings)
+  # and the chroot's pip installs that file, next to Debian's pytest.
+  rm -rf "$target/var/tmp/wheels"
+  mkdir -p "$target/var/tmp/wheels"
+  "${PYTHON:-python3}" -m pip download -q --no-deps -d "$target/var/tmp/wheels" "${pip_pkgs[@]}"
+  chroot_dir=$target in_chroot sh -c 'pip install -q --break-system-packages --no-index --no-deps /var/tmp/wheels/*.whl'
+  rm -rf "$target/var/tmp/wheels"
+  chroot_dir=$target in_chroot apt-get clean
+  umount "$target/proc"
+  trap - EXIT
+  echo "$recipe" >"$target/.earthdial-recipe"
+}
+
 build() {
   command -v debootstrap >/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap ||
@@ -61,28 +83,17 @@ build() {
   local started=$SECONDS tmp="$chroot_dir.new"
   remove_tree "$tmp"
   debootstrap --variant=minbase trixie "$tmp" "$mirror"
-  cp /etc/resolv.conf "$tmp/etc/resolv.conf"
-  mount -t proc proc "$tmp/proc"
-  trap 'umount "$tmp/proc" 2>/dev/null || true' EXIT
-  chroot_dir=$tmp in_chroot apt-get update -q
-  chroot_dir=$tmp in_chroot env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
-  # pytest-qgis is not packaged by Debian: the host's pip fetches its wheel (with the host's registry settings)
-  # and the chroot's pip installs that file, next to Debian's pytest.
-  mkdir -p "$tmp/tmp/wheels"
-  "${PYTHON:-python3}" -m pip download -q --no-deps -d "$tmp/tmp/wheels" "${pip_pkgs[@]}"
-  chroot_dir=$tmp in_chroot sh -c 'pip install -q --break-system-packages --no-index --no-deps /tmp/wheels/*.whl'
-  rm -rf "$tmp/tmp/wheels"
-  chroot_dir=$tmp in_chroot apt-get clean
-  umount "$tmp/proc"
-  trap - EXIT
-  echo "$recipe" >"$tmp/.earthdial-recipe"
+  provision "$tmp"
   remove_tree "$chroot_dir"
   mv "$tmp" "$chroot_dir"
   echo "qgis_chroot.sh: built $chroot_dir in $((SECONDS - started)) s"
 }
 
-if [ "$(cat "$chroot_dir/.earthdial-recipe" 2>/dev/null)" != "$recipe" ]; then build; fi
+if [ ! -f "$chroot_dir/.earthdial-recipe" ]; then
+  build
+elif [ "$(cat "$chroot_dir/.earthdial-recipe")" != "$recipe" ]; then
+  provision "$chroot_dir"  # the cached chroot, brought up to the recipe
+fi
 [ "$build_only" = 1 ] && exit 0
 
 # What the tests need from the host, at the same paths: the checkout, the backend venv (.venv may be a link
@@ -99,6 +110,9 @@ if [ -e .venv/bin/python ]; then
     *) mounts+=("$prefix") ;;
   esac
 fi
+if [ -f .git ]; then  # a git worktree: its repository is elsewhere (test_build.py asks git)
+  mounts+=("$(cd "$(git rev-parse --git-common-dir)" && pwd -P)")
+fi
 mounted=()
 cleanup() {
   local i
@@ -112,22 +126,26 @@ bind() {  # bind <host path> [ro]
   target="$chroot_dir$src"
   mountpoint -q "$target" && return 0  # already there (a folder inside one mounted before)
   mkdir -p "$target"
-  mount --bind "$src" "$target"
-  mounted+=("$target")
+  mnt --bind "$src" "$target"
   if [ "${2:-}" = ro ]; then mount -o remount,bind,ro "$target"; fi
 }
-mount -t proc proc "$chroot_dir/proc" && mounted+=("$chroot_dir/proc")
+mnt() { mount "$@"; mounted+=("${*: -1}"); }  # mnt <mount's arguments>, the target last
+mnt -t proc proc "$chroot_dir/proc"
 bind /dev
 bind /dev/pts
-mount -t tmpfs tmpfs "$chroot_dir/dev/shm" && mounted+=("$chroot_dir/dev/shm")
+mnt -t tmpfs tmpfs "$chroot_dir/dev/shm"
 bind "${mounts[0]}"
 for m in "${mounts[@]:1}"; do bind "$m" ro; done
 
-# A fresh home and QGIS profile for this run: nothing is read from or written to a QGIS profile of the host's
-# or of an earlier run.
-home_dir=$(mktemp -d "$chroot_dir/tmp/earthdial-home.XXXXXX")
-home_in=${home_dir#"$chroot_dir"}
-trap 'cleanup; rm -rf "$home_dir"' EXIT
+# A fresh /tmp, home and QGIS profile for this run: nothing is read from or written to a QGIS profile of the
+# host's or of an earlier run.
+mnt -t tmpfs tmpfs "$chroot_dir/tmp"
+home_in=/tmp/home
+home_dir=$chroot_dir$home_in
+# pytest-qgis keeps its profile in <rootdir>/.qgis-settings, which the suite on the host's QGIS uses: the
+# chroot's QGIS gets a folder of its own there instead.
+mkdir -p "$root/.qgis-settings" "$home_dir/qgis-settings"
+mnt --bind "$home_dir/qgis-settings" "$chroot_dir$root/.qgis-settings"
 in_chroot sh -c "$(printf 'cd %q && exec "$@"' "$root")" run \
   env HOME="$home_in" QGIS_CUSTOM_CONFIG_PATH="$home_in/qgis" XDG_RUNTIME_DIR="$home_in" \
   HF_HUB_OFFLINE=1 QT_QPA_PLATFORM=offscreen PYTHONPATH="$root/backend" \
