@@ -58,7 +58,7 @@ provision() {
   local target=$1
   cp /etc/resolv.conf "$target/etc/resolv.conf"
   mount -t proc proc "$target/proc"
-  trap 'umount "$target/proc" 2>/dev/null || true' EXIT
+  trap "umount '$target/proc' 2>/dev/null || true" EXIT
   chroot_dir=$target in_chroot apt-get update -q
   chroot_dir=$target in_chroot env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
