@@ -4,17 +4,19 @@
 #   scripts/qgis_chroot.sh [--build-only] [pytest args...]   (default args: tests/plugin -q -p no:cacheprovider)
 # The checkout and the backend venv (.venv, with the Python it was made from) are bind-mounted at the same
 # paths, so the tests start the host's `.venv/bin/earthdial` as they do outside. Needs root (debootstrap,
-# chroot, mount). EARTHDIAL_CHROOT picks another place; DEBIAN_MIRROR another mirror.
+# chroot, mount). EARTHDIAL_CHROOT picks another place, DEBIAN_MIRROR another mirror and EARTHDIAL_CHROOT_SUITE
+# another Debian release (sid: the newest QGIS Debian has; its own place unless EARTHDIAL_CHROOT says).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 [ -d "$root/qgis_plugin" ] && [ "$root" != / ] || { echo "qgis_chroot.sh: run it from its place in a checkout" >&2; exit 2; }
-chroot_dir=${EARTHDIAL_CHROOT:-/var/cache/earthdial/trixie}
+suite=${EARTHDIAL_CHROOT_SUITE:-trixie}
+chroot_dir=${EARTHDIAL_CHROOT:-/var/cache/earthdial/$suite}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # What the chroot holds (the stamp records it: a change here installs it into the cached chroot).
 apt_pkgs=(qgis python3-qgis python3-zmq python3-pytest python3-qtpy python3-gdal python3-pip qgis-providers git)
 pip_pkgs=("pytest-qgis==5.0.2")
-recipe="trixie ${apt_pkgs[*]} ${pip_pkgs[*]}"
+recipe="$suite ${apt_pkgs[*]} ${pip_pkgs[*]}"
 
 build_only=0
 if [ "${1:-}" = "--build-only" ]; then build_only=1; shift; fi
@@ -82,7 +84,7 @@ build() {
   }
   local started=$SECONDS tmp="$chroot_dir.new"
   remove_tree "$tmp"
-  debootstrap --variant=minbase trixie "$tmp" "$mirror"
+  debootstrap --variant=minbase "$suite" "$tmp" "$mirror"
   provision "$tmp"
   remove_tree "$chroot_dir"
   mv "$tmp" "$chroot_dir"

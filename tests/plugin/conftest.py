@@ -48,8 +48,8 @@ def backend_env() -> dict[str, str]:
 @pytest.fixture(scope="session", autouse=True)
 def layer_tree_view(qgis_iface: Any, qgis_parent: Any) -> QgsLayerTreeView:
     """A real layer tree view for the test iface, as QGIS's window has: pytest-qgis answers
-    ``iface.layerTreeView()`` with a MagicMock, which Processing (QGIS >= 3.40) hands to C++ when it loads
-    results (a TypeError, then a crash at exit)."""
+    ``iface.layerTreeView()`` with a MagicMock, which Processing hands to C++ when it loads results on
+    QGIS 3.44 (a TypeError, then a crash at exit; 3.40 only calls the mock from Python)."""
     view = QgsLayerTreeView(qgis_parent)
     view.setModel(QgsLayerTreeModel(QgsProject.instance().layerTreeRoot(), view))
     view.hide()  # a child of the main window: never drawn over it when tests show that window
