@@ -79,9 +79,21 @@ def versions() -> tuple[str | None, str | None]:
     )
 
 
+def qgis4_ready() -> bool:
+    """Whether metadata.txt offers the plugin to QGIS 4 (Qt6): the plugin site decides that from
+    qgisMaximumVersion >= 4.0, QGIS's own installer from supportsQt6."""
+    maximum = _field(METADATA, r"^qgisMaximumVersion\s*=\s*(\d+)\.")
+    qt6 = _field(METADATA, r"^supportsQt6\s*=\s*(\S+)")
+    return maximum is not None and int(maximum) >= 4 and (qt6 or "").lower() in ("true", "yes")
+
+
 def build(output: Path) -> Path:
     if not METADATA.is_file():
         raise SystemExit(f"missing {METADATA}")
+    if not qgis4_ready():
+        raise SystemExit(
+            f"{METADATA} must say qgisMaximumVersion=4.x and supportsQt6=True (QGIS 4 runs the plugin)"
+        )
     package_version, plugin_version = versions()
     if package_version is None or package_version != plugin_version:
         raise SystemExit(

@@ -52,7 +52,10 @@ def selection_extent(crs: QgsCoordinateReferenceSystem, project: QgsProject | No
     """The bounding box, in ``crs``, of the features selected in all vector layers of the project."""
     project = project or QgsProject.instance()
     total = QgsRectangle()
-    total.setMinimal()
+    if hasattr(total, "setNull"):  # QGIS >= 3.34, where setMinimal() is deprecated
+        total.setNull()
+    else:
+        total.setMinimal()
     found = False
     for layer in project.mapLayers().values():
         if not isinstance(layer, QgsVectorLayer) or layer.selectedFeatureCount() == 0:

@@ -53,7 +53,7 @@ class RectangleMapTool(QgsMapTool):
         if event.button() != QtCore.Qt.MouseButton.LeftButton:
             return
         self._start = event.mapPoint()
-        self._start_pixel = event.pos()
+        self._start_pixel = event.originalPixelPoint()  # QMouseEvent.pos() is gone from PyQt6
         self.band.reset(_polygon_type())
 
     def canvasMoveEvent(self, event: Any) -> None:
@@ -66,7 +66,7 @@ class RectangleMapTool(QgsMapTool):
             return
         start, start_pixel = self._start, self._start_pixel
         self._start = self._start_pixel = None
-        moved = (event.pos() - start_pixel).manhattanLength() if start_pixel is not None else 0
+        moved = (event.originalPixelPoint() - start_pixel).manhattanLength() if start_pixel is not None else 0
         if moved < CLICK_PIXELS:
             self.clicked(event.mapPoint())
             return

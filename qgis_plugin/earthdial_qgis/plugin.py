@@ -10,7 +10,7 @@ from typing import Any
 from qgis.core import Qgis, QgsApplication
 
 from . import deps, log
-from .qt import QtCore, QtGui, QtWidgets
+from .qt import QAction, QtCore, QtGui, QtWidgets
 
 MENU = "&EarthDial"
 
@@ -22,7 +22,7 @@ def tr(text: str) -> str:
 class EarthDialPlugin:
     def __init__(self, iface: Any) -> None:
         self.iface = iface
-        self.action: QtWidgets.QAction | None = None
+        self.action: QAction | None = None
         self.menu_actions: list[Any] = []
         self.toolbar: QtWidgets.QToolBar | None = None
         self.dock: Any = None  # created on first use: it contacts the backend
@@ -32,7 +32,7 @@ class EarthDialPlugin:
 
     def initGui(self) -> None:
         icon = QtGui.QIcon(os.path.join(os.path.dirname(__file__), "icon.svg"))
-        self.action = QtWidgets.QAction(icon, tr("EarthDial"), self.iface.mainWindow())
+        self.action = QAction(icon, tr("EarthDial"), self.iface.mainWindow())
         self.action.setObjectName("EarthDialShowPanel")
         self.action.setToolTip(tr("Show or hide the EarthDial panel"))
         self.action.setCheckable(True)
@@ -46,7 +46,7 @@ class EarthDialPlugin:
             (tr("Install dependencies…"), self.open_dependencies),
             (tr("Diagnostics…"), self.open_diagnostics),
         ):
-            action = QtWidgets.QAction(text, self.iface.mainWindow())
+            action = QAction(text, self.iface.mainWindow())
             action.triggered.connect(slot)
             self.iface.addPluginToMenu(MENU, action)
             self.menu_actions.append(action)

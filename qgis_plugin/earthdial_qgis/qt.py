@@ -18,7 +18,10 @@ except Exception as _exc:  # ImportError, or qtpy's PythonQtError when it finds 
     # quiet on purpose: the plugin works the same this way; Diagnostics shows the line
     BINDING = f"qgis.PyQt (qtpy not used: {type(_exc).__name__}: {_exc})"
 
-__all__ = ["BINDING", "QtCore", "QtGui", "QtWidgets", "exec_dialog"]
+# QAction moved from QtWidgets to QtGui in Qt6: qtpy and qgis.PyQt offer it in both, bare PyQt6 only in QtGui.
+QAction = QtGui.QAction if hasattr(QtGui, "QAction") else QtWidgets.QAction
+
+__all__ = ["BINDING", "QAction", "QtCore", "QtGui", "QtWidgets", "exec_dialog"]
 
 
 def exec_dialog(dialog: object) -> int:

@@ -23,7 +23,7 @@ from qgis.core import QgsProject, QgsVectorLayer
 
 from . import log
 from .protocol import REVIEWS
-from .qt import QtCore, QtGui, QtWidgets
+from .qt import QAction, QtCore, QtGui
 
 ACCEPTED, REJECTED, CORRECTED, ADDED = REVIEWS
 REVIEW, REQUEST, LABEL = "review", "request", "label"
@@ -167,7 +167,7 @@ class ReviewActions:
             (tr("Accept selected boxes"), ACCEPTED, tr("Mark the selected EarthDial boxes as right (review = accepted)")),
             (tr("Reject selected boxes"), REJECTED, tr("Mark the selected EarthDial boxes as wrong (review = rejected)")),
         ):  # fmt: skip
-            action = QtWidgets.QAction(QtGui.QIcon(), text, iface.mainWindow())
+            action = QAction(QtGui.QIcon(), text, iface.mainWindow())
             action.setObjectName(f"EarthDialReview_{verdict}")
             action.setToolTip(tip)
             action.triggered.connect(lambda _=False, v=verdict: self.mark_active(v))

@@ -84,8 +84,10 @@ def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
     if isinstance(renderer, QgsMultiBandColorRenderer):
         bands = [renderer.redBand(), renderer.greenBand(), renderer.blueBand()]
         return bands if all(b > 0 for b in bands) else None
-    if isinstance(renderer, QgsSingleBandGrayRenderer) and renderer.grayBand() > 0:
-        return [renderer.grayBand()]
+    if isinstance(renderer, QgsSingleBandGrayRenderer):
+        # inputBand: QGIS >= 3.38, where grayBand() is deprecated
+        band = renderer.inputBand() if hasattr(renderer, "inputBand") else renderer.grayBand()
+        return [band] if band > 0 else None
     return None
 
 

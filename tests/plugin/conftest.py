@@ -20,11 +20,13 @@ from plugin_testing import EARTHDIAL, EPSG, VIEW, free_port, wait_until, write_g
 from qgis.core import (
     QgsApplication,
     QgsCoordinateReferenceSystem,
+    QgsLayerTreeModel,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
     QgsSettings,
 )
+from qgis.gui import QgsLayerTreeView
 from qgis.PyQt.QtCore import QCoreApplication
 
 START_TIMEOUT_S = 120
@@ -41,6 +43,18 @@ class Backend:
 
 def backend_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def layer_tree_view(qgis_iface: Any, qgis_parent: Any) -> QgsLayerTreeView:
+    """A real layer tree view for the test iface, as QGIS's window has: pytest-qgis answers
+    ``iface.layerTreeView()`` with a MagicMock, which Processing hands to C++ when it loads results on
+    QGIS 3.44 (a TypeError, then a crash at exit; 3.40 only calls the mock from Python)."""
+    view = QgsLayerTreeView(qgis_parent)
+    view.setModel(QgsLayerTreeModel(QgsProject.instance().layerTreeRoot(), view))
+    view.hide()  # a child of the main window: never drawn over it when tests show that window
+    qgis_iface.layerTreeView = lambda: view
+    return view
 
 
 @pytest.fixture(scope="session")

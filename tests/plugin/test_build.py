@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 from plugin_testing import ROOT
 
 PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
@@ -55,6 +56,8 @@ def test_build_plugin_zip(tmp_path) -> None:
         metadata = zf.read("earthdial_qgis/metadata.txt").decode()
         assert "name=EarthDial" in metadata and "qgisMinimumVersion=3.22" in metadata
         assert "version=0.3.0" in metadata and "experimental=True" in metadata
+        # offered to QGIS 4 (Qt6) too: by the plugin site (the maximum) and by QGIS's installer (supportsQt6)
+        assert "\nqgisMaximumVersion=4.99\n" in metadata and "\nsupportsQt6=True\n" in metadata
         assert 'version = "0.3.0"' in (ROOT / "pyproject.toml").read_text()  # one version for both
         # the shared contract: the backend's modules, byte for byte, as regular files
         for name in ("wire.py", "client.py", "protocol.py"):
@@ -75,3 +78,15 @@ def test_build_plugin_zip(tmp_path) -> None:
         [sys.executable, "-c", check, str(tmp_path / "plugins")], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_build_refuses_metadata_that_leaves_qgis_4_out(tmp_path, monkeypatch) -> None:
+    import build_plugin
+
+    for text in ("qgisMaximumVersion=3.99\nsupportsQt6=True\n", "qgisMaximumVersion=4.99\n"):
+        metadata = tmp_path / "metadata.txt"
+        metadata.write_text(f"[general]\nname=EarthDial\nversion=0.3.0\n{text}", encoding="utf-8")
+        monkeypatch.setattr(build_plugin, "METADATA", metadata)
+        with pytest.raises(SystemExit, match="supportsQt6"):
+            build_plugin.build(tmp_path / "out.zip")
+        assert not (tmp_path / "out.zip").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import (
+    Qgis,
     QgsFeatureSink,
     QgsProcessing,
     QgsProcessingException,
@@ -41,6 +42,13 @@ from .detect import TILES, add_scan_parameters, follow, scan_options, style_on_l
 LATER, OUTPUT_TILES = "LATER", "OUTPUT_TILES"
 
 
+def _raster_source_type() -> Any:
+    kind = getattr(
+        Qgis, "ProcessingSourceType", None
+    )  # QGIS >= 3.36; QgsProcessing.TypeRaster is gone in QGIS 4
+    return kind.Raster if kind is not None else QgsProcessing.TypeRaster
+
+
 class DetectChangesAlgorithm(EarthDialAlgorithm):
     def name(self) -> str:
         return "detect_changes"
@@ -60,7 +68,7 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Before (first) raster")))
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT_2, self.tr("After (second) raster")))
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            LATER, self.tr("Later rasters (in time order)"), QgsProcessing.TypeRaster, optional=True))  # fmt: skip
+            LATER, self.tr("Later rasters (in time order)"), _raster_source_type(), optional=True))  # fmt: skip
         add_scan_parameters(self)
         self.addParameter(advanced(QgsProcessingParameterString(ENDPOINT, self.tr("Backend endpoint"),
                                                                 defaultValue=settings.endpoint())))  # fmt: skip
