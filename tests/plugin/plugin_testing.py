@@ -135,3 +135,20 @@ def snap_out(rect: QgsRectangle, pixel: float = PIXEL) -> QgsRectangle:
         math.ceil(rect.xMaximum() / pixel) * pixel,
         math.ceil(rect.yMaximum() / pixel) * pixel,
     )
+
+
+def random_raster_layer(path: Any, size: int, seed: int) -> Any:
+    """A size x size random RGB GeoTIFF at ``path`` (1 m pixels, EPSG:32633), added to the project."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000, 1.0, 0.0, 4000000, 0.0, -1.0))
+    ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
+    data = np.random.default_rng(seed).integers(0, 256, size=(3, size, size), dtype=np.uint8)
+    for b in range(3):
+        ds.GetRasterBand(b + 1).WriteArray(data[b])
+    ds = None
+    layer = QgsRasterLayer(str(path), Path(path).stem, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer

@@ -7,10 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from osgeo import gdal
-from plugin_testing import wait_until
-from qgis.core import QgsProject, QgsRasterLayer, QgsSettings
+from plugin_testing import random_raster_layer, wait_until
+from qgis.core import QgsRasterLayer, QgsSettings
 from qgis.PyQt.QtWidgets import QPushButton, QRadioButton
 from test_scan_dock import demo_backend  # noqa: F401  (the demo model's server, a module fixture)
 
@@ -77,17 +75,7 @@ def test_the_sends_line_describes_the_scan_that_runs(make_dock: Any, raster_laye
 
 
 def _big_raster(path: Path, size: int = 3000) -> QgsRasterLayer:
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((500000, 1.0, 0.0, 4000000, 0.0, -1.0))
-    ds.SetProjection(QgsProject.instance().crs().fromEpsgId(32633).toWkt())
-    data = np.random.default_rng(2).integers(0, 256, size=(3, size, size), dtype=np.uint8)
-    for b in range(3):
-        ds.GetRasterBand(b + 1).WriteArray(data[b])
-    ds = None
-    layer = QgsRasterLayer(str(path), path.stem, "gdal")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    return layer
+    return random_raster_layer(path, size, seed=2)
 
 
 def test_a_send_that_would_shrink_the_layer_offers_the_scan(

@@ -11,9 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from osgeo import gdal
-from plugin_testing import ROOT, free_port, wait_until
+from plugin_testing import ROOT, free_port, random_raster_layer, wait_until
 from qgis.core import (
     Qgis,
     QgsApplication,
@@ -114,17 +112,7 @@ def test_the_exit_cause_is_what_the_backend_said_after_its_banner_or_how_it_ende
 
 
 def _random_raster(path: Path, size: int = 1600) -> QgsRasterLayer:
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((500000, 1.0, 0.0, 4000000, 0.0, -1.0))
-    ds.SetProjection(QgsProject.instance().crs().fromEpsgId(32633).toWkt())
-    data = np.random.default_rng(5).integers(0, 256, size=(3, size, size), dtype=np.uint8)
-    for b in range(3):
-        ds.GetRasterBand(b + 1).WriteArray(data[b])
-    ds = None
-    layer = QgsRasterLayer(str(path), path.stem, "gdal")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    return layer
+    return random_raster_layer(path, size, seed=5)
 
 
 def test_a_local_backend_killed_mid_scan_is_one_message_with_its_exit_cause(
