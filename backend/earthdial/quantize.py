@@ -131,8 +131,10 @@ def quantize(model: Any, mode: str, cpu_compute_dtype: torch.dtype | None = None
     `cpu_compute_dtype`: what int8 computes in on a CPU (default: bf16 where native, else fp32)."""
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
+    if mode == "nf4":  # torchao's on every device; int8 on a CPU runs PyTorch's own kernel
+        _require_torchao()
     on_cpu = model.device.type == "cpu"
-    if mode == "nf4" or (mode == "int8" and not on_cpu):
+    if mode == "int8" and not on_cpu:
         _require_torchao()
     before = weight_bytes(model)
     targets = [model.model.language_model, model.lm_head]
