@@ -15,16 +15,14 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import stat
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import zmq
@@ -217,34 +215,6 @@ def check_path(path: str) -> str:
     )
 
 
-DESCRIPTOR_WAIT_S = 0.5  # how long an open waits for a descriptor while connections are being ended
-T = TypeVar("T")
-
-
-def out_of_descriptors(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or "Too many open files" in str(exc)
-
-
-def with_descriptors(open_file: Callable[[], T], path: str) -> T:
-    """`open_file()`, tried again for up to DESCRIPTOR_WAIT_S while the process has no descriptor left:
-    libzmq accepts every connection of a flood before the server ends those over its cap, and meanwhile
-    a raster could not be opened (`not_a_raster: Too many open files`). Then `busy`, which says why."""
-    deadline = time.monotonic() + DESCRIPTOR_WAIT_S
-    while True:
-        try:
-            return open_file()
-        except Exception as exc:
-            if not out_of_descriptors(exc):
-                raise
-            if time.monotonic() > deadline:
-                raise EarthDialError(
-                    ErrorCode.BUSY,
-                    f"{path} cannot be opened now: the server has no file descriptor free (too many "
-                    "connections at once); try again",
-                ) from None
-        time.sleep(0.02)
-
-
 def remote_path_refusal(path: str) -> str | None:
     """Why `path` is no plain local file name, or None: a GDAL virtual file system (`/vsicurl/`,
     `/vsicurl?url=`, `/vsicurl_streaming/`, `/vsizip/`, `/vsis3/` ... any `/vsi` prefix, also behind
@@ -296,9 +266,7 @@ def check_file(path: str) -> None:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     _check_regular(path, before)
     try:
-        fd = with_descriptors(
-            lambda: os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)), path
-        )
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     try:

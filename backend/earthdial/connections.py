@@ -77,19 +77,9 @@ def raise_open_file_limit() -> int:
 
 
 def connection_cap(wanted: int) -> int:
-    """The cap actually used: what was asked for, but never more than half of what the open-file limit
-    leaves: libzmq accepts every connection before the server can end one, so a flood of reconnecting
-    peers overshoots the cap, and the descriptors past it are what the model and rasters still get."""
+    """The cap actually used: what was asked for, but never more than the open-file limit leaves."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(1, min(wanted, (soft - FD_RESERVE) // 2))
-
-
-def connection_ceiling(cap: int) -> int:
-    """Open connections past which they are ended as they are accepted, not at the next sweep: the cap
-    is kept once a second (ending at every accept would make a reconnecting flood churn the I/O loop),
-    this one at once, so that FD_RESERVE descriptors stay free for files."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(cap, min(2 * cap, soft - 2 * FD_RESERVE))
+    return max(1, min(wanted, soft - FD_RESERVE))
 
 
 @dataclass
@@ -103,7 +93,6 @@ class Connection:
 class Connections:
     def __init__(self, cap: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S) -> None:
         self.cap = cap
-        self.ceiling = connection_ceiling(cap)
         self.idle_s = idle_s
         self.open: dict[int, Connection] = {}
         self.dropped = 0  # connections this policy ended (for status)
@@ -143,18 +132,9 @@ class Connections:
         ending = {c.fd for c in idle if self.idle_s > 0 and now - c.last > self.idle_s}
         excess = len(self.open) - len(ending) - self.cap
         if excess > 0:
-            rest = sorted((c for c in idle if c.fd not in ending), key=_ending_order)
+            rest = sorted((c for c in idle if c.fd not in ending), key=lambda c: c.last)
             ending.update(c.fd for c in rest[:excess])
         return sorted(ending)
-
-    def over_ceiling(self, busy: Callable[[int], bool]) -> list[int]:
-        """Descriptors to end at once so that the open connections fit under the ceiling (see
-        connection_ceiling): silent ones first, then the longest idle."""
-        excess = len(self.open) - self.ceiling
-        if excess <= 0:
-            return []
-        idle = sorted((c for c in self.open.values() if not busy(c.fd)), key=_ending_order)
-        return [c.fd for c in idle[:excess]]
 
     def end(self, fd: int) -> None:
         """Shut a connection's socket down; libzmq then closes it and reports the disconnect."""
@@ -173,10 +153,3 @@ class Connections:
 
     def counts(self) -> dict[str, int]:
         return {"open": len(self.open), "max": self.cap, "ended": self.dropped}
-
-
-def _ending_order(conn: Connection) -> tuple[bool, float]:
-    """Which connections go first past the cap: those that never sent a message (a flood of silent or
-    reconnecting sockets), then the longest idle; among silent ones the oldest, so that a new client
-    that is about to send its first request is the last to go."""
-    return conn.delivered > 0, conn.last

@@ -188,9 +188,7 @@ def open_raster(path: str) -> Iterator[Any]:
             if restricted:
                 from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
 
-                src = access.with_descriptors(
-                    lambda: DatasetReader(path, driver=list(access.RASTER_DRIVERS)), path
-                )
+                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
             else:
                 src = rasterio.open(path)
         except RasterioError as exc:

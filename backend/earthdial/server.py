@@ -366,7 +366,7 @@ class Server:
                 raise
 
     def _on_monitor(self) -> None:
-        for _ in range(_DRAIN):  # bounded: a reconnecting flood makes events as fast as they are read
+        while True:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -374,7 +374,6 @@ class Server:
             event, fd = struct.unpack("=HI", frames[0][:6])  # native order: event id, then the fd
             if event == zmq.EVENT_ACCEPTED:
                 self.connections.accepted(fd, time.monotonic())
-                self._enforce_cap()
                 continue
             if event != zmq.EVENT_DISCONNECTED:
                 continue
@@ -418,16 +417,6 @@ class Server:
         budget = self.budgets.max_queue_bytes or MAX_TOTAL_BYTES
         for fd in self.connections.over_buffer(budget + MAX_HEADER_BYTES):
             log.warning("ending a connection: its unfinished messages hold more than %d bytes", budget)
-            self.connections.end(fd)
-
-    def _enforce_cap(self) -> None:
-        """Past the ceiling, end connections at once, on their accept: a flood of DEALERs reconnects
-        within 100 ms of each end, so ending them once a second let it take every descriptor and files
-        failed to open (issue 24). The cap itself is kept by the sweep."""
-        if len(self.connections.open) <= self.connections.ceiling:
-            return
-        busy_fds = {self._peer_fd.get(i) for i in self._busy_idents()}
-        for fd in self.connections.over_ceiling(lambda fd: fd in busy_fds):
             self.connections.end(fd)
 
     def _busy_idents(self) -> set[bytes]:

@@ -416,56 +416,6 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
 
 
 # --------------------------------------------------------------------------------------------------
-# 9: descriptors
-# --------------------------------------------------------------------------------------------------
-
-NOFILE_1024 = [sys.executable, "-c", "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
-               "(1024, 1024)); sys.argv[0] = 'earthdial'; runpy.run_module('earthdial.cli', run_name='__main__')"]  # fmt: skip
-
-
-def test_a_reconnecting_dealer_flood_leaves_descriptors_for_files(tmp_path: Path) -> None:
-    """With nofile=1024 a reconnecting DEALER flood held 572-1101 connections (cap 512) and 1 in 6
-    legitimate asks failed `not_a_raster: ... Too many open files`. Here: 1 100 DEALERs, 5 s of
-    by-reference reads beside them; every one must succeed."""
-    import resource
-
-    import zmq
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 4096 <= hard or hard == resource.RLIM_INFINITY:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
-    tif = _small_tif(tmp_path / "legit.tif", 64)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(None, endpoint, command=NOFILE_1024)
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, 4000)
-    dealers = []
-    try:
-        for _ in range(1100):
-            d = ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.LINGER, 0)
-            d.connect(endpoint)  # reconnects by itself whenever the server ends it
-            dealers.append(d)
-        ok, failed = 0, []
-        with StatusProbe(endpoint), Client(endpoint, timeout_s=10) as c:
-            until = time.monotonic() + 5
-            while time.monotonic() < until:
-                try:
-                    c.georef(source_by_reference(str(tif)), ANSWER)
-                    ok += 1
-                except EarthDialError as exc:
-                    failed.append(f"{exc.code}: {exc.message[:100]}")
-            counts = c.status()["connections"]
-        assert not failed and ok >= 5, (ok, failed[:3], len(failed))
-        assert counts["max"] <= (1024 - 64) // 2 and counts["ended"] > 0
-    finally:
-        for d in dealers:
-            d.close()
-        ctx.term()
-        stop_server(proc)
-
-
-# --------------------------------------------------------------------------------------------------
 # 10: outputs of the CLI
 # --------------------------------------------------------------------------------------------------
 
