@@ -136,12 +136,12 @@ mnt -t proc proc "$chroot_dir/proc"
 bind /dev
 bind /dev/pts
 mnt -t tmpfs tmpfs "$chroot_dir/dev/shm"
+# A fresh /tmp, home and QGIS profile for this run: nothing is read from or written to a QGIS profile of the
+# host's or of an earlier run. /tmp first: a checkout under /tmp (CI may clone there) is mounted on top of it.
+mnt -t tmpfs tmpfs "$chroot_dir/tmp"
 bind "${mounts[0]}"
 for m in "${mounts[@]:1}"; do bind "$m" ro; done
 
-# A fresh /tmp, home and QGIS profile for this run: nothing is read from or written to a QGIS profile of the
-# host's or of an earlier run.
-mnt -t tmpfs tmpfs "$chroot_dir/tmp"
 home_in=/tmp/home
 home_dir=$chroot_dir$home_in
 # pytest-qgis keeps its profile in <rootdir>/.qgis-settings, which the suite on the host's QGIS uses: the
