@@ -226,3 +226,20 @@ def test_layers_whose_names_agree_once_made_safe_get_their_own_chips(tmp_path) -
         with rasterio.open(tmp_path / "out" / rec["image"]) as chip:
             want = 0.0 if names.index(rec["layer"]) % 2 else 60.0
             assert chip.transform.c == ORIGIN[0] + want
+
+
+def test_a_kept_box_with_no_area_skips_its_layer_instead_of_vanishing(tmp_path) -> None:
+    """A reviewed box drawn as a line has no area: leaving it out would teach its window there is nothing."""
+    path = _raster(tmp_path)
+    left = _tile_request(path, 0)
+    flat = _box(left, (5, 5, 20, 20, 0), "added", 0)
+    x, y = flat["geometry"]["coordinates"][0][0]
+    flat["geometry"]["coordinates"] = [[[x, y], [x + 5, y], [x + 10, y], [x, y]]]
+    gpkg = tmp_path / "flat.gpkg"
+    feats = [_box(left, (30, 30, 50, 50, 0), "accepted", 0), flat]
+    write_features(str(gpkg), {"type": "FeatureCollection", "crs": "EPSG:32633", "features": feats}, "flat")
+    result = training_data.export(str(gpkg), str(tmp_path / "out"))
+    assert result.records == []
+    assert any(s.startswith("layer 'flat': bad_request") and "no area" in s for s in result.skipped), (
+        result.skipped
+    )

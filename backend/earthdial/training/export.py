@@ -255,18 +255,24 @@ def _windows(features: list[Feature], layer: str) -> list[tuple[str, dict[str, A
     wherever they lie."""
     import shapely.geometry
 
-    texts = sorted({f.request for f in features if f.request})
+    shapes = []  # each polygon built once, not once per window
+    for f in features:
+        poly = shapely.geometry.Polygon(f.ring)
+        if not poly.is_valid:
+            poly = poly.buffer(0)
+        if poly.is_empty or poly.area <= 0:
+            if f.review and f.review != REJECTED:  # a kept box that shows nothing: its window would lie
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, f"layer {layer!r}: a {f.label or 'box'} polygon has no area"
+                )
+            continue
+        shapes.append((f, poly))
     out = []
-    for text in texts:
+    for text in sorted({f.request for f in features if f.request}):
         request = parse_request(text, layer)
         area = window_polygon(request)
         seen = []
-        for f in features:
-            poly = shapely.geometry.Polygon(f.ring)
-            if not poly.is_valid:
-                poly = poly.buffer(0)
-            if poly.is_empty or poly.area <= 0:
-                continue
+        for f, poly in shapes:
             inside = poly.intersection(area)
             share = inside.area / poly.area
             if share < INSIDE_SHARE:
