@@ -117,6 +117,7 @@ class Job:
     answer: str | None = None  # set for `georef`; for `ask` once generated
     inputs: Inputs | None = None
     sensor: str = ""
+    options: requests.Options = field(default_factory=requests.Options)  # as checked once, at prepare
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -276,7 +277,7 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | N
     question = prompts.build_question(
         name, prompt, sensors.prompt_tag(tag, chips[0].data.shape[0]), images=0 if in_history else len(chips)
     )
-    job = Job(header, chips, started=started, inputs=inputs, sensor=tag)
+    job = Job(header, chips, started=started, inputs=inputs, sensor=tag, options=options)
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
@@ -518,7 +519,7 @@ def request_record(job: Job) -> str:
         else:
             sources.append({k: src.get(k) for k in ("path", "bands", "bounds", "crs")})
     return record(header.get("task"), header.get("prompt", ""), job.sensor,
-                  job.inputs.preset.name if job.inputs else None, requests.options(header), sources,
+                  job.inputs.preset.name if job.inputs else None, job.options, sources,
                   chip_description(job.chips[0]))  # fmt: skip
 
 
