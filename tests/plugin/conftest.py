@@ -190,3 +190,34 @@ def make_dock(qgis_iface: Any, backend: Backend) -> Iterator[Callable[[], Any]]:
         dock.shutdown()
         dock.deleteLater()
     wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)
+
+
+@contextmanager
+def local_demo_plugin(qgis_iface: Any, allowed: Path, results_gpkg: str, timeout_s: int) -> Iterator[Any]:
+    """The plugin as an analyst starts it: installed in QGIS, its panel open, its local backend (the built-in
+    demo model, reading ``allowed``) started from the panel and connected. Yields the plugin; unloads it and
+    forgets the settings it used afterwards."""
+    import earthdial_qgis
+    from earthdial_qgis import settings
+
+    keys = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE,
+            settings.EXTRA_ARGS, settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip
+    settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")
+    settings.set_value(settings.BACKEND_COMMAND, str(EARTHDIAL.parent.parent))  # the backend's venv folder
+    settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
+    settings.set_value(settings.DEVICE, "cpu")
+    settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {allowed}")
+    settings.set_value(settings.RESULTS_GPKG, results_gpkg)
+    plugin = earthdial_qgis.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        plugin.action.trigger()
+        plugin.dock.timeout_spin.setValue(timeout_s)
+        plugin.dock.start_button.click()
+        wait_until(lambda: plugin.dock.status_label.text().startswith("Connected"), 180)
+        yield plugin
+    finally:
+        plugin.unload()
+        for key in keys:
+            QgsSettings().remove(key)
+        wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)

@@ -10,28 +10,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
+from plugin_testing import EARTHDIAL, ROOT, wait_until
 from qgis.core import (
-    QgsApplication,
     QgsCategorizedSymbolRenderer,
     QgsFeature,
     QgsGeometry,
     QgsProject,
     QgsRasterLayer,
     QgsRenderContext,
-    QgsSettings,
     QgsVectorLayer,
 )
 
-import earthdial_qgis
-from conftest import backend_env
+from conftest import backend_env, local_demo_plugin
 from earthdial_qgis import settings
 from earthdial_qgis.area import WHOLE_LAYER
 from earthdial_qgis.review import ACCEPTED, ADDED, CORRECTED, REJECTED
 
 DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
-KEYS = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE, settings.EXTRA_ARGS,
-        settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip
 MOSAIC = """
 import sys, numpy as np
 from earthdial import synthetic
@@ -90,20 +85,8 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
     assert project.write(str(project_file))  # results go beside it: session_earthdial.gpkg
     results = tmp_path / "session_earthdial.gpkg"
 
-    settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")
-    settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
-    settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
-    settings.set_value(settings.DEVICE, "cpu")
-    settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {tmp_path}")
-    settings.set_value(settings.RESULTS_GPKG, "")
-    plugin = earthdial_qgis.classFactory(qgis_iface)
-    plugin.initGui()
-    try:
-        plugin.action.trigger()
+    with local_demo_plugin(qgis_iface, tmp_path, "", 180) as plugin:  # "": results beside the project
         dock = plugin.dock
-        dock.timeout_spin.setValue(180)
-        dock.start_button.click()
-        wait_until(lambda: dock.status_label.text().startswith("Connected"), 180)
 
         # 1. a tiled scan of the whole layer
         before = set(project.mapLayers())
@@ -197,8 +180,3 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
         assert dock.last_error is None, dock.answer_view.toPlainText()
         (again,) = _new_vector_layers(before)
         assert again.featureCount() >= 1 and next(again.getFeatures())["label"]
-    finally:
-        plugin.unload()
-        for key in KEYS:
-            QgsSettings().remove(key)
-        wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)

@@ -11,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
-from qgis.core import QgsApplication, QgsFeature, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
+from plugin_testing import EARTHDIAL, ROOT, wait_until
+from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
 
-import earthdial_qgis
-from conftest import backend_env
+from conftest import backend_env, local_demo_plugin
 from earthdial_qgis import settings
 from earthdial_qgis.area import WHOLE_LAYER
 from earthdial_qgis.backend_process import serve_arguments
 from earthdial_qgis.review import ACCEPTED, ADDED, CORRECTED
 
 DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
-KEYS = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE, settings.EXTRA_ARGS,
-        settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip
 
 
 def test_the_adapter_is_a_serve_argument() -> None:
@@ -65,20 +62,8 @@ def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_proje
     QgsProject.instance().addMapLayer(raster)
     qgis_iface.setActiveLayer(raster)
 
-    settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")
-    settings.set_value(settings.BACKEND_COMMAND, str(ROOT / ".venv"))
-    settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model
-    settings.set_value(settings.DEVICE, "cpu")
-    settings.set_value(settings.EXTRA_ARGS, f"--allow-dir {tmp_path}")
-    settings.set_value(settings.RESULTS_GPKG, str(tmp_path / "results.gpkg"))
-    plugin = earthdial_qgis.classFactory(qgis_iface)
-    plugin.initGui()
-    try:
-        plugin.action.trigger()
+    with local_demo_plugin(qgis_iface, tmp_path, str(tmp_path / "results.gpkg"), 120) as plugin:
         dock = plugin.dock
-        dock.timeout_spin.setValue(120)
-        dock.start_button.click()
-        wait_until(lambda: dock.status_label.text().startswith("Connected"), 180)
         assert "adapter" not in dock.status_label.text()
         layer = ask_ships(dock, raster)
         assert layer.providerType() == "ogr"  # in the results GeoPackage
@@ -128,8 +113,3 @@ def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_proje
         assert any("LoRA adapter" in line for line in dock.local_backend.output)
         again = ask_ships(dock, raster)
         assert again.featureCount() >= 1 and next(again.getFeatures())["label"]
-    finally:
-        plugin.unload()
-        for key in KEYS:
-            QgsSettings().remove(key)
-        wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout_s=15)
