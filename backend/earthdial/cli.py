@@ -731,8 +731,11 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     result = training_data.export(args.gpkg, args.output, args.layer or None)
     for line in result.lines():
         print(line)
+    if not result.records:
+        print("nothing to export: no file written")
+        return 1
     print(f"wrote {os.path.join(os.path.abspath(args.output), training_data.RECORDS_FILE)}")
-    return 0 if result.records else 1
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -150,6 +150,13 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
     missing = subprocess.run([sys.executable, "-m", "earthdial.cli", "export-training", str(tmp_path / "no.gpkg"),
                               "-o", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 1 and "file_not_found" in missing.stderr and not (tmp_path / "o2").exists()
+    # nothing reviewed: nothing to export, and no empty records file that would pass for an export
+    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
+                   layer="unreviewed")  # fmt: skip
+    empty = subprocess.run([sys.executable, "-m", "earthdial.cli", "export-training", str(gpkg), "--layer",
+                            "unreviewed", "-o", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert empty.returncode == 1 and "not reviewed" in empty.stdout and "no file written" in empty.stdout
+    assert not (tmp_path / "o3" / "records.jsonl").exists()
 
 
 def test_the_new_class_leaves_the_old_scenes_as_they_were() -> None:

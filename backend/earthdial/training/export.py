@@ -394,7 +394,8 @@ def export(path: str, out_dir: str, layers: list[str] | None = None) -> Export:
             continue
         result.skipped += skipped
         pending += records
-    _write(out, pending)
+    if pending:  # an empty records file would pass for an export and leave the folder "used"
+        _write(out, pending)
     result.records = [rec for rec, _ in pending]
     return result
 
