@@ -7,6 +7,7 @@ measurements; docs/performance.md compares them with measured peaks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +201,25 @@ def plan(
         f"{quantize if quantize != 'none' else f'{8 * dtype_bytes}-bit'}), {free / GIB:.1f} GiB is free{hint}"
     )
     return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
+
+
+def min_free(
+    shapes: Shapes,
+    device: str,
+    dtype_bytes: int,
+    quantize: str = "none",
+    tiles: int = 7,
+    max_new_tokens: int = 300,
+) -> int:
+    """The free bytes `plan` needs to fit one request (batch 1): the same sums as `_batch`, solved for free
+    memory; on a CPU also enough to load the unquantised weights (`_loads`)."""
+    weights = weights_bytes(shapes, dtype_bytes, quantize)
+    per, _ = request_bytes(shapes, dtype_bytes, tiles, max_new_tokens)
+    overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
+    need = weights + overhead + per
+    if not device.startswith("cuda"):
+        need = max(need, weights_bytes(shapes, dtype_bytes, "none"))
+    return math.ceil(need / (1 - RESERVE_FRACTION)) + 1
 
 
 def _batch(
