@@ -27,6 +27,7 @@ NVIDIA_SMI_TIMEOUT_S = 5.0
 TILES = 7  # the published checkpoints' 6 dynamic tiles + the thumbnail: serve's default plan
 MAX_NEW_TOKENS = 300  # memory.plan's default
 WANT_BATCH = 8  # serve's default --max-batch
+BF16_TENSOR_CORES = 8.0  # the compute capability from which NVIDIA GPUs compute bf16 on tensor cores
 QUANTIZE_EXTRA = "pip install 'earthdial-qgis[quantize]'"
 
 # The three published checkpoints share InternVL2-4B's layout and shapes (InternViT-300M, the projector,
@@ -117,8 +118,9 @@ def _setting(rows: list[dict[str, Any]], device: str, dtype: str, quantize: str)
 
 
 def _fits_all(rows: list[dict[str, Any]]) -> bool:
-    """A setting fits when it fits every checkpoint (an unknown free memory counts as fitting)."""
-    return bool(rows) and all(r["fits"] is not False for r in rows)
+    """A setting fits when it fits every checkpoint. Unknown free memory counts as fitting on a CPU (RAM
+    unreadable: the plan's batch is the one asked for), not on a GPU left unmeasured (read_facts)."""
+    return bool(rows) and all(r["fits"] or (r["fits"] is None and r["device"] == "cpu") for r in rows)
 
 
 def _serve_args(device: str, dtype: str, quantize: str) -> list[str]:
@@ -153,6 +155,10 @@ def recommend(facts: Facts, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 u = max(unquantised, key=lambda r: r["needs_gb"])
                 why.append(f"bfloat16 needs {u['needs_gb']:.1f} GiB free and {row['free_gb']:.1f} GiB is")
             why.append(f"{row['device_name']}: {row['message']}")
+            capability = next((g.capability for g in facts.gpus if f"cuda:{g.index}" == device), "")
+            if capability and float(capability) < BF16_TENSOR_CORES:
+                why.append(f"compute capability {capability} has no bf16 tensor cores (Ampere, 8.0, brought "
+                           "them): expect it slow; the backend offers no float16")  # fmt: skip
         else:
             gpu = "no CUDA GPU is usable" if not facts.gpus else "no GPU setting fits"
             why.append(f"{gpu}; the CPU computes in {facts.cpu_dtype_reason}")

@@ -111,6 +111,17 @@ def test_the_gpu_that_fits_unquantised_wins_over_the_first_one() -> None:
     assert all(r["needs_torchao"] is False for r in rows)  # torchao given as installed
 
 
+def test_an_unmeasured_gpu_is_listed_but_not_recommended_and_an_old_one_is_named_slow() -> None:
+    gpus = (Gpu(0, "small", 8 * GIB, int(7.5 * GIB)), Gpu(1, "unmeasured", 80 * GIB, None))
+    rec = recommend(facts(gpus))
+    assert (rec["gpu"], rec["quantize"]) == ("small", "int8")
+    unmeasured = [r for r in machine.plans(facts(gpus)) if r["device"] == "cuda:1"]
+    assert unmeasured and all(r["fits"] is None and r["free_gb"] is None for r in unmeasured)
+    old = recommend(facts((Gpu(0, "Tesla T4", 16 * GIB, 15 * GIB, "7.5"),)))
+    assert old["quantize"] == "none" and "no bf16 tensor cores" in old["reason"]
+    assert "tensor cores" not in recommend(facts((Gpu(0, "A10", 24 * GIB, 23 * GIB, "8.6"),)))["reason"]
+
+
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize(("dtype_bytes", "quantize"), [(2, "none"), (2, "int8"), (4, "nf4"), (4, "none")])
 def test_min_free_is_where_the_plan_starts_to_fit(device: str, dtype_bytes: int, quantize: str) -> None:
