@@ -117,6 +117,51 @@ def report(
     return "\n".join(lines)
 
 
+class MachineDiagnosis(QtCore.QObject):
+    """`earthdial diagnose --json` of the configured backend command, in a QProcess (it imports torch:
+    seconds, in which QGIS goes on). `done` gives (the backend's machine report, "") or (None, why there is
+    none). The Diagnostics dialog and the first-run flow show its report as it is."""
+
+    done = QtCore.pyqtSignal(object, str) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object, str)
+
+    def start(self, configured: str) -> bool:
+        """Start it; False (and `done` already sent) where no backend command is set or it is missing."""
+        from .backend_process import resolve_command
+
+        self.program = resolve_command(configured)
+        if not self.program or not os.path.isfile(self.program):
+            self.done.emit(None, "not measured: set the backend command in the EarthDial settings")
+            return False
+        self.process = QtCore.QProcess(self)
+        self.process.finished.connect(self._finished)
+        self.process.errorOccurred.connect(self._error)
+        timer = QtCore.QTimer(self.process)  # goes with the process
+        timer.setSingleShot(True)
+        timer.timeout.connect(self.process.kill)
+        timer.start(DIAGNOSE_TIMEOUT_MS)
+        self.process.start(self.program, ["diagnose", "--json"])
+        return True
+
+    def _finished(self, code: int, _status: Any) -> None:
+        out = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        err = bytes(self.process.readAllStandardError()).decode("utf-8", "replace").strip()
+        try:
+            machine = json.loads(out) if code == 0 else None
+        except ValueError:
+            machine = None
+        if isinstance(machine, dict):
+            self.done.emit(machine, "")
+            return
+        why = err.splitlines()[-1] if err else f"exit code {code}"
+        if "invalid choice" in err:  # argparse's answer to an unknown command: a backend older than this
+            why = "this backend has no `diagnose` command; update it"
+        self.done.emit(None, f"{self.program} diagnose failed: {why}")
+
+    def _error(self, error: Any) -> None:
+        if error == QtCore.QProcess.ProcessError.FailedToStart:  # else `finished` follows and tells
+            self.done.emit(None, f"{self.program} could not be started")
+
+
 class DiagnosticsDialog(QtWidgets.QDialog):
     def __init__(self, text: str, parent: Any = None) -> None:
         super().__init__(parent)
@@ -140,41 +185,10 @@ class DiagnosticsDialog(QtWidgets.QDialog):
     def diagnose(self, configured: str, render: Callable[[dict[str, Any] | None, str], str]) -> None:
         """Run `earthdial diagnose --json` of the configured backend command and show the report again with
         its machine section: ``render(machine, note)`` makes the report's text."""
-        from .backend_process import resolve_command
-
-        self._render = render
-        program = resolve_command(configured)
-        if not program or not os.path.isfile(program):
-            self.text_view.setPlainText(
-                render(None, "not measured: set the backend command in the EarthDial settings")
-            )
-            return
-        self.text_view.setPlainText(render(None, f"being measured ({program} diagnose --json) ..."))
-        process = QtCore.QProcess(self)
-        process.finished.connect(lambda code, _status: self._diagnosed(process, program, code))
-        process.errorOccurred.connect(lambda error: self._diagnose_failed(process, program, error))
-        QtCore.QTimer.singleShot(DIAGNOSE_TIMEOUT_MS, process.kill)
-        self.diagnose_process = process
-        process.start(program, ["diagnose", "--json"])
-
-    def _diagnosed(self, process: Any, program: str, code: int) -> None:
-        out = bytes(process.readAllStandardOutput()).decode("utf-8", "replace")
-        err = bytes(process.readAllStandardError()).decode("utf-8", "replace").strip()
-        try:
-            machine = json.loads(out) if code == 0 else None
-        except ValueError:
-            machine = None
-        if machine:
-            self.text_view.setPlainText(self._render(machine, ""))
-            return
-        why = err.splitlines()[-1] if err else f"exit code {code}"
-        if "invalid choice" in err:
-            why = "this backend has no `diagnose` command; update it"
-        self.text_view.setPlainText(self._render(None, f"{program} diagnose failed: {why}"))
-
-    def _diagnose_failed(self, process: Any, program: str, error: Any) -> None:
-        if error == QtCore.QProcess.ProcessError.FailedToStart:
-            self.text_view.setPlainText(self._render(None, f"{program} could not be started"))
+        self.diagnosis = MachineDiagnosis(self)
+        self.diagnosis.done.connect(lambda machine, note: self.text_view.setPlainText(render(machine, note)))
+        self.text_view.setPlainText(render(None, "being measured (earthdial diagnose --json) ..."))
+        self.diagnosis.start(configured)
 
     def copy(self) -> None:
         QtWidgets.QApplication.clipboard().setText(self.text_view.toPlainText())

@@ -3,6 +3,8 @@ and the plugin's log tab."""
 
 from __future__ import annotations
 
+import shutil
+
 from plugin_testing import EARTHDIAL, free_port, wait_until
 from qgis.core import QgsApplication, QgsSettings
 
@@ -89,9 +91,14 @@ def test_with_no_backend_diagnostics_asks_the_configured_backend_command(qgis_if
         dialog.close()
         dialog.deleteLater()
 
-        settings.set_value(
-            settings.BACKEND_COMMAND, str(EARTHDIAL.parent.parent)
-        )  # the backend's venv folder
+        failing = shutil.which("false")  # a program that is no backend: its failure is said, not a hang
+        settings.set_value(settings.BACKEND_COMMAND, failing)
+        dialog = dock.open_diagnostics()
+        wait_until(lambda: f"{failing} diagnose failed: exit code 1" in dialog.text_view.toPlainText(), 30)
+        dialog.close()
+        dialog.deleteLater()
+
+        settings.set_value(settings.BACKEND_COMMAND, str(EARTHDIAL.parent.parent))  # the backend's venv
         dialog = dock.open_diagnostics()
         assert "being measured" in dialog.text_view.toPlainText()
         heading = f"{MACHINE_HEADING} (from earthdial diagnose of the configured backend command):"
@@ -99,9 +106,7 @@ def test_with_no_backend_diagnostics_asks_the_configured_backend_command(qgis_if
         text = dialog.text_view.toPlainText()
         for needle in ("GPU", "NVIDIA driver: ", "torch: ", "memory plan (", "recommended: ", "why: "):
             assert needle in text, needle
-        assert (
-            text.startswith("EarthDial for QGIS") and "last errors:" in text
-        )  # the rest of the report stays
+        assert text.startswith("EarthDial for QGIS") and "last errors:" in text  # the rest stays
         dialog.close()
         dialog.deleteLater()
     finally:
