@@ -160,8 +160,12 @@ def recommend(facts: Facts, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 why.append(f"compute capability {capability} has no bf16 tensor cores (Ampere, 8.0, brought "
                            "them): expect it slow; the backend offers no float16")  # fmt: skip
         else:
-            gpu = "no CUDA GPU is usable" if not facts.gpus else "no GPU setting fits"
-            why.append(f"{gpu}; the CPU computes in {facts.cpu_dtype_reason}")
+            for g in facts.gpus:  # why not there: its smallest-weight setting's refusal
+                nf4 = _setting(rows, f"cuda:{g.index}", "bfloat16", "nf4")
+                why.append(f"{g.name}: {nf4[0]['message'] if nf4 else 'not planned'}")
+            if not facts.gpus:
+                why.append("no CUDA GPU is usable")
+            why.append(f"the CPU computes in {facts.cpu_dtype_reason}")
             why.append(f"RAM: {row['message']}")
             if cpu_time[quantize] > cpu_time["none"]:
                 why.append(

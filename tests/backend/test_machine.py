@@ -78,13 +78,20 @@ def test_a_24_gb_gpu_runs_bf16_at_full_batch() -> None:
     assert rec["batch"] == machine.WANT_BATCH and "RTX 4090" in rec["reason"]
 
 
-def test_an_8_gb_gpu_runs_int8_and_says_what_bf16_needs() -> None:
-    rec = recommend(facts((Gpu(0, "RTX 3070", 8 * GIB, int(7.5 * GIB), "8.6"),)))
+def test_a_10_gb_gpu_runs_int8_and_says_what_bf16_needs() -> None:
+    card = (Gpu(0, "RTX 3080", 10 * GIB, int(9.6 * GIB), "8.6"),)
+    rec = recommend(facts(card))
     assert (rec["device"], rec["quantize"]) == ("cuda", "int8")
     assert rec["serve_args"] == ["--device", "cuda", "--dtype", "bfloat16", "--quantize", "int8"]
     assert "bfloat16 needs" in rec["reason"] and rec["install"] is None
-    without = recommend(facts((Gpu(0, "RTX 3070", 8 * GIB, int(7.5 * GIB), "8.6"),), torchao=False))
+    without = recommend(facts(card, torchao=False))
     assert without["quantize"] == "int8" and without["install"] == machine.QUANTIZE_EXTRA
+
+
+def test_an_8_gb_gpu_cannot_load_the_weights_so_the_cpu_is_recommended_with_why() -> None:
+    rec = recommend(facts((Gpu(0, "RTX 3070", 8 * GIB, int(7.5 * GIB), "8.6"),), ram_gb=32))
+    assert (rec["device"], rec["dtype"], rec["quantize"]) == ("cpu", "float32", "none")
+    assert "RTX 3070" in rec["reason"] and "the weights load unquantised" in rec["reason"]
 
 
 def test_no_gpu_runs_on_the_cpu_in_the_given_dtype_or_nothing_fits() -> None:
@@ -112,7 +119,7 @@ def test_the_gpu_that_fits_unquantised_wins_over_the_first_one() -> None:
 
 
 def test_an_unmeasured_gpu_is_listed_but_not_recommended_and_an_old_one_is_named_slow() -> None:
-    gpus = (Gpu(0, "small", 8 * GIB, int(7.5 * GIB)), Gpu(1, "unmeasured", 80 * GIB, None))
+    gpus = (Gpu(0, "small", 10 * GIB, int(9.6 * GIB)), Gpu(1, "unmeasured", 80 * GIB, None))
     rec = recommend(facts(gpus))
     assert (rec["gpu"], rec["quantize"]) == ("small", "int8")
     unmeasured = [r for r in machine.plans(facts(gpus)) if r["device"] == "cuda:1"]
@@ -178,3 +185,23 @@ def test_a_serving_backend_reports_the_machine_in_status(tiny_checkpoint: Path) 
         assert len(report["plans"]) >= 3 * 3
     finally:
         stop_server(proc)
+
+
+def test_the_summary_of_a_two_gpu_machine_names_each_gpu_the_driver_and_the_flags_to_serve_with() -> None:
+    details = {
+        "torch": {"version": "2.13.0+cu128", "cuda": "12.8", "hip": None, "cudnn": 91002, "cuda_usable": True,
+                  "cuda_warnings": [], "mps_built": False},
+        "nvidia_driver": {"found": True, "driver": "570.86", "cuda": "12.8", "error": None},
+        "cpu": {"name": "a CPU", "cores": 16, "arch": "x86_64", "bf16": None},
+    }  # fmt: skip
+    gpus = (Gpu(0, "RTX 3070", 8 * GIB, int(7.5 * GIB), "8.6"), Gpu(1, "RTX 4090", 24 * GIB, 23 * GIB, "8.9"))
+    report = machine.report(facts(gpus), details)
+    lines = report["summary"]
+    assert "GPU 0: RTX 3070, 8.0 GiB, 7.5 GiB free, compute capability 8.6" in lines
+    assert "NVIDIA driver: 570.86, supports CUDA 12.8 (nvidia-smi)" in lines
+    assert "torch: 2.13.0+cu128, built for CUDA 12.8, cuDNN 91002" in lines
+    assert "recommended: CUDA_VISIBLE_DEVICES=1 earthdial serve --device cuda --dtype bfloat16" in lines
+    plan = [line.split() for line in lines if line.startswith("  cuda:0 ")]
+    assert len(plan) == 6 and all(cols[-1] == "all" for cols in plan)  # 2 dtypes x 3 modes, same for each
+    bf16 = next(cols for cols in plan if cols[1:3] == ["bfloat16", "none"])
+    assert bf16[6] == "no" and float(bf16[4]) > 7.5  # bf16 does not fit 7.5 GiB free: it needs more
