@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .engine import Engine, pick_device
         from .precision import choose, llm_width
 
-        machine_report = machine.collect("at start-up, before the model was loaded", all_gpus=False)
+        machine_report = machine.at_start_up()
         try:
             chosen = choose(pick_device(args.device), args.dtype, llm_width(model))
             print(f"earthdial: computing in {chosen.reason}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -261,7 +262,12 @@ def read_facts(all_gpus: bool = True) -> tuple[Facts, dict[str, Any]]:
     current = torch.cuda.current_device() if count else None
     for i in range(count):
         props = torch.cuda.get_device_properties(i)
-        free = int(torch.cuda.mem_get_info(i)[0]) if all_gpus or i == current else None
+        free = None
+        if all_gpus or i == current:
+            try:
+                free = int(torch.cuda.mem_get_info(i)[0])
+            except RuntimeError as exc:  # e.g. a GPU in exclusive-process mode held by another process
+                cuda_warnings.append(f"GPU {i}: free memory not readable: {exc}")
         gpus.append(Gpu(i, props.name, int(props.total_memory), free, f"{props.major}.{props.minor}"))
     flags = precision.cpu_flags()
     flag = precision.native_bf16(flags)
@@ -321,6 +327,17 @@ def report(facts: Facts, details: dict[str, Any], taken: str = "now") -> dict[st
 def collect(taken: str = "now", all_gpus: bool = True) -> dict[str, Any]:
     facts, details = read_facts(all_gpus)
     return report(facts, details, taken)
+
+
+def at_start_up() -> dict[str, Any] | None:
+    """The report a server keeps for its status, taken before its model loads (free memory then is what
+    the machine has, not what is left beside the model); None, said on stderr, where it fails: a report
+    must never keep a model from being served."""
+    try:
+        return collect("at start-up, before the model was loaded", all_gpus=False)
+    except Exception as exc:
+        print(f"earthdial: no machine report for status ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
 
 
 def _gb(value: float | None) -> str:

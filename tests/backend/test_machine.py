@@ -205,3 +205,14 @@ def test_the_summary_of_a_two_gpu_machine_names_each_gpu_the_driver_and_the_flag
     assert len(plan) == 6 and all(cols[-1] == "all" for cols in plan)  # 2 dtypes x 3 modes, same for each
     bf16 = next(cols for cols in plan if cols[1:3] == ["bfloat16", "none"])
     assert bf16[6] == "no" and float(bf16[4]) > 7.5  # bf16 does not fit 7.5 GiB free: it needs more
+
+
+def test_a_failing_report_never_keeps_a_server_from_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(all_gpus: bool = True) -> None:
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(machine, "read_facts", broken)
+    assert machine.at_start_up() is None
+    assert "no machine report for status (OSError: no /proc here)" in capsys.readouterr().err
