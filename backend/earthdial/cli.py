@@ -187,10 +187,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
         if not model:
             return refuse("no model; pass --model DIR, set EARTHDIAL_MODEL, or pass --no-model (georef only)")
+        from . import machine
         from .checkpoint import CheckpointError
         from .engine import Engine, pick_device
         from .precision import choose, llm_width
 
+        machine_report = machine.at_start_up()
         try:
             chosen = choose(pick_device(args.device), args.dtype, llm_width(model))
             print(f"earthdial: computing in {chosen.reason}", file=sys.stderr, flush=True)
@@ -205,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return refuse(
                 f"cannot load {model}{' with adapter ' + args.adapter if args.adapter else ''}: {exc}", 3
             )
+        engine.machine = machine_report
         if plan is not None:
             engine.plan = plan.as_dict()
             args.max_batch = plan.batch
@@ -634,6 +637,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from . import machine
+
+    report = machine.collect()  # reads the machine only: no model is loaded
+    print(json.dumps(report, indent=2) if args.json else "\n".join(report["summary"]))
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .training.tiny import make_full_size_checkpoint, make_tiny_checkpoint
 
@@ -973,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "diagnose", help="what this machine can run: GPU, driver, torch, memory plans, a recommendation"
+    )
+    p.add_argument("--json", action="store_true", help="the report as JSON (its keys are stable: schema 1)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser(
         "make-tiny-checkpoint", help="write a tiny random checkpoint in EarthDial's published layout"

@@ -254,6 +254,7 @@ class Engine:
         if not hasattr(self, "quantization"):
             self.quantization = {"mode": "none", "bytes_after": weight_bytes(model)}
         self.plan: dict[str, Any] | None = None  # the memory plan the server runs with, for status
+        self.machine: dict[str, Any] | None = None  # machine.collect() before the load, for status
         # Requests' default decoding (prompts.decoding_for): greedy, min_new_tokens 1, as EarthDial's
         # published evaluation (and as the demo model was trained and measured); `serve --decoding` sets it.
         self.decoding = DEFAULT_DECODING

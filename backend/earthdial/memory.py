@@ -7,6 +7,7 @@ measurements; docs/performance.md compares them with measured peaks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,11 @@ def plan(
         return Plan(
             device, dtype_bytes, quantize, weights, per, None, want_batch, seq, tiles, "free memory unknown"
         )
-    batch = _batch(shapes, device, free, dtype_bytes, quantize, tiles, max_new_tokens, want_batch)
-    need = weights + overhead + per
+    loads = _loads(shapes, free, dtype_bytes, device)
+    batch = (
+        _batch(shapes, device, free, dtype_bytes, quantize, tiles, max_new_tokens, want_batch) if loads else 0
+    )
+    need = max(weights + overhead + per, weights_bytes(shapes, dtype_bytes, "none") + overhead)
     if batch >= 1:
         message = (
             f"weights {weights / GIB:.1f} GiB + {batch} x {per / GIB:.2f} GiB per request fit in "
@@ -188,18 +192,37 @@ def plan(
         return Plan(device, dtype_bytes, quantize, weights, per, free, batch, seq, tiles, message)
     alternatives = []
     for q in ("int8", "nf4"):
-        if q != quantize and _fits(shapes, device, free, dtype_bytes, q, tiles, max_new_tokens):
+        if q != quantize and loads and _fits(shapes, device, free, dtype_bytes, q, tiles, max_new_tokens):
             alternatives.append(f"--quantize {q}")
-    if tiles > 1 and _fits(shapes, device, free, dtype_bytes, quantize, 1, max_new_tokens):
+    if tiles > 1 and loads and _fits(shapes, device, free, dtype_bytes, quantize, 1, max_new_tokens):
         alternatives.append("--max-tiles 1 (fewer tiles)")
     if device.startswith("cuda"):
         alternatives.append("--device cpu")
     hint = "; try " + " or ".join(alternatives) if alternatives else "; nothing smaller would fit either"
+    if not loads and quantize != "none":  # quantising happens after the load: it cannot lower this peak
+        hint = f" (the weights load unquantised, {8 * dtype_bytes}-bit, before any quantising){hint}"
     message = (
         f"not enough memory on {device}: one request needs {need / GIB:.1f} GiB (weights {weights / GIB:.1f} GiB "
         f"{quantize if quantize != 'none' else f'{8 * dtype_bytes}-bit'}), {free / GIB:.1f} GiB is free{hint}"
     )
     return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
+
+
+def min_free(
+    shapes: Shapes,
+    device: str,
+    dtype_bytes: int,
+    quantize: str = "none",
+    tiles: int = 7,
+    max_new_tokens: int = 300,
+) -> int:
+    """The free bytes `plan` needs to fit one request (batch 1): the same sums as `_batch`, solved for free
+    memory, and at least enough to load the unquantised weights (`_loads`)."""
+    weights = weights_bytes(shapes, dtype_bytes, quantize)
+    per, _ = request_bytes(shapes, dtype_bytes, tiles, max_new_tokens)
+    overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
+    need = max(weights + overhead + per, weights_bytes(shapes, dtype_bytes, "none") + overhead)
+    return math.ceil(need / (1 - RESERVE_FRACTION)) + 1
 
 
 def _batch(
@@ -280,10 +303,12 @@ def _cpu_plan(
     return Plan(device, dtype_bytes, quantize, weights, per, free, 0, seq, tiles, message, alternatives)
 
 
-def _loads(shapes: Shapes, free: int, dtype_bytes: int) -> bool:
-    """Whether the weights load at all: they are read in the model's dtype and quantised afterwards, so a
-    quantised model's load peaks at its unquantised weights (measured: docs/performance.md)."""
-    return weights_bytes(shapes, dtype_bytes, "none") <= free * (1 - RESERVE_FRACTION)
+def _loads(shapes: Shapes, free: int, dtype_bytes: int, device: str = "cpu") -> bool:
+    """Whether the weights load at all: checkpoint.load puts every tensor on the device in the model's
+    dtype and quantize.quantize runs afterwards, so a quantised model's load peaks at its unquantised
+    weights (measured on a CPU: docs/performance.md), on a GPU beside the CUDA context."""
+    overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
+    return weights_bytes(shapes, dtype_bytes, "none") + overhead <= free * (1 - RESERVE_FRACTION)
 
 
 def _cpu_settings(cpu_bf16: bool) -> list[tuple[int, str, str]]:

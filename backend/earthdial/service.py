@@ -573,6 +573,7 @@ def status(engine: Engine | None, queued: int = 0, running: int = 0) -> dict[str
     return {
         "protocol": PROTOCOL_VERSION,
         "model": engine.describe() if engine is not None else None,
+        "machine": engine.machine if engine is not None else None,  # what this machine can run (machine.py)
         "queue": queued,
         "running": running,
         "tasks": [

@@ -1,11 +1,16 @@
 """A diagnostics report a user can copy into a bug report: versions, the endpoint, what the backend said
-about itself, the local backend process and the last errors."""
+about itself, what this machine can run (the backend's own report: GPU, driver, torch build, free memory,
+its memory plan per checkpoint and quantisation, a recommendation), the local backend process and the last
+errors. The plugin never plans memory itself: it shows the backend's report, from a running backend's
+status or, with none running, from `earthdial diagnose --json` of the configured backend command."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from qgis.core import Qgis
@@ -48,11 +53,33 @@ def versions() -> dict[str, str]:
     return out
 
 
+DIAGNOSE_TIMEOUT_MS = 120_000  # importing torch and reading the GPUs: seconds, more on a cold disk
+MACHINE_HEADING = "what this machine can run"
+
+
+def machine_lines(status: dict[str, Any] | None, machine: dict[str, Any] | None, note: str) -> list[str]:
+    """The backend's machine report (its own summary lines): a running backend's, else the one
+    `earthdial diagnose` gave, else why there is none."""
+    if status and status.get("machine"):
+        found, source = status["machine"], "the running backend"
+    elif machine:
+        found, source = machine, "earthdial diagnose of the configured backend command"
+    else:
+        return ["", f"{MACHINE_HEADING}: {note or 'not reported (no backend running)'}"]
+    return [
+        "",
+        f"{MACHINE_HEADING} (from {source}):",
+        *("  " + str(line) for line in found.get("summary") or []),
+    ]
+
+
 def report(
     endpoint: str,
     status: dict[str, Any] | None,
     status_error: str = "",
     local_backend: Any = None,
+    machine: dict[str, Any] | None = None,
+    machine_note: str = "",
 ) -> str:
     lines = ["EarthDial for QGIS — diagnostics", ""]
     lines += [f"{name}: {value}" for name, value in versions().items()]
@@ -75,6 +102,7 @@ def report(
         lines.append(f"tasks: {', '.join(str(t.get('name')) for t in status.get('tasks') or [])}")
     else:
         lines.append(f"backend status: {status_error or 'not checked'}")
+    lines += machine_lines(status, machine, machine_note)
     if local_backend is not None:
         lines.append(f"local backend process: {local_backend.state}")
         if local_backend.last_error:
@@ -87,6 +115,51 @@ def report(
     errors = log.recent_errors()
     lines += ["", "last errors:" if errors else "last errors: none", *("  " + e for e in errors[-10:])]
     return "\n".join(lines)
+
+
+class MachineDiagnosis(QtCore.QObject):
+    """`earthdial diagnose --json` of the configured backend command, in a QProcess (it imports torch:
+    seconds, in which QGIS goes on). `done` gives (the backend's machine report, "") or (None, why there is
+    none). The Diagnostics dialog and the first-run flow show its report as it is."""
+
+    done = QtCore.pyqtSignal(object, str) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object, str)
+
+    def start(self, configured: str) -> bool:
+        """Start it; False (and `done` already sent) where no backend command is set or it is missing."""
+        from .backend_process import resolve_command
+
+        self.program = resolve_command(configured)
+        if not self.program or not os.path.isfile(self.program):
+            self.done.emit(None, "not measured: set the backend command in the EarthDial settings")
+            return False
+        self.process = QtCore.QProcess(self)
+        self.process.finished.connect(self._finished)
+        self.process.errorOccurred.connect(self._error)
+        timer = QtCore.QTimer(self.process)  # goes with the process
+        timer.setSingleShot(True)
+        timer.timeout.connect(self.process.kill)
+        timer.start(DIAGNOSE_TIMEOUT_MS)
+        self.process.start(self.program, ["diagnose", "--json"])
+        return True
+
+    def _finished(self, code: int, _status: Any) -> None:
+        out = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        err = bytes(self.process.readAllStandardError()).decode("utf-8", "replace").strip()
+        try:
+            machine = json.loads(out) if code == 0 else None
+        except ValueError:
+            machine = None
+        if isinstance(machine, dict):
+            self.done.emit(machine, "")
+            return
+        why = err.splitlines()[-1] if err else f"exit code {code}"
+        if "invalid choice" in err:  # argparse's answer to an unknown command: a backend older than this
+            why = "this backend has no `diagnose` command; update it"
+        self.done.emit(None, f"{self.program} diagnose failed: {why}")
+
+    def _error(self, error: Any) -> None:
+        if error == QtCore.QProcess.ProcessError.FailedToStart:  # else `finished` follows and tells
+            self.done.emit(None, f"{self.program} could not be started")
 
 
 class DiagnosticsDialog(QtWidgets.QDialog):
@@ -108,6 +181,14 @@ class DiagnosticsDialog(QtWidgets.QDialog):
         layout.addWidget(self.text_view)
         layout.addLayout(buttons)
         self.resize(640, 480)
+
+    def diagnose(self, configured: str, render: Callable[[dict[str, Any] | None, str], str]) -> None:
+        """Run `earthdial diagnose --json` of the configured backend command and show the report again with
+        its machine section: ``render(machine, note)`` makes the report's text."""
+        self.diagnosis = MachineDiagnosis(self)
+        self.diagnosis.done.connect(lambda machine, note: self.text_view.setPlainText(render(machine, note)))
+        self.text_view.setPlainText(render(None, "being measured (earthdial diagnose --json) ..."))
+        self.diagnosis.start(configured)
 
     def copy(self) -> None:
         QtWidgets.QApplication.clipboard().setText(self.text_view.toPlainText())

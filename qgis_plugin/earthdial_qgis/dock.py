@@ -405,10 +405,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
 
         SettingsDialog(self).run()
 
-    def diagnostics_text(self) -> str:
+    def diagnostics_text(self, machine: dict[str, Any] | None = None, machine_note: str = "") -> str:
         from .diagnostics import report
 
-        return report(self.endpoint, self.status_reply, self.status_error, self.local_backend)
+        return report(self.endpoint, self.status_reply, self.status_error, self.local_backend, machine,
+                      machine_note)  # fmt: skip
 
     def open_help(self) -> QtCore.QUrl:
         """The plugin's own help page, in the desktop's browser (it needs no network)."""
@@ -422,6 +423,8 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         from .diagnostics import DiagnosticsDialog
 
         dialog = DiagnosticsDialog(self.diagnostics_text(), self)
+        if not (self.status_reply or {}).get("machine"):  # no running backend said it: ask the local one
+            dialog.diagnose(settings.text(settings.BACKEND_COMMAND), self.diagnostics_text)
         dialog.setModal(False)
         dialog.show()
         return dialog

@@ -128,10 +128,15 @@ class EarthDialPlugin:
         if self.dock is not None:
             self.dock.open_diagnostics()
             return
+        from . import settings
         from .diagnostics import DiagnosticsDialog, report
-        from .settings import endpoint
 
-        DiagnosticsDialog(report(endpoint(), None, "", self.local_backend), self.iface.mainWindow()).run()
+        def render(machine: dict[str, Any] | None = None, note: str = "") -> str:
+            return report(settings.endpoint(), None, "", self.local_backend, machine, note)
+
+        dialog = DiagnosticsDialog(render(), self.iface.mainWindow())
+        dialog.diagnose(settings.text(settings.BACKEND_COMMAND), render)
+        dialog.run()
 
     def unload(self) -> None:
         if self.dock is not None:
