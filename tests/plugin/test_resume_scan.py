@@ -1,8 +1,9 @@
 """A stopped dock scan resumed from the dock (issue 23): the scan cancelled part-way keeps its boxes in a
 stopped layer that remembers the scan (in the project file, its boxes in the results GeoPackage), so that
 after the project is saved, closed and opened again "Resume scan" on that layer scans only the tiles not
-finished and ends with the same merged boxes as an uninterrupted scan; the stopped layer leaves the
-project, its GeoPackage table stays."""
+finished (stopped again, one stopped layer holds every box so far) and ends with the same merged boxes as
+an uninterrupted scan; the stopped layers leave the project, their GeoPackage tables stay. A scanned layer
+that changed or is gone is a clear message, and nothing is lost."""
 
 from __future__ import annotations
 
@@ -90,18 +91,32 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
         )  # what QGIS's currentLayerChanged does (the test iface emits none)
         assert dock.resume_button.isEnabled()
 
+        # resumed, and stopped again: one stopped layer with every box so far takes over from the first
+        first_boxes = stopped.featureCount()
         dock.resume_button.click()
         assert dock.is_busy()
+        wait_until(lambda: not dock.is_busy() or len(dock.scan.task.finished_tiles) > done, 120)
+        assert dock.is_busy(), "the resumed scan ended before its first new tiles"
+        dock.cancel_button.click()
+        wait_until(lambda: not dock.is_busy(), 60)
+        again = dock.last_layer
+        assert again is not None and "stopped: unmerged" in again.name() and again.name() != name
+        more = len(resume.recorded(again)["tiles"])
+        assert done < more < total and again.featureCount() >= first_boxes
+        assert not QgsProject.instance().mapLayersByName(name)  # its role passed on
+        assert dock.resume_button.isEnabled()
+
+        dock.resume_button.click()
         wait_until(lambda: not dock.is_busy(), 600)
         assert dock.last_error is None, dock.answer_view.toPlainText()
         reply = dock.last_reply
         # only the tiles not finished before were scanned
-        assert reply["tiles_skipped"] == done and reply["tiles_done"] == total - done
+        assert reply["tiles_skipped"] == more and reply["tiles_done"] == total - more
         merged = dock.last_layer
         assert _boxes(merged) == whole
         assert all(f["request"] for f in merged.getFeatures())  # earlier boxes too carry their tile's request
-        # the merged layer took over: the stopped layer left the project, its table stays in the GeoPackage
-        assert not QgsProject.instance().mapLayersByName(name)
+        # the merged layer took over: the stopped layers left the project, their tables stay in the GeoPackage
+        assert not [x for x in QgsProject.instance().mapLayers().values() if "stopped" in x.name()]
         assert table is not None and table.lower() in geopackage.table_names(str(results))
         kept = QgsVectorLayer(geopackage.source_uri(str(results), table), "kept", "ogr")
         assert kept.isValid() and kept.featureCount() > 0
@@ -111,7 +126,7 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
         QgsSettings().remove(settings.RESULTS_GPKG)
 
 
-def test_resume_without_the_scanned_layer_says_so_and_keeps_the_stopped_layer(
+def test_resume_of_a_changed_or_missing_layer_says_so_and_keeps_the_stopped_layer(
     demo_backend,  # noqa: F811
     big_mosaic,  # noqa: F811
     qgis_new_project,
@@ -126,7 +141,16 @@ def test_resume_without_the_scanned_layer_says_so_and_keeps_the_stopped_layer(
     dock.cancel_button.click()
     wait_until(lambda: not dock.is_busy(), 60)
     stopped = dock.last_layer
-    assert resume.recorded(stopped) is not None
+    record = resume.recorded(stopped)
+    assert record is not None
+    # the layer's extent is not what was scanned: a clear message, the scan is not sent
+    moved = {**record, "layer": {**record["layer"], "extent": [v + 1000 for v in record["layer"]["extent"]]}}
+    resume.remember(stopped, moved)
+    dock.resume_button.click()
+    assert not dock.is_busy() and dock.last_error is not None and dock.last_error.code == "no_layer"
+    assert "changed since the scan stopped (its extent)" in dock.answer_view.toPlainText()
+    resume.remember(stopped, record)
+    # the layer is gone from the project
     QgsProject.instance().removeMapLayer(layer.id())
     dock.resume_button.click()
     assert not dock.is_busy()
