@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
 
 from conftest import free_port, start_server, stop_server
 from earthdial import synthetic
@@ -85,6 +88,46 @@ def test_a_stopped_scan_resumed_with_its_earlier_boxes_merges_as_an_uninterrupte
     assert resumed["tiles_skipped"] == len(tiles) and resumed["tiles_done"] == 16 - len(tiles)
     assert resumed["raw_boxes"] == whole["raw_boxes"] > whole["boxes"]  # overlapping tiles were merged
     assert merged_whole and _boxes(merged) == _boxes(merged_whole)
+
+
+def test_a_streamed_scan_resumes_too(demo_server: str, mosaic: Path) -> None:
+    """A layer the backend cannot read (tiles sent by value) resumes the same way: the skipped tiles are
+    neither asked for nor sent, and the merge equals the uninterrupted scan's."""
+    with rasterio.open(mosaic) as src:
+        source = {"kind": "stream", "width": src.width, "height": src.height, "band_count": src.count,
+                  "transform": list(src.transform)[:6], "crs": src.crs.to_string(), "dtype": "uint8",
+                  "name": "memory layer"}  # fmt: skip
+        sent: list[int] = []
+
+        def read_tile(index: int, window: tuple, shape: tuple) -> np.ndarray:
+            sent.append(index)
+            return src.read([1, 2, 3], window=Window(*window), out_shape=(3, shape[1], shape[0]),
+                            resampling=Resampling.average)  # fmt: skip
+
+        def header(**options: Any) -> dict[str, Any]:
+            return {**_header(mosaic, **options), "source": source}
+
+        with Client(demo_server, timeout_s=300) as c:
+            events: list[dict] = []
+            c.scan(header(), read_tile=read_tile, on_event=events.append)
+            whole = [f for e in events if e["event"] == "merged" for f in e["features"]]
+            tiles: dict[int, dict] = {}
+            features: list[dict] = []
+
+            def on_event(event: dict[str, Any]) -> None:
+                if event["event"] == "progress":
+                    tiles.update({t["index"]: t for t in event["tiles"]})
+                    features.extend(event["features"])
+
+            with pytest.raises(EarthDialError):
+                c.scan(header(), read_tile=read_tile, on_event=on_event, cancelled=lambda: len(tiles) >= 4)
+            sent.clear()
+            events = []
+            c.scan(header(skip=sorted(tiles)), read_tile=read_tile, on_event=events.append,
+                   earlier={"tiles": list(tiles.values()), "features": features})  # fmt: skip
+    assert sorted(sent) == sorted(set(range(16)) - set(tiles))  # the done tiles were not even read
+    merged = [f for e in events if e["event"] == "merged" for f in e["features"]]
+    assert whole and _boxes(merged) == _boxes(whole)
 
 
 def test_earlier_boxes_that_are_not_the_scans_are_refused_with_typed_errors(
