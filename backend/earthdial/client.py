@@ -23,6 +23,7 @@ from .wire import (
     Message,
     decode,
     encode,
+    json_frame,
     new_request_id,
     plan_window,
     read_shape,
@@ -275,6 +276,7 @@ class Client:
         cancelled: Any = None,
         timeout_s: float | None = None,
         ahead: int = 2,
+        earlier: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A whole-scene `detect` / `detect_changes`: every event (plan, progress, merged) goes to
         ``on_event``; returns the reply. For a layer streamed by value (``source.kind`` 'stream'),
@@ -282,9 +284,15 @@ class Client:
         ((bands, rows, cols) array); tiles are read and sent as the plan and progress events come, at
         most ``ahead`` batches ahead of the model. A streamed `detect_changes` numbers the tiles of its
         k-th pair from k x the plan's tiles: ``read_tile`` returns layers k and k + 1 over the window,
-        stacked band-wise."""
+        stacked band-wise. ``earlier`` (a resumed scan): `{"tiles": [...], "features": [...]}` as the stopped
+        scan's progress events carried them, its tiles listed in `options.skip`; the merged boxes then
+        cover the whole scan."""
         header = dict(header)
         header.setdefault("id", new_request_id())
+        arrays = []
+        if earlier is not None:
+            header["earlier"] = True
+            arrays.append(json_frame(earlier))
         options = header.get("options") or {}
         batch = int(options.get("batch", 8))
         state: dict[str, Any] = {"plan": None, "todo": [], "sent": 0, "read_size": 0}
@@ -314,7 +322,7 @@ class Client:
                 done = int(ev.get("done", state.get("base", 0))) - state.get("base", 0)
                 feed(done)
 
-        return self.request(header, timeout_s=timeout_s, cancelled=cancelled, progress=event).header
+        return self.request(header, arrays, timeout_s=timeout_s, cancelled=cancelled, progress=event).header
 
     # Convenience wrappers ------------------------------------------------------------------------
 

@@ -8,11 +8,13 @@ whichever op it reaches. The server runs `check` at admission, before a request 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import imagery, prompts, scenes, sensors
 from .protocol import EarthDialError, ErrorCode
+from .wire import from_json_frame
 
 MAX_NEW_TOKENS = 2048
 SCAN_DEFAULTS: dict[str, Any] = {"tile_size": 448, "overlap": 0.1, "batch": 8, "min_score": 0.0}  # as Options
@@ -128,7 +130,7 @@ def prompt(header: dict[str, Any]) -> str:
     return field(header, "prompt", str, required=False) or ""
 
 
-def check(header: dict[str, Any]) -> None:
+def check(header: dict[str, Any], arrays: Sequence[Any] = ()) -> None:
     """At admission: the fields every work op shares, so a malformed request is refused before it queues."""
     op = header.get("op")
     if op in ("ask", "plan", "detect", "detect_changes"):
@@ -138,6 +140,89 @@ def check(header: dict[str, Any]) -> None:
             task(header)
         else:
             task(header, default="change" if op == "detect_changes" else "refer")
+            earlier(header, arrays)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A resumed scan's earlier part (`detect`'s `earlier`): the tiles it finished, by index (their
+    entries, `footprint` included), and their boxes, as that scan's progress events carried them. The
+    scan merges them with its new tiles' boxes as one uninterrupted scan's (scenes.merge_boxes)."""
+
+    tiles: dict[int, dict[str, Any]]
+    features: list[dict[str, Any]]
+
+
+def earlier(header: dict[str, Any], arrays: Sequence[Any]) -> Earlier | None:
+    """A scan's `earlier` (true: its one array frame is a `wire.json_frame` of `{"tiles": [...],
+    "features": [...]}`), checked: every tile an index with its footprint, exactly the tiles
+    `options.skip` lists, every box a polygon of one of them with the merge's fields. None without."""
+    flag = header.get("earlier")
+    if flag is None or flag is False:
+        return None
+    if flag is not True:
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"field 'earlier' must be true or false, got {flag!r:.40}"
+        )
+    if len(arrays) != 1:
+        raise EarthDialError(ErrorCode.MISSING_FRAMES, f"'earlier' comes as the scan's one array frame; "
+                             f"{len(arrays)} came")  # fmt: skip
+    opts = options(header)
+    if not opts.merge:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "'earlier' boxes are merged with the new ones: it needs options.merge")  # fmt: skip
+    data = from_json_frame(arrays[0], "the 'earlier' frame")
+    if not isinstance(data, dict) or not isinstance(data.get("tiles"), list) or not isinstance(data.get("features"), list):  # fmt: skip
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "the 'earlier' frame must be {\"tiles\": [...], \"features\": [...]}")  # fmt: skip
+    tiles: dict[int, dict[str, Any]] = {}
+    for k, tile in enumerate(data["tiles"]):
+        where = f"earlier.tiles[{k}]"
+        if not isinstance(tile, dict) or not _index(tile.get("index")):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where} must be a tile entry with its 'index'")
+        if tile["index"] in tiles:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}: tile {tile['index']} is listed twice")
+        _ring(tile.get("footprint"), f"{where}.footprint")
+        tiles[tile["index"]] = tile
+    if set(tiles) != opts.skip:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.skip must list exactly the earlier tiles ({len(tiles)} "
+                             f"sent, {len(opts.skip)} skipped): the merge covers every tile once")  # fmt: skip
+    for k, feature in enumerate(data["features"]):
+        where = f"earlier.features[{k}]"
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        props = feature.get("properties") if isinstance(feature, dict) else None
+        if not isinstance(geometry, dict) or geometry.get("type") != "Polygon" or not isinstance(props, dict):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where} must be a Feature with a Polygon and properties")  # fmt: skip
+        rings = geometry.get("coordinates")
+        if not isinstance(rings, list) or not rings:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.geometry has no ring")
+        for r, ring in enumerate(rings):
+            _ring(ring, f"{where}.geometry.coordinates[{r}]")
+        if props.get("tile") not in tiles or not _index(props.get("tile")):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.tile must be one of the earlier tiles")  # fmt: skip
+        if not _index(props.get("order")):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.order must be the box's index in its tile")  # fmt: skip
+        distance: Any = props.get("edge_distance")
+        score = props.get("score")
+        if not _real(distance) or not math.isfinite(distance) or distance < 0:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.edge_distance must be a number "
+                                 "of at least 0, as the scan's progress event gave it")  # fmt: skip
+        if score is not None and not _real(score):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.score must be a number or null")
+        if props.get("label") is not None and not isinstance(props["label"], str):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.label must be a string")
+    return Earlier(tiles, data["features"])
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _ring(value: Any, where: str) -> None:
+    """A closed ring of at least 4 finite [x, y] points."""
+    if not (isinstance(value, list) and len(value) >= 4 and all(
+            isinstance(p, list) and len(p) == 2 and all(_real(v) and math.isfinite(v) for v in p) for p in value)):  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"{where} must be a ring of at least 4 finite [x, y] points"
+        )
 
 
 def _real(value: Any) -> bool:

@@ -17,9 +17,10 @@ tiles -> engine -> answers -> features -> events.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,9 +64,9 @@ def options_of(header: dict[str, Any]) -> requests.Options:
 
 
 def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-        stream: scenes.Stream | None = None) -> dict[str, Any]:  # fmt: skip
+        stream: scenes.Stream | None = None, arrays: Sequence[Any] = ()) -> dict[str, Any]:  # fmt: skip
     """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
-    work = steps(header, engine, emit, cancelled, stream)
+    work = steps(header, engine, emit, cancelled, stream, arrays)
     while True:
         try:
             next(work)
@@ -74,25 +75,30 @@ def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Ca
 
 
 def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-          stream: scenes.Stream | None = None) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
+          stream: scenes.Stream | None = None, arrays: Sequence[Any] = ()) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
     """`run` one batch at a time: the generator yields after each batch's progress events and returns
     the reply's fields, so that the server can answer other clients between a scan's batches. Closing
-    it early stops the scan's reader thread."""
+    it early stops the scan's reader thread. `arrays`: the request's frames (a resumed scan's `earlier`)."""
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     op = header.get("op")
     options = options_of(header)
+    before = requests.earlier(header, arrays)
     started = time.perf_counter()
     stats = scenes.Stats()
     changes = op == "detect_changes"
     if changes:
-        jobs, plan, total, crs = _change_jobs(header, engine, options, cancelled, stream)
+        jobs, plan, total, crs, transform = _change_jobs(header, engine, options, cancelled, stream)
     else:
-        jobs, plan, total, crs = _detect_jobs(header, engine, options, cancelled, stream)
-    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs),
-         properties=jobs[0][0].properties)  # fmt: skip
+        jobs, plan, total, crs, transform = _detect_jobs(header, engine, options, cancelled, stream)
     found: list[dict[str, Any]] = []
     footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
+    if before is not None:  # a resumed scan: its earlier boxes are merged with the new ones as one scan's
+        _check_earlier(before, plan, transform, total)
+        found = [{**f, "properties": dict(f["properties"])} for f in before.features]
+        footprints = {i: {"footprint": t["footprint"]} for i, t in before.tiles.items()}
+    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs),
+         properties=jobs[0][0].properties)  # fmt: skip
     done = len(options.skip & set(range(total)))
     for ask, tiles, offset in jobs:
         for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch, cancelled=cancelled,
@@ -140,6 +146,30 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
     }
 
 
+def _check_earlier(before: requests.Earlier, plan: scenes.TilePlan, transform: Affine, total: int) -> None:
+    """A resumed scan's earlier tiles must be this request's: each inside its plan and with the outline
+    that tile has on its grid, else the boxes would be merged with another layer's, area's or tiling's
+    (`bad_request`: start the scan afresh)."""
+    step = max(math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e))
+    n = len(plan)
+    for index, tile in sorted(before.tiles.items()):
+        if index >= total:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"earlier tile {index} is not in this scan's plan "
+                                 f"(0..{total - 1}): the layer, area or tiling changed; start the scan afresh")  # fmt: skip
+        w = plan.window(index % n)
+        corners = [(0, 0), (w.width, 0), (w.width, w.height), (0, w.height), (0, 0)]
+        t = transform @ Affine.translation(w.col_off, w.row_off)
+        want = [t @ c for c in corners]
+        got = tile["footprint"]
+        if len(got) != len(want) or any(
+            abs(gx - wx) > 1e-3 * step or abs(gy - wy) > 1e-3 * step
+            for (gx, gy), (wx, wy) in zip(got, want, strict=True)  # fmt: skip
+        ):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"earlier tile {index} does not lie where this scan's tile "
+                                 f"{index} does: the layer, area or tiling changed since the scan stopped; start "
+                                 "it afresh")  # fmt: skip
+
+
 def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str, Any]]]], done: int, total: int) -> None:  # fmt: skip
     """Events of at most EVENT_BYTES of items: a tile's entry comes with (after) the last of its boxes, so
     a client that keeps what it received knows a tile is finished exactly when its entry has arrived."""
@@ -180,7 +210,7 @@ def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: req
 
 
 def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
-                 stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
+                 stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
     from .engine import Query
 
     task = field(header, "task", str, required=False) or "refer"
@@ -246,7 +276,7 @@ def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
         task, prompt, tag, preset.name, options, [recorded], indexes, plan, transform, crs
     )
     ask = scenes.Ask(make_query, props, options.min_score, request)
-    return [(ask, tiles, 0)], plan, len(plan), crs
+    return [(ask, tiles, 0)], plan, len(plan), crs, transform
 
 
 def _properties(engine: Engine, task: str, prompt: str, source: str, gsd_data: float | None,
@@ -306,7 +336,7 @@ class _Sequence:
 
 
 def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
-                 stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str]:  # fmt: skip
+                 stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
     files the backend reads and warps), or streamed (`source.kind` 'stream' naming its `layers`: the
@@ -352,7 +382,7 @@ def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
         request = _tile_request("change", "", tag, preset.name, options, [seq.paths[k], seq.paths[k + 1]],
                                 seq.bands, seq.plan, seq.transform, seq.crs)  # fmt: skip
         jobs.append((scenes.Ask(make_query, props, options.min_score, request), seq.tiles(k, skip), k * n))
-    return jobs, seq.plan, n * pairs, seq.crs
+    return jobs, seq.plan, n * pairs, seq.crs, seq.transform
 
 
 def _check_count(sources: list[Any]) -> None:

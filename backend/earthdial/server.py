@@ -200,7 +200,7 @@ class Server:
             out.send_multipart([job.ident, *_encode_reply(ok_reply(job.request_id, event=event, **fields))])
 
         stream = self._streams.get((job.ident, job.request_id))
-        return scan.steps(job.header, self.engine, emit, job.cancel.is_set, stream)
+        return scan.steps(job.header, self.engine, emit, job.cancel.is_set, stream, job.arrays)
 
     def _step_scan(self, job: Pending, work: Generator[None, None, dict[str, Any]]) -> dict[str, Any] | None:
         """Run a scan's next step under its cancel flag and deadline: None while it is unfinished, else
@@ -488,7 +488,8 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> None:
                 ErrorCode.BAD_ARRAY,
                 f"array {i}: pixels must be (rows, cols) or (bands, rows, cols) with no empty axis, got shape {list(array.shape)}",
             )
-    requests.check(header)  # task, prompt and options: the one request model's checks, before queueing
+    # task, prompt, options (and a resumed scan's earlier boxes): the request model's checks, before queueing
+    requests.check(header, arrays)
     limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None)
 
 

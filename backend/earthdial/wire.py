@@ -208,6 +208,26 @@ def encode(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, 
     return [head, *buffers]
 
 
+def json_frame(value: Any) -> np.ndarray:
+    """A JSON value as an array frame: its UTF-8 bytes, uint8 of shape (1, n), for data beyond a header's
+    64 KiB (a resumed scan's earlier boxes, `detect`'s `earlier`). `from_json_frame` reads it back."""
+    data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return np.frombuffer(data, dtype=np.uint8).reshape(1, -1)
+
+
+def from_json_frame(array: np.ndarray, what: str) -> Any:
+    """The JSON value of a `json_frame`; `bad_request` naming ``what`` when it is not one."""
+    if array.dtype != np.uint8 or array.ndim != 2 or array.shape[0] != 1:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{what} must be one uint8 frame of shape (1, n) holding "
+                             f"UTF-8 JSON, got {array.dtype} {list(array.shape)}")  # fmt: skip
+    try:
+        return json.loads(array.tobytes().decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{what} is not UTF-8 JSON: {exc}"[:300]) from None
+    except RecursionError:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{what} is nested too deeply") from None
+
+
 def _frame_bytes(frame: Any) -> memoryview:
     # zmq.Frame (copy=False), bytes, or anything with the buffer protocol
     buf = getattr(frame, "buffer", frame)

@@ -122,8 +122,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             self._layer_signal = signal
 
     def _active_layer_changed(self, layer: Any) -> None:
-        if isinstance(layer, QgsRasterLayer) and not sip.isdeleted(self):
+        if sip.isdeleted(self):
+            return
+        if isinstance(layer, QgsRasterLayer):
             self.layer_combo.setLayer(layer)
+        self._set_result_buttons()  # a stopped scan layer selected: "Resume scan"
 
     def _layer_changed(self, *_: Any) -> None:
         self._show_history()
@@ -847,6 +850,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.send_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         self.region_button.setEnabled(not busy)
+        self.resume_button.setEnabled(not busy and self.stopped_scan_layer() is not None)
 
     # -- teardown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:

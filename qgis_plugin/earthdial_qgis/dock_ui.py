@@ -289,9 +289,18 @@ class DockLayout:
             self.tr("Add the last result as a new layer to a GeoPackage; the file's other layers are kept")
         )
         self.save_button.clicked.connect(lambda: self.save_results())
-        buttons = QtWidgets.QVBoxLayout()  # one above the other: both whole in a narrow dock
+        self.resume_button = QtWidgets.QPushButton(self.tr("Resume scan"))
+        self.resume_button.setToolTip(
+            self.tr(
+                "Go on with the stopped scan (the last one, or the stopped layer selected in the Layers "
+                "panel): only its unfinished tiles are scanned, and the merged layer replaces it"
+            )
+        )
+        self.resume_button.clicked.connect(self.resume_scan)
+        buttons = QtWidgets.QVBoxLayout()  # one above the other: all whole in a narrow dock
         buttons.addWidget(self.zoom_button)
         buttons.addWidget(self.save_button)
+        buttons.addWidget(self.resume_button)
         layout.addWidget(self.answer_view, 1)
         layout.addWidget(self.result_label)
         layout.addLayout(buttons)

@@ -8,9 +8,10 @@ from typing import Any
 from qgis.core import Qgis, QgsCoordinateTransform, QgsCsException, QgsProject
 from qgis.PyQt import sip
 
-from . import log, preview
+from . import log, preview, resume
 from .dock_ui import GEOREF
 from .layers import save_to_geopackage
+from .protocol import EarthDialError
 from .qt import QtWidgets
 from .task import RequestTask
 
@@ -62,6 +63,23 @@ class ResultActions:
         has = self._result_layer() is not None
         self.zoom_button.setEnabled(has)
         self.save_button.setEnabled(has)
+        self.resume_button.setEnabled(self._task is None and self.stopped_scan_layer() is not None)
+
+    def stopped_scan_layer(self) -> Any:
+        """The stopped scan "Resume scan" goes on with: the layer selected in the Layers panel when it is one
+        (a project reopened), else the last result when it is one; None when neither is."""
+        for layer in (self.iface.activeLayer(), self._result_layer()):
+            if layer is not None and not sip.isdeleted(layer) and resume.recorded(layer) is not None:
+                return layer
+        return None
+
+    def resume_scan(self) -> None:
+        if self._task is not None:
+            return
+        try:
+            self.scan.resume()
+        except EarthDialError as exc:
+            self._show_error(exc, self.endpoint)
 
     def zoom_to_results(self) -> None:
         layer = self._result_layer()

@@ -119,27 +119,37 @@ def _tile_reader(layer: ScanLayer, grid: PixelGrid, bands: list[int]) -> Callabl
 
 
 def run(client: Client, scan: Scan, cancelled: Callable[[], bool] | None = None,
-        on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:  # fmt: skip
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        earlier: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``scan``; ``earlier`` (a resumed scan): the stopped scan's tiles and boxes, which the backend
+    merges with the new ones (their tiles are the request's `options.skip`)."""
+
     def event(ev: dict[str, Any]) -> None:
         scan.on_event(ev)
         if on_event is not None:
             on_event(ev)
 
-    return client.scan(scan.header, read_tile=scan.read_tile, on_event=event, cancelled=cancelled)
+    if earlier is not None:  # the earlier boxes get their tiles' answer and request as the new ones do
+        scan.tiles.update({int(t["index"]): t for t in earlier["tiles"]})
+        scan.found += earlier["features"]
+    return client.scan(
+        scan.header, read_tile=scan.read_tile, on_event=event, cancelled=cancelled, earlier=earlier
+    )
 
 
 def run_layer(client: Client, layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
               options: dict[str, Any], cancelled: Callable[[], bool] | None = None,
-              on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
+              on_event: Callable[[dict[str, Any]], None] | None = None,
+              earlier: dict[str, Any] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
     """Scan by reference; a file the backend may not read is streamed by value instead."""
     scan = detect_request(layer, rect, task, prompt, options)
     try:
-        return scan, run(client, scan, cancelled, on_event)
+        return scan, run(client, scan, cancelled, on_event, earlier)
     except EarthDialError as exc:
         if exc.code not in UNREADABLE or layer.provider is None or scan.read_tile is not None:
             raise
     scan = detect_request(layer, rect, task, prompt, options, by_value=True)
-    return scan, run(client, scan, cancelled, on_event)
+    return scan, run(client, scan, cancelled, on_event, earlier)
 
 
 def collection(found: list[dict[str, Any]], scan: Scan) -> dict[str, Any]:
