@@ -59,8 +59,15 @@ class ScanTask(QgsTask):
                 tiles = {int(t["index"]): t for t in event.get("tiles", [])}
                 self.finished_tiles.update(tiles)
                 self.found += event.get("features", [])
-                if event.get("features") or tiles:
-                    self.boxes.emit((list(event.get("features", [])), tiles))
+                # a tile's boxes may come an event before its entry (events are cut by size): they go on
+                # the map with the entry, so every box shown (and kept by a stop) has its answer and request
+                ready, waiting[:] = scanning.finished_boxes(
+                    waiting + event.get("features", []), self.finished_tiles
+                )
+                if ready or tiles:
+                    self.boxes.emit((ready, tiles))
+
+        waiting: list[dict[str, Any]] = []
 
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:

@@ -81,6 +81,17 @@ class Scan:
             self.merged += event.get("features", [])
 
 
+def finished_boxes(boxes: list[dict[str, Any]], finished: dict[int, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """``boxes`` split into those whose tile has finished (its entry, with the answer and request each box
+    records, has arrived) and those still waiting for it: events are cut by size, so a tile's boxes may
+    arrive an event before its entry."""
+    ready, waiting = [], []
+    for box in boxes:
+        tile = (box.get("properties") or {}).get("tile")
+        (ready if isinstance(tile, int) and tile in finished else waiting).append(box)
+    return ready, waiting
+
+
 def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str, options: dict[str, Any],
                    by_value: bool = False) -> Scan:  # fmt: skip
     """A `detect` of ``rect`` (in the layer's CRS): by reference when the layer is a file, else streamed."""

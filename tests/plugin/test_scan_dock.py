@@ -279,3 +279,23 @@ def test_a_change_scan_of_layers_the_backend_cannot_read_streams_them_with_the_s
         assert boxes and all(f["change"] in ("appeared", "disappeared") and f["pair"] for f in boxes)
         assert all(f["prompt"] in ("", None) and f["task"] == "change" for f in boxes)
     assert {f[1] for f in tile_map(by_file)} == {"changed", "unchanged"}  # the map tells tiles apart
+
+
+def test_boxes_wait_for_their_tiles_entry_before_they_reach_the_map() -> None:
+    """Events are cut by size, so a tile's boxes can come an event before its entry (which carries the
+    answer and request every box records): shown before it, a box would have neither, and a stopped scan
+    would keep boxes that cannot be exported. Two events as the backend cuts them: tile 3's two boxes, then
+    its entry with tile 4's box and entry."""
+    from earthdial_qgis import scanning
+
+    box = lambda tile, n: {
+        "type": "Feature",
+        "properties": {"tile": tile, "label": f"ship{n}"},
+        "geometry": None,
+    }  # noqa: E731
+    finished: dict[int, Any] = {}
+    ready, waiting = scanning.finished_boxes([box(3, 1), box(3, 2)], finished)
+    assert ready == [] and len(waiting) == 2
+    finished.update({3: {"index": 3, "request": "r3"}, 4: {"index": 4, "request": "r4"}})
+    ready, waiting = scanning.finished_boxes(waiting + [box(4, 3)], finished)
+    assert [b["properties"]["label"] for b in ready] == ["ship1", "ship2", "ship3"] and waiting == []
