@@ -66,7 +66,15 @@ class ModelDownloadDialog(QtWidgets.QDialog):
         self.download_button.setEnabled(False)  # until the backend has listed the checkpoints
         self.cancel_button = QtWidgets.QPushButton(self.tr("Cancel download"))
         self.cancel_button.setEnabled(False)
+        self.download_button.setToolTip(
+            self.tr("Download into the folder above; a stopped download continues")
+        )
+        self.cancel_button.setToolTip(
+            self.tr("Stop the download; what was received is kept for the next try")
+        )
+        self.progress.setToolTip(self.tr("All files together"))
         close = QtWidgets.QPushButton(self.tr("Close"))
+        close.setToolTip(self.tr("Close (stops a running download)"))
         close.clicked.connect(self.reject)
         self.download_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
