@@ -789,7 +789,12 @@ def cmd_download(args: argparse.Namespace) -> int:
             what = "already downloaded and verified" if event["already"] else "downloaded and verified"
             print(f"earthdial download: {what}: {event['path']}", file=sys.stderr, flush=True)
 
-    download.download(args.name, directory, revision=args.revision, progress=report)
+    try:
+        download.download(args.name, directory, revision=args.revision, progress=report)
+    except KeyboardInterrupt:
+        print("earthdial download: interrupted; what was received is kept: run the same command again to "
+              "continue it", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -266,6 +266,7 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
            emit: Progress) -> int:  # fmt: skip
     """Receive ``f`` (continuing its incomplete part), verify it and give it its final name."""
     from huggingface_hub import hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     incomplete = partial / (f.path + INCOMPLETE)
@@ -316,9 +317,13 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
         except EarthDialError:
             incomplete.unlink(missing_ok=True)
             raise
+        except HfHubHTTPError as exc:  # an answer, not a dropped line (an OSError too: caught first)
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise EarthDialError("file_not_found" if status == 404 else "bad_request",
+                                 f"{f.path}: the hub answered HTTP {status} at commit {commit}") from exc  # fmt: skip
         except OSError as exc:  # writing: the disk filled up or went read-only under us
             raise _os_error(exc, incomplete) from exc
-        except Exception as exc:  # the hub's HTTP errors and httpx2's network errors
+        except Exception as exc:  # httpx2's network errors
             raise EarthDialError("disconnected", f"{f.path}: the download stopped at {got} of {f.size} bytes "
                                  f"({exc}); run the same command again to continue it") from exc  # fmt: skip
         if got < f.size:

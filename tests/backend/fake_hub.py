@@ -29,6 +29,7 @@ class FakeHub:
     commit: str = hashlib.sha1(b"fake commit").hexdigest()
     stall_after: dict[str, int] = field(default_factory=dict)  # file -> send this many bytes, wait, drop
     corrupt: set[str] = field(default_factory=set)  # files served with one byte changed
+    missing: set[str] = field(default_factory=set)  # files listed but answered 404
     published_size: dict[str, int] = field(default_factory=dict)  # file -> a size to publish instead
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
     served: dict[str, int] = field(default_factory=dict)  # file -> body bytes sent
@@ -83,7 +84,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             resolve = re.fullmatch(rf"/{re.escape(hub.repo_id)}/resolve/([^/]+)/(.+)", path)
             if resolve:
                 name = resolve.group(2)
-                if resolve.group(1) not in ("main", hub.commit) or name not in files:
+                if resolve.group(1) not in ("main", hub.commit) or name not in files or name in hub.missing:
                     return self._status(404, "EntryNotFound")
                 if name.endswith(LFS_SUFFIXES):  # the hub redirects LFS files to its storage
                     self.send_response(302)

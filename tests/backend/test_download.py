@@ -78,7 +78,8 @@ def test_a_download_is_the_published_folder_and_the_model_answers(hub: FakeHub, 
     assert hub.resolve_requests() == []
 
 
-def test_a_killed_download_resumes_with_a_range_request(hub: FakeHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_killed_download_resumes_with_a_range_request(hub: FakeHub, tmp_path: Path, sig: int) -> None:
     target = tmp_path / "ckpt"
     size = (hub.folder / WEIGHTS).stat().st_size
     hub.stall_after[WEIGHTS] = STALL_AT
@@ -92,13 +93,17 @@ def test_a_killed_download_resumes_with_a_range_request(hub: FakeHub, tmp_path: 
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the partial file never reached the stall point"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)  # SIGKILL: nothing runs after it; SIGINT: Ctrl+C
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and "run the same command again to continue" in proc.stderr.read()
+    assert incomplete.stat().st_size == STALL_AT  # what was received is kept
     # killed mid-file: nothing in the folder looks like a model yet
     assert sorted(p.name for p in target.iterdir()) == [download.PARTIAL]
 
@@ -188,3 +193,31 @@ def test_the_list_names_the_three_published_checkpoints() -> None:
     names = [c["name"] for c in json.loads(listed.stdout)]
     assert names == ["EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI"]
     assert all(c["repo_id"] == f"akshaydudhane/{c['name']}" for c in json.loads(listed.stdout))
+
+
+def test_a_file_missing_at_the_commit_is_named(hub: FakeHub, tmp_path: Path) -> None:
+    hub.missing.add("tokenizer.json")
+    result = run_download(hub, tmp_path / "ckpt")
+    assert result.returncode == 1
+    assert (
+        f"file_not_found: tokenizer.json: the hub answered HTTP 404 at commit {hub.commit}" in result.stderr
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [download.PARTIAL]
+
+
+def test_a_dropped_connection_is_named_and_the_next_run_continues(hub: FakeHub, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    hub.stall_after[WEIGHTS] = STALL_AT
+    hub.release.set()  # no wait: the hub drops the connection after STALL_AT bytes
+    result = run_download(hub, target)
+    assert result.returncode == 1
+    assert f"disconnected: {WEIGHTS}: the download stopped at {STALL_AT} of" in result.stderr
+    assert "run the same command again to continue it" in result.stderr
+    assert sorted(p.name for p in target.iterdir()) == [download.PARTIAL]
+
+    hub.stall_after.clear()
+    hub.requests.clear()
+    assert run_download(hub, target).returncode == 0
+    ranges = [rng for path, rng in hub.resolve_requests() if path.endswith(WEIGHTS)]
+    assert ranges and all(rng == f"bytes={STALL_AT}-" for rng in ranges)
+    assert same_files(target, hub.folder)
