@@ -137,7 +137,9 @@ def download(
     for f in files:
         if (partial / f.path).is_file():
             continue  # verified by an earlier run (only verified files get their final name)
-        received = _fetch(checkpoint.repo_id, commit, f, partial, received, total, emit)
+        others = received - have[f.path]  # the bytes of every other file already here
+        _fetch(checkpoint.repo_id, commit, f, partial, others, total, emit)
+        received = others + f.size
         emit({"event": "verified", "file": f.path})
 
     try:
@@ -262,9 +264,10 @@ def _hasher(f: RemoteFile) -> Any:
     return h
 
 
-def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: int, total: int,
-           emit: Progress) -> int:  # fmt: skip
-    """Receive ``f`` (continuing its incomplete part), verify it and give it its final name."""
+def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int, total: int,
+           emit: Progress) -> None:  # fmt: skip
+    """Receive ``f`` (continuing its incomplete part), verify it and give it its final name. ``others``:
+    the bytes of the other files already here, for the overall progress."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -280,7 +283,6 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
         with open(incomplete, "rb") as part:
             for block in iter(lambda: part.read(1 << 20), b""):
                 digest.update(block)
-    received += start
     got = start
     if got < f.size:
         if _offline():
@@ -296,7 +298,6 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
             with get_session().stream("GET", url, headers=headers, timeout=READ_TIMEOUT_S) as response:
                 hf_raise_for_status(response)
                 if start and response.status_code != 206:  # the server sent the whole file: start over
-                    received -= start
                     got = start = 0
                     digest = _hasher(f)
                 mode = "ab" if start else "wb"
@@ -308,12 +309,11 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
                         out.write(chunk)
                         digest.update(chunk)
                         got += len(chunk)
-                        received += len(chunk)
                         now = time.monotonic()
                         if now - last >= CHUNK_LOG_S or got == f.size:
                             last = now
                             emit({"event": "progress", "file": f.path, "done": got, "size": f.size,
-                                  "all_done": received, "all_size": total})  # fmt: skip
+                                  "all_done": others + got, "all_size": total})  # fmt: skip
         except EarthDialError:
             incomplete.unlink(missing_ok=True)
             raise
@@ -337,7 +337,6 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, received: in
                              f"published {published}; the file was deleted (run the command again to fetch "
                              "it anew; if it happens again, the hub or a proxy serves damaged data)")  # fmt: skip
     os.replace(incomplete, partial / f.path)
-    return received
 
 
 def _os_error(exc: OSError, where: Path) -> EarthDialError:

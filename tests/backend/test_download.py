@@ -111,8 +111,13 @@ def test_a_killed_download_resumes_with_a_range_request(hub: FakeHub, tmp_path: 
     hub.release.set()  # the stalled handler finds its client gone
     hub.requests.clear()
     hub.served.clear()
-    result = run_download(hub, target)
+    result = run_download(hub, target, "--json")
     assert result.returncode == 0, result.stderr
+    progress = [e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "progress"]
+    assert progress[0]["file"] == WEIGHTS and progress[0]["done"] > STALL_AT  # counted from the kept part
+    assert all(e["all_done"] <= e["all_size"] for e in progress) and progress[-1]["all_done"] == size + sum(
+        len(data) for name, data in hub.files().items() if name != WEIGHTS
+    )
     before = sum(
         len(data) for name, data in hub.files().items() if name < WEIGHTS
     )  # verified before the kill
@@ -151,7 +156,8 @@ def test_a_download_larger_than_the_free_space_is_refused_before_any_byte(
     import shutil
 
     target = tmp_path / "ckpt"
-    hub.published_size[WEIGHTS] = shutil.disk_usage(tmp_path).free + 1  # the listing says it cannot fit
+    # the listing publishes a size larger than the whole disk: it cannot fit, whatever else is written meanwhile
+    hub.published_size[WEIGHTS] = shutil.disk_usage(tmp_path).total + 1
     result = run_download(hub, target)
     assert result.returncode == 1
     assert "disk_full: the download needs" in result.stderr
