@@ -772,6 +772,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    import json
+
+    from . import download
+
+    if args.list:
+        if args.json:
+            print(json.dumps(download.checkpoints()))
+        else:
+            for c in download.checkpoints():
+                print(f"{c['name']:<26} {c['repo_id']}@{c['revision']}  {c['use']}")
+        return 0
+    if not args.name:
+        raise EarthDialError("bad_request", f"name a checkpoint: {', '.join(download.CHECKPOINTS)} (--list)")
+    directory = args.dir or args.name
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request: the progress says enough
+
+    def report(event: dict[str, Any]) -> None:
+        if args.json:  # one JSON object a line on stdout: what the plugin reads
+            print(json.dumps(event), flush=True)
+        if event["event"] == "start":
+            print(f"earthdial download: {event['repo_id']} at commit {event['commit']}: {event['files']} files, "
+                  f"{event['bytes']} bytes ({event['have']} already here)", file=sys.stderr, flush=True)  # fmt: skip
+        elif event["event"] == "progress":
+            percent = 100.0 * event["all_done"] / max(event["all_size"], 1)
+            print(f"earthdial download: {percent:5.1f}% {event['file']} {event['done']}/{event['size']} bytes",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        elif event["event"] == "done":
+            what = "already downloaded and verified" if event["already"] else "downloaded and verified"
+            print(f"earthdial download: {what}: {event['path']}", file=sys.stderr, flush=True)
+
+    try:
+        download.download(args.name, directory, revision=args.revision, progress=report)
+    except KeyboardInterrupt:
+        print("earthdial download: interrupted; what was received is kept: run the same command again to "
+              "continue it", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earthdial", description="EarthDial remote-sensing VLM backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1008,6 +1048,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the published 4B shapes in bf16 (about 8.3 GB, written one tensor at a time), for load benchmarks",
     )
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser(
+        "download",
+        help="fetch a published EarthDial checkpoint from the Hugging Face hub (resumable, verified)",
+    )
+    p.add_argument("name", nargs="?", help="EarthDial_4B_RGB, EarthDial_4B_MS or EarthDial_4B_Methane_UHI")
+    p.add_argument("--dir", help="folder to fill (new or empty; default: NAME in the current folder); "
+                   "run the same command again to continue an interrupted download")  # fmt: skip
+    p.add_argument("--revision", help="a branch or commit of the hub repository (default: the pinned one)")
+    p.add_argument("--list", action="store_true", help="the checkpoints it knows, and exit")
+    p.add_argument("--json", action="store_true", help="progress as JSON lines on stdout")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
         "make-sample",
