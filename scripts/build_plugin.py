@@ -6,14 +6,19 @@ vendor/ folder of installed dependencies) plus the top-level metadata.txt, and t
 the backend: wire.py, client.py, protocol.py and result_features.py are written once, in backend/earthdial/, and copied into
 the plugin from there (the repository holds no copy and no symlink; `--sync` copies them into
 qgis_plugin/earthdial_qgis/ for running the plugin from a checkout, as its tests do). Entries get a fixed
-date so that builds are reproducible. Standard library only.
+date so that builds are reproducible. It also holds the backend as a wheel, wheels/earthdial_qgis-<version>-
+py3-none-any.whl (built here with `pip wheel`), which the panel's *Install backend...* installs into a venv of
+its own; the zip must stay under the plugin site's 25 MB. Standard library only (pip builds the wheel).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess  # nosec B404: runs pip to build the backend wheel
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -30,6 +35,9 @@ SHARED = (
 )  # the backend's modules the plugin runs as they are
 SUFFIXES = {".py", ".svg", ".png", ".html"}  # .html: the help page the panel's Help opens
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)
+FIXED_EPOCH = "1704067200"  # the same date for the wheel's own entries (SOURCE_DATE_EPOCH)
+MAX_ZIP_BYTES = 25 * 1024 * 1024  # plugins.qgis.org refuses larger uploads
+WHEELS = "wheels"  # installer.WHEELS_DIR
 
 
 EXCLUDED = {"__pycache__", "vendor"}  # vendor/: packages a user installed into their own copy
@@ -87,7 +95,20 @@ def qgis4_ready() -> bool:
     return maximum is not None and int(maximum) >= 4 and (qt6 or "").lower() in ("true", "yes")
 
 
-def build(output: Path) -> Path:
+def build_wheel(folder: Path) -> Path:
+    """The backend (pyproject.toml at the root) as a pure-Python wheel in `folder`."""
+    env = {**os.environ, "SOURCE_DATE_EPOCH": FIXED_EPOCH, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run(  # nosec B603: this interpreter's pip, fixed arguments
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(folder), str(ROOT)],
+        check=True, env=env, timeout=600,
+    )  # fmt: skip
+    wheels = sorted(folder.glob("earthdial_qgis-*-py3-none-any.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"pip wheel made {[w.name for w in wheels]}, not one backend wheel")
+    return wheels[0]
+
+
+def build(output: Path, with_wheel: bool = True) -> Path:
     if not METADATA.is_file():
         raise SystemExit(f"missing {METADATA}")
     if not qgis4_ready():
@@ -106,6 +127,19 @@ def build(output: Path) -> Path:
         for name in SHARED:
             _add(zf, f"{PACKAGE.name}/{name}", BACKEND / name)
         _add(zf, f"{PACKAGE.name}/metadata.txt", METADATA)
+        if with_wheel:
+            with tempfile.TemporaryDirectory() as tmp:
+                wheel = build_wheel(Path(tmp))
+                if not wheel.name.startswith(f"earthdial_qgis-{package_version}-"):
+                    raise SystemExit(f"the wheel {wheel.name} is not version {package_version}")
+                info = zipfile.ZipInfo(f"{PACKAGE.name}/{WHEELS}/{wheel.name}", FIXED_DATE)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_STORED  # a wheel is compressed already
+                zf.writestr(info, wheel.read_bytes())
+    size = output.stat().st_size
+    if size >= MAX_ZIP_BYTES:
+        output.unlink()
+        raise SystemExit(f"the plugin zip is {size / 2**20:.1f} MiB: the plugin site takes under 25 MB")
     return output
 
 
@@ -115,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sync", action="store_true", help="only copy the shared modules into qgis_plugin/earthdial_qgis/"
     )
+    parser.add_argument(
+        "--no-wheel", action="store_true", help="leave out the backend wheel (a quick build for a checkout)"
+    )
     args = parser.parse_args(argv)
     if args.sync:
         for path in sync_shared():
             print(path)
         return 0
-    print(build(args.output.resolve()))
+    print(build(args.output.resolve(), with_wheel=not args.no_wheel))
     return 0
 
 
