@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess  # nosec B404: runs pip to build the backend wheel
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -98,7 +98,7 @@ def qgis4_ready() -> bool:
 def build_wheel(folder: Path) -> Path:
     """The backend (pyproject.toml at the root) as a pure-Python wheel in `folder`."""
     env = {**os.environ, "SOURCE_DATE_EPOCH": FIXED_EPOCH, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    subprocess.run(  # nosec B603: this interpreter's pip, fixed arguments
+    subprocess.run(  # this interpreter's pip, fixed arguments
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(folder), str(ROOT)],
         check=True, env=env, timeout=600,
     )  # fmt: skip
