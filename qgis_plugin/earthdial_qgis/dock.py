@@ -414,11 +414,12 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.install_backend_button.setVisible(offered)
         return offered
 
-    def open_installer(self) -> Any:
-        """The install dialog (not modal: the panel stays usable); when it succeeds the backend starts."""
+    def open_installer(self, **options: Any) -> Any:
+        """The install dialog (not modal: the panel stays usable); when it succeeds the backend starts.
+        `options`: InstallDialog's (tests)."""
         from .install_dialog import InstallDialog
 
-        dialog = InstallDialog(self)
+        dialog = InstallDialog(self, **options)
         dialog.installed.connect(self._backend_installed)
         dialog.show()
         return dialog

@@ -122,7 +122,7 @@ class DockLayout:
         self.install_backend_button.setToolTip(
             self.tr("Install the EarthDial backend into a Python environment of its own and start it")
         )
-        self.install_backend_button.clicked.connect(self.open_installer)
+        self.install_backend_button.clicked.connect(lambda: self.open_installer())
         form.addRow(self.install_backend_button)
         return box
 

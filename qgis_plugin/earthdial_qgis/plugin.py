@@ -44,7 +44,7 @@ class EarthDialPlugin:
         for text, slot in (
             (tr("Settings…"), self.open_settings),
             (tr("Install dependencies…"), self.open_dependencies),
-            (tr("Install backend…"), self.open_installer),
+            (tr("Install backend…"), lambda: self.open_installer()),
             (tr("Diagnostics…"), self.open_diagnostics),
         ):
             action = QAction(text, self.iface.mainWindow())
@@ -111,7 +111,7 @@ class EarthDialPlugin:
         try:
             widget = bar.createMessage(tr("EarthDial"), text)
             button = QtWidgets.QPushButton(tr("Upgrade backend…"), widget)
-            button.clicked.connect(self.open_installer)
+            button.clicked.connect(lambda: self.open_installer())
             widget.layout().addWidget(button)
             bar.pushWidget(widget, Qgis.MessageLevel.Warning)
         except Exception:  # a message bar without widgets (tests): the plain message is enough

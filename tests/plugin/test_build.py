@@ -46,7 +46,7 @@ def test_build_plugin_zip(tmp_path) -> None:
             "diagnostics", "backend_process", "settings", "settings_dialog", "scanning", "scan_task", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
             "algorithms/__init__", "algorithms/common", "algorithms/ask", "algorithms/detect", "algorithms/change",
             "algorithms/detect_changes",
-            "review", "algorithms/export_training",
+            "review", "algorithms/export_training", "installer", "install_dialog",
         )  # fmt: skip
         for module in modules:
             assert f"earthdial_qgis/{module}.py" in names, module

@@ -5,6 +5,7 @@ answer from the installed backend is test_install_backend.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plugin_testing import wait_until
+from plugin_testing import free_port, wait_until
 from qgis.core import QgsSettings
 
 from earthdial_qgis import installer, settings
@@ -137,6 +138,10 @@ def short_plan(dialog: Any, wheel: str) -> Any:
     return plan
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("ensurepip") is None,
+    reason="this Python cannot create a venv with pip (Debian without python3-venv, as in the 3.40 chroot)",
+)
 def test_the_dialog_installs_saves_its_log_and_sets_the_backend(
     wheel: str, tmp_path: Path, qgis_app: Any, no_backend_command: Any
 ) -> None:
@@ -206,11 +211,33 @@ def test_cancel_kills_the_running_step_and_install_again_goes_on(
     dialog.deleteLater()
 
 
-def test_the_panel_offers_install_backend_while_none_is_set(make_dock: Any, no_backend_command: Any) -> None:
+def test_the_panel_offers_install_backend_while_none_is_set_and_starts_what_it_installed(
+    make_dock: Any, no_backend_command: Any, tmp_path: Path, wheel: str
+) -> None:
+    """The panel's side: the offer, and an install that succeeds starting the local backend from the venv.
+    The venv here is the test session's backend venv (.venv) and the plan has nothing left to do, as on a
+    re-run over a complete install: what is tested is the hand-over, not the install."""
+    from plugin_testing import EARTHDIAL
+
+    from earthdial_qgis.backend_process import RUNNING, STOPPED
+
     dock = make_dock()
     assert dock.show_install_offer() and not dock.install_backend_button.isHidden()
-    QgsSettings().setValue(settings.BACKEND_COMMAND, "/opt/earthdial/venv")
-    assert not dock.show_install_offer() and dock.install_backend_button.isHidden()
+    dock.endpoint_edit.setText(f"tcp://127.0.0.1:{free_port()}")  # not the test backend's
+    home = tmp_path / "earthdial-backend"
+    home.mkdir()
+    (home / "venv").symlink_to(EARTHDIAL.parent.parent)
+    cpu = installer.choose_torch("Linux", "x86_64", None)
+    dialog = dock.open_installer(home=str(home), wheel=wheel, torch=cpu, plan=lambda python: [])
+    dialog.install()
+    wait_until(lambda: dock.local_backend.state == RUNNING or bool(dock.local_backend.last_error), 180)
+    assert dock.local_backend.state == RUNNING, dock.local_backend.last_error
+    assert settings.text(settings.BACKEND_COMMAND) == dialog.venv
+    assert dock.install_backend_button.isHidden()  # a backend is set now: no offer
+    wait_until(lambda: dock.status_label.text().startswith("Connected"), 60)
+    dock.local_backend.stop()
+    assert dock.local_backend.state == STOPPED
+    dialog.deleteLater()
 
 
 def test_the_plugin_offers_the_upgrade_when_its_wheel_is_newer(
