@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         scene = work / "harbour.tif"
         subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, env=env, capture_output=True)
         # the plugin as a user installs it: the zip (with its backend wheel) unpacked into the fresh profile
-        plugins = work / "profiles" / "default" / "python" / "plugins"
+        profile = (
+            work / "profiles" / "profiles" / "default"
+        )  # what QGIS makes of --profiles-path work/profiles
+        plugins = profile / "python" / "plugins"
         plugins.mkdir(parents=True)
         with zipfile.ZipFile(build_plugin.build(work / "earthdial_qgis.zip")) as zf:
             zf.extractall(plugins)
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             output, _ = process.communicate()
             output += f"\nQGIS did not finish in {args.timeout} s"
         status = (work / "status.txt").read_text() if (work / "status.txt").exists() else ""
-        installed_log = work / "profiles" / "default" / "python" / "earthdial-backend" / "install.log"
+        installed_log = profile / "python" / "earthdial-backend" / "install.log"
         if installed_log.exists():
             shutil.copyfile(installed_log, log_dir / "install.log")
     print(status)
@@ -113,7 +116,7 @@ def in_qgis() -> None:
     out, work = Path(env("OUT")), Path(env("WORK"))
     sys.path.insert(0, env("PLUGINS"))
     import earthdial_qgis
-    from earthdial_qgis import settings
+    from earthdial_qgis import installer, settings
 
     state: dict = {"notes": []}
 
@@ -131,6 +134,9 @@ def in_qgis() -> None:
     def steps():
         if not earthdial_qgis.__file__.startswith(env("PLUGINS")):
             raise RuntimeError(f"the plugin came from {earthdial_qgis.__file__}, not the profile")
+        home = installer.backend_home()
+        if not home.startswith(env("PLUGINS").rsplit("/plugins", 1)[0]):
+            raise RuntimeError(f"the backend would go to {home}, outside the fresh profile")
         window = iface.mainWindow()
         window.resize(1600, 1000)
         window.showMaximized()

@@ -173,7 +173,7 @@ def install_plan(venv: str, python: str, wheel: str, torch: TorchBuild, requirem
     torch_args = ("--extra-index-url", torch.index_url) if torch.index_url else ()
     steps.append(Step(f"Install torch ({torch.tag})", pip[0], (*pip[1:], requirement, *torch_args)))
     steps.append(Step("Install the EarthDial backend", pip[0], (*pip[1:], "--upgrade", wheel)))
-    check = "import torch, earthdial.engine; print('torch', torch.__version__, 'ready')"
+    check = 'import torch, earthdial.engine; print("torch", torch.__version__, "ready")'
     steps.append(Step("Check the installation", py, ("-c", check)))
     return steps
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,12 +64,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_plugin.build_wheel(tmp_path_factory.mktemp("wheel")))
 
 
-def test_the_plan_installs_a_backend_that_answers(wheel: str, tmp_path: Path) -> None:
+@pytest.fixture
+def venv_home(tmp_path: Path) -> Iterator[Path]:
+    """Where the venv goes; removed afterwards (about 1 GB that pytest would keep with its temp folders)."""
+    home = tmp_path / "earthdial-backend"
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_plan_installs_a_backend_that_answers(wheel: str, venv_home: Path, tmp_path: Path) -> None:
     python, why = installer.base_python()
     assert python, why
     torch = installer.choose_torch(platform.system(), platform.machine(), None)  # no NVIDIA GPU here
     assert torch.device == "cpu"
-    venv = str(tmp_path / "earthdial-backend" / "venv")
+    venv = str(venv_home / "venv")
     steps = installer.install_plan(venv, python, wheel, torch, installer.torch_requirement(wheel))
     assert [s.title for s in steps][0] == "Create the environment"
     first = run_plan(steps)
