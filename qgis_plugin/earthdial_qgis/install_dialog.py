@@ -67,7 +67,7 @@ class InstallDialog(QtWidgets.QDialog):
         self.cancelled = False
         self.succeeded = False
         self.log_path = os.path.join(self.home, "install.log")
-        self._lines: list[str] = []
+        self._log: list[str] = []  # the run's text as it came, for install.log
 
         python, why = installer.base_python()
         intro = QtWidgets.QLabel(
@@ -151,11 +151,9 @@ class InstallDialog(QtWidgets.QDialog):
         os.makedirs(self.home, exist_ok=True)
         self.steps = self._plan(python)
         self.index, self.cancelled, self.succeeded = -1, False, False
-        self._lines = [
-            f"EarthDial backend install, {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            f"torch: {self.torch.why}",
-        ]
-        self.output_view.setPlainText("\n".join(self._lines) + "\n")
+        header = f"EarthDial backend install, {time.strftime('%Y-%m-%d %H:%M:%S')}\ntorch: {self.torch.why}\n"
+        self._log = [header]
+        self.output_view.setPlainText(header)
         self.progress.setRange(0, len(self.steps))
         self.progress.setValue(0)
         self.install_button.setEnabled(False)
@@ -197,7 +195,7 @@ class InstallDialog(QtWidgets.QDialog):
             self._append(bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace"))
 
     def _append(self, text: str) -> None:
-        self._lines.append(text.rstrip("\n"))
+        self._log.append(text)
         self.output_view.moveCursor(QtGui.QTextCursor.MoveOperation.End)
         self.output_view.insertPlainText(text)
         self.output_view.moveCursor(QtGui.QTextCursor.MoveOperation.End)
@@ -270,7 +268,7 @@ class InstallDialog(QtWidgets.QDialog):
         """The whole run's output, beside the venv: what to attach to a bug report."""
         try:
             with open(self.log_path, "w", encoding="utf-8") as f:
-                f.write("\n".join(self._lines) + "\n")
+                f.write("".join(self._log))
         except OSError as e:
             log.error(f"could not write {self.log_path}: {e}")
             return
