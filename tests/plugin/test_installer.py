@@ -254,3 +254,13 @@ def test_the_plugin_offers_the_upgrade_when_its_wheel_is_newer(
     assert "is version 0.2.0; this plugin ships 0.3.0" in message
     (site / "earthdial_qgis-0.2.0.dist-info").rename(site / "earthdial_qgis-0.3.0.dist-info")
     assert plugin.check_backend_upgrade(str(home), wheel) == ""
+
+
+def test_starting_with_no_backend_set_points_to_install_backend(
+    qgis_app: Any, no_backend_command: Any
+) -> None:
+    from earthdial_qgis.backend_process import STOPPED, LocalBackend
+
+    backend = LocalBackend()
+    problem = backend.start("tcp://127.0.0.1:5557")
+    assert "Install backend…" in problem and backend.state == STOPPED and backend.process is None
