@@ -16,6 +16,8 @@ from typing import Any
 
 from .protocol import DEFAULT_ENDPOINT, Client, EarthDialError, source_by_reference
 
+DEVICES = ["auto", "cpu", "cuda", "mps"]  # engine.pick_device; mps: Apple silicon's GPU
+
 
 def _bands(text: str) -> list[int]:
     try:
@@ -66,7 +68,7 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
     p.add_argument("--model", help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument(
         "--resume", action="store_true", help="go on from the journal an interrupted run left beside -o"
     )
@@ -823,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--endpoint", default=_default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}"
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads on a CPU (default: one fewer than the cores; 0: torch's default)")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "fp32", "bf16"],
@@ -942,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="checkpoint directory to run in this process "
                    "(default: $EARTHDIAL_MODEL, else the built-in demo model)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")
     p.add_argument("--timeout", type=float, default=300.0)
@@ -981,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="band preset (default: picked from each raster)")
     _add_tiling_args(p)
     p.add_argument("--model", help="checkpoint directory, the same path on every Ray node (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--workers", type=int, default=2, help="engines (Ray actors), each with its own model")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPU slots (and torch threads) of a worker")  # fmt: skip
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs of a worker (e.g. 1)")
@@ -1002,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounds-crs")
     p.add_argument("--endpoint")
     p.add_argument("--model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--timeout", type=float, default=300.0)
     _add_output_args(p)
     p.set_defaults(func=cmd_change)
@@ -1094,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     p.add_argument("--scenes", type=int, default=200)
     p.add_argument("--seed", type=int, default=20261127, help="held-out scene stream (not the training seed)")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.set_defaults(func=cmd_eval_demo)
 
     p = sub.add_parser("export-training", help="reviewed result layers of a GeoPackage -> training records")
@@ -1128,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=cmd_finetune)
     return parser
 

@@ -59,12 +59,23 @@ class Query:
     system: str | None = None
 
 
-def pick_device(device: str = "auto") -> str:
+def pick_device(device: str = "auto", cuda: bool | None = None, mps: bool | None = None) -> str:
+    """The device to run on: auto takes an NVIDIA GPU, else Apple silicon's GPU (MPS), else the CPU.
+    `cuda` / `mps`: whether each is available (None: ask torch); tests pass them to check every choice."""
+    has_cuda = torch.cuda.is_available() if cuda is None else cuda
+    has_mps = _mps_available() if mps is None else mps
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if has_cuda else "mps" if has_mps else "cpu"
+    if device == "cuda" and not has_cuda:
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if device == "mps" and not has_mps:
+        raise RuntimeError("--device mps was asked for but torch sees no MPS device (Apple silicon only)")
     return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
 
 def fusion_grid(k: int) -> tuple[int, int]:

@@ -134,6 +134,8 @@ def choose(
         return Precision(DTYPES[name], f"{name}: asked for (--dtype)")
     if device.startswith("cuda"):
         return Precision(torch.bfloat16, "bfloat16: the published weights' dtype, native on the GPU")
+    if device == "mps":
+        return Precision(torch.bfloat16, "bfloat16: the published weights' dtype (MPS has it from macOS 14)")
     if width is not None and width < MIN_HIDDEN_FOR_BF16:
         return Precision(
             torch.float32,

@@ -108,7 +108,8 @@ class LocalBackend(QtCore.QObject):
         program = resolve_command(settings.text(settings.BACKEND_COMMAND))
         if not program:
             return self.tr(
-                "Set the backend command (the `earthdial` program or its venv) in the EarthDial settings first."
+                "No backend is set: install one with the panel's Install backend…, or set the backend command "
+                "(the `earthdial` program or its venv) in the EarthDial settings."
             )
         if not os.path.isfile(program):
             return self.tr(

@@ -112,6 +112,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         canvas.extentsChanged.connect(self._extent_changed)
         self._show_history()
         self._show_storage()
+        self.show_install_offer()
         self.refresh_status()
 
     def _follow_active_layer(self) -> None:
@@ -407,6 +408,30 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         from .settings_dialog import SettingsDialog
 
         SettingsDialog(self).run()
+        self.show_install_offer()
+
+    # -- installing the backend (install_dialog.py) ---------------------------------------------------
+    def show_install_offer(self) -> bool:
+        """Offer *Install backend...* while no backend command is set; True when it is offered."""
+        offered = not settings.text(settings.BACKEND_COMMAND).strip()
+        self.install_backend_button.setVisible(offered)
+        return offered
+
+    def open_installer(self, **options: Any) -> Any:
+        """The install dialog (not modal: the panel stays usable); when it succeeds the backend starts.
+        `options`: InstallDialog's (tests)."""
+        from .install_dialog import InstallDialog
+
+        dialog = InstallDialog(self, **options)
+        dialog.installed.connect(self._backend_installed)
+        dialog.show()
+        return dialog
+
+    def _backend_installed(self, _venv: str) -> None:
+        if self._closed or sip.isdeleted(self):
+            return
+        self.show_install_offer()
+        self.start_backend()
 
     def diagnostics_text(self, machine: dict[str, Any] | None = None, machine_note: str = "") -> str:
         from .diagnostics import report

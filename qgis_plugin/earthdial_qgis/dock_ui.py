@@ -116,6 +116,14 @@ class DockLayout:
             widget.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Fixed)
             widget.setMinimumWidth(widget.fontMetrics().horizontalAdvance(widget.text()) + 16)
         form.addRow(buttons)
+        # -- Install backend... (install_dialog.py): offered while no backend command is set -----------
+        self.install_backend_button = QtWidgets.QPushButton(self.tr("Install backend…"))
+        self.install_backend_button.setObjectName("EarthDialInstallBackend")
+        self.install_backend_button.setToolTip(
+            self.tr("Install the EarthDial backend into a Python environment of its own and start it")
+        )
+        self.install_backend_button.clicked.connect(lambda: self.open_installer())
+        form.addRow(self.install_backend_button)
         return box
 
     def _input_box(self) -> QtWidgets.QGroupBox:

@@ -44,6 +44,7 @@ class EarthDialPlugin:
         for text, slot in (
             (tr("Settings…"), self.open_settings),
             (tr("Install dependencies…"), self.open_dependencies),
+            (tr("Install backend…"), lambda: self.open_installer()),
             (tr("Diagnostics…"), self.open_diagnostics),
         ):
             action = QAction(text, self.iface.mainWindow())
@@ -55,6 +56,7 @@ class EarthDialPlugin:
         self.review = ReviewActions(self.iface, MENU, self.toolbar)
         self.initProcessing()
         self.check_dependencies()
+        self.check_backend_upgrade()
 
     def initProcessing(self) -> None:  # noqa: N802  (the name QGIS and qgis_process call)
         """Register the `earthdial` Processing provider (qgis_process calls only this, without a GUI)."""
@@ -89,6 +91,39 @@ class EarthDialPlugin:
         except Exception:  # a message bar without widgets (tests): the plain message is enough
             bar.pushMessage(tr("EarthDial"), text, level=Qgis.MessageLevel.Warning)
         return missing
+
+    # -- the backend installed from the panel (installer.py, install_dialog.py) --------------------------
+    def check_backend_upgrade(self, home: str | None = None, wheel: str | None = None) -> str:
+        """On load: when the panel's backend venv holds an older backend than the wheel this plugin ships
+        (the plugin was upgraded), offer the upgrade in the message bar (never silently). The message, or ""."""
+        from . import installer
+
+        home = home or installer.backend_home()
+        wheel = wheel or installer.shipped_wheel()
+        venv = installer.venv_dir(home)
+        if wheel is None or not installer.needs_upgrade(venv, wheel):
+            return ""
+        text = tr("The EarthDial backend in {venv} is version {have}; this plugin ships {new}.").format(
+            venv=venv, have=installer.installed_version(venv), new=installer.wheel_version(wheel)
+        )
+        log.warning(text)
+        bar = self.iface.messageBar()
+        try:
+            widget = bar.createMessage(tr("EarthDial"), text)
+            button = QtWidgets.QPushButton(tr("Upgrade backend…"), widget)
+            button.clicked.connect(lambda: self.open_installer())
+            widget.layout().addWidget(button)
+            bar.pushWidget(widget, Qgis.MessageLevel.Warning)
+        except Exception:  # a message bar without widgets (tests): the plain message is enough
+            bar.pushMessage(tr("EarthDial"), text, level=Qgis.MessageLevel.Warning)
+        return text
+
+    def open_installer(self) -> Any:
+        """Install or upgrade the backend from the panel, which starts it when done."""
+        if self.action is not None and not self.action.isChecked():
+            self.action.setChecked(True)  # shows the panel
+        self.set_dock_visible(True)
+        return self.dock.open_installer()
 
     def _backend(self) -> Any:
         if self.local_backend is None:

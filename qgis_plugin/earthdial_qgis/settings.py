@@ -19,7 +19,7 @@ RESULTS_GPKG = "EarthDial/results_gpkg"  # where result layers go; empty: <proje
 RESULTS_IN_MEMORY = "EarthDial/results_in_memory"  # memory layers instead (lost unless saved)
 
 DEFAULT_TIMEOUT_S = 300
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # mps: Apple silicon (the backend's --device)
 
 
 def value(key: str, default: Any = "") -> Any:

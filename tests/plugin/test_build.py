@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 
+import build_plugin
 import pytest
 from plugin_testing import ROOT
 
@@ -45,7 +46,7 @@ def test_build_plugin_zip(tmp_path) -> None:
             "diagnostics", "backend_process", "settings", "settings_dialog", "scanning", "scan_task", "presets", "widgets", "log", "dock_ui", "results", "geopackage", "watch",
             "algorithms/__init__", "algorithms/common", "algorithms/ask", "algorithms/detect", "algorithms/change",
             "algorithms/detect_changes",
-            "review", "algorithms/export_training",
+            "review", "algorithms/export_training", "installer", "install_dialog",
         )  # fmt: skip
         for module in modules:
             assert f"earthdial_qgis/{module}.py" in names, module
@@ -66,7 +67,21 @@ def test_build_plugin_zip(tmp_path) -> None:
             assert zf.read(info) == (ROOT / "backend" / "earthdial" / name).read_bytes(), name
             # and the copy the tests (and a checkout) run is the same
             assert (PLUGIN / name).read_bytes() == (ROOT / "backend" / "earthdial" / name).read_bytes(), name
+        # the backend, as the wheel the panel's Install backend... installs: this version, with its CLI and demo
+        wheel_name = "earthdial_qgis/wheels/earthdial_qgis-0.3.0-py3-none-any.whl"
+        assert [n for n in names if n.endswith(".whl")] == [wheel_name]
         zf.extractall(tmp_path / "plugins")
+    with zipfile.ZipFile(tmp_path / "plugins" / wheel_name) as wheel:
+        inside = set(wheel.namelist())
+        assert {
+            "earthdial/cli.py",
+            "earthdial/engine.py",
+            "earthdial/models/demo/model.safetensors",
+        } <= inside
+        entry_points = wheel.read("earthdial_qgis-0.3.0.dist-info/entry_points.txt").decode()
+        assert "earthdial = earthdial.cli:main" in entry_points
+    size = out.stat().st_size
+    assert size < build_plugin.MAX_ZIP_BYTES == 25 * 1024 * 1024, size  # the plugin site's limit
 
     # The unpacked plugin imports on its own, as QGIS would load it from its plugins folder.
     check = (
@@ -90,3 +105,12 @@ def test_build_refuses_metadata_that_leaves_qgis_4_out(tmp_path, monkeypatch) ->
         with pytest.raises(SystemExit, match="supportsQt6"):
             build_plugin.build(tmp_path / "out.zip")
         assert not (tmp_path / "out.zip").exists()
+
+
+def test_build_refuses_a_zip_over_the_plugin_sites_limit(tmp_path, monkeypatch) -> None:
+    import build_plugin
+
+    monkeypatch.setattr(build_plugin, "MAX_ZIP_BYTES", 10_000)  # the plugin's code alone is more
+    with pytest.raises(SystemExit, match="under 25 MB"):
+        build_plugin.build(tmp_path / "out.zip", with_wheel=False)
+    assert not (tmp_path / "out.zip").exists()  # no zip the site would refuse is left to upload

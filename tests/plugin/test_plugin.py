@@ -42,7 +42,8 @@ def test_load_toggle_and_unload(qgis_iface, main_window, qgis_new_project) -> No
         menu_calls = iface["addPluginToMenu"].call_args_list
         assert menu_calls[0] == mock.call(MENU, action)
         assert [c.args[1].text() for c in menu_calls[1:]] == [
-            "Settings…", "Install dependencies…", "Diagnostics…", "Accept selected boxes", "Reject selected boxes",
+            "Settings…", "Install dependencies…", "Install backend…", "Diagnostics…", "Accept selected boxes",
+            "Reject selected boxes",
         ]  # fmt: skip
         assert plugin.dock is None  # made on first use
         registry = QgsApplication.processingRegistry()
@@ -62,7 +63,7 @@ def test_load_toggle_and_unload(qgis_iface, main_window, qgis_new_project) -> No
         flush_deletes()
         assert plugin.action is None and plugin.toolbar is None and plugin.dock is None
         assert mock.call(MENU, action) in iface["removePluginMenu"].call_args_list
-        assert iface["removePluginMenu"].call_count == 6  # the panel, three dialogs, two review actions
+        assert iface["removePluginMenu"].call_count == 7  # the panel, four dialogs, two review actions
         iface["removeDockWidget"].assert_called_once_with(dock)
         assert registry.providerById("earthdial") is None
     assert sip.isdeleted(toolbar) and sip.isdeleted(dock) and sip.isdeleted(action)
