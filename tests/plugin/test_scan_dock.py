@@ -288,11 +288,9 @@ def test_boxes_wait_for_their_tiles_entry_before_they_reach_the_map() -> None:
     its entry with tile 4's box and entry."""
     from earthdial_qgis import scanning
 
-    box = lambda tile, n: {
-        "type": "Feature",
-        "properties": {"tile": tile, "label": f"ship{n}"},
-        "geometry": None,
-    }  # noqa: E731
+    def box(tile: int, n: int) -> dict[str, Any]:
+        return {"type": "Feature", "properties": {"tile": tile, "label": f"ship{n}"}, "geometry": None}
+
     finished: dict[int, Any] = {}
     ready, waiting = scanning.finished_boxes([box(3, 1), box(3, 2)], finished)
     assert ready == [] and len(waiting) == 2
