@@ -263,6 +263,22 @@ class InstallDialog(QtWidgets.QDialog):
         self.install_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.installed.emit(self.venv)
+        self._report_machine()
+
+    def _report_machine(self) -> None:
+        """What the installed backend says this machine can run (GPU, driver, torch build, free memory, the
+        memory plan and its recommendation), shown after the log and saved with it: the first question
+        after an install is which device and precision to serve with."""
+        from .diagnostics import MachineDiagnosis, machine_lines
+
+        def show(machine: Any, why: str) -> None:
+            self._append("\n".join(machine_lines(None, machine, why)) + "\n")
+            self._save_log()
+
+        self.diagnosis = MachineDiagnosis(self)
+        self.diagnosis.done.connect(show)
+        self._append("\n" + self.tr("Asking the backend what this machine can run…") + "\n")
+        self.diagnosis.start(self.venv)
 
     def _save_log(self) -> None:
         """The whole run's output, beside the venv: what to attach to a bug report."""

@@ -170,6 +170,9 @@ def test_the_dialog_installs_saves_its_log_and_sets_the_backend(
     assert dialog.progress.maximum() == 1
     wait_until(lambda: not dialog.is_running() and len(done) == 2, 300)
     assert dialog.succeeded and installer.installed_version(dialog.venv) == "0.3.0"
+    # no torch in this short install: the machine report says why it has nothing, rather than nothing
+    wait_until(lambda: dialog.output_view.toPlainText().count("what this machine can run: ") == 2, 180)
+    assert "diagnose failed" in dialog.output_view.toPlainText().rsplit("what this machine can run: ", 1)[1]
     dialog.deleteLater()
 
 
@@ -235,6 +238,13 @@ def test_the_panel_offers_install_backend_while_none_is_set_and_starts_what_it_i
     assert settings.text(settings.BACKEND_COMMAND) == dialog.venv
     assert dock.install_backend_button.isHidden()  # a backend is set now: no offer
     wait_until(lambda: dock.status_label.text().startswith("Connected"), 60)
+    # and it says what this machine can run, as the installed backend reports it, into the saved log too
+    wait_until(lambda: "recommended: earthdial serve" in dialog.output_view.toPlainText(), 180)
+    assert (
+        "what this machine can run" in dialog.output_view.toPlainText()
+        and "GPU: " in dialog.output_view.toPlainText()
+    )
+    assert "recommended: earthdial serve" in Path(dialog.log_path).read_text()
     dock.local_backend.stop()
     assert dock.local_backend.state == STOPPED
     dialog.deleteLater()
