@@ -347,9 +347,7 @@ def _nodata(nodata: Any, where: str) -> float | None:
     try:
         return float(nodata)
     except OverflowError:
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, f"nodata {nodata:.3g} is beyond any pixel value"
-        ) from None
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.nodata is beyond any pixel value") from None
 
 
 def _floats(values: Any, n: int) -> tuple[float, ...] | None:
