@@ -154,8 +154,13 @@ class Window:
         return imagery.ChipPlan(grid.band_indexes, int(width), int(height), grid.transform, grid.crs)
 
     def read(self, arrays: list[np.ndarray]) -> imagery.Chip:
+        """The pixels: what `describe` names (a file's window through the same `imagery` plan)."""
         if isinstance(self.source, requests.Ref):
-            return resolve_source(self.source, arrays, default_bands=self.bands, gsd=self.gsd)
+            assert self.info is not None
+            chip = imagery.read_chip(self.info.path, self.bands, self.source.bounds, self.source.crs,
+                                     self.max_size, self.gsd)  # fmt: skip
+            chip.source = self.source.path  # the file as the client named it (`info.path` resolved links)
+            return chip
         return resolve_source(self.source, arrays)
 
 
@@ -167,9 +172,7 @@ def window(source: requests.Source, array: np.ndarray | None, options: requests.
         raise EarthDialError(ErrorCode.BAD_REQUEST, "a source of kind 'stream' feeds a scan, not one window")
     if isinstance(source, requests.Value):
         if array is None:
-            raise EarthDialError(
-                ErrorCode.MISSING_FRAMES, "1 source(s) by value need 1 array frame(s), got 0"
-            )
+            requests.check_frames([source], 0)
         preset, reason = choose_preset(array, options, None, sample=source.shape is not None)
         return Window(source, preset, reason)
     info = imagery.describe(access.check_path(source.path))  # opened once for all
