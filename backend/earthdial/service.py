@@ -507,7 +507,7 @@ def request_record(job: Job) -> str:
     said so) and the window read, as JSON."""
     header = job.header
     sources = []
-    for src in job.sources or requests.sources(header):
+    for src in job.sources:
         if isinstance(src, requests.Ref):
             sources.append({"path": src.path, "bands": list(src.bands) if src.bands else None,
                             "bounds": list(src.bounds) if src.bounds else None, "crs": src.crs})  # fmt: skip
