@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import imagery, presets
+from . import imagery, presets, requests, service
 from .protocol import Client, EarthDialError, ErrorCode, source_by_value
 from .service import MAX_CHIP_SIZE  # the long side the server reads a window at
 
@@ -27,9 +27,14 @@ UNREADABLE_FILE = frozenset({ErrorCode.FILE_NOT_FOUND, ErrorCode.FORBIDDEN_PATH,
 Note = Callable[[str], None]
 
 
-def _refs(header: dict[str, Any]) -> list[dict[str, Any]]:
-    sources = [header["source"]] if "source" in header else list(header.get("sources") or [])
-    return sources if sources and all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources) else []
+def _refs(header: dict[str, Any]) -> list[requests.Ref]:
+    """The request's sources when they are all files (as the server checks them), else none."""
+    try:
+        sources = requests.sources(header)
+    except EarthDialError:
+        return []
+    refs = [s for s in sources if isinstance(s, requests.Ref)]
+    return refs if len(refs) == len(sources) else []
 
 
 def _unreadable(exc: EarthDialError, header: dict[str, Any]) -> bool:
@@ -37,7 +42,7 @@ def _unreadable(exc: EarthDialError, header: dict[str, Any]) -> bool:
 
 
 def _note(note: Note, exc: EarthDialError, header: dict[str, Any]) -> None:
-    paths = ", ".join(str(s["path"]) for s in _refs(header))
+    paths = ", ".join(s.path for s in _refs(header))
     note(f"the server cannot read {paths} ({exc.code}); its pixels are read here and sent instead")
 
 
@@ -45,9 +50,7 @@ def preset_for(path: str, options: dict[str, Any]) -> presets.Preset:
     """The preset named in the options, else the one the server picks for the file (service's rule)."""
     if options.get("preset"):
         return presets.get(str(options["preset"]))
-    info = imagery.describe(path)
-    sample = imagery.sample_band(path, 1, 64) if info.count == 1 else None
-    return presets.choose(info.count, info.dtype, info.descriptions, sample)[0]
+    return service.choose_preset(None, requests.Options(), imagery.describe(path))[0]
 
 
 def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray], list[list[int]]]:
@@ -57,25 +60,22 @@ def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray
     returns the file bands read for each source."""
     refs = _refs(header)
     options = dict(header.get("options") or {})
-    preset = preset_for(refs[0]["path"], options)
-    options["preset"] = preset.name
-    default = list(preset.bands) if preset.bands else None
+    window = service.window(refs[0], None, requests.options(header))  # the server's window, read here
+    options["preset"] = window.preset.name
+    default = list(window.preset.bands) if window.preset.bands else None
     sources, arrays, read = [], [], []
     first: imagery.Chip | None = None
     for ref in refs:
-        bands = ref.get("bands") or default
         if first is None:
-            bounds = tuple(ref["bounds"]) if ref.get("bounds") else None
-            chip = imagery.read_chip(ref["path"], bands=bands, bounds=bounds, bounds_crs=ref.get("crs"),
-                                     max_size=MAX_CHIP_SIZE, gsd=options.get("gsd"))  # fmt: skip
+            chip = window.read([])
             first = chip
         else:
             a, _, c, _, e, f = first.transform[:6]
             extent = (c, f + e * first.height, c + a * first.width, f)
-            chip = imagery.read_chip(ref["path"], bands=bands, bounds=extent, bounds_crs=first.crs or None,
-                                     max_size=MAX_CHIP_SIZE)  # fmt: skip
+            chip = imagery.read_chip(ref.path, bands=list(ref.bands) if ref.bands else default, bounds=extent,
+                                     bounds_crs=first.crs or None, max_size=MAX_CHIP_SIZE)  # fmt: skip
         source = source_by_value(tuple(chip.transform[:6]), chip.crs, chip.nodata)
-        sources.append({**source, "name": str(ref["path"]), "path": str(ref["path"])})  # path: for export
+        sources.append({**source, "name": ref.path, "path": ref.path})  # path: for export
         arrays.append(chip.data)
         read.append(chip.band_indexes)
     out = {k: v for k, v in header.items() if k not in ("source", "sources")}
@@ -134,12 +134,12 @@ def streamed(
     from rasterio.windows import transform as window_transform
 
     refs = _refs(header)
-    paths = [str(r["path"]) for r in refs]
+    paths = [r.path for r in refs]
     options = dict(header.get("options") or {})
     preset = preset_for(paths[0], options)
     options["preset"] = preset.name
     changes = header.get("op") == "detect_changes"
-    bands = (None if changes else refs[0].get("bands")) or (list(preset.bands) if preset.bands else None)
+    bands = (None if changes else list(refs[0].bands or ())) or (list(preset.bands) if preset.bands else None)
     state = {"tiles": 0}
 
     def seen(ev: dict[str, Any]) -> None:
@@ -148,9 +148,9 @@ def streamed(
 
     with imagery.open_raster(paths[0]) as src:
         indexes = imagery.check_bands(bands, src.count, paths[0])
-        bounds = _common_bounds(src, paths) if changes else refs[0].get("bounds")
-        crs_of_bounds = None if changes else refs[0].get("crs")
-        region = imagery.window_for(src, tuple(bounds) if bounds else None, crs_of_bounds, paths[0])
+        bounds = _common_bounds(src, paths) if changes else refs[0].bounds
+        crs_of_bounds = None if changes else refs[0].crs
+        region = imagery.window_for(src, bounds, crs_of_bounds, paths[0])
         region = Window(int(region.col_off), int(region.row_off), int(region.width), int(region.height))
         grid = window_transform(region, src.transform)
         crs = imagery.crs_string(src.crs)

@@ -1,8 +1,8 @@
 """A server's budgets: every request is bounded before its work starts, and work in progress can stop.
 
-- Admission (`admit_request`, in the I/O loop, before a request is queued): the fields a source names
-  (path, bands, bounds, CRS) have the right form, the band list and by-value pixels are within budget,
-  no string holds a lone surrogate.
+- Admission (`admit_request`, in the I/O loop, before a request is queued, after `requests.check` has
+  checked the form of its fields): the paths and CRSs its sources name are ones this server may use, the
+  band lists and by-value pixels are within budget, no string holds a lone surrogate.
 - Before a read (`plan_read`): the source pixels GDAL would decode for a window (through the overview it
   would use, or a decimated nearest read when averaging costs too much) are within budget; before a scan
   (`check_scan`): its tile count, computed arithmetically, is.
@@ -21,11 +21,14 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .protocol import EarthDialError, ErrorCode
+
+if TYPE_CHECKING:  # requests imports imagery, which imports this module
+    from .requests import Source
 
 MIB = 1024 * 1024
 STRIP_PIXELS = 16 * MIB  # source pixels per strip of a large read: a cancel is seen within one strip
@@ -336,36 +339,22 @@ def check_numbers(header: dict[str, Any], raw: bytes | None = None) -> None:
         )
 
 
-def check_source_fields(source: dict[str, Any], where: str) -> None:
-    """The form of a source's bands, bounds and CRS (their values are checked against the raster later)."""
-    from . import access
+def check_source_fields(source: Source, where: str) -> None:
+    """A source's band count within budget, and the path and CRS it names ones this server may use (their
+    form was checked by `requests.source`; their values are checked against the raster later)."""
+    from . import access, requests
 
-    bands = source.get("bands")
-    if bands is not None:
-        if not isinstance(bands, list) or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in bands
-        ):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.bands must be a list of 1-based ints, got {bands!r:.80}")  # fmt: skip
-        if _limits is not None and len(bands) > _limits.max_bands:
-            raise too_large(f"{where}.bands names {len(bands)} bands", len(bands), "max_bands")
-    bounds = source.get("bounds")
-    if bounds is not None and not (
-        isinstance(bounds, list)
-        and len(bounds) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bounds)
-    ):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST,
-            f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}",
+    bands = len(source.bands or ()) if isinstance(source, requests.Ref) else None
+    if bands is not None and _limits is not None and bands > _limits.max_bands:
+        raise too_large(f"{where}.bands names {bands} bands", bands, "max_bands")
+    if isinstance(source, requests.Stream) and _limits is not None and source.band_count > _limits.max_bands:
+        raise too_large(
+            f"the streamed layer declares {source.band_count:,} bands", source.band_count, "max_bands"
         )
-    crs = source.get("crs")
-    if crs is not None:
-        if not isinstance(crs, str):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.crs must be a string, got {crs!r:.80}")
-        if crs:
-            access.check_crs(crs, f"{where}")
-    if source.get("kind") == "ref" and isinstance(source.get("path"), str):
-        access.check_path(source["path"])
+    if source.crs:
+        access.check_crs(source.crs, f"{where}")
+    if isinstance(source, requests.Ref):
+        access.check_path(source.path)
 
 
 def check_array(index: int, shape: tuple[int, ...]) -> None:
@@ -378,16 +367,15 @@ def check_array(index: int, shape: tuple[int, ...]) -> None:
         raise too_large(f"array {index} has {shape[0]} bands", shape[0], "max_bands")
 
 
-def admit_request(header: dict[str, Any], arrays: list[Any], raw: bytes | None = None) -> None:
-    """Checks of a worker request that need no file: text, sources' fields, by-value pixels."""
+def admit_request(
+    header: dict[str, Any], arrays: list[Any], raw: bytes | None = None, sources: Sequence[Source] = ()
+) -> None:
+    """Checks of a worker request that need no file: text, sources' fields (as `requests.sources` read
+    them), by-value pixels."""
     check_text(header, raw)
     check_numbers(header, raw)
-    sources = header.get("sources")
-    listed = [("source", header.get("source"))]
-    if isinstance(sources, list):
-        listed += [(f"sources[{i}]", s) for i, s in enumerate(sources)]
-    for where, source in listed:
-        if isinstance(source, dict):
-            check_source_fields(source, where)
+    one = len(sources) == 1 and isinstance(header.get("source"), dict)
+    for i, source in enumerate(sources):
+        check_source_fields(source, "source" if one else f"sources[{i}]")
     for i, array in enumerate(arrays):
         check_array(i, tuple(array.shape))

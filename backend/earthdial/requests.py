@@ -1,8 +1,9 @@
 """A request's fields, checked once into typed values: one check, and one message, per kind of error.
 
-`ask`, `plan`, `georef` and the scans (`detect`, `detect_changes`) read their options through `options`,
-and every header or source field through `field`, so that the same mistake gets the same typed error
-whichever op it reaches. The server runs `check` at admission, before a request is queued.
+`ask`, `plan`, `georef` and the scans (`detect`, `detect_changes`) read their options through `options`
+and their sources through `sources` (typed `Ref`, `Value` and `Stream` values), so that the same mistake
+gets the same typed error whichever op it reaches. The server runs `check` at admission, before a request
+is queued, and hands the `Request` it returns on with the job: the readers take the typed sources.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from .protocol import EarthDialError, ErrorCode
 from .wire import from_json_frame
 
 MAX_NEW_TOKENS = 2048
+MAX_IMAGES = 8  # images in one `ask` (a pair, or a short time series)
+MAX_LAYERS = 8  # layers of a change scan (BEFORE AFTER [LATER ...])
+MAX_NAME_CHARS = 1000  # a by-value source's `name` kept in results
 SCAN_DEFAULTS: dict[str, Any] = {"tile_size": 448, "overlap": 0.1, "batch": 8, "min_score": 0.0}  # as Options
 
 
@@ -130,17 +134,252 @@ def prompt(header: dict[str, Any]) -> str:
     return field(header, "prompt", str, required=False) or ""
 
 
-def check(header: dict[str, Any], arrays: Sequence[Any] = ()) -> None:
-    """At admission: the fields every work op shares, so a malformed request is refused before it queues."""
+@dataclass(frozen=True)
+class Ref:
+    """A raster file the server reads itself (`source.kind` 'ref')."""
+
+    path: str  # as the client named it (access.check_path resolves it when it is opened)
+    bands: tuple[int, ...] | None = None  # 1-based; None: the preset's
+    bounds: tuple[float, float, float, float] | None = None  # minx, miny, maxx, maxy in `crs`
+    crs: str | None = None  # of the bounds; None: the raster's own
+
+
+@dataclass(frozen=True)
+class Value:
+    """Pixels sent as an array frame (`source.kind` 'value')."""
+
+    transform: tuple[float, float, float, float, float, float]
+    crs: str = ""
+    nodata: float | None = None
+    name: str | None = None  # the layer as the client names it (`name`, else `path`): recorded only
+    path: str | None = None  # the file the client read them from: recorded, never opened here
+    shape: tuple[int, int] | None = None  # `plan`: [rows, cols] of the array the `ask` will send
+    gsd_data: float | None = None  # the layer's stored GSD, as the client declares it
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A layer whose tiles the client sends as `scan_tiles` messages (`source.kind` 'stream')."""
+
+    width: int
+    height: int
+    band_count: int
+    transform: tuple[float, float, float, float, float, float]
+    crs: str
+    dtype: str = "uint8"
+    nodata: float | None = None
+    name: str | None = None
+    path: str | None = None  # the file the client reads: recorded in each tile's request, never opened
+    layers: tuple[str, ...] = ()  # `detect_changes`: the layers' names, BEFORE AFTER [LATER ...]
+    paths: tuple[str | None, ...] = ()  # `detect_changes`: the file of each layer, where it is one
+
+
+Source = Ref | Value | Stream
+
+KINDS = {"ref": "'ref' (a file the server reads)", "value": "'value' (pixels in an array frame)",
+         "stream": "'stream' (tiles sent as scan_tiles)"}  # fmt: skip
+
+
+def source(
+    raw: Any, where: str = "source", kinds: Sequence[str] = ("ref", "value"), op: str = "ask"
+) -> Source:
+    """One source's fields, checked (typed errors naming `where`, e.g. ``sources[1].bounds``)."""
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in kinds:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where} must be an object of kind "
+                             f"{' or '.join(KINDS[k] for k in kinds)}, got {raw!r:.80}")  # fmt: skip
+    crs = raw.get("crs")
+    if crs is not None and not isinstance(crs, str):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.crs must be a string, got {crs!r:.80}")
+    if kind == "ref":
+        path = raw.get("path")
+        if not isinstance(path, str):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.path must be a string, got {path!r:.80}")
+        return Ref(path, _bands(raw.get("bands"), where), _bounds(raw.get("bounds"), where), crs)
+    transform = _transform(raw.get("transform"), where)
+    nodata = _nodata(raw.get("nodata"), where)
+    path = _text_or_none(raw.get("path"))
+    name = _text_or_none(raw.get("name"))
+    if kind == "value":
+        shape = raw.get("shape") if op == "plan" else None  # only a plan's source declares it
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                      and all(_count(n) and n > 0 for n in shape)):  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"{where}.shape must be [rows, cols], got {shape!r:.60}"
+            )
+        named = name or path
+        return Value(transform, crs or "", nodata, named[:MAX_NAME_CHARS] if named else None, path,
+                     (int(shape[0]), int(shape[1])) if shape else None, _positive(raw.get("gsd_data")))  # fmt: skip
+    sizes = {}
+    for key in ("width", "height", "band_count"):
+        value = raw.get(key)
+        if not _count(value):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.{key} must be an int, got {value!r:.40}")
+        sizes[key] = int(value)
+    if sizes["band_count"] < 1:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"the streamed layer's band_count must be at least 1, got {sizes['band_count']}")  # fmt: skip
+    if not crs:
+        raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+    dtype = raw.get("dtype") or "uint8"
+    if not isinstance(dtype, str):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.dtype must be a string, got {dtype!r:.40}")
+    layers: tuple[str, ...] = ()
+    paths: tuple[str | None, ...] = ()
+    if op == "detect_changes":
+        listed = raw.get("layers")
+        if not isinstance(listed, list):
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.layers must be a list, got {listed!r:.80}")
+        _layer_count(len(listed))
+        files = raw.get("paths") if isinstance(raw.get("paths"), list) else []
+        layers = tuple(str(x)[:200] for x in listed)
+        paths = tuple(_text_or_none(p) for p in files[: len(layers)])
+        paths += (None,) * (len(layers) - len(paths))
+    return Stream(sizes["width"], sizes["height"], sizes["band_count"], transform, crs, dtype, nodata,
+                  name, path, layers, paths)  # fmt: skip
+
+
+def sources(header: dict[str, Any]) -> tuple[Source, ...]:
+    """The request's `source` (one) or `sources` (a pair or sequence), checked for its op: `ask`, `plan`
+    and `georef` take files or pixels by value; `detect` a file or a streamed layer; `detect_changes`
+    files (`sources`) or one streamed source naming its `layers`."""
+    op = str(header.get("op"))
+    if op == "detect":
+        return (source(header.get("source"), "source", ("ref", "stream"), op),)
+    if op == "detect_changes":
+        raw = header.get("source")
+        if isinstance(raw, dict) and raw.get("kind") == "stream":
+            return (source(raw, "source", ("stream",), op),)
+        listed = field(header, "sources", list)
+        _layer_count(len(listed))
+        return tuple(source(s, f"sources[{i}]", ("ref",), op) for i, s in enumerate(listed))
+    if "sources" in header:
+        listed = field(header, "sources", list)
+        if not 1 <= len(listed) <= MAX_IMAGES:
+            raise EarthDialError(ErrorCode.BAD_REQUEST, f"'sources' must hold 1 to {MAX_IMAGES} sources")
+        return tuple(source(s, f"sources[{i}]", ("ref", "value"), op) for i, s in enumerate(listed))
+    return (source(header.get("source"), "source", ("ref", "value"), op),)
+
+
+def check_frames(listed: Sequence[Source], frames: int) -> None:
+    """`missing_frames` unless the request holds one array frame per source by value."""
+    needed = sum(isinstance(s, Value) for s in listed)
+    if needed != frames:
+        raise EarthDialError(
+            ErrorCode.MISSING_FRAMES,
+            f"{needed} source(s) by value need {needed} array frame(s), got {frames}",
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """What admission checked of a work request, carried with it to the op that runs it."""
+
+    options: Options
+    sources: tuple[Source, ...]
+    earlier: Earlier | None = None  # a resumed scan's earlier tiles and boxes
+
+
+WORK_OPS = ("ask", "plan", "georef", "detect", "detect_changes")
+
+
+def check(header: dict[str, Any], arrays: Sequence[Any] = ()) -> Request | None:
+    """At admission: the fields every work op shares, so a malformed request is refused before it queues.
+    Returns them checked (None for an op that takes none)."""
     op = header.get("op")
-    if op in ("ask", "plan", "detect", "detect_changes"):
-        options(header)
+    if op not in WORK_OPS:
+        return None
+    before: Earlier | None = None
+    if op == "georef":
+        field(header, "answer", str)
+        checked = Options()
+    else:
+        checked = options(header)
         prompt(header)
         if op in ("ask", "plan"):
             task(header)
         else:
             task(header, default="change" if op == "detect_changes" else "refer")
-            earlier(header, arrays)
+            before = earlier(header, arrays)
+    listed = sources(header)
+    if op in ("ask", "plan", "georef"):
+        check_frames(listed, len(arrays))
+    return Request(checked, listed, before)
+
+
+def _layer_count(n: int) -> None:
+    if not 2 <= n <= MAX_LAYERS:
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"detect_changes takes 2 to {MAX_LAYERS} layers (BEFORE AFTER [LATER ...])"
+        )
+
+
+def _bands(bands: Any, where: str) -> tuple[int, ...] | None:
+    if bands is None:
+        return None
+    if not isinstance(bands, list) or not all(_count(b) for b in bands):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.bands must be a list of 1-based ints, got {bands!r:.80}")  # fmt: skip
+    return tuple(int(b) for b in bands) or None
+
+
+def _bounds(bounds: Any, where: str) -> tuple[float, float, float, float] | None:
+    if bounds is None:
+        return None
+    values = _floats(bounds, 4)
+    if values is None:
+        raise EarthDialError(ErrorCode.BAD_REQUEST,
+                             f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}")  # fmt: skip
+    minx, miny, maxx, maxy = values
+    if minx >= maxx or miny >= maxy:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"bounds {values} need minx < maxx and miny < maxy")
+    return minx, miny, maxx, maxy
+
+
+def _transform(transform: Any, where: str) -> tuple[float, float, float, float, float, float]:
+    values = _floats(transform, 6)
+    if values is None:
+        raise EarthDialError(ErrorCode.BAD_REQUEST,
+                             f"{where}.transform must be 6 finite numbers (a, b, c, d, e, f), got {transform!r:.80}")  # fmt: skip
+    a, b, c, d, e, f = imagery.affine_from(values)[:6]  # `bad_request` when it is not invertible
+    return a, b, c, d, e, f
+
+
+def _nodata(nodata: Any, where: str) -> float | None:
+    if nodata is None:
+        return None
+    if not _real(nodata):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.nodata must be a number or null, got {nodata!r:.40}")  # fmt: skip
+    try:
+        return float(nodata)
+    except OverflowError:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.nodata is beyond any pixel value") from None
+
+
+def _floats(values: Any, n: int) -> tuple[float, ...] | None:
+    """`values` as n finite floats, or None when it is not a list of n finite numbers."""
+    if not isinstance(values, list) or len(values) != n or not all(_real(v) for v in values):
+        return None
+    try:
+        out = tuple(float(v) for v in values)
+    except OverflowError:
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _positive(value: Any) -> float | None:
+    """A positive finite number a client declared, else None (an optional, informative field)."""
+    try:
+        ok = _real(value) and 0 < float(value) < math.inf
+    except OverflowError:
+        ok = False
+    return float(value) if ok else None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

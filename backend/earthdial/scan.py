@@ -64,9 +64,10 @@ def options_of(header: dict[str, Any]) -> requests.Options:
 
 
 def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-        stream: scenes.Stream | None = None, arrays: Sequence[Any] = ()) -> dict[str, Any]:  # fmt: skip
+        stream: scenes.Stream | None = None, request: requests.Request | None = None,
+        arrays: Sequence[Any] = ()) -> dict[str, Any]:  # fmt: skip
     """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
-    work = steps(header, engine, emit, cancelled, stream, arrays)
+    work = steps(header, engine, emit, cancelled, stream, request, arrays)
     while True:
         try:
             next(work)
@@ -75,22 +76,31 @@ def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Ca
 
 
 def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-          stream: scenes.Stream | None = None, arrays: Sequence[Any] = ()) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
+          stream: scenes.Stream | None = None, request: requests.Request | None = None,
+          arrays: Sequence[Any] = ()) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
     """`run` one batch at a time: the generator yields after each batch's progress events and returns
     the reply's fields, so that the server can answer other clients between a scan's batches. Closing
-    it early stops the scan's reader thread. `arrays`: the request's frames (a resumed scan's `earlier`)."""
+    it early stops the scan's reader thread. `request`: the header as the server's admission checked it
+    (else it is checked here, with `arrays`, the request's frames: a resumed scan's `earlier`)."""
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     op = header.get("op")
-    options = options_of(header)
-    before = requests.earlier(header, arrays)
+    if op not in OPS:
+        raise EarthDialError(
+            ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; a scan is one of {', '.join(OPS)}"
+        )
+    checked = request or requests.check(header, arrays)
+    assert checked is not None
+    options = checked.options
+    before = checked.earlier
     started = time.perf_counter()
     stats = scenes.Stats()
     changes = op == "detect_changes"
     if changes:
-        jobs, plan, total, crs, transform = _change_jobs(header, engine, options, cancelled, stream)
+        jobs, plan, total, crs, transform = _change_jobs(checked.sources, engine, options, cancelled, stream)
     else:
-        jobs, plan, total, crs, transform = _detect_jobs(header, engine, options, cancelled, stream)
+        jobs, plan, total, crs, transform = _detect_jobs(header, checked.sources[0], engine, options, cancelled,
+                                                         stream)  # fmt: skip
     found: list[dict[str, Any]] = []
     footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
     if before is not None:  # a resumed scan: its earlier boxes are merged with the new ones as one scan's
@@ -106,10 +116,10 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
             done += len(progress.answers)
             entries = []
             for a in progress.answers:
-                request = ask.request(a.index) if ask.request is not None else ""
+                recorded = ask.request(a.index) if ask.request is not None else ""
                 a.index += offset  # tiles of the k-th pair follow those of the pairs before
                 entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint,
-                         "request": request}  # fmt: skip
+                         "request": recorded}  # fmt: skip
                 for f in a.features:
                     f["properties"]["tile"] = a.index
                     # answer and request are carried once, by the tile's entry (result_features.with_tile_fields)
@@ -209,39 +219,34 @@ def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: req
     return request
 
 
-def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
-                 stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
+def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine, options: requests.Options,
+                 cancelled: Any, stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
     from .engine import Query
 
     task = field(header, "task", str, required=False) or "refer"
     spec = prompts.task(task)
     if spec.images != 1 or not spec.grounded:
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect runs a grounded one-image task (refer, grounding), not {task!r}")  # fmt: skip
-    prompt = field(header, "prompt", str, required=False) or ""
-    source = header.get("source")
-    if not isinstance(source, dict) or source.get("kind") not in ("ref", "stream"):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect reads a raster by reference (source.kind 'ref') or "
-                             "tiles streamed by value (source.kind 'stream')")  # fmt: skip
+    prompt = requests.prompt(header)
     out_size = engine.info.image_size
-    if source["kind"] == "ref":
-        path = access.check_path(field(source, "path", str))
+    if isinstance(source, requests.Ref):
+        path = access.check_path(source.path)
         info = imagery.describe(path)
-        preset, _ = service.choose_preset(source, None, options, info)
-        bands = field(source, "bands", list, required=False) or list(preset.bands or []) or None
-        bounds = field(source, "bounds", list, required=False)
+        preset, _ = service.choose_preset(None, options, info)
+        bands = list(source.bands or preset.bands or []) or None
         with imagery.open_raster(path) as src:
             if src.crs is None:
-                raise EarthDialError(ErrorCode.BAD_CRS, f"{source['path']} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+                raise EarthDialError(ErrorCode.BAD_CRS, f"{source.path} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
             indexes = imagery.check_bands(bands, src.count, path)
-            region = imagery.window_for(src, tuple(bounds) if bounds else None,
-                                        field(source, "crs", str, required=False), path)  # fmt: skip
+            region = imagery.window_for(src, source.bounds, source.crs, path)
             crs = imagery.crs_string(src.crs)
             transform = src.transform
         limits.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
         plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
         tiles = scenes.file_tiles([path], indexes, plan, out_size, options.skip)
-        name, gsd_src, recorded = source["path"], info.gsd_m, source["path"]
-    else:
+        name, gsd_src = source.path, info.gsd_m
+        recorded: str | None = source.path
+    elif isinstance(source, requests.Stream):
         if stream is None:
             raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
         grid = _stream_grid(source, options)
@@ -250,10 +255,12 @@ def _detect_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
         tiles = scenes.stream_tiles(
             stream, plan, grid.transform, grid.crs, grid.nodata, options.skip, cancelled
         )
-        name, preset, crs = str(source.get("name") or "<stream>"), grid.preset, grid.crs
+        name, preset, crs = source.name or "<stream>", grid.preset, grid.crs
         gsd_src = imagery.ground_resolution(grid.transform, crs, grid.width / 2, grid.height / 2)
         transform, indexes = grid.transform, None
-        recorded = source.get("path") if isinstance(source.get("path"), str) else None  # never opened here
+        recorded = source.path  # never opened here
+    else:
+        raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect reads a source of kind {requests.KINDS['ref']} or {requests.KINDS['stream']}")  # fmt: skip
     tag = options.sensor or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
@@ -299,24 +306,11 @@ class _StreamGrid:
     preset: Any
 
 
-def _stream_grid(source: dict[str, Any], options: requests.Options) -> _StreamGrid:
-    width, height = field(source, "width", int), field(source, "height", int)
-    count = field(source, "band_count", int)
-    installed = limits.current()
-    budget = installed.max_bands if installed is not None else None
-    if count < 1 or (budget is not None and count > budget):
-        if count >= 1:
-            raise limits.too_large(f"the streamed layer declares {count:,} bands", count, "max_bands")
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"the streamed layer's band_count must be at least 1, got {count}")  # fmt: skip
-    transform = imagery.affine_from(field(source, "transform", list))
-    crs_in = field(source, "crs", str, required=False) or ""
-    if not crs_in:
-        raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
-    crs = imagery.crs_string(imagery.parse_crs(crs_in, "source"))
-    dtype = field(source, "dtype", str, required=False) or "uint8"
-    nodata = field(source, "nodata", (int, float), required=False)
-    preset = presets.get(options.preset) if options.preset else presets.choose(count, dtype, [], None)[0]
-    return _StreamGrid(width, height, count, transform, crs, nodata, preset)
+def _stream_grid(source: requests.Stream, options: requests.Options) -> _StreamGrid:
+    transform = imagery.affine_from(source.transform)
+    crs = imagery.crs_string(imagery.parse_crs(source.crs, "source"))
+    preset = presets.get(options.preset) if options.preset else presets.choose(source.band_count, source.dtype, [], None)[0]  # fmt: skip
+    return _StreamGrid(source.width, source.height, source.band_count, transform, crs, source.nodata, preset)
 
 
 @dataclass
@@ -335,7 +329,7 @@ class _Sequence:
     transform: Any  # the first layer's grid, which the plan's windows are on
 
 
-def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Options, cancelled: Any,
+def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: requests.Options, cancelled: Any,
                  stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
@@ -343,11 +337,11 @@ def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
     client reads every layer on one grid and sends each tile's images stacked in one frame)."""
     from .engine import Query
 
-    source = header.get("source")
-    if isinstance(source, dict) and source.get("kind") == "stream":
-        seq = _streamed_sequence(source, options, engine, stream, cancelled)
+    first = sources[0]
+    if isinstance(first, requests.Stream):
+        seq = _streamed_sequence(first, options, engine, stream, cancelled)
     else:
-        seq = _sequence_by_reference(header, options, engine)
+        seq = _sequence_by_reference([s for s in sources if isinstance(s, requests.Ref)], options, engine)
     pairs = len(seq.names) - 1
     per_pair = limits.check_scan(seq.plan.width, seq.plan.height, options.tile_size, options.overlap)
     budget = limits.current()
@@ -385,20 +379,10 @@ def _change_jobs(header: dict[str, Any], engine: Engine, options: requests.Optio
     return jobs, seq.plan, n * pairs, seq.crs, seq.transform
 
 
-def _check_count(sources: list[Any]) -> None:
-    if not 2 <= len(sources) <= 8:
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "detect_changes takes 2 to 8 layers (BEFORE AFTER [LATER ...])"
-        )
-
-
-def _sequence_by_reference(header: dict[str, Any], options: requests.Options, engine: Engine) -> _Sequence:
-    sources = field(header, "sources", list)
-    _check_count(sources)
-    if not all(isinstance(s, dict) and s.get("kind") == "ref" for s in sources):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "detect_changes reads its layers by reference (`sources` "
-                             "of kind 'ref') or streamed (a `source` of kind 'stream')")  # fmt: skip
-    names = [field(s, "path", str) for s in sources]
+def _sequence_by_reference(
+    sources: list[requests.Ref], options: requests.Options, engine: Engine
+) -> _Sequence:
+    names = [s.path for s in sources]
     paths = [access.check_path(n) for n in names]
     infos = [imagery.describe(p) for p in paths]
     for name, info in zip(names, infos, strict=True):
@@ -421,7 +405,7 @@ def _sequence_by_reference(header: dict[str, Any], options: requests.Options, en
         region = imagery.window_for(src, (left, bottom, right, top), None, paths[0])
         crs = imagery.crs_string(src.crs)
         transform = src.transform
-    preset, _ = service.choose_preset(sources[0], None, options, infos[0])
+    preset, _ = service.choose_preset(None, options, infos[0])
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
     limits.check_scan(region.width, region.height, options.tile_size, options.overlap)
@@ -439,13 +423,11 @@ def _sequence_by_reference(header: dict[str, Any], options: requests.Options, en
     return _Sequence(names, plan, crs, preset, infos[0].gsd_m, tiles, list(names), indexes, transform)
 
 
-def _streamed_sequence(source: dict[str, Any], options: requests.Options, engine: Engine,
+def _streamed_sequence(source: requests.Stream, options: requests.Options, engine: Engine,
                        stream: scenes.Stream | None, cancelled: Any) -> _Sequence:  # fmt: skip
     if stream is None:
         raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
-    layers = field(source, "layers", list)
-    _check_count(layers)
-    names = [str(x)[:200] for x in layers]
+    names = list(source.layers)
     grid = _stream_grid(source, options)
     limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
     plan = scenes.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
@@ -457,10 +439,7 @@ def _streamed_sequence(source: dict[str, Any], options: requests.Options, engine
                                    first=k * len(plan), total=total, images=2)  # fmt: skip
 
     gsd = imagery.ground_resolution(grid.transform, grid.crs, grid.width / 2, grid.height / 2)
-    files = source.get("paths")
-    files = files if isinstance(files, list) else []
-    paths: list[str | None] = [p if isinstance(p, str) and p else None for p in files[: len(names)]]
-    paths += [None] * (len(names) - len(paths))
+    paths: list[str | None] = list(source.paths)
     names = [p or n for p, n in zip(paths, names, strict=True)]  # named as by reference where they are files
     return _Sequence(names, plan, grid.crs, grid.preset, gsd, tiles, paths, None, grid.transform)
 

@@ -33,6 +33,7 @@ class Pending:
     received: float = field(default_factory=time.monotonic)
     started: float | None = None  # when the worker took it
     stage: str = "queued"  # what it is doing, for `status`
+    request: Any = None  # requests.Request: what admission checked of the header, for the op that runs it
 
     @property
     def request_id(self) -> Any:

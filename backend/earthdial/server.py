@@ -200,7 +200,7 @@ class Server:
             out.send_multipart([job.ident, *_encode_reply(ok_reply(job.request_id, event=event, **fields))])
 
         stream = self._streams.get((job.ident, job.request_id))
-        return scan.steps(job.header, self.engine, emit, job.cancel.is_set, stream, job.arrays)
+        return scan.steps(job.header, self.engine, emit, job.cancel.is_set, stream, job.request, job.arrays)
 
     def _step_scan(self, job: Pending, work: Generator[None, None, dict[str, Any]]) -> dict[str, Any] | None:
         """Run a scan's next step under its cancel flag and deadline: None while it is unfinished, else
@@ -226,11 +226,10 @@ class Server:
             pass
         return reply
 
-    def _open_stream(self, ident: bytes, header: dict[str, Any]) -> None:
+    def _open_stream(self, ident: bytes, header: dict[str, Any], request: requests.Request | None) -> None:
         """A detect whose tiles come by value: an inbox for its scan_tiles messages, made before it is
         queued so that tiles sent early wait there."""
-        source = header.get("source")
-        if header.get("op") in scan.OPS and isinstance(source, dict) and source.get("kind") == "stream":
+        if request is not None and isinstance(request.sources[0], requests.Stream):
             self._streams[(ident, header.get("id"))] = scenes.Stream()
 
     def _feed_stream(self, ident: bytes, header: dict[str, Any], arrays: list[Any]) -> None:
@@ -254,7 +253,7 @@ class Server:
             try:
                 with _running(job):
                     limits.checkpoint("reading")  # cancelled, or past its deadline while it waited
-                    ready.append((job, service.prepare(job.header, job.arrays, self.engine)))
+                    ready.append((job, service.prepare(job.header, job.arrays, self.engine, job.request)))
                     job.stage = "waiting for the model"
             except Exception as exc:
                 replies.append((job.ident, _error(job.header, exc)))
@@ -329,7 +328,7 @@ class Server:
         self, ident: bytes, client: str, header: dict[str, Any], arrays: list[Any], frames: Sequence[Any] = ()
     ) -> None:
         raw = _frame_bytes(frames[0]) if frames else None
-        admit(header, arrays, raw)
+        request = admit(header, arrays, raw)
         request_id, op = header.get("id"), header["op"]
         if op == "ping":
             reply = ok_reply(request_id, pong=True, server=self.instance, uptime_s=time.monotonic() - self.started)  # fmt: skip
@@ -342,7 +341,7 @@ class Server:
                           connections=self.connections.counts(), limits=_limits_view(self.budgets))  # fmt: skip
             self._send(ident, ok_reply(request_id, **fields))
         elif op == "plan":  # metadata and at most a small sample: cheap enough for the I/O loop
-            self._send(ident, ok_reply(request_id, **service.plan(header, arrays, self.engine)))
+            self._send(ident, ok_reply(request_id, **service.plan(header, arrays, self.engine, request)))
         elif op == "cancel":
             target = header.get("target")
             if not isinstance(target, str):
@@ -358,9 +357,9 @@ class Server:
             nbytes = sum(int(a.nbytes) for a in arrays) + (raw.nbytes if raw is not None else 0)
             if self.queue.max_bytes is not None and nbytes > self.queue.max_bytes:
                 raise limits.too_large("the request holds", nbytes, "max_queue_bytes", "bytes")
-            self._open_stream(ident, header)
+            self._open_stream(ident, header, request)
             try:
-                self.queue.put(Pending(ident, client, header, arrays, nbytes=nbytes))
+                self.queue.put(Pending(ident, client, header, arrays, nbytes=nbytes, request=request))
             except Exception:
                 self._streams.pop((ident, request_id), None)
                 raise
@@ -467,11 +466,12 @@ class Server:
             self._worker.join(timeout=5)
 
 
-def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> None:
+def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> requests.Request | None:
     """The checks a decoded request passes before the I/O loop answers or queues it (typed errors):
     the envelope fields; then, for work, the form of what its sources name (paths refused before any
     service code opens them, CRSs before PROJ parses them; resolve_source checks again when it reads),
-    by-value pixels' shape and the budgets that need no file (limits.admit_request)."""
+    by-value pixels' shape and the budgets that need no file (limits.admit_request). Returns the request
+    as checked (`requests.check`), for the op that runs it; None for the ops the I/O loop answers."""
     request_id, op, client = header.get("id"), header.get("op"), header.get("client")
     if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_CHARS} characters")  # fmt: skip
@@ -481,16 +481,19 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> None:
     if not isinstance(op, str) or op not in OPS:
         raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: {', '.join(OPS)}")
     if op in LOOP_OPS:
-        return
+        return None
     for i, array in enumerate(arrays):
         if array.ndim not in (2, 3) or 0 in array.shape:
             raise EarthDialError(
                 ErrorCode.BAD_ARRAY,
                 f"array {i}: pixels must be (rows, cols) or (bands, rows, cols) with no empty axis, got shape {list(array.shape)}",
             )
-    # task, prompt, options (and a resumed scan's earlier boxes): the request model's checks, before queueing
-    requests.check(header, arrays)
-    limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None)
+    # task, prompt, options, sources (and a resumed scan's earlier boxes): the one request model's checks,
+    # before queueing
+    request = requests.check(header, arrays)
+    sources = request.sources if request is not None else ()
+    limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None, sources)
+    return request
 
 
 def _identity(ident: bytes, body: list[Any]) -> str:

@@ -22,13 +22,11 @@ from .tokens import VARIANTS, earthdial_tokens
 if TYPE_CHECKING:  # torch only where the model runs
     from .engine import Engine
 
-MAX_NAME_CHARS = 1000  # a by-value source's `name` kept in results
 MAX_CHIP_SIZE = 2048  # long side, in pixels, a window is read at; more would only be resized away
-MAX_IMAGES = 8  # images in one request (a pair, or a short time series)
 
 
 def resolve_source(
-    source: Any,
+    source: requests.Source,
     arrays: list[np.ndarray],
     *,
     grid: imagery.Chip | None = None,
@@ -37,54 +35,24 @@ def resolve_source(
 ) -> imagery.Chip:
     """The chip a request's source names: a window of a file (by reference) or the sent array (by value).
     With `grid` (the first image of a pair) the source is warped onto that grid instead."""
-    if not isinstance(source, dict):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'source' must be an object")
-    kind = source.get("kind")
-    if kind == "ref":
-        if arrays:
-            raise EarthDialError(ErrorCode.MISSING_FRAMES, "a source by reference takes no array frames")
-        path = requests.field(source, "path", str)
-        real = access.check_path(path)  # `forbidden_path` outside the server's allowed directories
-        bands = requests.field(source, "bands", list, required=False)
-        if bands is not None and not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST, f"'bands' must be a list of 1-based ints, got {bands!r:.80}"
-            )
-        bounds = requests.field(source, "bounds", list, required=False)
-        if bounds is not None and (len(bounds) != 4 or not all(isinstance(v, (int, float)) for v in bounds)):
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST, f"'bounds' must be [minx, miny, maxx, maxy], got {bounds!r:.80}"
-            )
-        crs = requests.field(source, "crs", str, required=False)
-        bands = bands or default_bands
+    if isinstance(source, requests.Stream):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "a source of kind 'stream' feeds a scan, not one window")
+    requests.check_frames([source], len(arrays))
+    if isinstance(source, requests.Ref):
+        real = access.check_path(source.path)  # `forbidden_path` outside the server's allowed directories
+        bands = list(source.bands) if source.bands else default_bands
         if grid is not None:
             chip = imagery.read_on_grid(real, bands, grid)
         else:
-            chip = imagery.read_chip(
-                real,
-                bands=bands,
-                bounds=tuple(bounds) if bounds else None,
-                bounds_crs=crs,
-                max_size=MAX_CHIP_SIZE,
-                gsd=gsd,
-            )
-        chip.source = path  # the file as the client named it (`real` may have resolved links)
+            chip = imagery.read_chip(real, bands=bands, bounds=source.bounds, bounds_crs=source.crs,
+                                     max_size=MAX_CHIP_SIZE, gsd=gsd)  # fmt: skip
+        chip.source = source.path  # the file as the client named it (`real` may have resolved links)
         return chip
-    if kind == "value":
-        if len(arrays) != 1:
-            raise EarthDialError(
-                ErrorCode.MISSING_FRAMES, f"a source by value takes 1 array frame, got {len(arrays)}"
-            )
-        transform = requests.field(source, "transform", list)
-        crs = requests.field(source, "crs", str, required=False)
-        nodata = requests.field(source, "nodata", (int, float), required=False)
-        chip = imagery.chip_from_array(arrays[0], transform, crs, nodata)
-        chip = imagery.warp_to_grid(chip, grid) if grid is not None else chip
-        # the layer the client read the pixels from, as it names it (recorded, never opened here)
-        name = _text_or_none(source.get("name")) or _text_or_none(source.get("path"))
-        chip.source = name[:MAX_NAME_CHARS] if name else chip.source
-        return chip
-    raise EarthDialError(ErrorCode.BAD_REQUEST, f"source kind must be 'ref' or 'value', got {kind!r:.40}")
+    chip = imagery.chip_from_array(arrays[0], source.transform, source.crs, source.nodata)
+    chip = imagery.warp_to_grid(chip, grid) if grid is not None else chip
+    # the layer the client read the pixels from, as it names it (recorded, never opened here)
+    chip.source = source.name or chip.source
+    return chip
 
 
 def features_for(answer: str, chip: imagery.Chip, properties: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +85,8 @@ class Job:
     answer: str | None = None  # set for `georef`; for `ask` once generated
     inputs: Inputs | None = None
     sensor: str = ""
-    options: requests.Options = field(default_factory=requests.Options)  # as checked once, at prepare
+    options: requests.Options = field(default_factory=requests.Options)  # as checked once, at admission
+    sources: tuple[requests.Source, ...] = ()  # as checked once, at admission
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -134,18 +103,12 @@ class Inputs:
     native_gsd_m: float | None = None  # of the first raster as stored
 
 
-def _source_list(header: dict[str, Any]) -> list[Any]:
-    if "sources" in header:
-        sources = requests.field(header, "sources", list)
-        if not 1 <= len(sources) <= MAX_IMAGES:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"'sources' must hold 1 to {MAX_IMAGES} sources")
-        return sources
-    return [header.get("source")]
-
-
 def choose_preset(
-    source: Any, array: np.ndarray | None, options: requests.Options, info: imagery.RasterInfo | None
+    array: np.ndarray | None, options: requests.Options, info: imagery.RasterInfo | None, sample: bool = False
 ) -> tuple[presets.Preset, str]:
+    """The band preset of a request's first image and why: named in the options, else chosen from the
+    raster's metadata (`info`) or the array sent by value (`sample`: the array is a small sample of
+    the pixels, all of whose values tell)."""
     if options.preset is not None:
         return presets.get(options.preset), "named in the request"
     if array is not None:
@@ -154,42 +117,90 @@ def choose_preset(
                 ErrorCode.BAD_ARRAY, f"pixels must be (rows, cols) or (bands, rows, cols), got {array.shape}"
             )
         data = array if array.ndim == 3 else array[None]
-        return presets.choose(data.shape[0], data.dtype.name, [], data[0, ::16, ::16])
+        return presets.choose(data.shape[0], data.dtype.name, [], data[0] if sample else data[0, ::16, ::16])
     if info is None:
         return presets.PRESETS["rgb8"], "default"
-    sample = None
+    sample_band = None
     if info.count == 1:
-        sample = imagery.sample_band(info.path, 1, 64)
-    return presets.choose(info.count, info.dtype, info.descriptions, sample)
+        sample_band = imagery.sample_band(info.path, 1, 64)
+    return presets.choose(info.count, info.dtype, info.descriptions, sample_band)
 
 
-def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: requests.Options) -> Inputs:
-    """`source` (one image) or `sources` (a pair or sequence) -> aligned chips. Later images are warped
+@dataclass
+class Window:
+    """What an `ask` reads of its first image, worked out once from the request and the raster's metadata:
+    `plan` describes it (`describe`) and `prepare` reads it (`read`), from the same arguments, so that
+    what a plan promises is what the ask reads."""
+
+    source: requests.Ref | requests.Value
+    preset: presets.Preset
+    reason: str
+    info: imagery.RasterInfo | None = None  # the raster as stored (by reference)
+    bands: list[int] | None = None  # what is read of a file (the source's, else the preset's)
+    max_size: int | None = MAX_CHIP_SIZE  # None: at the layer's own resolution (a scan's region)
+    gsd: float | None = None  # metres per pixel the window is read at; None: as stored
+
+    def describe(self, array: np.ndarray | None) -> imagery.ChipPlan:
+        """The bands, size and grid `read` reads, from metadata alone (by value: the array's, or the
+        `shape` its plan declares with a sample)."""
+        if isinstance(self.source, requests.Ref):
+            assert self.info is not None
+            return imagery.plan_chip(self.info.path, self.bands, self.source.bounds, self.source.crs,
+                                     self.max_size, self.gsd)  # fmt: skip
+        assert array is not None
+        data = array if array.ndim == 3 else array[None]
+        height, width = self.source.shape or data.shape[1:]
+        grid = imagery.chip_from_array(data, self.source.transform, self.source.crs, self.source.nodata)
+        return imagery.ChipPlan(grid.band_indexes, int(width), int(height), grid.transform, grid.crs)
+
+    def read(self, arrays: list[np.ndarray]) -> imagery.Chip:
+        """The pixels: what `describe` names (a file's window through the same `imagery` plan)."""
+        if isinstance(self.source, requests.Ref):
+            assert self.info is not None
+            chip = imagery.read_chip(self.info.path, self.bands, self.source.bounds, self.source.crs,
+                                     self.max_size, self.gsd)  # fmt: skip
+            chip.source = self.source.path  # the file as the client named it (`info.path` resolved links)
+            return chip
+        return resolve_source(self.source, arrays)
+
+
+def window(source: requests.Source, array: np.ndarray | None, options: requests.Options,
+           scan: bool = False) -> Window:  # fmt: skip
+    """The window an `ask` of this first source reads (`scan`: the region a scan of it covers, at the
+    layer's own resolution): its preset, and the bands, bounds, size and GSD it is read at."""
+    if isinstance(source, requests.Stream):
+        raise EarthDialError(ErrorCode.BAD_REQUEST, "a source of kind 'stream' feeds a scan, not one window")
+    if isinstance(source, requests.Value):
+        if array is None:
+            requests.check_frames([source], 0)
+        preset, reason = choose_preset(array, options, None, sample=source.shape is not None)
+        return Window(source, preset, reason)
+    info = imagery.describe(access.check_path(source.path))  # opened once for all
+    preset, reason = choose_preset(None, options, info)
+    if preset.bands and preset.band_count and info.count < max(preset.bands):
+        raise EarthDialError(
+            ErrorCode.BAND_OUT_OF_RANGE,
+            f"preset {preset.name} needs {max(preset.bands)} bands; the raster has {info.count}",
+        )
+    bands = list(source.bands) if source.bands else (list(preset.bands) if preset.bands else None)
+    return Window(
+        source, preset, reason, info, bands, None if scan else MAX_CHIP_SIZE, None if scan else options.gsd
+    )
+
+
+def read_inputs(
+    sources: tuple[requests.Source, ...], arrays: list[np.ndarray], options: requests.Options
+) -> Inputs:
+    """The request's sources (one image, or a pair or sequence) -> aligned chips. Later images are warped
     onto the first image's grid and all are cropped to their common extent; by-value sources take the
     array frames in order."""
-    sources = _source_list(header)
-    needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
-    if needed != len(arrays):
-        raise EarthDialError(
-            ErrorCode.MISSING_FRAMES,
-            f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
-        )
+    requests.check_frames(sources, len(arrays))
     frames = iter(arrays)
-    own = [[next(frames)] if isinstance(s, dict) and s.get("kind") == "value" else [] for s in sources]
-    first_src = sources[0]
-    by_ref = not own[0] and isinstance(first_src, dict) and isinstance(first_src.get("path"), str)
-    info = imagery.describe(access.check_path(first_src["path"])) if by_ref else None  # opened once for all
-    preset, reason = choose_preset(first_src, own[0][0] if own[0] else None, options, info)
-    gsd = options.gsd
+    own = [[next(frames)] if isinstance(s, requests.Value) else [] for s in sources]
+    first_window = window(sources[0], own[0][0] if own[0] else None, options)
+    preset, reason, info = first_window.preset, first_window.reason, first_window.info
     bands = list(preset.bands) if preset.bands else None
-    if bands and preset.band_count and info is not None:
-        count = info.count
-        if count < max(bands):
-            raise EarthDialError(
-                ErrorCode.BAND_OUT_OF_RANGE,
-                f"preset {preset.name} needs {max(bands)} bands; the raster has {count}",
-            )
-    first = resolve_source(sources[0], own[0], default_bands=bands, gsd=gsd)
+    first = first_window.read(own[0])
     chips = [first] + [
         resolve_source(s, a, grid=first, default_bands=bands)
         for s, a in zip(sources[1:], own[1:], strict=True)
@@ -223,14 +234,13 @@ def read_inputs(header: dict[str, Any], arrays: list[np.ndarray], options: reque
         warnings.append(f"only {share:.0%} of the window holds data in every image; the rest is filled")
     first = chips[0]
     gsd_m = imagery.ground_resolution(first.transform, first.crs, first.width / 2, first.height / 2)
-    native = info.gsd_m if info is not None else _number(first_src.get("gsd_data"))
+    first_src = sources[0]
+    native = (
+        info.gsd_m
+        if info is not None
+        else (first_src.gsd_data if isinstance(first_src, requests.Value) else None)
+    )
     return Inputs(chips, preset, reason, gsd_m, warnings, native_gsd_m=native or gsd_m)
-
-
-def _number(value: Any) -> float | None:
-    """A positive finite number a client declared (the stored GSD of a layer it sends by value), else None."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
-    return float(value) if ok else None
 
 
 def _sensor_for(
@@ -249,27 +259,34 @@ def _sensor_for(
     return inputs.preset.sensor or presets.rgb_tag_for(inputs.gsd_m)
 
 
-def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None) -> Job:
-    """Validate a request, read its pixels and build its engine query. Raises EarthDialError."""
+def prepare(
+    header: dict[str, Any],
+    arrays: list[np.ndarray],
+    engine: Engine | None,
+    request: requests.Request | None = None,
+) -> Job:
+    """Validate a request (unless the server's admission did: `request`), read its pixels and build its
+    engine query. Raises EarthDialError."""
     op = header.get("op")
+    if op not in ("ask", "georef"):
+        raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status")
+    request = request or requests.check(header, arrays)
+    assert request is not None  # an ask or a georef
     if op == "georef":
-        answer = requests.field(header, "answer", str)
-        inputs = read_inputs(header, arrays, requests.Options())
-        job = Job(header, inputs.chips, answer=answer, inputs=inputs)
+        inputs = read_inputs(request.sources, arrays, requests.Options())
+        job = Job(header, inputs.chips, answer=str(header["answer"]), inputs=inputs, sources=request.sources)
         job.timings["read_s"] = time.perf_counter() - job.started
         return job
-    if op != "ask":
-        raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: ask, georef, status")
-    name = requests.field(header, "task", str)
-    spec = prompts.task(name)  # validates the task before any pixels are read
+    name = str(header["task"])
+    spec = prompts.task(name)
     prompt = requests.prompt(header)
-    options = requests.options(header)
+    options = request.options
     max_new = options.max_new_tokens or spec.max_new_tokens
     history = options.history
     decoding = options.decoding or (engine.decoding if engine is not None else prompts.DEFAULT_DECODING)
     how = prompts.decoding_for(name, decoding)
     started = time.perf_counter()
-    inputs = read_inputs(header, arrays, options)
+    inputs = read_inputs(request.sources, arrays, options)
     chips = inputs.chips
     tag = _sensor_for(spec, inputs, options, engine.info.vocab if engine is not None else frozenset())
     inputs.warnings += _gsd_warnings(inputs.gsd_m, tag)
@@ -277,7 +294,9 @@ def prepare(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | N
     question = prompts.build_question(
         name, prompt, sensors.prompt_tag(tag, chips[0].data.shape[0]), images=0 if in_history else len(chips)
     )
-    job = Job(header, chips, started=started, inputs=inputs, sensor=tag, options=options)
+    job = Job(
+        header, chips, started=started, inputs=inputs, sensor=tag, options=options, sources=request.sources
+    )
     job.timings["read_s"] = time.perf_counter() - started
     if engine is None:
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
@@ -309,65 +328,33 @@ def _check_model(engine: Engine, question: str, tag: str) -> None:
     presets.check_variant(engine.info.variant, tag)
 
 
-def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None) -> dict[str, Any]:
+def plan(
+    header: dict[str, Any],
+    arrays: list[np.ndarray],
+    engine: Engine | None,
+    request: requests.Request | None = None,
+) -> dict[str, Any]:
     """What an `ask` with this header would send to the model, from metadata alone: the band preset and
-    why, the bands, the sensor tag, the GSD, the window's size, the model tiles, by reference or by
-    value, and warnings; or the error the `ask` would get. Reads no pixels beyond a small sample of a
+    why, the bands, the sensor tag, the GSD, the window's size and grid, the model tiles, by reference or
+    by value, and warnings; or the error the `ask` would get. Reads no pixels beyond a small sample of a
     one-band raster (to tell SAR in dB from linear power). A by-value source may carry ``shape``
-    ([rows, cols] of the array the `ask` will send) with a small sample of it as its array frame."""
-    name = requests.field(header, "task", str)
+    ([rows, cols] of the array the `ask` will send) with a small sample of it as its array frame. The
+    window is the one `prepare` reads (`window`)."""
+    request = request or requests.check({**header, "op": "plan"}, arrays)
+    assert request is not None
+    name = str(header["task"])
     spec = prompts.task(name)
     prompt = requests.prompt(header)
-    options = requests.options(header)
+    options = request.options
     # `scan`: the plan of a `detect`/`detect_changes` with these options (tile_size, overlap, batch) over
     # the same area, read at the layer's own resolution (a by-value source's `shape` is its full grid)
     scanning = requests.field(header, "scan", dict, required=False)
-    sources = _source_list(header)
-    needed = sum(1 for s in sources if isinstance(s, dict) and s.get("kind") == "value")
-    if needed != len(arrays):
-        raise EarthDialError(
-            ErrorCode.MISSING_FRAMES,
-            f"{needed} source(s) by value need {needed} array frame(s), got {len(arrays)}",
-        )
-    gsd = options.gsd
+    sources = request.sources
     first = sources[0]
-    if not isinstance(first, dict) or first.get("kind") not in ("ref", "value"):
-        raise EarthDialError(
-            ErrorCode.BAD_REQUEST, "field 'source' must be an object of kind 'ref' or 'value'"
-        )
-    if first["kind"] == "ref":
-        path = access.check_path(requests.field(first, "path", str))
-        info = imagery.describe(path)
-        preset, reason = choose_preset(first, None, options, info)
-        bands = requests.field(first, "bands", list, required=False) or (
-            list(preset.bands) if preset.bands else None
-        )
-        if preset.bands and preset.band_count and info.count < max(preset.bands):
-            raise EarthDialError(
-                ErrorCode.BAND_OUT_OF_RANGE,
-                f"preset {preset.name} needs {max(preset.bands)} bands; the raster has {info.count}",
-            )
-        bounds = requests.field(first, "bounds", list, required=False)
-        chip = imagery.plan_chip(path, bands, tuple(bounds) if bounds else None,
-                                 requests.field(first, "crs", str, required=False),
-                                 None if scanning is not None else MAX_CHIP_SIZE,
-                                 None if scanning is not None else gsd)  # fmt: skip
-    else:
-        array = arrays[0]
-        shape = requests.field(first, "shape", list, required=False)
-        if shape is not None and not (len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST, f"source.shape must be [rows, cols], got {shape!r:.60}"
-            )
-        data = array if array.ndim == 3 else array[None]
-        if shape is not None and options.preset is None:  # a sample: all of it tells the values
-            preset, reason = presets.choose(data.shape[0], data.dtype.name, [], data[0])
-        else:
-            preset, reason = choose_preset(first, array, options, None)
-        height, width = shape if shape is not None else data.shape[1:]
-        sample = imagery.chip_from_array(data, requests.field(first, "transform", list),
-                                         requests.field(first, "crs", str, required=False))  # fmt: skip
-        chip = imagery.ChipPlan(sample.band_indexes, int(width), int(height), sample.transform, sample.crs)
+    array = arrays[0] if isinstance(first, requests.Value) else None
+    win = window(first, array, options, scan=scanning is not None)
+    chip = win.describe(array)
+    preset, reason = win.preset, win.reason
     width, height = chip.width, chip.height
     gsd_m = imagery.ground_resolution(chip.transform, chip.crs, width / 2, height / 2)
     inputs = Inputs([], preset, reason, gsd_m)
@@ -384,8 +371,7 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
         per_image = _tiles_for(engine, width, height, tag, name, len(sources))
         tiles = per_image * len(sources)
         model = {"variant": engine.info.variant, "path": engine.info.path}
-        view_w, view_h = _model_view(engine, width, height, tag, name, len(sources))
-        model_gsd_m = gsd_m * max(width / view_w, height / view_h) if gsd_m else None
+        model_gsd_m = model_gsd(engine, width, height, gsd_m, tag, name, len(sources))
     scan_plan = None
     if scanning is not None:
         from . import scan  # scan imports this module
@@ -404,11 +390,13 @@ def plan(header: dict[str, Any], arrays: list[np.ndarray], engine: Engine | None
             "gsd_m": gsd_m,
             "width": int(width),
             "height": int(height),
+            "transform": list(chip.transform)[:6],
+            "crs": chip.crs,
             "images": len(sources),
             "tiles": tiles,
             "model_gsd_m": model_gsd_m,
             "scan": scan_plan,
-            "by": "value" if first["kind"] == "value" else "reference",
+            "by": "value" if isinstance(first, requests.Value) else "reference",
             "warnings": warnings,
             "model": model,
         }
@@ -466,7 +454,17 @@ def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
         variant=variant,
         source=" | ".join(c.source for c in job.chips),
         gsd_data=job.inputs.native_gsd_m if job.inputs is not None else None,
-        gsd_model=model_gsd(model, chip, job.sensor, task, len(job.chips)) if model is not None else None,
+        gsd_model=model_gsd(
+            model,
+            chip.width,
+            chip.height,
+            imagery.ground_resolution(chip.transform, chip.crs, chip.width / 2, chip.height / 2),
+            job.sensor,
+            task,
+            len(job.chips),
+        )
+        if model is not None
+        else None,  # fmt: skip
         request=request_record(job) if job.query is not None else "",
     )
     reply: dict[str, Any] = {
@@ -493,15 +491,14 @@ def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
     return reply
 
 
-def model_gsd(
-    engine: Engine, chip: imagery.Chip, tag: str, task: str | None, images: int = 1
-) -> float | None:
-    """Ground metres per pixel of the image the model sees: the chip resized onto its model tiles."""
-    gsd = imagery.ground_resolution(chip.transform, chip.crs, chip.width / 2, chip.height / 2)
-    if not gsd:
+def model_gsd(engine: Engine, width: int, height: int, gsd_m: float | None, tag: str, task: str | None,
+              images: int = 1) -> float | None:  # fmt: skip
+    """Ground metres per pixel of the image the model sees: a width x height window of `gsd_m` resized
+    onto its model tiles, along the coarser of its two axes. `plan` promises it, an answer records it."""
+    if not gsd_m:
         return None
-    view_w, view_h = _model_view(engine, chip.width, chip.height, tag, task, images)
-    return float(gsd * ((chip.width / view_w) * (chip.height / view_h)) ** 0.5)
+    view_w, view_h = _model_view(engine, width, height, tag, task, images)
+    return float(gsd_m * max(width / view_w, height / view_h))
 
 
 def request_record(job: Job) -> str:
@@ -510,14 +507,12 @@ def request_record(job: Job) -> str:
     said so) and the window read, as JSON."""
     header = job.header
     sources = []
-    for src in _source_list(header):
-        src = src if isinstance(src, dict) else {}
-        if src.get("kind") == "value":  # pixels sent by value: only the file they came from, if any
-            sources.append(
-                {"path": _text_or_none(src.get("path")), "bands": None, "bounds": None, "crs": src.get("crs")}
-            )
-        else:
-            sources.append({k: src.get(k) for k in ("path", "bands", "bounds", "crs")})
+    for src in job.sources:
+        if isinstance(src, requests.Ref):
+            sources.append({"path": src.path, "bands": list(src.bands) if src.bands else None,
+                            "bounds": list(src.bounds) if src.bounds else None, "crs": src.crs})  # fmt: skip
+        else:  # pixels sent by value: only the file they came from, if any
+            sources.append({"path": src.path, "bands": None, "bounds": None, "crs": src.crs or None})
     return record(header.get("task"), header.get("prompt", ""), job.sensor,
                   job.inputs.preset.name if job.inputs else None, job.options, sources,
                   chip_description(job.chips[0]))  # fmt: skip
@@ -530,10 +525,6 @@ def record(task: Any, prompt: Any, sensor: str, preset: str | None, options: req
     window = {k: v for k, v in window.items() if k != "source"}
     return result_features.request_json({"task": task, "prompt": prompt, "sensor": sensor, "preset": preset,
                                  "options": kept, "sources": sources, "window": window})  # fmt: skip
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def generate(jobs: list[Job], engine: Engine | None, stop: list[Any] | None = None) -> None:

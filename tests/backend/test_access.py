@@ -20,7 +20,7 @@ import zmq
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access, service
+from earthdial import access, requests, service
 from earthdial.protocol import Client, EarthDialError, source_by_reference, source_by_value
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
@@ -57,7 +57,7 @@ def allowed(tmp_path: Path, outside: Path):
 
 
 def _read(path: str) -> object:
-    return service.resolve_source(source_by_reference(path), [])
+    return service.resolve_source(requests.source(source_by_reference(path)), [])
 
 
 def test_reads_inside_the_allowed_directories(allowed: Path) -> None:
@@ -235,12 +235,15 @@ def test_crs_forms_that_name_files_are_refused_before_proj_sees_them(allowed: Pa
     for crs in _refusing_crs(fifo):
         with pytest.raises(EarthDialError) as err:  # bounds in that CRS
             service.resolve_source(
-                {**source_by_reference(str(allowed / "ok.tif")), "bounds": [0, 0, 1, 1], "crs": crs}, []
+                requests.source(
+                    {**source_by_reference(str(allowed / "ok.tif")), "bounds": [0, 0, 1, 1], "crs": crs}
+                ),
+                [],
             )
         assert err.value.code == "bad_crs" and "EPSG:" in err.value.message, (crs, err.value)
         with pytest.raises(EarthDialError) as err:  # pixels by value in that CRS
             service.resolve_source(
-                source_by_value((10, 0, 0, 0, -10, 0), crs), [np.zeros((1, 4, 4), np.uint8)]
+                requests.source(source_by_value((10, 0, 0, 0, -10, 0), crs)), [np.zeros((1, 4, 4), np.uint8)]
             )
         assert err.value.code == "bad_crs", (crs, err.value)
 
@@ -252,7 +255,7 @@ def test_crs_forms_that_name_no_file_are_accepted(allowed: Path) -> None:
     for crs in ("EPSG:32633", "epsg:32633", "urn:ogc:def:crs:EPSG::32633", utm.to_wkt(), utm.to_wkt("WKT1_GDAL"),
                 utm.to_json(), "EPSG:4326", "OGC:CRS84"):  # fmt: skip
         assert access.crs_refusal(crs) is None, crs
-        chip = service.resolve_source(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), crs), [np.zeros((1, 4, 4), np.uint8)])  # fmt: skip
+        chip = service.resolve_source(requests.source(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), crs)), [np.zeros((1, 4, 4), np.uint8)])  # fmt: skip
         assert chip.crs
 
 

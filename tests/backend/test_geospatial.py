@@ -165,7 +165,7 @@ def test_a_pair_in_different_crs_and_resolution_is_aligned_on_the_first_grid(tmp
                   "EPSG:3857", t2)  # fmt: skip
     header = {"op": "georef", "answer": ANSWER,
               "sources": [source_by_reference(str(before)), source_by_reference(str(after))]}  # fmt: skip
-    inputs = service.read_inputs(header, [], requests.Options())
+    inputs = service.read_inputs(requests.sources(header), [], requests.Options())
     a, b = inputs.chips
     assert a.crs == b.crs == "EPSG:32633" and a.data.shape == b.data.shape
     # the common extent starts where `after` begins: 250 m east of `before`'s origin -> column 25

@@ -174,7 +174,7 @@ def test_a_grid_fifo_named_in_a_raster_s_own_crs_is_refused_and_the_server_keeps
 def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: Path) -> None:
     """With a regular file as the grid, its access time changed before the `bad_crs` reply: the check
     ran after GDAL/PROJ had opened it. Now the file is never read."""
-    from earthdial import access, service
+    from earthdial import access, requests, service
 
     grid = tmp_path / "outside" / "grid.gsb"
     grid.parent.mkdir()
@@ -189,7 +189,7 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
         for name, citation in pe_citations(str(grid)).items():
             tif = geotiff_with_pe_citation(inside / "x.tif", citation)
             with pytest.raises(EarthDialError) as err:
-                service.resolve_source(source_by_reference(str(tif)), [])
+                service.resolve_source(requests.source(source_by_reference(str(tif))), [])
             assert err.value.code == "bad_crs", (name, err.value)
     finally:
         access.set_allowed_dirs(previous)
@@ -198,7 +198,7 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
 
 def test_a_pe_citation_naming_no_file_still_opens(tmp_path: Path) -> None:
     """The refusal is about files, not about ESRI citations: a plain PE string georeferences as before."""
-    from earthdial import access, service
+    from earthdial import access, requests, service
 
     tif = geotiff_with_pe_citation(
         tmp_path / "pe.tif", "ESRI PE String = " + _PROJ.format(geog=_GEOG.format(ext=""))
@@ -206,7 +206,7 @@ def test_a_pe_citation_naming_no_file_still_opens(tmp_path: Path) -> None:
     previous = access.allowed_dirs()
     access.set_allowed_dirs([tmp_path])
     try:
-        chip = service.resolve_source(source_by_reference(str(tif)), [])
+        chip = service.resolve_source(requests.source(source_by_reference(str(tif))), [])
     finally:
         access.set_allowed_dirs(previous)
     assert chip.width == 8 and chip.crs not in ("", "EPSG:4326")

@@ -197,3 +197,49 @@ def test_the_plan_of_a_scan_counts_the_tiles_the_scan_runs_and_the_gsd_each_is_s
     assert window["scan"] is None
     cols, rows = service._grid_for(rgb_engine, 300, 100, window["sensor"], "caption")
     assert window["model_gsd_m"] == pytest.approx(10.0 * max(300 / (cols * size), 100 / (rows * size)))
+
+
+def _read_as_planned(plan: dict, reply: dict) -> None:
+    """The window a plan names is the one the ask read: bands, size, grid, GSD, tiles, and the GSD the
+    model sees it at."""
+    same(plan, reply)
+    chip = reply["chip"]
+    assert plan["transform"] == pytest.approx(chip["transform"]) and plan["crs"] == chip["crs"]
+    assert plan["model_gsd_m"] == pytest.approx(reply["properties"]["gsd_model"])
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "dtype", "source", "options"),
+    [
+        ("whole", (3, 100, 300), "uint8", {}, {}),
+        ("bounds_gsd", (3, 100, 300), "uint8", {"bounds": [500_100.0, 3_999_300.0, 500_900.0, 3_999_900.0]},
+         {"gsd": 25.0}),
+        ("bounds_4326", (3, 120, 200), "uint8", {"bounds": [15.0009, 36.1323, 15.0131, 36.1409], "crs": "EPSG:4326"},
+         {}),
+        ("bands", (4, 90, 130), "uint16", {"bands": [3, 2, 1]}, {}),
+        ("preset", (12, 70, 50), "uint16", {}, {"preset": "s2_rgb"}),
+        ("large", (3, 600, 2500), "uint8", {}, {}),
+        ("fine_gsd", (3, 40, 90), "uint8", {}, {"gsd": 4.0}),
+    ],
+)  # fmt: skip
+def test_plan_promises_the_window_the_ask_reads(
+    tmp_path: Path, rgb_engine: Engine, name, shape, dtype, source, options
+) -> None:
+    data = np.random.default_rng(5).integers(1, 250, shape).astype(dtype)
+    path = tif(tmp_path / f"{name}.tif", data)
+    header = {"op": "ask", "task": "caption", "source": {**source_by_reference(str(path)), **source},
+              "options": {**options, "max_new_tokens": 2}}  # fmt: skip
+    plan = service.plan(header, [], rgb_engine)["plan"]
+    _read_as_planned(plan, service.run(header, [], rgb_engine))
+
+
+@pytest.mark.parametrize("shape", [(3, 150, 420), (150, 60)])
+def test_plan_by_value_promises_the_window_the_ask_reads(rgb_engine: Engine, shape) -> None:
+    pixels = np.random.default_rng(6).integers(1, 250, shape, dtype=np.uint8)
+    source = source_by_value([10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0], "EPSG:32633")
+    ask = {"op": "ask", "task": "caption", "source": source, "options": {"max_new_tokens": 2}}
+    reply = service.run(ask, [pixels], rgb_engine)
+    _read_as_planned(service.plan(ask, [pixels], rgb_engine)["plan"], reply)  # all the pixels
+    sample = np.ascontiguousarray(pixels[..., ::8, ::8])
+    planned = {**ask, "source": {**source, "shape": list(shape[-2:])}}
+    _read_as_planned(service.plan(planned, [sample], rgb_engine)["plan"], reply)  # a sample and the shape

@@ -32,10 +32,10 @@ SLOW_SERVE = [sys.executable, "-c", """
 import sys, time
 from earthdial import service
 real = service.prepare
-def prepare(header, arrays, engine):
+def prepare(header, arrays, engine, request=None):
     if header.get("answer") == "slow":
         time.sleep(60)
-    return real(header, arrays, engine)
+    return real(header, arrays, engine, request)
 service.prepare = prepare
 from earthdial.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -186,12 +186,12 @@ def gated(monkeypatch: pytest.MonkeyPatch):
     gate, started, flags = threading.Event(), threading.Event(), []
     real = service.prepare
 
-    def prepare(header, arrays, engine):
+    def prepare(header, arrays, engine, request=None):
         started.set()
         check = cancel_check(header)
         gate.wait(10)
         flags.append((header.get("id"), check()))
-        return real(header, arrays, engine)
+        return real(header, arrays, engine, request)
 
     monkeypatch.setattr(service, "prepare", prepare)
     yield gate, started, flags

@@ -163,9 +163,9 @@ def slow_worker(monkeypatch: pytest.MonkeyPatch):
     delay = [0.02]
     real = service.prepare
 
-    def slow_prepare(header, arrays, engine):
+    def slow_prepare(header, arrays, engine, request=None):
         time.sleep(delay[0])
-        return real(header, arrays, engine)
+        return real(header, arrays, engine, request)
 
     monkeypatch.setattr(service, "prepare", slow_prepare)
     return delay

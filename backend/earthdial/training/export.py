@@ -312,7 +312,8 @@ def _read_chip(request: dict[str, Any], layer: str) -> Any:
     options = dict(request.get("options") or {}) if isinstance(request.get("options"), dict) else {}
     if request.get("preset"):
         options["preset"] = request["preset"]
-    return service.read_inputs({"source": src}, [], requests.options({"options": options})).chips[0]
+    return service.read_inputs(requests.sources({"op": "ask", "source": src}), [],
+                               requests.options({"options": options})).chips[0]  # fmt: skip
 
 
 def records_for_request(request: dict[str, Any], features: list[Feature], chip: Any,
