@@ -173,43 +173,56 @@ def _read_plan(
 
 @contextlib.contextmanager
 def open_raster(path: str) -> Iterator[Any]:
-    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) only a
-    regular file with one link is opened, only through access.RASTER_DRIVERS (no VRT or other format
-    that names more files), with GDAL reading no sidecar files and no network, and a raster whose own
-    CRS names a grid file is refused before anything is transformed with it."""
+    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) the file
+    is opened by descriptor (access.open_file: no link followed, a regular file with one link) and GDAL
+    reads that descriptor, never the name again; only through access.RASTER_DRIVERS (no VRT or other
+    format that names more files), with GDAL reading no sidecar files and no network, and a raster
+    whose own CRS names a grid file is refused before anything is transformed with it."""
     path = os.fspath(path)
     restricted = access.allowed_dirs() is not None
+    fd = None
     if restricted:
-        access.check_file(path)
+        fd = access.open_file(path)  # held open for the dataset's life: GDAL may open its name again
     elif not path.startswith("/vsi") and not os.path.exists(path):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
-    with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
-        try:
-            if restricted:
-                from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
+    try:
+        with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
+            yield from _opened(path, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
-                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
-            else:
-                src = rasterio.open(path)
-        except RasterioError as exc:
-            formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if restricted else ""  # fmt: skip
-            raise EarthDialError(
-                ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
-            ) from None
-        with src:
-            check_geotransform(src.transform, src.width, src.height, path)
-            if src.crs is not None:
-                try:
-                    why = _crs_values_refusal(src.crs)
-                except (CRSError, TypeError, ValueError) as exc:
-                    why = f"it cannot be read back ({exc})"
-                if why is not None:
-                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
-            if restricted and src.crs is not None:
-                why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
-                if why is not None:
-                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
-            yield src
+
+def _opened(path: str, fd: int | None) -> Iterator[Any]:
+    """The dataset of `path` (by descriptor `fd` when given), checked, for open_raster."""
+    name = path if fd is None else access.fd_path(fd)
+    try:
+        if fd is not None:
+            from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
+
+            src = DatasetReader(name, driver=list(access.RASTER_DRIVERS))
+        else:
+            src = rasterio.open(path)
+    except RasterioError as exc:
+        formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if fd is not None else ""  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.NOT_A_RASTER,
+            f"{path} cannot be opened as a raster{formats}: {str(exc).replace(name, path)}",
+        ) from None
+    with src:
+        check_geotransform(src.transform, src.width, src.height, path)
+        if src.crs is not None:
+            try:
+                why = _crs_values_refusal(src.crs)
+            except (CRSError, TypeError, ValueError) as exc:
+                why = f"it cannot be read back ({exc})"
+            if why is not None:
+                raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
+        if fd is not None and src.crs is not None:
+            why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
+            if why is not None:
+                raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
+        yield src
 
 
 def check_geotransform(transform: Affine, width: int, height: int, path: str) -> None:
@@ -237,9 +250,9 @@ def decoded_block(src: Any, path: str, band: int) -> tuple[tuple[int, int], bool
     block = src.block_shapes[band - 1] if src.block_shapes else (1, src.width)
     if src.driver in ("PNG", "JPEG"):
         return block, True
-    if src.driver == "GTiff" and not path.startswith("/vsi"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if src.driver == "GTiff" and not src.name.startswith("/vsi"):
+        try:  # src.name: the descriptor's name in a restricted server (the file GDAL has open)
+            fd = os.open(src.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return block, False
         try:

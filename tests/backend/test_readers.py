@@ -1,0 +1,145 @@
+"""Reads of a user's file in a server (issue 24): opened by descriptor, so a name swapped for a link
+cannot lead outside the allowed folders (finding 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from test_hostile import StatusProbe
+
+from earthdial.protocol import Client, EarthDialError, source_by_reference
+
+RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
+
+
+def _tif(path: Path, size: int, crs: str) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8", crs=crs,
+                       transform=from_origin(10, 50, 0.001, 0.001)) as dst:  # fmt: skip
+        dst.write(np.ones((1, size, size), np.uint8))
+    return path
+
+
+def _exchange() -> object:
+    """renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) through libc, or skip where it is missing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        pytest.skip("no renameat2 in this libc")
+    at_fdcwd = -100
+
+    def swap(a: str, b: str) -> None:
+        if libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), RENAME_EXCHANGE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return swap
+
+
+@contextlib.contextmanager
+def _swapping(a: Path, b: Path) -> Iterator[list[int]]:
+    """Exchange the names a and b in a tight loop on a thread until the block ends; yields a list
+    whose length is the number of swaps made."""
+    swap = _exchange()
+    done = threading.Event()
+    count: list[int] = []
+
+    def loop() -> None:
+        while not done.is_set():
+            swap(str(a), str(b))
+            count.append(1)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        thread.join(5)
+
+
+@pytest.fixture()
+def outside_dir() -> Iterator[Path]:
+    """A folder outside every allowed one (the test server reads pytest's temp root), holding
+    `x.tif`: 16 x 16 px in EPSG:4326, unlike the 8 x 8 px EPSG:32633 file inside."""
+    where = Path(tempfile.mkdtemp(prefix="earthdial-outside-"))
+    _tif(where / "x.tif", 16, "EPSG:4326")
+    yield where
+    shutil.rmtree(where)
+
+
+PLANS, GEOREFS = 500, 200
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_file_or_folder_swapped_for_a_link_never_reads_outside(
+    server: str, tmp_path: Path, outside_dir: Path, what: str
+) -> None:
+    """Finding 2: exchanging a checked file (or its folder) with a symlink to an outside one, in a
+    loop, made 9 of 2 000 `plan`s and 2 of 2 000 `ask`s answer with the outside file's metadata, and
+    ~35 % of racing requests `internal`. Bounded here: 500 plans and 200 georefs (which read the
+    window exactly as `ask` does, without the model's time) while a thread swaps the names. No reply may
+    describe the outside file; every error is typed, never `internal`."""
+    inside = tmp_path / "inside"
+    (inside / "sub").mkdir(parents=True)
+    _tif(inside / "sub" / "x.tif", 8, "EPSG:32633")
+    if what == "file":
+        target, decoy = inside / "sub" / "x.tif", inside / "sub" / "decoy.tif"
+        decoy.symlink_to(outside_dir / "x.tif")
+    else:
+        target, decoy = inside / "sub", inside / "decoy"
+        decoy.symlink_to(outside_dir)
+    source = source_by_reference(str(inside / "sub" / "x.tif"))
+    codes: dict[str, int] = {}
+    leaked: list[object] = []
+    with StatusProbe(server), Client(server, timeout_s=30) as c, _swapping(target, decoy) as swaps:
+        for i in range(PLANS + GEOREFS):
+            try:
+                if i < PLANS:
+                    plan = c.plan({"task": "chat", "prompt": "what?", "source": source})
+                    seen = (plan["width"], plan["height"])
+                else:
+                    chip = c.georef(source, "x")["chip"]
+                    seen = (chip["width"], chip["height"], chip["crs"])
+                codes["ok"] = codes.get("ok", 0) + 1
+                if seen[0] != 8 or (len(seen) == 3 and seen[2] != "EPSG:32633"):
+                    leaked.append(seen)
+            except EarthDialError as exc:
+                codes[exc.code] = codes.get(exc.code, 0) + 1
+    assert len(swaps) > PLANS, f"the swap loop hardly ran ({len(swaps)} swaps)"
+    assert not leaked, f"{len(leaked)} replies described the outside file: {leaked[:3]} ({codes})"
+    assert set(codes) <= {"ok", "forbidden_path", "file_not_found"}, codes
+    print(what, codes, f"{len(swaps)} swaps")
+    assert codes.get("ok", 0) > 0 and codes.get("forbidden_path", 0) > 0, codes  # both sides were met
+
+
+def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
+    """A link inside an allowed folder to a file inside it is refused too: following it is what the
+    swap above exploits; the error names the link."""
+    from earthdial import access, service
+
+    _tif(tmp_path / "ok.tif", 8, "EPSG:32633")
+    (tmp_path / "link.tif").symlink_to(tmp_path / "ok.tif")
+    (tmp_path / "dirlink").symlink_to(tmp_path)
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        assert service.resolve_source(source_by_reference(str(tmp_path / "ok.tif")), []).width == 8
+        for path in (tmp_path / "link.tif", tmp_path / "dirlink" / "ok.tif"):
+            with pytest.raises(EarthDialError) as err:
+                service.resolve_source(source_by_reference(str(path)), [])
+            assert err.value.code == "forbidden_path" and "link" in err.value.message, err.value
+        with pytest.raises(EarthDialError) as err:
+            service.resolve_source(source_by_reference(str(tmp_path / "ok.tif" / "x.tif")), [])
+        assert err.value.code == "file_not_found", err.value
+    finally:
+        access.set_allowed_dirs(previous)
