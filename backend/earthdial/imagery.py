@@ -47,6 +47,16 @@ __all__ = [
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
 MIN_GSD, MAX_GSD = 0.01, 1e6  # metres per pixel a window may be read at
+# A server's reader processes (readers.ReaderPool): when set, the functions below that open a file run
+# in one of them. None in the readers themselves and in the in-process CLI.
+_readers: Any = None
+
+
+def use_readers(pool: Any) -> Any:
+    """Route this process's file reads through `pool` (None: read here); returns the previous pool."""
+    global _readers
+    previous, _readers = _readers, pool
+    return previous
 
 
 @dataclass
@@ -80,6 +90,9 @@ def read_chip(
     inside ``bounds`` (minx, miny, maxx, maxy in ``bounds_crs``, default the raster's CRS; None: the
     whole raster), at native resolution or at ``gsd`` metres per pixel. A window whose long side would
     exceed ``max_size`` is read resampled to that size."""
+    if _readers is not None:  # a server: in a reader process it can kill (readers.py)
+        return _readers.read_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
+                                  max_size=max_size, gsd=gsd)  # fmt: skip
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -123,6 +136,9 @@ def plan_chip(
     gsd: float | None = None,
 ) -> ChipPlan:
     """The bands, size and grid `read_chip` with the same arguments reads, without reading pixels."""
+    if _readers is not None:
+        return _readers.plan_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
+                                  max_size=max_size, gsd=gsd)  # fmt: skip
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -315,6 +331,8 @@ def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
     tiled raster without overviews decodes every tile it samples (billions of pixels). A file decoded
     from its top (PNG, JPEG, one strip) is sampled in its first rows; None when even that, or the blocks
     under the sample, would decode more than SAMPLE_PIXELS (a 65 500 px PNG froze `plan` for 5 s)."""
+    if _readers is not None:
+        return _readers.sample_band(os.fspath(path), band, size)
     with open_raster(os.fspath(path)) as src:
         index = check_bands([band], src.count, path)
         width, height = src.width, src.height
@@ -355,6 +373,8 @@ class RasterInfo:
 
 def describe(path: str) -> RasterInfo:
     """What a raster says about itself, without reading its pixels."""
+    if _readers is not None:
+        return _readers.describe(os.fspath(path))
     path = os.fspath(path)
     try:
         with open_raster(path) as src:
@@ -408,6 +428,8 @@ def _pyproj_crs(text: str) -> Any:
 def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
     """Read a raster warped onto another chip's grid (CRS, transform, size), e.g. the later image of a
     before/after pair onto the first. Pixels the raster does not cover are marked invalid."""
+    if _readers is not None:
+        return _readers.read_on_grid(os.fspath(path), bands, grid)
     from rasterio.vrt import WarpedVRT
 
     path = os.fspath(path)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from test_hostile import StatusProbe
+from test_hostile import StatusProbe, _server
 
+from earthdial import access
 from earthdial.protocol import Client, EarthDialError, source_by_reference
 
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
@@ -142,4 +143,71 @@ def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
             service.resolve_source(source_by_reference(str(tmp_path / "ok.tif" / "x.tif")), [])
         assert err.value.code == "file_not_found", err.value
     finally:
+        access.set_allowed_dirs(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader processes: an open that never ends is killed, the server goes on
+# --------------------------------------------------------------------------------------------------
+
+
+def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
+    tmp_path: Path, outside_dir: Path
+) -> None:
+    """A GeoTIFF whose own CRS names a grid FIFO froze the server for good (finding 1): GDAL opens the
+    file and PROJ the grid, which blocks until someone writes to it. The byte checks that refuse such a
+    file are turned off for this server (EARTHDIAL_UNSAFE_SKIP_FILE_PRECHECKS, honoured for tests only),
+    so that the reader process is all that stands between the FIFO and the server: its open blocks,
+    past --read-timeout it is killed and replaced, the request gets `timeout`, `status` answers within
+    1 s throughout, and the next request is read by the new reader."""
+    from test_hostile import geotiff_with_pe_citation, pe_citations
+
+    os.mkfifo(outside_dir / "grid.gsb")  # outside the allowed folders; nobody writes to it
+    citation = pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]
+    trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", citation))
+    fine = str(_tif(tmp_path / "fine.tif", 8, "EPSG:32633"))
+    os.environ[access.SKIP_PRECHECKS] = "1"  # inherited by the server and its readers
+    try:
+        context = _server("--read-timeout", "2", "--readers", "1")
+        endpoint, _ = context.__enter__()
+    finally:
+        del os.environ[access.SKIP_PRECHECKS]
+    try:
+        with StatusProbe(endpoint), Client(endpoint, timeout_s=30) as c:
+            for op in ("plan", "georef"):
+                header = {"op": op, "task": "chat", "prompt": "what?", "answer": "x",
+                          "source": source_by_reference(trap)}  # fmt: skip
+                with pytest.raises(EarthDialError) as err:
+                    c.request(header)
+                assert err.value.code == "timeout" and "--read-timeout" in err.value.message, (op, err.value)
+                assert (
+                    c.plan({"task": "chat", "prompt": "what?", "source": source_by_reference(fine)})["width"]
+                    == 8
+                )
+            assert c.georef(source_by_reference(fine), "x")["chip"]["width"] == 8
+    finally:
+        context.__exit__(None, None, None)
+
+
+def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path) -> None:
+    """Each reader runs under RLIMIT_AS: what it holds when ready plus the pixel budget (8 bytes a
+    pixel) and the headroom; a read it cannot allocate fails in the reader, not in the server."""
+    from earthdial import imagery, limits, readers
+
+    path = str(_tif(tmp_path / "x.tif", 8, "EPSG:32633"))
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    pool = readers.ReaderPool(1, limits.Limits(max_pixels=1_000_000))
+    try:
+        assert pool.describe(path).width == 8  # the reader is up and reads by descriptor
+        (reader,) = pool._idle
+        with open(f"/proc/{reader.proc.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max address space"))
+        soft = int(line.split()[3])
+        with open(f"/proc/{reader.proc.pid}/status") as f:
+            size = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmSize:"))
+        assert size < soft <= size + readers.MEMORY_HEADROOM + 8 * 1_000_000 + 256 * limits.MIB, (size, soft)
+        assert imagery.use_readers(None) is None  # the pool is used only where a server installs it
+    finally:
+        pool.close()
         access.set_allowed_dirs(previous)
