@@ -392,6 +392,83 @@ def describe(path: str) -> RasterInfo:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
 
 
+@dataclass(frozen=True)
+class ScanGrid:
+    """Where a scan reads: the bands, the region (col, row, width, height) of the first raster's pixels,
+    and that raster's CRS and transform."""
+
+    band_indexes: list[int]
+    region: tuple[int, int, int, int]
+    crs: str
+    transform: Affine
+
+    @property
+    def window(self) -> rasterio.windows.Window:
+        return rasterio.windows.Window(*self.region)
+
+
+def scan_grid(path: str, bands: list[int] | None, bounds: Sequence[float] | None, bounds_crs: str | None) -> ScanGrid:  # fmt: skip
+    """The grid a scan of `path` reads: its bands, and the window of `bounds` (None: all of it)."""
+    if _readers is not None:
+        return _readers.scan_grid(os.fspath(path), bands, bounds, bounds_crs)
+    with open_raster(path) as src:
+        if src.crs is None:
+            raise EarthDialError(ErrorCode.BAD_CRS, f"{path} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+        indexes = check_bands(bands, src.count, path)
+        w = window_for(src, tuple(bounds) if bounds else None, bounds_crs, path)
+        region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+        return ScanGrid(indexes, region, crs_string(src.crs), src.transform)
+
+
+def common_grid(paths: list[str], names: list[str]) -> ScanGrid:
+    """The region of the first raster's grid that every raster of a sequence covers (no bands chosen)."""
+    if _readers is not None:
+        return _readers.common_grid([os.fspath(p) for p in paths], names)
+    from rasterio.warp import transform_bounds
+
+    with open_raster(paths[0]) as src:
+        left, bottom, right, top = src.bounds
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            with open_raster(path) as other:
+                b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
+            left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
+            if left >= right or bottom >= top:
+                raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
+        w = window_for(src, (left, bottom, right, top), None, paths[0])
+        region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+        return ScanGrid([], region, crs_string(src.crs), src.transform)
+
+
+def tile_chip(src: Any, path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int,
+              crs: str | None = None) -> Chip:  # fmt: skip
+    """One tile of a scan from an open raster: `window` read averaged at out_w x out_h pixels."""
+    data = src.read(
+        indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=Resampling.average
+    )
+    a, b, c, d, e, f = src.transform[:6]
+    sx, sy = window.width / out_w, window.height / out_h
+    col0, row0 = window.col_off, window.row_off
+    transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
+    nodata = src.nodatavals[indexes[0] - 1]
+    return Chip(data, transform, crs_string(src.crs) if crs is None else crs, indexes,
+                None if nodata is None else float(nodata), path)  # fmt: skip
+
+
+def read_tile(path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int) -> Chip:
+    """One tile of a scan of `path` (tile_chip), the file opened for it; in a server, in a reader process,
+    which keeps the file open from one tile to the next."""
+    if _readers is not None:
+        region = (int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+        return _readers.read_tile(os.fspath(path), indexes, region, out_w, out_h)
+    with open_raster(path) as src:
+        return tile_chip(src, path, indexes, window, out_w, out_h)
+
+
+def reads_elsewhere() -> bool:
+    """Whether this process reads files through reader processes (a server), not itself."""
+    return _readers is not None
+
+
 def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row: float) -> float | None:
     """Metres on the ground per pixel near (col, row): the mean of the pixel's two sides. Geographic CRSs
     are measured on the WGS84 ellipsoid; None when the raster has no CRS."""

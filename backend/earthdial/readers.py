@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from affine import Affine
+from rasterio.windows import Window
 
 from . import access, imagery, limits
 from .protocol import EarthDialError, ErrorCode, error_codes
@@ -236,6 +237,24 @@ class ReaderPool:
         }
         return _chip(*self.call("read_on_grid", {"path": path, "bands": bands, "grid": shape}))
 
+    def scan_grid(self, path: str, bands: list[int] | None, bounds: Any, bounds_crs: str | None) -> imagery.ScanGrid:  # fmt: skip
+        header, _ = self.call(
+            "scan_grid", {"path": path, "bands": bands, "bounds": bounds, "bounds_crs": bounds_crs}
+        )
+        return _grid(header["grid"])
+
+    def common_grid(self, paths: list[str], names: list[str]) -> imagery.ScanGrid:
+        header, _ = self.call("common_grid", {"paths": paths, "names": names})
+        return _grid(header["grid"])
+
+    def read_tile(self, path: str, indexes: list[int], region: tuple[int, int, int, int], out_w: int, out_h: int) -> imagery.Chip:  # fmt: skip
+        kwargs = {"path": path, "indexes": indexes, "region": list(region), "out_w": out_w, "out_h": out_h}
+        return _chip(*self.call("read_tile", kwargs))
+
+
+def _grid(g: dict[str, Any]) -> imagery.ScanGrid:
+    return imagery.ScanGrid(g["band_indexes"], tuple(g["region"]), g["crs"], Affine(*g["transform"]))
+
 
 def _chip(header: dict[str, Any], arrays: list[np.ndarray]) -> imagery.Chip:
     c = header["chip"]
@@ -297,7 +316,51 @@ def _run(fn: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarr
         grid = imagery.Chip(np.empty((0, g["height"], g["width"]), np.uint8), Affine(*g["transform"]), g["crs"],
                             [], None, "<grid>")  # fmt: skip
         return _chip_reply(imagery.read_on_grid(kwargs["path"], kwargs["bands"], grid))
+    if fn == "scan_grid":
+        area = imagery.scan_grid(kwargs["path"], kwargs["bands"], kwargs["bounds"], kwargs["bounds_crs"])
+        return {"grid": {**asdict(area), "transform": list(area.transform)[:6]}}, []
+    if fn == "common_grid":
+        area = imagery.common_grid(kwargs["paths"], kwargs["names"])
+        return {"grid": {**asdict(area), "transform": list(area.transform)[:6]}}, []
+    if fn == "read_tile":
+        src, crs = _kept_open(kwargs["path"])
+        window = Window(*kwargs["region"])
+        chip = imagery.tile_chip(
+            src, kwargs["path"], kwargs["indexes"], window, kwargs["out_w"], kwargs["out_h"], crs
+        )
+        return _chip_reply(chip)
     raise EarthDialError(ErrorCode.INTERNAL, f"a reader has no function {fn!r}")
+
+
+# the raster a scan reads tile after tile, kept open in the reader: (path, identity, stack, dataset, CRS)
+_kept: tuple[str, tuple[int, ...], contextlib.ExitStack, Any, str] | None = None
+
+
+def _kept_open(path: str) -> tuple[Any, str]:
+    """The open dataset of `path` for a scan's next tile: the one kept from the last tile while the path
+    still names that same file (walked and checked again, access.open_file, compared by device, inode,
+    size and modification time), else the file opened anew."""
+    global _kept
+    fd = access.open_file(path)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _kept is not None and _kept[:2] == (path, identity):
+        return _kept[3], _kept[4]
+    if _kept is not None:
+        _kept[2].close()
+        _kept = None
+    stack = contextlib.ExitStack()
+    try:
+        src = stack.enter_context(imagery.open_raster(path))
+        crs = imagery.crs_string(src.crs)
+    except BaseException:
+        stack.close()
+        raise
+    _kept = (path, identity, stack, src, crs)
+    return src, crs
 
 
 def _bounds(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -211,3 +211,35 @@ def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path)
     finally:
         pool.close()
         access.set_allowed_dirs(previous)
+
+
+def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_changes(
+    tmp_path: Path,
+) -> None:
+    """A scan's tiles come from a reader process, which keeps the raster open from one tile to the next
+    (reopening per tile loses GDAL's block cache) but never serves a file that was replaced or rewritten
+    under the same name since: a second scan after the file changed reads the new pixels."""
+    from rasterio.windows import Window
+
+    from earthdial import imagery, limits, readers
+
+    path = tmp_path / "scene.tif"
+    _tif(path, 64, "EPSG:32633")  # all ones
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    pool = readers.ReaderPool(1, limits.Limits())
+    before = imagery.use_readers(pool)
+    try:
+        area = imagery.scan_grid(str(path), [1], None, None)
+        assert area.region == (0, 0, 64, 64) and area.crs == "EPSG:32633"
+        tiles = [imagery.read_tile(str(path), [1], Window(c, 0, 32, 32), 16, 16) for c in (0, 32)]
+        assert all(t.data.shape == (1, 16, 16) and (t.data == 1).all() for t in tiles)
+        assert tiles[1].transform.c == 10 + 32 * 0.001  # the tile's own grid
+        with rasterio.open(path, "r+") as dst:  # rewritten in place: new pixels, new mtime
+            dst.write(np.full((1, 64, 64), 7, np.uint8))
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+        assert (imagery.read_tile(str(path), [1], Window(0, 0, 32, 32), 16, 16).data == 7).all()
+    finally:
+        imagery.use_readers(before)
+        pool.close()
+        access.set_allowed_dirs(previous)
