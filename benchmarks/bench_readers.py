@@ -1,8 +1,10 @@
-"""The cost of reading in a reader process (issue 24): `plan` of a by-reference source and one `ask`
-window read, in this process and through a reader process (readers.ReaderPool), in one run.
+"""The cost of reading in a reader process (issue 24): `plan` of a by-reference source, one `ask` window
+read and one scan tile, in this process and through a reader process (readers.ReaderPool), in one run.
 
 Both paths open the file by descriptor under an allowed folder (access.open_file); the reader path adds
-the call's JSON, the pixels' copy over a socket pair and the two process switches. Each case is timed
+the call's JSON, the pixels' copy over a socket pair and the two process switches; a scan tile in this
+process reads from the raster the scan holds open, in a reader from the one it keeps open (after walking
+and checking the path again, as it does for every tile). Each case is timed
 `--repeat` times after a warm-up, alternating the two paths, and the median is reported with the ratio.
 
     python benchmarks/bench_readers.py                       # a 4096 px RGB COG-like GeoTIFF, 1024 px window
@@ -69,9 +71,29 @@ def main() -> None:
         chip = imagery.read_chip(path, bands=[1, 2, 3], bounds=tuple(bounds), max_size=2048)
         assert chip.width == w
 
+    from rasterio.windows import Window
+
+    tiles = iter(range(10**9))
+
+    def tile() -> None:  # a new 448 px tile each time, as a scan reads them (no block read twice)
+        k = next(tiles)
+        col, row = (k * 448) % (args.size - 448), ((k * 448) // (args.size - 448) * 448) % (args.size - 448)
+        win = Window(col, row, 448, 448)
+        if imagery.reads_elsewhere():
+            chip = imagery.read_tile(path, [1, 2, 3], win, 448, 448)
+        else:
+            chip = imagery.tile_chip(held, path, [1, 2, 3], win, 448, 448)
+        assert chip.width == 448
+
     results = {}
+    held_open = imagery.open_raster(path)
+    held = held_open.__enter__()
     try:
-        for name, fn in (("plan", plan), (f"ask window {w} px x 3 bands", window)):
+        for name, fn in (
+            ("plan", plan),
+            (f"ask window {w} px x 3 bands", window),
+            ("scan tile 448 px x 3 bands", tile),
+        ):
             for via in (None, pool):  # warm both (the reader's first call waits for it to start)
                 imagery.use_readers(via)
                 fn()
@@ -85,6 +107,7 @@ def main() -> None:
     finally:
         imagery.use_readers(None)
         pool.close()
+        held_open.__exit__(None, None, None)
     load = os.getloadavg()
     print(f"raster {args.size} x {args.size} px, 3 bands uint8, 512 px DEFLATE tiles; {args.repeat} runs each, "
           f"medians; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs")  # fmt: skip
