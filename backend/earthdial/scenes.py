@@ -273,6 +273,11 @@ class ReadAhead:
         self._thread.start()
 
     def _run(self, tiles: Iterator[Tile]) -> None:
+        # stopping the read-ahead stops a tile read waiting on a reader process (readers.py kills it)
+        with limits.running(self._stop.is_set, None):
+            self._read(tiles)
+
+    def _read(self, tiles: Iterator[Tile]) -> None:
         try:
             while not self._stop.is_set():
                 t = time.perf_counter()
@@ -287,6 +292,8 @@ class ReadAhead:
                 if item is self._END:
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
+            if self._stop.is_set():
+                return  # nobody waits for it (a full queue would block this thread for good)
             self._error = exc
             self._queue.put(self._END)
         finally:

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +240,49 @@ def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_c
             dst.write(np.full((1, 64, 64), 7, np.uint8))
         os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
         assert (imagery.read_tile(str(path), [1], Window(0, 0, 32, 32), 16, 16).data == 7).all()
+    finally:
+        imagery.use_readers(before)
+        pool.close()
+        access.set_allowed_dirs(previous)
+
+
+def _until(condition, seconds: float) -> bool:
+    """Whether `condition()` became true within `seconds` (polled; the state is in another process)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
+    tmp_path: Path, outside_dir: Path, monkeypatch
+) -> None:
+    """A scan that is cancelled (or past its deadline) closes its read-ahead; a tile read it was waiting
+    for in a reader process is killed then, not left to run to --read-timeout. The tile here is of a
+    file whose CRS names a grid FIFO, with the byte checks off (EARTHDIAL_UNSAFE_SKIP_FILE_PRECHECKS,
+    for tests only), so the reader's open blocks for good."""
+    from rasterio.windows import Window
+    from test_hostile import geotiff_with_pe_citation, pe_citations
+
+    from earthdial import imagery, limits, readers, scenes
+
+    os.mkfifo(outside_dir / "grid.gsb")
+    trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]))  # fmt: skip
+    monkeypatch.setenv(access.SKIP_PRECHECKS, "1")  # inherited by the readers started below
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    pool = readers.ReaderPool(1, limits.Limits(read_timeout_s=600))
+    before = imagery.use_readers(pool)
+    try:
+        assert _until(lambda: len(pool._idle) == 1, 60)  # the reader is up
+        tiles = (imagery.read_tile(trap, [1], Window(0, 0, 8, 8), 8, 8) for _ in range(1))
+        ahead = scenes.ReadAhead(tiles, 1)  # its thread takes the reader and blocks in its open
+        assert _until(lambda: not pool._idle, 10)
+        ahead.close()
+        assert _until(lambda: pool.killed == 1, 5), "the blocked read was not stopped"
+        assert _until(lambda: len(pool._idle) == 1, 60)  # and a new reader took its place
     finally:
         imagery.use_readers(before)
         pool.close()
