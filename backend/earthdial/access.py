@@ -3,11 +3,13 @@
 - Binds: loopback endpoints are served as they are; any other bind needs CURVE (encryption plus server
   authentication), optionally with an allow-list of client public keys checked over ZAP.
 - Keys: `keygen` writes Z85 key pairs made by libzmq; secret key files are created with mode 0600.
-- Files: by-reference requests may only name absolute paths under the allowed directories, compared
-  after symlinks and `..` are resolved, so a link or a `../` cannot lead out of them; no GDAL virtual file
-  systems or URLs. What is opened must be a regular file with one link (no FIFO, device, directory, or
-  hard link to a file elsewhere), and only through the raster drivers in RASTER_DRIVERS, none of which
-  can name other files (so no VRT, GDAL WMS XML, ...), with GDAL's sidecar probing, PAM and HTTP off.
+- Files: by-reference requests may only name absolute paths under the allowed directories (`..` taken
+  out by the letters); no GDAL virtual file systems or URLs. The file is opened by walking the path from
+  the allowed folder's descriptor with O_NOFOLLOW at every component, so no link is followed and a name
+  swapped for a link cannot lead out; GDAL then reads that descriptor, never the name. What is opened
+  must be a regular file with one link (no FIFO, device, directory, or hard link to a file elsewhere),
+  and only through the raster drivers in RASTER_DRIVERS, none of which can name other files (so no VRT,
+  GDAL WMS XML, ...), with GDAL's sidecar probing, PAM and HTTP off.
 - CRSs: a CRS from a request is accepted only as an authority code, WKT or PROJJSON that names no file
   (no PROJ strings, grids, `init` files, EXTENSION[PROJ4], PARAMETERFILE), checked before PROJ or GDAL
   parse it: PROJ opens the files a CRS names, and a FIFO there would block the server.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -158,22 +161,29 @@ def enable_curve(sock: zmq.Socket, secret: bytes) -> None:
 # --------------------------------------------------------------------------------------------------
 
 _allowed_dirs: tuple[str, ...] | None = None  # None: no restriction (the in-process CLI)
+# (the folder as named, made absolute; its real path): a request's path is matched against either form
+# by its letters alone, and the walk starts from the real folder's descriptor
+_roots: tuple[tuple[str, str], ...] = ()
 
 
 def set_allowed_dirs(dirs: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...] | None:
     """Restrict by-reference reads to these directories (resolved now); None lifts the restriction."""
-    global _allowed_dirs
+    global _allowed_dirs, _roots
     if dirs is None:
-        _allowed_dirs = None
+        _allowed_dirs, _roots = None, ()
     else:
-        resolved = []
+        resolved: list[str] = []
+        roots: list[tuple[str, str]] = []
         for d in dirs:
             real = os.path.realpath(os.fspath(d))
             if not os.path.isdir(real):
                 raise NotADirectoryError(f"allowed directory {d} is not a directory")
             if real not in resolved:
                 resolved.append(real)
-        _allowed_dirs = tuple(resolved)
+            for named in (os.path.normpath(os.path.abspath(os.fspath(d))), real):
+                if (named, real) not in roots:
+                    roots.append((named, real))
+        _allowed_dirs, _roots = tuple(resolved), tuple(roots)
     return _allowed_dirs
 
 
@@ -181,13 +191,20 @@ def allowed_dirs() -> tuple[str, ...] | None:
     return _allowed_dirs
 
 
+def allowed_roots() -> list[str] | None:
+    """The allowed folders as they were named (for a reader process to set the same), or None."""
+    return None if _allowed_dirs is None else list(dict.fromkeys(named for named, _ in _roots))
+
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_path(path: str) -> str:
-    """The path to open for a by-reference request: `path` itself when reads are unrestricted, else its
-    real path (symlinks and `..` resolved) when that lies under an allowed directory. Raises
-    `forbidden_path` otherwise, before anything about the file is looked at."""
+    """The path to open for a by-reference request: `path` itself when reads are unrestricted, else the
+    path with `.` and `..` taken out by its letters when that lies under an allowed directory (named as
+    given to the server or by its real path). Raises `forbidden_path` otherwise, before anything about
+    the file is looked at: no file system call is made here (a name resolved now could be swapped for a
+    link before it is opened; `open_file` walks the path from the folder's descriptor instead)."""
     if "\x00" in path:
         raise EarthDialError(ErrorCode.BAD_REQUEST, "the path holds a NUL character")
     try:
@@ -203,16 +220,114 @@ def check_path(path: str) -> str:
             ErrorCode.FORBIDDEN_PATH,
             f"{path:.200} is not an absolute path; the server reads files under {', '.join(dirs) or 'no directory'}",
         )
-    real = os.path.realpath(path)
-    for d in dirs:
-        if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
-            return real
+    norm = os.path.normpath(path)
+    if _root_of(norm) is not None:
+        return norm
     where = ", ".join(dirs) if dirs else "no directory (it was started without --allow-dir)"
     raise EarthDialError(
         ErrorCode.FORBIDDEN_PATH,
         f"{path:.200} is outside the directories this server reads from: {where} "
         "(start it with --allow-dir DIR to add one)",
     )
+
+
+def _root_of(norm: str) -> tuple[str, list[str]] | None:
+    """(real allowed folder, the components below it) of a normalised absolute path, or None."""
+    for named, real in _roots:
+        prefix = named.rstrip(os.sep) + os.sep
+        if norm.startswith(prefix):
+            return real, [part for part in norm[len(prefix) :].split(os.sep) if part]
+    return None
+
+
+# Tests only: the byte checks of a TIFF (geokeys.py) are skipped, so that a test can show what the reader
+# process model alone does with a file they would have refused (tests/backend/test_readers.py). Never set
+# it for a server that others use.
+SKIP_PRECHECKS = "EARTHDIAL_UNSAFE_SKIP_FILE_PRECHECKS"
+
+
+def open_file(path: str) -> int:
+    """A read-only descriptor of the raster `path` names under an allowed folder, for GDAL to open as
+    `fd_path(fd)` (the caller closes it once the dataset is closed). The path is walked one component
+    at a time from the allowed folder's descriptor with O_NOFOLLOW (`openat`), so no symlink is followed
+    anywhere in it and a name swapped for a link between a check and the open cannot lead out of the
+    folder (issue 24, finding 2): a link is `forbidden_path`, even one to a file inside. The descriptor
+    must be a regular file (a FIFO would block its reader for good, a device could be endless) with one
+    hard link (a link inside an allowed folder to a file outside it cannot be told from the file itself),
+    and a TIFF must pass the byte checks GDAL's open needs (geokeys.py), read through this descriptor."""
+    norm = check_path(path)
+    found = _root_of(norm)
+    if found is None:  # check_path refuses those
+        raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path:.200} is outside the allowed directories")
+    root, parts = found
+    if not parts:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is a directory, not a regular file")
+    try:
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
+    try:
+        for part in parts[:-1]:
+            try:
+                below = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            except OSError as exc:
+                raise _walk_error(path, part, dir_fd, exc) from None
+            os.close(dir_fd)
+            dir_fd = below
+        last = parts[-1]
+        try:  # lstat first: opening a device can have effects of its own
+            st = os.stat(last, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            raise _walk_error(path, last, dir_fd, exc) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise _walk_error(path, last, dir_fd, OSError(errno.ELOOP, os.strerror(errno.ELOOP)))
+        _check_regular(path, st)
+        try:
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+            fd = os.open(last, flags, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _walk_error(path, last, dir_fd, exc) from None
+    finally:
+        os.close(dir_fd)
+    try:
+        _check_regular(path, os.fstat(fd))  # what was opened, whatever the name holds now
+        if os.environ.get(SKIP_PRECHECKS) == "1":
+            return fd
+        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
+        if too_many is not None:
+            raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is refused: {too_many}")
+        why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
+        if why is not None:
+            raise EarthDialError(ErrorCode.BAD_CRS, f"{path} is refused: {why}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_path(fd: int) -> str:
+    """The name under which GDAL opens descriptor `fd` of this process: the kernel reopens the file the
+    descriptor holds (not whatever its old name holds now)."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+
+
+def _walk_error(path: str, part: str, dir_fd: int, exc: OSError) -> EarthDialError:
+    """The typed error for a component of `path` that could not be opened during the walk."""
+    try:
+        is_link = stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        is_link = False
+    if exc.errno == errno.ELOOP or is_link:
+        return EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{path:.200} passes through the symbolic link {part!a:.100}: the server follows no link in "
+            "the folders it reads (a link can be swapped to lead outside them); name the file itself",
+        )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
+    return EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}")
 
 
 def remote_path_refusal(path: str) -> str | None:
@@ -250,38 +365,6 @@ def check_regular(path: str) -> None:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         _check_regular(path, st)
-
-
-def check_file(path: str) -> None:
-    """Refuse what must not be handed to GDAL: anything but a regular file (a FIFO would block the
-    reading thread for good, a device could be endless), and a file with more than one hard link (a link
-    inside an allowed directory to a file outside it cannot be told from the file itself). The file is
-    opened non-blocking and checked again through its descriptor, so a FIFO never blocks here. A GeoTIFF
-    whose own CRS text names a file is refused from its bytes (geokeys.py), before GDAL or PROJ see it."""
-    try:
-        before = os.stat(path)  # stat opens nothing
-    except FileNotFoundError:
-        raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}") from None
-    except OSError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
-    _check_regular(path, before)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be read: {exc.strerror}") from None
-    try:
-        now = os.fstat(fd)
-        _check_regular(path, now)
-        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
-            raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
-        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
-        why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
-    finally:
-        os.close(fd)
-    if too_many is not None:
-        raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is refused: {too_many}")
-    if why is not None:
-        raise EarthDialError(ErrorCode.BAD_CRS, f"{path} is refused: {why}")
 
 
 def _check_regular(path: str, st: os.stat_result) -> None:

@@ -230,12 +230,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     budgets = Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
                      max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
                      max_queue_bytes=int(args.max_queue_mb * MIB), deadline_s=args.deadline,
-                     scan_deadline_s=args.scan_deadline, stream_timeout_s=args.stream_timeout)  # fmt: skip
+                     scan_deadline_s=args.scan_deadline, stream_timeout_s=args.stream_timeout,
+                     read_timeout_s=args.read_timeout)  # fmt: skip
     try:
         server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
                         client_queue=args.client_queue,
                         curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs, budgets=budgets,
-                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)  # fmt: skip
+                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
+                        reader_processes=args.readers)  # fmt: skip
     except zmq.ZMQError as exc:
         return refuse(f"cannot bind {args.endpoint}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
@@ -911,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--stream-timeout", type=float, default=60,
                          help="seconds a streamed detect may wait for its client's next tile (0: forever)")  # fmt: skip
+    budgets.add_argument("--read-timeout", type=float, default=60,
+                         help="seconds one open or read of a file may take in a reader process; past it the "
+                         "reader is killed and replaced, and the request gets `timeout`")  # fmt: skip
+    budgets.add_argument("--readers", type=int, default=2,
+                         help="reader processes that open and read the files of by-reference requests")  # fmt: skip
     budgets.add_argument(
         "--max-connections",
         type=int,

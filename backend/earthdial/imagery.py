@@ -47,6 +47,16 @@ __all__ = [
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
 MIN_GSD, MAX_GSD = 0.01, 1e6  # metres per pixel a window may be read at
+# A server's reader processes (readers.ReaderPool): when set, the functions below that open a file run
+# in one of them. None in the readers themselves and in the in-process CLI.
+_readers: Any = None
+
+
+def use_readers(pool: Any) -> Any:
+    """Route this process's file reads through `pool` (None: read here); returns the previous pool."""
+    global _readers
+    previous, _readers = _readers, pool
+    return previous
 
 
 @dataclass
@@ -80,6 +90,9 @@ def read_chip(
     inside ``bounds`` (minx, miny, maxx, maxy in ``bounds_crs``, default the raster's CRS; None: the
     whole raster), at native resolution or at ``gsd`` metres per pixel. A window whose long side would
     exceed ``max_size`` is read resampled to that size."""
+    if _readers is not None:  # a server: in a reader process it can kill (readers.py)
+        return _readers.read_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
+                                  max_size=max_size, gsd=gsd)  # fmt: skip
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -123,6 +136,9 @@ def plan_chip(
     gsd: float | None = None,
 ) -> ChipPlan:
     """The bands, size and grid `read_chip` with the same arguments reads, without reading pixels."""
+    if _readers is not None:
+        return _readers.plan_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
+                                  max_size=max_size, gsd=gsd)  # fmt: skip
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -173,43 +189,56 @@ def _read_plan(
 
 @contextlib.contextmanager
 def open_raster(path: str) -> Iterator[Any]:
-    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) only a
-    regular file with one link is opened, only through access.RASTER_DRIVERS (no VRT or other format
-    that names more files), with GDAL reading no sidecar files and no network, and a raster whose own
-    CRS names a grid file is refused before anything is transformed with it."""
+    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) the file
+    is opened by descriptor (access.open_file: no link followed, a regular file with one link) and GDAL
+    reads that descriptor, never the name again; only through access.RASTER_DRIVERS (no VRT or other
+    format that names more files), with GDAL reading no sidecar files and no network, and a raster
+    whose own CRS names a grid file is refused before anything is transformed with it."""
     path = os.fspath(path)
     restricted = access.allowed_dirs() is not None
+    fd = None
     if restricted:
-        access.check_file(path)
+        fd = access.open_file(path)  # held open for the dataset's life: GDAL may open its name again
     elif not path.startswith("/vsi") and not os.path.exists(path):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
-    with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
-        try:
-            if restricted:
-                from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
+    try:
+        with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
+            yield from _opened(path, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
-                src = DatasetReader(path, driver=list(access.RASTER_DRIVERS))
-            else:
-                src = rasterio.open(path)
-        except RasterioError as exc:
-            formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if restricted else ""  # fmt: skip
-            raise EarthDialError(
-                ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
-            ) from None
-        with src:
-            check_geotransform(src.transform, src.width, src.height, path)
-            if src.crs is not None:
-                try:
-                    why = _crs_values_refusal(src.crs)
-                except (CRSError, TypeError, ValueError) as exc:
-                    why = f"it cannot be read back ({exc})"
-                if why is not None:
-                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
-            if restricted and src.crs is not None:
-                why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
-                if why is not None:
-                    raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
-            yield src
+
+def _opened(path: str, fd: int | None) -> Iterator[Any]:
+    """The dataset of `path` (by descriptor `fd` when given), checked, for open_raster."""
+    name = path if fd is None else access.fd_path(fd)
+    try:
+        if fd is not None:
+            from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
+
+            src = DatasetReader(name, driver=list(access.RASTER_DRIVERS))
+        else:
+            src = rasterio.open(path)
+    except RasterioError as exc:
+        formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if fd is not None else ""  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.NOT_A_RASTER,
+            f"{path} cannot be opened as a raster{formats}: {str(exc).replace(name, path)}",
+        ) from None
+    with src:
+        check_geotransform(src.transform, src.width, src.height, path)
+        if src.crs is not None:
+            try:
+                why = _crs_values_refusal(src.crs)
+            except (CRSError, TypeError, ValueError) as exc:
+                why = f"it cannot be read back ({exc})"
+            if why is not None:
+                raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
+        if fd is not None and src.crs is not None:
+            why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
+            if why is not None:
+                raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
+        yield src
 
 
 def check_geotransform(transform: Affine, width: int, height: int, path: str) -> None:
@@ -237,9 +266,9 @@ def decoded_block(src: Any, path: str, band: int) -> tuple[tuple[int, int], bool
     block = src.block_shapes[band - 1] if src.block_shapes else (1, src.width)
     if src.driver in ("PNG", "JPEG"):
         return block, True
-    if src.driver == "GTiff" and not path.startswith("/vsi"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if src.driver == "GTiff" and not src.name.startswith("/vsi"):
+        try:  # src.name: the descriptor's name in a restricted server (the file GDAL has open)
+            fd = os.open(src.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return block, False
         try:
@@ -302,6 +331,8 @@ def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
     tiled raster without overviews decodes every tile it samples (billions of pixels). A file decoded
     from its top (PNG, JPEG, one strip) is sampled in its first rows; None when even that, or the blocks
     under the sample, would decode more than SAMPLE_PIXELS (a 65 500 px PNG froze `plan` for 5 s)."""
+    if _readers is not None:
+        return _readers.sample_band(os.fspath(path), band, size)
     with open_raster(os.fspath(path)) as src:
         index = check_bands([band], src.count, path)
         width, height = src.width, src.height
@@ -342,6 +373,8 @@ class RasterInfo:
 
 def describe(path: str) -> RasterInfo:
     """What a raster says about itself, without reading its pixels."""
+    if _readers is not None:
+        return _readers.describe(os.fspath(path))
     path = os.fspath(path)
     try:
         with open_raster(path) as src:
@@ -357,6 +390,83 @@ def describe(path: str) -> RasterInfo:
             )
     except RasterioError as exc:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ScanGrid:
+    """Where a scan reads: the bands, the region (col, row, width, height) of the first raster's pixels,
+    and that raster's CRS and transform."""
+
+    band_indexes: list[int]
+    region: tuple[int, int, int, int]
+    crs: str
+    transform: Affine
+
+    @property
+    def window(self) -> rasterio.windows.Window:
+        return rasterio.windows.Window(*self.region)
+
+
+def scan_grid(path: str, bands: list[int] | None, bounds: Sequence[float] | None, bounds_crs: str | None) -> ScanGrid:  # fmt: skip
+    """The grid a scan of `path` reads: its bands, and the window of `bounds` (None: all of it)."""
+    if _readers is not None:
+        return _readers.scan_grid(os.fspath(path), bands, bounds, bounds_crs)
+    with open_raster(path) as src:
+        if src.crs is None:
+            raise EarthDialError(ErrorCode.BAD_CRS, f"{path} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+        indexes = check_bands(bands, src.count, path)
+        w = window_for(src, tuple(bounds) if bounds else None, bounds_crs, path)
+        region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+        return ScanGrid(indexes, region, crs_string(src.crs), src.transform)
+
+
+def common_grid(paths: list[str], names: list[str]) -> ScanGrid:
+    """The region of the first raster's grid that every raster of a sequence covers (no bands chosen)."""
+    if _readers is not None:
+        return _readers.common_grid([os.fspath(p) for p in paths], names)
+    from rasterio.warp import transform_bounds
+
+    with open_raster(paths[0]) as src:
+        left, bottom, right, top = src.bounds
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            with open_raster(path) as other:
+                b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
+            left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
+            if left >= right or bottom >= top:
+                raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
+        w = window_for(src, (left, bottom, right, top), None, paths[0])
+        region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+        return ScanGrid([], region, crs_string(src.crs), src.transform)
+
+
+def tile_chip(src: Any, path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int,
+              crs: str | None = None) -> Chip:  # fmt: skip
+    """One tile of a scan from an open raster: `window` read averaged at out_w x out_h pixels."""
+    data = src.read(
+        indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=Resampling.average
+    )
+    a, b, c, d, e, f = src.transform[:6]
+    sx, sy = window.width / out_w, window.height / out_h
+    col0, row0 = window.col_off, window.row_off
+    transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
+    nodata = src.nodatavals[indexes[0] - 1]
+    return Chip(data, transform, crs_string(src.crs) if crs is None else crs, indexes,
+                None if nodata is None else float(nodata), path)  # fmt: skip
+
+
+def read_tile(path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int) -> Chip:
+    """One tile of a scan of `path` (tile_chip), the file opened for it; in a server, in a reader process,
+    which keeps the file open from one tile to the next."""
+    if _readers is not None:
+        region = (int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+        return _readers.read_tile(os.fspath(path), indexes, region, out_w, out_h)
+    with open_raster(path) as src:
+        return tile_chip(src, path, indexes, window, out_w, out_h)
+
+
+def reads_elsewhere() -> bool:
+    """Whether this process reads files through reader processes (a server), not itself."""
+    return _readers is not None
 
 
 def ground_resolution(transform: Affine, crs: CRS | str | None, col: float, row: float) -> float | None:
@@ -395,6 +505,8 @@ def _pyproj_crs(text: str) -> Any:
 def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
     """Read a raster warped onto another chip's grid (CRS, transform, size), e.g. the later image of a
     before/after pair onto the first. Pixels the raster does not cover are marked invalid."""
+    if _readers is not None:
+        return _readers.read_on_grid(os.fspath(path), bands, grid)
     from rasterio.vrt import WarpedVRT
 
     path = os.fspath(path)

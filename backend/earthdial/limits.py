@@ -47,6 +47,7 @@ class Limits:
     deadline_s: float = 600.0  # an ask/georef request, from its arrival; 0: none
     scan_deadline_s: float = 0.0  # a detect scan, from its arrival; 0: none
     stream_timeout_s: float = 60.0  # a streamed scan waiting for its client's tiles; 0: forever
+    read_timeout_s: float = 60.0  # one open or read of a user's file in a reader process
 
 
 OPTIONS = {
@@ -59,6 +60,7 @@ OPTIONS = {
     "deadline_s": "--deadline",
     "scan_deadline_s": "--scan-deadline",
     "stream_timeout_s": "--stream-timeout",
+    "read_timeout_s": "--read-timeout",
 }
 
 _limits: Limits | None = None

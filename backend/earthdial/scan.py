@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from affine import Affine
-from rasterio.warp import transform_bounds
 
 from . import access, imagery, limits, presets, prompts, requests, result_features, scenes, service
 from .protocol import EarthDialError, ErrorCode
@@ -234,13 +233,8 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
         info = imagery.describe(path)
         preset, _ = service.choose_preset(None, options, info)
         bands = list(source.bands or preset.bands or []) or None
-        with imagery.open_raster(path) as src:
-            if src.crs is None:
-                raise EarthDialError(ErrorCode.BAD_CRS, f"{source.path} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
-            indexes = imagery.check_bands(bands, src.count, path)
-            region = imagery.window_for(src, source.bounds, source.crs, path)
-            crs = imagery.crs_string(src.crs)
-            transform = src.transform
+        area = imagery.scan_grid(path, bands, list(source.bounds) if source.bounds else None, source.crs)
+        indexes, region, crs, transform = area.band_indexes, area.window, area.crs, area.transform
         limits.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
         plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
         tiles = scenes.file_tiles([path], indexes, plan, out_size, options.skip)
@@ -394,17 +388,8 @@ def _sequence_by_reference(
         if info.count != infos[0].count:
             raise EarthDialError(ErrorCode.BAND_OUT_OF_RANGE, f"layer {k} ({name}) has {info.count} band(s) "
                                  f"but {names[0]} has {infos[0].count}: a sequence needs the same bands")  # fmt: skip
-    with imagery.open_raster(paths[0]) as src:
-        left, bottom, right, top = src.bounds
-        for name, path in zip(names[1:], paths[1:], strict=True):
-            with imagery.open_raster(path) as other:
-                b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
-            left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
-            if left >= right or bottom >= top:
-                raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
-        region = imagery.window_for(src, (left, bottom, right, top), None, paths[0])
-        crs = imagery.crs_string(src.crs)
-        transform = src.transform
+    common = imagery.common_grid(paths, names)
+    region, crs, transform = common.window, common.crs, common.transform
     preset, _ = service.choose_preset(None, options, infos[0])
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])

@@ -149,21 +149,28 @@ def read_shape(window: Window, out_size: int) -> tuple[int, int]:
 
 def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,
                skip: frozenset[int] = frozenset()) -> Iterator[Tile]:  # fmt: skip
-    """Tiles of a raster (and of later rasters warped onto each tile's grid), made one at a time."""
-    # rasterio takes GDAL_CACHEMAX in bytes: 128 here was a 128-byte cache, which made every tile
-    # decode its rows again (a 448 px tile of a 4480 px wide strip file read 4x slower)
-    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB * 1024 * 1024), imagery.open_raster(paths[0]) as src:
-        crs = imagery.crs_string(src.crs)
-        nodata = src.nodatavals[indexes[0] - 1]
+    """Tiles of a raster (and of later rasters warped onto each tile's grid), made one at a time. In a
+    server each tile is read in a reader process (imagery.read_tile), which keeps the file open."""
+    if imagery.reads_elsewhere():
         for i in range(len(plan)):
             if i in skip:
                 continue
             window = plan.window(i)
             out_w, out_h = read_shape(window, out_size)
-            data = src.read(indexes, window=window, out_shape=(len(indexes), out_h, out_w),
-                            resampling=rasterio.enums.Resampling.average)  # fmt: skip
-            first = imagery.Chip(data, tile_transform(src.transform, window, out_w, out_h), crs, indexes,
-                                 None if nodata is None else float(nodata), paths[0])  # fmt: skip
+            first = imagery.read_tile(paths[0], indexes, window, out_w, out_h)
+            later = [imagery.read_on_grid(p, indexes, first) for p in paths[1:]]
+            yield Tile(i, window, [first, *later])
+        return
+    # rasterio takes GDAL_CACHEMAX in bytes: 128 here was a 128-byte cache, which made every tile
+    # decode its rows again (a 448 px tile of a 4480 px wide strip file read 4x slower)
+    with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB * 1024 * 1024), imagery.open_raster(paths[0]) as src:
+        crs = imagery.crs_string(src.crs)
+        for i in range(len(plan)):
+            if i in skip:
+                continue
+            window = plan.window(i)
+            out_w, out_h = read_shape(window, out_size)
+            first = imagery.tile_chip(src, paths[0], indexes, window, out_w, out_h, crs)
             later = [imagery.read_on_grid(p, indexes, first) for p in paths[1:]]
             yield Tile(i, window, [first, *later])
 
@@ -266,6 +273,11 @@ class ReadAhead:
         self._thread.start()
 
     def _run(self, tiles: Iterator[Tile]) -> None:
+        # stopping the read-ahead stops a tile read waiting on a reader process (readers.py kills it)
+        with limits.running(self._stop.is_set, None):
+            self._read(tiles)
+
+    def _read(self, tiles: Iterator[Tile]) -> None:
         try:
             while not self._stop.is_set():
                 t = time.perf_counter()
@@ -280,6 +292,8 @@ class ReadAhead:
                 if item is self._END:
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
+            if self._stop.is_set():
+                return  # nobody waits for it (a full queue would block this thread for good)
             self._error = exc
             self._queue.put(self._END)
         finally:

@@ -28,11 +28,12 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import access, limits, requests, scan, scenes, service
+from . import access, imagery, limits, readers, requests, scan, scenes, service
 from .access import is_loopback  # noqa: F401  (imported from here by older code)
 from .connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from .protocol import (
@@ -62,6 +63,7 @@ HEARTBEAT_TIMEOUT_MS = 6000
 MAX_SCANS = 4  # whole-scene scans advanced in turn; more wait in the queue (each holds a reader thread)
 MAX_STREAM_BACKLOG = 16  # scan_tiles messages waiting for one scan (the client keeps two batches in flight)
 BUFFER_CHECK_S = 0.1  # how often the bytes libzmq holds per connection are checked
+MAX_PLANS = 64  # `plan`s waiting for a reader process; past it `busy`
 _DRAIN = 256  # messages handled per socket per loop turn, so that neither socket starves the other
 
 
@@ -81,6 +83,7 @@ class Server:
         budgets: limits.Limits | None = None,
         max_connections: int | None = None,
         idle_timeout_s: float | None = None,
+        reader_processes: int = 2,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
@@ -105,6 +108,13 @@ class Server:
         self._set_dirs = allowed_dirs is not None
         if self._set_dirs:
             access.set_allowed_dirs(allowed_dirs)
+        # every open and read of a user's file runs in a reader process (readers.py); a server that
+        # reads no file by reference needs none
+        self.readers = readers.ReaderPool(reader_processes, self.budgets) if allowed_dirs else None
+        self._previous_readers = imagery.use_readers(self.readers) if self.readers is not None else None
+        self._plans = ThreadPoolExecutor(max(1, reader_processes), thread_name_prefix="earthdial-plan")
+        self._plans_waiting = 0
+        self._plans_lock = threading.Lock()
 
         self.ctx = zmq.Context()
         # the ZAP handler must be bound before the first CURVE handshake; it also names each client's key
@@ -121,6 +131,8 @@ class Server:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(_WORKER_ADDR)
+        self._plan_out = self.ctx.socket(zmq.PUSH)  # plans answered off the I/O loop (under _plans_lock)
+        self._plan_out.connect(_WORKER_ADDR)
         self.sock.bind(endpoint)
         self.bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -128,7 +140,13 @@ class Server:
         self.stop_event.set()
         self.queue.cancel_running()  # a read in progress stops at its next strip
         self.queue.close()
+        self._plans.shutdown(wait=False, cancel_futures=True)
+        if self.readers is not None:
+            self.readers.close()  # a plan waiting on a reader stops
+            imagery.use_readers(self._previous_readers)
         self.sock.disable_monitor()
+        with self._plans_lock:
+            self._plan_out.close(0)
         for s in (self.monitor, self.sock, self.replies):
             s.close(0)
         if self.zap is not None:
@@ -340,8 +358,8 @@ class Server:
                           jobs=self.queue.jobs(), queue_bytes=counts["queue_bytes"],
                           connections=self.connections.counts(), limits=_limits_view(self.budgets))  # fmt: skip
             self._send(ident, ok_reply(request_id, **fields))
-        elif op == "plan":  # metadata and at most a small sample: cheap enough for the I/O loop
-            self._send(ident, ok_reply(request_id, **service.plan(header, arrays, self.engine, request)))
+        elif op == "plan":
+            self._plan(ident, header, arrays, request)
         elif op == "cancel":
             target = header.get("target")
             if not isinstance(target, str):
@@ -363,6 +381,37 @@ class Server:
             except Exception:
                 self._streams.pop((ident, request_id), None)
                 raise
+
+    def _plan(
+        self, ident: bytes, header: dict[str, Any], arrays: list[Any], request: requests.Request | None
+    ) -> None:
+        """Answer a `plan`: on the I/O loop when no file can be read by reference (by value, the
+        metadata is in the request), else on a plan thread that waits for a reader process, so the I/O
+        loop never opens a file."""
+        if self.readers is None:
+            self._send(
+                ident, ok_reply(header.get("id"), **service.plan(header, arrays, self.engine, request))
+            )
+            return
+        with self._plans_lock:
+            if self._plans_waiting >= MAX_PLANS:
+                raise EarthDialError(ErrorCode.BUSY, f"{MAX_PLANS} plans are waiting for a reader; try again")
+            self._plans_waiting += 1
+        self._plans.submit(self._plan_job, ident, header, arrays, request)
+
+    def _plan_job(
+        self, ident: bytes, header: dict[str, Any], arrays: list[Any], request: requests.Request | None
+    ) -> None:
+        try:
+            with limits.running(self.stop_event.is_set, None):  # the reader's own timeout bounds it
+                reply = ok_reply(header.get("id"), **service.plan(header, arrays, self.engine, request))
+        except Exception as exc:
+            reply = _error(header, exc)
+        frames = [ident, *_encode_reply(reply)]
+        with self._plans_lock:
+            self._plans_waiting -= 1
+            if not self.stop_event.is_set():
+                self._plan_out.send_multipart(frames)
 
     def _on_monitor(self) -> None:
         while True:

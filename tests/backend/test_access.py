@@ -61,9 +61,11 @@ def _read(path: str) -> object:
 
 
 def test_reads_inside_the_allowed_directories(allowed: Path) -> None:
-    assert _read(str(allowed / "ok.tif")).width == 8
-    chip = _read(str(allowed / "link-in.tif"))  # a link that stays inside is fine
-    assert chip.source == str(allowed / "link-in.tif")  # named as the client named it
+    chip = _read(str(allowed / "ok.tif"))
+    assert chip.width == 8 and chip.source == str(allowed / "ok.tif")  # named as the client named it
+    with pytest.raises(EarthDialError) as err:  # no link is followed, even one that stays inside
+        _read(str(allowed / "link-in.tif"))
+    assert err.value.code == "forbidden_path"
 
 
 @pytest.mark.parametrize("how", ["outside", "symlink", "dotdot", "missing_outside", "vsi", "relative"])
