@@ -218,10 +218,12 @@ class DockScan(QtCore.QObject):
 
     def _layer_name(self) -> str:
         """Named as single-window results are (task, prompt, layer, time), marked as a scan: two scans of
-        one layer make two layers of different names."""
-        p = self.pending
-        return unique_layer_name(result_name(self.dock.tr("scan {task}").format(task=p["task"]), p["prompt"][:30],
-                                             p["names"], p["stamp"]))  # fmt: skip
+        one layer make two layers of different names. The time is to the second and the live layer is
+        renamed when the scan stops, so the name is one that no layer has with either mark either: a scan
+        resumed within the second of its stop would otherwise stop under the stopped layer's very name."""
+        p, tr = self.pending, self.dock.tr
+        return unique_layer_name(result_name(tr("scan {task}").format(task=p["task"]), p["prompt"][:30], p["names"],
+                                             p["stamp"]), marks=("", tr(" (scanning…)"), tr(" (stopped: unmerged)")))  # fmt: skip
 
     def _on_progress(self, value: float) -> None:
         self.progress.setValue(int(value))

@@ -7,14 +7,16 @@ that changed or is gone is a clear message, and nothing is lost."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from plugin_testing import wait_until
 from qgis.core import QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis import geopackage, resume, settings
+from earthdial_qgis import geopackage, resume, scan_task, settings
 from earthdial_qgis.protocol import ErrorCode
 
 
@@ -41,13 +43,24 @@ def _scan_to_the_end(dock: Any) -> None:
     assert dock.last_error is None, dock.answer_view.toPlainText()
 
 
+class _OneSecond(datetime):
+    """A clock whose every reading is one second: scans started within a second of each other (a stop
+    resumed at once, as a quick analyst or a fast machine does), which the layer names still tell apart."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> _OneSecond:
+        return cls(2026, 1, 1, 12, 0, 0)
+
+
 def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
     demo_backend,  # noqa: F811  (the fixtures imported above)
     big_mosaic,  # noqa: F811
     qgis_new_project,
     qgis_iface,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(scan_task, "datetime", _OneSecond)
     results = tmp_path / "results.gpkg"
     settings.set_value(settings.RESULTS_GPKG, str(results))
     try:
@@ -100,7 +113,9 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
         dock.cancel_button.click()
         wait_until(lambda: not dock.is_busy(), 60)
         again = dock.last_layer
-        assert again is not None and "stopped: unmerged" in again.name() and again.name() != name
+        assert again is not None and again is not stopped and again.name().endswith(" (stopped: unmerged)")
+        # a name of its own, though the scan and its resume began within the same second
+        assert again.name() != name and len(QgsProject.instance().mapLayersByName(again.name())) == 1
         more = len(resume.recorded(again)["tiles"])
         assert done < more < total and again.featureCount() >= first_boxes
         assert not QgsProject.instance().mapLayersByName(name)  # its role passed on
