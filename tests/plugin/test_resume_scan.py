@@ -176,3 +176,36 @@ def test_resume_of_a_changed_or_missing_layer_says_so_and_keeps_the_stopped_laye
     )
     assert QgsProject.instance().mapLayer(stopped.id()) is stopped and resume.recorded(stopped) is not None
     dock.shutdown()
+
+
+def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_backend_resumes() -> None:
+    """Events are cut by size, so a tile's boxes can come an event before its entry, and a cancel reads no
+    further event. A stop right between them keeps only the boxes of the tiles its record lists: a box of
+    a tile not listed makes the backend refuse the resume (`bad_request`), and the resume scans that tile
+    again anyway. Tile 2 finished with its box; tile 3's two boxes came, its entry never did."""
+    from earthdial_qgis import scanning
+
+    def box(tile: int, order: int) -> dict[str, Any]:
+        ring = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"tile": tile, "order": order, "edge_distance": 1.0, "score": 0.5, "label": "ship"}}  # fmt: skip
+
+    def entry(index: int) -> dict[str, Any]:
+        return {"index": index, "footprint": [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 0.0]], "request": f"r{index}"}  # fmt: skip
+
+    header = {"op": "detect", "task": "refer", "prompt": "ship", "options": {}}
+    task = scan_task.ScanTask(
+        "scan", "tcp://127.0.0.1:1", None, scanning.Scan(header), None, 1.0, lambda t: None
+    )
+    task.on_event({"event": "progress", "done": 1, "total": 9, "tiles": [entry(2)], "features": [box(2, 0)]})
+    task.on_event(
+        {"event": "progress", "done": 1, "total": 9, "tiles": [], "features": [box(3, 0), box(3, 1)]}
+    )
+    # what a stop now keeps (DockScan._done), sent back as a resume sends it
+    record = {"tiles": list(task.finished_tiles.values()), "features": task.found}
+    # the backend's rule for `earlier` (docs/protocol.md): every box is of one of the listed tiles
+    assert resume.skip(record) == [2]
+    assert [f["properties"]["tile"] for f in resume.earlier(record)["features"]] == [2]
+    # tile 3's entry, had it come, brings its boxes with it
+    task.on_event({"event": "progress", "done": 2, "total": 9, "tiles": [entry(3)], "features": []})
+    assert sorted(f["properties"]["tile"] for f in task.found) == [2, 3, 3]
