@@ -163,11 +163,12 @@ def result_name(task: str, prompt: str, layer: str, stamp: str) -> str:
     return f"{asked} – {layer} ({stamp})"
 
 
-def unique_layer_name(wanted: str, project: QgsProject | None = None) -> str:
-    """``wanted``, or ``wanted (2)``, ... : a name no layer of the project has."""
+def unique_layer_name(wanted: str, project: QgsProject | None = None, marks: tuple[str, ...] = ("",)) -> str:
+    """``wanted``, or ``wanted (2)``, ... : a name that no layer of the project has with any of ``marks``
+    appended (a layer renamed later, e.g. a scan's " (stopped: unmerged)", must not take a taken name then)."""
     taken = {lyr.name() for lyr in (project or QgsProject.instance()).mapLayers().values()}
     name, n = wanted, 2
-    while name in taken:
+    while any(name + mark in taken for mark in marks):
         name, n = f"{wanted} ({n})", n + 1
     return name
 

@@ -45,30 +45,33 @@ class ScanTask(QgsTask):
         # stop keeps for a resume. Written on the task's thread, read on the main one once it has ended.
         self.finished_tiles: dict[int, dict[str, Any]] = {}
         self.found: list[dict[str, Any]] = []
+        self._waiting: list[dict[str, Any]] = []  # boxes whose tile's entry has not come yet
         if earlier is not None:
             self.finished_tiles.update({int(t["index"]): t for t in earlier["tiles"]})
             self.found += earlier["features"]
 
+    def on_event(self, event: dict[str, Any]) -> None:
+        """One event of the scan (on the task's thread)."""
+        if event.get("event") == "plan":
+            self.total = int(event.get("total") or 0)
+        if event.get("event") == "progress":
+            self.done, self.total = int(event["done"]), int(event["total"])
+            self.setProgress(100.0 * event["done"] / max(event["total"], 1))
+            tiles = {int(t["index"]): t for t in event.get("tiles", [])}
+            self.finished_tiles.update(tiles)
+            # a tile's boxes may come an event before its entry (events are cut by size): they count as
+            # found, go on the map and into a stop's record with the entry, so every box shown has its
+            # answer and request, and a record's every box has its tile (a cancel reads no further event:
+            # boxes of a tile without its entry would make the record one the backend refuses to resume)
+            ready, self._waiting[:] = scanning.finished_boxes(
+                self._waiting + event.get("features", []), self.finished_tiles
+            )
+            self.found += ready
+            if ready or tiles:
+                self.boxes.emit((ready, tiles))
+
     def run(self) -> bool:
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("event") == "plan":
-                self.total = int(event.get("total") or 0)
-            if event.get("event") == "progress":
-                self.done, self.total = int(event["done"]), int(event["total"])
-                self.setProgress(100.0 * event["done"] / max(event["total"], 1))
-                tiles = {int(t["index"]): t for t in event.get("tiles", [])}
-                self.finished_tiles.update(tiles)
-                self.found += event.get("features", [])
-                # a tile's boxes may come an event before its entry (events are cut by size): they go on
-                # the map with the entry, so every box shown (and kept by a stop) has its answer and request
-                ready, waiting[:] = scanning.finished_boxes(
-                    waiting + event.get("features", []), self.finished_tiles
-                )
-                if ready or tiles:
-                    self.boxes.emit((ready, tiles))
-
-        waiting: list[dict[str, Any]] = []
-
+        on_event = self.on_event
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:
                 if self.layer is not None and self.scan.header["op"] == "detect":
@@ -218,10 +221,12 @@ class DockScan(QtCore.QObject):
 
     def _layer_name(self) -> str:
         """Named as single-window results are (task, prompt, layer, time), marked as a scan: two scans of
-        one layer make two layers of different names."""
-        p = self.pending
-        return unique_layer_name(result_name(self.dock.tr("scan {task}").format(task=p["task"]), p["prompt"][:30],
-                                             p["names"], p["stamp"]))  # fmt: skip
+        one layer make two layers of different names. The time is to the second and the live layer is
+        renamed when the scan stops, so the name is one that no layer has with either mark either: a scan
+        resumed within the second of its stop would otherwise stop under the stopped layer's very name."""
+        p, tr = self.pending, self.dock.tr
+        return unique_layer_name(result_name(tr("scan {task}").format(task=p["task"]), p["prompt"][:30], p["names"],
+                                             p["stamp"]), marks=("", tr(" (scanning…)"), tr(" (stopped: unmerged)")))  # fmt: skip
 
     def _on_progress(self, value: float) -> None:
         self.progress.setValue(int(value))

@@ -7,14 +7,16 @@ that changed or is gone is a clear message, and nothing is lost."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from plugin_testing import wait_until
 from qgis.core import QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis import geopackage, resume, settings
+from earthdial_qgis import geopackage, resume, scan_task, settings
 from earthdial_qgis.protocol import ErrorCode
 
 
@@ -41,13 +43,24 @@ def _scan_to_the_end(dock: Any) -> None:
     assert dock.last_error is None, dock.answer_view.toPlainText()
 
 
+class _OneSecond(datetime):
+    """A clock whose every reading is one second: scans started within a second of each other (a stop
+    resumed at once, as a quick analyst or a fast machine does), which the layer names still tell apart."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> _OneSecond:
+        return cls(2026, 1, 1, 12, 0, 0)
+
+
 def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
     demo_backend,  # noqa: F811  (the fixtures imported above)
     big_mosaic,  # noqa: F811
     qgis_new_project,
     qgis_iface,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(scan_task, "datetime", _OneSecond)
     results = tmp_path / "results.gpkg"
     settings.set_value(settings.RESULTS_GPKG, str(results))
     try:
@@ -100,7 +113,9 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
         dock.cancel_button.click()
         wait_until(lambda: not dock.is_busy(), 60)
         again = dock.last_layer
-        assert again is not None and "stopped: unmerged" in again.name() and again.name() != name
+        assert again is not None and again is not stopped and again.name().endswith(" (stopped: unmerged)")
+        # a name of its own, though the scan and its resume began within the same second
+        assert again.name() != name and len(QgsProject.instance().mapLayersByName(again.name())) == 1
         more = len(resume.recorded(again)["tiles"])
         assert done < more < total and again.featureCount() >= first_boxes
         assert not QgsProject.instance().mapLayersByName(name)  # its role passed on
@@ -161,3 +176,36 @@ def test_resume_of_a_changed_or_missing_layer_says_so_and_keeps_the_stopped_laye
     )
     assert QgsProject.instance().mapLayer(stopped.id()) is stopped and resume.recorded(stopped) is not None
     dock.shutdown()
+
+
+def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_backend_resumes() -> None:
+    """Events are cut by size, so a tile's boxes can come an event before its entry, and a cancel reads no
+    further event. A stop right between them keeps only the boxes of the tiles its record lists: a box of
+    a tile not listed makes the backend refuse the resume (`bad_request`), and the resume scans that tile
+    again anyway. Tile 2 finished with its box; tile 3's two boxes came, its entry never did."""
+    from earthdial_qgis import scanning
+
+    def box(tile: int, order: int) -> dict[str, Any]:
+        ring = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"tile": tile, "order": order, "edge_distance": 1.0, "score": 0.5, "label": "ship"}}  # fmt: skip
+
+    def entry(index: int) -> dict[str, Any]:
+        return {"index": index, "footprint": [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 0.0]], "request": f"r{index}"}  # fmt: skip
+
+    header = {"op": "detect", "task": "refer", "prompt": "ship", "options": {}}
+    task = scan_task.ScanTask(
+        "scan", "tcp://127.0.0.1:1", None, scanning.Scan(header), None, 1.0, lambda t: None
+    )
+    task.on_event({"event": "progress", "done": 1, "total": 9, "tiles": [entry(2)], "features": [box(2, 0)]})
+    task.on_event(
+        {"event": "progress", "done": 1, "total": 9, "tiles": [], "features": [box(3, 0), box(3, 1)]}
+    )
+    # what a stop now keeps (DockScan._done), sent back as a resume sends it
+    record = {"tiles": list(task.finished_tiles.values()), "features": task.found}
+    # the backend's rule for `earlier` (docs/protocol.md): every box is of one of the listed tiles
+    assert resume.skip(record) == [2]
+    assert [f["properties"]["tile"] for f in resume.earlier(record)["features"]] == [2]
+    # tile 3's entry, had it come, brings its boxes with it
+    task.on_event({"event": "progress", "done": 2, "total": 9, "tiles": [entry(3)], "features": []})
+    assert sorted(f["properties"]["tile"] for f in task.found) == [2, 3, 3]
