@@ -576,7 +576,8 @@ class Engine:
             )
         return list(scoring.answers(self, out, [q.max_new_tokens for q in queries]))  # Answer is a str
 
-    def _decode(self, ids: list[int]) -> str:
+    def text_of(self, ids: list[int]) -> str:
+        """The answer text of generated token ids: cut at the first stop token, grounding tags kept."""
         for i, tok in enumerate(ids):
             if tok in self.stop_ids:
                 ids = ids[:i]

@@ -125,6 +125,6 @@ class Journal:
 
 def _typed(exc: OSError, path: str, what: str) -> EarthDialError:
     """`disk_full`, `read_only`, ... as output files report them (output.py's classification)."""
-    from .output import _write_error
+    from .output import write_error
 
-    return _write_error(exc, path, f"{what} {path}")
+    return write_error(exc, path, f"{what} {path}")

@@ -145,7 +145,7 @@ def write_features(
         except EarthDialError:
             raise
         except Exception as exc:  # classified before the scratch folder (and its partial file) is gone
-            raise _write_error(exc, path, f"writing layer {name!r} to {path}") from exc
+            raise write_error(exc, path, f"writing layer {name!r} to {path}") from exc
 
 
 def check_target(path: str | os.PathLike[str], layer: str | None = None, overwrite: bool = False) -> None:
@@ -162,7 +162,7 @@ def check_target(path: str | os.PathLike[str], layer: str | None = None, overwri
         try:
             _layer_to_write(path, layer, layer or "earthdial", overwrite)
         except (OSError, sqlite3.Error) as exc:
-            raise _write_error(exc, path, f"reading {path}") from None
+            raise write_error(exc, path, f"reading {path}") from None
 
 
 def free_layer_name(path: str | os.PathLike[str], base: str) -> str:
@@ -176,7 +176,7 @@ def free_layer_name(path: str | os.PathLike[str], base: str) -> str:
     try:
         return _layer_to_write(path, None, base, False)
     except (OSError, sqlite3.Error) as exc:
-        raise _write_error(exc, path, f"reading {path}") from None
+        raise write_error(exc, path, f"reading {path}") from None
 
 
 def layer_name(task: str | None, prompt: str | None, sources: list[str], when: datetime | None = None) -> str:
@@ -214,7 +214,7 @@ def replace_file(
         except EarthDialError:
             raise
         except Exception as exc:
-            raise _write_error(exc, path, f"writing the {what} {path}") from exc
+            raise write_error(exc, path, f"writing the {what} {path}") from exc
     return path
 
 
@@ -296,7 +296,7 @@ def _scratch(directory: str) -> Iterator[str]:
         except FileNotFoundError:  # a concurrent writer's cleaner removed it before it was locked
             continue
         except OSError as exc:
-            raise _write_error(exc, directory, f"cannot write in {directory}") from None
+            raise write_error(exc, directory, f"cannot write in {directory}") from None
         if fd is None or _same_folder(scratch, fd):
             break
         os.close(fd)
@@ -497,7 +497,7 @@ def _open_geopackage(path: str, mode: str) -> sqlite3.Connection:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as exc:
-        raise _write_error(exc, path, f"cannot read {path}") from None
+        raise write_error(exc, path, f"cannot read {path}") from None
     if head != b"SQLite format 3\x00":
         raise EarthDialError(
             ErrorCode.FOREIGN_OUTPUT,
@@ -791,7 +791,7 @@ READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 SQLITE_READONLY, SQLITE_FULL = 8, 13
 
 
-def _write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
+def write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
     """A failed write as a typed error: ``disk_full``, ``read_only``, ``busy`` (a GeoPackage another
     program keeps locked) or ``internal``. GDAL's messages rarely name the cause, so the folder is
     looked at too: hardly any space left, or not writable."""

@@ -80,7 +80,7 @@ def answers(engine: Any, out: Any, limits: list[int]) -> list[Answer]:
         ids = ids[len(ids) - len(out.scores) :] if logprobs is not None else ids  # the new tokens only
         ids = ids[:limit]
         end = next((i for i, tok in enumerate(ids) if tok in engine.stop_ids), len(ids))
-        answer = Answer(engine._decode(ids))
+        answer = Answer(engine.text_of(ids))
         if logprobs is not None and end:
             answer.ids = tuple(ids[:end])
             answer.logprobs = tuple(logprobs[row][:end])

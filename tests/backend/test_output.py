@@ -667,9 +667,9 @@ def test_a_file_name_too_long_is_a_bad_request_not_internal(tmp_path) -> None:
     """Found by test_fuzz_output_paths_and_layer_names: ENAMETOOLONG was reported as `internal`."""
     import errno
 
-    from earthdial.output import _write_error
+    from earthdial.output import write_error
     from earthdial.protocol import ErrorCode
 
     long_name = str(tmp_path / ("x" * 300 + ".gpkg"))
-    error = _write_error(OSError(errno.ENAMETOOLONG, "File name too long"), long_name, "writing it")
+    error = write_error(OSError(errno.ENAMETOOLONG, "File name too long"), long_name, "writing it")
     assert error.code == ErrorCode.BAD_REQUEST and "shorter" in error.message
