@@ -6,7 +6,8 @@ name files: an ESRI PE citation (`PCSCitationGeoKey`, `ESRI PE String = ...`) is
 opens by its path: a FIFO there blocks the opening thread for good, past any check of the built CRS.
 Every citation and other free text of the GeoKeys lives in the first image's GeoAsciiParams tag
 (34737), so that tag is read here (header, first IFD, one tag value; bounded reads, by descriptor) and
-refused when it names a file. Numeric GeoKeys (EPSG codes, TOWGS84 values) name no file.
+refused when it names a file, or when it could be read otherwise than here: stored as numbers (libtiff
+turns SHORT or LONG values into characters) or twice (libtiff keeps the first entry). Numeric GeoKeys (EPSG codes, TOWGS84 values) name no file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ _NAMES_FILES = re.compile(
     r"\b(nadgrids|geoidgrids|grids|init|file|proj|pipeline)\s*=",
     re.I,
 )
-# field types: (size of one value, struct code)
+_TEXT_TYPES = {1, 2, 6, 7}  # BYTE, ASCII, SBYTE, UNDEFINED: one byte a character, read as is
 _SHORT_OR_LONG = {256, 257, 259, 278, 322}  # tags stored as SHORT, LONG or LONG8
+# field types: size of one value
 _TYPES = {
     1: 1,
     2: 1,
@@ -82,6 +84,11 @@ def first_ifd(fd: int, wanted: set[int]) -> dict[int, bytes]:
         tag, kind = struct.unpack(order + "HH", entry[:4])
         if tag not in wanted:
             continue
+        if tag in found:  # libtiff keeps the first entry of a tag: a second one could hide it
+            raise ValueError(f"its tag {tag} appears twice")
+        if tag == GEO_ASCII_PARAMS and kind not in _TEXT_TYPES:
+            # libtiff turns SHORT, LONG ... values into text, one a character: the raw bytes hide it
+            raise ValueError(f"its GeoAsciiParams tag is stored as TIFF type {kind}, not as text")
         inline = 8 if big else 4  # the value (or its offset) follows the count, both this wide
         (n,) = struct.unpack(order + offset_code, entry[4 : 4 + inline])
         size = n * _TYPES.get(kind, 1)

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -648,3 +649,103 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
     assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), (
         seen
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The GeoTIFF fuzz run (benchmarks/fuzz_geotiff.py, issue 24): each finding, scaled to one file
+# --------------------------------------------------------------------------------------------------
+
+_UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,298.257223563]'
+            '{extension}],PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]],'
+            'PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],PARAMETER["False_Northing",0.0],'
+            'PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],PARAMETER["Latitude_Of_Origin",0.0],'
+            'UNIT["Meter",1.0]]')  # fmt: skip
+
+
+def tiff_of_entries(path: Path, entries: list[tuple[int, int, list[int] | bytes]]) -> Path:
+    """A little-endian 8 x 8 uint8 GeoTIFF (scale and tie point) whose first directory holds `entries`
+    (tag, TIFF type, values) after the image's own, in the order given: duplicates and any type allowed."""
+    codes = {1: "B", 2: "B", 3: "H", 4: "I", 12: "d"}
+    image = [(256, 3, [8]), (257, 3, [8]), (258, 3, [8]), (259, 3, [1]), (262, 3, [1]), (273, 4, [0]),
+             (277, 3, [1]), (278, 3, [8]), (279, 4, [64]), (33550, 12, [10.0, 10.0, 0.0]),
+             (33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])]  # fmt: skip
+    listed = [*image, *entries]
+    data_at = 8 + 2 + 12 * len(listed) + 4
+    blobs, table = bytearray(bytes(64)), b""  # the pixels first, at data_at
+    for tag, kind, values in listed:
+        raw = (
+            bytes(values)
+            if isinstance(values, bytes)
+            else struct.pack(f"<{len(values)}{codes[kind]}", *values)
+        )
+        if tag == 273:
+            raw = struct.pack("<I", data_at)
+        count = len(raw) // struct.calcsize(codes[kind])
+        if len(raw) <= 4:
+            table += struct.pack("<HHI", tag, kind, count) + raw.ljust(4, b"\0")
+        else:
+            blobs += b"\0" * (len(blobs) % 2)
+            table += struct.pack("<HHII", tag, kind, count, data_at + len(blobs))
+            blobs += raw
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(listed)) + table + bytes(4) + bytes(blobs))
+    return path
+
+
+def _pe_citation_entries(grid: str | None, ascii_kind: int = 2) -> list[tuple[int, int, list[int] | bytes]]:
+    """A user-defined CRS that GDAL builds from the ESRI PE string in PCSCitationGeoKey (the form of
+    issue 24's finding 1), naming `grid` (or none), its GeoAsciiParams stored as `ascii_kind` (ASCII,
+    or one value a character)."""
+    extension = f',EXTENSION["PROJ4_GRIDS","{grid}"]' if grid else ""
+    text = ("ESRI PE String = " + _UTM_WKT.format(extension=extension) + "|").encode() + b"\0"
+    keys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+    return [(34735, 3, keys), (34737, ascii_kind, text if ascii_kind == 2 else list(text))]
+
+
+FUZZ_FINDINGS = {
+    # libtiff converts a SHORT or LONG GeoAsciiParams to text, one value a character; the check read
+    # its raw bytes ("E\0S\0R\0I\0...") and found no grid in them
+    "GeoAsciiParams as SHORT": lambda grid: _pe_citation_entries(grid, 3),
+    "GeoAsciiParams as LONG": lambda grid: _pe_citation_entries(grid, 4),
+    # libtiff keeps the first of two entries of a tag; the check kept the last
+    "GeoAsciiParams twice, the grid first": lambda grid: [*_pe_citation_entries(grid), (34737, 2, b"|\0")],
+}
+
+
+@pytest.mark.parametrize("finding", sorted(FUZZ_FINDINGS))
+def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_file(
+    tmp_path: Path, finding: str
+) -> None:
+    """Fuzz findings: GeoTIFFs whose CRS names a grid past the GeoKey text check; GDAL then built the
+    CRS and PROJ opened the grid (a FIFO froze the whole server: the open holds the GIL). Now refused
+    from the file's bytes: the grid file is never read."""
+    grid = tmp_path / "outside" / "grid.gsb"
+    grid.parent.mkdir()
+    grid.write_bytes(b"NUM_OREC" + bytes(200))
+    past = time.time() - 3600
+    os.utime(grid, (past, past))
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    tif = tiff_of_entries(inside / "x.tif", FUZZ_FINDINGS[finding](str(grid)))
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([inside])
+    try:
+        with pytest.raises(EarthDialError) as err:
+            service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+    finally:
+        access.set_allowed_dirs(previous)
+    assert err.value.code == ErrorCode.BAD_CRS, err.value
+    assert os.stat(grid).st_atime == past, "GDAL or PROJ read the grid"
+
+
+def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
+    """The stricter reading refuses only what hides text: a PE citation in ASCII (or BYTE) naming no
+    file, with one GeoAsciiParams entry, georeferences as before."""
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        for kind in (2, 1):
+            tif = tiff_of_entries(tmp_path / f"plain{kind}.tif", _pe_citation_entries(None, kind))
+            chip = service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+            assert chip.width == 8 and chip.crs not in ("", "EPSG:4326"), (kind, chip.crs)
+    finally:
+        access.set_allowed_dirs(previous)
