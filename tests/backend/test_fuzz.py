@@ -28,6 +28,7 @@ import shutil
 import struct
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -662,23 +663,34 @@ _UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,2
             'UNIT["Meter",1.0]]')  # fmt: skip
 
 
-def tiff_of_entries(path: Path, entries: list[tuple[int, int, list[int] | bytes]]) -> Path:
-    """A little-endian 8 x 8 uint8 GeoTIFF (scale and tie point) whose first directory holds `entries`
-    (tag, TIFF type, values) after the image's own, in the order given: duplicates and any type allowed."""
+def tiff_of_entries(
+    path: Path,
+    entries: list[tuple[int, int, list[int] | bytes]],
+    size: tuple[int, int] = (8, 8),
+    tile: int = 0,
+    samples: int = 1,
+) -> Path:
+    """A little-endian uint8 GeoTIFF of `size` (width, height) px, georeferenced by a scale and a tie
+    point, whose first directory holds `entries` (tag, TIFF type, values) after the image's own, in the
+    order given: duplicates and any type allowed. In one uncompressed strip, or (`tile`) in one DEFLATE
+    tile of tile x tile px (zeros); `samples` bands, pixel-interleaved."""
     codes = {1: "B", 2: "B", 3: "H", 4: "I", 12: "d"}
-    image = [(256, 3, [8]), (257, 3, [8]), (258, 3, [8]), (259, 3, [1]), (262, 3, [1]), (273, 4, [0]),
-             (277, 3, [1]), (278, 3, [8]), (279, 4, [64]), (33550, 12, [10.0, 10.0, 0.0]),
-             (33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])]  # fmt: skip
-    listed = [*image, *entries]
+    width, height = size
+    pixels = zlib.compress(bytes(tile * tile * samples)) if tile else bytes(width * height * samples)
+    blocks = ([(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])] if tile
+              else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])])  # fmt: skip
+    image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8]), (262, 3, [1]), (277, 3, [samples]), *blocks,
+             (33550, 12, [10.0, 10.0, 0.0]), (33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])]  # fmt: skip
+    listed: list[tuple[int, int, list[Any] | bytes]] = [*sorted(image), *entries]
     data_at = 8 + 2 + 12 * len(listed) + 4
-    blobs, table = bytearray(bytes(64)), b""  # the pixels first, at data_at
+    blobs, table = bytearray(pixels), b""  # the pixels first, at data_at
     for tag, kind, values in listed:
         raw = (
             bytes(values)
             if isinstance(values, bytes)
             else struct.pack(f"<{len(values)}{codes[kind]}", *values)
         )
-        if tag == 273:
+        if tag in (273, 324):
             raw = struct.pack("<I", data_at)
         count = len(raw) // struct.calcsize(codes[kind])
         if len(raw) <= 4:
@@ -749,3 +761,22 @@ def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
             assert chip.width == 8 and chip.crs not in ("", "EPSG:4326"), (kind, chip.crs)
     finally:
         access.set_allowed_dirs(previous)
+
+
+def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(tmp_path: Path) -> None:
+    """Fuzz finding: a 7 x 16 px GeoTIFF in one 32 768 x 32 768 px tile. The budget counted the tile
+    clipped to the image (112 px); GDAL decodes it whole (1 G px; 2 GiB as int16): `plan` held the I/O
+    loop for 2.5 s and the server grew by 2 GB. Scaled: a 4 096 px tile, a budget of 1 M px."""
+    from earthdial import imagery, limits
+
+    tif = tiff_of_entries(tmp_path / "tile.tif", [], size=(7, 16), tile=4096)
+    assert limits.blocks_cost((0, 0, 7, 16), (7, 16), (4096, 4096), 1) == 4096 * 4096
+    previous = limits.configure(limits.Limits(max_pixels=1_000_000))
+    try:
+        assert imagery.sample_band(str(tif)) is None  # 16 M px: over the sample's 4 M px, so no sample
+        with pytest.raises(EarthDialError) as err:
+            imagery.read_chip(str(tif))
+        assert err.value.code == ErrorCode.TOO_LARGE and "4096 x 4096" in err.value.message, err.value
+    finally:
+        limits.configure(previous)
+
