@@ -274,7 +274,8 @@ def check_file(path: str) -> None:
         _check_regular(path, now)
         if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
             raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path} was replaced while it was checked")
-        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
+        # GDAL reads every directory and makes every band as it opens the file
+        too_many = geokeys.ifd_count_refusal(fd) or geokeys.samples_refusal(fd)
         why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first
     finally:
         os.close(fd)

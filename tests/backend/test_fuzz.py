@@ -780,3 +780,23 @@ def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(tmp_path:
     finally:
         limits.configure(previous)
 
+
+def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tmp_path: Path) -> None:
+    """Fuzz finding: a 96 x 64 px GeoTIFF claiming 65 535 samples a pixel. GDAL and rasterio make an
+    object for every band as they open it (1.3 s here), and `plan` opens the file 4 times: it held the I/O
+    loop for 2.5 s; the `ask` decoded 3 GB (every band of a pixel-interleaved block). Now refused from the
+    file's bytes; a file of a hyperspectral sensor's few hundred bands still opens."""
+    from earthdial import geokeys
+
+    many = tiff_of_entries(tmp_path / "many.tif", [], size=(1, 1), samples=65_535)
+    hyper = tiff_of_entries(tmp_path / "hyper.tif", [], size=(2, 2), samples=geokeys.MAX_SAMPLES)
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        with pytest.raises(EarthDialError) as err:
+            service.resolve_source({"kind": "ref", "path": str(many)}, [])
+        assert err.value.code == ErrorCode.NOT_A_RASTER and "65535 bands" in err.value.message, err.value
+        chip = service.resolve_source({"kind": "ref", "path": str(hyper)}, [])
+        assert chip.band_indexes == [1, 2, 3]
+    finally:
+        access.set_allowed_dirs(previous)
