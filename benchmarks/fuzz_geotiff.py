@@ -319,12 +319,11 @@ def mutate(rng: random.Random, tiff: Tiff, ctx: Context, kinds: list[str]) -> by
         """A user-defined CRS whose citation GDAL imports (an ESRI PE string, or the text as is)."""
         cite = rng.choice(["ESRI PE String = ", "ESRI PE String = ", "", "PCS Name = "]) + text + "|"
         where = rng.choice([3073, 2049, 1026])
-        model = 1 if where == 3073 else rng.choice([1, 2])
+        # a user-defined model type with the citation alone (what ArcGIS writes), or a user-defined CRS
+        model = rng.choice([32767, 32767, 1 if where == 3073 else rng.choice([1, 2])])
         keys = [(1024, 0, 1, model), (1025, 0, 1, 1)]
-        if where == 3073:
-            keys.append((3072, 0, 1, 32767))
-        else:
-            keys.append((2048, 0, 1, 32767))
+        if model != 32767:
+            keys.append((3072 if where == 3073 else 2048, 0, 1, 32767))
         keys.append((where, 34737, len(cite), 0))
         geokeys(sorted(keys))
         text_bytes = list(_ascii(cite))
