@@ -800,3 +800,25 @@ def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tm
         assert chip.band_indexes == [1, 2, 3]
     finally:
         access.set_allowed_dirs(previous)
+
+
+def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
+    """Fuzz finding: `plan` of a GeoTIFF whose CRS is an ESRI PE string (a UTM zone without its EPSG code,
+    as ArcGIS writes it) held the I/O loop for 1.1 s on two busy cores: PROJ compared the CRS against
+    its database twice (0.3 to 0.6 s each). Each definition is identified once now; a second `plan` of
+    the file does no identification."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "pe.tif", _pe_citation_entries(None))
+    header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        first = service.plan(header, [], None)
+        identified = imagery._epsg_code.cache_info().misses
+        second = service.plan(header, [], None)
+        assert imagery._epsg_code.cache_info().misses == identified
+        assert imagery.describe(str(tif)).crs.startswith("PROJCS")  # no EPSG code: its own definition
+    finally:
+        access.set_allowed_dirs(previous)
+    assert first == second
