@@ -545,6 +545,7 @@ def _write(path: Path, profile: dict[str, Any], data: np.ndarray, overviews: boo
 def make_file(seed: int, index: int, path: Path, ctx: Context) -> tuple[list[str], dict[str, Any]]:
     """File `index` of run `seed` at `path`; returns its mutation kinds and the ask's window."""
     rng = random.Random(f"{seed}:{index}")
+    path.unlink(missing_ok=True)  # else rasterio opens the file there (a mutated one) to delete it
     window = base_geotiff(rng, path)
     data = path.read_bytes()
     kinds = rng.sample(MUTATIONS, rng.choice([0, 1, 1, 2, 2, 3, 4]))
@@ -647,14 +648,13 @@ class Probe:
         self.paused = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
 
     def _run(self) -> None:
         from earthdial.client import Client
 
         client = None
         while not self._stop.is_set():
-            if fifo_opened(self.fifo):  # a reader blocked on it gets its end of file now
-                self.fifo_opens.append(self.current)
             if self.paused.is_set() or not self.endpoint:
                 if client is not None:
                     client.close()
@@ -678,12 +678,19 @@ class Probe:
                     self.slow.append((self.current, latency))
             self._stop.wait(STATUS_EVERY_S)
 
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            if fifo_opened(self.fifo):  # a reader blocked on it gets its end of file now
+                self.fifo_opens.append(self.current)
+
     def start(self) -> None:
         self._thread.start()
+        self._watcher.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._watcher.join(10)
 
 
 def fifo_opened(fifo: str) -> bool:
