@@ -663,24 +663,39 @@ _UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,2
             'UNIT["Meter",1.0]]')  # fmt: skip
 
 
+@pytest.fixture()
+def allow_tmp(tmp_path: Path):
+    """Reads restricted to the test's own folder (as a server started with --allow-dir there)."""
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    yield
+    access.set_allowed_dirs(previous)
+
+
 def tiff_of_entries(
     path: Path,
     entries: list[tuple[int, int, list[int] | bytes]],
     size: tuple[int, int] = (8, 8),
     tile: int = 0,
     samples: int = 1,
+    scale: tuple[float, float] = (10.0, 10.0),
+    origin: tuple[float, float] = (500_000.0, 4_000_000.0),
+    sample_format: tuple[int, int] = (1, 8),
 ) -> Path:
     """A little-endian uint8 GeoTIFF of `size` (width, height) px, georeferenced by a scale and a tie
     point, whose first directory holds `entries` (tag, TIFF type, values) after the image's own, in the
     order given: duplicates and any type allowed. In one uncompressed strip, or (`tile`) in one DEFLATE
-    tile of tile x tile px (zeros); `samples` bands, pixel-interleaved."""
+    tile of tile x tile px (zeros); `samples` bands, pixel-interleaved; pixel `scale` and the top left
+    corner's coordinates (`origin`) as written; `sample_format` the SampleFormat and BitsPerSample."""
     codes = {1: "B", 2: "B", 3: "H", 4: "I", 12: "d"}
     width, height = size
-    pixels = zlib.compress(bytes(tile * tile * samples)) if tile else bytes(width * height * samples)
+    fmt, bits = sample_format
+    size = (tile * tile if tile else width * height) * samples * bits // 8
+    pixels = zlib.compress(bytes(size)) if tile else bytes(size)
     blocks = ([(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])] if tile
               else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])])  # fmt: skip
-    image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8]), (262, 3, [1]), (277, 3, [samples]), *blocks,
-             (33550, 12, [10.0, 10.0, 0.0]), (33922, 12, [0.0, 0.0, 0.0, 500_000.0, 4_000_000.0, 0.0])]  # fmt: skip
+    image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (262, 3, [1]), (277, 3, [samples]), *blocks,
+             (339, 3, [fmt]), (33550, 12, [*scale, 0.0]), (33922, 12, [0.0, 0.0, 0.0, *origin, 0.0])]  # fmt: skip
     listed: list[tuple[int, int, list[Any] | bytes]] = [*sorted(image), *entries]
     data_at = 8 + 2 + 12 * len(listed) + 4
     blobs, table = bytearray(pixels), b""  # the pixels first, at data_at
@@ -763,7 +778,9 @@ def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
         access.set_allowed_dirs(previous)
 
 
-def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(tmp_path: Path) -> None:
+def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(
+    tmp_path: Path, allow_tmp: None
+) -> None:
     """Fuzz finding: a 7 x 16 px GeoTIFF in one 32 768 x 32 768 px tile. The budget counted the tile
     clipped to the image (112 px); GDAL decodes it whole (1 G px; 2 GiB as int16): `plan` held the I/O
     loop for 2.5 s and the server grew by 2 GB. Scaled: a 4 096 px tile, a budget of 1 M px."""
@@ -822,3 +839,79 @@ def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
     finally:
         access.set_allowed_dirs(previous)
     assert first == second
+
+
+def test_a_geotransform_whose_inverse_is_not_finite_is_not_a_raster(tmp_path: Path) -> None:
+    """Fuzz finding: a pixel height of 1e-300 under a top edge at 1e308. The transform and its corners
+    are finite, its inverse's offset is not (1e308 / 1e-300): a `plan` with bounds got `internal`
+    (OverflowError snapping an infinite row)."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "t.tif", [], scale=(1.0, 1e-300), origin=(0.0, 1e308))
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        for bounds in (None, (0.0, 0.0, 10.0, 10.0)):
+            with pytest.raises(EarthDialError) as err:
+                imagery.read_chip(str(tif), bounds=bounds)
+            assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
+    finally:
+        access.set_allowed_dirs(previous)
+
+
+def test_bounds_that_overflow_pixel_space_are_outside(tmp_path: Path, allow_tmp: None) -> None:
+    """Bounds far out under a fine pixel (1e-200 m): their pixel columns overflow to infinity. A typed
+    `bounds_outside`, as for any bounds off the raster, not `internal`."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "fine.tif", [], scale=(1e-200, 1.0), origin=(0.0, 4_000_000.0))
+    with pytest.raises(EarthDialError) as err:
+        imagery.read_chip(str(tif), bounds=(1e110, 3_999_990.0, 2e110, 4_000_000.0))
+    assert err.value.code == ErrorCode.BOUNDS_OUTSIDE, err.value
+    chip = imagery.read_chip(str(tif), bounds=(0.0, 3_999_995.0, 3e-200, 4_000_000.0))
+    assert (chip.width, chip.height) == (3, 5)
+
+
+def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding: a 33 x 16 px GeoTIFF with overviews in 32 768 px tiles. `plan` took its overviews
+    for the sample's read, but a raster smaller than the sample is read at full resolution: the tile was
+    decoded whole (1 G px, 1 GB, 1.1 s on the I/O loop). Scaled: 4 096 px tiles, over the sample's 4 M px."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from earthdial import imagery
+
+    tif = tmp_path / "ov.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
+                       blockxsize=4096, blockysize=4096, compress="deflate", crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+        dst.write(np.ones((1, 16, 33), np.uint8))
+        dst.build_overviews([2, 4])
+    assert imagery.sample_band(str(tif)) is None
+    small = tmp_path / "small.tif"  # the same with 16 px tiles: sampled
+    with rasterio.open(small, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
+                       blockxsize=16, blockysize=16, crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+        dst.write(np.ones((1, 16, 33), np.uint8))
+        dst.build_overviews([2, 4])
+    sample = imagery.sample_band(str(small))
+    assert sample is not None and sample.shape == (16, 33)
+
+
+def test_complex_samples_are_not_a_raster(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding: a GeoTIFF of complex 16-bit integers (SampleFormat 5, as SAR SLC products store
+    them): numpy has no such type, and `plan` and `ask` got `internal`. The model reads real values."""
+    from earthdial import imagery
+
+    for fmt in ((5, 32), (6, 64)):  # complex int16 pairs, complex float32 pairs
+        tif = tiff_of_entries(tmp_path / f"c{fmt[0]}.tif", [], sample_format=fmt)
+        with pytest.raises(EarthDialError) as err:
+            service.plan(
+                {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}},
+                [],
+                None,
+            )
+        assert err.value.code == ErrorCode.NOT_A_RASTER and "complex" in err.value.message, err.value
+        with pytest.raises(EarthDialError) as err:
+            imagery.read_chip(str(tif))
+        assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
