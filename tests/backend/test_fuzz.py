@@ -682,7 +682,7 @@ def tiff_of_entries(
     origin: tuple[float, float] = (500_000.0, 4_000_000.0),
     sample_format: tuple[int, int] = (1, 8),
 ) -> Path:
-    """A little-endian uint8 GeoTIFF of `size` (width, height) px, georeferenced by a scale and a tie
+    """A little-endian GeoTIFF (uint8 unless `sample_format` says else) of `size` (width, height) px, georeferenced by a scale and a tie
     point, whose first directory holds `entries` (tag, TIFF type, values) after the image's own, in the
     order given: duplicates and any type allowed. In one uncompressed strip, or (`tile`) in one DEFLATE
     tile of tile x tile px (zeros); `samples` bands, pixel-interleaved; pixel `scale` and the top left
@@ -690,8 +690,8 @@ def tiff_of_entries(
     codes = {1: "B", 2: "B", 3: "H", 4: "I", 12: "d"}
     width, height = size
     fmt, bits = sample_format
-    size = (tile * tile if tile else width * height) * samples * bits // 8
-    pixels = zlib.compress(bytes(size)) if tile else bytes(size)
+    nbytes = (tile * tile if tile else width * height) * samples * bits // 8
+    pixels = zlib.compress(bytes(nbytes)) if tile else bytes(nbytes)
     blocks = ([(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])] if tile
               else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])])  # fmt: skip
     image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (262, 3, [1]), (277, 3, [samples]), *blocks,
