@@ -197,6 +197,13 @@ def open_raster(path: str) -> Iterator[Any]:
             raise EarthDialError(
                 ErrorCode.NOT_A_RASTER, f"{path} cannot be opened as a raster{formats}: {exc}"
             ) from None
+        except (
+            UnicodeDecodeError
+        ):  # rasterio decodes the CRS's WKT as it opens; a citation's bytes pass into it
+            raise EarthDialError(
+                ErrorCode.BAD_CRS,
+                f"the CRS of {path} holds text that is not UTF-8 (in its GeoKeys' citation)",
+            ) from None
         with src:
             check_geotransform(src.transform, src.width, src.height, path)
             if any(dtype.startswith("complex") for dtype in src.dtypes):  # numpy has no complex_int16 either

@@ -915,3 +915,20 @@ def test_complex_samples_are_not_a_raster(tmp_path: Path, allow_tmp: None) -> No
         with pytest.raises(EarthDialError) as err:
             imagery.read_chip(str(tif))
         assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
+
+
+def test_a_crs_text_that_is_not_utf8_is_bad_crs(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding (seed 1): a PE citation with a 0xff byte in its CRS's name. GDAL passes the bytes on
+    in the CRS's WKT, rasterio decodes it as UTF-8 while it opens the file: `plan` and `ask` got
+    `internal` (UnicodeDecodeError)."""
+    from earthdial import imagery
+
+    wkt = _UTM_WKT.format(extension="").encode().replace(b'"UTM"', b'"UTM\xff"')
+    text = b"ESRI PE String = " + wkt + b"|\0"
+    keys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+    tif = tiff_of_entries(tmp_path / "latin.tif", [(34735, 3, keys), (34737, 2, text)])
+    header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
+    for attempt in (lambda: service.plan(header, [], None), lambda: imagery.read_chip(str(tif))):
+        with pytest.raises(EarthDialError) as err:
+            attempt()
+        assert err.value.code == ErrorCode.BAD_CRS and "UTF-8" in err.value.message, err.value
