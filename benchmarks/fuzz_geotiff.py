@@ -25,6 +25,7 @@ kept in OUT/failures/ (named by its index) and the server is restarted for the n
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -765,8 +766,9 @@ def main() -> int:
     if args.make_only:
         for i in indexes:
             make_file(args.seed, i, folder / f"{i:05d}.tif", ctx)
-        print(f"wrote {len(indexes)} files to {folder}")
+        print(f"wrote {len(indexes)} files to {folder}; the grids their CRSs name are in {gridroot}")
         return 0
+    atexit.register(shutil.rmtree, gridroot, True)  # also when the run stops on an error
 
     from earthdial.client import Client
 
@@ -842,7 +844,6 @@ def main() -> int:
     client.close()
     server.stop()
     records.close()
-    shutil.rmtree(gridroot, ignore_errors=True)
     flag_counts = Counter(f.split("(")[0] for r in failed for f in r["flags"])
     summary = {
         "files": len(indexes),
