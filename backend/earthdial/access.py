@@ -295,7 +295,8 @@ def open_file(path: str) -> int:
         _check_regular(path, os.fstat(fd))  # what was opened, whatever the name holds now
         if os.environ.get(SKIP_PRECHECKS) == "1":
             return fd
-        too_many = geokeys.ifd_count_refusal(fd)  # GDAL reads every directory as it opens the file
+        # GDAL reads every directory and makes every band as it opens the file
+        too_many = geokeys.ifd_count_refusal(fd) or geokeys.samples_refusal(fd)
         if too_many is not None:
             raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is refused: {too_many}")
         why = geokeys.refusal(fd)  # GDAL builds a GeoTIFF's CRS as it opens it: check its text first

@@ -6,7 +6,8 @@ name files: an ESRI PE citation (`PCSCitationGeoKey`, `ESRI PE String = ...`) is
 opens by its path: a FIFO there blocks the opening thread for good, past any check of the built CRS.
 Every citation and other free text of the GeoKeys lives in the first image's GeoAsciiParams tag
 (34737), so that tag is read here (header, first IFD, one tag value; bounded reads, by descriptor) and
-refused when it names a file. Numeric GeoKeys (EPSG codes, TOWGS84 values) name no file.
+refused when it names a file, or when it could be read otherwise than here: stored as numbers (libtiff
+turns SHORT or LONG values into characters) or twice (libtiff keeps the first entry). Numeric GeoKeys (EPSG codes, TOWGS84 values) name no file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ _NAMES_FILES = re.compile(
     r"\b(nadgrids|geoidgrids|grids|init|file|proj|pipeline)\s*=",
     re.I,
 )
-# field types: (size of one value, struct code)
-_SHORT_OR_LONG = {256, 257, 259, 278, 322}  # tags stored as SHORT, LONG or LONG8
+_TEXT_TYPES = {1, 2, 6, 7}  # BYTE, ASCII, SBYTE, UNDEFINED: one byte a character, read as is
+_SHORT_OR_LONG = {256, 257, 259, 277, 278, 322}  # tags stored as SHORT, LONG or LONG8
+# field types: size of one value
 _TYPES = {
     1: 1,
     2: 1,
@@ -82,6 +84,11 @@ def first_ifd(fd: int, wanted: set[int]) -> dict[int, bytes]:
         tag, kind = struct.unpack(order + "HH", entry[:4])
         if tag not in wanted:
             continue
+        if tag in found:  # libtiff keeps the first entry of a tag: a second one could hide it
+            raise ValueError(f"its tag {tag} appears twice")
+        if tag == GEO_ASCII_PARAMS and kind not in _TEXT_TYPES:
+            # libtiff turns SHORT, LONG ... values into text, one a character: the raw bytes hide it
+            raise ValueError(f"its GeoAsciiParams tag is stored as TIFF type {kind}, not as text")
         inline = 8 if big else 4  # the value (or its offset) follows the count, both this wide
         (n,) = struct.unpack(order + offset_code, entry[4 : 4 + inline])
         size = n * _TYPES.get(kind, 1)
@@ -104,6 +111,17 @@ def geo_ascii_params(fd: int) -> str | None:
     return None if data is None else data.decode("latin-1")
 
 
+def _first_value(tags: dict[int, bytes], tag: int, default: int) -> int:
+    """The first value of a SHORT, LONG or LONG8 tag read by first_ifd (its type prefixed)."""
+    raw = tags.get(tag)
+    if raw is None or len(raw) < 4:
+        return default
+    kind, data = int.from_bytes(raw[:2], "little"), raw[2:]
+    code = "H" if kind == 3 else "Q" if kind == 16 else "I"
+    size = struct.calcsize(code)
+    return int(struct.unpack(tags[-1].decode() + code, data[:size])[0]) if len(data) >= size else default
+
+
 def stored_block(fd: int) -> tuple[int, int] | None:
     """The (rows, cols) GDAL decodes at least for any pixel of the first image of the TIFF at `fd`, where
     GDAL reports less: a compressed strip of many rows (GDAL shows 1-row blocks for one strip, yet
@@ -113,21 +131,10 @@ def stored_block(fd: int) -> tuple[int, int] | None:
         tags = first_ifd(fd, {256, 257, 259, 278, 322})
     except (NotTiff, ValueError, struct.error, OverflowError, OSError):
         return None
-    order = tags[-1].decode()
-
-    def first(tag: int, default: int) -> int:
-        raw = tags.get(tag)
-        if raw is None or len(raw) < 4:
-            return default
-        kind, data = int.from_bytes(raw[:2], "little"), raw[2:]
-        code = "H" if kind == 3 else "Q" if kind == 16 else "I"
-        size = struct.calcsize(code)
-        return int(struct.unpack(order + code, data[:size])[0]) if len(data) >= size else default
-
-    width, height = first(256, 0), first(257, 0)
-    if width <= 0 or height <= 0 or 322 in tags or first(259, 1) == 1:
+    width, height = _first_value(tags, 256, 0), _first_value(tags, 257, 0)
+    if width <= 0 or height <= 0 or 322 in tags or _first_value(tags, 259, 1) == 1:
         return None
-    return min(height, max(1, first(278, height))), width
+    return min(height, max(1, _first_value(tags, 278, height))), width
 
 
 MAX_IFDS = 4096  # images in one TIFF: a COG has its overviews and masks, some dozens; GDAL lists all at open
@@ -170,6 +177,21 @@ def _walk_ifds(fd: int, ifd: int, big: bool, order: str) -> str | None:
             return None
         (ifd,) = struct.unpack(order + next_code, raw)
     return None
+
+
+MAX_SAMPLES = 1024  # bands of one image: hyperspectral sensors have some hundreds
+
+
+def samples_refusal(fd: int) -> str | None:
+    """Why a TIFF has too many bands for GDAL to open, or None. GDAL and rasterio make an object for
+    every band as they open the file, holding the GIL (65 535 took 1.3 s an open, and `plan` opens a
+    file 4 times); the first image's SamplesPerPixel is read from its bytes."""
+    try:
+        tags = first_ifd(fd, {277})
+    except (NotTiff, ValueError, struct.error, OverflowError, OSError):
+        return None  # no TIFF, or one refused or left to GDAL by the other checks
+    samples = _first_value(tags, 277, 1)
+    return f"it holds {samples} bands (at most {MAX_SAMPLES})" if samples > MAX_SAMPLES else None
 
 
 def refusal(fd: int) -> str | None:

@@ -47,6 +47,7 @@ __all__ = [
 
 EDGE_POINTS = 21  # points per edge of the bounds rectangle when it is reprojected
 MIN_GSD, MAX_GSD = 0.01, 1e6  # metres per pixel a window may be read at
+FAR_PIXELS = 2.0**62  # a pixel coordinate beyond any raster: where bounds far out under a fine pixel land
 # A server's reader processes (readers.ReaderPool): when set, the functions below that open a file run
 # in one of them. None in the readers themselves and in the in-process CLI.
 _readers: Any = None
@@ -225,8 +226,18 @@ def _opened(path: str, fd: int | None) -> Iterator[Any]:
             ErrorCode.NOT_A_RASTER,
             f"{path} cannot be opened as a raster{formats}: {str(exc).replace(name, path)}",
         ) from None
+    except UnicodeDecodeError:  # rasterio decodes the CRS's WKT as it opens; a citation's bytes pass into it
+        raise EarthDialError(
+            ErrorCode.BAD_CRS, f"the CRS of {path} holds text that is not UTF-8 (in its GeoKeys' citation)"
+        ) from None
     with src:
         check_geotransform(src.transform, src.width, src.height, path)
+        if any(dtype.startswith("complex") for dtype in src.dtypes):  # numpy has no complex_int16 either
+            raise EarthDialError(
+                ErrorCode.NOT_A_RASTER,
+                f"{path} holds complex samples ({src.dtypes[0]}); the model reads real values: convert "
+                "it to intensity or amplitude first",
+            )
         if src.crs is not None:
             try:
                 why = _crs_values_refusal(src.crs)
@@ -243,13 +254,22 @@ def _opened(path: str, fd: int | None) -> Iterator[Any]:
 
 def check_geotransform(transform: Affine, width: int, height: int, path: str) -> None:
     """`not_a_raster` for a raster whose geotransform cannot place its pixels: a NaN or infinite term,
-    a singular (not invertible) one, or corners beyond finite coordinates (scales like 1e308)."""
+    a singular (not invertible) one, corners beyond finite coordinates (scales like 1e308), or an inverse
+    that is not finite (no coordinate could be found in pixel space)."""
     a, b, c, d, e, f = transform[:6]
     corners = [(a * x + b * y + c, d * x + e * y + f) for x in (0, width) for y in (0, height)]
     det = a * e - b * d
     ok = all(math.isfinite(v) for v in (a, b, c, d, e, f, det)) and det != 0
     if ok:
-        inverse = (e / det, -b / det, -a / det, a / det)  # the linear part of ~transform
+        ia, ib, id_, ie = e / det, -b / det, -d / det, a / det  # the linear part of ~transform
+        inverse = (
+            ia,
+            ib,
+            id_,
+            ie,
+            -(ia * c + ib * f),
+            -(id_ * c + ie * f),
+        )  # and its offset (1e308 / 1e-300)
         ok = all(math.isfinite(v) for xy in corners for v in xy) and all(math.isfinite(v) for v in inverse)
     if not ok:
         raise EarthDialError(
@@ -345,13 +365,16 @@ def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
         else:
             w, h = min(width, 1024), min(height, 1024)
             window = rasterio.windows.Window((width - w) // 2, (height - h) // 2, w, h)
-        if not src.overviews(index[0]):
+        scale = max(1.0, max(window.width, window.height) / size)
+        overviews = src.overviews(index[0])
+        if not overviews or scale < min(
+            overviews
+        ):  # read at full resolution (a raster under the sample's size)
             bands = src.count if src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL" else 1
             touched = limits.blocks_cost((int(window.col_off), int(window.row_off), int(window.width),
                                           int(window.height)), (width, height), block, bands, sequential)  # fmt: skip
             if touched > SAMPLE_PIXELS:
                 return None
-        scale = max(1.0, max(window.width, window.height) / size)
         shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
         try:
             return src.read(index[0], window=window, out_shape=shape, resampling=Resampling.nearest)
@@ -718,9 +741,21 @@ def _crs_values_refusal(crs: CRS) -> str | None:
 def crs_string(crs: CRS | None) -> str:
     if crs is None:
         return ""
-    # Only an exact match gets a code: a close but different CRS keeps its own definition.
-    epsg = crs.to_epsg(confidence_threshold=100)
-    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+    wkt = crs.to_wkt()
+    try:
+        epsg = _epsg_code(wkt)
+    except CRSError:  # a definition that does not read back: identify the object itself
+        epsg = crs.to_epsg(confidence_threshold=100)
+    return f"EPSG:{epsg}" if epsg else wkt
+
+
+@functools.lru_cache(maxsize=256)
+def _epsg_code(wkt: str) -> int | None:
+    """The EPSG code of a CRS definition, when one matches it exactly (a close but different CRS keeps
+    its own definition). Remembered: PROJ compares a CRS without a code against its whole database (an
+    ArcGIS PE string's UTM took 0.3 to 0.6 s), and `plan`, answered on the I/O loop, asks twice."""
+    code = CRS.from_wkt(wkt).to_epsg(confidence_threshold=100)
+    return None if code is None else int(code)
 
 
 def window_for(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
@@ -745,8 +780,10 @@ def window_for(src, bounds, bounds_crs, path) -> rasterio.windows.Window:
     cols, rows = [], []
     for x, y in zip(xs, ys, strict=True):
         if math.isfinite(x) and math.isfinite(y):  # points outside a projection's domain come back inf
-            cols.append(a * x + b * y + c)
-            rows.append(d * x + e * y + f)
+            col, row = a * x + b * y + c, d * x + e * y + f
+            if not (math.isnan(col) or math.isnan(row)):  # far bounds under a fine pixel overflow: clamped,
+                cols.append(min(max(col, -FAR_PIXELS), FAR_PIXELS))  # the window is clipped to the raster
+                rows.append(min(max(row, -FAR_PIXELS), FAR_PIXELS))
     if cols:
         col0, col1 = max(_floor(min(cols)), 0), min(_ceil(max(cols)), src.width)
         row0, row1 = max(_floor(min(rows)), 0), min(_ceil(max(rows)), src.height)

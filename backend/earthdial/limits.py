@@ -191,7 +191,9 @@ def blocks_cost(window: tuple[int, int, int, int], size: tuple[int, int], block:
     bh, bw = max(1, block[0]), max(1, block[1])
     across = (col + max(w, 1) - 1) // bw - col // bw + 1
     down = (row + max(h, 1) - 1) // bh - row // bh + 1
-    return min(across * bw, width) * min(down * bh, height) * bands
+    # not clipped to the raster: a tile is decoded whole even where it reaches past the image's edge (a
+    # 7 x 16 px image in one 32 768 px tile decodes 1 G px); strips are reported no taller than the image
+    return across * bw * down * bh * bands
 
 
 def plan_read(

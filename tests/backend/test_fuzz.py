@@ -25,8 +25,10 @@ import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -648,3 +650,285 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
     assert seen.get("written") and seen.get(ErrorCode.FOREIGN_OUTPUT) and seen.get(ErrorCode.BAD_REQUEST), (
         seen
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The GeoTIFF fuzz run (benchmarks/fuzz_geotiff.py, issue 24): each finding, scaled to one file
+# --------------------------------------------------------------------------------------------------
+
+_UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,298.257223563]'
+            '{extension}],PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]],'
+            'PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],PARAMETER["False_Northing",0.0],'
+            'PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],PARAMETER["Latitude_Of_Origin",0.0],'
+            'UNIT["Meter",1.0]]')  # fmt: skip
+
+
+@pytest.fixture()
+def allow_tmp(tmp_path: Path):
+    """Reads restricted to the test's own folder (as a server started with --allow-dir there)."""
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    yield
+    access.set_allowed_dirs(previous)
+
+
+def tiff_of_entries(
+    path: Path,
+    entries: list[tuple[int, int, list[int] | bytes]],
+    size: tuple[int, int] = (8, 8),
+    tile: int = 0,
+    samples: int = 1,
+    scale: tuple[float, float] = (10.0, 10.0),
+    origin: tuple[float, float] = (500_000.0, 4_000_000.0),
+    sample_format: tuple[int, int] = (1, 8),
+) -> Path:
+    """A little-endian GeoTIFF (uint8 unless `sample_format` says else) of `size` (width, height) px, georeferenced by a scale and a tie
+    point, whose first directory holds `entries` (tag, TIFF type, values) after the image's own, in the
+    order given: duplicates and any type allowed. In one uncompressed strip, or (`tile`) in one DEFLATE
+    tile of tile x tile px (zeros); `samples` bands, pixel-interleaved; pixel `scale` and the top left
+    corner's coordinates (`origin`) as written; `sample_format` the SampleFormat and BitsPerSample."""
+    codes = {1: "B", 2: "B", 3: "H", 4: "I", 12: "d"}
+    width, height = size
+    fmt, bits = sample_format
+    nbytes = (tile * tile if tile else width * height) * samples * bits // 8
+    pixels = zlib.compress(bytes(nbytes)) if tile else bytes(nbytes)
+    blocks = ([(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])] if tile
+              else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])])  # fmt: skip
+    image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (262, 3, [1]), (277, 3, [samples]), *blocks,
+             (339, 3, [fmt]), (33550, 12, [*scale, 0.0]), (33922, 12, [0.0, 0.0, 0.0, *origin, 0.0])]  # fmt: skip
+    listed: list[tuple[int, int, list[Any] | bytes]] = [*sorted(image), *entries]
+    data_at = 8 + 2 + 12 * len(listed) + 4
+    blobs, table = bytearray(pixels), b""  # the pixels first, at data_at
+    for tag, kind, values in listed:
+        raw = (
+            bytes(values)
+            if isinstance(values, bytes)
+            else struct.pack(f"<{len(values)}{codes[kind]}", *values)
+        )
+        if tag in (273, 324):
+            raw = struct.pack("<I", data_at)
+        count = len(raw) // struct.calcsize(codes[kind])
+        if len(raw) <= 4:
+            table += struct.pack("<HHI", tag, kind, count) + raw.ljust(4, b"\0")
+        else:
+            blobs += b"\0" * (len(blobs) % 2)
+            table += struct.pack("<HHII", tag, kind, count, data_at + len(blobs))
+            blobs += raw
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(listed)) + table + bytes(4) + bytes(blobs))
+    return path
+
+
+def _pe_citation_entries(grid: str | None, ascii_kind: int = 2) -> list[tuple[int, int, list[int] | bytes]]:
+    """A user-defined CRS that GDAL builds from the ESRI PE string in PCSCitationGeoKey (the form of
+    issue 24's finding 1), naming `grid` (or none), its GeoAsciiParams stored as `ascii_kind` (ASCII,
+    or one value a character)."""
+    extension = f',EXTENSION["PROJ4_GRIDS","{grid}"]' if grid else ""
+    text = ("ESRI PE String = " + _UTM_WKT.format(extension=extension) + "|").encode() + b"\0"
+    keys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+    return [(34735, 3, keys), (34737, ascii_kind, text if ascii_kind == 2 else list(text))]
+
+
+FUZZ_FINDINGS = {
+    # libtiff converts a SHORT or LONG GeoAsciiParams to text, one value a character; the check read
+    # its raw bytes ("E\0S\0R\0I\0...") and found no grid in them
+    "GeoAsciiParams as SHORT": lambda grid: _pe_citation_entries(grid, 3),
+    "GeoAsciiParams as LONG": lambda grid: _pe_citation_entries(grid, 4),
+    # libtiff keeps the first of two entries of a tag; the check kept the last
+    "GeoAsciiParams twice, the grid first": lambda grid: [*_pe_citation_entries(grid), (34737, 2, b"|\0")],
+}
+
+
+@pytest.mark.parametrize("finding", sorted(FUZZ_FINDINGS))
+def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_file(
+    tmp_path: Path, finding: str
+) -> None:
+    """Fuzz findings: GeoTIFFs whose CRS names a grid past the GeoKey text check; GDAL then built the
+    CRS and PROJ opened the grid (a FIFO froze the whole server: the open holds the GIL). Now refused
+    from the file's bytes: the grid file is never read."""
+    grid = tmp_path / "outside" / "grid.gsb"
+    grid.parent.mkdir()
+    grid.write_bytes(b"NUM_OREC" + bytes(200))
+    past = time.time() - 3600
+    os.utime(grid, (past, past))
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    tif = tiff_of_entries(inside / "x.tif", FUZZ_FINDINGS[finding](str(grid)))
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([inside])
+    try:
+        with pytest.raises(EarthDialError) as err:
+            service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+    finally:
+        access.set_allowed_dirs(previous)
+    assert err.value.code == ErrorCode.BAD_CRS, err.value
+    assert os.stat(grid).st_atime == past, "GDAL or PROJ read the grid"
+
+
+def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
+    """The stricter reading refuses only what hides text: a PE citation in ASCII (or BYTE) naming no
+    file, with one GeoAsciiParams entry, georeferences as before."""
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        for kind in (2, 1):
+            tif = tiff_of_entries(tmp_path / f"plain{kind}.tif", _pe_citation_entries(None, kind))
+            chip = service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+            assert chip.width == 8 and chip.crs not in ("", "EPSG:4326"), (kind, chip.crs)
+    finally:
+        access.set_allowed_dirs(previous)
+
+
+def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(
+    tmp_path: Path, allow_tmp: None
+) -> None:
+    """Fuzz finding: a 7 x 16 px GeoTIFF in one 32 768 x 32 768 px tile. The budget counted the tile
+    clipped to the image (112 px); GDAL decodes it whole (1 G px; 2 GiB as int16): `plan` held the I/O
+    loop for 2.5 s and the server grew by 2 GB. Scaled: a 4 096 px tile, a budget of 1 M px."""
+    from earthdial import imagery, limits
+
+    tif = tiff_of_entries(tmp_path / "tile.tif", [], size=(7, 16), tile=4096)
+    assert limits.blocks_cost((0, 0, 7, 16), (7, 16), (4096, 4096), 1) == 4096 * 4096
+    previous = limits.configure(limits.Limits(max_pixels=1_000_000))
+    try:
+        assert imagery.sample_band(str(tif)) is None  # 16 M px: over the sample's 4 M px, so no sample
+        with pytest.raises(EarthDialError) as err:
+            imagery.read_chip(str(tif))
+        assert err.value.code == ErrorCode.TOO_LARGE and "4096 x 4096" in err.value.message, err.value
+    finally:
+        limits.configure(previous)
+
+
+def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tmp_path: Path) -> None:
+    """Fuzz finding: a 96 x 64 px GeoTIFF claiming 65 535 samples a pixel. GDAL and rasterio make an
+    object for every band as they open it (1.3 s here), and `plan` opens the file 4 times: it held the I/O
+    loop for 2.5 s; the `ask` decoded 3 GB (every band of a pixel-interleaved block). Now refused from the
+    file's bytes; a file of a hyperspectral sensor's few hundred bands still opens."""
+    from earthdial import geokeys
+
+    many = tiff_of_entries(tmp_path / "many.tif", [], size=(1, 1), samples=65_535)
+    hyper = tiff_of_entries(tmp_path / "hyper.tif", [], size=(2, 2), samples=geokeys.MAX_SAMPLES)
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        with pytest.raises(EarthDialError) as err:
+            service.resolve_source({"kind": "ref", "path": str(many)}, [])
+        assert err.value.code == ErrorCode.NOT_A_RASTER and "65535 bands" in err.value.message, err.value
+        chip = service.resolve_source({"kind": "ref", "path": str(hyper)}, [])
+        assert chip.band_indexes == [1, 2, 3]
+    finally:
+        access.set_allowed_dirs(previous)
+
+
+def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
+    """Fuzz finding: `plan` of a GeoTIFF whose CRS is an ESRI PE string (a UTM zone without its EPSG code,
+    as ArcGIS writes it) held the I/O loop for 1.1 s on two busy cores: PROJ compared the CRS against
+    its database twice (0.3 to 0.6 s each). Each definition is identified once now; a second `plan` of
+    the file does no identification."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "pe.tif", _pe_citation_entries(None))
+    header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        first = service.plan(header, [], None)
+        identified = imagery._epsg_code.cache_info().misses
+        second = service.plan(header, [], None)
+        assert imagery._epsg_code.cache_info().misses == identified
+        assert imagery.describe(str(tif)).crs.startswith("PROJCS")  # no EPSG code: its own definition
+    finally:
+        access.set_allowed_dirs(previous)
+    assert first == second
+
+
+def test_a_geotransform_whose_inverse_is_not_finite_is_not_a_raster(tmp_path: Path) -> None:
+    """Fuzz finding: a pixel height of 1e-300 under a top edge at 1e308. The transform and its corners
+    are finite, its inverse's offset is not (1e308 / 1e-300): a `plan` with bounds got `internal`
+    (OverflowError snapping an infinite row)."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "t.tif", [], scale=(1.0, 1e-300), origin=(0.0, 1e308))
+    previous = access.allowed_dirs()
+    access.set_allowed_dirs([tmp_path])
+    try:
+        for bounds in (None, (0.0, 0.0, 10.0, 10.0)):
+            with pytest.raises(EarthDialError) as err:
+                imagery.read_chip(str(tif), bounds=bounds)
+            assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
+    finally:
+        access.set_allowed_dirs(previous)
+
+
+def test_bounds_that_overflow_pixel_space_are_outside(tmp_path: Path, allow_tmp: None) -> None:
+    """Bounds far out under a fine pixel (1e-200 m): their pixel columns overflow to infinity. A typed
+    `bounds_outside`, as for any bounds off the raster, not `internal`."""
+    from earthdial import imagery
+
+    tif = tiff_of_entries(tmp_path / "fine.tif", [], scale=(1e-200, 1.0), origin=(0.0, 4_000_000.0))
+    with pytest.raises(EarthDialError) as err:
+        imagery.read_chip(str(tif), bounds=(1e110, 3_999_990.0, 2e110, 4_000_000.0))
+    assert err.value.code == ErrorCode.BOUNDS_OUTSIDE, err.value
+    chip = imagery.read_chip(str(tif), bounds=(0.0, 3_999_995.0, 3e-200, 4_000_000.0))
+    assert (chip.width, chip.height) == (3, 5)
+
+
+def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding: a 33 x 16 px GeoTIFF with overviews in 32 768 px tiles. `plan` took its overviews
+    for the sample's read, but a raster smaller than the sample is read at full resolution: the tile was
+    decoded whole (1 G px, 1 GB, 1.1 s on the I/O loop). Scaled: 4 096 px tiles, over the sample's 4 M px."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from earthdial import imagery
+
+    tif = tmp_path / "ov.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
+                       blockxsize=4096, blockysize=4096, compress="deflate", crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+        dst.write(np.ones((1, 16, 33), np.uint8))
+        dst.build_overviews([2, 4])
+    assert imagery.sample_band(str(tif)) is None
+    small = tmp_path / "small.tif"  # the same with 16 px tiles: sampled
+    with rasterio.open(small, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
+                       blockxsize=16, blockysize=16, crs="EPSG:32633",
+                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+        dst.write(np.ones((1, 16, 33), np.uint8))
+        dst.build_overviews([2, 4])
+    sample = imagery.sample_band(str(small))
+    assert sample is not None and sample.shape == (16, 33)
+
+
+def test_complex_samples_are_not_a_raster(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding: a GeoTIFF of complex 16-bit integers (SampleFormat 5, as SAR SLC products store
+    them): numpy has no such type, and `plan` and `ask` got `internal`. The model reads real values."""
+    from earthdial import imagery
+
+    for fmt in ((5, 32), (6, 64)):  # complex int16 pairs, complex float32 pairs
+        tif = tiff_of_entries(tmp_path / f"c{fmt[0]}.tif", [], sample_format=fmt)
+        with pytest.raises(EarthDialError) as err:
+            service.plan(
+                {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}},
+                [],
+                None,
+            )
+        assert err.value.code == ErrorCode.NOT_A_RASTER and "complex" in err.value.message, err.value
+        with pytest.raises(EarthDialError) as err:
+            imagery.read_chip(str(tif))
+        assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
+
+
+def test_a_crs_text_that_is_not_utf8_is_bad_crs(tmp_path: Path, allow_tmp: None) -> None:
+    """Fuzz finding (seed 1): a PE citation with a 0xff byte in its CRS's name. GDAL passes the bytes on
+    in the CRS's WKT, rasterio decodes it as UTF-8 while it opens the file: `plan` and `ask` got
+    `internal` (UnicodeDecodeError)."""
+    from earthdial import imagery
+
+    wkt = _UTM_WKT.format(extension="").encode().replace(b'"UTM"', b'"UTM\xff"')
+    text = b"ESRI PE String = " + wkt + b"|\0"
+    keys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]
+    tif = tiff_of_entries(tmp_path / "latin.tif", [(34735, 3, keys), (34737, 2, text)])
+    header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
+    for attempt in (lambda: service.plan(header, [], None), lambda: imagery.read_chip(str(tif))):
+        with pytest.raises(EarthDialError) as err:
+            attempt()
+        assert err.value.code == ErrorCode.BAD_CRS and "UTF-8" in err.value.message, err.value
