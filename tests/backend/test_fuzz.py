@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access, service
+from earthdial import access, requests, service
 from earthdial.protocol import (
     ALLOWED_DTYPES,
     OPS,
@@ -757,7 +757,7 @@ def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_fi
     access.set_allowed_dirs([inside])
     try:
         with pytest.raises(EarthDialError) as err:
-            service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+            service.resolve_source(requests.source({"kind": "ref", "path": str(tif)}), [])
     finally:
         access.set_allowed_dirs(previous)
     assert err.value.code == ErrorCode.BAD_CRS, err.value
@@ -772,7 +772,7 @@ def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
     try:
         for kind in (2, 1):
             tif = tiff_of_entries(tmp_path / f"plain{kind}.tif", _pe_citation_entries(None, kind))
-            chip = service.resolve_source({"kind": "ref", "path": str(tif)}, [])
+            chip = service.resolve_source(requests.source({"kind": "ref", "path": str(tif)}), [])
             assert chip.width == 8 and chip.crs not in ("", "EPSG:4326"), (kind, chip.crs)
     finally:
         access.set_allowed_dirs(previous)
@@ -811,9 +811,9 @@ def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tm
     access.set_allowed_dirs([tmp_path])
     try:
         with pytest.raises(EarthDialError) as err:
-            service.resolve_source({"kind": "ref", "path": str(many)}, [])
+            service.resolve_source(requests.source({"kind": "ref", "path": str(many)}), [])
         assert err.value.code == ErrorCode.NOT_A_RASTER and "65535 bands" in err.value.message, err.value
-        chip = service.resolve_source({"kind": "ref", "path": str(hyper)}, [])
+        chip = service.resolve_source(requests.source({"kind": "ref", "path": str(hyper)}), [])
         assert chip.band_indexes == [1, 2, 3]
     finally:
         access.set_allowed_dirs(previous)
