@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Screenshots of the plugin in the real QGIS desktop, under Xvfb: docs/screenshots/dock.png (the panel with
-its chip preview) and docs/screenshots/result.png (the result layer on the map).
+its chip preview) and docs/screenshots/result.png (the result layer on the map); with `--flow scan`,
+scan-stopped.jpg and scan-resumed.jpg (a tiled scan of a demo mosaic stopped mid-way, then resumed from the
+panel).
 
 Run from the repository with any Python 3 (it needs only the standard library):
 
-    python3 scripts/screenshots.py [--out docs/screenshots]
+    python3 scripts/screenshots.py [--out docs/screenshots] [--flow ask|scan]
 
 It makes the sample scene with the backend's command (.venv), starts `qgis --code` on this same file under
 `xvfb-run` with a throw-away profile, and there, as a user would: loads the plugin, adds the scene, opens
@@ -31,6 +33,16 @@ except NameError:  # `qgis --code` runs the file without __file__: the outer run
     SCRIPT = Path(os.environ[ENV_PREFIX + "SCRIPT"])
 ROOT = SCRIPT.parent.parent
 EARTHDIAL = ROOT / ".venv" / "bin" / "earthdial"
+SHOTS = {"ask": ("dock.png", "result.png"), "scan": ("scan-stopped.jpg", "scan-resumed.jpg")}
+# 6 x 6 demo scenes of 112 px: a 672 px mosaic, 49 tiles of the demo model's 112 px
+MOSAIC = """
+import sys, numpy as np
+from earthdial import synthetic
+n, size = 6, 112
+rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
+        for r in range(n)]
+synthetic.write_geotiff(sys.argv[1], np.concatenate(rows, axis=1))
+"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--timeout", type=int, default=300, help="seconds for the whole QGIS run")
+    parser.add_argument(
+        "--flow", choices=sorted(SHOTS), default="ask", help="one ask, or a scan stopped and resumed"
+    )
     args = parser.parse_args(argv)
     if not EARTHDIAL.exists():
         raise SystemExit(f"{EARTHDIAL} is missing: run scripts/install.sh first")
@@ -57,9 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="earthdial-shots-") as tmp:
         work = Path(tmp)
         scene = work / "harbour.tif"
-        subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, env=env, capture_output=True)
+        if args.flow == "scan":
+            python = EARTHDIAL.parent / "python"
+            subprocess.run([str(python), "-c", MOSAIC, str(scene)], check=True, env=env, capture_output=True)
+        else:
+            subprocess.run(
+                [str(EARTHDIAL), "make-sample", str(scene)], check=True, env=env, capture_output=True
+            )
         env.update(
             {
+                f"{ENV_PREFIX}FLOW": args.flow,
                 f"{ENV_PREFIX}SCENE": str(scene),
                 f"{ENV_PREFIX}OUT": str(out),
                 f"{ENV_PREFIX}ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if process.returncode != 0 or not status.startswith("ok"):
         sys.stderr.write(output[-4000:] + "\n" + status)
         return 1
-    for name in ("dock.png", "result.png"):
+    for name in SHOTS[args.flow]:
         print(out / name)
     return 0
 
@@ -149,7 +171,8 @@ def in_qgis() -> None:
         plugin.initGui()
         state["plugin"] = plugin
 
-        layer = QgsRasterLayer(env("SCENE"), "harbour (sample scene)", "gdal")
+        name = "mosaic (demo scenes)" if env("FLOW") == "scan" else "harbour (sample scene)"
+        layer = QgsRasterLayer(env("SCENE"), name, "gdal")
         QgsProject.instance().addMapLayer(layer)
         iface.setActiveLayer(layer)
         iface.mapCanvas().setExtent(layer.extent())
@@ -163,6 +186,11 @@ def in_qgis() -> None:
         dock.set_area_mode("layer")
         dock.select_task("refer")
         dock.prompt_edit.setPlainText("ships")
+        if env("FLOW") == "scan":
+            yield from scan_steps(window, dock)
+            plugin.unload()
+            (work / "status.txt").write_text("ok\n")
+            return
         dock.schedule_plan()
         yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
         if dock.last_plan is None:  # the summary of what will be sent
@@ -191,6 +219,38 @@ def in_qgis() -> None:
         window.grab().save(str(out / "result.png"))
         plugin.unload()
         (work / "status.txt").write_text("ok\n")
+
+    def scan_steps(window, dock):
+        """A tiled scan stopped after a few tiles, then resumed from the panel: the stopped layer keeps what
+        was found, and the merged layer takes over when the rest is done."""
+        dock.scan_radio.setChecked(True)
+        dock.schedule_plan()
+        yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
+        dock.send_button.click()
+        yield from wait(
+            lambda: not dock.is_busy() or (dock.scan.task is not None and dock.scan.task.done >= 12), 120
+        )
+        dock.cancel_button.click()
+        yield from wait(lambda: not dock.is_busy(), 60)
+        canvas = iface.mapCanvas()
+        iface.layerTreeView().expandAllNodes()
+        canvas.refreshAllLayers()
+        yield from wait(lambda: not canvas.isDrawing(), 30)
+        for _ in range(10):
+            yield
+        window.grab().save(str(out / "scan-stopped.jpg"), "JPG", 85)  # a mosaic: a PNG is 1 MB
+        if not dock.resume_button.isEnabled():
+            raise RuntimeError(f"Resume scan is not offered after the stop: {dock.result_label.text()}")
+        dock.resume_button.click()
+        yield from wait(lambda: not dock.is_busy(), 300)
+        if dock.last_error is not None:
+            raise RuntimeError(f"the resumed scan failed: {dock.last_error}")
+        iface.layerTreeView().expandAllNodes()
+        canvas.refreshAllLayers()
+        yield from wait(lambda: not canvas.isDrawing(), 30)
+        for _ in range(10):
+            yield
+        window.grab().save(str(out / "scan-resumed.jpg"), "JPG", 85)
 
     def finish(error: str = "") -> None:
         if error:
