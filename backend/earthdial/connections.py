@@ -8,8 +8,10 @@ reports DISCONNECTED, so no descriptor is reused under it):
 
 - idle: no message for `idle_s` and no request queued or running on it (a client waiting for its reply
   is never dropped; a dropped client's DEALER reconnects by itself on its next request);
-- over the cap: the connections idle the longest are ended first, so a flood of connections that send
-  nothing cannot lock a new client out: the newest connection is the last to go.
+- over the cap: quiet connections first (none of its messages yet, or none for QUIET_S), the longest
+  quiet first, so a flood of connections that send nothing cannot lock a new client out; then, among
+  the ones that talk, the newest first, so a flood of DEALERs that reconnect as soon as they are ended
+  and ping at once (finding 9 of issue 24) ends itself and not the clients that were there before it.
 
 - unfinished messages: libzmq buffers every frame of a multipart message until its last one arrives,
   and its size limit (ZMQ_MAXMSGSIZE) is per frame, so a peer sending large frames with MORE set and
@@ -36,6 +38,7 @@ log = logging.getLogger("earthdial.server")
 HANDSHAKE_IVL_MS = 5000  # a connection must finish its ZMTP greeting in this time (libzmq: 30 s)
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_IDLE_S = 300.0
+QUIET_S = 1.0  # past the cap, a connection silent this long goes before the ones that talk
 FD_RESERVE = 64  # descriptors kept free for the model's files, sockets of the worker, logs
 # bytes a connection may have sent beyond its delivered messages without holding an unfinished message:
 # ZMTP greeting, handshake, heartbeats and frame headers
@@ -90,6 +93,11 @@ class Connection:
     delivered: int = 0  # bytes of the messages libzmq handed over from this connection
 
 
+def _quiet(conn: Connection, now: float) -> bool:
+    """Nothing came on it since its accept, or nothing for QUIET_S."""
+    return conn.last == conn.opened or now - conn.last > QUIET_S
+
+
 class Connections:
     def __init__(self, cap: int = DEFAULT_MAX_CONNECTIONS, idle_s: float = DEFAULT_IDLE_S) -> None:
         self.cap = cap
@@ -132,8 +140,10 @@ class Connections:
         ending = {c.fd for c in idle if self.idle_s > 0 and now - c.last > self.idle_s}
         excess = len(self.open) - len(ending) - self.cap
         if excess > 0:
-            rest = sorted((c for c in idle if c.fd not in ending), key=lambda c: c.last)
-            ending.update(c.fd for c in rest[:excess])
+            rest = [c for c in idle if c.fd not in ending]
+            quiet = sorted((c for c in rest if _quiet(c, now)), key=lambda c: c.last)
+            talking = sorted((c for c in rest if not _quiet(c, now)), key=lambda c: c.opened, reverse=True)
+            ending.update(c.fd for c in (quiet + talking)[:excess])
         return sorted(ending)
 
     def end(self, fd: int) -> None:
