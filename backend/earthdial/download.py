@@ -10,7 +10,9 @@ What it guarantees:
   blob id for the others) before it counts as downloaded; a file that does not match is deleted;
 - files arrive in ``DIR/.partial`` and move into DIR only when all of them are verified, with a record
   (``.earthdial-download.json``) written last: DIR never looks like a model folder while incomplete;
-- a download that does not fit on the disk is refused before the first byte.
+- a download that does not fit on the disk is refused before the first byte;
+- a Ctrl+C stops it within WAKE_S, keeping what was received: the transfer runs in a worker thread and
+  the calling thread only waits, so a stalled read cannot hold the Ctrl+C back.
 
 huggingface_hub lists the files (``model_info(files_metadata=True)``), builds the URLs and headers and
 provides the HTTP client; the transfer itself is ours because ``hf_hub_download`` (2.x) writes each
@@ -23,6 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +41,12 @@ RECORD = ".earthdial-download.json"  # in the target folder, written last: every
 INCOMPLETE = ".incomplete"  # suffix of a file still being received
 CHUNK_LOG_S = 1.0  # at most one progress event a second per file (and one at each file's end)
 READ_TIMEOUT_S = 60.0
+# The transfer runs in a worker thread; the calling (main) thread only waits, waking this often. A Ctrl+C
+# that lands while a thread is entering a blocking socket read does not interrupt that read (CPython only
+# sets a flag that is looked at when the read returns, after up to READ_TIMEOUT_S of a stalled hub):
+# waiting in short slices bounds how long such a Ctrl+C goes unnoticed.
+WAKE_S = 0.2
+STOP_WAIT_S = 5.0  # after a Ctrl+C, how long the worker is given to close the partial file
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,38 @@ def checkpoints() -> list[dict[str, str]]:
     return [asdict(c) for c in CHECKPOINTS.values()]
 
 
+class _Transfer:
+    """What the worker thread is receiving, so that the waiting thread can stop it on Ctrl+C."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._response: Any = None
+
+    def receiving(self, response: Any) -> None:
+        with self._lock:
+            self._response = response
+        if response is not None and self.stopped.is_set():
+            self.stop()  # stopped while the request was being sent: end this response too
+
+    def check(self) -> None:
+        if self.stopped.is_set():
+            raise KeyboardInterrupt  # the user's, raised again by the waiting thread: nothing is deleted
+
+    def stop(self) -> None:
+        """Shut the open response's socket: a read blocked on a stalled hub returns at once."""
+        self.stopped.set()
+        with self._lock:
+            response = self._response
+        stream = response.extensions.get("network_stream") if response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
 def download(
     name: str,
     directory: str | os.PathLike[str],
@@ -85,7 +127,33 @@ def download(
     progress: Progress | None = None,
 ) -> Path:
     """Fetch checkpoint ``name`` into ``directory`` (created; it must be empty, or a download of the same
-    checkpoint to continue). Returns the folder, complete and verified. Raises EarthDialError."""
+    checkpoint to continue). Returns the folder, complete and verified. Raises EarthDialError; a Ctrl+C
+    (KeyboardInterrupt) stops it within WAKE_S, keeping what was received."""
+    transfer = _Transfer()
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            outcome.append(_download(name, directory, revision, progress, transfer))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=work, name="earthdial-download", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(WAKE_S)
+    except BaseException:  # Ctrl+C: stop the transfer, let it close the partial file, then report
+        transfer.stop()
+        worker.join(STOP_WAIT_S)
+        raise
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return Path(outcome[0])
+
+
+def _download(name: str, directory: str | os.PathLike[str], revision: str | None, progress: Progress | None,
+              transfer: _Transfer) -> Path:  # fmt: skip
     emit = progress or (lambda _event: None)
     checkpoint = CHECKPOINTS.get(name)
     if checkpoint is None:
@@ -117,6 +185,7 @@ def download(
             raise EarthDialError("output_exists", f"{partial} holds a partial download of {state['repo_id']} at "
                                  f"{state['revision']}: finish it or delete that folder")  # fmt: skip
         commit, files = _listing(checkpoint.repo_id, wanted)
+        transfer.check()
         state = {"repo_id": checkpoint.repo_id, "revision": wanted, "commit": commit,
                  "files": [asdict(f) for f in files]}  # fmt: skip
     files = [RemoteFile(**f) for f in state["files"]]
@@ -135,10 +204,11 @@ def download(
 
     received = sum(have.values())
     for f in files:
+        transfer.check()
         if (partial / f.path).is_file():
             continue  # verified by an earlier run (only verified files get their final name)
         others = received - have[f.path]  # the bytes of every other file already here
-        _fetch(checkpoint.repo_id, commit, f, partial, others, total, emit)
+        _fetch(checkpoint.repo_id, commit, f, partial, others, total, emit, transfer)
         received = others + f.size
         emit({"event": "verified", "file": f.path})
 
@@ -265,7 +335,7 @@ def _hasher(f: RemoteFile) -> Any:
 
 
 def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int, total: int,
-           emit: Progress) -> None:  # fmt: skip
+           emit: Progress, transfer: _Transfer) -> None:  # fmt: skip
     """Receive ``f`` (continuing its incomplete part), verify it and give it its final name. ``others``:
     the bytes of the other files already here, for the overall progress."""
     from huggingface_hub import hf_hub_url
@@ -296,6 +366,7 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int,
         last = 0.0
         try:
             with get_session().stream("GET", url, headers=headers, timeout=READ_TIMEOUT_S) as response:
+                transfer.receiving(response)
                 hf_raise_for_status(response)
                 if start and response.status_code != 206:  # the server sent the whole file: start over
                     got = start = 0
@@ -314,6 +385,7 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int,
                             last = now
                             emit({"event": "progress", "file": f.path, "done": got, "size": f.size,
                                   "all_done": others + got, "all_size": total})  # fmt: skip
+                        transfer.check()  # after the write: what was received is kept
         except EarthDialError:
             incomplete.unlink(missing_ok=True)
             raise
@@ -324,6 +396,8 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int,
         except OSError as exc:  # writing: the disk filled up or went read-only under us
             raise _os_error(exc, incomplete) from exc
         except Exception as exc:  # httpx2's network errors
+            if transfer.stopped.is_set():  # the read was ended by stop(): a Ctrl+C, not a dropped line
+                raise KeyboardInterrupt from None
             raise EarthDialError("disconnected", f"{f.path}: the download stopped at {got} of {f.size} bytes "
                                  f"({exc}); run the same command again to continue it") from exc  # fmt: skip
         if got < f.size:
