@@ -100,9 +100,12 @@ def test_a_killed_download_resumes_with_a_range_request(
     size = (hub.folder / WEIGHTS).stat().st_size
     hub.stall_after[WEIGHTS] = STALL_AT
     incomplete = target / download.PARTIAL / (WEIGHTS + download.INCOMPLETE)
+    # Ctrl+C as a terminal gives it, whatever this test runs under: a shell without job control starts
+    # background commands (a CI script's `... &`) with SIGINT ignored, and a child inherits that
     proc = subprocess.Popen([*command, "download", "EarthDial_4B_RGB", "--dir", str(target)],
                             env=hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (incomplete.is_file() and incomplete.stat().st_size == STALL_AT):
