@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from earthdial.geokeys import TYPE_SIZES  # TIFF field type -> bytes per value
+
 STATUS_EVERY_S = 0.2
 FREEZE_S = 1.0  # a status reply slower than this is a freeze
 PLAN_WAIT_S = 10.0  # plan is answered by the I/O loop from metadata
@@ -53,24 +55,6 @@ ASK_WAIT_S = 60.0  # a few tokens of the demo model over a small window take wel
 # TIFF structure: parse every image directory, write them again (mutated) after the original bytes
 # --------------------------------------------------------------------------------------------------
 
-TYPE_SIZES = {
-    1: 1,
-    2: 1,
-    3: 2,
-    4: 4,
-    5: 8,
-    6: 1,
-    7: 1,
-    8: 2,
-    9: 4,
-    10: 8,
-    11: 4,
-    12: 8,
-    13: 4,
-    16: 8,
-    17: 8,
-    18: 8,
-}
 TYPE_CODES = {
     1: "B",
     3: "H",

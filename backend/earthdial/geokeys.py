@@ -28,8 +28,8 @@ _NAMES_FILES = re.compile(
 )
 _TEXT_TYPES = {1, 2, 6, 7}  # BYTE, ASCII, SBYTE, UNDEFINED: one byte a character, read as is
 _SHORT_OR_LONG = {256, 257, 259, 277, 278, 322}  # tags stored as SHORT, LONG or LONG8
-# field types: size of one value
-_TYPES = {
+# TIFF field types: bytes per value
+TYPE_SIZES = {
     1: 1,
     2: 1,
     3: 2,
@@ -91,7 +91,7 @@ def first_ifd(fd: int, wanted: set[int]) -> dict[int, bytes]:
             raise ValueError(f"its GeoAsciiParams tag is stored as TIFF type {kind}, not as text")
         inline = 8 if big else 4  # the value (or its offset) follows the count, both this wide
         (n,) = struct.unpack(order + offset_code, entry[4 : 4 + inline])
-        size = n * _TYPES.get(kind, 1)
+        size = n * TYPE_SIZES.get(kind, 1)
         if size > MAX_ASCII_BYTES:
             raise ValueError(f"its tag {tag} holds {size} bytes")
         value_at = entry[4 + inline :]
