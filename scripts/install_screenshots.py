@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(SCRIPT.parent))
     import build_plugin
-    from screenshots import free_port
+    from screenshots import free_port, run_qgis
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -71,35 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ENV_PREFIX}SCRIPT": str(SCRIPT),
             }
         )
-        qgis = shutil.which("qgis") or "/usr/bin/qgis"
-        env["PATH"] = os.pathsep.join([os.path.dirname(qgis), env.get("PATH", "")])
-        for name in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"):
-            env.pop(name, None)
-        command = [
-            "xvfb-run", "-a", "-s", "-screen 0 1600x1200x24",
-            qgis, "--nologo", "--noversioncheck", "--noplugins",
-            "--profiles-path", str(work / "profiles"), "--code", str(SCRIPT),
-        ]  # fmt: skip
-        process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = process.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            output += f"\nQGIS did not finish in {args.timeout} s"
+        returncode, output = run_qgis(SCRIPT, env, work, args.timeout, "1600x1200x24")
         status = (work / "status.txt").read_text() if (work / "status.txt").exists() else ""
         installed_log = profile / "python" / "earthdial-backend" / "install.log"
         if installed_log.exists():
             shutil.copyfile(installed_log, log_dir / "install.log")
     print(status)
-    if process.returncode != 0 or not status.startswith("ok"):
+    if returncode != 0 or not status.startswith("ok"):
         sys.stderr.write(output[-4000:] + "\n")
         return 1
     return 0

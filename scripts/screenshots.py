@@ -56,6 +56,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def run_qgis(script: Path, env: dict[str, str], work: Path, timeout: int, screen: str) -> tuple[int, str]:
+    """`qgis --code script` under Xvfb with a throw-away profile in work/profiles: its exit code and output.
+    QGIS's embedded Python finds its home through PATH, so QGIS's own folder goes first (the Python running
+    this, a venv or pyenv, is not QGIS's); QGIS and its Xvfb get a session of their own, so that a hung
+    run is stopped whole."""
+    qgis = shutil.which("qgis") or "/usr/bin/qgis"
+    env = {**env, "PATH": os.pathsep.join([os.path.dirname(qgis), env.get("PATH", "")])}
+    for name in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    command = [
+        "xvfb-run", "-a", "-s", f"-screen 0 {screen}",
+        qgis, "--nologo", "--noversioncheck", "--noplugins",
+        "--profiles-path", str(work / "profiles"), "--code", str(script),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        output += f"\nQGIS did not finish in {timeout} s"
+    return process.returncode, output
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
@@ -89,34 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ENV_PREFIX}SCRIPT": str(SCRIPT),
             }
         )
-        # QGIS's embedded Python finds its home through PATH: put QGIS's own folder first, so that the
-        # Python running this script (a venv, pyenv) is not taken for QGIS's
-        qgis = shutil.which("qgis") or "/usr/bin/qgis"
-        env["PATH"] = os.pathsep.join([os.path.dirname(qgis), env.get("PATH", "")])
-        for name in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"):
-            env.pop(name, None)
-        command = [
-            "xvfb-run", "-a", "-s", "-screen 0 1600x1400x24",
-            qgis, "--nologo", "--noversioncheck", "--noplugins",
-            "--profiles-path", str(work / "profiles"), "--code", str(SCRIPT),
-        ]  # fmt: skip
-        # a session of its own, so that a hung QGIS and its Xvfb can be stopped together
-        process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = process.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            output += f"\nQGIS did not finish in {args.timeout} s"
+        returncode, output = run_qgis(SCRIPT, env, work, args.timeout, "1600x1400x24")
         status = (work / "status.txt").read_text() if (work / "status.txt").exists() else ""
-    if process.returncode != 0 or not status.startswith("ok"):
+    if returncode != 0 or not status.startswith("ok"):
         sys.stderr.write(output[-4000:] + "\n" + status)
         return 1
     for name in SHOTS[args.flow]:

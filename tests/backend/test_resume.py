@@ -52,8 +52,11 @@ def _boxes(features: list[dict[str, Any]]) -> list[tuple]:
                    f["properties"]["tile"]) for f in features)  # fmt: skip
 
 
-def _stopped(c: Client, header: dict[str, Any], after: int) -> tuple[dict[int, dict], list[dict]]:
-    """A scan cancelled once `after` tiles have finished: the tiles and boxes its progress events gave."""
+def _stopped(
+    c: Client, header: dict[str, Any], after: int, **scan: Any
+) -> tuple[dict[int, dict], list[dict]]:
+    """A scan cancelled once `after` tiles have finished: the tiles and boxes its progress events gave.
+    `scan`: more arguments of Client.scan (a streamed layer's read_tile)."""
     tiles: dict[int, dict] = {}
     features: list[dict] = []
 
@@ -63,7 +66,7 @@ def _stopped(c: Client, header: dict[str, Any], after: int) -> tuple[dict[int, d
             features.extend(event["features"])
 
     with pytest.raises(EarthDialError) as err:
-        c.scan(header, on_event=on_event, cancelled=lambda: len(tiles) >= after)
+        c.scan(header, on_event=on_event, cancelled=lambda: len(tiles) >= after, **scan)
     assert err.value.code == "cancelled"
     return tiles, features
 
@@ -111,16 +114,7 @@ def test_a_streamed_scan_resumes_too(demo_server: str, mosaic: Path) -> None:
             events: list[dict] = []
             c.scan(header(), read_tile=read_tile, on_event=events.append)
             whole = [f for e in events if e["event"] == "merged" for f in e["features"]]
-            tiles: dict[int, dict] = {}
-            features: list[dict] = []
-
-            def on_event(event: dict[str, Any]) -> None:
-                if event["event"] == "progress":
-                    tiles.update({t["index"]: t for t in event["tiles"]})
-                    features.extend(event["features"])
-
-            with pytest.raises(EarthDialError):
-                c.scan(header(), read_tile=read_tile, on_event=on_event, cancelled=lambda: len(tiles) >= 4)
+            tiles, features = _stopped(c, header(), 4, read_tile=read_tile)
             sent.clear()
             events = []
             c.scan(header(skip=sorted(tiles)), read_tile=read_tile, on_event=events.append,
