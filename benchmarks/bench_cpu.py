@@ -47,8 +47,8 @@ def one(model: str, setting: str, new_tokens: int, threads: int | None) -> dict:
     import numpy as np
     import torch
 
-    from earthdial.engine import Engine, Query, cpu_threads
-    from earthdial.prompts import build_question
+    from earthdial.model.engine import Engine, Query, cpu_threads
+    from earthdial.model.prompts import build_question
 
     torch.set_num_threads(cpu_threads(threads) or torch.get_num_threads())
     load_before = os.getloadavg()[0]
@@ -92,7 +92,7 @@ def one(model: str, setting: str, new_tokens: int, threads: int | None) -> dict:
 
 def estimated_peak_gib(model: str, setting: str) -> float:
     """Weights in the setting's load dtype, plus the measured ~0.5 GiB of runtime and activations."""
-    from earthdial import memory
+    from earthdial.model import memory
 
     shapes = memory.shapes_of_checkpoint(model)
     total = shapes.vision_params + shapes.projector_params + shapes.llm_params
@@ -121,7 +121,7 @@ def main() -> None:
         print(json.dumps(one(args.model, args.one, args.new_tokens, args.threads)))
         return
 
-    from earthdial.precision import choose, cpu_flags, llm_width, native_bf16
+    from earthdial.model.precision import choose, cpu_flags, llm_width, native_bf16
 
     auto = choose("cpu", "auto", llm_width(args.model))
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, native bf16: "

@@ -39,9 +39,9 @@ def make_scene(path: Path, size: int) -> None:
 
 def run_one(model: str, raster: str, tile: int, batch: int) -> None:
     """Child process: one detect, then print its figures as JSON."""
-    from earthdial import scan
-    from earthdial.engine import Engine
-    from earthdial.protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
+    from earthdial.model.engine import Engine
+    from earthdial.scenes import scan
 
     engine = Engine(model, device="cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
-from earthdial import checkpoint
 from earthdial import training as train
-from earthdial.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
-from earthdial.prompts import build_question
+from earthdial.model import checkpoint
+from earthdial.model.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
+from earthdial.model.prompts import build_question
 from earthdial.training import tiny
 
 # Data-sheet memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) of cards we may run on.

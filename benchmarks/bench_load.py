@@ -23,7 +23,7 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, time
 import torch
-from earthdial import checkpoint
+from earthdial.model import checkpoint
 t = time.perf_counter()
 if sys.argv[1] != "imports":
     model, _, _ = checkpoint.load(sys.argv[3], dtype=getattr(torch, sys.argv[2]), weights=sys.argv[1])

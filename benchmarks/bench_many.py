@@ -34,8 +34,9 @@ BASELINE = r"""
 import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[5]))
-from earthdial import many, output
-from earthdial.engine import Engine
+from earthdial.scenes import many
+from earthdial.outputs import files as output
+from earthdial.model.engine import Engine
 paths, out, model, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 engine = Engine(model, device="cpu")
 t0 = time.perf_counter()
@@ -52,7 +53,7 @@ print(json.dumps({"scenes_s": time.perf_counter() - t0, "boxes": boxes}))
 
 def make_scenes(folder: Path, count: int, grid: int) -> list[Path]:
     """`count` scenes of grid x grid demo scenes (224 px each): grid^2 tiles of 224 px per scene."""
-    from earthdial import synthetic
+    from earthdial.demo import synthetic
 
     tiles = [synthetic.render(synthetic.make_scene(11, k), 224) for k in range(16)]
     rng = np.random.default_rng(0)
@@ -83,7 +84,7 @@ def run_baseline(
 
 def run_many(listing: Path, out: Path, model: str, args: argparse.Namespace) -> tuple[float, float, int]:
     """The command's wall time, and the scenes phase (module docstring; lines timed as they arrive)."""
-    cmd = [sys.executable, "-m", "earthdial.cli", "detect-many", "--list", str(listing), "--prompt", "ships",
+    cmd = [sys.executable, "-m", "earthdial.cli.main", "detect-many", "--list", str(listing), "--prompt", "ships",
            "--tile-size", "224", "--overlap", "0", "--batch", str(args.batch), "--model", model,
            "--device", "cpu", "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
            "-o", str(out)]  # fmt: skip

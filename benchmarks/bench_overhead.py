@@ -42,9 +42,11 @@ import zmq
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from earthdial import answers, imagery, pixels, service
-from earthdial.engine import Engine
-from earthdial.protocol import Client, decode, encode, source_by_reference
+from earthdial.contract.protocol import Client, decode, encode, source_by_reference
+from earthdial.geo import imagery
+from earthdial.model import answers, pixels
+from earthdial.model.engine import Engine
+from earthdial.serving import service
 
 ORIGIN, PIXEL, PAD = (500_000.0, 4_000_000.0), 10.0, 32
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 15]]</box><ref>tank</ref><box>[[50, 50, 70, 80, 0]]</box>"
@@ -249,7 +251,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="earthdial-bench-"))
     ours_ep, bare_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    server = start([sys.executable, "-m", "earthdial.cli", "serve", "--no-model", "--endpoint", ours_ep,
+    server = start([sys.executable, "-m", "earthdial.cli.main", "serve", "--no-model", "--endpoint", ours_ep,
                     "--allow-dir", str(work)], "earthdial: serving")  # fmt: skip
     echo = start([sys.executable, "-c", ECHO_SERVER, bare_ep], "ready")
     client = Client(ours_ep, timeout_s=120)

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earthdial.engine import Engine, Query
-from earthdial.prompts import build_question
+from earthdial.model.engine import Engine, Query
+from earthdial.model.prompts import build_question
 
 
 def default_model(tmp: str) -> str:
-    demo = Path(__file__).resolve().parents[1] / "backend" / "earthdial" / "models" / "demo"
+    demo = Path(__file__).resolve().parents[1] / "backend" / "earthdial" / "demo" / "checkpoint"
     if (demo / "config.json").exists():
         return str(demo)
     from earthdial.training.tiny import make_tiny_checkpoint

@@ -24,8 +24,9 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from earthdial import access, imagery, limits, readers, service
-from earthdial.protocol import source_by_reference
+from earthdial.contract.protocol import source_by_reference
+from earthdial.geo import imagery
+from earthdial.serving import access, limits, readers, service
 
 
 def _raster(path: Path, size: int) -> Path:

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def make_scene(path: Path, side: int) -> Path:
     """Demo scenes side by side (each 224 px), so the model has objects to find."""
-    from earthdial import synthetic
+    from earthdial.demo import synthetic
 
     n = -(-side // 224)
     rows = [np.concatenate([synthetic.render(synthetic.make_scene(3, r * n + c), 224) for c in range(n)], axis=2)
@@ -42,7 +42,7 @@ def make_scene(path: Path, side: int) -> Path:
 
 
 def serve(model: str | None, endpoint: str, folder: str, threads: int | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "earthdial.cli", "serve", "--endpoint", endpoint, "--device", "cpu",
+    cmd = [sys.executable, "-m", "earthdial.cli.main", "serve", "--endpoint", endpoint, "--device", "cpu",
            "--allow-dir", folder]  # fmt: skip
     if model:
         cmd += ["--model", model]
@@ -62,7 +62,7 @@ def serve(model: str | None, endpoint: str, folder: str, threads: int | None = N
 
 def ask_loop(client, path: str, plan: dict, transform, prompt: str) -> float:
     """One `ask` per tile of the plan, by reference with the tile's bounds: the baseline."""
-    from earthdial.protocol import plan_window, source_by_reference
+    from earthdial.contract.protocol import plan_window, source_by_reference
 
     a, _, c, _, e, f = transform[:6]
     t = time.perf_counter()
@@ -74,7 +74,7 @@ def ask_loop(client, path: str, plan: dict, transform, prompt: str) -> float:
 
 
 def scan(client, path: str, tile: int, batch: int, prompt: str) -> tuple[float, dict, dict]:
-    from earthdial.protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
 
     events: list[dict] = []
     header = {"op": "detect", "task": "refer", "prompt": prompt, "source": source_by_reference(path),
@@ -100,7 +100,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
 
-    from earthdial.protocol import Client
+    from earthdial.contract.protocol import Client
 
     folder = tempfile.mkdtemp(prefix="bench-scan-")
     path = str(make_scene(Path(folder) / "scene.tif", args.side))

@@ -59,7 +59,7 @@ def _write(path: Path, image: np.ndarray) -> Path:
 
 def seam_sea(path: Path, seed: int = 23) -> Truth:
     """`synthetic.ships_across_seams`: open sea over 4 x 5 tiles, 10 ships across their seams."""
-    from earthdial import synthetic
+    from earthdial.demo import synthetic
 
     sea = synthetic.ships_across_seams(seed, TILE, OVERLAP)
     return Truth(f"seams {seed}", _write(path, sea.image), sea.boxes())
@@ -67,7 +67,7 @@ def seam_sea(path: Path, seed: int = 23) -> Truth:
 
 def demo_mosaic(path: Path, n: int = 12, size: int = 448, seed: int = 7) -> Truth:
     """n x n demo scenes that hold a ship, side by side."""
-    from earthdial import synthetic
+    from earthdial.demo import synthetic
 
     scenes: list[Any] = []
     index = 0
@@ -89,8 +89,8 @@ def demo_mosaic(path: Path, n: int = 12, size: int = 448, seed: int = 7) -> Trut
 
 def scan(path: Path, engine: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]], float]:
     """The scan's per-tile boxes and tile entries, unmerged (as a journal holds them)."""
-    from earthdial import scan as scan_op
-    from earthdial.protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
+    from earthdial.scenes import scan as scan_op
 
     features: list[dict[str, Any]] = []
     tiles: dict[int, dict[str, Any]] = {}
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import rasterio
 
-    from earthdial import scenes
-    from earthdial.engine import Engine
+    from earthdial.model.engine import Engine
+    from earthdial.scenes import runner as scenes
     from earthdial.training import DEMO_DIR
 
     if "-" in args.seeds:

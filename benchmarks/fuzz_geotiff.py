@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from earthdial.geokeys import TYPE_SIZES  # TIFF field type -> bytes per value
+from earthdial.geo.geokeys import TYPE_SIZES  # TIFF field type -> bytes per value
 
 STATUS_EVERY_S = 0.2
 FREEZE_S = 1.0  # a status reply slower than this is a freeze
@@ -592,7 +592,7 @@ class Server:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
         log = open(self.log_path, "a")  # noqa: SIM115 - the server's log, open as long as it runs
-        cmd = [sys.executable, "-m", "earthdial.cli", "serve", "--device", "cpu", "--threads", "1",
+        cmd = [sys.executable, "-m", "earthdial.cli.main", "serve", "--device", "cpu", "--threads", "1",
                "--endpoint", self.endpoint, "--allow-dir", str(self.folder), *self.extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
@@ -636,7 +636,7 @@ class Probe:
         self._watcher = threading.Thread(target=self._watch, daemon=True)
 
     def _run(self) -> None:
-        from earthdial.client import Client
+        from earthdial.contract.client import Client
 
         client = None
         while not self._stop.is_set():
@@ -690,7 +690,7 @@ def fifo_opened(fifo: str) -> bool:
 
 
 def send(client: Any, index: int, path: Path, window: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    from earthdial.wire import EarthDialError, source_by_reference
+    from earthdial.contract.wire import EarthDialError, source_by_reference
 
     rec: dict[str, Any] = {}
     task, prompt = rng.choice([("refer", "ships"), ("caption", ""), ("chat", "what is this?")])
@@ -754,7 +754,7 @@ def main() -> int:
         return 0
     atexit.register(shutil.rmtree, gridroot, True)  # also when the run stops on an error
 
-    from earthdial.client import Client
+    from earthdial.contract.client import Client
 
     server = Server(folder, args.as_gb, out / "server.log", [])
     (out / "server.log").write_text("--- start\n")

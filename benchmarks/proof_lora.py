@@ -29,13 +29,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 
-from earthdial import service, synthetic  # noqa: E402
 from earthdial import training as train  # noqa: E402
-from earthdial.answers import Box, parse_boxes  # noqa: E402
-from earthdial.engine import Engine  # noqa: E402
-from earthdial.georef import box_to_polygon  # noqa: E402
-from earthdial.output import write_features  # noqa: E402
-from earthdial.protocol import source_by_reference  # noqa: E402
+from earthdial.contract.protocol import source_by_reference  # noqa: E402
+from earthdial.demo import synthetic
+from earthdial.geo.georef import box_to_polygon  # noqa: E402
+from earthdial.model.answers import Box, parse_boxes  # noqa: E402
+from earthdial.model.engine import Engine  # noqa: E402
+from earthdial.outputs.files import write_features  # noqa: E402
+from earthdial.serving import service  # noqa: E402
 from earthdial.training import export as training_data  # noqa: E402
 from earthdial.training import finetune  # noqa: E402
 

@@ -28,10 +28,10 @@ METADATA = ROOT / "metadata.txt"
 PYPROJECT = ROOT / "pyproject.toml"
 BACKEND = ROOT / "backend" / "earthdial"
 SHARED = (
-    "wire.py",
-    "client.py",
-    "protocol.py",
-    "result_features.py",
+    "contract/wire.py",
+    "contract/client.py",
+    "contract/protocol.py",
+    "contract/result_features.py",
 )  # the backend's modules the plugin runs as they are
 SUFFIXES = {".py", ".svg", ".png", ".html"}  # .html: the help page the panel's Help opens
 FIXED_DATE = (2024, 1, 1, 0, 0, 0)

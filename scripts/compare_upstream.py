@@ -316,7 +316,7 @@ def our_images(engine: Any, case: dict) -> tuple[str, list[Any]]:
     `service.prepare` builds them from a by-value request."""
     if "task" not in case:
         return case["question"], [engine.image(data, tag) for data, tag in case["sources"]]
-    from earthdial import service
+    from earthdial.serving import service
 
     source = {"kind": "value", "transform": [0.5, 0, 500000, 0, -0.5, 4000000], "crs": "EPSG:32633"}
     header = {"op": "ask", "task": case["task"], "prompt": case["prompt"],
@@ -333,7 +333,7 @@ def run_ours(work: Path, case_list: list[dict]) -> dict:
     import numpy as np
     import torch
 
-    from earthdial.engine import Engine, Query
+    from earthdial.model.engine import Engine, Query
 
     engines: dict[str, Engine] = {}
     ours: dict = {}

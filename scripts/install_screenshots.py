@@ -93,7 +93,7 @@ def in_qgis() -> None:
     out, work = Path(env("OUT")), Path(env("WORK"))
     sys.path.insert(0, env("PLUGINS"))
     import earthdial_qgis
-    from earthdial_qgis import installer, settings
+    from earthdial_qgis.core import installer, settings
 
     state: dict = {"notes": []}
 
@@ -136,7 +136,7 @@ def in_qgis() -> None:
         dock.grab().save(str(out / "install-offer.png"))
 
         dock.install_backend_button.click()
-        from earthdial_qgis.install_dialog import InstallDialog
+        from earthdial_qgis.gui.install_dialog import InstallDialog
 
         dialog = dock.findChildren(InstallDialog)[-1]
         yield from settle(10)

@@ -37,7 +37,7 @@ SHOTS = {"ask": ("dock.png", "result.png"), "scan": ("scan-stopped.jpg", "scan-r
 # 6 x 6 demo scenes of 112 px: a 672 px mosaic, 49 tiles of the demo model's 112 px
 MOSAIC = """
 import sys, numpy as np
-from earthdial import synthetic
+from earthdial.demo import synthetic
 n, size = 6, 112
 rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
         for r in range(n)]
@@ -145,7 +145,7 @@ def in_qgis() -> None:
     sync_shared()  # the contract modules the build copies from the backend
     sys.path.insert(0, str(ROOT / "qgis_plugin"))
     import earthdial_qgis
-    from earthdial_qgis import settings
+    from earthdial_qgis.core import settings
 
     state: dict = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .deps import add_vendor_to_path
+from .core.deps import add_vendor_to_path
 
 add_vendor_to_path()  # pyzmq / qtpy installed into the plugin's own folder, when the user chose that
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from qgis.core import Qgis, QgsApplication
 
-from . import deps, log
-from .qt import QAction, QtCore, QtGui, QtWidgets
+from .core import deps, log
+from .core.qt import QAction, QtCore, QtGui, QtWidgets
 
 MENU = "&EarthDial"
 
@@ -51,7 +51,7 @@ class EarthDialPlugin:
             action.triggered.connect(slot)
             self.iface.addPluginToMenu(MENU, action)
             self.menu_actions.append(action)
-        from .review import ReviewActions
+        from .gui.review import ReviewActions
 
         self.review = ReviewActions(self.iface, MENU, self.toolbar)
         self.initProcessing()
@@ -62,7 +62,7 @@ class EarthDialPlugin:
         """Register the `earthdial` Processing provider (qgis_process calls only this, without a GUI)."""
         if self.provider is not None:
             return
-        from .processing_provider import EarthDialProvider
+        from .processing.provider import EarthDialProvider
 
         self.provider = EarthDialProvider()
         QgsApplication.processingRegistry().addProvider(self.provider)
@@ -96,7 +96,7 @@ class EarthDialPlugin:
     def check_backend_upgrade(self, home: str | None = None, wheel: str | None = None) -> str:
         """On load: when the panel's backend venv holds an older backend than the wheel this plugin ships
         (the plugin was upgraded), offer the upgrade in the message bar (never silently). The message, or ""."""
-        from . import installer
+        from .core import installer
 
         home = home or installer.backend_home()
         wheel = wheel or installer.shipped_wheel()
@@ -127,14 +127,14 @@ class EarthDialPlugin:
 
     def _backend(self) -> Any:
         if self.local_backend is None:
-            from .backend_process import LocalBackend
+            from .core.backend_process import LocalBackend
 
             self.local_backend = LocalBackend()
         return self.local_backend
 
     def set_dock_visible(self, visible: bool) -> None:
         if visible and self.dock is None:
-            from .dock import EarthDialDock
+            from .gui.dock import EarthDialDock
 
             self.dock = EarthDialDock(self.iface, local_backend=self._backend())
             self.iface.addDockWidget(QtCore.Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
@@ -150,12 +150,12 @@ class EarthDialPlugin:
             self.action.blockSignals(False)
 
     def open_settings(self) -> None:
-        from .settings_dialog import SettingsDialog
+        from .gui.settings_dialog import SettingsDialog
 
         SettingsDialog(self.iface.mainWindow()).run()
 
     def open_dependencies(self, missing: list[str] | None = None) -> None:
-        from .deps_dialog import DependenciesDialog
+        from .gui.deps_dialog import DependenciesDialog
 
         DependenciesDialog(missing or deps.missing_packages(), self.iface.mainWindow()).run()
 
@@ -163,8 +163,8 @@ class EarthDialPlugin:
         if self.dock is not None:
             self.dock.open_diagnostics()
             return
-        from . import settings
-        from .diagnostics import DiagnosticsDialog, report
+        from .core import settings
+        from .gui.diagnostics import DiagnosticsDialog, report
 
         def render(machine: dict[str, Any] | None = None, note: str = "") -> str:
             return report(settings.endpoint(), None, "", self.local_backend, machine, note)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-EARTHDIAL = [sys.executable, "-m", "earthdial.cli"]
+EARTHDIAL = [sys.executable, "-m", "earthdial.cli.main"]
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def start_server(
     command: list[str] | None = None,
 ) -> subprocess.Popen:
     """`earthdial serve` (`--no-model` when model is None) allowed to read the pytest temp root; returns
-    once it serves. `command` replaces `python -m earthdial.cli` (a wrapper that patches something)."""
+    once it serves. `command` replaces `python -m earthdial.cli.main` (a wrapper that patches something)."""
     which = ["--model", str(model), "--device", "cpu"] if model is not None else ["--no-model"]
     allow = [arg for d in ALLOWED_DIRS for arg in ("--allow-dir", d)]
     proc = subprocess.Popen(
@@ -102,7 +102,7 @@ def server(tiny_checkpoint: Path):
 
 @contextlib.contextmanager
 def serving(server: Any) -> Iterator[str]:
-    """Run an in-process earthdial.server.Server on a thread; yields its bound endpoint."""
+    """Run an in-process earthdial.serving.server.Server on a thread; yields its bound endpoint."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

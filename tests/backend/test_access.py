@@ -20,11 +20,11 @@ import zmq
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access, requests, service
-from earthdial.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.serving import access, requests, service
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
-CLI = [sys.executable, "-m", "earthdial.cli"]
+CLI = [sys.executable, "-m", "earthdial.cli.main"]
 
 
 def _tif(path: Path) -> Path:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earthdial.answers import Box, parse_boxes
+from earthdial.model.answers import Box, parse_boxes
 
 
 def B(x1, y1, x2, y2, angle=0.0, label=None):

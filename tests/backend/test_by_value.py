@@ -13,8 +13,8 @@ import pytest
 
 import conftest
 from conftest import free_port, start_server, stop_server
-from earthdial import cli
-from earthdial.samples import write_sample_scene
+from earthdial.cli import main as cli
+from earthdial.demo.samples import write_sample_scene
 
 
 @pytest.fixture(scope="module")

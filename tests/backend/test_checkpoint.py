@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from earthdial import checkpoint
-from earthdial.checkpoint import CheckpointError
+from earthdial.model import checkpoint
+from earthdial.model.checkpoint import CheckpointError
 
 
 def published_keys(vision_layers: int, llm_layers: int) -> set[str]:
@@ -189,7 +189,7 @@ def test_serve_refuses_a_broken_checkpoint_and_names_the_keys(tiny_checkpoint: P
     del w["language_model.lm_head.weight"]
     save_file(w, str(bad / "model.safetensors"))
     proc = subprocess.run(
-        [sys.executable, "-m", "earthdial.cli", "serve", "--model", str(bad), "--endpoint", "tcp://127.0.0.1:0"],
+        [sys.executable, "-m", "earthdial.cli.main", "serve", "--model", str(bad), "--endpoint", "tcp://127.0.0.1:0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0

@@ -19,8 +19,8 @@ from rasterio.transform import from_origin
 from test_output import check_users_layer, user_geopackage
 
 from conftest import EARTHDIAL, free_port
-from earthdial import cli
-from earthdial.preview import is_our_png
+from earthdial.cli import main as cli
+from earthdial.outputs.preview import is_our_png
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 
@@ -192,7 +192,7 @@ def test_ask_with_no_flags_uses_the_server_at_the_default_endpoint(server, scene
 
 
 def test_ask_with_no_flags_and_no_server_runs_the_demo_model_in_process(tmp_path):
-    from earthdial.samples import write_sample_scene
+    from earthdial.demo.samples import write_sample_scene
 
     scene = write_sample_scene(tmp_path / "scene.tif")
     closed = f"tcp://127.0.0.1:{free_port()}"
@@ -204,7 +204,7 @@ def test_ask_with_no_flags_and_no_server_runs_the_demo_model_in_process(tmp_path
     assert layers(out)[0].startswith("refer_ship_scene_")
 
 
-# Lines an in-process run printed that a user can do nothing about (earthdial.quiet drops them)
+# Lines an in-process run printed that a user can do nothing about (earthdial.model.quiet drops them)
 NOISE = ("You are using a model of type", "Failed to load", "Detected no triton", "register_constant()")
 
 
@@ -212,7 +212,7 @@ def test_the_readme_example_finds_boxes_and_prints_no_noise(tmp_path):
     """README: `earthdial ask scene.tif --prompt ships`, no flags: the prompt names objects, so the task is
     refer and the answer has boxes (chat gave "0 grounded box(es)"); in-process, stderr says which task
     and model ran and nothing a user cannot act on. `detect` in-process is as quiet."""
-    from earthdial.samples import write_sample_scene
+    from earthdial.demo.samples import write_sample_scene
 
     scene = write_sample_scene(tmp_path / "scene.tif")
     env = {k: v for k, v in os.environ.items() if k != "EARTHDIAL_MODEL"}

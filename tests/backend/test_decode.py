@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import prompts
 from earthdial import training as train
-from earthdial.engine import Engine, Query, decode_for
-from earthdial.protocol import EarthDialError
+from earthdial.contract.protocol import EarthDialError
+from earthdial.model import prompts
+from earthdial.model.engine import Engine, Query, decode_for
 
 
 def _task_queries(engine: Engine, max_new: int) -> list[Query]:
@@ -84,7 +84,7 @@ def test_decode_modes() -> None:
 def test_a_shared_prompt_prefix_gives_the_same_answers_and_scores() -> None:
     """A scan's batch: one question, one image each. Prefilling the common prefix once and copying its
     cache to every row must change nothing but the time."""
-    from earthdial import synthetic
+    from earthdial.demo import synthetic
 
     engine = Engine(str(train.DEMO_DIR), device="cpu")
     question = prompts.build_question("refer", "ships", "[hr_rgb_0.5]")
@@ -110,7 +110,7 @@ def test_a_shared_prompt_prefix_gives_the_same_answers_and_scores() -> None:
 
 
 def test_a_cpu_engine_leaves_a_core_to_the_reader() -> None:
-    from earthdial.engine import cpu_threads
+    from earthdial.model.engine import cpu_threads
 
     assert [cpu_threads(None, cores) for cores in (1, 2, 16)] == [1, 1, 15]
     assert cpu_threads(4, 2) == 4 and cpu_threads(0, 8) == 0  # asked for; 0: torch's own default

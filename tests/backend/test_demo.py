@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import checkpoint, prompts, service, synthetic
 from earthdial import training as train
-from earthdial.answers import parse_boxes
-from earthdial.protocol import source_by_reference
+from earthdial.contract.protocol import source_by_reference
+from earthdial.demo import synthetic
+from earthdial.model import checkpoint, prompts
+from earthdial.model.answers import parse_boxes
+from earthdial.serving import service
 
 MIN_ABSENT_NONE = 16  # of 20: eval-demo's target is >= 90 % on 200 scenes (docs/demo-model.md)
 
@@ -156,8 +158,8 @@ def test_tokenizer_round_trips_answers(tokenizer) -> None:
 
 
 def test_every_task_prompt_tokenizes_without_unknowns(tokenizer) -> None:
-    from earthdial import prompts
-    from earthdial.tokens import METHANE_UHI_ONLY
+    from earthdial.model import prompts
+    from earthdial.model.tokens import METHANE_UHI_ONLY
 
     for name, spec in prompts.TASKS.items():
         q = prompts.build_question(name, spec.default_prompt or "ship", spec.sensor)
@@ -182,7 +184,7 @@ def test_records_are_earthdial_conversations_and_match_the_engine_prompt(fresh) 
     assert conv[0]["value"].startswith("[refer] [")
     batch = train.collate([ex], engine)
     # the first turn's tokens are exactly the engine's prompt for that question
-    from earthdial.engine import Query
+    from earthdial.model.engine import Query
 
     first = engine.prompt_text(Query(conv[0]["value"], [engine.image(im, ex.sensor) for im in ex.images]))
     prompt_ids = engine.tokenizer(first, add_special_tokens=False)["input_ids"]
@@ -283,7 +285,7 @@ shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    from earthdial.engine import Engine
+    from earthdial.model.engine import Engine
 
     return Engine(str(train.DEMO_DIR), device="cpu")
 
@@ -354,8 +356,8 @@ def test_shipped_demo_sees_a_change(demo_engine, tmp_path) -> None:
 
 @shipped
 def test_shipped_demo_boxes_carry_scores_from_their_token_probabilities(demo_engine) -> None:
-    from earthdial.engine import Query
-    from earthdial.scoring import Answer
+    from earthdial.model.engine import Query
+    from earthdial.model.scoring import Answer
 
     scene = synthetic.make_scene(train.EVAL_SEED + 1, 3)
     image = demo_engine.image(synthetic.render(scene), "[hr_rgb_0.5]")
@@ -388,7 +390,7 @@ def test_shipped_demo_says_none_for_an_absent_class(demo_engine, tmp_path) -> No
 
 
 def test_serve_falls_back_to_the_shipped_demo() -> None:
-    from earthdial import cli
+    from earthdial.cli import main as cli
 
     found = cli._demo_model()  # the package ships the demo model: `earthdial serve` without --model uses it
     assert found == str(train.DEMO_DIR)
@@ -456,7 +458,7 @@ def test_sample_scene_truth_names_its_crs_as_gdal_reads_it(tmp_path) -> None:
     reads: a file GDAL takes for EPSG:4326 turns a QGIS project to 4326 when added first."""
     import pyogrio
 
-    from earthdial import samples
+    from earthdial.demo import samples
 
     for crs in ("EPSG:32633", "EPSG:3857"):
         path = samples.write_sample_scene(tmp_path / f"s_{crs[5:]}.tif", crs=crs)
@@ -472,7 +474,7 @@ def test_sample_scene_truth_lies_on_the_drawn_objects(tmp_path) -> None:
     from rasterio.features import rasterize
     from shapely.geometry import shape
 
-    from earthdial import samples
+    from earthdial.demo import samples
 
     for crs in ("EPSG:32633", "EPSG:3857"):
         path = samples.write_sample_scene(tmp_path / f"s_{crs[5:]}.tif", crs=crs)

@@ -18,11 +18,13 @@ import rasterio
 from rasterio.transform import from_origin
 
 from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
-from earthdial import journal, protocol, synthetic
-from earthdial.engine import Engine
-from earthdial.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
-from earthdial.scoring import Answer
-from earthdial.server import Server
+from earthdial.contract import protocol
+from earthdial.contract.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
+from earthdial.demo import synthetic
+from earthdial.model.engine import Engine
+from earthdial.model.scoring import Answer
+from earthdial.scenes import journal
+from earthdial.serving.server import Server
 from earthdial.training import DEMO_DIR
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from earthdial.cli import build_parser
-from earthdial.engine import pick_device
-from earthdial.precision import choose
+from earthdial.cli.main import build_parser
+from earthdial.model.engine import pick_device
+from earthdial.model.precision import choose
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ import pytest
 from fake_hub import FakeHub, serving
 
 from conftest import EARTHDIAL
-from earthdial import download
-from earthdial.wire import EarthDialError
+from earthdial.contract.wire import EarthDialError
+from earthdial.install import download
 
 REPO = "akshaydudhane/EarthDial_4B_RGB"
 WEIGHTS = "model.safetensors"
@@ -30,7 +30,7 @@ SIGINT_ON_ANOTHER_THREAD = [sys.executable, "-c", "import runpy, signal, sys, th
                             "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
                             "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread and its own\n"
                             "sys.argv = ['earthdial', *sys.argv[1:]]\n"
-                            "runpy.run_module('earthdial.cli', run_name='__main__')\n"]  # fmt: skip
+                            "runpy.run_module('earthdial.cli.main', run_name='__main__')\n"]  # fmt: skip
 
 
 def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
@@ -60,7 +60,7 @@ def hub(tiny_checkpoint: Path):
 
 
 def test_a_download_is_the_published_folder_and_the_model_answers(hub: FakeHub, tmp_path: Path) -> None:
-    from earthdial.samples import write_sample_scene
+    from earthdial.demo.samples import write_sample_scene
 
     target = tmp_path / "EarthDial_4B_RGB"
     result = run_download(hub, target, "--json")

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import checkpoint, prompts, requests, sensors, service
-from earthdial.answers import Box
-from earthdial.cli import build_parser
-from earthdial.engine import Engine, Image, Query, fuse_group_features, fusion_grid
-from earthdial.georef import box_pixel_corners
-from earthdial.protocol import EarthDialError
+from earthdial.cli.main import build_parser
+from earthdial.contract.protocol import EarthDialError
+from earthdial.geo.georef import box_pixel_corners
+from earthdial.model import checkpoint, prompts, sensors
+from earthdial.model.answers import Box
+from earthdial.model.engine import Engine, Image, Query, fuse_group_features, fusion_grid
+from earthdial.serving import requests, service
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_the_engine_puts_bos_first_only_when_the_checkpoint_asks(engine: Engine)
 
 
 def test_the_demo_tokenizer_adds_no_bos() -> None:
-    demo = Path(checkpoint.__file__).parent / "models" / "demo"
+    demo = Path(checkpoint.__file__).parent.parent / "demo" / "checkpoint"
     assert "add_bos_token" not in json.loads((demo / "tokenizer_config.json").read_text())
     assert checkpoint.adds_bos(demo, checkpoint.load_tokenizer(demo)) is False
 
@@ -526,7 +527,7 @@ def test_rotation_matches_upstreams_row_vector_product() -> None:
 def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None:
     from types import SimpleNamespace
 
-    from earthdial import presets
+    from earthdial.geo import presets
 
     inputs = SimpleNamespace(preset=presets.PRESETS["s1_vh_db"], gsd_m=10.0)
     spec = prompts.task("change")
@@ -543,7 +544,7 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     import rasterio
     from affine import Affine
 
-    from earthdial.protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
 
     paths = []
     for i in range(2):  # 3:2 windows: 6 + 1 tiles alone, at most 3 + 1 each in a pair
@@ -571,14 +572,14 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
 def test_linear_resize_samples_pixel_centres_as_opencv(
     row: list[float], size: int, expected: list[float]
 ) -> None:
-    from earthdial.pixels import resize_linear
+    from earthdial.model.pixels import resize_linear
 
     out = resize_linear(torch.tensor([[row]]), 1, size)
     torch.testing.assert_close(out[0, 0], torch.tensor(expected))
 
 
 def test_linear_resize_is_separable_in_two_dimensions() -> None:
-    from earthdial.pixels import resize_linear
+    from earthdial.model.pixels import resize_linear
 
     out = resize_linear(torch.tensor([[[0.0, 4.0], [8.0, 12.0]]]), 4, 4)[0]
     # rows sample at y = -0.25 (clamped 0), 0.25, 0.75, 1.25 (clamped 1); columns alike

@@ -41,8 +41,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial import access, requests, service
-from earthdial.protocol import (
+from earthdial.contract.protocol import (
     ALLOWED_DTYPES,
     OPS,
     Client,
@@ -53,8 +52,9 @@ from earthdial.protocol import (
     error_reply,
     ok_reply,
 )
-from earthdial.scheduling import Pending
-from earthdial.server import Server, _encode_reply, admit
+from earthdial.serving import access, requests, service
+from earthdial.serving.scheduling import Pending
+from earthdial.serving.server import Server, _encode_reply, admit
 
 CODES = {v for k, v in vars(ErrorCode).items() if k.isupper()}
 # hypothesis examples per test; raw, mutant and pixel examples carry several messages each, to spread
@@ -613,7 +613,8 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
     import pyogrio.raw
     import shapely
 
-    from earthdial import output, preview
+    from earthdial.outputs import files as output
+    from earthdial.outputs import preview
 
     user = tmp_path / "user.gpkg"
     point = shapely.to_wkb(np.array([shapely.Point(1, 2)], dtype=object))
@@ -784,7 +785,8 @@ def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(
     """Fuzz finding: a 7 x 16 px GeoTIFF in one 32 768 x 32 768 px tile. The budget counted the tile
     clipped to the image (112 px); GDAL decodes it whole (1 G px; 2 GiB as int16): `plan` held the I/O
     loop for 2.5 s and the server grew by 2 GB. Scaled: a 4 096 px tile, a budget of 1 M px."""
-    from earthdial import imagery, limits
+    from earthdial.geo import imagery
+    from earthdial.serving import limits
 
     tif = tiff_of_entries(tmp_path / "tile.tif", [], size=(7, 16), tile=4096)
     assert limits.blocks_cost((0, 0, 7, 16), (7, 16), (4096, 4096), 1) == 4096 * 4096
@@ -803,7 +805,7 @@ def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tm
     object for every band as they open it (1.3 s here), and `plan` opens the file 4 times: it held the I/O
     loop for 2.5 s; the `ask` decoded 3 GB (every band of a pixel-interleaved block). Now refused from the
     file's bytes; a file of a hyperspectral sensor's few hundred bands still opens."""
-    from earthdial import geokeys
+    from earthdial.geo import geokeys
 
     many = tiff_of_entries(tmp_path / "many.tif", [], size=(1, 1), samples=65_535)
     hyper = tiff_of_entries(tmp_path / "hyper.tif", [], size=(2, 2), samples=geokeys.MAX_SAMPLES)
@@ -824,7 +826,7 @@ def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
     as ArcGIS writes it) held the I/O loop for 1.1 s on two busy cores: PROJ compared the CRS against
     its database twice (0.3 to 0.6 s each). Each definition is identified once now; a second `plan` of
     the file does no identification."""
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     tif = tiff_of_entries(tmp_path / "pe.tif", _pe_citation_entries(None))
     header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
@@ -845,7 +847,7 @@ def test_a_geotransform_whose_inverse_is_not_finite_is_not_a_raster(tmp_path: Pa
     """Fuzz finding: a pixel height of 1e-300 under a top edge at 1e308. The transform and its corners
     are finite, its inverse's offset is not (1e308 / 1e-300): a `plan` with bounds got `internal`
     (OverflowError snapping an infinite row)."""
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     tif = tiff_of_entries(tmp_path / "t.tif", [], scale=(1.0, 1e-300), origin=(0.0, 1e308))
     previous = access.allowed_dirs()
@@ -862,7 +864,7 @@ def test_a_geotransform_whose_inverse_is_not_finite_is_not_a_raster(tmp_path: Pa
 def test_bounds_that_overflow_pixel_space_are_outside(tmp_path: Path, allow_tmp: None) -> None:
     """Bounds far out under a fine pixel (1e-200 m): their pixel columns overflow to infinity. A typed
     `bounds_outside`, as for any bounds off the raster, not `internal`."""
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     tif = tiff_of_entries(tmp_path / "fine.tif", [], scale=(1e-200, 1.0), origin=(0.0, 4_000_000.0))
     with pytest.raises(EarthDialError) as err:
@@ -879,7 +881,7 @@ def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, 
     import rasterio
     from rasterio.transform import from_origin
 
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     tif = tmp_path / "ov.tif"
     with rasterio.open(tif, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
@@ -901,7 +903,7 @@ def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, 
 def test_complex_samples_are_not_a_raster(tmp_path: Path, allow_tmp: None) -> None:
     """Fuzz finding: a GeoTIFF of complex 16-bit integers (SampleFormat 5, as SAR SLC products store
     them): numpy has no such type, and `plan` and `ask` got `internal`. The model reads real values."""
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     for fmt in ((5, 32), (6, 64)):  # complex int16 pairs, complex float32 pairs
         tif = tiff_of_entries(tmp_path / f"c{fmt[0]}.tif", [], sample_format=fmt)
@@ -921,7 +923,7 @@ def test_a_crs_text_that_is_not_utf8_is_bad_crs(tmp_path: Path, allow_tmp: None)
     """Fuzz finding (seed 1): a PE citation with a 0xff byte in its CRS's name. GDAL passes the bytes on
     in the CRS's WKT, rasterio decodes it as UTF-8 while it opens the file: `plan` and `ask` got
     `internal` (UnicodeDecodeError)."""
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     wkt = _UTM_WKT.format(extension="").encode().replace(b'"UTM"', b'"UTM\xff"')
     text = b"ESRI PE String = " + wkt + b"|\0"

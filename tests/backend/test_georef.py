@@ -1,5 +1,5 @@
 """Boxes to map polygons; every expected coordinate below is worked out by hand from the convention in
-earthdial.georef's docstring."""
+earthdial.geo.georef's docstring."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import math
 import pytest
 from affine import Affine
 
-from earthdial.answers import Box, parse_boxes
-from earthdial.georef import box_pixel_corners, box_to_polygon, features_from_boxes
-from earthdial.protocol import EarthDialError, ErrorCode
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.geo.georef import box_pixel_corners, box_to_polygon, features_from_boxes
+from earthdial.model.answers import Box, parse_boxes
 
 # 10 m pixels, north-up, upper-left corner at (500000, 4000000) in UTM
 UTM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)

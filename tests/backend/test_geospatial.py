@@ -11,9 +11,10 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.windows import Window
 
-from earthdial import requests, scenes, service
-from earthdial.engine import Engine
-from earthdial.protocol import EarthDialError, source_by_reference
+from earthdial.contract.protocol import EarthDialError, source_by_reference
+from earthdial.model.engine import Engine
+from earthdial.scenes import runner as scenes
+from earthdial.serving import requests, service
 
 ANSWER = "<ref>tank</ref><box>[[20, 30, 40, 60, 0]]</box>"
 
@@ -272,7 +273,7 @@ def test_merge_keeps_one_of_overlapping_boxes_per_label() -> None:
 
 
 def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Path, engine: Engine) -> None:
-    from earthdial import scan
+    from earthdial.scenes import scan
 
     data = (np.random.default_rng(4).random((3, 300, 500)) * 255).astype(np.uint8)
     path = write(tmp_path / "scene.tif", data, "EPSG:32633", GRIDS["utm_32633"][1])

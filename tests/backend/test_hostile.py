@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import EARTHDIAL, free_port, start_server, stop_server
-from earthdial.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
 
 STATUS_WITHIN_S = 1.0
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
@@ -174,7 +174,7 @@ def test_a_grid_fifo_named_in_a_raster_s_own_crs_is_refused_and_the_server_keeps
 def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: Path) -> None:
     """With a regular file as the grid, its access time changed before the `bad_crs` reply: the check
     ran after GDAL/PROJ had opened it. Now the file is never read."""
-    from earthdial import access, requests, service
+    from earthdial.serving import access, requests, service
 
     grid = tmp_path / "outside" / "grid.gsb"
     grid.parent.mkdir()
@@ -198,7 +198,7 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
 
 def test_a_pe_citation_naming_no_file_still_opens(tmp_path: Path) -> None:
     """The refusal is about files, not about ESRI citations: a plain PE string georeferences as before."""
-    from earthdial import access, requests, service
+    from earthdial.serving import access, requests, service
 
     tif = geotiff_with_pe_citation(
         tmp_path / "pe.tif", "ESRI PE String = " + _PROJ.format(geog=_GEOG.format(ext=""))
@@ -361,7 +361,7 @@ def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
     """detect-many's workers sent HEAD/GET to a loopback listener for STAC hrefs `/vsicurl/http://...`."""
     import json
 
-    from earthdial import archive, many
+    from earthdial.scenes import archive, many
     from earthdial.training import DEMO_DIR
 
     port, listener = http_listener
@@ -377,7 +377,7 @@ def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
     scenes = archive.scenes_of([paths[0]], [str(listing)], [str(stac)])
     runnable = [s for s in scenes if s.error is None]
     if runnable:  # what a worker would do with them (only before the fix)
-        from earthdial.engine import Engine
+        from earthdial.model.engine import Engine
 
         engine = Engine(str(DEMO_DIR), device="cpu")
         for s in runnable:
@@ -453,7 +453,7 @@ def test_detect_o_on_a_read_only_or_full_disk_is_a_typed_error_and_leaves_no_jou
 
 CONCURRENT_WRITER = """
 import json, sys
-from earthdial import output
+from earthdial.outputs import files as output
 collection = json.loads(sys.argv[2])
 sys.stdin.readline()  # all writers start together
 print(output.write_features(sys.argv[1], collection), flush=True)

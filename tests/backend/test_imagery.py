@@ -11,8 +11,8 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-from earthdial.imagery import Chip, chip_from_array, read_chip
-from earthdial.protocol import EarthDialError, ErrorCode
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.geo.imagery import Chip, chip_from_array, read_chip
 
 
 def make_tif(path, data, transform, crs="EPSG:32633", nodata=None):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "qgis_plugin"), str(ROOT / "scripts")]
 import build_plugin  # noqa: E402
 
-from earthdial_qgis import installer  # noqa: E402  (plain Python: no QGIS needed)
+from earthdial_qgis.core import installer  # noqa: E402  (plain Python: no QGIS needed)
 
 del sys.path[:2]
 

@@ -23,9 +23,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from conftest import free_port, start_server, stop_server
-from earthdial import limits, scenes
-from earthdial.connections import Connections
-from earthdial.protocol import (
+from earthdial.contract.protocol import (
     MAX_HEADER_BYTES,
     Client,
     EarthDialError,
@@ -34,7 +32,10 @@ from earthdial.protocol import (
     source_by_reference,
     source_by_value,
 )
-from earthdial.scheduling import FairQueue, Pending
+from earthdial.scenes import runner as scenes
+from earthdial.serving import limits
+from earthdial.serving.connections import Connections
+from earthdial.serving.scheduling import FairQueue, Pending
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0)
@@ -486,7 +487,7 @@ def test_a_reconnecting_dealer_flood_at_the_open_file_limit_fails_no_legitimate_
     idle. Here: 240 such DEALERs pinging every 50 ms against 200 descriptors (a cap of 136); a client
     connected before it gets every `georef` by reference answered, and `status` every 0.1 s."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    command = ["prlimit", "--nofile=200:200", sys.executable, "-m", "earthdial.cli"]
+    command = ["prlimit", "--nofile=200:200", sys.executable, "-m", "earthdial.cli.main"]
     proc = start_server(None, endpoint, command=command)
     small = source_by_reference(str(rasters["small"]))
     ctx = zmq.Context()
@@ -671,7 +672,7 @@ def test_with_curve_a_client_is_its_key(rasters) -> None:
     """With CURVE the identity is the client's public key: any connection of that key may cancel its
     requests, a connection of another key may not, whatever names the requests carry."""
     from conftest import serving
-    from earthdial.server import Server
+    from earthdial.serving.server import Server
 
     public, secret = zmq.curve_keypair()
     alice, other = zmq.curve_keypair(), zmq.curve_keypair()
@@ -696,7 +697,7 @@ def test_with_curve_a_client_is_its_key(rasters) -> None:
 
 
 def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> None:
-    from earthdial import imagery
+    from earthdial.geo import imagery
 
     path = tmp_path / "striped.tif"  # 4000 x 4000 px in strips of one row, no overviews
     data = (np.arange(4000 * 4000, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 4000, 4000)

@@ -1,4 +1,4 @@
-"""What this machine can run (`earthdial.machine`, `earthdial diagnose`): the report read from this machine,
+"""What this machine can run (`earthdial.install.machine`, `earthdial diagnose`): the report read from this machine,
 the recommendation given fixed machines, and the report in a running server's status."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from earthdial import machine, memory, precision
-from earthdial.cli import main
-from earthdial.machine import Facts, Gpu
+from earthdial.cli.main import main
+from earthdial.install import machine
+from earthdial.install.machine import Facts, Gpu
+from earthdial.model import memory, precision
 
 GIB = 1024**3
 TOP_KEYS = {"schema", "taken", "torch", "nvidia_driver", "gpus", "mps", "cpu", "ram", "torchao", "plan_settings",
@@ -177,7 +178,7 @@ def test_a_serving_backend_reports_the_machine_in_status(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint)
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", endpoint, "--json"],
+        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         report = json.loads(out.stdout)["machine"]
         assert set(report) == TOP_KEYS and report["taken"] == "at start-up, before the model was loaded"

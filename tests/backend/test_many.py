@@ -25,8 +25,10 @@ import rasterio
 from test_output import check_users_layer, user_geopackage
 
 from conftest import EARTHDIAL
-from earthdial import archive, cli, journal, many, synthetic
-from earthdial.protocol import EarthDialError, ErrorCode
+from earthdial.cli import main as cli
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.demo import synthetic
+from earthdial.scenes import archive, journal, many
 from earthdial.training import DEMO_DIR
 
 TILING = ["--prompt", "ships", "--tile-size", "224", "--overlap", "0", "--batch", "2", "--model", str(DEMO_DIR),
@@ -279,8 +281,8 @@ def test_without_ray_detect_many_says_how_to_install_it(tmp_path: Path, monkeypa
 
 
 def test_the_runtime_and_the_rest_of_the_cli_never_import_ray() -> None:
-    code = ("import sys, earthdial.cli, earthdial.server, earthdial.many, earthdial.archive, earthdial.scan; "
-            "earthdial.cli.build_parser().parse_args(['detect-many', 'x.tif', '--prompt', 'p', '-o', 'o.gpkg']); "
+    code = ("import sys, earthdial.cli.main, earthdial.serving.server, earthdial.scenes.many, earthdial.scenes.archive, earthdial.scenes.scan; "
+            "earthdial.cli.main.build_parser().parse_args(['detect-many', 'x.tif', '--prompt', 'p', '-o', 'o.gpkg']); "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip

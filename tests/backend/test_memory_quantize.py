@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import checkpoint, memory
-from earthdial.engine import Engine, Query
-from earthdial.prompts import build_question
-from earthdial.quantize import weight_bytes
+from earthdial.model import checkpoint, memory
+from earthdial.model.engine import Engine, Query
+from earthdial.model.prompts import build_question
+from earthdial.model.quantize import weight_bytes
 from earthdial.training import tiny
 
 GIB = 1024**3
@@ -153,7 +153,7 @@ def test_serve_plans_memory_and_reports_it_in_status(tiny_checkpoint: Path) -> N
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--quantize", "int8", "--max-batch", "3"))
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", endpoint, "--json"],
+        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         model = json.loads(out.stdout)["model"]
         assert model["quantize"] == "int8" and model["plan"]["batch"] == 3

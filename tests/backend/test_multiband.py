@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from rasterio.transform import from_origin
 
-from earthdial import checkpoint, sensors
-from earthdial.engine import Engine, Query, fuse_group_features
-from earthdial.prompts import build_question
-from earthdial.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
+from earthdial.model import checkpoint, sensors
+from earthdial.model.engine import Engine, Query, fuse_group_features
+from earthdial.model.prompts import build_question
 from earthdial.training import tiny
 
 

@@ -18,9 +18,9 @@ import pyogrio.raw
 import pytest
 import shapely
 
-from earthdial import output
-from earthdial.output import FIELDS, MARK, check_target, write_features
-from earthdial.protocol import EarthDialError, ErrorCode
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.outputs import files as output
+from earthdial.outputs.files import FIELDS, MARK, check_target, write_features
 
 RING_A = [
     [500200.0, 3999700.0],
@@ -601,7 +601,7 @@ def test_a_real_read_only_folder_is_read_only(tmp_path):
 # A writer that holds its scratch folder's lock until told to let go (a live write in another process).
 LIVE_WRITER = """
 import sys
-from earthdial import output
+from earthdial.outputs import files as output
 with output._scratch(sys.argv[1]) as scratch:
     print(scratch, flush=True)
     sys.stdin.readline()
@@ -667,8 +667,8 @@ def test_a_file_name_too_long_is_a_bad_request_not_internal(tmp_path) -> None:
     """Found by test_fuzz_output_paths_and_layer_names: ENAMETOOLONG was reported as `internal`."""
     import errno
 
-    from earthdial.output import write_error
-    from earthdial.protocol import ErrorCode
+    from earthdial.contract.protocol import ErrorCode
+    from earthdial.outputs.files import write_error
 
     long_name = str(tmp_path / ("x" * 300 + ".gpkg"))
     error = write_error(OSError(errno.ENAMETOOLONG, "File name too long"), long_name, "writing it")

@@ -20,14 +20,14 @@ import pyogrio
 import pytest
 from test_output import TWO, check_two, check_users_layer, user_geopackage
 
-from earthdial.output import check_target, write_features
+from earthdial.outputs.files import check_target, write_features
 
 N = 12000  # features of the large write: several MB, more than SQLite's page cache holds
 
 # Forks one writer per line read ("path layer"), prints its pid, then how it ended.
 ZYGOTE = """
 import json, os, sys
-from earthdial.output import write_features
+from earthdial.outputs.files import write_features
 ring = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
 big = {"type": "FeatureCollection", "crs": "EPSG:32633", "features": [
     {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[x + i, y] for x, y in ring]]},

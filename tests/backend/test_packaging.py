@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from earthdial.protocol import ErrorCode
+from earthdial.contract.protocol import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,8 +61,8 @@ def test_quantize_without_torchao_says_how_to_install(tmp_path) -> None:
     # a fresh interpreter in which `import torchao` fails, as in an install without the extra
     code = (
         "import sys; sys.modules['torchao'] = None\n"
-        "from earthdial.quantize import quantize\n"
-        "from earthdial.protocol import EarthDialError\n"
+        "from earthdial.model.quantize import quantize\n"
+        "from earthdial.contract.protocol import EarthDialError\n"
         "try:\n    quantize(object(), 'nf4')\n"  # nf4 needs torchao on every device (CPU int8 does not)
         "except EarthDialError as exc:\n    print(exc.code); print(exc.message)\n"
     )
@@ -71,6 +71,6 @@ def test_quantize_without_torchao_says_how_to_install(tmp_path) -> None:
     assert code_line == ErrorCode.MISSING_DEPENDENCY, done.stderr
     assert "earthdial-qgis[quantize]" in message
     with pytest.raises(ValueError):  # an unknown mode is still a ValueError, torchao or not
-        from earthdial.quantize import quantize
+        from earthdial.model.quantize import quantize
 
         quantize(object(), "int3")

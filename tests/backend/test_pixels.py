@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import pixels
+from earthdial.model import pixels
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import pytest
 import rasterio
 from affine import Affine
 
-from earthdial import presets, service
-from earthdial.engine import Engine
-from earthdial.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.geo import presets
+from earthdial.model.engine import Engine
+from earthdial.serving import service
 
 UTM = ("EPSG:32633", Affine(10, 0, 500_000, 0, -10, 4_000_000))
 
@@ -171,7 +172,7 @@ def _wait(condition, timeout_s: float = 30.0) -> None:
 def test_the_plan_of_a_scan_counts_the_tiles_the_scan_runs_and_the_gsd_each_is_seen_at(
     tmp_path: Path, rgb_engine: Engine
 ) -> None:
-    from earthdial import scan
+    from earthdial.scenes import scan
 
     path = tif(
         tmp_path / "wide.tif", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8)

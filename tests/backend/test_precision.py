@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from earthdial import precision
-from earthdial.engine import Engine, Query
-from earthdial.precision import Probe, choose
-from earthdial.prompts import build_question
-from earthdial.quantize import PACK_MAX_ROWS, CpuInt8Linear
+from earthdial.model import precision
+from earthdial.model.engine import Engine, Query
+from earthdial.model.precision import Probe, choose
+from earthdial.model.prompts import build_question
+from earthdial.model.quantize import PACK_MAX_ROWS, CpuInt8Linear
 
 BF16_CPU = frozenset({"fpu", "avx512f", "avx512_bf16"})
 PLAIN_CPU = frozenset({"fpu", "avx2", "fma"})
@@ -141,11 +141,11 @@ def test_serve_dtype_option_and_status_say_which_and_why(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--dtype", "bf16"))
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", endpoint, "--json"],
+        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         model = json.loads(out.stdout)["model"]
         assert model["dtype"] == "bfloat16" and model["dtype_reason"] == "bfloat16: asked for (--dtype)"
-        text = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", endpoint],
+        text = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint],
                               capture_output=True, text=True, timeout=60).stdout  # fmt: skip
         assert "dtype     bfloat16: asked for (--dtype)" in text
     finally:
@@ -154,7 +154,7 @@ def test_serve_dtype_option_and_status_say_which_and_why(tiny_checkpoint: Path) 
 
 def test_cpu_int8_frees_each_full_precision_weight_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     # the load peak of an int8 model is its bf16 weights, not bf16 + int8 (12.2 GiB for EarthDial-4B)
-    from earthdial import quantize
+    from earthdial.model import quantize
 
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64)) for _ in range(4)])
     originals = [weakref.ref(block[0]) for block in model]

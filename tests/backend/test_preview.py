@@ -8,7 +8,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-from earthdial import imagery, preview
+from earthdial.geo import imagery
+from earthdial.outputs import preview
 
 
 def test_box_outline_is_drawn_on_the_box_edges_only(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from earthdial import checkpoint
-from earthdial.engine import Engine, Query
-from earthdial.prompts import TASKS, build_question, expand_images, render_chat
-from earthdial.protocol import EarthDialError
-from earthdial.tokens import INTERNVL_TOKENS, PHI3_TOKENS, SENSOR_TAGS, TASK_TAGS, earthdial_tokens
+from earthdial.contract.protocol import EarthDialError
+from earthdial.model import checkpoint
+from earthdial.model.engine import Engine, Query
+from earthdial.model.prompts import TASKS, build_question, expand_images, render_chat
+from earthdial.model.tokens import INTERNVL_TOKENS, PHI3_TOKENS, SENSOR_TAGS, TASK_TAGS, earthdial_tokens
 from earthdial.training import tiny
 
 
@@ -112,7 +112,7 @@ def test_generation_returns_text_and_batches_match_single_runs(engine: Engine) -
 
 
 def test_a_prompt_naming_objects_defaults_to_refer_and_a_question_to_chat() -> None:
-    from earthdial.prompts import default_task
+    from earthdial.model.prompts import default_task
 
     for prompt in ("ships", "small boats", " oil storage tanks. ", "Airplanes"):
         assert default_task(prompt) == "refer", prompt

@@ -19,8 +19,8 @@ import rasterio
 from rasterio.transform import from_origin
 from test_hostile import StatusProbe, _server
 
-from earthdial import access
-from earthdial.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
+from earthdial.serving import access
 
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
 
@@ -127,7 +127,7 @@ def test_a_file_or_folder_swapped_for_a_link_never_reads_outside(
 def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
     """A link inside an allowed folder to a file inside it is refused too: following it is what the
     swap above exploits; the error names the link."""
-    from earthdial import access, requests, service
+    from earthdial.serving import access, requests, service
 
     def ref(path: Path) -> requests.Source:
         return requests.source(source_by_reference(str(path)))
@@ -196,7 +196,8 @@ def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
 def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path) -> None:
     """Each reader runs under RLIMIT_AS: what it holds when ready plus the pixel budget (8 bytes a
     pixel) and the headroom; a read it cannot allocate fails in the reader, not in the server."""
-    from earthdial import imagery, limits, readers
+    from earthdial.geo import imagery
+    from earthdial.serving import limits, readers
 
     path = str(_tif(tmp_path / "x.tif", 8, "EPSG:32633"))
     previous = access.allowed_dirs()
@@ -225,7 +226,8 @@ def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_c
     under the same name since: a second scan after the file changed reads the new pixels."""
     from rasterio.windows import Window
 
-    from earthdial import imagery, limits, readers
+    from earthdial.geo import imagery
+    from earthdial.serving import limits, readers
 
     path = tmp_path / "scene.tif"
     _tif(path, 64, "EPSG:32633")  # all ones
@@ -269,7 +271,9 @@ def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
     from rasterio.windows import Window
     from test_hostile import geotiff_with_pe_citation, pe_citations
 
-    from earthdial import imagery, limits, readers, scenes
+    from earthdial.geo import imagery
+    from earthdial.scenes import runner as scenes
+    from earthdial.serving import limits, readers
 
     os.mkfifo(outside_dir / "grid.gsb")
     trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]))  # fmt: skip

@@ -16,10 +16,10 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from conftest import free_port, start_server, stop_server
-from earthdial import synthetic
-from earthdial.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.wire import json_frame
+from earthdial.demo import synthetic
 from earthdial.training import DEMO_DIR
-from earthdial.wire import json_frame
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from rasterio.transform import from_origin
 from shapely.geometry import Polygon, box, shape
 
 from conftest import EARTHDIAL
-from earthdial import scenes, synthetic
+from earthdial.demo import synthetic
+from earthdial.scenes import runner as scenes
 from earthdial.training import DEMO_DIR
 
 # two tiles of 448 px at 10 % overlap, side by side; map units = pixels, y down (any affine would do)

@@ -13,7 +13,7 @@ import rasterio
 import zmq
 from rasterio.transform import from_origin
 
-from earthdial.protocol import (
+from earthdial.contract.protocol import (
     PROTOCOL_VERSION,
     Client,
     EarthDialError,
@@ -57,8 +57,9 @@ def test_status_reports_model_tasks_and_protocol(client: Client) -> None:
 
 def test_status_carries_the_contract_the_plugin_uses(client: Client) -> None:
     """Tasks, band presets and error codes come from the backend's own tables, all of them (issue 18)."""
-    from earthdial import presets, prompts
-    from earthdial.protocol import ErrorCode
+    from earthdial.contract.protocol import ErrorCode
+    from earthdial.geo import presets
+    from earthdial.model import prompts
 
     status = client.status()
     assert [t["name"] for t in status["tasks"]] == list(prompts.TASKS)
@@ -191,12 +192,12 @@ def test_client_times_out_when_nothing_listens() -> None:
 
 
 def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli", "status", "--endpoint", server],
+    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", server],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0 and "EarthDial_4B_RGB" in out.stdout
     assert "presets   rgb8, rgb16, grey," in out.stdout  # the names Processing's PRESET takes
     gpkg = tmp_path / "ask.gpkg"
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli", "ask", str(utm_tif), "--task", "refer",
+    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "ask", str(utm_tif), "--task", "refer",
                           "--prompt", "ships", "--endpoint", server, "-o", str(gpkg)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -204,13 +205,13 @@ def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_p
 
 
 def test_cli_reports_typed_errors(server: str, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli", "ask", str(tmp_path / "nope.tif"),
+    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "ask", str(tmp_path / "nope.tif"),
                           "--prompt", "x", "--endpoint", server], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 1
     assert "file_not_found" in out.stderr
 
 
 def test_serve_refuses_a_non_loopback_bind(tiny_checkpoint: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli", "serve", "--model", str(tiny_checkpoint),
+    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "serve", "--model", str(tiny_checkpoint),
                           "--endpoint", "tcp://0.0.0.0:5999"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "loopback" in out.stderr

@@ -17,11 +17,11 @@ import torch
 import zmq
 
 from conftest import free_port, serving, start_server, stop_server
-from earthdial import server as server_mod
-from earthdial import service
-from earthdial.protocol import Client, EarthDialError, decode, encode, source_by_value
-from earthdial.scheduling import Pending, cancel_check, is_cancelled
-from earthdial.server import Server
+from earthdial.contract.protocol import Client, EarthDialError, decode, encode, source_by_value
+from earthdial.serving import server as server_mod
+from earthdial.serving import service
+from earthdial.serving.scheduling import Pending, cancel_check, is_cancelled
+from earthdial.serving.server import Server
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 PIXELS = np.zeros((3, 16, 16), np.uint8)
@@ -30,14 +30,14 @@ BY_VALUE = source_by_value([10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0], "EPS
 # `earthdial serve` whose georef of the answer "slow" takes a minute: a job to kill the server in.
 SLOW_SERVE = [sys.executable, "-c", """
 import sys, time
-from earthdial import service
+from earthdial.serving import service
 real = service.prepare
 def prepare(header, arrays, engine, request=None):
     if header.get("answer") == "slow":
         time.sleep(60)
     return real(header, arrays, engine, request)
 service.prepare = prepare
-from earthdial.cli import main
+from earthdial.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """]  # fmt: skip
 
@@ -101,7 +101,7 @@ def test_killed_server_is_reported_at_once_and_a_restarted_one_serves_the_same_c
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path):
-    from earthdial.engine import Engine
+    from earthdial.model.engine import Engine
 
     return Engine(str(tiny_checkpoint), device="cpu")
 
@@ -339,7 +339,7 @@ def test_an_oversized_frame_drops_the_connection_and_the_server_goes_on() -> Non
 
 
 def test_total_array_bytes_are_limited(monkeypatch) -> None:
-    from earthdial import wire
+    from earthdial.contract import wire
 
     monkeypatch.setattr(wire, "MAX_TOTAL_BYTES", 1000)
     frames = encode({"id": "t", "op": "georef"}, [np.zeros(600, np.uint8), np.zeros(600, np.uint8)])

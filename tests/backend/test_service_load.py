@@ -19,10 +19,10 @@ import zmq
 from rasterio.transform import from_origin
 
 from conftest import serving
-from earthdial import service
-from earthdial.protocol import Client, EarthDialError, decode, encode, source_by_value
-from earthdial.scheduling import FairQueue, Pending
-from earthdial.server import Server
+from earthdial.contract.protocol import Client, EarthDialError, decode, encode, source_by_value
+from earthdial.serving import service
+from earthdial.serving.scheduling import FairQueue, Pending
+from earthdial.serving.server import Server
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 PIXELS = np.zeros((3, 16, 16), np.uint8)
@@ -33,7 +33,7 @@ BY_VALUE = source_by_value([10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0], "EPS
 LOAD_CLIENT = r"""
 import json, sys, time
 import zmq
-from earthdial.protocol import decode, encode, source_by_reference
+from earthdial.contract.protocol import decode, encode, source_by_reference
 
 endpoint, tif, name, count, window, asks = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 src = source_by_reference(tif)

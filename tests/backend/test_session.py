@@ -19,10 +19,10 @@ from rasterio.transform import from_origin
 from test_detect_protocol import mosaic
 
 from conftest import EARTHDIAL
-from earthdial import result_features
-from earthdial.answers import Box
-from earthdial.georef import box_to_polygon
-from earthdial.output import write_features
+from earthdial.contract import result_features
+from earthdial.geo.georef import box_to_polygon
+from earthdial.model.answers import Box
+from earthdial.outputs.files import write_features
 from earthdial.training import DEMO_DIR
 from earthdial.training import export as training_data
 

@@ -13,11 +13,11 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from earthdial import synthetic
-from earthdial.answers import Box
-from earthdial.georef import box_to_polygon
-from earthdial.output import write_features
-from earthdial.protocol import EarthDialError
+from earthdial.contract.protocol import EarthDialError
+from earthdial.demo import synthetic
+from earthdial.geo.georef import box_to_polygon
+from earthdial.model.answers import Box
+from earthdial.outputs.files import write_features
 from earthdial.training import export as training_data
 
 # a 100 x 100 raster of 1 m pixels; the window asked about is 50 x 50 pixels at cols 20-70, rows 10-60
@@ -143,17 +143,17 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
     gpkg = tmp_path / "r.gpkg"
     write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
                    layer="a")  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "earthdial.cli", "export-training", str(gpkg), "--layer", "a",
+    done = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(gpkg), "--layer", "a",
                            "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 record(s): 1 refer" in done.stdout
-    missing = subprocess.run([sys.executable, "-m", "earthdial.cli", "export-training", str(tmp_path / "no.gpkg"),
+    missing = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(tmp_path / "no.gpkg"),
                               "-o", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 1 and "file_not_found" in missing.stderr and not (tmp_path / "o2").exists()
     # nothing reviewed: nothing to export, and no empty records file that would pass for an export
     write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
                    layer="unreviewed")  # fmt: skip
-    empty = subprocess.run([sys.executable, "-m", "earthdial.cli", "export-training", str(gpkg), "--layer",
+    empty = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(gpkg), "--layer",
                             "unreviewed", "-o", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert empty.returncode == 1 and "not reviewed" in empty.stdout and "no file written" in empty.stdout
     assert not (tmp_path / "o3" / "records.jsonl").exists()
@@ -177,10 +177,10 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
     pytest.importorskip("peft")
     import torch
 
-    from earthdial import adapters, prompts
     from earthdial import training as train
-    from earthdial.checkpoint import CheckpointError, load
-    from earthdial.engine import Engine, Query
+    from earthdial.model import adapters, prompts
+    from earthdial.model.checkpoint import CheckpointError, load
+    from earthdial.model.engine import Engine, Query
     from earthdial.training import finetune
 
     path, _ = raster

@@ -172,7 +172,7 @@ def show_view(qgis_iface: Any, qgis_parent: Any) -> Callable[..., QgsRectangle]:
 @pytest.fixture
 def make_dock(qgis_iface: Any, backend: Backend) -> Iterator[Callable[[], Any]]:
     """Builds EarthDial panels pointed at the test backend; cancels and deletes them afterwards."""
-    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+    from earthdial_qgis.gui.dock import SETTING_ENDPOINT, EarthDialDock
 
     docks: list[Any] = []
 
@@ -198,7 +198,7 @@ def local_demo_plugin(qgis_iface: Any, allowed: Path, results_gpkg: str, timeout
     demo model, reading ``allowed``) started from the panel and connected. Yields the plugin; unloads it and
     forgets the settings it used afterwards."""
     import earthdial_qgis
-    from earthdial_qgis import settings
+    from earthdial_qgis.core import settings
 
     keys = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE,
             settings.EXTRA_ARGS, settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip

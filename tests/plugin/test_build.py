@@ -22,7 +22,7 @@ def test_the_repository_holds_no_symlink_and_no_copy_of_the_contract() -> None:
     assert tracked
     assert not [row for row in tracked if row.startswith("120000")]  # a Windows clone gets no link to fix
     paths = {row.split("\t", 1)[1] for row in tracked}
-    for name in ("wire.py", "client.py", "protocol.py"):
+    for name in ("contract/wire.py", "contract/client.py", "contract/protocol.py"):
         assert f"backend/earthdial/{name}" in paths
         assert f"qgis_plugin/earthdial_qgis/{name}" not in paths
 
@@ -46,7 +46,9 @@ def test_build_plugin_zip(tmp_path) -> None:
         modules = [
             p.relative_to(source).as_posix() for p in source.rglob("*.py") if "__pycache__" not in p.parts
         ]
-        assert len(modules) > 40 and "wire.py" in modules and "result_features.py" in modules
+        assert (
+            len(modules) > 40 and "contract/wire.py" in modules and "contract/result_features.py" in modules
+        )
         for module in modules:
             assert f"earthdial_qgis/{module}" in names, module
         assert not any("/vendor/" in n for n in names)
@@ -60,7 +62,7 @@ def test_build_plugin_zip(tmp_path) -> None:
         assert "\nqgisMaximumVersion=4.99\n" in metadata and "\nsupportsQt6=True\n" in metadata
         assert 'version = "0.3.0"' in (ROOT / "pyproject.toml").read_text()  # one version for both
         # the shared contract: the backend's modules, byte for byte, as regular files
-        for name in ("wire.py", "client.py", "protocol.py"):
+        for name in ("contract/wire.py", "contract/client.py", "contract/protocol.py"):
             info = zf.getinfo(f"earthdial_qgis/{name}")
             assert not stat.S_ISLNK(info.external_attr >> 16)
             assert zf.read(info) == (ROOT / "backend" / "earthdial" / name).read_bytes(), name
@@ -73,19 +75,19 @@ def test_build_plugin_zip(tmp_path) -> None:
     with zipfile.ZipFile(tmp_path / "plugins" / wheel_name) as wheel:
         inside = set(wheel.namelist())
         assert {
-            "earthdial/cli.py",
-            "earthdial/engine.py",
-            "earthdial/models/demo/model.safetensors",
+            "earthdial/cli/main.py",
+            "earthdial/model/engine.py",
+            "earthdial/demo/checkpoint/model.safetensors",
         } <= inside
         entry_points = wheel.read("earthdial_qgis-0.3.0.dist-info/entry_points.txt").decode()
-        assert "earthdial = earthdial.cli:main" in entry_points
+        assert "earthdial = earthdial.cli.main:main" in entry_points
     size = out.stat().st_size
     assert size < build_plugin.MAX_ZIP_BYTES == 25 * 1024 * 1024, size  # the plugin site's limit
 
     # The unpacked plugin imports on its own, as QGIS would load it from its plugins folder.
     check = (
         "import sys; sys.path.insert(0, sys.argv[1]); import earthdial_qgis, earthdial_qgis.plugin, "
-        "earthdial_qgis.dock, earthdial_qgis.processing_provider, earthdial_qgis.algorithms; assert earthdial_qgis.__file__.startswith(sys.argv[1]); "
+        "earthdial_qgis.gui.dock, earthdial_qgis.processing.provider, earthdial_qgis.processing; assert earthdial_qgis.__file__.startswith(sys.argv[1]); "
         "assert callable(earthdial_qgis.classFactory); print('ok')"
     )
     run = subprocess.run(

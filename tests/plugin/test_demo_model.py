@@ -15,9 +15,9 @@ from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
 from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 
 from conftest import Backend, backend_env, running_backend
-from earthdial_qgis.area import WHOLE_LAYER
+from earthdial_qgis.core.area import WHOLE_LAYER
 
-DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
 
 pytestmark = pytest.mark.skipif(
     not DEMO.exists(), reason="no demo checkpoint is installed (earthdial train-demo writes it)"
@@ -56,7 +56,7 @@ def mercator_scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 def test_the_panel_finds_the_ship_on_the_map(
     demo_backend, mercator_scene, qgis_new_project, qgis_iface
 ) -> None:
-    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+    from earthdial_qgis.gui.dock import SETTING_ENDPOINT, EarthDialDock
 
     path, truth = mercator_scene
     layer = QgsRasterLayer(str(path), "harbour", "gdal")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from plugin_testing import wait_until
 
-from earthdial_qgis import deps
+from earthdial_qgis.core import deps
 
 
 def test_detection_with_failing_imports(monkeypatch) -> None:
@@ -51,7 +51,7 @@ def test_vendor_folder_goes_on_sys_path(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_dialog_shows_the_command_and_runs_it(qgis_app, monkeypatch) -> None:
-    from earthdial_qgis.deps_dialog import DependenciesDialog
+    from earthdial_qgis.gui.deps_dialog import DependenciesDialog
 
     dialog = DependenciesDialog(["pyzmq"])
     assert dialog.command_edit.text() == deps.pip_command_text(["pyzmq"])

@@ -8,8 +8,8 @@ import shutil
 from plugin_testing import EARTHDIAL, free_port, wait_until
 from qgis.core import QgsApplication, QgsSettings
 
-from earthdial_qgis import log
-from earthdial_qgis.diagnostics import MACHINE_HEADING
+from earthdial_qgis.core import log
+from earthdial_qgis.gui.diagnostics import MACHINE_HEADING
 
 
 def test_report_has_versions_backend_and_errors(
@@ -73,7 +73,7 @@ def test_diagnostics_shows_what_the_running_backend_says_this_machine_can_run(qg
 
 def test_with_no_backend_diagnostics_asks_the_configured_backend_command(qgis_iface, tmp_path) -> None:
     import earthdial_qgis
-    from earthdial_qgis import settings
+    from earthdial_qgis.core import settings
 
     keys = (settings.ENDPOINT, settings.BACKEND_COMMAND)
     settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")  # nothing there

@@ -8,9 +8,9 @@ import pytest
 from plugin_testing import ANSWER, EPSG, VIEW, VIEW_BOUNDS, expected_ring, free_port, same_corners, wait_until
 from qgis.core import Qgis, QgsProject, QgsVectorLayer
 
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.layers import ANSWER_PROPERTY
-from earthdial_qgis.protocol import Client, source_by_reference
+from earthdial_qgis.contract.protocol import Client, source_by_reference
+from earthdial_qgis.core.layers import ANSWER_PROPERTY
+from earthdial_qgis.gui.dock import GEOREF
 
 
 def new_layers(before: set[str]) -> list[QgsVectorLayer]:
@@ -174,7 +174,7 @@ def test_task_and_preset_lists_come_from_the_server(qgis_iface, qgis_new_project
     then exactly the server's tasks and presets (kept for the next start, as the server said them)."""
     from qgis.core import QgsSettings
 
-    from earthdial_qgis.dock import SETTING_ENDPOINT, SETTING_LAST_TASKS, EarthDialDock
+    from earthdial_qgis.gui.dock import SETTING_ENDPOINT, SETTING_LAST_TASKS, EarthDialDock
 
     def shown(combo: Any) -> list[str]:
         return [combo.itemData(i) for i in range(combo.count())]
@@ -216,7 +216,7 @@ def test_task_and_preset_lists_come_from_the_server(qgis_iface, qgis_new_project
 def test_area_is_carried_into_the_layer_crs(raster_layer) -> None:
     from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform
 
-    from earthdial_qgis.sources import area_in_layer_crs
+    from earthdial_qgis.core.sources import area_in_layer_crs
 
     wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
     to_wgs84 = QgsCoordinateTransform(raster_layer.crs(), wgs84, QgsProject.instance())

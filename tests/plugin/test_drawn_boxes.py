@@ -8,8 +8,8 @@ from typing import Any
 from plugin_testing import wait_until
 from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsRectangle, QgsRenderContext, QgsVectorLayer
 
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.review import ADDED, Watcher
+from earthdial_qgis.gui.dock import GEOREF
+from earthdial_qgis.gui.review import ADDED, Watcher
 
 # two ships and a plane, imported through the backend's georef op
 ANSWER = (

@@ -14,9 +14,9 @@ import zmq
 from plugin_testing import ANSWER, free_port, wait_until, write_geotiff
 from qgis.core import Qgis, QgsProject, QgsRasterLayer
 
-from earthdial_qgis import errors
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.protocol import EarthDialError, decode, encode, error_reply, ok_reply
+from earthdial_qgis.contract.protocol import EarthDialError, decode, encode, error_reply, ok_reply
+from earthdial_qgis.core import errors
+from earthdial_qgis.gui.dock import GEOREF
 
 
 class FakeServer:
@@ -188,7 +188,7 @@ def test_layer_without_crs(make_dock, raster_layer, show_view, backend, tmp_path
 def test_plain_words_for_every_server_code(backend) -> None:
     """Every code the running backend says it can send has its own wording: none falls through to the raw
     code or message (the list is the backend's status, not one written here)."""
-    from earthdial_qgis.client import Client
+    from earthdial_qgis.contract.client import Client
 
     with Client(backend.endpoint, timeout_s=10) as client:
         codes = client.status()["error_codes"]

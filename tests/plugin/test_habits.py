@@ -17,8 +17,8 @@ from qgis.PyQt.QtWidgets import QAbstractButton, QWidget
 
 import earthdial_qgis
 from conftest import running_backend
-from earthdial_qgis import diagnostics
-from earthdial_qgis.dock import GEOREF
+from earthdial_qgis.gui import diagnostics
+from earthdial_qgis.gui.dock import GEOREF
 
 PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
 
@@ -75,7 +75,7 @@ def test_every_control_has_a_tooltip_and_help_opens_the_plugins_own_page(make_do
     dock = make_dock()
     bare = [name for name, w in controls(dock).items() if not w.toolTip() and not name.endswith("_label")]
     assert bare == [], f"controls without a tooltip: {bare}"
-    with mock.patch("earthdial_qgis.qt.QtGui.QDesktopServices.openUrl") as opened:
+    with mock.patch("earthdial_qgis.core.qt.QtGui.QDesktopServices.openUrl") as opened:
         dock.help_button.click()
     url = opened.call_args[0][0]
     assert url.isLocalFile() and Path(url.toLocalFile()) == PLUGIN / "help" / "index.html"  # in the zip
@@ -99,7 +99,7 @@ def test_the_panel_fits_a_300_px_dock_without_clipped_buttons(make_dock) -> None
 
 
 def test_a_missing_qtpy_is_a_line_in_the_log_not_a_warning(qgis_iface, qgis_new_project, monkeypatch) -> None:
-    from earthdial_qgis import deps
+    from earthdial_qgis.core import deps
 
     monkeypatch.setitem(sys.modules, "qtpy", None)
     qgis_iface.messageBar().clear_messages()

@@ -16,8 +16,8 @@ import pytest
 from plugin_testing import free_port, wait_until
 from qgis.core import QgsSettings
 
-from earthdial_qgis import installer, settings
-from earthdial_qgis.backend_process import resolve_command
+from earthdial_qgis.core import installer, settings
+from earthdial_qgis.core.backend_process import resolve_command
 
 NVIDIA_SMI_HEADER = """\
 +-----------------------------------------------------------------------------------------+
@@ -145,7 +145,7 @@ def short_plan(dialog: Any, wheel: str) -> Any:
 def test_the_dialog_installs_saves_its_log_and_sets_the_backend(
     wheel: str, tmp_path: Path, qgis_app: Any, no_backend_command: Any
 ) -> None:
-    from earthdial_qgis.install_dialog import InstallDialog
+    from earthdial_qgis.gui.install_dialog import InstallDialog
 
     cpu = installer.choose_torch("Linux", "x86_64", None)
     dialog = InstallDialog(home=str(tmp_path / "earthdial-backend"), wheel=wheel, torch=cpu)
@@ -179,7 +179,7 @@ def test_the_dialog_installs_saves_its_log_and_sets_the_backend(
 def test_cancel_kills_the_running_step_and_install_again_goes_on(
     wheel: str, tmp_path: Path, qgis_app: Any, no_backend_command: Any
 ) -> None:
-    from earthdial_qgis.install_dialog import InstallDialog
+    from earthdial_qgis.gui.install_dialog import InstallDialog
 
     cpu = installer.choose_torch("Linux", "x86_64", None)
     dialog = InstallDialog(home=str(tmp_path / "home"), wheel=wheel, torch=cpu)
@@ -222,7 +222,7 @@ def test_the_panel_offers_install_backend_while_none_is_set_and_starts_what_it_i
     re-run over a complete install: what is tested is the hand-over, not the install."""
     from plugin_testing import EARTHDIAL
 
-    from earthdial_qgis.backend_process import RUNNING, STOPPED
+    from earthdial_qgis.core.backend_process import RUNNING, STOPPED
 
     dock = make_dock()
     assert dock.show_install_offer() and not dock.install_backend_button.isHidden()
@@ -269,7 +269,7 @@ def test_the_plugin_offers_the_upgrade_when_its_wheel_is_newer(
 def test_starting_with_no_backend_set_points_to_install_backend(
     qgis_app: Any, no_backend_command: Any
 ) -> None:
-    from earthdial_qgis.backend_process import STOPPED, LocalBackend
+    from earthdial_qgis.core.backend_process import STOPPED, LocalBackend
 
     backend = LocalBackend()
     problem = backend.start("tcp://127.0.0.1:5557")

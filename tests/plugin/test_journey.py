@@ -22,14 +22,14 @@ from qgis.core import (
 )
 
 from conftest import backend_env, local_demo_plugin
-from earthdial_qgis import settings
-from earthdial_qgis.area import WHOLE_LAYER
-from earthdial_qgis.review import ACCEPTED, ADDED, CORRECTED, REJECTED
+from earthdial_qgis.core import settings
+from earthdial_qgis.core.area import WHOLE_LAYER
+from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED, REJECTED
 
-DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
 MOSAIC = """
 import sys, numpy as np
-from earthdial import synthetic
+from earthdial.demo import synthetic
 n, size = 3, 112
 rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
         for r in range(n)]

@@ -10,8 +10,14 @@ from plugin_testing import ROOT, free_port, wait_until, write_geotiff
 from qgis.core import Qgis, QgsProject, QgsRasterLayer, QgsSettings
 
 import earthdial_qgis
-from earthdial_qgis import settings
-from earthdial_qgis.backend_process import RUNNING, STOPPED, layer_folders, resolve_command, serve_arguments
+from earthdial_qgis.core import settings
+from earthdial_qgis.core.backend_process import (
+    RUNNING,
+    STOPPED,
+    layer_folders,
+    resolve_command,
+    serve_arguments,
+)
 
 
 def alive(pid: int) -> bool:

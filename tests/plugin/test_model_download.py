@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from plugin_testing import EARTHDIAL, ROOT, wait_until
 
-from earthdial_qgis.settings_dialog import SettingsDialog
+from earthdial_qgis.gui.settings_dialog import SettingsDialog
 
 _spec = importlib.util.spec_from_file_location("fake_hub", ROOT / "tests" / "backend" / "fake_hub.py")
 assert _spec is not None and _spec.loader is not None

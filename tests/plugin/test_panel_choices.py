@@ -12,8 +12,8 @@ from qgis.core import QgsRasterLayer, QgsSettings
 from qgis.PyQt.QtWidgets import QPushButton, QRadioButton
 from test_scan_dock import demo_backend  # noqa: F401  (the demo model's server, a module fixture)
 
-from earthdial_qgis.area import WHOLE_LAYER
-from earthdial_qgis.dock import SETTING_LAST_TASKS, SHRINK_WARN
+from earthdial_qgis.core.area import WHOLE_LAYER
+from earthdial_qgis.gui.dock import SETTING_LAST_TASKS, SHRINK_WARN
 
 
 def _plan(dock: Any) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def test_a_note_when_the_demo_model_is_asked_a_task_it_was_not_trained_for(
     raster_layer: Any,
     qgis_iface: Any,
 ) -> None:
-    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+    from earthdial_qgis.gui.dock import SETTING_ENDPOINT, EarthDialDock
 
     QgsSettings().setValue(SETTING_ENDPOINT, demo_backend.endpoint)
     dock = EarthDialDock(qgis_iface)
@@ -141,7 +141,7 @@ def test_the_scan_tile_follows_the_models_input_size_until_the_user_picks_one(
 ) -> None:
     """A tile of the model's own image size reaches the model at the layer's GSD (448 px tiles on a
     112 px model were seen 4x coarser)."""
-    from earthdial_qgis.protocol import Client
+    from earthdial_qgis.contract.protocol import Client
 
     with Client(backend.endpoint, timeout_s=10) as client:
         size = client.status()["model"]["image_size"]

@@ -72,7 +72,7 @@ def test_load_toggle_and_unload(qgis_iface, main_window, qgis_new_project) -> No
 def test_missing_dependencies_are_offered_not_installed(qgis_iface, qgis_new_project, monkeypatch) -> None:
     """With pyzmq "missing" (its import made to fail), loading the plugin says so and offers the install;
     nothing is installed by itself."""
-    from earthdial_qgis import deps
+    from earthdial_qgis.core import deps
 
     monkeypatch.setitem(sys.modules, "zmq", None)  # `import zmq` now raises ImportError
     ran = mock.Mock()

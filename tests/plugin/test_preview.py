@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from qgis.PyQt.QtGui import QColor
 
-from earthdial_qgis.preview import chip_grid, draw_boxes, preview_image, shrink, to_qimage, to_rgb8
-from earthdial_qgis.styling import colour_for
+from earthdial_qgis.core.preview import chip_grid, draw_boxes, preview_image, shrink, to_qimage, to_rgb8
+from earthdial_qgis.core.styling import colour_for
 
 
 def test_pixels_to_rgb() -> None:

@@ -18,7 +18,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from earthdial_qgis.layers import FIELDS
+from earthdial_qgis.core.layers import FIELDS
 
 LAYER_EXTENT = QgsRectangle(ORIGIN[0], ORIGIN[1] - SIZE[1] * PIXEL, ORIGIN[0] + SIZE[0] * PIXEL, ORIGIN[1])
 
@@ -34,7 +34,7 @@ def processing(qgis_app: Any) -> Iterator[Any]:
     Processing.initialize()
     import processing as module
 
-    from earthdial_qgis.processing_provider import EarthDialProvider
+    from earthdial_qgis.processing.provider import EarthDialProvider
 
     registry = QgsApplication.processingRegistry()
     provider = EarthDialProvider()
@@ -93,7 +93,7 @@ def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geo
 def test_change_on_a_pair_writes_a_geopackage(
     processing, backend, geotiff, tmp_path_factory, monkeypatch
 ) -> None:
-    from earthdial_qgis.client import Client
+    from earthdial_qgis.contract.client import Client
 
     asked: list[tuple[dict, dict]] = []  # (request header, reply header) of each ask the algorithm made
     request = Client.request

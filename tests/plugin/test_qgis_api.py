@@ -20,9 +20,9 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from earthdial_qgis.area import selection_extent
-from earthdial_qgis.protocol import EarthDialError
-from earthdial_qgis.sources import displayed_bands
+from earthdial_qgis.contract.protocol import EarthDialError
+from earthdial_qgis.core.area import selection_extent
+from earthdial_qgis.core.sources import displayed_bands
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning")
 

@@ -13,8 +13,8 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from earthdial_qgis.area import box_text, region_box
-from earthdial_qgis.protocol import EarthDialError
+from earthdial_qgis.contract.protocol import EarthDialError
+from earthdial_qgis.core.area import box_text, region_box
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_pair_sends_sources_in_order(make_dock, raster_layer, later_layer, show_
 def test_area_modes(raster_layer, qgis_iface) -> None:
     from qgis.core import QgsCoordinateReferenceSystem
 
-    from earthdial_qgis.area import DRAWN, MAP_EXTENT, SELECTION, WHOLE_LAYER, area_for
+    from earthdial_qgis.core.area import DRAWN, MAP_EXTENT, SELECTION, WHOLE_LAYER, area_for
 
     crs = QgsCoordinateReferenceSystem("EPSG:32633")
     view = QgsRectangle(500101.0, 3999201.0, 500599.0, 3999699.0)

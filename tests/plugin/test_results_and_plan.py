@@ -16,9 +16,9 @@ from plugin_testing import ANSWER, EARTHDIAL, EPSG, ORIGIN, PIXEL, free_port, wa
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorFileWriter, QgsVectorLayer
 
 from conftest import backend_env, running_backend
-from earthdial_qgis import geopackage, settings
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.protocol import Client
+from earthdial_qgis.contract.protocol import Client
+from earthdial_qgis.core import geopackage, settings
+from earthdial_qgis.gui.dock import GEOREF
 
 HARBOUR = "<ref>harbour</ref><box>[[60, 10, 90, 40, 0]]</box>"
 

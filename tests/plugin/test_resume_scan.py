@@ -16,8 +16,9 @@ from plugin_testing import wait_until
 from qgis.core import QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis import geopackage, resume, scan_task, settings
-from earthdial_qgis.protocol import ErrorCode
+from earthdial_qgis.contract.protocol import ErrorCode
+from earthdial_qgis.core import geopackage, resume, settings
+from earthdial_qgis.tasks import scan as scan_task
 
 
 def _boxes(layer: QgsVectorLayer) -> list[tuple[Any, ...]]:
@@ -183,7 +184,7 @@ def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_b
     further event. A stop right between them keeps only the boxes of the tiles its record lists: a box of
     a tile not listed makes the backend refuse the resume (`bad_request`), and the resume scans that tile
     again anyway. Tile 2 finished with its box; tile 3's two boxes came, its entry never did."""
-    from earthdial_qgis import scanning
+    from earthdial_qgis.core import scanning
 
     def box(tile: int, order: int) -> dict[str, Any]:
         ring = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]

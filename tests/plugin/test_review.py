@@ -15,12 +15,12 @@ from plugin_testing import EARTHDIAL, ROOT, wait_until
 from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
 
 from conftest import backend_env, local_demo_plugin
-from earthdial_qgis import settings
-from earthdial_qgis.area import WHOLE_LAYER
-from earthdial_qgis.backend_process import serve_arguments
-from earthdial_qgis.review import ACCEPTED, ADDED, CORRECTED
+from earthdial_qgis.core import settings
+from earthdial_qgis.core.area import WHOLE_LAYER
+from earthdial_qgis.core.backend_process import serve_arguments
+from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED
 
-DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
 
 
 def test_the_adapter_is_a_serve_argument() -> None:

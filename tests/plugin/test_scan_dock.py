@@ -18,12 +18,12 @@ from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
 from qgis.core import QgsCategorizedSymbolRenderer, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 
 from conftest import Backend, backend_env, running_backend
-from earthdial_qgis.area import WHOLE_LAYER
-from earthdial_qgis.protocol import Client
+from earthdial_qgis.contract.protocol import Client
+from earthdial_qgis.core.area import WHOLE_LAYER
 
 MOSAIC = """
 import sys, numpy as np
-from earthdial import synthetic
+from earthdial.demo import synthetic
 n, size = int(sys.argv[2]) if len(sys.argv) > 2 else 3, 112
 rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
         for r in range(n)]
@@ -78,7 +78,7 @@ def _dock(
     prompt: str = "ship",
     tile: int = 112,
 ) -> Any:
-    from earthdial_qgis.dock import SETTING_ENDPOINT, EarthDialDock
+    from earthdial_qgis.gui.dock import SETTING_ENDPOINT, EarthDialDock
 
     QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
     dock = EarthDialDock(qgis_iface)
@@ -202,7 +202,7 @@ def test_a_cancelled_scan_keeps_its_finished_tiles_in_the_results_geopackage(
 ) -> None:
     """What the tiles finished before Cancel found is not left in memory (lost with the project): it is a
     table of the results GeoPackage, marked unmerged."""
-    from earthdial_qgis import geopackage
+    from earthdial_qgis.core import geopackage
 
     layer = QgsRasterLayer(str(big_mosaic), "big mosaic", "gdal")
     QgsProject.instance().addMapLayer(layer)
@@ -225,7 +225,7 @@ def test_a_cancelled_scan_keeps_its_finished_tiles_in_the_results_geopackage(
 
 PAIR = """
 import sys, numpy as np
-from earthdial import synthetic
+from earthdial.demo import synthetic
 pairs = [synthetic.make_pair(11, i) for i in range(4)]
 for side, out in (("before", sys.argv[1]), ("after", sys.argv[2])):
     synthetic.write_geotiff(out, np.concatenate([synthetic.render(getattr(p, side), 112) for p in pairs], axis=2))
@@ -286,7 +286,7 @@ def test_boxes_wait_for_their_tiles_entry_before_they_reach_the_map() -> None:
     answer and request every box records): shown before it, a box would have neither, and a stopped scan
     would keep boxes that cannot be exported. Two events as the backend cuts them: tile 3's two boxes, then
     its entry with tile 4's box and entry."""
-    from earthdial_qgis import scanning
+    from earthdial_qgis.core import scanning
 
     def box(tile: int, n: int) -> dict[str, Any]:
         return {"type": "Feature", "properties": {"tile": tile, "label": f"ship{n}"}, "geometry": None}

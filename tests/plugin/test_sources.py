@@ -26,9 +26,9 @@ from qgis.core import QgsProject, QgsRasterDataProvider, QgsRasterLayer, QgsRect
 from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.protocol import Client, EarthDialError
-from earthdial_qgis.sources import PixelGrid, SourcePlan, plan_source, read_pixels
+from earthdial_qgis.contract.protocol import Client, EarthDialError
+from earthdial_qgis.core.sources import PixelGrid, SourcePlan, plan_source, read_pixels
+from earthdial_qgis.gui.dock import GEOREF
 
 EXPECTED_TRANSFORM = (10.0, 0.0, 500100.0, 0.0, -10.0, 3999700.0)
 

@@ -24,9 +24,9 @@ from qgis.core import (
 from qgis.gui import QgsMessageBarItem
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis import settings
-from earthdial_qgis.backend_process import RUNNING, exit_cause
-from earthdial_qgis.protocol import ErrorCode
+from earthdial_qgis.contract.protocol import ErrorCode
+from earthdial_qgis.core import settings
+from earthdial_qgis.core.backend_process import RUNNING, exit_cause
 
 
 class QgisAppNotices:

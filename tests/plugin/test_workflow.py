@@ -27,11 +27,11 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from earthdial_qgis import history
-from earthdial_qgis.area import DRAWN
-from earthdial_qgis.dock import GEOREF
-from earthdial_qgis.layers import ANSWER_PROPERTY, FIELDS
-from earthdial_qgis.styling import colour_for
+from earthdial_qgis.core import history
+from earthdial_qgis.core.area import DRAWN
+from earthdial_qgis.core.layers import ANSWER_PROPERTY, FIELDS
+from earthdial_qgis.core.styling import colour_for
+from earthdial_qgis.gui.dock import GEOREF
 
 TWO_SHIPS = (
     "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box> and <ref>harbour</ref><box>[[60, 10, 90, 40, 0]]</box>"

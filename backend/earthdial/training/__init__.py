@@ -4,7 +4,7 @@ queries), which imports nothing from here (tests/backend/test_contract.py walks 
 (the two stages and their aids), `evaluate` (held-out scoring), `tiny` (random test checkpoints).
 
 Train the built-in demo model: a micro EarthDial (InternVL layout, phi3 text model, 3 M parameters) on
-synthetic scenes (`earthdial.synthetic`), saved in EarthDial's published layout.
+synthetic scenes (`earthdial.demo.synthetic`), saved in EarthDial's published layout.
 
 The recipe is EarthDial's in miniature, a vision stage then instruction tuning on conversations:
 
@@ -34,7 +34,7 @@ disappeared). `evaluate` scores a checkpoint on held-out scenes through the serv
 
 from __future__ import annotations
 
-from .data import (
+from earthdial.training.data import (
     ABSENT_MIX,
     Batch,
     Example,
@@ -48,8 +48,8 @@ from .data import (
     make_examples,
     turn_scene,
 )
-from .evaluate import EvalResult, box_iou, evaluate, truth_box
-from .loop import (
+from earthdial.training.evaluate import EvalResult, box_iou, evaluate, truth_box
+from earthdial.training.loop import (
     DenseAid,
     ThreadTuner,
     TrainConfig,
@@ -59,7 +59,7 @@ from .loop import (
     train,
     train_step,
 )
-from .model import (
+from earthdial.training.model import (
     DEMO_DIR,
     EVAL_SEED,
     NUMBERS,

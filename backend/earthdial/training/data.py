@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import prompts, synthetic
-from ..synthetic import CLASSES, Scene, SceneObject
-from .model import ARTICLE, NUMBERS, POSITIONS, SYNONYMS
+from earthdial.demo import synthetic
+from earthdial.demo.synthetic import CLASSES, Scene, SceneObject
+from earthdial.model import prompts
+from earthdial.training.model import ARTICLE, NUMBERS, POSITIONS, SYNONYMS
 
 # ------------------------------------------------------------------------------------------------
 # Records: scenes -> conversations in EarthDial's format
@@ -342,7 +343,7 @@ def conversation_pieces(
 ) -> list[tuple[str, bool]]:
     """The training text of a conversation as (text, is_answer) pieces whose concatenation is exactly the
     engine's prompt for the last question (history included) followed by the last answer and <|end|>."""
-    from ..engine import Query
+    from earthdial.model.engine import Query
 
     turns = [(conversation[i]["value"], conversation[i + 1]["value"]) for i in range(0, len(conversation), 2)]
     pieces: list[tuple[str, bool]] = []

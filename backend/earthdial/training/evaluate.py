@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import prompts, synthetic
-from ..synthetic import CLASSES, Scene, SceneObject
-from .data import _render_size
-from .model import EVAL_SEED, IMAGE_SIZE, SYNONYMS
+from earthdial.demo import synthetic
+from earthdial.demo.synthetic import CLASSES, Scene, SceneObject
+from earthdial.model import prompts
+from earthdial.training.data import _render_size
+from earthdial.training.model import EVAL_SEED, IMAGE_SIZE, SYNONYMS
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation
@@ -25,7 +26,7 @@ def box_iou(a: Any, b: Any) -> float:
     """IoU of two boxes (answers.Box-like: x1, y1, x2, y2, angle on 0-100) as rotated polygons."""
     from shapely.geometry import Polygon
 
-    from ..georef import box_pixel_corners
+    from earthdial.geo.georef import box_pixel_corners
 
     pa, pb = Polygon(box_pixel_corners(a, 100.0, 100.0)), Polygon(box_pixel_corners(b, 100.0, 100.0))
     if pa.area <= 0 or pb.area <= 0:
@@ -35,7 +36,7 @@ def box_iou(a: Any, b: Any) -> float:
 
 
 def truth_box(obj: SceneObject) -> Any:
-    from ..answers import Box
+    from earthdial.model.answers import Box
 
     x1, y1, x2, y2, angle = obj.box100()
     return Box(x1, y1, x2, y2, angle, obj.cls)
@@ -51,7 +52,7 @@ def refer_target(scene: Scene, i: int) -> SceneObject:
 
 
 def score_refer(answer: str, obj: SceneObject) -> tuple[bool, float]:
-    from ..answers import parse_boxes
+    from earthdial.model.answers import parse_boxes
 
     boxes = parse_boxes(answer)
     if not boxes:
@@ -61,7 +62,7 @@ def score_refer(answer: str, obj: SceneObject) -> tuple[bool, float]:
 
 def score_change(answer: str, pair: synthetic.Pair) -> tuple[bool, bool]:
     """(parsed, right): an answer parses when it starts with Yes or No (and a Yes names boxes)."""
-    from ..answers import parse_boxes
+    from earthdial.model.answers import parse_boxes
 
     text = answer.strip().lower()
     said_yes, said_no = text.startswith("yes"), text.startswith("no")
@@ -72,7 +73,7 @@ def score_change(answer: str, pair: synthetic.Pair) -> tuple[bool, bool]:
 @torch.inference_mode()
 def quick_check(engine: Any, n: int, seed: int = EVAL_SEED) -> dict[str, float]:
     """Held-out referring and change on n in-memory scenes (no GeoTIFFs): for progress logs."""
-    from ..engine import Query
+    from earthdial.model.engine import Query
 
     was_training = engine.model.training
     engine.model.eval()
@@ -149,9 +150,9 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
     answer parsing). Scenes are rendered at 112, 168 or 224 px like the training mix."""
     import tempfile
 
-    from .. import service
-    from ..answers import parse_boxes
-    from ..protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
+    from earthdial.model.answers import parse_boxes
+    from earthdial.serving import service
 
     started = time.perf_counter()
     tmp = None
@@ -256,10 +257,10 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
     from rasterio.transform import from_origin
     from shapely.geometry import Polygon
 
-    from .. import scan
-    from ..answers import Box
-    from ..georef import box_pixel_corners
-    from ..protocol import source_by_reference
+    from earthdial.contract.protocol import source_by_reference
+    from earthdial.geo.georef import box_pixel_corners
+    from earthdial.model.answers import Box
+    from earthdial.scenes import scan
 
     layout = [[synthetic.make_scene(seed, 50_000 + r * n + c) for c in range(n)] for r in range(n)]
     image = np.concatenate(

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import adapters, checkpoint
-from .. import training as train
-from ..engine import Engine, attention_for, pick_device
-from ..protocol import EarthDialError, ErrorCode
-from . import export as training_data
+from earthdial import training as train
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.model import adapters, checkpoint
+from earthdial.model.engine import Engine, attention_for, pick_device
+from earthdial.training import export as training_data
 
 _BOX = re.compile(
     r"\[\[(\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]\]"
@@ -139,8 +139,8 @@ def with_focus(example: train.Example) -> train.Example:
     """The example with, per answer turn, the regions of the boxes it writes (for the look aid)."""
     from shapely.geometry import Polygon
 
-    from ..answers import parse_boxes
-    from ..georef import box_pixel_corners
+    from earthdial.geo.georef import box_pixel_corners
+    from earthdial.model.answers import parse_boxes
 
     focus = []
     for turn in example.conversation[1::2]:

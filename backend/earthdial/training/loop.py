@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, synthetic
-from ..synthetic import CLASSES
-from .data import (
+from earthdial.demo import synthetic
+from earthdial.demo.synthetic import CLASSES
+from earthdial.model import checkpoint
+from earthdial.training.data import (
     ABSENT_MIX,
     DEFAULT_MIX,
     Batch,
@@ -33,8 +34,15 @@ from .data import (
     patch_targets,
     turn_scene,
 )
-from .evaluate import quick_check
-from .model import NUMBERS, TRAIN_SEED, build_model, build_tokenizer, make_engine, save_checkpoint
+from earthdial.training.evaluate import quick_check
+from earthdial.training.model import (
+    NUMBERS,
+    TRAIN_SEED,
+    build_model,
+    build_tokenizer,
+    make_engine,
+    save_checkpoint,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Training

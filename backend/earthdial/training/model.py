@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, prompts
-from ..tokens import IMG_CONTEXT
-from . import tiny
+from earthdial.model import checkpoint, prompts
+from earthdial.model.tokens import IMG_CONTEXT
+from earthdial.training import tiny
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
 DEMO_VARIANT = "EarthDial_4B_RGB"  # the tags it knows are the RGB checkpoint's
 SYSTEM_MESSAGE = "EarthDial demo."
 IMAGE_SIZE = 112
@@ -225,8 +225,8 @@ def save_checkpoint(model: Any, tokenizer: Any, cfg: dict[str, Any], directory: 
 def make_engine(model: Any, tokenizer: Any, cfg: dict[str, Any]) -> Any:
     """An `Engine` around an in-memory model, built the way `checkpoint.load` describes a checkpoint: its
     `image` and `prompt_text` are what training uses, so the two paths cannot drift apart."""
-    from ..engine import Engine
-    from ..tokens import detect_variant
+    from earthdial.model.engine import Engine
+    from earthdial.model.tokens import detect_variant
 
     vocab = tokenizer.get_vocab()
     info = checkpoint.CheckpointInfo(

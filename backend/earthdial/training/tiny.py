@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
+from earthdial.model.checkpoint import (
     native_config,
     native_to_published,
     write_safetensors,
 )
-from ..tokens import (
+from earthdial.model.tokens import (
     IMG_CONTEXT,
     INTERNVL_TOKENS,
     PHI3_TOKENS,
