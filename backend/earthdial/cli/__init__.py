@@ -1,0 +1,1 @@
+"""The `earthdial` command line."""
