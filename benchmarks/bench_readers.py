@@ -1,7 +1,7 @@
 """The cost of reading in a reader process (issue 24): `plan` of a by-reference source, one `ask` window
 read and one scan tile, in this process and through a reader process (readers.ReaderPool), in one run.
 
-Both paths open the file by descriptor under an allowed folder (access.open_file); the reader path adds
+Both paths open the file by descriptor under an allowed folder (file_access.open_file); the reader path adds
 the call's JSON, the pixels' copy over a socket pair and the two process switches; a scan tile in this
 process reads from the raster the scan holds open, in a reader from the one it keeps open (after walking
 and checking the path again, as it does for every tile). Each case is timed
@@ -25,8 +25,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from earthdial.contract.protocol import source_by_reference
-from earthdial.geo import imagery
-from earthdial.serving import access, limits, readers, service
+from earthdial.geo import file_access, imagery
+from earthdial.serving import limits, readers, service
 
 
 def _raster(path: Path, size: int) -> Path:
@@ -55,8 +55,8 @@ def main() -> None:
     args = p.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="earthdial-bench-readers-"))
     path = str(_raster(folder / "scene.tif", args.size))
-    access.harden_process()
-    access.set_allowed_dirs([folder])
+    file_access.harden_process()
+    file_access.set_allowed_dirs([folder])
     budgets = limits.Limits()
     limits.configure(budgets)
     pool = readers.ReaderPool(1, budgets)

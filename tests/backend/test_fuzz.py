@@ -52,7 +52,8 @@ from earthdial.contract.protocol import (
     error_reply,
     ok_reply,
 )
-from earthdial.serving import access, requests, service
+from earthdial.geo import file_access
+from earthdial.serving import requests, service
 from earthdial.serving.scheduling import Pending
 from earthdial.serving.server import Server, _encode_reply, admit
 
@@ -144,10 +145,10 @@ def paths(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def allow_fuzz_dir(paths: list[str]):
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([str(Path(paths[0]).parent)])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([str(Path(paths[0]).parent)])
     yield
-    access.set_allowed_dirs(previous)
+    file_access.set_allowed_dirs(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,10 +668,10 @@ _UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,2
 @pytest.fixture()
 def allow_tmp(tmp_path: Path):
     """Reads restricted to the test's own folder (as a server started with --allow-dir there)."""
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     yield
-    access.set_allowed_dirs(previous)
+    file_access.set_allowed_dirs(previous)
 
 
 def tiff_of_entries(
@@ -754,13 +755,13 @@ def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_fi
     inside = tmp_path / "inside"
     inside.mkdir()
     tif = tiff_of_entries(inside / "x.tif", FUZZ_FINDINGS[finding](str(grid)))
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([inside])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([inside])
     try:
         with pytest.raises(EarthDialError) as err:
             service.resolve_source(requests.source({"kind": "ref", "path": str(tif)}), [])
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
     assert err.value.code == ErrorCode.BAD_CRS, err.value
     assert os.stat(grid).st_atime == past, "GDAL or PROJ read the grid"
 
@@ -768,15 +769,15 @@ def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_fi
 def test_the_geokey_check_lets_the_plain_forms_through(tmp_path: Path) -> None:
     """The stricter reading refuses only what hides text: a PE citation in ASCII (or BYTE) naming no
     file, with one GeoAsciiParams entry, georeferences as before."""
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         for kind in (2, 1):
             tif = tiff_of_entries(tmp_path / f"plain{kind}.tif", _pe_citation_entries(None, kind))
             chip = service.resolve_source(requests.source({"kind": "ref", "path": str(tif)}), [])
             assert chip.width == 8 and chip.crs not in ("", "EPSG:4326"), (kind, chip.crs)
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(
@@ -809,8 +810,8 @@ def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tm
 
     many = tiff_of_entries(tmp_path / "many.tif", [], size=(1, 1), samples=65_535)
     hyper = tiff_of_entries(tmp_path / "hyper.tif", [], size=(2, 2), samples=geokeys.MAX_SAMPLES)
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         with pytest.raises(EarthDialError) as err:
             service.resolve_source(requests.source({"kind": "ref", "path": str(many)}), [])
@@ -818,7 +819,7 @@ def test_a_tiff_of_tens_of_thousands_of_bands_is_refused_before_gdal_opens_it(tm
         chip = service.resolve_source(requests.source({"kind": "ref", "path": str(hyper)}), [])
         assert chip.band_indexes == [1, 2, 3]
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
@@ -830,8 +831,8 @@ def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
 
     tif = tiff_of_entries(tmp_path / "pe.tif", _pe_citation_entries(None))
     header = {"op": "plan", "task": "caption", "prompt": "", "source": {"kind": "ref", "path": str(tif)}}
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         first = service.plan(header, [], None)
         identified = imagery._epsg_code.cache_info().misses
@@ -839,7 +840,7 @@ def test_a_crs_without_a_code_is_identified_once(tmp_path: Path) -> None:
         assert imagery._epsg_code.cache_info().misses == identified
         assert imagery.describe(str(tif)).crs.startswith("PROJCS")  # no EPSG code: its own definition
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
     assert first == second
 
 
@@ -850,15 +851,15 @@ def test_a_geotransform_whose_inverse_is_not_finite_is_not_a_raster(tmp_path: Pa
     from earthdial.geo import imagery
 
     tif = tiff_of_entries(tmp_path / "t.tif", [], scale=(1.0, 1e-300), origin=(0.0, 1e308))
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         for bounds in (None, (0.0, 0.0, 10.0, 10.0)):
             with pytest.raises(EarthDialError) as err:
                 imagery.read_chip(str(tif), bounds=bounds)
             assert err.value.code == ErrorCode.NOT_A_RASTER, err.value
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def test_bounds_that_overflow_pixel_space_are_outside(tmp_path: Path, allow_tmp: None) -> None:

@@ -174,7 +174,8 @@ def test_a_grid_fifo_named_in_a_raster_s_own_crs_is_refused_and_the_server_keeps
 def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: Path) -> None:
     """With a regular file as the grid, its access time changed before the `bad_crs` reply: the check
     ran after GDAL/PROJ had opened it. Now the file is never read."""
-    from earthdial.serving import access, requests, service
+    from earthdial.geo import file_access
+    from earthdial.serving import requests, service
 
     grid = tmp_path / "outside" / "grid.gsb"
     grid.parent.mkdir()
@@ -183,8 +184,8 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
     os.utime(grid, (past, past))
     inside = tmp_path / "inside"
     inside.mkdir()
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([inside])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([inside])
     try:
         for name, citation in pe_citations(str(grid)).items():
             tif = geotiff_with_pe_citation(inside / "x.tif", citation)
@@ -192,23 +193,24 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
                 service.resolve_source(requests.source(source_by_reference(str(tif))), [])
             assert err.value.code == "bad_crs", (name, err.value)
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
     assert os.stat(grid).st_atime == past
 
 
 def test_a_pe_citation_naming_no_file_still_opens(tmp_path: Path) -> None:
     """The refusal is about files, not about ESRI citations: a plain PE string georeferences as before."""
-    from earthdial.serving import access, requests, service
+    from earthdial.geo import file_access
+    from earthdial.serving import requests, service
 
     tif = geotiff_with_pe_citation(
         tmp_path / "pe.tif", "ESRI PE String = " + _PROJ.format(geog=_GEOG.format(ext=""))
     )
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         chip = service.resolve_source(requests.source(source_by_reference(str(tif))), [])
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
     assert chip.width == 8 and chip.crs not in ("", "EPSG:4326")
 
 

@@ -729,7 +729,7 @@ def test_a_server_process_has_proj_network_and_gdal_http_off() -> None:
     import subprocess
     import sys
 
-    code = ("import os, pyproj.network; from earthdial import access; access.harden_process(); "
+    code = ("import os, pyproj.network; from earthdial.geo import file_access; file_access.harden_process(); "
             "print(pyproj.network.is_network_enabled(), os.environ['PROJ_NETWORK'], "
             "os.environ['GDAL_DISABLE_READDIR_ON_OPEN'], os.environ['GDAL_PAM_ENABLED'])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

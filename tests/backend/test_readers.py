@@ -20,7 +20,7 @@ from rasterio.transform import from_origin
 from test_hostile import StatusProbe, _server
 
 from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
-from earthdial.serving import access
+from earthdial.geo import file_access
 
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
 
@@ -127,7 +127,8 @@ def test_a_file_or_folder_swapped_for_a_link_never_reads_outside(
 def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
     """A link inside an allowed folder to a file inside it is refused too: following it is what the
     swap above exploits; the error names the link."""
-    from earthdial.serving import access, requests, service
+    from earthdial.geo import file_access
+    from earthdial.serving import requests, service
 
     def ref(path: Path) -> requests.Source:
         return requests.source(source_by_reference(str(path)))
@@ -135,8 +136,8 @@ def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
     _tif(tmp_path / "ok.tif", 8, "EPSG:32633")
     (tmp_path / "link.tif").symlink_to(tmp_path / "ok.tif")
     (tmp_path / "dirlink").symlink_to(tmp_path)
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     try:
         assert service.resolve_source(ref(tmp_path / "ok.tif"), []).width == 8
         for path in (tmp_path / "link.tif", tmp_path / "dirlink" / "ok.tif"):
@@ -147,7 +148,7 @@ def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
             service.resolve_source(ref(tmp_path / "ok.tif" / "x.tif"), [])
         assert err.value.code == "file_not_found", err.value
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,12 +171,12 @@ def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
     citation = pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]
     trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", citation))
     fine = str(_tif(tmp_path / "fine.tif", 8, "EPSG:32633"))
-    os.environ[access.SKIP_PRECHECKS] = "1"  # inherited by the server and its readers
+    os.environ[file_access.SKIP_PRECHECKS] = "1"  # inherited by the server and its readers
     try:
         context = _server("--read-timeout", "2", "--readers", "1")
         endpoint, _ = context.__enter__()
     finally:
-        del os.environ[access.SKIP_PRECHECKS]
+        del os.environ[file_access.SKIP_PRECHECKS]
     try:
         with StatusProbe(endpoint), Client(endpoint, timeout_s=30) as c:
             for op in ("plan", "georef"):
@@ -200,8 +201,8 @@ def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path)
     from earthdial.serving import limits, readers
 
     path = str(_tif(tmp_path / "x.tif", 8, "EPSG:32633"))
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     pool = readers.ReaderPool(1, limits.Limits(max_pixels=1_000_000))
     try:
         assert pool.describe(path).width == 8  # the reader is up and reads by descriptor
@@ -215,7 +216,7 @@ def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path)
         assert imagery.use_readers(None) is None  # the pool is used only where a server installs it
     finally:
         pool.close()
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_changes(
@@ -231,8 +232,8 @@ def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_c
 
     path = tmp_path / "scene.tif"
     _tif(path, 64, "EPSG:32633")  # all ones
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     pool = readers.ReaderPool(1, limits.Limits())
     before = imagery.use_readers(pool)
     try:
@@ -248,7 +249,7 @@ def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_c
     finally:
         imagery.use_readers(before)
         pool.close()
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def _until(condition, seconds: float) -> bool:
@@ -277,9 +278,9 @@ def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
 
     os.mkfifo(outside_dir / "grid.gsb")
     trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]))  # fmt: skip
-    monkeypatch.setenv(access.SKIP_PRECHECKS, "1")  # inherited by the readers started below
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([tmp_path])
+    monkeypatch.setenv(file_access.SKIP_PRECHECKS, "1")  # inherited by the readers started below
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([tmp_path])
     pool = readers.ReaderPool(1, limits.Limits(read_timeout_s=600))
     before = imagery.use_readers(pool)
     try:
@@ -293,4 +294,4 @@ def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
     finally:
         imagery.use_readers(before)
         pool.close()
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)

@@ -160,7 +160,8 @@ def _write_output(path: str | None, reply: dict[str, Any], args: argparse.Namesp
 def cmd_serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from earthdial.serving import access
+    from earthdial.geo import file_access
+    from earthdial.serving import auth
     from earthdial.serving.server import Server
 
     def refuse(message: str, code: int = 2) -> int:
@@ -170,14 +171,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secret = clients = None
     try:
         if args.curve_secret_key:
-            secret = access.read_key(args.curve_secret_key, secret=True)
+            secret = auth.read_key(args.curve_secret_key, secret=True)
         if args.curve_clients:
             if not secret:
                 return refuse("--curve-clients needs --curve-secret-key")
-            clients = access.read_client_keys(args.curve_clients)
+            clients = auth.read_client_keys(args.curve_clients)
     except (OSError, ValueError) as exc:
         return refuse(f"cannot read CURVE keys: {exc}")
-    refusal = access.bind_refusal(args.endpoint, curve=secret is not None)
+    refusal = auth.bind_refusal(args.endpoint, curve=secret is not None)
     if refusal:
         return refuse(refusal)
     dirs = list(args.allow_dir or [])  # what the user asked for; never the working directory by itself
@@ -225,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from earthdial.serving.connections import raise_open_file_limit
     from earthdial.serving.limits import MIB, Limits
 
-    access.harden_process()  # PROJ network and GDAL HTTP off, GDAL reads only the named file
+    file_access.harden_process()  # PROJ network and GDAL HTTP off, GDAL reads only the named file
     raise_open_file_limit()
     budgets = Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
                      max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
@@ -242,10 +243,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return refuse(f"cannot bind {args.endpoint}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: server.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: server.stop_event.set())
-    reads = ", ".join(access.allowed_dirs() or ()) or "no directory (pass --allow-dir DIR)"
-    print(f"earthdial: access: {access.describe(secret, clients)}; reads files under {reads}; "
+    reads = ", ".join(file_access.allowed_dirs() or ()) or "no directory (pass --allow-dir DIR)"
+    print(f"earthdial: access: {auth.describe(secret, clients)}; reads files under {reads}; "
           f"at most {server.connections.cap} connections", flush=True)  # fmt: skip
-    if secret is not None and clients is None and not access.is_loopback(args.endpoint):
+    if secret is not None and clients is None and not auth.is_loopback(args.endpoint):
         print("earthdial serve: warning: any client that knows the server's public key can connect; "
               "pass --curve-clients DIR to admit only listed client keys", file=sys.stderr)  # fmt: skip
     if engine is None:
@@ -288,16 +289,16 @@ def _memory_plan(model: str, args: argparse.Namespace, dtype_bytes: int) -> Any:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from earthdial.serving import access
+    from earthdial.serving import auth
 
     try:
-        paths = access.keygen(args.directory)
+        paths = auth.keygen(args.directory)
     except (OSError, ValueError) as exc:
         print(f"earthdial keygen: {exc}", file=sys.stderr)
         return 1
     for name, path in paths.items():
         print(f"wrote {path}{'  (mode 0600: keep it private)' if name.endswith('secret') else ''}")
-    server_key = access.read_key(paths["server.public"]).decode()
+    server_key = auth.read_key(paths["server.public"]).decode()
     print(f"server public key (give it to clients, e.g. the QGIS plugin's settings): {server_key}")
     print(
         f"serve with: earthdial serve --curve-secret-key {paths['server.secret']} --curve-clients {args.directory}"

@@ -31,8 +31,8 @@ from rasterio.warp import transform as warp_transform
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.contract.protocol import snap_ceil as _ceil
 from earthdial.contract.protocol import snap_floor as _floor
-from earthdial.geo import geokeys
-from earthdial.serving import access, limits
+from earthdial.geo import file_access, geokeys
+from earthdial.serving import limits
 
 __all__ = [
     "Chip",
@@ -191,20 +191,20 @@ def _read_plan(
 
 @contextlib.contextmanager
 def open_raster(path: str) -> Iterator[Any]:
-    """Open a raster for reading. In a server that restricts reads (access.allowed_dirs() set) the file
-    is opened by descriptor (access.open_file: no link followed, a regular file with one link) and GDAL
-    reads that descriptor, never the name again; only through access.RASTER_DRIVERS (no VRT or other
+    """Open a raster for reading. In a server that restricts reads (a file_access.policy() installed) the
+    file is opened by descriptor (FilePolicy.open_file: no link followed, a regular file with one link) and
+    GDAL reads that descriptor, never the name again; only through RASTER_DRIVERS (no VRT or other
     format that names more files), with GDAL reading no sidecar files and no network, and a raster
     whose own CRS names a grid file is refused before anything is transformed with it."""
     path = os.fspath(path)
-    restricted = access.allowed_dirs() is not None
+    policy = file_access.policy()  # read once: the whole open follows one policy
     fd = None
-    if restricted:
-        fd = access.open_file(path)  # held open for the dataset's life: GDAL may open its name again
+    if policy is not None:
+        fd = policy.open_file(path)  # held open for the dataset's life: GDAL may open its name again
     elif not path.startswith("/vsi") and not os.path.exists(path):
         raise EarthDialError(ErrorCode.FILE_NOT_FOUND, f"no such file: {path}")
     try:
-        with rasterio.Env(**(access.GDAL_READ_OPTIONS if restricted else {})):
+        with rasterio.Env(**(file_access.GDAL_READ_OPTIONS if policy is not None else {})):
             yield from _opened(path, fd)
     finally:
         if fd is not None:
@@ -213,16 +213,16 @@ def open_raster(path: str) -> Iterator[Any]:
 
 def _opened(path: str, fd: int | None) -> Iterator[Any]:
     """The dataset of `path` (by descriptor `fd` when given), checked, for open_raster."""
-    name = path if fd is None else access.fd_path(fd)
+    name = path if fd is None else file_access.fd_path(fd)
     try:
         if fd is not None:
             from rasterio.io import DatasetReader  # takes a list of allowed drivers; open() one name
 
-            src = DatasetReader(name, driver=list(access.RASTER_DRIVERS))
+            src = DatasetReader(name, driver=list(file_access.RASTER_DRIVERS))
         else:
             src = rasterio.open(path)
     except RasterioError as exc:
-        formats = f" (this server opens {', '.join(access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if fd is not None else ""  # fmt: skip
+        formats = f" (this server opens {', '.join(file_access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if fd is not None else ""  # fmt: skip
         raise EarthDialError(
             ErrorCode.NOT_A_RASTER,
             f"{path} cannot be opened as a raster{formats}: {str(exc).replace(name, path)}",
@@ -247,7 +247,7 @@ def _opened(path: str, fd: int | None) -> Iterator[Any]:
             if why is not None:
                 raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
         if fd is not None and src.crs is not None:
-            why = access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
+            why = file_access.crs_refusal(src.crs.to_wkt(version="WKT2_2019"))  # WKT1 adds EXTENSION[PROJ4]
             if why is not None:
                 raise EarthDialError(ErrorCode.BAD_CRS, f"the CRS of {path} is refused: {why}")
         yield src
@@ -698,7 +698,7 @@ def check_bands(bands: Sequence[int] | None, count: int, path: str) -> list[int]
 
 
 def parse_crs(text: str, what: str) -> CRS:
-    access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
+    file_access.check_crs(text, what)  # before PROJ sees it: some forms make PROJ open files
     try:
         crs = CRS.from_user_input(text)
         crs_string(crs)  # PROJ parses units of 0 but cannot write the CRS out again

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
-from earthdial.serving import access
+from earthdial.geo import file_access
 
 # An asset is taken when --asset does not name one: `visual` (STAC's true-colour asset, EarthDial's RGB
 # input), else the first asset that says it is a GeoTIFF (media type or file extension).
@@ -47,7 +47,7 @@ def scenes_of(paths: list[str], lists: list[str], stacs: list[str], asset: str |
     for path in stacs:
         found += _from_stac(path, asset)
     for scene in found:  # `/vsicurl/http://...` is an absolute path to Python, and a URL to GDAL
-        why = access.remote_path_refusal(scene.path) if scene.error is None else None
+        why = file_access.remote_path_refusal(scene.path) if scene.error is None else None
         if why is not None:
             scene.error = _remote(scene.path, f"{scene.origin} ({why})")
     seen: set[str] = set()

@@ -29,10 +29,10 @@ from affine import Affine
 from earthdial.contract import result_features
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.contract.result_features import change_of, said_changed
-from earthdial.geo import imagery, presets
+from earthdial.geo import file_access, imagery, presets
 from earthdial.model import prompts
 from earthdial.scenes import runner as scenes
-from earthdial.serving import access, limits, requests, service
+from earthdial.serving import limits, requests, service
 from earthdial.serving.requests import field
 
 if TYPE_CHECKING:  # torch only where the model runs
@@ -233,7 +233,7 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
     prompt = requests.prompt(header)
     out_size = engine.info.image_size
     if isinstance(source, requests.Ref):
-        path = access.check_path(source.path)
+        path = file_access.check_path(source.path)
         info = imagery.describe(path)
         preset, _ = service.choose_preset(None, options, info)
         bands = list(source.bands or preset.bands or []) or None
@@ -381,7 +381,7 @@ def _sequence_by_reference(
     sources: list[requests.Ref], options: requests.Options, engine: Engine
 ) -> _Sequence:
     names = [s.path for s in sources]
-    paths = [access.check_path(n) for n in names]
+    paths = [file_access.check_path(n) for n in names]
     infos = [imagery.describe(p) for p in paths]
     for name, info in zip(names, infos, strict=True):
         if not info.crs:

@@ -346,7 +346,8 @@ def check_numbers(header: dict[str, Any], raw: bytes | None = None) -> None:
 def check_source_fields(source: Source, where: str) -> None:
     """A source's band count within budget, and the path and CRS it names ones this server may use (their
     form was checked by `requests.source`; their values are checked against the raster later)."""
-    from earthdial.serving import access, requests
+    from earthdial.geo import file_access
+    from earthdial.serving import requests
 
     bands = len(source.bands or ()) if isinstance(source, requests.Ref) else None
     if bands is not None and _limits is not None and bands > _limits.max_bands:
@@ -356,9 +357,9 @@ def check_source_fields(source: Source, where: str) -> None:
             f"the streamed layer declares {source.band_count:,} bands", source.band_count, "max_bands"
         )
     if source.crs:
-        access.check_crs(source.crs, f"{where}")
+        file_access.check_crs(source.crs, f"{where}")
     if isinstance(source, requests.Ref):
-        access.check_path(source.path)
+        file_access.check_path(source.path)
 
 
 def check_array(index: int, shape: tuple[int, ...]) -> None:

@@ -5,9 +5,10 @@ the thread that opens it for good, and a crafted file can make GDAL allocate wit
 therefore runs `imagery`'s file functions (metadata, `plan`'s sample, chip plans, windows, pair warps)
 in reader processes it can kill. Each reader:
 
-- opens files only by descriptor, walked from an allowed folder with O_NOFOLLOW (access.open_file);
-- has PROJ's network and GDAL's HTTP off (access.harden_process), and nothing of a request reaches it
-  that could name a URL (check_path refuses them before);
+- opens files only by descriptor, walked from an allowed folder with O_NOFOLLOW
+  (file_access.open_file);
+- has PROJ's network and GDAL's HTTP off (file_access.harden_process), and nothing of a request reaches
+  it that could name a URL (check_path refuses them before);
 - has an address space (RLIMIT_AS) of what it holds when ready plus the pixel budget at 8 bytes a pixel
   and MEMORY_HEADROOM: an allocation past it fails in the reader (`too_large`), not in the server;
 - answers one call at a time, each within the server's read timeout (`--read-timeout`), the request's
@@ -41,8 +42,8 @@ from affine import Affine
 from rasterio.windows import Window
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode, error_codes
-from earthdial.geo import imagery
-from earthdial.serving import access, limits
+from earthdial.geo import file_access, imagery
+from earthdial.serving import limits
 
 log = logging.getLogger("earthdial.serving.readers")
 
@@ -107,8 +108,9 @@ class ReaderPool:
         self.budgets = budgets
         self.timeout_s = budgets.read_timeout_s
         self.memory_bytes = MEMORY_HEADROOM + BYTES_PER_PIXEL * budgets.max_pixels
+        policy = file_access.policy()
         self._config = {
-            "allowed": access.allowed_roots(),
+            "allowed": None if policy is None else policy.as_named(),
             "limits": asdict(budgets),
             "memory_bytes": self.memory_bytes,
         }
@@ -339,10 +341,10 @@ _kept: tuple[str, tuple[int, ...], contextlib.ExitStack, Any, str] | None = None
 
 def _kept_open(path: str) -> tuple[Any, str]:
     """The open dataset of `path` for a scan's next tile: the one kept from the last tile while the path
-    still names that same file (walked and checked again, access.open_file, compared by device, inode,
-    size and modification time), else the file opened anew."""
+    still names that same file (walked and checked again, file_access.open_file, compared by device,
+    inode, size and modification time), else the file opened anew."""
     global _kept
-    fd = access.open_file(path)
+    fd = file_access.open_file(path)
     try:
         st = os.fstat(fd)
     finally:
@@ -397,9 +399,9 @@ def main(fd: int) -> None:
     _die_with_parent()
     conn = Connection(fd)
     config = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
-    access.harden_process()
+    file_access.harden_process()
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
-    access.set_allowed_dirs(config["allowed"])
+    file_access.set_allowed_dirs(config["allowed"])
     limits.configure(limits.Limits(**config["limits"]))
     if sys.platform.startswith("linux"):
         _limit_memory(int(config["memory_bytes"]))

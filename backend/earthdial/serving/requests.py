@@ -140,7 +140,7 @@ def prompt(header: dict[str, Any]) -> str:
 class Ref:
     """A raster file the server reads itself (`source.kind` 'ref')."""
 
-    path: str  # as the client named it (access.check_path resolves it when it is opened)
+    path: str  # as the client named it (file_access.check_path resolves it when it is opened)
     bands: tuple[int, ...] | None = None  # 1-based; None: the preset's
     bounds: tuple[float, float, float, float] | None = None  # minx, miny, maxx, maxy in `crs`
     crs: str | None = None  # of the bounds; None: the raster's own

@@ -47,11 +47,10 @@ from earthdial.contract.protocol import (
     ok_reply,
     peek_id,
 )
-from earthdial.geo import imagery
+from earthdial.geo import file_access, imagery
 from earthdial.scenes import runner as scenes
 from earthdial.scenes import scan
-from earthdial.serving import access, limits, readers, requests, service
-from earthdial.serving.access import is_loopback  # noqa: F401  (imported from here by older code)
+from earthdial.serving import auth, limits, readers, requests, service
 from earthdial.serving.connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from earthdial.serving.scheduling import FairQueue, Pending
 
@@ -107,10 +106,10 @@ class Server:
         self._peer_fd: dict[bytes, int] = {}  # routing id -> socket fd it last sent on
         self._streams: dict[tuple[bytes, Any], scenes.Stream] = {}  # streamed detects' tile inboxes
         self._worker: threading.Thread | None = None
-        self._previous_dirs = access.allowed_dirs()
+        self._previous_policy = file_access.policy()
         self._set_dirs = allowed_dirs is not None
-        if self._set_dirs:
-            access.set_allowed_dirs(allowed_dirs)
+        if allowed_dirs is not None:  # the folders it reads: one value, which the reading code asks for
+            file_access.install(file_access.FilePolicy.of(allowed_dirs))
         # every open and read of a user's file runs in a reader process (readers.py); a server that
         # reads no file by reference needs none
         self.readers = readers.ReaderPool(reader_processes, self.budgets) if allowed_dirs else None
@@ -121,7 +120,7 @@ class Server:
 
         self.ctx = zmq.Context()
         # the ZAP handler must be bound before the first CURVE handshake; it also names each client's key
-        self.zap = access.ZapHandler(self.ctx, curve_clients) if curve_secret_key else None
+        self.zap = auth.ZapHandler(self.ctx, curve_clients) if curve_secret_key else None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # per frame; libzmq drops the peer past it
@@ -130,7 +129,7 @@ class Server:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         if curve_secret_key:
-            access.enable_curve(self.sock, curve_secret_key)
+            auth.enable_curve(self.sock, curve_secret_key)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(_WORKER_ADDR)
@@ -157,7 +156,7 @@ class Server:
         if self._worker is None or not self._worker.is_alive():
             self.ctx.term()  # else a job is still on the device: its socket would block term()
         if self._set_dirs:
-            access.set_allowed_dirs(self._previous_dirs)
+            file_access.install(self._previous_policy)
         limits.configure(self._previous_limits)
 
     # -- the worker thread ------------------------------------------------------------------------

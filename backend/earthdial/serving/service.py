@@ -16,11 +16,11 @@ import numpy as np
 
 from earthdial.contract import result_features
 from earthdial.contract.protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
-from earthdial.geo import georef, imagery, presets
+from earthdial.geo import file_access, georef, imagery, presets
 from earthdial.model import answers, prompts, sensors
 from earthdial.model.prompts import TASKS
 from earthdial.model.tokens import VARIANTS, earthdial_tokens
-from earthdial.serving import access, limits, requests
+from earthdial.serving import limits, requests
 
 if TYPE_CHECKING:  # torch only where the model runs
     from earthdial.model.engine import Engine
@@ -42,7 +42,7 @@ def resolve_source(
         raise EarthDialError(ErrorCode.BAD_REQUEST, "a source of kind 'stream' feeds a scan, not one window")
     requests.check_frames([source], len(arrays))
     if isinstance(source, requests.Ref):
-        real = access.check_path(source.path)  # `forbidden_path` outside the server's allowed directories
+        real = file_access.check_path(source.path)  # `forbidden_path` outside the allowed directories
         bands = list(source.bands) if source.bands else default_bands
         if grid is not None:
             chip = imagery.read_on_grid(real, bands, grid)
@@ -178,7 +178,7 @@ def window(source: requests.Source, array: np.ndarray | None, options: requests.
             requests.check_frames([source], 0)
         preset, reason = choose_preset(array, options, None, sample=source.shape is not None)
         return Window(source, preset, reason)
-    info = imagery.describe(access.check_path(source.path))  # opened once for all
+    info = imagery.describe(file_access.check_path(source.path))  # opened once for all
     preset, reason = choose_preset(None, options, info)
     if preset.bands and preset.band_count and info.count < max(preset.bands):
         raise EarthDialError(

@@ -296,7 +296,8 @@ def _windows(features: list[Feature], layer: str) -> list[tuple[str, dict[str, A
 
 def _read_chip(request: dict[str, Any], layer: str) -> Any:
     """The request's first image, read as inference read it (bounds, bands, preset, GSD)."""
-    from earthdial.serving import access, requests, service
+    from earthdial.geo import file_access
+    from earthdial.serving import requests, service
 
     sources = request.get("sources") or []
     if not sources or not isinstance(sources[0].get("path"), str) or not sources[0]["path"]:
@@ -307,8 +308,8 @@ def _read_chip(request: dict[str, Any], layer: str) -> Any:
         )
     src = dict(sources[0], kind="ref")
     # the request is data from a file: a /vsicurl/ path would make GDAL call out, a FIFO block for good
-    access.check_local_path(str(src["path"]), f"layer {layer!r}: its request's path")
-    access.check_regular(str(src["path"]))
+    file_access.check_local_path(str(src["path"]), f"layer {layer!r}: its request's path")
+    file_access.check_regular(str(src["path"]))
     options = dict(request.get("options") or {}) if isinstance(request.get("options"), dict) else {}
     if request.get("preset"):
         options["preset"] = request["preset"]

@@ -1,12 +1,11 @@
-"""Access control: the directories by-reference requests may read, loopback-only binds without CURVE,
-CURVE keys (right key answered, wrong key never), and `earthdial keygen`. Loopback only."""
+"""File access (geo/file_access.py): the directories by-reference requests may read, links, FIFOs and
+hard links, formats that name other files, CRSs that name files. Loopback only."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import zmq
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
 from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
-from earthdial.serving import access, requests, service
+from earthdial.geo import file_access
+from earthdial.serving import requests, service
 
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
-CLI = [sys.executable, "-m", "earthdial.cli.main"]
 
 
 def _tif(path: Path) -> Path:
@@ -50,10 +48,10 @@ def allowed(tmp_path: Path, outside: Path):
     _tif(root / "ok.tif")
     (root / "link-out.tif").symlink_to(outside)
     (root / "link-in.tif").symlink_to(root / "ok.tif")
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs([root])
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs([root])
     yield root
-    access.set_allowed_dirs(previous)
+    file_access.set_allowed_dirs(previous)
 
 
 def _read(path: str) -> object:
@@ -88,12 +86,12 @@ def test_paths_outside_are_refused_naming_the_allowed_directories(
 
 
 def test_no_restriction_without_an_allow_list(outside: Path) -> None:
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs(None)  # the in-process CLI reads what its user names
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs(None)  # the in-process CLI reads what its user names
     try:
         assert _read(str(outside)).width == 8
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
 
 
 def test_the_server_refuses_paths_outside_its_directories(server: str, outside: Path, tmp_path: Path) -> None:
@@ -109,90 +107,18 @@ def test_the_server_refuses_paths_outside_its_directories(server: str, outside: 
         assert c.georef(source_by_reference(str(_tif(tmp_path / "inside.tif"))), ANSWER)["ok"]
 
 
-# --------------------------------------------------------------------------------------------------
-# Binds and CURVE
-# --------------------------------------------------------------------------------------------------
+def test_reading_a_raster_does_not_import_zmq() -> None:
+    """The file policy and the raster reader are no part of the server's transport: reading a file (the
+    command line, training export, a reader process) loads no ZeroMQ."""
+    import earthdial
 
-
-def test_bind_rules() -> None:
-    assert access.bind_refusal("tcp://127.0.0.1:5557", curve=False) is None
-    assert access.bind_refusal("ipc:///tmp/earthdial.sock", curve=False) is None
-    assert access.bind_refusal("tcp://0.0.0.0:5557", curve=True) is None  # allowed with CURVE only
-    refusal = access.bind_refusal("tcp://192.0.2.10:5557", curve=False)
-    assert refusal and "CURVE" in refusal and "loopback" in refusal
-
-
-def test_serve_refuses_a_network_bind_without_curve() -> None:
-    out = subprocess.run([*CLI, "serve", "--no-model", "--endpoint", "tcp://0.0.0.0:5999"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 2
-    assert "CURVE" in out.stderr and "--curve-secret-key" in out.stderr
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("keys")
-    out = subprocess.run([*CLI, "keygen", str(directory)], capture_output=True, text=True, timeout=60)
+    backend = str(Path(earthdial.__file__).resolve().parents[1])  # this checkout's code, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([backend, os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys, earthdial.geo.imagery, earthdial.geo.file_access; "
+            "print(earthdial.geo.imagery.__name__, 'zmq' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    return directory
-
-
-def test_keygen_writes_private_secret_keys_and_never_overwrites(keys: Path) -> None:
-    for who in ("server", "client"):
-        assert stat.S_IMODE((keys / f"{who}.secret").stat().st_mode) == 0o600
-        public = access.read_key(keys / f"{who}.public")
-        assert access.public_key_of(access.read_key(keys / f"{who}.secret", secret=True)) == public
-    again = subprocess.run([*CLI, "keygen", str(keys)], capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "exist" in again.stderr
-
-
-def test_a_secret_key_readable_by_others_is_refused(tmp_path: Path) -> None:
-    paths = access.keygen(tmp_path / "k")
-    os.chmod(paths["server.secret"], 0o644)
-    with pytest.raises(PermissionError):
-        access.read_key(paths["server.secret"], secret=True)
-    out = subprocess.run([*CLI, "serve", "--no-model", "--curve-secret-key", str(paths["server.secret"]),
-                          "--endpoint", f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 2 and "chmod 600" in out.stderr
-
-
-def _ping(endpoint: str, **curve) -> str:
-    try:
-        with Client(endpoint, timeout_s=1.0, **curve) as c:
-            return "pong" if c.ping(timeout_s=1.0)["pong"] else "?"
-    except EarthDialError as exc:
-        return exc.code
-
-
-def test_curve_right_keys_are_answered_and_wrong_ones_never(keys: Path) -> None:
-    server_public = (keys / "server.public").read_text().strip()
-    client_keys = ((keys / "client.public").read_text(), (keys / "client.secret").read_text())
-    wrong_server = zmq.curve_keypair()[0].decode()
-    curve = ("--curve-secret-key", str(keys / "server.secret"))
-
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(None, endpoint, extra=curve)  # any client that knows the server key
-    try:
-        assert _ping(endpoint, server_public_key=server_public) == "pong"  # a fresh client key pair
-        assert _ping(endpoint, server_public_key=wrong_server) == "timeout"
-        assert _ping(endpoint) == "timeout"  # no CURVE at all
-    finally:
-        stop_server(proc)
-
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(None, endpoint, extra=(*curve, "--curve-clients", str(keys)))  # listed keys only
-    try:
-        assert _ping(endpoint, server_public_key=server_public, client_keys=client_keys) == "pong"
-        assert _ping(endpoint, server_public_key=server_public) == "timeout"  # an unlisted client key
-        assert _ping(endpoint, server_public_key=wrong_server, client_keys=client_keys) == "timeout"
-        with (
-            pytest.raises(EarthDialError) as err,
-            Client(endpoint, timeout_s=1.0, server_public_key=server_public) as c,
-        ):
-            c.ping(timeout_s=1.0)
-        assert "CURVE handshake failed" in err.value.message  # the timeout says why
-    finally:
-        stop_server(proc)
+    assert out.stdout.split() == ["earthdial.geo.imagery", "False"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +182,7 @@ def test_crs_forms_that_name_no_file_are_accepted(allowed: Path) -> None:
     utm = pyproj.CRS.from_epsg(32633)
     for crs in ("EPSG:32633", "epsg:32633", "urn:ogc:def:crs:EPSG::32633", utm.to_wkt(), utm.to_wkt("WKT1_GDAL"),
                 utm.to_json(), "EPSG:4326", "OGC:CRS84"):  # fmt: skip
-        assert access.crs_refusal(crs) is None, crs
+        assert file_access.crs_refusal(crs) is None, crs
         chip = service.resolve_source(requests.source(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), crs)), [np.zeros((1, 4, 4), np.uint8)])  # fmt: skip
         assert chip.crs
 
@@ -340,13 +266,13 @@ def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(
                    '<TileCountX>1</TileCountX><TileCountY>1</TileCountY></DataWindow><Projection>EPSG:3857</Projection>'
                    '<BlockSizeX>256</BlockSizeX><BlockSizeY>256</BlockSizeY><BandsCount>3</BandsCount></GDAL_WMS>')  # fmt: skip
     cases["wms xml"] = wms
-    previous = access.allowed_dirs()
-    access.set_allowed_dirs(None)
+    previous = file_access.allowed_dirs()
+    file_access.set_allowed_dirs(None)
     try:  # unrestricted (the in-process CLI), GDAL reads these: so they are real escapes
         assert _read(str(cases["raw band"])).data.tobytes()[:8] == b"the 24-b"
         assert _read(str(cases["absolute"])).width == 8
     finally:
-        access.set_allowed_dirs(previous)
+        file_access.set_allowed_dirs(previous)
     for how, path in cases.items():
         with pytest.raises(EarthDialError) as err:
             _read(str(path))

@@ -1,8 +1,5 @@
-"""Who may talk to the server and which files it may read.
+"""Which files a server may read, and which CRSs it may hand to PROJ.
 
-- Binds: loopback endpoints are served as they are; any other bind needs CURVE (encryption plus server
-  authentication), optionally with an allow-list of client public keys checked over ZAP.
-- Keys: `keygen` writes Z85 key pairs made by libzmq; secret key files are created with mode 0600.
 - Files: by-reference requests may only name absolute paths under the allowed directories (`..` taken
   out by the letters); no GDAL virtual file systems or URLs. The file is opened by walking the path from
   the allowed folder's descriptor with O_NOFOLLOW at every component, so no link is followed and a name
@@ -13,6 +10,10 @@
 - CRSs: a CRS from a request is accepted only as an authority code, WKT or PROJJSON that names no file
   (no PROJ strings, grids, `init` files, EXTENSION[PROJ4], PARAMETERFILE), checked before PROJ or GDAL
   parse it: PROJ opens the files a CRS names, and a FIFO there would block the server.
+
+The allowed folders are one value, a `FilePolicy`, installed once by a server (or a reader process) with
+`install` or `set_allowed_dirs`; the reading code asks `policy()` for it. None, the default, is the
+in-process CLI, which reads what its own user names. Who may talk to the server is serving/auth.py.
 """
 
 from __future__ import annotations
@@ -23,155 +24,29 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from ipaddress import ip_address
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
-
-import zmq
-from zmq.utils import z85
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.geo import geokeys
-
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
-ZAP_DOMAIN = b"earthdial"
-
-# --------------------------------------------------------------------------------------------------
-# Binds
-# --------------------------------------------------------------------------------------------------
-
-
-def is_loopback(endpoint: str) -> bool:
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = urlparse(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_refusal(endpoint: str, curve: bool) -> str | None:
-    """Why `endpoint` must not be bound, or None when it may."""
-    if is_loopback(endpoint) or curve:
-        return None
-    return (
-        f"refusing to bind {endpoint}: without CURVE only loopback endpoints are served (a network bind "
-        "would expose the model and files to other machines). Make keys with `earthdial keygen DIR` and "
-        "pass --curve-secret-key DIR/server.secret (and --curve-clients DIR to admit only listed clients)"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------------
-
-
-def _write_key(path: Path, key: bytes, secret: bool) -> None:
-    # O_EXCL: never overwrite a key that clients may already trust; 0600 before a byte is written
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.decode("ascii") + "\n")
-
-
-def keygen(directory: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write a server and a client CURVE key pair into `directory` (created if missing):
-    server.public, server.secret, client.public, client.secret. Refuses to overwrite existing keys."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {f"{who}.{part}": out / f"{who}.{part}" for who in ("server", "client") for part in ("public", "secret")}  # fmt: skip
-    taken = [str(p) for p in paths.values() if p.exists()]
-    if taken:
-        raise FileExistsError(f"keys exist already (remove them first): {', '.join(taken)}")
-    for who in ("server", "client"):
-        public, secret = zmq.curve_keypair()
-        _write_key(paths[f"{who}.public"], public, secret=False)
-        _write_key(paths[f"{who}.secret"], secret, secret=True)
-    return paths
-
-
-def read_key(path: str | os.PathLike[str], secret: bool = False) -> bytes:
-    """A Z85 key from a file `keygen` wrote; a secret key readable by group or others is refused."""
-    path = Path(path)
-    if secret and os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(f"{path} is readable by other users; `chmod 600 {path}` first")
-    text = path.read_text(encoding="ascii").strip()
-    if len(text) != 40:
-        raise ValueError(f"{path} does not hold a Z85 CURVE key (40 characters)")
-    try:
-        z85.decode(text)
-    except (ValueError, KeyError, IndexError):
-        raise ValueError(f"{path} does not hold a Z85 CURVE key") from None
-    return text.encode("ascii")
-
-
-def public_key_of(secret: bytes) -> bytes:
-    return zmq.curve_public(secret)
-
-
-def read_client_keys(directory: str | os.PathLike[str]) -> set[bytes]:
-    """The Z85 public keys of the clients allowed in: every `*.public` file of `directory`."""
-    files = sorted(Path(directory).glob("*.public"))
-    if not files:
-        raise FileNotFoundError(f"no *.public key files in {directory}")
-    return {read_key(p) for p in files}
-
-
-class ZapHandler:
-    """A ZAP handler (RFC 27) admitting only the listed CURVE client keys (or any), and naming each
-    connection's key as its User-Id (the server's identity of that client). It is polled by the server's
-    I/O loop (one REP socket, no thread of its own); it must be bound before the server socket."""
-
-    def __init__(self, ctx: zmq.Context, allowed: set[bytes] | None) -> None:
-        # raw 32-byte keys, as ZAP sends them; None admits any CURVE key (the handler then only tells the
-        # server each connection's key, which is the client's identity)
-        self.allowed = None if allowed is None else {z85.decode(k) for k in allowed}
-        self.sock = ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ZAP_ENDPOINT)
-
-    def handle(self) -> None:
-        request = self.sock.recv_multipart()
-        # version, request id, domain, address, routing id, mechanism, credentials...
-        version, request_id = request[0], request[1]
-        mechanism = request[5] if len(request) > 5 else b""
-        key = request[6] if len(request) > 6 else b""
-        ok = version == b"1.0" and mechanism == b"CURVE" and (self.allowed is None or key in self.allowed)
-        status, text = (b"200", b"OK") if ok else (b"400", b"client key not allowed")
-        user = z85.encode(key) if ok else b""
-        self.sock.send_multipart([b"1.0", request_id, status, text, user, b""])
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-def enable_curve(sock: zmq.Socket, secret: bytes) -> None:
-    """Make `sock` a CURVE server with this secret key (call before bind)."""
-    sock.setsockopt(zmq.CURVE_SERVER, 1)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key_of(secret))
-    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-
 
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
 
-_allowed_dirs: tuple[str, ...] | None = None  # None: no restriction (the in-process CLI)
-# (the folder as named, made absolute; its real path): a request's path is matched against either form
-# by its letters alone, and the walk starts from the real folder's descriptor
-_roots: tuple[tuple[str, str], ...] = ()
 
+@dataclass(frozen=True)
+class FilePolicy:
+    """The folders by-reference requests may read, resolved once (`of`)."""
 
-def set_allowed_dirs(dirs: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...] | None:
-    """Restrict by-reference reads to these directories (resolved now); None lifts the restriction."""
-    global _allowed_dirs, _roots
-    if dirs is None:
-        _allowed_dirs, _roots = None, ()
-    else:
+    dirs: tuple[str, ...]  # their real paths, each once
+    # (the folder as named, made absolute; its real path): a request's path is matched against either form
+    # by its letters alone, and the walk starts from the real folder's descriptor
+    roots: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, dirs: Iterable[str | os.PathLike[str]]) -> FilePolicy:
+        """The policy for these directories, resolved now; NotADirectoryError for one that is not."""
         resolved: list[str] = []
         roots: list[tuple[str, str]] = []
         for d in dirs:
@@ -183,61 +58,108 @@ def set_allowed_dirs(dirs: Iterable[str | os.PathLike[str]] | None) -> tuple[str
             for named in (os.path.normpath(os.path.abspath(os.fspath(d))), real):
                 if (named, real) not in roots:
                     roots.append((named, real))
-        _allowed_dirs, _roots = tuple(resolved), tuple(roots)
-    return _allowed_dirs
+        return cls(tuple(resolved), tuple(roots))
+
+    def as_named(self) -> list[str]:
+        """The allowed folders as they were named (for a reader process to make the same policy)."""
+        return list(dict.fromkeys(named for named, _ in self.roots))
+
+    def check_path(self, path: str) -> str:
+        """`path` with `.` and `..` taken out by its letters when that lies under an allowed directory
+        (named as given to the server or by its real path). Raises `forbidden_path` otherwise, before
+        anything about the file is looked at: no file system call is made here (a name resolved now could
+        be swapped for a link before it is opened; `open_file` walks the path from the folder's descriptor
+        instead)."""
+        _check_name(path)
+        dirs = self.dirs
+        check_local_path(path, "the path")
+        if not os.path.isabs(path):  # relative to what? also keeps GDAL's `DRIVER:...` names out
+            raise EarthDialError(
+                ErrorCode.FORBIDDEN_PATH,
+                f"{path:.200} is not an absolute path; the server reads files under {', '.join(dirs) or 'no directory'}",
+            )
+        norm = os.path.normpath(path)
+        if self.root_of(norm) is not None:
+            return norm
+        where = ", ".join(dirs) if dirs else "no directory (it was started without --allow-dir)"
+        raise EarthDialError(
+            ErrorCode.FORBIDDEN_PATH,
+            f"{path:.200} is outside the directories this server reads from: {where} "
+            "(start it with --allow-dir DIR to add one)",
+        )
+
+    def root_of(self, norm: str) -> tuple[str, list[str]] | None:
+        """(real allowed folder, the components below it) of a normalised absolute path, or None."""
+        for named, real in self.roots:
+            prefix = named.rstrip(os.sep) + os.sep
+            if norm.startswith(prefix):
+                return real, [part for part in norm[len(prefix) :].split(os.sep) if part]
+        return None
+
+    def open_file(self, path: str) -> int:
+        """A read-only descriptor of the raster `path` names under an allowed folder, for GDAL to open as
+        `fd_path(fd)` (the caller closes it once the dataset is closed). The path is walked one component
+        at a time from the allowed folder's descriptor with O_NOFOLLOW (`openat`), so no symlink is followed
+        anywhere in it and a name swapped for a link between a check and the open cannot lead out of the
+        folder (issue 24, finding 2): a link is `forbidden_path`, even one to a file inside. The descriptor
+        must be a regular file (a FIFO would block its reader for good, a device could be endless) with one
+        hard link (a link inside an allowed folder to a file outside it cannot be told from the file itself),
+        and a TIFF must pass the byte checks GDAL's open needs (geokeys.py), read through this descriptor."""
+        norm = self.check_path(path)
+        found = self.root_of(norm)
+        if found is None:  # check_path refuses those
+            raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path:.200} is outside the allowed directories")
+        return _open_under(path, *found)
+
+
+_policy: FilePolicy | None = None  # None: no restriction (the in-process CLI)
+
+
+def policy() -> FilePolicy | None:
+    """The file policy of this process: None when reads are unrestricted."""
+    return _policy
+
+
+def install(new: FilePolicy | None) -> FilePolicy | None:
+    """Make `new` this process's file policy (None lifts the restriction); returns the previous one."""
+    global _policy
+    previous, _policy = _policy, new
+    return previous
+
+
+def set_allowed_dirs(dirs: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...] | None:
+    """Restrict by-reference reads to these directories (resolved now); None lifts the restriction."""
+    new = None if dirs is None else FilePolicy.of(dirs)
+    install(new)
+    return None if new is None else new.dirs
 
 
 def allowed_dirs() -> tuple[str, ...] | None:
-    return _allowed_dirs
-
-
-def allowed_roots() -> list[str] | None:
-    """The allowed folders as they were named (for a reader process to set the same), or None."""
-    return None if _allowed_dirs is None else list(dict.fromkeys(named for named, _ in _roots))
+    current = _policy
+    return None if current is None else current.dirs
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def check_path(path: str) -> str:
-    """The path to open for a by-reference request: `path` itself when reads are unrestricted, else the
-    path with `.` and `..` taken out by its letters when that lies under an allowed directory (named as
-    given to the server or by its real path). Raises `forbidden_path` otherwise, before anything about
-    the file is looked at: no file system call is made here (a name resolved now could be swapped for a
-    link before it is opened; `open_file` walks the path from the folder's descriptor instead)."""
+def _check_name(path: str) -> None:
+    """`bad_request` for a path no file can have: a NUL character or a lone surrogate."""
     if "\x00" in path:
         raise EarthDialError(ErrorCode.BAD_REQUEST, "the path holds a NUL character")
     try:
         os.fsencode(path)
     except UnicodeError:  # a lone surrogate: no file can have this name
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"the path {path!a:.200} is not valid Unicode") from None
-    dirs = _allowed_dirs
-    if dirs is None:
+
+
+def check_path(path: str) -> str:
+    """The path to open for a by-reference request: `path` itself when reads are unrestricted, else
+    what the installed policy's `FilePolicy.check_path` makes of it (`forbidden_path` outside)."""
+    current = _policy
+    if current is None:
+        _check_name(path)
         return path
-    check_local_path(path, "the path")
-    if not os.path.isabs(path):  # relative to what? also keeps GDAL's `DRIVER:...` names out
-        raise EarthDialError(
-            ErrorCode.FORBIDDEN_PATH,
-            f"{path:.200} is not an absolute path; the server reads files under {', '.join(dirs) or 'no directory'}",
-        )
-    norm = os.path.normpath(path)
-    if _root_of(norm) is not None:
-        return norm
-    where = ", ".join(dirs) if dirs else "no directory (it was started without --allow-dir)"
-    raise EarthDialError(
-        ErrorCode.FORBIDDEN_PATH,
-        f"{path:.200} is outside the directories this server reads from: {where} "
-        "(start it with --allow-dir DIR to add one)",
-    )
-
-
-def _root_of(norm: str) -> tuple[str, list[str]] | None:
-    """(real allowed folder, the components below it) of a normalised absolute path, or None."""
-    for named, real in _roots:
-        prefix = named.rstrip(os.sep) + os.sep
-        if norm.startswith(prefix):
-            return real, [part for part in norm[len(prefix) :].split(os.sep) if part]
-    return None
+    return current.check_path(path)
 
 
 # Tests only: the byte checks of a TIFF (geokeys.py) are skipped, so that a test can show what the reader
@@ -247,19 +169,17 @@ SKIP_PRECHECKS = "EARTHDIAL_UNSAFE_SKIP_FILE_PRECHECKS"
 
 
 def open_file(path: str) -> int:
-    """A read-only descriptor of the raster `path` names under an allowed folder, for GDAL to open as
-    `fd_path(fd)` (the caller closes it once the dataset is closed). The path is walked one component
-    at a time from the allowed folder's descriptor with O_NOFOLLOW (`openat`), so no symlink is followed
-    anywhere in it and a name swapped for a link between a check and the open cannot lead out of the
-    folder (issue 24, finding 2): a link is `forbidden_path`, even one to a file inside. The descriptor
-    must be a regular file (a FIFO would block its reader for good, a device could be endless) with one
-    hard link (a link inside an allowed folder to a file outside it cannot be told from the file itself),
-    and a TIFF must pass the byte checks GDAL's open needs (geokeys.py), read through this descriptor."""
-    norm = check_path(path)
-    found = _root_of(norm)
-    if found is None:  # check_path refuses those
+    """`FilePolicy.open_file` under the installed policy; `forbidden_path` when reads are unrestricted
+    (such a process opens files by name: there is no folder to walk from)."""
+    current = _policy
+    if current is None:
+        _check_name(path)
         raise EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{path:.200} is outside the allowed directories")
-    root, parts = found
+    return current.open_file(path)
+
+
+def _open_under(path: str, root: str, parts: list[str]) -> int:
+    """The descriptor of `path`, the components `parts` below the real allowed folder `root`."""
     if not parts:
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is a directory, not a regular file")
     try:
@@ -486,10 +406,3 @@ def check_crs(text: str, what: str) -> str:
             "WKT or PROJJSON without grid files",
         )
     return text
-
-
-def describe(curve: Any, clients: set[bytes] | None) -> str:
-    if curve is None:
-        return "no CURVE (loopback only)"
-    who = f"{len(clients)} allowed client key(s)" if clients else "any client that knows the public key"
-    return f"CURVE, server public key {public_key_of(curve).decode()}, {who}"
