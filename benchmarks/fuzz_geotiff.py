@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,18 +273,23 @@ def _ascii(text: str) -> bytes:
     return text.encode("latin-1", "replace") + b"\0"
 
 
-def mutate(rng: random.Random, tiff: Tiff, ctx: Context, kinds: list[str]) -> bytes:
-    order = tiff.order
-    first = tiff.ifds[0]
+class Mutation:
+    """One file's structural mutations: the parsed TIFF they rewrite, with the helpers they share."""
 
-    def get(tag: int, ifd: list[Entry] | None = None) -> Entry | None:
-        return next((e for e in (ifd if ifd is not None else first) if e.tag == tag), None)
+    def __init__(self, rng: random.Random, tiff: Tiff, ctx: Context) -> None:
+        self.rng, self.tiff, self.ctx = rng, tiff, ctx
+        self.order = tiff.order
+        self.first = tiff.ifds[0]
+        self.nexts: list[int | None] | None = None  # the directories' next offsets, when a mutation sets them
+
+    def get(self, tag: int, ifd: list[Entry] | None = None) -> Entry | None:
+        return next((e for e in (ifd if ifd is not None else self.first) if e.tag == tag), None)
 
     def put(
-        tag: int, kind: int, vals: list, ifd: list[Entry] | None = None, count: int | None = None
+        self, tag: int, kind: int, vals: list, ifd: list[Entry] | None = None, count: int | None = None
     ) -> None:
-        ifd = ifd if ifd is not None else first
-        raw = pack(order, kind, vals)
+        ifd = ifd if ifd is not None else self.first
+        raw = pack(self.order, kind, vals)
         n = len(vals) if count is None else count
         entry = Entry(tag, kind, n, raw)
         for i, e in enumerate(ifd):
@@ -294,14 +300,17 @@ def mutate(rng: random.Random, tiff: Tiff, ctx: Context, kinds: list[str]) -> by
             ifd.append(entry)
             ifd.sort(key=lambda e: e.tag)
 
-    def geokeys(keys: list[tuple[int, int, int, int]], version: tuple[int, int, int] = (1, 1, 0)) -> None:
+    def geokeys(
+        self, keys: list[tuple[int, int, int, int]], version: tuple[int, int, int] = (1, 1, 0)
+    ) -> None:
         flat = [*version, len(keys)]
         for k in keys:
             flat.extend(k)
-        put(34735, 3, [v & 0xFFFF for v in flat])
+        self.put(34735, 3, [v & 0xFFFF for v in flat])
 
-    def citation_crs(text: str) -> None:
+    def citation_crs(self, text: str) -> None:
         """A user-defined CRS whose citation GDAL imports (an ESRI PE string, or the text as is)."""
+        rng = self.rng
         cite = rng.choice(["ESRI PE String = ", "ESRI PE String = ", "", "PCS Name = "]) + text + "|"
         where = rng.choice([3073, 2049, 1026])
         # a user-defined model type with the citation alone (what ArcGIS writes), or a user-defined CRS
@@ -310,162 +319,223 @@ def mutate(rng: random.Random, tiff: Tiff, ctx: Context, kinds: list[str]) -> by
         if model != 32767:
             keys.append((3072 if where == 3073 else 2048, 0, 1, 32767))
         keys.append((where, 34737, len(cite), 0))
-        geokeys(sorted(keys))
+        self.geokeys(sorted(keys))
         text_bytes = list(_ascii(cite))
         # the text as ASCII mostly; else as another integer type, one character a value (libtiff converts)
-        kind = rng.choice([2, 2, 2, 2, 1, 7, 6, 3, 4, 8, 9, 16 if tiff.big else 4])
-        put(34737, kind, text_bytes if kind in (1, 2, 6, 7) else [b if b < 128 else 63 for b in text_bytes])
+        kind = rng.choice([2, 2, 2, 2, 1, 7, 6, 3, 4, 8, 9, 16 if self.tiff.big else 4])
+        self.put(
+            34737, kind, text_bytes if kind in (1, 2, 6, 7) else [b if b < 128 else 63 for b in text_bytes]
+        )
         if rng.random() < 0.2:  # a second GeoAsciiParams entry, before or after the first
-            e = get(34737)
+            e = self.get(34737)
             assert e is not None
             twin = Entry(34737, 2, 2, b"|\0")
-            first.insert(first.index(e) + rng.choice([0, 1]), twin)
+            self.first.insert(self.first.index(e) + rng.choice([0, 1]), twin)
 
-    nexts: list[int | None] | None = None
+
+def _random_tag(m: Mutation) -> None:
+    rng, tiff = m.rng, m.tiff
+    for _ in range(rng.randint(1, 4)):
+        tag = rng.choice(BASELINE_TAGS) if rng.random() < 0.7 else rng.randrange(65536)
+        t = rng.choice(list(TYPE_SIZES)) if rng.random() < 0.9 else rng.randrange(65536)
+        n = rng.choice([0, 1, 2, 3, 4, 6, 16, 100, 2**16, 2**31, 2**32 - 1])
+        raw = rng.randbytes(min(n * TYPE_SIZES.get(t, 1), rng.choice([0, 4, 64, 4096])))
+        ifd = rng.choice(tiff.ifds)
+        entry = Entry(tag, t, n, raw, rng.randrange(len(tiff.data) * 2) if rng.random() < 0.3 else None)
+        ifd.append(entry)
+        if rng.random() < 0.8:
+            ifd.sort(key=lambda e: e.tag)
+
+
+def _drop_tag(m: Mutation) -> None:
+    ifd = m.rng.choice(m.tiff.ifds)
+    if ifd:
+        ifd.pop(m.rng.randrange(len(ifd)))
+
+
+def _duplicate_tag(m: Mutation) -> None:
+    """A second entry of a tag, before or after the first."""
+    rng = m.rng
+    ifd = rng.choice(m.tiff.ifds)
+    if ifd:
+        e = rng.choice(ifd)
+        twin = Entry(e.tag, e.kind, e.count, rng.randbytes(len(e.raw)) if rng.random() < 0.5 else e.raw)
+        ifd.insert(ifd.index(e) + rng.choice([0, 1]), twin)
+
+
+def _huge_size(m: Mutation) -> None:
+    rng = m.rng
+    v = rng.choice(HUGE)
+    t = 3 if v <= 0xFFFF and rng.random() < 0.3 else 16 if m.tiff.big and rng.random() < 0.3 else 4
+    m.put(rng.choice([256, 257]), t, [v])
+
+
+def _blocks(m: Mutation) -> None:
+    """Tile/strip sizes."""
+    rng = m.rng
+    if m.get(322) is not None or rng.random() < 0.3:
+        m.put(322, rng.choice([3, 4]), [rng.choice([0, 1, 8, 15, 16, 17, 256, 2**15, 65535])])
+        m.put(323, rng.choice([3, 4]), [rng.choice([0, 1, 8, 16, 256, 2**15, 65535])])
+    else:
+        m.put(278, 4, [rng.choice(HUGE + [3, 7])])
+
+
+def _offsets(m: Mutation) -> None:
+    """Strip/tile offsets and byte counts pointing anywhere."""
+    rng, tiff = m.rng, m.tiff
+    size = len(tiff.data)
+    for tag in (273, 279, 324, 325):
+        strips = m.get(tag)
+        if strips is None or rng.random() < 0.4:
+            continue
+        vals = values(tiff, strips)
+        if not vals:
+            continue
+        choice = rng.randrange(5)
+        new = [rng.choice([0, 8, size - 1, size, size * 10, 2**31, 2**32 - 1, rng.randrange(size)])
+               if choice < 3 or rng.random() < 0.5 else v for v in vals]  # fmt: skip
+        if choice == 3:
+            new = new[: rng.randrange(len(new) + 1)]  # fewer than blocks
+        if choice == 4:
+            new = new + [rng.randrange(size)] * rng.choice([1, 1000])  # more than blocks
+        code = 16 if tiff.big and rng.random() < 0.5 else 4
+        m.put(tag, code, [v & (2**64 - 1 if code == 16 else 2**32 - 1) for v in new])
+
+
+def _compression(m: Mutation) -> None:
+    m.put(259, 3, [m.rng.choice(COMPRESSIONS)])
+    if m.rng.random() < 0.3:
+        m.put(317, 3, [m.rng.choice([1, 2, 3, 4, 34892, 65535])])  # predictor
+
+
+def _bits(m: Mutation) -> None:
+    rng = m.rng
+    spp = rng.choice([0, 1, 2, 3, 4, 5, 255, 65535])
+    m.put(277, 3, [spp])
+    n = rng.choice([1, spp & 0xFF or 1])
+    m.put(258, 3, [rng.choice(BITS) for _ in range(n)])
+    if rng.random() < 0.5:
+        m.put(339, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 65535]) for _ in range(n)])
+
+
+def _format(m: Mutation) -> None:
+    """Sample format, photometric, planar, extra samples."""
+    rng = m.rng
+    m.put(339, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 65535])])
+    m.put(262, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 32803, 32844, 32845, 34892, 65535])])
+    if rng.random() < 0.5:
+        m.put(284, 3, [rng.choice([0, 1, 2, 3])])
+    if rng.random() < 0.3:
+        m.put(338, 3, [rng.choice([0, 1, 2, 3]) for _ in range(rng.choice([1, 2, 40]))])
+    if rng.random() < 0.3:
+        m.put(530, 3, [rng.choice([0, 1, 2, 4]), rng.choice([0, 1, 2, 4])])  # YCbCr subsampling
+
+
+def _ifd_chain(m: Mutation) -> None:
+    rng, tiff = m.rng, m.tiff
+    n = len(tiff.ifds)
+    how = rng.randrange(5)
+    if how == 0:  # a loop back to the first directory, or to itself
+        m.nexts = [None] * (n - 1) + [rng.choice([LOOP_FIRST, LOOP_SELF])]
+    elif how == 1:  # the next offset anywhere
+        m.nexts = [
+            rng.choice([1, 7, len(tiff.data) - 2, 2**31, 2**32 - 1, rng.randrange(len(tiff.data))])
+        ] * n
+    elif how == 2:  # thousands of small directories (a few past the 4 096 limit)
+        copies = rng.choice([100, 1000, 4095, 4097, 5000])
+        small = [Entry(256, 3, 1, pack(m.order, 3, [1])), Entry(257, 3, 1, pack(m.order, 3, [1]))]
+        tiff.ifds.extend([list(small) for _ in range(copies)])
+    elif how == 3:  # copies of the first directory as overviews
+        tiff.ifds.extend([list(m.first) for _ in range(rng.choice([1, 10, 200]))])
+    else:  # SubIFDs: the first directory's children, pointing anywhere or back to it
+        m.put(330, rng.choice([4, 13]), [rng.choice([8, 0, len(tiff.data) - 1, rng.randrange(len(tiff.data))])
+                                         for _ in range(rng.choice([1, 3, 1000]))])  # fmt: skip
+
+
+def _geokeys_random(m: Mutation) -> None:
+    rng = m.rng
+    keys = []
+    for _ in range(rng.choice([0, 1, 3, 8, 40])):
+        key = rng.choice(GEOKEY_IDS) if rng.random() < 0.8 else rng.randrange(65536)
+        loc = rng.choice([0, 0, 0, 34736, 34737, 34735, rng.randrange(65536)])
+        cnt = rng.choice([0, 1, 1, 2, 7, 1000, 65535])
+        keys.append((key, loc, cnt, rng.choice(GEOKEY_CODES) if loc == 0 else rng.randrange(65536)))
+    if rng.random() < 0.8:
+        keys.sort()
+    m.geokeys(keys, (rng.choice([1, 1, 1, 0, 2, 65535]), rng.choice([1, 0, 9]), rng.choice([0, 1, 9])))
+    if rng.random() < 0.7:
+        m.put(34736, 12, [rng.choice(FLOATS) for _ in range(rng.choice([0, 1, 7, 30]))] or [0.0])
+    if rng.random() < 0.7:
+        m.put(34737, 2, list(_ascii(rng.choice(["", "|", "x|" * 50, "ESRI PE String = |", *plain_wkts()]))))
+    if rng.random() < 0.2:  # the directory claims more keys than the tag holds
+        directory = m.get(34735)
+        if directory is not None:
+            directory.count = rng.choice([0, 1, 3, 4, 2**16 - 1])
+
+
+def _crs_grid(m: Mutation) -> None:
+    m.citation_crs(m.rng.choice(grid_wkts(m.rng.choice(m.ctx.grids))))
+
+
+def _crs_plain(m: Mutation) -> None:
+    m.citation_crs(m.rng.choice(plain_wkts()))
+
+
+def _geotransform(m: Mutation) -> None:
+    rng = m.rng
+    how = rng.randrange(3)
+    if how == 0:
+        m.put(33550, 12, [rng.choice(FLOATS), rng.choice(FLOATS), rng.choice(FLOATS)])
+        m.put(33922, 12, [rng.choice(FLOATS) for _ in range(6)])
+    elif how == 1:
+        m.put(34264, 12, [rng.choice(FLOATS) for _ in range(16)])
+    else:  # several tie points (a GCP list) with wild values
+        m.put(33922, 12, [rng.choice(FLOATS) for _ in range(6 * rng.choice([2, 3, 100]))])
+        m.first[:] = [e for e in m.first if e.tag != 33550]
+
+
+def _gdal_metadata(m: Mutation) -> None:
+    rng = m.rng
+    text = rng.choice([
+        '<GDALMetadata><Item name="SCALE" sample="0">nan</Item><Item name="OFFSET" sample="0">1e400</Item></GDALMetadata>',
+        "<GDALMetadata>" + "<Item name='x'>" * 500 + "</GDALMetadata>",
+        '<GDALMetadata><Item name="x" domain="xml:XMP">' + "a" * 100_000 + "</Item></GDALMetadata>",
+        "not xml",
+    ])  # fmt: skip
+    m.put(42112, 2, list(_ascii(text)))
+    if rng.random() < 0.5:
+        m.put(42113, 2, list(_ascii(rng.choice(["nan", "1e999", "-inf", "x", ""]))))  # nodata
+
+
+# The structural mutations, by kind (flip_bytes and truncate work on the written bytes: make_file)
+STRUCTURAL: dict[str, Callable[[Mutation], None]] = {
+    "random_tag": _random_tag,
+    "drop_tag": _drop_tag,
+    "duplicate_tag": _duplicate_tag,
+    "huge_size": _huge_size,
+    "blocks": _blocks,
+    "offsets": _offsets,
+    "compression": _compression,
+    "bits": _bits,
+    "format": _format,
+    "ifd_chain": _ifd_chain,
+    "geokeys_random": _geokeys_random,
+    "crs_grid": _crs_grid,
+    "crs_plain": _crs_plain,
+    "geotransform": _geotransform,
+    "gdal_metadata": _gdal_metadata,
+}
+
+
+def mutate(rng: random.Random, tiff: Tiff, ctx: Context, kinds: list[str]) -> bytes:
+    m = Mutation(rng, tiff, ctx)
     for kind in kinds:
-        if kind == "random_tag":
-            for _ in range(rng.randint(1, 4)):
-                tag = rng.choice(BASELINE_TAGS) if rng.random() < 0.7 else rng.randrange(65536)
-                t = rng.choice(list(TYPE_SIZES)) if rng.random() < 0.9 else rng.randrange(65536)
-                n = rng.choice([0, 1, 2, 3, 4, 6, 16, 100, 2**16, 2**31, 2**32 - 1])
-                raw = rng.randbytes(min(n * TYPE_SIZES.get(t, 1), rng.choice([0, 4, 64, 4096])))
-                ifd = rng.choice(tiff.ifds)
-                entry = Entry(
-                    tag, t, n, raw, rng.randrange(len(tiff.data) * 2) if rng.random() < 0.3 else None
-                )
-                ifd.append(entry)
-                if rng.random() < 0.8:
-                    ifd.sort(key=lambda e: e.tag)
-        elif kind == "drop_tag":
-            ifd = rng.choice(tiff.ifds)
-            if ifd:
-                ifd.pop(rng.randrange(len(ifd)))
-        elif kind == "duplicate_tag":  # a second entry of a tag, before or after the first
-            ifd = rng.choice(tiff.ifds)
-            if ifd:
-                e = rng.choice(ifd)
-                twin = Entry(
-                    e.tag, e.kind, e.count, rng.randbytes(len(e.raw)) if rng.random() < 0.5 else e.raw
-                )
-                ifd.insert(ifd.index(e) + rng.choice([0, 1]), twin)
-        elif kind == "huge_size":
-            v = rng.choice(HUGE)
-            t = 3 if v <= 0xFFFF and rng.random() < 0.3 else 16 if tiff.big and rng.random() < 0.3 else 4
-            put(rng.choice([256, 257]), t, [v])
-        elif kind == "blocks":  # tile/strip sizes
-            if get(322) is not None or rng.random() < 0.3:
-                put(322, rng.choice([3, 4]), [rng.choice([0, 1, 8, 15, 16, 17, 256, 2**15, 65535])])
-                put(323, rng.choice([3, 4]), [rng.choice([0, 1, 8, 16, 256, 2**15, 65535])])
-            else:
-                put(278, 4, [rng.choice(HUGE + [3, 7])])
-        elif kind == "offsets":  # strip/tile offsets and byte counts pointing anywhere
-            size = len(tiff.data)
-            for tag in (273, 279, 324, 325):
-                strips = get(tag)
-                if strips is None or rng.random() < 0.4:
-                    continue
-                vals = values(tiff, strips)
-                if not vals:
-                    continue
-                choice = rng.randrange(5)
-                new = [rng.choice([0, 8, size - 1, size, size * 10, 2**31, 2**32 - 1, rng.randrange(size)])
-                       if choice < 3 or rng.random() < 0.5 else v for v in vals]  # fmt: skip
-                if choice == 3:
-                    new = new[: rng.randrange(len(new) + 1)]  # fewer than blocks
-                if choice == 4:
-                    new = new + [rng.randrange(size)] * rng.choice([1, 1000])  # more than blocks
-                code = 16 if tiff.big and rng.random() < 0.5 else 4
-                put(tag, code, [v & (2**64 - 1 if code == 16 else 2**32 - 1) for v in new])
-        elif kind == "compression":
-            put(259, 3, [rng.choice(COMPRESSIONS)])
-            if rng.random() < 0.3:
-                put(317, 3, [rng.choice([1, 2, 3, 4, 34892, 65535])])  # predictor
-        elif kind == "bits":
-            spp = rng.choice([0, 1, 2, 3, 4, 5, 255, 65535])
-            put(277, 3, [spp])
-            n = rng.choice([1, spp & 0xFF or 1])
-            put(258, 3, [rng.choice(BITS) for _ in range(n)])
-            if rng.random() < 0.5:
-                put(339, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 65535]) for _ in range(n)])
-        elif kind == "format":  # sample format, photometric, planar, extra samples
-            put(339, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 65535])])
-            put(262, 3, [rng.choice([0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 32803, 32844, 32845, 34892, 65535])])
-            if rng.random() < 0.5:
-                put(284, 3, [rng.choice([0, 1, 2, 3])])
-            if rng.random() < 0.3:
-                put(338, 3, [rng.choice([0, 1, 2, 3]) for _ in range(rng.choice([1, 2, 40]))])
-            if rng.random() < 0.3:
-                put(530, 3, [rng.choice([0, 1, 2, 4]), rng.choice([0, 1, 2, 4])])  # YCbCr subsampling
-        elif kind == "ifd_chain":
-            n = len(tiff.ifds)
-            how = rng.randrange(5)
-            if how == 0:  # a loop back to the first directory, or to itself
-                nexts = [None] * (n - 1) + [rng.choice([LOOP_FIRST, LOOP_SELF])]
-            elif how == 1:  # the next offset anywhere
-                nexts = [
-                    rng.choice([1, 7, len(tiff.data) - 2, 2**31, 2**32 - 1, rng.randrange(len(tiff.data))])
-                ] * n
-            elif how == 2:  # thousands of small directories (a few past the 4 096 limit)
-                copies = rng.choice([100, 1000, 4095, 4097, 5000])
-                small = [Entry(256, 3, 1, pack(order, 3, [1])), Entry(257, 3, 1, pack(order, 3, [1]))]
-                tiff.ifds.extend([list(small) for _ in range(copies)])
-            elif how == 3:  # copies of the first directory as overviews
-                tiff.ifds.extend([list(first) for _ in range(rng.choice([1, 10, 200]))])
-            else:  # SubIFDs: the first directory's children, pointing anywhere or back to it
-                put(330, rng.choice([4, 13]), [rng.choice([8, 0, len(tiff.data) - 1, rng.randrange(len(tiff.data))])
-                                              for _ in range(rng.choice([1, 3, 1000]))])  # fmt: skip
-        elif kind == "geokeys_random":
-            keys = []
-            for _ in range(rng.choice([0, 1, 3, 8, 40])):
-                key = rng.choice(GEOKEY_IDS) if rng.random() < 0.8 else rng.randrange(65536)
-                loc = rng.choice([0, 0, 0, 34736, 34737, 34735, rng.randrange(65536)])
-                cnt = rng.choice([0, 1, 1, 2, 7, 1000, 65535])
-                keys.append((key, loc, cnt, rng.choice(GEOKEY_CODES) if loc == 0 else rng.randrange(65536)))
-            if rng.random() < 0.8:
-                keys.sort()
-            geokeys(keys, (rng.choice([1, 1, 1, 0, 2, 65535]), rng.choice([1, 0, 9]), rng.choice([0, 1, 9])))
-            if rng.random() < 0.7:
-                put(34736, 12, [rng.choice(FLOATS) for _ in range(rng.choice([0, 1, 7, 30]))] or [0.0])
-            if rng.random() < 0.7:
-                put(
-                    34737,
-                    2,
-                    list(_ascii(rng.choice(["", "|", "x|" * 50, "ESRI PE String = |", *plain_wkts()]))),
-                )
-            if rng.random() < 0.2:  # the directory claims more keys than the tag holds
-                directory = get(34735)
-                if directory is not None:
-                    directory.count = rng.choice([0, 1, 3, 4, 2**16 - 1])
-        elif kind == "crs_grid":
-            citation_crs(rng.choice(grid_wkts(rng.choice(ctx.grids))))
-        elif kind == "crs_plain":
-            citation_crs(rng.choice(plain_wkts()))
-        elif kind == "geotransform":
-            how = rng.randrange(3)
-            if how == 0:
-                put(33550, 12, [rng.choice(FLOATS), rng.choice(FLOATS), rng.choice(FLOATS)])
-                put(33922, 12, [rng.choice(FLOATS) for _ in range(6)])
-            elif how == 1:
-                put(34264, 12, [rng.choice(FLOATS) for _ in range(16)])
-            else:  # several tie points (a GCP list) with wild values
-                put(33922, 12, [rng.choice(FLOATS) for _ in range(6 * rng.choice([2, 3, 100]))])
-                first[:] = [e for e in first if e.tag != 33550]
-        elif kind == "gdal_metadata":
-            text = rng.choice([
-                '<GDALMetadata><Item name="SCALE" sample="0">nan</Item><Item name="OFFSET" sample="0">1e400</Item></GDALMetadata>',
-                "<GDALMetadata>" + "<Item name='x'>" * 500 + "</GDALMetadata>",
-                '<GDALMetadata><Item name="x" domain="xml:XMP">' + "a" * 100_000 + "</Item></GDALMetadata>",
-                "not xml",
-            ])  # fmt: skip
-            put(42112, 2, list(_ascii(text)))
-            if rng.random() < 0.5:
-                put(42113, 2, list(_ascii(rng.choice(["nan", "1e999", "-inf", "x", ""]))))  # nodata
-    return serialize(tiff, nexts)
+        if kind in STRUCTURAL:
+            STRUCTURAL[kind](m)
+    return serialize(tiff, m.nexts)
 
 
-MUTATIONS = ["random_tag", "drop_tag", "duplicate_tag", "huge_size", "blocks", "offsets", "compression", "bits",
-             "format", "ifd_chain", "geokeys_random", "crs_grid", "crs_plain", "geotransform", "gdal_metadata",
-             "flip_bytes", "truncate"]  # fmt: skip
+MUTATIONS = [*STRUCTURAL, "flip_bytes", "truncate"]
 
 
 def base_geotiff(rng: random.Random, path: Path) -> dict[str, Any]:
@@ -534,7 +604,7 @@ def make_file(seed: int, index: int, path: Path, ctx: Context) -> tuple[list[str
     window = base_geotiff(rng, path)
     data = path.read_bytes()
     kinds = rng.sample(MUTATIONS, rng.choice([0, 1, 1, 2, 2, 3, 4]))
-    structural = [k for k in kinds if k not in ("flip_bytes", "truncate")]
+    structural = [k for k in kinds if k in STRUCTURAL]
     try:
         tiff = parse(data)
     except (struct.error, IndexError):

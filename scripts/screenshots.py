@@ -149,13 +149,6 @@ def in_qgis() -> None:
 
     state: dict = {}
 
-    def wait(condition, seconds: float):  # a generator step: yield until the condition holds
-        for _ in range(int(seconds / 0.2)):
-            if condition():
-                return
-            yield
-        raise TimeoutError(f"waited {seconds} s")
-
     def steps():
         window = iface.mainWindow()
         window.resize(1600, 1000)
@@ -188,70 +181,11 @@ def in_qgis() -> None:
         dock.select_task("refer")
         dock.prompt_edit.setPlainText("ships")
         if env("FLOW") == "scan":
-            yield from scan_steps(window, dock)
-            plugin.unload()
-            (work / "status.txt").write_text("ok\n")
-            return
-        dock.schedule_plan()
-        yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
-        if dock.last_plan is None:  # the summary of what will be sent
-            raise RuntimeError(f"no summary of what will be sent: {dock.plan_label.text()}")
-        dock.send_button.click()
-        yield from wait(lambda: not dock.is_busy(), 60)
-        if dock.last_error is not None:
-            raise RuntimeError(dock.answer_view.toPlainText())
-        dock.tabs.setCurrentIndex(1)  # Preview
-        dock.setFloating(True)  # tall enough to show the whole panel at once, as narrow as a small dock
-        dock.resize(300, 1350)
-        for _ in range(5):
-            yield
-        dock.grab().save(str(out / "dock.png"))
-        dock.setFloating(False)
-
-        view = iface.layerTreeView()
-        view.expandAllNodes()  # the result group and its legend: an outline colour per label
-        view.setExpanded(view.node2index(QgsProject.instance().layerTreeRoot().findLayer(layer.id())), False)
-        dock.zoom_to_results()
-        canvas = iface.mapCanvas()
-        canvas.refreshAllLayers()
-        yield from wait(lambda: not canvas.isDrawing(), 30)
-        for _ in range(10):
-            yield
-        window.grab().save(str(out / "result.png"))
+            yield from scan_steps(window, dock, out)
+        else:
+            yield from ask_steps(window, dock, layer, out)
         plugin.unload()
         (work / "status.txt").write_text("ok\n")
-
-    def scan_steps(window, dock):
-        """A tiled scan stopped after a few tiles, then resumed from the panel: the stopped layer keeps what
-        was found, and the merged layer takes over when the rest is done."""
-        dock.scan_radio.setChecked(True)
-        dock.schedule_plan()
-        yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
-        dock.send_button.click()
-        yield from wait(
-            lambda: not dock.is_busy() or (dock.scan.task is not None and dock.scan.task.done >= 12), 120
-        )
-        dock.cancel_button.click()
-        yield from wait(lambda: not dock.is_busy(), 60)
-        canvas = iface.mapCanvas()
-        iface.layerTreeView().expandAllNodes()
-        canvas.refreshAllLayers()
-        yield from wait(lambda: not canvas.isDrawing(), 30)
-        for _ in range(10):
-            yield
-        window.grab().save(str(out / "scan-stopped.jpg"), "JPG", 85)  # a mosaic: a PNG is 1 MB
-        if not dock.resume_button.isEnabled():
-            raise RuntimeError(f"Resume scan is not offered after the stop: {dock.result_label.text()}")
-        dock.resume_button.click()
-        yield from wait(lambda: not dock.is_busy(), 300)
-        if dock.last_error is not None:
-            raise RuntimeError(f"the resumed scan failed: {dock.last_error}")
-        iface.layerTreeView().expandAllNodes()
-        canvas.refreshAllLayers()
-        yield from wait(lambda: not canvas.isDrawing(), 30)
-        for _ in range(10):
-            yield
-        window.grab().save(str(out / "scan-resumed.jpg"), "JPG", 85)
 
     def finish(error: str = "") -> None:
         if error:
@@ -280,6 +214,82 @@ def in_qgis() -> None:
     timer.start(200)
     state["timer"] = timer  # kept alive after this script returns
     globals()["_earthdial_shots"] = state
+
+
+def wait(condition, seconds: float):  # a generator step: yield until the condition holds
+    for _ in range(int(seconds / 0.2)):
+        if condition():
+            return
+        yield
+    raise TimeoutError(f"waited {seconds} s")
+
+
+def ask_steps(window, dock, layer, out: Path):
+    """One ask for the ships in the layer: the panel with its chip preview, then the result on the map."""
+    from qgis.core import QgsProject
+    from qgis.utils import iface
+
+    dock.schedule_plan()
+    yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
+    if dock.last_plan is None:  # the summary of what will be sent
+        raise RuntimeError(f"no summary of what will be sent: {dock.plan_label.text()}")
+    dock.send_button.click()
+    yield from wait(lambda: not dock.is_busy(), 60)
+    if dock.last_error is not None:
+        raise RuntimeError(dock.answer_view.toPlainText())
+    dock.tabs.setCurrentIndex(1)  # Preview
+    dock.setFloating(True)  # tall enough to show the whole panel at once, as narrow as a small dock
+    dock.resize(300, 1350)
+    for _ in range(5):
+        yield
+    dock.grab().save(str(out / "dock.png"))
+    dock.setFloating(False)
+
+    view = iface.layerTreeView()
+    view.expandAllNodes()  # the result group and its legend: an outline colour per label
+    view.setExpanded(view.node2index(QgsProject.instance().layerTreeRoot().findLayer(layer.id())), False)
+    dock.zoom_to_results()
+    canvas = iface.mapCanvas()
+    canvas.refreshAllLayers()
+    yield from wait(lambda: not canvas.isDrawing(), 30)
+    for _ in range(10):
+        yield
+    window.grab().save(str(out / "result.png"))
+
+
+def scan_steps(window, dock, out: Path):
+    """A tiled scan stopped after a few tiles, then resumed from the panel: the stopped layer keeps what
+    was found, and the merged layer takes over when the rest is done."""
+    from qgis.utils import iface
+
+    dock.scan_radio.setChecked(True)
+    dock.schedule_plan()
+    yield from wait(lambda: dock.last_plan is not None or dock.plan_error is not None, 30)
+    dock.send_button.click()
+    yield from wait(
+        lambda: not dock.is_busy() or (dock.scan.task is not None and dock.scan.task.done >= 12), 120
+    )
+    dock.cancel_button.click()
+    yield from wait(lambda: not dock.is_busy(), 60)
+    canvas = iface.mapCanvas()
+    iface.layerTreeView().expandAllNodes()
+    canvas.refreshAllLayers()
+    yield from wait(lambda: not canvas.isDrawing(), 30)
+    for _ in range(10):
+        yield
+    window.grab().save(str(out / "scan-stopped.jpg"), "JPG", 85)  # a mosaic: a PNG is 1 MB
+    if not dock.resume_button.isEnabled():
+        raise RuntimeError(f"Resume scan is not offered after the stop: {dock.result_label.text()}")
+    dock.resume_button.click()
+    yield from wait(lambda: not dock.is_busy(), 300)
+    if dock.last_error is not None:
+        raise RuntimeError(f"the resumed scan failed: {dock.last_error}")
+    iface.layerTreeView().expandAllNodes()
+    canvas.refreshAllLayers()
+    yield from wait(lambda: not canvas.isDrawing(), 30)
+    for _ in range(10):
+        yield
+    window.grab().save(str(out / "scan-resumed.jpg"), "JPG", 85)
 
 
 def in_qgis_safely() -> None:

@@ -92,6 +92,14 @@ def test_round_trip_of_names_is_exact(tiny_checkpoint: Path) -> None:
         assert torch.equal(back[k], published[k]), k
 
 
+@pytest.mark.parametrize("key", ["lm_head.bias", "model.multi_modal_projector.layer_norm.running_mean"])
+def test_a_native_key_the_loader_would_not_understand_gets_no_published_name(key: str) -> None:
+    """Writing goes through the same table as reading: a native key whose published name the loader would
+    list as unknown (Phi-3's head has no bias; the projector holds weights and biases only) is refused."""
+    with pytest.raises(CheckpointError, match="no published name"):
+        checkpoint.native_to_published({key: torch.zeros(2)})
+
+
 def test_config_conversion_handles_phi3_traps(loaded) -> None:
     model, _, info = loaded
     assert model.config.tie_word_embeddings is False

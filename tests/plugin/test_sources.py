@@ -26,7 +26,8 @@ from qgis.core import QgsProject, QgsRasterDataProvider, QgsRasterLayer, QgsRect
 from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
-from earthdial_qgis.contract.protocol import Client, EarthDialError
+from earthdial_qgis.contract.protocol import Client, EarthDialError, ErrorCode
+from earthdial_qgis.core.scanning import ScanLayer, changes_request
 from earthdial_qgis.core.sources import PixelGrid, SourcePlan, plan_source, read_pixels
 from earthdial_qgis.gui.dock import GEOREF
 
@@ -361,3 +362,19 @@ def test_a_vrt_layer_the_backend_does_not_open_is_sent_as_pixels(
         assert same_corners(ring, expected_ring(extent, (20, 30, 40, 60)))
     finally:
         QgsProject.instance().removeAllMapLayers()
+
+
+def test_a_change_tile_asked_for_before_the_plan_is_a_typed_error(raster_layer: QgsRasterLayer) -> None:
+    """The backend asks for tiles only after its plan event (which says how many tiles a pair has); a tile
+    asked for earlier is a protocol error with a code, not a TypeError from the missing plan."""
+    layers = [ScanLayer.of(raster_layer), ScanLayer.of(raster_layer)]
+    try:
+        scan = changes_request(layers, {}, by_value=True)
+        assert scan.read_tile is not None and scan.plan is None
+        with pytest.raises(EarthDialError) as caught:
+            scan.read_tile(0, (0, 0, 4, 4), (4, 4))
+        assert caught.value.code == ErrorCode.INTERNAL and "before sending its plan" in caught.value.message
+    finally:
+        for layer in layers:
+            if layer.provider is not None and not sip.isdeleted(layer.provider):
+                sip.delete(layer.provider)

@@ -39,20 +39,51 @@ class CheckpointError(Exception):
 # Weight names
 # ------------------------------------------------------------------------------------------------
 
-# (published regex, native replacement), applied in order to keys under `vision_model.`
-_VISION_RENAMES = (
-    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
+# The one table of names: (published, native). `{n}` is a layer number and `{wb}` weight or bias; a name
+# ending in "." is a prefix, the rest of the key kept as is. Both directions are compiled from it, in order.
+_RENAMES = (
+    ("vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", "model.vision_tower.embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+    ("vision_model.encoder.layers.{n}.ls1", "model.vision_tower.encoder.layer.{n}.lambda_1"),
+    ("vision_model.encoder.layers.{n}.ls2", "model.vision_tower.encoder.layer.{n}.lambda_2"),
+    ("vision_model.encoder.layers.{n}.attn.proj.", "model.vision_tower.encoder.layer.{n}.attention.projection_layer."),
+    ("vision_model.encoder.layers.{n}.norm1.", "model.vision_tower.encoder.layer.{n}.layernorm_before."),
+    ("vision_model.encoder.layers.{n}.norm2.", "model.vision_tower.encoder.layer.{n}.layernorm_after."),
+    ("vision_model.encoder.layers.{n}.mlp.", "model.vision_tower.encoder.layer.{n}.mlp."),
+    ("mlp1.0.{wb}", "model.multi_modal_projector.layer_norm.{wb}"),
+    ("mlp1.1.{wb}", "model.multi_modal_projector.linear_1.{wb}"),
+    ("mlp1.3.{wb}", "model.multi_modal_projector.linear_2.{wb}"),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.weight", "lm_head.weight"),
 )  # fmt: skip
+_FIELDS = {"n": r"\d+", "wb": "weight|bias"}
+
+
+def _compile(source: str, target: str) -> tuple[re.Pattern[str], str]:
+    """`source` as an anchored pattern and `target` as its replacement (fields by name)."""
+    pattern = re.escape(source)
+    for name, regex in _FIELDS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
+        target = target.replace("{" + name + "}", rf"\g<{name}>")
+    return re.compile("^" + pattern + ("" if source.endswith(".") else "$")), target
+
+
+_TO_NATIVE = [_compile(published, native) for published, native in _RENAMES]
+_TO_PUBLISHED = [_compile(native, published) for published, native in _RENAMES]
+# InternViT's fused q/k/v (published) and transformers' separate projections (native): split and joined
 _QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+_NATIVE_QKV = re.compile(
+    r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$"
+)
+
+
+def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, repl in table:
+        new, n = pattern.subn(repl, key)
+        if n:
+            return new
+    return None
 
 
 def published_to_native(published: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -66,23 +97,8 @@ def published_to_native(published: dict[str, torch.Tensor]) -> tuple[dict[str, t
             native[f"{base}.q_proj.{m[2]}"] = q
             native[f"{base}.k_proj.{m[2]}"] = k
             native[f"{base}.v_proj.{m[2]}"] = v
-        elif key.startswith("vision_model."):
-            for pattern, repl in _VISION_RENAMES:
-                new, n = re.subn(pattern, repl, key)
-                if n:
-                    native[new] = tensor
-                    break
-            else:
-                unknown.append(key)
-        elif m := re.match(r"^mlp1\.(\d+)\.(weight|bias)$", key):
-            if m[1] in _PROJECTOR:
-                native[f"model.multi_modal_projector.{_PROJECTOR[m[1]]}.{m[2]}"] = tensor
-            else:
-                unknown.append(key)
-        elif key.startswith("language_model.model."):
-            native["model.language_model." + key[len("language_model.model.") :]] = tensor
-        elif key == "language_model.lm_head.weight":
-            native["lm_head.weight"] = tensor
+        elif (new := _rename(key, _TO_NATIVE)) is not None:
+            native[new] = tensor
         else:
             unknown.append(key)
     return native, unknown
@@ -91,33 +107,12 @@ def published_to_native(published: dict[str, torch.Tensor]) -> tuple[dict[str, t
 def native_to_published(native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `published_to_native`, used to write checkpoints in the published layout."""
     out: dict[str, torch.Tensor] = {}
-    inverse = [
-        (r"^model\.vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
-        (r"^model\.vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
-        (r"^model\.vision_tower\.embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"vision_model.encoder.layers.\1.attn.proj."),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.", r"vision_model.encoder.layers.\1.norm1."),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.", r"vision_model.encoder.layers.\1.norm2."),
-        (r"^model\.vision_tower\.encoder\.layer\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-        (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
-        (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
-        (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
-        (r"^model\.language_model\.", "language_model.model."),
-        (r"^lm_head\.", "language_model.lm_head."),
-    ]  # fmt: skip
-    qkv = re.compile(r"^model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in native.items():
-        if m := qkv.match(key):
+        if m := _NATIVE_QKV.match(key):
             parts.setdefault((m[1], m[3]), {})[m[2]] = tensor
-            continue
-        for pattern, repl in inverse:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = tensor
-                break
+        elif (new := _rename(key, _TO_PUBLISHED)) is not None:
+            out[new] = tensor
         else:
             raise CheckpointError(f"no published name for native key {key}")
     for (layer, kind), qkv_parts in parts.items():

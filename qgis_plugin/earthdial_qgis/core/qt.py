@@ -13,7 +13,7 @@ try:
         raise ImportError("qtpy resolved to a Qt binding other than QGIS's")
     BINDING = "qtpy"
 except Exception as _exc:  # ImportError, or qtpy's PythonQtError when it finds no binding
-    from qgis.PyQt import QtCore, QtGui, QtWidgets  # type: ignore[no-redef]
+    from qgis.PyQt import QtCore, QtGui, QtWidgets
 
     # quiet on purpose: the plugin works the same this way; Diagnostics shows the line
     BINDING = f"qgis.PyQt (qtpy not used: {type(_exc).__name__}: {_exc})"

@@ -85,7 +85,8 @@ def finished_boxes(boxes: list[dict[str, Any]], finished: dict[int, Any]) -> tup
     """``boxes`` split into those whose tile has finished (its entry, with the answer and request each box
     records, has arrived) and those still waiting for it: events are cut by size, so a tile's boxes may
     arrive an event before its entry."""
-    ready, waiting = [], []
+    ready: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
     for box in boxes:
         tile = (box.get("properties") or {}).get("tile")
         (ready if isinstance(tile, int) and tile in finished else waiting).append(box)
@@ -218,6 +219,10 @@ def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: 
     a, _, c, _, e, f = grid.transform
 
     def read_tile(index: int, window: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+        if scan.plan is None:  # the backend asks for tiles only after its plan event
+            raise EarthDialError(
+                ErrorCode.INTERNAL, f"the backend asked for tile {index} before sending its plan"
+            )
         k = index // int(scan.plan["tiles"])  # pair k: layers k and k + 1 (protocol: k x tiles + i)
         col, row, width, height = window
         bounds = (c + col * a, f + (row + height) * e, c + (col + width) * a, f + row * e)

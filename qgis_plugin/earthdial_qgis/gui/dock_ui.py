@@ -254,7 +254,7 @@ class DockLayout:
         rows.addWidget(self.tile_spin, 1, 1)
         return rows
 
-    def _request_buttons(self) -> QtWidgets.QHBoxLayout:
+    def _request_buttons(self) -> QtWidgets.QGridLayout:
         self.region_button = QtWidgets.QPushButton(self.tr("Ask about a region"))
         self.region_button.setCheckable(True)
         self.region_button.setToolTip(

@@ -388,7 +388,7 @@ def _deleted(layer: Any) -> bool:
     try:
         from qgis.PyQt import sip
     except ImportError:  # pragma: no cover
-        import sip  # type: ignore[no-redef]
+        import sip
     return sip.isdeleted(layer) or QgsProject.instance().mapLayer(layer.id()) is None
 
 
