@@ -18,6 +18,7 @@ from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (modul
 
 from earthdial_qgis.contract.protocol import ErrorCode
 from earthdial_qgis.core import geopackage, resume, settings
+from earthdial_qgis.gui import scan as dock_scan
 from earthdial_qgis.tasks import scan as scan_task
 
 
@@ -61,7 +62,7 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(scan_task, "datetime", _OneSecond)
+    monkeypatch.setattr(dock_scan, "datetime", _OneSecond)
     results = tmp_path / "results.gpkg"
     settings.set_value(settings.RESULTS_GPKG, str(results))
     try:

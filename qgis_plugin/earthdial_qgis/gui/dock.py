@@ -33,11 +33,11 @@ from ..core.scanning import WEB_SCAN_SIZE
 from ..core.sources import MAX_VALUE_SIZE, area_in_layer_crs, displayed_bands, native_resolution, plan_source
 from ..core.watch import StatusWatcher
 from ..tasks.request import RequestTask
-from ..tasks.scan import DockScan
 from .dock_ui import GEOREF, DockLayout
 from .maptools import RectangleMapTool, RegionMapTool
 from .notices import drop_task_notice
 from .results import ResultActions
+from .scan import DockScan
 
 SETTING_ENDPOINT = settings.ENDPOINT
 SETTING_TIMEOUT = settings.TIMEOUT
@@ -105,7 +105,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.status_watcher = StatusWatcher(self)
         self.status_watcher.answered.connect(self._watched)
         self._build_ui()
-        self.scan = DockScan(self)  # the tiled scan's logic lives in scan_task.py
+        self.scan = DockScan(self)  # the tiled scan's panel side: gui/scan.py
         self._fill_tasks(_last_tasks())  # the last backend's, until this one answers
         self._follow_active_layer()
         self.local_backend.stateChanged.connect(self._backend_state_changed)
