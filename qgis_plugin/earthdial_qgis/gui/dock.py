@@ -29,11 +29,12 @@ from ..core.errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_messa
 from ..core.layers import add_result_layer, is_in_memory, result_name, unique_layer_name
 from ..core.presets import AUTO, bands_for, presets
 from ..core.qt import QtCore, QtWidgets
-from ..core.scanning import WEB_SCAN_SIZE
-from ..core.sources import MAX_VALUE_SIZE, area_in_layer_crs, displayed_bands, native_resolution, plan_source
+from ..core.request import GEOREF, Request
+from ..core.sources import area_in_layer_crs, displayed_bands, native_resolution
 from ..core.watch import StatusWatcher
 from ..tasks.request import RequestTask
-from .dock_ui import GEOREF, DockLayout
+from ..tasks.scan import CHANGE_TASK
+from .dock_ui import DockLayout
 from .maptools import RectangleMapTool, RegionMapTool
 from .notices import drop_task_notice
 from .results import ResultActions
@@ -540,14 +541,15 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if self._task is not None:
             return
         try:
-            if self.scan.wanted():
-                self.scan.start()
+            request = self.request()
+            if request.scan:
+                self.scan.start(request)
                 return
             if self._shrinks(self.last_plan) and not self._shrink_accepted:
                 self._offer_scan(float(self.last_plan["shrink"]))  # type: ignore[index]
                 return
             self._shrink_accepted = False
-            task = self._make_request()
+            task = self._make_request(request)
         except EarthDialError as exc:
             self._show_error(exc, self.endpoint)
             return
@@ -619,83 +621,68 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             options["gsd"] = float(self.gsd_spin.value())
         return bands, options
 
-    def _question(self, scan: bool = False) -> dict[str, Any]:
-        """What the controls ask for: the layers, the area, the bands, the task, the prompt and the request
-        header, with each layer's source plan (release the plans when they are not sent). For a ``scan``,
-        the plans are of the area at the layers' own resolution, as a scan reads them."""
+    def request(self, scan: bool | None = None) -> Request:
+        """What the controls ask for, as one request: the endpoint and timeout, the layer(s), the area, the
+        bands, the task, the prompt and the options as sent. ``scan`` (default: the panel's choice) asks
+        for a tiled scan's request: its options are the preset and the tile size."""
+        scan = self.scan.wanted() if scan is None else scan
+        endpoint = self.endpoint
+        if not _ENDPOINT.match(endpoint):
+            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
         layer = self._first_layer()
         bands, options = self._bands()
         name = str(self.task_combo.currentData())
         prompt = self.prompt_edit.toPlainText().strip()
+        if name == GEOREF and not prompt:
+            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
         later: list[QgsRasterLayer] = []
-        if name != GEOREF and self.images_for(name) > 1:
+        if scan and name == CHANGE_TASK:
+            later = self.later_layers.layers()
+            if not later:
+                raise EarthDialError(
+                    NO_LAYER, self.tr("A change scan compares layers: pick the later layer(s) too.")
+                )
+        elif not scan and name != GEOREF and self.images_for(name) > 1:
             later = self.later_layers.layers()
             if len(later) < self.images_for(name) - 1:
                 raise EarthDialError(
                     NO_LAYER,
                     self.tr("Task {task} compares layers: pick the later layer(s) too.").format(task=name),
                 )
-            for other in later:
-                _check_crs(other, self)
-        area = self.current_area(layer)
-
-        def size(lyr: QgsRasterLayer) -> int:
-            if not scan:
-                return MAX_VALUE_SIZE
-            return 10**9 if native_resolution(lyr) is not None else WEB_SCAN_SIZE
-
-        plans = [plan_source(layer, area, bands, size(layer))]
-        try:
-            for other in later:
-                plans.append(
-                    plan_source(other, area_in_layer_crs(area, layer.crs(), other), bands, size(other))
-                )
-        except EarthDialError:
-            for plan in plans:  # provider clones go now, on this thread, not whenever Python collects them
-                plan.release()
-            raise
-        if name == GEOREF:
-            header: dict[str, Any] = {"op": "georef", "answer": prompt}
-        else:
-            turns = history.load(layer) if name == CHAT else []
+        for other in later:
+            _check_crs(other, self)
+        if scan:
+            options = {k: v for k, v in options.items() if k == "preset"}
+            options["tile_size"] = int(self.tile_spin.value())
+            if not self._tasks.get(name, {}).get("needs_prompt", name != CHANGE_TASK):
+                prompt = ""  # no stale prompt in the result's name
+        elif name == CHAT:
+            turns = history.load(layer)
             if turns:
                 options["history"] = history.wire_history(turns)
-            header = {"op": "ask", "task": name, "prompt": prompt, "options": options}
-        return {"layer": layer, "later": later, "bands": bands, "name": name, "prompt": prompt,
-                "plans": plans, "header": header, "area": area}  # fmt: skip
+        area = self.current_area(layer)
+        return Request(endpoint, float(self.timeout_spin.value()), name, prompt,
+                       tuple(x.id() for x in [layer, *later]),
+                       (area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()),
+                       tuple(bands) if bands else None, options, scan)  # fmt: skip
 
-    def _make_request(self) -> RequestTask:
-        endpoint = self.endpoint
-        if not _ENDPOINT.match(endpoint):
-            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
-        QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
-        q = self._question()
-        layer, later, name, prompt, plans = q["layer"], q["later"], q["name"], q["prompt"], q["plans"]
-        if name == GEOREF and not prompt:
-            for plan in plans:
-                plan.release()
-            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
-        names = " | ".join(lyr.name() for lyr in [layer, *later])
+    def _make_request(self, request: Request) -> RequestTask:
+        QgsSettings().setValue(SETTING_ENDPOINT, request.endpoint)
+        layers = request.map_layers()
+        names = " | ".join(lyr.name() for lyr in layers)
+        preview_bands = displayed_bands(layers[0]) or (list(request.bands[:3]) if request.bands else None)
+        task = RequestTask.of(self.tr("EarthDial: {task} on {layer}").format(task=request.task, layer=names),
+                              request, self._request_done, preview_bands)  # fmt: skip
         self._pending = {
-            "task": name,
-            "prompt": prompt,
-            "crs": layer.crs(),
-            "layer": layer,
+            "task": request.task,
+            "prompt": request.prompt,
+            "crs": layers[0].crs(),
+            "layer": layers[0],
             "layer_name": names,
-            "source": " | ".join(p.label for p in plans),
-            "by_value": plans[0].by_value,
+            "source": " | ".join(p.label for p in task.plans),
+            "by_value": task.plans[0].by_value,
         }
-        bands = q["bands"]
-        preview_bands = displayed_bands(layer) or (bands[:3] if bands else None)
-        return RequestTask(
-            self.tr("EarthDial: {task} on {layer}").format(task=name, layer=names),
-            endpoint,
-            q["header"],
-            plans,
-            self.timeout_spin.value(),
-            self._request_done,
-            preview_bands,
-        )
+        return task
 
     # -- what will be sent ----------------------------------------------------------------------------
     def schedule_plan(self, *_: Any) -> None:
@@ -714,22 +701,17 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if self.status_reply is None or not _ENDPOINT.match(self.endpoint):
             self._show_plan_text(self.tr("What will be sent is shown here once a backend answers."))
             return
-        scan = self.scan.wanted()
         try:
-            q = self._question(scan)
+            request = self.request()
+            task = RequestTask.of(self.tr("EarthDial: what will be sent"), request, self._plan_done,
+                                  plan_only=True, timeout_s=PLAN_TIMEOUT_S)  # fmt: skip
         except EarthDialError as exc:
             self.last_plan, self.plan_error = None, exc
             self._show_plan_text(plain_message(exc, self.endpoint))
             return
-        header = {**q["header"], "op": "plan"}
-        if scan:  # the scan's own options: a tile size, the band preset (it takes no GSD)
-            header["scan"] = {"tile_size": int(self.tile_spin.value())}
-            header["options"] = {k: v for k, v in header["options"].items() if k == "preset"}
-        self._plan_native = native_side(q["layer"], q["area"])
-        first = q["plans"][0]
+        self._plan_native = native_side(request.map_layers()[0], request.rect)
+        first = task.plans[0]
         self._plan_bands = first.bands if first.by_value else first.fallback.bands if first.fallback else None
-        task = RequestTask(self.tr("EarthDial: what will be sent"), self.endpoint, header, q["plans"],
-                           PLAN_TIMEOUT_S, self._plan_done)  # fmt: skip
         self._plan_task = task
         self._start(task)
 

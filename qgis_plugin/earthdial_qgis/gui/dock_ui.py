@@ -10,8 +10,6 @@ from ..core.presets import AUTO
 from ..core.qt import QtCore, QtWidgets
 from .widgets import LaterLayers, PreviewLabel, raster_combo
 
-GEOREF = "georef"  # data of the task entry that imports an answer instead of asking the model
-
 
 class DockLayout:
     """Builds the panel's widgets as attributes of the dock (a mixin of EarthDialDock)."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsProject, QgsRectangle
+from qgis.core import Qgis, QgsApplication, QgsProject
 
 from ..contract.protocol import EarthDialError
 from ..core import geopackage, resume, scanning, settings
 from ..core.errors import NO_LAYER
 from ..core.layers import add_result_layer, result_name, unique_layer_name
 from ..core.qt import QtCore, QtWidgets
+from ..core.request import Request
 from ..tasks.scan import CHANGE_TASK, SCAN_TASKS, ScanTask
 
 
@@ -55,41 +56,20 @@ class DockScan(QtCore.QObject):
         if not self.possible():
             self.dock.window_radio.setChecked(True)
 
-    def start(self) -> None:
+    def start(self, request: Request) -> None:
+        """Run the panel's scan ``request`` (the dock's `request(scan=True)`)."""
         dock = self.dock
-        layer = dock._first_layer()
-        bands, options = dock._bands()
-        options = {k: v for k, v in options.items() if k == "preset"}
-        options["tile_size"] = int(self.tile_spin.value())
-        name = str(dock.task_combo.currentData())
-        needs_prompt = dock._tasks.get(name, {}).get("needs_prompt", name != CHANGE_TASK)
-        prompt = dock.prompt_edit.toPlainText().strip() if needs_prompt else ""  # no stale prompt in names
-        rect = dock.current_area(layer)
-        if name == CHANGE_TASK:
-            later = dock.later_layers.layers()
-            if not later:
-                raise EarthDialError(
-                    "no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too.")
-                )
-            change_layers = [scanning.ScanLayer.of(x) for x in [layer, *later]]
-            scan = scanning.Scan(
-                {"op": "detect_changes", "task": name, "options": options}
-            )  # made in the task
-            source_layer, names = None, " | ".join(x.name() for x in [layer, *later])
-        else:
-            change_layers = []
-            source_layer = scanning.ScanLayer.of(layer, bands)
-            scan = scanning.Scan({"op": "detect", "task": name, "prompt": prompt, "options": options})
-            names = layer.name()
-        self._begin(name, prompt, layer, names)
+        layers = request.map_layers()
+        names = " | ".join(x.name() for x in layers)
+        task = ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=request.task, layer=names),
+                        request, self._done)  # fmt: skip
+        self._begin(request.task, request.prompt, layers[0], names)
         # what a stop keeps for "Resume scan" (resume.py); change scans are not resumed
-        if name != CHANGE_TASK:
-            self.pending["resume"] = {"v": resume.VERSION, "layer": resume.describe_source(layer), "bands": bands,
-                                      "rect": [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()],
-                                      "task": name, "prompt": prompt, "options": options}  # fmt: skip
-        self._launch(ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=name, layer=names),
-                              dock.endpoint, source_layer, scan, rect, dock.timeout_spin.value(), self._done,
-                              change_layers))  # fmt: skip
+        if len(layers) == 1:
+            self.pending["resume"] = {"v": resume.VERSION, "layer": resume.describe_source(layers[0]),
+                                      "bands": request.band_list, "rect": list(request.area), "task": request.task,
+                                      "prompt": request.prompt, "options": dict(request.options)}  # fmt: skip
+        self._launch(task)
 
     def resume(self, stopped: Any = None) -> None:
         """Go on with a stopped scan (the dock's "Resume scan"): the tiles it did not finish, sent with its
@@ -103,17 +83,15 @@ class DockScan(QtCore.QObject):
                 NO_LAYER, dock.tr("Select a stopped scan layer (“… (stopped: unmerged)”) first.")
             )
         layer = resume.source_layer(record)
-        source_layer = scanning.ScanLayer.of(layer, record["bands"])
-        rect = QgsRectangle(*record["rect"])
-        options = {**record["options"], "skip": resume.skip(record)}
-        header = {"op": "detect", "task": record["task"], "prompt": record["prompt"], "options": options}
+        request = Request(dock.endpoint, float(dock.timeout_spin.value()), record["task"], record["prompt"],
+                          (layer.id(),), tuple(record["rect"]), record["bands"],
+                          {**record["options"], "skip": resume.skip(record)}, scan=True)  # fmt: skip
         earlier = resume.earlier(record)
-        self._begin(record["task"], record["prompt"], layer, layer.name())
+        task = ScanTask(dock.tr("EarthDial: resume scan {task} on {layer}").format(task=request.task, layer=layer.name()),
+                        request, self._done, earlier=earlier)  # fmt: skip
+        self._begin(request.task, request.prompt, layer, layer.name())
         self.pending.update(resume={k: v for k, v in record.items() if k not in ("tiles", "features")},
                             resumed=stopped)  # fmt: skip
-        task = ScanTask(dock.tr("EarthDial: resume scan {task} on {layer}").format(task=record["task"], layer=layer.name()),
-                        dock.endpoint, source_layer, scanning.Scan(header), rect, dock.timeout_spin.value(),
-                        self._done, earlier=earlier)  # fmt: skip
         self._launch(task)
         # the earlier boxes are on the map from the start, with the new ones as they come (one live layer,
         # which a stop keeps whole, the earlier boxes included); the task's boxes reach the main thread

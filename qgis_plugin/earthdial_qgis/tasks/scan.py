@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qgis.core import QgsTask
+from qgis.core import QgsProject, QgsTask
 
 from ..contract.protocol import Client, EarthDialError
 from ..core import scanning
 from ..core.qt import QtCore
+from ..core.request import Request
 
 SCAN_TASKS = ("refer", "grounding")  # one-image grounded tasks a detect scan runs
 CHANGE_TASK = "change"
@@ -25,13 +26,22 @@ CHANGE_TASK = "change"
 class ScanTask(QgsTask):
     boxes = QtCore.pyqtSignal(object) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object)
 
-    def __init__(self, description: str, endpoint: str, layer: scanning.ScanLayer | None, scan: scanning.Scan,
-                 rect: Any, timeout_s: float, on_done: Callable[[ScanTask], None],
-                 layers: list[scanning.ScanLayer] | None = None, earlier: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, description: str, request: Request, on_done: Callable[[ScanTask], None],
+                 earlier: dict[str, Any] | None = None, project: QgsProject | None = None) -> None:  # fmt: skip
+        """Made on the main thread: the request's layers are found in ``project`` (default: the current
+        one) and what the task's thread reads of them (a provider clone each) is taken here."""
         super().__init__(description, QgsTask.Flag.CanCancel)
-        self.endpoint, self.layer, self.scan, self.rect = endpoint, layer, scan, rect
-        self.layers = layers or []  # a change scan's BEFORE AFTER [LATER ...]
-        self.timeout_s, self.on_done = timeout_s, on_done
+        self.request = request
+        self.endpoint, self.timeout_s, self.rect = request.endpoint, request.timeout_s, request.rect
+        found = request.map_layers(project)
+        self.layer: scanning.ScanLayer | None = None
+        self.layers: list[scanning.ScanLayer] = []  # a change scan's BEFORE AFTER [LATER ...]
+        if len(found) > 1:
+            self.layers = [scanning.ScanLayer.of(x) for x in found]
+        else:
+            self.layer = scanning.ScanLayer.of(found[0], request.band_list)
+        self.scan = scanning.Scan(request.header())  # replaced by the one the run makes
+        self.on_done = on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
         # tiles finished and planned, whichever Scan (by reference or streamed) ran
@@ -70,17 +80,15 @@ class ScanTask(QgsTask):
         on_event = self.on_event
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:
-                if self.layer is not None and self.scan.header["op"] == "detect":
-                    header = self.scan.header
-                    self.scan, self.reply = scanning.run_layer(
-                        client, self.layer, self.rect, header["task"], header["prompt"], header["options"],
-                        self.isCanceled, on_event, self.earlier)  # fmt: skip
-                elif self.layers:
+                request = self.request
+                if self.layers:
                     self.scan, self.reply = scanning.run_changes(
-                        client, self.layers, self.scan.header["options"], self.isCanceled, on_event
+                        client, self.layers, dict(request.options), self.isCanceled, on_event
                     )
-                else:
-                    self.reply = scanning.run(client, self.scan, self.isCanceled, on_event)
+                elif self.layer is not None:
+                    self.scan, self.reply = scanning.run_layer(
+                        client, self.layer, self.rect, request.task, request.prompt, dict(request.options),
+                        self.isCanceled, on_event, self.earlier)  # fmt: skip
         except EarthDialError as exc:
             self.error = exc
         except Exception as exc:  # a bug must reach the dock as an error, not kill the task silently
