@@ -254,3 +254,70 @@ def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend
     assert layer is not None and layer.name().startswith("ship — ") and layer.name() != "Boxes"
     assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
     QgsProject.instance().removeMapLayer(layer.id())
+
+
+def _bounds(rect: QgsRectangle) -> tuple[float, float, float, float]:
+    return rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()
+
+
+def test_algorithms_work_in_the_context_project_not_the_current_one(
+    processing, backend, geotiff, tmp_path_factory
+) -> None:
+    """An algorithm run for a project other than the current one (a model, a script, a second project)
+    finds its layers, reprojects with that project's datum transformations and loads its output there."""
+    from processing.gui.Postprocessing import handleAlgorithmResults
+    from qgis.core import (
+        QgsCategorizedSymbolRenderer,
+        QgsProcessingContext,
+        QgsProcessingFeedback,
+        QgsProcessingOutputLayerDefinition,
+        QgsProject,
+        QgsRasterLayer,
+    )
+
+    # the later image: the same grid georeferenced in the next UTM zone. The current project carries
+    # it 600 km east (no overlap); the other project's transformation between the zones is a no-op
+    # (as a project with a grid shift file of its own would), so there the two coincide.
+    later_path = tmp_path_factory.mktemp("context") / "later_34.tif"
+    write_geotiff(str(later_path), seed=3, epsg=EPSG + 1)
+    other = QgsProject()
+    first = QgsRasterLayer(str(geotiff[0]), "before", "gdal")
+    later = QgsRasterLayer(str(later_path), "later", "gdal")
+    assert first.isValid() and later.isValid() and later.crs() != first.crs()
+    other.addMapLayers([first, later])  # only there: the current project cannot find them by id
+    transforms = other.transformContext()
+    assert transforms.addCoordinateOperation(later.crs(), first.crs(), "+proj=noop")
+    other.setTransformContext(transforms)
+    assert QgsProject.instance().mapLayer(first.id()) is None
+    context = QgsProcessingContext()
+    context.setProject(other)
+    feedback = QgsProcessingFeedback()
+
+    change = QgsApplication.processingRegistry().createAlgorithmById("earthdial:change")
+    parameters = {"INPUT": first.id(), "INPUT_2": later.id(), "TASK": "change", "ENDPOINT": backend.endpoint,
+                  "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
+    try:
+        assert change.prepareAlgorithm(parameters, context, feedback)  # the layers overlap in `other`
+        assert _bounds(change.rect) == pytest.approx(_bounds(LAYER_EXTENT), abs=1e-3)
+        # the later layer's window (its by-value fallback) is read through `other`'s transformation:
+        # the same pixels, where the current project's would be 600 km off the layer (no window at all)
+        plan = change.readers[1].plan(change.rect, first.crs())
+        assert plan.fallback is not None and plan.fallback.grid is not None
+        assert _bounds(plan.fallback.grid.rectangle) == pytest.approx(_bounds(LAYER_EXTENT), abs=1e-3)
+    finally:
+        change.postProcessAlgorithm(context, feedback)
+
+    # a whole run: its output is loaded into the context's project, named and styled, and not into the
+    # current one
+    before = set(QgsProject.instance().mapLayers())
+    output = QgsProcessingOutputLayerDefinition("TEMPORARY_OUTPUT", other)
+    result = processing.run(
+        "earthdial:detect",
+        {"INPUT": first.id(), "PROMPT": "ship", "TILE_SIZE": 100, "ENDPOINT": backend.endpoint, "TIMEOUT": 120,
+         "OUTPUT": output},
+        onFinish=handleAlgorithmResults, context=context, feedback=feedback,
+    )  # fmt: skip
+    loaded = [lyr for lyr in other.mapLayers().values() if lyr.id() not in (first.id(), later.id())]
+    assert [lyr.name() for lyr in loaded] == ["ship — before"], result
+    assert isinstance(loaded[0].renderer(), QgsCategorizedSymbolRenderer)
+    assert set(QgsProject.instance().mapLayers()) == before

@@ -18,6 +18,7 @@ from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (modul
 
 from earthdial_qgis.contract.protocol import ErrorCode
 from earthdial_qgis.core import geopackage, resume, settings
+from earthdial_qgis.gui import scan as dock_scan
 from earthdial_qgis.tasks import scan as scan_task
 
 
@@ -61,7 +62,7 @@ def test_a_stopped_scan_resumed_from_the_dock_equals_an_uninterrupted_scan(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(scan_task, "datetime", _OneSecond)
+    monkeypatch.setattr(dock_scan, "datetime", _OneSecond)
     results = tmp_path / "results.gpkg"
     settings.set_value(settings.RESULTS_GPKG, str(results))
     try:
@@ -179,12 +180,14 @@ def test_resume_of_a_changed_or_missing_layer_says_so_and_keeps_the_stopped_laye
     dock.shutdown()
 
 
-def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_backend_resumes() -> None:
+def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_backend_resumes(
+    raster_layer: QgsRasterLayer,
+) -> None:
     """Events are cut by size, so a tile's boxes can come an event before its entry, and a cancel reads no
     further event. A stop right between them keeps only the boxes of the tiles its record lists: a box of
     a tile not listed makes the backend refuse the resume (`bad_request`), and the resume scans that tile
     again anyway. Tile 2 finished with its box; tile 3's two boxes came, its entry never did."""
-    from earthdial_qgis.core import scanning
+    from earthdial_qgis.core.request import Request
 
     def box(tile: int, order: int) -> dict[str, Any]:
         ring = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
@@ -194,10 +197,10 @@ def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_b
     def entry(index: int) -> dict[str, Any]:
         return {"index": index, "footprint": [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 0.0]], "request": f"r{index}"}  # fmt: skip
 
-    header = {"op": "detect", "task": "refer", "prompt": "ship", "options": {}}
-    task = scan_task.ScanTask(
-        "scan", "tcp://127.0.0.1:1", None, scanning.Scan(header), None, 1.0, lambda t: None
-    )
+    extent = raster_layer.extent()
+    area = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
+    request = Request("tcp://127.0.0.1:1", 1.0, "refer", "ship", (raster_layer.id(),), area, scan=True)
+    task = scan_task.ScanTask("scan", request, lambda t: None)
     task.on_event({"event": "progress", "done": 1, "total": 9, "tiles": [entry(2)], "features": [box(2, 0)]})
     task.on_event(
         {"event": "progress", "done": 1, "total": 9, "tiles": [], "features": [box(3, 0), box(3, 1)]}

@@ -82,6 +82,9 @@ def _dock(
 
     QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
     dock = EarthDialDock(qgis_iface)
+    # the task list is the backend's once its status has come (before: the last backend's, from the
+    # settings, which another run may have left without this task)
+    wait_until(lambda: dock.status_reply is not None, 60)
     dock.timeout_spin.setValue(120)
     dock.layer_combo.setLayer(layer)
     dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))

@@ -24,28 +24,27 @@ from qgis.PyQt import sip
 from ..contract.protocol import EarthDialError, ErrorCode
 from ..core import area as areas
 from ..core import geopackage, history, log, settings
-from ..core.backend_process import RUNNING, STARTING, STOPPED, LocalBackend
+from ..core.backend_process import LocalBackend
 from ..core.errors import BAD_ENDPOINT, BAD_INPUT, NO_CRS, NO_LAYER, plain_message
 from ..core.layers import add_result_layer, is_in_memory, result_name, unique_layer_name
 from ..core.presets import AUTO, bands_for, presets
 from ..core.qt import QtCore, QtWidgets
-from ..core.scanning import WEB_SCAN_SIZE
-from ..core.sources import MAX_VALUE_SIZE, area_in_layer_crs, displayed_bands, native_resolution, plan_source
-from ..core.watch import StatusWatcher
+from ..core.request import GEOREF, Request
+from ..core.sources import area_in_layer_crs, displayed_bands, native_resolution
 from ..tasks.request import RequestTask
-from ..tasks.scan import DockScan
-from .dock_ui import GEOREF, DockLayout
+from ..tasks.scan import CHANGE_TASK
+from .backend_panel import ENDPOINT_PATTERN, BackendPanel
+from .dock_ui import DockLayout
 from .maptools import RectangleMapTool, RegionMapTool
 from .notices import drop_task_notice
 from .results import ResultActions
+from .scan import DockScan
 
 SETTING_ENDPOINT = settings.ENDPOINT
 SETTING_TIMEOUT = settings.TIMEOUT
 SETTING_LAST_TASKS = "EarthDial/last_tasks"  # the tasks the last backend's status listed (JSON)
 DEFAULT_TIMEOUT_S = settings.DEFAULT_TIMEOUT_S
-STATUS_TIMEOUT_S = 3.0
 PLAN_TIMEOUT_S = 3.0  # the summary of what will be sent: a cheap request, never a long wait
-LOSS_WAIT_MS = 1500  # a dropped connection: how long to wait for the local backend's exit to show
 # a one-window Send the model would see this many times coarser than the layer: the panel offers a scan
 SHRINK_WARN = 4.0
 PLAN_DELAY_MS = 400  # after the last change of a control, before asking for a new summary
@@ -56,7 +55,6 @@ CHAT = "chat"
 FIRST_TASK = "refer"  # on first open: find objects by name, the panel's most common use (a backend task)
 REGION_TASK, REGION_PAIR_TASK = "identify", "damage"
 
-_ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S+$")
 _BANDS = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
 
@@ -68,14 +66,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.iface = iface
         self.setObjectName("EarthDialDock")
         self.setWindowTitle(self.tr("EarthDial"))
-        self._owns_backend = local_backend is None  # else the plugin stops it when it unloads
-        self.local_backend = local_backend or LocalBackend(self)
+        self.backend = BackendPanel(self, local_backend)  # status, the local backend, installer, diagnostics
         self._task: RequestTask | None = None
-        self._status_task: RequestTask | None = None
         self._pending: dict[str, Any] = {}  # what the running request was about, for its result layer
         self._tasks: dict[str, dict[str, Any]] = {}
-        self.status_reply: dict[str, Any] | None = None
-        self.status_error = ""
         self.last_reply: dict[str, Any] | None = None
         self.last_error: EarthDialError | None = None
         self.last_layer: Any = None
@@ -83,7 +77,6 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.last_preview: Any = None  # QImage of the last chip preview
         self.drawn: tuple[QgsRectangle, Any] | None = None  # the drawn rectangle and its CRS
         self._closed = False
-        self._reporting_loss = False  # a request's error is telling why the local backend ended
         self._running: set[RequestTask] = set()
         self._layer_signal: Any = None
         self._plan_task: RequestTask | None = None
@@ -102,13 +95,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self._plan_timer.setSingleShot(True)
         self._plan_timer.setInterval(PLAN_DELAY_MS)
         self._plan_timer.timeout.connect(self.update_plan)
-        self.status_watcher = StatusWatcher(self)
-        self.status_watcher.answered.connect(self._watched)
         self._build_ui()
-        self.scan = DockScan(self)  # the tiled scan's logic lives in scan_task.py
+        self.scan = DockScan(self)  # the tiled scan's panel side: gui/scan.py
         self._fill_tasks(_last_tasks())  # the last backend's, until this one answers
         self._follow_active_layer()
-        self.local_backend.stateChanged.connect(self._backend_state_changed)
         QgsProject.instance().readProject.connect(self._project_read)
         QgsProject.instance().writeProject.connect(self._project_writing)
         canvas.extentsChanged.connect(self._extent_changed)
@@ -254,78 +244,51 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             ).format(task=name, tasks=", ".join(str(t) for t in trained)))  # fmt: skip
         self.model_note.setVisible(untrained)
 
-    # -- backend status and the local backend ---------------------------------------------------------
+    # -- the backend (gui/backend_panel.py) -------------------------------------------------------------
     @property
     def endpoint(self) -> str:
         return self.endpoint_edit.text().strip()
 
-    def _endpoint_edited(self) -> None:
-        QgsSettings().setValue(SETTING_ENDPOINT, self.endpoint)
-        self.status_reply = None
-        self.refresh_status()
+    @property
+    def status_reply(self) -> dict[str, Any] | None:
+        """The backend's last status reply (None while none answers): its tasks, presets and model."""
+        return self.backend.reply
+
+    @status_reply.setter
+    def status_reply(self, reply: dict[str, Any] | None) -> None:
+        self.backend.reply = reply
+
+    @property
+    def status_error(self) -> str:
+        return self.backend.error
+
+    @property
+    def local_backend(self) -> LocalBackend:
+        return self.backend.local
 
     def refresh_status(self) -> None:
-        """Ask the backend, in the background, what it has loaded; fills the task list from its answer."""
-        if not _ENDPOINT.match(self.endpoint):
-            self.status_label.setText(self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
-            return
-        self.status_label.setText(self.tr("Checking {endpoint}…").format(endpoint=self.endpoint))
-        if not self._closed:
-            self.status_watcher.watch(self.endpoint)
-        task = RequestTask(
-            self.tr("EarthDial: status"),
-            self.endpoint,
-            {"op": "status"},
-            None,
-            STATUS_TIMEOUT_S,
-            self._status_done,
-        )
-        self._status_task = task
-        self._start(task)
+        self.backend.refresh()
 
-    def _status_done(self, task: RequestTask) -> None:
-        self._running.discard(task)
-        if not self._closed and not sip.isdeleted(self):
-            self._task_ended(task.description())
-        if self._closed or sip.isdeleted(self) or task is not self._status_task:
-            return  # closed, or an older check answering after a newer one started
-        self._status_task = None
-        if task.error is not None or task.reply is None:
-            error = task.error or EarthDialError("internal", "no reply")
-            self.status_reply, self.status_error = None, plain_message(error, task.endpoint)
-            if self.local_backend.state == STARTING:
-                self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
-            else:
-                self.status_label.setText(self.status_error)
-            return
-        self._connected(task.reply)
+    def show_install_offer(self) -> bool:
+        return self.backend.show_install_offer()
 
-    def _connected(self, reply: dict[str, Any]) -> None:
-        """A status reply: the status line, and the task and preset lists when the server is new to us."""
-        known = (self.status_reply or {}).get("server")
-        fresh = self.status_reply is None or known != reply.get("server")
-        self.status_reply, self.status_error = reply, ""
-        model = reply.get("model")
-        if model:
-            text = self.tr(
-                "Connected: {variant} ({name}) on {device}, {queue} queued, {running} running"
-            ).format(
-                variant=model.get("variant", "?"),
-                name=_basename(model.get("path", "")),
-                device=model.get("device", "?"),
-                queue=reply.get("queue", 0),
-                running=reply.get("running", 0),
-            )
-            adapter = model.get("adapter") or {}
-            if adapter.get("name"):
-                text += self.tr(", adapter {name}").format(name=adapter["name"])
-        else:
-            text = self.tr("Connected: no model loaded (only answers can be imported)")
-        self.status_label.setText(text)
+    def open_installer(self, **options: Any) -> Any:
+        return self.backend.open_installer(**options)
+
+    def diagnostics_text(self, machine: dict[str, Any] | None = None, machine_note: str = "") -> str:
+        return self.backend.diagnostics_text(machine, machine_note)
+
+    def open_diagnostics(self) -> Any:
+        return self.backend.open_diagnostics()
+
+    def backend_answered(self, reply: dict[str, Any], fresh: bool) -> None:
+        """A status reply (gui/backend_panel.py): the model note; from a server new to us, the tile size,
+        the task and preset lists."""
         self._show_model_note()
         if not fresh:
             return
-        size = (model or {}).get("image_size")
+        model = reply.get("model") or {}
+        size = model.get("image_size")
         if isinstance(size, int) and not self._tile_chosen:
             # a scan tile of the model's own input size reaches the model at the layer's GSD
             self._setting_tile = True
@@ -337,23 +300,6 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             QgsSettings().setValue(SETTING_LAST_TASKS, json.dumps(tasks))
         self._fill_presets(presets(reply))
         self.schedule_plan()
-
-    def _watched(self, endpoint: str, reply: Any, error: str) -> None:
-        """The status watcher's answer (main thread): the line follows the server as it comes and goes."""
-        if self._closed or sip.isdeleted(self) or endpoint != self.endpoint:
-            return
-        if isinstance(reply, dict):
-            self._connected(reply)
-            return
-        was_up = self.status_reply is not None
-        self.status_reply = None
-        self.status_error = plain_message(EarthDialError(ErrorCode.TIMEOUT, error), endpoint)
-        if self.local_backend.state == STARTING:
-            self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
-        else:
-            self.status_label.setText(self.status_error)
-        if was_up:
-            self.schedule_plan()
 
     def _fill_presets(self, listed: list[dict[str, Any]]) -> None:
         current = self.preset_combo.currentData()
@@ -370,76 +316,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         self.preset_combo.setCurrentIndex(max(index, 0))
         self.preset_combo.blockSignals(False)
 
-    def start_backend(self) -> None:
-        """Start the local backend set in the settings, on the panel's endpoint."""
-        if not _ENDPOINT.match(self.endpoint):
-            self._show_error(
-                EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557.")),
-                self.endpoint,
-            )
-            return
-        QgsSettings().setValue(SETTING_ENDPOINT, self.endpoint)
-        problem = self.local_backend.start(self.endpoint)
-        if problem:
-            self.status_label.setText(problem)
-            self._message(problem, Qgis.MessageLevel.Warning)
-            log.error(problem)
-            return
-        self.status_label.setText(self.tr("Starting the local backend (loading the model)…"))
-
-    def stop_backend(self) -> None:
-        self.local_backend.stop()
-        self.status_label.setText(self.tr("Local backend stopped."))
-
-    def _backend_state_changed(self, state: str) -> None:
-        if self._closed or sip.isdeleted(self):
-            return
-        self.start_button.setEnabled(state not in (STARTING, RUNNING))
-        self.stop_button.setEnabled(state in (STARTING, RUNNING))
-        if state == RUNNING:
-            self.refresh_status()
-        elif self.local_backend.last_error:  # a crash or a failed start
-            self.status_label.setText(self.local_backend.last_error)
-            if self._task is None and not self._reporting_loss:  # else the request's message tells it
-                self._message(self.local_backend.last_error, Qgis.MessageLevel.Critical)
-        elif state == STOPPED and self.local_backend.last_exit:  # stopped as asked: news, not an error
-            self.status_label.setText(self.local_backend.last_exit)
-            self._message(self.local_backend.last_exit, Qgis.MessageLevel.Info, 4)
-
     def open_settings(self) -> None:
         from .settings_dialog import SettingsDialog
 
         SettingsDialog(self).run()
         self.show_install_offer()
-
-    # -- installing the backend (install_dialog.py) ---------------------------------------------------
-    def show_install_offer(self) -> bool:
-        """Offer *Install backend...* while no backend command is set; True when it is offered."""
-        offered = not settings.text(settings.BACKEND_COMMAND).strip()
-        self.install_backend_button.setVisible(offered)
-        return offered
-
-    def open_installer(self, **options: Any) -> Any:
-        """The install dialog (not modal: the panel stays usable); when it succeeds the backend starts.
-        `options`: InstallDialog's (tests)."""
-        from .install_dialog import InstallDialog
-
-        dialog = InstallDialog(self, **options)
-        dialog.installed.connect(self._backend_installed)
-        dialog.show()
-        return dialog
-
-    def _backend_installed(self, _venv: str) -> None:
-        if self._closed or sip.isdeleted(self):
-            return
-        self.show_install_offer()
-        self.start_backend()
-
-    def diagnostics_text(self, machine: dict[str, Any] | None = None, machine_note: str = "") -> str:
-        from .diagnostics import report
-
-        return report(self.endpoint, self.status_reply, self.status_error, self.local_backend, machine,
-                      machine_note)  # fmt: skip
 
     def open_help(self) -> QtCore.QUrl:
         """The plugin's own help page, in the desktop's browser (it needs no network)."""
@@ -448,16 +329,6 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         url = QtCore.QUrl.fromLocalFile(HELP_PAGE)
         QtGui.QDesktopServices.openUrl(url)
         return url
-
-    def open_diagnostics(self) -> Any:
-        from .diagnostics import DiagnosticsDialog
-
-        dialog = DiagnosticsDialog(self.diagnostics_text(), self)
-        if not (self.status_reply or {}).get("machine"):  # no running backend said it: ask the local one
-            dialog.diagnose(settings.text(settings.BACKEND_COMMAND), self.diagnostics_text)
-        dialog.setModal(False)
-        dialog.show()
-        return dialog
 
     # -- areas and map tools --------------------------------------------------------------------------
     def _draw_toggled(self, on: bool) -> None:
@@ -540,14 +411,15 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if self._task is not None:
             return
         try:
-            if self.scan.wanted():
-                self.scan.start()
+            request = self.request()
+            if request.scan:
+                self.scan.start(request)
                 return
             if self._shrinks(self.last_plan) and not self._shrink_accepted:
                 self._offer_scan(float(self.last_plan["shrink"]))  # type: ignore[index]
                 return
             self._shrink_accepted = False
-            task = self._make_request()
+            task = self._make_request(request)
         except EarthDialError as exc:
             self._show_error(exc, self.endpoint)
             return
@@ -619,83 +491,68 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             options["gsd"] = float(self.gsd_spin.value())
         return bands, options
 
-    def _question(self, scan: bool = False) -> dict[str, Any]:
-        """What the controls ask for: the layers, the area, the bands, the task, the prompt and the request
-        header, with each layer's source plan (release the plans when they are not sent). For a ``scan``,
-        the plans are of the area at the layers' own resolution, as a scan reads them."""
+    def request(self, scan: bool | None = None) -> Request:
+        """What the controls ask for, as one request: the endpoint and timeout, the layer(s), the area, the
+        bands, the task, the prompt and the options as sent. ``scan`` (default: the panel's choice) asks
+        for a tiled scan's request: its options are the preset and the tile size."""
+        scan = self.scan.wanted() if scan is None else scan
+        endpoint = self.endpoint
+        if not ENDPOINT_PATTERN.match(endpoint):
+            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
         layer = self._first_layer()
         bands, options = self._bands()
         name = str(self.task_combo.currentData())
         prompt = self.prompt_edit.toPlainText().strip()
+        if name == GEOREF and not prompt:
+            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
         later: list[QgsRasterLayer] = []
-        if name != GEOREF and self.images_for(name) > 1:
+        if scan and name == CHANGE_TASK:
+            later = self.later_layers.layers()
+            if not later:
+                raise EarthDialError(
+                    NO_LAYER, self.tr("A change scan compares layers: pick the later layer(s) too.")
+                )
+        elif not scan and name != GEOREF and self.images_for(name) > 1:
             later = self.later_layers.layers()
             if len(later) < self.images_for(name) - 1:
                 raise EarthDialError(
                     NO_LAYER,
                     self.tr("Task {task} compares layers: pick the later layer(s) too.").format(task=name),
                 )
-            for other in later:
-                _check_crs(other, self)
-        area = self.current_area(layer)
-
-        def size(lyr: QgsRasterLayer) -> int:
-            if not scan:
-                return MAX_VALUE_SIZE
-            return 10**9 if native_resolution(lyr) is not None else WEB_SCAN_SIZE
-
-        plans = [plan_source(layer, area, bands, size(layer))]
-        try:
-            for other in later:
-                plans.append(
-                    plan_source(other, area_in_layer_crs(area, layer.crs(), other), bands, size(other))
-                )
-        except EarthDialError:
-            for plan in plans:  # provider clones go now, on this thread, not whenever Python collects them
-                plan.release()
-            raise
-        if name == GEOREF:
-            header: dict[str, Any] = {"op": "georef", "answer": prompt}
-        else:
-            turns = history.load(layer) if name == CHAT else []
+        for other in later:
+            _check_crs(other, self)
+        if scan:
+            options = {k: v for k, v in options.items() if k == "preset"}
+            options["tile_size"] = int(self.tile_spin.value())
+            if not self._tasks.get(name, {}).get("needs_prompt", name != CHANGE_TASK):
+                prompt = ""  # no stale prompt in the result's name
+        elif name == CHAT:
+            turns = history.load(layer)
             if turns:
                 options["history"] = history.wire_history(turns)
-            header = {"op": "ask", "task": name, "prompt": prompt, "options": options}
-        return {"layer": layer, "later": later, "bands": bands, "name": name, "prompt": prompt,
-                "plans": plans, "header": header, "area": area}  # fmt: skip
+        area = self.current_area(layer)
+        return Request(endpoint, float(self.timeout_spin.value()), name, prompt,
+                       tuple(x.id() for x in [layer, *later]),
+                       (area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()),
+                       tuple(bands) if bands else None, options, scan)  # fmt: skip
 
-    def _make_request(self) -> RequestTask:
-        endpoint = self.endpoint
-        if not _ENDPOINT.match(endpoint):
-            raise EarthDialError(BAD_ENDPOINT, self.tr("The endpoint must look like tcp://127.0.0.1:5557."))
-        QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
-        q = self._question()
-        layer, later, name, prompt, plans = q["layer"], q["later"], q["name"], q["prompt"], q["plans"]
-        if name == GEOREF and not prompt:
-            for plan in plans:
-                plan.release()
-            raise EarthDialError(BAD_INPUT, self.tr("Paste the answer to import into the prompt box."))
-        names = " | ".join(lyr.name() for lyr in [layer, *later])
+    def _make_request(self, request: Request) -> RequestTask:
+        QgsSettings().setValue(SETTING_ENDPOINT, request.endpoint)
+        layers = request.map_layers()
+        names = " | ".join(lyr.name() for lyr in layers)
+        preview_bands = displayed_bands(layers[0]) or (list(request.bands[:3]) if request.bands else None)
+        task = RequestTask.of(self.tr("EarthDial: {task} on {layer}").format(task=request.task, layer=names),
+                              request, self._request_done, preview_bands)  # fmt: skip
         self._pending = {
-            "task": name,
-            "prompt": prompt,
-            "crs": layer.crs(),
-            "layer": layer,
+            "task": request.task,
+            "prompt": request.prompt,
+            "crs": layers[0].crs(),
+            "layer": layers[0],
             "layer_name": names,
-            "source": " | ".join(p.label for p in plans),
-            "by_value": plans[0].by_value,
+            "source": " | ".join(p.label for p in task.plans),
+            "by_value": task.plans[0].by_value,
         }
-        bands = q["bands"]
-        preview_bands = displayed_bands(layer) or (bands[:3] if bands else None)
-        return RequestTask(
-            self.tr("EarthDial: {task} on {layer}").format(task=name, layer=names),
-            endpoint,
-            q["header"],
-            plans,
-            self.timeout_spin.value(),
-            self._request_done,
-            preview_bands,
-        )
+        return task
 
     # -- what will be sent ----------------------------------------------------------------------------
     def schedule_plan(self, *_: Any) -> None:
@@ -711,25 +568,20 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         if name == GEOREF:
             self._show_plan_text(self.tr("Imports an answer: nothing is sent to the model."))
             return
-        if self.status_reply is None or not _ENDPOINT.match(self.endpoint):
+        if self.status_reply is None or not ENDPOINT_PATTERN.match(self.endpoint):
             self._show_plan_text(self.tr("What will be sent is shown here once a backend answers."))
             return
-        scan = self.scan.wanted()
         try:
-            q = self._question(scan)
+            request = self.request()
+            task = RequestTask.of(self.tr("EarthDial: what will be sent"), request, self._plan_done,
+                                  plan_only=True, timeout_s=PLAN_TIMEOUT_S)  # fmt: skip
         except EarthDialError as exc:
             self.last_plan, self.plan_error = None, exc
             self._show_plan_text(plain_message(exc, self.endpoint))
             return
-        header = {**q["header"], "op": "plan"}
-        if scan:  # the scan's own options: a tile size, the band preset (it takes no GSD)
-            header["scan"] = {"tile_size": int(self.tile_spin.value())}
-            header["options"] = {k: v for k, v in header["options"].items() if k == "preset"}
-        self._plan_native = native_side(q["layer"], q["area"])
-        first = q["plans"][0]
+        self._plan_native = native_side(request.map_layers()[0], request.rect)
+        first = task.plans[0]
         self._plan_bands = first.bands if first.by_value else first.fallback.bands if first.fallback else None
-        task = RequestTask(self.tr("EarthDial: what will be sent"), self.endpoint, header, q["plans"],
-                           PLAN_TIMEOUT_S, self._plan_done)  # fmt: skip
         self._plan_task = task
         self._start(task)
 
@@ -839,7 +691,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         """One message for how a request ended: the error in plain words (for a local backend that died
         under it, why it died), plus ``note`` (what was kept)."""
         self.last_error = error
-        text = self._lost_backend(error) or plain_message(error, endpoint)
+        text = self.backend.lost(error) or plain_message(error, endpoint)
         self.answer_view.setPlainText(text)
         self.result_label.setText(note)
         self.tabs.setCurrentIndex(0)
@@ -852,22 +704,6 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             log.error(f"{error.code}: {error.message}")
         self._message(text + (" " + note if note else ""),
                       Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)  # fmt: skip
-
-    def _lost_backend(self, error: EarthDialError) -> str:
-        """For a request cut off because the panel's local backend ended: that, and why it ended."""
-        if error.code not in (ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT):
-            return ""
-        backend = self.local_backend
-        process = backend.process
-        if error.code == ErrorCode.DISCONNECTED and backend.state == RUNNING and process is not None:
-            self._reporting_loss = True  # its exit, seen now, is told here rather than in a second message
-            try:
-                process.waitForFinished(LOSS_WAIT_MS)  # a dropped connection: did the process end?
-            finally:
-                self._reporting_loss = False
-        if backend.state != STOPPED or not backend.last_error:
-            return ""
-        return self.tr("The request was cut off. {why}").format(why=backend.last_error)
 
     def _task_ended(self, description: str) -> None:
         """QGIS's own "Task failed/complete" notice of a panel request is dropped: the panel says it."""
@@ -884,15 +720,9 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         """Cancel what is running and let go of QGIS signals and map tools (the plugin is unloading)."""
         self._closed = True
         self._plan_timer.stop()
-        self.status_watcher.stop()
         for task in list(self._running):
             task.cancel()
-        if self._owns_backend:
-            self.local_backend.stop()
-        try:
-            self.local_backend.stateChanged.disconnect(self._backend_state_changed)
-        except (TypeError, RuntimeError):
-            pass
+        self.backend.shutdown()
         canvas = self.iface.mapCanvas()
         for tool in (self.rectangle_tool, self.region_tool):
             if canvas.mapTool() is tool:
@@ -931,10 +761,6 @@ def _last_tasks() -> list[dict[str, Any]]:
     except ValueError:
         return []
     return [t for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
-
-
-def _basename(path: str) -> str:
-    return str(path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def native_side(layer: QgsRasterLayer, area: QgsRectangle) -> int:

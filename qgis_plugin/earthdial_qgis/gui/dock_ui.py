@@ -10,8 +10,6 @@ from ..core.presets import AUTO
 from ..core.qt import QtCore, QtWidgets
 from .widgets import LaterLayers, PreviewLabel, raster_combo
 
-GEOREF = "georef"  # data of the task entry that imports an answer instead of asking the model
-
 
 class DockLayout:
     """Builds the panel's widgets as attributes of the dock (a mixin of EarthDialDock)."""
@@ -72,7 +70,7 @@ class DockLayout:
         form = narrow_form(box)
         self.endpoint_edit = QtWidgets.QLineEdit(settings.endpoint())
         self.endpoint_edit.setToolTip(self.tr("ZeroMQ endpoint of `earthdial serve`"))
-        self.endpoint_edit.editingFinished.connect(self._endpoint_edited)
+        self.endpoint_edit.editingFinished.connect(self.backend.endpoint_edited)
         self.refresh_button = QtWidgets.QToolButton()
         self.refresh_button.setText(self.tr("Check"))
         self.refresh_button.setToolTip(self.tr("Ask the backend what it has loaded"))
@@ -86,11 +84,11 @@ class DockLayout:
         form.addRow(self.tr("Status"), self.status_label)
         self.start_button = QtWidgets.QPushButton(self.tr("Start local"))
         self.start_button.setToolTip(self.tr("Start `earthdial serve` with the model set in the settings"))
-        self.start_button.clicked.connect(self.start_backend)
+        self.start_button.clicked.connect(self.backend.start)
         self.stop_button = QtWidgets.QPushButton(self.tr("Stop"))
         self.stop_button.setEnabled(False)
         self.stop_button.setToolTip(self.tr("Stop the local backend started from this panel"))
-        self.stop_button.clicked.connect(self.stop_backend)
+        self.stop_button.clicked.connect(self.backend.stop)
         self.settings_button = QtWidgets.QPushButton(self.tr("Settings…"))
         self.settings_button.setToolTip(
             self.tr("The local backend's command and model, and where results are stored")

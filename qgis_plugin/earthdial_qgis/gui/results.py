@@ -12,8 +12,8 @@ from ..contract.protocol import EarthDialError
 from ..core import log, preview, resume
 from ..core.layers import save_to_geopackage
 from ..core.qt import QtWidgets
+from ..core.request import GEOREF
 from ..tasks.request import RequestTask
-from .dock_ui import GEOREF
 
 
 class ResultActions:

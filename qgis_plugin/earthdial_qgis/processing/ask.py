@@ -40,7 +40,7 @@ class AskAlgorithm(EarthDialAlgorithm):
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
         layer = self.layer(parameters, INPUT, context)
-        self.reader = LayerReader(layer, self.bands(parameters, context))
+        self.reader = LayerReader(layer, self.bands(parameters, context), context)
         self.rect = self.area(parameters, context, layer)
         return True
 

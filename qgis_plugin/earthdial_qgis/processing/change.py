@@ -10,7 +10,6 @@ from qgis.core import (
     QgsCsException,
     QgsProcessingException,
     QgsProcessingParameterRasterLayer,
-    QgsProject,
 )
 
 from ..contract.protocol import EarthDialError
@@ -25,6 +24,7 @@ from .common import (
     ask_once,
     connected,
     fail,
+    project_of,
 )
 
 
@@ -52,11 +52,11 @@ class ChangeAlgorithm(EarthDialAlgorithm):
         first = self.layer(parameters, INPUT, context)
         second = self.layer(parameters, INPUT_2, context)
         bands = self.bands(parameters, context)
-        self.readers = [LayerReader(first, bands), LayerReader(second, bands)]
+        self.readers = [LayerReader(first, bands, context), LayerReader(second, bands, context)]
         rect = self.area(parameters, context, first)
         try:  # default: where both layers are
             other = QgsCoordinateTransform(
-                second.crs(), first.crs(), QgsProject.instance()
+                second.crs(), first.crs(), project_of(context)
             ).transformBoundingBox(second.extent())
         except QgsCsException as exc:
             raise QgsProcessingException(str(exc)) from None

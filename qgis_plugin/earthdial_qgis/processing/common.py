@@ -12,6 +12,7 @@ from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
     QgsFeatureSink,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
@@ -71,11 +72,20 @@ def polygon_type() -> Any:
     return QgsWkbTypes.Type.Polygon
 
 
+def project_of(context: QgsProcessingContext | None) -> QgsProject:
+    """The project an algorithm runs for: the context's (a model, a script or a second project may run it
+    with one of its own), the current project only when the context has none."""
+    project = context.project() if context is not None else None
+    return project if project is not None else QgsProject.instance()
+
+
 class LayerReader:
     """A raster layer's windows as protocol sources. Made in prepareAlgorithm (the main thread): it keeps
     the layer's facts and a provider clone, and is used from processAlgorithm's thread."""
 
-    def __init__(self, layer: QgsRasterLayer, bands: list[int] | None) -> None:
+    def __init__(
+        self, layer: QgsRasterLayer, bands: list[int] | None, context: QgsProcessingContext | None = None
+    ) -> None:
         if not layer.crs().isValid():
             raise QgsProcessingException(
                 f"Layer '{layer.name()}' has no coordinate reference system: set one in its properties first."
@@ -92,6 +102,8 @@ class LayerReader:
         self.band_count = provider.bandCount() if provider is not None else 0
         self.by_value = self.path is None
         self.label = self.path or layer.publicSource()
+        # the project's datum transformations, taken here (main thread) for processAlgorithm's thread
+        self.transforms = QgsCoordinateTransformContext(project_of(context).transformContext())
 
     def release(self) -> None:
         self.provider = None
@@ -108,9 +120,7 @@ class LayerReader:
         rect_crs = rect_crs or self.crs
         local = rect
         if rect_crs != self.crs:
-            local = QgsCoordinateTransform(rect_crs, self.crs, QgsProject.instance()).transformBoundingBox(
-                rect
-            )
+            local = QgsCoordinateTransform(rect_crs, self.crs, self.transforms).transformBoundingBox(rect)
         value: SourcePlan | None = None
         if self.provider is not None:
             try:

@@ -16,6 +16,7 @@ from qgis.core import QgsTask
 
 from ..contract.protocol import Client, EarthDialError, ErrorCode
 from ..core.errors import BACKEND_SLOW, BAD_ENDPOINT, UNREACHABLE, UNREADABLE_FILE
+from ..core.request import Request
 from ..core.sources import SourcePlan, planning_source
 
 PROBE_TIMEOUT_S = 1.5  # after a timeout: does the backend answer at all?
@@ -113,6 +114,26 @@ class RequestTask(QgsTask):
         self.preview: np.ndarray | None = None  # what the model saw (first image), for the preview
         self.preview_nodata: float | None = None
         self.sent_by_value = False  # a file the backend could not read was sent as pixels instead
+        self.request: Request | None = None  # the panel's request, for a task made by `of`
+
+    @classmethod
+    def of(
+        cls,
+        description: str,
+        request: Request,
+        on_done: Callable[[RequestTask], None],
+        preview_bands: list[int] | None = None,
+        plan_only: bool = False,
+        timeout_s: float | None = None,
+    ) -> RequestTask:
+        """The task that sends ``request`` (made on the main thread: its layers' plans clone their
+        providers here); with ``plan_only``, the `plan` request asking what it would send."""
+        header = request.plan_header() if plan_only else request.header()
+        plans = request.plans()
+        task = cls(description, request.endpoint, header, plans,
+                   request.timeout_s if timeout_s is None else timeout_s, on_done, preview_bands)  # fmt: skip
+        task.request = request
+        return task
 
     @property
     def op(self) -> str:

@@ -1,26 +1,23 @@
-"""The dock's tiled scan: the whole layer (or the map extent, a drawn rectangle...) through the backend's
+"""The tiled scan's worker: the whole layer (or the map extent, a drawn rectangle...) through the backend's
 streaming `detect` (or `detect_changes` for a pair or sequence), off the UI thread.
 
 `ScanTask.run` (a worker thread) sends the request, reads and streams tiles when the layer is not a
-file the backend reads, and passes each progress event's boxes to the main thread by a queued signal;
-`DockScan` (main thread) puts them on the map as tiles finish, shows the progress, and at the end
-replaces them with the backend's merged boxes: one styled layer (plus the change map for changes).
+file the backend reads, and passes each progress event's boxes to the main thread by a queued signal. It
+never touches a widget: the panel's side of a scan (gui/scan.py's `DockScan`) puts the boxes on the map.
 Cancel stops the backend within one batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask
+from qgis.core import QgsProject, QgsTask
 
 from ..contract.protocol import Client, EarthDialError
-from ..core import geopackage, resume, scanning, settings
-from ..core.errors import NO_LAYER
-from ..core.layers import add_result_layer, result_name, unique_layer_name
-from ..core.qt import QtCore, QtWidgets
+from ..core import scanning
+from ..core.qt import QtCore
+from ..core.request import Request
 
 SCAN_TASKS = ("refer", "grounding")  # one-image grounded tasks a detect scan runs
 CHANGE_TASK = "change"
@@ -29,13 +26,22 @@ CHANGE_TASK = "change"
 class ScanTask(QgsTask):
     boxes = QtCore.pyqtSignal(object) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object)
 
-    def __init__(self, description: str, endpoint: str, layer: scanning.ScanLayer | None, scan: scanning.Scan,
-                 rect: Any, timeout_s: float, on_done: Callable[[ScanTask], None],
-                 layers: list[scanning.ScanLayer] | None = None, earlier: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, description: str, request: Request, on_done: Callable[[ScanTask], None],
+                 earlier: dict[str, Any] | None = None, project: QgsProject | None = None) -> None:  # fmt: skip
+        """Made on the main thread: the request's layers are found in ``project`` (default: the current
+        one) and what the task's thread reads of them (a provider clone each) is taken here."""
         super().__init__(description, QgsTask.Flag.CanCancel)
-        self.endpoint, self.layer, self.scan, self.rect = endpoint, layer, scan, rect
-        self.layers = layers or []  # a change scan's BEFORE AFTER [LATER ...]
-        self.timeout_s, self.on_done = timeout_s, on_done
+        self.request = request
+        self.endpoint, self.timeout_s, self.rect = request.endpoint, request.timeout_s, request.rect
+        found = request.map_layers(project)
+        self.layer: scanning.ScanLayer | None = None
+        self.layers: list[scanning.ScanLayer] = []  # a change scan's BEFORE AFTER [LATER ...]
+        if len(found) > 1:
+            self.layers = [scanning.ScanLayer.of(x) for x in found]
+        else:
+            self.layer = scanning.ScanLayer.of(found[0], request.band_list)
+        self.scan = scanning.Scan(request.header())  # replaced by the one the run makes
+        self.on_done = on_done
         self.reply: dict[str, Any] | None = None
         self.error: EarthDialError | None = None
         # tiles finished and planned, whichever Scan (by reference or streamed) ran
@@ -74,17 +80,15 @@ class ScanTask(QgsTask):
         on_event = self.on_event
         try:
             with Client(self.endpoint, timeout_s=self.timeout_s) as client:
-                if self.layer is not None and self.scan.header["op"] == "detect":
-                    header = self.scan.header
-                    self.scan, self.reply = scanning.run_layer(
-                        client, self.layer, self.rect, header["task"], header["prompt"], header["options"],
-                        self.isCanceled, on_event, self.earlier)  # fmt: skip
-                elif self.layers:
+                request = self.request
+                if self.layers:
                     self.scan, self.reply = scanning.run_changes(
-                        client, self.layers, self.scan.header["options"], self.isCanceled, on_event
+                        client, self.layers, dict(request.options), self.isCanceled, on_event
                     )
-                else:
-                    self.reply = scanning.run(client, self.scan, self.isCanceled, on_event)
+                elif self.layer is not None:
+                    self.scan, self.reply = scanning.run_layer(
+                        client, self.layer, self.rect, request.task, request.prompt, dict(request.options),
+                        self.isCanceled, on_event, self.earlier)  # fmt: skip
         except EarthDialError as exc:
             self.error = exc
         except Exception as exc:  # a bug must reach the dock as an error, not kill the task silently
@@ -99,297 +103,4 @@ class ScanTask(QgsTask):
         self.on_done(self)
 
 
-class DockScan(QtCore.QObject):
-    """The dock's scan (the panel's "Tiled scan" choice; a progress bar below Send) and its logic. A QObject
-    of the main thread, so that the task's signals reach it there (queued)."""
-
-    def __init__(self, dock: Any) -> None:
-        super().__init__(dock)
-        self.dock = dock
-        self.check = dock.scan_radio  # the panel's "Tiled scan" choice (dock_ui), beside the area
-        self.tile_spin = dock.tile_spin
-        self.progress = QtWidgets.QProgressBar()
-        self.progress.setRange(0, 100)
-        self.progress.setVisible(False)
-        rows = dock.request_rows  # the dock's button grid: the progress bar takes the row below its buttons
-        rows.addWidget(self.progress, rows.rowCount(), 0, 1, 2)
-        self.task: ScanTask | None = None
-        self.live: Any = None  # the result layer boxes are added to as tiles finish
-        self.tiles_layer: Any = None
-        self.pending: dict[str, Any] = {}
-        # the running scan's finished tiles: the entries of the live boxes' tiles
-        self.tiles: dict[int, dict[str, Any]] = {}
-
-    def wanted(self) -> bool:
-        return self.check.isChecked() and self.possible()
-
-    def possible(self) -> bool:
-        name = str(self.dock.task_combo.currentData())
-        return name in SCAN_TASKS or name == CHANGE_TASK
-
-    def task_changed(self) -> None:
-        """A scan runs grounded one-image tasks and change: for any other the choice is one window."""
-        self.check.setEnabled(self.possible())
-        if not self.possible():
-            self.dock.window_radio.setChecked(True)
-
-    def start(self) -> None:
-        dock = self.dock
-        layer = dock._first_layer()
-        bands, options = dock._bands()
-        options = {k: v for k, v in options.items() if k == "preset"}
-        options["tile_size"] = int(self.tile_spin.value())
-        name = str(dock.task_combo.currentData())
-        needs_prompt = dock._tasks.get(name, {}).get("needs_prompt", name != CHANGE_TASK)
-        prompt = dock.prompt_edit.toPlainText().strip() if needs_prompt else ""  # no stale prompt in names
-        rect = dock.current_area(layer)
-        if name == CHANGE_TASK:
-            later = dock.later_layers.layers()
-            if not later:
-                raise EarthDialError(
-                    "no_layer", dock.tr("A change scan compares layers: pick the later layer(s) too.")
-                )
-            change_layers = [scanning.ScanLayer.of(x) for x in [layer, *later]]
-            scan = scanning.Scan(
-                {"op": "detect_changes", "task": name, "options": options}
-            )  # made in the task
-            source_layer, names = None, " | ".join(x.name() for x in [layer, *later])
-        else:
-            change_layers = []
-            source_layer = scanning.ScanLayer.of(layer, bands)
-            scan = scanning.Scan({"op": "detect", "task": name, "prompt": prompt, "options": options})
-            names = layer.name()
-        self._begin(name, prompt, layer, names)
-        # what a stop keeps for "Resume scan" (resume.py); change scans are not resumed
-        if name != CHANGE_TASK:
-            self.pending["resume"] = {"v": resume.VERSION, "layer": resume.describe_source(layer), "bands": bands,
-                                      "rect": [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()],
-                                      "task": name, "prompt": prompt, "options": options}  # fmt: skip
-        self._launch(ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=name, layer=names),
-                              dock.endpoint, source_layer, scan, rect, dock.timeout_spin.value(), self._done,
-                              change_layers))  # fmt: skip
-
-    def resume(self, stopped: Any = None) -> None:
-        """Go on with a stopped scan (the dock's "Resume scan"): the tiles it did not finish, sent with its
-        finished tiles (`options.skip`) and their boxes, which the backend merges with the new ones. On
-        success the merged layer takes over from the stopped one (`_retire`)."""
-        dock = self.dock
-        stopped = stopped if stopped is not None else dock.stopped_scan_layer()
-        record = resume.recorded(stopped)
-        if record is None:
-            raise EarthDialError(
-                NO_LAYER, dock.tr("Select a stopped scan layer (“… (stopped: unmerged)”) first.")
-            )
-        layer = resume.source_layer(record)
-        source_layer = scanning.ScanLayer.of(layer, record["bands"])
-        rect = QgsRectangle(*record["rect"])
-        options = {**record["options"], "skip": resume.skip(record)}
-        header = {"op": "detect", "task": record["task"], "prompt": record["prompt"], "options": options}
-        earlier = resume.earlier(record)
-        self._begin(record["task"], record["prompt"], layer, layer.name())
-        self.pending.update(resume={k: v for k, v in record.items() if k not in ("tiles", "features")},
-                            resumed=stopped)  # fmt: skip
-        task = ScanTask(dock.tr("EarthDial: resume scan {task} on {layer}").format(task=record["task"], layer=layer.name()),
-                        dock.endpoint, source_layer, scanning.Scan(header), rect, dock.timeout_spin.value(),
-                        self._done, earlier=earlier)  # fmt: skip
-        self._launch(task)
-        # the earlier boxes are on the map from the start, with the new ones as they come (one live layer,
-        # which a stop keeps whole, the earlier boxes included); the task's boxes reach the main thread
-        # queued, after this
-        self._on_boxes((earlier["features"], {int(t["index"]): t for t in earlier["tiles"]}))
-
-    def _begin(self, name: str, prompt: str, layer: Any, names: str) -> None:
-        stamp = datetime.now().strftime("%H:%M:%S")
-        self.pending = {"task": name, "prompt": prompt, "crs": layer.crs(), "names": names, "stamp": stamp,
-                        "group": self.dock.tr("EarthDial scan {task}: {prompt} – {layer} ({time})").format(
-                            task=name, prompt=prompt[:30], layer=names, time=stamp)}  # fmt: skip
-        self.live, self.tiles_layer = None, None
-        self.tiles = {}
-
-    def _launch(self, task: ScanTask) -> None:
-        dock = self.dock
-        self.task = task
-        self.task.boxes.connect(self._on_boxes)
-        self.task.progressChanged.connect(self._on_progress)
-        self.progress.setValue(0)
-        self.progress.setVisible(True)
-        dock._task = self.task  # the dock's Cancel cancels it
-        dock._set_busy(True)
-        dock.result_label.setText(dock.tr("Scanning…"))
-        dock._running.add(self.task)
-        QgsApplication.taskManager().addTask(self.task)
-
-    def _layer_name(self) -> str:
-        """Named as single-window results are (task, prompt, layer, time), marked as a scan: two scans of
-        one layer make two layers of different names. The time is to the second and the live layer is
-        renamed when the scan stops, so the name is one that no layer has with either mark either: a scan
-        resumed within the second of its stop would otherwise stop under the stopped layer's very name."""
-        p, tr = self.pending, self.dock.tr
-        return unique_layer_name(result_name(tr("scan {task}").format(task=p["task"]), p["prompt"][:30], p["names"],
-                                             p["stamp"]), marks=("", tr(" (scanning…)"), tr(" (stopped: unmerged)")))  # fmt: skip
-
-    def _on_progress(self, value: float) -> None:
-        self.progress.setValue(int(value))
-
-    def _on_boxes(self, payload: tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]) -> None:
-        """Boxes of the tiles just finished, on the map at once (before merging): a memory layer that
-        the merged result replaces at the end. Each box gets its tile's answer and request (the tile's
-        entry, which comes with its last box)."""
-        task = self.task
-        found, tiles = payload
-        if task is None:
-            return
-        self.tiles.update(tiles)
-        if not found:
-            return
-        view = scanning.Scan(task.scan.header, tiles=self.tiles)
-        p = self.pending
-        if self.live is None or _deleted(self.live):
-            self.live = add_result_layer(scanning.collection(found, view), p["crs"],
-                                         self.dock.tr("{name} (scanning…)").format(name=self._layer_name()),
-                                         group_name=p["group"], in_memory=True)  # fmt: skip
-            return
-        feats = scanning.features(found, view, p["crs"])
-        self.live.dataProvider().addFeatures(feats)
-        self.live.updateExtents()
-        self.live.triggerRepaint()
-
-    def _drop_live(self) -> None:
-        if self.live is not None and not _deleted(self.live):
-            project = QgsProject.instance()
-            node = project.layerTreeRoot().findLayer(self.live.id())
-            group = node.parent() if node is not None else None
-            project.removeMapLayer(self.live.id())
-            if group is not None and group.parent() is not None and not group.children():
-                group.parent().removeChildNode(group)
-        self.live = None
-
-    def _keep(self, layer: Any) -> bool:
-        """A stopped scan's boxes go into the results GeoPackage like any result: left in memory, the
-        tiles already finished would be lost with the project. False when it could not be written."""
-        if settings.results_in_memory():
-            return True
-        try:
-            geopackage.store_layer(layer, geopackage.project_results_path(), layer.name())
-        except OSError as exc:
-            self.dock.iface.messageBar().pushMessage(
-                self.dock.tr("EarthDial"), str(exc), level=Qgis.MessageLevel.Warning, duration=0
-            )
-            return False
-        return True
-
-    def _retire(self, old: Any, new: Any, safe: bool) -> str:
-        """A resumed scan's new layer (merged, or stopped again with every box so far) takes over from the
-        stopped layer ``old``, which is never deleted: once ``new`` is ``safe`` (written as the results
-        setting wants) ``old`` leaves the project, its GeoPackage table staying in the file; with edits or
-        reviews of its own it stays in the project too. Returns what to tell the user."""
-        tr = self.dock.tr
-        if old is None or _deleted(old):
-            return ""
-        if new is None or not safe:
-            return tr("The stopped layer “{name}” is kept as it was.").format(name=old.name())
-        resume.forget(old)  # its part of the scan lives on in ``new``: it offers no resume of its own
-        reviewed = old.fields().indexOf("review") >= 0 and any(f["review"] for f in old.getFeatures())
-        if old.isModified() or reviewed:
-            return tr(
-                "The stopped layer “{name}” stays in the project: it has edits or reviews of its own."
-            ).format(name=old.name())
-        path, table = geopackage.split_source(old.source()) if old.providerType() == "ogr" else ("", None)
-        name = old.name()
-        project = QgsProject.instance()
-        node = project.layerTreeRoot().findLayer(old.id())
-        group = node.parent() if node is not None else None
-        project.removeMapLayer(old.id())
-        if group is not None and group.parent() is not None and not group.children():
-            group.parent().removeChildNode(group)
-        if table is None:
-            return tr("It replaces the stopped layer “{name}”.").format(name=name)
-        return tr("It replaces the stopped layer “{name}”, whose table “{table}” stays in {path}.").format(
-            name=name, table=table, path=path
-        )
-
-    def _done(self, task: ScanTask) -> None:
-        dock = self.dock
-        dock._running.discard(task)
-        if getattr(dock, "_closed", False):
-            return
-        dock._task = None
-        self.task = None
-        dock._set_busy(False)
-        self.progress.setVisible(False)
-        dock._task_ended(task.description())
-        if task.error is not None or task.reply is None:
-            note = ""
-            old = self.pending.get("resumed")
-            if (
-                old is not None
-                and task.earlier is not None
-                and len(task.finished_tiles) == len(task.earlier["tiles"])
-            ):
-                # a resume that finished no new tile: the stopped layer stays as it was, no copy of it is made
-                self._drop_live()
-                if not _deleted(old):
-                    dock.last_layer = old
-                    note = dock.tr(
-                        "No new tile was scanned; the stopped layer “{name}” is kept as it was."
-                    ).format(name=old.name())
-            elif self.live is not None and not _deleted(self.live):  # what was found stays, marked unmerged
-                self.live.setName(
-                    self.live.name().replace(dock.tr(" (scanning…)"), dock.tr(" (stopped: unmerged)"))
-                )
-                record = self.pending.get("resume")
-                if record is not None:  # set before it is stored: the property goes with the layer
-                    resume.remember(self.live, {**record, "total": task.total, "tiles": list(task.finished_tiles.values()),
-                                                "features": task.found})  # fmt: skip
-                kept = self._keep(self.live)
-                dock.last_layer = self.live  # Zoom and Save act on what the scan found so far
-                note = dock.tr("{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
-                               "in layer “{name}”.").format(done=task.done, total=task.total,
-                                                             n=self.live.featureCount(), name=self.live.name())  # fmt: skip
-                if record is not None:
-                    note += " " + dock.tr("“Resume scan” goes on from them.")
-                    retired = self._retire(old, self.live, kept)
-                    note += " " + retired if retired else ""
-            dock._set_result_buttons()
-            dock._show_error(task.error or EarthDialError("internal", "no reply"), task.endpoint, note)
-            return
-        p, scan = self.pending, task.scan
-        self._drop_live()
-        problems: list[str] = []
-        layer = add_result_layer(scanning.collection(scan.merged, scan), p["crs"], self._layer_name(),
-                                 group_name=p["group"], problems=problems)  # fmt: skip
-        if p["task"] == CHANGE_TASK and scan.tiles:
-            self.tiles_layer = add_result_layer(
-                scanning.tile_collection(scan), p["crs"],
-                unique_layer_name(dock.tr("change tiles – {layer} ({time})").format(layer=p["names"], time=p["stamp"])),
-                group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
-        retired = ""
-        # a resumed scan's merged layer, written as the setting wants (no problem), takes the stopped one's place
-        if "resumed" in p:
-            retired = self._retire(p["resumed"], layer, not problems)
-        dock.last_reply, dock.last_error, dock.last_layer = task.reply, None, layer
-        dock._set_result_buttons()
-        text = dock.tr("{tiles} tile(s) scanned: {n} box(es) after merging {raw}.").format(
-            tiles=task.reply.get("tiles"), n=len(scan.merged), raw=len(scan.found)
-        )
-        if task.reply.get("tiles_skipped"):
-            text += " " + dock.tr("{n} of them were scanned before the scan stopped.").format(
-                n=task.reply["tiles_skipped"]
-            )
-        text += "".join(" " + x for x in problems)
-        text += " " + retired if retired else ""
-        dock.result_label.setText(text)
-        dock.iface.messageBar().pushMessage(
-            dock.tr("EarthDial"), text, level=Qgis.MessageLevel.Success, duration=8
-        )
-
-
-def _deleted(layer: Any) -> bool:
-    try:
-        from qgis.PyQt import sip
-    except ImportError:  # pragma: no cover
-        import sip
-    return sip.isdeleted(layer) or QgsProject.instance().mapLayer(layer.id()) is None
-
-
-__all__ = ["DockScan", "QgsRasterLayer", "ScanTask"]
+__all__ = ["CHANGE_TASK", "SCAN_TASKS", "ScanTask"]
