@@ -26,7 +26,7 @@ from earthdial.model.prompts import build_question
 
 
 def default_model(tmp: str) -> str:
-    demo = Path(__file__).resolve().parents[1] / "backend" / "earthdial" / "demo" / "checkpoint"
+    demo = Path(__file__).resolve().parents[1] / "backend" / "earthdial" / "models" / "demo"
     if (demo / "config.json").exists():
         return str(demo)
     from earthdial.training.tiny import make_tiny_checkpoint

@@ -183,7 +183,7 @@ def test_the_engine_puts_bos_first_only_when_the_checkpoint_asks(engine: Engine)
 
 
 def test_the_demo_tokenizer_adds_no_bos() -> None:
-    demo = Path(checkpoint.__file__).parent.parent / "demo" / "checkpoint"
+    demo = Path(checkpoint.__file__).parent.parent / "models" / "demo"
     assert "add_bos_token" not in json.loads((demo / "tokenizer_config.json").read_text())
     assert checkpoint.adds_bos(demo, checkpoint.load_tokenizer(demo)) is False
 

@@ -77,7 +77,7 @@ def test_build_plugin_zip(tmp_path) -> None:
         assert {
             "earthdial/cli/main.py",
             "earthdial/model/engine.py",
-            "earthdial/demo/checkpoint/model.safetensors",
+            "earthdial/models/demo/model.safetensors",
         } <= inside
         entry_points = wheel.read("earthdial_qgis-0.3.0.dist-info/entry_points.txt").decode()
         assert "earthdial = earthdial.cli.main:main" in entry_points

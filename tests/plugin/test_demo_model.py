@@ -17,7 +17,7 @@ from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsRasterLayer, Q
 from conftest import Backend, backend_env, running_backend
 from earthdial_qgis.core.area import WHOLE_LAYER
 
-DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
 
 pytestmark = pytest.mark.skipif(
     not DEMO.exists(), reason="no demo checkpoint is installed (earthdial train-demo writes it)"

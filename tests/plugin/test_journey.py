@@ -26,7 +26,7 @@ from earthdial_qgis.core import settings
 from earthdial_qgis.core.area import WHOLE_LAYER
 from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED, REJECTED
 
-DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
 MOSAIC = """
 import sys, numpy as np
 from earthdial.demo import synthetic

@@ -20,7 +20,7 @@ from earthdial_qgis.core.area import WHOLE_LAYER
 from earthdial_qgis.core.backend_process import serve_arguments
 from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED
 
-DEMO = ROOT / "backend" / "earthdial" / "demo" / "checkpoint" / "model.safetensors"
+DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
 
 
 def test_the_adapter_is_a_serve_argument() -> None:

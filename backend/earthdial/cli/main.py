@@ -682,7 +682,7 @@ def _demo_model() -> str | None:
     """The built-in demo checkpoint shipped in the package, when it is there."""
     from pathlib import Path
 
-    demo = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
     return str(demo) if (demo / "config.json").exists() and (demo / "model.safetensors").exists() else None
 
 
@@ -1083,7 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
-    p.add_argument("--out", help="checkpoint directory to write (default: the package's demo/checkpoint)")
+    p.add_argument("--out", help="checkpoint directory to write (default: the package's models/demo)")
     p.add_argument("--minutes", type=float, default=29.0, help="wall-clock budget, both stages (default 29)")
     p.add_argument(
         "--steps",

@@ -15,7 +15,7 @@ from earthdial.model import checkpoint, prompts
 from earthdial.model.tokens import IMG_CONTEXT
 from earthdial.training import tiny
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 DEMO_VARIANT = "EarthDial_4B_RGB"  # the tags it knows are the RGB checkpoint's
 SYSTEM_MESSAGE = "EarthDial demo."
 IMAGE_SIZE = 112
