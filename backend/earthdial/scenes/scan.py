@@ -224,7 +224,7 @@ def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: req
 
 def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine, options: requests.Options,
                  cancelled: Any, stream: scenes.Stream | None) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:  # fmt: skip
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     task = field(header, "task", str, required=False) or "refer"
     spec = prompts.task(task)
@@ -333,7 +333,7 @@ def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: 
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
     files the backend reads and warps), or streamed (`source.kind` 'stream' naming its `layers`: the
     client reads every layer on one grid and sends each tile's images stacked in one frame)."""
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     first = sources[0]
     if isinstance(first, requests.Stream):

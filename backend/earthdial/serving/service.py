@@ -305,7 +305,7 @@ def prepare(
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     _check_model(engine, question, tag)
     t = time.perf_counter()
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
     job.query = Query(question, images, max_new, history, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
@@ -424,7 +424,7 @@ def _grid_for(
     """(columns, rows) of model tiles one image of this size is resized to: one for the band-group path,
     InternVL's dynamic grid for RGB within each image's share of the budget; the same choice
     `engine.image` makes."""
-    from earthdial.model import pixels
+    from earthdial.model import pixels  # torch only where the model runs
 
     if sensors.pixel_path(tag, task) != "rgb":
         return 1, 1
