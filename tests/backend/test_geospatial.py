@@ -12,6 +12,7 @@ from pyproj import Transformer
 from rasterio.windows import Window
 
 from earthdial.contract.protocol import EarthDialError, source_by_reference
+from earthdial.geo import tiling
 from earthdial.model.engine import Engine
 from earthdial.scenes import runner as scenes
 from earthdial.serving import requests, service
@@ -196,7 +197,7 @@ def test_a_pair_that_does_not_overlap_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_tiles_cover_the_region_with_the_overlap_asked_for() -> None:
-    plan = scenes.plan_for_window(Window(100, 50, 2000, 1000), 448, 0.1)
+    plan = tiling.plan_for_window(Window(100, 50, 2000, 1000), 448, 0.1)
     tiles = [plan.window(i) for i in range(len(plan))]
     assert len(plan) == len(plan.cols) * len(plan.rows) == len(tiles)
     covered = np.zeros((1000, 2000), bool)
@@ -209,7 +210,7 @@ def test_tiles_cover_the_region_with_the_overlap_asked_for() -> None:
     cols = sorted({int(w.col_off) for w in tiles})
     assert all(b - a <= 448 * 0.9 for a, b in zip(cols, cols[1:], strict=False))
     assert cols[-1] + 448 == 2100  # the last column ends at the region's edge
-    assert len(scenes.plan_tiles(300, 200, 448, 0.1)) == 1
+    assert len(tiling.plan_tiles(300, 200, 448, 0.1)) == 1
 
 
 def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Path) -> None:
@@ -219,7 +220,7 @@ def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Pat
     with rasterio.open(path, "w", driver="GTiff", width=4000, height=64, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:  # fmt: skip
         dst.write(np.zeros((3, 64, 4000), np.uint8))
-    tiles = scenes.file_tiles([str(path)], [1, 2, 3], scenes.plan_tiles(4000, 64, 64, 0.0), 32)
+    tiles = scenes.file_tiles([str(path)], [1, 2, 3], tiling.plan_tiles(4000, 64, 64, 0.0), 32)
     next(tiles)
     try:
         cache = int(rasterio.env.getenv()["GDAL_CACHEMAX"])
@@ -243,7 +244,7 @@ def test_a_scan_stopped_mid_way_closes_its_file_on_the_reader_thread(tmp_path: P
     previous, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
         # held here as a scan's job list holds it: it is not collected with the reader
-        tiles = scenes.file_tiles([str(path)], [1, 2, 3], scenes.plan_tiles(640, 64, 32, 0.0), 32)
+        tiles = scenes.file_tiles([str(path)], [1, 2, 3], tiling.plan_tiles(640, 64, 32, 0.0), 32)
         reader = scenes.ReadAhead(tiles, 2)
         assert reader.next(10) is not None  # reading; 19 tiles left
         reader.close()
@@ -281,7 +282,7 @@ def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Pa
               "options": {"tile_size": 224, "overlap": 0.2, "batch": 4}}  # fmt: skip
     events: list[tuple[str, dict]] = []
     reply = scan.run(header, engine, lambda event, **f: events.append((event, f)))
-    n = len(scenes.plan_tiles(500, 300, 224, 0.2))
+    n = len(tiling.plan_tiles(500, 300, 224, 0.2))
     progress = [f for e, f in events if e == "progress"]
     assert events[0][0] == "plan" and events[0][1]["total"] == n
     assert reply["tiles"] == n == progress[-1]["done"] == progress[-1]["total"]

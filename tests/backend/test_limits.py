@@ -32,7 +32,7 @@ from earthdial.contract.protocol import (
     source_by_reference,
     source_by_value,
 )
-from earthdial.scenes import runner as scenes
+from earthdial.geo import tiling
 from earthdial.serving import limits
 from earthdial.serving.connections import Connections
 from earthdial.serving.scheduling import FairQueue, Pending
@@ -165,9 +165,9 @@ def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(
                          [(448, 448, 448, 0.1), (1000, 700, 448, 0.1), (5000, 37, 32, 0.5), (100, 3000, 64, 0.0),
                           (449, 449, 448, 0.5)])  # fmt: skip
 def test_the_tile_count_is_the_tiling_s_own(width: int, height: int, tile: int, overlap: float) -> None:
-    plan = scenes.plan_for_window(Window(0, 0, width, height), tile, overlap)
+    plan = tiling.plan_for_window(Window(0, 0, width, height), tile, overlap)
     built = [plan.window(i) for i in range(len(plan))]
-    assert limits.scan_tiles(width, height, tile, overlap) == len(built)
+    assert tiling.tile_count(width, height, tile, overlap) == len(built)
 
 
 def test_band_lists_by_value_pixels_and_wrong_bounds_are_refused_at_admission(limited, rasters) -> None:

@@ -16,6 +16,10 @@ from typing import Any
 
 from earthdial.contract.protocol import DEFAULT_ENDPOINT, Client, EarthDialError, source_by_reference
 
+# Each command imports what it runs inside its own function, so the command line itself loads no torch,
+# rasterio, pyzmq or serving code, and only the training commands load earthdial.training
+# (tests/backend/test_contract.py). None of these local imports dodges a cycle (test_import_graph.py).
+
 DEVICES = ["auto", "cpu", "cuda", "mps"]  # engine.pick_device; mps: Apple silicon's GPU
 
 

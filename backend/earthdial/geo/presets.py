@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.model import sensors
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,7 @@ def check_variant(variant: str | None, tag: str) -> None:
     """Refuse input the loaded checkpoint was not trained on: the RGB checkpoint (stage 2) never saw the
     band-group path, so multispectral and SAR tags need the MS checkpoint. Its vocabulary has these tags
     (RGB and MS share one), which is why a tag check alone lets such a request through."""
-    from earthdial.model.sensors import sensor
-
-    spec = sensor(tag)
+    spec = sensors.sensor(tag)
     if variant and spec.path == "bands" and variant not in BAND_GROUP_VARIANTS:
         raise EarthDialError(
             ErrorCode.WRONG_VARIANT,

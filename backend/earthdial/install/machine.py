@@ -20,8 +20,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from earthdial.model import memory
-from earthdial.model.quantize import MODES
+import torch
+
+from earthdial.model import memory, precision
+from earthdial.model.quantize import MODES, device_memory
 
 SCHEMA = 1  # bump when a key of the report changes meaning or goes away
 NVIDIA_SMI_TIMEOUT_S = 5.0
@@ -248,11 +250,6 @@ def read_facts(all_gpus: bool = True) -> tuple[Facts, dict[str, Any]]:
     """This machine's facts, and the details that go into the report beside them. `all_gpus` False measures
     free memory on the current CUDA device only (a server: a context on every GPU would hold memory there
     for the server's life); the others are listed with their total."""
-    import torch
-
-    from earthdial.model import precision
-    from earthdial.model.quantize import device_memory
-
     with warnings.catch_warnings(record=True) as caught:  # e.g. a driver too old for this torch build
         warnings.simplefilter("always")
         usable = torch.cuda.is_available()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
-from earthdial.model import checkpoint, pixels, precision, scoring, sensors
+from earthdial.model import adapters, checkpoint, pixels, precision, scoring, sensors
 from earthdial.model.prompts import DEFAULT_DECODING, Sampling, expand_images, render_chat
 from earthdial.model.quantize import device_memory, weight_bytes
 from earthdial.model.quantize import quantize as quantize_model
@@ -223,8 +223,6 @@ class Engine:
         self.precision = chosen
         self.adapter: dict[str, Any] | None = None
         if adapter:  # a LoRA adapter merged into the weights, before any quantization
-            from earthdial.model import adapters
-
             model, self.adapter = adapters.apply(model, info, adapter)
         int8_compute = torch.bfloat16 if chosen.dtype == torch.bfloat16 else None  # else as the CPU does best
         self.quantization = quantize_model(model, quantize, int8_compute)

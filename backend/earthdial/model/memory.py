@@ -7,10 +7,15 @@ measurements; docs/performance.md compares them with measured peaks.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from earthdial.model.checkpoint import native_config
 from earthdial.model.quantize import BYTES_PER_WEIGHT
 
 GIB = 1024**3
@@ -77,13 +82,7 @@ class Shapes:
 
 def shapes_of_checkpoint(directory: str) -> Shapes:
     """A checkpoint's shapes from its config alone (a model on the meta device: no weights read)."""
-    import json
-    from pathlib import Path
-
-    import torch
-    from transformers import InternVLForConditionalGeneration
-
-    from earthdial.model.checkpoint import native_config
+    from transformers import InternVLForConditionalGeneration  # transformers: only to build a model
 
     cfg = json.loads((Path(directory) / "config.json").read_text())
     with torch.device("meta"):

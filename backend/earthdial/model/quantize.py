@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.model.precision import cpu_flags, native_bf16
+
 MODES = ("none", "int8", "nf4")
 # bytes per weight of each mode, scales included (int8: one scale per output row; nf4: 0.5 byte + block
 # scales of 1 byte per 64 weights + a float per 256 blocks), for memory plans.
@@ -67,8 +70,6 @@ class CpuInt8Linear(nn.Module):
 
 def cpu_int8_compute_dtype() -> torch.dtype:
     """bf16 where the CPU has it natively (the int8 kernel's fast path), else fp32."""
-    from earthdial.model.precision import cpu_flags, native_bf16
-
     return torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
 
 
@@ -113,8 +114,6 @@ def weight_bytes(module: nn.Module) -> int:
 
 def _require_torchao() -> None:
     """torchao is an extra (`[quantize]`): say how to get it instead of failing on an import deep inside."""
-    from earthdial.contract.protocol import EarthDialError, ErrorCode
-
     try:
         import torchao  # noqa: F401
     except ImportError:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.outputs.files import write_error
 
 
 def path_for(output: str, kind: str = "scan") -> str:
@@ -125,6 +126,4 @@ class Journal:
 
 def _typed(exc: OSError, path: str, what: str) -> EarthDialError:
     """`disk_full`, `read_only`, ... as output files report them (output.py's classification)."""
-    from earthdial.outputs.files import write_error
-
     return write_error(exc, path, f"{what} {path}")

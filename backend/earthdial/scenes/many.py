@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 from earthdial.contract import result_features
 from earthdial.contract.protocol import EarthDialError, ErrorCode, source_by_reference
 from earthdial.outputs import files as output
-from earthdial.scenes import journal
+from earthdial.scenes import journal, scan
+from earthdial.scenes import runner as scenes
 from earthdial.scenes.archive import Scene
 
 if TYPE_CHECKING:  # torch only where the model runs
@@ -108,9 +109,6 @@ def scene_header(path: str, task: str, prompt: str, options: dict[str, Any]) -> 
 def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any]:
     """One scene through the streaming detect op; the boxes merged and answered as `earthdial detect`
     writes them. Returns plain JSON data: `ok` with features and CRS, or `ok` false with a typed error."""
-    from earthdial.scenes import runner as scenes
-    from earthdial.scenes import scan
-
     started = time.perf_counter()
     features: list[dict[str, Any]] = []
     tiles: dict[int, dict[str, Any]] = {}
@@ -142,7 +140,7 @@ class SceneWorker:
             import torch
 
             torch.set_num_threads(max(1, threads))  # the actor's CPU slots, not every core of the node
-            from earthdial.model.engine import Engine
+            from earthdial.model.engine import Engine  # torch only in the actor, after its thread count
 
             self.engine = Engine(model, device=device)
         except EarthDialError as exc:

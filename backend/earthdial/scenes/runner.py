@@ -1,11 +1,10 @@
-"""Whole scenes: the one scene engine. It lays a region out in model-sized tiles, reads them ahead of the
+"""Whole scenes: the one scene engine. It reads the tiles of a region's plan (geo/tiling.py) ahead of the
 model on another thread, runs them through the engine in batches, and merges the boxes that neighbouring
 tiles both found (rotated-polygon non-maximum suppression).
 
 Every whole-scene job goes through here: a raster read by reference, tiles streamed by value from a
 client that reads a layer the backend cannot open (WMS, XYZ, memory), and pairs or sequences of layers
-for change detection. The tile plan is arithmetic (a list of column and row starts), so a client that
-needs tile positions receives the plan instead of computing its own.
+for change detection.
 
 Memory stays flat as the scene grows: tiles are made lazily, only a few batches are read ahead, and only
 the features found are kept.
@@ -29,16 +28,14 @@ from rasterio.windows import Window
 from earthdial.contract import protocol
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.geo import georef, imagery
-from earthdial.model import answers
+from earthdial.geo.tiling import MAX_BATCH, TilePlan
+from earthdial.model import answers, prompts
 from earthdial.serving import limits
 
 if TYPE_CHECKING:  # torch only where the model runs
     from earthdial.model.engine import Engine
 
 SCENE_CACHE_MB = 128
-MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
-MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read every pixel 4x or more
-MAX_BATCH = 64
 # streamed tiles of a later pair held before their turn (clients send 2 batches ahead)
 MAX_EARLY_TILES = 4 * MAX_BATCH
 IOU_THRESHOLD = 0.5  # two boxes of one label overlapping this much are one object
@@ -48,79 +45,6 @@ IOS_THRESHOLD = 0.5  # ... and so are boxes of two tiles with this share of the 
 SEAM_GAP, SEAM_ALONG, SEAM_OFFSET = 0.02, 0.3, 0.25
 READ_AHEAD_BATCHES = 2  # batches read while the model works on the current one
 PATIENCE_S = 0.05  # how long a scan waits for a tile before letting its caller do other work
-
-
-# -- the tile plan ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Tiles of `tile` x `tile` source pixels over a region, row-major; tile i is at
-    (cols[i % len(cols)], rows[i // len(cols)]), cut to the region's size where the region is smaller."""
-
-    col0: int
-    row0: int
-    width: int
-    height: int
-    tile: int
-    overlap: float
-    cols: tuple[int, ...]
-    rows: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.cols) * len(self.rows)
-
-    def window(self, index: int) -> Window:
-        if not 0 <= index < len(self):
-            raise EarthDialError(
-                ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})"
-            )
-        return Window(*protocol.plan_window(self.describe(), index))
-
-    def describe(self, read_size: int | None = None) -> dict[str, Any]:
-        """The plan on the wire: what a client needs to read tile i itself (`protocol.plan_window`), and
-        the model's image size its tiles are read at (`protocol.read_shape`)."""
-        plan = {"tiles": len(self), "tile_size": self.tile, "overlap": self.overlap,
-                "region": [self.col0, self.row0, self.width, self.height],
-                "columns": list(self.cols), "rows": list(self.rows)}  # fmt: skip
-        if read_size is not None:
-            plan["read_size"] = read_size
-        return plan
-
-
-def check_tiling(tile: Any, overlap: Any, batch: Any = 1) -> tuple[int, float, int]:
-    """Typed errors for a tile size, overlap or batch out of range."""
-    if not isinstance(tile, int) or isinstance(tile, bool) or not MIN_TILE <= tile <= MAX_TILE:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile size {tile!r:.20} px is out of range ({MIN_TILE} to {MAX_TILE})")  # fmt: skip
-    if (not isinstance(overlap, (int, float)) or isinstance(overlap, bool)
-            or not math.isfinite(overlap) or not 0 <= overlap <= MAX_OVERLAP):  # fmt: skip
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"overlap {overlap!r:.20} is out of range (0 to {MAX_OVERLAP})")  # fmt: skip
-    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"batch {batch!r:.20} is out of range (1 to {MAX_BATCH})")
-    return tile, float(overlap), batch
-
-
-def plan_tiles(width: int, height: int, tile: int, overlap: float, col0: int = 0, row0: int = 0) -> TilePlan:
-    """Tiles covering a region of width x height pixels starting at (col0, row0): neighbours `stride` =
-    tile x (1 - overlap) apart, the last row and column moved back to end at the region's edge."""
-    tile, overlap, _ = check_tiling(tile, overlap)
-    if width < 1 or height < 1:
-        raise EarthDialError(ErrorCode.BOUNDS_OUTSIDE, f"the region to tile is empty ({width} x {height} px)")
-    stride = max(1, int(tile * (1 - overlap)))
-
-    def starts(origin: int, length: int) -> tuple[int, ...]:
-        if length <= tile:
-            return (origin,)
-        n = math.ceil((length - tile) / stride) + 1
-        return tuple(origin + min(i * stride, length - tile) for i in range(n))
-
-    return TilePlan(col0, row0, width, height, tile, overlap, starts(col0, width), starts(row0, height))
-
-
-def plan_for_window(region: Window, tile: int, overlap: float) -> TilePlan:
-    return plan_tiles(
-        int(region.width), int(region.height), tile, overlap, int(region.col_off), int(region.row_off)
-    )
 
 
 # -- tiles and how they are read ----------------------------------------------------------------------
@@ -640,8 +564,7 @@ def finished(features: list[dict[str, Any]], tiles: Mapping[int, Mapping[str, An
 
 def estimate_seconds(engine: Engine, tiles: int, batch_size: int) -> float:
     """A rough time for `tiles` tiles, from one timed batch of blank tiles (shown before a long job)."""
-    from earthdial.model import prompts
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     blank = np.zeros((3, engine.info.image_size, engine.info.image_size), dtype=np.uint8)
     q = Query(prompts.build_question("refer", "x"), [engine.image(blank, "[hr_rgb_0.5]")], 20)

@@ -4,7 +4,7 @@ the pixels of a layer the backend cannot read itself.
 
 A scan's results come back as they are made, in events small enough for any frame limit:
 
-1. `{"event": "plan", "plan": {...}}`: the tile plan (`scenes.TilePlan.describe`), before any work;
+1. `{"event": "plan", "plan": {...}}`: the tile plan (`tiling.TilePlan.describe`), before any work;
 2. `{"event": "progress", "done", "total", "tiles": [...], "features": [...]}` after each batch: the
    finished tiles (index, answer, score, footprint) and the boxes they found, complete per tile;
 3. with `options.merge` (default true) `{"event": "merged", "features": [...]}` chunks of the merged boxes;
@@ -29,7 +29,7 @@ from affine import Affine
 from earthdial.contract import result_features
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.contract.result_features import change_of, said_changed
-from earthdial.geo import file_access, imagery, presets
+from earthdial.geo import file_access, imagery, presets, tiling
 from earthdial.model import prompts
 from earthdial.scenes import runner as scenes
 from earthdial.serving import limits, requests, service
@@ -159,7 +159,7 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
     }
 
 
-def _check_earlier(before: requests.Earlier, plan: scenes.TilePlan, transform: Affine, total: int) -> None:
+def _check_earlier(before: requests.Earlier, plan: tiling.TilePlan, transform: Affine, total: int) -> None:
     """A resumed scan's earlier tiles must be this request's: each inside its plan and with the outline
     that tile has on its grid, else the boxes would be merged with another layer's, area's or tiling's
     (`bad_request`: start the scan afresh)."""
@@ -198,7 +198,7 @@ def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str
 
 
 def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: requests.Options,
-                  paths: list[str | None], bands: list[int] | None, plan: scenes.TilePlan, transform: Affine,
+                  paths: list[str | None], bands: list[int] | None, plan: tiling.TilePlan, transform: Affine,
                   crs: str) -> Callable[[int], str]:  # fmt: skip
     """Tile index -> the tile's `request` field: its window on the raster's grid, as an `ask` of that
     window would record it, so that any box of a scan, reviewed, can become training data."""
@@ -223,8 +223,8 @@ def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: req
 
 
 def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine, options: requests.Options,
-                 cancelled: Any, stream: scenes.Stream | None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
-    from earthdial.model.engine import Query
+                 cancelled: Any, stream: scenes.Stream | None) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:  # fmt: skip
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     task = field(header, "task", str, required=False) or "refer"
     spec = prompts.task(task)
@@ -240,7 +240,7 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
         area = imagery.scan_grid(path, bands, list(source.bounds) if source.bounds else None, source.crs)
         indexes, region, crs, transform = area.band_indexes, area.window, area.crs, area.transform
         limits.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
-        plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
+        plan = tiling.plan_for_window(region, options.tile_size, options.overlap)
         tiles = scenes.file_tiles([path], indexes, plan, out_size, options.skip)
         name, gsd_src = source.path, info.gsd_m
         recorded: str | None = source.path
@@ -249,7 +249,7 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
             raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
         grid = _stream_grid(source, options)
         limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
-        plan = scenes.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
+        plan = tiling.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
         tiles = scenes.stream_tiles(
             stream, plan, grid.transform, grid.crs, grid.nodata, options.skip, cancelled
         )
@@ -317,7 +317,7 @@ class _Sequence:
     tiles of pair k (its two images, numbered within the plan) without the skipped ones."""
 
     names: list[str]
-    plan: scenes.TilePlan
+    plan: tiling.TilePlan
     crs: str
     preset: Any
     gsd_m: float | None
@@ -328,12 +328,12 @@ class _Sequence:
 
 
 def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: requests.Options, cancelled: Any,
-                 stream: scenes.Stream | None = None) -> tuple[list[Any], scenes.TilePlan, int, str, Affine]:  # fmt: skip
+                 stream: scenes.Stream | None = None) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:  # fmt: skip
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
     files the backend reads and warps), or streamed (`source.kind` 'stream' naming its `layers`: the
     client reads every layer on one grid and sends each tile's images stacked in one frame)."""
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     first = sources[0]
     if isinstance(first, requests.Stream):
@@ -398,7 +398,7 @@ def _sequence_by_reference(
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
     limits.check_scan(region.width, region.height, options.tile_size, options.overlap)
-    plan = scenes.plan_for_window(region, options.tile_size, options.overlap)
+    plan = tiling.plan_for_window(region, options.tile_size, options.overlap)
     out_size = engine.info.image_size
 
     def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
@@ -419,7 +419,7 @@ def _streamed_sequence(source: requests.Stream, options: requests.Options, engin
     names = list(source.layers)
     grid = _stream_grid(source, options)
     limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
-    plan = scenes.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
+    plan = tiling.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
     total = len(plan) * (len(names) - 1)
 
     def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
@@ -438,17 +438,3 @@ def _drop_first_image(tiles: Iterator[scenes.Tile]) -> Iterator[scenes.Tile]:
     two images are asked about."""
     for tile in tiles:
         yield scenes.Tile(tile.index, tile.window, tile.chips[1:])
-
-
-def describe(width: int, height: int, gsd_m: float | None, options: requests.Options,
-             image_size: int | None, images: int = 1) -> dict[str, Any]:  # fmt: skip
-    """What a scan of a width x height px region (at the layer's resolution, `gsd_m` its GSD) with
-    `options` would run, for `plan`: its tiles and batches (checked against the scan budget as the scan
-    is; a change scan of `images` layers runs them for each of its pairs) and the GSD the model sees each
-    tile at (a tile is resized to the model's `image_size`)."""
-    tile, overlap, batch = options.tile_size, options.overlap, options.batch
-    limits.check_scan(width, height, tile, overlap)
-    tiles = len(scenes.plan_tiles(width, height, tile, overlap)) * max(1, images - 1)
-    side = max(min(tile, width), min(tile, height))  # a tile is cut to a region smaller than it
-    return {"tiles": tiles, "batches": -(-tiles // batch), "tile_size": tile, "overlap": overlap, "batch": batch,
-            "model_gsd_m": gsd_m * side / image_size if gsd_m and image_size else None}  # fmt: skip

@@ -1,11 +1,12 @@
 """A server's budgets: every request is bounded before its work starts, and work in progress can stop.
 
-- Admission (`admit_request`, in the I/O loop, before a request is queued, after `requests.check` has
+- Admission (`requests.admit`, in the I/O loop, before a request is queued, after `requests.check` has
   checked the form of its fields): the paths and CRSs its sources name are ones this server may use, the
-  band lists and by-value pixels are within budget, no string holds a lone surrogate.
+  band lists and by-value pixels are within budget (`check_array`), no string holds a lone surrogate
+  (`check_text`).
 - Before a read (`plan_read`): the source pixels GDAL would decode for a window (through the overview it
   would use, or a decimated nearest read when averaging costs too much) are within budget; before a scan
-  (`check_scan`): its tile count, computed arithmetically, is.
+  (`check_scan`): its tile count, computed arithmetically (`tiling.tile_count`), is.
 - While working (`checkpoint`): a job's cancel flag (a `cancel`, its client gone) and deadline are
   checked between the strips of a read and between stages, so neither waits for the end of the job.
 
@@ -21,14 +22,12 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
-
-if TYPE_CHECKING:  # requests imports imagery, which imports this module
-    from earthdial.serving.requests import Source
+from earthdial.geo import tiling
 
 MIB = 1024 * 1024
 STRIP_PIXELS = 16 * MIB  # source pixels per strip of a large read: a cancel is seen within one strip
@@ -239,20 +238,12 @@ def check_source_pixels(pixels: int, what: str) -> None:
         raise too_large(what, pixels, "max_pixels")
 
 
-def scan_tiles(width: int, height: int, tile: int, overlap: float) -> int:
-    """How many tiles a scan of a width x height region makes: the scan's own tile plan (arithmetic: its
-    column and row starts), without building any tile."""
-    from earthdial.scenes.runner import plan_tiles
-
-    return len(plan_tiles(int(width), int(height), tile, overlap))
-
-
 def check_scan(width: int, height: int, tile: int, overlap: float) -> int:
     """The tile count of a scan, or `too_large` when it exceeds the scan budget (0, unchecked, for a
     tile size or overlap the tiling itself refuses)."""
     if tile < 16 or not 0 <= overlap < 0.9:
         return 0
-    n = scan_tiles(width, height, tile, overlap)
+    n = tiling.tile_count(width, height, tile, overlap)  # the scan's own tile plan, counted
     if _limits is not None and n > _limits.max_scan_tiles:
         raise too_large(
             f"a scan of {int(width)} x {int(height)} px in tiles of {tile} px with overlap {overlap:g} makes "
@@ -343,25 +334,6 @@ def check_numbers(header: dict[str, Any], raw: bytes | None = None) -> None:
         )
 
 
-def check_source_fields(source: Source, where: str) -> None:
-    """A source's band count within budget, and the path and CRS it names ones this server may use (their
-    form was checked by `requests.source`; their values are checked against the raster later)."""
-    from earthdial.geo import file_access
-    from earthdial.serving import requests
-
-    bands = len(source.bands or ()) if isinstance(source, requests.Ref) else None
-    if bands is not None and _limits is not None and bands > _limits.max_bands:
-        raise too_large(f"{where}.bands names {bands} bands", bands, "max_bands")
-    if isinstance(source, requests.Stream) and _limits is not None and source.band_count > _limits.max_bands:
-        raise too_large(
-            f"the streamed layer declares {source.band_count:,} bands", source.band_count, "max_bands"
-        )
-    if source.crs:
-        file_access.check_crs(source.crs, f"{where}")
-    if isinstance(source, requests.Ref):
-        file_access.check_path(source.path)
-
-
 def check_array(index: int, shape: tuple[int, ...]) -> None:
     if _limits is None:
         return
@@ -370,17 +342,3 @@ def check_array(index: int, shape: tuple[int, ...]) -> None:
         raise too_large(f"array {index} holds {list(shape)} pixels", pixels, "max_value_pixels")
     if len(shape) == 3 and shape[0] > _limits.max_bands:
         raise too_large(f"array {index} has {shape[0]} bands", shape[0], "max_bands")
-
-
-def admit_request(
-    header: dict[str, Any], arrays: list[Any], raw: bytes | None = None, sources: Sequence[Source] = ()
-) -> None:
-    """Checks of a worker request that need no file: text, sources' fields (as `requests.sources` read
-    them), by-value pixels."""
-    check_text(header, raw)
-    check_numbers(header, raw)
-    one = len(sources) == 1 and isinstance(header.get("source"), dict)
-    for i, source in enumerate(sources):
-        check_source_fields(source, "source" if one else f"sources[{i}]")
-    for i, array in enumerate(arrays):
-        check_array(i, tuple(array.shape))

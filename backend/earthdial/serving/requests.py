@@ -15,9 +15,9 @@ from typing import Any
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.contract.wire import from_json_frame
-from earthdial.geo import imagery
+from earthdial.geo import file_access, imagery, tiling
 from earthdial.model import prompts, sensors
-from earthdial.scenes import runner as scenes
+from earthdial.serving import limits
 
 MAX_NEW_TOKENS = 2048
 MAX_IMAGES = 8  # images in one `ask` (a pair, or a short time series)
@@ -96,7 +96,7 @@ def options(header: dict[str, Any]) -> Options:
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, "options.history must be a list of [question, answer] pairs"
         )
-    tile, overlap, batch = scenes.check_tiling(
+    tile, overlap, batch = tiling.check_tiling(
         raw.get("tile_size", SCAN_DEFAULTS["tile_size"]),
         raw.get("overlap", SCAN_DEFAULTS["overlap"]),
         raw.get("batch", SCAN_DEFAULTS["batch"]),
@@ -306,6 +306,37 @@ def check(header: dict[str, Any], arrays: Sequence[Any] = ()) -> Request | None:
     if op in ("ask", "plan", "georef"):
         check_frames(listed, len(arrays))
     return Request(checked, listed, before)
+
+
+def check_source_fields(source: Source, where: str) -> None:
+    """A source's band count within the server's budget (limits.py), and the path and CRS it names ones
+    this server may use (their form was checked by `source`; their values are checked against the raster
+    later)."""
+    budget = limits.current()
+    bands = len(source.bands or ()) if isinstance(source, Ref) else None
+    if bands is not None and budget is not None and bands > budget.max_bands:
+        raise limits.too_large(f"{where}.bands names {bands} bands", bands, "max_bands")
+    if isinstance(source, Stream) and budget is not None and source.band_count > budget.max_bands:
+        raise limits.too_large(
+            f"the streamed layer declares {source.band_count:,} bands", source.band_count, "max_bands"
+        )
+    if source.crs:
+        file_access.check_crs(source.crs, f"{where}")
+    if isinstance(source, Ref):
+        file_access.check_path(source.path)
+
+
+def admit(header: dict[str, Any], arrays: Sequence[Any], raw: bytes | None = None,
+          sources: Sequence[Source] = ()) -> None:  # fmt: skip
+    """Checks of a worker request that need no file, after `check`: text, sources' fields (as `sources`
+    read them), by-value pixels (the budgets of limits.py)."""
+    limits.check_text(header, raw)
+    limits.check_numbers(header, raw)
+    one = len(sources) == 1 and isinstance(header.get("source"), dict)
+    for i, item in enumerate(sources):
+        check_source_fields(item, "source" if one else f"sources[{i}]")
+    for i, array in enumerate(arrays):
+        limits.check_array(i, tuple(array.shape))
 
 
 def _layer_count(n: int) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.serving.limits import MIB
 
 
 @dataclass(eq=False)
@@ -78,8 +79,6 @@ class FairQueue:
                     ErrorCode.BUSY, f"the server queue is full ({self.maxsize} waiting); retry later"
                 )
             if self.max_bytes is not None and self._bytes + job.nbytes > self.max_bytes:
-                from earthdial.serving.limits import MIB
-
                 raise EarthDialError(
                     ErrorCode.BUSY,
                     f"the server holds {self._bytes / MIB:.0f} MiB of requests already and this one has "

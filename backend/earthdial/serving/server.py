@@ -521,7 +521,7 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> request
     """The checks a decoded request passes before the I/O loop answers or queues it (typed errors):
     the envelope fields; then, for work, the form of what its sources name (paths refused before any
     service code opens them, CRSs before PROJ parses them; resolve_source checks again when it reads),
-    by-value pixels' shape and the budgets that need no file (limits.admit_request). Returns the request
+    by-value pixels' shape and the budgets that need no file (requests.admit). Returns the request
     as checked (`requests.check`), for the op that runs it; None for the ops the I/O loop answers."""
     request_id, op, client = header.get("id"), header.get("op"), header.get("client")
     if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
@@ -543,7 +543,7 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> request
     # before queueing
     request = requests.check(header, arrays)
     sources = request.sources if request is not None else ()
-    limits.admit_request(header, arrays, raw.tobytes() if raw is not None else None, sources)
+    requests.admit(header, arrays, raw.tobytes() if raw is not None else None, sources)
     return request
 
 

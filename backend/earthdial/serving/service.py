@@ -16,7 +16,7 @@ import numpy as np
 
 from earthdial.contract import result_features
 from earthdial.contract.protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
-from earthdial.geo import file_access, georef, imagery, presets
+from earthdial.geo import file_access, georef, imagery, presets, tiling
 from earthdial.model import answers, prompts, sensors
 from earthdial.model.prompts import TASKS
 from earthdial.model.tokens import VARIANTS, earthdial_tokens
@@ -305,7 +305,7 @@ def prepare(
         raise EarthDialError(ErrorCode.MODEL_ERROR, "no model is loaded in this process")
     _check_model(engine, question, tag)
     t = time.perf_counter()
-    from earthdial.model.engine import Query
+    from earthdial.model.engine import Query  # torch only where the model runs
 
     images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
     job.query = Query(question, images, max_new, history, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
@@ -377,10 +377,8 @@ def plan(
         model_gsd_m = model_gsd(engine, width, height, gsd_m, tag, name, len(sources))
     scan_plan = None
     if scanning is not None:
-        from earthdial.scenes import scan  # scan imports this module
-
         image_size = engine.info.image_size if engine is not None else None
-        scan_plan = scan.describe(
+        scan_plan = describe_scan(
             width, height, gsd_m, requests.options({"options": scanning}), image_size, len(sources)
         )
     return {
@@ -406,13 +404,27 @@ def plan(
     }
 
 
+def describe_scan(width: int, height: int, gsd_m: float | None, options: requests.Options,
+                  image_size: int | None, images: int = 1) -> dict[str, Any]:  # fmt: skip
+    """What a scan of a width x height px region (at the layer's resolution, `gsd_m` its GSD) with
+    `options` would run, for `plan`: its tiles and batches (checked against the scan budget as the scan
+    is; a change scan of `images` layers runs them for each of its pairs) and the GSD the model sees each
+    tile at (a tile is resized to the model's `image_size`)."""
+    tile, overlap, batch = options.tile_size, options.overlap, options.batch
+    limits.check_scan(width, height, tile, overlap)
+    tiles = tiling.tile_count(width, height, tile, overlap) * max(1, images - 1)
+    side = max(min(tile, width), min(tile, height))  # a tile is cut to a region smaller than it
+    return {"tiles": tiles, "batches": -(-tiles // batch), "tile_size": tile, "overlap": overlap, "batch": batch,
+            "model_gsd_m": gsd_m * side / image_size if gsd_m and image_size else None}  # fmt: skip
+
+
 def _grid_for(
     engine: Engine, width: int, height: int, tag: str, task: str | None = None, images: int = 1
 ) -> tuple[int, int]:
     """(columns, rows) of model tiles one image of this size is resized to: one for the band-group path,
     InternVL's dynamic grid for RGB within each image's share of the budget; the same choice
     `engine.image` makes."""
-    from earthdial.model import pixels
+    from earthdial.model import pixels  # torch only where the model runs
 
     if sensors.pixel_path(tag, task) != "rgb":
         return 1, 1

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from earthdial.demo import synthetic
 from earthdial.demo.synthetic import CLASSES, Scene, SceneObject
 from earthdial.model import prompts
+from earthdial.model.engine import Query
 from earthdial.training.model import ARTICLE, NUMBERS, POSITIONS, SYNONYMS
 
 # ------------------------------------------------------------------------------------------------
@@ -343,8 +344,6 @@ def conversation_pieces(
 ) -> list[tuple[str, bool]]:
     """The training text of a conversation as (text, is_answer) pieces whose concatenation is exactly the
     engine's prompt for the last question (history included) followed by the last answer and <|end|>."""
-    from earthdial.model.engine import Query
-
     turns = [(conversation[i]["value"], conversation[i + 1]["value"]) for i in range(0, len(conversation), 2)]
     pieces: list[tuple[str, bool]] = []
     done = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from earthdial.contract.protocol import source_by_reference
 from earthdial.demo import synthetic
 from earthdial.demo.synthetic import CLASSES, Scene, SceneObject
+from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import prompts
+from earthdial.model.answers import Box, parse_boxes
+from earthdial.model.engine import Query
+from earthdial.scenes import scan
+from earthdial.serving import service
 from earthdial.training.data import _render_size
 from earthdial.training.model import EVAL_SEED, IMAGE_SIZE, SYNONYMS
 
@@ -26,8 +33,6 @@ def box_iou(a: Any, b: Any) -> float:
     """IoU of two boxes (answers.Box-like: x1, y1, x2, y2, angle on 0-100) as rotated polygons."""
     from shapely.geometry import Polygon
 
-    from earthdial.geo.georef import box_pixel_corners
-
     pa, pb = Polygon(box_pixel_corners(a, 100.0, 100.0)), Polygon(box_pixel_corners(b, 100.0, 100.0))
     if pa.area <= 0 or pb.area <= 0:
         return 0.0
@@ -36,8 +41,6 @@ def box_iou(a: Any, b: Any) -> float:
 
 
 def truth_box(obj: SceneObject) -> Any:
-    from earthdial.model.answers import Box
-
     x1, y1, x2, y2, angle = obj.box100()
     return Box(x1, y1, x2, y2, angle, obj.cls)
 
@@ -52,8 +55,6 @@ def refer_target(scene: Scene, i: int) -> SceneObject:
 
 
 def score_refer(answer: str, obj: SceneObject) -> tuple[bool, float]:
-    from earthdial.model.answers import parse_boxes
-
     boxes = parse_boxes(answer)
     if not boxes:
         return False, 0.0
@@ -62,8 +63,6 @@ def score_refer(answer: str, obj: SceneObject) -> tuple[bool, float]:
 
 def score_change(answer: str, pair: synthetic.Pair) -> tuple[bool, bool]:
     """(parsed, right): an answer parses when it starts with Yes or No (and a Yes names boxes)."""
-    from earthdial.model.answers import parse_boxes
-
     text = answer.strip().lower()
     said_yes, said_no = text.startswith("yes"), text.startswith("no")
     parsed = (said_yes and bool(parse_boxes(answer))) or said_no
@@ -73,8 +72,6 @@ def score_change(answer: str, pair: synthetic.Pair) -> tuple[bool, bool]:
 @torch.inference_mode()
 def quick_check(engine: Any, n: int, seed: int = EVAL_SEED) -> dict[str, float]:
     """Held-out referring and change on n in-memory scenes (no GeoTIFFs): for progress logs."""
-    from earthdial.model.engine import Query
-
     was_training = engine.model.training
     engine.model.eval()
     queries, objs = [], []
@@ -148,12 +145,6 @@ def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str
     """Held-out evaluation through the server's own path: each scene is written as a GeoTIFF and asked
     about with `service` requests by reference (reading, band preset, sensor tag, pixels, prompt, model,
     answer parsing). Scenes are rendered at 112, 168 or 224 px like the training mix."""
-    import tempfile
-
-    from earthdial.contract.protocol import source_by_reference
-    from earthdial.model.answers import parse_boxes
-    from earthdial.serving import service
-
     started = time.perf_counter()
     tmp = None
     if workdir is None:
@@ -256,11 +247,6 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
     import rasterio
     from rasterio.transform import from_origin
     from shapely.geometry import Polygon
-
-    from earthdial.contract.protocol import source_by_reference
-    from earthdial.geo.georef import box_pixel_corners
-    from earthdial.model.answers import Box
-    from earthdial.scenes import scan
 
     layout = [[synthetic.make_scene(seed, 50_000 + r * n + c) for c in range(n)] for r in range(n)]
     image = np.concatenate(

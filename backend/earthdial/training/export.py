@@ -35,8 +35,12 @@ from typing import Any
 import numpy as np
 
 from earthdial.contract.protocol import REVIEWS, EarthDialError, ErrorCode
+from earthdial.geo import file_access
+from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import prompts
 from earthdial.model.answers import Box
+from earthdial.serving import requests, service
+from earthdial.training.data import absent_answer as trained_absent_answer
 
 ACCEPTED, REJECTED, CORRECTED, ADDED = REVIEWS  # "" (or NULL): not reviewed
 KEPT = (ACCEPTED, CORRECTED, ADDED)
@@ -48,9 +52,7 @@ EXPORTED_TASKS = ("refer", "grounding")  # tasks whose answers are boxes of name
 def absent_answer(label: str) -> str:
     """The answer for a class that is not in the image: the one sentence the demo model is trained to say
     (`train.absent_answer`), so that corrections and the demo's own training agree."""
-    from earthdial.training.data import absent_answer as trained  # imported here: train pulls in torch
-
-    return trained(label)
+    return trained_absent_answer(label)
 
 
 @dataclass
@@ -110,8 +112,6 @@ def polygon_to_box(ring: Iterable[tuple[float, float]], transform: Any, width: f
 def _turn_sense() -> float:
     """+1 when georef turns a positive angle clockwise on screen (y down), -1 when counter-clockwise: read
     off georef itself, so that this inverse follows its convention."""
-    from earthdial.geo.georef import box_pixel_corners
-
     (x0, y0), (x1, y1) = box_pixel_corners(Box(40, 40, 60, 60, 30, ""), 100.0, 100.0)[:2]
     return 1.0 if y1 > y0 else -1.0
 
@@ -296,9 +296,6 @@ def _windows(features: list[Feature], layer: str) -> list[tuple[str, dict[str, A
 
 def _read_chip(request: dict[str, Any], layer: str) -> Any:
     """The request's first image, read as inference read it (bounds, bands, preset, GSD)."""
-    from earthdial.geo import file_access
-    from earthdial.serving import requests, service
-
     sources = request.get("sources") or []
     if not sources or not isinstance(sources[0].get("path"), str) or not sources[0]["path"]:
         raise EarthDialError(

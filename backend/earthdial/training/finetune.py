@@ -27,7 +27,9 @@ import torch
 
 from earthdial import training as train
 from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import adapters, checkpoint
+from earthdial.model.answers import parse_boxes
 from earthdial.model.engine import Engine, attention_for, pick_device
 from earthdial.training import export as training_data
 
@@ -138,9 +140,6 @@ class Region:
 def with_focus(example: train.Example) -> train.Example:
     """The example with, per answer turn, the regions of the boxes it writes (for the look aid)."""
     from shapely.geometry import Polygon
-
-    from earthdial.geo.georef import box_pixel_corners
-    from earthdial.model.answers import parse_boxes
 
     focus = []
     for turn in example.conversation[1::2]:

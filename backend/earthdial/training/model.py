@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from earthdial.model import checkpoint, prompts
-from earthdial.model.tokens import IMG_CONTEXT
+from earthdial.model.engine import Engine
+from earthdial.model.tokens import IMG_CONTEXT, detect_variant
 from earthdial.training import tiny
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -225,9 +226,6 @@ def save_checkpoint(model: Any, tokenizer: Any, cfg: dict[str, Any], directory: 
 def make_engine(model: Any, tokenizer: Any, cfg: dict[str, Any]) -> Any:
     """An `Engine` around an in-memory model, built the way `checkpoint.load` describes a checkpoint: its
     `image` and `prompt_text` are what training uses, so the two paths cannot drift apart."""
-    from earthdial.model.engine import Engine
-    from earthdial.model.tokens import detect_variant
-
     vocab = tokenizer.get_vocab()
     info = checkpoint.CheckpointInfo(
         path="<training>",

@@ -234,7 +234,7 @@ class DockLayout:
         self.mode_group.addButton(self.scan_radio)
         self.window_radio.setChecked(True)
         self.tile_spin = QtWidgets.QSpinBox()
-        self.tile_spin.setRange(32, 8192)  # the backend's limits (scenes.MIN_TILE, MAX_TILE)
+        self.tile_spin.setRange(32, 8192)  # the backend's limits (tiling.MIN_TILE, MAX_TILE)
         self.tile_spin.setValue(448)
         self.tile_spin.setSuffix(self.tr(" px"))
         self.tile_spin.setToolTip(
