@@ -237,7 +237,7 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         trained = model.get("trained_tasks")
         name = str(self.task_combo.currentData())
         untrained = isinstance(trained, list) and name != GEOREF and name not in trained
-        if untrained:
+        if untrained and isinstance(trained, list):
             self.model_note.setText(self.tr(
                 "The loaded model is the built-in demo model, which was not trained for {task}: its answers "
                 "will be noise. It was trained for {tasks}; load EarthDial's weights (Settings…) for the rest."
