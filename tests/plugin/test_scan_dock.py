@@ -77,14 +77,17 @@ def _dock(
     task: str = "refer",
     prompt: str = "ship",
     tile: int = 112,
+    running: bool = True,
 ) -> Any:
+    """A panel set up for a scan; `running`: its backend is up, and the task is chosen from its own list
+    (before its status comes the list is the last backend's, from the settings, which another run may have
+    left without this task). A test that starts the backend later chooses the task itself once it answers."""
     from earthdial_qgis.gui.dock import SETTING_ENDPOINT, EarthDialDock
 
     QgsSettings().setValue(SETTING_ENDPOINT, endpoint)
     dock = EarthDialDock(qgis_iface)
-    # the task list is the backend's once its status has come (before: the last backend's, from the
-    # settings, which another run may have left without this task)
-    wait_until(lambda: dock.status_reply is not None, 60)
+    if running:
+        wait_until(lambda: dock.status_reply is not None, 60)
     dock.timeout_spin.setValue(120)
     dock.layer_combo.setLayer(layer)
     dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))

@@ -127,11 +127,13 @@ def test_a_local_backend_killed_mid_scan_is_one_message_with_its_exit_cause(
     bar = qgis_iface.messageBar()
     bar.clear_messages()
     layer = _random_raster(tmp_path / "big.tif")
-    dock = _dock(qgis_iface, endpoint, layer, tile=50)  # 1 296 tiles: long enough to be killed in
+    # 1 296 tiles: long enough to be killed in
+    dock = _dock(qgis_iface, endpoint, layer, tile=50, running=False)
     try:
         dock.endpoint_edit.setText(endpoint)
         dock.start_button.click()
         wait_until(lambda: dock.local_backend.state == RUNNING and dock.status_reply is not None, 180)
+        dock.task_combo.setCurrentIndex(dock.task_combo.findData("refer"))  # from the backend's own list
         dock.send_button.click()
         task = dock.scan.task
         steps: list[float] = []
