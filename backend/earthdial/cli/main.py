@@ -429,8 +429,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     """A whole-scene scan (in-process or over the protocol) whose finished tiles go into a journal as they
     come; the output is written from the journal at the end. Ctrl-C, a lost server or an error leaves the
     journal for `--resume`."""
-    from earthdial.scenes import journal
-    from earthdial.scenes import runner as scenes
+    from earthdial.scenes.job import ScanJob, journalled_options
 
     name = f"earthdial {args.command}"
     stop = {"now": False}
@@ -442,15 +441,13 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     _check_outputs(args)
     options = header["options"]
     request = {k: header.get(k) for k in ("op", "task", "prompt", "source", "sources")}
-    request["options"] = {k: v for k, v in options.items() if k not in ("batch", "merge", "skip")}
-    log = journal.Journal.open(journal.path_for(args.output), request, args.resume) if args.output else None
-    kept: list[dict[str, Any]] = []  # without -o: results in memory only
-    tiles_seen: dict[int, dict[str, Any]] = {}
+    request["options"] = journalled_options(options)
+    job = ScanJob.open(args.output, request, args.resume)  # without -o: results in memory only
     shared: dict[str, Any] = {}  # what every box of the scan shares (the plan event's properties)
-    if log is not None:
-        options["skip"] = sorted(log.tiles)
-        if log.tiles:
-            print(f"resuming: {len(log.tiles)} tile(s) already done", file=sys.stderr)
+    if job.log is not None:
+        options["skip"] = sorted(job.tiles)
+        if job.tiles:
+            print(f"resuming: {len(job.tiles)} tile(s) already done", file=sys.stderr)
 
     def on_event(event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -458,11 +455,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
             shared.update(event.get("properties") or {})
             print(f"{event['total']} tiles of {event['plan']['tile_size']} px", file=sys.stderr)
         elif kind == "progress":
-            if log is not None:
-                log.record(event)
-            else:
-                kept.extend(event.get("features", []))
-                tiles_seen.update({t["index"]: t for t in event.get("tiles", [])})
+            job.record(event)
             _progress_bar(event["done"], event["total"])
 
     try:
@@ -492,22 +485,19 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
                 header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"]
             )
     except EarthDialError as exc:
-        if log is not None:
-            log.close()
-            if exc.code in ("cancelled", "disconnected", "timeout") or log.tiles:
-                print(f"\n{name}: {exc.message}\n{len(log.tiles)} finished tile(s) are kept in {log.path}; "
+        if job.log is not None:
+            job.close()
+            if exc.code in ("cancelled", "disconnected", "timeout") or job.tiles:
+                print(f"\n{name}: {exc.message}\n{len(job.tiles)} finished tile(s) are kept in {job.log.path}; "
                       "run the same command with --resume to go on", file=sys.stderr)  # fmt: skip
         elif exc.code == "cancelled":
             print(f"\n{name}: {exc.message}; nothing written", file=sys.stderr)
         return 130 if exc.code == "cancelled" else _fail(name, exc)
-    features = log.features if log is not None else kept
-    tiles = log.tiles if log is not None else tiles_seen
-    from earthdial.contract.result_features import with_tile_fields
-
-    merged = with_tile_fields(scenes.finished(features, tiles), tiles)
+    tiles = job.tiles
+    merged = job.merged()
     crs = reply.get("crs", "")
     print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
-          f"{reply['timings']['total_s']:.1f} s; {len(features)} boxes, {len(merged)} after merging")  # fmt: skip
+          f"{reply['timings']['total_s']:.1f} s; {len(job.features)} boxes, {len(merged)} after merging")  # fmt: skip
     if header["op"] == "detect_changes":
         changed = sum(1 for t in tiles.values() if t.get("changed"))
         print(f"{changed} of {len(tiles)} tile pairs changed")
@@ -516,8 +506,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     else:
         collection = {"type": "FeatureCollection", "crs": crs, "features": merged}
         _write_output(args.output, {"features": collection, "properties": shared or None, "scan": True}, args)
-    if log is not None:
-        log.remove()
+    job.finish()
     return 0
 
 
