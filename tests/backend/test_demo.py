@@ -390,9 +390,11 @@ def test_shipped_demo_says_none_for_an_absent_class(demo_engine, tmp_path) -> No
 
 
 def test_serve_falls_back_to_the_shipped_demo() -> None:
-    from earthdial.cli import main as cli
+    from earthdial.cli import model_choice
 
-    found = cli._demo_model()  # the package ships the demo model: `earthdial serve` without --model uses it
+    found = (
+        model_choice.demo_model()
+    )  # the package ships the demo model: `earthdial serve` without --model uses it
     assert found == str(train.DEMO_DIR)
     assert (train.DEMO_DIR / "config.json").is_file() and (
         train.DEMO_DIR / "model.safetensors"

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from earthdial.cli.model_choice import choose as choose_model
 from earthdial.contract.protocol import DEFAULT_ENDPOINT, Client, EarthDialError, source_by_reference
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]  # engine.pick_device; mps: Apple silicon's GPU
@@ -186,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return refuse(f"--allow-dir must name directories: {', '.join(bad)}")
     engine = None
     if not args.no_model:
-        model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+        model = choose_model(args.model).path
         if not model:
             return refuse("no model; pass --model DIR, set EARTHDIAL_MODEL, or pass --no-model (georef only)")
         from earthdial.install import machine
@@ -387,7 +388,7 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
     scenes = archive.scenes_of(args.rasters, args.list, args.stac, args.asset)
     if not scenes:
         raise EarthDialError("bad_request", "no scenes: name rasters, --list FILE or --stac FILE")
-    model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+    model = choose_model(args.model).path
     if not model:
         print("earthdial detect-many: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
         return 2
@@ -470,7 +471,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
             from earthdial.model.engine import Engine
             from earthdial.scenes import scan
 
-            model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+            model = choose_model(args.model).path
             if not model:
                 print(f"{name}: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
                 return 2
@@ -558,14 +559,14 @@ def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         if _answers(endpoint):
             print(f"earthdial {args.command}: using the server at {endpoint}", file=sys.stderr)
         else:
-            model = os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+            chosen = choose_model(None)
+            model = chosen.path
             if not model:
                 raise EarthDialError(
                     "bad_request", f"no server answers at {endpoint} and no model is installed: "
                     "pass --endpoint URL (a running server) or --model DIR"
                 )  # fmt: skip
-            which = "$EARTHDIAL_MODEL" if os.environ.get("EARTHDIAL_MODEL") else "the built-in demo model"
-            print(f"earthdial {args.command}: no server answers at {endpoint}; running {which} ({model}) in "
+            print(f"earthdial {args.command}: no server answers at {endpoint}; running {chosen.origin} ({model}) in "
                   "this process", file=sys.stderr)  # fmt: skip
             endpoint = None
     if endpoint:
@@ -666,14 +667,6 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_model() -> str | None:
-    """The built-in demo checkpoint shipped in the package, when it is there."""
-    from pathlib import Path
-
-    demo = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
-    return str(demo) if (demo / "config.json").exists() and (demo / "model.safetensors").exists() else None
-
-
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -713,7 +706,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     from earthdial import training as train
     from earthdial.model.engine import Engine
 
-    model = args.model or _demo_model()
+    model = choose_model(args.model, environment=False).path  # it scores demo models: no $EARTHDIAL_MODEL
     if not model:
         print("earthdial eval-demo: no demo model is installed; pass --model DIR", file=sys.stderr)
         return 2
@@ -749,7 +742,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from earthdial.training import finetune
 
-    model = args.model or os.environ.get("EARTHDIAL_MODEL") or _demo_model()
+    model = choose_model(args.model).path
     if not model:
         print("earthdial finetune: no model; pass --model DIR", file=sys.stderr)
         return 2
