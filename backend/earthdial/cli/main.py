@@ -667,6 +667,10 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# train-demo's checkpoint without --out: in the current directory, never inside the installed package
+DEFAULT_TRAIN_OUT = "earthdial-demo-model"
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -679,7 +683,11 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
                                 threads=args.threads, freeze_vision=not args.train_vision,
                                 vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
-    out = args.out or str(train.DEMO_DIR)
+    out = args.out or DEFAULT_TRAIN_OUT
+    if not args.out and os.path.isdir(out) and os.listdir(out):
+        print(f"earthdial train-demo: ./{out} is there already and not empty: pass --out DIR for another "
+              "folder (or remove it)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.init and os.path.realpath(out) == os.path.realpath(args.init):
         print("earthdial train-demo: --out must not be the --init checkpoint (it is read while training)",
               file=sys.stderr)  # fmt: skip
@@ -1064,7 +1072,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
-    p.add_argument("--out", help="checkpoint directory to write (default: the package's demo/checkpoint)")
+    p.add_argument("--out", help=f"checkpoint directory to write (default: ./{DEFAULT_TRAIN_OUT}, a new folder "
+                   "in the current directory; the shipped demo model is replaced only when --out names it)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=29.0, help="wall-clock budget, both stages (default 29)")
     p.add_argument(
         "--steps",
