@@ -20,6 +20,20 @@ from earthdial.contract.protocol import DEFAULT_ENDPOINT, Client, EarthDialError
 DEVICES = ["auto", "cpu", "cuda", "mps"]  # engine.pick_device; mps: Apple silicon's GPU
 
 
+class DeprecatedFlag(argparse.Action):
+    """A flag's former name: it still sets the flag's value, and says on stderr which name replaces it."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        print(f"earthdial: warning: {option_string} is deprecated, use {self.new} (the same values)",
+              file=sys.stderr)  # fmt: skip
+        setattr(namespace, self.dest, values)
+
+
 def _bands(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",") if b.strip()]
@@ -203,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if plan is not None and plan.batch == 0:
                 return refuse(plan.message, 4)
             engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize,
-                            decode=args.decode, adapter=args.adapter, dtype=chosen)  # fmt: skip
+                            cache_mode=args.cache_mode, adapter=args.adapter, dtype=chosen)  # fmt: skip
             if args.decoding != "auto":
                 engine.decoding = args.decoding
         except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
@@ -835,12 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "int8", "nf4"],
         help="8- or 4-bit language-model weights",
     )
-    p.add_argument(
-        "--decode",
-        default="auto",
-        choices=["auto", "dynamic", "static", "compiled"],
-        help="greedy decoding's KV cache: auto = static + compiled decode step on CUDA, dynamic on CPU",
-    )
+    cache_modes = ["auto", "dynamic", "static", "compiled"]
+    p.add_argument("--kv-cache", dest="cache_mode", default="auto", choices=cache_modes,
+                   help="greedy decoding's KV cache: auto = static + compiled decode step on CUDA, dynamic on "
+                   "CPU (the search itself is --decoding)")  # fmt: skip
+    p.add_argument("--decode", dest="cache_mode", choices=cache_modes, action=DeprecatedFlag, new="--kv-cache",
+                   help="the former name of --kv-cache (still works, with a warning)")  # fmt: skip
     p.add_argument(
         "--max-batch",
         type=int,
