@@ -172,7 +172,9 @@ def test_an_endpoint_that_is_not_there_fails_within_seconds(scene, capsys, monke
     assert time.monotonic() - started < 5.0
     refused(capsys, "timeout")
     started = time.monotonic()
-    assert not cli._answers(cli._default_endpoint())  # what `ask` with no flags tries first
+    from earthdial.cli import endpoint
+
+    assert not endpoint.answers(endpoint.default_endpoint())  # what `ask` with no flags tries first
     assert time.monotonic() - started < 5.0
 
 
