@@ -70,7 +70,7 @@ class Run:
     scenes: list[Scene]
     task: str
     prompt: str
-    options: dict[str, Any]  # a detect request's options (cli.scan._scan_options): tiling, batch, score, preset
+    options: dict[str, Any]  # a detect request's options (cli.scan): tiling, batch, score, preset
     output: str
     model: str
     device: str = "auto"
