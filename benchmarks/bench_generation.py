@@ -27,7 +27,7 @@ import torch
 
 from earthdial import training as train
 from earthdial.model import checkpoint
-from earthdial.model.engine import DECODE_MODES, Engine, Query, attention_for, decode_for
+from earthdial.model.engine import CACHE_MODES, Engine, Query, attention_for, cache_mode_for
 from earthdial.model.prompts import build_question
 from earthdial.training import tiny
 
@@ -120,8 +120,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--modes", nargs="+", default=list(DECODE_MODES), choices=DECODE_MODES,
-                    help="decode modes to compare (the first is the baseline)")  # fmt: skip
+    ap.add_argument("--modes", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES,
+                    help="KV cache modes to compare (the first is the baseline)")  # fmt: skip
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     dev = args.device
@@ -146,8 +146,8 @@ def main() -> None:
     bw = measured_bandwidth(dev)
     sheet = next((v for k, v in CARDS.items() if k in card), None)
     per_mode: dict[str, tuple[float, float, float]] = {}  # mode -> (first token s, answer s, tokens/s)
-    for mode in dict.fromkeys([*args.modes, decode_for(dev)]):
-        engine.decode = mode  # each timing's warm-up call pays the compile for its shapes
+    for mode in dict.fromkeys([*args.modes, cache_mode_for(dev)]):
+        engine.cache_mode = mode  # each timing's warm-up call pays the compile for its shapes
         ttft_m = timed(lambda: run(1, 1), dev)
         t_long = timed(lambda: run(1, args.decode_tokens), dev)
         # whole answers (prefill included): a difference of two timings goes negative on a busy CPU
@@ -156,16 +156,16 @@ def main() -> None:
     for mode in args.modes:
         print(f"decode {mode:9}: {per_mode[mode][2]:8.1f} tokens/s at batch 1, {args.decode_tokens}-token answers "
               f"({per_mode[mode][2] / per_mode[base][2]:.2f}x {base}); first token {per_mode[mode][0] * 1000:.0f} ms")  # fmt: skip
-    engine.decode = decode_for(dev)
-    ttft, t_long, _ = per_mode[engine.decode]
+    engine.cache_mode = cache_mode_for(dev)
+    ttft, t_long, _ = per_mode[engine.cache_mode]
     decode = (args.decode_tokens - 1) / (t_long - ttft)
     results = {"device": card, "size": args.size, "weights_gb": weight_bytes / 1e9, "ttft_s": ttft,
                "decode_tok_s": decode, "measured_bandwidth_gbs": bw / 1e9,
-               "decode_modes": {m: {"ttft_s": v[0], "answer_s": v[1], "tok_s": v[2]} for m, v in per_mode.items()},
-               "default_decode": engine.decode}  # fmt: skip
+               "cache_modes": {m: {"ttft_s": v[0], "answer_s": v[1], "tok_s": v[2]} for m, v in per_mode.items()},
+               "default_cache_mode": engine.cache_mode}  # fmt: skip
     bound = bw / weight_bytes
     print(f"time to first token (1 tile of {size} px): {ttft * 1000:.1f} ms")
-    print(f"decode at batch 1 ({engine.decode}, the default here): {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
+    print(f"decode at batch 1 ({engine.cache_mode} KV cache, the default here): {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
           f"(measured copy bandwidth {bw / 1e9:.0f} GB/s) -> {decode / bound:.2f} of the bound")  # fmt: skip
     if sheet:
         print(

@@ -14,6 +14,7 @@ import pytest
 import conftest
 from conftest import free_port, start_server, stop_server
 from earthdial.cli import main as cli
+from earthdial.cli import model_choice
 from earthdial.demo.samples import write_sample_scene
 
 
@@ -30,7 +31,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def demo_server(folders: tuple[Path, Path]) -> Iterator[str]:
     """The demo model (its answers are deterministic and hold boxes) served with --allow-dir ALLOWED only."""
-    model = cli._demo_model()
+    model = model_choice.demo_model()
     if model is None:
         pytest.skip("the demo model is not installed")
     endpoint = f"tcp://127.0.0.1:{free_port()}"

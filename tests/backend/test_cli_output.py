@@ -172,7 +172,9 @@ def test_an_endpoint_that_is_not_there_fails_within_seconds(scene, capsys, monke
     assert time.monotonic() - started < 5.0
     refused(capsys, "timeout")
     started = time.monotonic()
-    assert not cli._answers(cli._default_endpoint())  # what `ask` with no flags tries first
+    from earthdial.cli import endpoint
+
+    assert not endpoint.answers(endpoint.default_endpoint())  # what `ask` with no flags tries first
     assert time.monotonic() - started < 5.0
 
 
@@ -227,3 +229,19 @@ def test_the_readme_example_finds_boxes_and_prints_no_noise(tmp_path):
                           text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
+
+
+def test_every_command_picks_its_model_by_one_rule(tmp_path, monkeypatch):
+    """--model, else $EARTHDIAL_MODEL, else the shipped demo model (eval-demo: no environment)."""
+    from earthdial.cli import model_choice
+
+    demo = model_choice.demo_model()
+    assert demo is not None and Path(demo, "config.json").is_file()
+    monkeypatch.delenv("EARTHDIAL_MODEL", raising=False)
+    assert model_choice.choose(None) == (demo, "the built-in demo model")
+    monkeypatch.setenv("EARTHDIAL_MODEL", str(tmp_path))
+    assert model_choice.choose(None) == (str(tmp_path), "$EARTHDIAL_MODEL")
+    assert model_choice.choose("given") == ("given", "--model")
+    assert model_choice.choose(None, environment=False).path == demo
+    monkeypatch.setenv("EARTHDIAL_MODEL", "")  # set but empty: as if unset
+    assert model_choice.choose(None).path == demo

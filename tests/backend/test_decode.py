@@ -11,7 +11,7 @@ import torch
 from earthdial import training as train
 from earthdial.contract.protocol import EarthDialError
 from earthdial.model import prompts
-from earthdial.model.engine import Engine, Query, decode_for
+from earthdial.model.engine import Engine, Query, cache_mode_for
 
 
 def _task_queries(engine: Engine, max_new: int) -> list[Query]:
@@ -37,11 +37,11 @@ def _task_queries(engine: Engine, max_new: int) -> list[Query]:
 
 
 def _answers(engine: Engine, mode: str, queries: list[Query]) -> tuple[list[str], list[str]]:
-    engine.decode = mode
+    engine.cache_mode = mode
     try:
         return engine.generate(queries), [engine.generate([q])[0] for q in queries]
     finally:
-        engine.decode = "dynamic"
+        engine.cache_mode = "dynamic"
 
 
 @pytest.mark.skipif(
@@ -49,7 +49,7 @@ def _answers(engine: Engine, mode: str, queries: list[Query]) -> tuple[list[str]
 )
 def test_static_cache_answers_equal_dynamic_on_every_task_shape() -> None:
     engine = Engine(str(train.DEMO_DIR), device="cpu")
-    assert engine.decode == "dynamic"  # CPU default: compiling does not pay here (docs/performance.md)
+    assert engine.cache_mode == "dynamic"  # CPU default: compiling does not pay here (docs/performance.md)
     queries = _task_queries(engine, 24)
     assert len(queries) >= 10 and any(len(q.images) == 2 for q in queries)
     dynamic = _answers(engine, "dynamic", queries)
@@ -65,17 +65,17 @@ def test_compiled_decode_equals_dynamic(tiny_checkpoint: Path) -> None:
     queries = [q for q in _task_queries(engine, 6) if len(q.images) == 1][:3]
     queries += [q for q in _task_queries(engine, 6) if len(q.images) == 2][:1]
     batched, single = engine.generate(queries), engine.generate(queries[:1])
-    engine.decode = "compiled"
+    engine.cache_mode = "compiled"
     assert engine.generate(queries) == batched
     assert engine.generate(queries[:1]) == single
     assert getattr(engine.model, "_compiled_call", None) is not None  # the decode step was compiled
 
 
-def test_decode_modes() -> None:
-    assert decode_for("cpu") == "dynamic" and decode_for("cuda") == "compiled"
-    assert decode_for("cpu", "static") == "static"
-    with pytest.raises(ValueError, match="decode must be"):
-        decode_for("cpu", "fast")
+def test_kv_cache_modes() -> None:
+    assert cache_mode_for("cpu") == "dynamic" and cache_mode_for("cuda") == "compiled"
+    assert cache_mode_for("cpu", "static") == "static"
+    with pytest.raises(ValueError, match="KV cache mode must be"):
+        cache_mode_for("cpu", "fast")
 
 
 @pytest.mark.skipif(
@@ -114,3 +114,37 @@ def test_a_cpu_engine_leaves_a_core_to_the_reader() -> None:
 
     assert [cpu_threads(None, cores) for cores in (1, 2, 16)] == [1, 1, 15]
     assert cpu_threads(4, 2) == 4 and cpu_threads(0, 8) == 0  # asked for; 0: torch's own default
+
+
+def test_serve_kv_cache_sets_the_cache_mode_and_the_old_decode_flag_still_does_with_a_warning(
+    tiny_checkpoint: Path, capsys
+) -> None:
+    """`--kv-cache` is the cache mode (status says `cache_mode`), `--decoding` the search; the former
+    `--decode` sets the cache mode as before and says on stderr that it is deprecated."""
+    import json
+    import subprocess
+
+    from conftest import EARTHDIAL, free_port, start_server, stop_server
+    from earthdial.cli.main import build_parser
+
+    for flag in ("--kv-cache", "--decode"):
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        proc = start_server(tiny_checkpoint, endpoint, extra=(flag, "static", "--decoding", "beams"))
+        try:
+            status = subprocess.run([*EARTHDIAL, "status", "--endpoint", endpoint, "--json"], capture_output=True,
+                                    text=True, timeout=60)  # fmt: skip
+            model = json.loads(status.stdout)["model"]
+            assert (model["cache_mode"], model["decoding"]) == ("static", "beams")
+            assert "decode" not in model
+        finally:
+            stop_server(proc)
+        args = build_parser().parse_args(["serve", flag, "compiled"])
+        assert args.cache_mode == "compiled"
+        warned = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+        assert warned == (["earthdial: warning: --decode is deprecated, use --kv-cache (the same values)"]
+                          if flag == "--decode" else []), warned  # fmt: skip
+    assert build_parser().parse_args(["serve"]).cache_mode == "auto"
+    refused = subprocess.run(
+        [*EARTHDIAL, "serve", "--decode", "fast"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "invalid choice: 'fast'" in refused.stderr

@@ -390,9 +390,11 @@ def test_shipped_demo_says_none_for_an_absent_class(demo_engine, tmp_path) -> No
 
 
 def test_serve_falls_back_to_the_shipped_demo() -> None:
-    from earthdial.cli import main as cli
+    from earthdial.cli import model_choice
 
-    found = cli._demo_model()  # the package ships the demo model: `earthdial serve` without --model uses it
+    found = (
+        model_choice.demo_model()
+    )  # the package ships the demo model: `earthdial serve` without --model uses it
     assert found == str(train.DEMO_DIR)
     assert (train.DEMO_DIR / "config.json").is_file() and (
         train.DEMO_DIR / "model.safetensors"
@@ -402,6 +404,31 @@ def test_serve_falls_back_to_the_shipped_demo() -> None:
 # ------------------------------------------------------------------------------------------------
 # Training aids and the number code
 # ------------------------------------------------------------------------------------------------
+
+
+def test_train_demo_writes_into_the_current_directory_never_the_installed_package(tmp_path) -> None:
+    """Without --out, train-demo writes ./earthdial-demo-model (and --help says so); the shipped demo
+    checkpoint is left as it was, and a second run refuses to write over the first one's folder."""
+    import hashlib
+    import subprocess
+
+    from conftest import EARTHDIAL
+
+    def shipped() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(train.DEMO_DIR.iterdir())}
+
+    before = shipped()
+    helped = subprocess.run([*EARTHDIAL, "train-demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert "./earthdial-demo-model" in "".join(helped.stdout.split()), helped.stdout  # wrapped at a hyphen
+    argv = [*EARTHDIAL, "train-demo", "--steps", "1", "--minutes", "0.5", "--threads", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "earthdial-demo-model"
+    assert (written / "config.json").is_file() and (written / "model.safetensors").is_file()
+    assert shipped() == before
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and "pass --out DIR" in again.stderr, again.stderr
+    assert shipped() == before
 
 
 def test_dense_targets_cover_every_cell_the_box_overlaps() -> None:

@@ -29,6 +29,7 @@ from earthdial.cli import main as cli
 from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
 from earthdial.scenes import archive, journal, many
+from earthdial.scenes import job as scan_job
 from earthdial.training import DEMO_DIR
 
 TILING = ["--prompt", "ships", "--tile-size", "224", "--overlap", "0", "--batch", "2", "--model", str(DEMO_DIR),
@@ -180,7 +181,7 @@ def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_res
     (The journal and the GeoPackage are what is tested: the worker runs in this process, without Ray.)"""
     out = tmp_path / "out.gpkg"
     args = ["detect-many", *map(str, archive_dir["paths"][:2]), *TILING, *MANY, "-o", str(out)]
-    write = many._write_layer
+    write = scan_job.write_layer
 
     def killed_before_the_second_layer(path: str, entry: dict[str, Any], resumed: bool = False) -> None:
         if out.exists() and not resumed:
@@ -188,12 +189,12 @@ def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_res
         write(path, entry, resumed)
 
     monkeypatch.setattr(many, "_stream", in_process_stream(many.SceneWorker(str(DEMO_DIR), "cpu", 1)))
-    monkeypatch.setattr(many, "_write_layer", killed_before_the_second_layer)
+    monkeypatch.setattr(scan_job, "write_layer", killed_before_the_second_layer)
     assert cli.main(args) == 130
     assert (
         len(layers(out)) == 1 and len(Path(journal.path_for(str(out), "many")).read_text().splitlines()) == 3
     )
-    monkeypatch.setattr(many, "_write_layer", write)
+    monkeypatch.setattr(scan_job, "write_layer", write)
     monkeypatch.setattr(many, "_stream", None)  # nothing is left to run
     assert cli.main([*args, "--resume"]) == 0
     scenes, _ = by_scene(out)
@@ -323,7 +324,9 @@ def test_the_merged_layer_of_scenes_in_different_crs_is_in_wgs84(tmp_path: Path)
     done = {0: {"crs": "EPSG:32633", "features": [box(500_000, 4_000_000)]},
             1: {"crs": "EPSG:3857", "features": [box(1_669_792, 4_865_942)]}}  # fmt: skip
     job = many.Run([], "refer", "ships", {}, str(out), "m")
-    name = many._write_merged(str(out), log, done, job, many.datetime.now(many.timezone.utc))
+    name = many._write_merged(
+        str(out), scan_job.ScanJob(log), done, job, many.datetime.now(many.timezone.utc)
+    )
     log.close()
     assert pyogrio.read_info(str(out), layer=name)["crs"] == "EPSG:4326"
     _, _, geoms, _ = pyogrio.raw.read(str(out), layer=name)

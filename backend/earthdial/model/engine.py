@@ -157,21 +157,21 @@ def sampling_options(sampling: Sampling | None) -> dict[str, Any]:
             "repetition_penalty": sampling.repetition_penalty}  # fmt: skip
 
 
-DECODE_MODES = ("dynamic", "static", "compiled")
+CACHE_MODES = ("dynamic", "static", "compiled")  # greedy's KV cache (`serve --kv-cache`); not `decoding`
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix saves less than its extra forward pass costs
 
 
-def decode_for(device: str, decode: str = "auto") -> str:
-    """Greedy decoding's cache and compilation. "dynamic": transformers' growing cache, eager (the
+def cache_mode_for(device: str, mode: str = "auto") -> str:
+    """Greedy decoding's KV cache and compilation (the cache mode; `decoding` is the search: greedy, beams). "dynamic": transformers' growing cache, eager (the
     fallback); "static": a preallocated KV cache, eager; "compiled": the static cache with the decode
     step compiled (torch.compile), the one way to near the bandwidth bound on a GPU. "auto": compiled on
     CUDA, dynamic on a CPU, where compiling did not pay on the demo model or the small config
     (benchmarks/bench_generation.py, docs/performance.md)."""
-    if decode == "auto":
+    if mode == "auto":
         return "compiled" if device.startswith("cuda") else "dynamic"
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be auto or one of {', '.join(DECODE_MODES)}, not {decode!r}")
-    return decode
+    if mode not in CACHE_MODES:
+        raise ValueError(f"the KV cache mode must be auto or one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    return mode
 
 
 def cpu_threads(requested: int | None, cores: int | None = None) -> int:
@@ -208,7 +208,7 @@ class Engine:
         device: str = "auto",
         max_tiles: int | None = None,
         quantize: str = "none",
-        decode: str = "auto",
+        cache_mode: str = "auto",
         adapter: str | None = None,
         dtype: str | precision.Precision = "auto",
     ) -> None:
@@ -227,7 +227,7 @@ class Engine:
         int8_compute = torch.bfloat16 if chosen.dtype == torch.bfloat16 else None  # else as the CPU does best
         self.quantization = quantize_model(model, quantize, int8_compute)
         self._setup(model, tokenizer, info, max_tiles)
-        self.decode = decode_for(self.device, decode)
+        self.cache_mode = cache_mode_for(self.device, cache_mode)
 
     @classmethod
     def from_model(
@@ -267,7 +267,7 @@ class Engine:
         # Requests' default decoding (prompts.decoding_for): greedy, min_new_tokens 1, as EarthDial's
         # published evaluation (and as the demo model was trained and measured); `serve --decoding` sets it.
         self.decoding = DEFAULT_DECODING
-        self.decode = decode_for(self.device)  # greedy's cache/compile mode (decode_for)
+        self.cache_mode = cache_mode_for(self.device)  # greedy's KV cache and compile mode
         self._static: tuple[tuple[int, int], Any] | None = None  # ((batch, cache length), StaticCache)
         self.share_prefix = True  # greedy batches prefill a common text prefix once (shared_prefix)
 
@@ -292,7 +292,7 @@ class Engine:
             "memory": self.memory(),
             "plan": self.plan,
             "decoding": self.decoding,
-            "decode": self.decode,
+            "cache_mode": self.cache_mode,
             "add_bos": self.info.add_bos,
             "ps_version": self.info.ps_version,
         }
@@ -428,7 +428,7 @@ class Engine:
         input_ids, attention_mask, max_new = self._encoded(queries)
         with self._lock:
             embeds = self.embed(input_ids, queries)
-            options = self.decode_options(len(queries), input_ids.shape[1] + max_new)
+            options = self.cache_options(len(queries), input_ids.shape[1] + max_new)
             if not options and self.share_prefix:
                 options = self.shared_prefix(input_ids, attention_mask, embeds)
             out = self.model.generate(
@@ -478,13 +478,13 @@ class Engine:
         input_ids, attention_mask = self.encode([self.prompt_text(q) for q in queries])
         return input_ids, attention_mask, max(q.max_new_tokens for q in queries)
 
-    def decode_options(self, batch: int, length: int) -> dict[str, Any]:
+    def cache_options(self, batch: int, length: int) -> dict[str, Any]:
         """generate's cache (and compile) arguments for a greedy batch of `batch` rows needing `length`
         positions. The static cache is sized up to a multiple of 256 positions (at most 255 more than the
         memory plan's dynamic cache) and kept while batch and size stay the same (reset between batches,
         as gpt-fast keeps one), so the compiled decode step sees the same shapes and is not recompiled
         for every prompt length."""
-        if self.decode == "dynamic":
+        if self.cache_mode == "dynamic":
             return {}
         from transformers import StaticCache
 
@@ -493,7 +493,7 @@ class Engine:
             self._static = (key, StaticCache(config=self.model.config, max_cache_len=key[1]))
         else:
             self._static[1].reset()
-        if self.decode == "compiled":
+        if self.cache_mode == "compiled":
             return {"cache": self._static[1], "compile_config": compile_config(self.device)}
         return {"cache": self._static[1], "disable_compile": True}
 

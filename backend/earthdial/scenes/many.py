@@ -5,8 +5,8 @@ resources); a scene goes to a free worker, which runs the one-scene `detect` op 
 process and returns the scene's merged boxes, exactly what `earthdial detect` writes for that scene. The
 driver (this process) takes the scenes as they finish, in any order, and for each one
 
-1. records it in a journal beside the output (`.OUT.gpkg.many.jsonl`, `journal.Journal`: one fsynced
-   line per scene, holding its boxes and the name of its layer), then
+1. records it in a journal beside the output (`.OUT.gpkg.many.jsonl`, the scan job of `job.ScanJob`: one
+   fsynced line per scene, holding its boxes and the name of its layer), then
 2. adds its layer to the GeoPackage (`output.write_features`: one SQLite transaction, a new layer only;
    nothing there is ever replaced).
 
@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from earthdial.contract import result_features
 from earthdial.contract.protocol import EarthDialError, ErrorCode, source_by_reference
 from earthdial.outputs import files as output
-from earthdial.scenes import journal, scan
-from earthdial.scenes import runner as scenes
+from earthdial.scenes import job as scan_job
+from earthdial.scenes import scan
 from earthdial.scenes.archive import Scene
 
 if TYPE_CHECKING:  # torch only where the model runs
@@ -48,7 +47,7 @@ if TYPE_CHECKING:  # torch only where the model runs
 RAY_HINT = (
     "pip install 'earthdial-qgis[cluster]' (or pip install 'ray[data]>=2.40' into the backend's environment)"
 )
-MERGED_INDEX = -1  # the journal entry of the merged layer, beside the scenes' 0, 1, 2 ...
+MERGED_INDEX = scan_job.MERGED_INDEX  # the journal entry of the merged layer, beside the scenes' 0, 1, 2 ...
 MERGED_CRS = "EPSG:4326"  # the merged layer's CRS when the scenes do not share one
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # results are small JSON; a local Ray needs no 30 % of the RAM
 
@@ -72,7 +71,7 @@ class Run:
     scenes: list[Scene]
     task: str
     prompt: str
-    options: dict[str, Any]  # a detect request's options (cli._scan_options): tiling, batch, score, preset
+    options: dict[str, Any]  # a detect request's options (cli.scan): tiling, batch, score, preset
     output: str
     model: str
     device: str = "auto"
@@ -110,13 +109,11 @@ def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any
     """One scene through the streaming detect op; the boxes merged and answered as `earthdial detect`
     writes them. Returns plain JSON data: `ok` with features and CRS, or `ok` false with a typed error."""
     started = time.perf_counter()
-    features: list[dict[str, Any]] = []
-    tiles: dict[int, dict[str, Any]] = {}
+    progress = scan_job.Progress()  # a scene's tiles, merged as `earthdial detect` merges them
 
     def emit(event: str, **fields: Any) -> None:
         if event == "progress":
-            features.extend(fields.get("features", []))
-            tiles.update({t["index"]: t for t in fields.get("tiles", [])})
+            progress.add(fields)
 
     try:
         reply = scan.run(header, engine, emit)
@@ -124,9 +121,8 @@ def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any
         return {"ok": False, "code": exc.code, "message": exc.message}
     except Exception as exc:  # a bug or a library failure on this scene: reported, the run goes on
         return {"ok": False, "code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
-    merged = result_features.with_tile_fields(scenes.finished(features, tiles), tiles)
-    return {"ok": True, "features": merged, "crs": reply["crs"], "tiles": reply["tiles"],
-            "raw_boxes": len(features), "seconds": time.perf_counter() - started,
+    return {"ok": True, "features": progress.merged(), "crs": reply["crs"], "tiles": reply["tiles"],
+            "raw_boxes": len(progress.features), "seconds": time.perf_counter() - started,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
 
 
@@ -178,9 +174,8 @@ def run(job: Run, say: Say) -> Summary:
     started = time.perf_counter()
     path = check_output(job.output)
     request = {"op": "detect-many", "task": job.task, "prompt": job.prompt, "model": job.model,
-               "options": {k: v for k, v in job.options.items() if k not in ("batch", "merge", "skip")},
-               "scenes": [s.path for s in job.scenes]}  # fmt: skip
-    log = journal.Journal.open(journal.path_for(path, "many"), request, job.resume)
+               "options": scan_job.journalled_options(job.options), "scenes": [s.path for s in job.scenes]}  # fmt: skip
+    log = scan_job.ScanJob.open(path, request, job.resume, "many")
     summary = Summary(len(job.scenes))
     when = datetime.now(timezone.utc)
     stop = {"asked": False, "writing": False}
@@ -192,12 +187,12 @@ def run(job: Run, say: Say) -> Summary:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        done = {k: e for k, e in log.tiles.items() if k != MERGED_INDEX}
+        done = log.done()
         summary.before = len(done)
         if done:
             say(f"resuming: {len(done)} of {len(job.scenes)} scene(s) already done")
         for k, entry in sorted(done.items()):
-            _write_layer(path, entry, resumed=True)  # a kill between journal and GeoPackage: written now
+            scan_job.write_layer(path, entry, resumed=True)  # a kill between journal and GeoPackage: now
             summary.layers[k] = entry["layer"]
         for k, scene in enumerate(job.scenes):
             if scene.error is not None and k not in done:
@@ -214,11 +209,11 @@ def run(job: Run, say: Say) -> Summary:
                     stop["writing"] = False
                     if stop["asked"]:
                         raise KeyboardInterrupt
-        done = {k: e for k, e in log.tiles.items() if k != MERGED_INDEX}
+        done = log.done()
         if done:
             summary.merged = _write_merged(path, log, done, job, when)
         summary.boxes = sum(len(e["features"]) for e in done.values())
-        log.remove()
+        log.finish()
     except KeyboardInterrupt:
         log.close()
         raise EarthDialError(ErrorCode.CANCELLED, "interrupted" + _kept(log, path)) from None
@@ -238,18 +233,19 @@ def run(job: Run, say: Say) -> Summary:
     return summary
 
 
-def _kept(log: journal.Journal, path: str) -> str:
+def _kept(log: scan_job.ScanJob, path: str) -> str:
     """What a stopped run leaves: its finished scenes and the journal to resume from; no journal when
     nothing was finished (so the same command runs afresh without --resume)."""
-    kept = len([k for k in log.tiles if k != MERGED_INDEX])
+    kept = len(log.done())
     if not kept:
-        log.remove()
+        log.discard()
         return "; no scene was finished"
-    return (f"; the {kept} finished scene(s) are kept in {path} and {log.path}: run the same command with "
+    where = log.log.path if log.log is not None else ""
+    return (f"; the {kept} finished scene(s) are kept in {path} and {where}: run the same command with "
             "--resume to go on")  # fmt: skip
 
 
-def _take(job: Run, path: str, log: journal.Journal, k: int, result: dict[str, Any], when: datetime,
+def _take(job: Run, path: str, log: scan_job.ScanJob, k: int, result: dict[str, Any], when: datetime,
           summary: Summary, say: Say) -> None:  # fmt: skip
     """A worker's result for scene `k`: journalled, then written as its layer; or its typed error."""
     scene = job.scenes[k]
@@ -262,8 +258,8 @@ def _take(job: Run, path: str, log: journal.Journal, k: int, result: dict[str, A
     layer = output.free_layer_name(path, output.layer_name(job.task, job.prompt, [scene.name], when))
     entry = {"index": k, "scene": scene.path, "name": scene.name, "crs": result["crs"], "layer": layer,
              "tiles": result["tiles"], "features": result["features"]}  # fmt: skip
-    log.record({"tiles": [entry], "features": []})  # on disk before its layer is written
-    _write_layer(path, entry)
+    log.record_entry(entry)  # on disk before its layer is written
+    scan_job.write_layer(path, entry)
     summary.layers[k] = layer
     summary.ran += 1
     say(f"scene {len(summary.layers)}/{len(job.scenes)} {scene.name}: {result['tiles']} tiles, "
@@ -332,21 +328,7 @@ def _pool_size(resources: dict[str, float], job: Run, scenes: int, say: Say) -> 
     return size
 
 
-def _collection(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "FeatureCollection", "crs": entry["crs"], "features": entry["features"]}
-
-
-def _write_layer(path: str, entry: dict[str, Any], resumed: bool = False) -> None:
-    """The scene's layer, by the name its journal entry holds. On a resume the layer may be there
-    already (the kill came after it was written): then it is left as it is."""
-    try:
-        output.write_features(path, _collection(entry), entry["layer"])
-    except EarthDialError as exc:
-        if not (resumed and exc.code == ErrorCode.OUTPUT_EXISTS):
-            raise
-
-
-def _write_merged(path: str, log: journal.Journal, done: dict[int, dict[str, Any]], job: Run,
+def _write_merged(path: str, log: scan_job.ScanJob, done: dict[int, dict[str, Any]], job: Run,
                   when: datetime) -> str:  # fmt: skip
     """Every finished scene's boxes in one layer: in the scenes' CRS when they share one, else in
     EPSG:4326. Its name is journalled first, so a resume after a kill here writes it once."""
@@ -354,13 +336,11 @@ def _write_merged(path: str, log: journal.Journal, done: dict[int, dict[str, Any
     crss = {e["crs"] for e in entries}
     crs = crss.pop() if len(crss) == 1 else MERGED_CRS
     features = [f for e in entries for f in (e["features"] if e["crs"] == crs else _to_crs(e["features"], e["crs"], crs))]  # fmt: skip
-    recorded = log.tiles.get(MERGED_INDEX)
-    if recorded is None:
-        name = output.free_layer_name(path, output.layer_name(job.task, job.prompt, ["all"], when))
-        log.record({"tiles": [{"index": MERGED_INDEX, "layer": name}], "features": []})
-    else:
-        name = recorded["layer"]
-    _write_layer(path, {"crs": crs, "features": features, "layer": name}, resumed=recorded is not None)
+    name, resumed = log.layer_name(
+        MERGED_INDEX,
+        lambda: output.free_layer_name(path, output.layer_name(job.task, job.prompt, ["all"], when)),
+    )
+    scan_job.write_layer(path, {"crs": crs, "features": features, "layer": name}, resumed=resumed)
     return name
 
 
