@@ -39,7 +39,7 @@ def make_scene(path: Path, size: int) -> None:
 
 def run_one(model: str, raster: str, tile: int, batch: int) -> None:
     """Child process: one detect, then print its figures as JSON."""
-    from earthdial.contract.protocol import source_by_reference
+    from earthdial.contract.wire import source_by_reference
     from earthdial.model.engine import Engine
     from earthdial.scenes import scan
 

@@ -42,7 +42,8 @@ import zmq
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from earthdial.contract.protocol import Client, decode, encode, source_by_reference
+from earthdial.contract.client import Client
+from earthdial.contract.wire import decode, encode, source_by_reference
 from earthdial.geo import imagery
 from earthdial.model import answers, pixels
 from earthdial.model.engine import Engine

@@ -24,7 +24,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from earthdial.contract.protocol import source_by_reference
+from earthdial.contract.wire import source_by_reference
 from earthdial.geo import file_access, imagery
 from earthdial.serving import limits, readers, service
 

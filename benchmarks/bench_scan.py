@@ -62,7 +62,7 @@ def serve(model: str | None, endpoint: str, folder: str, threads: int | None = N
 
 def ask_loop(client, path: str, plan: dict, transform, prompt: str) -> float:
     """One `ask` per tile of the plan, by reference with the tile's bounds: the baseline."""
-    from earthdial.contract.protocol import plan_window, source_by_reference
+    from earthdial.contract.wire import plan_window, source_by_reference
 
     a, _, c, _, e, f = transform[:6]
     t = time.perf_counter()
@@ -74,7 +74,7 @@ def ask_loop(client, path: str, plan: dict, transform, prompt: str) -> float:
 
 
 def scan(client, path: str, tile: int, batch: int, prompt: str) -> tuple[float, dict, dict]:
-    from earthdial.contract.protocol import source_by_reference
+    from earthdial.contract.wire import source_by_reference
 
     events: list[dict] = []
     header = {"op": "detect", "task": "refer", "prompt": prompt, "source": source_by_reference(path),
@@ -100,7 +100,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
 
-    from earthdial.contract.protocol import Client
+    from earthdial.contract.client import Client
 
     folder = tempfile.mkdtemp(prefix="bench-scan-")
     path = str(make_scene(Path(folder) / "scene.tif", args.side))

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 
 from earthdial import training as train  # noqa: E402
-from earthdial.contract.protocol import source_by_reference  # noqa: E402
+from earthdial.contract.wire import source_by_reference  # noqa: E402
 from earthdial.demo import synthetic
 from earthdial.geo.georef import box_to_polygon  # noqa: E402
 from earthdial.model.answers import Box, parse_boxes  # noqa: E402

@@ -30,7 +30,6 @@ BACKEND = ROOT / "backend" / "earthdial"
 SHARED = (
     "contract/wire.py",
     "contract/client.py",
-    "contract/protocol.py",
     "contract/result_features.py",
 )  # the backend's modules the plugin runs as they are
 SUFFIXES = {".py", ".svg", ".png", ".html"}  # .html: the help page the panel's Help opens

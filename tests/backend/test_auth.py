@@ -13,7 +13,8 @@ import pytest
 import zmq
 
 from conftest import free_port, start_server, stop_server
-from earthdial.contract.protocol import Client, EarthDialError
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError
 from earthdial.serving import auth
 
 CLI = [sys.executable, "-m", "earthdial.cli.main"]

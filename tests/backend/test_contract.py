@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from earthdial.contract.protocol import ErrorCode, error_codes
+from earthdial.contract.wire import ErrorCode, error_codes
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from earthdial import training as train
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 from earthdial.model import prompts
 from earthdial.model.engine import Engine, Query, cache_mode_for
 

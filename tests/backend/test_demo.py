@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from earthdial import training as train
-from earthdial.contract.protocol import source_by_reference
+from earthdial.contract.wire import source_by_reference
 from earthdial.demo import synthetic
 from earthdial.model import checkpoint, prompts
 from earthdial.model.answers import parse_boxes

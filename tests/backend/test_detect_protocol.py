@@ -18,8 +18,9 @@ import rasterio
 from rasterio.transform import from_origin
 
 from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
-from earthdial.contract import protocol
-from earthdial.contract.protocol import MAX_HEADER_BYTES, Client, EarthDialError, source_by_reference
+from earthdial.contract import wire
+from earthdial.contract.client import Client
+from earthdial.contract.wire import MAX_HEADER_BYTES, EarthDialError, source_by_reference
 from earthdial.demo import synthetic
 from earthdial.model.engine import Engine
 from earthdial.model.scoring import Answer
@@ -184,7 +185,7 @@ def test_a_scan_of_20000_boxes_arrives_whole_in_events_within_the_frame_limit(ti
     got: dict[str, list] = {"progress": [], "merged": []}
 
     def on_event(ev: dict) -> None:
-        sizes.append(len(protocol.encode(ev)[0]))
+        sizes.append(len(wire.encode(ev)[0]))
         if ev["event"] in got:
             got[ev["event"]] += ev["features"]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from earthdial.cli.main import build_parser
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import checkpoint, prompts, sensors
 from earthdial.model.answers import Box
@@ -544,7 +544,7 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     import rasterio
     from affine import Affine
 
-    from earthdial.contract.protocol import source_by_reference
+    from earthdial.contract.wire import source_by_reference
 
     paths = []
     for i in range(2):  # 3:2 windows: 6 + 1 tiles alone, at most 3 + 1 each in a pair

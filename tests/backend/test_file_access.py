@@ -18,7 +18,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 from earthdial.geo import file_access
 from earthdial.serving import requests, service
 

@@ -41,10 +41,10 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from conftest import free_port, start_server, stop_server
-from earthdial.contract.protocol import (
+from earthdial.contract.client import Client
+from earthdial.contract.wire import (
     ALLOWED_DTYPES,
     OPS,
-    Client,
     EarthDialError,
     ErrorCode,
     decode,

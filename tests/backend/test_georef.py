@@ -9,7 +9,7 @@ import math
 import pytest
 from affine import Affine
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo.georef import box_pixel_corners, box_to_polygon, features_from_boxes
 from earthdial.model.answers import Box, parse_boxes
 

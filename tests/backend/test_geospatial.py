@@ -11,7 +11,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.windows import Window
 
-from earthdial.contract.protocol import EarthDialError, source_by_reference
+from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.geo import tiling
 from earthdial.model.engine import Engine
 from earthdial.scenes import runner as scenes

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import EARTHDIAL, free_port, start_server, stop_server
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 
 STATUS_WITHIN_S = 1.0
 ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"

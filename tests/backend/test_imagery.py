@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo.imagery import Chip, chip_from_array, read_chip
 
 

@@ -23,9 +23,9 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from conftest import free_port, start_server, stop_server
-from earthdial.contract.protocol import (
+from earthdial.contract.client import Client
+from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
-    Client,
     EarthDialError,
     decode,
     encode,

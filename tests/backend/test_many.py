@@ -26,7 +26,7 @@ from test_output import check_users_layer, user_geopackage
 
 from conftest import EARTHDIAL
 from earthdial.cli import main as cli
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
 from earthdial.scenes import archive, journal, many
 from earthdial.scenes import job as scan_job

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from rasterio.transform import from_origin
 
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.model import checkpoint, sensors
 from earthdial.model.engine import Engine, Query, fuse_group_features
 from earthdial.model.prompts import build_question

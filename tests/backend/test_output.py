@@ -18,7 +18,7 @@ import pyogrio.raw
 import pytest
 import shapely
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.outputs import files as output
 from earthdial.outputs.files import FIELDS, MARK, check_target, write_features
 
@@ -667,7 +667,7 @@ def test_a_file_name_too_long_is_a_bad_request_not_internal(tmp_path) -> None:
     """Found by test_fuzz_output_paths_and_layer_names: ENAMETOOLONG was reported as `internal`."""
     import errno
 
-    from earthdial.contract.protocol import ErrorCode
+    from earthdial.contract.wire import ErrorCode
     from earthdial.outputs.files import write_error
 
     long_name = str(tmp_path / ("x" * 300 + ".gpkg"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from earthdial.contract.protocol import ErrorCode
+from earthdial.contract.wire import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_quantize_without_torchao_says_how_to_install(tmp_path) -> None:
     code = (
         "import sys; sys.modules['torchao'] = None\n"
         "from earthdial.model.quantize import quantize\n"
-        "from earthdial.contract.protocol import EarthDialError\n"
+        "from earthdial.contract.wire import EarthDialError\n"
         "try:\n    quantize(object(), 'nf4')\n"  # nf4 needs torchao on every device (CPU int8 does not)
         "except EarthDialError as exc:\n    print(exc.code); print(exc.message)\n"
     )

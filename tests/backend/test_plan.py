@@ -12,7 +12,8 @@ import pytest
 import rasterio
 from affine import Affine
 
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 from earthdial.geo import presets
 from earthdial.model.engine import Engine
 from earthdial.serving import service

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 from earthdial.model import checkpoint
 from earthdial.model.engine import Engine, Query
 from earthdial.model.prompts import TASKS, build_question, expand_images, render_chat

@@ -19,7 +19,8 @@ import rasterio
 from rasterio.transform import from_origin
 from test_hostile import StatusProbe, _server
 
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.geo import file_access
 
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically

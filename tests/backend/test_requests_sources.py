@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from earthdial.contract.protocol import PROTOCOL_VERSION, EarthDialError, source_by_reference, source_by_value
+from earthdial.contract.wire import PROTOCOL_VERSION, EarthDialError, source_by_reference, source_by_value
 from earthdial.serving import requests, server, service
 
 TRANSFORM = [10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0]

@@ -16,8 +16,8 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from conftest import free_port, start_server, stop_server
-from earthdial.contract.protocol import Client, EarthDialError, source_by_reference
-from earthdial.contract.wire import json_frame
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, json_frame, source_by_reference
 from earthdial.demo import synthetic
 from earthdial.training import DEMO_DIR
 

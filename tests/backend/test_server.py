@@ -13,9 +13,9 @@ import rasterio
 import zmq
 from rasterio.transform import from_origin
 
-from earthdial.contract.protocol import (
+from earthdial.contract.client import Client
+from earthdial.contract.wire import (
     PROTOCOL_VERSION,
-    Client,
     EarthDialError,
     decode,
     encode,
@@ -57,7 +57,7 @@ def test_status_reports_model_tasks_and_protocol(client: Client) -> None:
 
 def test_status_carries_the_contract_the_plugin_uses(client: Client) -> None:
     """Tasks, band presets and error codes come from the backend's own tables, all of them (issue 18)."""
-    from earthdial.contract.protocol import ErrorCode
+    from earthdial.contract.wire import ErrorCode
     from earthdial.geo import presets
     from earthdial.model import prompts
 

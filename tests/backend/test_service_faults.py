@@ -17,7 +17,8 @@ import torch
 import zmq
 
 from conftest import free_port, serving, start_server, stop_server
-from earthdial.contract.protocol import Client, EarthDialError, decode, encode, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, decode, encode, source_by_value
 from earthdial.serving import server as server_mod
 from earthdial.serving import service
 from earthdial.serving.scheduling import Pending, cancel_check, is_cancelled

@@ -19,7 +19,8 @@ import zmq
 from rasterio.transform import from_origin
 
 from conftest import serving
-from earthdial.contract.protocol import Client, EarthDialError, decode, encode, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, decode, encode, source_by_value
 from earthdial.serving import service
 from earthdial.serving.scheduling import FairQueue, Pending
 from earthdial.serving.server import Server
@@ -33,7 +34,7 @@ BY_VALUE = source_by_value([10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0], "EPS
 LOAD_CLIENT = r"""
 import json, sys, time
 import zmq
-from earthdial.contract.protocol import decode, encode, source_by_reference
+from earthdial.contract.wire import decode, encode, source_by_reference
 
 endpoint, tif, name, count, window, asks = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 src = source_by_reference(tif)

@@ -13,7 +13,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 from earthdial.demo import synthetic
 from earthdial.geo.georef import box_to_polygon
 from earthdial.model.answers import Box

@@ -22,7 +22,7 @@ def test_the_repository_holds_no_symlink_and_no_copy_of_the_contract() -> None:
     assert tracked
     assert not [row for row in tracked if row.startswith("120000")]  # a Windows clone gets no link to fix
     paths = {row.split("\t", 1)[1] for row in tracked}
-    for name in ("contract/wire.py", "contract/client.py", "contract/protocol.py"):
+    for name in ("contract/wire.py", "contract/client.py"):
         assert f"backend/earthdial/{name}" in paths
         assert f"qgis_plugin/earthdial_qgis/{name}" not in paths
 
@@ -62,7 +62,7 @@ def test_build_plugin_zip(tmp_path) -> None:
         assert "\nqgisMaximumVersion=4.99\n" in metadata and "\nsupportsQt6=True\n" in metadata
         assert 'version = "0.3.0"' in (ROOT / "pyproject.toml").read_text()  # one version for both
         # the shared contract: the backend's modules, byte for byte, as regular files
-        for name in ("contract/wire.py", "contract/client.py", "contract/protocol.py"):
+        for name in ("contract/wire.py", "contract/client.py"):
             info = zf.getinfo(f"earthdial_qgis/{name}")
             assert not stat.S_ISLNK(info.external_attr >> 16)
             assert zf.read(info) == (ROOT / "backend" / "earthdial" / name).read_bytes(), name

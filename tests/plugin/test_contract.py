@@ -11,7 +11,6 @@ PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
 SHARED = {
     "wire.py",
     "client.py",
-    "protocol.py",
     "result_features.py",
 }  # the backend's own modules, copied in by the build
 

@@ -8,7 +8,8 @@ import pytest
 from plugin_testing import ANSWER, EPSG, VIEW, VIEW_BOUNDS, expected_ring, free_port, same_corners, wait_until
 from qgis.core import Qgis, QgsProject, QgsVectorLayer
 
-from earthdial_qgis.contract.protocol import Client, source_by_reference
+from earthdial_qgis.contract.client import Client
+from earthdial_qgis.contract.wire import source_by_reference
 from earthdial_qgis.core.layers import ANSWER_PROPERTY
 from earthdial_qgis.gui.dock import GEOREF
 

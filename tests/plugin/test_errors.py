@@ -14,7 +14,7 @@ import zmq
 from plugin_testing import ANSWER, free_port, wait_until, write_geotiff
 from qgis.core import Qgis, QgsProject, QgsRasterLayer
 
-from earthdial_qgis.contract.protocol import EarthDialError, decode, encode, error_reply, ok_reply
+from earthdial_qgis.contract.wire import EarthDialError, decode, encode, error_reply, ok_reply
 from earthdial_qgis.core import errors
 from earthdial_qgis.gui.dock import GEOREF
 

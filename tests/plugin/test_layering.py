@@ -102,7 +102,7 @@ def test_a_worker_module_like_the_real_ones_passes(tmp_path: Path) -> None:
     module = tmp_path / "tasks" / "fine.py"
     module.parent.mkdir()
     module.write_text(
-        "from qgis.core import QgsTask\nfrom ..contract.protocol import Client\nfrom ..core import scanning\n"
+        "from qgis.core import QgsTask\nfrom ..contract.client import Client\nfrom ..core import scanning\n"
         "from ..core.qt import QtCore\nfrom . import request\n",
         encoding="utf-8",
     )

@@ -141,7 +141,7 @@ def test_the_scan_tile_follows_the_models_input_size_until_the_user_picks_one(
 ) -> None:
     """A tile of the model's own image size reaches the model at the layer's GSD (448 px tiles on a
     112 px model were seen 4x coarser)."""
-    from earthdial_qgis.contract.protocol import Client
+    from earthdial_qgis.contract.client import Client
 
     with Client(backend.endpoint, timeout_s=10) as client:
         size = client.status()["model"]["image_size"]

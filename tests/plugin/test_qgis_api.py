@@ -20,7 +20,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from earthdial_qgis.contract.protocol import EarthDialError
+from earthdial_qgis.contract.wire import EarthDialError
 from earthdial_qgis.core.area import selection_extent
 from earthdial_qgis.core.sources import displayed_bands
 

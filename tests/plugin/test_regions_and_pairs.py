@@ -13,7 +13,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from earthdial_qgis.contract.protocol import EarthDialError
+from earthdial_qgis.contract.wire import EarthDialError
 from earthdial_qgis.core.area import box_text, region_box
 
 

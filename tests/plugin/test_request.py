@@ -10,7 +10,7 @@ import pytest
 from plugin_testing import wait_until
 from qgis.core import QgsRasterLayer
 
-from earthdial_qgis.contract.protocol import EarthDialError
+from earthdial_qgis.contract.wire import EarthDialError
 from earthdial_qgis.core import area as areas
 from earthdial_qgis.core.request import GEOREF, Request
 

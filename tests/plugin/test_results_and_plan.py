@@ -16,7 +16,7 @@ from plugin_testing import ANSWER, EARTHDIAL, EPSG, ORIGIN, PIXEL, free_port, wa
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorFileWriter, QgsVectorLayer
 
 from conftest import backend_env, running_backend
-from earthdial_qgis.contract.protocol import Client
+from earthdial_qgis.contract.client import Client
 from earthdial_qgis.core import geopackage, settings
 from earthdial_qgis.gui.dock import GEOREF
 

@@ -16,7 +16,7 @@ from plugin_testing import wait_until
 from qgis.core import QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis.contract.protocol import ErrorCode
+from earthdial_qgis.contract.wire import ErrorCode
 from earthdial_qgis.core import geopackage, resume, settings
 from earthdial_qgis.gui import scan as dock_scan
 from earthdial_qgis.tasks import scan as scan_task

@@ -18,7 +18,7 @@ from plugin_testing import EARTHDIAL, ROOT, free_port, wait_until
 from qgis.core import QgsCategorizedSymbolRenderer, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
 
 from conftest import Backend, backend_env, running_backend
-from earthdial_qgis.contract.protocol import Client
+from earthdial_qgis.contract.client import Client
 from earthdial_qgis.core.area import WHOLE_LAYER
 
 MOSAIC = """

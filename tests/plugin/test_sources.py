@@ -26,7 +26,8 @@ from qgis.core import QgsProject, QgsRasterDataProvider, QgsRasterLayer, QgsRect
 from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
-from earthdial_qgis.contract.protocol import Client, EarthDialError, ErrorCode
+from earthdial_qgis.contract.client import Client
+from earthdial_qgis.contract.wire import EarthDialError, ErrorCode
 from earthdial_qgis.core.scanning import ScanLayer, changes_request
 from earthdial_qgis.core.sources import PixelGrid, SourcePlan, plan_source, read_pixels
 from earthdial_qgis.gui.dock import GEOREF

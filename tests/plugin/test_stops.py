@@ -24,7 +24,7 @@ from qgis.core import (
 from qgis.gui import QgsMessageBarItem
 from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
-from earthdial_qgis.contract.protocol import ErrorCode
+from earthdial_qgis.contract.wire import ErrorCode
 from earthdial_qgis.core import settings
 from earthdial_qgis.core.backend_process import RUNNING, exit_cause
 

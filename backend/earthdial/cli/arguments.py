@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from earthdial.contract.protocol import source_by_reference
+from earthdial.contract.wire import source_by_reference
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]  # engine.pick_device; mps: Apple silicon's GPU
 

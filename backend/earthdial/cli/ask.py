@@ -21,7 +21,7 @@ from earthdial.cli.arguments import (
 from earthdial.cli.endpoint import answers, connected, default_endpoint
 from earthdial.cli.model_choice import choose as choose_model
 from earthdial.cli.results import check_outputs, write_output, write_preview
-from earthdial.contract.protocol import DEFAULT_ENDPOINT, EarthDialError, source_by_reference
+from earthdial.contract.wire import DEFAULT_ENDPOINT, EarthDialError, source_by_reference
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from earthdial.contract.protocol import Client, EarthDialError, ErrorCode, source_by_value
+from earthdial.contract.client import Client
+from earthdial.contract.wire import EarthDialError, ErrorCode, source_by_value
 from earthdial.geo import imagery, presets
 from earthdial.serving import requests, service
 from earthdial.serving.service import MAX_CHIP_SIZE  # the long side the server reads a window at

@@ -6,7 +6,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from earthdial.contract.protocol import DEFAULT_ENDPOINT, Client, EarthDialError
+from earthdial.contract.client import Client
+from earthdial.contract.wire import DEFAULT_ENDPOINT, EarthDialError
 
 PING_TIMEOUT_S = 3.0  # an endpoint named on the command line that does not answer: an error this soon
 PROBE_TIMEOUT_S = 1.5  # the default endpoint, tried when neither --endpoint nor --model is given

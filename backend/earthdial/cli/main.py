@@ -22,7 +22,7 @@ import logging
 import sys
 
 from earthdial.cli import ask, scan, serve, setup, training
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 
 GROUPS = (serve, ask, scan, setup, training)  # the order `earthdial --help` lists them in
 

@@ -8,7 +8,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 
 
 def check_outputs(args: argparse.Namespace) -> None:

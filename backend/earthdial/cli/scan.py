@@ -17,7 +17,7 @@ from earthdial.cli.arguments import (
 from earthdial.cli.endpoint import connected
 from earthdial.cli.model_choice import choose as choose_model
 from earthdial.cli.results import check_outputs, write_output
-from earthdial.contract.protocol import EarthDialError, source_by_reference
+from earthdial.contract.wire import EarthDialError, source_by_reference
 
 
 def _add_tiling_args(p: argparse.ArgumentParser) -> None:

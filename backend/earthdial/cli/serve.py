@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from earthdial.cli.arguments import DEVICES
 from earthdial.cli.endpoint import default_endpoint
 from earthdial.cli.model_choice import choose as choose_model
-from earthdial.contract.protocol import DEFAULT_ENDPOINT
+from earthdial.contract.wire import DEFAULT_ENDPOINT
 
 if TYPE_CHECKING:  # torch and zmq only once serve runs
     from earthdial.model.engine import Engine

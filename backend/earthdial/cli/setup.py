@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Any
 
-from earthdial.contract.protocol import EarthDialError
+from earthdial.contract.wire import EarthDialError
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import geokeys
 
 # --------------------------------------------------------------------------------------------------

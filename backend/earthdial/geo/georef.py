@@ -30,7 +30,7 @@ from typing import Any
 
 from affine import Affine
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.model.answers import Box
 
 __all__ = ["box_pixel_corners", "box_to_polygon", "features_from_boxes"]

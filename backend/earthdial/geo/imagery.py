@@ -28,9 +28,9 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform as warp_transform
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
-from earthdial.contract.protocol import snap_ceil as _ceil
-from earthdial.contract.protocol import snap_floor as _floor
+from earthdial.contract.wire import EarthDialError, ErrorCode
+from earthdial.contract.wire import snap_ceil as _ceil
+from earthdial.contract.wire import snap_floor as _floor
 from earthdial.geo import file_access, geokeys
 from earthdial.serving import limits
 

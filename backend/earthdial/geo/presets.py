@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.model import sensors
 
 

@@ -1,7 +1,7 @@
 """How a region is laid out in model-sized tiles: the tile plan of every whole-scene scan, and its tile
 count. Arithmetic only (a list of column and row starts), so the scan engine (scenes/runner.py), the scan
 budget (serving/limits.py) and `plan` (serving/service.py) count tiles by one rule, and a client that
-needs tile positions receives the plan instead of computing its own (`protocol.plan_window`).
+needs tile positions receives the plan instead of computing its own (`wire.plan_window`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 from rasterio.windows import Window
 
-from earthdial.contract import protocol
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract import wire
+from earthdial.contract.wire import EarthDialError, ErrorCode
 
 MIN_TILE, MAX_TILE = 32, 8192  # tile side in source pixels
 MAX_OVERLAP = 0.5  # share of a tile shared with its neighbour; more would read every pixel 4x or more
@@ -42,11 +42,11 @@ class TilePlan:
             raise EarthDialError(
                 ErrorCode.BAD_REQUEST, f"tile {index} is not in the plan (0..{len(self) - 1})"
             )
-        return Window(*protocol.plan_window(self.describe(), index))
+        return Window(*wire.plan_window(self.describe(), index))
 
     def describe(self, read_size: int | None = None) -> dict[str, Any]:
-        """The plan on the wire: what a client needs to read tile i itself (`protocol.plan_window`), and
-        the model's image size its tiles are read at (`protocol.read_shape`)."""
+        """The plan on the wire: what a client needs to read tile i itself (`wire.plan_window`), and
+        the model's image size its tiles are read at (`wire.read_shape`)."""
         plan = {"tiles": len(self), "tile_size": self.tile, "overlap": self.overlap,
                 "region": [self.col0, self.row0, self.width, self.height],
                 "columns": list(self.cols), "rows": list(self.rows)}  # fmt: skip

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.model import adapters, checkpoint, pixels, precision, scoring, sensors
 from earthdial.model.prompts import DEFAULT_DECODING, Sampling, expand_images, render_chat
 from earthdial.model.quantize import device_memory, weight_bytes

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.model.precision import cpu_flags, native_bf16
 
 MODES = ("none", "int8", "nf4")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 
 
 @dataclass(frozen=True)

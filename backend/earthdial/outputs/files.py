@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from earthdial.contract import result_features
-from earthdial.contract.protocol import RESULT_MARK, EarthDialError, ErrorCode
+from earthdial.contract.wire import RESULT_MARK, EarthDialError, ErrorCode
 
 try:
     import fcntl
@@ -65,7 +65,7 @@ __all__ = [
 FIELDS = result_features.NAMES
 REAL_FIELDS = result_features.REAL  # the others are text
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
-MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through protocol.py)
+MARK = RESULT_MARK  # how a layer or file says it is ours (shared with the plugin through wire.py)
 GPKG_VERSION = "1.2"  # QGIS 3.22's GDAL 3.6 warns on 1.4 files; 1.2 has everything a result needs
 GPKG_APPLICATION_IDS = (0x47504B47, 0x47503130, 0x47503131)  # "GPKG"; "GP10", "GP11" for 1.0 and 1.1
 SCRATCH_PREFIX = ".earthdial-tmp-"

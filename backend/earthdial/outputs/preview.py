@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import imagery
 from earthdial.model import pixels
 from earthdial.outputs import files as output

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import file_access
 
 # An asset is taken when --asset does not name one: `visual` (STAC's true-colour asset, EarthDial's RGB

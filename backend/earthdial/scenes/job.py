@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.outputs import files as output
 from earthdial.scenes import journal
 

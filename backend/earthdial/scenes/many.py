@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode, source_by_reference
+from earthdial.contract.wire import EarthDialError, ErrorCode, source_by_reference
 from earthdial.outputs import files as output
 from earthdial.scenes import job as scan_job
 from earthdial.scenes import scan

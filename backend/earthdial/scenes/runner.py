@@ -25,8 +25,8 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from earthdial.contract import protocol
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract import wire
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import georef, imagery
 from earthdial.geo.tiling import MAX_BATCH, TilePlan
 from earthdial.model import answers, prompts
@@ -71,7 +71,7 @@ def tile_transform(transform: Affine, window: Window, out_w: int, out_h: int) ->
 
 def read_shape(window: Window, out_size: int) -> tuple[int, int]:
     """(width, height) a window is read at: the protocol's rule, which clients streaming tiles follow too."""
-    return protocol.read_shape(int(window.width), int(window.height), out_size)
+    return wire.read_shape(int(window.width), int(window.height), out_size)
 
 
 def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,

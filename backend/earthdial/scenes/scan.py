@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from affine import Affine
 
 from earthdial.contract import result_features
-from earthdial.contract.protocol import EarthDialError, ErrorCode
 from earthdial.contract.result_features import change_of, said_changed
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import file_access, imagery, presets, tiling
 from earthdial.model import prompts
 from earthdial.scenes import runner as scenes

@@ -41,7 +41,7 @@ import numpy as np
 from affine import Affine
 from rasterio.windows import Window
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode, error_codes
+from earthdial.contract.wire import EarthDialError, ErrorCode, error_codes
 from earthdial.geo import file_access, imagery
 from earthdial.serving import limits
 

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from earthdial.contract.protocol import EarthDialError, ErrorCode
-from earthdial.contract.wire import from_json_frame
+from earthdial.contract.wire import EarthDialError, ErrorCode, from_json_frame
 from earthdial.geo import file_access, imagery, tiling
 from earthdial.model import prompts, sensors
 from earthdial.serving import limits

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from earthdial.contract.protocol import (
+from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,

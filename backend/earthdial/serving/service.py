@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from earthdial.contract import result_features
-from earthdial.contract.protocol import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
+from earthdial.contract.wire import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
 from earthdial.geo import file_access, georef, imagery, presets, tiling
 from earthdial.model import answers, prompts, sensors
 from earthdial.model.prompts import TASKS

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from earthdial.contract.protocol import source_by_reference
+from earthdial.contract.wire import source_by_reference
 from earthdial.demo import synthetic
 from earthdial.demo.synthetic import CLASSES, Scene, SceneObject
 from earthdial.geo.georef import box_pixel_corners

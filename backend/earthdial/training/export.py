@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from earthdial.contract.protocol import REVIEWS, EarthDialError, ErrorCode
+from earthdial.contract.wire import REVIEWS, EarthDialError, ErrorCode
 from earthdial.geo import file_access
 from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import prompts

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from earthdial import training as train
-from earthdial.contract.protocol import EarthDialError, ErrorCode
+from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import adapters, checkpoint
 from earthdial.model.answers import parse_boxes

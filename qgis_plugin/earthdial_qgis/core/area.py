@@ -18,7 +18,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from ..contract.protocol import EarthDialError, ErrorCode
+from ..contract.wire import EarthDialError, ErrorCode
 from .errors import BAD_INPUT, NO_AREA, tr
 from .sources import area_in_layer_crs, native_resolution, pixel_edges
 

@@ -8,7 +8,7 @@ defines only the few codes that exist in the plugin alone; every backend code ha
 
 from __future__ import annotations
 
-from ..contract.protocol import EarthDialError, ErrorCode
+from ..contract.wire import EarthDialError, ErrorCode
 from .qt import QtCore
 
 # Codes of the plugin alone, next to ErrorCode's.

@@ -24,7 +24,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from ..contract.protocol import RESULT_MARK
+from ..contract.wire import RESULT_MARK
 from . import settings
 
 SUFFIX = "_earthdial.gpkg"

@@ -17,7 +17,7 @@ from typing import Any
 
 from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from .errors import NO_LAYER
 from .scanning import WEB_SCAN_SIZE
 from .sources import MAX_VALUE_SIZE, SourcePlan, area_in_layer_crs, native_resolution, plan_source

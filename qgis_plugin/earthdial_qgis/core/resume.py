@@ -20,7 +20,7 @@ from typing import Any
 
 from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from .errors import NO_LAYER
 
 PROPERTY = "earthdial/stopped_scan"

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
 
-from ..contract.protocol import Client, EarthDialError, ErrorCode, source_by_reference
+from ..contract.client import Client
 from ..contract.result_features import change_map, with_tile_fields
+from ..contract.wire import EarthDialError, ErrorCode, source_by_reference
 from .layers import reply_features, result_fields
 from .sources import (
     PixelGrid,

@@ -6,7 +6,7 @@ from typing import Any
 
 from qgis.core import QgsSettings
 
-from ..contract.protocol import DEFAULT_ENDPOINT
+from ..contract.wire import DEFAULT_ENDPOINT
 
 ENDPOINT = "EarthDial/endpoint"
 TIMEOUT = "EarthDial/timeout_s"

@@ -28,15 +28,9 @@ from qgis.core import (
     QgsSingleBandGrayRenderer,
 )
 
-from ..contract.protocol import (
-    ALLOWED_DTYPES,
-    EarthDialError,
-    ErrorCode,
-    source_by_reference,
-    source_by_value,
-)
-from ..contract.protocol import snap_ceil as _ceil
-from ..contract.protocol import snap_floor as _floor
+from ..contract.wire import ALLOWED_DTYPES, EarthDialError, ErrorCode, source_by_reference, source_by_value
+from ..contract.wire import snap_ceil as _ceil
+from ..contract.wire import snap_floor as _floor
 
 MAX_VALUE_SIZE = 1024  # long side, in pixels, of an array sent by value
 

@@ -50,7 +50,8 @@ class StatusWatcher(QtCore.QObject):
             self._thread = None
 
     def _run(self) -> None:
-        from ..contract.protocol import Client, EarthDialError
+        from ..contract.client import Client
+        from ..contract.wire import EarthDialError
 
         client, current = None, ""
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from qgis.core import Qgis, QgsSettings
 from qgis.PyQt import sip
 
-from ..contract.protocol import EarthDialError, ErrorCode
+from ..contract.wire import EarthDialError, ErrorCode
 from ..core import log, settings
 from ..core.backend_process import RUNNING, STARTING, STOPPED, LocalBackend
 from ..core.errors import BAD_ENDPOINT, plain_message

@@ -21,7 +21,7 @@ from qgis.core import (
 )
 from qgis.PyQt import sip
 
-from ..contract.protocol import EarthDialError, ErrorCode
+from ..contract.wire import EarthDialError, ErrorCode
 from ..core import area as areas
 from ..core import geopackage, history, log, settings
 from ..core.backend_process import LocalBackend

@@ -8,7 +8,7 @@ from typing import Any
 from qgis.core import Qgis, QgsCoordinateTransform, QgsCsException, QgsProject
 from qgis.PyQt import sip
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from ..core import log, preview, resume
 from ..core.layers import save_to_geopackage
 from ..core.qt import QtWidgets

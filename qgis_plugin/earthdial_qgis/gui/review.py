@@ -9,7 +9,7 @@ Analysts edit result layers with QGIS's own tools; this module only keeps the ``
 * the "Accept selected boxes" / "Reject selected boxes" actions mark the active layer's selection
   (through the edit buffer when the layer is being edited, else saved at once).
 
-The review values are the backend's (protocol.REVIEWS). A request sent by value names the file its
+The review values are the backend's (wire.REVIEWS). A request sent by value names the file its
 pixels came from (when the layer is one), so the backend records it in the request like any other.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from qgis.core import QgsProject, QgsVectorLayer
 
-from ..contract.protocol import REVIEWS
+from ..contract.wire import REVIEWS
 from ..core import log
 from ..core.qt import QAction, QtCore, QtGui
 

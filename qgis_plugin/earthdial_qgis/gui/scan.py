@@ -13,7 +13,7 @@ from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsProject
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from ..core import geopackage, resume, scanning, settings
 from ..core.errors import NO_LAYER
 from ..core.layers import add_result_layer, result_name, unique_layer_name

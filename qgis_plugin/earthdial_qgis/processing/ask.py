@@ -6,7 +6,7 @@ from typing import Any
 
 from qgis.core import QgsProcessingParameterRasterLayer
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from .common import (
     ANSWER,
     INPUT,

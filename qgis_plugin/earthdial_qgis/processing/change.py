@@ -12,7 +12,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
 )
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from .common import (
     ANSWER,
     INPUT,

@@ -30,7 +30,8 @@ from qgis.core import (
     QgsRectangle,
 )
 
-from ..contract.protocol import Client, EarthDialError, ErrorCode, source_by_reference
+from ..contract.client import Client
+from ..contract.wire import EarthDialError, ErrorCode, source_by_reference
 from ..core import settings
 from ..core.errors import NO_CRS, plain_message
 from ..core.layers import reply_features, result_fields

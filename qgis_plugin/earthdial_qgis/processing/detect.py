@@ -19,7 +19,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
 )
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from ..core import scanning
 from ..core.styling import style_result_layer
 from .common import ANSWER, INPUT, OUTPUT, PROMPT, EarthDialAlgorithm, advanced, connected, fail, number_type

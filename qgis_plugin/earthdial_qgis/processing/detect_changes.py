@@ -20,7 +20,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from ..contract.protocol import EarthDialError
+from ..contract.wire import EarthDialError
 from ..core import scanning, settings
 from ..core.layers import result_fields
 from .common import (

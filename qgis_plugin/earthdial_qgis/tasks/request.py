@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from qgis.core import QgsTask
 
-from ..contract.protocol import Client, EarthDialError, ErrorCode
+from ..contract.client import Client
+from ..contract.wire import EarthDialError, ErrorCode
 from ..core.errors import BACKEND_SLOW, BAD_ENDPOINT, UNREACHABLE, UNREADABLE_FILE
 from ..core.request import Request
 from ..core.sources import SourcePlan, planning_source

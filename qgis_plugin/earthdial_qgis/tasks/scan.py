@@ -14,7 +14,8 @@ from typing import Any
 
 from qgis.core import QgsProject, QgsTask
 
-from ..contract.protocol import Client, EarthDialError
+from ..contract.client import Client
+from ..contract.wire import EarthDialError
 from ..core import scanning
 from ..core.qt import QtCore
 from ..core.request import Request
