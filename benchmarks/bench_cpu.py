@@ -110,8 +110,13 @@ def main() -> None:
     ap.add_argument(
         "--model", required=True, help="checkpoint directory (e.g. make-tiny-checkpoint --full-size)"
     )
-    ap.add_argument("--settings", nargs="+", default=["fp32", "bf16", "int8"], choices=list(SETTINGS),
-                    help="the first is the baseline of the ratios")  # fmt: skip
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=["fp32", "bf16", "int8"],
+        choices=list(SETTINGS),
+        help="the first is the baseline of the ratios",
+    )
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: serve's)")
     ap.add_argument("--json", help="also write the figures here")
@@ -124,8 +129,10 @@ def main() -> None:
     from earthdial.model.precision import choose, cpu_flags, llm_width, native_bf16
 
     auto = choose("cpu", "auto", llm_width(args.model))
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, native bf16: "
-          f"{native_bf16(cpu_flags()) or 'no'}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, native bf16: "
+        f"{native_bf16(cpu_flags()) or 'no'}; load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"--dtype auto here: {auto.reason}")
     results: dict[str, dict] = {}
     for setting in args.settings:
@@ -133,8 +140,16 @@ def main() -> None:
         if need > have:
             print(f"{setting}: not run, needs about {need:.1f} GiB, {have:.1f} GiB available now", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--model", args.model, "--one", setting,
-               "--new-tokens", str(args.new_tokens)] + (["--threads", str(args.threads)] if args.threads is not None else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--one",
+            setting,
+            "--new-tokens",
+            str(args.new_tokens),
+        ] + (["--threads", str(args.threads)] if args.threads is not None else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{setting}: failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -164,9 +179,11 @@ def main() -> None:
 
     for name, r in results.items():
         label = f"{name} ({r['dtype']}{', ' + r['kernel'] if r['kernel'] else ''})"
-        print(f"| {label} | {r['weights_gib']:.1f} GiB | {r['load_peak_gib']:.1f} GiB{ratio('load_peak_gib', r)} "
-              f"| {r['ttft_s']:.1f} s{ratio('ttft_s', r)} | {rate(r)}{ratio('decode_tok_s', r)} "
-              f"| {r['window_s']:.1f} s{ratio('window_s', r)} | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")  # fmt: skip
+        print(
+            f"| {label} | {r['weights_gib']:.1f} GiB | {r['load_peak_gib']:.1f} GiB{ratio('load_peak_gib', r)} "
+            f"| {r['ttft_s']:.1f} s{ratio('ttft_s', r)} | {rate(r)}{ratio('decode_tok_s', r)} "
+            f"| {r['window_s']:.1f} s{ratio('window_s', r)} | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |"
+        )
     if base is not None:
         print(
             f"(ratios: to {args.settings[0]} in this run; times and peaks as a share of its, decode as a multiple)"

@@ -27,9 +27,20 @@ def make_scene(path: Path, size: int) -> None:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                   transform=from_origin(500_000, 4_000_000, 0.5, 0.5), tiled=True, blockxsize=512,
-                   blockysize=512, compress="deflate", SPARSE_OK=True)  # fmt: skip
+    profile = dict(
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 0.5, 0.5),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        SPARSE_OK=True,
+    )
     rng = np.random.default_rng(0)
     with rasterio.open(path, "w", **profile) as dst:
         for r in range(0, size, 2048):  # one textured block in every 2048 x 2048 cell
@@ -46,13 +57,27 @@ def run_one(model: str, raster: str, tile: int, batch: int) -> None:
     engine = Engine(model, device="cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(raster),
-              "options": {"tile_size": tile, "overlap": 0.1, "batch": batch}}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source_by_reference(raster),
+        "options": {"tile_size": tile, "overlap": 0.1, "batch": batch},
+    }
     result = scan.run(header, engine, lambda *a, **k: None)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    print(json.dumps({"tiles": result["tiles"], "seconds": seconds, "tiles_s": result["tiles"] / seconds,
-                      "peak_rss_mb": peak / 1024, "rss_after_load_mb": rss_before / 1024}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tiles": result["tiles"],
+                "seconds": seconds,
+                "tiles_s": result["tiles"] / seconds,
+                "peak_rss_mb": peak / 1024,
+                "rss_after_load_mb": rss_before / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -77,17 +102,34 @@ def main() -> None:
         for size in args.sizes:
             raster = Path(tmp) / f"scene_{size}.tif"
             make_scene(raster, size)
-            out = subprocess.run([sys.executable, __file__, "--tile-size", str(args.tile_size), "--batch",
-                                  str(args.batch), "--child", model, str(raster)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--tile-size",
+                    str(args.tile_size),
+                    "--batch",
+                    str(args.batch),
+                    "--child",
+                    model,
+                    str(raster),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((size, figures))
-            print(f"{size:>6}^2 px: {figures['tiles']:>4} tiles in {figures['seconds']:.1f} s = "
-                  f"{figures['tiles_s']:.2f} tiles/s; peak RSS {figures['peak_rss_mb']:.0f} MB "
-                  f"(after loading the model {figures['rss_after_load_mb']:.0f} MB)")  # fmt: skip
+            print(
+                f"{size:>6}^2 px: {figures['tiles']:>4} tiles in {figures['seconds']:.1f} s = "
+                f"{figures['tiles_s']:.2f} tiles/s; peak RSS {figures['peak_rss_mb']:.0f} MB "
+                f"(after loading the model {figures['rss_after_load_mb']:.0f} MB)"
+            )
         (s0, f0), (s1, f1) = rows[0], rows[-1]
-        print(f"ratio {s1}^2 / {s0}^2: scene area x{(s1 / s0) ** 2:.0f}, tiles x{f1['tiles'] / f0['tiles']:.0f}, "
-              f"peak memory x{f1['peak_rss_mb'] / f0['peak_rss_mb']:.2f}, tiles/s x{f1['tiles_s'] / f0['tiles_s']:.2f}")  # fmt: skip
+        print(
+            f"ratio {s1}^2 / {s0}^2: scene area x{(s1 / s0) ** 2:.0f}, tiles x{f1['tiles'] / f0['tiles']:.0f}, "
+            f"peak memory x{f1['peak_rss_mb'] / f0['peak_rss_mb']:.2f}, tiles/s x{f1['tiles_s'] / f0['tiles_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":

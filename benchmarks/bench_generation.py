@@ -45,11 +45,19 @@ def small_config(vocab: int, image_size: int) -> dict:
     cfg["vision_config"].update(
         hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=6
     )
-    cfg["llm_config"].update(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8,
-                             num_hidden_layers=8)  # fmt: skip
+    cfg["llm_config"].update(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_hidden_layers=8,
+    )
     head_dim = 64
-    cfg["llm_config"]["rope_scaling"] = {"type": "su", "long_factor": [1.0] * (head_dim // 2),
-                                         "short_factor": [1.0] * (head_dim // 2)}  # fmt: skip
+    cfg["llm_config"]["rope_scaling"] = {
+        "type": "su",
+        "long_factor": [1.0] * (head_dim // 2),
+        "short_factor": [1.0] * (head_dim // 2),
+    }
     return cfg
 
 
@@ -79,11 +87,17 @@ def build_engine(size: str, device: str, image_size: int) -> Engine:
                 p.normal_(0.0, 0.02, generator=gen)
     model.eval()
     info = checkpoint.CheckpointInfo(
-        path=f"<random {size}>", variant="EarthDial_4B_RGB", image_size=image_size,
-        tokens_per_tile=config.image_seq_length, min_tiles=1, max_tiles=6, use_thumbnail=True,
-        system_message=checkpoint.INTERNVL_SYSTEM_MESSAGE, vocab=frozenset(tokenizer.get_vocab()),
+        path=f"<random {size}>",
+        variant="EarthDial_4B_RGB",
+        image_size=image_size,
+        tokens_per_tile=config.image_seq_length,
+        min_tiles=1,
+        max_tiles=6,
+        use_thumbnail=True,
+        system_message=checkpoint.INTERNVL_SYSTEM_MESSAGE,
+        vocab=frozenset(tokenizer.get_vocab()),
         num_parameters=sum(p.numel() for p in model.parameters()),
-    )  # fmt: skip
+    )
     return Engine.from_model(model, tokenizer, info)
 
 
@@ -120,8 +134,13 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--modes", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES,
-                    help="KV cache modes to compare (the first is the baseline)")  # fmt: skip
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(CACHE_MODES),
+        choices=CACHE_MODES,
+        help="KV cache modes to compare (the first is the baseline)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     dev = args.device
@@ -132,8 +151,10 @@ def main() -> None:
 
     engine = build_engine(args.size, dev, args.image_size)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    print(f"model: {args.size} shapes, {engine.info.num_parameters / 1e9:.3f} B parameters, "
-          f"{weight_bytes / 1e9:.2f} GB {engine.dtype}, attention {engine.attn_implementation}")  # fmt: skip
+    print(
+        f"model: {args.size} shapes, {engine.info.num_parameters / 1e9:.3f} B parameters, "
+        f"{weight_bytes / 1e9:.2f} GB {engine.dtype}, attention {engine.attn_implementation}"
+    )
     size = engine.info.image_size
     tile = np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8)
     image = engine.image(tile, "[hr_rgb_0.5]")
@@ -154,8 +175,10 @@ def main() -> None:
         per_mode[mode] = (ttft_m, t_long, args.decode_tokens / t_long)
     base = args.modes[0]
     for mode in args.modes:
-        print(f"decode {mode:9}: {per_mode[mode][2]:8.1f} tokens/s at batch 1, {args.decode_tokens}-token answers "
-              f"({per_mode[mode][2] / per_mode[base][2]:.2f}x {base}); first token {per_mode[mode][0] * 1000:.0f} ms")  # fmt: skip
+        print(
+            f"decode {mode:9}: {per_mode[mode][2]:8.1f} tokens/s at batch 1, {args.decode_tokens}-token answers "
+            f"({per_mode[mode][2] / per_mode[base][2]:.2f}x {base}); first token {per_mode[mode][0] * 1000:.0f} ms"
+        )
     engine.cache_mode = cache_mode_for(dev)
     ttft, t_long, _ = per_mode[engine.cache_mode]
     decode = (args.decode_tokens - 1) / (t_long - ttft)
@@ -165,8 +188,10 @@ def main() -> None:
                "default_cache_mode": engine.cache_mode}  # fmt: skip
     bound = bw / weight_bytes
     print(f"time to first token (1 tile of {size} px): {ttft * 1000:.1f} ms")
-    print(f"decode at batch 1 ({engine.cache_mode} KV cache, the default here): {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
-          f"(measured copy bandwidth {bw / 1e9:.0f} GB/s) -> {decode / bound:.2f} of the bound")  # fmt: skip
+    print(
+        f"decode at batch 1 ({engine.cache_mode} KV cache, the default here): {decode:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
+        f"(measured copy bandwidth {bw / 1e9:.0f} GB/s) -> {decode / bound:.2f} of the bound"
+    )
     if sheet:
         print(
             f"  data-sheet bound: {sheet[0] / weight_bytes:.1f} tokens/s -> {decode / (sheet[0] / weight_bytes):.2f}"

@@ -90,11 +90,15 @@ def main() -> None:
                 continue
             r = measure(args.checkpoint, weights, dtype)
             peaks[weights] = r["peak_gb"]
-            print(f"{name:6} {weights:5} {estimates[weights]:11.1f} {r['peak_gb']:11.2f} "
-                  f"{r['peak_gb'] - floor:12.2f} {r['seconds']:7.1f}")  # fmt: skip
+            print(
+                f"{name:6} {weights:5} {estimates[weights]:11.1f} {r['peak_gb']:11.2f} "
+                f"{r['peak_gb'] - floor:12.2f} {r['seconds']:7.1f}"
+            )
         if len(peaks) == 2:
-            print(f"{name}: peak RSS copy / meta = {peaks['copy'] / peaks['meta']:.2f}x "
-                  f"(over imports: {(peaks['copy'] - floor) / (peaks['meta'] - floor):.2f}x)")  # fmt: skip
+            print(
+                f"{name}: peak RSS copy / meta = {peaks['copy'] / peaks['meta']:.2f}x "
+                f"(over imports: {(peaks['copy'] - floor) / (peaks['meta'] - floor):.2f}x)"
+            )
 
 
 if __name__ == "__main__":

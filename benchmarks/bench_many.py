@@ -75,8 +75,12 @@ def run_baseline(
     import json
 
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", BASELINE, str(listing), str(out), model, options, str(threads)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", BASELINE, str(listing), str(out), model, options, str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - t
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return wall, result["scenes_s"], result["boxes"]
@@ -112,9 +116,13 @@ def main() -> int:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--baseline-threads", type=int, default=1,
-                        help="torch threads of the 1-process baseline (default 1: on a shared 2-core machine "
-                        "2 threads ran the demo model 100x slower)")  # fmt: skip
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=1,
+        help="torch threads of the 1-process baseline (default 1: on a shared 2-core machine "
+        "2 threads ran the demo model 100x slower)",
+    )
     parser.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     args = parser.parse_args()
     from earthdial.training import DEMO_DIR
@@ -126,8 +134,10 @@ def main() -> int:
         paths = make_scenes(folder, args.scenes, args.grid)
         listing = folder / "scenes.txt"
         listing.write_text("\n".join(map(str, paths)) + "\n")
-        print(f"{args.scenes} scenes of {args.grid}x{args.grid} tiles of 224 px ({args.scenes * args.grid**2} "
-              f"tiles), model {model}, {os.cpu_count()} CPUs; load average before: {load()}")  # fmt: skip
+        print(
+            f"{args.scenes} scenes of {args.grid}x{args.grid} tiles of 224 px ({args.scenes * args.grid**2} "
+            f"tiles), model {model}, {os.cpu_count()} CPUs; load average before: {load()}"
+        )
         base: list[tuple[float, float, int]] = []
         ray: list[tuple[float, float, int]] = []
         for r in range(args.repeat):  # alternated, so that load from other work slows both alike
@@ -135,8 +145,10 @@ def main() -> int:
                 run_baseline(listing, folder / f"base{r}.gpkg", model, options, args.baseline_threads)
             )
             ray.append(run_many(listing, folder / f"many{r}.gpkg", model, args))
-            print(f"  run {r + 1}: 1 process {base[-1][0]:.1f} s (scenes {base[-1][1]:.1f} s), "
-                  f"detect-many {ray[-1][0]:.1f} s (scenes {ray[-1][1]:.1f} s); load {load()}")  # fmt: skip
+            print(
+                f"  run {r + 1}: 1 process {base[-1][0]:.1f} s (scenes {base[-1][1]:.1f} s), "
+                f"detect-many {ray[-1][0]:.1f} s (scenes {ray[-1][1]:.1f} s); load {load()}"
+            )
         if {b[2] for b in base} != {m[2] for m in ray}:
             print(
                 f"WARNING: boxes differ: 1 process {[b[2] for b in base]}, detect-many {[m[2] for m in ray]}"

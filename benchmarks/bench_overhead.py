@@ -106,8 +106,18 @@ def start(cmd: list[str], ready: str) -> subprocess.Popen:
 def write_raster(path: Path, bands: int, size: int) -> Path:
     side = size + 2 * PAD
     data = np.random.default_rng(bands).integers(0, 4000, (bands, side, side)).astype(np.uint16)
-    with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=bands, dtype="uint16",
-                       crs="EPSG:32633", transform=from_origin(*ORIGIN, PIXEL, PIXEL), tiled=True) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=side,
+        height=side,
+        count=bands,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=from_origin(*ORIGIN, PIXEL, PIXEL),
+        tiled=True,
+    ) as dst:
         dst.write(data)
     return path
 
@@ -142,8 +152,13 @@ def bare_georef(boxes: list[tuple[str, list[float]]], transform: list[float], w:
         for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh), (-hw, -hh)):
             col, row = cx + dx * cos_a - dy * sin_a, cy + dx * sin_a + dy * cos_a
             ring.append([a * col + b * row + c, d * col + e * row + f])
-        out.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                    "properties": {"label": label}})  # fmt: skip
+        out.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"label": label},
+            }
+        )
     return out
 
 
@@ -192,8 +207,14 @@ def measure(
     full = chip.data
     assert full.shape == (bands, size, size)
     header = {"v": 1, "id": "bench", "op": "ping"}
-    transform = [chip.transform.a, chip.transform.b, chip.transform.c,
-                 chip.transform.d, chip.transform.e, chip.transform.f]  # fmt: skip
+    transform = [
+        chip.transform.a,
+        chip.transform.b,
+        chip.transform.c,
+        chip.transform.d,
+        chip.transform.e,
+        chip.transform.f,
+    ]
     grid = pixels.choose_grid(size, size, TILE, 1, 6)
 
     def bare_codec(full: np.ndarray = full) -> None:
@@ -236,10 +257,22 @@ def measure(
     rows = []
     for stage, (ours, bare) in stages.items():
         t_ours, t_bare = compare(ours, bare)
-        rows.append({"bands": bands, "size": size, "stage": stage, "ours_ms": t_ours * 1e3,
-                     "bare_ms": t_bare * 1e3, "ratio": t_ours / t_bare})  # fmt: skip
-        print(f"{bands:>2} bands {size:>4} px  {stage:<10} ours {t_ours * 1e3:9.3f} ms  "
-              f"bare {t_bare * 1e3:9.3f} ms  x{t_ours / t_bare:5.2f}", file=sys.stderr, flush=True)  # fmt: skip
+        rows.append(
+            {
+                "bands": bands,
+                "size": size,
+                "stage": stage,
+                "ours_ms": t_ours * 1e3,
+                "bare_ms": t_bare * 1e3,
+                "ratio": t_ours / t_bare,
+            }
+        )
+        print(
+            f"{bands:>2} bands {size:>4} px  {stage:<10} ours {t_ours * 1e3:9.3f} ms  "
+            f"bare {t_bare * 1e3:9.3f} ms  x{t_ours / t_bare:5.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -252,8 +285,20 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="earthdial-bench-"))
     ours_ep, bare_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    server = start([sys.executable, "-m", "earthdial.cli.main", "serve", "--no-model", "--endpoint", ours_ep,
-                    "--allow-dir", str(work)], "earthdial: serving")  # fmt: skip
+    server = start(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "serve",
+            "--no-model",
+            "--endpoint",
+            ours_ep,
+            "--allow-dir",
+            str(work),
+        ],
+        "earthdial: serving",
+    )
     echo = start([sys.executable, "-c", ECHO_SERVER, bare_ep], "ready")
     client = Client(ours_ep, timeout_s=120)
     raw = zmq.Context.instance().socket(zmq.DEALER)
@@ -278,15 +323,19 @@ def main() -> None:
             p.unlink()
         work.rmdir()
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; " \
-              f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, " \
-              f"rasterio {rasterio.__version__}, pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()})"  # fmt: skip
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"rasterio {rasterio.__version__}, pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()})"
+    )
     print(f"machine: {machine}\n")
     print("| bands | window | stage | ours (ms) | bare (ms) | ours / bare |")
     print("|---:|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['bands']} | {r['size']} px | {r['stage']} | {r['ours_ms']:.3f} | {r['bare_ms']:.3f} | "
-              f"{r['ratio']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['bands']} | {r['size']} px | {r['stage']} | {r['ours_ms']:.3f} | {r['bare_ms']:.3f} | "
+            f"{r['ratio']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,16 @@ def run_mode(model: str, device: str, mode: str, prompts: int, new_tokens: int) 
     engine.generate([Query(queries[0].question, queries[0].images, 64)], min_new_tokens=64)
     tok_s = 64 / (time.perf_counter() - t)
     q = engine.quantization
-    return {"mode": mode, "weights": q["bytes_after"], "quantised": q.get("quantised", 0), "kept": q.get("kept", 0),
-            "peak": peak, "tok_s": tok_s, "answers_s": len(answers) / seconds, "answers": answers}  # fmt: skip
+    return {
+        "mode": mode,
+        "weights": q["bytes_after"],
+        "quantised": q.get("quantised", 0),
+        "kept": q.get("kept", 0),
+        "peak": peak,
+        "tok_s": tok_s,
+        "answers_s": len(answers) / seconds,
+        "answers": answers,
+    }
 
 
 def main() -> None:
@@ -84,19 +92,37 @@ def main() -> None:
         model = args.model or default_model(tmp)
         base = None
         for mode in ("none", "int8", "nf4"):
-            out = subprocess.run([sys.executable, __file__, "--model", model, "--device", args.device, "--prompts",
-                                  str(args.prompts), "--new-tokens", str(args.new_tokens), "--child", mode],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--model",
+                    model,
+                    "--device",
+                    args.device,
+                    "--prompts",
+                    str(args.prompts),
+                    "--new-tokens",
+                    str(args.new_tokens),
+                    "--child",
+                    mode,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             base = base or r
             agree = sum(a == b for a, b in zip(r["answers"], base["answers"], strict=True)) / len(
                 r["answers"]
             )
-            print(f"{mode:>5}: weights {r['weights'] / 2**20:8.1f} MiB (x{r['weights'] / base['weights']:.2f}; "
-                  f"{r['quantised']} layers quantised, {r['kept']} kept); peak for one 448 px tile "
-                  f"{r['peak'] / 2**20:7.1f} MiB (x{r['peak'] / base['peak']:.2f}); {r['tok_s']:6.1f} tokens/s "
-                  f"(x{r['tok_s'] / base['tok_s']:.2f}); same greedy answer as 'none' on {agree:.0%} "
-                  f"of {len(r['answers'])}")  # fmt: skip
+            print(
+                f"{mode:>5}: weights {r['weights'] / 2**20:8.1f} MiB (x{r['weights'] / base['weights']:.2f}; "
+                f"{r['quantised']} layers quantised, {r['kept']} kept); peak for one 448 px tile "
+                f"{r['peak'] / 2**20:7.1f} MiB (x{r['peak'] / base['peak']:.2f}); {r['tok_s']:6.1f} tokens/s "
+                f"(x{r['tok_s'] / base['tok_s']:.2f}); same greedy answer as 'none' on {agree:.0%} "
+                f"of {len(r['answers'])}"
+            )
         print(f"model: {model}, device: {args.device}")
 
 

@@ -31,9 +31,21 @@ from earthdial.serving import limits, readers, service
 
 def _raster(path: Path, size: int) -> Path:
     rng = np.random.default_rng(0)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_000_000, 1, 1), tiled=True, blockxsize=512,
-                       blockysize=512, compress="DEFLATE") as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 1, 1),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="DEFLATE",
+    ) as dst:
         dst.write(rng.integers(0, 255, (3, size, size), dtype=np.uint8))
     return path
 
@@ -110,8 +122,10 @@ def main() -> None:
         pool.close()
         held_open.__exit__(None, None, None)
     load = os.getloadavg()
-    print(f"raster {args.size} x {args.size} px, 3 bands uint8, 512 px DEFLATE tiles; {args.repeat} runs each, "
-          f"medians; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"raster {args.size} x {args.size} px, 3 bands uint8, 512 px DEFLATE tiles; {args.repeat} runs each, "
+        f"medians; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs"
+    )
     print(f"{'case':32} {'in-process ms':>14} {'reader ms':>10} {'ratio':>6} {'added ms':>9}")
     for name, (a, b) in results.items():
         print(f"{name:32} {a:14.2f} {b:10.2f} {b / a:6.2f} {b - a:9.2f}")

@@ -35,15 +35,27 @@ def make_scene(path: Path, side: int) -> Path:
     from earthdial.demo import synthetic
 
     n = -(-side // 224)
-    rows = [np.concatenate([synthetic.render(synthetic.make_scene(3, r * n + c), 224) for c in range(n)], axis=2)
-            for r in range(n)]  # fmt: skip
+    rows = [
+        np.concatenate([synthetic.render(synthetic.make_scene(3, r * n + c), 224) for c in range(n)], axis=2)
+        for r in range(n)
+    ]
     image = np.concatenate(rows, axis=1)[:, :side, :side]
     return synthetic.write_geotiff(path, np.ascontiguousarray(image))
 
 
 def serve(model: str | None, endpoint: str, folder: str, threads: int | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "earthdial.cli.main", "serve", "--endpoint", endpoint, "--device", "cpu",
-           "--allow-dir", folder]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "earthdial.cli.main",
+        "serve",
+        "--endpoint",
+        endpoint,
+        "--device",
+        "cpu",
+        "--allow-dir",
+        folder,
+    ]
     if model:
         cmd += ["--model", model]
     if threads is not None:
@@ -77,8 +89,13 @@ def scan(client, path: str, tile: int, batch: int, prompt: str) -> tuple[float, 
     from earthdial.contract.wire import source_by_reference
 
     events: list[dict] = []
-    header = {"op": "detect", "task": "refer", "prompt": prompt, "source": source_by_reference(path),
-              "options": {"tile_size": tile, "overlap": 0.1, "batch": batch}}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": "refer",
+        "prompt": prompt,
+        "source": source_by_reference(path),
+        "options": {"tile_size": tile, "overlap": 0.1, "batch": batch},
+    }
     t = time.perf_counter()
     reply = client.scan(header, on_event=events.append)
     return time.perf_counter() - t, reply, events[0]["plan"]
@@ -87,15 +104,23 @@ def scan(client, path: str, tile: int, batch: int, prompt: str) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
-    ap.add_argument("--side", type=int, default=6000,
-                    help="scene side in pixels (6000: the analyst's layer of issue 13, 225 tiles of 448 px)")  # fmt: skip
+    ap.add_argument(
+        "--side",
+        type=int,
+        default=6000,
+        help="scene side in pixels (6000: the analyst's layer of issue 13, 225 tiles of 448 px)",
+    )
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="scan batch sizes to run")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads of the server (`serve --threads`; default: serve's own, one fewer "
-                         "than the cores; 0: torch's default)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the server (`serve --threads`; default: serve's own, one fewer "
+        "than the cores; 0: torch's default)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import rasterio
@@ -126,15 +151,19 @@ def main() -> None:
         proc.wait(10)
     tiles = plan["tiles"]
     loop = statistics.median(loops)
-    print(f"scene {args.side} x {args.side} px, {tiles} tiles of {args.tile} px (10 % overlap), model "
-          f"{args.model or 'demo'}, CPU, server threads {'serve default' if args.threads is None else args.threads}; medians of {args.repeats} "
-          "interleaved runs")  # fmt: skip
+    print(
+        f"scene {args.side} x {args.side} px, {tiles} tiles of {args.tile} px (10 % overlap), model "
+        f"{args.model or 'demo'}, CPU, server threads {'serve default' if args.threads is None else args.threads}; medians of {args.repeats} "
+        "interleaved runs"
+    )
     print(f"per-tile ask loop   {loop:7.2f} s   {tiles / loop:6.2f} tiles/s   (baseline)")
     for batch, values in runs.items():
         seconds = statistics.median(v[0] for v in values)
         waited = statistics.median(v[1] for v in values)
-        print(f"scan op, batch {batch:<3}  {seconds:7.2f} s   {tiles / seconds:6.2f} tiles/s   {loop / seconds:5.1f}x the loop   "
-              f"model waited on reading {waited:.1%}")  # fmt: skip
+        print(
+            f"scan op, batch {batch:<3}  {seconds:7.2f} s   {tiles / seconds:6.2f} tiles/s   {loop / seconds:5.1f}x the loop   "
+            f"model waited on reading {waited:.1%}"
+        )
 
 
 if __name__ == "__main__":

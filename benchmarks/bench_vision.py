@@ -29,8 +29,10 @@ def main() -> None:
         for _ in range(args.batch)
     ]
     groups = sum(int(im.pixels.shape[0]) for im in images)
-    print(f"{args.size} model on {args.device}, {engine.info.image_size} px: {args.batch} images x "
-          f"{args.bands} bands = {groups} band groups")  # fmt: skip
+    print(
+        f"{args.size} model on {args.device}, {engine.info.image_size} px: {args.batch} images x "
+        f"{args.bands} bands = {groups} band groups"
+    )
     with torch.inference_mode():
         one = timed(lambda: engine.image_features(images), args.device)
         looped = timed(lambda: engine.image_features(images, one_call=False), args.device)

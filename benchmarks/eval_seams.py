@@ -50,9 +50,18 @@ def _write(path: Path, image: np.ndarray) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     bands, rows, cols = image.shape
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=bands, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000.0, 4_000_000.0, PIXEL_M, PIXEL_M),
-                       photometric="RGB") as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=bands,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000.0, 4_000_000.0, PIXEL_M, PIXEL_M),
+        photometric="RGB",
+    ) as dst:
         dst.write(image)
     return path
 
@@ -76,8 +85,10 @@ def demo_mosaic(path: Path, n: int = 12, size: int = 448, seed: int = 7) -> Trut
         index += 1
         if scene.of_class("ship"):
             scenes.append(scene)
-    rows = [np.concatenate([synthetic.render(scenes[r * n + c], size) for c in range(n)], axis=2)
-            for r in range(n)]  # fmt: skip
+    rows = [
+        np.concatenate([synthetic.render(scenes[r * n + c], size) for c in range(n)], axis=2)
+        for r in range(n)
+    ]
     boxes = []
     for k, scene in enumerate(scenes):
         r, c = divmod(k, n)
@@ -100,8 +111,13 @@ def scan(path: Path, engine: Any) -> tuple[list[dict[str, Any]], dict[int, dict[
             features.extend(fields["features"])
             tiles.update({t["index"]: t for t in fields["tiles"]})
 
-    header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-              "options": {"tile_size": TILE, "overlap": OVERLAP, "batch": 16, "merge": False}}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source_by_reference(str(path)),
+        "options": {"tile_size": TILE, "overlap": OVERLAP, "batch": 16, "merge": False},
+    }
     t = time.perf_counter()
     scan_op.run(header, engine, emit)
     return features, tiles, time.perf_counter() - t
@@ -157,8 +173,9 @@ def score(features: list[dict[str, Any]], truth: Truth, transform: Any) -> Score
         else:
             background += 1
     extra = len(preds) - len(match) - background
-    return Score(len(preds), len(true), len(match), sum(n == 1 for n in on), sum(n >= 2 for n in on), extra,
-                 background)  # fmt: skip
+    return Score(
+        len(preds), len(true), len(match), sum(n == 1 for n in on), sum(n >= 2 for n in on), extra, background
+    )
 
 
 def old_merge(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -181,7 +198,11 @@ def old_merge(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         kept.append(i)
         for j in range(len(features)):
-            if j == i or j in removed or features[j]["properties"].get("label") != features[i]["properties"].get("label"):  # fmt: skip
+            if (
+                j == i
+                or j in removed
+                or features[j]["properties"].get("label") != features[i]["properties"].get("label")
+            ):
                 continue
             inter = polys[i].intersection(polys[j]).area
             union = polys[i].area + polys[j].area - inter
@@ -191,8 +212,10 @@ def old_merge(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def row(scene: str, merge: str, s: Score) -> str:
-    return (f"| {scene} | {merge} | {s.objects} | {s.boxes} | {s.one_box} | {s.several} | {s.extra} | "
-            f"{s.background} | {s.precision:.1%} | {s.recall:.1%} |")  # fmt: skip
+    return (
+        f"| {scene} | {merge} | {s.objects} | {s.boxes} | {s.one_box} | {s.several} | {s.extra} | "
+        f"{s.background} | {s.precision:.1%} | {s.recall:.1%} |"
+    )
 
 
 def total(scores: list[Score]) -> Score:
@@ -225,16 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.no_mosaic:
         jobs.append(("mosaic", demo_mosaic))
-    lines = ["| scene | merge | ships | boxes | ships with one box | ships with 2+ boxes | other boxes on a ship "
-             "| on background | precision | recall |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| scene | merge | ships | boxes | ships with one box | ships with 2+ boxes | other boxes on a ship "
+        "| on background | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     seas: dict[str, list[Score]] = {"before": [], "after": []}
     for name, make in jobs:
         truth = make(work / f"{name.replace(' ', '-')}.tif")
         features, tiles, seconds = scan(truth.path, engine)
         with rasterio.open(truth.path) as src:
             transform = src.transform
-        print(f"{name}: {len(truth.boxes)} ships, {len(tiles)} tiles scanned in {seconds:.1f} s, "
-              f"{len(features)} boxes before merging", file=sys.stderr)  # fmt: skip
+        print(
+            f"{name}: {len(truth.boxes)} ships, {len(tiles)} tiles scanned in {seconds:.1f} s, "
+            f"{len(features)} boxes before merging",
+            file=sys.stderr,
+        )
         before = score(old_merge(features), truth, transform)
         after = score(scenes.finished(features, tiles), truth, transform)
         lines += [row(name, "before", before), row(name, "**after**", after)]
@@ -243,8 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             seas["after"].append(after)
         if args.dump:
             Path(args.dump).mkdir(parents=True, exist_ok=True)
-            (Path(args.dump) / f"{name.replace(' ', '-')}.json").write_text(json.dumps(
-                {"features": features, "tiles": tiles, "truth": truth.boxes, "transform": list(transform)[:6]}))  # fmt: skip
+            (Path(args.dump) / f"{name.replace(' ', '-')}.json").write_text(
+                json.dumps(
+                    {
+                        "features": features,
+                        "tiles": tiles,
+                        "truth": truth.boxes,
+                        "transform": list(transform)[:6],
+                    }
+                )
+            )
     if seas["after"]:
         name = f"{len(seas['after'])} seam seas"
         lines += [row(name, "before", total(seas["before"])), row(name, "**after**", total(seas["after"]))]

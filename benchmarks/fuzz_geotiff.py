@@ -192,10 +192,67 @@ def serialize(tiff: Tiff, nexts: list[int | None] | None = None) -> bytes:
 # What the mutations put in
 # --------------------------------------------------------------------------------------------------
 
-BASELINE_TAGS = [254, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 330, 338, 339,
-                 340, 341, 347, 532, 33550, 33922, 34264, 34735, 34736, 34737, 42112, 42113, 50674, 32997, 530, 529]  # fmt: skip
-COMPRESSIONS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 32773, 32946, 34676, 34677, 34712, 34887, 34925, 34926, 34927,
-                50000, 50001, 50002, 65535]  # fmt: skip
+BASELINE_TAGS = [
+    254,
+    256,
+    257,
+    258,
+    259,
+    262,
+    273,
+    277,
+    278,
+    279,
+    284,
+    317,
+    322,
+    323,
+    324,
+    325,
+    330,
+    338,
+    339,
+    340,
+    341,
+    347,
+    532,
+    33550,
+    33922,
+    34264,
+    34735,
+    34736,
+    34737,
+    42112,
+    42113,
+    50674,
+    32997,
+    530,
+    529,
+]
+COMPRESSIONS = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    32773,
+    32946,
+    34676,
+    34677,
+    34712,
+    34887,
+    34925,
+    34926,
+    34927,
+    50000,
+    50001,
+    50002,
+    65535,
+]
 BITS = [0, 1, 2, 4, 7, 8, 12, 16, 24, 31, 32, 33, 64, 128, 255, 65535]
 HUGE = [0, 1, 2**15, 2**16 - 1, 2**16, 2**24, 2**31 - 1, 2**31, 2**32 - 1]
 FLOATS = [
@@ -213,13 +270,19 @@ FLOATS = [
     10.0,
 ]
 
-_GEOG1 = ('GEOGCS["GCS_X",DATUM["D_X",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
-          'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]')  # fmt: skip
-_PROJ1 = ('PROJCS["X_UTM",{geog},PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],'
-          'PARAMETER["False_Northing",0.0],PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],'
-          'PARAMETER["Latitude_Of_Origin",0.0],UNIT["Meter",{unit}]]')  # fmt: skip
-_GEOG2 = ('GEOGCRS["X",DATUM["X",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
-          'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]')  # fmt: skip
+_GEOG1 = (
+    'GEOGCS["GCS_X",DATUM["D_X",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
+    'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]'
+)
+_PROJ1 = (
+    'PROJCS["X_UTM",{geog},PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],'
+    'PARAMETER["False_Northing",0.0],PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],'
+    'PARAMETER["Latitude_Of_Origin",0.0],UNIT["Meter",{unit}]]'
+)
+_GEOG2 = (
+    'GEOGCRS["X",DATUM["X",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
+    'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]'
+)
 
 
 def grid_wkts(grid: str) -> list[str]:
@@ -260,8 +323,31 @@ def plain_wkts() -> list[str]:
 GEOKEY_IDS = [1024, 1025, 1026, 2048, 2049, 2050, 2051, 2052, 2054, 2056, 2057, 2058, 2059, 2060, 2061, 2062,
               3072, 3073, 3074, 3075, 3076, 3077, 3078, 3079, 3080, 3081, 3082, 3083, 3084, 3085, 3086, 3087,
               3088, 3089, 3090, 3091, 3092, 3093, 3094, 3095, 3096, 4096, 4097, 4098, 4099, 5120]  # fmt: skip
-GEOKEY_CODES = [0, 1, 2, 3, 4326, 4267, 4269, 32633, 3857, 2154, 27700, 32767, 65535, 9001, 9102, 9122, 5773,
-                7019, 6326, 8901, 9999, 1, 1]  # fmt: skip
+GEOKEY_CODES = [
+    0,
+    1,
+    2,
+    3,
+    4326,
+    4267,
+    4269,
+    32633,
+    3857,
+    2154,
+    27700,
+    32767,
+    65535,
+    9001,
+    9102,
+    9122,
+    5773,
+    7019,
+    6326,
+    8901,
+    9999,
+    1,
+    1,
+]
 
 
 @dataclass
@@ -392,8 +478,12 @@ def _offsets(m: Mutation) -> None:
         if not vals:
             continue
         choice = rng.randrange(5)
-        new = [rng.choice([0, 8, size - 1, size, size * 10, 2**31, 2**32 - 1, rng.randrange(size)])
-               if choice < 3 or rng.random() < 0.5 else v for v in vals]  # fmt: skip
+        new = [
+            rng.choice([0, 8, size - 1, size, size * 10, 2**31, 2**32 - 1, rng.randrange(size)])
+            if choice < 3 or rng.random() < 0.5
+            else v
+            for v in vals
+        ]
         if choice == 3:
             new = new[: rng.randrange(len(new) + 1)]  # fewer than blocks
         if choice == 4:
@@ -448,8 +538,14 @@ def _ifd_chain(m: Mutation) -> None:
     elif how == 3:  # copies of the first directory as overviews
         tiff.ifds.extend([list(m.first) for _ in range(rng.choice([1, 10, 200]))])
     else:  # SubIFDs: the first directory's children, pointing anywhere or back to it
-        m.put(330, rng.choice([4, 13]), [rng.choice([8, 0, len(tiff.data) - 1, rng.randrange(len(tiff.data))])
-                                         for _ in range(rng.choice([1, 3, 1000]))])  # fmt: skip
+        m.put(
+            330,
+            rng.choice([4, 13]),
+            [
+                rng.choice([8, 0, len(tiff.data) - 1, rng.randrange(len(tiff.data))])
+                for _ in range(rng.choice([1, 3, 1000]))
+            ],
+        )
 
 
 def _geokeys_random(m: Mutation) -> None:
@@ -496,12 +592,14 @@ def _geotransform(m: Mutation) -> None:
 
 def _gdal_metadata(m: Mutation) -> None:
     rng = m.rng
-    text = rng.choice([
-        '<GDALMetadata><Item name="SCALE" sample="0">nan</Item><Item name="OFFSET" sample="0">1e400</Item></GDALMetadata>',
-        "<GDALMetadata>" + "<Item name='x'>" * 500 + "</GDALMetadata>",
-        '<GDALMetadata><Item name="x" domain="xml:XMP">' + "a" * 100_000 + "</Item></GDALMetadata>",
-        "not xml",
-    ])  # fmt: skip
+    text = rng.choice(
+        [
+            '<GDALMetadata><Item name="SCALE" sample="0">nan</Item><Item name="OFFSET" sample="0">1e400</Item></GDALMetadata>',
+            "<GDALMetadata>" + "<Item name='x'>" * 500 + "</GDALMetadata>",
+            '<GDALMetadata><Item name="x" domain="xml:XMP">' + "a" * 100_000 + "</Item></GDALMetadata>",
+            "not xml",
+        ]
+    )
     m.put(42112, 2, list(_ascii(text)))
     if rng.random() < 0.5:
         m.put(42113, 2, list(_ascii(rng.choice(["nan", "1e999", "-inf", "x", ""]))))  # nodata
@@ -662,10 +760,28 @@ class Server:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
         log = open(self.log_path, "a")  # noqa: SIM115 - the server's log, open as long as it runs
-        cmd = [sys.executable, "-m", "earthdial.cli.main", "serve", "--device", "cpu", "--threads", "1",
-               "--endpoint", self.endpoint, "--allow-dir", str(self.folder), *self.extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "serve",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--endpoint",
+            self.endpoint,
+            "--allow-dir",
+            str(self.folder),
+            *self.extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=cap,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         self.starts += 1
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -798,8 +914,12 @@ def main() -> int:
     p.add_argument("--only", type=int, action="append", help="make and send only these file indexes")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: a new one in /tmp)")
     p.add_argument("--as-gb", type=float, default=6.0, help="the server's address-space limit, GiB")
-    p.add_argument("--rss-budget-gb", type=float, default=2.0,
-                   help="peak RSS the server may reach (its queue budget, 1 GiB, over a baseline under 1 GiB)")  # fmt: skip
+    p.add_argument(
+        "--rss-budget-gb",
+        type=float,
+        default=2.0,
+        help="peak RSS the server may reach (its queue budget, 1 GiB, over a baseline under 1 GiB)",
+    )
     p.add_argument("--make-only", action="store_true", help="write the files; start no server")
     p.add_argument("--keep", action="store_true", help="keep every file, not only the failing ones")
     args = p.parse_args()
@@ -813,8 +933,18 @@ def main() -> int:
     os.mkfifo(fifo)
     regular = gridroot / "ntv2.gsb"
     regular.write_bytes(b"NUM_OREC" + bytes(200))
-    ctx = Context([fifo, fifo, fifo, str(regular), "/dev/zero", "/dev/stdin", str(gridroot / "missing.gsb"),
-                   str(folder / "in-allowed.gsb")])  # fmt: skip
+    ctx = Context(
+        [
+            fifo,
+            fifo,
+            fifo,
+            str(regular),
+            "/dev/zero",
+            "/dev/stdin",
+            str(gridroot / "missing.gsb"),
+            str(folder / "in-allowed.gsb"),
+        ]
+    )
     indexes = args.only or list(range(args.start, args.start + args.n))
 
     if args.make_only:
@@ -890,9 +1020,12 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
             done = n + 1
             rate = done / (time.monotonic() - t0)
-            print(f"{done}/{len(indexes)} files, {rate:.2f}/s, worst status {probe.worst * 1000:.0f} ms, "
-                  f"RSS {rss // 1024} MiB (peak {peak_rss // 1024}), load {loads[-1]:.2f}, "
-                  f"failures {len(failed)}", flush=True)  # fmt: skip
+            print(
+                f"{done}/{len(indexes)} files, {rate:.2f}/s, worst status {probe.worst * 1000:.0f} ms, "
+                f"RSS {rss // 1024} MiB (peak {peak_rss // 1024}), load {loads[-1]:.2f}, "
+                f"failures {len(failed)}",
+                flush=True,
+            )
     wall = time.monotonic() - t0
     probe.stop()
     client.close()
@@ -922,15 +1055,19 @@ def main() -> int:
         "cores": os.cpu_count(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nfuzz run: {summary['files']} files, seed {args.seed}, {wall:.0f} s, load {summary['load_mean']} "
-          f"(max {summary['load_max']}) on {summary['cores']} cores")  # fmt: skip
+    print(
+        f"\nfuzz run: {summary['files']} files, seed {args.seed}, {wall:.0f} s, load {summary['load_mean']} "
+        f"(max {summary['load_max']}) on {summary['cores']} cores"
+    )
     print(f"{'reply':<16}{'plan':>8}{'ask':>8}")
     for code in sorted(set(counts["plan"]) | set(counts["ask"])):
         print(f"{code:<16}{counts['plan'][code]:>8}{counts['ask'][code]:>8}")
     print(f"failures: {dict(flag_counts) or 'none'}; files kept in {failures}")
     print(f"status: {probe.count} probes, worst {summary['worst_status_ms']} ms")
-    print(f"server RSS: baseline {summary['baseline_rss_mib']} MiB, peak {summary['peak_rss_mib']} MiB "
-          f"(budget {summary['rss_budget_mib']} MiB, RLIMIT_AS {args.as_gb:g} GiB); {server.starts} server start(s)")  # fmt: skip
+    print(
+        f"server RSS: baseline {summary['baseline_rss_mib']} MiB, peak {summary['peak_rss_mib']} MiB "
+        f"(budget {summary['rss_budget_mib']} MiB, RLIMIT_AS {args.as_gb:g} GiB); {server.starts} server start(s)"
+    )
     print(f"records: {out / 'records.jsonl'}")
     return 1 if failed else 0
 

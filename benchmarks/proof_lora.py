@@ -97,9 +97,18 @@ def review(reply: dict, scene: synthetic.Scene, task: str, cls: str) -> dict:
         if id(obj) in used:
             continue
         ring = box_to_polygon(truth_box(obj), *window)
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
-                         "properties": {"label": obj.cls, "review": training_data.ADDED, "request": request,
-                                        "task": task}})  # fmt: skip
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
+                "properties": {
+                    "label": obj.cls,
+                    "review": training_data.ADDED,
+                    "request": request,
+                    "task": task,
+                },
+            }
+        )
     return reply["features"]
 
 
@@ -115,8 +124,13 @@ def read_back(gpkg: Path, layer: str) -> dict:
         props = {name: values[i][k] for i, name in enumerate(fields)}
         props["box"] = json.loads(json.dumps([0, 0, 0, 0, 0]))
         geom = shapely.geometry.mapping(shapely.from_wkb(wkb))
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": geom["coordinates"]},
-                      "properties": props})  # fmt: skip
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": geom["coordinates"]},
+                "properties": props,
+            }
+        )
     return {"type": "FeatureCollection", "crs": meta["crs"], "features": feats}
 
 
@@ -196,8 +210,16 @@ def main() -> int:
     exported = training_data.export(str(gpkg), str(run / "records"))
     for line in exported.lines():
         print(line)
-    cfg = finetune.FinetuneConfig(minutes=args.minutes, projector=args.projector, vision=args.vision, look=args.look,
-                                  rank=args.rank, lr=args.lr, batch_size=args.batch_size, threads=2)  # fmt: skip
+    cfg = finetune.FinetuneConfig(
+        minutes=args.minutes,
+        projector=args.projector,
+        vision=args.vision,
+        look=args.look,
+        rank=args.rank,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        threads=2,
+    )
     summary = finetune.finetune(run / "records", base, run / "adapter", cfg, progress=False)
 
     # 4: held-out scenes, before and after

@@ -141,11 +141,14 @@ def build_wheel(folder: Path) -> Path:
     ]
     entries += [
         (f"{info}/METADATA", ("\n".join(metadata) + "\n").encode()),
-        (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: build_plugin.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        (
+            f"{info}/WHEEL",
+            b"Wheel-Version: 1.0\nGenerator: build_plugin.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        ),
         (f"{info}/entry_points.txt", f"[console_scripts]\n{scripts}".encode()),
         (f"{info}/top_level.txt", f"{BACKEND.name}\n".encode()),
         (f"{info}/LICENSE", (ROOT / "LICENSE").read_bytes()),
-    ]  # fmt: skip
+    ]
     record = (
         "".join(f"{arc},sha256={_digest(data)},{len(data)}\n" for arc, data in entries) + f"{info}/RECORD,,\n"
     )

@@ -118,8 +118,13 @@ def run_upstream(work: Path) -> None:
             model.language_model.generate = capture
             answers = {}
             for label, beams, min_new in case["decodings"]:
-                config = dict(num_beams=beams, max_new_tokens=case["max_new_tokens"], min_new_tokens=min_new,
-                              do_sample=False, **processors(case.get("bias"), tok))  # fmt: skip
+                config = dict(
+                    num_beams=beams,
+                    max_new_tokens=case["max_new_tokens"],
+                    min_new_tokens=min_new,
+                    do_sample=False,
+                    **processors(case.get("bias"), tok),
+                )
                 answers[label] = model.chat(tok, feats_in, case["question"], config, num_patches_list=patches)
                 results[f"{name}.ids.{label}"] = seen["ids"][0].numpy()
             results[f"{name}.end_id"] = np.array(tok.convert_tokens_to_ids("<|end|>"))
@@ -200,8 +205,10 @@ def prepare(work: Path, upstream_git: Path) -> None:
 
     files = subprocess.run(
         ["git", f"--git-dir={upstream_git}", "ls-tree", "-r", "--name-only", "HEAD", UPSTREAM_FILES],
-        check=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     if not files:
         raise SystemExit(f"{upstream_git}: no {UPSTREAM_FILES}/ at HEAD (is it a clone of EarthDial?)")
     for name in files:
@@ -218,9 +225,11 @@ def prepare(work: Path, upstream_git: Path) -> None:
     (work / "stubs" / "timm" / "__init__.py").write_text("")
     (stub / "__init__.py").write_text("")
     (stub / "layers.py").write_text(TIMM_STUB)
-    for name, size, hidden, variant in (("tiny224", 224, 64, "EarthDial_4B_MS"),
-                                        ("tiny448", 448, 1024, "EarthDial_4B_MS"),
-                                        ("tiny224-uhi", 224, 64, "EarthDial_4B_Methane_UHI")):  # fmt: skip
+    for name, size, hidden, variant in (
+        ("tiny224", 224, 64, "EarthDial_4B_MS"),
+        ("tiny448", 448, 1024, "EarthDial_4B_MS"),
+        ("tiny224-uhi", 224, 64, "EarthDial_4B_Methane_UHI"),
+    ):
         ckpt = work / name
         if not (ckpt / "config.json").exists():
             tiny.make_tiny_checkpoint(ckpt, variant, image_size=size, seed=1, vision_hidden=hidden)
@@ -273,21 +282,59 @@ def cases(work: Path) -> list[dict]:
     for ckpt, final in (("tiny224", True), ("tiny448", False)):
         for kind, tag, data, question in (
             ("rgb", "[hr_rgb_0.5]", rgb, refer),
-            ("ms4", "[hr_rgbi_0.5]", ms4,
-             "[hr_rgbi_0.5] [treeclassify] Classify the botanical tree species present inside the image in one of "
-             "the following species. Species: pine, oak \nAnswer in one word or a short phrase."),
-            ("ms12", "[s2_ms_10]", ms12, "[s2_ms_10] <image>\n Classify the given image in one of the following "
-             "classes. Classes: forest, water \nAnswer in one word or a short phrase."),
-            ("sar", "[s1_vh_1]", sar, "[refer] [s1_vh_1] <image> \n Give me the location of <ref>ships</ref>"),
-        ):  # fmt: skip
-            out.append({"name": f"{ckpt}-{kind}", "checkpoint": ckpt, "question": question, "final": final,
-                        "sources": [(data, tag)], "decodings": [GREEDY, BEAMS2]})  # fmt: skip
-    out.append({"name": "nodefaults-rgb", "checkpoint": "tiny224-nodefaults", "question": refer, "final": True,
-                "sources": [(rgb, "[hr_rgb_0.5]")], "decodings": [GREEDY, BEAMS2]})  # fmt: skip
+            (
+                "ms4",
+                "[hr_rgbi_0.5]",
+                ms4,
+                "[hr_rgbi_0.5] [treeclassify] Classify the botanical tree species present inside the image in one of "
+                "the following species. Species: pine, oak \nAnswer in one word or a short phrase.",
+            ),
+            (
+                "ms12",
+                "[s2_ms_10]",
+                ms12,
+                "[s2_ms_10] <image>\n Classify the given image in one of the following "
+                "classes. Classes: forest, water \nAnswer in one word or a short phrase.",
+            ),
+            (
+                "sar",
+                "[s1_vh_1]",
+                sar,
+                "[refer] [s1_vh_1] <image> \n Give me the location of <ref>ships</ref>",
+            ),
+        ):
+            out.append(
+                {
+                    "name": f"{ckpt}-{kind}",
+                    "checkpoint": ckpt,
+                    "question": question,
+                    "final": final,
+                    "sources": [(data, tag)],
+                    "decodings": [GREEDY, BEAMS2],
+                }
+            )
+    out.append(
+        {
+            "name": "nodefaults-rgb",
+            "checkpoint": "tiny224-nodefaults",
+            "question": refer,
+            "final": True,
+            "sources": [(rgb, "[hr_rgb_0.5]")],
+            "decodings": [GREEDY, BEAMS2],
+        }
+    )
     # min_new_tokens: <|end|> is every step's first choice; 1 gives one token, 0 an empty answer
-    out.append({"name": "min-new-tokens", "checkpoint": "tiny224", "question": refer, "final": True,
-                "sources": [(rgb, "[hr_rgb_0.5]")], "decodings": [GREEDY, GREEDY0, BEAMS5],
-                "bias": ["<|end|>", 50.0]})  # fmt: skip
+    out.append(
+        {
+            "name": "min-new-tokens",
+            "checkpoint": "tiny224",
+            "question": refer,
+            "final": True,
+            "sources": [(rgb, "[hr_rgb_0.5]")],
+            "decodings": [GREEDY, GREEDY0, BEAMS5],
+            "bias": ["<|end|>", 50.0],
+        }
+    )
     # the stop set: <|endoftext|> is every step's first choice; only <|end|> stops, so decoding runs on
     out.append(
         {
@@ -303,8 +350,17 @@ def cases(work: Path) -> list[dict]:
     inputs = {"rgb": rgb, "ms4": ms4, "ms8": rng.integers(5000, 30000, (8, 60, 60)).astype(np.uint16)}
     for task, prompt, kind, images in TASK_CASES:
         ckpt = "tiny224-uhi" if task in ("methane", "uhi") else "tiny224"
-        out.append({"name": f"task-{task}", "checkpoint": ckpt, "task": task, "prompt": prompt, "final": True,
-                    "arrays": [inputs[kind]] * images, "decodings": [GREEDY, BEAMS5]})  # fmt: skip
+        out.append(
+            {
+                "name": f"task-{task}",
+                "checkpoint": ckpt,
+                "task": task,
+                "prompt": prompt,
+                "final": True,
+                "arrays": [inputs[kind]] * images,
+                "decodings": [GREEDY, BEAMS5],
+            }
+        )
     for c in out:
         c["checkpoint"] = str(work / c["checkpoint"])
         c["max_new_tokens"] = MAX_NEW
@@ -319,8 +375,12 @@ def our_images(engine: Any, case: dict) -> tuple[str, list[Any]]:
     from earthdial.serving import service
 
     source = {"kind": "value", "transform": [0.5, 0, 500000, 0, -0.5, 4000000], "crs": "EPSG:32633"}
-    header = {"op": "ask", "task": case["task"], "prompt": case["prompt"],
-              "options": {"max_new_tokens": case["max_new_tokens"]}}  # fmt: skip
+    header = {
+        "op": "ask",
+        "task": case["task"],
+        "prompt": case["prompt"],
+        "options": {"max_new_tokens": case["max_new_tokens"]},
+    }
     header.update(
         {"sources": [source] * len(case["arrays"])} if len(case["arrays"]) > 1 else {"source": source}
     )
@@ -370,8 +430,14 @@ def run_ours(work: Path, case_list: list[dict]) -> dict:
             answers[label + "_upstream_style"] = engine.tokenizer.decode(
                 gen_ids[label], skip_special_tokens=True
             ).strip()
-        ours[case["name"]] = {"features": feats, "input_ids": ids[0].numpy(), "logits": logits,
-                              "answers": answers, "ids": gen_ids, "stop_ids": list(engine.stop_ids)}  # fmt: skip
+        ours[case["name"]] = {
+            "features": feats,
+            "input_ids": ids[0].numpy(),
+            "logits": logits,
+            "answers": answers,
+            "ids": gen_ids,
+            "stop_ids": list(engine.stop_ids),
+        }
     return ours
 
 
@@ -426,9 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
-        [str(args.venv / "bin" / "python"), str(Path(__file__).resolve()), "--role", "upstream", "--work", str(work)],
-        check=True, env=env,
-    )  # fmt: skip
+        [
+            str(args.venv / "bin" / "python"),
+            str(Path(__file__).resolve()),
+            "--role",
+            "upstream",
+            "--work",
+            str(work),
+        ],
+        check=True,
+        env=env,
+    )
     theirs = np.load(work / "upstream.npz")
     their_meta = json.loads((work / "upstream.json").read_text())
     rows = []
@@ -470,17 +544,21 @@ def main(argv: list[str] | None = None) -> int:
     def mark(ok: bool) -> str:
         return "=" if ok else "DIFF"
 
-    print(f"{'case':26} {'features':>11} {'max|d|':>9} {'rel':>9} {'prompt':>11} {'logit|d|':>9} {'top1':>4} "
-          f"{'stop':>4}  decodings: ids/text (tokens)")  # fmt: skip
+    print(
+        f"{'case':26} {'features':>11} {'max|d|':>9} {'rel':>9} {'prompt':>11} {'logit|d|':>9} {'top1':>4} "
+        f"{'stop':>4}  decodings: ids/text (tokens)"
+    )
     for r in rows:
         decoded = "  ".join(
             f"{label} {mark(d['ids_equal'])}/{mark(d['text_equal'])} ({d['tokens']})"
             for label, d in r["decodings"].items()
         )
         prompt = f"{mark(r['prompt_ids_equal'])} ({r['prompt_tokens']})"
-        print(f"{r['case']:26} {str(r['features_shape']):>11} {r['features_max_abs']:9.2e} "
-              f"{r['features_max_rel']:9.2e} {prompt:>11} {r['logits_max_abs']:9.2e} "
-              f"{mark(r['argmax_equal']):>4} {mark(r['stop_ids_equal']):>4}  {decoded}")  # fmt: skip
+        print(
+            f"{r['case']:26} {str(r['features_shape']):>11} {r['features_max_abs']:9.2e} "
+            f"{r['features_max_rel']:9.2e} {prompt:>11} {r['logits_max_abs']:9.2e} "
+            f"{mark(r['argmax_equal']):>4} {mark(r['stop_ids_equal']):>4}  {decoded}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
     ok = all(

@@ -37,8 +37,11 @@ class FakeHub:
     endpoint: str = ""
 
     def files(self) -> dict[str, bytes]:
-        return {p.relative_to(self.folder).as_posix(): p.read_bytes()
-                for p in sorted(self.folder.rglob("*")) if p.is_file()}  # fmt: skip
+        return {
+            p.relative_to(self.folder).as_posix(): p.read_bytes()
+            for p in sorted(self.folder.rglob("*"))
+            if p.is_file()
+        }
 
     def listing(self) -> dict[str, Any]:
         siblings = []

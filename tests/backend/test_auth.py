@@ -29,8 +29,12 @@ def test_bind_rules() -> None:
 
 
 def test_serve_refuses_a_network_bind_without_curve() -> None:
-    out = subprocess.run([*CLI, "serve", "--no-model", "--endpoint", "tcp://0.0.0.0:5999"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [*CLI, "serve", "--no-model", "--endpoint", "tcp://0.0.0.0:5999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "CURVE" in out.stderr and "--curve-secret-key" in out.stderr
 
@@ -57,8 +61,20 @@ def test_a_secret_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(paths["server.secret"], 0o644)
     with pytest.raises(PermissionError):
         auth.read_key(paths["server.secret"], secret=True)
-    out = subprocess.run([*CLI, "serve", "--no-model", "--curve-secret-key", str(paths["server.secret"]),
-                          "--endpoint", f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [
+            *CLI,
+            "serve",
+            "--no-model",
+            "--curve-secret-key",
+            str(paths["server.secret"]),
+            "--endpoint",
+            f"tcp://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "chmod 600" in out.stderr
 
 

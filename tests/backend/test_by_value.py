@@ -73,13 +73,31 @@ def test_ask_and_change_send_the_pixels_of_a_file_the_server_may_not_open(
 ) -> None:
     allowed, elsewhere = folders
     scene = elsewhere / "scene.tif"
-    out, err = run(capsys, "ask", str(scene), "--prompt", "ships", "--endpoint", demo_server,
-                   "-o", str(tmp_path / "value.geojson"))  # fmt: skip
+    out, err = run(
+        capsys,
+        "ask",
+        str(scene),
+        "--prompt",
+        "ships",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "value.geojson"),
+    )
     assert "forbidden_path" in err and "its pixels are read here and sent instead" in err
     by_value = features(tmp_path / "value.geojson")
     assert by_value and {f["properties"]["source"] for f in by_value} == {str(scene)}
-    reference_out, reference_err = run(capsys, "ask", str(allowed / "scene.tif"), "--prompt", "ships",
-                                       "--endpoint", demo_server, "-o", str(tmp_path / "ref.geojson"))  # fmt: skip
+    reference_out, reference_err = run(
+        capsys,
+        "ask",
+        str(allowed / "scene.tif"),
+        "--prompt",
+        "ships",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "ref.geojson"),
+    )
     assert "forbidden_path" not in reference_err
     assert out.splitlines()[0] == reference_out.splitlines()[0]  # the same answer as by reference
     same_boxes(by_value, features(tmp_path / "ref.geojson"))
@@ -87,8 +105,9 @@ def test_ask_and_change_send_the_pixels_of_a_file_the_server_may_not_open(
     pair = [str(scene), str(elsewhere / "later.tif")]
     out, err = run(capsys, "change", *pair, "--endpoint", demo_server)
     assert "forbidden_path" in err
-    reference_out, _ = run(capsys, "change", str(allowed / "scene.tif"), str(allowed / "later.tif"),
-                           "--endpoint", demo_server)  # fmt: skip
+    reference_out, _ = run(
+        capsys, "change", str(allowed / "scene.tif"), str(allowed / "later.tif"), "--endpoint", demo_server
+    )
     assert out.splitlines()[0] == reference_out.splitlines()[0]
 
 
@@ -97,21 +116,63 @@ def test_scans_stream_the_tiles_of_a_file_the_server_may_not_open(
 ) -> None:
     allowed, elsewhere = folders
     scene = elsewhere / "scene.tif"
-    _, err = run(capsys, "detect", str(scene), "--prompt", "ships", "--tile-size", "200",
-                 "--endpoint", demo_server, "-o", str(tmp_path / "value.geojson"))  # fmt: skip
+    _, err = run(
+        capsys,
+        "detect",
+        str(scene),
+        "--prompt",
+        "ships",
+        "--tile-size",
+        "200",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "value.geojson"),
+    )
     assert "forbidden_path" in err and "9 tiles of 200 px" in err
     by_value = features(tmp_path / "value.geojson")
     assert by_value and {f["properties"]["source"] for f in by_value} == {str(scene)}
-    _, err = run(capsys, "detect", str(allowed / "scene.tif"), "--prompt", "ships", "--tile-size", "200",
-                 "--endpoint", demo_server, "-o", str(tmp_path / "ref.geojson"))  # fmt: skip
+    _, err = run(
+        capsys,
+        "detect",
+        str(allowed / "scene.tif"),
+        "--prompt",
+        "ships",
+        "--tile-size",
+        "200",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "ref.geojson"),
+    )
     assert "forbidden_path" not in err
     same_boxes(by_value, features(tmp_path / "ref.geojson"))
 
-    out, err = run(capsys, "detect-changes", str(scene), str(elsewhere / "later.tif"), "--tile-size", "200",
-                   "--endpoint", demo_server, "-o", str(tmp_path / "changes.gpkg"))  # fmt: skip
+    out, err = run(
+        capsys,
+        "detect-changes",
+        str(scene),
+        str(elsewhere / "later.tif"),
+        "--tile-size",
+        "200",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "changes.gpkg"),
+    )
     assert "forbidden_path" in err and "9 tiles of 200 px" in err
-    reference, _ = run(capsys, "detect-changes", str(allowed / "scene.tif"), str(allowed / "later.tif"),
-                       "--tile-size", "200", "--endpoint", demo_server, "-o", str(tmp_path / "ref.gpkg"))  # fmt: skip
+    reference, _ = run(
+        capsys,
+        "detect-changes",
+        str(allowed / "scene.tif"),
+        str(allowed / "later.tif"),
+        "--tile-size",
+        "200",
+        "--endpoint",
+        demo_server,
+        "-o",
+        str(tmp_path / "ref.gpkg"),
+    )
     changed = [line for line in out.splitlines() if "tile pairs changed" in line]
     assert changed and changed == [line for line in reference.splitlines() if "tile pairs changed" in line]
 
@@ -123,7 +184,18 @@ def test_the_preview_of_an_ask_sent_by_value_shows_the_bands_asked_for(
 
     allowed, elsewhere = folders
     for folder, name in ((elsewhere, "value.png"), (allowed, "ref.png")):
-        run(capsys, "ask", str(folder / "scene.tif"), "--prompt", "ships", "--bands", "3,2,1",
-            "--endpoint", demo_server, "--preview", str(tmp_path / name))  # fmt: skip
+        run(
+            capsys,
+            "ask",
+            str(folder / "scene.tif"),
+            "--prompt",
+            "ships",
+            "--bands",
+            "3,2,1",
+            "--endpoint",
+            demo_server,
+            "--preview",
+            str(tmp_path / name),
+        )
     with rasterio.open(tmp_path / "value.png") as a, rasterio.open(tmp_path / "ref.png") as b:
         assert (a.read() == b.read()).all()  # bands 3, 2, 1 of the file in both, boxes drawn alike

@@ -31,13 +31,38 @@ def published_keys(vision_layers: int, llm_layers: int) -> set[str]:
     }  # fmt: skip
     for i in range(vision_layers):
         p = f"vision_model.encoder.layers.{i}."
-        keys |= {p + s for s in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "ls1", "ls2",
-                                 "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-                                 "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}  # fmt: skip
+        keys |= {
+            p + s
+            for s in (
+                "attn.qkv.weight",
+                "attn.qkv.bias",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "ls1",
+                "ls2",
+                "norm1.weight",
+                "norm1.bias",
+                "norm2.weight",
+                "norm2.bias",
+                "mlp.fc1.weight",
+                "mlp.fc1.bias",
+                "mlp.fc2.weight",
+                "mlp.fc2.bias",
+            )
+        }
     for i in range(llm_layers):
         p = f"language_model.model.layers.{i}."
-        keys |= {p + s for s in ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
-                                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")}  # fmt: skip
+        keys |= {
+            p + s
+            for s in (
+                "self_attn.qkv_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.gate_up_proj.weight",
+                "mlp.down_proj.weight",
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+            )
+        }
     return keys
 
 
@@ -121,8 +146,12 @@ def _reference_image_features(w: dict[str, torch.Tensor], cfg: dict, pixels: tor
     """InternViT + pixel shuffle + mlp1, computed straight from the published weights."""
     vc = cfg["vision_config"]
     d, heads, eps = vc["hidden_size"], vc["num_attention_heads"], vc["layer_norm_eps"]
-    x = F.conv2d(pixels, w["vision_model.embeddings.patch_embedding.weight"],
-                 w["vision_model.embeddings.patch_embedding.bias"], stride=vc["patch_size"])  # fmt: skip
+    x = F.conv2d(
+        pixels,
+        w["vision_model.embeddings.patch_embedding.weight"],
+        w["vision_model.embeddings.patch_embedding.bias"],
+        stride=vc["patch_size"],
+    )
     x = x.flatten(2).transpose(1, 2)
     cls = w["vision_model.embeddings.class_embedding"].expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1) + w["vision_model.embeddings.position_embedding"]
@@ -197,9 +226,20 @@ def test_serve_refuses_a_broken_checkpoint_and_names_the_keys(tiny_checkpoint: P
     del w["language_model.lm_head.weight"]
     save_file(w, str(bad / "model.safetensors"))
     proc = subprocess.run(
-        [sys.executable, "-m", "earthdial.cli.main", "serve", "--model", str(bad), "--endpoint", "tcp://127.0.0.1:0"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "serve",
+            "--model",
+            str(bad),
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "language_model.lm_head.weight" in proc.stderr
 

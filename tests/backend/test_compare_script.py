@@ -16,8 +16,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_upstream.py"
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    return subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-S", "-E", str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _run_without_this_project(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -25,10 +31,13 @@ def _run_without_this_project(args: list[str], cwd: Path) -> subprocess.Complete
     made unimportable, as it is in upstream's venv before the upstream half puts upstream's own on
     sys.path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    code = ("import runpy, sys; sys.modules['earthdial'] = None; "
-            f"sys.argv = [{str(SCRIPT)!r}, *{args!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")  # fmt: skip
-    return subprocess.run([sys.executable, "-E", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    code = (
+        "import runpy, sys; sys.modules['earthdial'] = None; "
+        f"sys.argv = [{str(SCRIPT)!r}, *{args!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-E", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_upstream_half_parses_its_arguments_without_this_project_or_site_packages(tmp_path: Path) -> None:

@@ -131,8 +131,12 @@ def test_serve_kv_cache_sets_the_cache_mode_and_the_old_decode_flag_still_does_w
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         proc = start_server(tiny_checkpoint, endpoint, extra=(flag, "static", "--decoding", "beams"))
         try:
-            status = subprocess.run([*EARTHDIAL, "status", "--endpoint", endpoint, "--json"], capture_output=True,
-                                    text=True, timeout=60)  # fmt: skip
+            status = subprocess.run(
+                [*EARTHDIAL, "status", "--endpoint", endpoint, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             model = json.loads(status.stdout)["model"]
             assert (model["cache_mode"], model["decoding"]) == ("static", "beams")
             assert "decode" not in model
@@ -141,8 +145,11 @@ def test_serve_kv_cache_sets_the_cache_mode_and_the_old_decode_flag_still_does_w
         args = build_parser().parse_args(["serve", flag, "compiled"])
         assert args.cache_mode == "compiled"
         warned = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
-        assert warned == (["earthdial: warning: --decode is deprecated, use --kv-cache (the same values)"]
-                          if flag == "--decode" else []), warned  # fmt: skip
+        assert warned == (
+            ["earthdial: warning: --decode is deprecated, use --kv-cache (the same values)"]
+            if flag == "--decode"
+            else []
+        ), warned
     assert build_parser().parse_args(["serve"]).cache_mode == "auto"
     refused = subprocess.run(
         [*EARTHDIAL, "serve", "--decode", "fast"], capture_output=True, text=True, timeout=60

@@ -380,8 +380,11 @@ def test_shipped_demo_says_none_for_an_absent_class(demo_engine, tmp_path) -> No
         if not missing:
             continue
         path = synthetic.write_geotiff(tmp_path / f"absent_{i}.tif", synthetic.render(scene))
-        reply = service.run({"op": "ask", "task": "refer", "prompt": missing[0], "source": source_by_reference(str(path))},
-                            [], demo_engine)  # fmt: skip
+        reply = service.run(
+            {"op": "ask", "task": "refer", "prompt": missing[0], "source": source_by_reference(str(path))},
+            [],
+            demo_engine,
+        )
         none += not parse_boxes(reply["answer"])
         tried += 1
         if tried == 20:

@@ -33,8 +33,17 @@ def write(
     path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1
 ) -> Path:
     count, rows, cols = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
-                       crs=crs, transform=from_origin(x0, 4_000_000, px, px)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=count,
+        dtype=data.dtype.name,
+        crs=crs,
+        transform=from_origin(x0, 4_000_000, px, px),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -47,14 +56,23 @@ def scene(tmp_path_factory) -> Path:
 
 def mosaic(path: Path, n: int = 3, size: int = 224, seed: int = 7) -> Path:
     """n x n synthetic demo scenes side by side: a multi-tile layer with objects the demo model knows."""
-    rows = [np.concatenate([synthetic.render(synthetic.make_scene(seed, r * n + c), size) for c in range(n)], axis=2)
-            for r in range(n)]  # fmt: skip
+    rows = [
+        np.concatenate(
+            [synthetic.render(synthetic.make_scene(seed, r * n + c), size) for c in range(n)], axis=2
+        )
+        for r in range(n)
+    ]
     return synthetic.write_geotiff(path, np.concatenate(rows, axis=1))
 
 
 def _header(path: Path, **options: Any) -> dict:
-    return {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-            "options": {"tile_size": 224, "overlap": 0.1, "batch": 2, **options}}  # fmt: skip
+    return {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source_by_reference(str(path)),
+        "options": {"tile_size": 224, "overlap": 0.1, "batch": 2, **options},
+    }
 
 
 def test_detect_streams_the_plan_then_progress_then_merged_chunks(server: str, scene: Path) -> None:
@@ -66,7 +84,9 @@ def test_detect_streams_the_plan_then_progress_then_merged_chunks(server: str, s
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["done"] for e in progress] == [2, 4, 6] and reply["tiles"] == 6
     assert sorted(t["index"] for e in progress for t in e["tiles"]) == list(range(6))
-    assert reply["crs"] == "EPSG:32633" and reply["boxes"] == sum(len(e["features"]) for e in events if e["event"] == "merged")  # fmt: skip
+    assert reply["crs"] == "EPSG:32633" and reply["boxes"] == sum(
+        len(e["features"]) for e in events if e["event"] == "merged"
+    )
 
 
 def test_cancelling_a_scan_stops_it_within_a_batch_and_the_next_request_is_answered_at_once(
@@ -75,14 +95,21 @@ def test_cancelling_a_scan_stops_it_within_a_batch_and_the_next_request_is_answe
     events: list[int] = []
     with Client(server, timeout_s=120) as c:
         with pytest.raises(EarthDialError) as err:
-            c.scan(_header(scene, batch=1), on_event=lambda ev: ev["event"] == "progress" and events.append(ev["done"]),
-                   cancelled=lambda: len(events) >= 1)  # fmt: skip
+            c.scan(
+                _header(scene, batch=1),
+                on_event=lambda ev: ev["event"] == "progress" and events.append(ev["done"]),
+                cancelled=lambda: len(events) >= 1,
+            )
         assert err.value.code == "cancelled"
         t = time.monotonic()
         assert c.ping(timeout_s=10)["pong"] and c.status()["protocol"] == 1
         assert time.monotonic() - t < 5  # answered by the loop while the worker drops the scan
         # the worker is free again: an ask goes through
-        ask = c.ask(source_by_reference(str(scene), bounds=[500_000, 3_999_800, 500_200, 4_000_000]), "ships", task="refer")  # fmt: skip
+        ask = c.ask(
+            source_by_reference(str(scene), bounds=[500_000, 3_999_800, 500_200, 4_000_000]),
+            "ships",
+            task="refer",
+        )
         assert ask["ok"]
     assert len(events) == 1
 
@@ -117,8 +144,11 @@ def test_an_ask_during_a_long_scan_is_answered_within_two_of_its_batches(server:
         assert started.wait(120), "the scan sent no progress"
         before = seen[-1]
         with Client(server, timeout_s=120) as b:
-            reply = b.ask(source_by_reference(str(scene), bounds=[500_000, 3_999_900, 500_100, 4_000_000]),
-                          "ships", task="refer")  # fmt: skip
+            reply = b.ask(
+                source_by_reference(str(scene), bounds=[500_000, 3_999_900, 500_100, 4_000_000]),
+                "ships",
+                task="refer",
+            )
         after = seen[-1]
     finally:
         stop.set()
@@ -143,7 +173,9 @@ def test_two_scans_take_turns_batch_by_batch(server: str, tmp_path: Path) -> Non
                 first_started.set()
 
         header = _header(scene, tile_size=32, overlap=0.0, batch=4)
-        header["source"] = source_by_reference(str(scene), bounds=[500_000, 4_000_000 - 32, 500_000 + 32 * tiles, 4_000_000])  # fmt: skip
+        header["source"] = source_by_reference(
+            str(scene), bounds=[500_000, 4_000_000 - 32, 500_000 + 32 * tiles, 4_000_000]
+        )
         with Client(server, timeout_s=300) as c:
             assert c.scan(header, on_event=on_event)["tiles"] == tiles
 
@@ -177,7 +209,9 @@ class ManyBoxes:
         return [Answer(self.answer) for _ in queries]
 
 
-def test_a_scan_of_20000_boxes_arrives_whole_in_events_within_the_frame_limit(tiny_checkpoint: Path, tmp_path: Path) -> None:  # fmt: skip
+def test_a_scan_of_20000_boxes_arrives_whole_in_events_within_the_frame_limit(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     path = write(tmp_path / "wide.tif", np.zeros((3, 224, 224 * 20), np.uint8) + 80)
     engine = ManyBoxes(Engine(str(tiny_checkpoint), device="cpu"))
     server = Server(engine, f"tcp://127.0.0.1:{free_port()}", allowed_dirs=[str(tmp_path)])
@@ -211,8 +245,12 @@ def _read_like_the_backend(path: Path):
     src = rasterio.open(path)
 
     def read_tile(index: int, window: tuple, shape: tuple) -> np.ndarray:
-        return src.read([1, 2, 3], window=rasterio.windows.Window(*window), out_shape=(3, shape[1], shape[0]),
-                        resampling=rasterio.enums.Resampling.average)  # fmt: skip
+        return src.read(
+            [1, 2, 3],
+            window=rasterio.windows.Window(*window),
+            out_shape=(3, shape[1], shape[0]),
+            resampling=rasterio.enums.Resampling.average,
+        )
 
     return src, read_tile
 
@@ -252,15 +290,34 @@ def test_a_layer_streamed_by_value_scans_with_the_same_tiles_and_merge_as_the_fi
 def _gpkg(path: Path, layer: str | None = None) -> list[tuple]:
     meta, _, geoms, fields = pyogrio.raw.read(str(path), layer=layer)
     names = list(meta["fields"])
-    return sorted(zip([bytes(g) for g in geoms], *(fields[names.index(n)] for n in ("label", "tile", "score", "answer")), strict=True))  # fmt: skip
+    return sorted(
+        zip(
+            [bytes(g) for g in geoms],
+            *(fields[names.index(n)] for n in ("label", "tile", "score", "answer")),
+            strict=True,
+        )
+    )
 
 
 def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
     path = mosaic(tmp_path / "mosaic.tif", n=3)
-    base = [*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2",
-            "--model", str(DEMO_DIR), "--device", "cpu"]  # fmt: skip
+    base = [
+        *EARTHDIAL,
+        "detect",
+        str(path),
+        "--prompt",
+        "ships",
+        "--tile-size",
+        "224",
+        "--batch",
+        "2",
+        "--model",
+        str(DEMO_DIR),
+        "--device",
+        "cpu",
+    ]
     whole = tmp_path / "whole.gpkg"
     run = subprocess.run([*base, "-o", str(whole)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -297,8 +354,23 @@ def test_a_server_restart_leaves_a_resumable_scan(tmp_path: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     out = tmp_path / "out.gpkg"
     log = Path(journal.path_for(str(out)))
-    cmd = [*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2",
-           "--endpoint", endpoint, "--timeout", "60", "-o", str(out)]  # fmt: skip
+    cmd = [
+        *EARTHDIAL,
+        "detect",
+        str(path),
+        "--prompt",
+        "ships",
+        "--tile-size",
+        "224",
+        "--batch",
+        "2",
+        "--endpoint",
+        endpoint,
+        "--timeout",
+        "60",
+        "-o",
+        str(out),
+    ]
     server = start_server(DEMO_DIR, endpoint)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -324,9 +396,27 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
     a = synthetic.write_geotiff(tmp_path / "before.tif", before)
     b = synthetic.write_geotiff(tmp_path / "after.tif", after)
     out = tmp_path / "changes.gpkg"
-    run = subprocess.run([*EARTHDIAL, "detect-changes", str(a), str(b), "--tile-size", "224", "--overlap", "0",
-                          "--model", str(DEMO_DIR), "--device", "cpu", "-o", str(out)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [
+            *EARTHDIAL,
+            "detect-changes",
+            str(a),
+            str(b),
+            "--tile-size",
+            "224",
+            "--overlap",
+            "0",
+            "--model",
+            str(DEMO_DIR),
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     layers = [name for name, _ in pyogrio.list_layers(str(out))]
     (tiles_layer,) = [n for n in layers if n.endswith("_tiles")]
@@ -346,12 +436,18 @@ def test_a_sequence_streamed_by_value_detects_the_same_changes_as_the_files(tmp_
     of 112 px are read at the demo model's 112 px, so both ways see the same pixels; a batch of 3 over 4
     tiles a pair makes the client send a later pair's tiles while the pair before is still asked about."""
     pairs = [synthetic.make_pair(11, i) for i in range(4)]
-    layers = [np.concatenate([synthetic.render(getattr(p, side), 112) for p in pairs], axis=2)
-              for side in ("before", "after", "before")]  # fmt: skip
+    layers = [
+        np.concatenate([synthetic.render(getattr(p, side), 112) for p in pairs], axis=2)
+        for side in ("before", "after", "before")
+    ]
     paths = [synthetic.write_geotiff(tmp_path / f"t{k}.tif", data) for k, data in enumerate(layers)]
     options = {"tile_size": 112, "overlap": 0.0, "batch": 3}
-    by_ref = {"op": "detect_changes", "task": "change", "sources": [source_by_reference(str(p)) for p in paths],
-              "options": options}  # fmt: skip
+    by_ref = {
+        "op": "detect_changes",
+        "task": "change",
+        "sources": [source_by_reference(str(p)) for p in paths],
+        "options": options,
+    }
     with rasterio.open(paths[0]) as src:
         grid = {"kind": "stream", "width": src.width, "height": src.height, "band_count": 3, "dtype": "uint8",
                 "transform": list(src.transform)[:6], "crs": src.crs.to_string(),
@@ -375,8 +471,12 @@ def test_a_sequence_streamed_by_value_detects_the_same_changes_as_the_files(tmp_
         stop_server(proc)
 
     def tiles(events: list[dict]) -> list[tuple]:
-        return sorted((t["index"], t["pair"], t["answer"], t["changed"]) for e in events if e["event"] == "progress"
-                      for t in e["tiles"])  # fmt: skip
+        return sorted(
+            (t["index"], t["pair"], t["answer"], t["changed"])
+            for e in events
+            if e["event"] == "progress"
+            for t in e["tiles"]
+        )
 
     assert ref_reply["tiles"] == val_reply["tiles"] == 8 and sorted(read) == list(range(8))
     assert ref_events[0]["plan"] == val_events[0]["plan"]
@@ -390,8 +490,10 @@ def test_a_sequence_streamed_by_value_detects_the_same_changes_as_the_files(tmp_
     ] * 4
 
     def boxes(merged: list[dict]) -> list[tuple]:
-        return sorted((f["properties"]["tile"], f["properties"]["label"], str(f["geometry"]["coordinates"]))
-                      for f in merged)  # fmt: skip
+        return sorted(
+            (f["properties"]["tile"], f["properties"]["label"], str(f["geometry"]["coordinates"]))
+            for f in merged
+        )
 
     assert boxes(val_merged) == boxes(ref_merged)
 
@@ -402,12 +504,25 @@ def test_bad_scans_get_typed_errors_and_the_server_keeps_serving(
     far = write(tmp_path / "far.tif", np.zeros((3, 50, 50), np.uint8), x0=900_000)
     no_crs = write(tmp_path / "nocrs.tif", np.zeros((3, 300, 300), np.uint8), crs=None)
     four = write(tmp_path / "four.tif", np.zeros((4, 400, 600), np.uint8))
-    pair = lambda *ps: {"op": "detect_changes", "task": "change", "sources": [source_by_reference(str(p)) for p in ps],  # noqa: E731
-                        "options": {"tile_size": 224}}  # fmt: skip
+
+    def pair(*ps: Path) -> dict:
+        return {
+            "op": "detect_changes",
+            "task": "change",
+            "sources": [source_by_reference(str(p)) for p in ps],
+            "options": {"tile_size": 224},
+        }
 
     def streamed_pair(layers: list[str], crs: str = "EPSG:32633") -> dict:
-        grid = {"kind": "stream", "width": 448, "height": 224, "band_count": 3, "transform": [1, 0, 500_000, 0, -1, 4_000_000],
-                "crs": crs, "layers": layers}  # fmt: skip
+        grid = {
+            "kind": "stream",
+            "width": 448,
+            "height": 224,
+            "band_count": 3,
+            "transform": [1, 0, 500_000, 0, -1, 4_000_000],
+            "crs": crs,
+            "layers": layers,
+        }
         return {"op": "detect_changes", "task": "change", "source": grid, "options": {"tile_size": 224}}
 
     cases = [

@@ -41,9 +41,13 @@ def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
 
 
 def run_download(hub: FakeHub, target: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EARTHDIAL, "download", "EarthDial_4B_RGB", "--dir", str(target), *extra],
-                          env=hub_env(hub, target.parent / "hf-home"), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [*EARTHDIAL, "download", "EarthDial_4B_RGB", "--dir", str(target), *extra],
+        env=hub_env(hub, target.parent / "hf-home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -77,9 +81,25 @@ def test_a_download_is_the_published_folder_and_the_model_answers(hub: FakeHub, 
     assert resolved and all(f"/resolve/{hub.commit}/" in p for p in resolved)
 
     scene = write_sample_scene(tmp_path / "scene.tif")
-    answer = subprocess.run([*EARTHDIAL, "ask", str(scene), "--model", str(target), "--task", "caption",
-                             "--max-new-tokens", "2", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    answer = subprocess.run(
+        [
+            *EARTHDIAL,
+            "ask",
+            str(scene),
+            "--model",
+            str(target),
+            "--task",
+            "caption",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert answer.returncode == 0, answer.stderr
 
     hub.requests.clear()
@@ -102,10 +122,14 @@ def test_a_killed_download_resumes_with_a_range_request(
     incomplete = target / download.PARTIAL / (WEIGHTS + download.INCOMPLETE)
     # Ctrl+C as a terminal gives it, whatever this test runs under: a shell without job control starts
     # background commands (a CI script's `... &`) with SIGINT ignored, and a child inherits that
-    proc = subprocess.Popen([*command, "download", "EarthDial_4B_RGB", "--dir", str(target)],
-                            env=hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = subprocess.Popen(
+        [*command, "download", "EarthDial_4B_RGB", "--dir", str(target)],
+        env=hub_env(hub, tmp_path / "hf-home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (incomplete.is_file() and incomplete.stat().st_size == STALL_AT):
@@ -185,8 +209,13 @@ def test_a_download_larger_than_the_free_space_is_refused_before_any_byte(
 
 def test_offline_mode_refuses_without_a_request(hub: FakeHub, tmp_path: Path) -> None:
     env = {**hub_env(hub, tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*EARTHDIAL, "download", "EarthDial_4B_RGB", "--dir", str(tmp_path / "ckpt")],
-                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*EARTHDIAL, "download", "EarthDial_4B_RGB", "--dir", str(tmp_path / "ckpt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "bad_request: HF_HUB_OFFLINE is set" in result.stderr
     assert hub.requests == [] and not (tmp_path / "ckpt").exists()
 
@@ -213,8 +242,9 @@ def test_a_file_name_leaving_the_folder_is_refused(name: str) -> None:
 
 
 def test_the_list_names_the_three_published_checkpoints() -> None:
-    listed = subprocess.run([*EARTHDIAL, "download", "--list", "--json"], capture_output=True, text=True,
-                            timeout=120, check=True)  # fmt: skip
+    listed = subprocess.run(
+        [*EARTHDIAL, "download", "--list", "--json"], capture_output=True, text=True, timeout=120, check=True
+    )
     names = [c["name"] for c in json.loads(listed.stdout)]
     assert names == ["EarthDial_4B_RGB", "EarthDial_4B_MS", "EarthDial_4B_Methane_UHI"]
     assert all(c["repo_id"] == f"akshaydudhane/{c['name']}" for c in json.loads(listed.stdout))

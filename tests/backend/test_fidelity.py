@@ -33,8 +33,10 @@ def engine(tiny_checkpoint: Path) -> Engine:
 # -- 1. band-group fusion grid ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("k", "grid"), [(1, (1, 1)), (2, (2, 1)), (3, (2, 2)), (4, (2, 2)), (5, (3, 2)),
-                                         (7, (3, 3)), (10, (4, 3))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("k", "grid"),
+    [(1, (1, 1)), (2, (2, 1)), (3, (2, 2)), (4, (2, 2)), (5, (3, 2)), (7, (3, 3)), (10, (4, 3))],
+)
 def test_fusion_grid_is_ceil_sqrt_rows_by_ceil_k_over_rows_columns(k: int, grid: tuple[int, int]) -> None:
     assert fusion_grid(k) == grid
 
@@ -110,8 +112,20 @@ def test_landsat8_constants_are_upstreams() -> None:
 
 
 def test_sentinel2_l2a_stds_are_upstreams() -> None:
-    assert sensors.S2_L2A_STD == (1111.4, 1159.1, 1188.1, 1375.2, 1376.6, 1358.6, 1418.4, 1476.4, 1439.9,
-                                  1582.1, 1460.7, 1352.2)  # fmt: skip
+    assert sensors.S2_L2A_STD == (
+        1111.4,
+        1159.1,
+        1188.1,
+        1375.2,
+        1376.6,
+        1358.6,
+        1418.4,
+        1476.4,
+        1439.9,
+        1582.1,
+        1460.7,
+        1352.2,
+    )
 
 
 # -- 4. SAR as evaluated --------------------------------------------------------------------------
@@ -193,19 +207,23 @@ def test_the_demo_tokenizer_adds_no_bos() -> None:
 
 def test_tree_species_prompt_is_upstreams_with_the_image_first() -> None:
     q = prompts.build_question("tree_species", "Quercus robur, Pinus nigra", "[hr_rgbi_0.5]")
-    assert q == ("[hr_rgbi_0.5] [treeclassify] Classify the botanical tree species present inside the image in "
-                 "one of the following species. Species: Quercus robur, Pinus nigra \nAnswer in one word or a "
-                 "short phrase.")  # fmt: skip
+    assert q == (
+        "[hr_rgbi_0.5] [treeclassify] Classify the botanical tree species present inside the image in "
+        "one of the following species. Species: Quercus robur, Pinus nigra \nAnswer in one word or a "
+        "short phrase."
+    )
     assert prompts.task("tree_species").sensor == "[hr_rgbi_0.5]"
     assert "<|user|>\n<image>\n[hr_rgbi_0.5] [treeclassify]" in prompts.render_chat(q, "sys")
 
 
 def test_damage_and_disaster_prompts_are_upstreams() -> None:
     damage = prompts.build_question("damage", "[[6, 6, 12, 22, 0]]", "[hr_rgb_temp_0.5]")
-    assert damage == ("[identify] [hr_rgb_temp_0.5] <image> <image>\n Compare the building at "
-                      "<box>[[6, 6, 12, 22, 0]]</box> between the pre-disaster and post-disaster images. In the "
-                      "post-disaster image, classify the level of damage. Classes: no-damage, destroyed, "
-                      "minor-damage, major-damage.")  # fmt: skip
+    assert damage == (
+        "[identify] [hr_rgb_temp_0.5] <image> <image>\n Compare the building at "
+        "<box>[[6, 6, 12, 22, 0]]</box> between the pre-disaster and post-disaster images. In the "
+        "post-disaster image, classify the level of damage. Classes: no-damage, destroyed, "
+        "minor-damage, major-damage."
+    )
     disaster = prompts.build_question("disaster", "", "[hr_rgb_temp_0.5]")
     assert disaster.endswith("Options: volcano, fire, earthquake, flood, tsunami, wind.")
 
@@ -237,8 +255,10 @@ def test_the_prompt_ids_of_a_served_refer_request_equal_upstreams_string(engine:
     cfg = json.loads((Path(engine.info.path) / "config.json").read_text())
     system = cfg.get("system_message", phi3_chat_default)  # upstream: the config's, else the template's
     image = "<img>" + "<IMG_CONTEXT>" * (64 * reply["tiles"]) + "</img>"
-    query = (f"<|system|>\n{system}<|end|><|user|>\n[refer] [hr_rgb_0.5] {image} \n Give me the location of "
-             "<ref>ships</ref><|end|><|assistant|>\n")  # fmt: skip
+    query = (
+        f"<|system|>\n{system}<|end|><|user|>\n[refer] [hr_rgb_0.5] {image} \n Give me the location of "
+        "<ref>ships</ref><|end|><|assistant|>\n"
+    )
     assert encoded[0][0].tolist() == engine.tokenizer(query)["input_ids"]
     no_space = query.replace("</img> \n", "</img>\n")
     assert engine.tokenizer(no_space)["input_ids"] != engine.tokenizer(query)["input_ids"]
@@ -274,11 +294,25 @@ def test_greedy_is_one_beam_and_at_least_one_new_token_as_the_published_evaluati
     assert (how.num_beams, how.min_new_tokens, how.sampling, how.system_message) == (1, 1, None, None)
 
 
-@pytest.mark.parametrize(("name", "beams"), [
-    ("classify", 5), ("tree_species", 5), ("methane", 5), ("uhi", 5), ("caption", 5), ("vqa", 5),
-    ("change", 5), ("disaster", 5), ("damage", 5), ("post_disaster_refer", 5),
-    ("refer", 2), ("identify", 2), ("grounding", 2), ("chat", 1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "beams"),
+    [
+        ("classify", 5),
+        ("tree_species", 5),
+        ("methane", 5),
+        ("uhi", 5),
+        ("caption", 5),
+        ("vqa", 5),
+        ("change", 5),
+        ("disaster", 5),
+        ("damage", 5),
+        ("post_disaster_refer", 5),
+        ("refer", 2),
+        ("identify", 2),
+        ("grounding", 2),
+        ("chat", 1),
+    ],
+)
 def test_beams_are_the_evaluation_scripts_num_beams_defaults(name: str, beams: int) -> None:
     how = prompts.decoding_for(name, "beams")
     assert (how.num_beams, how.min_new_tokens, how.sampling) == (beams, 1, None)
@@ -550,12 +584,25 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     for i in range(2):  # 3:2 windows: 6 + 1 tiles alone, at most 3 + 1 each in a pair
         p = tmp_path / f"t{i}.tif"
         data = np.random.default_rng(i).integers(0, 255, (3, 448, 672), dtype=np.uint8)
-        with rasterio.open(p, "w", driver="GTiff", width=672, height=448, count=3, dtype="uint8",
-                           crs="EPSG:32633", transform=Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000)) as dst:  # fmt: skip
+        with rasterio.open(
+            p,
+            "w",
+            driver="GTiff",
+            width=672,
+            height=448,
+            count=3,
+            dtype="uint8",
+            crs="EPSG:32633",
+            transform=Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000),
+        ) as dst:
             dst.write(data)
         paths.append(p)
-    header = {"op": "ask", "task": "change", "sources": [source_by_reference(str(p)) for p in paths],
-              "options": {"max_new_tokens": 2, "decoding": "greedy"}}  # fmt: skip
+    header = {
+        "op": "ask",
+        "task": "change",
+        "sources": [source_by_reference(str(p)) for p in paths],
+        "options": {"max_new_tokens": 2, "decoding": "greedy"},
+    }
     plan = service.plan(header, [], engine)["plan"]
     reply = service.run(header, [], engine)
     assert plan["tiles"] == reply["tiles"] <= 2 * (3 + 1)
@@ -564,11 +611,14 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
 # -- 11. UHI bands resized as OpenCV's INTER_LINEAR -------------------------------------------------
 
 
-@pytest.mark.parametrize(("row", "size", "expected"), [
-    ([0.0, 1.0, 2.0, 3.0], 2, [0.5, 2.5]),  # 2x shrink: x -> 2x + 0.5, the mean of each pair
-    ([0.0, 10.0, 20.0, 30.0, 40.0], 2, [7.5, 32.5]),  # 2.5x: x -> 2.5x + 0.75; no antialias averaging
-    ([0.0, 4.0], 4, [0.0, 1.0, 3.0, 4.0]),  # 2x growth: x -> x / 2 - 0.25, clamped to the edge pixels
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("row", "size", "expected"),
+    [
+        ([0.0, 1.0, 2.0, 3.0], 2, [0.5, 2.5]),  # 2x shrink: x -> 2x + 0.5, the mean of each pair
+        ([0.0, 10.0, 20.0, 30.0, 40.0], 2, [7.5, 32.5]),  # 2.5x: x -> 2.5x + 0.75; no antialias averaging
+        ([0.0, 4.0], 4, [0.0, 1.0, 3.0, 4.0]),  # 2x growth: x -> x / 2 - 0.25, clamped to the edge pixels
+    ],
+)
 def test_linear_resize_samples_pixel_centres_as_opencv(
     row: list[float], size: int, expected: list[float]
 ) -> None:

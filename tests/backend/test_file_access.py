@@ -27,8 +27,17 @@ ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 
 
 def _tif(path: Path) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=8,
+        height=8,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(np.zeros((1, 8, 8), np.uint8))
     return path
 
@@ -100,8 +109,10 @@ def test_the_server_refuses_paths_outside_its_directories(server: str, outside: 
     link.symlink_to(outside)
     with Client(server, timeout_s=30) as c:
         for path in (str(outside), str(link), f"{tmp_path}/../../../../../../..{outside}"):
-            for call in (lambda p: c.georef(source_by_reference(p), ANSWER),
-                         lambda p: c.ask(source_by_reference(p), "ships", task="refer")):  # fmt: skip
+            for call in (
+                lambda p: c.georef(source_by_reference(p), ANSWER),
+                lambda p: c.ask(source_by_reference(p), "ships", task="refer"),
+            ):
                 with pytest.raises(EarthDialError) as err:
                     call(path)
                 assert err.value.code == "forbidden_path", (path, err.value)
@@ -115,8 +126,10 @@ def test_reading_a_raster_does_not_import_zmq() -> None:
 
     backend = str(Path(earthdial.__file__).resolve().parents[1])  # this checkout's code, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([backend, os.environ.get("PYTHONPATH", "")])}
-    code = ("import sys, earthdial.geo.imagery, earthdial.geo.file_access; "
-            "print(earthdial.geo.imagery.__name__, 'zmq' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, earthdial.geo.imagery, earthdial.geo.file_access; "
+        "print(earthdial.geo.imagery.__name__, 'zmq' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["earthdial.geo.imagery", "False"]
@@ -127,13 +140,17 @@ def test_reading_a_raster_does_not_import_zmq() -> None:
 # --------------------------------------------------------------------------------------------------
 
 PROJ_STRING = "+proj=longlat +ellps=WGS84 +nadgrids=/dev/stdin +type=crs"  # the issue's
-WKT_PROJ4 = ('GEOGCS["x",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],'
-             'UNIT["degree",0.0174532925199433],EXTENSION["PROJ4","+proj=longlat +ellps=WGS84 +nadgrids={grid}"]]')  # fmt: skip
-WKT2_GRID = ('BOUNDCRS[SOURCECRS[GEOGCRS["x",DATUM["d",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
-             'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],TARGETCRS[GEOGCRS["WGS 84",'
-             'DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
-             'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],ABRIDGEDTRANSFORMATION['
-             '"t",METHOD["NTv2"],PARAMETERFILE["Latitude and longitude difference file","{grid}"]]]')  # fmt: skip
+WKT_PROJ4 = (
+    'GEOGCS["x",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],'
+    'UNIT["degree",0.0174532925199433],EXTENSION["PROJ4","+proj=longlat +ellps=WGS84 +nadgrids={grid}"]]'
+)
+WKT2_GRID = (
+    'BOUNDCRS[SOURCECRS[GEOGCRS["x",DATUM["d",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
+    'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],TARGETCRS[GEOGCRS["WGS 84",'
+    'DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,298.257223563]],CS[ellipsoidal,2],'
+    'AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],ABRIDGEDTRANSFORMATION['
+    '"t",METHOD["NTv2"],PARAMETERFILE["Latitude and longitude difference file","{grid}"]]]'
+)
 
 
 def _projjson_with_grid(grid: str) -> str:
@@ -181,10 +198,21 @@ def test_crs_forms_that_name_no_file_are_accepted(allowed: Path) -> None:
     import pyproj
 
     utm = pyproj.CRS.from_epsg(32633)
-    for crs in ("EPSG:32633", "epsg:32633", "urn:ogc:def:crs:EPSG::32633", utm.to_wkt(), utm.to_wkt("WKT1_GDAL"),
-                utm.to_json(), "EPSG:4326", "OGC:CRS84"):  # fmt: skip
+    for crs in (
+        "EPSG:32633",
+        "epsg:32633",
+        "urn:ogc:def:crs:EPSG::32633",
+        utm.to_wkt(),
+        utm.to_wkt("WKT1_GDAL"),
+        utm.to_json(),
+        "EPSG:4326",
+        "OGC:CRS84",
+    ):
         assert file_access.crs_refusal(crs) is None, crs
-        chip = service.resolve_source(requests.source(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), crs)), [np.zeros((1, 4, 4), np.uint8)])  # fmt: skip
+        chip = service.resolve_source(
+            requests.source(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), crs)),
+            [np.zeros((1, 4, 4), np.uint8)],
+        )
         assert chip.crs
 
 
@@ -210,14 +238,20 @@ def test_the_server_refuses_a_proj_string_crs_at_once_and_keeps_answering(
 
 def _vrt(path: Path, source: str, relative: bool = False, raw: bool = False) -> Path:
     if raw:  # bytes of any file read as pixels: a VRTRawRasterBand
-        band = (f'<VRTRasterBand dataType="Byte" band="1" subClass="VRTRawRasterBand"><SourceFilename relativeToVRT="0">'
-                f'{source}</SourceFilename><ImageOffset>0</ImageOffset><PixelOffset>1</PixelOffset><LineOffset>8</LineOffset>'
-                '</VRTRasterBand>')  # fmt: skip
+        band = (
+            f'<VRTRasterBand dataType="Byte" band="1" subClass="VRTRawRasterBand"><SourceFilename relativeToVRT="0">'
+            f"{source}</SourceFilename><ImageOffset>0</ImageOffset><PixelOffset>1</PixelOffset><LineOffset>8</LineOffset>"
+            "</VRTRasterBand>"
+        )
     else:
-        band = (f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename relativeToVRT="{int(relative)}">'
-                f'{source}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>')  # fmt: skip
-    path.write_text(f'<VRTDataset rasterXSize="8" rasterYSize="3"><SRS>EPSG:32633</SRS>'
-                    f'<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>{band}</VRTDataset>')  # fmt: skip
+        band = (
+            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename relativeToVRT="{int(relative)}">'
+            f"{source}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>"
+        )
+    path.write_text(
+        f'<VRTDataset rasterXSize="8" rasterYSize="3"><SRS>EPSG:32633</SRS>'
+        f"<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>{band}</VRTDataset>"
+    )
     return path
 
 
@@ -261,11 +295,13 @@ def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(
         "vsicurl": _vrt(allowed / "curl.vrt", f"/vsicurl/{url}"),
     }
     wms = allowed / "wms.tif"  # a GDAL WMS service description saved as .tif
-    wms.write_text(f'<GDAL_WMS><Service name="TMS"><ServerUrl>http://127.0.0.1:{port}/${{z}}/${{x}}/${{y}}.png</ServerUrl>'
-                   '</Service><DataWindow><UpperLeftX>-20037508.34</UpperLeftX><UpperLeftY>20037508.34</UpperLeftY>'
-                   '<LowerRightX>20037508.34</LowerRightX><LowerRightY>-20037508.34</LowerRightY><TileLevel>1</TileLevel>'
-                   '<TileCountX>1</TileCountX><TileCountY>1</TileCountY></DataWindow><Projection>EPSG:3857</Projection>'
-                   '<BlockSizeX>256</BlockSizeX><BlockSizeY>256</BlockSizeY><BandsCount>3</BandsCount></GDAL_WMS>')  # fmt: skip
+    wms.write_text(
+        f'<GDAL_WMS><Service name="TMS"><ServerUrl>http://127.0.0.1:{port}/${{z}}/${{x}}/${{y}}.png</ServerUrl>'
+        "</Service><DataWindow><UpperLeftX>-20037508.34</UpperLeftX><UpperLeftY>20037508.34</UpperLeftY>"
+        "<LowerRightX>20037508.34</LowerRightX><LowerRightY>-20037508.34</LowerRightY><TileLevel>1</TileLevel>"
+        "<TileCountX>1</TileCountX><TileCountY>1</TileCountY></DataWindow><Projection>EPSG:3857</Projection>"
+        "<BlockSizeX>256</BlockSizeX><BlockSizeY>256</BlockSizeY><BandsCount>3</BandsCount></GDAL_WMS>"
+    )
     cases["wms xml"] = wms
     previous = file_access.allowed_dirs()
     file_access.set_allowed_dirs(None)
@@ -314,8 +350,12 @@ def _message(path: str) -> str:
 
 
 def test_urls_and_gdal_names_and_surrogates_are_refused(allowed: Path) -> None:
-    for path in ("http://127.0.0.1:1/x.tif", "/vsicurl/http://127.0.0.1:1/x.tif", "GTIFF_DIR:1:" + str(allowed / "ok.tif"),
-                 "WMS:http://127.0.0.1:1/"):  # fmt: skip
+    for path in (
+        "http://127.0.0.1:1/x.tif",
+        "/vsicurl/http://127.0.0.1:1/x.tif",
+        "GTIFF_DIR:1:" + str(allowed / "ok.tif"),
+        "WMS:http://127.0.0.1:1/",
+    ):
         with pytest.raises(EarthDialError) as err:
             _read(path)
         assert err.value.code == "forbidden_path", (path, err.value)
@@ -329,8 +369,10 @@ def test_the_server_refuses_a_fifo_at_once_and_answers_the_next_request(server: 
     os.mkfifo(tmp_path / "fifo.tif")
     with Client(server, timeout_s=10) as c:
         t = time.monotonic()
-        for call in (lambda p: c.georef(source_by_reference(p), ANSWER),
-                     lambda p: c.ask(source_by_reference(p), "ships", task="refer")):  # fmt: skip
+        for call in (
+            lambda p: c.georef(source_by_reference(p), ANSWER),
+            lambda p: c.ask(source_by_reference(p), "ships", task="refer"),
+        ):
             with pytest.raises(EarthDialError) as err:
                 call(str(tmp_path / "fifo.tif"))
             assert err.value.code == "not_a_raster"

@@ -64,8 +64,14 @@ N_RAW, N_GRAMMAR, N_MUTANTS, N_ARRAYS, N_SERVER = 800, 400, 1500, 700, 300
 PER_RAW, PER_MUTANT, PER_PIXELS = 3, 4, 2
 TASKS = ["chat", "caption", "vqa", "classify", "grounding", "refer", "identify", "change", "methane", "nope"]
 SENSORS = ["[hr_rgb_0.5]", "[s2_ms_10]", "[s1_vh_10]", "[bogus]"]
-ANSWERS = ["", "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>", "<box>[[0,0,100,100,90]]</box>",
-           "<box>[[1e308, -5, 3, 4, 720]]</box>", "<ref>a</ref><box>[[1,2,3]]</box><box>", "[[5, 5, 95, 95]]"]  # fmt: skip
+ANSWERS = [
+    "",
+    "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>",
+    "<box>[[0,0,100,100,90]]</box>",
+    "<box>[[1e308, -5, 3, 4, 720]]</box>",
+    "<ref>a</ref><box>[[1,2,3]]</box><box>",
+    "[[5, 5, 95, 95]]",
+]
 PROJ_CRS = ["+proj=longlat +ellps=WGS84 +nadgrids=/dev/stdin +type=crs", "+init=epsg:4326",
             'GEOGCS["x",DATUM["d",SPHEROID["s",6378137,298.25]],EXTENSION["PROJ4","+proj=longlat +nadgrids=/dev/stdin"]]',
             '{"type": "BoundCRS", "transformation": {"parameters": [{"name": "f", "value": "/dev/stdin"}]}}',
@@ -81,8 +87,13 @@ COUNTS: dict[str, int] = {}
 
 
 def fuzz(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))  # fmt: skip
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,8 +102,17 @@ def fuzz(n: int):
 
 
 def _tif(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633") -> str:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                       dtype=data.dtype, crs=crs, transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(data)
     return str(path)
 
@@ -108,9 +128,11 @@ def paths(tmp_path_factory) -> list[str]:
     (root / "link-out.tif").symlink_to(outside)
     os.mkfifo(root / "fifo.tif")  # opened for reading, it would block for good
     os.link(outside, root / "hard.tif")
-    (root / "vrt.tif").write_text(f'<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
-                                  f'<SimpleSource><SourceFilename>{outside}</SourceFilename><SourceBand>1</SourceBand>'
-                                  '</SimpleSource></VRTRasterBand></VRTDataset>')  # fmt: skip
+    (root / "vrt.tif").write_text(
+        f'<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
+        f"<SimpleSource><SourceFilename>{outside}</SourceFilename><SourceBand>1</SourceBand>"
+        "</SimpleSource></VRTRasterBand></VRTDataset>"
+    )
     with rasterio.open(
         root / "huge.tif",
         "w",
@@ -162,7 +184,11 @@ leaf = (
     | st.floats(allow_nan=False)
     | st.text(max_size=6)
 )
-anything = st.recursive(leaf, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=4)  # fmt: skip
+anything = st.recursive(
+    leaf,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+    max_leaves=4,
+)
 number = st.integers(-(10**6), 10**6) | st.floats(allow_nan=False)
 
 
@@ -182,9 +208,15 @@ def sources(paths: list[str]) -> st.SearchStrategy:
         },
     )
     value = st.fixed_dictionaries(
-        {"kind": st.just("value"), "transform": mostly(st.just(TRANSFORM) | st.lists(number, min_size=6, max_size=6))},
-        optional={"crs": mostly(st.sampled_from(["EPSG:32633", "EPSG:4326", "", "nope", *PROJ_CRS])), "nodata": mostly(number)},
-    )  # fmt: skip
+        {
+            "kind": st.just("value"),
+            "transform": mostly(st.just(TRANSFORM) | st.lists(number, min_size=6, max_size=6)),
+        },
+        optional={
+            "crs": mostly(st.sampled_from(["EPSG:32633", "EPSG:4326", "", "nope", *PROJ_CRS])),
+            "nodata": mostly(number),
+        },
+    )
     return st.one_of(ref, ref, value, value, anything)
 
 
@@ -204,12 +236,16 @@ def headers(paths: list[str]) -> st.SearchStrategy:
         },
     )
     return st.fixed_dictionaries(
-        {"v": st.sampled_from([1] * 12 + [2, 1.0, True, "1", None]),
-         "id": mostly(st.text(max_size=20)),
-         "op": mostly(st.sampled_from([*OPS, "ask", "georef", "ask", "georef", "detect", "format_disk"]))},
+        {
+            "v": st.sampled_from([1] * 12 + [2, 1.0, True, "1", None]),
+            "id": mostly(st.text(max_size=20)),
+            "op": mostly(st.sampled_from([*OPS, "ask", "georef", "ask", "georef", "detect", "format_disk"])),
+        },
         optional={
             "task": mostly(st.sampled_from(TASKS)),
-            "prompt": mostly(st.sampled_from(["ships", "", "<image>", "[[1, 2, 3, 4, 0]]", "a" * 500, "\ud800 ships"])),
+            "prompt": mostly(
+                st.sampled_from(["ships", "", "<image>", "[[1, 2, 3, 4, 0]]", "a" * 500, "\ud800 ships"])
+            ),
             "answer": mostly(st.sampled_from(ANSWERS)),
             "source": sources(paths),
             "sources": mostly(st.lists(sources(paths), max_size=3)),
@@ -217,7 +253,7 @@ def headers(paths: list[str]) -> st.SearchStrategy:
             "target": mostly(st.text(max_size=6)),
             "client": mostly(st.text(max_size=6)),
         },
-    )  # fmt: skip
+    )
 
 
 @st.composite
@@ -243,7 +279,7 @@ def pixel_frames(draw, count: int) -> tuple[list, list]:
         frames.append(buf.tobytes())
     if draw(st.integers(0, 15)) == 0:
         frames.append(b"extra")
-    return specs, frames  # fmt: skip
+    return specs, frames
 
 
 def _value_sources(header: dict) -> int:
@@ -264,10 +300,23 @@ def grammar(paths: list[str]) -> st.SearchStrategy:
 
 
 raw_frames = st.lists(
-    st.binary(max_size=100) | st.sampled_from([b"{}", b'{"v":1}', b'{"v":1,"op":"status"}', b"[]", b"null",
-                                               b"[" * 5000, b'{"v": NaN}', b"\xff\xfe", b'{"v":1,"arrays":[{}]}']),
-    min_size=0, max_size=4,
-)  # fmt: skip
+    st.binary(max_size=100)
+    | st.sampled_from(
+        [
+            b"{}",
+            b'{"v":1}',
+            b'{"v":1,"op":"status"}',
+            b"[]",
+            b"null",
+            b"[" * 5000,
+            b'{"v": NaN}',
+            b"\xff\xfe",
+            b'{"v":1,"arrays":[{}]}',
+        ]
+    ),
+    min_size=0,
+    max_size=4,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,8 +532,13 @@ def test_fuzz_mutated_requests_in_process(allow_fuzz_dir, worker, paths: list[st
 
 
 def test_fuzz_pixels_by_value_in_process(allow_fuzz_dir, worker) -> None:
-    base = {"v": 1, "id": "a", "op": "georef", "answer": ANSWERS[1],
-            "source": {"kind": "value", "transform": TRANSFORM, "crs": "EPSG:32633"}}  # fmt: skip
+    base = {
+        "v": 1,
+        "id": "a",
+        "op": "georef",
+        "answer": ANSWERS[1],
+        "source": {"kind": "value", "transform": TRANSFORM, "crs": "EPSG:32633"},
+    }
 
     @fuzz(N_ARRAYS)
     @given(st.lists(pixel_frames(1), min_size=PER_PIXELS, max_size=PER_PIXELS))
@@ -533,10 +587,23 @@ def test_the_findings_of_issue_15_are_typed_errors(allow_fuzz_dir, worker, paths
             )
             == "bad_crs"
         ), crs
-        assert code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "value", "transform": TRANSFORM, "crs": crs}},
-                    (np.zeros((3, 8, 8), np.uint8),)) == "bad_crs", crs  # fmt: skip
-    for name, expected in (("fifo.tif", "not_a_raster"), ("vrt.tif", "not_a_raster"), ("hard.tif", "forbidden_path"),
-                           ("huge.tif", "too_large")):  # fmt: skip
+        assert (
+            code(
+                {
+                    "op": "georef",
+                    "answer": ANSWERS[1],
+                    "source": {"kind": "value", "transform": TRANSFORM, "crs": crs},
+                },
+                (np.zeros((3, 8, 8), np.uint8),),
+            )
+            == "bad_crs"
+        ), crs
+    for name, expected in (
+        ("fifo.tif", "not_a_raster"),
+        ("vrt.tif", "not_a_raster"),
+        ("hard.tif", "forbidden_path"),
+        ("huge.tif", "too_large"),
+    ):
         assert (
             code({"op": "georef", "answer": ANSWERS[1], "source": {"kind": "ref", "path": f"{root}/{name}"}})
             == expected
@@ -606,8 +673,31 @@ def test_fuzz_a_real_server_over_zeromq(paths: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 N_OUTPUTS = 100
-NAME_PARTS = ["*", "?", "[a]", "..", ".", "/", "\\", "\x00", "\udc80", "\ud800", " ", "\n", "gpkg_", "rtree_x",
-              "ü船", "'", '"', ";DROP TABLE roads;--", "roads", "ROADS", "notes", "x" * 300, ".earthdial-tmp-x"]  # fmt: skip
+NAME_PARTS = [
+    "*",
+    "?",
+    "[a]",
+    "..",
+    ".",
+    "/",
+    "\\",
+    "\x00",
+    "\udc80",
+    "\ud800",
+    " ",
+    "\n",
+    "gpkg_",
+    "rtree_x",
+    "ü船",
+    "'",
+    '"',
+    ";DROP TABLE roads;--",
+    "roads",
+    "ROADS",
+    "notes",
+    "x" * 300,
+    ".earthdial-tmp-x",
+]
 
 
 def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
@@ -619,8 +709,16 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
 
     user = tmp_path / "user.gpkg"
     point = shapely.to_wkb(np.array([shapely.Point(1, 2)], dtype=object))
-    pyogrio.raw.write(str(user), point, [np.array(["mine"], dtype=object)], ["name"], layer="roads",
-                      driver="GPKG", geometry_type="Point", crs="EPSG:3857")  # fmt: skip
+    pyogrio.raw.write(
+        str(user),
+        point,
+        [np.array(["mine"], dtype=object)],
+        ["name"],
+        layer="roads",
+        driver="GPKG",
+        geometry_type="Point",
+        crs="EPSG:3857",
+    )
     notes = tmp_path / "notes.txt.json"
     notes.write_text('{"mine": true}')
     ring = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
@@ -632,12 +730,19 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
     seen: dict[str, int] = {}
 
     @fuzz(N_OUTPUTS)
-    @given(parts, st.sampled_from([".gpkg", ".geojson", ".json", ".png", ".docx", ""]),
-           st.none() | parts, st.booleans(), st.sampled_from(["new", "user.gpkg", "notes.txt.json"]))  # fmt: skip
+    @given(
+        parts,
+        st.sampled_from([".gpkg", ".geojson", ".json", ".png", ".docx", ""]),
+        st.none() | parts,
+        st.booleans(),
+        st.sampled_from(["new", "user.gpkg", "notes.txt.json"]),
+    )
     def check(name: str, ext: str, layer: str | None, overwrite: bool, where: str) -> None:
         path = str(tmp_path / (name + ext)) if where == "new" else str(tmp_path / where)
-        for write in (lambda: output.write_features(path, result, layer, overwrite=overwrite),
-                      lambda: preview.write_png(path, image)):  # fmt: skip
+        for write in (
+            lambda: output.write_features(path, result, layer, overwrite=overwrite),
+            lambda: preview.write_png(path, image),
+        ):
             try:
                 write()
                 seen["written"] = seen.get("written", 0) + 1
@@ -658,11 +763,13 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
 # The GeoTIFF fuzz run (benchmarks/fuzz_geotiff.py, issue 24): each finding, scaled to one file
 # --------------------------------------------------------------------------------------------------
 
-_UTM_WKT = ('PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,298.257223563]'
-            '{extension}],PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]],'
-            'PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],PARAMETER["False_Northing",0.0],'
-            'PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],PARAMETER["Latitude_Of_Origin",0.0],'
-            'UNIT["Meter",1.0]]')  # fmt: skip
+_UTM_WKT = (
+    'PROJCS["UTM",GEOGCS["GCS",DATUM["D",SPHEROID["WGS_1984",6378137.0,298.257223563]'
+    '{extension}],PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]],'
+    'PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],PARAMETER["False_Northing",0.0],'
+    'PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],PARAMETER["Latitude_Of_Origin",0.0],'
+    'UNIT["Meter",1.0]]'
+)
 
 
 @pytest.fixture()
@@ -694,10 +801,22 @@ def tiff_of_entries(
     fmt, bits = sample_format
     nbytes = (tile * tile if tile else width * height) * samples * bits // 8
     pixels = zlib.compress(bytes(nbytes)) if tile else bytes(nbytes)
-    blocks = ([(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])] if tile
-              else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])])  # fmt: skip
-    image = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (262, 3, [1]), (277, 3, [samples]), *blocks,
-             (339, 3, [fmt]), (33550, 12, [*scale, 0.0]), (33922, 12, [0.0, 0.0, 0.0, *origin, 0.0])]  # fmt: skip
+    blocks = (
+        [(259, 3, [8]), (322, 4, [tile]), (323, 4, [tile]), (324, 4, [0]), (325, 4, [len(pixels)])]
+        if tile
+        else [(259, 3, [1]), (273, 4, [0]), (278, 3, [height]), (279, 4, [len(pixels)])]
+    )
+    image = [
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [bits]),
+        (262, 3, [1]),
+        (277, 3, [samples]),
+        *blocks,
+        (339, 3, [fmt]),
+        (33550, 12, [*scale, 0.0]),
+        (33922, 12, [0.0, 0.0, 0.0, *origin, 0.0]),
+    ]
     listed: list[tuple[int, int, list[Any] | bytes]] = [*sorted(image), *entries]
     data_at = 8 + 2 + 12 * len(listed) + 4
     blobs, table = bytearray(pixels), b""  # the pixels first, at data_at
@@ -885,16 +1004,39 @@ def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, 
     from earthdial.geo import imagery
 
     tif = tmp_path / "ov.tif"
-    with rasterio.open(tif, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
-                       blockxsize=4096, blockysize=4096, compress="deflate", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        tif,
+        "w",
+        driver="GTiff",
+        width=33,
+        height=16,
+        count=1,
+        dtype="uint8",
+        tiled=True,
+        blockxsize=4096,
+        blockysize=4096,
+        compress="deflate",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(np.ones((1, 16, 33), np.uint8))
         dst.build_overviews([2, 4])
     assert imagery.sample_band(str(tif)) is None
     small = tmp_path / "small.tif"  # the same with 16 px tiles: sampled
-    with rasterio.open(small, "w", driver="GTiff", width=33, height=16, count=1, dtype="uint8", tiled=True,
-                       blockxsize=16, blockysize=16, crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        small,
+        "w",
+        driver="GTiff",
+        width=33,
+        height=16,
+        count=1,
+        dtype="uint8",
+        tiled=True,
+        blockxsize=16,
+        blockysize=16,
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(np.ones((1, 16, 33), np.uint8))
         dst.build_overviews([2, 4])
     sample = imagery.sample_band(str(small))

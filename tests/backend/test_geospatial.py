@@ -32,8 +32,18 @@ def ms_engine(tiny_ms_checkpoint: Path) -> Engine:
 
 def write(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata=None, descriptions=()) -> Path:
     count, rows, cols = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
-                       crs=crs, transform=transform, nodata=nodata) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=count,
+        dtype=data.dtype.name,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as dst:
         dst.write(data)
         for i, d in enumerate(descriptions, start=1):
             dst.set_band_description(i, d)
@@ -102,8 +112,16 @@ def test_12_band_uint16_gets_the_sentinel2_preset(tmp_path: Path, ms_engine: Eng
     assert "12 bands" in reply["input"]["reason"]
     assert reply["chip"]["bands"] == list(range(1, 13)) and reply["tiles"] == 1
     # an explicit preset overrides the choice
-    reply = service.run({"op": "ask", "task": "caption", "source": source_by_reference(str(path)),
-                         "options": {"preset": "s2_rgb"}}, [], engine)  # fmt: skip
+    reply = service.run(
+        {
+            "op": "ask",
+            "task": "caption",
+            "source": source_by_reference(str(path)),
+            "options": {"preset": "s2_rgb"},
+        },
+        [],
+        engine,
+    )
     assert reply["chip"]["bands"] == [4, 3, 2] and reply["input"]["sensor"] == "[s2_rgb_10]"
 
 
@@ -135,8 +153,16 @@ def test_gsd_choice_resamples_and_far_gsd_warns(tmp_path: Path, engine: Engine) 
     path = write(
         tmp_path / "ten.tif", np.full((3, 200, 100), 90, np.uint8), "EPSG:32633", GRIDS["utm_32633"][1]
     )
-    reply = service.run({"op": "ask", "task": "caption", "source": source_by_reference(str(path)),
-                         "options": {"gsd": 20.0, "sensor": "[hr_rgb_0.5]"}}, [], engine)  # fmt: skip
+    reply = service.run(
+        {
+            "op": "ask",
+            "task": "caption",
+            "source": source_by_reference(str(path)),
+            "options": {"gsd": 20.0, "sensor": "[hr_rgb_0.5]"},
+        },
+        [],
+        engine,
+    )
     assert (reply["chip"]["width"], reply["chip"]["height"]) == (50, 100)
     assert reply["input"]["gsd_m"] == pytest.approx(20.0)
     assert any("far from [hr_rgb_0.5]" in w for w in reply["input"]["warnings"])
@@ -155,18 +181,28 @@ def _square(grid_to_map, rows: int, cols: int, square: tuple[float, float, float
 def test_a_pair_in_different_crs_and_resolution_is_aligned_on_the_first_grid(tmp_path: Path) -> None:
     square = (500_300.0, 3_999_500.0, 500_400.0, 3_999_600.0)  # 100 m x 100 m on the ground, in UTM 33N
     t1 = Affine(10, 0, 500_000, 0, -10, 4_000_000)
-    before = write(tmp_path / "before.tif", _square(lambda c, r: (t1.c + c * 10, t1.f - r * 10), 100, 100, square),
-                   "EPSG:32633", t1)  # fmt: skip
+    before = write(
+        tmp_path / "before.tif",
+        _square(lambda c, r: (t1.c + c * 10, t1.f - r * 10), 100, 100, square),
+        "EPSG:32633",
+        t1,
+    )
     # after: Web Mercator, ~6.6 m pixels, starting 250 m further east (a known shift): only part overlaps
     fwd = Transformer.from_crs("EPSG:32633", "EPSG:3857", always_xy=True)
     back = Transformer.from_crs("EPSG:3857", "EPSG:32633", always_xy=True)
     ox, oy = fwd.transform(500_250, 4_000_000)
     t2 = Affine(8.0, 0, ox, 0, -8.0, oy)
-    after = write(tmp_path / "after.tif",
-                  _square(lambda c, r: back.transform(t2.c + c * 8.0, t2.f - r * 8.0), 160, 160, square),
-                  "EPSG:3857", t2)  # fmt: skip
-    header = {"op": "georef", "answer": ANSWER,
-              "sources": [source_by_reference(str(before)), source_by_reference(str(after))]}  # fmt: skip
+    after = write(
+        tmp_path / "after.tif",
+        _square(lambda c, r: back.transform(t2.c + c * 8.0, t2.f - r * 8.0), 160, 160, square),
+        "EPSG:3857",
+        t2,
+    )
+    header = {
+        "op": "georef",
+        "answer": ANSWER,
+        "sources": [source_by_reference(str(before)), source_by_reference(str(after))],
+    }
     inputs = service.read_inputs(requests.sources(header), [], requests.Options())
     a, b = inputs.chips
     assert a.crs == b.crs == "EPSG:32633" and a.data.shape == b.data.shape
@@ -217,8 +253,17 @@ def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Pat
     """rasterio takes GDAL_CACHEMAX in bytes: a cache of SCENE_CACHE_MB "bytes" made every tile decode
     its rows again. While a scene's tiles are read, the cache must hold many rows of a wide raster."""
     path = tmp_path / "wide.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=4000, height=64, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=4000,
+        height=64,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=Affine(1, 0, 500_000, 0, -1, 4_000_000),
+    ) as dst:
         dst.write(np.zeros((3, 64, 4000), np.uint8))
     tiles = scenes.file_tiles([str(path)], [1, 2, 3], tiling.plan_tiles(4000, 64, 64, 0.0), 32)
     next(tiles)
@@ -237,8 +282,17 @@ def test_a_scan_stopped_mid_way_closes_its_file_on_the_reader_thread(tmp_path: P
     import sys
 
     path = tmp_path / "stop.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=640, height=64, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=640,
+        height=64,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=Affine(1, 0, 500_000, 0, -1, 4_000_000),
+    ) as dst:
         dst.write(np.zeros((3, 64, 640), np.uint8))
     unraisable: list = []
     previous, sys.unraisablehook = sys.unraisablehook, unraisable.append
@@ -257,8 +311,11 @@ def test_a_scan_stopped_mid_way_closes_its_file_on_the_reader_thread(tmp_path: P
 
 def _feature(x0: float, y0: float, size: float, label: str, edge: float) -> dict:
     ring = [[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"label": label, "edge_distance": edge}}  # fmt: skip
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"label": label, "edge_distance": edge},
+    }
 
 
 def test_merge_keeps_one_of_overlapping_boxes_per_label() -> None:
@@ -278,8 +335,13 @@ def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Pa
 
     data = (np.random.default_rng(4).random((3, 300, 500)) * 255).astype(np.uint8)
     path = write(tmp_path / "scene.tif", data, "EPSG:32633", GRIDS["utm_32633"][1])
-    header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-              "options": {"tile_size": 224, "overlap": 0.2, "batch": 4}}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source_by_reference(str(path)),
+        "options": {"tile_size": 224, "overlap": 0.2, "batch": 4},
+    }
     events: list[tuple[str, dict]] = []
     reply = scan.run(header, engine, lambda event, **f: events.append((event, f)))
     n = len(tiling.plan_tiles(500, 300, 224, 0.2))

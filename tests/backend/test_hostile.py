@@ -67,9 +67,15 @@ class StatusProbe:
 # --------------------------------------------------------------------------------------------------
 
 
-def hand_geotiff(path: Path, geokeys: list[int], text: str = "", size: int = 8,
-                 scale: tuple[float, float] = (10.0, 10.0), matrix: list[float] | None = None,
-                 doubles: list[float] | None = None) -> Path:  # fmt: skip
+def hand_geotiff(
+    path: Path,
+    geokeys: list[int],
+    text: str = "",
+    size: int = 8,
+    scale: tuple[float, float] = (10.0, 10.0),
+    matrix: list[float] | None = None,
+    doubles: list[float] | None = None,
+) -> Path:
     """A little-endian uncompressed uint8 GeoTIFF written byte by byte: `geokeys` (GeoKeyDirectory
     entries, 4 values each) and GeoAsciiParams `text`; georeferenced by a pixel scale and a tie point,
     or by a ModelTransformation `matrix` (16 values); GeoDoubleParams `doubles`. Any value, NaN and 0
@@ -127,23 +133,29 @@ def geotiff_with_pe_citation(path: Path, citation: str, size: int = 8) -> Path:
     return hand_geotiff(path, [1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text), 0], text, size)
 
 
-_GEOG = ('GEOGCS["GCS_WGS_1984",DATUM["D_WGS_1984",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
-         'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]')  # fmt: skip
-_PROJ = ('PROJCS["UTM33",{geog},PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],'
-         'PARAMETER["False_Northing",0.0],PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],'
-         'PARAMETER["Latitude_Of_Origin",0.0],UNIT["Meter",1.0]]')  # fmt: skip
-_BOUND = ('BOUNDCRS[SOURCECRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
-          '298.257223563]],CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
-          'TARGETCRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,298.257223563]],'
-          'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
-          'ABRIDGEDTRANSFORMATION["t",METHOD["NTv2",ID["EPSG",9615]],'
-          'PARAMETERFILE["Latitude and longitude difference file","{grid}"]]]')  # fmt: skip
+_GEOG = (
+    'GEOGCS["GCS_WGS_1984",DATUM["D_WGS_1984",SPHEROID["WGS_1984",6378137.0,298.257223563]{ext}],'
+    'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]'
+)
+_PROJ = (
+    'PROJCS["UTM33",{geog},PROJECTION["Transverse_Mercator"],PARAMETER["False_Easting",500000.0],'
+    'PARAMETER["False_Northing",0.0],PARAMETER["Central_Meridian",15.0],PARAMETER["Scale_Factor",0.9996],'
+    'PARAMETER["Latitude_Of_Origin",0.0],UNIT["Meter",1.0]]'
+)
+_BOUND = (
+    'BOUNDCRS[SOURCECRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
+    '298.257223563]],CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
+    'TARGETCRS[GEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,298.257223563]],'
+    'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925199433]]],'
+    'ABRIDGEDTRANSFORMATION["t",METHOD["NTv2",ID["EPSG",9615]],'
+    'PARAMETERFILE["Latitude and longitude difference file","{grid}"]]]'
+)
 
 
 def pe_citations(grid: str) -> dict[str, str]:
     return {
         "wkt1 PROJ4_GRIDS": "ESRI PE String = "
-        + _PROJ.format(geog=_GEOG.format(ext=f',EXTENSION["PROJ4_GRIDS","{grid}"]')),  # fmt: skip
+        + _PROJ.format(geog=_GEOG.format(ext=f',EXTENSION["PROJ4_GRIDS","{grid}"]')),
         "wkt2 PARAMETERFILE": "ESRI PE String = " + _BOUND.format(grid=grid),
     }
 
@@ -267,8 +279,9 @@ def test_an_unfinished_multipart_message_is_bounded_in_total() -> None:
                 peer.close()
             with Client(endpoint, timeout_s=20) as c:  # a request within the budget still goes through
                 pixels = np.zeros((3, 1024, 1024), np.uint8)
-                assert c.georef(source_by_value((10, 0, 500_000, 0, -10, 4_000_000), "EPSG:32633"), ANSWER,
-                                pixels=pixels)["ok"]  # fmt: skip
+                assert c.georef(
+                    source_by_value((10, 0, 500_000, 0, -10, 4_000_000), "EPSG:32633"), ANSWER, pixels=pixels
+                )["ok"]
         grew = _rss_mb(proc.pid, "VmHWM:") - before
     assert sent < 256 << 20, f"the server took {sent >> 20} MiB of one unfinished message"
     assert grew < 200, f"the server grew by {grew:.0f} MB"
@@ -283,17 +296,39 @@ def _small_tif(path: Path, size: int = 300) -> Path:
     import rasterio
     from rasterio.transform import from_origin
 
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 1, 1)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 1, 1),
+    ) as dst:
         dst.write(np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8))
     return path
 
 
 def _stream_detect(band_count: int = 3) -> dict:
-    source = {"kind": "stream", "width": 2000, "height": 2000, "band_count": band_count, "dtype": "uint8",
-              "transform": [1, 0, 500_000, 0, -1, 4_000_000], "crs": "EPSG:32633", "name": "never sent"}  # fmt: skip
-    return {"op": "detect", "task": "refer", "prompt": "ships", "source": source,
-            "options": {"tile_size": 224, "overlap": 0, "batch": 2}}  # fmt: skip
+    source = {
+        "kind": "stream",
+        "width": 2000,
+        "height": 2000,
+        "band_count": band_count,
+        "dtype": "uint8",
+        "transform": [1, 0, 500_000, 0, -1, 4_000_000],
+        "crs": "EPSG:32633",
+        "name": "never sent",
+    }
+    return {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source,
+        "options": {"tile_size": 224, "overlap": 0, "batch": 2},
+    }
 
 
 def test_streamed_scans_that_send_no_tiles_time_out_and_free_their_slots(
@@ -315,8 +350,13 @@ def test_streamed_scans_that_send_no_tiles_time_out_and_free_their_slots(
         for t in threads:
             t.start()
         with Client(endpoint, timeout_s=60) as c:
-            header = {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(tif)),
-                      "options": {"tile_size": 224, "overlap": 0, "batch": 2}}  # fmt: skip
+            header = {
+                "op": "detect",
+                "task": "refer",
+                "prompt": "ships",
+                "source": source_by_reference(str(tif)),
+                "options": {"tile_size": 224, "overlap": 0, "batch": 2},
+            }
             assert c.scan(header)["tiles"] == 4  # another client's scan gets a slot
             for t in threads:
                 t.join(30)
@@ -354,8 +394,13 @@ def _nobody_called(listener: socket.socket) -> bool:
 
 def _vsi_paths(port: int) -> list[str]:
     url = f"http://127.0.0.1:{port}/scene.tif"
-    return [f"/vsicurl/{url}", f"/vsicurl?url={url}", f"/vsicurl_streaming/{url}", f"//vsicurl/{url}",
-            f"file:///vsicurl/{url}"]  # fmt: skip
+    return [
+        f"/vsicurl/{url}",
+        f"/vsicurl?url={url}",
+        f"/vsicurl_streaming/{url}",
+        f"//vsicurl/{url}",
+        f"file:///vsicurl/{url}",
+    ]
 
 
 def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
@@ -426,9 +471,30 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
 def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
     from earthdial.training import DEMO_DIR
 
-    return subprocess.run([*EARTHDIAL, "detect", str(scene), "--task", "refer", "--prompt", "ships", "--model",
-                           str(DEMO_DIR), "--device", "cpu", "--tile-size", "224", "--overlap", "0", "-o", str(output)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [
+            *EARTHDIAL,
+            "detect",
+            str(scene),
+            "--task",
+            "refer",
+            "--prompt",
+            "ships",
+            "--model",
+            str(DEMO_DIR),
+            "--device",
+            "cpu",
+            "--tile-size",
+            "224",
+            "--overlap",
+            "0",
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("disk", ["read-only", "full"])
@@ -473,9 +539,17 @@ def test_concurrent_writes_with_default_names_all_land_under_unique_names(tmp_pa
 
     path = tmp_path / "project.gpkg"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(path), json.dumps(TWO)], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(6)]  # fmt: skip
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_WRITER, str(path), json.dumps(TWO)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     for w in writers:  # each has imported GDAL and waits: start them all at once
         w.stdin.write("\n")
     for w in writers:
@@ -493,13 +567,15 @@ def test_concurrent_writes_with_default_names_all_land_under_unique_names(tmp_pa
 # --------------------------------------------------------------------------------------------------
 
 NAN, INF = float("nan"), float("inf")
-_UTM_UNIT0 = ('PROJCRS["x",BASEGEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
-              '298.257223563]]],CONVERSION["UTM zone 33N",METHOD["Transverse Mercator",ID["EPSG",9807]],'
-              'PARAMETER["Latitude of natural origin",0,ANGLEUNIT["degree",0.0174532925199433]],'
-              'PARAMETER["Longitude of natural origin",15,ANGLEUNIT["degree",0.0174532925199433]],'
-              'PARAMETER["Scale factor at natural origin",0.9996,SCALEUNIT["unity",1]],'
-              'PARAMETER["False easting",500000,LENGTHUNIT["metre",1]],PARAMETER["False northing",0,LENGTHUNIT["metre",1]]],'
-              'CS[Cartesian,2],AXIS["easting",east],AXIS["northing",north],LENGTHUNIT["metre",0]]')  # fmt: skip
+_UTM_UNIT0 = (
+    'PROJCRS["x",BASEGEOGCRS["WGS 84",DATUM["World Geodetic System 1984",ELLIPSOID["WGS 84",6378137,'
+    '298.257223563]]],CONVERSION["UTM zone 33N",METHOD["Transverse Mercator",ID["EPSG",9807]],'
+    'PARAMETER["Latitude of natural origin",0,ANGLEUNIT["degree",0.0174532925199433]],'
+    'PARAMETER["Longitude of natural origin",15,ANGLEUNIT["degree",0.0174532925199433]],'
+    'PARAMETER["Scale factor at natural origin",0.9996,SCALEUNIT["unity",1]],'
+    'PARAMETER["False easting",500000,LENGTHUNIT["metre",1]],PARAMETER["False northing",0,LENGTHUNIT["metre",1]]],'
+    'CS[Cartesian,2],AXIS["easting",east],AXIS["northing",north],LENGTHUNIT["metre",0]]'
+)
 _GEOG_VALUES = 'GEOGCS["x",DATUM["d",SPHEROID["WGS 84",6378137,298.257223563]{towgs}],PRIMEM["Greenwich",0],UNIT["degree",{unit}]]'
 BAD_CRSS = {
     "WKT2 length unit 0": _UTM_UNIT0,
@@ -512,8 +588,36 @@ BAD_CRSS = {
 
 def _bad_rasters(root: Path) -> dict[str, Path]:
     m = [0.0] * 4 + [0.0] * 4 + [0.0] * 8  # ModelTransformation rows
-    user_datum = [1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 32767, 2050, 0, 1, 32767, 2056, 0, 1, 7030,
-                  2054, 0, 1, 9102, 2062, 34736, 3, 0]  # fmt: skip
+    user_datum = [
+        1024,
+        0,
+        1,
+        2,
+        1025,
+        0,
+        1,
+        1,
+        2048,
+        0,
+        1,
+        32767,
+        2050,
+        0,
+        1,
+        32767,
+        2056,
+        0,
+        1,
+        7030,
+        2054,
+        0,
+        1,
+        9102,
+        2062,
+        34736,
+        3,
+        0,
+    ]
     degrees_far_off = [1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 4326]
     singular = [1, 2, 0, 500_000, 2, 4, 0, 4_000_000, *m[8:15], 1]
     nan_matrix = [NAN, 0, 0, 500_000, 0, -10, 0, 4_000_000, *m[8:15], 1]
@@ -542,8 +646,14 @@ def test_bad_values_are_typed_errors_never_internal(server: str, tmp_path: Path)
     for name, path in _bad_rasters(tmp_path).items():
         cases.append((name, source_by_reference(str(path)), [], {"not_a_raster", "bad_crs", "ok"}))
     for name, crs in BAD_CRSS.items():
-        cases.append((f"bounds in {name}", {**source_by_reference(str(ok)), "bounds": [10, 10, 20, 20], "crs": crs}, [],
-                      {"bad_crs"}))  # fmt: skip
+        cases.append(
+            (
+                f"bounds in {name}",
+                {**source_by_reference(str(ok)), "bounds": [10, 10, 20, 20], "crs": crs},
+                [],
+                {"bad_crs"},
+            )
+        )
         cases.append((f"pixels in {name}", {**by_value, "crs": crs}, [pixels], {"bad_crs"}))
     huge = 10**400
     cases += [
@@ -560,8 +670,10 @@ def test_bad_values_are_typed_errors_never_internal(server: str, tmp_path: Path)
     seen = []
     with StatusProbe(server), Client(server, timeout_s=20) as c:
         for name, source, arrays, codes in cases:
-            for header in ({"op": "georef", "answer": answer, "source": source},
-                           {"op": "plan", "task": "refer", "prompt": "ships", "source": source}):  # fmt: skip
+            for header in (
+                {"op": "georef", "answer": answer, "source": source},
+                {"op": "plan", "task": "refer", "prompt": "ships", "source": source},
+            ):
                 try:
                     c.request(header, arrays)
                     code = "ok"
@@ -581,8 +693,19 @@ def _blocky_tif(path: Path, size: int, **layout: Any) -> Path:
     import rasterio
     from rasterio.transform import from_origin
 
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_000_000, 1, 1), compress="DEFLATE", **layout) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 1, 1),
+        compress="DEFLATE",
+        **layout,
+    ) as dst:
         dst.write(np.zeros((3, size, size), np.uint8))
     return path
 
@@ -668,8 +791,18 @@ def many_ifd_geotiff(path: Path, extra: int) -> Path:
     data = bytearray(path.read_bytes())
     (count,) = struct.unpack_from("<H", data, 8)
     link = 8 + 2 + 12 * count  # where the first directory names the next one
-    tags = ((254, 4, 1), (256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
-            (277, 3, 1), (278, 3, 1), (279, 4, 1))  # fmt: skip
+    tags = (
+        (254, 4, 1),
+        (256, 3, 1),
+        (257, 3, 1),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 0),
+        (277, 3, 1),
+        (278, 3, 1),
+        (279, 4, 1),
+    )
     size = 2 + 12 * len(tags) + 4
     start = len(data) + (len(data) % 2)
     pixel = start + extra * size  # one shared byte of pixels

@@ -90,9 +90,17 @@ def test_the_plan_installs_a_backend_that_answers(wheel: str, venv_home: Path, t
     earthdial = installer.venv_earthdial(venv)  # what the plugin's backend command resolves to
     assert os.path.isfile(earthdial)
     where = subprocess.run(
-        [installer.venv_python(venv), "-c", "import earthdial, torch; print(earthdial.__file__, torch.__version__)"],
-        capture_output=True, text=True, check=True, timeout=120, env=clean_env(),
-    ).stdout  # fmt: skip
+        [
+            installer.venv_python(venv),
+            "-c",
+            "import earthdial, torch; print(earthdial.__file__, torch.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=clean_env(),
+    ).stdout
     assert where.startswith(venv) and "+cpu" in where  # the venv's own copy, the CPU build
     assert sys.prefix not in where  # nothing of the test's (QGIS's) Python
 
@@ -103,8 +111,11 @@ def test_the_plan_installs_a_backend_that_answers(wheel: str, venv_home: Path, t
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [earthdial, "serve", "--endpoint", endpoint, "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(),
+    )
     try:
         started = []
         assert server.stdout is not None
@@ -117,8 +128,11 @@ def test_the_plan_installs_a_backend_that_answers(wheel: str, venv_home: Path, t
         out = tmp_path / "ships.geojson"
         asked = subprocess.run(
             [earthdial, "ask", str(scene), "--prompt", "ships", "--endpoint", endpoint, "-o", str(out)],
-            capture_output=True, text=True, timeout=300, env=clean_env(),
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=clean_env(),
+        )
         assert asked.returncode == 0, asked.stderr
     finally:
         server.kill()

@@ -43,16 +43,38 @@ TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0)
 
 def _sparse_tif(path: Path, size: int, bands: int = 3) -> Path:
     """A size x size GeoTIFF of ~1 MB: tiled, every tile but one left sparse (GDAL writes no data for it)."""
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=bands, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 1, 1), tiled=True,
-                       blockxsize=1024, blockysize=1024, sparse_ok=True, BIGTIFF="YES") as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=bands,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 1, 1),
+        tiled=True,
+        blockxsize=1024,
+        blockysize=1024,
+        sparse_ok=True,
+        BIGTIFF="YES",
+    ) as dst:
         dst.write(np.ones((bands, 16, 16), np.uint8), window=Window(0, 0, 16, 16))
     return path
 
 
 def _tif(path: Path, size: int = 64) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(np.full((3, size, size), 7, np.uint8))
     return path
 
@@ -101,9 +123,24 @@ def limited(rasters):
     """A server with a generous pixel budget (so that the slow raster is read, for seconds), a small
     queue budget, small by-value and reply budgets; `--no-model`: `georef` reads pixels all the same."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(None, endpoint, extra=(
-        "--max-pixels", "20000000000", "--max-value-pixels", "400000", "--max-queue-mb", "1",
-        "--max-reply-mb", "1", "--max-bands", "16", "--client-queue", "4"))  # fmt: skip
+    proc = start_server(
+        None,
+        endpoint,
+        extra=(
+            "--max-pixels",
+            "20000000000",
+            "--max-value-pixels",
+            "400000",
+            "--max-queue-mb",
+            "1",
+            "--max-reply-mb",
+            "1",
+            "--max-bands",
+            "16",
+            "--client-queue",
+            "4",
+        ),
+    )
     yield endpoint, proc
     stop_server(proc)
 
@@ -154,16 +191,30 @@ def test_a_scan_with_millions_of_tiles_is_refused_before_they_are_built(
     with Client(server, timeout_s=20) as c:
         t = time.monotonic()
         with pytest.raises(EarthDialError) as err:
-            c.request({"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-                       "options": {"tile_size": 32, "overlap": 0.5}})  # fmt: skip
+            c.request(
+                {
+                    "op": "detect",
+                    "task": "refer",
+                    "prompt": "ships",
+                    "source": source_by_reference(str(path)),
+                    "options": {"tile_size": 32, "overlap": 0.5},
+                }
+            )
         assert time.monotonic() - t < 10
         assert err.value.code == "too_large" and "--max-scan-tiles" in err.value.message, err.value
     assert _pings_at_once(server) < 2
 
 
-@pytest.mark.parametrize(("width", "height", "tile", "overlap"),
-                         [(448, 448, 448, 0.1), (1000, 700, 448, 0.1), (5000, 37, 32, 0.5), (100, 3000, 64, 0.0),
-                          (449, 449, 448, 0.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("width", "height", "tile", "overlap"),
+    [
+        (448, 448, 448, 0.1),
+        (1000, 700, 448, 0.1),
+        (5000, 37, 32, 0.5),
+        (100, 3000, 64, 0.0),
+        (449, 449, 448, 0.5),
+    ],
+)
 def test_the_tile_count_is_the_tiling_s_own(width: int, height: int, tile: int, overlap: float) -> None:
     plan = tiling.plan_for_window(Window(0, 0, width, height), tile, overlap)
     built = [plan.window(i) for i in range(len(plan))]
@@ -246,8 +297,11 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
             # while it reads: more bytes than the queue budget (1 MiB) are refused by name
             value = source_by_value(TRANSFORM, "EPSG:32633")
             for i in range(4):  # 360 KB each: the third is over the 1 MiB budget
-                _send(worker, {"id": f"q{i}", "op": "georef", "answer": ANSWER, "source": value},
-                      [np.zeros((1, 600, 600), np.uint8)])  # fmt: skip
+                _send(
+                    worker,
+                    {"id": f"q{i}", "op": "georef", "answer": ANSWER, "source": value},
+                    [np.zeros((1, 600, 600), np.uint8)],
+                )
             replies = {}
             while len(replies) < 2:
                 reply = _recv(worker, 5)
@@ -320,9 +374,16 @@ def test_a_request_past_its_deadline_is_stopped(rasters, tiny_checkpoint) -> Non
     proc = start_server(tiny_checkpoint, endpoint, extra=("--max-pixels", "20000000000", "--deadline", "1.5"))
     try:
         with Client(endpoint, timeout_s=60) as c:
-            for call in (lambda: c.georef(source_by_reference(str(rasters["slow"])), ANSWER),
-                         lambda: c.ask(source_by_value(TRANSFORM, "EPSG:32633"), "hi", task="chat",
-                                       pixels=np.zeros((3, 64, 64), np.uint8), options={"max_new_tokens": 2048})):  # fmt: skip
+            for call in (
+                lambda: c.georef(source_by_reference(str(rasters["slow"])), ANSWER),
+                lambda: c.ask(
+                    source_by_value(TRANSFORM, "EPSG:32633"),
+                    "hi",
+                    task="chat",
+                    pixels=np.zeros((3, 64, 64), np.uint8),
+                    options={"max_new_tokens": 2048},
+                ),
+            ):
                 t = time.monotonic()
                 with pytest.raises(EarthDialError) as err:
                     call()
@@ -342,8 +403,16 @@ def test_another_connection_naming_alice_cannot_cancel_her_request(limited, rast
     endpoint, _ = limited
     alice, mallory = _dealer(endpoint), _dealer(endpoint)
     try:
-        _send(alice, {"id": "hers", "op": "georef", "answer": ANSWER, "client": "alice",
-                      "source": source_by_reference(str(rasters["slow"]))})  # fmt: skip
+        _send(
+            alice,
+            {
+                "id": "hers",
+                "op": "georef",
+                "answer": ANSWER,
+                "client": "alice",
+                "source": source_by_reference(str(rasters["slow"])),
+            },
+        )
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "hers", "reading")
             _send(mallory, {"id": "m", "op": "cancel", "target": "hers", "client": "alice"})
@@ -611,8 +680,12 @@ def test_an_oversize_header_is_answered_with_its_id(limited) -> None:
     with Client(endpoint, timeout_s=10) as c:  # the Client says so at once, instead of a timeout
         t = time.monotonic()
         with pytest.raises(EarthDialError) as err:
-            c.ask(source_by_value(TRANSFORM, "EPSG:32633"), "hi", options={"history": history},
-                  pixels=np.zeros((3, 8, 8), np.uint8))  # fmt: skip
+            c.ask(
+                source_by_value(TRANSFORM, "EPSG:32633"),
+                "hi",
+                options={"history": history},
+                pixels=np.zeros((3, 8, 8), np.uint8),
+            )
         assert err.value.code == "bad_header" and str(MAX_HEADER_BYTES) in err.value.message
         assert time.monotonic() - t < 1
 
@@ -634,8 +707,19 @@ def test_the_client_reports_an_error_reply_without_an_id() -> None:
             def answer() -> None:
                 assert router.poll(5000)
                 who = router.recv_multipart()[0]
-                router.send_multipart([who, *encode({"v": 1, "id": None, "ok": False,
-                                                     "error": {"code": "bad_header", "message": "too big"}})])  # fmt: skip
+                router.send_multipart(
+                    [
+                        who,
+                        *encode(
+                            {
+                                "v": 1,
+                                "id": None,
+                                "ok": False,
+                                "error": {"code": "bad_header", "message": "too big"},
+                            }
+                        ),
+                    ]
+                )
 
             import threading
 
@@ -676,13 +760,25 @@ def test_with_curve_a_client_is_its_key(rasters) -> None:
 
     public, secret = zmq.curve_keypair()
     alice, other = zmq.curve_keypair(), zmq.curve_keypair()
-    server = Server(None, "tcp://127.0.0.1:0", curve_secret_key=secret, allowed_dirs=[str(rasters["slow"].parent)],
-                    budgets=limits.Limits(max_pixels=20_000_000_000))  # fmt: skip
+    server = Server(
+        None,
+        "tcp://127.0.0.1:0",
+        curve_secret_key=secret,
+        allowed_dirs=[str(rasters["slow"].parent)],
+        budgets=limits.Limits(max_pixels=20_000_000_000),
+    )
     with serving(server) as endpoint:
         first, second, stranger = (_curve_dealer(endpoint, public, k) for k in (alice, alice, other))
         try:
-            _send(first, {"id": "hers", "op": "georef", "answer": ANSWER,
-                          "source": source_by_reference(str(rasters["slow"]))})  # fmt: skip
+            _send(
+                first,
+                {
+                    "id": "hers",
+                    "op": "georef",
+                    "answer": ANSWER,
+                    "source": source_by_reference(str(rasters["slow"])),
+                },
+            )
             with Client(endpoint, timeout_s=10, server_public_key=public) as probe:
                 job = _wait_stage(probe, "hers", "reading")
                 assert job["client"] == "key:" + alice[0].decode()[:9]
@@ -701,8 +797,18 @@ def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> N
 
     path = tmp_path / "striped.tif"  # 4000 x 4000 px in strips of one row, no overviews
     data = (np.arange(4000 * 4000, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 4000, 4000)
-    with rasterio.open(path, "w", driver="GTiff", width=4000, height=4000, count=1, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_000_000, 1, 1), blockysize=1) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=4000,
+        height=4000,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 1, 1),
+        blockysize=1,
+    ) as dst:
         dst.write(data)
     previous = limits.configure(limits.Limits(max_pixels=5_000_000))
     try:
@@ -729,8 +835,10 @@ def test_a_server_process_has_proj_network_and_gdal_http_off() -> None:
     import subprocess
     import sys
 
-    code = ("import os, pyproj.network; from earthdial.geo import file_access; file_access.harden_process(); "
-            "print(pyproj.network.is_network_enabled(), os.environ['PROJ_NETWORK'], "
-            "os.environ['GDAL_DISABLE_READDIR_ON_OPEN'], os.environ['GDAL_PAM_ENABLED'])")  # fmt: skip
+    code = (
+        "import os, pyproj.network; from earthdial.geo import file_access; file_access.harden_process(); "
+        "print(pyproj.network.is_network_enabled(), os.environ['PROJ_NETWORK'], "
+        "os.environ['GDAL_DISABLE_READDIR_ON_OPEN'], os.environ['GDAL_PAM_ENABLED'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "OFF", "EMPTY_DIR", "NO"]

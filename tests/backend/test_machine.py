@@ -20,12 +20,48 @@ from earthdial.install.machine import Facts, Gpu
 from earthdial.model import memory, precision
 
 GIB = 1024**3
-TOP_KEYS = {"schema", "taken", "torch", "nvidia_driver", "gpus", "mps", "cpu", "ram", "torchao", "plan_settings",
-            "plans", "recommendation", "summary"}  # fmt: skip
-ROW_KEYS = {"checkpoint", "device", "device_name", "dtype", "quantize", "weights_gb", "per_request_gb", "needs_gb",
-            "free_gb", "fits", "batch", "needs_torchao", "message"}  # fmt: skip
-RECOMMENDATION_KEYS = {"device", "gpu", "dtype", "quantize", "serve_args", "env", "batch", "install", "reason",
-                       "checkpoint"}  # fmt: skip
+TOP_KEYS = {
+    "schema",
+    "taken",
+    "torch",
+    "nvidia_driver",
+    "gpus",
+    "mps",
+    "cpu",
+    "ram",
+    "torchao",
+    "plan_settings",
+    "plans",
+    "recommendation",
+    "summary",
+}
+ROW_KEYS = {
+    "checkpoint",
+    "device",
+    "device_name",
+    "dtype",
+    "quantize",
+    "weights_gb",
+    "per_request_gb",
+    "needs_gb",
+    "free_gb",
+    "fits",
+    "batch",
+    "needs_torchao",
+    "message",
+}
+RECOMMENDATION_KEYS = {
+    "device",
+    "gpu",
+    "dtype",
+    "quantize",
+    "serve_args",
+    "env",
+    "batch",
+    "install",
+    "reason",
+    "checkpoint",
+}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
 
 
@@ -61,11 +97,23 @@ def test_report_on_this_machine_without_a_gpu_recommends_the_cpu_in_precisions_d
     assert by[("float32", "none")] > by[("float32", "int8")] > by[("float32", "nf4")]
 
 
-def facts(gpus: tuple[Gpu, ...] = (), ram_gb: float = 32, cpu_dtype: str = "float32", mps: bool = False,
-          torchao: bool = True) -> Facts:  # fmt: skip
-    return Facts(gpus=gpus, mps=mps, cpu_bf16=cpu_dtype == "bfloat16", cpu_dtype=cpu_dtype,
-                 cpu_dtype_reason=f"{cpu_dtype}: given", ram_free=int(ram_gb * GIB), ram_total=int(64 * GIB),
-                 torchao=torchao)  # fmt: skip
+def facts(
+    gpus: tuple[Gpu, ...] = (),
+    ram_gb: float = 32,
+    cpu_dtype: str = "float32",
+    mps: bool = False,
+    torchao: bool = True,
+) -> Facts:
+    return Facts(
+        gpus=gpus,
+        mps=mps,
+        cpu_bf16=cpu_dtype == "bfloat16",
+        cpu_dtype=cpu_dtype,
+        cpu_dtype_reason=f"{cpu_dtype}: given",
+        ram_free=int(ram_gb * GIB),
+        ram_total=int(64 * GIB),
+        torchao=torchao,
+    )
 
 
 def recommend(f: Facts) -> dict:
@@ -141,7 +189,9 @@ def test_min_free_is_where_the_plan_starts_to_fit(device: str, dtype_bytes: int,
     assert fits.batch >= 1 and short.batch == 0
 
 
-def test_nvidia_smi_is_read_when_present_and_said_absent_or_stuck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_nvidia_smi_is_read_when_present_and_said_absent_or_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sleep = shutil.which("sleep")
     monkeypatch.setenv("PATH", str(tmp_path))
     absent = machine.nvidia_driver()
@@ -152,7 +202,9 @@ def test_nvidia_smi_is_read_when_present_and_said_absent_or_stuck(tmp_path: Path
     )
     smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
     assert machine.nvidia_driver() == {"found": True, "driver": "550.54.15", "cuda": "12.4", "error": None}
-    smi.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n")  # fmt: skip
+    smi.write_text(
+        '#!/bin/sh\necho "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."\nexit 9\n'
+    )
     failed = machine.nvidia_driver()
     assert failed["driver"] is None and failed["error"].startswith(
         "nvidia-smi exited 9: NVIDIA-SMI has failed"
@@ -178,8 +230,12 @@ def test_a_serving_backend_reports_the_machine_in_status(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint)
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         report = json.loads(out.stdout)["machine"]
         assert set(report) == TOP_KEYS and report["taken"] == "at start-up, before the model was loaded"
         assert report["recommendation"]["device"] in ("cpu", "cuda")

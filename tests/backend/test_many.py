@@ -32,8 +32,20 @@ from earthdial.scenes import archive, journal, many
 from earthdial.scenes import job as scan_job
 from earthdial.training import DEMO_DIR
 
-TILING = ["--prompt", "ships", "--tile-size", "224", "--overlap", "0", "--batch", "2", "--model", str(DEMO_DIR),
-          "--device", "cpu"]  # fmt: skip
+TILING = [
+    "--prompt",
+    "ships",
+    "--tile-size",
+    "224",
+    "--overlap",
+    "0",
+    "--batch",
+    "2",
+    "--model",
+    str(DEMO_DIR),
+    "--device",
+    "cpu",
+]
 MANY = ["--workers", "2", "--cpus-per-worker", "1"]
 FIELDS = (
     "label",
@@ -51,8 +63,12 @@ FIELDS = (
 
 def mosaic(path: Path, seed: int) -> Path:
     """2 x 2 demo scenes side by side: 448 px, four 224 px tiles with objects the demo model knows."""
-    rows = [np.concatenate([synthetic.render(synthetic.make_scene(seed, r * 2 + c), 224) for c in range(2)], axis=2)
-            for r in range(2)]  # fmt: skip
+    rows = [
+        np.concatenate(
+            [synthetic.render(synthetic.make_scene(seed, r * 2 + c), 224) for c in range(2)], axis=2
+        )
+        for r in range(2)
+    ]
     return synthetic.write_geotiff(path, np.concatenate(rows, axis=1))
 
 
@@ -63,7 +79,7 @@ def features(path: Path, layer: str) -> list[tuple[Any, ...]]:
     columns = [
         [None if isinstance(v, float) and np.isnan(v) else v for v in fields[names.index(n)]] for n in FIELDS
     ]
-    return sorted(zip([bytes(g) for g in geoms], *columns, strict=True), key=repr)  # fmt: skip
+    return sorted(zip([bytes(g) for g in geoms], *columns, strict=True), key=repr)
 
 
 def layers(path: Path) -> list[str]:
@@ -119,8 +135,25 @@ def test_two_ray_workers_give_the_same_features_as_four_single_process_detects(a
     items = stac(archive_dir["folder"] / "items.json", [item("scene-d", visual=d.name, thumbnail="d.png")])
     out = tmp_path / "project.gpkg"
     user_geopackage(str(out))
-    run = subprocess.run([*EARTHDIAL, "detect-many", str(a), str(b), "--list", str(listing), "--stac", str(items),
-                          *TILING, *MANY, "-o", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [
+            *EARTHDIAL,
+            "detect-many",
+            str(a),
+            str(b),
+            "--list",
+            str(listing),
+            "--stac",
+            str(items),
+            *TILING,
+            *MANY,
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "4 scene(s) on 2 worker(s) (1 CPU each)" in run.stderr
     assert "4 scene(s): 4 run now, 0 done before, 0 failed" in run.stdout
@@ -134,14 +167,21 @@ def test_two_ray_workers_give_the_same_features_as_four_single_process_detects(a
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 << 20,
-             log_to_driver=False, configure_logging=False)  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 << 20,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
 
-def test_ctrl_c_keeps_finished_scenes_and_resume_runs_only_the_others(archive_dir, local_ray, tmp_path,
-                                                                      monkeypatch, capsys) -> None:  # fmt: skip
+def test_ctrl_c_keeps_finished_scenes_and_resume_runs_only_the_others(
+    archive_dir, local_ray, tmp_path, monkeypatch, capsys
+) -> None:
     """Ctrl-C while the second scene is being written: both finished scenes are journalled and in the
     GeoPackage, no merged layer yet; `--resume` runs the other two only and ends equal to a whole run."""
     out = tmp_path / "out.gpkg"
@@ -175,8 +215,9 @@ def test_ctrl_c_keeps_finished_scenes_and_resume_runs_only_the_others(archive_di
     assert not log.exists()
 
 
-def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_resume(archive_dir, tmp_path,
-                                                                                  monkeypatch) -> None:  # fmt: skip
+def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_resume(
+    archive_dir, tmp_path, monkeypatch
+) -> None:
     """A kill between a scene's journal line and its layer: resume writes that layer from the journal.
     (The journal and the GeoPackage are what is tested: the worker runs in this process, without Ray.)"""
     out = tmp_path / "out.gpkg"
@@ -201,16 +242,35 @@ def test_a_journalled_scene_whose_layer_never_reached_the_file_is_written_on_res
     assert scenes == {p: archive_dir["expected"][p] for p in map(str, archive_dir["paths"][:2])}
 
 
-def test_bad_scenes_get_typed_errors_and_the_others_are_written(archive_dir, local_ray, tmp_path, capsys) -> None:  # fmt: skip
+def test_bad_scenes_get_typed_errors_and_the_others_are_written(
+    archive_dir, local_ray, tmp_path, capsys
+) -> None:
     good = archive_dir["paths"][0]
     no_crs = tmp_path / "no_crs.tif"
     with rasterio.open(no_crs, "w", driver="GTiff", width=224, height=224, count=3, dtype="uint8") as dst:
         dst.write(np.zeros((3, 224, 224), np.uint8))
-    items = stac(tmp_path / "items.json", [item("remote", visual="https://example.com/a.tif"),
-                                           {"type": "Feature", "id": "no-tiff", "assets": {"meta": {"href": "m.xml"}}}])  # fmt: skip
+    items = stac(
+        tmp_path / "items.json",
+        [
+            item("remote", visual="https://example.com/a.tif"),
+            {"type": "Feature", "id": "no-tiff", "assets": {"meta": {"href": "m.xml"}}},
+        ],
+    )
     out = tmp_path / "out.gpkg"
-    code = cli.main(["detect-many", str(good), str(no_crs), str(tmp_path / "missing.tif"), "--stac", str(items),
-                     *TILING, *MANY, "-o", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "detect-many",
+            str(good),
+            str(no_crs),
+            str(tmp_path / "missing.tif"),
+            "--stac",
+            str(items),
+            *TILING,
+            *MANY,
+            "-o",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
     assert "5 scene(s): 1 run now, 0 done before, 4 failed" in captured.out
@@ -226,14 +286,21 @@ def test_bad_scenes_get_typed_errors_and_the_others_are_written(archive_dir, loc
 
 def test_stac_items_and_list_files_resolve_to_local_scenes(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
-    items = stac(tmp_path / "sub" / "items.json", [
-        item("rel", visual="../a.tif", nir="n.tif"),
-        item("no-visual", thumbnail="t.png", data="data/b.TIF"),
-        item("uri", visual=f"file://{tmp_path}/c%20d.tif"),
-        item("s3", visual="s3://bucket/e.tif"),
-        {"type": "Feature", "id": "typed", "assets": {"cog": {"href": "cog", "type": "image/tiff; application=geotiff"}}},
-        {"type": "Feature", "id": "bare"},
-    ])  # fmt: skip
+    items = stac(
+        tmp_path / "sub" / "items.json",
+        [
+            item("rel", visual="../a.tif", nir="n.tif"),
+            item("no-visual", thumbnail="t.png", data="data/b.TIF"),
+            item("uri", visual=f"file://{tmp_path}/c%20d.tif"),
+            item("s3", visual="s3://bucket/e.tif"),
+            {
+                "type": "Feature",
+                "id": "typed",
+                "assets": {"cog": {"href": "cog", "type": "image/tiff; application=geotiff"}},
+            },
+            {"type": "Feature", "id": "bare"},
+        ],
+    )
     listing = tmp_path / "sub" / "list.txt"
     listing.write_text(f"# a comment\n\nx.tif\n  {tmp_path}/a.tif  \nhttp://host/y.tif\n")
     found = archive.scenes_of([str(tmp_path / "a.tif")], [str(listing)], [str(items)])
@@ -282,11 +349,18 @@ def test_without_ray_detect_many_says_how_to_install_it(tmp_path: Path, monkeypa
 
 
 def test_the_runtime_and_the_rest_of_the_cli_never_import_ray() -> None:
-    code = ("import sys, earthdial.cli.main, earthdial.serving.server, earthdial.scenes.many, earthdial.scenes.archive, earthdial.scenes.scan; "
-            "earthdial.cli.main.build_parser().parse_args(['detect-many', 'x.tif', '--prompt', 'p', '-o', 'o.gpkg']); "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
+    code = (
+        "import sys, earthdial.cli.main, earthdial.serving.server, earthdial.scenes.many, earthdial.scenes.archive, earthdial.scenes.scan; "
+        "earthdial.cli.main.build_parser().parse_args(['detect-many', 'x.tif', '--prompt', 'p', '-o', 'o.gpkg']); "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -302,7 +376,9 @@ def in_process_stream(worker: many.SceneWorker):
     return stream
 
 
-def test_a_model_that_cannot_load_stops_the_run_with_a_typed_error(archive_dir, tmp_path, monkeypatch, capsys) -> None:  # fmt: skip
+def test_a_model_that_cannot_load_stops_the_run_with_a_typed_error(
+    archive_dir, tmp_path, monkeypatch, capsys
+) -> None:
     worker = many.SceneWorker(str(tmp_path / "no-model"), "cpu", 1)
     monkeypatch.setattr(many, "_stream", in_process_stream(worker))
     out = tmp_path / "out.gpkg"
@@ -316,13 +392,18 @@ def test_a_model_that_cannot_load_stops_the_run_with_a_typed_error(archive_dir, 
 def test_the_merged_layer_of_scenes_in_different_crs_is_in_wgs84(tmp_path: Path) -> None:
     def box(x: float, y: float) -> dict[str, Any]:
         ring = [[x, y], [x + 100, y], [x + 100, y + 100], [x, y + 100], [x, y]]
-        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"label": "ship", "task": "refer", "source": f"{x}"}}  # fmt: skip
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"label": "ship", "task": "refer", "source": f"{x}"},
+        }
 
     out = tmp_path / "out.gpkg"
     log = journal.Journal.open(journal.path_for(str(out), "many"), {"op": "detect-many"}, False)
-    done = {0: {"crs": "EPSG:32633", "features": [box(500_000, 4_000_000)]},
-            1: {"crs": "EPSG:3857", "features": [box(1_669_792, 4_865_942)]}}  # fmt: skip
+    done = {
+        0: {"crs": "EPSG:32633", "features": [box(500_000, 4_000_000)]},
+        1: {"crs": "EPSG:3857", "features": [box(1_669_792, 4_865_942)]},
+    }
     job = many.Run([], "refer", "ships", {}, str(out), "m")
     name = many._write_merged(
         str(out), scan_job.ScanJob(log), done, job, many.datetime.now(many.timezone.utc)

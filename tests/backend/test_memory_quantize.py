@@ -153,8 +153,12 @@ def test_serve_plans_memory_and_reports_it_in_status(tiny_checkpoint: Path) -> N
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--quantize", "int8", "--max-batch", "3"))
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         model = json.loads(out.stdout)["model"]
         assert model["quantize"] == "int8" and model["plan"]["batch"] == 3
         assert model["memory"]["free_gb"] > 0

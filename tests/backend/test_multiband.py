@@ -27,8 +27,18 @@ def engine(tiny_checkpoint: Path) -> Engine:
 
 def _tif(path: Path, data: np.ndarray, crs: str = "EPSG:32633", nodata=None) -> Path:
     count, rows, cols = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
-                       crs=crs, transform=from_origin(500_000, 4_000_000, 10, 10), nodata=nodata) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=count,
+        dtype=data.dtype.name,
+        crs=crs,
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+        nodata=nodata,
+    ) as dst:
         dst.write(data)
     return path
 
@@ -111,8 +121,10 @@ def test_multispectral_image_runs_the_band_group_path(engine: Engine) -> None:
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize(("tag", "count"), [("[s2_ms_10]", 12), ("[l8_ms_30]", 8), ("[hr_rgbi_0.5]", 4),
-                                            ("[s1_vh_10]", 1), ("[s2_ms_10]", 10)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("tag", "count"),
+    [("[s2_ms_10]", 12), ("[l8_ms_30]", 8), ("[hr_rgbi_0.5]", 4), ("[s1_vh_10]", 1), ("[s2_ms_10]", 10)],
+)
 def test_every_band_count_gives_one_tile_of_tokens(engine: Engine, tag: str, count: int) -> None:
     data = np.random.default_rng(count).random((count, 30, 30)).astype(np.float32)
     image = engine.image(data, tag)
@@ -146,7 +158,7 @@ def test_batched_greedy_equals_sequential_across_prompt_lengths_and_image_counts
             ),
             [engine.image(rng.random((12, 20, 20)).astype(np.float32), "[s2_ms_10]")],
             8,
-        ),  # fmt: skip
+        ),
         Query(
             build_question("chat", "and now?", images=0),
             [rgb(224, 224)],
@@ -164,12 +176,22 @@ def test_pairs_and_multispectral_over_the_server(server: str, tmp_path: Path) ->
     after = _tif(tmp_path / "after.tif", (rng.random((3, 64, 64)) * 255).astype(np.uint8))
     ms = _tif(tmp_path / "s2.tif", rng.integers(0, 5000, (12, 64, 64)).astype(np.uint16))
     with Client(server, timeout_s=60) as c:
-        pair = c.request({"op": "ask", "task": "change", "prompt": "",
-                          "sources": [source_by_reference(str(before)), source_by_reference(str(after))]}).header  # fmt: skip
+        pair = c.request(
+            {
+                "op": "ask",
+                "task": "change",
+                "prompt": "",
+                "sources": [source_by_reference(str(before)), source_by_reference(str(after))],
+            }
+        ).header
         assert pair["tiles"] == 2 and len(pair["chips"]) == 2
         with pytest.raises(EarthDialError) as err:  # the RGB checkpoint never saw the band-group path
-            c.ask(source_by_reference(str(ms), bands=list(range(1, 13))), "what is this?", task="chat",
-                  options={"sensor": "[s2_ms_10]"})  # fmt: skip
+            c.ask(
+                source_by_reference(str(ms), bands=list(range(1, 13))),
+                "what is this?",
+                task="chat",
+                options={"sensor": "[s2_ms_10]"},
+            )
         assert err.value.code == "wrong_variant" and "EarthDial_4B_MS" in err.value.message
         with pytest.raises(EarthDialError) as err:
             c.ask(source_by_reference(str(before)), "", task="change")  # a pair task with one image

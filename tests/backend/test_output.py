@@ -176,8 +176,16 @@ def test_collection_without_crs(tmp_path):
 def user_geopackage(path, layer="roads", crs="EPSG:3857"):
     """A GeoPackage of the user's own, written by GDAL without our mark."""
     points = shapely.to_wkb(np.array([shapely.Point(1, 2)], dtype=object))
-    pyogrio.raw.write(path, points, [np.array(["mine"], dtype=object)], ["name"], layer=layer, driver="GPKG",
-                      geometry_type="Point", crs=crs)  # fmt: skip
+    pyogrio.raw.write(
+        path,
+        points,
+        [np.array(["mine"], dtype=object)],
+        ["name"],
+        layer=layer,
+        driver="GPKG",
+        geometry_type="Point",
+        crs=crs,
+    )
 
 
 def check_users_layer(path, layer="roads"):
@@ -218,8 +226,11 @@ def test_a_layer_name_is_refused_when_taken_and_replaced_only_when_ours(tmp_path
     path = str(tmp_path / "project.gpkg")
     user_geopackage(path)
     write_features(path, TWO, "run")
-    for attempt in (lambda: write_features(path, TWO, "run"), lambda: write_features(path, TWO, "RUN"),
-                    lambda: check_target(path, "run")):  # fmt: skip
+    for attempt in (
+        lambda: write_features(path, TWO, "run"),
+        lambda: write_features(path, TWO, "RUN"),
+        lambda: check_target(path, "run"),
+    ):
         with pytest.raises(EarthDialError) as info:
             attempt()
         assert info.value.code == ErrorCode.OUTPUT_EXISTS
@@ -298,8 +309,11 @@ def test_a_crs_whose_id_is_taken_gets_another_and_the_geometries_say_so(tmp_path
 def test_a_file_that_is_not_ours_is_never_replaced(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
-    for attempt in (lambda: write_features(str(path), TWO), lambda: write_features(str(path), TWO, overwrite=True),
-                    lambda: check_target(str(path), overwrite=True)):  # fmt: skip
+    for attempt in (
+        lambda: write_features(str(path), TWO),
+        lambda: write_features(str(path), TWO, overwrite=True),
+        lambda: check_target(str(path), overwrite=True),
+    ):
         with pytest.raises(EarthDialError) as info:
             attempt()
         assert info.value.code == ErrorCode.FOREIGN_OUTPUT
@@ -481,8 +495,9 @@ def test_a_geopackage_another_program_keeps_locked_is_busy_and_untouched(tmp_pat
     write_features(path, TWO, "earthdial")
     before = open(path, "rb").read()
     monkeypatch.setattr(output, "BUSY_TIMEOUT_S", 0.3)
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, path], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert locker.stdout.readline().strip() == "locked"
         with pytest.raises(EarthDialError) as info:
@@ -618,8 +633,13 @@ def test_scratch_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path
     users = tmp_path / ".earthdial-notes"  # not a name of ours
     users.mkdir()
     (tmp_path / ".earthdial-tmp-file0000").write_text("a file, not a folder of ours")
-    live = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(tmp_path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ})  # fmt: skip
+    live = subprocess.Popen(
+        [sys.executable, "-c", LIVE_WRITER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
     try:
         live_scratch = live.stdout.readline().strip()
         assert os.path.isdir(live_scratch)

@@ -49,8 +49,13 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def zygote():
-    proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(N)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, str(N)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
     assert proc.stdout.readline().strip() == "ready"
     yield proc
     proc.stdin.close()
@@ -81,8 +86,12 @@ def write_and_kill(zygote, path: str, layer: str, when: Callable[[], bool]) -> b
 
 
 def scratch_files(folder: str) -> list[str]:
-    return [os.path.join(folder, d, f) for d in os.listdir(folder) if d.startswith(".earthdial-tmp-")
-            for f in os.listdir(os.path.join(folder, d))]  # fmt: skip
+    return [
+        os.path.join(folder, d, f)
+        for d in os.listdir(folder)
+        if d.startswith(".earthdial-tmp-")
+        for f in os.listdir(os.path.join(folder, d))
+    ]
 
 
 def size(path: str) -> int:
@@ -148,8 +157,10 @@ def test_a_geojson_write_killed_leaves_the_old_file_byte_for_byte(tmp_path, zygo
     path = str(tmp_path / "ships.geojson")
     write_features(path, TWO)
     before = open(path, "rb").read()
-    for when in (lambda: bool(scratch_files(str(tmp_path))),
-                 lambda: any(size(f) > 1 << 20 for f in scratch_files(str(tmp_path)))):  # fmt: skip
+    for when in (
+        lambda: bool(scratch_files(str(tmp_path))),
+        lambda: any(size(f) > 1 << 20 for f in scratch_files(str(tmp_path))),
+    ):
         assert write_and_kill(zygote, path, "ships", when)
         assert open(path, "rb").read() == before
     assert not write_and_kill(zygote, path, "ships", lambda: False)  # left alone: replaced whole
@@ -175,8 +186,9 @@ def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_t
     user_geopackage(path)
     write_features(path, TWO, "first")
     write_features(path, TWO, "earthdial")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         wal = path + "-wal"

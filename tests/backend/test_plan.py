@@ -33,8 +33,17 @@ def ms_engine(tiny_ms_checkpoint: Path) -> Engine:
 
 def tif(path: Path, data: np.ndarray) -> Path:
     count, rows, cols = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=count, dtype=data.dtype.name,
-                       crs=UTM[0], transform=UTM[1]) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=count,
+        dtype=data.dtype.name,
+        crs=UTM[0],
+        transform=UTM[1],
+    ) as dst:
         dst.write(data)
     return path
 
@@ -63,17 +72,25 @@ def same(plan: dict, reply: dict) -> None:
     ("name", "data", "bounds", "options"),
     [
         ("rgb", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8), None, {}),
-        ("rgb_window", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8),
-         (500_100.0, 3_999_300.0, 500_900.0, 3_999_900.0), {"gsd": 20.0}),
+        (
+            "rgb_window",
+            np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8),
+            (500_100.0, 3_999_300.0, 500_900.0, 3_999_900.0),
+            {"gsd": 20.0},
+        ),
         ("rgb16", np.random.default_rng(1).integers(0, 4000, (4, 90, 90), dtype=np.uint16), None, {}),
     ],
-)  # fmt: skip
+)
 def test_plan_matches_what_the_ask_reports_rgb(
     tmp_path: Path, rgb_engine: Engine, name, data, bounds, options
 ) -> None:
     path = tif(tmp_path / f"{name}.tif", data)
-    header = {"op": "ask", "task": "caption", "source": source_by_reference(str(path), bounds=bounds),
-              "options": {**options, "max_new_tokens": 2}}  # fmt: skip
+    header = {
+        "op": "ask",
+        "task": "caption",
+        "source": source_by_reference(str(path), bounds=bounds),
+        "options": {**options, "max_new_tokens": 2},
+    }
     plan = service.plan(header, [], rgb_engine)["plan"]
     assert plan["by"] == "reference" and plan["model"]["variant"] == "EarthDial_4B_RGB"
     same(plan, service.run(header, [], rgb_engine))
@@ -85,8 +102,13 @@ def test_plan_matches_the_ask_for_12_bands_and_sar_on_the_ms_checkpoint(
     s2 = tif(tmp_path / "s2.tif", np.random.default_rng(0).integers(0, 6000, (12, 64, 64)).astype(np.uint16))
     s1 = tif(tmp_path / "s1.tif", sar_linear())
     for path, preset, sensor in ((s2, "s2_l2a", "[s2_ms_10]"), (s1, "s1_vh_linear", "[s1_vh_10]")):
-        header = {"op": "ask", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-                  "options": {"max_new_tokens": 2}}  # fmt: skip
+        header = {
+            "op": "ask",
+            "task": "refer",
+            "prompt": "ships",
+            "source": source_by_reference(str(path)),
+            "options": {"max_new_tokens": 2},
+        }
         plan = service.plan(header, [], ms_engine)["plan"]
         assert (plan["preset"], plan["sensor"], plan["tiles"]) == (preset, sensor, 1)
         same(plan, service.run(header, [], ms_engine))
@@ -179,8 +201,13 @@ def test_the_plan_of_a_scan_counts_the_tiles_the_scan_runs_and_the_gsd_each_is_s
         tmp_path / "wide.tif", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8)
     )
     options = {"tile_size": 64, "overlap": 0.1, "batch": 4}
-    header = {"op": "detect", "task": "refer", "prompt": "ship", "source": source_by_reference(str(path)),
-              "options": {**options, "max_new_tokens": 2}}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ship",
+        "source": source_by_reference(str(path)),
+        "options": {**options, "max_new_tokens": 2},
+    }
     planned = service.plan({**header, "op": "plan", "scan": options}, [], rgb_engine)["plan"]
     events: list[dict] = []
     work = scan.steps(header, rgb_engine, lambda name, **fields: events.append({"event": name, **fields}))
@@ -214,23 +241,37 @@ def _read_as_planned(plan: dict, reply: dict) -> None:
     ("name", "shape", "dtype", "source", "options"),
     [
         ("whole", (3, 100, 300), "uint8", {}, {}),
-        ("bounds_gsd", (3, 100, 300), "uint8", {"bounds": [500_100.0, 3_999_300.0, 500_900.0, 3_999_900.0]},
-         {"gsd": 25.0}),
-        ("bounds_4326", (3, 120, 200), "uint8", {"bounds": [15.0009, 36.1323, 15.0131, 36.1409], "crs": "EPSG:4326"},
-         {}),
+        (
+            "bounds_gsd",
+            (3, 100, 300),
+            "uint8",
+            {"bounds": [500_100.0, 3_999_300.0, 500_900.0, 3_999_900.0]},
+            {"gsd": 25.0},
+        ),
+        (
+            "bounds_4326",
+            (3, 120, 200),
+            "uint8",
+            {"bounds": [15.0009, 36.1323, 15.0131, 36.1409], "crs": "EPSG:4326"},
+            {},
+        ),
         ("bands", (4, 90, 130), "uint16", {"bands": [3, 2, 1]}, {}),
         ("preset", (12, 70, 50), "uint16", {}, {"preset": "s2_rgb"}),
         ("large", (3, 600, 2500), "uint8", {}, {}),
         ("fine_gsd", (3, 40, 90), "uint8", {}, {"gsd": 4.0}),
     ],
-)  # fmt: skip
+)
 def test_plan_promises_the_window_the_ask_reads(
     tmp_path: Path, rgb_engine: Engine, name, shape, dtype, source, options
 ) -> None:
     data = np.random.default_rng(5).integers(1, 250, shape).astype(dtype)
     path = tif(tmp_path / f"{name}.tif", data)
-    header = {"op": "ask", "task": "caption", "source": {**source_by_reference(str(path)), **source},
-              "options": {**options, "max_new_tokens": 2}}  # fmt: skip
+    header = {
+        "op": "ask",
+        "task": "caption",
+        "source": {**source_by_reference(str(path)), **source},
+        "options": {**options, "max_new_tokens": 2},
+    }
     plan = service.plan(header, [], rgb_engine)["plan"]
     _read_as_planned(plan, service.run(header, [], rgb_engine))
 

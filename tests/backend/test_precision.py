@@ -81,12 +81,20 @@ def test_small_models_stay_in_fp32_without_a_probe(tiny_checkpoint: Path) -> Non
     assert Engine(str(tiny_checkpoint), device="cpu").model.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("asked", "dtype"), [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
-                                              ("float32", torch.float32), ("fp32", torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("asked", "dtype"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+    ],
+)
 def test_dtype_overrides_flags_and_probe(asked: str, dtype: torch.dtype) -> None:
     probe = Recorded(fp32_s=0.020, bf16_s=0.010)
-    chosen = choose("cpu", asked, FULL_WIDTH, flags=PLAIN_CPU if dtype == torch.bfloat16 else BF16_CPU,
-                    run_probe=probe)  # fmt: skip
+    chosen = choose(
+        "cpu", asked, FULL_WIDTH, flags=PLAIN_CPU if dtype == torch.bfloat16 else BF16_CPU, run_probe=probe
+    )
     assert chosen.dtype == dtype and "--dtype" in chosen.reason and probe.widths == []
 
 
@@ -141,12 +149,20 @@ def test_serve_dtype_option_and_status_say_which_and_why(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--dtype", "bf16"))
     try:
-        out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         model = json.loads(out.stdout)["model"]
         assert model["dtype"] == "bfloat16" and model["dtype_reason"] == "bfloat16: asked for (--dtype)"
-        text = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint],
-                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        text = subprocess.run(
+            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         assert "dtype     bfloat16: asked for (--dtype)" in text
     finally:
         stop_server(proc)

@@ -116,6 +116,12 @@ def test_a_prompt_naming_objects_defaults_to_refer_and_a_question_to_chat() -> N
 
     for prompt in ("ships", "small boats", " oil storage tanks. ", "Airplanes"):
         assert default_task(prompt) == "refer", prompt
-    for prompt in ("", "Is there a ship?", "what is in the image", "describe the harbour",
-                   "how many ships are moored here", "a harbour with many ships and two cranes"):  # fmt: skip
+    for prompt in (
+        "",
+        "Is there a ship?",
+        "what is in the image",
+        "describe the harbour",
+        "how many ships are moored here",
+        "a harbour with many ships and two cranes",
+    ):
         assert default_task(prompt) == "chat", prompt

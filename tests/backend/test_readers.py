@@ -27,8 +27,17 @@ RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
 
 
 def _tif(path: Path, size: int, crs: str) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8", crs=crs,
-                       transform=from_origin(10, 50, 0.001, 0.001)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=1,
+        dtype="uint8",
+        crs=crs,
+        transform=from_origin(10, 50, 0.001, 0.001),
+    ) as dst:
         dst.write(np.ones((1, size, size), np.uint8))
     return path
 
@@ -181,8 +190,13 @@ def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
     try:
         with StatusProbe(endpoint), Client(endpoint, timeout_s=30) as c:
             for op in ("plan", "georef"):
-                header = {"op": op, "task": "chat", "prompt": "what?", "answer": "x",
-                          "source": source_by_reference(trap)}  # fmt: skip
+                header = {
+                    "op": op,
+                    "task": "chat",
+                    "prompt": "what?",
+                    "answer": "x",
+                    "source": source_by_reference(trap),
+                }
                 with pytest.raises(EarthDialError) as err:
                     c.request(header)
                 assert err.value.code == "timeout" and "--read-timeout" in err.value.message, (op, err.value)
@@ -278,7 +292,11 @@ def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
     from earthdial.serving import limits, readers
 
     os.mkfifo(outside_dir / "grid.gsb")
-    trap = str(geotiff_with_pe_citation(tmp_path / "trap.tif", pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]))  # fmt: skip
+    trap = str(
+        geotiff_with_pe_citation(
+            tmp_path / "trap.tif", pe_citations(str(outside_dir / "grid.gsb"))["wkt1 PROJ4_GRIDS"]
+        )
+    )
     monkeypatch.setenv(file_access.SKIP_PRECHECKS, "1")  # inherited by the readers started below
     previous = file_access.allowed_dirs()
     file_access.set_allowed_dirs([tmp_path])

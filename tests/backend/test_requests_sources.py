@@ -19,8 +19,17 @@ TRANSFORM = [10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0]
 @pytest.fixture()
 def tif(tmp_path: Path) -> str:
     path = tmp_path / "rgb.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=Affine(*TRANSFORM)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=40,
+        height=30,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=Affine(*TRANSFORM),
+    ) as dst:
         dst.write(np.full((3, 30, 40), 7, np.uint8))
     return str(path)
 
@@ -45,7 +54,7 @@ def _bad_sources(tif: str) -> dict[str, tuple[dict, list[np.ndarray], str]]:
             },
             [],
             "bad_request",
-        ),  # fmt: skip
+        ),
         "a path that is no string": ({**ref, "path": 5}, [], "bad_request"),
         "bands that are no ints": ({**ref, "bands": ["red"]}, [], "bad_request"),
         "bands that are no list": ({**ref, "bands": 3}, [], "bad_request"),
@@ -79,7 +88,7 @@ def test_a_malformed_source_gets_one_typed_error_and_message_from_every_op(tif: 
                 {**ask, "sources": [source, source_by_reference(tif)], "source": None},
                 arrays,
                 None,
-            ),  # fmt: skip
+            ),
         }
         codes = {op: e.code for op, e in errors.items()}
         assert set(codes.values()) == {code}, (name, codes)
@@ -90,9 +99,16 @@ def test_a_malformed_source_gets_one_typed_error_and_message_from_every_op(tif: 
 def test_the_server_checks_a_request_s_sources_at_admission_and_hands_them_on(tif: str) -> None:
     ask = {"v": PROTOCOL_VERSION, "id": "1", "op": "ask", "task": "caption", "prompt": ""}
     pixels = np.zeros((3, 4, 4), np.uint8)
-    admitted = server.admit({**ask, "sources": [source_by_reference(tif, bands=[3, 2, 1]),
-                                                {**source_by_value(TRANSFORM, "EPSG:32633"), "name": "layer"}]},
-                            [pixels])  # fmt: skip
+    admitted = server.admit(
+        {
+            **ask,
+            "sources": [
+                source_by_reference(tif, bands=[3, 2, 1]),
+                {**source_by_value(TRANSFORM, "EPSG:32633"), "name": "layer"},
+            ],
+        },
+        [pixels],
+    )
     assert admitted is not None
     ref, value = admitted.sources
     assert ref == requests.Ref(tif, bands=(3, 2, 1))
@@ -105,6 +121,13 @@ def test_the_server_checks_a_request_s_sources_at_admission_and_hands_them_on(ti
         server.admit({**ask, "op": "detect", "task": "refer", "prompt": "ships", "source": stream}, [])
     assert err.value.code == "bad_crs"
     with pytest.raises(EarthDialError) as err:  # a change scan's layers: 2 to 8
-        server.admit({**ask, "op": "detect_changes", "task": "change",
-                      "source": {**stream, "crs": "EPSG:32633", "layers": ["only one"]}}, [])  # fmt: skip
+        server.admit(
+            {
+                **ask,
+                "op": "detect_changes",
+                "task": "change",
+                "source": {**stream, "crs": "EPSG:32633", "layers": ["only one"]},
+            },
+            [],
+        )
     assert err.value.code == "bad_request" and "2 to 8 layers" in err.value.message

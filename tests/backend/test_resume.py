@@ -34,22 +34,36 @@ def demo_server() -> Iterator[str]:
 def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 x 3 demo scenes of 224 px: 16 tiles of 224 px at 10 % overlap, objects cut by the seams."""
     n, size = 3, 224
-    rows = [np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
-            for r in range(n)]  # fmt: skip
+    rows = [
+        np.concatenate([synthetic.render(synthetic.make_scene(7, r * n + c), size) for c in range(n)], axis=2)
+        for r in range(n)
+    ]
     return synthetic.write_geotiff(
         tmp_path_factory.mktemp("resume") / "mosaic.tif", np.concatenate(rows, axis=1)
     )
 
 
 def _header(path: Path, tile_size: int = 224, **options: Any) -> dict[str, Any]:
-    return {"op": "detect", "task": "refer", "prompt": "ships", "source": source_by_reference(str(path)),
-            "options": {"tile_size": tile_size, "overlap": 0.1, "batch": 2, **options}}  # fmt: skip
+    return {
+        "op": "detect",
+        "task": "refer",
+        "prompt": "ships",
+        "source": source_by_reference(str(path)),
+        "options": {"tile_size": tile_size, "overlap": 0.1, "batch": 2, **options},
+    }
 
 
 def _boxes(features: list[dict[str, Any]]) -> list[tuple]:
     """What the merge decides: each box's place, label, score and tile (not when it was found)."""
-    return sorted((json.dumps(f["geometry"]), f["properties"]["label"], f["properties"]["score"],
-                   f["properties"]["tile"]) for f in features)  # fmt: skip
+    return sorted(
+        (
+            json.dumps(f["geometry"]),
+            f["properties"]["label"],
+            f["properties"]["score"],
+            f["properties"]["tile"],
+        )
+        for f in features
+    )
 
 
 def _stopped(
@@ -83,8 +97,11 @@ def test_a_stopped_scan_resumed_with_its_earlier_boxes_merges_as_an_uninterrupte
         assert 4 <= len(tiles) < 16 and features
 
         events = []
-        resumed = c.scan(_header(mosaic, skip=sorted(tiles)), on_event=events.append,
-                         earlier={"tiles": list(tiles.values()), "features": features})  # fmt: skip
+        resumed = c.scan(
+            _header(mosaic, skip=sorted(tiles)),
+            on_event=events.append,
+            earlier={"tiles": list(tiles.values()), "features": features},
+        )
     merged = [f for e in events if e["event"] == "merged" for f in e["features"]]
     scanned = [t["index"] for e in events if e["event"] == "progress" for t in e["tiles"]]
     assert sorted(scanned) == sorted(set(range(16)) - set(tiles))  # no tile scanned twice
@@ -104,8 +121,12 @@ def test_a_streamed_scan_resumes_too(demo_server: str, mosaic: Path) -> None:
 
         def read_tile(index: int, window: tuple, shape: tuple) -> np.ndarray:
             sent.append(index)
-            return src.read([1, 2, 3], window=Window(*window), out_shape=(3, shape[1], shape[0]),
-                            resampling=Resampling.average)  # fmt: skip
+            return src.read(
+                [1, 2, 3],
+                window=Window(*window),
+                out_shape=(3, shape[1], shape[0]),
+                resampling=Resampling.average,
+            )
 
         def header(**options: Any) -> dict[str, Any]:
             return {**_header(mosaic, **options), "source": source}
@@ -117,8 +138,12 @@ def test_a_streamed_scan_resumes_too(demo_server: str, mosaic: Path) -> None:
             tiles, features = _stopped(c, header(), 4, read_tile=read_tile)
             sent.clear()
             events = []
-            c.scan(header(skip=sorted(tiles)), read_tile=read_tile, on_event=events.append,
-                   earlier={"tiles": list(tiles.values()), "features": features})  # fmt: skip
+            c.scan(
+                header(skip=sorted(tiles)),
+                read_tile=read_tile,
+                on_event=events.append,
+                earlier={"tiles": list(tiles.values()), "features": features},
+            )
     assert sorted(sent) == sorted(set(range(16)) - set(tiles))  # the done tiles were not even read
     merged = [f for e in events if e["event"] == "merged" for f in e["features"]]
     assert whole and _boxes(merged) == _boxes(whole)

@@ -38,10 +38,22 @@ def tiles(*bounds: tuple[float, float, float, float]) -> dict[int, dict[str, Any
     return {i: {"index": i, "footprint": ring(*b)} for i, b in enumerate(bounds)}
 
 
-def feature(tile: int, order: int, x1: float, y1: float, x2: float, y2: float, label: str = "ship",
-            score: float = 0.5, edge: float = 30.0) -> dict[str, Any]:  # fmt: skip
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring(x1, y1, x2, y2)]},
-            "properties": {"label": label, "tile": tile, "order": order, "score": score, "edge_distance": edge}}  # fmt: skip
+def feature(
+    tile: int,
+    order: int,
+    x1: float,
+    y1: float,
+    x2: float,
+    y2: float,
+    label: str = "ship",
+    score: float = 0.5,
+    edge: float = 30.0,
+) -> dict[str, Any]:
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring(x1, y1, x2, y2)]},
+        "properties": {"label": label, "tile": tile, "order": order, "score": score, "edge_distance": edge},
+    }
 
 
 def bounds(f: dict[str, Any]) -> tuple[float, ...]:
@@ -60,8 +72,10 @@ def test_two_halves_of_one_ship_cut_by_a_seam_come_back_as_one_box_around_both()
         f["geometry"]["coordinates"] = [
             [[x + 500_000, y + 4_000_000] for x, y in f["geometry"]["coordinates"][0]]
         ]
-    far_tiles = {i: {"footprint": [[x + 500_000, y + 4_000_000] for x, y in ring(*b)]}
-                 for i, b in enumerate((TILE_0, TILE_1))}  # fmt: skip
+    far_tiles = {
+        i: {"footprint": [[x + 500_000, y + 4_000_000] for x, y in ring(*b)]}
+        for i, b in enumerate((TILE_0, TILE_1))
+    }
     (joined,) = scenes.finished(far, far_tiles)
     assert bounds(joined) == (500_358, 4_000_282, 500_488, 4_000_336)
     assert shape(joined["geometry"]).area == (488 - 358) * (336 - 282)
@@ -80,8 +94,12 @@ def test_a_part_one_tile_saw_inside_the_whole_box_another_tile_saw_is_dropped() 
 def test_distinct_objects_near_a_seam_stay_distinct() -> None:
     t = tiles(TILE_0, TILE_1)
     # two ships moored side by side in the strip both tiles see: each tile boxes both
-    moored = [feature(0, 0, 405, 100, 445, 160), feature(0, 1, 405, 165, 445, 225),
-              feature(1, 0, 406, 101, 444, 161), feature(1, 1, 405, 166, 446, 224)]  # fmt: skip
+    moored = [
+        feature(0, 0, 405, 100, 445, 160),
+        feature(0, 1, 405, 165, 445, 225),
+        feature(1, 0, 406, 101, 444, 161),
+        feature(1, 1, 405, 166, 446, 224),
+    ]
     assert sorted(bounds(f) for f in scenes.finished(moored, t)) == [
         (405, 100, 445, 160),
         (405, 165, 445, 225),
@@ -142,13 +160,38 @@ def test_detect_on_a_sea_whose_ships_all_lie_across_seams_returns_one_box_per_sh
     sea = synthetic.ships_across_seams(SEAM_SEED)
     path = tmp_path / "sea.tif"
     _, height, width = sea.image.shape
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 0.25, 0.25)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 0.25, 0.25),
+    ) as dst:
         dst.write(sea.image)
         transform = dst.transform
     out = tmp_path / "ships.gpkg"
-    run = subprocess.run([*EARTHDIAL, "detect", str(path), "--prompt", "ships", "--model", str(DEMO_DIR),
-                          "--device", "cpu", "-o", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [
+            *EARTHDIAL,
+            "detect",
+            str(path),
+            "--prompt",
+            "ships",
+            "--model",
+            str(DEMO_DIR),
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert "20 tiles" in run.stderr
     _, _, geometries, _ = pyogrio.raw.read(str(out))

@@ -30,8 +30,17 @@ ORIGIN_X, ORIGIN_Y, PIXEL = 500_000.0, 4_000_000.0, 10.0
 def utm_tif(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rasters") / "scene_32633.tif"
     data = (np.random.RandomState(3).rand(3, 100, 200) * 255).astype(np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=200, height=100, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(ORIGIN_X, ORIGIN_Y, PIXEL, PIXEL)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=200,
+        height=100,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(ORIGIN_X, ORIGIN_Y, PIXEL, PIXEL),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -149,7 +158,7 @@ BAD_REQUESTS = {
                 **_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
                 "arrays": [{"dtype": "uint8", "shape": [3, 10, 10]}],
             }
-        ).encode(),  # fmt: skip
+        ).encode(),
         b"\x00" * 7,  # 300 bytes announced, 7 sent
     ],
     "bad_array_dtype": lambda tif: [
@@ -158,7 +167,7 @@ BAD_REQUESTS = {
                 **_header(source=source_by_value([1, 0, 0, 0, -1, 0], "EPSG:32633")),
                 "arrays": [{"dtype": "complex64", "shape": [1, 1]}],
             }
-        ).encode(),  # fmt: skip
+        ).encode(),
         b"\x00" * 8,
     ],
     "unknown_op": lambda tif: encode({"v": PROTOCOL_VERSION, "id": "r1", "op": "format_disk"}),
@@ -192,26 +201,74 @@ def test_client_times_out_when_nothing_listens() -> None:
 
 
 def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", server],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", server],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "EarthDial_4B_RGB" in out.stdout
     assert "presets   rgb8, rgb16, grey," in out.stdout  # the names Processing's PRESET takes
     gpkg = tmp_path / "ask.gpkg"
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "ask", str(utm_tif), "--task", "refer",
-                          "--prompt", "ships", "--endpoint", server, "-o", str(gpkg)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "ask",
+            str(utm_tif),
+            "--task",
+            "refer",
+            "--prompt",
+            "ships",
+            "--endpoint",
+            server,
+            "-o",
+            str(gpkg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "feature(s)" in out.stdout and gpkg.exists()
 
 
 def test_cli_reports_typed_errors(server: str, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "ask", str(tmp_path / "nope.tif"),
-                          "--prompt", "x", "--endpoint", server], capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "ask",
+            str(tmp_path / "nope.tif"),
+            "--prompt",
+            "x",
+            "--endpoint",
+            server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "file_not_found" in out.stderr
 
 
 def test_serve_refuses_a_non_loopback_bind(tiny_checkpoint: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "serve", "--model", str(tiny_checkpoint),
-                          "--endpoint", "tcp://0.0.0.0:5999"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "serve",
+            "--model",
+            str(tiny_checkpoint),
+            "--endpoint",
+            "tcp://0.0.0.0:5999",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "loopback" in out.stderr

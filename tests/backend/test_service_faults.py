@@ -108,8 +108,15 @@ def engine(tiny_checkpoint: Path):
 
 
 def _ask(rid: str, prompt: str = "what is here?") -> Pending:
-    header = {"v": 1, "id": rid, "op": "ask", "task": "chat", "prompt": prompt, "source": BY_VALUE,
-              "options": {"max_new_tokens": 4}}  # fmt: skip
+    header = {
+        "v": 1,
+        "id": rid,
+        "op": "ask",
+        "task": "chat",
+        "prompt": prompt,
+        "source": BY_VALUE,
+        "options": {"max_new_tokens": 4},
+    }
     pixels = (np.random.default_rng(len(rid)).random((3, 32, 32)) * 255).astype(np.uint8)
     return Pending(rid.encode(), "c", header, [pixels])
 
@@ -168,12 +175,18 @@ def test_out_of_memory_alone_and_a_model_error_are_typed_errors_of_their_request
 
 
 def test_the_server_goes_on_serving_after_a_model_error(engine, monkeypatch) -> None:
-    _fake_generate(engine, monkeypatch, lambda qs: RuntimeError("boom") if len(qs) == 1 and "boom" in qs[0].question else None)  # fmt: skip
+    _fake_generate(
+        engine,
+        monkeypatch,
+        lambda qs: RuntimeError("boom") if len(qs) == 1 and "boom" in qs[0].question else None,
+    )
     with serving(Server(engine, "tcp://127.0.0.1:0")) as endpoint, Client(endpoint, timeout_s=30) as c:
         with pytest.raises(EarthDialError) as err:
             c.ask(BY_VALUE, "boom", task="chat", pixels=PIXELS, options={"max_new_tokens": 4})
         assert err.value.code == "model_error"
-        assert isinstance(c.ask(BY_VALUE, "fine?", task="chat", pixels=PIXELS, options={"max_new_tokens": 4})["answer"], str)  # fmt: skip
+        assert isinstance(
+            c.ask(BY_VALUE, "fine?", task="chat", pixels=PIXELS, options={"max_new_tokens": 4})["answer"], str
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +213,9 @@ def gated(monkeypatch: pytest.MonkeyPatch):
 
 
 def _send(sock: zmq.Socket, rid: str, answer: str = ANSWER, **extra) -> None:
-    sock.send_multipart(encode({"v": 1, "id": rid, "op": "georef", "answer": answer, "source": BY_VALUE, **extra}, [PIXELS]))  # fmt: skip
+    sock.send_multipart(
+        encode({"v": 1, "id": rid, "op": "georef", "answer": answer, "source": BY_VALUE, **extra}, [PIXELS])
+    )
 
 
 def _recv(sock: zmq.Socket, timeout_ms: int = 10_000) -> dict:

@@ -78,8 +78,17 @@ print(json.dumps({"name": name, "ops": ops, "replies": replies, "foreign": forei
 def small_tif(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("load") / "small.tif"
     data = (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500_000, 4_000_000, 10, 10)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_000_000, 10, 10),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -102,7 +111,7 @@ def test_eight_client_processes_each_get_every_reply_once(server: str, small_tif
             ],
             stdout=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(processes)
     ]
     reports = [json.loads(p.communicate(timeout=180)[0]) for p in procs]
@@ -116,8 +125,10 @@ def test_eight_client_processes_each_get_every_reply_once(server: str, small_tif
             by_op[report["ops"][rid]] = by_op.get(report["ops"][rid], 0) + 1
     total = sum(by_op.values())
     assert total == processes * per_process
-    print(f"\nload: {processes} processes x {per_process} requests = {total} answered once each "
-          f"({by_op}) in {elapsed:.1f} s")  # fmt: skip
+    print(
+        f"\nload: {processes} processes x {per_process} requests = {total} answered once each "
+        f"({by_op}) in {elapsed:.1f} s"
+    )
     with Client(server, timeout_s=10) as c:
         status = c.status()
     assert status["queue"] == 0 and status["running"] == 0
@@ -173,8 +184,9 @@ def slow_worker(monkeypatch: pytest.MonkeyPatch):
 
 
 def _georef(rid: str, client: str) -> list:
-    return encode({"v": 1, "id": rid, "op": "georef", "answer": ANSWER, "source": BY_VALUE,
-                   "client": client}, [PIXELS])  # fmt: skip
+    return encode(
+        {"v": 1, "id": rid, "op": "georef", "answer": ANSWER, "source": BY_VALUE, "client": client}, [PIXELS]
+    )
 
 
 def _dealer(endpoint: str) -> zmq.Socket:

@@ -54,9 +54,28 @@ def scanned(tmp_path_factory) -> tuple[Path, Path, str]:
     folder = tmp_path_factory.mktemp("session")
     scene = mosaic(folder / "mosaic.tif", n=2)
     out = folder / "project_earthdial.gpkg"
-    run = subprocess.run([*EARTHDIAL, "detect", str(scene), "--prompt", "ships", "--tile-size", "224",
-                          "--batch", "4", "--model", str(DEMO_DIR), "--device", "cpu", "-o", str(out)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [
+            *EARTHDIAL,
+            "detect",
+            str(scene),
+            "--prompt",
+            "ships",
+            "--tile-size",
+            "224",
+            "--batch",
+            "4",
+            "--model",
+            str(DEMO_DIR),
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     (layer,) = [name for name, _ in pyogrio.list_layers(str(out))]
     return scene, out, layer
@@ -127,8 +146,17 @@ ORIGIN = (500_000.0, 4_000_100.0)
 def _raster(tmp_path: Path) -> Path:
     path = tmp_path / "scene.tif"
     data = np.random.default_rng(1).integers(0, 256, (3, 100, 160), dtype=np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=160, height=100, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(*ORIGIN, 1.0, 1.0)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=160,
+        height=100,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(*ORIGIN, 1.0, 1.0),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -137,10 +165,23 @@ def _tile_request(path: Path, col: int) -> tuple[str, tuple[float, ...]]:
     """The request of a 100 x 100 px tile starting at column ``col`` (as scan.py records it)."""
     transform = (1.0, 0.0, ORIGIN[0] + col, 0.0, -1.0, ORIGIN[1])
     bounds = [ORIGIN[0] + col, ORIGIN[1] - 100, ORIGIN[0] + col + 100, ORIGIN[1]]
-    text = json.dumps({"task": "refer", "prompt": "ship", "sensor": "[hr_rgb_0.5]", "preset": "rgb8", "options": {},
-                       "sources": [{"path": str(path), "bands": [1, 2, 3], "bounds": bounds, "crs": "EPSG:32633"}],
-                       "window": {"bands": [1, 2, 3], "width": 100, "height": 100, "transform": list(transform),
-                                  "crs": "EPSG:32633"}})  # fmt: skip
+    text = json.dumps(
+        {
+            "task": "refer",
+            "prompt": "ship",
+            "sensor": "[hr_rgb_0.5]",
+            "preset": "rgb8",
+            "options": {},
+            "sources": [{"path": str(path), "bands": [1, 2, 3], "bounds": bounds, "crs": "EPSG:32633"}],
+            "window": {
+                "bands": [1, 2, 3],
+                "width": 100,
+                "height": 100,
+                "transform": list(transform),
+                "crs": "EPSG:32633",
+            },
+        }
+    )
     return text, transform
 
 
@@ -191,8 +232,11 @@ def test_one_odd_layer_never_stops_the_others_and_says_why(tmp_path) -> None:
     path = _raster(tmp_path)
     good = _box(_tile_request(path, 0), (5, 5, 20, 20, 0), "accepted", 0)
     gpkg = tmp_path / "mixed.gpkg"
-    odd = {"a_list": json.dumps([1, 2]), "sources_text": json.dumps({"task": "refer", "sources": "x.tif"}),
-           "null_source": json.dumps({"task": "refer", "sources": [None], "window": {}})}  # fmt: skip
+    odd = {
+        "a_list": json.dumps([1, 2]),
+        "sources_text": json.dumps({"task": "refer", "sources": "x.tif"}),
+        "null_source": json.dumps({"task": "refer", "sources": [None], "window": {}}),
+    }
     for name, text in odd.items():
         feature = json.loads(json.dumps(good))
         feature["properties"]["request"] = text

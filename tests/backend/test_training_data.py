@@ -30,23 +30,48 @@ WINDOW = (1.0, 0.0, 500_020.0, 0.0, -1.0, 4_000_090.0)
 def raster(tmp_path: Path) -> tuple[Path, np.ndarray]:
     data = np.random.default_rng(3).integers(0, 256, (3, 100, 100), dtype=np.uint8)
     path = tmp_path / "scene.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=100, height=100, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(*ORIGIN, 1.0, 1.0)) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=100,
+        height=100,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(*ORIGIN, 1.0, 1.0),
+    ) as dst:
         dst.write(data)
     return path, data
 
 
 def request(path: Path, task: str, prompt: str = "") -> str:
-    return json.dumps({"task": task, "prompt": prompt, "sensor": "[hr_rgb_0.5]", "preset": None, "options": {},
-                       "sources": [{"path": str(path), "bands": None, "bounds": list(BOUNDS), "crs": "EPSG:32633"}],
-                       "window": {"bands": [1, 2, 3], "width": 50, "height": 50, "transform": list(WINDOW),
-                                  "crs": "EPSG:32633"}})  # fmt: skip
+    return json.dumps(
+        {
+            "task": task,
+            "prompt": prompt,
+            "sensor": "[hr_rgb_0.5]",
+            "preset": None,
+            "options": {},
+            "sources": [{"path": str(path), "bands": None, "bounds": list(BOUNDS), "crs": "EPSG:32633"}],
+            "window": {
+                "bands": [1, 2, 3],
+                "width": 50,
+                "height": 50,
+                "transform": list(WINDOW),
+                "crs": "EPSG:32633",
+            },
+        }
+    )
 
 
 def feature(box: tuple[float, ...], label: str, review: str, req: str) -> dict:
     ring = box_to_polygon(Box(*box, label), WINDOW, 50, 50)
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
-            "properties": {"label": label, "review": review, "request": req}}  # fmt: skip
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
+        "properties": {"label": label, "review": review, "request": req},
+    }
 
 
 def layer(features: list[dict]) -> dict:
@@ -71,43 +96,98 @@ def test_a_corrected_layer_exports_the_expected_records(
     path, data = raster
     gpkg = tmp_path / "results.gpkg"
     refer = request(path, "refer", "ships")
-    write_features(str(gpkg), layer([
-        feature((10, 20, 50, 40, 0), "ship", "accepted", refer),
-        feature((60, 60, 90, 80, 0), "ship", "corrected", refer),  # moved by the analyst onto the ship
-        feature((0, 0, 10, 10, 0), "ship", "rejected", refer),
-        feature((20, 30, 60, 50, 30), "", "added", ""),  # drawn in QGIS: no label, no request
-    ]), layer="refer ships")  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer(
+            [
+                feature((10, 20, 50, 40, 0), "ship", "accepted", refer),
+                feature(
+                    (60, 60, 90, 80, 0), "ship", "corrected", refer
+                ),  # moved by the analyst onto the ship
+                feature((0, 0, 10, 10, 0), "ship", "rejected", refer),
+                feature((20, 30, 60, 50, 30), "", "added", ""),  # drawn in QGIS: no label, no request
+            ]
+        ),
+        layer="refer ships",
+    )
     ground = request(path, "grounding")
-    write_features(str(gpkg), layer([
-        feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
-        feature((5, 50, 25, 90, 0), "building", "rejected", ground),
-        feature((30, 5, 50, 15, 0), "airplane", "corrected", ground),
-    ]), layer="grounding")  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer(
+            [
+                feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
+                feature((5, 50, 25, 90, 0), "building", "rejected", ground),
+                feature((30, 5, 50, 15, 0), "airplane", "corrected", ground),
+            ]
+        ),
+        layer="grounding",
+    )
     write_features(str(gpkg), layer([feature((1, 1, 9, 9, 0), "ship", "", refer)]), layer="not reviewed")
 
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     sensor = "[hr_rgb_0.5]"
     assert [(r["layer"], r["conversations"]) for r in rows] == [
-        ("refer ships", [
-            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>ships</ref>"},
-            {"from": "gpt", "value": "<ref>ships</ref><box>[[10, 20, 50, 40, 0]][[20, 30, 60, 50, 30]]"
-             "[[60, 60, 90, 80, 0]]</box>"}]),
-        ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>storage tank</ref>"},
-            {"from": "gpt", "value": "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>"}]),
-        ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>building</ref>"},
-            {"from": "gpt", "value": "There is no building."}]),
-        ("grounding", [
-            {"from": "human", "value": f"[refer] {sensor} <image> \n Give me the location of <ref>airplane</ref>"},
-            {"from": "gpt", "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box>"}]),
-        ("grounding", [
-            {"from": "human", "value": f"[grounding] {sensor} <image> \n Describe the image in detail. Detect objects "
-             "location. Describe objects size. Where objects are located?. Describe relation between objects."},
-            {"from": "gpt", "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box> "
-             "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>"}]),
-    ]  # fmt: skip
+        (
+            "refer ships",
+            [
+                {
+                    "from": "human",
+                    "value": f"[refer] {sensor} <image> \n Give me the location of <ref>ships</ref>",
+                },
+                {
+                    "from": "gpt",
+                    "value": "<ref>ships</ref><box>[[10, 20, 50, 40, 0]][[20, 30, 60, 50, 30]]"
+                    "[[60, 60, 90, 80, 0]]</box>",
+                },
+            ],
+        ),
+        (
+            "grounding",
+            [
+                {
+                    "from": "human",
+                    "value": f"[refer] {sensor} <image> \n Give me the location of <ref>storage tank</ref>",
+                },
+                {"from": "gpt", "value": "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>"},
+            ],
+        ),
+        (
+            "grounding",
+            [
+                {
+                    "from": "human",
+                    "value": f"[refer] {sensor} <image> \n Give me the location of <ref>building</ref>",
+                },
+                {"from": "gpt", "value": "There is no building."},
+            ],
+        ),
+        (
+            "grounding",
+            [
+                {
+                    "from": "human",
+                    "value": f"[refer] {sensor} <image> \n Give me the location of <ref>airplane</ref>",
+                },
+                {"from": "gpt", "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box>"},
+            ],
+        ),
+        (
+            "grounding",
+            [
+                {
+                    "from": "human",
+                    "value": f"[grounding] {sensor} <image> \n Describe the image in detail. Detect objects "
+                    "location. Describe objects size. Where objects are located?. Describe relation between objects.",
+                },
+                {
+                    "from": "gpt",
+                    "value": "<ref>airplane</ref><box>[[30, 5, 50, 15, 0]]</box> "
+                    "<ref>storage tank</ref><box>[[70, 10, 90, 30, 0]]</box>",
+                },
+            ],
+        ),
+    ]
     assert [r["kind"] for r in rows] == ["refer", "refer", "negative", "refer", "grounding"]
     assert "layer 'not reviewed': not reviewed" in result.skipped
     # the chip is the window as inference reads it, beside the records
@@ -128,11 +208,17 @@ def test_a_class_with_unreviewed_boxes_gives_no_record(
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
     ground = request(path, "grounding")
-    write_features(str(gpkg), layer([
-        feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
-        feature((5, 50, 25, 90, 0), "building", "accepted", ground),
-        feature((30, 50, 45, 60, 0), "building", "", ground),
-    ]), layer="g")  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer(
+            [
+                feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
+                feature((5, 50, 25, 90, 0), "building", "accepted", ground),
+                feature((30, 50, 45, 60, 0), "building", "", ground),
+            ]
+        ),
+        layer="g",
+    )
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     assert [r["label"] for r in result.records] == ["storage tank"]  # no building record, no grounding record
     assert any("'building' has boxes nobody reviewed" in s for s in result.skipped)
@@ -141,20 +227,66 @@ def test_a_class_with_unreviewed_boxes_gives_no_record(
 def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
-                   layer="a")  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(gpkg), "--layer", "a",
-                           "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
+        layer="a",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "export-training",
+            str(gpkg),
+            "--layer",
+            "a",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "1 record(s): 1 refer" in done.stdout
-    missing = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(tmp_path / "no.gpkg"),
-                              "-o", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "export-training",
+            str(tmp_path / "no.gpkg"),
+            "-o",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "file_not_found" in missing.stderr and not (tmp_path / "o2").exists()
     # nothing reviewed: nothing to export, and no empty records file that would pass for an export
-    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
-                   layer="unreviewed")  # fmt: skip
-    empty = subprocess.run([sys.executable, "-m", "earthdial.cli.main", "export-training", str(gpkg), "--layer",
-                            "unreviewed", "-o", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
+        layer="unreviewed",
+    )
+    empty = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earthdial.cli.main",
+            "export-training",
+            str(gpkg),
+            "--layer",
+            "unreviewed",
+            "-o",
+            str(tmp_path / "o3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert empty.returncode == 1 and "not reviewed" in empty.stdout and "no file written" in empty.stdout
     assert not (tmp_path / "o3" / "records.jsonl").exists()
 
@@ -162,12 +294,16 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
 def test_the_new_class_leaves_the_old_scenes_as_they_were() -> None:
     # digests of the scenes as drawn before the tree class existed (the demo model's eval stays valid)
     want = ["e16ed34df985507e", "55128108eb675ad4", "a56140392a3874ca"]
-    got = [hashlib.sha256(synthetic.render(synthetic.make_scene(20261127, i)).tobytes()).hexdigest()[:16]
-           for i in range(3)]  # fmt: skip
+    got = [
+        hashlib.sha256(synthetic.render(synthetic.make_scene(20261127, i)).tobytes()).hexdigest()[:16]
+        for i in range(3)
+    ]
     assert got == want
     scene = synthetic.make_scene_with(20261127, 0)
-    assert scene.objects[: len(synthetic.make_scene(20261127, 0, max_objects=3).objects)] == \
-        synthetic.make_scene(20261127, 0, max_objects=3).objects  # fmt: skip
+    assert (
+        scene.objects[: len(synthetic.make_scene(20261127, 0, max_objects=3).objects)]
+        == synthetic.make_scene(20261127, 0, max_objects=3).objects
+    )
     assert scene.of_class(synthetic.NEW_CLASS)
 
 
@@ -185,14 +321,26 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
 
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(str(gpkg), layer([
-        feature((10, 20, 50, 40, 0), "ship", "corrected", request(path, "grounding")),
-        feature((60, 55, 85, 90, 0), "building", "added", request(path, "grounding")),
-    ]), layer="g")  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer(
+            [
+                feature((10, 20, 50, 40, 0), "ship", "corrected", request(path, "grounding")),
+                feature((60, 55, 85, 90, 0), "building", "added", request(path, "grounding")),
+            ]
+        ),
+        layer="g",
+    )
     training_data.export(str(gpkg), str(tmp_path / "records"))
     cfg = finetune.FinetuneConfig(steps=8, batch_size=3, lr=1e-2, warmup_steps=1, augment=False, threads=1)
-    run = finetune.finetune(tmp_path / "records", str(train.DEMO_DIR), tmp_path / "adapter", cfg,
-                            log=lambda _: None, progress=False)  # fmt: skip
+    run = finetune.finetune(
+        tmp_path / "records",
+        str(train.DEMO_DIR),
+        tmp_path / "adapter",
+        cfg,
+        log=lambda _: None,
+        progress=False,
+    )
     assert run["steps"] == 8 and run["losses"][-1] < run["losses"][0]
     meta = json.loads((tmp_path / "adapter" / "earthdial_adapter.json").read_text())
     assert meta["base"]["name"] == "demo" and meta["records"] == 3 and meta["training"]["steps"] == 8
@@ -227,10 +375,22 @@ def test_a_layer_whose_raster_is_gone_is_skipped_with_why(
 ) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted",
-                                             request(tmp_path / "moved.tif", "refer", "ship"))]), layer="gone")  # fmt: skip
-    write_features(str(gpkg), layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
-                   layer="here")  # fmt: skip
+    write_features(
+        str(gpkg),
+        layer(
+            [
+                feature(
+                    (10, 20, 50, 40, 0), "ship", "accepted", request(tmp_path / "moved.tif", "refer", "ship")
+                )
+            ]
+        ),
+        layer="gone",
+    )
+    write_features(
+        str(gpkg),
+        layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
+        layer="here",
+    )
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     assert [r["layer"] for r in result.records] == ["here"]
     assert any(s.startswith("layer 'gone': file_not_found") for s in result.skipped)

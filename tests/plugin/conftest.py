@@ -200,8 +200,15 @@ def local_demo_plugin(qgis_iface: Any, allowed: Path, results_gpkg: str, timeout
     import earthdial_qgis
     from earthdial_qgis.core import settings
 
-    keys = (settings.ENDPOINT, settings.BACKEND_COMMAND, settings.MODEL_DIR, settings.DEVICE,
-            settings.EXTRA_ARGS, settings.ADAPTER_DIR, settings.RESULTS_GPKG)  # fmt: skip
+    keys = (
+        settings.ENDPOINT,
+        settings.BACKEND_COMMAND,
+        settings.MODEL_DIR,
+        settings.DEVICE,
+        settings.EXTRA_ARGS,
+        settings.ADAPTER_DIR,
+        settings.RESULTS_GPKG,
+    )
     settings.set_value(settings.ENDPOINT, f"tcp://127.0.0.1:{free_port()}")
     settings.set_value(settings.BACKEND_COMMAND, str(EARTHDIAL.parent.parent))  # the backend's venv folder
     settings.set_value(settings.MODEL_DIR, "")  # the built-in demo model

@@ -16,9 +16,13 @@ PLUGIN = ROOT / "qgis_plugin" / "earthdial_qgis"
 
 def test_the_repository_holds_no_symlink_and_no_copy_of_the_contract() -> None:
     tracked = subprocess.run(
-        ["git", "ls-files", "-s", "--", "qgis_plugin", "backend"], cwd=ROOT, capture_output=True, text=True,
-        check=True, timeout=30,
-    ).stdout.splitlines()  # fmt: skip
+        ["git", "ls-files", "-s", "--", "qgis_plugin", "backend"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.splitlines()
     assert tracked
     assert not [row for row in tracked if row.startswith("120000")]  # a Windows clone gets no link to fix
     paths = {row.split("\t", 1)[1] for row in tracked}

@@ -63,7 +63,16 @@ def test_diagnostics_shows_what_the_running_backend_says_this_machine_can_run(qg
         heading = f"{MACHINE_HEADING} (from the running backend):\n"
         shown = [line.strip() for line in text.split(heading)[1].splitlines()]
         assert shown[: len(machine["summary"])] == [line.strip() for line in machine["summary"]]  # as said
-        for needle in ("GPU", "NVIDIA driver: ", "torch: ", "RAM: ", "memory plan (", "EarthDial_4B", "recommended: earthdial serve --device ", "why: "):  # fmt: skip
+        for needle in (
+            "GPU",
+            "NVIDIA driver: ",
+            "torch: ",
+            "RAM: ",
+            "memory plan (",
+            "EarthDial_4B",
+            "recommended: earthdial serve --device ",
+            "why: ",
+        ):
             assert needle in text, needle
         dialog = dock.open_diagnostics()  # the running backend said it: nothing else is asked
         assert dialog.text_view.toPlainText() == text

@@ -56,10 +56,19 @@ def test_boxes_the_analyst_draws_are_drawn_and_take_the_models_label(
 
         extent = layer.extent()
         assert layer.startEditing()
-        plain = _draw(layer, QgsRectangle(extent.xMinimum(), extent.yMinimum(), extent.xMinimum() + 50,
-                                          extent.yMinimum() + 50))  # fmt: skip
-        crane = _draw(layer, QgsRectangle(extent.xMaximum() - 50, extent.yMaximum() - 50, extent.xMaximum(),
-                                          extent.yMaximum()), label="crane")  # fmt: skip
+        plain = _draw(
+            layer,
+            QgsRectangle(
+                extent.xMinimum(), extent.yMinimum(), extent.xMinimum() + 50, extent.yMinimum() + 50
+            ),
+        )
+        crane = _draw(
+            layer,
+            QgsRectangle(
+                extent.xMaximum() - 50, extent.yMaximum() - 50, extent.xMaximum(), extent.yMaximum()
+            ),
+            label="crane",
+        )
         assert layer.commitChanges(), layer.commitErrors()
 
         added = [f for f in layer.getFeatures() if f["review"] == ADDED]

@@ -131,8 +131,11 @@ def short_plan(dialog: Any, wheel: str) -> Any:
     def plan(python: str) -> list[installer.Step]:
         steps = installer.install_plan(dialog.venv, python, wheel, dialog.torch, "torch==2.13.0")
         py = installer.venv_python(dialog.venv)
-        install = installer.Step("Install the EarthDial backend (no dependencies)", py,
-                                 ("-m", "pip", "install", "--no-deps", "--upgrade", wheel))  # fmt: skip
+        install = installer.Step(
+            "Install the EarthDial backend (no dependencies)",
+            py,
+            ("-m", "pip", "install", "--no-deps", "--upgrade", wheel),
+        )
         return [s for s in steps if s.title == "Create the environment"] + [install]
 
     return plan

@@ -38,8 +38,11 @@ synthetic.write_geotiff(sys.argv[1], np.concatenate(rows, axis=1))
 
 
 def _new_vector_layers(before: set[str]) -> list[QgsVectorLayer]:
-    return [lyr for lid, lyr in QgsProject.instance().mapLayers().items()
-            if lid not in before and isinstance(lyr, QgsVectorLayer)]  # fmt: skip
+    return [
+        lyr
+        for lid, lyr in QgsProject.instance().mapLayers().items()
+        if lid not in before and isinstance(lyr, QgsVectorLayer)
+    ]
 
 
 def _visible(layer: QgsVectorLayer, feature: QgsFeature) -> bool:
@@ -64,8 +67,11 @@ def _window(request: str) -> QgsGeometry:
 
 def _members(layer: QgsVectorLayer, window: QgsGeometry) -> list[QgsFeature]:
     """The boxes export-training puts in a window's record: at least half of each inside it."""
-    return [f for f in layer.getFeatures()
-            if f.geometry().intersection(window).area() >= 0.5 * f.geometry().area()]  # fmt: skip
+    return [
+        f
+        for f in layer.getFeatures()
+        if f.geometry().intersection(window).area() >= 0.5 * f.geometry().area()
+    ]
 
 
 @pytest.mark.skipif(not DEMO.exists(), reason="no demo checkpoint is installed")
@@ -75,8 +81,12 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
     if not EARTHDIAL.exists():
         pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing)")
     scene = tmp_path / "harbour-mosaic.tif"
-    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", MOSAIC, str(scene)], check=True, timeout=120,
-                   env=backend_env())  # fmt: skip
+    subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", MOSAIC, str(scene)],
+        check=True,
+        timeout=120,
+        env=backend_env(),
+    )
     project_file = tmp_path / "session.qgz"
     project = QgsProject.instance()
     raster = QgsRasterLayer(str(scene), "harbour", "gdal")
@@ -123,9 +133,13 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
         assert layer.changeGeometry(members[1].id(), moved)
         drawn = QgsFeature(layer.fields())
         centre = window.centroid().asPoint()
-        drawn.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({centre.x()} {centre.y()}, {centre.x() + 2} {centre.y()}, "
-                                              f"{centre.x() + 2} {centre.y() + 1}, {centre.x()} {centre.y() + 1}, "
-                                              f"{centre.x()} {centre.y()}))"))  # fmt: skip
+        drawn.setGeometry(
+            QgsGeometry.fromWkt(
+                f"POLYGON(({centre.x()} {centre.y()}, {centre.x() + 2} {centre.y()}, "
+                f"{centre.x() + 2} {centre.y() + 1}, {centre.x()} {centre.y() + 1}, "
+                f"{centre.x()} {centre.y()}))"
+            )
+        )
         assert layer.addFeature(drawn)
         assert layer.commitChanges(), layer.commitErrors()
         reviews = sorted(str(f["review"] or "") for f in _members(layer, window))
@@ -145,8 +159,13 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
 
         # 4. export-training on the project's GeoPackage: the reviewed window gives its record
         records = tmp_path / "train"
-        done = subprocess.run([str(EARTHDIAL), "export-training", str(results), "-o", str(records)],
-                              capture_output=True, text=True, timeout=300, env=backend_env())  # fmt: skip
+        done = subprocess.run(
+            [str(EARTHDIAL), "export-training", str(results), "-o", str(records)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=backend_env(),
+        )
         assert done.returncode == 0, done.stderr
         rows = [json.loads(line) for line in (records / "records.jsonl").read_text().splitlines()]
         kept = len(members) - 1 + 1  # accepted (one moved) less the rejected one, plus the drawn one
@@ -158,9 +177,27 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
 
         # 5. a short fine-tune; the plugin's local backend serves the demo model with the adapter
         adapter = tmp_path / "lora-ships"
-        tuned = subprocess.run([str(EARTHDIAL), "finetune", str(records), "-o", str(adapter), "--steps", "2",
-                                "--batch-size", "2", "--threads", "1", "--device", "cpu"],
-                               capture_output=True, text=True, timeout=300, env=backend_env())  # fmt: skip
+        tuned = subprocess.run(
+            [
+                str(EARTHDIAL),
+                "finetune",
+                str(records),
+                "-o",
+                str(adapter),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=backend_env(),
+        )
         assert tuned.returncode == 0, tuned.stderr[-2000:]
         dock.stop_button.click()
         settings.set_value(settings.ADAPTER_DIR, str(adapter))

@@ -39,12 +39,24 @@ def test_command_and_arguments(tmp_path) -> None:
     assert resolve_command(str(venv)) == str(venv / "bin" / "earthdial")
     assert resolve_command("/opt/earthdial") == "/opt/earthdial"
     assert serve_arguments("/m", "tcp://127.0.0.1:1", "cpu", "--allow-dir '/a b'") == [
-        "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "cpu", "--model", "/m", "--allow-dir", "/a b",
-    ]  # fmt: skip
+        "serve",
+        "--endpoint",
+        "tcp://127.0.0.1:1",
+        "--device",
+        "cpu",
+        "--model",
+        "/m",
+        "--allow-dir",
+        "/a b",
+    ]
     # no model folder set: the backend picks its default (the built-in demo model)
     assert serve_arguments("", "tcp://127.0.0.1:1", "auto") == [
-        "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "auto",
-    ]  # fmt: skip
+        "serve",
+        "--endpoint",
+        "tcp://127.0.0.1:1",
+        "--device",
+        "auto",
+    ]
 
 
 def test_the_local_backend_reads_only_the_folders_of_the_projects_rasters(qgis_new_project, tmp_path) -> None:

@@ -31,8 +31,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not EARTHDIAL.exists():
         pytest.skip(f"the backend is not installed ({EARTHDIAL} is missing; run scripts/install.sh)")
     folder = tmp_path_factory.mktemp("published") / "EarthDial_4B_RGB"
-    subprocess.run([str(EARTHDIAL), "make-tiny-checkpoint", str(folder)], check=True, capture_output=True,
-                   timeout=180)  # fmt: skip
+    subprocess.run(
+        [str(EARTHDIAL), "make-tiny-checkpoint", str(folder)], check=True, capture_output=True, timeout=180
+    )
     return folder
 
 
@@ -65,8 +66,13 @@ def same_files(a: Path, b: Path) -> bool:
 
 def test_a_download_from_settings_fills_the_model_folder(hub: Any, tmp_path: Path, qgis_parent: Any) -> None:
     settings_dialog, dialog = open_download(qgis_parent)
-    listed = subprocess.run([str(EARTHDIAL), "download", "--list", "--json"], capture_output=True, text=True,
-                            timeout=120, check=True).stdout  # fmt: skip
+    listed = subprocess.run(
+        [str(EARTHDIAL), "download", "--list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert [dialog.name_combo.itemText(i) for i in range(dialog.name_combo.count())] == [
         c["name"] for c in json.loads(listed)
     ]

@@ -42,9 +42,13 @@ def test_load_toggle_and_unload(qgis_iface, main_window, qgis_new_project) -> No
         menu_calls = iface["addPluginToMenu"].call_args_list
         assert menu_calls[0] == mock.call(MENU, action)
         assert [c.args[1].text() for c in menu_calls[1:]] == [
-            "Settings…", "Install dependencies…", "Install backend…", "Diagnostics…", "Accept selected boxes",
+            "Settings…",
+            "Install dependencies…",
+            "Install backend…",
+            "Diagnostics…",
+            "Accept selected boxes",
             "Reject selected boxes",
-        ]  # fmt: skip
+        ]
         assert plugin.dock is None  # made on first use
         registry = QgsApplication.processingRegistry()
         assert registry.providerById("earthdial") is plugin.provider

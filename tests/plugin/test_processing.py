@@ -160,8 +160,13 @@ def test_each_algorithm_fails_fast_when_no_backend_answers(
     from plugin_testing import free_port
 
     dead = f"tcp://127.0.0.1:{free_port()}"
-    parameters: dict[str, Any] = {"INPUT": str(geotiff[0]), "PROMPT": "ship", "ENDPOINT": dead, "TIMEOUT": 300,
-                                  "OUTPUT": str(tmp_path / "out.gpkg")}  # fmt: skip
+    parameters: dict[str, Any] = {
+        "INPUT": str(geotiff[0]),
+        "PROMPT": "ship",
+        "ENDPOINT": dead,
+        "TIMEOUT": 300,
+        "OUTPUT": str(tmp_path / "out.gpkg"),
+    }
     if algorithm in ("change", "detect_changes"):
         parameters["INPUT_2"] = str(geotiff[0])
     if algorithm == "detect_changes":
@@ -204,10 +209,22 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     )
     out = tmp_path / "detect.gpkg"
     run = subprocess.run(
-        [program, "run", "earthdial:detect", "--", f"INPUT={geotiff[0]}", "PROMPT=ship", "TILE_SIZE=448",
-         f"ENDPOINT={backend.endpoint}", f"OUTPUT={out}"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            program,
+            "run",
+            "earthdial:detect",
+            "--",
+            f"INPUT={geotiff[0]}",
+            "PROMPT=ship",
+            "TILE_SIZE=448",
+            f"ENDPOINT={backend.endpoint}",
+            f"OUTPUT={out}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "TILES" in run.stdout
     assert read_gpkg(str(out)).fields().indexFromName("score") >= 0
@@ -215,10 +232,23 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     write_geotiff(str(after), seed=4)
     changes, tiles = tmp_path / "changes.gpkg", tmp_path / "change_tiles.gpkg"
     run = subprocess.run(
-        [program, "run", "earthdial:detect_changes", "--", f"INPUT={geotiff[0]}", f"INPUT_2={after}",
-         "TILE_SIZE=100", f"ENDPOINT={backend.endpoint}", f"OUTPUT={changes}", f"OUTPUT_TILES={tiles}"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            program,
+            "run",
+            "earthdial:detect_changes",
+            "--",
+            f"INPUT={geotiff[0]}",
+            f"INPUT_2={after}",
+            "TILE_SIZE=100",
+            f"ENDPOINT={backend.endpoint}",
+            f"OUTPUT={changes}",
+            f"OUTPUT_TILES={tiles}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     tile_map = read_gpkg(str(tiles))
     assert tile_map.featureCount() == 3  # one per tile pair, changed or not
@@ -232,10 +262,21 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     dead = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
     run = subprocess.run(
-        [program, "run", "earthdial:ask", "--", f"INPUT={geotiff[0]}", "PROMPT=ships", f"ENDPOINT={dead}",
-         f"OUTPUT={tmp_path / 'ask.gpkg'}"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            program,
+            "run",
+            "earthdial:ask",
+            "--",
+            f"INPUT={geotiff[0]}",
+            "PROMPT=ships",
+            f"ENDPOINT={dead}",
+            f"OUTPUT={tmp_path / 'ask.gpkg'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and time.monotonic() - started < 15
     assert f"not reachable at {dead}" in run.stdout + run.stderr
 
@@ -245,9 +286,15 @@ def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend
 
     result = processing.runAndLoadResults(
         "earthdial:detect",
-        {"INPUT": str(geotiff[0]), "PROMPT": "ship", "TILE_SIZE": 100, "ENDPOINT": backend.endpoint,
-         "TIMEOUT": 120, "OUTPUT": "TEMPORARY_OUTPUT"},
-    )  # fmt: skip
+        {
+            "INPUT": str(geotiff[0]),
+            "PROMPT": "ship",
+            "TILE_SIZE": 100,
+            "ENDPOINT": backend.endpoint,
+            "TIMEOUT": 120,
+            "OUTPUT": "TEMPORARY_OUTPUT",
+        },
+    )
     layer = QgsProject.instance().mapLayer(result["OUTPUT"]) or next(
         iter(QgsProject.instance().mapLayersByName(f"ship — {Path(geotiff[0]).stem}")), None
     )
@@ -294,8 +341,13 @@ def test_algorithms_work_in_the_context_project_not_the_current_one(
     feedback = QgsProcessingFeedback()
 
     change = QgsApplication.processingRegistry().createAlgorithmById("earthdial:change")
-    parameters = {"INPUT": first.id(), "INPUT_2": later.id(), "TASK": "change", "ENDPOINT": backend.endpoint,
-                  "OUTPUT": "TEMPORARY_OUTPUT"}  # fmt: skip
+    parameters = {
+        "INPUT": first.id(),
+        "INPUT_2": later.id(),
+        "TASK": "change",
+        "ENDPOINT": backend.endpoint,
+        "OUTPUT": "TEMPORARY_OUTPUT",
+    }
     try:
         assert change.prepareAlgorithm(parameters, context, feedback)  # the layers overlap in `other`
         assert _bounds(change.rect) == pytest.approx(_bounds(LAYER_EXTENT), abs=1e-3)
@@ -313,10 +365,18 @@ def test_algorithms_work_in_the_context_project_not_the_current_one(
     output = QgsProcessingOutputLayerDefinition("TEMPORARY_OUTPUT", other)
     result = processing.run(
         "earthdial:detect",
-        {"INPUT": first.id(), "PROMPT": "ship", "TILE_SIZE": 100, "ENDPOINT": backend.endpoint, "TIMEOUT": 120,
-         "OUTPUT": output},
-        onFinish=handleAlgorithmResults, context=context, feedback=feedback,
-    )  # fmt: skip
+        {
+            "INPUT": first.id(),
+            "PROMPT": "ship",
+            "TILE_SIZE": 100,
+            "ENDPOINT": backend.endpoint,
+            "TIMEOUT": 120,
+            "OUTPUT": output,
+        },
+        onFinish=handleAlgorithmResults,
+        context=context,
+        feedback=feedback,
+    )
     loaded = [lyr for lyr in other.mapLayers().values() if lyr.id() not in (first.id(), later.id())]
     assert [lyr.name() for lyr in loaded] == ["ship — before"], result
     assert isinstance(loaded[0].renderer(), QgsCategorizedSymbolRenderer)

@@ -104,11 +104,13 @@ def guarded_spans(tree: ast.AST) -> list[tuple[tuple[int, int], tuple[int, int]]
     from_getattr = {  # names bound to getattr(...): `x is not None` tests for a new API
         target.id
         for node in ast.walk(tree)
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-        and isinstance(node.value.func, ast.Name) and node.value.func.id == "getattr"
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "getattr"
         for target in node.targets
         if isinstance(target, ast.Name)
-    }  # fmt: skip
+    }
 
     def is_guard(test: ast.expr) -> bool:
         names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}

@@ -32,10 +32,16 @@ def test_the_dock_builds_one_frozen_request_from_its_controls(
     request = dock.request(scan=False)
     extent = raster_layer.extent()
     assert request == Request(
-        dock.endpoint, 42.0, "refer", "ship", (raster_layer.id(),),
+        dock.endpoint,
+        42.0,
+        "refer",
+        "ship",
+        (raster_layer.id(),),
         (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()),
-        (3, 2, 1), {"gsd": 0.5}, scan=False,
-    )  # fmt: skip
+        (3, 2, 1),
+        {"gsd": 0.5},
+        scan=False,
+    )
     assert request.header() == {"op": "ask", "task": "refer", "prompt": "ship", "options": {"gsd": 0.5}}
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.prompt = "boats"  # type: ignore[misc]

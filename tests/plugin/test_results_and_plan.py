@@ -173,8 +173,13 @@ def write_raster(path: str, data: np.ndarray, gdal_type: int) -> None:
 def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("kinds")
     rng = np.random.default_rng(5)
-    paths = {"rgb": str(folder / "rgb.tif"), "s2": str(folder / "s2.tif"), "sar": str(folder / "sar.tif"),
-             "value": "/vsimem/earthdial-plan/rgb.tif", "sar_value": "/vsimem/earthdial-plan/sar.tif"}  # fmt: skip
+    paths = {
+        "rgb": str(folder / "rgb.tif"),
+        "s2": str(folder / "s2.tif"),
+        "sar": str(folder / "sar.tif"),
+        "value": "/vsimem/earthdial-plan/rgb.tif",
+        "sar_value": "/vsimem/earthdial-plan/sar.tif",
+    }
     write_geotiff(paths["rgb"])
     write_raster(paths["s2"], rng.integers(0, 6000, (12, 100, 200)).astype(np.uint16), gdal.GDT_UInt16)
     sar = rng.exponential(0.05, (1, 100, 200)).astype(np.float32)
@@ -191,11 +196,26 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def ms_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second real backend, on the multispectral/SAR variant of the tiny checkpoint."""
     model = tmp_path_factory.mktemp("ms") / "EarthDial_4B_MS-tiny"
-    subprocess.run([str(EARTHDIAL), "make-tiny-checkpoint", str(model), "--variant", "EarthDial_4B_MS"],
-                   check=True, capture_output=True, timeout=180, env=backend_env())  # fmt: skip
+    subprocess.run(
+        [str(EARTHDIAL), "make-tiny-checkpoint", str(model), "--variant", "EarthDial_4B_MS"],
+        check=True,
+        capture_output=True,
+        timeout=180,
+        env=backend_env(),
+    )
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    command = [str(EARTHDIAL), "serve", "--model", str(model), "--endpoint", endpoint, "--device", "cpu",
-               "--allow-dir", str(tmp_path_factory.getbasetemp())]  # fmt: skip
+    command = [
+        str(EARTHDIAL),
+        "serve",
+        "--model",
+        str(model),
+        "--endpoint",
+        endpoint,
+        "--device",
+        "cpu",
+        "--allow-dir",
+        str(tmp_path_factory.getbasetemp()),
+    ]
     with running_backend(command):
         yield endpoint
 

@@ -191,11 +191,18 @@ def test_a_scan_stopped_between_a_tiles_boxes_and_its_entry_keeps_a_record_the_b
 
     def box(tile: int, order: int) -> dict[str, Any]:
         ring = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
-        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"tile": tile, "order": order, "edge_distance": 1.0, "score": 0.5, "label": "ship"}}  # fmt: skip
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"tile": tile, "order": order, "edge_distance": 1.0, "score": 0.5, "label": "ship"},
+        }
 
     def entry(index: int) -> dict[str, Any]:
-        return {"index": index, "footprint": [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 0.0]], "request": f"r{index}"}  # fmt: skip
+        return {
+            "index": index,
+            "footprint": [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 0.0]],
+            "request": f"r{index}",
+        }
 
     extent = raster_layer.extent()
     area = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())

@@ -25,8 +25,14 @@ DEMO = ROOT / "backend" / "earthdial" / "models" / "demo" / "model.safetensors"
 
 def test_the_adapter_is_a_serve_argument() -> None:
     assert serve_arguments("", "tcp://127.0.0.1:1", "cpu", "", adapter="/a/lora") == [
-        "serve", "--endpoint", "tcp://127.0.0.1:1", "--device", "cpu", "--adapter", "/a/lora",
-    ]  # fmt: skip
+        "serve",
+        "--endpoint",
+        "tcp://127.0.0.1:1",
+        "--device",
+        "cpu",
+        "--adapter",
+        "/a/lora",
+    ]
 
 
 def ask_ships(dock: Any, raster: Any) -> QgsVectorLayer:
@@ -37,8 +43,11 @@ def ask_ships(dock: Any, raster: Any) -> QgsVectorLayer:
     dock.send_button.click()
     wait_until(lambda: not dock.is_busy(), 180)
     assert dock.last_error is None, dock.answer_view.toPlainText()
-    (layer,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items()
-                if lid not in before and isinstance(lyr, QgsVectorLayer)]  # fmt: skip
+    (layer,) = [
+        lyr
+        for lid, lyr in QgsProject.instance().mapLayers().items()
+        if lid not in before and isinstance(lyr, QgsVectorLayer)
+    ]
     return layer
 
 
@@ -56,8 +65,13 @@ def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_proje
     import processing
 
     scene = tmp_path / "harbour.tif"
-    subprocess.run([str(EARTHDIAL), "make-sample", str(scene)], check=True, capture_output=True, timeout=120,
-                   env=backend_env())  # fmt: skip
+    subprocess.run(
+        [str(EARTHDIAL), "make-sample", str(scene)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env=backend_env(),
+    )
     raster = QgsRasterLayer(str(scene), "harbour", "gdal")
     QgsProject.instance().addMapLayer(raster)
     qgis_iface.setActiveLayer(raster)
@@ -101,9 +115,27 @@ def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_proje
 
         # a short fine-tune, then the plugin's local backend serves the demo model with the adapter
         adapter = tmp_path / "lora-ships"
-        done = subprocess.run([str(EARTHDIAL), "finetune", str(records), "-o", str(adapter), "--steps", "2",
-                               "--batch-size", "2", "--threads", "1", "--device", "cpu"],
-                              capture_output=True, text=True, timeout=300, env=backend_env())  # fmt: skip
+        done = subprocess.run(
+            [
+                str(EARTHDIAL),
+                "finetune",
+                str(records),
+                "-o",
+                str(adapter),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=backend_env(),
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "s a step" in done.stdout  # the time estimate before the run goes on
         dock.stop_button.click()

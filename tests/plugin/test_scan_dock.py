@@ -258,8 +258,12 @@ def test_a_change_scan_of_layers_the_backend_cannot_read_streams_them_with_the_s
 ) -> None:
     inside = tmp_path_factory.mktemp("pair")
     python = ROOT / ".venv" / "bin" / "python"
-    subprocess.run([str(python), "-c", PAIR, str(inside / "before.tif"), str(inside / "after.tif")],
-                   check=True, timeout=120, env=backend_env())  # fmt: skip
+    subprocess.run(
+        [str(python), "-c", PAIR, str(inside / "before.tif"), str(inside / "after.tif")],
+        check=True,
+        timeout=120,
+        env=backend_env(),
+    )
     outside = Path(tempfile.mkdtemp(prefix="earthdial-outside-"))  # not under the backend's allowed folder
     try:
         for name in ("before.tif", "after.tif"):

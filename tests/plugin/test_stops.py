@@ -85,8 +85,12 @@ def test_a_cancelled_scan_keeps_zoom_and_save_and_says_so_once(
         kept = QgsVectorLayer(saved, "kept", "ogr")
         assert kept.isValid() and kept.featureCount() == stopped.featureCount() > 0
 
-        said = [m for level in (Qgis.MessageLevel.Info, Qgis.MessageLevel.Critical, Qgis.MessageLevel.Warning)
-                for m in bar.get_messages(level) if "cancelled" in m.lower()]  # fmt: skip
+        said = [
+            m
+            for level in (Qgis.MessageLevel.Info, Qgis.MessageLevel.Critical, Qgis.MessageLevel.Warning)
+            for m in bar.get_messages(level)
+            if "cancelled" in m.lower()
+        ]
         assert len(said) == 1, said  # one message, which names what was kept
         assert stopped.name() in said[0]
         done, total = (int(n) for n in re.search(r"(\d+) of (\d+) tile\(s\) were scanned", said[0]).groups())

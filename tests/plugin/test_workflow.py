@@ -92,7 +92,7 @@ def test_draw_send_inspect_save(make_dock, raster_layer, show_view, geotiff, qgi
         "harbour": colour_for("harbour").name(),
         "ship": colour_for("ship").name(),
         "": colour_for("").name(),
-    }  # fmt: skip  ("": QGIS's "all other values", for drawn boxes)
+    }  # ("": QGIS's "all other values", for drawn boxes)
     assert layer.labelsEnabled() and layer.labeling().settings().fieldName == "label"
     node = QgsProject.instance().layerTreeRoot().findLayer(layer.id())
     group = node.parent()

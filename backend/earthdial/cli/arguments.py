@@ -42,8 +42,11 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 def add_output_args(p: argparse.ArgumentParser, what: str = "the boxes") -> None:
     p.add_argument("-o", "--output", help=f"GeoPackage (.gpkg: adds a layer) or GeoJSON file for {what}")
     p.add_argument("--layer", help="layer name in the GeoPackage (default: task, prompt, source and time)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier EarthDial layer (or GeoJSON file) of that name; never another's")  # fmt: skip
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier EarthDial layer (or GeoJSON file) of that name; never another's",
+    )
 
 
 def ask_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -30,8 +30,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         from earthdial.model.prompts import default_task
 
         args.task = default_task(args.prompt)
-        why = (f"finding {args.prompt.strip()!r} (--task chat asks it as a question)" if args.task == "refer"
-               else "the prompt is a question (--task refer with a prompt naming objects returns boxes)")  # fmt: skip
+        why = (
+            f"finding {args.prompt.strip()!r} (--task chat asks it as a question)"
+            if args.task == "refer"
+            else "the prompt is a question (--task refer with a prompt naming objects returns boxes)"
+        )
         print(f"earthdial ask: task {args.task}: {why}", file=sys.stderr)
     header = {
         "op": "ask",
@@ -86,18 +89,23 @@ def _run(header: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             model = chosen.path
             if not model:
                 raise EarthDialError(
-                    "bad_request", f"no server answers at {endpoint} and no model is installed: "
-                    "pass --endpoint URL (a running server) or --model DIR"
-                )  # fmt: skip
-            print(f"earthdial {args.command}: no server answers at {endpoint}; running {chosen.origin} ({model}) in "
-                  "this process", file=sys.stderr)  # fmt: skip
+                    "bad_request",
+                    f"no server answers at {endpoint} and no model is installed: "
+                    "pass --endpoint URL (a running server) or --model DIR",
+                )
+            print(
+                f"earthdial {args.command}: no server answers at {endpoint}; running {chosen.origin} ({model}) in "
+                "this process",
+                file=sys.stderr,
+            )
             endpoint = None
     if endpoint:
         from earthdial.cli import by_value
 
         with connected(endpoint, args.timeout) as client:  # a file the server may not open goes by value
-            return by_value.ask(client, header, lambda line: print(f"earthdial {args.command}: {line}",
-                                                                   file=sys.stderr))  # fmt: skip
+            return by_value.ask(
+                client, header, lambda line: print(f"earthdial {args.command}: {line}", file=sys.stderr)
+            )
     from earthdial.model.engine import Engine
     from earthdial.serving import service
 
@@ -146,8 +154,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"plan      batch {plan.get('batch')}: {plan.get('message')}")
     print(f"queue     {status['queue']} waiting, {status['running']} running")
     for job in status.get("jobs", []):  # what a running request is doing, and for how long
-        print(f"running   {job['id']} ({job['op']}): {job['stage']}, {job['age_s']:.0f} s since it arrived"
-              + (", cancel requested" if job.get("cancel_requested") else ""))  # fmt: skip
+        print(
+            f"running   {job['id']} ({job['op']}): {job['stage']}, {job['age_s']:.0f} s since it arrived"
+            + (", cancel requested" if job.get("cancel_requested") else "")
+        )
     if "connections" in status:
         conns = status["connections"]
         print(f"clients   {conns['open']} connection(s) open, at most {conns['max']}")
@@ -162,15 +172,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_source_args(p)
     add_input_args(p)
     p.add_argument("--prompt", default="", help="the question, or what to find for --task refer")
-    p.add_argument("--task", help="chat, caption, vqa, classify, grounding, refer, identify, ... (default: "
-                   "refer when the prompt names objects, e.g. 'ships'; chat for a question)")  # fmt: skip
+    p.add_argument(
+        "--task",
+        help="chat, caption, vqa, classify, grounding, refer, identify, ... (default: "
+        "refer when the prompt names objects, e.g. 'ships'; chat for a question)",
+    )
     p.add_argument(
         "--endpoint",
         help="a running `earthdial serve` (default: the one at $EARTHDIAL_ENDPOINT or "
         f"{DEFAULT_ENDPOINT} when it answers, else the model runs in this process)",
     )
-    p.add_argument("--model", help="checkpoint directory to run in this process "
-                   "(default: $EARTHDIAL_MODEL, else the built-in demo model)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="checkpoint directory to run in this process "
+        "(default: $EARTHDIAL_MODEL, else the built-in demo model)",
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--preview", help="also write a PNG (.png) of the window with the boxes drawn")

@@ -74,8 +74,13 @@ def ask_request(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray
         else:
             a, _, c, _, e, f = first.transform[:6]
             extent = (c, f + e * first.height, c + a * first.width, f)
-            chip = imagery.read_chip(ref.path, bands=list(ref.bands) if ref.bands else default, bounds=extent,
-                                     bounds_crs=first.crs or None, max_size=MAX_CHIP_SIZE)  # fmt: skip
+            chip = imagery.read_chip(
+                ref.path,
+                bands=list(ref.bands) if ref.bands else default,
+                bounds=extent,
+                bounds_crs=first.crs or None,
+                max_size=MAX_CHIP_SIZE,
+            )
         source = source_by_value(tuple(chip.transform[:6]), chip.crs, chip.nodata)
         sources.append({**source, "name": ref.path, "path": ref.path})  # path: for export
         arrays.append(chip.data)
@@ -106,8 +111,13 @@ def ask(client: Client, header: dict[str, Any], note: Note) -> dict[str, Any]:
     return reply
 
 
-def scan(client: Client, header: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
-         cancelled: Callable[[], bool], note: Note) -> dict[str, Any]:  # fmt: skip
+def scan(
+    client: Client,
+    header: dict[str, Any],
+    on_event: Callable[[dict[str, Any]], None],
+    cancelled: Callable[[], bool],
+    note: Note,
+) -> dict[str, Any]:
     """Run a `detect` / `detect_changes`; when the server cannot read the file(s), stream the tiles."""
     try:
         return client.request(header, progress=on_event, cancelled=cancelled).header

@@ -44,8 +44,13 @@ def write_output(path: str | None, reply: dict[str, Any], args: argparse.Namespa
         rasters = getattr(args, "rasters", None) or [getattr(args, "raster", None)]
         task = getattr(args, "task", None) or getattr(args, "command", None)
         base = layer_name(task, getattr(args, "prompt", None), rasters, datetime.now(timezone.utc))
-    layer = write_features(path, features, getattr(args, "layer", None),
-                           overwrite=getattr(args, "overwrite", False), base_name=base)  # fmt: skip
+    layer = write_features(
+        path,
+        features,
+        getattr(args, "layer", None),
+        overwrite=getattr(args, "overwrite", False),
+        base_name=base,
+    )
     print(
         f"wrote {n} feature(s) to {os.path.realpath(path)} (layer {layer!r}, CRS {str(features['crs'])[:60]})"
     )
@@ -56,7 +61,11 @@ def write_preview(args: argparse.Namespace, reply: dict[str, Any]) -> None:
     from earthdial.geo.imagery import read_chip
     from earthdial.outputs import preview
 
-    chip = read_chip(os.path.abspath(args.raster), bands=reply["chip"]["bands"], bounds=args.bounds,
-                     bounds_crs=args.bounds_crs)  # fmt: skip
+    chip = read_chip(
+        os.path.abspath(args.raster),
+        bands=reply["chip"]["bands"],
+        bounds=args.bounds,
+        bounds_crs=args.bounds_crs,
+    )
     path = preview.write_png(args.preview, preview.draw(chip, reply["features"]))
     print(f"wrote a preview with the boxes drawn to {path.resolve()}")

@@ -40,7 +40,10 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
         "--endpoint", help="a running `earthdial serve` (progress and Ctrl-C go over the protocol)"
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
-    p.add_argument("--model", help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="checkpoint directory when running in-process (default: $EARTHDIAL_MODEL, else the demo model)",
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument(
         "--resume", action="store_true", help="go on from the journal an interrupted run left beside -o"
@@ -61,8 +64,13 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    header = {"op": "detect", "task": args.task, "prompt": args.prompt, "source": source_of(args),
-              "options": _scan_options(args)}  # fmt: skip
+    header = {
+        "op": "detect",
+        "task": args.task,
+        "prompt": args.prompt,
+        "source": source_of(args),
+        "options": _scan_options(args),
+    }
     return _run_scan(args, header)
 
 
@@ -80,10 +88,15 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
     many.require_ray()  # a missing extra is said before anything else is looked at
     spec = prompts.task(args.task)
     if spec.images != 1 or not spec.grounded:
-        raise EarthDialError("bad_request", f"detect-many runs a grounded one-image task (refer, grounding), not {args.task!r}")  # fmt: skip
+        raise EarthDialError(
+            "bad_request", f"detect-many runs a grounded one-image task (refer, grounding), not {args.task!r}"
+        )
     many.check_output(args.output)
     if args.workers < 1 or not args.cpus_per_worker > 0 or not args.gpus_per_worker >= 0:
-        raise EarthDialError("bad_request", "--workers must be 1 or more, --cpus-per-worker above 0 and --gpus-per-worker 0 or more")  # fmt: skip
+        raise EarthDialError(
+            "bad_request",
+            "--workers must be 1 or more, --cpus-per-worker above 0 and --gpus-per-worker 0 or more",
+        )
     scenes = archive.scenes_of(args.rasters, args.list, args.stac, args.asset)
     if not scenes:
         raise EarthDialError("bad_request", "no scenes: name rasters, --list FILE or --stac FILE")
@@ -95,10 +108,20 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
 
     options = _scan_options(args)
     options_of({"options": options})  # tiling and score checked once, here, not in every worker
-    job = many.Run(scenes, args.task, args.prompt, options, args.output,
-                   os.path.abspath(model) if os.path.exists(model) else model, device=args.device,
-                   workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                   gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, resume=args.resume)  # fmt: skip
+    job = many.Run(
+        scenes,
+        args.task,
+        args.prompt,
+        options,
+        args.output,
+        os.path.abspath(model) if os.path.exists(model) else model,
+        device=args.device,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        ray_address=args.ray_address,
+        resume=args.resume,
+    )
     try:
         summary = many.run(job, lambda line: print(line, file=sys.stderr, flush=True))
     except EarthDialError as exc:
@@ -106,19 +129,28 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
             print(f"\nearthdial detect-many: {exc.message}", file=sys.stderr)
             return 130
         raise
-    print(f"{summary.scenes} scene(s): {summary.ran} run now, {summary.before} done before, "
-          f"{len(summary.errors)} failed; {summary.boxes} boxes in {summary.seconds:.1f} s")  # fmt: skip
+    print(
+        f"{summary.scenes} scene(s): {summary.ran} run now, {summary.before} done before, "
+        f"{len(summary.errors)} failed; {summary.boxes} boxes in {summary.seconds:.1f} s"
+    )
     if summary.merged:
-        print(f"wrote {len(summary.layers)} scene layer(s) and the merged layer {summary.merged!r} to "
-              f"{os.path.realpath(args.output)}")  # fmt: skip
+        print(
+            f"wrote {len(summary.layers)} scene layer(s) and the merged layer {summary.merged!r} to "
+            f"{os.path.realpath(args.output)}"
+        )
     for k, error in sorted(summary.errors.items()):
         print(f"failed: {scenes[k].name} ({scenes[k].origin}): {error.code}: {error.message}")
     return 1 if summary.errors else 0
 
 
 def _scan_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {"tile_size": args.tile_size, "overlap": args.overlap, "batch": args.batch,
-               "min_score": args.min_score, "merge": False}  # fmt: skip
+    options = {
+        "tile_size": args.tile_size,
+        "overlap": args.overlap,
+        "batch": args.batch,
+        "min_score": args.min_score,
+        "merge": False,
+    }
     for name in ("preset", "sensor"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)
@@ -164,8 +196,13 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
 
             # a file the server may not open is streamed: tiles read here, as the model asks for them
             with connected(args.endpoint, args.timeout) as client:
-                reply = by_value.scan(client, header, on_event, lambda: stop["now"],
-                                      lambda line: print(f"{name}: {line}", file=sys.stderr))  # fmt: skip
+                reply = by_value.scan(
+                    client,
+                    header,
+                    on_event,
+                    lambda: stop["now"],
+                    lambda line: print(f"{name}: {line}", file=sys.stderr),
+                )
         else:
             from earthdial.model.engine import Engine
             from earthdial.scenes import scan
@@ -188,16 +225,21 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
         if job.log is not None:
             job.close()
             if exc.code in ("cancelled", "disconnected", "timeout") or job.tiles:
-                print(f"\n{name}: {exc.message}\n{len(job.tiles)} finished tile(s) are kept in {job.log.path}; "
-                      "run the same command with --resume to go on", file=sys.stderr)  # fmt: skip
+                print(
+                    f"\n{name}: {exc.message}\n{len(job.tiles)} finished tile(s) are kept in {job.log.path}; "
+                    "run the same command with --resume to go on",
+                    file=sys.stderr,
+                )
         elif exc.code == "cancelled":
             print(f"\n{name}: {exc.message}; nothing written", file=sys.stderr)
         return 130 if exc.code == "cancelled" else _fail(name, exc)
     tiles = job.tiles
     merged = job.merged()
     crs = reply.get("crs", "")
-    print(f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
-          f"{reply['timings']['total_s']:.1f} s; {len(job.features)} boxes, {len(merged)} after merging")  # fmt: skip
+    print(
+        f"{reply['tiles']} tiles ({reply['tiles_done']} run now, {reply['tiles_skipped']} done before) in "
+        f"{reply['timings']['total_s']:.1f} s; {len(job.features)} boxes, {len(merged)} after merging"
+    )
     if header["op"] == "detect_changes":
         changed = sum(1 for t in tiles.values() if t.get("changed"))
         print(f"{changed} of {len(tiles)} tile pairs changed")
@@ -215,21 +257,32 @@ def _fail(name: str, exc: EarthDialError) -> int:
     return 1
 
 
-def _write_changes(args: argparse.Namespace, merged: list[dict[str, Any]], tiles: dict[int, dict[str, Any]],
-                   crs: str, shared: dict[str, Any]) -> None:  # fmt: skip
+def _write_changes(
+    args: argparse.Namespace,
+    merged: list[dict[str, Any]],
+    tiles: dict[int, dict[str, Any]],
+    crs: str,
+    shared: dict[str, Any],
+) -> None:
     """Two layers: the change boxes and, beside them, the per-tile change map (its name ends in `_tiles`)."""
     from earthdial.contract.result_features import change_map, layer_name
     from earthdial.outputs.files import write_features
 
     base = getattr(args, "layer", None) or layer_name(shared, scan=True)
     overwrite = getattr(args, "overwrite", False)
-    boxes = write_features(args.output, {"type": "FeatureCollection", "crs": crs, "features": merged}, base,
-                           overwrite=overwrite)  # fmt: skip
-    tile_layer = write_features(args.output, {"type": "FeatureCollection", "crs": crs,
-                                              "features": change_map(tiles, shared)}, f"{boxes}_tiles",
-                                overwrite=overwrite)  # fmt: skip
-    print(f"wrote {len(merged)} change box(es) (layer {boxes!r}) and {len(tiles)} tile pair(s) "
-          f"(layer {tile_layer!r}) to {os.path.abspath(args.output)}")  # fmt: skip
+    boxes = write_features(
+        args.output, {"type": "FeatureCollection", "crs": crs, "features": merged}, base, overwrite=overwrite
+    )
+    tile_layer = write_features(
+        args.output,
+        {"type": "FeatureCollection", "crs": crs, "features": change_map(tiles, shared)},
+        f"{boxes}_tiles",
+        overwrite=overwrite,
+    )
+    print(
+        f"wrote {len(merged)} change box(es) (layer {boxes!r}) and {len(tiles)} tile pair(s) "
+        f"(layer {tile_layer!r}) to {os.path.abspath(args.output)}"
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -256,23 +309,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "detect-many", help="detect over many scenes (paths, list files, STAC items) on Ray workers"
     )
     p.add_argument("rasters", nargs="*", help="scene rasters")
-    p.add_argument("--list", action="append", default=[], metavar="FILE",
-                   help="a file of raster paths, one a line (relative ones: to the file's folder)")  # fmt: skip
-    p.add_argument("--stac", action="append", default=[], metavar="FILE",
-                   help="a STAC ItemCollection (or Item) JSON file; its assets must be local files")  # fmt: skip
+    p.add_argument(
+        "--list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of raster paths, one a line (relative ones: to the file's folder)",
+    )
+    p.add_argument(
+        "--stac",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a STAC ItemCollection (or Item) JSON file; its assets must be local files",
+    )
     p.add_argument("--asset", help="the STAC asset to read (default: visual, else the item's first GeoTIFF)")
     p.add_argument("--prompt", required=True, help="what to find, e.g. ships")
     p.add_argument("--task", default="refer", help="a grounded task: refer (default) or grounding")
     p.add_argument("--preset", help="band preset (default: picked from each raster)")
     _add_tiling_args(p)
-    p.add_argument("--model", help="checkpoint directory, the same path on every Ray node (default: $EARTHDIAL_MODEL, else the demo model)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="checkpoint directory, the same path on every Ray node (default: $EARTHDIAL_MODEL, else the demo model)",
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--workers", type=int, default=2, help="engines (Ray actors), each with its own model")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPU slots (and torch threads) of a worker")  # fmt: skip
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="Ray CPU slots (and torch threads) of a worker"
+    )
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs of a worker (e.g. 1)")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
-                   help="an existing Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
-                   "else a local Ray started for this run)")  # fmt: skip
-    p.add_argument("-o", "--output", required=True, help="GeoPackage (.gpkg) for a layer per scene and the merged layer")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="go on from the journal an interrupted run left beside -o")  # fmt: skip
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="an existing Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
+        "else a local Ray started for this run)",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, help="GeoPackage (.gpkg) for a layer per scene and the merged layer"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="go on from the journal an interrupted run left beside -o"
+    )
     p.set_defaults(func=cmd_detect_many)

@@ -28,10 +28,17 @@ class DeprecatedFlag(argparse.Action):
         self.new = new
         super().__init__(option_strings, dest, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:  # fmt: skip
-        print(f"earthdial: warning: {option_string} is deprecated, use {self.new} (the same values)",
-              file=sys.stderr)  # fmt: skip
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"earthdial: warning: {option_string} is deprecated, use {self.new} (the same values)",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
@@ -64,11 +71,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file_access.harden_process()  # PROJ network and GDAL HTTP off, GDAL reads only the named file
         raise_open_file_limit()
         try:
-            server = Server(engine, args.endpoint, queue_size=args.queue_size, max_batch=args.max_batch,
-                            client_queue=args.client_queue,
-                            curve_secret_key=secret, curve_clients=clients, allowed_dirs=dirs, budgets=_limits(args),
-                            max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
-                            reader_processes=args.readers)  # fmt: skip
+            server = Server(
+                engine,
+                args.endpoint,
+                queue_size=args.queue_size,
+                max_batch=args.max_batch,
+                client_queue=args.client_queue,
+                curve_secret_key=secret,
+                curve_clients=clients,
+                allowed_dirs=dirs,
+                budgets=_limits(args),
+                max_connections=args.max_connections,
+                idle_timeout_s=args.idle_timeout,
+                reader_processes=args.readers,
+            )
         except zmq.ZMQError as exc:
             raise Refused(f"cannot bind {args.endpoint}: {exc}") from None
     except Refused as exc:
@@ -119,8 +135,15 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         plan = _memory_plan(model, args, chosen.bytes)
         if plan is not None and plan.batch == 0:
             raise Refused(plan.message, 4)
-        engine = Engine(model, device=args.device, max_tiles=args.max_tiles, quantize=args.quantize,
-                        cache_mode=args.cache_mode, adapter=args.adapter, dtype=chosen)  # fmt: skip
+        engine = Engine(
+            model,
+            device=args.device,
+            max_tiles=args.max_tiles,
+            quantize=args.quantize,
+            cache_mode=args.cache_mode,
+            adapter=args.adapter,
+            dtype=chosen,
+        )
         if args.decoding != "auto":
             engine.decoding = args.decoding
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
@@ -145,11 +168,18 @@ def _load_engine(args: argparse.Namespace) -> Engine:
 def _limits(args: argparse.Namespace) -> Limits:
     from earthdial.serving.limits import MIB, Limits
 
-    return Limits(max_pixels=args.max_pixels, max_value_pixels=args.max_value_pixels, max_bands=args.max_bands,
-                  max_scan_tiles=args.max_scan_tiles, max_reply_bytes=int(args.max_reply_mb * MIB),
-                  max_queue_bytes=int(args.max_queue_mb * MIB), deadline_s=args.deadline,
-                  scan_deadline_s=args.scan_deadline, stream_timeout_s=args.stream_timeout,
-                  read_timeout_s=args.read_timeout)  # fmt: skip
+    return Limits(
+        max_pixels=args.max_pixels,
+        max_value_pixels=args.max_value_pixels,
+        max_bands=args.max_bands,
+        max_scan_tiles=args.max_scan_tiles,
+        max_reply_bytes=int(args.max_reply_mb * MIB),
+        max_queue_bytes=int(args.max_queue_mb * MIB),
+        deadline_s=args.deadline,
+        scan_deadline_s=args.scan_deadline,
+        stream_timeout_s=args.stream_timeout,
+        read_timeout_s=args.read_timeout,
+    )
 
 
 def _announce(
@@ -161,22 +191,33 @@ def _announce(
     from earthdial.serving import auth
 
     reads = ", ".join(file_access.allowed_dirs() or ()) or "no directory (pass --allow-dir DIR)"
-    print(f"earthdial: access: {auth.describe(secret, clients)}; reads files under {reads}; "
-          f"at most {server.connections.cap} connections", flush=True)  # fmt: skip
+    print(
+        f"earthdial: access: {auth.describe(secret, clients)}; reads files under {reads}; "
+        f"at most {server.connections.cap} connections",
+        flush=True,
+    )
     if secret is not None and clients is None and not auth.is_loopback(args.endpoint):
-        print("earthdial serve: warning: any client that knows the server's public key can connect; "
-              "pass --curve-clients DIR to admit only listed client keys", file=sys.stderr)  # fmt: skip
+        print(
+            "earthdial serve: warning: any client that knows the server's public key can connect; "
+            "pass --curve-clients DIR to admit only listed client keys",
+            file=sys.stderr,
+        )
     if engine is None:
         print(f"earthdial: serving no model (georef only) on {server.bound}", flush=True)
         return
     d = engine.describe()
     if d.get("demo"):
-        print("earthdial: this is the built-in demo model (a 3 M-parameter micro EarthDial trained on "
-              "synthetic scenes only; see docs/demo-model.md)", flush=True)  # fmt: skip
+        print(
+            "earthdial: this is the built-in demo model (a 3 M-parameter micro EarthDial trained on "
+            "synthetic scenes only; see docs/demo-model.md)",
+            flush=True,
+        )
     if d.get("adapter"):
         print(f"earthdial: with the LoRA adapter {d['adapter']['path']} (merged)", flush=True)
-    print(f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
-          flush=True)  # fmt: skip
+    print(
+        f"earthdial: serving {d['variant']} ({d['path']}) on {server.bound} [{d['device']}, {d['dtype']}]",
+        flush=True,
+    )
 
 
 def _memory_plan(model: str, args: argparse.Namespace, dtype_bytes: int) -> Any:
@@ -195,9 +236,15 @@ def _memory_plan(model: str, args: argparse.Namespace, dtype_bytes: int) -> Any:
     tiles = (args.max_tiles or int(cfg.get("max_dynamic_patch", 6))) + 1  # + the thumbnail
     free, _ = device_memory(device)
     return memory.plan(
-        shapes, device, free, dtype_bytes, args.quantize, tiles=tiles, want_batch=args.max_batch,
+        shapes,
+        device,
+        free,
+        dtype_bytes,
+        args.quantize,
+        tiles=tiles,
+        want_batch=args.max_batch,
         cpu_bf16=native_bf16(cpu_flags()) is not None,
-    )  # fmt: skip
+    )
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -228,11 +275,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--endpoint", default=default_endpoint(), help=f"default: $EARTHDIAL_ENDPOINT or {DEFAULT_ENDPOINT}"
     )
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads on a CPU (default: one fewer than the cores; 0: torch's default)")  # fmt: skip
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "fp32", "bf16"],
-                   help="what the model computes in (default auto: bf16 on CUDA; on a CPU bf16 where it has "
-                   "native bf16 and a start-up probe finds it faster, else fp32; status says why)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on a CPU (default: one fewer than the cores; 0: torch's default)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "fp32", "bf16"],
+        help="what the model computes in (default auto: bf16 on CUDA; on a CPU bf16 where it has "
+        "native bf16 and a start-up probe finds it faster, else fp32; status says why)",
+    )
     p.add_argument(
         "--max-tiles", type=int, default=None, help="dynamic tiling limit (default: the checkpoint's)"
     )
@@ -244,11 +299,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="8- or 4-bit language-model weights",
     )
     cache_modes = ["auto", "dynamic", "static", "compiled"]
-    p.add_argument("--kv-cache", dest="cache_mode", default="auto", choices=cache_modes,
-                   help="greedy decoding's KV cache: auto = static + compiled decode step on CUDA, dynamic on "
-                   "CPU (the search itself is --decoding)")  # fmt: skip
-    p.add_argument("--decode", dest="cache_mode", choices=cache_modes, action=DeprecatedFlag, new="--kv-cache",
-                   help="the former name of --kv-cache (still works, with a warning)")  # fmt: skip
+    p.add_argument(
+        "--kv-cache",
+        dest="cache_mode",
+        default="auto",
+        choices=cache_modes,
+        help="greedy decoding's KV cache: auto = static + compiled decode step on CUDA, dynamic on "
+        "CPU (the search itself is --decoding)",
+    )
+    p.add_argument(
+        "--decode",
+        dest="cache_mode",
+        choices=cache_modes,
+        action=DeprecatedFlag,
+        new="--kv-cache",
+        help="the former name of --kv-cache (still works, with a warning)",
+    )
     p.add_argument(
         "--max-batch",
         type=int,
@@ -311,21 +377,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0,
         help="seconds a detect scan may take from its arrival (0: none)",
     )
-    budgets.add_argument("--stream-timeout", type=float, default=60,
-                         help="seconds a streamed detect may wait for its client's next tile (0: forever)")  # fmt: skip
-    budgets.add_argument("--read-timeout", type=float, default=60,
-                         help="seconds one open or read of a file may take in a reader process; past it the "
-                         "reader is killed and replaced, and the request gets `timeout`")  # fmt: skip
-    budgets.add_argument("--readers", type=int, default=2,
-                         help="reader processes that open and read the files of by-reference requests")  # fmt: skip
+    budgets.add_argument(
+        "--stream-timeout",
+        type=float,
+        default=60,
+        help="seconds a streamed detect may wait for its client's next tile (0: forever)",
+    )
+    budgets.add_argument(
+        "--read-timeout",
+        type=float,
+        default=60,
+        help="seconds one open or read of a file may take in a reader process; past it the "
+        "reader is killed and replaced, and the request gets `timeout`",
+    )
+    budgets.add_argument(
+        "--readers",
+        type=int,
+        default=2,
+        help="reader processes that open and read the files of by-reference requests",
+    )
     budgets.add_argument(
         "--max-connections",
         type=int,
         default=512,
         help="open connections; past it the longest idle are ended",
     )
-    budgets.add_argument("--idle-timeout", type=float, default=300,
-                         help="seconds a connection with no request in flight may stay silent (0: forever)")  # fmt: skip
+    budgets.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300,
+        help="seconds a connection with no request in flight may stay silent (0: forever)",
+    )
     p.add_argument(
         "--curve-secret-key",
         metavar="FILE",

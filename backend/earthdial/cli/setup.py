@@ -31,12 +31,19 @@ def cmd_download(args: argparse.Namespace) -> int:
         if args.json:  # one JSON object a line on stdout: what the plugin reads
             print(json.dumps(event), flush=True)
         if event["event"] == "start":
-            print(f"earthdial download: {event['repo_id']} at commit {event['commit']}: {event['files']} files, "
-                  f"{event['bytes']} bytes ({event['have']} already here)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"earthdial download: {event['repo_id']} at commit {event['commit']}: {event['files']} files, "
+                f"{event['bytes']} bytes ({event['have']} already here)",
+                file=sys.stderr,
+                flush=True,
+            )
         elif event["event"] == "progress":
             percent = 100.0 * event["all_done"] / max(event["all_size"], 1)
-            print(f"earthdial download: {percent:5.1f}% {event['file']} {event['done']}/{event['size']} bytes",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"earthdial download: {percent:5.1f}% {event['file']} {event['done']}/{event['size']} bytes",
+                file=sys.stderr,
+                flush=True,
+            )
         elif event["event"] == "done":
             what = "already downloaded and verified" if event["already"] else "downloaded and verified"
             print(f"earthdial download: {what}: {event['path']}", file=sys.stderr, flush=True)
@@ -44,8 +51,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     try:
         download.download(args.name, directory, revision=args.revision, progress=report)
     except KeyboardInterrupt:
-        print("earthdial download: interrupted; what was received is kept: run the same command again to "
-              "continue it", file=sys.stderr)  # fmt: skip
+        print(
+            "earthdial download: interrupted; what was received is kept: run the same command again to "
+            "continue it",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -77,8 +87,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch a published EarthDial checkpoint from the Hugging Face hub (resumable, verified)",
     )
     p.add_argument("name", nargs="?", help="EarthDial_4B_RGB, EarthDial_4B_MS or EarthDial_4B_Methane_UHI")
-    p.add_argument("--dir", help="folder to fill (new or empty; default: NAME in the current folder); "
-                   "run the same command again to continue an interrupted download")  # fmt: skip
+    p.add_argument(
+        "--dir",
+        help="folder to fill (new or empty; default: NAME in the current folder); "
+        "run the same command again to continue an interrupted download",
+    )
     p.add_argument("--revision", help="a branch or commit of the hub repository (default: the pinned one)")
     p.add_argument("--list", action="store_true", help="the checkpoints it knows, and exit")
     p.add_argument("--json", action="store_true", help="progress as JSON lines on stdout")

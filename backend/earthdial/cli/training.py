@@ -39,24 +39,38 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from earthdial import training as train
 
     if args.init:  # a continuation of a trained checkpoint on the absent-class mixture
-        cfg = train.continuation(args.init, minutes=args.minutes, seed=args.seed, steps=args.steps or None,
-                                 threads=args.threads)  # fmt: skip
+        cfg = train.continuation(
+            args.init, minutes=args.minutes, seed=args.seed, steps=args.steps or None, threads=args.threads
+        )
     else:
-        cfg = train.TrainConfig(minutes=args.minutes, seed=args.seed, steps=args.steps or None,
-                                threads=args.threads, freeze_vision=not args.train_vision,
-                                vision_steps=args.steps // 8 if args.steps else None)  # fmt: skip
+        cfg = train.TrainConfig(
+            minutes=args.minutes,
+            seed=args.seed,
+            steps=args.steps or None,
+            threads=args.threads,
+            freeze_vision=not args.train_vision,
+            vision_steps=args.steps // 8 if args.steps else None,
+        )
     out = args.out or DEFAULT_TRAIN_OUT
     if not args.out and os.path.isdir(out) and os.listdir(out):
-        print(f"earthdial train-demo: ./{out} is there already and not empty: pass --out DIR for another "
-              "folder (or remove it)", file=sys.stderr)  # fmt: skip
+        print(
+            f"earthdial train-demo: ./{out} is there already and not empty: pass --out DIR for another "
+            "folder (or remove it)",
+            file=sys.stderr,
+        )
         return 2
     if args.init and os.path.realpath(out) == os.path.realpath(args.init):
-        print("earthdial train-demo: --out must not be the --init checkpoint (it is read while training)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "earthdial train-demo: --out must not be the --init checkpoint (it is read while training)",
+            file=sys.stderr,
+        )
         return 2
     start = f"continuing {args.init}" if args.init else "training a demo model from scratch"
-    print(f"{start} (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
-          f"at most {cfg.minutes:g} min) -> {out}", flush=True)  # fmt: skip
+    print(
+        f"{start} (seed {cfg.seed}, {cfg.steps or 'as many as fit'} steps, "
+        f"at most {cfg.minutes:g} min) -> {out}",
+        flush=True,
+    )
     _, _, _, summary = train.train(
         cfg, out, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)
     )
@@ -83,8 +97,10 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         print(f"earthdial eval-demo: seed {args.seed} is the training seed; pick another", file=sys.stderr)
         return 2
     engine = Engine(model, device=args.device)
-    print(f"evaluating {model} on {args.scenes} held-out scenes (seed {args.seed}) through the server's path",
-          flush=True)  # fmt: skip
+    print(
+        f"evaluating {model} on {args.scenes} held-out scenes (seed {args.seed}) through the server's path",
+        flush=True,
+    )
     result = train.evaluate(engine, scenes=args.scenes, seed=args.seed)
     for line in result.lines():
         print(line)
@@ -118,12 +134,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ImportError:
         print("earthdial finetune: needs peft: pip install 'earthdial-qgis[finetune]'", file=sys.stderr)
         return 2
-    cfg = finetune.FinetuneConfig(minutes=args.minutes, steps=args.steps or None, batch_size=args.batch_size,
-                                  lr=args.lr, rank=args.rank, projector=args.projector, vision=args.vision,
-                                  look=args.look, seed=args.seed,
-                                  threads=args.threads, device=args.device)  # fmt: skip
-    finetune.finetune(args.records, model, args.output, cfg,
-                      log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))  # fmt: skip
+    cfg = finetune.FinetuneConfig(
+        minutes=args.minutes,
+        steps=args.steps or None,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        projector=args.projector,
+        vision=args.vision,
+        look=args.look,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+    )
+    finetune.finetune(
+        args.records,
+        model,
+        args.output,
+        cfg,
+        log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True),
+    )
     return 0
 
 
@@ -148,8 +178,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch on synthetic scenes")
-    p.add_argument("--out", help=f"checkpoint directory to write (default: ./{DEFAULT_TRAIN_OUT}, a new folder "
-                   "in the current directory; the shipped demo model is replaced only when --out names it)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        help=f"checkpoint directory to write (default: ./{DEFAULT_TRAIN_OUT}, a new folder "
+        "in the current directory; the shipped demo model is replaced only when --out names it)",
+    )
     p.add_argument("--minutes", type=float, default=29.0, help="wall-clock budget, both stages (default 29)")
     p.add_argument(
         "--steps",
@@ -159,8 +192,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads at most")
-    p.add_argument("--init", metavar="DIR",
-                   help="continue this checkpoint (stage 2 only, on the mixture with absent-class questions)")  # fmt: skip
+    p.add_argument(
+        "--init",
+        metavar="DIR",
+        help="continue this checkpoint (stage 2 only, on the mixture with absent-class questions)",
+    )
     p.add_argument(
         "--train-vision",
         action="store_true",

@@ -111,8 +111,11 @@ class Client:
         # a connection counts as up once its handshake is done (libzmq >= 4.3), else once TCP connects
         self._up_event = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
         events = zmq.EVENT_DISCONNECTED | self._up_event
-        for name in ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "EVENT_HANDSHAKE_FAILED_PROTOCOL",
-                     "EVENT_HANDSHAKE_FAILED_AUTH"):  # fmt: skip
+        for name in (
+            "EVENT_HANDSHAKE_FAILED_NO_DETAIL",
+            "EVENT_HANDSHAKE_FAILED_PROTOCOL",
+            "EVENT_HANDSHAKE_FAILED_AUTH",
+        ):
             events |= getattr(zmq, name, 0)
         if self.endpoint.startswith("inproc://"):
             return None  # no handshake events in-process: rely on POLLOUT and the timeout alone
@@ -261,8 +264,13 @@ class Client:
 
     def _send_cancel(self, target: str) -> None:
         """Best effort: ask the server to drop a request we no longer wait for; its reply is ignored."""
-        header = {"v": PROTOCOL_VERSION, "id": new_request_id(), "op": "cancel", "target": target,
-                  "client": client_name()}  # fmt: skip
+        header = {
+            "v": PROTOCOL_VERSION,
+            "id": new_request_id(),
+            "op": "cancel",
+            "target": target,
+            "client": client_name(),
+        }
         try:
             self._sock.send_multipart(encode(header), flags=self._zmq.NOBLOCK)
         except self._zmq.ZMQError:
@@ -304,8 +312,14 @@ class Client:
                 for i in part:
                     window = plan_window(state["plan"], i % state["plan"]["tiles"])  # pair k: k x tiles + i
                     arrays.append(read_tile(i, window, read_shape(window[2], window[3], state["read_size"])))
-                tiles = {"op": "scan_tiles", "scan": header["id"], "tiles": part, "id": new_request_id(),
-                         "v": PROTOCOL_VERSION, "client": header.get("client") or client_name()}  # fmt: skip
+                tiles = {
+                    "op": "scan_tiles",
+                    "scan": header["id"],
+                    "tiles": part,
+                    "id": new_request_id(),
+                    "v": PROTOCOL_VERSION,
+                    "client": header.get("client") or client_name(),
+                }
                 self._sock.send_multipart(encode(tiles, arrays), copy=False)
                 state["sent"] += len(part)
 
@@ -339,8 +353,12 @@ class Client:
         boundary; `unknown`: finished already, or never seen)."""
         return self.request({"op": "cancel", "target": target}, timeout_s=timeout_s).header
 
-    def plan(self, header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, ...] = (),
-             timeout_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+    def plan(
+        self,
+        header: dict[str, Any],
+        arrays: list[np.ndarray] | tuple[np.ndarray, ...] = (),
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """What an `ask` with this header would send (preset, bands, sensor, GSD, tiles), from metadata."""
         return self.request({**header, "op": "plan"}, arrays, timeout_s=timeout_s).header["plan"]
 

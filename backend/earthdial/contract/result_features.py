@@ -59,9 +59,22 @@ def properties(
 ) -> dict[str, Any]:
     """What every box of one answer shares; the box itself adds label, angle and score (`BOX`)."""
     props = dict.fromkeys(name for name in NAMES if name not in BOX)
-    props.update(task=task, prompt=prompt, answer=answer, model=model, variant=variant, source=source,
-                 gsd_data=gsd_data, gsd_model=gsd_model, created=created or now(), request=request,
-                 pair=pair, review="", tile="", change="")  # fmt: skip
+    props.update(
+        task=task,
+        prompt=prompt,
+        answer=answer,
+        model=model,
+        variant=variant,
+        source=source,
+        gsd_data=gsd_data,
+        gsd_model=gsd_model,
+        created=created or now(),
+        request=request,
+        pair=pair,
+        review="",
+        tile="",
+        change="",
+    )
     return props
 
 
@@ -106,11 +119,22 @@ def change_map(tiles: dict[int, dict[str, Any]], base: dict[str, Any]) -> list[d
     out = []
     for index, t in sorted(tiles.items()):
         props = complete(base)
-        props.update(label="changed" if t.get("changed") else "unchanged", tile=index, answer=t.get("answer") or "",
-                     score=t.get("score"), pair=t.get("pair") or props.get("pair") or "",
-                     request=t.get("request") or "", review="")  # fmt: skip
-        out.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
-                    "properties": props})  # fmt: skip
+        props.update(
+            label="changed" if t.get("changed") else "unchanged",
+            tile=index,
+            answer=t.get("answer") or "",
+            score=t.get("score"),
+            pair=t.get("pair") or props.get("pair") or "",
+            request=t.get("request") or "",
+            review="",
+        )
+        out.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [t["footprint"]]},
+                "properties": props,
+            }
+        )
     return out
 
 
@@ -149,8 +173,12 @@ def layer_name(props: dict[str, Any], when: datetime | None = None, scan: bool =
         except ValueError:
             when = datetime.now(timezone.utc)
     task = str(props.get("task") or "earthdial")
-    parts = [("scan_" if scan else "") + slug(task, 20), slug(_user_words(props.get("prompt")), 32),
-             slug(stem(str(props.get("source") or "")), 32), when.strftime("%Y%m%d_%H%M%S")]  # fmt: skip
+    parts = [
+        ("scan_" if scan else "") + slug(task, 20),
+        slug(_user_words(props.get("prompt")), 32),
+        slug(stem(str(props.get("source") or "")), 32),
+        when.strftime("%Y%m%d_%H%M%S"),
+    ]
     return "_".join(p for p in parts if p)
 
 

@@ -218,8 +218,11 @@ def json_frame(value: Any) -> np.ndarray:
 def from_json_frame(array: np.ndarray, what: str) -> Any:
     """The JSON value of a `json_frame`; `bad_request` naming ``what`` when it is not one."""
     if array.dtype != np.uint8 or array.ndim != 2 or array.shape[0] != 1:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{what} must be one uint8 frame of shape (1, n) holding "
-                             f"UTF-8 JSON, got {array.dtype} {list(array.shape)}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"{what} must be one uint8 frame of shape (1, n) holding "
+            f"UTF-8 JSON, got {array.dtype} {list(array.shape)}",
+        )
     try:
         return json.loads(array.tobytes().decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -196,15 +196,25 @@ def _new_terrain(rng: np.random.Generator) -> tuple[dict, float]:
 
 
 _LAND_COLOURS = np.array(
-    [(96, 112, 70), (120, 124, 80), (140, 128, 96), (110, 100, 78), (150, 146, 120), (88, 104, 66),
-     (130, 118, 92), (104, 108, 100)], dtype=np.float64,
-)  # fmt: skip
+    [
+        (96, 112, 70),
+        (120, 124, 80),
+        (140, 128, 96),
+        (110, 100, 78),
+        (150, 146, 120),
+        (88, 104, 66),
+        (130, 118, 92),
+        (104, 108, 100),
+    ],
+    dtype=np.float64,
+)
 _WATER_COLOURS = np.array(
     [(28, 58, 88), (34, 70, 96), (22, 48, 70), (40, 78, 90), (30, 62, 78)], dtype=np.float64
 )
 _ROOFS = np.array(
-    [(170, 70, 56), (196, 110, 64), (120, 84, 64), (86, 92, 104), (150, 150, 150), (110, 56, 50)], dtype=np.float64
-)  # fmt: skip
+    [(170, 70, 56), (196, 110, 64), (120, 84, 64), (86, 92, 104), (150, 150, 150), (110, 56, 50)],
+    dtype=np.float64,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +288,16 @@ def _random_object(rng: np.random.Generator, cls: str) -> SceneObject:
         color = (r, g, b)
         if rng.random() < 0.5:  # buildings mostly square to the street grid
             angle = float(rng.choice([0.0, 90.0]) + rng.normal(0, 4))
-    return SceneObject(cls, 0.5, 0.5, length, width, angle % 360 if cls == "airplane" else angle % 180,
-                       (float(color[0]), float(color[1]), float(color[2])), variant)  # fmt: skip
+    return SceneObject(
+        cls,
+        0.5,
+        0.5,
+        length,
+        width,
+        angle % 360 if cls == "airplane" else angle % 180,
+        (float(color[0]), float(color[1]), float(color[2])),
+        variant,
+    )
 
 
 def place(scene: Scene, rng: np.random.Generator, cls: str, tries: int = 40) -> SceneObject | None:
@@ -548,17 +566,30 @@ class SeamScene:
 
     def boxes(self) -> list[tuple[float, float, float, float]]:
         """Each ship's axis-aligned (x1, y1, x2, y2) in the image's pixels."""
-        return [(x1 * self.side, y1 * self.side, x2 * self.side, y2 * self.side)
-                for x1, y1, x2, y2 in (o.bounds() for o in self.ships)]  # fmt: skip
+        return [
+            (x1 * self.side, y1 * self.side, x2 * self.side, y2 * self.side)
+            for x1, y1, x2, y2 in (o.bounds() for o in self.ships)
+        ]
 
 
 # ten pairs of neighbouring tiles of a 4 x 5 plan, no tile in two: ((col, row), side by side, not one above)
-SEAM_PAIRS = (((0, 0), True), ((2, 0), True), ((0, 1), True), ((2, 1), True), ((0, 4), True), ((2, 4), True),
-              ((0, 2), False), ((1, 2), False), ((2, 2), False), ((3, 2), False))  # fmt: skip
+SEAM_PAIRS = (
+    ((0, 0), True),
+    ((2, 0), True),
+    ((0, 1), True),
+    ((2, 1), True),
+    ((0, 4), True),
+    ((2, 4), True),
+    ((0, 2), False),
+    ((1, 2), False),
+    ((2, 2), False),
+    ((3, 2), False),
+)
 
 
-def ships_across_seams(seed: int, tile: int = 448, overlap: float = 0.1,
-                       lengths: tuple[float, float] = (100.0, 150.0)) -> SeamScene:  # fmt: skip
+def ships_across_seams(
+    seed: int, tile: int = 448, overlap: float = 0.1, lengths: tuple[float, float] = (100.0, 150.0)
+) -> SeamScene:
     """Open sea covering 4 x 5 tiles of a scan's plan (`tile` px, `overlap`), with one ship across the
     seam of each pair in SEAM_PAIRS: the ship's centre within 20 px of the middle of the strip both tiles
     see, along the seam inside both tiles (clear of the crossing seams), `lengths` px long, heading within
@@ -581,8 +612,16 @@ def ships_across_seams(seed: int, tile: int = 448, overlap: float = 0.1,
         )
         cx, cy = (across, along + length / 2) if beside else (along + length / 2, across)
         angle = (0.0 if beside else 90.0) + float(rng.uniform(-45, 45))
-        ships.append(replace(ship, cx=cx / side, cy=cy / side, length=length / side, angle=angle % 180,
-                             width=length / side * ship.width / ship.length))  # fmt: skip
+        ships.append(
+            replace(
+                ship,
+                cx=cx / side,
+                cy=cy / side,
+                length=length / side,
+                angle=angle % 180,
+                width=length / side * ship.width / ship.length,
+            )
+        )
     scene = Scene((seed,), ships, math.inf, terrain)  # water everywhere
     image = np.ascontiguousarray(render(scene, side)[:, :height, :width])
     return SeamScene(image, ships, side)
@@ -605,8 +644,18 @@ def write_geotiff(path: str | Path, image: np.ndarray, crs: str = "EPSG:32633", 
     path.parent.mkdir(parents=True, exist_ok=True)
     bands, rows, cols = image.shape
     transform = from_origin(origin[0], origin[1], SCENE_METRES / cols, SCENE_METRES / rows)
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=bands, dtype="uint8",
-                       crs=crs, transform=transform, photometric="RGB") as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=bands,
+        dtype="uint8",
+        crs=crs,
+        transform=transform,
+        photometric="RGB",
+    ) as dst:
         dst.write(image)
     return path
 

@@ -290,8 +290,15 @@ def check_regular(path: str) -> None:
 
 def _check_regular(path: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")  # fmt: skip
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a socket"
+        )
         raise EarthDialError(ErrorCode.NOT_A_RASTER, f"{path} is {kind}, not a regular file")
     if st.st_nlink > 1:
         raise EarthDialError(

@@ -93,8 +93,9 @@ def read_chip(
     whole raster), at native resolution or at ``gsd`` metres per pixel. A window whose long side would
     exceed ``max_size`` is read resampled to that size."""
     if _readers is not None:  # a server: in a reader process it can kill (readers.py)
-        return _readers.read_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
-                                  max_size=max_size, gsd=gsd)  # fmt: skip
+        return _readers.read_chip(
+            os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs, max_size=max_size, gsd=gsd
+        )
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -139,8 +140,9 @@ def plan_chip(
 ) -> ChipPlan:
     """The bands, size and grid `read_chip` with the same arguments reads, without reading pixels."""
     if _readers is not None:
-        return _readers.plan_chip(os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs,
-                                  max_size=max_size, gsd=gsd)  # fmt: skip
+        return _readers.plan_chip(
+            os.fspath(path), bands=bands, bounds=bounds, bounds_crs=bounds_crs, max_size=max_size, gsd=gsd
+        )
     path = os.fspath(path)
     if bounds is not None:
         bounds = _check_bounds(bounds)
@@ -222,7 +224,11 @@ def _opened(path: str, fd: int | None) -> Iterator[Any]:
         else:
             src = rasterio.open(path)
     except RasterioError as exc:
-        formats = f" (this server opens {', '.join(file_access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)" if fd is not None else ""  # fmt: skip
+        formats = (
+            f" (this server opens {', '.join(file_access.RASTER_DRIVERS)} files only: no VRT, WMS XML or other format that names more files)"
+            if fd is not None
+            else ""
+        )
         raise EarthDialError(
             ErrorCode.NOT_A_RASTER,
             f"{path} cannot be opened as a raster{formats}: {str(exc).replace(name, path)}",
@@ -311,8 +317,13 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
     block, sequential = decoded_block(src, path, indexes[0])
     # pixel-interleaved blocks hold every band of the file: GDAL decodes them all for any one
     interleaved = src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL"
-    touched = limits.blocks_cost((int(window.col_off), int(window.row_off), win_w, win_h), (src.width, src.height),
-                                 block, src.count if interleaved else len(indexes), sequential)  # fmt: skip
+    touched = limits.blocks_cost(
+        (int(window.col_off), int(window.row_off), win_w, win_h),
+        (src.width, src.height),
+        block,
+        src.count if interleaved else len(indexes),
+        sequential,
+    )
     average, cost = limits.plan_read(
         win_w, win_h, out_w, out_h, len(indexes), overviews, block, path, touched, sequential
     )
@@ -334,8 +345,9 @@ def read_window(src: Any, indexes: list[int], window: Any, out_w: int, out_h: in
             strip = rasterio.windows.Window(
                 window.col_off, window.row_off + r0 * scale, win_w, (r1 - r0) * scale
             )
-            data[:, r0:r1, :] = src.read(indexes, window=strip, out_shape=(len(indexes), r1 - r0, out_w),
-                                         resampling=resampling)  # fmt: skip
+            data[:, r0:r1, :] = src.read(
+                indexes, window=strip, out_shape=(len(indexes), r1 - r0, out_w), resampling=resampling
+            )
             limits.checkpoint(f"reading {r1} of {out_h} rows")
         return data
     except RasterioError as exc:
@@ -372,8 +384,13 @@ def sample_band(path: str, band: int = 1, size: int = 64) -> np.ndarray | None:
             overviews
         ):  # read at full resolution (a raster under the sample's size)
             bands = src.count if src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "PIXEL" else 1
-            touched = limits.blocks_cost((int(window.col_off), int(window.row_off), int(window.width),
-                                          int(window.height)), (width, height), block, bands, sequential)  # fmt: skip
+            touched = limits.blocks_cost(
+                (int(window.col_off), int(window.row_off), int(window.width), int(window.height)),
+                (width, height),
+                block,
+                bands,
+                sequential,
+            )
             if touched > SAMPLE_PIXELS:
                 return None
         shape = (max(1, round(window.height / scale)), max(1, round(window.width / scale)))
@@ -431,13 +448,17 @@ class ScanGrid:
         return rasterio.windows.Window(*self.region)
 
 
-def scan_grid(path: str, bands: list[int] | None, bounds: Sequence[float] | None, bounds_crs: str | None) -> ScanGrid:  # fmt: skip
+def scan_grid(
+    path: str, bands: list[int] | None, bounds: Sequence[float] | None, bounds_crs: str | None
+) -> ScanGrid:
     """The grid a scan of `path` reads: its bands, and the window of `bounds` (None: all of it)."""
     if _readers is not None:
         return _readers.scan_grid(os.fspath(path), bands, bounds, bounds_crs)
     with open_raster(path) as src:
         if src.crs is None:
-            raise EarthDialError(ErrorCode.BAD_CRS, f"{path} has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_CRS, f"{path} has no CRS: a scan's boxes could not be placed on a map"
+            )
         indexes = check_bands(bands, src.count, path)
         w = window_for(src, tuple(bounds) if bounds else None, bounds_crs, path)
         region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
@@ -457,14 +478,23 @@ def common_grid(paths: list[str], names: list[str]) -> ScanGrid:
                 b = transform_bounds(other.crs, src.crs, *other.bounds, densify_pts=21)
             left, bottom, right, top = max(left, b[0]), max(bottom, b[1]), min(right, b[2]), min(top, b[3])
             if left >= right or bottom >= top:
-                raise EarthDialError(ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)")  # fmt: skip
+                raise EarthDialError(
+                    ErrorCode.NO_OVERLAP, f"{name} does not overlap {names[0]} (nor their common extent)"
+                )
         w = window_for(src, (left, bottom, right, top), None, paths[0])
         region = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
         return ScanGrid([], region, crs_string(src.crs), src.transform)
 
 
-def tile_chip(src: Any, path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int,
-              crs: str | None = None) -> Chip:  # fmt: skip
+def tile_chip(
+    src: Any,
+    path: str,
+    indexes: list[int],
+    window: rasterio.windows.Window,
+    out_w: int,
+    out_h: int,
+    crs: str | None = None,
+) -> Chip:
     """One tile of a scan from an open raster: `window` read averaged at out_w x out_h pixels."""
     data = src.read(
         indexes, window=window, out_shape=(len(indexes), out_h, out_w), resampling=Resampling.average
@@ -474,8 +504,14 @@ def tile_chip(src: Any, path: str, indexes: list[int], window: rasterio.windows.
     col0, row0 = window.col_off, window.row_off
     transform = Affine(a * sx, b * sy, a * col0 + b * row0 + c, d * sx, e * sy, d * col0 + e * row0 + f)
     nodata = src.nodatavals[indexes[0] - 1]
-    return Chip(data, transform, crs_string(src.crs) if crs is None else crs, indexes,
-                None if nodata is None else float(nodata), path)  # fmt: skip
+    return Chip(
+        data,
+        transform,
+        crs_string(src.crs) if crs is None else crs,
+        indexes,
+        None if nodata is None else float(nodata),
+        path,
+    )
 
 
 def read_tile(path: str, indexes: list[int], window: rasterio.windows.Window, out_w: int, out_h: int) -> Chip:
@@ -560,8 +596,15 @@ def read_on_grid(path: str, bands: list[int] | None, grid: Chip) -> Chip:
         indexes = check_bands(bands, src.count, path)
         resampling = Resampling.bilinear if src.dtypes[0].startswith("float") else Resampling.nearest
         # an alpha band marks the grid pixels the raster covers (without it, outside reads as data)
-        with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                       resampling=resampling, add_alpha=True) as vrt:  # fmt: skip
+        with WarpedVRT(
+            src,
+            crs=grid.crs,
+            transform=grid.transform,
+            width=grid.width,
+            height=grid.height,
+            resampling=resampling,
+            add_alpha=True,
+        ) as vrt:
             data = vrt.read(indexes)
             valid = vrt.read(vrt.count) > 0
         nodata = src.nodatavals[indexes[0] - 1]
@@ -581,10 +624,27 @@ def warp_to_grid(chip: Chip, grid: Chip) -> Chip:
     coverage = np.zeros((grid.height, grid.width), dtype=np.uint8)
     resampling = Resampling.bilinear if float_data else Resampling.nearest
     try:
-        reproject(chip.data, out, src_transform=chip.transform, src_crs=chip.crs, dst_transform=grid.transform,
-                  dst_crs=grid.crs, resampling=resampling, src_nodata=chip.nodata, dst_nodata=chip.nodata)  # fmt: skip
-        reproject(np.ones(chip.data.shape[1:], np.uint8), coverage, src_transform=chip.transform, src_crs=chip.crs,
-                  dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)  # fmt: skip
+        reproject(
+            chip.data,
+            out,
+            src_transform=chip.transform,
+            src_crs=chip.crs,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=resampling,
+            src_nodata=chip.nodata,
+            dst_nodata=chip.nodata,
+        )
+        reproject(
+            np.ones(chip.data.shape[1:], np.uint8),
+            coverage,
+            src_transform=chip.transform,
+            src_crs=chip.crs,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.nearest,
+            dst_nodata=0,
+        )
     except Exception as exc:  # e.g. a transform GDAL cannot invert
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"the image cannot be warped onto the first image's grid: {exc}"
@@ -608,8 +668,15 @@ def crop(chip: Chip, row0: int, row1: int, col0: int, col1: int) -> Chip:
     a, b, c, d, e, f = chip.transform[:6]
     transform = Affine(a, b, a * col0 + b * row0 + c, d, e, d * col0 + e * row0 + f)
     valid = chip.valid[row0:row1, col0:col1] if chip.valid is not None else None
-    return Chip(chip.data[:, row0:row1, col0:col1], transform, chip.crs, chip.band_indexes, chip.nodata,
-                chip.source, valid)  # fmt: skip
+    return Chip(
+        chip.data[:, row0:row1, col0:col1],
+        transform,
+        chip.crs,
+        chip.band_indexes,
+        chip.nodata,
+        chip.source,
+        valid,
+    )
 
 
 def chip_from_array(

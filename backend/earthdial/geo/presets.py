@@ -31,19 +31,41 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("rgb8", "8-bit RGB (bands 1,2,3)", (1, 2, 3), None),
         Preset("rgb16", "16-bit or float RGB, 2-98 percentile stretch (bands 1,2,3)", (1, 2, 3), None),
-        Preset("grey", "one band shown as grey, 2-98 percentile stretch (thermal, infrared, panchromatic)", (1,), None),
-        Preset("s2_l2a", "Sentinel-2 L2A, 12 bands B1-B9, B8A, B11, B12 in EarthDial's order", tuple(range(1, 13)),
-               "[s2_ms_10]", band_count=12),
-        Preset("s2_l1c", "Sentinel-2 L1C, 13 bands (B10 cirrus dropped for EarthDial's 12)",
-               (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13), "[s2_ms_10]", band_count=13),
-        Preset("s2_rgb", "Sentinel-2 true colour from a 12/13-band stack (B4, B3, B2)", (4, 3, 2), "[s2_rgb_10]"),
+        Preset(
+            "grey",
+            "one band shown as grey, 2-98 percentile stretch (thermal, infrared, panchromatic)",
+            (1,),
+            None,
+        ),
+        Preset(
+            "s2_l2a",
+            "Sentinel-2 L2A, 12 bands B1-B9, B8A, B11, B12 in EarthDial's order",
+            tuple(range(1, 13)),
+            "[s2_ms_10]",
+            band_count=12,
+        ),
+        Preset(
+            "s2_l1c",
+            "Sentinel-2 L1C, 13 bands (B10 cirrus dropped for EarthDial's 12)",
+            (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13),
+            "[s2_ms_10]",
+            band_count=13,
+        ),
+        Preset(
+            "s2_rgb", "Sentinel-2 true colour from a 12/13-band stack (B4, B3, B2)", (4, 3, 2), "[s2_rgb_10]"
+        ),
         Preset("landsat8", "Landsat-8, 8 bands", tuple(range(1, 9)), "[l8_ms_30]", band_count=8),
         Preset("s1_vh_db", "Sentinel-1 VH backscatter already in dB", (1,), "[s1_vh_10]"),
-        Preset("s1_vh_linear", "Sentinel-1 VH backscatter in linear power (converted to dB)", (1,), "[s1_vh_10]",
-               to_db=True),
+        Preset(
+            "s1_vh_linear",
+            "Sentinel-1 VH backscatter in linear power (converted to dB)",
+            (1,),
+            "[s1_vh_10]",
+            to_db=True,
+        ),
         Preset("rgbn", "RGB + near infrared, 8-bit (bands 1-4)", (1, 2, 3, 4), "[hr_rgbi_0.5]", band_count=4),
     )
-}  # fmt: skip
+}
 
 
 def rgb_tag_for(gsd_m: float | None) -> str:

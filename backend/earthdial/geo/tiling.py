@@ -58,10 +58,18 @@ class TilePlan:
 def check_tiling(tile: Any, overlap: Any, batch: Any = 1) -> tuple[int, float, int]:
     """Typed errors for a tile size, overlap or batch out of range."""
     if not isinstance(tile, int) or isinstance(tile, bool) or not MIN_TILE <= tile <= MAX_TILE:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"tile size {tile!r:.20} px is out of range ({MIN_TILE} to {MAX_TILE})")  # fmt: skip
-    if (not isinstance(overlap, (int, float)) or isinstance(overlap, bool)
-            or not math.isfinite(overlap) or not 0 <= overlap <= MAX_OVERLAP):  # fmt: skip
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"overlap {overlap!r:.20} is out of range (0 to {MAX_OVERLAP})")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"tile size {tile!r:.20} px is out of range ({MIN_TILE} to {MAX_TILE})"
+        )
+    if (
+        not isinstance(overlap, (int, float))
+        or isinstance(overlap, bool)
+        or not math.isfinite(overlap)
+        or not 0 <= overlap <= MAX_OVERLAP
+    ):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"overlap {overlap!r:.20} is out of range (0 to {MAX_OVERLAP})"
+        )
     if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"batch {batch!r:.20} is out of range (1 to {MAX_BATCH})")
     return tile, float(overlap), batch

@@ -62,14 +62,26 @@ class Checkpoint:
 CHECKPOINTS: dict[str, Checkpoint] = {
     c.name: c
     for c in (
-        Checkpoint("EarthDial_4B_RGB", "akshaydudhane/EarthDial_4B_RGB", "main",
-                   "RGB imagery and RGB time series (stage 2)"),
-        Checkpoint("EarthDial_4B_MS", "akshaydudhane/EarthDial_4B_MS", "main",
-                   "multispectral and SAR imagery (stage 3)"),
-        Checkpoint("EarthDial_4B_Methane_UHI", "akshaydudhane/EarthDial_4B_Methane_UHI", "main",
-                   "methane plumes and urban heat islands (further stage-3 tuning)"),
+        Checkpoint(
+            "EarthDial_4B_RGB",
+            "akshaydudhane/EarthDial_4B_RGB",
+            "main",
+            "RGB imagery and RGB time series (stage 2)",
+        ),
+        Checkpoint(
+            "EarthDial_4B_MS",
+            "akshaydudhane/EarthDial_4B_MS",
+            "main",
+            "multispectral and SAR imagery (stage 3)",
+        ),
+        Checkpoint(
+            "EarthDial_4B_Methane_UHI",
+            "akshaydudhane/EarthDial_4B_Methane_UHI",
+            "main",
+            "methane plumes and urban heat islands (further stage-3 tuning)",
+        ),
     )
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,13 @@ def download(
     return Path(outcome[0])
 
 
-def _download(name: str, directory: str | os.PathLike[str], revision: str | None, progress: Progress | None,
-              transfer: _Transfer) -> Path:  # fmt: skip
+def _download(
+    name: str,
+    directory: str | os.PathLike[str],
+    revision: str | None,
+    progress: Progress | None,
+    transfer: _Transfer,
+) -> Path:
     emit = progress or (lambda _event: None)
     checkpoint = CHECKPOINTS.get(name)
     if checkpoint is None:
@@ -169,33 +186,54 @@ def _download(name: str, directory: str | os.PathLike[str], revision: str | None
         ):
             emit({"event": "done", "path": str(target), "commit": done.get("commit"), "already": True})
             return target
-        raise EarthDialError("output_exists", f"{target} already holds {done.get('repo_id')} at "
-                             f"{done.get('commit')}: choose another folder")  # fmt: skip
+        raise EarthDialError(
+            "output_exists",
+            f"{target} already holds {done.get('repo_id')} at {done.get('commit')}: choose another folder",
+        )
     if target.exists() and not target.is_dir():
         raise EarthDialError("output_exists", f"{target} is a file, not a folder")
     strangers = sorted(p.name for p in target.iterdir() if p.name != PARTIAL) if target.is_dir() else []
     if strangers:
-        raise EarthDialError("output_exists", f"{target} is not empty ({', '.join(strangers[:3])}"
-                             f"{', ...' if len(strangers) > 3 else ''}): choose a new or empty folder")  # fmt: skip
+        raise EarthDialError(
+            "output_exists",
+            f"{target} is not empty ({', '.join(strangers[:3])}"
+            f"{', ...' if len(strangers) > 3 else ''}): choose a new or empty folder",
+        )
 
     partial = target / PARTIAL
     state = _read_state(partial)
     if state is None or state["repo_id"] != checkpoint.repo_id or state["revision"] != wanted:
         if state is not None:  # another checkpoint or revision was being fetched here: not ours to mix
-            raise EarthDialError("output_exists", f"{partial} holds a partial download of {state['repo_id']} at "
-                                 f"{state['revision']}: finish it or delete that folder")  # fmt: skip
+            raise EarthDialError(
+                "output_exists",
+                f"{partial} holds a partial download of {state['repo_id']} at "
+                f"{state['revision']}: finish it or delete that folder",
+            )
         commit, files = _listing(checkpoint.repo_id, wanted)
         transfer.check()
-        state = {"repo_id": checkpoint.repo_id, "revision": wanted, "commit": commit,
-                 "files": [asdict(f) for f in files]}  # fmt: skip
+        state = {
+            "repo_id": checkpoint.repo_id,
+            "revision": wanted,
+            "commit": commit,
+            "files": [asdict(f) for f in files],
+        }
     files = [RemoteFile(**f) for f in state["files"]]
     commit = state["commit"]
 
     have = {f.path: _bytes_there(partial, f) for f in files}
     total = sum(f.size for f in files)
     _check_space(target, total - sum(have.values()))
-    emit({"event": "start", "checkpoint": name, "repo_id": checkpoint.repo_id, "commit": commit,
-          "files": len(files), "bytes": total, "have": sum(have.values())})  # fmt: skip
+    emit(
+        {
+            "event": "start",
+            "checkpoint": name,
+            "repo_id": checkpoint.repo_id,
+            "commit": commit,
+            "files": len(files),
+            "bytes": total,
+            "have": sum(have.values()),
+        }
+    )
     try:
         partial.mkdir(parents=True, exist_ok=True)
         _write_json(partial / STATE, state)
@@ -217,8 +255,14 @@ def _download(name: str, directory: str | os.PathLike[str], revision: str | None
             dest = target / f.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial / f.path, dest)
-        record = {"checkpoint": name, "repo_id": checkpoint.repo_id, "revision": wanted, "commit": commit,
-                  "files": state["files"], "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        record = {
+            "checkpoint": name,
+            "repo_id": checkpoint.repo_id,
+            "revision": wanted,
+            "commit": commit,
+            "files": state["files"],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         _write_json(target / RECORD, record)
         shutil.rmtree(partial)
     except OSError as exc:
@@ -261,8 +305,11 @@ def _offline() -> bool:
 def _listing(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
     """The commit ``revision`` points at and its files with their published sizes and checksums."""
     if _offline():
-        raise EarthDialError("bad_request", "HF_HUB_OFFLINE is set, so nothing may be downloaded: "
-                             "unset it (and TRANSFORMERS_OFFLINE) to run earthdial download")  # fmt: skip
+        raise EarthDialError(
+            "bad_request",
+            "HF_HUB_OFFLINE is set, so nothing may be downloaded: "
+            "unset it (and TRANSFORMERS_OFFLINE) to run earthdial download",
+        )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -293,8 +340,14 @@ def _listing(repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
 def _check_relative(path: str) -> None:
     """A file name from the hub may not leave the target folder."""
     parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or "\\" in path or any(p in ("..", ".", "") for p in parts) \
-            or parts[0] == PARTIAL or path == RECORD:  # fmt: skip
+    if (
+        not parts
+        or path.startswith("/")
+        or "\\" in path
+        or any(p in ("..", ".", "") for p in parts)
+        or parts[0] == PARTIAL
+        or path == RECORD
+    ):
         raise EarthDialError("bad_request", f"the hub listed a file name this folder cannot hold: {path!r}")
 
 
@@ -314,8 +367,11 @@ def _check_space(target: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise EarthDialError("disk_full", f"the download needs {_size(needed)} more and {probe} has "
-                             f"{_size(free)} free: free some space or choose another folder")  # fmt: skip
+        raise EarthDialError(
+            "disk_full",
+            f"the download needs {_size(needed)} more and {probe} has "
+            f"{_size(free)} free: free some space or choose another folder",
+        )
 
 
 def _size(n: float) -> str:
@@ -334,8 +390,16 @@ def _hasher(f: RemoteFile) -> Any:
     return h
 
 
-def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int, total: int,
-           emit: Progress, transfer: _Transfer) -> None:  # fmt: skip
+def _fetch(
+    repo_id: str,
+    commit: str,
+    f: RemoteFile,
+    partial: Path,
+    others: int,
+    total: int,
+    emit: Progress,
+    transfer: _Transfer,
+) -> None:
     """Receive ``f`` (continuing its incomplete part), verify it and give it its final name. ``others``:
     the bytes of the other files already here, for the overall progress."""
     from huggingface_hub import hf_hub_url
@@ -356,8 +420,11 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int,
     got = start
     if got < f.size:
         if _offline():
-            raise EarthDialError("bad_request", "HF_HUB_OFFLINE is set, so nothing may be downloaded: "
-                                 "unset it (and TRANSFORMERS_OFFLINE) to run earthdial download")  # fmt: skip
+            raise EarthDialError(
+                "bad_request",
+                "HF_HUB_OFFLINE is set, so nothing may be downloaded: "
+                "unset it (and TRANSFORMERS_OFFLINE) to run earthdial download",
+            )
         headers = build_hf_headers()
         headers["Accept-Encoding"] = "identity"  # byte ranges of the stored file, not of a compressed copy
         if start:
@@ -375,41 +442,62 @@ def _fetch(repo_id: str, commit: str, f: RemoteFile, partial: Path, others: int,
                 with open(incomplete, mode, buffering=0) as out:
                     for chunk in response.iter_bytes():
                         if got + len(chunk) > f.size:
-                            raise EarthDialError("bad_request", f"{f.path}: the hub sent more than its "
-                                                 f"published {f.size} bytes")  # fmt: skip
+                            raise EarthDialError(
+                                "bad_request",
+                                f"{f.path}: the hub sent more than its published {f.size} bytes",
+                            )
                         out.write(chunk)
                         digest.update(chunk)
                         got += len(chunk)
                         now = time.monotonic()
                         if now - last >= CHUNK_LOG_S or got == f.size:
                             last = now
-                            emit({"event": "progress", "file": f.path, "done": got, "size": f.size,
-                                  "all_done": others + got, "all_size": total})  # fmt: skip
+                            emit(
+                                {
+                                    "event": "progress",
+                                    "file": f.path,
+                                    "done": got,
+                                    "size": f.size,
+                                    "all_done": others + got,
+                                    "all_size": total,
+                                }
+                            )
                         transfer.check()  # after the write: what was received is kept
         except EarthDialError:
             incomplete.unlink(missing_ok=True)
             raise
         except HfHubHTTPError as exc:  # an answer, not a dropped line (an OSError too: caught first)
             status = exc.response.status_code if exc.response is not None else "?"
-            raise EarthDialError("file_not_found" if status == 404 else "bad_request",
-                                 f"{f.path}: the hub answered HTTP {status} at commit {commit}") from exc  # fmt: skip
+            raise EarthDialError(
+                "file_not_found" if status == 404 else "bad_request",
+                f"{f.path}: the hub answered HTTP {status} at commit {commit}",
+            ) from exc
         except OSError as exc:  # writing: the disk filled up or went read-only under us
             raise _os_error(exc, incomplete) from exc
         except Exception as exc:  # httpx2's network errors
             if transfer.stopped.is_set():  # the read was ended by stop(): a Ctrl+C, not a dropped line
                 raise KeyboardInterrupt from None
-            raise EarthDialError("disconnected", f"{f.path}: the download stopped at {got} of {f.size} bytes "
-                                 f"({exc}); run the same command again to continue it") from exc  # fmt: skip
+            raise EarthDialError(
+                "disconnected",
+                f"{f.path}: the download stopped at {got} of {f.size} bytes "
+                f"({exc}); run the same command again to continue it",
+            ) from exc
         if got < f.size:
-            raise EarthDialError("disconnected", f"{f.path}: the hub closed the connection at {got} of {f.size} "
-                                 "bytes; run the same command again to continue it")  # fmt: skip
+            raise EarthDialError(
+                "disconnected",
+                f"{f.path}: the hub closed the connection at {got} of {f.size} "
+                "bytes; run the same command again to continue it",
+            )
     published = f.sha256 or f.blob_id
     kind = "sha256" if f.sha256 else "git blob id"
     if digest.hexdigest() != published:
         incomplete.unlink(missing_ok=True)  # never kept: a corrupt prefix would poison a resume too
-        raise EarthDialError("bad_request", f"{f.path}: its {kind} {digest.hexdigest()} does not match the "
-                             f"published {published}; the file was deleted (run the command again to fetch "
-                             "it anew; if it happens again, the hub or a proxy serves damaged data)")  # fmt: skip
+        raise EarthDialError(
+            "bad_request",
+            f"{f.path}: its {kind} {digest.hexdigest()} does not match the "
+            f"published {published}; the file was deleted (run the command again to fetch "
+            "it anew; if it happens again, the hub or a proxy serves damaged data)",
+        )
     os.replace(incomplete, partial / f.path)
 
 
@@ -417,8 +505,11 @@ def _os_error(exc: OSError, where: Path) -> EarthDialError:
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return EarthDialError("disk_full", f"{where}: the disk is full ({exc.strerror}); the downloaded part is "
-                              "kept: free some space and run the same command again")  # fmt: skip
+        return EarthDialError(
+            "disk_full",
+            f"{where}: the disk is full ({exc.strerror}); the downloaded part is "
+            "kept: free some space and run the same command again",
+        )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return EarthDialError("read_only", f"{where} cannot be written: {exc.strerror}")
     return EarthDialError("internal", f"{where}: {exc}")

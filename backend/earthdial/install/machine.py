@@ -93,26 +93,36 @@ def plans(
             for dtype in _dtypes(device, facts.cpu_bf16):
                 size = 2 if dtype == "bfloat16" else 4
                 for quantize in MODES:
-                    p = memory.plan(shapes, device, free, size, quantize, tiles=TILES,
-                                    max_new_tokens=MAX_NEW_TOKENS, want_batch=WANT_BATCH,
-                                    cpu_bf16=facts.cpu_bf16)  # fmt: skip
+                    p = memory.plan(
+                        shapes,
+                        device,
+                        free,
+                        size,
+                        quantize,
+                        tiles=TILES,
+                        max_new_tokens=MAX_NEW_TOKENS,
+                        want_batch=WANT_BATCH,
+                        cpu_bf16=facts.cpu_bf16,
+                    )
                     needs = memory.min_free(shapes, device, size, quantize, TILES, MAX_NEW_TOKENS)
                     missing = needs_torchao(device, quantize) and not facts.torchao
-                    rows.append({
-                        "checkpoint": name,
-                        "device": device,
-                        "device_name": device_name,
-                        "dtype": dtype,
-                        "quantize": quantize,
-                        "weights_gb": round(p.weights / memory.GIB, 2),
-                        "per_request_gb": round(p.per_request / memory.GIB, 2),
-                        "needs_gb": round(needs / memory.GIB, 2),
-                        "free_gb": None if free is None else round(free / memory.GIB, 2),
-                        "fits": None if free is None else p.batch >= 1,
-                        "batch": p.batch,
-                        "needs_torchao": missing,
-                        "message": p.message,
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "checkpoint": name,
+                            "device": device,
+                            "device_name": device_name,
+                            "dtype": dtype,
+                            "quantize": quantize,
+                            "weights_gb": round(p.weights / memory.GIB, 2),
+                            "per_request_gb": round(p.per_request / memory.GIB, 2),
+                            "needs_gb": round(needs / memory.GIB, 2),
+                            "free_gb": None if free is None else round(free / memory.GIB, 2),
+                            "fits": None if free is None else p.batch >= 1,
+                            "batch": p.batch,
+                            "needs_torchao": missing,
+                            "message": p.message,
+                        }
+                    )
     return rows
 
 
@@ -160,8 +170,10 @@ def recommend(facts: Facts, rows: list[dict[str, Any]]) -> dict[str, Any]:
             why.append(f"{row['device_name']}: {row['message']}")
             capability = next((g.capability for g in facts.gpus if f"cuda:{g.index}" == device), "")
             if capability and float(capability) < BF16_TENSOR_CORES:
-                why.append(f"compute capability {capability} has no bf16 tensor cores (Ampere, 8.0, brought "
-                           "them): expect it slow; the backend offers no float16")  # fmt: skip
+                why.append(
+                    f"compute capability {capability} has no bf16 tensor cores (Ampere, 8.0, brought "
+                    "them): expect it slow; the backend offers no float16"
+                )
         else:
             for g in facts.gpus:  # why not there: its smallest-weight setting's refusal
                 nf4 = _setting(rows, f"cuda:{g.index}", "bfloat16", "nf4")
@@ -198,8 +210,18 @@ def recommend(facts: Facts, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if smallest
         else "nothing to plan"
     )
-    return {"device": None, "gpu": None, "dtype": None, "quantize": None, "serve_args": [], "env": {},
-            "batch": 0, "install": None, "reason": "; ".join(notes + [reason]), "checkpoint": checkpoint_note()}  # fmt: skip
+    return {
+        "device": None,
+        "gpu": None,
+        "dtype": None,
+        "quantize": None,
+        "serve_args": [],
+        "env": {},
+        "batch": 0,
+        "install": None,
+        "reason": "; ".join(notes + [reason]),
+        "checkpoint": checkpoint_note(),
+    }
 
 
 def checkpoint_note() -> str:
@@ -216,7 +238,12 @@ def nvidia_driver(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> dict[str, Any]:
     try:
         done = subprocess.run([exe], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"found": True, "driver": None, "cuda": None, "error": f"nvidia-smi did not answer in {timeout_s:g} s"}  # fmt: skip
+        return {
+            "found": True,
+            "driver": None,
+            "cuda": None,
+            "error": f"nvidia-smi did not answer in {timeout_s:g} s",
+        }
     except OSError as exc:
         return {"found": True, "driver": None, "cuda": None, "error": f"nvidia-smi could not run: {exc}"}
     parsed = parse_nvidia_smi(done.stdout)
@@ -271,8 +298,16 @@ def read_facts(all_gpus: bool = True) -> tuple[Facts, dict[str, Any]]:
     chosen = precision.choose("cpu", "auto", memory.EARTHDIAL_4B.llm_hidden, flags)
     ram_free, ram_total = device_memory("cpu")
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    facts = Facts(tuple(gpus), mps, flag is not None, chosen.name, chosen.reason, ram_free, ram_total,
-                  importlib.util.find_spec("torchao") is not None)  # fmt: skip
+    facts = Facts(
+        tuple(gpus),
+        mps,
+        flag is not None,
+        chosen.name,
+        chosen.reason,
+        ram_free,
+        ram_total,
+        importlib.util.find_spec("torchao") is not None,
+    )
     details = {
         "torch": {
             "version": torch.__version__,
@@ -305,7 +340,7 @@ def report(facts: Facts, details: dict[str, Any], taken: str = "now") -> dict[st
                 "free_gb": None if g.free is None else round(g.free / memory.GIB, 2),
             }
             for g in facts.gpus
-        ],  # fmt: skip
+        ],
         "mps": {"available": facts.mps, "used": False},
         "cpu": {**details["cpu"], "dtype": facts.cpu_dtype, "dtype_reason": facts.cpu_dtype_reason},
         "ram": {
@@ -346,8 +381,10 @@ def summary(r: dict[str, Any]) -> list[str]:
     t, drv = r["torch"], r["nvidia_driver"]
     lines = [f"machine ({r['taken']}):"]
     for g in r["gpus"]:
-        lines.append(f"GPU {g['index']}: {g['name']}, {_gb(g['total_gb'])} GiB, {_gb(g['free_gb'])} GiB free, "
-                     f"compute capability {g['capability']}")  # fmt: skip
+        lines.append(
+            f"GPU {g['index']}: {g['name']}, {_gb(g['total_gb'])} GiB, {_gb(g['free_gb'])} GiB free, "
+            f"compute capability {g['capability']}"
+        )
     if not r["gpus"]:
         why = (
             "a CPU-only torch build" if not t["cuda"] and not t["hip"] else "torch sees no usable CUDA device"
@@ -367,22 +404,45 @@ def summary(r: dict[str, Any]) -> list[str]:
     lines.append(f"Apple MPS: {mps}")
     lines.append(f"torch: {t['version']}, built for CUDA {t['cuda'] or 'none'}, cuDNN {t['cudnn'] or 'none'}")
     c = r["cpu"]
-    lines.append(f"CPU: {c['name']}, {c['cores']} cores, native bf16: {c['bf16'] or 'no'}; computes in {c['dtype_reason']}")  # fmt: skip
+    lines.append(
+        f"CPU: {c['name']}, {c['cores']} cores, native bf16: {c['bf16'] or 'no'}; computes in {c['dtype_reason']}"
+    )
     lines.append(f"RAM: {_gb(r['ram']['total_gb'])} GiB, {_gb(r['ram']['free_gb'])} GiB free")
-    lines.append(f"torchao (int8 on CUDA, nf4): {'installed' if r['torchao'] else 'not installed (' + QUANTIZE_EXTRA + ')'}")  # fmt: skip
+    lines.append(
+        f"torchao (int8 on CUDA, nf4): {'installed' if r['torchao'] else 'not installed (' + QUANTIZE_EXTRA + ')'}"
+    )
     s = r["plan_settings"]
-    lines.append(f"memory plan ({s['tiles']} tiles, {s['max_new_tokens']} new tokens; GiB; needs: free memory for one request):")  # fmt: skip
-    lines.append(f"  {'device':<8} {'dtype':<9} {'quantize':<8} {'weights':>7} {'needs':>6} {'free':>6} {'fits':<4} {'batch':>5}  checkpoints")  # fmt: skip
+    lines.append(
+        f"memory plan ({s['tiles']} tiles, {s['max_new_tokens']} new tokens; GiB; needs: free memory for one request):"
+    )
+    lines.append(
+        f"  {'device':<8} {'dtype':<9} {'quantize':<8} {'weights':>7} {'needs':>6} {'free':>6} {'fits':<4} {'batch':>5}  checkpoints"
+    )
     groups: dict[tuple[Any, ...], list[str]] = {}
     for row in r["plans"]:
-        key = tuple(row[k] for k in ("device", "dtype", "quantize", "weights_gb", "needs_gb", "free_gb", "fits", "batch", "needs_torchao"))  # fmt: skip
+        key = tuple(
+            row[k]
+            for k in (
+                "device",
+                "dtype",
+                "quantize",
+                "weights_gb",
+                "needs_gb",
+                "free_gb",
+                "fits",
+                "batch",
+                "needs_torchao",
+            )
+        )
         groups.setdefault(key, []).append(row["checkpoint"])
     every = len({row["checkpoint"] for row in r["plans"]})
     for (device, dtype, quantize, weights, needs, free, fits, batch, torchao), names in groups.items():
         fit = "?" if fits is None else "yes" if fits else "no"
         who = "all" if len(names) == every else ", ".join(names)
         extra = " (needs torchao)" if torchao else ""
-        lines.append(f"  {device:<8} {dtype:<9} {quantize:<8} {weights:>7.1f} {needs:>6.1f} {_gb(free):>6} {fit:<4} {batch:>5}  {who}{extra}")  # fmt: skip
+        lines.append(
+            f"  {device:<8} {dtype:<9} {quantize:<8} {weights:>7.1f} {needs:>6.1f} {_gb(free):>6} {fit:<4} {batch:>5}  {who}{extra}"
+        )
     rec = r["recommendation"]
     if rec["device"]:
         env = " ".join(f"{k}={v}" for k, v in rec["env"].items())

@@ -35,14 +35,21 @@ def base_identity(model: Any, info: Any) -> dict[str, Any]:
     }
 
 
-def lora_config(rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, projector: bool = False,
-                vision: bool = False) -> Any:  # fmt: skip
+def lora_config(
+    rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, projector: bool = False, vision: bool = False
+) -> Any:
     from peft import LoraConfig
 
     targets = f"({LLM_TARGETS})|({VISION_TARGETS})" if vision else LLM_TARGETS
     scale: Any = alpha  # peft annotates an int but scales by alpha / r: a float is fine
-    return LoraConfig(r=rank, lora_alpha=scale, lora_dropout=dropout, target_modules=targets,
-                      modules_to_save=[PROJECTOR] if projector else None, bias="none")  # fmt: skip
+    return LoraConfig(
+        r=rank,
+        lora_alpha=scale,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=[PROJECTOR] if projector else None,
+        bias="none",
+    )
 
 
 def wrap(model: Any, config: Any) -> Any:

@@ -153,8 +153,12 @@ def sampling_options(sampling: Sampling | None) -> dict[str, Any]:
     """generate's arguments for one-beam decoding: greedy, or sampled as `sampling` says."""
     if sampling is None:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "repetition_penalty": sampling.repetition_penalty}  # fmt: skip
+    return {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
 
 
 CACHE_MODES = ("dynamic", "static", "compiled")  # greedy's KV cache (`serve --kv-cache`); not `decoding`
@@ -466,8 +470,13 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        self.model(inputs_embeds=embeds[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
-                   cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        self.model(
+            inputs_embeds=embeds[:1, :prefix],
+            attention_mask=attention_mask[:1, :prefix],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache.batch_repeat_interleave(rows)
         return {"cache": cache}
 

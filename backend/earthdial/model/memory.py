@@ -312,9 +312,15 @@ def _loads(shapes: Shapes, free: int, dtype_bytes: int, device: str = "cpu") -> 
 
 def _cpu_settings(cpu_bf16: bool) -> list[tuple[int, str, str]]:
     """(dtype bytes, quantize, serve flags) a CPU can run; bf16 ones only where the CPU has it natively."""
-    out = [(4, "none", "--dtype float32"), (4, "int8", "--dtype float32 --quantize int8"),
-           (4, "nf4", "--dtype float32 --quantize nf4")]  # fmt: skip
+    out = [
+        (4, "none", "--dtype float32"),
+        (4, "int8", "--dtype float32 --quantize int8"),
+        (4, "nf4", "--dtype float32 --quantize nf4"),
+    ]
     if cpu_bf16:
-        out += [(2, "none", "--dtype bfloat16"), (2, "int8", "--dtype bfloat16 --quantize int8"),
-                (2, "nf4", "--dtype bfloat16 --quantize nf4")]  # fmt: skip
+        out += [
+            (2, "none", "--dtype bfloat16"),
+            (2, "int8", "--dtype bfloat16 --quantize int8"),
+            (2, "nf4", "--dtype bfloat16 --quantize nf4"),
+        ]
     return out

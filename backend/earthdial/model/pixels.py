@@ -48,10 +48,15 @@ def choose_grid(
     the image's; on a tie the larger grid wins when the image has more than half its pixel area."""
     aspect = width / height
     grids = sorted(
-        {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-         if min_tiles <= i * j <= max_tiles},
+        {
+            (i, j)
+            for n in range(min_tiles, max_tiles + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_tiles <= i * j <= max_tiles
+        },
         key=lambda g: g[0] * g[1],
-    )  # fmt: skip
+    )
     best, best_diff = (1, 1), float("inf")
     area = width * height
     for cols, rows in grids:

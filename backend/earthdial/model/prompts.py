@@ -43,50 +43,116 @@ TASKS: dict[str, Task] = {
     for t in (
         # Free chat has no upstream evaluation (one beam in every decoding; upstream's demo samples it).
         Task("chat", "Free question about the image", "{sensor} {images}\n {prompt}", 300, num_beams=1),
-        Task("caption", "Caption the image",
-             "[caption] {sensor} {images}\n Could you please provide the caption for the input image?", 100,
-             needs_prompt=False),
-        Task("vqa", "Short answer to a question",
-             "{sensor} {images}\n {prompt} Answer the question using a single word.", 10),
-        Task("classify", "Scene class from a list (prompt: comma-separated classes)",
-             "{sensor} {images}\n Classify the given image in one of the following classes. Classes: {prompt} \n"
-             "Answer in one word or a short phrase.", 10),
-        Task("grounding", "Describe the image with object boxes",
-             "[grounding] {sensor} {images} \n Describe the image in detail. Detect objects location. "
-             "Describe objects size. Where objects are located?. Describe relation between objects.", 300,
-             needs_prompt=False, grounded=True, num_beams=2),
-        Task("refer", "Find objects (prompt: what to find, e.g. 'ships')",
-             "[refer] {sensor} {images} \n Give me the location of <ref>{prompt}</ref>", 100, grounded=True,
-             num_beams=2),
-        Task("identify", "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
-             "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>", 30,
-             num_beams=2),
+        Task(
+            "caption",
+            "Caption the image",
+            "[caption] {sensor} {images}\n Could you please provide the caption for the input image?",
+            100,
+            needs_prompt=False,
+        ),
+        Task(
+            "vqa",
+            "Short answer to a question",
+            "{sensor} {images}\n {prompt} Answer the question using a single word.",
+            10,
+        ),
+        Task(
+            "classify",
+            "Scene class from a list (prompt: comma-separated classes)",
+            "{sensor} {images}\n Classify the given image in one of the following classes. Classes: {prompt} \n"
+            "Answer in one word or a short phrase.",
+            10,
+        ),
+        Task(
+            "grounding",
+            "Describe the image with object boxes",
+            "[grounding] {sensor} {images} \n Describe the image in detail. Detect objects location. "
+            "Describe objects size. Where objects are located?. Describe relation between objects.",
+            300,
+            needs_prompt=False,
+            grounded=True,
+            num_beams=2,
+        ),
+        Task(
+            "refer",
+            "Find objects (prompt: what to find, e.g. 'ships')",
+            "[refer] {sensor} {images} \n Give me the location of <ref>{prompt}</ref>",
+            100,
+            grounded=True,
+            num_beams=2,
+        ),
+        Task(
+            "identify",
+            "What is at a box (prompt: [[x1, y1, x2, y2, angle]] on 0-100)",
+            "[identify] {sensor} {images}\n what object is in this location <box>{prompt}</box>",
+            30,
+            num_beams=2,
+        ),
         # No <image> in upstream's TreeSatAI question, so `<image>\n` goes first (render_chat).
-        Task("tree_species", "Tree species from a list (RGB + NIR; prompt: comma-separated species)",
-             "{sensor} [treeclassify] Classify the botanical tree species present inside the image in one of the "
-             "following species. Species: {prompt} \nAnswer in one word or a short phrase.", 10,
-             sensor="[hr_rgbi_0.5]"),
-        Task("methane", "Is there a methane plume? (RGB + methane band; Methane_UHI checkpoint)",
-             "{sensor} {images}\n Does this image has a methane plume ? \nAnswer in one word or a short phrase.",
-             10, needs_prompt=False, sensor="[hyper_rgb_3]"),
-        Task("uhi", "Urban heat island question (8-band Landsat; Methane_UHI checkpoint)",
-             "[uhi] {sensor} {images}\n {prompt}", 50, sensor="[l8_ms_30]",
-             default_prompt="What factors are responsible for the temperature?"),
-        Task("change", "Is there a semantic change between two images?",
-             "[changedet] {sensor} {images}\n are there any semantic change detected in the provided images?", 100,
-             needs_prompt=False, images=2, sensor="[hr_rgb_temp_0.5]"),
-        Task("disaster", "Type of disaster between two images (prompt: options)",
-             "[changedet] {sensor} {images}\n Analyze the images to identify the type of disaster that occurred. "
-             "Options: {prompt}", 10, images=2, sensor="[hr_rgb_temp_0.5]", default_prompt=DISASTER_TYPES),
-        Task("damage", "Damage level of the building at a box (prompt: [[x1, y1, x2, y2, angle]])",
-             "[identify] {sensor} {images}\n Compare the building at <box>{prompt}</box> between the pre-disaster "
-             "and post-disaster images. In the post-disaster image, classify the level of damage. "
-             f"Classes: {DAMAGE_CLASSES}.", 10, images=2, sensor="[hr_rgb_temp_0.5]"),
-        Task("post_disaster_refer", "Find objects in the later image of a pair (prompt: e.g. 'buildings')",
-             "[refer] {sensor} {images}\n Locate all large <ref>{prompt}</ref> in the post-disaster image.", 100,
-             images=2, grounded=True, sensor="[hr_rgb_temp_0.5]"),
+        Task(
+            "tree_species",
+            "Tree species from a list (RGB + NIR; prompt: comma-separated species)",
+            "{sensor} [treeclassify] Classify the botanical tree species present inside the image in one of the "
+            "following species. Species: {prompt} \nAnswer in one word or a short phrase.",
+            10,
+            sensor="[hr_rgbi_0.5]",
+        ),
+        Task(
+            "methane",
+            "Is there a methane plume? (RGB + methane band; Methane_UHI checkpoint)",
+            "{sensor} {images}\n Does this image has a methane plume ? \nAnswer in one word or a short phrase.",
+            10,
+            needs_prompt=False,
+            sensor="[hyper_rgb_3]",
+        ),
+        Task(
+            "uhi",
+            "Urban heat island question (8-band Landsat; Methane_UHI checkpoint)",
+            "[uhi] {sensor} {images}\n {prompt}",
+            50,
+            sensor="[l8_ms_30]",
+            default_prompt="What factors are responsible for the temperature?",
+        ),
+        Task(
+            "change",
+            "Is there a semantic change between two images?",
+            "[changedet] {sensor} {images}\n are there any semantic change detected in the provided images?",
+            100,
+            needs_prompt=False,
+            images=2,
+            sensor="[hr_rgb_temp_0.5]",
+        ),
+        Task(
+            "disaster",
+            "Type of disaster between two images (prompt: options)",
+            "[changedet] {sensor} {images}\n Analyze the images to identify the type of disaster that occurred. "
+            "Options: {prompt}",
+            10,
+            images=2,
+            sensor="[hr_rgb_temp_0.5]",
+            default_prompt=DISASTER_TYPES,
+        ),
+        Task(
+            "damage",
+            "Damage level of the building at a box (prompt: [[x1, y1, x2, y2, angle]])",
+            "[identify] {sensor} {images}\n Compare the building at <box>{prompt}</box> between the pre-disaster "
+            "and post-disaster images. In the post-disaster image, classify the level of damage. "
+            f"Classes: {DAMAGE_CLASSES}.",
+            10,
+            images=2,
+            sensor="[hr_rgb_temp_0.5]",
+        ),
+        Task(
+            "post_disaster_refer",
+            "Find objects in the later image of a pair (prompt: e.g. 'buildings')",
+            "[refer] {sensor} {images}\n Locate all large <ref>{prompt}</ref> in the post-disaster image.",
+            100,
+            images=2,
+            grounded=True,
+            sensor="[hr_rgb_temp_0.5]",
+        ),
     )
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)

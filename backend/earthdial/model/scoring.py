@@ -38,8 +38,11 @@ class Answer(str):
                 out.append(first)
                 continue
             start, end = spans[k]
-            picked = [lp for lp, stop, begin in zip(self.logprobs, self.offsets, (0, *self.offsets), strict=False)
-                      if begin < end and stop > start]  # fmt: skip
+            picked = [
+                lp
+                for lp, stop, begin in zip(self.logprobs, self.offsets, (0, *self.offsets), strict=False)
+                if begin < end and stop > start
+            ]
             mean = sum(picked) / len(picked) if picked else 0.0
             out.append(round(first * math.exp(mean), 4))
         return out

@@ -181,8 +181,10 @@ def free_layer_name(path: str | os.PathLike[str], base: str) -> str:
 
 def layer_name(task: str | None, prompt: str | None, sources: list[str], when: datetime | None = None) -> str:
     """A readable layer name (result_features.layer_name) for a task, prompt and sources."""
-    return result_features.layer_name({"task": task, "prompt": prompt, "source": " | ".join(s for s in sources if s)},
-                              when or datetime.now(timezone.utc))  # fmt: skip
+    return result_features.layer_name(
+        {"task": task, "prompt": prompt, "source": " | ".join(s for s in sources if s)},
+        when or datetime.now(timezone.utc),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +253,10 @@ def _install(tmp: str, path: str, replace: bool) -> None:
 
 
 def _appeared(path: str) -> EarthDialError:
-    return EarthDialError(ErrorCode.OUTPUT_EXISTS, f"{path} was made by someone else while this was written; "
-                          "nothing was replaced; run again")  # fmt: skip
+    return EarthDialError(
+        ErrorCode.OUTPUT_EXISTS,
+        f"{path} was made by someone else while this was written; nothing was replaced; run again",
+    )
 
 
 def _fsync(path: str) -> None:
@@ -629,23 +633,37 @@ def _columns_of(con: sqlite3.Connection, schema: str, table: str) -> list[tuple[
 def _drop_layer(con: sqlite3.Connection, name: str) -> None:
     """Remove a layer of ours and what GeoPackage keeps about it (its triggers go with its table)."""
     tables = _tables(con, "main")
-    geom = con.execute(
-        "SELECT column_name FROM main.gpkg_geometry_columns WHERE lower(table_name) = lower(?)", (name,)
-    ).fetchone() if "gpkg_geometry_columns" in tables else None  # fmt: skip
+    geom = (
+        con.execute(
+            "SELECT column_name FROM main.gpkg_geometry_columns WHERE lower(table_name) = lower(?)", (name,)
+        ).fetchone()
+        if "gpkg_geometry_columns" in tables
+        else None
+    )
     con.execute(f"DROP TABLE main.{_q(name)}")
     if geom is not None and f"rtree_{name}_{geom[0]}".lower() in tables:
         con.execute(f"DROP TABLE main.{_q(f'rtree_{name}_{geom[0]}')}")
     if "gpkg_metadata_reference" in tables:
-        ids = [r[0] for r in con.execute(
-            "SELECT md_file_id FROM main.gpkg_metadata_reference WHERE lower(table_name) = lower(?)", (name,))]  # fmt: skip
+        ids = [
+            r[0]
+            for r in con.execute(
+                "SELECT md_file_id FROM main.gpkg_metadata_reference WHERE lower(table_name) = lower(?)",
+                (name,),
+            )
+        ]
         con.execute("DELETE FROM main.gpkg_metadata_reference WHERE lower(table_name) = lower(?)", (name,))
         for md in ids:  # metadata no other reference points at
             if not con.execute(
                 "SELECT 1 FROM main.gpkg_metadata_reference WHERE md_file_id = ?", (md,)
             ).fetchone():
                 con.execute("DELETE FROM main.gpkg_metadata WHERE id = ?", (md,))
-    for table in ("gpkg_geometry_columns", "gpkg_extensions", "gpkg_ogr_contents", "gpkg_data_columns",
-                  "gpkg_contents"):  # fmt: skip
+    for table in (
+        "gpkg_geometry_columns",
+        "gpkg_extensions",
+        "gpkg_ogr_contents",
+        "gpkg_data_columns",
+        "gpkg_contents",
+    ):
         if table in tables:
             con.execute(f"DELETE FROM main.{table} WHERE lower(table_name) = lower(?)", (name,))
     if "sqlite_sequence" in tables:
@@ -668,8 +686,10 @@ def _copy_layer(con: sqlite3.Connection, name: str) -> None:
     picks = [
         f"earthdial_srs({_q(c)}, {int(srs)})" if c == geom_col and srs != srs_id else _q(c) for c in cols
     ]
-    con.execute(f"INSERT INTO main.{_q(name)} ({', '.join(map(_q, cols))}) "
-                f"SELECT {', '.join(picks)} FROM new.{_q(name)}")  # fmt: skip
+    con.execute(
+        f"INSERT INTO main.{_q(name)} ({', '.join(map(_q, cols))}) "
+        f"SELECT {', '.join(picks)} FROM new.{_q(name)}"
+    )
     rtree = f"rtree_{name}_{geom_col}"
     rtree_sql = next((sql for kind, nm, _t, sql in new_master if kind == "table" and nm == rtree), None)
     if rtree_sql:
@@ -717,21 +737,30 @@ def _copy_rows(con: sqlite3.Connection, table: str, where: str, key: Any, values
         elif notnull and default is None:
             cols.append(col)
             picks.append("'undefined'")
-    con.execute(f"INSERT INTO main.{table} ({', '.join(map(_q, cols))}) SELECT {', '.join(picks)} "
-                f"FROM new.{table} WHERE {where}", (*params, key))  # fmt: skip
+    con.execute(
+        f"INSERT INTO main.{table} ({', '.join(map(_q, cols))}) SELECT {', '.join(picks)} "
+        f"FROM new.{table} WHERE {where}",
+        (*params, key),
+    )
 
 
 def _srs_in_main(con: sqlite3.Connection, srs_id: int) -> int:
     """The srs_id in main for the scratch file's ``srs_id``: the same CRS when main has it (by authority
     code, else by definition), else the row copied, under a free id."""
     new_cols = [c[0] for c in _columns_of(con, "new", "gpkg_spatial_ref_sys")]
-    row = dict(zip(new_cols, con.execute(
-        "SELECT * FROM new.gpkg_spatial_ref_sys WHERE srs_id = ?", (srs_id,)).fetchone(), strict=True))  # fmt: skip
+    row = dict(
+        zip(
+            new_cols,
+            con.execute("SELECT * FROM new.gpkg_spatial_ref_sys WHERE srs_id = ?", (srs_id,)).fetchone(),
+            strict=True,
+        )
+    )
     if str(row["organization"]).upper() != "NONE" or srs_id in (-1, 0):
         found = con.execute(
             "SELECT srs_id FROM main.gpkg_spatial_ref_sys WHERE upper(organization) = upper(?) "
-            "AND organization_coordsys_id = ?", (row["organization"], row["organization_coordsys_id"])
-        ).fetchone()  # fmt: skip
+            "AND organization_coordsys_id = ?",
+            (row["organization"], row["organization_coordsys_id"]),
+        ).fetchone()
     else:
         found = con.execute(
             "SELECT srs_id FROM main.gpkg_spatial_ref_sys WHERE definition = ?", (row["definition"],)
@@ -809,8 +838,12 @@ def write_error(exc: BaseException, path: str, what: str) -> EarthDialError:
         or "disk is full" in text
     ):
         code = ErrorCode.DISK_FULL
-    elif number in READ_ONLY_ERRNOS or sqlite_code == SQLITE_READONLY or "read-only file system" in text \
-            or "readonly database" in text:  # fmt: skip
+    elif (
+        number in READ_ONLY_ERRNOS
+        or sqlite_code == SQLITE_READONLY
+        or "read-only file system" in text
+        or "readonly database" in text
+    ):
         code = ErrorCode.READ_ONLY
     elif isinstance(exc, sqlite3.OperationalError) and "locked" in text:
         code = ErrorCode.BUSY

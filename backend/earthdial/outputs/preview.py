@@ -71,8 +71,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     lines = np.zeros((rows, 1 + cols * 3), np.uint8)  # each line: filter type 0, then R G B per pixel
     lines[:, 1:] = np.ascontiguousarray(image.transpose(1, 2, 0)).reshape(rows, cols * 3)
     head = struct.pack(">IIBBBBB", cols, rows, 8, 2, 0, 0, 0)
-    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", head), _chunk(b"tEXt", SOFTWARE_TEXT),
-                     _chunk(b"IDAT", zlib.compress(lines.tobytes(), 6)), _chunk(b"IEND", b"")))  # fmt: skip
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _chunk(b"IHDR", head),
+            _chunk(b"tEXt", SOFTWARE_TEXT),
+            _chunk(b"IDAT", zlib.compress(lines.tobytes(), 6)),
+            _chunk(b"IEND", b""),
+        )
+    )
 
 
 def is_our_png(path: str) -> bool:

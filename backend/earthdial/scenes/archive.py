@@ -100,8 +100,10 @@ def _from_stac(path: str, asset: str | None) -> list[Scene]:
     elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
         items = data.get("features")
     else:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{path} is not a STAC ItemCollection or Item "
-                             "(a GeoJSON FeatureCollection of items with assets)")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"{path} is not a STAC ItemCollection or Item (a GeoJSON FeatureCollection of items with assets)",
+        )
     if not isinstance(items, list):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"{path}: 'features' must be a list of STAC items")
     folder = os.path.dirname(os.path.abspath(path))
@@ -120,7 +122,12 @@ def _item_scene(item: Any, k: int, path: str, folder: str, asset: str | None) ->
     if not isinstance(chosen, dict) or not isinstance(chosen.get("href"), str) or not chosen["href"]:
         what = f"no asset {key!r} with an href" if asset else "no GeoTIFF asset (name one with --asset)"
         names = ", ".join(sorted(map(str, assets)))[:200]
-        return Scene(name, "", origin, EarthDialError(ErrorCode.BAD_REQUEST, f"{origin} has {what}; its assets: {names}"))  # fmt: skip
+        return Scene(
+            name,
+            "",
+            origin,
+            EarthDialError(ErrorCode.BAD_REQUEST, f"{origin} has {what}; its assets: {names}"),
+        )
     href = chosen["href"]
     if _URL.match(href) and not href.startswith("file://"):
         return Scene(name, href, origin, _remote(href, f"{origin} (asset {key!r})"))
@@ -150,6 +157,9 @@ def _local_path(entry: str, folder: str) -> str:
 
 
 def _remote(href: str, where: str) -> EarthDialError:
-    return EarthDialError(ErrorCode.FORBIDDEN_PATH, f"{where} is a remote asset ({href[:200]}): detect-many "
-                          "reads local files only (no network at run time); download it and point the "
-                          "item's href (or the list) at the copy")  # fmt: skip
+    return EarthDialError(
+        ErrorCode.FORBIDDEN_PATH,
+        f"{where} is a remote asset ({href[:200]}): detect-many "
+        "reads local files only (no network at run time); download it and point the "
+        "item's href (or the list) at the copy",
+    )

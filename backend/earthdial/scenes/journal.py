@@ -38,8 +38,11 @@ class Journal:
         journal = cls(path, request)
         if os.path.exists(path):
             if not resume:
-                raise EarthDialError(ErrorCode.BAD_REQUEST, f"an interrupted scan left {path}: pass --resume to "
-                                     "go on from it, or delete it to start again")  # fmt: skip
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST,
+                    f"an interrupted scan left {path}: pass --resume to "
+                    "go on from it, or delete it to start again",
+                )
             journal._load()
             try:
                 journal._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run's length)
@@ -75,8 +78,11 @@ class Journal:
         except ValueError:
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{self.path} is not a scan journal") from None
         if not isinstance(first, dict) or first.get("request") != self.request:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{self.path} was left by another scan (other layer, "
-                                 "prompt or tiling): it cannot be resumed with these arguments")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"{self.path} was left by another scan (other layer, "
+                "prompt or tiling): it cannot be resumed with these arguments",
+            )
         good = len(lines[0]) + 1
         for line in lines[1:-1]:  # the part after the last newline was cut short: its tiles run again
             try:

@@ -60,7 +60,9 @@ def require_ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise EarthDialError(ErrorCode.MISSING_DEPENDENCY, f"detect-many runs on Ray, which is not installed: {RAY_HINT}") from None  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.MISSING_DEPENDENCY, f"detect-many runs on Ray, which is not installed: {RAY_HINT}"
+        ) from None
     return ray
 
 
@@ -101,8 +103,13 @@ class Summary:
 
 def scene_header(path: str, task: str, prompt: str, options: dict[str, Any]) -> dict[str, Any]:
     """The `detect` request `earthdial detect PATH` sends for one scene."""
-    return {"op": "detect", "task": task, "prompt": prompt, "source": source_by_reference(path),
-            "options": {**options, "merge": False}}  # fmt: skip
+    return {
+        "op": "detect",
+        "task": task,
+        "prompt": prompt,
+        "source": source_by_reference(path),
+        "options": {**options, "merge": False},
+    }
 
 
 def detect_scene(header: dict[str, Any], engine: Engine | None) -> dict[str, Any]:
@@ -142,8 +149,12 @@ class SceneWorker:
         except EarthDialError as exc:
             self.failure = {"ok": False, "fatal": True, "code": exc.code, "message": exc.message}
         except Exception as exc:  # a model that cannot load stops the run (it is kept for --resume)
-            self.failure = {"ok": False, "fatal": True, "code": ErrorCode.MODEL_ERROR,
-                            "message": f"cannot load {model} on {socket.gethostname()}: {type(exc).__name__}: {exc}"}  # fmt: skip
+            self.failure = {
+                "ok": False,
+                "fatal": True,
+                "code": ErrorCode.MODEL_ERROR,
+                "message": f"cannot load {model} on {socket.gethostname()}: {type(exc).__name__}: {exc}",
+            }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         results = []
@@ -162,8 +173,11 @@ def check_output(path: str) -> str:
     """detect-many writes many layers: a GeoPackage only. The refusals of output.check_target come first
     (a file that is not ours, a missing folder), before any worker starts."""
     if os.path.splitext(str(path))[1].lower() != ".gpkg":
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect-many writes a layer per scene and a merged "
-                             f"layer into a GeoPackage: -o must end in .gpkg, got {path!r:.200}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"detect-many writes a layer per scene and a merged "
+            f"layer into a GeoPackage: -o must end in .gpkg, got {path!r:.200}",
+        )
     output.check_target(path)
     return os.path.realpath(path)
 
@@ -173,8 +187,14 @@ def run(job: Run, say: Say) -> Summary:
     written: raises `cancelled`, with every finished scene kept for `--resume`."""
     started = time.perf_counter()
     path = check_output(job.output)
-    request = {"op": "detect-many", "task": job.task, "prompt": job.prompt, "model": job.model,
-               "options": scan_job.journalled_options(job.options), "scenes": [s.path for s in job.scenes]}  # fmt: skip
+    request = {
+        "op": "detect-many",
+        "task": job.task,
+        "prompt": job.prompt,
+        "model": job.model,
+        "options": scan_job.journalled_options(job.options),
+        "scenes": [s.path for s in job.scenes],
+    }
     log = scan_job.ScanJob.open(path, request, job.resume, "many")
     summary = Summary(len(job.scenes))
     when = datetime.now(timezone.utc)
@@ -200,8 +220,13 @@ def run(job: Run, say: Say) -> Summary:
                 say(f"scene {scene.name}: {scene.error.code}: {scene.error.message}")
         todo = [k for k, s in enumerate(job.scenes) if k not in done and s.error is None]
         if todo and MERGED_INDEX not in log.tiles:  # (a merged entry: the kill came after every scene)
-            items = [{"index": k, "header": json.dumps(scene_header(job.scenes[k].path, job.task, job.prompt,
-                                                                    job.options))} for k in todo]  # fmt: skip
+            items = [
+                {
+                    "index": k,
+                    "header": json.dumps(scene_header(job.scenes[k].path, job.task, job.prompt, job.options)),
+                }
+                for k in todo
+            ]
             with contextlib.closing(_stream(job, items, say)) as rows:  # Ray shut down however this ends
                 for row in rows:
                     stop["writing"] = True
@@ -222,8 +247,9 @@ def run(job: Run, say: Say) -> Summary:
         raise EarthDialError(exc.code, exc.message + _kept(log, path)) from None
     except Exception as exc:  # Ray's own failures (a worker lost for good, the cluster gone ...)
         log.close()
-        raise EarthDialError(ErrorCode.INTERNAL, f"the run failed: {type(exc).__name__}: {str(exc)[:2000]}"
-                             + _kept(log, path)) from exc  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.INTERNAL, f"the run failed: {type(exc).__name__}: {str(exc)[:2000]}" + _kept(log, path)
+        ) from exc
     except BaseException:
         log.close()
         raise
@@ -241,12 +267,22 @@ def _kept(log: scan_job.ScanJob, path: str) -> str:
         log.discard()
         return "; no scene was finished"
     where = log.log.path if log.log is not None else ""
-    return (f"; the {kept} finished scene(s) are kept in {path} and {where}: run the same command with "
-            "--resume to go on")  # fmt: skip
+    return (
+        f"; the {kept} finished scene(s) are kept in {path} and {where}: run the same command with "
+        "--resume to go on"
+    )
 
 
-def _take(job: Run, path: str, log: scan_job.ScanJob, k: int, result: dict[str, Any], when: datetime,
-          summary: Summary, say: Say) -> None:  # fmt: skip
+def _take(
+    job: Run,
+    path: str,
+    log: scan_job.ScanJob,
+    k: int,
+    result: dict[str, Any],
+    when: datetime,
+    summary: Summary,
+    say: Say,
+) -> None:
     """A worker's result for scene `k`: journalled, then written as its layer; or its typed error."""
     scene = job.scenes[k]
     if result.get("fatal"):  # the worker has no engine: nothing will run, the run stops resumable
@@ -256,15 +292,24 @@ def _take(job: Run, path: str, log: scan_job.ScanJob, k: int, result: dict[str, 
         say(f"scene {scene.name}: {result['code']}: {result['message']}")
         return
     layer = output.free_layer_name(path, output.layer_name(job.task, job.prompt, [scene.name], when))
-    entry = {"index": k, "scene": scene.path, "name": scene.name, "crs": result["crs"], "layer": layer,
-             "tiles": result["tiles"], "features": result["features"]}  # fmt: skip
+    entry = {
+        "index": k,
+        "scene": scene.path,
+        "name": scene.name,
+        "crs": result["crs"],
+        "layer": layer,
+        "tiles": result["tiles"],
+        "features": result["features"],
+    }
     log.record_entry(entry)  # on disk before its layer is written
     scan_job.write_layer(path, entry)
     summary.layers[k] = layer
     summary.ran += 1
-    say(f"scene {len(summary.layers)}/{len(job.scenes)} {scene.name}: {result['tiles']} tiles, "
+    say(
+        f"scene {len(summary.layers)}/{len(job.scenes)} {scene.name}: {result['tiles']} tiles, "
         f"{len(result['features'])} boxes in {result['seconds']:.1f} s on {result['worker']} "
-        f"-> layer {layer!r}")  # fmt: skip
+        f"-> layer {layer!r}"
+    )
 
 
 def _stream(job: Run, items: list[dict[str, Any]], say: Say) -> Generator[dict[str, Any], None, None]:
@@ -279,8 +324,13 @@ def _stream(job: Run, items: list[dict[str, Any]], say: Say) -> Generator[dict[s
                 ray.init(address=job.ray_address, **quiet)
             else:
                 cpus = max(1, math.ceil(job.workers * job.cpus_per_worker))
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)  # fmt: skip
+                ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    **quiet,
+                )
         size = _pool_size(ray.cluster_resources(), job, len(items), say)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress lines would bury ours
         context = ray.data.DataContext.get_current()
@@ -320,22 +370,30 @@ def _pool_size(resources: dict[str, float], job: Run, scenes: int, say: Say) -> 
     fit = min(fits) if fits else job.workers
     if fit < 1:
         have = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"a worker needs {_slots(job)} but the Ray cluster has "
-                             f"{have}: lower --cpus-per-worker/--gpus-per-worker or add nodes")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"a worker needs {_slots(job)} but the Ray cluster has "
+            f"{have}: lower --cpus-per-worker/--gpus-per-worker or add nodes",
+        )
     size = max(1, min(job.workers, fit, scenes))
     if size < min(job.workers, scenes):
         say(f"the Ray cluster fits {fit} worker(s) of {_slots(job)}: running {size}, not {job.workers}")
     return size
 
 
-def _write_merged(path: str, log: scan_job.ScanJob, done: dict[int, dict[str, Any]], job: Run,
-                  when: datetime) -> str:  # fmt: skip
+def _write_merged(
+    path: str, log: scan_job.ScanJob, done: dict[int, dict[str, Any]], job: Run, when: datetime
+) -> str:
     """Every finished scene's boxes in one layer: in the scenes' CRS when they share one, else in
     EPSG:4326. Its name is journalled first, so a resume after a kill here writes it once."""
     entries = [done[k] for k in sorted(done)]
     crss = {e["crs"] for e in entries}
     crs = crss.pop() if len(crss) == 1 else MERGED_CRS
-    features = [f for e in entries for f in (e["features"] if e["crs"] == crs else _to_crs(e["features"], e["crs"], crs))]  # fmt: skip
+    features = [
+        f
+        for e in entries
+        for f in (e["features"] if e["crs"] == crs else _to_crs(e["features"], e["crs"], crs))
+    ]
     name, resumed = log.layer_name(
         MERGED_INDEX,
         lambda: output.free_layer_name(path, output.layer_name(job.task, job.prompt, ["all"], when)),

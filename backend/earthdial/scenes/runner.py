@@ -74,8 +74,9 @@ def read_shape(window: Window, out_size: int) -> tuple[int, int]:
     return wire.read_shape(int(window.width), int(window.height), out_size)
 
 
-def file_tiles(paths: list[str], indexes: list[int], plan: TilePlan, out_size: int,
-               skip: frozenset[int] = frozenset()) -> Iterator[Tile]:  # fmt: skip
+def file_tiles(
+    paths: list[str], indexes: list[int], plan: TilePlan, out_size: int, skip: frozenset[int] = frozenset()
+) -> Iterator[Tile]:
     """Tiles of a raster (and of later rasters warped onto each tile's grid), made one at a time. In a
     server each tile is read in a reader process (imagery.read_tile), which keeps the file open."""
     if imagery.reads_elsewhere():
@@ -113,9 +114,19 @@ class Stream:
     early: dict[int, Any] = field(default_factory=dict)
 
 
-def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, nodata: float | None,
-                 skip: frozenset[int], cancelled: Callable[[], bool] | None, *, first: int = 0,
-                 total: int | None = None, images: int = 1) -> Iterator[Tile]:  # fmt: skip
+def stream_tiles(
+    stream: Stream,
+    plan: TilePlan,
+    transform: Affine,
+    crs: str,
+    nodata: float | None,
+    skip: frozenset[int],
+    cancelled: Callable[[], bool] | None,
+    *,
+    first: int = 0,
+    total: int | None = None,
+    images: int = 1,
+) -> Iterator[Tile]:
     """Tiles as a client sends them: each message names its tile indexes, one array frame per tile, read
     over that tile's window of the layer's grid (at any size; the affine follows from the shape).
     A change scan numbers the tiles of its k-th pair from k x len(plan) (`first`; `total` over all
@@ -130,8 +141,10 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
         window = plan.window(local)
         data = array if array.ndim == 3 else array[None]
         if data.shape[0] % images:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index} has {data.shape[0]} bands, "
-                                 f"not a multiple of its {images} images")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"scan_tiles: tile {index} has {data.shape[0]} bands, not a multiple of its {images} images",
+            )
         aff = tile_transform(transform, window, data.shape[2], data.shape[1])
         chips = []
         for part in np.split(data, images):
@@ -154,13 +167,18 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
             if cancelled is not None and cancelled():
                 return
             if waited >= stream.idle_timeout_s:
-                raise EarthDialError(ErrorCode.MISSING_FRAMES, f"no tiles arrived for {stream.idle_timeout_s:g} s; "
-                                     f"{len(wanted)} of the plan's tiles are missing") from None  # fmt: skip
+                raise EarthDialError(
+                    ErrorCode.MISSING_FRAMES,
+                    f"no tiles arrived for {stream.idle_timeout_s:g} s; "
+                    f"{len(wanted)} of the plan's tiles are missing",
+                ) from None
             continue
         waited = 0.0
         indexes = header.get("tiles")
         if not isinstance(indexes, list) or len(indexes) != len(arrays):
-            raise EarthDialError(ErrorCode.MISSING_FRAMES, "scan_tiles: 'tiles' must list one tile index per array frame")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.MISSING_FRAMES, "scan_tiles: 'tiles' must list one tile index per array frame"
+            )
         for index, array in zip(indexes, arrays, strict=True):
             if not isinstance(index, int) or isinstance(index, bool):
                 raise EarthDialError(
@@ -171,11 +189,16 @@ def stream_tiles(stream: Stream, plan: TilePlan, transform: Affine, crs: str, no
                 yield tile(index, array)
             elif first + len(plan) <= index < total and index not in stream.early:
                 if len(stream.early) >= MAX_EARLY_TILES:
-                    raise EarthDialError(ErrorCode.BUSY, f"scan_tiles: more than {MAX_EARLY_TILES} tiles sent "
-                                         "ahead of their turn; send tiles as progress events ask for them")  # fmt: skip
+                    raise EarthDialError(
+                        ErrorCode.BUSY,
+                        f"scan_tiles: more than {MAX_EARLY_TILES} tiles sent "
+                        "ahead of their turn; send tiles as progress events ask for them",
+                    )
                 stream.early[index] = array  # a later pair's: kept for its turn
             else:
-                raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index!r:.20} is not a tile still to do")  # fmt: skip
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, f"scan_tiles: tile {index!r:.20} is not a tile still to do"
+                )
 
 
 NOT_READY: Any = object()  # ReadAhead.next: no tile was read in time
@@ -292,9 +315,19 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
 
 
-def run(engine: Engine, ask: Ask, tiles: Iterable[Tile], *, total: int, skipped: int = 0, batch_size: int = 8,
-        cancelled: Callable[[], bool] | None = None, stats: Stats | None = None,
-        patience_s: float | None = PATIENCE_S, starve_s: float | None = None) -> Iterator[Progress]:  # fmt: skip
+def run(
+    engine: Engine,
+    ask: Ask,
+    tiles: Iterable[Tile],
+    *,
+    total: int,
+    skipped: int = 0,
+    batch_size: int = 8,
+    cancelled: Callable[[], bool] | None = None,
+    stats: Stats | None = None,
+    patience_s: float | None = PATIENCE_S,
+    starve_s: float | None = None,
+) -> Iterator[Progress]:
     """Stream tiles through the model in batches; yields after each batch. While no tile is ready for
     `patience_s` (a slow disk, a client streaming its tiles) it yields an empty Progress instead of
     holding the caller, so a server can answer others meanwhile. A cancel is honoured between batches
@@ -406,8 +439,11 @@ def footprint(chip: imagery.Chip) -> list[list[float]]:
     return [[float(a * x + b * y + c), float(d * x + e * y + f)] for x, y in corners]
 
 
-def merge_boxes(features: list[dict[str, Any]], tiles: Mapping[int, Mapping[str, Any]],
-                iou_threshold: float = IOU_THRESHOLD) -> list[dict[str, Any]]:  # fmt: skip
+def merge_boxes(
+    features: list[dict[str, Any]],
+    tiles: Mapping[int, Mapping[str, Any]],
+    iou_threshold: float = IOU_THRESHOLD,
+) -> list[dict[str, Any]]:
     """One box per object across a scan's tiles (docs/outputs.md, "Merging a scan's tiles"), from the
     features and the tile entries (their `footprint`) its progress events carry.
 
@@ -459,8 +495,9 @@ def merge_boxes(features: list[dict[str, Any]], tiles: Mapping[int, Mapping[str,
     return [features[i] for i in sorted(kept)]
 
 
-def _join_seam_parts(features: list[dict[str, Any]], polys: list[Any],
-                     footprints: Mapping[int, Any]) -> tuple[list[dict[str, Any]], list[Any]]:  # fmt: skip
+def _join_seam_parts(
+    features: list[dict[str, Any]], polys: list[Any], footprints: Mapping[int, Any]
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Step 1 of `merge_boxes`: groups of seam parts (union-find over pairs, in index order) become one
     feature each, at the place of the group's first member."""
     from shapely import STRtree

@@ -66,9 +66,15 @@ def options_of(header: dict[str, Any]) -> requests.Options:
     return requests.options(header)
 
 
-def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-        stream: scenes.Stream | None = None, request: requests.Request | None = None,
-        arrays: Sequence[Any] = ()) -> dict[str, Any]:  # fmt: skip
+def run(
+    header: dict[str, Any],
+    engine: Engine | None,
+    emit: Emit,
+    cancelled: Callable[[], bool] | None = None,
+    stream: scenes.Stream | None = None,
+    request: requests.Request | None = None,
+    arrays: Sequence[Any] = (),
+) -> dict[str, Any]:
     """Carry out a `detect` or `detect_changes` request, emitting its events; returns the reply's fields."""
     work = steps(header, engine, emit, cancelled, stream, request, arrays)
     while True:
@@ -78,9 +84,15 @@ def run(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Ca
             return end.value
 
 
-def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: Callable[[], bool] | None = None,
-          stream: scenes.Stream | None = None, request: requests.Request | None = None,
-          arrays: Sequence[Any] = ()) -> Generator[None, None, dict[str, Any]]:  # fmt: skip
+def steps(
+    header: dict[str, Any],
+    engine: Engine | None,
+    emit: Emit,
+    cancelled: Callable[[], bool] | None = None,
+    stream: scenes.Stream | None = None,
+    request: requests.Request | None = None,
+    arrays: Sequence[Any] = (),
+) -> Generator[None, None, dict[str, Any]]:
     """`run` one batch at a time: the generator yields after each batch's progress events and returns
     the reply's fields, so that the server can answer other clients between a scan's batches. Closing
     it early stops the scan's reader thread. `request`: the header as the server's admission checked it
@@ -102,27 +114,47 @@ def steps(header: dict[str, Any], engine: Engine | None, emit: Emit, cancelled: 
     if changes:
         jobs, plan, total, crs, transform = _change_jobs(checked.sources, engine, options, cancelled, stream)
     else:
-        jobs, plan, total, crs, transform = _detect_jobs(header, checked.sources[0], engine, options, cancelled,
-                                                         stream)  # fmt: skip
+        jobs, plan, total, crs, transform = _detect_jobs(
+            header, checked.sources[0], engine, options, cancelled, stream
+        )
     found: list[dict[str, Any]] = []
     footprints: dict[int, dict[str, Any]] = {}  # what the merge needs of each tile
     if before is not None:  # a resumed scan: its earlier boxes are merged with the new ones as one scan's
         _check_earlier(before, plan, transform, total)
         found = [{**f, "properties": dict(f["properties"])} for f in before.features]
         footprints = {i: {"footprint": t["footprint"]} for i, t in before.tiles.items()}
-    emit("plan", plan=plan.describe(engine.info.image_size), total=total, crs=crs, pairs=len(jobs),
-         properties=jobs[0][0].properties)  # fmt: skip
+    emit(
+        "plan",
+        plan=plan.describe(engine.info.image_size),
+        total=total,
+        crs=crs,
+        pairs=len(jobs),
+        properties=jobs[0][0].properties,
+    )
     done = len(options.skip & set(range(total)))
     for ask, tiles, offset in jobs:
-        for progress in scenes.run(engine, ask, tiles, total=total, batch_size=options.batch, cancelled=cancelled,
-                                   stats=stats, starve_s=limits.stream_timeout_s() if stream is not None else None):  # fmt: skip
+        for progress in scenes.run(
+            engine,
+            ask,
+            tiles,
+            total=total,
+            batch_size=options.batch,
+            cancelled=cancelled,
+            stats=stats,
+            starve_s=limits.stream_timeout_s() if stream is not None else None,
+        ):
             done += len(progress.answers)
             entries = []
             for a in progress.answers:
                 recorded = ask.request(a.index) if ask.request is not None else ""
                 a.index += offset  # tiles of the k-th pair follow those of the pairs before
-                entry = {"index": a.index, "answer": a.answer, "score": a.score, "footprint": a.footprint,
-                         "request": recorded}  # fmt: skip
+                entry = {
+                    "index": a.index,
+                    "answer": a.answer,
+                    "score": a.score,
+                    "footprint": a.footprint,
+                    "request": recorded,
+                }
                 for f in a.features:
                     f["properties"]["tile"] = a.index
                     # answer and request are carried once, by the tile's entry (result_features.with_tile_fields)
@@ -167,8 +199,11 @@ def _check_earlier(before: requests.Earlier, plan: tiling.TilePlan, transform: A
     n = len(plan)
     for index, tile in sorted(before.tiles.items()):
         if index >= total:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"earlier tile {index} is not in this scan's plan "
-                                 f"(0..{total - 1}): the layer, area or tiling changed; start the scan afresh")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"earlier tile {index} is not in this scan's plan "
+                f"(0..{total - 1}): the layer, area or tiling changed; start the scan afresh",
+            )
         w = plan.window(index % n)
         corners = [(0, 0), (w.width, 0), (w.width, w.height), (0, w.height), (0, 0)]
         t = transform @ Affine.translation(w.col_off, w.row_off)
@@ -176,14 +211,19 @@ def _check_earlier(before: requests.Earlier, plan: tiling.TilePlan, transform: A
         got = tile["footprint"]
         if len(got) != len(want) or any(
             abs(gx - wx) > 1e-3 * step or abs(gy - wy) > 1e-3 * step
-            for (gx, gy), (wx, wy) in zip(got, want, strict=True)  # fmt: skip
+            for (gx, gy), (wx, wy) in zip(got, want, strict=True)
         ):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"earlier tile {index} does not lie where this scan's tile "
-                                 f"{index} does: the layer, area or tiling changed since the scan stopped; start "
-                                 "it afresh")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"earlier tile {index} does not lie where this scan's tile "
+                f"{index} does: the layer, area or tiling changed since the scan stopped; start "
+                "it afresh",
+            )
 
 
-def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str, Any]]]], done: int, total: int) -> None:  # fmt: skip
+def _emit_progress(
+    emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str, Any]]]], done: int, total: int
+) -> None:
     """Events of at most EVENT_BYTES of items: a tile's entry comes with (after) the last of its boxes, so
     a client that keeps what it received knows a tile is finished exactly when its entry has arrived."""
     items: list[tuple[str, dict[str, Any]]] = []
@@ -193,13 +233,27 @@ def _emit_progress(emit: Emit, entries: list[tuple[dict[str, Any], list[dict[str
     for part in chunks(items):
         tiles = [item for kind, item in part if kind == "tile"]
         sent += len(tiles)
-        emit("progress", done=sent, total=total, tiles=tiles,
-             features=[item for kind, item in part if kind == "feature"])  # fmt: skip
+        emit(
+            "progress",
+            done=sent,
+            total=total,
+            tiles=tiles,
+            features=[item for kind, item in part if kind == "feature"],
+        )
 
 
-def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: requests.Options,
-                  paths: list[str | None], bands: list[int] | None, plan: tiling.TilePlan, transform: Affine,
-                  crs: str) -> Callable[[int], str]:  # fmt: skip
+def _tile_request(
+    task: str,
+    prompt: str,
+    sensor: str,
+    preset: str,
+    options: requests.Options,
+    paths: list[str | None],
+    bands: list[int] | None,
+    plan: tiling.TilePlan,
+    transform: Affine,
+    crs: str,
+) -> Callable[[int], str]:
     """Tile index -> the tile's `request` field: its window on the raster's grid, as an `ask` of that
     window would record it, so that any box of a scan, reviewed, can become training data."""
 
@@ -222,14 +276,22 @@ def _tile_request(task: str, prompt: str, sensor: str, preset: str, options: req
     return request
 
 
-def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine, options: requests.Options,
-                 cancelled: Any, stream: scenes.Stream | None) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:  # fmt: skip
+def _detect_jobs(
+    header: dict[str, Any],
+    source: requests.Source,
+    engine: Engine,
+    options: requests.Options,
+    cancelled: Any,
+    stream: scenes.Stream | None,
+) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:
     from earthdial.model.engine import Query  # torch only where the model runs
 
     task = field(header, "task", str, required=False) or "refer"
     spec = prompts.task(task)
     if spec.images != 1 or not spec.grounded:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect runs a grounded one-image task (refer, grounding), not {task!r}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"detect runs a grounded one-image task (refer, grounding), not {task!r}"
+        )
     prompt = requests.prompt(header)
     out_size = engine.info.image_size
     if isinstance(source, requests.Ref):
@@ -246,7 +308,10 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
         recorded: str | None = source.path
     elif isinstance(source, requests.Stream):
         if stream is None:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                "a streamed scan needs the server (its tiles come as scan_tiles messages)",
+            )
         grid = _stream_grid(source, options)
         limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
         plan = tiling.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
@@ -258,7 +323,10 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
         transform, indexes = grid.transform, None
         recorded = source.path  # never opened here
     else:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"detect reads a source of kind {requests.KINDS['ref']} or {requests.KINDS['stream']}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"detect reads a source of kind {requests.KINDS['ref']} or {requests.KINDS['stream']}",
+        )
     tag = options.sensor or preset.sensor or presets.rgb_tag_for(gsd_src)
     question = prompts.build_question(task, prompt, tag)
     engine.check_tags(question)
@@ -272,9 +340,16 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
         if not imagery.valid_mask(chip).any():
             return None  # an all-nodata tile: nothing to ask about
         data = presets.apply(preset, chip.data, chip.nodata)
-        return Query(question, [engine.image(data, tag, chip.nodata)], spec.max_new_tokens, num_beams=how.num_beams,
-                     min_new_tokens=how.min_new_tokens, cancelled=cancelled, sampling=how.sampling,
-                     system=how.system_message)  # fmt: skip
+        return Query(
+            question,
+            [engine.image(data, tag, chip.nodata)],
+            spec.max_new_tokens,
+            num_beams=how.num_beams,
+            min_new_tokens=how.min_new_tokens,
+            cancelled=cancelled,
+            sampling=how.sampling,
+            system=how.system_message,
+        )
 
     props = _properties(engine, task, prompt if spec.needs_prompt else "", name, gsd_src, gsd)
     request = _tile_request(
@@ -284,11 +359,18 @@ def _detect_jobs(header: dict[str, Any], source: requests.Source, engine: Engine
     return [(ask, tiles, 0)], plan, len(plan), crs, transform
 
 
-def _properties(engine: Engine, task: str, prompt: str, source: str, gsd_data: float | None,
-                gsd_model: float | None) -> dict[str, Any]:  # fmt: skip
-    return result_features.properties(task=task, prompt=prompt, model=os.path.basename(engine.info.path.rstrip("/")),
-                              variant=engine.info.variant, source=source, gsd_data=gsd_data,
-                              gsd_model=gsd_model)  # fmt: skip
+def _properties(
+    engine: Engine, task: str, prompt: str, source: str, gsd_data: float | None, gsd_model: float | None
+) -> dict[str, Any]:
+    return result_features.properties(
+        task=task,
+        prompt=prompt,
+        model=os.path.basename(engine.info.path.rstrip("/")),
+        variant=engine.info.variant,
+        source=source,
+        gsd_data=gsd_data,
+        gsd_model=gsd_model,
+    )
 
 
 @dataclass
@@ -307,7 +389,11 @@ class _StreamGrid:
 def _stream_grid(source: requests.Stream, options: requests.Options) -> _StreamGrid:
     transform = imagery.affine_from(source.transform)
     crs = imagery.crs_string(imagery.parse_crs(source.crs, "source"))
-    preset = presets.get(options.preset) if options.preset else presets.choose(source.band_count, source.dtype, [], None)[0]  # fmt: skip
+    preset = (
+        presets.get(options.preset)
+        if options.preset
+        else presets.choose(source.band_count, source.dtype, [], None)[0]
+    )
     return _StreamGrid(source.width, source.height, source.band_count, transform, crs, source.nodata, preset)
 
 
@@ -327,8 +413,13 @@ class _Sequence:
     transform: Any  # the first layer's grid, which the plan's windows are on
 
 
-def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: requests.Options, cancelled: Any,
-                 stream: scenes.Stream | None = None) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:  # fmt: skip
+def _change_jobs(
+    sources: tuple[requests.Source, ...],
+    engine: Engine,
+    options: requests.Options,
+    cancelled: Any,
+    stream: scenes.Stream | None = None,
+) -> tuple[list[Any], tiling.TilePlan, int, str, Affine]:
     """BEFORE AFTER [LATER ...]: every later layer aligned on the first one's grid, over their common
     extent; each consecutive pair of each tile is asked the change question. By reference (`sources`,
     files the backend reads and warps), or streamed (`source.kind` 'stream' naming its `layers`: the
@@ -361,8 +452,16 @@ def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: 
             return None
         data = [presets.apply(preset, c.data, c.nodata) for c in tile.chips]
         images = [engine.image(d, tag, c.nodata) for d, c in zip(data, tile.chips, strict=True)]
-        return Query(question, images, spec.max_new_tokens, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
-                     cancelled=cancelled, sampling=how.sampling, system=how.system_message)  # fmt: skip
+        return Query(
+            question,
+            images,
+            spec.max_new_tokens,
+            num_beams=how.num_beams,
+            min_new_tokens=how.min_new_tokens,
+            cancelled=cancelled,
+            sampling=how.sampling,
+            system=how.system_message,
+        )
 
     jobs = []
     n = len(seq.plan)
@@ -371,8 +470,18 @@ def _change_jobs(sources: tuple[requests.Source, ...], engine: Engine, options: 
         props = _properties(engine, "change", "", f"{before} | {after}", seq.gsd_m, gsd)
         props["pair"] = f"{os.path.basename(before)} -> {os.path.basename(after)}"
         skip = frozenset(i - k * n for i in options.skip if k * n <= i < (k + 1) * n)
-        request = _tile_request("change", "", tag, preset.name, options, [seq.paths[k], seq.paths[k + 1]],
-                                seq.bands, seq.plan, seq.transform, seq.crs)  # fmt: skip
+        request = _tile_request(
+            "change",
+            "",
+            tag,
+            preset.name,
+            options,
+            [seq.paths[k], seq.paths[k + 1]],
+            seq.bands,
+            seq.plan,
+            seq.transform,
+            seq.crs,
+        )
         jobs.append((scenes.Ask(make_query, props, options.min_score, request), seq.tiles(k, skip), k * n))
     return jobs, seq.plan, n * pairs, seq.crs, seq.transform
 
@@ -390,8 +499,11 @@ def _sequence_by_reference(
             )
     for k, (name, info) in enumerate(zip(names[1:], infos[1:], strict=True), start=2):
         if info.count != infos[0].count:
-            raise EarthDialError(ErrorCode.BAND_OUT_OF_RANGE, f"layer {k} ({name}) has {info.count} band(s) "
-                                 f"but {names[0]} has {infos[0].count}: a sequence needs the same bands")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAND_OUT_OF_RANGE,
+                f"layer {k} ({name}) has {info.count} band(s) "
+                f"but {names[0]} has {infos[0].count}: a sequence needs the same bands",
+            )
     common = imagery.common_grid(paths, names)
     region, crs, transform = common.window, common.crs, common.transform
     preset, _ = service.choose_preset(None, options, infos[0])
@@ -412,10 +524,17 @@ def _sequence_by_reference(
     return _Sequence(names, plan, crs, preset, infos[0].gsd_m, tiles, list(names), indexes, transform)
 
 
-def _streamed_sequence(source: requests.Stream, options: requests.Options, engine: Engine,
-                       stream: scenes.Stream | None, cancelled: Any) -> _Sequence:  # fmt: skip
+def _streamed_sequence(
+    source: requests.Stream,
+    options: requests.Options,
+    engine: Engine,
+    stream: scenes.Stream | None,
+    cancelled: Any,
+) -> _Sequence:
     if stream is None:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, "a streamed scan needs the server (its tiles come as scan_tiles messages)"
+        )
     names = list(source.layers)
     grid = _stream_grid(source, options)
     limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
@@ -423,9 +542,18 @@ def _streamed_sequence(source: requests.Stream, options: requests.Options, engin
     total = len(plan) * (len(names) - 1)
 
     def tiles(k: int, skip: frozenset[int]) -> Iterator[scenes.Tile]:
-        return scenes.stream_tiles(stream, plan, grid.transform, grid.crs, grid.nodata,
-                                   frozenset(i + k * len(plan) for i in skip), cancelled,
-                                   first=k * len(plan), total=total, images=2)  # fmt: skip
+        return scenes.stream_tiles(
+            stream,
+            plan,
+            grid.transform,
+            grid.crs,
+            grid.nodata,
+            frozenset(i + k * len(plan) for i in skip),
+            cancelled,
+            first=k * len(plan),
+            total=total,
+            images=2,
+        )
 
     gsd = imagery.ground_resolution(grid.transform, grid.crs, grid.width / 2, grid.height / 2)
     paths: list[str | None] = list(source.paths)

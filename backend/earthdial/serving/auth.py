@@ -67,7 +67,11 @@ def keygen(directory: str | os.PathLike[str]) -> dict[str, Path]:
     server.public, server.secret, client.public, client.secret. Refuses to overwrite existing keys."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {f"{who}.{part}": out / f"{who}.{part}" for who in ("server", "client") for part in ("public", "secret")}  # fmt: skip
+    paths = {
+        f"{who}.{part}": out / f"{who}.{part}"
+        for who in ("server", "client")
+        for part in ("public", "secret")
+    }
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise FileExistsError(f"keys exist already (remove them first): {', '.join(taken)}")

@@ -178,8 +178,13 @@ def decimated_cost(win_w: int, win_h: int, out_w: int, out_h: int, bands: int, b
     return min(cols, win_w + block_w) * min(rows, win_h + block_h) * bands
 
 
-def blocks_cost(window: tuple[int, int, int, int], size: tuple[int, int], block: tuple[int, int], bands: int,
-                sequential: bool = False) -> int:  # fmt: skip
+def blocks_cost(
+    window: tuple[int, int, int, int],
+    size: tuple[int, int],
+    block: tuple[int, int],
+    bands: int,
+    sequential: bool = False,
+) -> int:
     """Source pixels GDAL decodes for a full-resolution read of `window` (col, row, width, height) of a
     raster of `size` (width, height): every block the window touches, whole; for a file decoded from its
     top (PNG, JPEG), every row above the window's last one."""
@@ -262,9 +267,11 @@ def check_features(count: int, chars_each: int) -> None:
     estimate = count * (600 + chars_each)
     if estimate > _limits.max_reply_bytes:
         raise too_large(
-            f"the answer's {count} box(es) would make a reply of about this size", estimate, "max_reply_bytes",
+            f"the answer's {count} box(es) would make a reply of about this size",
+            estimate,
+            "max_reply_bytes",
             "bytes",
-        )  # fmt: skip
+        )
 
 
 def check_reply(nbytes: int) -> None:

@@ -178,7 +178,9 @@ class ReaderPool:
                 self._idle.append(reader)
                 self._cond.notify()
 
-    def call(self, fn: str, kwargs: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:  # fmt: skip
+    def call(
+        self, fn: str, kwargs: dict[str, Any], arrays: tuple[np.ndarray, ...] = ()
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Run imagery.`fn`(**kwargs) in a reader: its reply header and arrays, or its typed error."""
         until = time.monotonic() + self.timeout_s
         reader = self._take(until)
@@ -240,7 +242,9 @@ class ReaderPool:
         }
         return _chip(*self.call("read_on_grid", {"path": path, "bands": bands, "grid": shape}))
 
-    def scan_grid(self, path: str, bands: list[int] | None, bounds: Any, bounds_crs: str | None) -> imagery.ScanGrid:  # fmt: skip
+    def scan_grid(
+        self, path: str, bands: list[int] | None, bounds: Any, bounds_crs: str | None
+    ) -> imagery.ScanGrid:
         header, _ = self.call(
             "scan_grid", {"path": path, "bands": bands, "bounds": bounds, "bounds_crs": bounds_crs}
         )
@@ -250,7 +254,9 @@ class ReaderPool:
         header, _ = self.call("common_grid", {"paths": paths, "names": names})
         return _grid(header["grid"])
 
-    def read_tile(self, path: str, indexes: list[int], region: tuple[int, int, int, int], out_w: int, out_h: int) -> imagery.Chip:  # fmt: skip
+    def read_tile(
+        self, path: str, indexes: list[int], region: tuple[int, int, int, int], out_w: int, out_h: int
+    ) -> imagery.Chip:
         kwargs = {"path": path, "indexes": indexes, "region": list(region), "out_w": out_w, "out_h": out_h}
         return _chip(*self.call("read_tile", kwargs))
 
@@ -262,8 +268,15 @@ def _grid(g: dict[str, Any]) -> imagery.ScanGrid:
 def _chip(header: dict[str, Any], arrays: list[np.ndarray]) -> imagery.Chip:
     c = header["chip"]
     valid = arrays[1] if len(arrays) > 1 else None
-    return imagery.Chip(arrays[0], Affine(*c["transform"]), c["crs"], c["band_indexes"], c["nodata"], c["source"],
-                        None if valid is None else valid.astype(bool))  # fmt: skip
+    return imagery.Chip(
+        arrays[0],
+        Affine(*c["transform"]),
+        c["crs"],
+        c["band_indexes"],
+        c["nodata"],
+        c["source"],
+        None if valid is None else valid.astype(bool),
+    )
 
 
 def _died(code: int, kwargs: dict[str, Any]) -> EarthDialError:
@@ -316,8 +329,14 @@ def _run(fn: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarr
         return _chip_reply(imagery.read_chip(**_bounds(kwargs)))
     if fn == "read_on_grid":
         g = kwargs["grid"]
-        grid = imagery.Chip(np.empty((0, g["height"], g["width"]), np.uint8), Affine(*g["transform"]), g["crs"],
-                            [], None, "<grid>")  # fmt: skip
+        grid = imagery.Chip(
+            np.empty((0, g["height"], g["width"]), np.uint8),
+            Affine(*g["transform"]),
+            g["crs"],
+            [],
+            None,
+            "<grid>",
+        )
         return _chip_reply(imagery.read_on_grid(kwargs["path"], kwargs["bands"], grid))
     if fn == "scan_grid":
         area = imagery.scan_grid(kwargs["path"], kwargs["bands"], kwargs["bounds"], kwargs["bounds_crs"])
@@ -372,8 +391,13 @@ def _bounds(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chip_reply(chip: imagery.Chip) -> tuple[dict[str, Any], list[np.ndarray]]:
-    fields = {"transform": list(chip.transform)[:6], "crs": chip.crs, "band_indexes": chip.band_indexes,
-              "nodata": chip.nodata, "source": chip.source}  # fmt: skip
+    fields = {
+        "transform": list(chip.transform)[:6],
+        "crs": chip.crs,
+        "band_indexes": chip.band_indexes,
+        "nodata": chip.nodata,
+        "source": chip.source,
+    }
     arrays = [chip.data] + ([chip.valid.astype(np.uint8)] if chip.valid is not None else [])
     return {"chip": fields}, arrays
 
@@ -418,9 +442,12 @@ def main(fd: int) -> None:
         except EarthDialError as exc:
             header, arrays = {"error": exc.code, "message": exc.message}, []
         except MemoryError:
-            header = {"error": ErrorCode.TOO_LARGE, "message": f"reading {request['kwargs'].get('path')} needs "
-                      f"more memory than a reader may take ({config['memory_bytes'] // limits.MIB} MiB, set by "
-                      "`earthdial serve --max-pixels`)"}  # fmt: skip
+            header = {
+                "error": ErrorCode.TOO_LARGE,
+                "message": f"reading {request['kwargs'].get('path')} needs "
+                f"more memory than a reader may take ({config['memory_bytes'] // limits.MIB} MiB, set by "
+                "`earthdial serve --max-pixels`)",
+            }
             arrays = []
         except Exception as exc:  # a bug: typed `internal`, and the reader goes on
             header, arrays = {"error": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}: {exc}"}, []

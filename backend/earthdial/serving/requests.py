@@ -81,8 +81,9 @@ def options(header: dict[str, Any]) -> Options:
             f"options.gsd must be {imagery.MIN_GSD} to {imagery.MAX_GSD:g} metres per pixel, got {gsd!r:.40}",
         )
     max_new = raw.get("max_new_tokens")
-    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool)
-                                or not 1 <= max_new <= MAX_NEW_TOKENS):  # fmt: skip
+    if max_new is not None and (
+        not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= MAX_NEW_TOKENS
+    ):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST,
             f"options.max_new_tokens must be an int in 1..{MAX_NEW_TOKENS}, got {max_new!r:.40}",
@@ -177,8 +178,11 @@ class Stream:
 
 Source = Ref | Value | Stream
 
-KINDS = {"ref": "'ref' (a file the server reads)", "value": "'value' (pixels in an array frame)",
-         "stream": "'stream' (tiles sent as scan_tiles)"}  # fmt: skip
+KINDS = {
+    "ref": "'ref' (a file the server reads)",
+    "value": "'value' (pixels in an array frame)",
+    "stream": "'stream' (tiles sent as scan_tiles)",
+}
 
 
 def source(
@@ -187,8 +191,10 @@ def source(
     """One source's fields, checked (typed errors naming `where`, e.g. ``sources[1].bounds``)."""
     kind = raw.get("kind") if isinstance(raw, dict) else None
     if kind not in kinds:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where} must be an object of kind "
-                             f"{' or '.join(KINDS[k] for k in kinds)}, got {raw!r:.80}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"{where} must be an object of kind {' or '.join(KINDS[k] for k in kinds)}, got {raw!r:.80}",
+        )
     crs = raw.get("crs")
     if crs is not None and not isinstance(crs, str):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.crs must be a string, got {crs!r:.80}")
@@ -203,14 +209,22 @@ def source(
     name = _text_or_none(raw.get("name"))
     if kind == "value":
         shape = raw.get("shape") if op == "plan" else None  # only a plan's source declares it
-        if shape is not None and not (isinstance(shape, list) and len(shape) == 2
-                                      and all(_count(n) and n > 0 for n in shape)):  # fmt: skip
+        if shape is not None and not (
+            isinstance(shape, list) and len(shape) == 2 and all(_count(n) and n > 0 for n in shape)
+        ):
             raise EarthDialError(
                 ErrorCode.BAD_REQUEST, f"{where}.shape must be [rows, cols], got {shape!r:.60}"
             )
         named = name or path
-        return Value(transform, crs or "", nodata, named[:MAX_NAME_CHARS] if named else None, path,
-                     (int(shape[0]), int(shape[1])) if shape else None, _positive(raw.get("gsd_data")))  # fmt: skip
+        return Value(
+            transform,
+            crs or "",
+            nodata,
+            named[:MAX_NAME_CHARS] if named else None,
+            path,
+            (int(shape[0]), int(shape[1])) if shape else None,
+            _positive(raw.get("gsd_data")),
+        )
     sizes = {}
     for key in ("width", "height", "band_count"):
         value = raw.get(key)
@@ -218,9 +232,14 @@ def source(
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.{key} must be an int, got {value!r:.40}")
         sizes[key] = int(value)
     if sizes["band_count"] < 1:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"the streamed layer's band_count must be at least 1, got {sizes['band_count']}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"the streamed layer's band_count must be at least 1, got {sizes['band_count']}",
+        )
     if not crs:
-        raise EarthDialError(ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_CRS, "the streamed layer has no CRS: a scan's boxes could not be placed on a map"
+        )
     dtype = raw.get("dtype") or "uint8"
     if not isinstance(dtype, str):
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.dtype must be a string, got {dtype!r:.40}")
@@ -235,8 +254,19 @@ def source(
         layers = tuple(str(x)[:200] for x in listed)
         paths = tuple(_text_or_none(p) for p in files[: len(layers)])
         paths += (None,) * (len(layers) - len(paths))
-    return Stream(sizes["width"], sizes["height"], sizes["band_count"], transform, crs, dtype, nodata,
-                  name, path, layers, paths)  # fmt: skip
+    return Stream(
+        sizes["width"],
+        sizes["height"],
+        sizes["band_count"],
+        transform,
+        crs,
+        dtype,
+        nodata,
+        name,
+        path,
+        layers,
+        paths,
+    )
 
 
 def sources(header: dict[str, Any]) -> tuple[Source, ...]:
@@ -325,8 +355,9 @@ def check_source_fields(source: Source, where: str) -> None:
         file_access.check_path(source.path)
 
 
-def admit(header: dict[str, Any], arrays: Sequence[Any], raw: bytes | None = None,
-          sources: Sequence[Source] = ()) -> None:  # fmt: skip
+def admit(
+    header: dict[str, Any], arrays: Sequence[Any], raw: bytes | None = None, sources: Sequence[Source] = ()
+) -> None:
     """Checks of a worker request that need no file, after `check`: text, sources' fields (as `sources`
     read them), by-value pixels (the budgets of limits.py)."""
     limits.check_text(header, raw)
@@ -349,7 +380,9 @@ def _bands(bands: Any, where: str) -> tuple[int, ...] | None:
     if bands is None:
         return None
     if not isinstance(bands, list) or not all(_count(b) for b in bands):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.bands must be a list of 1-based ints, got {bands!r:.80}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"{where}.bands must be a list of 1-based ints, got {bands!r:.80}"
+        )
     return tuple(int(b) for b in bands) or None
 
 
@@ -358,8 +391,10 @@ def _bounds(bounds: Any, where: str) -> tuple[float, float, float, float] | None
         return None
     values = _floats(bounds, 4)
     if values is None:
-        raise EarthDialError(ErrorCode.BAD_REQUEST,
-                             f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"{where}.bounds must be 4 finite numbers [minx, miny, maxx, maxy], got {bounds!r:.80}",
+        )
     minx, miny, maxx, maxy = values
     if minx >= maxx or miny >= maxy:
         raise EarthDialError(ErrorCode.BAD_REQUEST, f"bounds {values} need minx < maxx and miny < maxy")
@@ -369,8 +404,10 @@ def _bounds(bounds: Any, where: str) -> tuple[float, float, float, float] | None
 def _transform(transform: Any, where: str) -> tuple[float, float, float, float, float, float]:
     values = _floats(transform, 6)
     if values is None:
-        raise EarthDialError(ErrorCode.BAD_REQUEST,
-                             f"{where}.transform must be 6 finite numbers (a, b, c, d, e, f), got {transform!r:.80}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"{where}.transform must be 6 finite numbers (a, b, c, d, e, f), got {transform!r:.80}",
+        )
     a, b, c, d, e, f = imagery.affine_from(values)[:6]  # `bad_request` when it is not invertible
     return a, b, c, d, e, f
 
@@ -379,7 +416,9 @@ def _nodata(nodata: Any, where: str) -> float | None:
     if nodata is None:
         return None
     if not _real(nodata):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.nodata must be a number or null, got {nodata!r:.40}")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"{where}.nodata must be a number or null, got {nodata!r:.40}"
+        )
     try:
         return float(nodata)
     except OverflowError:
@@ -436,14 +475,23 @@ def earlier(header: dict[str, Any], arrays: Sequence[Any]) -> Earlier | None:
             ErrorCode.BAD_REQUEST, f"field 'earlier' must be true or false, got {flag!r:.40}"
         )
     if len(arrays) != 1:
-        raise EarthDialError(ErrorCode.MISSING_FRAMES, f"'earlier' comes as the scan's one array frame; "
-                             f"{len(arrays)} came")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.MISSING_FRAMES, f"'earlier' comes as the scan's one array frame; {len(arrays)} came"
+        )
     opts = options(header)
     if not opts.merge:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "'earlier' boxes are merged with the new ones: it needs options.merge")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, "'earlier' boxes are merged with the new ones: it needs options.merge"
+        )
     data = from_json_frame(arrays[0], "the 'earlier' frame")
-    if not isinstance(data, dict) or not isinstance(data.get("tiles"), list) or not isinstance(data.get("features"), list):  # fmt: skip
-        raise EarthDialError(ErrorCode.BAD_REQUEST, "the 'earlier' frame must be {\"tiles\": [...], \"features\": [...]}")  # fmt: skip
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("tiles"), list)
+        or not isinstance(data.get("features"), list)
+    ):
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, 'the \'earlier\' frame must be {"tiles": [...], "features": [...]}'
+        )
     tiles: dict[int, dict[str, Any]] = {}
     for k, tile in enumerate(data["tiles"]):
         where = f"earlier.tiles[{k}]"
@@ -454,28 +502,40 @@ def earlier(header: dict[str, Any], arrays: Sequence[Any]) -> Earlier | None:
         _ring(tile.get("footprint"), f"{where}.footprint")
         tiles[tile["index"]] = tile
     if set(tiles) != opts.skip:
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"options.skip must list exactly the earlier tiles ({len(tiles)} "
-                             f"sent, {len(opts.skip)} skipped): the merge covers every tile once")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST,
+            f"options.skip must list exactly the earlier tiles ({len(tiles)} "
+            f"sent, {len(opts.skip)} skipped): the merge covers every tile once",
+        )
     for k, feature in enumerate(data["features"]):
         where = f"earlier.features[{k}]"
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         props = feature.get("properties") if isinstance(feature, dict) else None
         if not isinstance(geometry, dict) or geometry.get("type") != "Polygon" or not isinstance(props, dict):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where} must be a Feature with a Polygon and properties")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"{where} must be a Feature with a Polygon and properties"
+            )
         rings = geometry.get("coordinates")
         if not isinstance(rings, list) or not rings:
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.geometry has no ring")
         for r, ring in enumerate(rings):
             _ring(ring, f"{where}.geometry.coordinates[{r}]")
         if props.get("tile") not in tiles or not _index(props.get("tile")):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.tile must be one of the earlier tiles")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"{where}.properties.tile must be one of the earlier tiles"
+            )
         if not _index(props.get("order")):
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.order must be the box's index in its tile")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST, f"{where}.properties.order must be the box's index in its tile"
+            )
         distance: Any = props.get("edge_distance")
         score = props.get("score")
         if not _real(distance) or not math.isfinite(distance) or distance < 0:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.edge_distance must be a number "
-                                 "of at least 0, as the scan's progress event gave it")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"{where}.properties.edge_distance must be a number "
+                "of at least 0, as the scan's progress event gave it",
+            )
         if score is not None and not _real(score):
             raise EarthDialError(ErrorCode.BAD_REQUEST, f"{where}.properties.score must be a number or null")
         if props.get("label") is not None and not isinstance(props["label"], str):
@@ -489,8 +549,14 @@ def _index(value: Any) -> bool:
 
 def _ring(value: Any, where: str) -> None:
     """A closed ring of at least 4 finite [x, y] points."""
-    if not (isinstance(value, list) and len(value) >= 4 and all(
-            isinstance(p, list) and len(p) == 2 and all(_real(v) and math.isfinite(v) for v in p) for p in value)):  # fmt: skip
+    if not (
+        isinstance(value, list)
+        and len(value) >= 4
+        and all(
+            isinstance(p, list) and len(p) == 2 and all(_real(v) and math.isfinite(v) for v in p)
+            for p in value
+        )
+    ):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"{where} must be a ring of at least 4 finite [x, y] points"
         )

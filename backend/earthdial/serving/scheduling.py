@@ -198,12 +198,17 @@ class FairQueue:
         now = time.monotonic()
         with self._cond:
             return [
-                {"id": job.request_id, "op": job.header.get("op"), "client": job.client[:13], "stage": job.stage,
-                 "age_s": round(now - job.received, 3),
-                 "running_s": round(now - job.started, 3) if job.started is not None else None,
-                 "cancel_requested": job.cancel.is_set()}
+                {
+                    "id": job.request_id,
+                    "op": job.header.get("op"),
+                    "client": job.client[:13],
+                    "stage": job.stage,
+                    "age_s": round(now - job.received, 3),
+                    "running_s": round(now - job.started, 3) if job.started is not None else None,
+                    "cancel_requested": job.cancel.is_set(),
+                }
                 for job in self._running
-            ]  # fmt: skip
+            ]
 
     def counts(self) -> dict[str, Any]:
         """Queue length, running jobs, and both per client (names shortened: they are not for sharing)."""

@@ -258,9 +258,15 @@ class Server:
         target = header.get("scan")
         stream = self._streams.get((ident, target))
         if stream is None:
-            raise EarthDialError(ErrorCode.BAD_REQUEST, f"scan_tiles: no streamed detect {target!r:.60} is running on this connection")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_REQUEST,
+                f"scan_tiles: no streamed detect {target!r:.60} is running on this connection",
+            )
         if stream.inbox.qsize() > MAX_STREAM_BACKLOG:
-            raise EarthDialError(ErrorCode.BUSY, "scan_tiles: too many tile messages waiting; wait for progress events before sending more")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BUSY,
+                "scan_tiles: too many tile messages waiting; wait for progress events before sending more",
+            )
         stream.inbox.put((header, arrays))
 
     def _answer(self, batch: list[Pending]) -> list[tuple[bytes, dict[str, Any]]]:
@@ -351,21 +357,31 @@ class Server:
         request = admit(header, arrays, raw)
         request_id, op = header.get("id"), header["op"]
         if op == "ping":
-            reply = ok_reply(request_id, pong=True, server=self.instance, uptime_s=time.monotonic() - self.started)  # fmt: skip
+            reply = ok_reply(
+                request_id, pong=True, server=self.instance, uptime_s=time.monotonic() - self.started
+            )
             self._send(ident, reply)
         elif op == "status":
             counts = self.queue.counts()
             fields = service.status(self.engine, counts["queue"], counts["running"])
-            fields.update(clients=counts["clients"], queue_size=self.queue.maxsize, server=self.instance,
-                          jobs=self.queue.jobs(), queue_bytes=counts["queue_bytes"],
-                          connections=self.connections.counts(), limits=_limits_view(self.budgets))  # fmt: skip
+            fields.update(
+                clients=counts["clients"],
+                queue_size=self.queue.maxsize,
+                server=self.instance,
+                jobs=self.queue.jobs(),
+                queue_bytes=counts["queue_bytes"],
+                connections=self.connections.counts(),
+                limits=_limits_view(self.budgets),
+            )
             self._send(ident, ok_reply(request_id, **fields))
         elif op == "plan":
             self._plan(ident, header, arrays, request)
         elif op == "cancel":
             target = header.get("target")
             if not isinstance(target, str):
-                raise EarthDialError(ErrorCode.BAD_REQUEST, "field 'target' must be the id of the request to cancel")  # fmt: skip
+                raise EarthDialError(
+                    ErrorCode.BAD_REQUEST, "field 'target' must be the id of the request to cancel"
+                )
             state, job = self.queue.cancel(target, ident, client)
             if state == "queued" and job is not None:
                 self._streams.pop((job.ident, job.request_id), None)
@@ -525,10 +541,14 @@ def admit(header: dict[str, Any], arrays: list[Any], raw: Any = None) -> request
     as checked (`requests.check`), for the op that runs it; None for the ops the I/O loop answers."""
     request_id, op, client = header.get("id"), header.get("op"), header.get("client")
     if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_CHARS} characters")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_CHARS} characters"
+        )
     # `client` is accepted for older clients and ignored: identity comes from the transport
     if client is not None and not (isinstance(client, str) and 0 < len(client) <= MAX_ID_CHARS):
-        raise EarthDialError(ErrorCode.BAD_REQUEST, f"field 'client' must be a string of 1 to {MAX_ID_CHARS} characters")  # fmt: skip
+        raise EarthDialError(
+            ErrorCode.BAD_REQUEST, f"field 'client' must be a string of 1 to {MAX_ID_CHARS} characters"
+        )
     if not isinstance(op, str) or op not in OPS:
         raise EarthDialError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.40}; known: {', '.join(OPS)}")
     if op in LOOP_OPS:

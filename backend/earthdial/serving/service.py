@@ -47,8 +47,14 @@ def resolve_source(
         if grid is not None:
             chip = imagery.read_on_grid(real, bands, grid)
         else:
-            chip = imagery.read_chip(real, bands=bands, bounds=source.bounds, bounds_crs=source.crs,
-                                     max_size=MAX_CHIP_SIZE, gsd=gsd)  # fmt: skip
+            chip = imagery.read_chip(
+                real,
+                bands=bands,
+                bounds=source.bounds,
+                bounds_crs=source.crs,
+                max_size=MAX_CHIP_SIZE,
+                gsd=gsd,
+            )
         chip.source = source.path  # the file as the client named it (`real` may have resolved links)
         return chip
     chip = imagery.chip_from_array(arrays[0], source.transform, source.crs, source.nodata)
@@ -66,8 +72,14 @@ def features_for(answer: str, chip: imagery.Chip, properties: dict[str, Any]) ->
 
 
 def chip_description(chip: imagery.Chip) -> dict[str, Any]:
-    a, b, c, d, e, f = (chip.transform.a, chip.transform.b, chip.transform.c, chip.transform.d,
-                        chip.transform.e, chip.transform.f)  # fmt: skip
+    a, b, c, d, e, f = (
+        chip.transform.a,
+        chip.transform.b,
+        chip.transform.c,
+        chip.transform.d,
+        chip.transform.e,
+        chip.transform.f,
+    )
     return {
         "source": chip.source,
         "bands": chip.band_indexes,
@@ -148,8 +160,9 @@ class Window:
         `shape` its plan declares with a sample)."""
         if isinstance(self.source, requests.Ref):
             assert self.info is not None
-            return imagery.plan_chip(self.info.path, self.bands, self.source.bounds, self.source.crs,
-                                     self.max_size, self.gsd)  # fmt: skip
+            return imagery.plan_chip(
+                self.info.path, self.bands, self.source.bounds, self.source.crs, self.max_size, self.gsd
+            )
         assert array is not None
         data = array if array.ndim == 3 else array[None]
         height, width = self.source.shape or data.shape[1:]
@@ -160,15 +173,17 @@ class Window:
         """The pixels: what `describe` names (a file's window through the same `imagery` plan)."""
         if isinstance(self.source, requests.Ref):
             assert self.info is not None
-            chip = imagery.read_chip(self.info.path, self.bands, self.source.bounds, self.source.crs,
-                                     self.max_size, self.gsd)  # fmt: skip
+            chip = imagery.read_chip(
+                self.info.path, self.bands, self.source.bounds, self.source.crs, self.max_size, self.gsd
+            )
             chip.source = self.source.path  # the file as the client named it (`info.path` resolved links)
             return chip
         return resolve_source(self.source, arrays)
 
 
-def window(source: requests.Source, array: np.ndarray | None, options: requests.Options,
-           scan: bool = False) -> Window:  # fmt: skip
+def window(
+    source: requests.Source, array: np.ndarray | None, options: requests.Options, scan: bool = False
+) -> Window:
     """The window an `ask` of this first source reads (`scan`: the region a scan of it covers, at the
     layer's own resolution): its preset, and the bands, bounds, size and GSD it is read at."""
     if isinstance(source, requests.Stream):
@@ -208,8 +223,18 @@ def read_inputs(
         resolve_source(s, a, grid=first, default_bands=bands)
         for s, a in zip(sources[1:], own[1:], strict=True)
     ]
-    chips = [imagery.Chip(presets.apply(preset, c.data, c.nodata), c.transform, c.crs, c.band_indexes,
-                          c.nodata, c.source, c.valid) for c in chips]  # fmt: skip
+    chips = [
+        imagery.Chip(
+            presets.apply(preset, c.data, c.nodata),
+            c.transform,
+            c.crs,
+            c.band_indexes,
+            c.nodata,
+            c.source,
+            c.valid,
+        )
+        for c in chips
+    ]
     warnings: list[str] = []
     masks = [imagery.valid_mask(c) for c in chips]
     common = np.logical_and.reduce(masks) if len(masks) > 1 else masks[0]
@@ -308,8 +333,16 @@ def prepare(
     from earthdial.model.engine import Query  # torch only where the model runs
 
     images = [engine.image(chip.data, tag, chip.nodata, task=name, images=len(chips)) for chip in chips]
-    job.query = Query(question, images, max_new, history, num_beams=how.num_beams, min_new_tokens=how.min_new_tokens,
-                      sampling=how.sampling, system=how.system_message)  # fmt: skip
+    job.query = Query(
+        question,
+        images,
+        max_new,
+        history,
+        num_beams=how.num_beams,
+        min_new_tokens=how.min_new_tokens,
+        sampling=how.sampling,
+        system=how.system_message,
+    )
     job.timings["preprocess_s"] = time.perf_counter() - t
     return job
 
@@ -404,8 +437,14 @@ def plan(
     }
 
 
-def describe_scan(width: int, height: int, gsd_m: float | None, options: requests.Options,
-                  image_size: int | None, images: int = 1) -> dict[str, Any]:  # fmt: skip
+def describe_scan(
+    width: int,
+    height: int,
+    gsd_m: float | None,
+    options: requests.Options,
+    image_size: int | None,
+    images: int = 1,
+) -> dict[str, Any]:
     """What a scan of a width x height px region (at the layer's resolution, `gsd_m` its GSD) with
     `options` would run, for `plan`: its tiles and batches (checked against the scan budget as the scan
     is; a change scan of `images` layers runs them for each of its pairs) and the GSD the model sees each
@@ -414,8 +453,14 @@ def describe_scan(width: int, height: int, gsd_m: float | None, options: request
     limits.check_scan(width, height, tile, overlap)
     tiles = tiling.tile_count(width, height, tile, overlap) * max(1, images - 1)
     side = max(min(tile, width), min(tile, height))  # a tile is cut to a region smaller than it
-    return {"tiles": tiles, "batches": -(-tiles // batch), "tile_size": tile, "overlap": overlap, "batch": batch,
-            "model_gsd_m": gsd_m * side / image_size if gsd_m and image_size else None}  # fmt: skip
+    return {
+        "tiles": tiles,
+        "batches": -(-tiles // batch),
+        "tile_size": tile,
+        "overlap": overlap,
+        "batch": batch,
+        "model_gsd_m": gsd_m * side / image_size if gsd_m and image_size else None,
+    }
 
 
 def _grid_for(
@@ -479,7 +524,7 @@ def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
             len(job.chips),
         )
         if model is not None
-        else None,  # fmt: skip
+        else None,
         request=request_record(job) if job.query is not None else "",
     )
     reply: dict[str, Any] = {
@@ -506,8 +551,9 @@ def finish(job: Job, engine: Engine | None) -> dict[str, Any]:
     return reply
 
 
-def model_gsd(engine: Engine, width: int, height: int, gsd_m: float | None, tag: str, task: str | None,
-              images: int = 1) -> float | None:  # fmt: skip
+def model_gsd(
+    engine: Engine, width: int, height: int, gsd_m: float | None, tag: str, task: str | None, images: int = 1
+) -> float | None:
     """Ground metres per pixel of the image the model sees: a width x height window of `gsd_m` resized
     onto its model tiles, along the coarser of its two axes. `plan` promises it, an answer records it."""
     if not gsd_m:
@@ -524,22 +570,50 @@ def request_record(job: Job) -> str:
     sources = []
     for src in job.sources:
         if isinstance(src, requests.Ref):
-            sources.append({"path": src.path, "bands": list(src.bands) if src.bands else None,
-                            "bounds": list(src.bounds) if src.bounds else None, "crs": src.crs})  # fmt: skip
+            sources.append(
+                {
+                    "path": src.path,
+                    "bands": list(src.bands) if src.bands else None,
+                    "bounds": list(src.bounds) if src.bounds else None,
+                    "crs": src.crs,
+                }
+            )
         else:  # pixels sent by value: only the file they came from, if any
             sources.append({"path": src.path, "bands": None, "bounds": None, "crs": src.crs or None})
-    return record(header.get("task"), header.get("prompt", ""), job.sensor,
-                  job.inputs.preset.name if job.inputs else None, job.options, sources,
-                  chip_description(job.chips[0]))  # fmt: skip
+    return record(
+        header.get("task"),
+        header.get("prompt", ""),
+        job.sensor,
+        job.inputs.preset.name if job.inputs else None,
+        job.options,
+        sources,
+        chip_description(job.chips[0]),
+    )
 
 
-def record(task: Any, prompt: Any, sensor: str, preset: str | None, options: requests.Options,
-           sources: list[dict[str, Any]], window: dict[str, Any]) -> str:  # fmt: skip
+def record(
+    task: Any,
+    prompt: Any,
+    sensor: str,
+    preset: str | None,
+    options: requests.Options,
+    sources: list[dict[str, Any]],
+    window: dict[str, Any],
+) -> str:
     """The `request` field: one JSON form for an answer's window and for each tile of a scan."""
     kept = options.recorded()
     window = {k: v for k, v in window.items() if k != "source"}
-    return result_features.request_json({"task": task, "prompt": prompt, "sensor": sensor, "preset": preset,
-                                 "options": kept, "sources": sources, "window": window})  # fmt: skip
+    return result_features.request_json(
+        {
+            "task": task,
+            "prompt": prompt,
+            "sensor": sensor,
+            "preset": preset,
+            "options": kept,
+            "sources": sources,
+            "window": window,
+        }
+    )
 
 
 def generate(jobs: list[Job], engine: Engine | None, stop: list[Any] | None = None) -> None:

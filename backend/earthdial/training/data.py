@@ -175,9 +175,14 @@ def change_example(pair: synthetic.Pair, before: np.ndarray, after: np.ndarray) 
     # image's object instead left 19 of 43 disappearances unseen)
     answer_look = [[(1, o) for _, o in items]]
     return Example(
-        record(q, change_answer(pair)), [before, after], sensor, "change",
-        [pair.before.objects, pair.after.objects], focus=focus, answer_look=answer_look,
-    )  # fmt: skip
+        record(q, change_answer(pair)),
+        [before, after],
+        sensor,
+        "change",
+        [pair.before.objects, pair.after.objects],
+        focus=focus,
+        answer_look=answer_look,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +278,12 @@ def make_examples(
             elif task == "absent" and {o.cls for o in scene.objects} == set(CLASSES):
                 # every class is there: leave one object out, so that the class asked about is truly absent
                 gone = int(rng.integers(0, len(scene.objects)))
-                scene = Scene(scene.seed, [o for k, o in enumerate(scene.objects) if k != gone],
-                              scene.water_level, scene.terrain)  # fmt: skip
+                scene = Scene(
+                    scene.seed,
+                    [o for k, o in enumerate(scene.objects) if k != gone],
+                    scene.water_level,
+                    scene.terrain,
+                )
             image, labels = synthetic.render_with_labels(scene, size)
             for q, f in _two_orientations(rng):
                 ex = SINGLE_TASKS[task](turn_scene(scene, q, f), _turn_array(image, q, f), rng)
@@ -430,8 +439,18 @@ def collate(examples: list[Example], engine: Any) -> Batch:
     cell_box = torch.stack([d[1] for d in dense]) if dense else None
     maps = [m for ex in examples for m in ex.label_maps]
     patch_class = torch.stack([patch_targets(m) for m in maps]) if maps and len(maps) == len(dense) else None
-    return Batch(input_ids, attention, labels, torch.cat(pixels), [ex.task for ex in examples], cell_class,
-                 cell_box, patch_class, look, pair_look)  # fmt: skip
+    return Batch(
+        input_ids,
+        attention,
+        labels,
+        torch.cat(pixels),
+        [ex.task for ex in examples],
+        cell_class,
+        cell_box,
+        patch_class,
+        look,
+        pair_look,
+    )
 
 
 class SoftNumberLoss:

@@ -140,8 +140,14 @@ class EvalResult:
         return out
 
 
-def evaluate(engine: Any, scenes: int = 200, seed: int = EVAL_SEED, workdir: str | Path | None = None,
-             batch: int = 50, log: Callable[[str], None] | None = None) -> EvalResult:  # fmt: skip
+def evaluate(
+    engine: Any,
+    scenes: int = 200,
+    seed: int = EVAL_SEED,
+    workdir: str | Path | None = None,
+    batch: int = 50,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
     """Held-out evaluation through the server's own path: each scene is written as a GeoTIFF and asked
     about with `service` requests by reference (reading, band preset, sensor tag, pixels, prompt, model,
     answer parsing). Scenes are rendered at 112, 168 or 224 px like the training mix."""
@@ -254,8 +260,17 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
     )
     path = root / "scan_mosaic.tif"
     transform = from_origin(*synthetic.ORIGIN, synthetic.SCENE_METRES / side, synthetic.SCENE_METRES / side)
-    with rasterio.open(path, "w", driver="GTiff", width=image.shape[2], height=image.shape[1], count=3,
-                       dtype="uint8", crs="EPSG:32633", transform=transform) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=image.shape[2],
+        height=image.shape[1],
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=transform,
+    ) as dst:
         dst.write(image)
     inverse = ~transform
     said = right = true_n = found_n = tiles = 0
@@ -273,8 +288,13 @@ def scan_check(engine: Any, seed: int, root: Path, n: int = 4, side: int = 224) 
             if event == "merged":  # the scan's own merge, as `earthdial detect` writes it
                 found.extend(fields["features"])
 
-        header = {"op": "detect", "task": "refer", "prompt": SYNONYMS[cls][1], "source": source_by_reference(str(path)),
-                  "options": {"tile_size": side, "overlap": 0.1, "batch": 16}}  # fmt: skip
+        header = {
+            "op": "detect",
+            "task": "refer",
+            "prompt": SYNONYMS[cls][1],
+            "source": source_by_reference(str(path)),
+            "options": {"tile_size": side, "overlap": 0.1, "batch": 16},
+        }
         tiles = scan.run(header, engine, keep)["tiles"]
         boxes = [Polygon([inverse * tuple(xy) for xy in f["geometry"]["coordinates"][0]]) for f in found]
 

@@ -73,8 +73,9 @@ class Export:
 # ------------------------------------------------------------------------------------------------
 
 
-def polygon_to_box(ring: Iterable[tuple[float, float]], transform: Any, width: float, height: float,
-                   label: str = "") -> Box:  # fmt: skip
+def polygon_to_box(
+    ring: Iterable[tuple[float, float]], transform: Any, width: float, height: float, label: str = ""
+) -> Box:
     """The box whose `georef.box_to_polygon` on this window is (closest to) ``ring``: map points go to
     pixels by the inverse affine, the minimum rotated rectangle gives the centre, the sides and the angle
     (positive clockwise on screen, as georef turns it), folded into [0, 90) by swapping the sides."""
@@ -105,8 +106,14 @@ def polygon_to_box(ring: Iterable[tuple[float, float]], transform: Any, width: f
     def scale(v: float) -> int:
         return int(min(max(round(v), 0), 100))
 
-    return Box(scale((cx - w / 2) * sx), scale((cy - h / 2) * sy), scale((cx + w / 2) * sx),
-               scale((cy + h / 2) * sy), angle, label)  # fmt: skip
+    return Box(
+        scale((cx - w / 2) * sx),
+        scale((cy - h / 2) * sy),
+        scale((cx + w / 2) * sx),
+        scale((cy + h / 2) * sy),
+        angle,
+        label,
+    )
 
 
 def _turn_sense() -> float:
@@ -310,12 +317,14 @@ def _read_chip(request: dict[str, Any], layer: str) -> Any:
     options = dict(request.get("options") or {}) if isinstance(request.get("options"), dict) else {}
     if request.get("preset"):
         options["preset"] = request["preset"]
-    return service.read_inputs(requests.sources({"op": "ask", "source": src}), [],
-                               requests.options({"options": options})).chips[0]  # fmt: skip
+    return service.read_inputs(
+        requests.sources({"op": "ask", "source": src}), [], requests.options({"options": options})
+    ).chips[0]
 
 
-def records_for_request(request: dict[str, Any], features: list[Feature], chip: Any,
-                        layer: str) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+def records_for_request(
+    request: dict[str, Any], features: list[Feature], chip: Any, layer: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The conversations of one reviewed request on its re-read ``chip``: (records, reasons skipped)."""
     task = str(request.get("task") or "")
     sensor = str(request.get("sensor") or prompts.DEFAULT_SENSOR)
@@ -344,22 +353,31 @@ def records_for_request(request: dict[str, Any], features: list[Feature], chip: 
             complete = False
             continue
         kept = [f for f in group if f.review in KEPT]
-        boxes = _reading_order([polygon_to_box(f.ring, chip.transform, chip.width, chip.height, label)
-                                for f in kept])  # fmt: skip
+        boxes = _reading_order(
+            [polygon_to_box(f.ring, chip.transform, chip.width, chip.height, label) for f in kept]
+        )
         asked = prompt if task == "refer" and prompt else label
         question = prompts.build_question("refer", asked, sensor)
         answer = grounded(label, boxes) if boxes else absent_answer(label)
-        records.append({"kind": "refer" if boxes else "negative", "label": label, "boxes": boxes,
-                        "conversations": _record(question, answer)})  # fmt: skip
+        records.append(
+            {
+                "kind": "refer" if boxes else "negative",
+                "label": label,
+                "boxes": boxes,
+                "conversations": _record(question, answer),
+            }
+        )
     if task == "grounding" and complete:
         labelled = [(lbl, f) for lbl, g in labels.items() for f in g if f.review in KEPT]
-        boxes = _reading_order([polygon_to_box(f.ring, chip.transform, chip.width, chip.height, lbl)
-                                for lbl, f in labelled])  # fmt: skip
+        boxes = _reading_order(
+            [polygon_to_box(f.ring, chip.transform, chip.width, chip.height, lbl) for lbl, f in labelled]
+        )
         if boxes:
             answer = " ".join(grounded(b.label or "", [b]) for b in boxes)
             question = prompts.build_question("grounding", "", sensor)
-            records.append({"kind": "grounding", "label": "", "boxes": boxes,
-                            "conversations": _record(question, answer)})  # fmt: skip
+            records.append(
+                {"kind": "grounding", "label": "", "boxes": boxes, "conversations": _record(question, answer)}
+            )
     return records, skipped
 
 
@@ -431,8 +449,14 @@ def _layer_records(path: str, name: str) -> tuple[list[tuple[dict[str, Any], Any
             reasons[why] = reasons.get(why, 0) + 1
         stem = chip_stem(name, text)
         for k, rec in enumerate(records):
-            rec.update(id=f"{stem}-{k}", image=f"{CHIPS_DIR}/{stem}.tif", sensor=request.get("sensor"),
-                       task=task, layer=name, source=request["sources"][0].get("path"))  # fmt: skip
+            rec.update(
+                id=f"{stem}-{k}",
+                image=f"{CHIPS_DIR}/{stem}.tif",
+                sensor=request.get("sensor"),
+                task=task,
+                layer=name,
+                source=request["sources"][0].get("path"),
+            )
             pending.append((rec, chip))
     skipped = [f"layer {name!r}: {why}" + (f" ({n} windows)" if n > 1 else "") for why, n in reasons.items()]
     return pending, skipped
@@ -463,9 +487,18 @@ def _write(out: Path, pending: list[tuple[dict[str, Any], Any]]) -> None:
         target = out / rec["image"]
         tmp = target.with_suffix(".tif.part")
         data = np.asarray(chip.data)
-        with rasterio.open(tmp, "w", driver="GTiff", width=chip.width, height=chip.height, count=data.shape[0],
-                           dtype=data.dtype, crs=chip.crs or None, transform=chip.transform,
-                           nodata=chip.nodata) as dst:  # fmt: skip
+        with rasterio.open(
+            tmp,
+            "w",
+            driver="GTiff",
+            width=chip.width,
+            height=chip.height,
+            count=data.shape[0],
+            dtype=data.dtype,
+            crs=chip.crs or None,
+            transform=chip.transform,
+            nodata=chip.nodata,
+        ) as dst:
             dst.write(data)
         os.replace(tmp, target)
     tmp = out / (RECORDS_FILE + ".part")

@@ -119,8 +119,10 @@ def turned(example: train.Example, quarter: int, flip: bool) -> train.Example:
     def fix(text: str) -> str:
         return _BOX.sub(turn, text)
 
-    conv = [dict(turn, value=fix(turn["value"])) if turn["from"] == "gpt" else turn
-            for turn in example.conversation]  # fmt: skip
+    conv = [
+        dict(turn, value=fix(turn["value"])) if turn["from"] == "gpt" else turn
+        for turn in example.conversation
+    ]
     return replace(example, conversation=conv, images=[image])
 
 
@@ -174,8 +176,13 @@ def _loss_fn(tokenizer: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
 def _to(batch: train.Batch, device: str) -> train.Batch:
     if device == "cpu":
         return batch
-    return replace(batch, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                   labels=batch.labels.to(device), pixel_values=batch.pixel_values.to(device))  # fmt: skip
+    return replace(
+        batch,
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        labels=batch.labels.to(device),
+        pixel_values=batch.pixel_values.to(device),
+    )
 
 
 class Sampler:
@@ -208,8 +215,14 @@ def load_base(model_dir: str, device: str) -> tuple[Any, Any, Any]:
         raise EarthDialError(ErrorCode.MODEL_ERROR, f"cannot load {model_dir}: {exc}") from None
 
 
-def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: FinetuneConfig | None = None,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def finetune(
+    records_dir: str | Path,
+    model_dir: str,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train an adapter on the records of ``records_dir`` for the checkpoint ``model_dir``; write it to
     ``out_dir``. Returns a summary (steps, seconds, the loss at the start and the end, the engine)."""
     cfg = cfg or FinetuneConfig()
@@ -235,14 +248,17 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
     loss_fn = _loss_fn(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    step_cfg = train.TrainConfig(bf16=False, dense_weight=0.0, look_weight=cfg.look, look_layers=cfg.look_layers,
-                                 clip=1.0)  # fmt: skip
+    step_cfg = train.TrainConfig(
+        bf16=False, dense_weight=0.0, look_weight=cfg.look, look_layers=cfg.look_layers, clip=1.0
+    )
     if cfg.look > 0:
         train.attend_eagerly(model)
     trainable = sum(p.numel() for p in params)
-    log(f"{len(records)} records, {trainable:,} trainable parameters "
+    log(
+        f"{len(records)} records, {trainable:,} trainable parameters "
         f"(LoRA r={cfg.rank}{', projector' if cfg.projector else ''}{', vision tower' if cfg.vision else ''}) "
-        f"on {device}")  # fmt: skip
+        f"on {device}"
+    )
 
     def lr_at(step: int, total: int) -> float:
         if step < cfg.warmup_steps:
@@ -311,15 +327,23 @@ def finetune(records_dir: str | Path, model_dir: str, out_dir: str | Path, cfg: 
             "cpu_seconds": round(cpu_seconds, 1),
             "loss_start": round(head, 4),
             "loss_end": round(tail, 4),
-        },  # fmt: skip
+        },
     }
     adapters.save(peft_model, out_dir, meta)
     log(
         f"{step} steps in {seconds / 60:.1f} min ({cpu_seconds / 60:.1f} CPU min), loss {head:.3f} -> {tail:.3f}; "
         f"wrote {out_dir}"
     )
-    return {"steps": step, "seconds": seconds, "cpu_seconds": cpu_seconds, "loss_start": head, "loss_end": tail, "losses": losses,
-            "engine": engine, "model": model}  # fmt: skip
+    return {
+        "steps": step,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "loss_start": head,
+        "loss_end": tail,
+        "losses": losses,
+        "engine": engine,
+        "model": model,
+    }
 
 
 __all__ = ["FinetuneConfig", "finetune", "read_examples", "turned"]

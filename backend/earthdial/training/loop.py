@@ -81,9 +81,18 @@ def continuation(init: str, minutes: float = 8.0, seed: int = 1, **overrides: An
     """The recipe that continues a trained demo checkpoint on the absent-class mixture: stage 2 only,
     a short warm-up to a lower learning rate, no curriculum, no dense aid (its heads are not saved, so
     they would start from random and pull the projector about)."""
-    values: dict[str, Any] = dict(init=init, minutes=minutes, seed=seed, lr=3e-4, warmup_steps=20,
-                                  final_lr_ratio=0.2, mix=dict(ABSENT_MIX), dense_weight=0.0,
-                                  easy_share=0.0, vision_share=0.0)  # fmt: skip
+    values: dict[str, Any] = dict(
+        init=init,
+        minutes=minutes,
+        seed=seed,
+        lr=3e-4,
+        warmup_steps=20,
+        final_lr_ratio=0.2,
+        mix=dict(ABSENT_MIX),
+        dense_weight=0.0,
+        easy_share=0.0,
+        vision_share=0.0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -178,8 +187,12 @@ class DenseAid(torch.nn.Module):
         return total
 
 
-def look_loss(attentions: tuple[torch.Tensor, ...], look: list[tuple[int, int, list[int]]],
-              layers: tuple[int, ...], head: int = 0) -> torch.Tensor:  # fmt: skip
+def look_loss(
+    attentions: tuple[torch.Tensor, ...],
+    look: list[tuple[int, int, list[int]]],
+    layers: tuple[int, ...],
+    head: int = 0,
+) -> torch.Tensor:
     """The look aid (training only): where the answer writes a box's numbers (and a change answer its Yes),
     one head of the given language-model layers should attend to the image tokens of that box's object;
     in a pair, one head should match each token of the later image with the same cell of the earlier one
@@ -204,8 +217,14 @@ def attend_eagerly(model: Any) -> None:
     model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"})
 
 
-def train_step(model: Any, batch: Batch, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               opt: torch.optim.Optimizer, cfg: TrainConfig, aid: DenseAid | None = None) -> float:  # fmt: skip
+def train_step(
+    model: Any,
+    batch: Batch,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    aid: DenseAid | None = None,
+) -> float:
     """One optimiser step. The image features are computed once and spliced into the prompt embeddings
     at the <IMG_CONTEXT> positions, exactly as `Engine.generate` does."""
     model.train()
@@ -285,16 +304,34 @@ def vision_batch(cfg: TrainConfig, engine: Any, start: int, rng: np.random.Gener
         index += 1
     n = cfg.vision_batch
     empty = torch.zeros(0, dtype=torch.long)
-    return Batch(empty, empty, empty, torch.cat(pixels[:n]), ["vision"], torch.stack([d[0] for d in dense[:n]]),
-                 torch.stack([d[1] for d in dense[:n]]), torch.stack(maps[:n]))  # fmt: skip
+    return Batch(
+        empty,
+        empty,
+        empty,
+        torch.cat(pixels[:n]),
+        ["vision"],
+        torch.stack([d[0] for d in dense[:n]]),
+        torch.stack([d[1] for d in dense[:n]]),
+        torch.stack(maps[:n]),
+    )
 
 
-def train_vision(model: Any, engine: Any, aid: DenseAid, cfg: TrainConfig, seconds: float, steps: int | None,
-                 log: Callable[[str], None]) -> int:  # fmt: skip
+def train_vision(
+    model: Any,
+    engine: Any,
+    aid: DenseAid,
+    cfg: TrainConfig,
+    seconds: float,
+    steps: int | None,
+    log: Callable[[str], None],
+) -> int:
     """Stage 1: the vision tower and projector learn the scenes through the dense aid alone (cheap: no
     language model), so that stage 2 starts from image tokens that already say what is where."""
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
-              *aid.parameters()]  # fmt: skip
+    params = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+        *aid.parameters(),
+    ]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, 0x7151])
     started = time.perf_counter()
@@ -357,13 +394,23 @@ def train(
     loss_fn = SoftNumberLoss(
         tokenizer.convert_tokens_to_ids(list(NUMBERS)), model.config.text_config.vocab_size
     )
-    aid = (DenseAid(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
-           if cfg.dense_weight > 0 else None)  # fmt: skip
+    aid = (
+        DenseAid(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+        if cfg.dense_weight > 0
+        else None
+    )
     started_all = time.perf_counter()
     vision_steps = 0
     if aid is not None and (cfg.vision_steps if cfg.steps is not None else cfg.vision_share > 0):
-        vision_steps = train_vision(model, engine, aid, cfg, cfg.vision_share * cfg.minutes * 60.0,
-                                    cfg.vision_steps if cfg.steps is not None else None, log)  # fmt: skip
+        vision_steps = train_vision(
+            model,
+            engine,
+            aid,
+            cfg,
+            cfg.vision_share * cfg.minutes * 60.0,
+            cfg.vision_steps if cfg.steps is not None else None,
+            log,
+        )
     if cfg.freeze_vision:  # the vision tower learns in stage 1 only (or stays as initialised without it)
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
@@ -399,8 +446,10 @@ def train(
         step += 1
         if step % 50 == 0:
             means = {t: np.mean(v[-20:]) for t, v in losses.items() if v}
-            log(f"step {step} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} threads {threads} "
-                + " ".join(f"{t} {m:.3f}" for t, m in means.items()))  # fmt: skip
+            log(
+                f"step {step} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} threads {threads} "
+                + " ".join(f"{t} {m:.3f}" for t, m in means.items())
+            )
         if cfg.check_every and step % cfg.check_every == 0:
             res = quick_check(engine, cfg.check_scenes)
             res.update(step=step, minutes=round((time.perf_counter() - started) / 60, 2))

@@ -131,9 +131,12 @@ def demo_published_config(vocab_size: int, eos_id: int) -> dict[str, Any]:
     cfg["max_dynamic_patch"] = 1  # the demo saw single 112 px tiles only: whole windows are resized
     cfg["use_thumbnail"] = False
     cfg["vision_config"].update(
-        hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=4,
         initializer_factor=1.0,  # layer-scale start: 0.1 kept a from-scratch ViT near identity for too long
-    )  # fmt: skip
+    )
     llm = cfg["llm_config"]
     llm.update(
         hidden_size=192,

@@ -129,11 +129,17 @@ def choose_torch(system: str, machine: str, cuda: tuple[int, int] | None) -> Tor
         fitting = [tag for version, tag in CUDA_BUILDS if version <= cuda]
         if fitting:
             tag = fitting[-1]
-            return TorchBuild(tag, TORCH_INDEX.format(tag=tag), "cuda",
-                              f"NVIDIA driver with CUDA {cuda[0]}.{cuda[1]}: the newest build it runs is {tag}")  # fmt: skip
+            return TorchBuild(
+                tag,
+                TORCH_INDEX.format(tag=tag),
+                "cuda",
+                f"NVIDIA driver with CUDA {cuda[0]}.{cuda[1]}: the newest build it runs is {tag}",
+            )
         oldest = CUDA_BUILDS[0][0]
-        why = (f"the NVIDIA driver's CUDA {cuda[0]}.{cuda[1]} is older than the oldest CUDA build of this torch "
-               f"({oldest[0]}.{oldest[1]}): CPU build (update the driver to use the GPU)")  # fmt: skip
+        why = (
+            f"the NVIDIA driver's CUDA {cuda[0]}.{cuda[1]} is older than the oldest CUDA build of this torch "
+            f"({oldest[0]}.{oldest[1]}): CPU build (update the driver to use the GPU)"
+        )
         return TorchBuild("cpu", TORCH_INDEX.format(tag="cpu"), "cpu", why)
     if system == "Darwin":
         if machine.lower() in ("arm64", "aarch64"):

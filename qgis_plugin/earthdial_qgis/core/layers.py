@@ -85,8 +85,9 @@ def reply_features(
         values = result_features.complete(feature.get("properties"))
         qfeature = QgsFeature(fields)
         qfeature.setGeometry(geometry)
-        qfeature.setAttributes([_value(values.get(fields.at(i).name()), fields.at(i).name())
-                                for i in range(fields.count())])  # fmt: skip
+        qfeature.setAttributes(
+            [_value(values.get(fields.at(i).name()), fields.at(i).name()) for i in range(fields.count())]
+        )
         out.append(qfeature)
     return out
 

@@ -64,11 +64,20 @@ def source_layer(record: dict[str, Any], project: QgsProject | None = None) -> Q
     want = record["layer"]
     layer = project.mapLayer(want["id"])
     if not isinstance(layer, QgsRasterLayer):
-        layer = next((x for x in project.mapLayers().values()
-                      if isinstance(x, QgsRasterLayer) and x.source() == want["source"]), None)  # fmt: skip
+        layer = next(
+            (
+                x
+                for x in project.mapLayers().values()
+                if isinstance(x, QgsRasterLayer) and x.source() == want["source"]
+            ),
+            None,
+        )
     if layer is None or not layer.isValid():
-        raise EarthDialError(NO_LAYER, f"The layer “{want['name']}” this scan read is not in the project (its "
-                             f"source: {want['source']}). Add it again to resume the scan.")  # fmt: skip
+        raise EarthDialError(
+            NO_LAYER,
+            f"The layer “{want['name']}” this scan read is not in the project (its "
+            f"source: {want['source']}). Add it again to resume the scan.",
+        )
     changed = []
     if layer.source() != want["source"]:
         changed.append("its source")
@@ -77,8 +86,11 @@ def source_layer(record: dict[str, Any], project: QgsProject | None = None) -> Q
     if not _same_extent(layer.extent(), want["extent"]):
         changed.append("its extent")
     if changed:
-        raise EarthDialError(NO_LAYER, f"The layer “{layer.name()}” changed since the scan stopped "
-                             f"({', '.join(changed)}): its finished tiles would not match. Start a new scan.")  # fmt: skip
+        raise EarthDialError(
+            NO_LAYER,
+            f"The layer “{layer.name()}” changed since the scan stopped "
+            f"({', '.join(changed)}): its finished tiles would not match. Start a new scan.",
+        )
     return layer
 
 

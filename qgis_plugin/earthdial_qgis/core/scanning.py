@@ -48,10 +48,16 @@ class ScanLayer:
     @classmethod
     def of(cls, layer: QgsRasterLayer, bands: list[int] | None = None) -> ScanLayer:
         provider = layer.dataProvider()
-        return cls(layer.name(), file_path(layer), layer.crs(), QgsRectangle(layer.extent()),
-                   native_resolution(layer), bands or displayed_bands(layer),
-                   provider.clone() if provider is not None else None,
-                   provider.bandCount() if provider is not None else 0)  # fmt: skip
+        return cls(
+            layer.name(),
+            file_path(layer),
+            layer.crs(),
+            QgsRectangle(layer.extent()),
+            native_resolution(layer),
+            bands or displayed_bands(layer),
+            provider.clone() if provider is not None else None,
+            provider.bandCount() if provider is not None else 0,
+        )
 
 
 @dataclass
@@ -82,7 +88,9 @@ class Scan:
             self.merged += event.get("features", [])
 
 
-def finished_boxes(boxes: list[dict[str, Any]], finished: dict[int, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+def finished_boxes(
+    boxes: list[dict[str, Any]], finished: dict[int, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``boxes`` split into those whose tile has finished (its entry, with the answer and request each box
     records, has arrived) and those still waiting for it: events are cut by size, so a tile's boxes may
     arrive an event before its entry."""
@@ -94,8 +102,14 @@ def finished_boxes(boxes: list[dict[str, Any]], finished: dict[int, Any]) -> tup
     return ready, waiting
 
 
-def detect_request(layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str, options: dict[str, Any],
-                   by_value: bool = False) -> Scan:  # fmt: skip
+def detect_request(
+    layer: ScanLayer,
+    rect: QgsRectangle,
+    task: str,
+    prompt: str,
+    options: dict[str, Any],
+    by_value: bool = False,
+) -> Scan:
     """A `detect` of ``rect`` (in the layer's CRS): by reference when the layer is a file, else streamed."""
     header: dict[str, Any] = {"op": "detect", "task": task, "prompt": prompt, "options": dict(options)}
     if layer.path is not None and not by_value:
@@ -131,9 +145,13 @@ def _tile_reader(layer: ScanLayer, grid: PixelGrid, bands: list[int]) -> Callabl
     return read_tile
 
 
-def run(client: Client, scan: Scan, cancelled: Callable[[], bool] | None = None,
-        on_event: Callable[[dict[str, Any]], None] | None = None,
-        earlier: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    client: Client,
+    scan: Scan,
+    cancelled: Callable[[], bool] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    earlier: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run ``scan``; ``earlier`` (a resumed scan): the stopped scan's tiles and boxes, which the backend
     merges with the new ones (their tiles are the request's `options.skip`)."""
 
@@ -150,10 +168,17 @@ def run(client: Client, scan: Scan, cancelled: Callable[[], bool] | None = None,
     )
 
 
-def run_layer(client: Client, layer: ScanLayer, rect: QgsRectangle, task: str, prompt: str,
-              options: dict[str, Any], cancelled: Callable[[], bool] | None = None,
-              on_event: Callable[[dict[str, Any]], None] | None = None,
-              earlier: dict[str, Any] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
+def run_layer(
+    client: Client,
+    layer: ScanLayer,
+    rect: QgsRectangle,
+    task: str,
+    prompt: str,
+    options: dict[str, Any],
+    cancelled: Callable[[], bool] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    earlier: dict[str, Any] | None = None,
+) -> tuple[Scan, dict[str, Any]]:
     """Scan by reference; a file the backend may not read is streamed by value instead."""
     scan = detect_request(layer, rect, task, prompt, options)
     try:
@@ -179,8 +204,14 @@ def features(found: list[dict[str, Any]], scan: Scan, crs: QgsCoordinateReferenc
 
 def tile_collection(scan: Scan) -> dict[str, Any]:
     """The per-tile change map (result_features.change_map): each tile pair's footprint, changed or unchanged."""
-    return {"answer": "", "features": {"type": "FeatureCollection", "crs": scan.crs,
-                                       "features": change_map(scan.tiles, scan.properties)}}  # fmt: skip
+    return {
+        "answer": "",
+        "features": {
+            "type": "FeatureCollection",
+            "crs": scan.crs,
+            "features": change_map(scan.tiles, scan.properties),
+        },
+    }
 
 
 def tile_features(scan: Scan, crs: QgsCoordinateReferenceSystem) -> list[Any]:
@@ -200,11 +231,16 @@ def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: 
         if layer.provider is None:
             raise EarthDialError(ErrorCode.NOT_A_RASTER, f"layer '{layer.name}' has no readable data")
         if not layer.crs.isValid():
-            raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_CRS, f"layer '{layer.name}' has no CRS: set one in its properties first"
+            )
         if layer.crs != first.crs:
-            raise EarthDialError(ErrorCode.BAD_CRS, f"layer '{layer.name}' is in {layer.crs.authid()} and '{first.name}' in "
-                                 f"{first.crs.authid()}: a change scan of layers the backend cannot read needs one CRS "
-                                 "(save them as GeoTIFFs, or reproject one)")  # fmt: skip
+            raise EarthDialError(
+                ErrorCode.BAD_CRS,
+                f"layer '{layer.name}' is in {layer.crs.authid()} and '{first.name}' in "
+                f"{first.crs.authid()}: a change scan of layers the backend cannot read needs one CRS "
+                "(save them as GeoTIFFs, or reproject one)",
+            )
         area = area.intersect(layer.extent)
         if area.isEmpty():
             raise EarthDialError(ErrorCode.NO_OVERLAP, f"layer '{layer.name}' does not overlap the others")
@@ -227,16 +263,24 @@ def changes_request(layers: list[ScanLayer], options: dict[str, Any], by_value: 
         k = index // int(scan.plan["tiles"])  # pair k: layers k and k + 1 (protocol: k x tiles + i)
         col, row, width, height = window
         bounds = (c + col * a, f + (row + height) * e, c + (col + width) * a, f + row * e)
-        return np.concatenate([read_pixels(layers[j].provider, PixelGrid(bounds, shape[0], shape[1]), bands[j])
-                               for j in (k, k + 1)])  # fmt: skip
+        return np.concatenate(
+            [
+                read_pixels(layers[j].provider, PixelGrid(bounds, shape[0], shape[1]), bands[j])
+                for j in (k, k + 1)
+            ]
+        )
 
     scan.read_tile = read_tile
     return scan
 
 
-def run_changes(client: Client, layers: list[ScanLayer], options: dict[str, Any],
-                cancelled: Callable[[], bool] | None = None,
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[Scan, dict[str, Any]]:  # fmt: skip
+def run_changes(
+    client: Client,
+    layers: list[ScanLayer],
+    options: dict[str, Any],
+    cancelled: Callable[[], bool] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Scan, dict[str, Any]]:
     """Change detection by reference; layers the backend may not read are streamed by value instead."""
     scan = changes_request(layers, options)
     try:

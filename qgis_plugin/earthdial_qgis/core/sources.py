@@ -330,8 +330,18 @@ def _value_plan(
             ErrorCode.NOT_A_RASTER, f"layer '{layer.name()}' cannot be read in the background"
         )
     # publicSource: without passwords a WMS URI may hold
-    return value_plan(clone, layer.name(), layer.publicSource(), layer.extent(), native_resolution(layer),
-                      area, bands, crs, max_size, path=file_path(layer))  # fmt: skip
+    return value_plan(
+        clone,
+        layer.name(),
+        layer.publicSource(),
+        layer.extent(),
+        native_resolution(layer),
+        area,
+        bands,
+        crs,
+        max_size,
+        path=file_path(layer),
+    )
 
 
 def value_plan(

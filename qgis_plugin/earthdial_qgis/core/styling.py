@@ -47,8 +47,11 @@ def _outline_symbol(colour: QtGui.QColor) -> QgsFillSymbol:
 def style_result_layer(layer: QgsVectorLayer, field: str = "label") -> None:
     """A categorized renderer on ``field`` (one outline colour per value) and the value as map label."""
     index = layer.fields().indexFromName(field)
-    values = sorted({str(v) for v in layer.uniqueValues(index) if v is not None and str(v) != "NULL"}
-                    if index >= 0 else set())  # fmt: skip
+    values = sorted(
+        {str(v) for v in layer.uniqueValues(index) if v is not None and str(v) != "NULL"}
+        if index >= 0
+        else set()
+    )
     categories = [
         QgsRendererCategory(value, _outline_symbol(colour_for(value)), value) for value in values if value
     ]

@@ -99,10 +99,15 @@ class BackendPanel(QtCore.QObject):
         self.reply, self.error = reply, ""
         model = reply.get("model")
         if model:
-            text = self.tr("Connected: {variant} ({name}) on {device}, {queue} queued, {running} running").format(
-                variant=model.get("variant", "?"), name=_basename(model.get("path", "")),
-                device=model.get("device", "?"), queue=reply.get("queue", 0), running=reply.get("running", 0),
-            )  # fmt: skip
+            text = self.tr(
+                "Connected: {variant} ({name}) on {device}, {queue} queued, {running} running"
+            ).format(
+                variant=model.get("variant", "?"),
+                name=_basename(model.get("path", "")),
+                device=model.get("device", "?"),
+                queue=reply.get("queue", 0),
+                running=reply.get("running", 0),
+            )
             adapter = model.get("adapter") or {}
             if adapter.get("name"):
                 text += self.tr(", adapter {name}").format(name=adapter["name"])

@@ -86,8 +86,10 @@ class DependenciesDialog(QtWidgets.QDialog):
             self.output_view.appendPlainText(self.tr("Installed. EarthDial is ready."))
             log.info("dependencies installed")
         else:
-            message = self.tr("The installation did not succeed (exit code {code}); still missing: {missing}. "
-                              "Run the command by hand.").format(code=code, missing=", ".join(still) or "-")  # fmt: skip
+            message = self.tr(
+                "The installation did not succeed (exit code {code}); still missing: {missing}. "
+                "Run the command by hand."
+            ).format(code=code, missing=", ".join(still) or "-")
             self.output_view.appendPlainText(message)
             log.error(message)
 

@@ -94,8 +94,10 @@ def report(
             for k in ("variant", "path", "device", "dtype", "quantize", "max_tiles")
             if k in model
         }
-        lines.append(f"backend status: protocol {status.get('protocol')}, queue {status.get('queue')}, "
-                     f"running {status.get('running')}")  # fmt: skip
+        lines.append(
+            f"backend status: protocol {status.get('protocol')}, queue {status.get('queue')}, "
+            f"running {status.get('running')}"
+        )
         lines.append(f"model: {json.dumps(summary)}")
         if model.get("dtype_reason"):  # why the backend computes in this dtype (bf16 or fp32 on a CPU)
             lines.append(f"dtype: {model['dtype_reason']}")

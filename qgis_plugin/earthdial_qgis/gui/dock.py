@@ -140,8 +140,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         try:
             moved = geopackage.move_temporary_results(QgsProject.instance())
         except OSError as exc:
-            self._message(self.tr("Results could not be moved beside the project: {why}").format(why=exc),
-                          Qgis.MessageLevel.Critical)  # fmt: skip
+            self._message(
+                self.tr("Results could not be moved beside the project: {why}").format(why=exc),
+                Qgis.MessageLevel.Critical,
+            )
             return
         if moved:
             log.info(f"{len(moved)} result layer(s) moved to {geopackage.project_results_path()}")
@@ -238,10 +240,12 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         name = str(self.task_combo.currentData())
         untrained = isinstance(trained, list) and name != GEOREF and name not in trained
         if untrained and isinstance(trained, list):
-            self.model_note.setText(self.tr(
-                "The loaded model is the built-in demo model, which was not trained for {task}: its answers "
-                "will be noise. It was trained for {tasks}; load EarthDial's weights (Settings…) for the rest."
-            ).format(task=name, tasks=", ".join(str(t) for t in trained)))  # fmt: skip
+            self.model_note.setText(
+                self.tr(
+                    "The loaded model is the built-in demo model, which was not trained for {task}: its answers "
+                    "will be noise. It was trained for {tasks}; load EarthDial's weights (Settings…) for the rest."
+                ).format(task=name, tasks=", ".join(str(t) for t in trained))
+            )
         self.model_note.setVisible(untrained)
 
     # -- the backend (gui/backend_panel.py) -------------------------------------------------------------
@@ -309,9 +313,10 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
         for preset in listed:
             self.preset_combo.addItem(preset["name"], preset["name"])
             self.preset_combo.setItemData(
-                self.preset_combo.count() - 1, str(preset.get("description") or ""),
+                self.preset_combo.count() - 1,
+                str(preset.get("description") or ""),
                 QtCore.Qt.ItemDataRole.ToolTipRole,
-            )  # fmt: skip
+            )
         index = self.preset_combo.findData(current)
         self.preset_combo.setCurrentIndex(max(index, 0))
         self.preset_combo.blockSignals(False)
@@ -531,18 +536,29 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             if turns:
                 options["history"] = history.wire_history(turns)
         area = self.current_area(layer)
-        return Request(endpoint, float(self.timeout_spin.value()), name, prompt,
-                       tuple(x.id() for x in [layer, *later]),
-                       (area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()),
-                       tuple(bands) if bands else None, options, scan)  # fmt: skip
+        return Request(
+            endpoint,
+            float(self.timeout_spin.value()),
+            name,
+            prompt,
+            tuple(x.id() for x in [layer, *later]),
+            (area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()),
+            tuple(bands) if bands else None,
+            options,
+            scan,
+        )
 
     def _make_request(self, request: Request) -> RequestTask:
         QgsSettings().setValue(SETTING_ENDPOINT, request.endpoint)
         layers = request.map_layers()
         names = " | ".join(lyr.name() for lyr in layers)
         preview_bands = displayed_bands(layers[0]) or (list(request.bands[:3]) if request.bands else None)
-        task = RequestTask.of(self.tr("EarthDial: {task} on {layer}").format(task=request.task, layer=names),
-                              request, self._request_done, preview_bands)  # fmt: skip
+        task = RequestTask.of(
+            self.tr("EarthDial: {task} on {layer}").format(task=request.task, layer=names),
+            request,
+            self._request_done,
+            preview_bands,
+        )
         self._pending = {
             "task": request.task,
             "prompt": request.prompt,
@@ -573,8 +589,13 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             return
         try:
             request = self.request()
-            task = RequestTask.of(self.tr("EarthDial: what will be sent"), request, self._plan_done,
-                                  plan_only=True, timeout_s=PLAN_TIMEOUT_S)  # fmt: skip
+            task = RequestTask.of(
+                self.tr("EarthDial: what will be sent"),
+                request,
+                self._plan_done,
+                plan_only=True,
+                timeout_s=PLAN_TIMEOUT_S,
+            )
         except EarthDialError as exc:
             self.last_plan, self.plan_error = None, exc
             self._show_plan_text(plain_message(exc, self.endpoint))
@@ -702,8 +723,11 @@ class EarthDialDock(DockLayout, ResultActions, QtWidgets.QDockWidget):
             log.info(text)
         else:
             log.error(f"{error.code}: {error.message}")
-        self._message(text + (" " + note if note else ""),
-                      Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical, 10)  # fmt: skip
+        self._message(
+            text + (" " + note if note else ""),
+            Qgis.MessageLevel.Info if cancelled else Qgis.MessageLevel.Critical,
+            10,
+        )
 
     def _task_ended(self, description: str) -> None:
         """QGIS's own "Task failed/complete" notice of a panel request is dropped: the panel says it."""
@@ -793,17 +817,23 @@ def plan_summary(plan: dict[str, Any], tr: Any) -> str:
                 tiles=scan.get("tiles"),
                 tile=scan.get("tile_size"),
                 batches=scan.get("batches"),
-            ),  # fmt: skip
+            ),
             tr("the model sees each tile at GSD {model} (the layer's {gsd})").format(
                 model=gsd(scan.get("model_gsd_m")), gsd=gsd(plan.get("gsd_m"))
             ),
         ]
     else:
-        parts = [tr("one window of {w} × {h} px {how}").format(w=plan.get("width", "?"), h=plan.get("height", "?"),
-                                                              how=how)]  # fmt: skip
+        parts = [
+            tr("one window of {w} × {h} px {how}").format(
+                w=plan.get("width", "?"), h=plan.get("height", "?"), how=how
+            )
+        ]
         if plan.get("model_gsd_m"):
-            parts.append(tr("the model sees it at GSD {model} in {n} model tile(s)").format(
-                model=gsd(plan.get("model_gsd_m")), n=plan.get("tiles")))  # fmt: skip
+            parts.append(
+                tr("the model sees it at GSD {model} in {n} model tile(s)").format(
+                    model=gsd(plan.get("model_gsd_m")), n=plan.get("tiles")
+                )
+            )
         elif plan.get("gsd_m"):
             parts.append(tr("GSD {gsd}").format(gsd=gsd(plan.get("gsd_m"))))
     parts += [

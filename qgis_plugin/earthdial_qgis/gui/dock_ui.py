@@ -109,8 +109,13 @@ class DockLayout:
         buttons.addWidget(self.help_button, 0, 2)
         buttons.addWidget(self.settings_button, 1, 0, 1, 1)
         buttons.addWidget(self.diagnostics_button, 1, 1, 1, 2)
-        for widget in (self.start_button, self.stop_button, self.help_button, self.settings_button,
-                       self.diagnostics_button):  # fmt: skip
+        for widget in (
+            self.start_button,
+            self.stop_button,
+            self.help_button,
+            self.settings_button,
+            self.diagnostics_button,
+        ):
             widget.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Fixed)
             widget.setMinimumWidth(widget.fontMetrics().horizontalAdvance(widget.text()) + 16)
         form.addRow(buttons)
@@ -165,9 +170,11 @@ class DockLayout:
             self.area_combo.addItem(text, mode)
         narrow_combo(self.area_combo)
         self.area_combo.setToolTip(
-            self.tr("The part of the layer that is sent: the map view, the whole layer, a rectangle you "
-                    "draw, or the extent of the selected features")
-        )  # fmt: skip
+            self.tr(
+                "The part of the layer that is sent: the map view, the whole layer, a rectangle you "
+                "draw, or the extent of the selected features"
+            )
+        )
         self.draw_button = QtWidgets.QToolButton()
         self.draw_button.setText(self.tr("Draw"))
         self.draw_button.setCheckable(True)
@@ -212,9 +219,11 @@ class DockLayout:
         form.addRow(self.tr("Timeout"), self.timeout_spin)
         self.plan_label = plain_label(self.tr("What will be sent is shown here once a backend answers."))
         self.plan_label.setToolTip(
-            self.tr("What Send will send, as the backend plans it from the layer's metadata: the window, by "
-                    "reference or by value, bands, band preset and why, sensor tag, ground resolution, tiles")
-        )  # fmt: skip
+            self.tr(
+                "What Send will send, as the backend plans it from the layer's metadata: the window, by "
+                "reference or by value, bands, band preset and why, sensor tag, ground resolution, tiles"
+            )
+        )
         form.addRow(self.tr("Sends"), self.plan_label)
         return box
 
@@ -226,9 +235,12 @@ class DockLayout:
             self.tr("The whole area as one picture: quick, but a large area is shrunk to the model's input")
         )
         self.scan_radio = QtWidgets.QRadioButton(self.tr("Tiled scan"))
-        self.scan_radio.setToolTip(self.tr(
-            "Find objects (refer, grounding) or changes (change) over the whole area, tile by tile at the "
-            "layer's resolution: boxes appear as tiles finish and are merged at the end"))  # fmt: skip
+        self.scan_radio.setToolTip(
+            self.tr(
+                "Find objects (refer, grounding) or changes (change) over the whole area, tile by tile at the "
+                "layer's resolution: boxes appear as tiles finish and are merged at the end"
+            )
+        )
         self.mode_group = QtWidgets.QButtonGroup(self)
         self.mode_group.addButton(self.window_radio)
         self.mode_group.addButton(self.scan_radio)

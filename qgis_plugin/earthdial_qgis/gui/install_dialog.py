@@ -85,7 +85,9 @@ class InstallDialog(QtWidgets.QDialog):
         self.torch_label.setToolTip(seen)
         self.python_edit = QtWidgets.QLineEdit(python or "")
         self.python_edit.setPlaceholderText(why or self.tr("a Python 3.10+ program"))
-        self.python_edit.setToolTip(self.tr("The Python that creates the environment (it installs nothing into itself)"))  # fmt: skip
+        self.python_edit.setToolTip(
+            self.tr("The Python that creates the environment (it installs nothing into itself)")
+        )
         browse = QtWidgets.QPushButton(self.tr("Browse…"))
         browse.clicked.connect(self._browse_python)
         python_row = QtWidgets.QHBoxLayout()
@@ -122,8 +124,12 @@ class InstallDialog(QtWidgets.QDialog):
         self.resize(720, 480)
         if self.wheel is None:
             self.install_button.setEnabled(False)
-            self.step_label.setText(self.tr("This copy of the plugin holds no backend wheel (wheels/): "
-                                            "install the plugin from its zip, or the backend by hand."))  # fmt: skip
+            self.step_label.setText(
+                self.tr(
+                    "This copy of the plugin holds no backend wheel (wheels/): "
+                    "install the plugin from its zip, or the backend by hand."
+                )
+            )
 
     def _browse_python(self) -> None:
         path, _ = QtWidgets.QFileDialog.getOpenFileName(self, self.tr("A Python 3.10+ program"))
@@ -169,8 +175,10 @@ class InstallDialog(QtWidgets.QDialog):
             return
         step = self.steps[self.index]
         self.step_label.setText(
-            self.tr("Step {n} of {total}: {title}…").format(n=self.index + 1, total=len(self.steps), title=step.title)
-        )  # fmt: skip
+            self.tr("Step {n} of {total}: {title}…").format(
+                n=self.index + 1, total=len(self.steps), title=step.title
+            )
+        )
         self._append(f"\n$ {step.text()}\n")
         process = QtCore.QProcess(self)
         process.setProcessChannelMode(QtCore.QProcess.ProcessChannelMode.MergedChannels)
@@ -203,7 +211,11 @@ class InstallDialog(QtWidgets.QDialog):
     def _error(self, error: Any) -> None:
         if error == QtCore.QProcess.ProcessError.FailedToStart and self.process is not None:
             step = self.steps[self.index]
-            self._stop(self.tr("{title} could not be started: {why}").format(title=step.title, why=self.process.errorString()))  # fmt: skip
+            self._stop(
+                self.tr("{title} could not be started: {why}").format(
+                    title=step.title, why=self.process.errorString()
+                )
+            )
 
     def _finished(self, code: int, _status: Any = None) -> None:
         if self.process is None:
@@ -214,16 +226,23 @@ class InstallDialog(QtWidgets.QDialog):
             self._stop(self.tr("Cancelled. Install again to go on: what is installed already is kept."))
         elif code != 0:
             step = self.steps[self.index]
-            self._stop(self.tr("{title} failed (exit code {code}); the log above says why. Fix it and install "
-                               "again: finished steps are kept.").format(title=step.title, code=code))  # fmt: skip
+            self._stop(
+                self.tr(
+                    "{title} failed (exit code {code}); the log above says why. Fix it and install "
+                    "again: finished steps are kept."
+                ).format(title=step.title, code=code)
+            )
         else:
             self._next()
 
     def _release(self) -> None:
         process, self.process = self.process, None
         if process is not None:
-            for signal, slot in ((process.finished, self._finished), (process.errorOccurred, self._error),
-                                 (process.readyReadStandardOutput, self._output)):  # fmt: skip
+            for signal, slot in (
+                (process.finished, self._finished),
+                (process.errorOccurred, self._error),
+                (process.readyReadStandardOutput, self._output),
+            ):
                 try:
                     signal.disconnect(slot)
                 except (TypeError, RuntimeError):
@@ -254,7 +273,9 @@ class InstallDialog(QtWidgets.QDialog):
         if self.wheel is not None:
             installer.write_record(self.home, self.wheel, self.torch)
         settings.set_value(settings.BACKEND_COMMAND, self.venv)
-        message = self.tr("Installed. The backend command is now {venv}; starting the local backend…").format(venv=self.venv)  # fmt: skip
+        message = self.tr("Installed. The backend command is now {venv}; starting the local backend…").format(
+            venv=self.venv
+        )
         self.step_label.setText(message)
         self._append(f"\n{message}\n")
         self._save_log()

@@ -20,8 +20,12 @@ def add_download_button(dialog: Any, form: Any, command_widget: Any, model_widge
     """A *Download model...* row under the model folder: opens the download dialog for the backend named in
     ``command_widget``; a finished download's folder goes into ``model_widget``."""
     button = QtWidgets.QPushButton(dialog.tr("Download model..."))
-    button.setToolTip(dialog.tr("Fetch a published EarthDial checkpoint from the Hugging Face hub with the "
-                                "backend (about 8.3 GB; resumable) and use it as the model folder"))  # fmt: skip
+    button.setToolTip(
+        dialog.tr(
+            "Fetch a published EarthDial checkpoint from the Hugging Face hub with the "
+            "backend (about 8.3 GB; resumable) and use it as the model folder"
+        )
+    )
 
     def open_dialog() -> None:
         program = resolve_command(command_widget.filePath())
@@ -101,8 +105,12 @@ class ModelDownloadDialog(QtWidgets.QDialog):
     # --- the checkpoint names, from the backend
     def _list_checkpoints(self) -> None:
         if not self.program or not os.path.isfile(self.program):
-            self._status(self.tr("Set the backend command (the `earthdial` program or its venv) first: the "
-                                 "backend downloads the model."))  # fmt: skip
+            self._status(
+                self.tr(
+                    "Set the backend command (the `earthdial` program or its venv) first: the "
+                    "backend downloads the model."
+                )
+            )
             return
         lister = QtCore.QProcess(self)
         lister.finished.connect(self._listed)
@@ -121,13 +129,19 @@ class ModelDownloadDialog(QtWidgets.QDialog):
         except ValueError:
             listed = None
         if not listed:
-            self._status(self.tr("This backend cannot download models (an older version?): {error}").format(
-                error=err.splitlines()[-1] if err else code))  # fmt: skip
+            self._status(
+                self.tr("This backend cannot download models (an older version?): {error}").format(
+                    error=err.splitlines()[-1] if err else code
+                )
+            )
             return
         for checkpoint in listed:
             self.name_combo.addItem(checkpoint["name"])
-            self.name_combo.setItemData(self.name_combo.count() - 1, f"{checkpoint['repo_id']}: {checkpoint['use']}",
-                                        QtCore.Qt.ItemDataRole.ToolTipRole)  # fmt: skip
+            self.name_combo.setItemData(
+                self.name_combo.count() - 1,
+                f"{checkpoint['repo_id']}: {checkpoint['use']}",
+                QtCore.Qt.ItemDataRole.ToolTipRole,
+            )
         self.download_button.setEnabled(True)
         self._status("")
 
@@ -179,13 +193,19 @@ class ModelDownloadDialog(QtWidgets.QDialog):
                 continue
             kind = event.get("event")
             if kind == "start":
-                self._status(self.tr("{files} files, {size:.1f} GB from commit {commit}").format(
-                    files=event["files"], size=event["bytes"] / 1e9, commit=str(event["commit"])[:12]))  # fmt: skip
+                self._status(
+                    self.tr("{files} files, {size:.1f} GB from commit {commit}").format(
+                        files=event["files"], size=event["bytes"] / 1e9, commit=str(event["commit"])[:12]
+                    )
+                )
                 self._set_progress(event["have"], event["bytes"])
             elif kind == "progress":
                 self._set_progress(event["all_done"], event["all_size"])
-                self._status(self.tr("{file}: {done:.1f} of {size:.1f} MB").format(
-                    file=event["file"], done=event["done"] / 1e6, size=event["size"] / 1e6))  # fmt: skip
+                self._status(
+                    self.tr("{file}: {done:.1f} of {size:.1f} MB").format(
+                        file=event["file"], done=event["done"] / 1e6, size=event["size"] / 1e6
+                    )
+                )
             elif kind == "done":
                 self.folder = event["path"]
 
@@ -208,16 +228,21 @@ class ModelDownloadDialog(QtWidgets.QDialog):
         self.parent_widget.setEnabled(True)
         if code == 0 and not crashed and self.folder:
             self.progress.setValue(1000)
-            self._status(self.tr("Downloaded and verified: {folder}. It is now the model folder.").format(
-                folder=self.folder))  # fmt: skip
+            self._status(
+                self.tr("Downloaded and verified: {folder}. It is now the model folder.").format(
+                    folder=self.folder
+                )
+            )
             log.info(f"model downloaded to {self.folder}")
             self.downloaded.emit(self.folder)
             return
         if crashed:
             self._status(self.tr("Download stopped. What was received is kept: Download again continues it."))
             return
-        why = next((line for line in reversed(self.errors) if line.startswith("earthdial download:")),
-                   self.errors[-1] if self.errors else f"exit code {code}")  # fmt: skip
+        why = next(
+            (line for line in reversed(self.errors) if line.startswith("earthdial download:")),
+            self.errors[-1] if self.errors else f"exit code {code}",
+        )
         self._status(self.tr("The download failed: {why}").format(why=why))
         log.error(f"model download failed: {why}")
 

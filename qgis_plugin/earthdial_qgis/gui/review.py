@@ -164,9 +164,17 @@ class ReviewActions:
         self.watcher = Watcher()
         self.actions: list[Any] = []
         for text, verdict, tip in (
-            (tr("Accept selected boxes"), ACCEPTED, tr("Mark the selected EarthDial boxes as right (review = accepted)")),
-            (tr("Reject selected boxes"), REJECTED, tr("Mark the selected EarthDial boxes as wrong (review = rejected)")),
-        ):  # fmt: skip
+            (
+                tr("Accept selected boxes"),
+                ACCEPTED,
+                tr("Mark the selected EarthDial boxes as right (review = accepted)"),
+            ),
+            (
+                tr("Reject selected boxes"),
+                REJECTED,
+                tr("Mark the selected EarthDial boxes as wrong (review = rejected)"),
+            ),
+        ):
             action = QAction(QtGui.QIcon(), text, iface.mainWindow())
             action.setObjectName(f"EarthDialReview_{verdict}")
             action.setToolTip(tip)
@@ -191,8 +199,11 @@ class ReviewActions:
             bar.pushMessage(tr("EarthDial"), str(exc), duration=8)
             return 0
         if n == 0:
-            bar.pushMessage(tr("EarthDial"), tr("No boxes are selected on {layer}.").format(layer=layer.name()),
-                            duration=5)  # fmt: skip
+            bar.pushMessage(
+                tr("EarthDial"),
+                tr("No boxes are selected on {layer}.").format(layer=layer.name()),
+                duration=5,
+            )
         return n
 
     def unload(self) -> None:

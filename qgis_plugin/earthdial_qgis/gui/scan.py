@@ -61,8 +61,11 @@ class DockScan(QtCore.QObject):
         dock = self.dock
         layers = request.map_layers()
         names = " | ".join(x.name() for x in layers)
-        task = ScanTask(dock.tr("EarthDial: scan {task} on {layer}").format(task=request.task, layer=names),
-                        request, self._done)  # fmt: skip
+        task = ScanTask(
+            dock.tr("EarthDial: scan {task} on {layer}").format(task=request.task, layer=names),
+            request,
+            self._done,
+        )
         self._begin(request.task, request.prompt, layers[0], names)
         # what a stop keeps for "Resume scan" (resume.py); change scans are not resumed
         if len(layers) == 1:
@@ -83,15 +86,28 @@ class DockScan(QtCore.QObject):
                 NO_LAYER, dock.tr("Select a stopped scan layer (“… (stopped: unmerged)”) first.")
             )
         layer = resume.source_layer(record)
-        request = Request(dock.endpoint, float(dock.timeout_spin.value()), record["task"], record["prompt"],
-                          (layer.id(),), tuple(record["rect"]), record["bands"],
-                          {**record["options"], "skip": resume.skip(record)}, scan=True)  # fmt: skip
+        request = Request(
+            dock.endpoint,
+            float(dock.timeout_spin.value()),
+            record["task"],
+            record["prompt"],
+            (layer.id(),),
+            tuple(record["rect"]),
+            record["bands"],
+            {**record["options"], "skip": resume.skip(record)},
+            scan=True,
+        )
         earlier = resume.earlier(record)
-        task = ScanTask(dock.tr("EarthDial: resume scan {task} on {layer}").format(task=request.task, layer=layer.name()),
-                        request, self._done, earlier=earlier)  # fmt: skip
+        task = ScanTask(
+            dock.tr("EarthDial: resume scan {task} on {layer}").format(task=request.task, layer=layer.name()),
+            request,
+            self._done,
+            earlier=earlier,
+        )
         self._begin(request.task, request.prompt, layer, layer.name())
-        self.pending.update(resume={k: v for k, v in record.items() if k not in ("tiles", "features")},
-                            resumed=stopped)  # fmt: skip
+        self.pending.update(
+            resume={k: v for k, v in record.items() if k not in ("tiles", "features")}, resumed=stopped
+        )
         self._launch(task)
         # the earlier boxes are on the map from the start, with the new ones as they come (one live layer,
         # which a stop keeps whole, the earlier boxes included); the task's boxes reach the main thread
@@ -125,8 +141,10 @@ class DockScan(QtCore.QObject):
         renamed when the scan stops, so the name is one that no layer has with either mark either: a scan
         resumed within the second of its stop would otherwise stop under the stopped layer's very name."""
         p, tr = self.pending, self.dock.tr
-        return unique_layer_name(result_name(tr("scan {task}").format(task=p["task"]), p["prompt"][:30], p["names"],
-                                             p["stamp"]), marks=("", tr(" (scanning…)"), tr(" (stopped: unmerged)")))  # fmt: skip
+        return unique_layer_name(
+            result_name(tr("scan {task}").format(task=p["task"]), p["prompt"][:30], p["names"], p["stamp"]),
+            marks=("", tr(" (scanning…)"), tr(" (stopped: unmerged)")),
+        )
 
     def _on_progress(self, value: float) -> None:
         self.progress.setValue(int(value))
@@ -145,9 +163,13 @@ class DockScan(QtCore.QObject):
         view = scanning.Scan(task.scan.header, tiles=self.tiles)
         p = self.pending
         if self.live is None or _deleted(self.live):
-            self.live = add_result_layer(scanning.collection(found, view), p["crs"],
-                                         self.dock.tr("{name} (scanning…)").format(name=self._layer_name()),
-                                         group_name=p["group"], in_memory=True)  # fmt: skip
+            self.live = add_result_layer(
+                scanning.collection(found, view),
+                p["crs"],
+                self.dock.tr("{name} (scanning…)").format(name=self._layer_name()),
+                group_name=p["group"],
+                in_memory=True,
+            )
             return
         feats = scanning.features(found, view, p["crs"])
         self.live.dataProvider().addFeatures(feats)
@@ -239,13 +261,21 @@ class DockScan(QtCore.QObject):
                 )
                 record = self.pending.get("resume")
                 if record is not None:  # set before it is stored: the property goes with the layer
-                    resume.remember(self.live, {**record, "total": task.total, "tiles": list(task.finished_tiles.values()),
-                                                "features": task.found})  # fmt: skip
+                    resume.remember(
+                        self.live,
+                        {
+                            **record,
+                            "total": task.total,
+                            "tiles": list(task.finished_tiles.values()),
+                            "features": task.found,
+                        },
+                    )
                 kept = self._keep(self.live)
                 dock.last_layer = self.live  # Zoom and Save act on what the scan found so far
-                note = dock.tr("{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
-                               "in layer “{name}”.").format(done=task.done, total=task.total,
-                                                             n=self.live.featureCount(), name=self.live.name())  # fmt: skip
+                note = dock.tr(
+                    "{done} of {total} tile(s) were scanned; their {n} box(es) are kept, unmerged, "
+                    "in layer “{name}”."
+                ).format(done=task.done, total=task.total, n=self.live.featureCount(), name=self.live.name())
                 if record is not None:
                     note += " " + dock.tr("“Resume scan” goes on from them.")
                     retired = self._retire(old, self.live, kept)
@@ -256,13 +286,23 @@ class DockScan(QtCore.QObject):
         p, scan = self.pending, task.scan
         self._drop_live()
         problems: list[str] = []
-        layer = add_result_layer(scanning.collection(scan.merged, scan), p["crs"], self._layer_name(),
-                                 group_name=p["group"], problems=problems)  # fmt: skip
+        layer = add_result_layer(
+            scanning.collection(scan.merged, scan),
+            p["crs"],
+            self._layer_name(),
+            group_name=p["group"],
+            problems=problems,
+        )
         if p["task"] == CHANGE_TASK and scan.tiles:
             self.tiles_layer = add_result_layer(
-                scanning.tile_collection(scan), p["crs"],
-                unique_layer_name(dock.tr("change tiles – {layer} ({time})").format(layer=p["names"], time=p["stamp"])),
-                group_name=p["group"] + dock.tr(" (change map)"), problems=problems)  # fmt: skip
+                scanning.tile_collection(scan),
+                p["crs"],
+                unique_layer_name(
+                    dock.tr("change tiles – {layer} ({time})").format(layer=p["names"], time=p["stamp"])
+                ),
+                group_name=p["group"] + dock.tr(" (change map)"),
+                problems=problems,
+            )
         retired = ""
         # a resumed scan's merged layer, written as the setting wants (no problem), takes the stopped one's place
         if "resumed" in p:

@@ -59,9 +59,11 @@ class SettingsDialog(QtWidgets.QDialog):
         self.results_widget.setConfirmOverwrite(False)  # results are added to it as new layers
         self.results_widget.setFilePath(settings.text(settings.RESULTS_GPKG))
         self.results_widget.setToolTip(
-            self.tr("The GeoPackage every result is added to as a new layer; empty: "
-                    "<project>_earthdial.gpkg beside the project file")
-        )  # fmt: skip
+            self.tr(
+                "The GeoPackage every result is added to as a new layer; empty: "
+                "<project>_earthdial.gpkg beside the project file"
+            )
+        )
         form.addRow(self.tr("Results GeoPackage"), self.results_widget)
         self.memory_check = QtWidgets.QCheckBox(self.tr("Keep results in memory layers (lost unless saved)"))
         self.memory_check.setChecked(settings.results_in_memory())

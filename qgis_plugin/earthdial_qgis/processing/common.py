@@ -110,9 +110,12 @@ class LayerReader:
         self.provider = None
 
     def source(
-        self, rect: QgsRectangle, rect_crs: QgsCoordinateReferenceSystem | None = None,
-        pixels: bool = True, cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[dict[str, Any], list[np.ndarray]]:  # fmt: skip
+        self,
+        rect: QgsRectangle,
+        rect_crs: QgsCoordinateReferenceSystem | None = None,
+        pixels: bool = True,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The source for ``rect`` (in ``rect_crs``, default the layer's)."""
         return self.plan(rect, rect_crs).resolve(pixels, cancelled)
 
@@ -125,8 +128,17 @@ class LayerReader:
         value: SourcePlan | None = None
         if self.provider is not None:
             try:
-                value = value_plan(self.provider, self.name, self.label, self.extent, self.resolution, local,
-                                   self.bands, self.crs_text, path=self.path)  # fmt: skip
+                value = value_plan(
+                    self.provider,
+                    self.name,
+                    self.label,
+                    self.extent,
+                    self.resolution,
+                    local,
+                    self.bands,
+                    self.crs_text,
+                    path=self.path,
+                )
             except EarthDialError:
                 if self.by_value:
                     raise
@@ -245,11 +257,17 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
             )
         )
         self.addParameter(
-            advanced(QgsProcessingParameterNumber(
-                GSD, self.tr("Ground sampling distance, metres (0: from the layer)"),
-                number_type("Double"), defaultValue=0.0, minValue=0.0, optional=True,
-            ))
-        )  # fmt: skip
+            advanced(
+                QgsProcessingParameterNumber(
+                    GSD,
+                    self.tr("Ground sampling distance, metres (0: from the layer)"),
+                    number_type("Double"),
+                    defaultValue=0.0,
+                    minValue=0.0,
+                    optional=True,
+                )
+            )
+        )
         self.addParameter(
             advanced(
                 QgsProcessingParameterString(
@@ -258,11 +276,16 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
             )
         )
         self.addParameter(
-            advanced(QgsProcessingParameterNumber(
-                TIMEOUT, self.tr("Timeout per request, seconds"), number_type("Integer"),
-                defaultValue=settings.timeout_s(), minValue=1,
-            ))
-        )  # fmt: skip
+            advanced(
+                QgsProcessingParameterNumber(
+                    TIMEOUT,
+                    self.tr("Timeout per request, seconds"),
+                    number_type("Integer"),
+                    defaultValue=settings.timeout_s(),
+                    minValue=1,
+                )
+            )
+        )
         self.addParameter(
             QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Boxes"), type=_polygon_source_type())
         )

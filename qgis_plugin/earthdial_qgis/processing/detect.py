@@ -54,16 +54,52 @@ def style_on_load(context: Any, dest: str, name: str) -> None:
 
 def add_scan_parameters(algorithm: EarthDialAlgorithm) -> None:
     tr = algorithm.tr
-    algorithm.addParameter(QgsProcessingParameterNumber(
-        TILE_SIZE, tr("Tile size, pixels"), number_type("Integer"), defaultValue=448, minValue=32, maxValue=8192))  # fmt: skip
-    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
-        OVERLAP, tr("Tile overlap (share of a tile)"), number_type("Double"), defaultValue=0.1, minValue=0.0,
-        maxValue=0.5)))  # fmt: skip
-    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
-        BATCH, tr("Tiles per model batch"), number_type("Integer"), defaultValue=8, minValue=1, maxValue=64)))  # fmt: skip
-    algorithm.addParameter(advanced(QgsProcessingParameterNumber(
-        MIN_SCORE, tr("Minimum box score (0-1)"), number_type("Double"), defaultValue=0.0, minValue=0.0,
-        maxValue=1.0)))  # fmt: skip
+    algorithm.addParameter(
+        QgsProcessingParameterNumber(
+            TILE_SIZE,
+            tr("Tile size, pixels"),
+            number_type("Integer"),
+            defaultValue=448,
+            minValue=32,
+            maxValue=8192,
+        )
+    )
+    algorithm.addParameter(
+        advanced(
+            QgsProcessingParameterNumber(
+                OVERLAP,
+                tr("Tile overlap (share of a tile)"),
+                number_type("Double"),
+                defaultValue=0.1,
+                minValue=0.0,
+                maxValue=0.5,
+            )
+        )
+    )
+    algorithm.addParameter(
+        advanced(
+            QgsProcessingParameterNumber(
+                BATCH,
+                tr("Tiles per model batch"),
+                number_type("Integer"),
+                defaultValue=8,
+                minValue=1,
+                maxValue=64,
+            )
+        )
+    )
+    algorithm.addParameter(
+        advanced(
+            QgsProcessingParameterNumber(
+                MIN_SCORE,
+                tr("Minimum box score (0-1)"),
+                number_type("Double"),
+                defaultValue=0.0,
+                minValue=0.0,
+                maxValue=1.0,
+            )
+        )
+    )
     algorithm.addOutput(QgsProcessingOutputNumber(TILES, tr("Tiles scanned")))
 
 
@@ -127,16 +163,26 @@ class DetectAlgorithm(EarthDialAlgorithm):
         layer = self.scan_layer
         try:
             with connected(endpoint, self.timeout(parameters, context), feedback) as client:
-                scan, reply = scanning.run_layer(client, layer, self.rect, TASK_NAME, prompt,
-                                                 scan_options(self, parameters, context),
-                                                 feedback.isCanceled, follow(feedback))  # fmt: skip
+                scan, reply = scanning.run_layer(
+                    client,
+                    layer,
+                    self.rect,
+                    TASK_NAME,
+                    prompt,
+                    scan_options(self, parameters, context),
+                    feedback.isCanceled,
+                    follow(feedback),
+                )
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
         sink, dest = self.sink(parameters, context, layer.crs)
         kept = scanning.features(scan.merged, scan, layer.crs)
         sink.addFeatures(kept, QgsFeatureSink.Flag.FastInsert)
-        feedback.pushInfo(self.tr("{found} box(es) found, {kept} after merging overlaps").format(
-            found=len(scan.found), kept=len(kept)))  # fmt: skip
+        feedback.pushInfo(
+            self.tr("{found} box(es) found, {kept} after merging overlaps").format(
+                found=len(scan.found), kept=len(kept)
+            )
+        )
         self.result_name = f"{prompt} — {layer.name}"
         style_on_load(context, dest, self.result_name)
         answers = [f"{i}: {t.get('answer', '')}" for i, t in sorted(scan.tiles.items())]

@@ -67,19 +67,38 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
     def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT, self.tr("Before (first) raster")))
         self.addParameter(QgsProcessingParameterRasterLayer(INPUT_2, self.tr("After (second) raster")))
-        self.addParameter(QgsProcessingParameterMultipleLayers(
-            LATER, self.tr("Later rasters (in time order)"), _raster_source_type(), optional=True))  # fmt: skip
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(
+                LATER, self.tr("Later rasters (in time order)"), _raster_source_type(), optional=True
+            )
+        )
         add_scan_parameters(self)
-        self.addParameter(advanced(QgsProcessingParameterString(ENDPOINT, self.tr("Backend endpoint"),
-                                                                defaultValue=settings.endpoint())))  # fmt: skip
-        self.addParameter(advanced(QgsProcessingParameterNumber(
-            TIMEOUT, self.tr("Timeout without progress, seconds"), number_type("Integer"),
-            defaultValue=settings.timeout_s(), minValue=1)))  # fmt: skip
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterString(
+                    ENDPOINT, self.tr("Backend endpoint"), defaultValue=settings.endpoint()
+                )
+            )
+        )
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterNumber(
+                    TIMEOUT,
+                    self.tr("Timeout without progress, seconds"),
+                    number_type("Integer"),
+                    defaultValue=settings.timeout_s(),
+                    minValue=1,
+                )
+            )
+        )
         self.addParameter(
             QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Changes"), type=_polygon_source_type())
         )
-        self.addParameter(QgsProcessingParameterFeatureSink(
-            OUTPUT_TILES, self.tr("Change map tiles"), type=_polygon_source_type()))  # fmt: skip
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(
+                OUTPUT_TILES, self.tr("Change map tiles"), type=_polygon_source_type()
+            )
+        )
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> bool:
         layers = [self.layer(parameters, INPUT, context), self.layer(parameters, INPUT_2, context)]
@@ -92,8 +111,13 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
         first = self.layers[0]
         try:
             with connected(endpoint, self.timeout(parameters, context), feedback) as client:
-                scan, reply = scanning.run_changes(client, self.layers, scan_options(self, parameters, context),
-                                                   feedback.isCanceled, follow(feedback))  # fmt: skip
+                scan, reply = scanning.run_changes(
+                    client,
+                    self.layers,
+                    scan_options(self, parameters, context),
+                    feedback.isCanceled,
+                    follow(feedback),
+                )
         except EarthDialError as exc:
             raise fail(exc, endpoint) from None
         boxes = scanning.features(scan.merged, scan, first.crs)
@@ -110,8 +134,11 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
             outputs[key] = dest
             style_on_load(context, dest, names[key])
         changed = sum(1 for t in scan.tiles.values() if t.get("changed"))
-        feedback.pushInfo(self.tr("{changed} of {n} tile pair(s) changed; {boxes} change box(es)").format(
-            changed=changed, n=len(scan.tiles), boxes=len(boxes)))  # fmt: skip
+        feedback.pushInfo(
+            self.tr("{changed} of {n} tile pair(s) changed; {boxes} change box(es)").format(
+                changed=changed, n=len(scan.tiles), boxes=len(boxes)
+            )
+        )
         return {**outputs, TILES: reply["tiles"]}
 
     def postProcessAlgorithm(self, context: Any, feedback: Any) -> dict[str, Any]:

@@ -131,8 +131,15 @@ class RequestTask(QgsTask):
         providers here); with ``plan_only``, the `plan` request asking what it would send."""
         header = request.plan_header() if plan_only else request.header()
         plans = request.plans()
-        task = cls(description, request.endpoint, header, plans,
-                   request.timeout_s if timeout_s is None else timeout_s, on_done, preview_bands)  # fmt: skip
+        task = cls(
+            description,
+            request.endpoint,
+            header,
+            plans,
+            request.timeout_s if timeout_s is None else timeout_s,
+            on_done,
+            preview_bands,
+        )
         task.request = request
         return task
 

@@ -27,8 +27,14 @@ CHANGE_TASK = "change"
 class ScanTask(QgsTask):
     boxes = QtCore.pyqtSignal(object) if hasattr(QtCore, "pyqtSignal") else QtCore.Signal(object)
 
-    def __init__(self, description: str, request: Request, on_done: Callable[[ScanTask], None],
-                 earlier: dict[str, Any] | None = None, project: QgsProject | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        description: str,
+        request: Request,
+        on_done: Callable[[ScanTask], None],
+        earlier: dict[str, Any] | None = None,
+        project: QgsProject | None = None,
+    ) -> None:
         """Made on the main thread: the request's layers are found in ``project`` (default: the current
         one) and what the task's thread reads of them (a provider clone each) is taken here."""
         super().__init__(description, QgsTask.Flag.CanCancel)
@@ -88,8 +94,16 @@ class ScanTask(QgsTask):
                     )
                 elif self.layer is not None:
                     self.scan, self.reply = scanning.run_layer(
-                        client, self.layer, self.rect, request.task, request.prompt, dict(request.options),
-                        self.isCanceled, on_event, self.earlier)  # fmt: skip
+                        client,
+                        self.layer,
+                        self.rect,
+                        request.task,
+                        request.prompt,
+                        dict(request.options),
+                        self.isCanceled,
+                        on_event,
+                        self.earlier,
+                    )
         except EarthDialError as exc:
             self.error = exc
         except Exception as exc:  # a bug must reach the dock as an error, not kill the task silently
