@@ -88,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
     ap.add_argument("--side", type=int, default=6000,
-                    help="scene side in pixels (6000: the analyst's layer of issue 13, 225 tiles of 448 px)")  # fmt: skip
+                    help="scene side in pixels (6000: an analyst's layer, 225 tiles of 448 px)")  # fmt: skip
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")
     ap.add_argument("--repeats", type=int, default=3)
