@@ -33,7 +33,7 @@ SETTINGS = {  # name -> (--dtype, --quantize)
     "fp32": ("float32", "none"),
     "bf16": ("bfloat16", "none"),
     "int8": ("bfloat16", "int8"),
-    "int8-fp32": ("float32", "int8"),  # int8 loaded from an fp32 model (the former int8 run)
+    "int8-fp32": ("float32", "int8"),  # int8 loaded from an fp32 model (how int8 was run before)
     "nf4": ("bfloat16", "nf4"),
 }
 

@@ -1,4 +1,4 @@
-"""The cost of reading in a reader process (issue 24): `plan` of a by-reference source, one `ask` window
+"""The cost of reading in a reader process: `plan` of a by-reference source, one `ask` window
 read and one scan tile, in this process and through a reader process (readers.ReaderPool), in one run.
 
 Both paths open the file by descriptor under an allowed folder (file_access.open_file); the reader path adds

@@ -108,7 +108,7 @@ def main() -> None:
         "--side",
         type=int,
         default=6000,
-        help="scene side in pixels (6000: the analyst's layer of issue 13, 225 tiles of 448 px)",
+        help="scene side in pixels (6000: an analyst's layer, 225 tiles of 448 px)",
     )
     ap.add_argument("--tile", type=int, default=448)
     ap.add_argument("--prompt", default="ships")

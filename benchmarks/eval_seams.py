@@ -179,7 +179,7 @@ def score(features: list[dict[str, Any]], truth: Truth, transform: Any) -> Score
 
 
 def old_merge(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The merge before issue 23 (scenes.merge_boxes then): rotated-polygon NMS by IoU >= 0.5 alone, the
+    """The earlier merge (scenes.merge_boxes then): rotated-polygon NMS by IoU >= 0.5 alone, the
     box seen nearest its tile's centre kept, then the higher score."""
     from shapely.geometry import shape
 

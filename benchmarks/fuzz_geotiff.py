@@ -1,4 +1,5 @@
-"""Fuzz a real `earthdial serve` with crafted GeoTIFFs through `plan` and `ask` (issue 24's fuzz run).
+"""Fuzz a real `earthdial serve` with crafted GeoTIFFs through `plan` and `ask` (the fuzz run
+of docs/security.md).
 
 A command a person runs, not a test (10 000 files take about an hour on two shared cores):
 

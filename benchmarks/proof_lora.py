@@ -1,4 +1,4 @@
-"""Proof that corrections teach the demo model a class it never saw (issue 19, docs/demo-model.md).
+"""Proof that corrections teach the demo model a class it never saw (docs/demo-model.md).
 
     nice -n 10 python benchmarks/proof_lora.py --work /tmp/lora-proof --minutes 8
 

@@ -33,7 +33,7 @@ def test_error_codes_are_the_error_code_class() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The runtime package holds only the runtime (issue 18): training code lives in earthdial.training
+# The runtime package holds only the runtime: training code lives in earthdial.training
 # --------------------------------------------------------------------------------------------------
 
 PACKAGE = ROOT / "backend" / "earthdial"

@@ -136,10 +136,10 @@ def test_reading_a_raster_does_not_import_zmq() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Issue 15: CRSs that name files, formats that reference other files, files that are not files
+# Hostile input: CRSs that name files, formats that reference other files, files that are not files
 # --------------------------------------------------------------------------------------------------
 
-PROJ_STRING = "+proj=longlat +ellps=WGS84 +nadgrids=/dev/stdin +type=crs"  # the issue's
+PROJ_STRING = "+proj=longlat +ellps=WGS84 +nadgrids=/dev/stdin +type=crs"  # the one that froze the server
 WKT_PROJ4 = (
     'GEOGCS["x",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],'
     'UNIT["degree",0.0174532925199433],EXTENSION["PROJ4","+proj=longlat +ellps=WGS84 +nadgrids={grid}"]]'
@@ -219,7 +219,8 @@ def test_crs_forms_that_name_no_file_are_accepted(allowed: Path) -> None:
 def test_the_server_refuses_a_proj_string_crs_at_once_and_keeps_answering(
     server: str, tmp_path: Path, fifo: str
 ) -> None:
-    """The issue's PROJ string froze the whole server (ping, status, cancel, SIGTERM) until SIGKILL."""
+    """PROJ_STRING (a grid on /dev/stdin) froze the whole server (ping, status, cancel, SIGTERM) until
+    SIGKILL."""
     tif = str(_tif(tmp_path / "a.tif"))
     with Client(server, timeout_s=10) as c:
         for crs in (PROJ_STRING, PROJ_STRING.replace("/dev/stdin", fifo)):

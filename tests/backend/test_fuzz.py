@@ -6,7 +6,7 @@ finish, with no model (a valid `ask` ends in model_error after its pixels were r
 message must end in a reply or a typed error whose code is an ErrorCode (and not `internal`, which
 would be a bug); nothing else may escape, and the server must go on answering.
 
-Issue 15 added hostile input to every generator: PROJ strings and WKT/PROJJSON naming grid files as
+Every generator also makes hostile input: PROJ strings and WKT/PROJJSON naming grid files as
 CRSs, FIFOs, directories, VRTs (one named .tif), hard links and a 200 000 x 200 000 px sparse raster as
 paths, lone surrogates in paths and prompts, band lists of hundreds, `detect` requests with bounds of the
 wrong type; each must end in a typed error within the per-message wait (a FIFO or grid file opened
@@ -552,8 +552,8 @@ def test_fuzz_pixels_by_value_in_process(allow_fuzz_dir, worker) -> None:
     _report("pixels", N_ARRAYS * PER_PIXELS)
 
 
-def test_the_findings_of_issue_15_are_typed_errors(allow_fuzz_dir, worker, paths: list[str]) -> None:
-    """The fuzz run of issue 15 got `internal` for these: `detect` bounds items of the wrong type, lone
+def test_the_hostile_input_findings_are_typed_errors(allow_fuzz_dir, worker, paths: list[str]) -> None:
+    """An earlier fuzz run got `internal` for these: `detect` bounds items of the wrong type, lone
     surrogates in a path or a prompt. And the other findings, one message each, in bounded time."""
     root = str(Path(paths[0]).parent)
     rgb = paths[0]
@@ -760,7 +760,7 @@ def test_fuzz_output_paths_and_layer_names(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The GeoTIFF fuzz run (benchmarks/fuzz_geotiff.py, issue 24): each finding, scaled to one file
+# The GeoTIFF fuzz run (benchmarks/fuzz_geotiff.py): each finding, scaled to one file
 # --------------------------------------------------------------------------------------------------
 
 _UTM_WKT = (
@@ -840,9 +840,9 @@ def tiff_of_entries(
 
 
 def _pe_citation_entries(grid: str | None, ascii_kind: int = 2) -> list[tuple[int, int, list[int] | bytes]]:
-    """A user-defined CRS that GDAL builds from the ESRI PE string in PCSCitationGeoKey (the form of
-    issue 24's finding 1), naming `grid` (or none), its GeoAsciiParams stored as `ascii_kind` (ASCII,
-    or one value a character)."""
+    """A user-defined CRS that GDAL builds from the ESRI PE string in PCSCitationGeoKey (the form in
+    which a raster's own CRS named a grid FIFO), naming `grid` (or none), its GeoAsciiParams stored as
+    `ascii_kind` (ASCII, or one value a character)."""
     extension = f',EXTENSION["PROJ4_GRIDS","{grid}"]' if grid else ""
     text = ("ESRI PE String = " + _UTM_WKT.format(extension=extension) + "|").encode() + b"\0"
     keys = [1, 1, 0, 3, 1024, 0, 1, 32767, 1025, 0, 1, 1, 3073, 34737, len(text) - 1, 0]

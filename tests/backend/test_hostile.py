@@ -1,5 +1,6 @@
-"""Hostile input, second round (issue 24): each finding's attack, scaled to seconds, against a real
-`earthdial serve` over loopback ZeroMQ; `status` must keep answering within 1 s throughout."""
+"""Hostile input, second round (the second adversarial run of docs/security.md): each finding's attack,
+scaled to seconds, against a real `earthdial serve` over loopback ZeroMQ; `status` must keep answering
+within 1 s throughout."""
 
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def outside_fifo() -> Iterator[str]:
 def test_a_grid_fifo_named_in_a_raster_s_own_crs_is_refused_and_the_server_keeps_answering(
     server: str, tmp_path: Path, outside_fifo: str
 ) -> None:
-    """The issue's critical finding: `plan` froze the I/O loop and `ask` the worker in PROJ's open of
+    """The critical finding of that run: `plan` froze the I/O loop and `ask` the worker in PROJ's open of
     the FIFO, for good (no status, ping, cancel; SIGTERM ignored)."""
     with StatusProbe(server), Client(server, timeout_s=10) as c:
         for name, citation in pe_citations(outside_fifo).items():

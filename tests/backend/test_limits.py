@@ -1,8 +1,9 @@
-"""Issue 15's findings against a real `earthdial serve` process, each refused with a typed error in bounded
-time and memory, the server answering the next request at once: budgets (pixels, scan tiles, bands,
-by-value pixels, reply and queue bytes), a per-request deadline, cancel and disconnect stopping a read in
-progress, `status` naming a running job's stage, the connection cap and idle timeout under a flood,
-identity from the transport (no cancelling or starving by naming another client), oversize headers."""
+"""Hostile input, first round: each finding against a real `earthdial serve` process, refused with a
+typed error in bounded time and memory, the server answering the next request at once: budgets (pixels,
+scan tiles, bands, by-value pixels, reply and queue bytes), a per-request deadline, cancel and disconnect
+stopping a read in progress, `status` naming a running job's stage, the connection cap and idle timeout
+under a flood, identity from the transport (no cancelling or starving by naming another client), oversize
+headers."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _pings_at_once(endpoint: str) -> float:
 def rasters(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("limits")
     return {
-        "huge": _sparse_tif(root / "huge.tif", 200_000, bands=1),  # the issue's 200 000 x 200 000 px
+        "huge": _sparse_tif(root / "huge.tif", 200_000, bands=1),  # the size that once exhausted the server
         "slow": _sparse_tif(root / "slow.tif", 60_000),  # ~10 G source pixels: seconds to average
         "small": _tif(root / "small.tif"),
     }
@@ -550,10 +551,10 @@ def test_past_the_cap_quiet_connections_go_first_then_the_newest_that_talk() -> 
 
 
 def test_a_reconnecting_dealer_flood_at_the_open_file_limit_fails_no_legitimate_request(rasters) -> None:
-    """Finding 9 of issue 24, scaled: 1 100 DEALERs that reconnect within 100 ms of each end, against a
-    server with 1 024 descriptors, held ~1 000 connections past the cap of 512 and failed 1 in 6 reads
-    (`Too many open files`); past the cap, the clients there before the flood were ended as the longest
-    idle. Here: 240 such DEALERs pinging every 50 ms against 200 descriptors (a cap of 136); a client
+    """The reconnecting-DEALER flood, scaled: 1 100 DEALERs that reconnect within 100 ms of each end,
+    against a server with 1 024 descriptors, held ~1 000 connections past the cap of 512 and failed 1 in 6
+    reads (`Too many open files`); past the cap, the clients there before the flood were ended as the
+    longest idle. Here: 240 such DEALERs pinging every 50 ms against 200 descriptors (a cap of 136); a client
     connected before it gets every `georef` by reference answered, and `status` every 0.1 s."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     command = ["prlimit", "--nofile=200:200", sys.executable, "-m", "earthdial.cli.main"]

@@ -1,5 +1,5 @@
-"""Reads of a user's file in a server (issue 24): opened by descriptor, so a name swapped for a link
-cannot lead outside the allowed folders (finding 2)."""
+"""Reads of a user's file in a server: opened by descriptor, so a name swapped for a link
+cannot lead outside the allowed folders."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ PLANS, GEOREFS = 500, 200
 def test_a_file_or_folder_swapped_for_a_link_never_reads_outside(
     server: str, tmp_path: Path, outside_dir: Path, what: str
 ) -> None:
-    """Finding 2: exchanging a checked file (or its folder) with a symlink to an outside one, in a
+    """The swap race: exchanging a checked file (or its folder) with a symlink to an outside one, in a
     loop, made 9 of 2 000 `plan`s and 2 of 2 000 `ask`s answer with the outside file's metadata, and
     ~35 % of racing requests `internal`. Bounded here: 500 plans and 200 georefs (which read the
     window exactly as `ask` does, without the model's time) while a thread swaps the names. No reply may
@@ -169,7 +169,7 @@ def test_links_are_not_followed_even_inside(tmp_path: Path) -> None:
 def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
     tmp_path: Path, outside_dir: Path
 ) -> None:
-    """A GeoTIFF whose own CRS names a grid FIFO froze the server for good (finding 1): GDAL opens the
+    """A GeoTIFF whose own CRS names a grid FIFO froze the server for good: GDAL opens the
     file and PROJ the grid, which blocks until someone writes to it. The byte checks that refuse such a
     file are turned off for this server (EARTHDIAL_UNSAFE_SKIP_FILE_PRECHECKS, honoured for tests only),
     so that the reader process is all that stands between the FIFO and the server: its open blocks,

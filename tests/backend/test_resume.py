@@ -1,4 +1,4 @@
-"""A stopped scan resumed over the protocol (issue 23): `detect` with `options.skip` and the stopped scan's
+"""A stopped scan resumed over the protocol: `detect` with `options.skip` and the stopped scan's
 tiles and boxes (`earlier`, one JSON frame) merges the whole scene exactly as an uninterrupted scan does,
 and earlier boxes that are not the scan's are refused at admission with typed errors."""
 

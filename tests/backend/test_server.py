@@ -65,7 +65,7 @@ def test_status_reports_model_tasks_and_protocol(client: Client) -> None:
 
 
 def test_status_carries_the_contract_the_plugin_uses(client: Client) -> None:
-    """Tasks, band presets and error codes come from the backend's own tables, all of them (issue 18)."""
+    """Tasks, band presets and error codes come from the backend's own tables, all of them."""
     from earthdial.contract.wire import ErrorCode
     from earthdial.geo import presets
     from earthdial.model import prompts

@@ -346,9 +346,7 @@ def test_an_oversized_frame_drops_the_connection_and_the_server_goes_on() -> Non
         sock = _dealer(endpoint)
         sock.send_multipart([b'{"v": 1, "id": "h", "op": "status", "pad": "' + b"x" * 70_000 + b'"}'])
         reply = _recv(sock)
-        assert (
-            reply["error"]["code"] == "bad_header" and reply["id"] == "h"
-        )  # the id is still read (issue 15)
+        assert reply["error"]["code"] == "bad_header" and reply["id"] == "h"  # the id is still read
         sock.send_multipart(encode({"v": 1, "id": "f", "op": "georef"}) + [b""] * 70)
         assert _recv(sock)["error"]["code"] == "bad_request"
         sock.close()

@@ -1,4 +1,4 @@
-"""Issue 19: reviewed result layers -> training records (export-training), LoRA fine-tuning, --adapter."""
+"""Reviewed result layers -> training records (export-training), LoRA fine-tuning, --adapter."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The plugin takes the contract from the backend: no list of the backend's tasks, presets or error codes
-is written in the plugin (issue 18). Read against a running backend's status."""
+is written in the plugin. Read against a running backend's status."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the analyst draws on a result layer stays visible (issue 23): the categorized style has a
+"""What the analyst draws on a result layer stays visible: the categorized style has a
 catch-all category, and a drawn box takes the label the model gave most often on the layer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14's habits and status line, in real QGIS: the status line follows a backend that is killed and
+"""The panel's habits and status line, in real QGIS: the status line follows a backend that is killed and
 restarted, Ctrl+Return sends, every control has a tooltip, Help opens the README's plugin section, the
 panel fits a 300 px dock, and a missing qtpy is no warning."""
 

@@ -1,4 +1,4 @@
-"""The panel leads to the right action (issue 23): a sensible first task, scan or one window as the first
+"""The panel leads to the right action: a sensible first task, scan or one window as the first
 choice beside the area, a *Sends* line that describes the scan that will run, and a one-window Send that
 would shrink the layer past a factor offers the scan instead."""
 

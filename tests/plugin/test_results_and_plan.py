@@ -1,5 +1,5 @@
-"""Issue 14 in real QGIS against real backends: results live in GeoPackages and are never lost, Cancel
-reaches the backend, and the panel says before sending what the reply then reports."""
+"""Results and the plan in real QGIS against real backends: results live in GeoPackages and are never lost,
+Cancel reaches the backend, and the panel says before sending what the reply then reports."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A stopped dock scan resumed from the dock (issue 23): the scan cancelled part-way keeps its boxes in a
+"""A stopped dock scan resumed from the dock: the scan cancelled part-way keeps its boxes in a
 stopped layer that remembers the scan (in the project file, its boxes in the results GeoPackage), so that
 after the project is saved, closed and opened again "Resume scan" on that layer scans only the tiles not
 finished (stopped again, one stopped layer holds every box so far) and ends with the same merged boxes as

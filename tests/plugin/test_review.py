@@ -1,6 +1,6 @@
-"""Issue 19 in real QGIS: the demo model's result layer is reviewed with QGIS's own editing (the review
-field follows), exported with earthdial:export_training, an adapter is fine-tuned on it, and the local
-backend started from the plugin settings with that adapter answers through the panel."""
+"""Review and fine-tuning in real QGIS: the demo model's result layer is reviewed with QGIS's own editing
+(the review field follows), exported with earthdial:export_training, an adapter is fine-tuned on it, and
+the local backend started from the plugin settings with that adapter answers through the panel."""
 
 from __future__ import annotations
 

@@ -331,7 +331,7 @@ def test_file_the_backend_may_not_read_is_sent_as_pixels(
 def test_a_vrt_layer_the_backend_does_not_open_is_sent_as_pixels(
     qgis_new_project, qgis_iface, make_dock, show_view, backend, tmp_path
 ):
-    """A backend that opens only plain raster formats (issue 15: a VRT can name files outside its
+    """A backend that opens only plain raster formats (a VRT can name files outside its
     folders) refuses a VRT with not_a_raster; QGIS reads it, so its pixels go instead."""
     tif = tmp_path / "scene.tif"
     write_geotiff(str(tif))

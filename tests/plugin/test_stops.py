@@ -1,4 +1,4 @@
-"""How a stopped request ends in the panel (issue 23): a cancelled scan keeps *Zoom to results* and
+"""How a stopped request ends in the panel: a cancelled scan keeps *Zoom to results* and
 *Save to GeoPackage…* for the boxes it kept and says so in one message (QGIS's own "Task failed" notice
 is taken off the bar); a local backend killed mid-scan is one message giving its real exit cause, not
 its start-up banner."""

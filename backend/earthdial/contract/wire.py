@@ -62,7 +62,7 @@ class ErrorCode:
     MODEL_ERROR = "model_error"
     CANCELLED = "cancelled"  # cancelled by its client (`cancel` op or the client went away)
     FORBIDDEN_PATH = "forbidden_path"  # a path outside the directories the server may read
-    # server limits (issue 15): the message names the limit and the `earthdial serve` option raising it
+    # server limits: the message names the limit and the `earthdial serve` option raising it
     TOO_LARGE = "too_large"  # pixels, tiles, bands, reply or queue bytes over a budget
     DEADLINE = "deadline"  # the request ran (or waited) past the server's per-request deadline
     INTERNAL = "internal"

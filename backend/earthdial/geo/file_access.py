@@ -101,7 +101,7 @@ class FilePolicy:
         `fd_path(fd)` (the caller closes it once the dataset is closed). The path is walked one component
         at a time from the allowed folder's descriptor with O_NOFOLLOW (`openat`), so no symlink is followed
         anywhere in it and a name swapped for a link between a check and the open cannot lead out of the
-        folder (issue 24, finding 2): a link is `forbidden_path`, even one to a file inside. The descriptor
+        folder: a link is `forbidden_path`, even one to a file inside. The descriptor
         must be a regular file (a FIFO would block its reader for good, a device could be endless) with one
         hard link (a link inside an allowed folder to a file outside it cannot be told from the file itself),
         and a TIFF must pass the byte checks GDAL's open needs (geokeys.py), read through this descriptor."""

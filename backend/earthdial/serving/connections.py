@@ -11,7 +11,7 @@ reports DISCONNECTED, so no descriptor is reused under it):
 - over the cap: quiet connections first (none of its messages yet, or none for QUIET_S), the longest
   quiet first, so a flood of connections that send nothing cannot lock a new client out; then, among
   the ones that talk, the newest first, so a flood of DEALERs that reconnect as soon as they are ended
-  and ping at once (finding 9 of issue 24) ends itself and not the clients that were there before it.
+  and ping at once ends itself and not the clients that were there before it.
 
 - unfinished messages: libzmq buffers every frame of a multipart message until its last one arrives,
   and its size limit (ZMQ_MAXMSGSIZE) is per frame, so a peer sending large frames with MORE set and

@@ -1,4 +1,4 @@
-"""Reader processes: where a server opens and reads its users' files (issue 24).
+"""Reader processes: where a server opens and reads its users' files.
 
 GDAL and PROJ cannot be interrupted inside an open or a read: a file whose CRS names a grid FIFO blocks
 the thread that opens it for good, and a crafted file can make GDAL allocate without bound. A server

@@ -12,7 +12,7 @@ taken off the queue and its running ones flagged to stop. A client waiting for a
 stays connected, so it is never mistaken for a gone one; a vanished peer that did not close its socket
 is dropped by ZMTP heartbeats (HEARTBEAT_TIMEOUT_MS).
 
-Hostile input (issue 15): a client's identity is its connection (routing id) or its CURVE key, never a
+Hostile input: a client's identity is its connection (routing id) or its CURVE key, never a
 field of its requests; connections are capped and idle ones ended (connections.py); every request is
 bounded before it is queued and while it runs (limits.py); see docs/security.md.
 """

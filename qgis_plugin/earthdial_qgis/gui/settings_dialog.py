@@ -30,7 +30,7 @@ class SettingsDialog(QtWidgets.QDialog):
             self.tr("An EarthDial checkpoint folder (e.g. EarthDial_4B_RGB); empty: the built-in demo model")
         )
         form.addRow(self.tr("Model folder"), self.model_widget)
-        # --- Download model... (issue 26): the backend's `earthdial download` fills the model folder
+        # --- Download model...: the backend's `earthdial download` fills the model folder
         from .model_download import add_download_button
 
         self.download_button = add_download_button(self, form, self.command_widget, self.model_widget)

@@ -25,7 +25,7 @@ PING_TIMEOUT_S = 3.0  # before a request: a backend that is not there is an erro
 UNPINGED_OPS = ("status", "ping", "plan")  # short requests with short timeouts of their own
 # Replies meaning "the backend cannot read this file": it runs on another machine or in a container, or
 # may not read that directory. QGIS can, so the pixels are sent instead.
-# (and since issue 15: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
+# (and also: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
 
 
 def resolve_sources(
