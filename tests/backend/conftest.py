@@ -37,6 +37,71 @@ def tiny_ms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def geotiff(
+    path: Path,
+    width: int,
+    height: int,
+    count: int,
+    dtype: str = "uint8",
+    *,
+    crs: str | None = "EPSG:32633",
+    transform: Any = None,
+    px: float = 1.0,
+    **profile: Any,
+) -> Any:
+    """Open `path` for writing as a GeoTIFF; without `transform`, square `px` pixels from the UTM 33N
+    origin (500 000, 4 000 000). `profile` goes to rasterio as it is (nodata, tiling, compression, ...)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    return rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        crs=crs,
+        transform=from_origin(500_000, 4_000_000, px, px) if transform is None else transform,
+        **profile,
+    )
+
+
+def sparse_geotiff(path: Path, size: int, count: int, px: float = 1.0) -> Any:
+    """Open a size x size tiled BigTIFF for writing in which GDAL leaves every tile not written sparse
+    (no bytes on disk): a huge raster in about a megabyte."""
+    return geotiff(
+        path,
+        size,
+        size,
+        count,
+        px=px,
+        tiled=True,
+        blockxsize=1024,
+        blockysize=1024,
+        sparse_ok=True,
+        BIGTIFF="YES",
+    )
+
+
+def write_geotiff(path: Path, data: Any, *, descriptions: tuple[str, ...] = (), **kwargs: Any) -> Path:
+    """Write `data` (bands, rows, cols) as a GeoTIFF at `path`; `kwargs` as `geotiff` takes them."""
+    count, rows, cols = data.shape
+    with geotiff(path, cols, rows, count, data.dtype.name, **kwargs) as dst:
+        dst.write(data)
+        for i, description in enumerate(descriptions, start=1):
+            dst.set_band_description(i, description)
+    return path
+
+
+def run_earthdial(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`earthdial ARGS` in a child process (this one's environment unless `env`), its output captured as text."""
+    return subprocess.run([*EARTHDIAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

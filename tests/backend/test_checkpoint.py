@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import run_earthdial
 from earthdial.model import checkpoint
 from earthdial.model.checkpoint import CheckpointError
 
@@ -225,19 +224,12 @@ def test_serve_refuses_a_broken_checkpoint_and_names_the_keys(tiny_checkpoint: P
     w = load_file(str(bad / "model.safetensors"))
     del w["language_model.lm_head.weight"]
     save_file(w, str(bad / "model.safetensors"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "serve",
-            "--model",
-            str(bad),
-            "--endpoint",
-            "tcp://127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_earthdial(
+        "serve",
+        "--model",
+        str(bad),
+        "--endpoint",
+        "tcp://127.0.0.1:0",
         timeout=120,
     )
     assert proc.returncode != 0

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyogrio
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 from test_output import check_users_layer, user_geopackage
 
-from conftest import EARTHDIAL, free_port
+from conftest import free_port, run_earthdial, write_geotiff
 from earthdial.cli import main as cli
 from earthdial.outputs.preview import is_our_png
 
@@ -29,19 +27,7 @@ ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 def scene(tmp_path: Path) -> Path:
     path = tmp_path / "scene.tif"
     data = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=64,
-        height=64,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 4000000, 10, 10),
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, px=10)
 
 
 def georef(scene: Path, *extra: str) -> int:
@@ -191,13 +177,7 @@ def test_an_endpoint_that_is_not_there_fails_within_seconds(scene, capsys, monke
 
 def run_ask(scene: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "EARTHDIAL_MODEL"} | env
-    return subprocess.run(
-        [*EARTHDIAL, "ask", str(scene), "--task", "refer", "--prompt", "ship", *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_earthdial("ask", str(scene), "--task", "refer", "--prompt", "ship", *extra, env=env)
 
 
 def test_ask_with_no_flags_uses_the_server_at_the_default_endpoint(server, scene, tmp_path):
@@ -235,24 +215,12 @@ def test_the_readme_example_finds_boxes_and_prints_no_noise(tmp_path):
     scene = write_sample_scene(tmp_path / "scene.tif")
     env = {k: v for k, v in os.environ.items() if k != "EARTHDIAL_MODEL"}
     env["EARTHDIAL_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
-    done = subprocess.run(
-        [*EARTHDIAL, "ask", str(scene), "--prompt", "ships"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = run_earthdial("ask", str(scene), "--prompt", "ships", env=env)
     assert done.returncode == 0, done.stderr
     assert "earthdial ask: task refer" in done.stderr
     assert "<box>" in done.stdout and "0 grounded box(es)" not in done.stdout, done.stdout
     assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
-    done = subprocess.run(
-        [*EARTHDIAL, "detect", str(scene), "--prompt", "ships"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = run_earthdial("detect", str(scene), "--prompt", "ships", env=env)
     assert done.returncode == 0, done.stderr
     assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
 

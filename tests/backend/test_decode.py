@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_earthdial
 from earthdial import training as train
 from earthdial.contract.wire import EarthDialError
 from earthdial.model import prompts
@@ -131,12 +132,7 @@ def test_serve_kv_cache_sets_the_cache_mode_and_the_old_decode_flag_still_does_w
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         proc = start_server(tiny_checkpoint, endpoint, extra=(flag, "static", "--decoding", "beams"))
         try:
-            status = subprocess.run(
-                [*EARTHDIAL, "status", "--endpoint", endpoint, "--json"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            status = run_earthdial("status", "--endpoint", endpoint, "--json", timeout=60)
             model = json.loads(status.stdout)["model"]
             assert (model["cache_mode"], model["decoding"]) == ("static", "beams")
             assert "decode" not in model

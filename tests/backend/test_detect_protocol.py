@@ -17,7 +17,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from conftest import EARTHDIAL, free_port, serving, start_server, stop_server
+from conftest import EARTHDIAL, free_port, run_earthdial, serving, start_server, stop_server, write_geotiff
 from earthdial.contract import wire
 from earthdial.contract.client import Client
 from earthdial.contract.wire import MAX_HEADER_BYTES, EarthDialError, source_by_reference
@@ -32,20 +32,7 @@ from earthdial.training import DEMO_DIR
 def write(
     path: Path, data: np.ndarray, crs: str | None = "EPSG:32633", x0: float = 500_000, px: float = 1
 ) -> Path:
-    count, rows, cols = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=cols,
-        height=rows,
-        count=count,
-        dtype=data.dtype.name,
-        crs=crs,
-        transform=from_origin(x0, 4_000_000, px, px),
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, crs=crs, transform=from_origin(x0, 4_000_000, px, px))
 
 
 @pytest.fixture(scope="module")
@@ -396,26 +383,20 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
     a = synthetic.write_geotiff(tmp_path / "before.tif", before)
     b = synthetic.write_geotiff(tmp_path / "after.tif", after)
     out = tmp_path / "changes.gpkg"
-    run = subprocess.run(
-        [
-            *EARTHDIAL,
-            "detect-changes",
-            str(a),
-            str(b),
-            "--tile-size",
-            "224",
-            "--overlap",
-            "0",
-            "--model",
-            str(DEMO_DIR),
-            "--device",
-            "cpu",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_earthdial(
+        "detect-changes",
+        str(a),
+        str(b),
+        "--tile-size",
+        "224",
+        "--overlap",
+        "0",
+        "--model",
+        str(DEMO_DIR),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
     )
     assert run.returncode == 0, run.stderr
     layers = [name for name, _ in pyogrio.list_layers(str(out))]

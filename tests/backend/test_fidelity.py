@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_geotiff
 from earthdial.cli.main import build_parser
 from earthdial.contract.wire import EarthDialError
 from earthdial.geo.georef import box_pixel_corners
@@ -575,7 +576,6 @@ def test_the_service_picks_the_sar_pair_tag_from_the_loaded_vocabulary() -> None
 def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     tmp_path: Path, engine: Engine
 ) -> None:
-    import rasterio
     from affine import Affine
 
     from earthdial.contract.wire import source_by_reference
@@ -584,19 +584,7 @@ def test_the_plan_of_a_pair_counts_each_images_share_of_the_tile_budget(
     for i in range(2):  # 3:2 windows: 6 + 1 tiles alone, at most 3 + 1 each in a pair
         p = tmp_path / f"t{i}.tif"
         data = np.random.default_rng(i).integers(0, 255, (3, 448, 672), dtype=np.uint8)
-        with rasterio.open(
-            p,
-            "w",
-            driver="GTiff",
-            width=672,
-            height=448,
-            count=3,
-            dtype="uint8",
-            crs="EPSG:32633",
-            transform=Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000),
-        ) as dst:
-            dst.write(data)
-        paths.append(p)
+        paths.append(write_geotiff(p, data, transform=Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000)))
     header = {
         "op": "ask",
         "task": "change",

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 
-from conftest import free_port, start_server, stop_server
+from conftest import free_port, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 from earthdial.geo import file_access
@@ -27,19 +25,7 @@ ANSWER = "<ref>ship</ref><box>[[20, 30, 40, 60, 0]]</box>"
 
 
 def _tif(path: Path) -> Path:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=8,
-        height=8,
-        count=1,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-    ) as dst:
-        dst.write(np.zeros((1, 8, 8), np.uint8))
-    return path
+    return write_geotiff(path, np.zeros((1, 8, 8), np.uint8), px=10)
 
 
 @pytest.fixture()

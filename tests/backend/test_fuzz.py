@@ -34,13 +34,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import rasterio
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rasterio.transform import from_origin
 
-from conftest import free_port, start_server, stop_server
+from conftest import free_port, geotiff, sparse_geotiff, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     ALLOWED_DTYPES,
@@ -102,19 +100,7 @@ def fuzz(n: int):
 
 
 def _tif(path: Path, data: np.ndarray, crs: str | None = "EPSG:32633") -> str:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=data.shape[2],
-        height=data.shape[1],
-        count=data.shape[0],
-        dtype=data.dtype,
-        crs=crs,
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-    ) as dst:
-        dst.write(data)
-    return str(path)
+    return str(write_geotiff(path, data, crs=crs, px=10))
 
 
 @pytest.fixture(scope="module")
@@ -133,22 +119,7 @@ def paths(tmp_path_factory) -> list[str]:
         f"<SimpleSource><SourceFilename>{outside}</SourceFilename><SourceBand>1</SourceBand>"
         "</SimpleSource></VRTRasterBand></VRTDataset>"
     )
-    with rasterio.open(
-        root / "huge.tif",
-        "w",
-        driver="GTiff",
-        width=200_000,
-        height=200_000,
-        count=1,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-        tiled=True,
-        blockxsize=1024,
-        blockysize=1024,
-        sparse_ok=True,
-        BIGTIFF="YES",
-    ):
+    with sparse_geotiff(root / "huge.tif", 200_000, 1, px=10):
         pass  # every tile sparse: 1 MB on disk
     found = [
         _tif(root / "rgb.tif", (rng.random((3, 24, 40)) * 255).astype(np.uint8)),
@@ -998,45 +969,17 @@ def test_a_plan_samples_no_huge_tile_of_a_raster_with_overviews(tmp_path: Path, 
     """Fuzz finding: a 33 x 16 px GeoTIFF with overviews in 32 768 px tiles. `plan` took its overviews
     for the sample's read, but a raster smaller than the sample is read at full resolution: the tile was
     decoded whole (1 G px, 1 GB, 1.1 s on the I/O loop). Scaled: 4 096 px tiles, over the sample's 4 M px."""
-    import rasterio
-    from rasterio.transform import from_origin
-
     from earthdial.geo import imagery
 
     tif = tmp_path / "ov.tif"
-    with rasterio.open(
-        tif,
-        "w",
-        driver="GTiff",
-        width=33,
-        height=16,
-        count=1,
-        dtype="uint8",
-        tiled=True,
-        blockxsize=4096,
-        blockysize=4096,
-        compress="deflate",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
+    with geotiff(
+        tif, 33, 16, 1, px=10, tiled=True, blockxsize=4096, blockysize=4096, compress="deflate"
     ) as dst:
         dst.write(np.ones((1, 16, 33), np.uint8))
         dst.build_overviews([2, 4])
     assert imagery.sample_band(str(tif)) is None
     small = tmp_path / "small.tif"  # the same with 16 px tiles: sampled
-    with rasterio.open(
-        small,
-        "w",
-        driver="GTiff",
-        width=33,
-        height=16,
-        count=1,
-        dtype="uint8",
-        tiled=True,
-        blockxsize=16,
-        blockysize=16,
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-    ) as dst:
+    with geotiff(small, 33, 16, 1, px=10, tiled=True, blockxsize=16, blockysize=16) as dst:
         dst.write(np.ones((1, 16, 33), np.uint8))
         dst.build_overviews([2, 4])
     sample = imagery.sample_band(str(small))

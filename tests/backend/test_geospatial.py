@@ -11,6 +11,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.windows import Window
 
+from conftest import write_geotiff
 from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.geo import tiling
 from earthdial.model.engine import Engine
@@ -31,23 +32,7 @@ def ms_engine(tiny_ms_checkpoint: Path) -> Engine:
 
 
 def write(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata=None, descriptions=()) -> Path:
-    count, rows, cols = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=cols,
-        height=rows,
-        count=count,
-        dtype=data.dtype.name,
-        crs=crs,
-        transform=transform,
-        nodata=nodata,
-    ) as dst:
-        dst.write(data)
-        for i, d in enumerate(descriptions, start=1):
-            dst.set_band_description(i, d)
-    return path
+    return write_geotiff(path, data, crs=crs, transform=transform, nodata=nodata, descriptions=descriptions)
 
 
 def georef(path: Path, **source) -> dict:
@@ -253,18 +238,7 @@ def test_scene_reads_keep_gdal_blocks_in_a_cache_of_the_size_meant(tmp_path: Pat
     """rasterio takes GDAL_CACHEMAX in bytes: a cache of SCENE_CACHE_MB "bytes" made every tile decode
     its rows again. While a scene's tiles are read, the cache must hold many rows of a wide raster."""
     path = tmp_path / "wide.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=4000,
-        height=64,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=Affine(1, 0, 500_000, 0, -1, 4_000_000),
-    ) as dst:
-        dst.write(np.zeros((3, 64, 4000), np.uint8))
+    write(path, np.zeros((3, 64, 4000), np.uint8), "EPSG:32633", Affine(1, 0, 500_000, 0, -1, 4_000_000))
     tiles = scenes.file_tiles([str(path)], [1, 2, 3], tiling.plan_tiles(4000, 64, 64, 0.0), 32)
     next(tiles)
     try:
@@ -282,18 +256,7 @@ def test_a_scan_stopped_mid_way_closes_its_file_on_the_reader_thread(tmp_path: P
     import sys
 
     path = tmp_path / "stop.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=640,
-        height=64,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=Affine(1, 0, 500_000, 0, -1, 4_000_000),
-    ) as dst:
-        dst.write(np.zeros((3, 64, 640), np.uint8))
+    write(path, np.zeros((3, 64, 640), np.uint8), "EPSG:32633", Affine(1, 0, 500_000, 0, -1, 4_000_000))
     unraisable: list = []
     previous, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:

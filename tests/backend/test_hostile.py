@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import EARTHDIAL, free_port, start_server, stop_server
+from conftest import free_port, run_earthdial, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 
@@ -294,22 +294,7 @@ def test_an_unfinished_multipart_message_is_bounded_in_total() -> None:
 
 
 def _small_tif(path: Path, size: int = 300) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
-
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=size,
-        height=size,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 1, 1),
-    ) as dst:
-        dst.write(np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8))
-    return path
+    return write_geotiff(path, np.random.default_rng(0).integers(0, 255, (3, size, size), dtype=np.uint8))
 
 
 def _stream_detect(band_count: int = 3) -> dict:
@@ -472,29 +457,23 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
 def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
     from earthdial.training import DEMO_DIR
 
-    return subprocess.run(
-        [
-            *EARTHDIAL,
-            "detect",
-            str(scene),
-            "--task",
-            "refer",
-            "--prompt",
-            "ships",
-            "--model",
-            str(DEMO_DIR),
-            "--device",
-            "cpu",
-            "--tile-size",
-            "224",
-            "--overlap",
-            "0",
-            "-o",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_earthdial(
+        "detect",
+        str(scene),
+        "--task",
+        "refer",
+        "--prompt",
+        "ships",
+        "--model",
+        str(DEMO_DIR),
+        "--device",
+        "cpu",
+        "--tile-size",
+        "224",
+        "--overlap",
+        "0",
+        "-o",
+        str(output),
     )
 
 
@@ -691,24 +670,7 @@ def test_bad_values_are_typed_errors_never_internal(server: str, tmp_path: Path)
 
 
 def _blocky_tif(path: Path, size: int, **layout: Any) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
-
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=size,
-        height=size,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 1, 1),
-        compress="DEFLATE",
-        **layout,
-    ) as dst:
-        dst.write(np.zeros((3, size, size), np.uint8))
-    return path
+    return write_geotiff(path, np.zeros((3, size, size), np.uint8), compress="DEFLATE", **layout)
 
 
 def test_big_blocks_count_in_the_pixel_budget(tmp_path: Path) -> None:

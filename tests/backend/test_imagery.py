@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
+from conftest import write_geotiff
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo.imagery import Chip, chip_from_array, read_chip
 
@@ -19,21 +19,7 @@ def make_tif(path, data, transform, crs="EPSG:32633", nodata=None):
     data = np.asarray(data)
     if data.ndim == 2:
         data = data[np.newaxis]
-    count, height, width = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=count,
-        dtype=data.dtype,
-        crs=crs,
-        transform=transform,
-        nodata=nodata,
-    ) as dst:
-        dst.write(data)
-    return str(path)
+    return str(write_geotiff(path, data, crs=crs, transform=transform, nodata=nodata))
 
 
 def grid(count, height, width, dtype="uint16"):

@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 import rasterio
 import zmq
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from conftest import free_port, start_server, stop_server
+from conftest import free_port, sparse_geotiff, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
@@ -44,40 +43,13 @@ TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0)
 
 def _sparse_tif(path: Path, size: int, bands: int = 3) -> Path:
     """A size x size GeoTIFF of ~1 MB: tiled, every tile but one left sparse (GDAL writes no data for it)."""
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=size,
-        height=size,
-        count=bands,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 1, 1),
-        tiled=True,
-        blockxsize=1024,
-        blockysize=1024,
-        sparse_ok=True,
-        BIGTIFF="YES",
-    ) as dst:
+    with sparse_geotiff(path, size, bands) as dst:
         dst.write(np.ones((bands, 16, 16), np.uint8), window=Window(0, 0, 16, 16))
     return path
 
 
 def _tif(path: Path, size: int = 64) -> Path:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=size,
-        height=size,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-    ) as dst:
-        dst.write(np.full((3, size, size), 7, np.uint8))
-    return path
+    return write_geotiff(path, np.full((3, size, size), 7, np.uint8), px=10)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -798,19 +770,7 @@ def test_reads_go_through_overviews_or_decimate_within_the_budget(tmp_path) -> N
 
     path = tmp_path / "striped.tif"  # 4000 x 4000 px in strips of one row, no overviews
     data = (np.arange(4000 * 4000, dtype=np.uint32) % 251).astype(np.uint8).reshape(1, 4000, 4000)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=4000,
-        height=4000,
-        count=1,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 1, 1),
-        blockysize=1,
-    ) as dst:
-        dst.write(data)
+    write_geotiff(path, data, blockysize=1)
     previous = limits.configure(limits.Limits(max_pixels=5_000_000))
     try:
         # averaging would decode 16 M pixels; a nearest read of 500 rows decodes 500 x 4000 = 2 M

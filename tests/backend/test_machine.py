@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_earthdial
 from earthdial.cli.main import main
 from earthdial.install import machine
 from earthdial.install.machine import Facts, Gpu
@@ -230,12 +229,7 @@ def test_a_serving_backend_reports_the_machine_in_status(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint)
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_earthdial("status", "--endpoint", endpoint, "--json", timeout=60)
         report = json.loads(out.stdout)["machine"]
         assert set(report) == TOP_KEYS and report["taken"] == "at start-up, before the model was loaded"
         assert report["recommendation"]["device"] in ("cpu", "cuda")

@@ -24,7 +24,7 @@ import pytest
 import rasterio
 from test_output import check_users_layer, user_geopackage
 
-from conftest import EARTHDIAL
+from conftest import run_earthdial
 from earthdial.cli import main as cli
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
@@ -135,24 +135,18 @@ def test_two_ray_workers_give_the_same_features_as_four_single_process_detects(a
     items = stac(archive_dir["folder"] / "items.json", [item("scene-d", visual=d.name, thumbnail="d.png")])
     out = tmp_path / "project.gpkg"
     user_geopackage(str(out))
-    run = subprocess.run(
-        [
-            *EARTHDIAL,
-            "detect-many",
-            str(a),
-            str(b),
-            "--list",
-            str(listing),
-            "--stac",
-            str(items),
-            *TILING,
-            *MANY,
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_earthdial(
+        "detect-many",
+        str(a),
+        str(b),
+        "--list",
+        str(listing),
+        "--stac",
+        str(items),
+        *TILING,
+        *MANY,
+        "-o",
+        str(out),
     )
     assert run.returncode == 0, run.stderr
     assert "4 scene(s) on 2 worker(s) (1 CPU each)" in run.stderr

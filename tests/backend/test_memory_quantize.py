@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_earthdial
 from earthdial.model import checkpoint, memory
 from earthdial.model.engine import Engine, Query
 from earthdial.model.prompts import build_question
@@ -145,20 +146,13 @@ def test_quantised_model_answers_on_the_cpu(tiny_checkpoint: Path, mode: str) ->
 
 def test_serve_plans_memory_and_reports_it_in_status(tiny_checkpoint: Path) -> None:
     import json
-    import subprocess
-    import sys
 
     from conftest import free_port, start_server
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--quantize", "int8", "--max-batch", "3"))
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_earthdial("status", "--endpoint", endpoint, "--json", timeout=60)
         model = json.loads(out.stdout)["model"]
         assert model["quantize"] == "int8" and model["plan"]["batch"] == 3
         assert model["memory"]["free_gb"] > 0

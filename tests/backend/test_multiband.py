@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 import torch.nn.functional as F
-from rasterio.transform import from_origin
 
+from conftest import write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.model import checkpoint, sensors
@@ -26,21 +25,7 @@ def engine(tiny_checkpoint: Path) -> Engine:
 
 
 def _tif(path: Path, data: np.ndarray, crs: str = "EPSG:32633", nodata=None) -> Path:
-    count, rows, cols = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=cols,
-        height=rows,
-        count=count,
-        dtype=data.dtype.name,
-        crs=crs,
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-        nodata=nodata,
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, crs=crs, px=10, nodata=nodata)
 
 
 @pytest.mark.parametrize(

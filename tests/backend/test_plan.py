@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 
+from conftest import write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 from earthdial.geo import presets
@@ -32,20 +32,7 @@ def ms_engine(tiny_ms_checkpoint: Path) -> Engine:
 
 
 def tif(path: Path, data: np.ndarray) -> Path:
-    count, rows, cols = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=cols,
-        height=rows,
-        count=count,
-        dtype=data.dtype.name,
-        crs=UTM[0],
-        transform=UTM[1],
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, crs=UTM[0], transform=UTM[1])
 
 
 def sar_linear(rows: int = 120, cols: int = 200) -> np.ndarray:

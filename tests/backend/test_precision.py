@@ -4,8 +4,6 @@ override, and the CPU int8 layer that replaced torchao's there."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_earthdial
 from earthdial.model import precision
 from earthdial.model.engine import Engine, Query
 from earthdial.model.precision import Probe, choose
@@ -149,20 +148,10 @@ def test_serve_dtype_option_and_status_say_which_and_why(tiny_checkpoint: Path) 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(tiny_checkpoint, endpoint, extra=("--dtype", "bf16"))
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_earthdial("status", "--endpoint", endpoint, "--json", timeout=60)
         model = json.loads(out.stdout)["model"]
         assert model["dtype"] == "bfloat16" and model["dtype_reason"] == "bfloat16: asked for (--dtype)"
-        text = subprocess.run(
-            [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", endpoint],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
+        text = run_earthdial("status", "--endpoint", endpoint, timeout=60).stdout
         assert "dtype     bfloat16: asked for (--dtype)" in text
     finally:
         stop_server(proc)

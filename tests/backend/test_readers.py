@@ -19,6 +19,7 @@ import rasterio
 from rasterio.transform import from_origin
 from test_hostile import StatusProbe, _server
 
+from conftest import write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference
 from earthdial.geo import file_access
@@ -27,19 +28,9 @@ RENAME_EXCHANGE = 2  # renameat2 flag: swap two names atomically
 
 
 def _tif(path: Path, size: int, crs: str) -> Path:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=size,
-        height=size,
-        count=1,
-        dtype="uint8",
-        crs=crs,
-        transform=from_origin(10, 50, 0.001, 0.001),
-    ) as dst:
-        dst.write(np.ones((1, size, size), np.uint8))
-    return path
+    return write_geotiff(
+        path, np.ones((1, size, size), np.uint8), crs=crs, transform=from_origin(10, 50, 0.001, 0.001)
+    )
 
 
 def _exchange() -> object:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 
+from conftest import write_geotiff
 from earthdial.contract.wire import PROTOCOL_VERSION, EarthDialError, source_by_reference, source_by_value
 from earthdial.serving import requests, server, service
 
@@ -19,19 +19,7 @@ TRANSFORM = [10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0]
 @pytest.fixture()
 def tif(tmp_path: Path) -> str:
     path = tmp_path / "rgb.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=40,
-        height=30,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=Affine(*TRANSFORM),
-    ) as dst:
-        dst.write(np.full((3, 30, 40), 7, np.uint8))
-    return str(path)
+    return str(write_geotiff(path, np.full((3, 30, 40), 7, np.uint8), transform=Affine(*TRANSFORM)))
 
 
 def _bad_sources(tif: str) -> dict[str, tuple[dict, list[np.ndarray], str]]:

@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyogrio.raw
-import rasterio
 import shapely
 from rasterio.transform import from_origin
 from shapely.geometry import Polygon, box, shape
 
-from conftest import EARTHDIAL
+from conftest import run_earthdial, write_geotiff
 from earthdial.demo import synthetic
 from earthdial.scenes import runner as scenes
 from earthdial.training import DEMO_DIR
@@ -159,37 +157,20 @@ def test_detect_on_a_sea_whose_ships_all_lie_across_seams_returns_one_box_per_sh
     """20 tiles of 448 px (the default tile and overlap), 10 ships, none seen whole by any tile."""
     sea = synthetic.ships_across_seams(SEAM_SEED)
     path = tmp_path / "sea.tif"
-    _, height, width = sea.image.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 0.25, 0.25),
-    ) as dst:
-        dst.write(sea.image)
-        transform = dst.transform
+    transform = from_origin(500_000, 4_000_000, 0.25, 0.25)
+    write_geotiff(path, sea.image, transform=transform)
     out = tmp_path / "ships.gpkg"
-    run = subprocess.run(
-        [
-            *EARTHDIAL,
-            "detect",
-            str(path),
-            "--prompt",
-            "ships",
-            "--model",
-            str(DEMO_DIR),
-            "--device",
-            "cpu",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_earthdial(
+        "detect",
+        str(path),
+        "--prompt",
+        "ships",
+        "--model",
+        str(DEMO_DIR),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
         timeout=600,
     )
     assert run.returncode == 0, run.stderr

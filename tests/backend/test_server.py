@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import rasterio
 import zmq
 from rasterio.transform import from_origin
 
+from conftest import run_earthdial, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     PROTOCOL_VERSION,
@@ -30,19 +29,7 @@ ORIGIN_X, ORIGIN_Y, PIXEL = 500_000.0, 4_000_000.0, 10.0
 def utm_tif(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rasters") / "scene_32633.tif"
     data = (np.random.RandomState(3).rand(3, 100, 200) * 255).astype(np.uint8)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=200,
-        height=100,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(ORIGIN_X, ORIGIN_Y, PIXEL, PIXEL),
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, transform=from_origin(ORIGIN_X, ORIGIN_Y, PIXEL, PIXEL))
 
 
 @pytest.fixture()
@@ -201,33 +188,21 @@ def test_client_times_out_when_nothing_listens() -> None:
 
 
 def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "earthdial.cli.main", "status", "--endpoint", server],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_earthdial("status", "--endpoint", server, timeout=60)
     assert out.returncode == 0 and "EarthDial_4B_RGB" in out.stdout
     assert "presets   rgb8, rgb16, grey," in out.stdout  # the names Processing's PRESET takes
     gpkg = tmp_path / "ask.gpkg"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "ask",
-            str(utm_tif),
-            "--task",
-            "refer",
-            "--prompt",
-            "ships",
-            "--endpoint",
-            server,
-            "-o",
-            str(gpkg),
-        ],
-        capture_output=True,
-        text=True,
+    out = run_earthdial(
+        "ask",
+        str(utm_tif),
+        "--task",
+        "refer",
+        "--prompt",
+        "ships",
+        "--endpoint",
+        server,
+        "-o",
+        str(gpkg),
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -235,20 +210,13 @@ def test_cli_ask_and_status_against_the_server(server: str, utm_tif: Path, tmp_p
 
 
 def test_cli_reports_typed_errors(server: str, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "ask",
-            str(tmp_path / "nope.tif"),
-            "--prompt",
-            "x",
-            "--endpoint",
-            server,
-        ],
-        capture_output=True,
-        text=True,
+    out = run_earthdial(
+        "ask",
+        str(tmp_path / "nope.tif"),
+        "--prompt",
+        "x",
+        "--endpoint",
+        server,
         timeout=60,
     )
     assert out.returncode == 1
@@ -256,19 +224,12 @@ def test_cli_reports_typed_errors(server: str, tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_non_loopback_bind(tiny_checkpoint: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "serve",
-            "--model",
-            str(tiny_checkpoint),
-            "--endpoint",
-            "tcp://0.0.0.0:5999",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_earthdial(
+        "serve",
+        "--model",
+        str(tiny_checkpoint),
+        "--endpoint",
+        "tcp://0.0.0.0:5999",
         timeout=60,
     )
     assert out.returncode == 2 and "loopback" in out.stderr

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import zmq
-from rasterio.transform import from_origin
 
-from conftest import serving
+from conftest import serving, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, decode, encode, source_by_value
 from earthdial.serving import service
@@ -78,19 +76,7 @@ print(json.dumps({"name": name, "ops": ops, "replies": replies, "foreign": forei
 def small_tif(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("load") / "small.tif"
     data = (np.random.default_rng(0).random((3, 64, 64)) * 255).astype(np.uint8)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=64,
-        height=64,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 4_000_000, 10, 10),
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, px=10)
 
 
 def test_eight_client_processes_each_get_every_reply_once(server: str, small_tif: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import shapely.geometry
 from rasterio.transform import from_origin
 from test_detect_protocol import mosaic
 
-from conftest import EARTHDIAL
+from conftest import run_earthdial, write_geotiff
 from earthdial.contract import result_features
 from earthdial.geo.georef import box_to_polygon
 from earthdial.model.answers import Box
@@ -54,27 +53,21 @@ def scanned(tmp_path_factory) -> tuple[Path, Path, str]:
     folder = tmp_path_factory.mktemp("session")
     scene = mosaic(folder / "mosaic.tif", n=2)
     out = folder / "project_earthdial.gpkg"
-    run = subprocess.run(
-        [
-            *EARTHDIAL,
-            "detect",
-            str(scene),
-            "--prompt",
-            "ships",
-            "--tile-size",
-            "224",
-            "--batch",
-            "4",
-            "--model",
-            str(DEMO_DIR),
-            "--device",
-            "cpu",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_earthdial(
+        "detect",
+        str(scene),
+        "--prompt",
+        "ships",
+        "--tile-size",
+        "224",
+        "--batch",
+        "4",
+        "--model",
+        str(DEMO_DIR),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
     )
     assert run.returncode == 0, run.stderr
     (layer,) = [name for name, _ in pyogrio.list_layers(str(out))]
@@ -146,19 +139,7 @@ ORIGIN = (500_000.0, 4_000_100.0)
 def _raster(tmp_path: Path) -> Path:
     path = tmp_path / "scene.tif"
     data = np.random.default_rng(1).integers(0, 256, (3, 100, 160), dtype=np.uint8)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=160,
-        height=100,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(*ORIGIN, 1.0, 1.0),
-    ) as dst:
-        dst.write(data)
-    return path
+    return write_geotiff(path, data, transform=from_origin(*ORIGIN, 1.0, 1.0))
 
 
 def _tile_request(path: Path, col: int) -> tuple[str, tuple[float, ...]]:

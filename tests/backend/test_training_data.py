@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from conftest import run_earthdial, write_geotiff
 from earthdial.contract.wire import EarthDialError
 from earthdial.demo import synthetic
 from earthdial.geo.georef import box_to_polygon
@@ -30,19 +29,7 @@ WINDOW = (1.0, 0.0, 500_020.0, 0.0, -1.0, 4_000_090.0)
 def raster(tmp_path: Path) -> tuple[Path, np.ndarray]:
     data = np.random.default_rng(3).integers(0, 256, (3, 100, 100), dtype=np.uint8)
     path = tmp_path / "scene.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=100,
-        height=100,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(*ORIGIN, 1.0, 1.0),
-    ) as dst:
-        dst.write(data)
-    return path, data
+    return write_geotiff(path, data, transform=from_origin(*ORIGIN, 1.0, 1.0)), data
 
 
 def request(path: Path, task: str, prompt: str = "") -> str:
@@ -232,36 +219,22 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
         layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
         layer="a",
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "export-training",
-            str(gpkg),
-            "--layer",
-            "a",
-            "-o",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
+    done = run_earthdial(
+        "export-training",
+        str(gpkg),
+        "--layer",
+        "a",
+        "-o",
+        str(tmp_path / "out"),
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "1 record(s): 1 refer" in done.stdout
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "export-training",
-            str(tmp_path / "no.gpkg"),
-            "-o",
-            str(tmp_path / "o2"),
-        ],
-        capture_output=True,
-        text=True,
+    missing = run_earthdial(
+        "export-training",
+        str(tmp_path / "no.gpkg"),
+        "-o",
+        str(tmp_path / "o2"),
         timeout=120,
     )
     assert missing.returncode == 1 and "file_not_found" in missing.stderr and not (tmp_path / "o2").exists()
@@ -271,20 +244,13 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
         layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
         layer="unreviewed",
     )
-    empty = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "earthdial.cli.main",
-            "export-training",
-            str(gpkg),
-            "--layer",
-            "unreviewed",
-            "-o",
-            str(tmp_path / "o3"),
-        ],
-        capture_output=True,
-        text=True,
+    empty = run_earthdial(
+        "export-training",
+        str(gpkg),
+        "--layer",
+        "unreviewed",
+        "-o",
+        str(tmp_path / "o3"),
         timeout=120,
     )
     assert empty.returncode == 1 and "not reviewed" in empty.stdout and "no file written" in empty.stdout
