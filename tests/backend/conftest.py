@@ -102,6 +102,13 @@ def run_earthdial(
     return subprocess.run([*EARTHDIAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def demo_model_args() -> tuple[str, ...]:
+    """The flags that run a command on the built-in demo model, on the CPU."""
+    from earthdial.training import DEMO_DIR
+
+    return ("--model", str(DEMO_DIR), "--device", "cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,16 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from conftest import EARTHDIAL, free_port, run_earthdial, serving, start_server, stop_server, write_geotiff
+from conftest import (
+    EARTHDIAL,
+    demo_model_args,
+    free_port,
+    run_earthdial,
+    serving,
+    start_server,
+    stop_server,
+    write_geotiff,
+)
 from earthdial.contract import wire
 from earthdial.contract.client import Client
 from earthdial.contract.wire import MAX_HEADER_BYTES, EarthDialError, source_by_reference
@@ -286,32 +295,23 @@ def _gpkg(path: Path, layer: str | None = None) -> list[tuple]:
     )
 
 
+def _scan_args(path: Path, *flags: str) -> list[str]:
+    """`earthdial detect` of ships in 224 px tiles, two a batch, on `path`."""
+    return ["detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2", *flags]
+
+
 def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
     path = mosaic(tmp_path / "mosaic.tif", n=3)
-    base = [
-        *EARTHDIAL,
-        "detect",
-        str(path),
-        "--prompt",
-        "ships",
-        "--tile-size",
-        "224",
-        "--batch",
-        "2",
-        "--model",
-        str(DEMO_DIR),
-        "--device",
-        "cpu",
-    ]
+    base = _scan_args(path, *demo_model_args())
     whole = tmp_path / "whole.gpkg"
-    run = subprocess.run([*base, "-o", str(whole)], capture_output=True, text=True, timeout=300)
+    run = run_earthdial(*base, "-o", str(whole))
     assert run.returncode == 0, run.stderr
     cut = tmp_path / "cut.gpkg"
     log = Path(journal.path_for(str(cut)))
     proc = subprocess.Popen(
-        [*base, "-o", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*EARTHDIAL, *base, "-o", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
@@ -322,7 +322,7 @@ def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_unint
     assert not cut.exists() and log.exists() and "--resume" in err
     done_before = _tiles_in(log)
     assert 4 <= done_before < 16
-    resumed = subprocess.run([*base, "-o", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = run_earthdial(*base, "-o", str(cut), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{16 - done_before} run now, {done_before} done before" in resumed.stdout
     assert not log.exists()
@@ -341,25 +341,9 @@ def test_a_server_restart_leaves_a_resumable_scan(tmp_path: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     out = tmp_path / "out.gpkg"
     log = Path(journal.path_for(str(out)))
-    cmd = [
-        *EARTHDIAL,
-        "detect",
-        str(path),
-        "--prompt",
-        "ships",
-        "--tile-size",
-        "224",
-        "--batch",
-        "2",
-        "--endpoint",
-        endpoint,
-        "--timeout",
-        "60",
-        "-o",
-        str(out),
-    ]
+    cmd = _scan_args(path, "--endpoint", endpoint, "--timeout", "60", "-o", str(out))
     server = start_server(DEMO_DIR, endpoint)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*EARTHDIAL, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
         time.sleep(0.05)
@@ -368,7 +352,7 @@ def test_a_server_restart_leaves_a_resumable_scan(tmp_path: Path) -> None:
     assert proc.returncode != 0 and log.exists() and "--resume" in err and not out.exists()
     server = start_server(DEMO_DIR, endpoint)
     try:
-        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+        resumed = run_earthdial(*cmd, "--resume")
     finally:
         stop_server(server)
     assert resumed.returncode == 0, resumed.stderr
@@ -391,10 +375,7 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
         "224",
         "--overlap",
         "0",
-        "--model",
-        str(DEMO_DIR),
-        "--device",
-        "cpu",
+        *demo_model_args(),
         "-o",
         str(out),
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import free_port, run_earthdial, start_server, stop_server, write_geotiff
+from conftest import demo_model_args, free_port, run_earthdial, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 
@@ -455,7 +455,6 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
 
 
 def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
-    from earthdial.training import DEMO_DIR
 
     return run_earthdial(
         "detect",
@@ -464,10 +463,7 @@ def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
         "refer",
         "--prompt",
         "ships",
-        "--model",
-        str(DEMO_DIR),
-        "--device",
-        "cpu",
+        *demo_model_args(),
         "--tile-size",
         "224",
         "--overlap",

@@ -24,7 +24,7 @@ import pytest
 import rasterio
 from test_output import check_users_layer, user_geopackage
 
-from conftest import run_earthdial
+from conftest import demo_model_args, run_earthdial
 from earthdial.cli import main as cli
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
@@ -41,10 +41,7 @@ TILING = [
     "0",
     "--batch",
     "2",
-    "--model",
-    str(DEMO_DIR),
-    "--device",
-    "cpu",
+    *demo_model_args(),
 ]
 MANY = ["--workers", "2", "--cpus-per-worker", "1"]
 FIELDS = (

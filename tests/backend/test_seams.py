@@ -17,10 +17,9 @@ import shapely
 from rasterio.transform import from_origin
 from shapely.geometry import Polygon, box, shape
 
-from conftest import run_earthdial, write_geotiff
+from conftest import demo_model_args, run_earthdial, write_geotiff
 from earthdial.demo import synthetic
 from earthdial.scenes import runner as scenes
-from earthdial.training import DEMO_DIR
 
 # two tiles of 448 px at 10 % overlap, side by side; map units = pixels, y down (any affine would do)
 TILE_0 = (0.0, 0.0, 448.0, 448.0)
@@ -165,10 +164,7 @@ def test_detect_on_a_sea_whose_ships_all_lie_across_seams_returns_one_box_per_sh
         str(path),
         "--prompt",
         "ships",
-        "--model",
-        str(DEMO_DIR),
-        "--device",
-        "cpu",
+        *demo_model_args(),
         "-o",
         str(out),
         timeout=600,

@@ -17,12 +17,11 @@ import shapely.geometry
 from rasterio.transform import from_origin
 from test_detect_protocol import mosaic
 
-from conftest import run_earthdial, write_geotiff
+from conftest import demo_model_args, run_earthdial, write_geotiff
 from earthdial.contract import result_features
 from earthdial.geo.georef import box_to_polygon
 from earthdial.model.answers import Box
 from earthdial.outputs.files import write_features
-from earthdial.training import DEMO_DIR
 from earthdial.training import export as training_data
 
 
@@ -62,10 +61,7 @@ def scanned(tmp_path_factory) -> tuple[Path, Path, str]:
         "224",
         "--batch",
         "4",
-        "--model",
-        str(DEMO_DIR),
-        "--device",
-        "cpu",
+        *demo_model_args(),
         "-o",
         str(out),
     )
