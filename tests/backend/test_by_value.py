@@ -56,6 +56,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:
     return out, err
 
 
+def run_to(capsys: pytest.CaptureFixture[str], server: str, out: Path, *argv: str) -> tuple[str, str]:
+    """`run` of `argv` against `server`, writing its result to `out`."""
+    return run(capsys, *argv, "--endpoint", server, "-o", str(out))
+
+
 def features(path: Path) -> list[dict]:
     return json.loads(path.read_text())["features"]
 
@@ -73,30 +78,12 @@ def test_ask_and_change_send_the_pixels_of_a_file_the_server_may_not_open(
 ) -> None:
     allowed, elsewhere = folders
     scene = elsewhere / "scene.tif"
-    out, err = run(
-        capsys,
-        "ask",
-        str(scene),
-        "--prompt",
-        "ships",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "value.geojson"),
-    )
+    out, err = run_to(capsys, demo_server, tmp_path / "value.geojson", "ask", str(scene), "--prompt", "ships")
     assert "forbidden_path" in err and "its pixels are read here and sent instead" in err
     by_value = features(tmp_path / "value.geojson")
     assert by_value and {f["properties"]["source"] for f in by_value} == {str(scene)}
-    reference_out, reference_err = run(
-        capsys,
-        "ask",
-        str(allowed / "scene.tif"),
-        "--prompt",
-        "ships",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "ref.geojson"),
+    reference_out, reference_err = run_to(
+        capsys, demo_server, tmp_path / "ref.geojson", "ask", str(allowed / "scene.tif"), "--prompt", "ships"
     )
     assert "forbidden_path" not in reference_err
     assert out.splitlines()[0] == reference_out.splitlines()[0]  # the same answer as by reference
@@ -116,62 +103,54 @@ def test_scans_stream_the_tiles_of_a_file_the_server_may_not_open(
 ) -> None:
     allowed, elsewhere = folders
     scene = elsewhere / "scene.tif"
-    _, err = run(
+    _, err = run_to(
         capsys,
+        demo_server,
+        tmp_path / "value.geojson",
         "detect",
         str(scene),
         "--prompt",
         "ships",
         "--tile-size",
         "200",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "value.geojson"),
     )
     assert "forbidden_path" in err and "9 tiles of 200 px" in err
     by_value = features(tmp_path / "value.geojson")
     assert by_value and {f["properties"]["source"] for f in by_value} == {str(scene)}
-    _, err = run(
+    _, err = run_to(
         capsys,
+        demo_server,
+        tmp_path / "ref.geojson",
         "detect",
         str(allowed / "scene.tif"),
         "--prompt",
         "ships",
         "--tile-size",
         "200",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "ref.geojson"),
     )
     assert "forbidden_path" not in err
     same_boxes(by_value, features(tmp_path / "ref.geojson"))
 
-    out, err = run(
+    out, err = run_to(
         capsys,
+        demo_server,
+        tmp_path / "changes.gpkg",
         "detect-changes",
         str(scene),
         str(elsewhere / "later.tif"),
         "--tile-size",
         "200",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "changes.gpkg"),
     )
     assert "forbidden_path" in err and "9 tiles of 200 px" in err
-    reference, _ = run(
+    reference, _ = run_to(
         capsys,
+        demo_server,
+        tmp_path / "ref.gpkg",
         "detect-changes",
         str(allowed / "scene.tif"),
         str(allowed / "later.tif"),
         "--tile-size",
         "200",
-        "--endpoint",
-        demo_server,
-        "-o",
-        str(tmp_path / "ref.gpkg"),
     )
     changed = [line for line in out.splitlines() if "tile pairs changed" in line]
     assert changed and changed == [line for line in reference.splitlines() if "tile pairs changed" in line]
