@@ -118,6 +118,11 @@ def limited(rasters):
     stop_server(proc)
 
 
+def _georef(request_id: str, source: dict, **more: str) -> dict:
+    """A `georef` request of ANSWER on `source`."""
+    return {"id": request_id, "op": "georef", "answer": ANSWER, "source": source, **more}
+
+
 def _wait_stage(probe: Client, request_id: str, prefix: str, timeout_s: float = 20) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -263,18 +268,14 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
     slow = source_by_reference(str(rasters["slow"]))
     worker = _dealer(endpoint)
     try:
-        _send(worker, {"id": "long", "op": "georef", "answer": ANSWER, "source": slow})
+        _send(worker, _georef("long", slow))
         with Client(endpoint, timeout_s=10) as probe:
             job = _wait_stage(probe, "long", "reading")
             assert job["op"] == "georef" and job["age_s"] >= 0 and not job["cancel_requested"]
             # while it reads: more bytes than the queue budget (1 MiB) are refused by name
             value = source_by_value(TRANSFORM, "EPSG:32633")
             for i in range(4):  # 360 KB each: the third is over the 1 MiB budget
-                _send(
-                    worker,
-                    {"id": f"q{i}", "op": "georef", "answer": ANSWER, "source": value},
-                    [np.zeros((1, 600, 600), np.uint8)],
-                )
+                _send(worker, _georef(f"q{i}", value), [np.zeros((1, 600, 600), np.uint8)])
             replies = {}
             while len(replies) < 2:
                 reply = _recv(worker, 5)
@@ -303,10 +304,7 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
 def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
     endpoint, _ = limited
     worker = _dealer(endpoint)
-    _send(
-        worker,
-        {"id": "gone", "op": "georef", "answer": ANSWER, "source": source_by_reference(str(rasters["slow"]))},
-    )
+    _send(worker, _georef("gone", source_by_reference(str(rasters["slow"]))))
     with Client(endpoint, timeout_s=10) as probe:
         _wait_stage(probe, "gone", "reading")
         t = time.monotonic()
@@ -321,15 +319,7 @@ def test_sigterm_during_a_long_read_stops_the_server_at_once(rasters) -> None:
     proc = start_server(None, endpoint, extra=("--max-pixels", "20000000000"))
     worker = _dealer(endpoint)
     try:
-        _send(
-            worker,
-            {
-                "id": "long",
-                "op": "georef",
-                "answer": ANSWER,
-                "source": source_by_reference(str(rasters["slow"])),
-            },
-        )
+        _send(worker, _georef("long", source_by_reference(str(rasters["slow"]))))
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "long", "reading")
         t = time.monotonic()
@@ -376,16 +366,7 @@ def test_another_connection_naming_alice_cannot_cancel_her_request(limited, rast
     endpoint, _ = limited
     alice, mallory = _dealer(endpoint), _dealer(endpoint)
     try:
-        _send(
-            alice,
-            {
-                "id": "hers",
-                "op": "georef",
-                "answer": ANSWER,
-                "client": "alice",
-                "source": source_by_reference(str(rasters["slow"])),
-            },
-        )
+        _send(alice, _georef("hers", source_by_reference(str(rasters["slow"])), client="alice"))
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "hers", "reading")
             _send(mallory, {"id": "m", "op": "cancel", "target": "hers", "client": "alice"})
@@ -405,26 +386,15 @@ def test_invented_client_names_do_not_starve_a_new_client(limited, rasters) -> N
     endpoint, _ = limited
     flood, newcomer = _dealer(endpoint), _dealer(endpoint)
     try:
-        _send(
-            flood,
-            {
-                "id": "block",
-                "op": "georef",
-                "answer": ANSWER,
-                "source": source_by_reference(str(rasters["slow"])),
-            },
-        )
+        _send(flood, _georef("block", source_by_reference(str(rasters["slow"]))))
         with Client(endpoint, timeout_s=10) as probe:
             _wait_stage(probe, "block", "reading")
             small = source_by_reference(str(rasters["small"]))
             for i in range(12):
-                _send(
-                    flood,
-                    {"id": f"f{i}", "op": "georef", "answer": ANSWER, "source": small, "client": f"name{i}"},
-                )
+                _send(flood, _georef(f"f{i}", small, client=f"name{i}"))
             busy = [_recv(flood, 5) for _ in range(12 - 4)]  # --client-queue 4: its connection's share
             assert all(r["error"]["code"] == "busy" for r in busy), busy
-            _send(newcomer, {"id": "new", "op": "georef", "answer": ANSWER, "source": small})
+            _send(newcomer, _georef("new", small))
             _send(flood, {"id": "c", "op": "cancel", "target": "block"})
             assert _recv(newcomer)["ok"]
     finally:
@@ -743,15 +713,7 @@ def test_with_curve_a_client_is_its_key(rasters) -> None:
     with serving(server) as endpoint:
         first, second, stranger = (_curve_dealer(endpoint, public, k) for k in (alice, alice, other))
         try:
-            _send(
-                first,
-                {
-                    "id": "hers",
-                    "op": "georef",
-                    "answer": ANSWER,
-                    "source": source_by_reference(str(rasters["slow"])),
-                },
-            )
+            _send(first, _georef("hers", source_by_reference(str(rasters["slow"]))))
             with Client(endpoint, timeout_s=10, server_public_key=public) as probe:
                 job = _wait_stage(probe, "hers", "reading")
                 assert job["client"] == "key:" + alice[0].decode()[:9]
