@@ -164,6 +164,39 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+@pytest.fixture()
+def http_listener() -> Iterator[tuple[int, socket.socket]]:
+    """A loopback port (and its socket) that must receive no connection (an HTTP request by GDAL)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.3)
+    yield listener.getsockname()[1], listener
+    listener.close()
+
+
+def nobody_called(listener: socket.socket) -> bool:
+    """Whether no connection reached `http_listener`'s socket within its 0.3 s timeout."""
+    try:
+        listener.accept()[0].close()
+        return False
+    except TimeoutError:
+        return True
+
+
+def grid_outside(tmp_path: Path) -> tuple[Path, Path, float]:
+    """(grid, inside, past): a PROJ grid file outside the new folder `inside`, its access time set to
+    `past`, an hour ago (so that a read shows)."""
+    grid = tmp_path / "outside" / "grid.gsb"
+    grid.parent.mkdir()
+    grid.write_bytes(b"NUM_OREC" + bytes(200))
+    past = time.time() - 3600
+    os.utime(grid, (past, past))
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    return grid, inside, past
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"

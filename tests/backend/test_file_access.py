@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, start_server, stop_server, write_geotiff
+from conftest import free_port, nobody_called, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 from earthdial.geo import file_access
@@ -242,27 +242,6 @@ def _vrt(path: Path, source: str, relative: bool = False, raw: bool = False) -> 
     return path
 
 
-@pytest.fixture()
-def http_listener():
-    """A loopback TCP port that records whether anything connected to it (an HTTP request by GDAL)."""
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.3)
-    yield listener.getsockname()[1], listener
-    listener.close()
-
-
-def _nobody_called(listener) -> bool:
-    try:
-        listener.accept()[0].close()
-        return False
-    except TimeoutError:
-        return True
-
-
 def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(
     allowed: Path, outside: Path, http_listener
 ) -> None:
@@ -301,7 +280,7 @@ def test_vrts_and_wms_xml_in_an_allowed_folder_cannot_reach_outside(
         with pytest.raises(EarthDialError) as err:
             _read(str(path))
         assert err.value.code == "not_a_raster" and "GTiff" in err.value.message, (how, err.value)
-    assert _nobody_called(listener)  # no HTTP request was sent
+    assert nobody_called(listener)  # no HTTP request was sent
 
 
 def test_fifos_directories_and_hard_links_are_refused_without_blocking(

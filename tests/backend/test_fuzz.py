@@ -38,7 +38,15 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port, geotiff, sparse_geotiff, start_server, stop_server, write_geotiff
+from conftest import (
+    free_port,
+    geotiff,
+    grid_outside,
+    sparse_geotiff,
+    start_server,
+    stop_server,
+    write_geotiff,
+)
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     ALLOWED_DTYPES,
@@ -837,13 +845,7 @@ def test_a_grid_hidden_from_the_geokey_check_is_refused_before_gdal_opens_the_fi
     """Fuzz findings: GeoTIFFs whose CRS names a grid past the GeoKey text check; GDAL then built the
     CRS and PROJ opened the grid (a FIFO froze the whole server: the open holds the GIL). Now refused
     from the file's bytes: the grid file is never read."""
-    grid = tmp_path / "outside" / "grid.gsb"
-    grid.parent.mkdir()
-    grid.write_bytes(b"NUM_OREC" + bytes(200))
-    past = time.time() - 3600
-    os.utime(grid, (past, past))
-    inside = tmp_path / "inside"
-    inside.mkdir()
+    grid, inside, past = grid_outside(tmp_path)
     tif = tiff_of_entries(inside / "x.tif", FUZZ_FINDINGS[finding](str(grid)))
     previous = file_access.allowed_dirs()
     file_access.set_allowed_dirs([inside])

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import demo_model_args, free_port, run_earthdial, start_server, stop_server, write_geotiff
+from conftest import (
+    demo_model_args,
+    free_port,
+    grid_outside,
+    nobody_called,
+    run_earthdial,
+    start_server,
+    stop_server,
+    write_geotiff,
+)
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, source_by_reference, source_by_value
 
@@ -191,13 +200,7 @@ def test_a_grid_file_in_a_raster_s_crs_is_refused_before_it_is_opened(tmp_path: 
     from earthdial.geo import file_access
     from earthdial.serving import requests, service
 
-    grid = tmp_path / "outside" / "grid.gsb"
-    grid.parent.mkdir()
-    grid.write_bytes(b"NUM_OREC" + bytes(200))
-    past = time.time() - 3600
-    os.utime(grid, (past, past))
-    inside = tmp_path / "inside"
-    inside.mkdir()
+    grid, inside, past = grid_outside(tmp_path)
     previous = file_access.allowed_dirs()
     file_access.set_allowed_dirs([inside])
     try:
@@ -359,25 +362,6 @@ def test_streamed_scans_that_send_no_tiles_time_out_and_free_their_slots(
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def http_listener() -> Iterator[tuple[int, socket.socket]]:
-    """A loopback port that must receive no connection (an HTTP HEAD/GET by GDAL)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.3)
-    yield listener.getsockname()[1], listener
-    listener.close()
-
-
-def _nobody_called(listener: socket.socket) -> bool:
-    try:
-        listener.accept()[0].close()
-        return False
-    except TimeoutError:
-        return True
-
-
 def _vsi_paths(port: int) -> list[str]:
     url = f"http://127.0.0.1:{port}/scene.tif"
     return [
@@ -417,7 +401,7 @@ def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
         for s in runnable:
             with contextlib.suppress(Exception):
                 many.detect_scene(many.scene_header(s.path, "refer", "ships", {"tile_size": 224}), engine)
-    assert _nobody_called(listener)
+    assert nobody_called(listener)
     assert scenes and all(s.error is not None and s.error.code == "forbidden_path" for s in scenes), [
         (s.path, s.error) for s in scenes
     ]
@@ -446,7 +430,7 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
         worker.join(5)
         assert not worker.is_alive(), f"reading {path} blocked"
         assert outcome and isinstance(outcome[0], EarthDialError) and outcome[0].code == code, (path, outcome)
-    assert _nobody_called(listener)
+    assert nobody_called(listener)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -778,6 +762,11 @@ def many_ifd_geotiff(path: Path, extra: int) -> Path:
     return path
 
 
+def chat_request(op: str, source: dict) -> dict:
+    """A `plan` or `georef` (by `op`) of a chat on `source`: both open the file."""
+    return {"op": op, "task": "chat", "prompt": "what?", "answer": "x", "source": source}
+
+
 def test_a_tiff_of_very_many_directories_is_refused_before_gdal_lists_them(
     server: str, tmp_path: Path
 ) -> None:
@@ -787,14 +776,7 @@ def test_a_tiff_of_very_many_directories_is_refused_before_gdal_lists_them(
     few = many_ifd_geotiff(tmp_path / "few.tif", 12)  # a COG's overviews and masks: read as before
     with StatusProbe(server), Client(server, timeout_s=60) as c:
         for op in ("plan", "georef"):
-            header = {
-                "op": op,
-                "task": "chat",
-                "prompt": "what?",
-                "answer": "x",
-                "source": source_by_reference(str(tif)),
-            }
             with pytest.raises(EarthDialError) as err:
-                c.request(header)
+                c.request(chat_request(op, source_by_reference(str(tif))))
             assert err.value.code == "not_a_raster" and "directories" in err.value.message, err.value
         assert c.georef(source_by_reference(str(few)), "x")["ok"]

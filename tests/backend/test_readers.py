@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from test_hostile import StatusProbe, _server
+from test_hostile import StatusProbe, _server, chat_request
 
 from conftest import write_geotiff
 from earthdial.contract.client import Client
@@ -181,15 +181,8 @@ def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
     try:
         with StatusProbe(endpoint), Client(endpoint, timeout_s=30) as c:
             for op in ("plan", "georef"):
-                header = {
-                    "op": op,
-                    "task": "chat",
-                    "prompt": "what?",
-                    "answer": "x",
-                    "source": source_by_reference(trap),
-                }
                 with pytest.raises(EarthDialError) as err:
-                    c.request(header)
+                    c.request(chat_request(op, source_by_reference(trap)))
                 assert err.value.code == "timeout" and "--read-timeout" in err.value.message, (op, err.value)
                 assert (
                     c.plan({"task": "chat", "prompt": "what?", "source": source_by_reference(fine)})["width"]
