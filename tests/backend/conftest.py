@@ -102,6 +102,9 @@ def run_earthdial(
     return subprocess.run([*EARTHDIAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+TILES_224 = ("--tile-size", "224", "--overlap", "0")  # CLI flags: the model's 224 px tiles, side by side
+
+
 def demo_model_args() -> tuple[str, ...]:
     """The flags that run a command on the built-in demo model, on the CPU."""
     from earthdial.training import DEMO_DIR

@@ -19,6 +19,7 @@ from rasterio.transform import from_origin
 
 from conftest import (
     EARTHDIAL,
+    TILES_224,
     demo_model_args,
     free_port,
     run_earthdial,
@@ -371,10 +372,7 @@ def test_detect_changes_cli_writes_merged_change_boxes_and_a_tile_change_map(tmp
         "detect-changes",
         str(a),
         str(b),
-        "--tile-size",
-        "224",
-        "--overlap",
-        "0",
+        *TILES_224,
         *demo_model_args(),
         "-o",
         str(out),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    TILES_224,
     demo_model_args,
     free_port,
     grid_outside,
@@ -439,7 +440,6 @@ def test_export_training_refuses_a_vsi_or_fifo_request_path(tmp_path: Path, http
 
 
 def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
-
     return run_earthdial(
         "detect",
         str(scene),
@@ -448,10 +448,7 @@ def _detect_to(output: Path, scene: Path) -> subprocess.CompletedProcess:
         "--prompt",
         "ships",
         *demo_model_args(),
-        "--tile-size",
-        "224",
-        "--overlap",
-        "0",
+        *TILES_224,
         "-o",
         str(output),
     )

@@ -24,7 +24,7 @@ import pytest
 import rasterio
 from test_output import check_users_layer, user_geopackage
 
-from conftest import demo_model_args, run_earthdial
+from conftest import TILES_224, demo_model_args, run_earthdial
 from earthdial.cli import main as cli
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
@@ -35,10 +35,7 @@ from earthdial.training import DEMO_DIR
 TILING = [
     "--prompt",
     "ships",
-    "--tile-size",
-    "224",
-    "--overlap",
-    "0",
+    *TILES_224,
     "--batch",
     "2",
     *demo_model_args(),
