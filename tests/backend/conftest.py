@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EARTHDIAL = [sys.executable, "-m", "earthdial.cli.main"]
@@ -110,6 +111,14 @@ def demo_model_args() -> tuple[str, ...]:
     from earthdial.training import DEMO_DIR
 
     return ("--model", str(DEMO_DIR), "--device", "cpu")
+
+
+def dealer(endpoint: str, ctx: zmq.Context | None = None) -> zmq.Socket:
+    """A DEALER socket connected to `endpoint` that drops what it has not sent when closed."""
+    sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 def free_port() -> int:

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import (
+    dealer,
     free_port,
     geotiff,
     grid_outside,
@@ -621,9 +621,7 @@ def test_in_process_fuzz_reached_ten_thousand_messages() -> None:
 def test_fuzz_a_real_server_over_zeromq(paths: list[str]) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(None, endpoint)  # no model: a valid `ask` reads its pixels, then model_error
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(endpoint)
     try:
 
         @fuzz(N_SERVER)

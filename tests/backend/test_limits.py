@@ -22,7 +22,7 @@ import rasterio
 import zmq
 from rasterio.windows import Window
 
-from conftest import free_port, sparse_geotiff, start_server, stop_server, write_geotiff
+from conftest import dealer, free_port, sparse_geotiff, start_server, stop_server, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
@@ -56,13 +56,6 @@ def _peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         line = next(x for x in f if x.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
-
-
-def _dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
 
 
 def _send(sock: zmq.Socket, header: dict, arrays: list = ()) -> None:
@@ -266,7 +259,7 @@ def test_a_reply_of_hundreds_of_megabytes_is_refused_in_bounded_memory(server: s
 def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
     endpoint, proc = limited
     slow = source_by_reference(str(rasters["slow"]))
-    worker = _dealer(endpoint)
+    worker = dealer(endpoint)
     try:
         _send(worker, _georef("long", slow))
         with Client(endpoint, timeout_s=10) as probe:
@@ -303,7 +296,7 @@ def test_status_names_a_long_read_and_cancel_stops_it(limited, rasters) -> None:
 
 def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
     endpoint, _ = limited
-    worker = _dealer(endpoint)
+    worker = dealer(endpoint)
     _send(worker, _georef("gone", source_by_reference(str(rasters["slow"]))))
     with Client(endpoint, timeout_s=10) as probe:
         _wait_stage(probe, "gone", "reading")
@@ -317,7 +310,7 @@ def test_a_disconnect_stops_a_read_in_progress(limited, rasters) -> None:
 def test_sigterm_during_a_long_read_stops_the_server_at_once(rasters) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(None, endpoint, extra=("--max-pixels", "20000000000"))
-    worker = _dealer(endpoint)
+    worker = dealer(endpoint)
     try:
         _send(worker, _georef("long", source_by_reference(str(rasters["slow"]))))
         with Client(endpoint, timeout_s=10) as probe:
@@ -364,7 +357,7 @@ def test_a_request_past_its_deadline_is_stopped(rasters, tiny_checkpoint) -> Non
 
 def test_another_connection_naming_alice_cannot_cancel_her_request(limited, rasters) -> None:
     endpoint, _ = limited
-    alice, mallory = _dealer(endpoint), _dealer(endpoint)
+    alice, mallory = dealer(endpoint), dealer(endpoint)
     try:
         _send(alice, _georef("hers", source_by_reference(str(rasters["slow"])), client="alice"))
         with Client(endpoint, timeout_s=10) as probe:
@@ -384,7 +377,7 @@ def test_another_connection_naming_alice_cannot_cancel_her_request(limited, rast
 def test_invented_client_names_do_not_starve_a_new_client(limited, rasters) -> None:
     """One connection naming 64 clients had 64 shares of the queue; its share is its connection's now."""
     endpoint, _ = limited
-    flood, newcomer = _dealer(endpoint), _dealer(endpoint)
+    flood, newcomer = dealer(endpoint), dealer(endpoint)
     try:
         _send(flood, _georef("block", source_by_reference(str(rasters["slow"]))))
         with Client(endpoint, timeout_s=10) as probe:
@@ -456,10 +449,7 @@ def test_a_flood_of_idle_connections_does_not_lock_clients_out() -> None:
         assert _pings_at_once(endpoint) < 5
         # ZMTP peers that reconnect as soon as they are ended (DEALER sockets) churn, but do not lock out
         ctx = zmq.Context()
-        dealers = [ctx.socket(zmq.DEALER) for _ in range(80)]
-        for d in dealers:
-            d.setsockopt(zmq.LINGER, 0)
-            d.connect(endpoint)
+        dealers = [dealer(endpoint, ctx) for _ in range(80)]
         try:
             for _ in range(5):
                 assert _pings_at_once(endpoint) < 5
@@ -509,10 +499,7 @@ def test_a_reconnecting_dealer_flood_at_the_open_file_limit_fails_no_legitimate_
     answered = [0]
 
     def flood(n: int) -> None:
-        socks = [ctx.socket(zmq.DEALER) for _ in range(n)]
-        for s in socks:
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
+        socks = [dealer(endpoint, ctx) for _ in range(n)]
         while not stop.is_set():
             for s in socks:
                 with contextlib.suppress(zmq.Again):
@@ -604,7 +591,7 @@ def test_a_client_ended_for_idleness_reconnects_on_its_next_request() -> None:
 
 def test_an_oversize_header_is_answered_with_its_id(limited) -> None:
     endpoint, _ = limited
-    sock = _dealer(endpoint)
+    sock = dealer(endpoint)
     try:
         history = [["<image> " + "q" * 1000, "a" * 1000]] * 40  # a long chat history: ~80 KB
         header = {

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import zmq
 from rasterio.transform import from_origin
 
-from conftest import run_earthdial, write_geotiff
+from conftest import dealer, run_earthdial, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     PROTOCOL_VERSION,
@@ -109,10 +108,7 @@ def test_ask_by_value_matches_by_reference_georeferencing(client: Client, utm_ti
 
 
 def _raw(endpoint: str, frames: list) -> dict:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(endpoint)
     try:
         sock.send_multipart(frames)
         assert sock.poll(30_000), "server did not answer"

@@ -16,7 +16,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import free_port, serving, start_server, stop_server
+from conftest import dealer, free_port, serving, start_server, stop_server
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, decode, encode, source_by_value
 from earthdial.serving import server as server_mod
@@ -233,17 +233,10 @@ def _until(predicate, timeout_s: float = 10.0) -> bool:
     return True
 
 
-def _dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
-
-
 def test_ping_is_answered_while_the_worker_is_busy(gated) -> None:
     gate, started, _ = gated
     with serving(Server(None, "tcp://127.0.0.1:0")) as endpoint, Client(endpoint, timeout_s=10) as c:
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         _send(sock, "busy1")
         assert started.wait(5)
         t = time.monotonic()
@@ -257,7 +250,7 @@ def test_ping_is_answered_while_the_worker_is_busy(gated) -> None:
 def test_cancel_a_queued_a_running_and_an_unknown_request(gated) -> None:
     gate, started, flags = gated
     with serving(Server(None, "tcp://127.0.0.1:0", max_batch=1)) as endpoint:
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         for rid in ("r1", "r2", "r3"):
             _send(sock, rid)
         assert started.wait(5)  # r1 runs, r2 and r3 wait
@@ -286,7 +279,7 @@ def test_a_client_that_gives_up_cancels_its_request_on_the_server(gated) -> None
         serving(Server(None, "tcp://127.0.0.1:0", max_batch=1)) as endpoint,
         Client(endpoint, timeout_s=10) as c,
     ):
-        blocker = _dealer(endpoint)
+        blocker = dealer(endpoint)
         _send(blocker, "first")
         assert started.wait(5)
         t0 = time.monotonic()
@@ -309,7 +302,7 @@ def test_queued_work_of_a_client_that_went_away_is_dropped(gated) -> None:
         serving(Server(None, "tcp://127.0.0.1:0", max_batch=1)) as endpoint,
         Client(endpoint, timeout_s=5) as probe,
     ):
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         for i in range(10):
             _send(sock, f"g{i}")
         assert started.wait(5)
@@ -343,7 +336,7 @@ def test_an_oversized_frame_drops_the_connection_and_the_server_goes_on() -> Non
             c.georef(BY_VALUE, ANSWER, pixels=big)
         assert err.value.code == "disconnected" and time.monotonic() - t < 5
         assert c.georef(BY_VALUE, ANSWER, pixels=PIXELS)["ok"]  # the same client reconnects
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         sock.send_multipart([b'{"v": 1, "id": "h", "op": "status", "pad": "' + b"x" * 70_000 + b'"}'])
         reply = _recv(sock)
         assert reply["error"]["code"] == "bad_header" and reply["id"] == "h"  # the id is still read

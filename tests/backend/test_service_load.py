@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import serving, write_geotiff
+from conftest import dealer, serving, write_geotiff
 from earthdial.contract.client import Client
 from earthdial.contract.wire import EarthDialError, decode, encode, source_by_value
 from earthdial.serving import service
@@ -175,17 +175,10 @@ def _georef(rid: str, client: str) -> list:
     )
 
 
-def _dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
-
-
 def test_a_burst_of_fifty_does_not_starve_another_client(slow_worker) -> None:
     server = Server(None, "tcp://127.0.0.1:0", queue_size=64, client_queue=50, max_batch=1)
     with serving(server) as endpoint, Client(endpoint, timeout_s=10) as probe:
-        a, b = _dealer(endpoint), _dealer(endpoint)
+        a, b = dealer(endpoint), dealer(endpoint)
         for i in range(50):
             a.send_multipart(_georef(f"a{i}", "A"))
         deadline = time.monotonic() + 10
@@ -215,7 +208,7 @@ def test_busy_reply_when_the_queue_is_full_and_every_request_answered_once(slow_
     slow_worker[0] = 0.3
     server = Server(None, "tcp://127.0.0.1:0", queue_size=4, client_queue=3, max_batch=1)
     with serving(server) as endpoint:
-        a, b = _dealer(endpoint), _dealer(endpoint)
+        a, b = dealer(endpoint), dealer(endpoint)
         for i in range(7):
             a.send_multipart(_georef(f"a{i}", "A"))
         time.sleep(0.1)
