@@ -121,6 +121,14 @@ def dealer(endpoint: str, ctx: zmq.Context | None = None) -> zmq.Socket:
     return sock
 
 
+def python_child(code: str, *args: str) -> subprocess.Popen:
+    """`python -c CODE ARGS` with pipes to its stdin and from its stdout (text): a process a test steers line
+    by line."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 
 import numpy as np
 import pyogrio
@@ -18,6 +17,7 @@ import pyogrio.raw
 import pytest
 import shapely
 
+from conftest import python_child
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.outputs import files as output
 from earthdial.outputs.files import FIELDS, MARK, check_target, write_features
@@ -364,9 +364,7 @@ con.close()
 def test_geopackage_open_in_wal_mode_is_updated_in_place(tmp_path):
     path = str(tmp_path / "project.gpkg")
     user_geopackage(path)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    holder = python_child(HOLDER, path)
     try:
         assert holder.stdout.readline().strip() == "ready"
         inode = os.stat(path).st_ino
@@ -495,9 +493,7 @@ def test_a_geopackage_another_program_keeps_locked_is_busy_and_untouched(tmp_pat
     write_features(path, TWO, "earthdial")
     before = open(path, "rb").read()
     monkeypatch.setattr(output, "BUSY_TIMEOUT_S", 0.3)
-    locker = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    locker = python_child(LOCKER, path)
     try:
         assert locker.stdout.readline().strip() == "locked"
         with pytest.raises(EarthDialError) as info:
@@ -633,13 +629,7 @@ def test_scratch_folders_of_killed_writes_are_removed_by_the_next_write(tmp_path
     users = tmp_path / ".earthdial-notes"  # not a name of ours
     users.mkdir()
     (tmp_path / ".earthdial-tmp-file0000").write_text("a file, not a folder of ours")
-    live = subprocess.Popen(
-        [sys.executable, "-c", LIVE_WRITER, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ},
-    )
+    live = python_child(LIVE_WRITER, str(tmp_path))
     try:
         live_scratch = live.stdout.readline().strip()
         assert os.path.isdir(live_scratch)

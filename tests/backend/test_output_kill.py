@@ -11,8 +11,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -20,6 +18,7 @@ import pyogrio
 import pytest
 from test_output import TWO, check_two, check_users_layer, user_geopackage
 
+from conftest import python_child
 from earthdial.outputs.files import check_target, write_features
 
 N = 12000  # features of the large write: several MB, more than SQLite's page cache holds
@@ -49,13 +48,7 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def zygote():
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ZYGOTE, str(N)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ},
-    )
+    proc = python_child(ZYGOTE, str(N))
     assert proc.stdout.readline().strip() == "ready"
     yield proc
     proc.stdin.close()
@@ -186,9 +179,7 @@ def test_a_write_killed_while_another_program_holds_the_file_in_wal_mode_keeps_t
     user_geopackage(path)
     write_features(path, TWO, "first")
     write_features(path, TWO, "earthdial")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    holder = python_child(HOLDER, path)
     try:
         assert holder.stdout.readline().strip() == "ready"
         wal = path + "-wal"
