@@ -65,6 +65,10 @@ def layer(features: list[dict]) -> dict:
     return {"type": "FeatureCollection", "crs": "EPSG:32633", "features": features}
 
 
+def write_layer(gpkg: Path, name: str, *features: dict) -> None:
+    write_features(str(gpkg), layer(list(features)), layer=name)
+
+
 def test_polygon_to_box_inverts_georef_and_folds_the_angle() -> None:
     for box in ((10, 20, 50, 40, 0), (20, 30, 60, 50, 30), (5, 60, 45, 70, 75)):
         ring = box_to_polygon(Box(*box, ""), WINDOW, 50, 50)
@@ -83,33 +87,23 @@ def test_a_corrected_layer_exports_the_expected_records(
     path, data = raster
     gpkg = tmp_path / "results.gpkg"
     refer = request(path, "refer", "ships")
-    write_features(
-        str(gpkg),
-        layer(
-            [
-                feature((10, 20, 50, 40, 0), "ship", "accepted", refer),
-                feature(
-                    (60, 60, 90, 80, 0), "ship", "corrected", refer
-                ),  # moved by the analyst onto the ship
-                feature((0, 0, 10, 10, 0), "ship", "rejected", refer),
-                feature((20, 30, 60, 50, 30), "", "added", ""),  # drawn in QGIS: no label, no request
-            ]
-        ),
-        layer="refer ships",
+    write_layer(
+        gpkg,
+        "refer ships",
+        feature((10, 20, 50, 40, 0), "ship", "accepted", refer),
+        feature((60, 60, 90, 80, 0), "ship", "corrected", refer),  # moved by the analyst onto the ship
+        feature((0, 0, 10, 10, 0), "ship", "rejected", refer),
+        feature((20, 30, 60, 50, 30), "", "added", ""),  # drawn in QGIS: no label, no request
     )
     ground = request(path, "grounding")
-    write_features(
-        str(gpkg),
-        layer(
-            [
-                feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
-                feature((5, 50, 25, 90, 0), "building", "rejected", ground),
-                feature((30, 5, 50, 15, 0), "airplane", "corrected", ground),
-            ]
-        ),
-        layer="grounding",
+    write_layer(
+        gpkg,
+        "grounding",
+        feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
+        feature((5, 50, 25, 90, 0), "building", "rejected", ground),
+        feature((30, 5, 50, 15, 0), "airplane", "corrected", ground),
     )
-    write_features(str(gpkg), layer([feature((1, 1, 9, 9, 0), "ship", "", refer)]), layer="not reviewed")
+    write_layer(gpkg, "not reviewed", feature((1, 1, 9, 9, 0), "ship", "", refer))
 
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
@@ -195,16 +189,12 @@ def test_a_class_with_unreviewed_boxes_gives_no_record(
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
     ground = request(path, "grounding")
-    write_features(
-        str(gpkg),
-        layer(
-            [
-                feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
-                feature((5, 50, 25, 90, 0), "building", "accepted", ground),
-                feature((30, 50, 45, 60, 0), "building", "", ground),
-            ]
-        ),
-        layer="g",
+    write_layer(
+        gpkg,
+        "g",
+        feature((70, 10, 90, 30, 0), "storage tank", "accepted", ground),
+        feature((5, 50, 25, 90, 0), "building", "accepted", ground),
+        feature((30, 50, 45, 60, 0), "building", "", ground),
     )
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     assert [r["label"] for r in result.records] == ["storage tank"]  # no building record, no grounding record
@@ -214,11 +204,7 @@ def test_a_class_with_unreviewed_boxes_gives_no_record(
 def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(
-        str(gpkg),
-        layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
-        layer="a",
-    )
+    write_layer(gpkg, "a", feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship")))
     done = run_earthdial(
         "export-training",
         str(gpkg),
@@ -239,11 +225,7 @@ def test_export_training_cli(tmp_path: Path, raster: tuple[Path, np.ndarray]) ->
     )
     assert missing.returncode == 1 and "file_not_found" in missing.stderr and not (tmp_path / "o2").exists()
     # nothing reviewed: nothing to export, and no empty records file that would pass for an export
-    write_features(
-        str(gpkg),
-        layer([feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship"))]),
-        layer="unreviewed",
-    )
+    write_layer(gpkg, "unreviewed", feature((10, 20, 50, 40, 0), "ship", "", request(path, "refer", "ship")))
     empty = run_earthdial(
         "export-training",
         str(gpkg),
@@ -287,15 +269,11 @@ def test_a_short_finetune_lowers_the_loss_and_the_adapter_reloads_with_the_same_
 
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(
-        str(gpkg),
-        layer(
-            [
-                feature((10, 20, 50, 40, 0), "ship", "corrected", request(path, "grounding")),
-                feature((60, 55, 85, 90, 0), "building", "added", request(path, "grounding")),
-            ]
-        ),
-        layer="g",
+    write_layer(
+        gpkg,
+        "g",
+        feature((10, 20, 50, 40, 0), "ship", "corrected", request(path, "grounding")),
+        feature((60, 55, 85, 90, 0), "building", "added", request(path, "grounding")),
     )
     training_data.export(str(gpkg), str(tmp_path / "records"))
     cfg = finetune.FinetuneConfig(steps=8, batch_size=3, lr=1e-2, warmup_steps=1, augment=False, threads=1)
@@ -341,21 +319,13 @@ def test_a_layer_whose_raster_is_gone_is_skipped_with_why(
 ) -> None:
     path, _ = raster
     gpkg = tmp_path / "r.gpkg"
-    write_features(
-        str(gpkg),
-        layer(
-            [
-                feature(
-                    (10, 20, 50, 40, 0), "ship", "accepted", request(tmp_path / "moved.tif", "refer", "ship")
-                )
-            ]
-        ),
-        layer="gone",
+    write_layer(
+        gpkg,
+        "gone",
+        feature((10, 20, 50, 40, 0), "ship", "accepted", request(tmp_path / "moved.tif", "refer", "ship")),
     )
-    write_features(
-        str(gpkg),
-        layer([feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))]),
-        layer="here",
+    write_layer(
+        gpkg, "here", feature((10, 20, 50, 40, 0), "ship", "accepted", request(path, "refer", "ship"))
     )
     result = training_data.export(str(gpkg), str(tmp_path / "out"))
     assert [r["layer"] for r in result.records] == ["here"]
