@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny checkpoint in the published layout and a real `earthdial serve` process."""
+"""Shared fixtures and helpers: a tiny checkpoint in the published layout, a real `earthdial serve` process,
+GeoTIFF writers, the `earthdial` command line in a child process and the sockets tests talk through."""
 
 from __future__ import annotations
 
