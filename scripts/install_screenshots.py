@@ -170,18 +170,11 @@ def in_qgis() -> None:
     globals()["_earthdial_install_shots"] = state
 
 
-def in_qgis_safely() -> None:
-    sys.path.insert(0, str(SCRIPT.parent))  # `qgis --code` does not put this script's folder on sys.path
-    from screenshots import quit_with_error
-
-    try:
-        in_qgis()
-    except Exception as exc:
-        quit_with_error(Path(os.environ[ENV_PREFIX + "WORK"]), exc)
-
-
 if __name__ == "__main__":
     if os.environ.get(ENV_PREFIX + "OUT") and "qgis.core" in sys.modules:
-        in_qgis_safely()
+        sys.path.insert(0, str(SCRIPT.parent))  # `qgis --code` does not put this script's folder on sys.path
+        from screenshots import run_in_qgis
+
+        run_in_qgis(in_qgis, Path(os.environ[ENV_PREFIX + "WORK"]))
     else:
         sys.exit(main())

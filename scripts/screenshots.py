@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ENV_PREFIX = "EARTHDIAL_SHOT_"
@@ -224,15 +224,19 @@ def run_steps(steps: Iterator[None], work: Path, state: dict) -> None:
     state["timer"] = timer  # kept alive after this script returns
 
 
-def quit_with_error(work: Path, exc: Exception) -> None:
-    """The setup before the event loop runs failed: report it in work/status.txt, and quit once it runs."""
-    import traceback
+def run_in_qgis(in_qgis: Callable[[], None], work: Path) -> None:
+    """Calls `in_qgis` (the setup, before QGIS's event loop runs); if it fails, reports it in work/status.txt
+    and quits QGIS once the loop runs. Shared with install_screenshots.py."""
+    try:
+        in_qgis()
+    except Exception as exc:
+        import traceback
 
-    from qgis.core import QgsApplication
-    from qgis.PyQt.QtCore import QTimer
+        from qgis.core import QgsApplication
+        from qgis.PyQt.QtCore import QTimer
 
-    (work / "status.txt").write_text(f"error: {exc}\n{traceback.format_exc()}")
-    QTimer.singleShot(0, lambda: QgsApplication.exit(1))
+        (work / "status.txt").write_text(f"error: {exc}\n{traceback.format_exc()}")
+        QTimer.singleShot(0, lambda: QgsApplication.exit(1))
 
 
 def wait(condition, seconds: float):  # a generator step: yield until the condition holds
@@ -311,15 +315,8 @@ def scan_steps(window, dock, out: Path):
     window.grab().save(str(out / "scan-resumed.jpg"), "JPG", 85)
 
 
-def in_qgis_safely() -> None:
-    try:
-        in_qgis()
-    except Exception as exc:
-        quit_with_error(Path(os.environ[ENV_PREFIX + "WORK"]), exc)
-
-
 if __name__ == "__main__":
     if os.environ.get(ENV_PREFIX + "OUT") and "qgis.core" in sys.modules:
-        in_qgis_safely()
+        run_in_qgis(in_qgis, Path(os.environ[ENV_PREFIX + "WORK"]))
     else:
         sys.exit(main())
