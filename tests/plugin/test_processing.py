@@ -65,18 +65,23 @@ def test_algorithms_are_registered(processing) -> None:
     assert registry.providerById("earthdial").defaultVectorFileExtension() == "gpkg"
 
 
+def ship_detect(layer: Any, endpoint: str, output: Any) -> dict[str, Any]:
+    """earthdial:detect's parameters for ships in `layer`, in 100 px tiles, on the backend at `endpoint`."""
+    return {
+        "INPUT": layer,
+        "PROMPT": "ship",
+        "TILE_SIZE": 100,
+        "ENDPOINT": endpoint,
+        "TIMEOUT": 120,
+        "OUTPUT": output,
+    }
+
+
 def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geotiff, tmp_path: Path) -> None:
     out = tmp_path / "ships.gpkg"
     result = processing.run(
         "earthdial:detect",
-        {
-            "INPUT": str(geotiff[0]),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": str(out),
-        },
+        ship_detect(str(geotiff[0]), backend.endpoint, str(out)),
     )
     assert (
         result["TILES"] == 3
@@ -286,14 +291,7 @@ def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend
 
     result = processing.runAndLoadResults(
         "earthdial:detect",
-        {
-            "INPUT": str(geotiff[0]),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": "TEMPORARY_OUTPUT",
-        },
+        ship_detect(str(geotiff[0]), backend.endpoint, "TEMPORARY_OUTPUT"),
     )
     layer = QgsProject.instance().mapLayer(result["OUTPUT"]) or next(
         iter(QgsProject.instance().mapLayersByName(f"ship — {Path(geotiff[0]).stem}")), None
@@ -365,14 +363,7 @@ def test_algorithms_work_in_the_context_project_not_the_current_one(
     output = QgsProcessingOutputLayerDefinition("TEMPORARY_OUTPUT", other)
     result = processing.run(
         "earthdial:detect",
-        {
-            "INPUT": first.id(),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": output,
-        },
+        ship_detect(first.id(), backend.endpoint, output),
         onFinish=handleAlgorithmResults,
         context=context,
         feedback=feedback,
