@@ -212,23 +212,22 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
         capture_output=True,
         timeout=120,
     )
+
+    def qgis_process(
+        algorithm: str, *parameters: str, timeout: int = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """`qgis_process run` of one of the plugin's algorithms, in the profile it is installed in."""
+        command = [program, "run", algorithm, "--", *parameters]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
     out = tmp_path / "detect.gpkg"
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:detect",
-            "--",
-            f"INPUT={geotiff[0]}",
-            "PROMPT=ship",
-            "TILE_SIZE=448",
-            f"ENDPOINT={backend.endpoint}",
-            f"OUTPUT={out}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = qgis_process(
+        "earthdial:detect",
+        f"INPUT={geotiff[0]}",
+        "PROMPT=ship",
+        "TILE_SIZE=448",
+        f"ENDPOINT={backend.endpoint}",
+        f"OUTPUT={out}",
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "TILES" in run.stdout
@@ -236,23 +235,14 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     after = tmp_path / "after.tif"
     write_geotiff(str(after), seed=4)
     changes, tiles = tmp_path / "changes.gpkg", tmp_path / "change_tiles.gpkg"
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:detect_changes",
-            "--",
-            f"INPUT={geotiff[0]}",
-            f"INPUT_2={after}",
-            "TILE_SIZE=100",
-            f"ENDPOINT={backend.endpoint}",
-            f"OUTPUT={changes}",
-            f"OUTPUT_TILES={tiles}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = qgis_process(
+        "earthdial:detect_changes",
+        f"INPUT={geotiff[0]}",
+        f"INPUT_2={after}",
+        "TILE_SIZE=100",
+        f"ENDPOINT={backend.endpoint}",
+        f"OUTPUT={changes}",
+        f"OUTPUT_TILES={tiles}",
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     tile_map = read_gpkg(str(tiles))
@@ -266,20 +256,12 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
 
     dead = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:ask",
-            "--",
-            f"INPUT={geotiff[0]}",
-            "PROMPT=ships",
-            f"ENDPOINT={dead}",
-            f"OUTPUT={tmp_path / 'ask.gpkg'}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    run = qgis_process(
+        "earthdial:ask",
+        f"INPUT={geotiff[0]}",
+        "PROMPT=ships",
+        f"ENDPOINT={dead}",
+        f"OUTPUT={tmp_path / 'ask.gpkg'}",
         timeout=120,
     )
     assert run.returncode != 0 and time.monotonic() - started < 15
