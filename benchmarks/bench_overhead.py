@@ -207,14 +207,7 @@ def measure(
     full = chip.data
     assert full.shape == (bands, size, size)
     header = {"v": 1, "id": "bench", "op": "ping"}
-    transform = [
-        chip.transform.a,
-        chip.transform.b,
-        chip.transform.c,
-        chip.transform.d,
-        chip.transform.e,
-        chip.transform.f,
-    ]
+    transform = list(chip.transform[:6])
     grid = pixels.choose_grid(size, size, TILE, 1, 6)
 
     def bare_codec(full: np.ndarray = full) -> None:

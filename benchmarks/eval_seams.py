@@ -45,25 +45,9 @@ class Truth:
 
 
 def _write(path: Path, image: np.ndarray) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
+    from earthdial.demo import synthetic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bands, rows, cols = image.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=cols,
-        height=rows,
-        count=bands,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500_000.0, 4_000_000.0, PIXEL_M, PIXEL_M),
-        photometric="RGB",
-    ) as dst:
-        dst.write(image)
-    return path
+    return synthetic.write_geotiff(path, image, pixel_m=PIXEL_M)
 
 
 def seam_sea(path: Path, seed: int = 23) -> Truth:

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 
 from earthdial import training as train  # noqa: E402
+from earthdial.cli.training import add_tuning_args, tuning_config  # noqa: E402
 from earthdial.contract.wire import source_by_reference  # noqa: E402
 from earthdial.demo import synthetic
 from earthdial.geo.georef import box_to_polygon  # noqa: E402
@@ -153,13 +154,7 @@ def main() -> int:
     ap.add_argument("--analyst-scenes", type=int, default=40)
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--old-scenes", type=int, default=200)
-    ap.add_argument("--minutes", type=float, default=8.0)
-    ap.add_argument("--projector", action="store_true")
-    ap.add_argument("--vision", action="store_true")
-    ap.add_argument("--look", type=float, default=0.0)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_tuning_args(ap, minutes=8.0)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,16 +205,7 @@ def main() -> int:
     exported = training_data.export(str(gpkg), str(run / "records"))
     for line in exported.lines():
         print(line)
-    cfg = finetune.FinetuneConfig(
-        minutes=args.minutes,
-        projector=args.projector,
-        vision=args.vision,
-        look=args.look,
-        rank=args.rank,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        threads=2,
-    )
+    cfg = tuning_config(args, threads=2)
     summary = finetune.finetune(run / "records", base, run / "adapter", cfg, progress=False)
 
     # 4: held-out scenes, before and after

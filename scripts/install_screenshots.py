@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def in_qgis() -> None:
-    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
-    from qgis.PyQt.QtCore import QTimer
+    from qgis.core import QgsProject, QgsRasterLayer
     from qgis.utils import iface
+    from screenshots import run_steps, wait
 
     def env(name: str) -> str:
         return os.environ[ENV_PREFIX + name]
@@ -96,13 +96,6 @@ def in_qgis() -> None:
     from earthdial_qgis.core import installer, settings
 
     state: dict = {"notes": []}
-
-    def wait(condition, seconds: float):
-        for _ in range(int(seconds / 0.2)):
-            if condition():
-                return
-            yield
-        raise TimeoutError(f"waited {seconds} s")
 
     def settle(n: int = 5):
         for _ in range(n):
@@ -173,52 +166,15 @@ def in_qgis() -> None:
         plugin.unload()
         (work / "status.txt").write_text("ok\n" + "\n".join(state["notes"]) + "\n")
 
-    def finish(error: str = "") -> None:
-        if error:
-            (work / "status.txt").write_text(error)
-            plugin = state.get("plugin")
-            if plugin is not None:
-                plugin.unload()
-        QgsApplication.exit(0)
-
-    runner = steps()
-
-    def tick() -> None:
-        try:
-            next(runner)
-        except StopIteration:
-            timer.stop()
-            finish()
-        except Exception as exc:
-            timer.stop()
-            import traceback
-
-            finish(f"error: {exc}\n{traceback.format_exc()}")
-
-    timer = QTimer()
-    timer.timeout.connect(tick)
-    timer.start(200)
-    state["timer"] = timer
+    run_steps(steps(), work, state)
     globals()["_earthdial_install_shots"] = state
-
-
-def in_qgis_safely() -> None:
-    try:
-        in_qgis()
-    except Exception as exc:
-        import traceback
-
-        from qgis.core import QgsApplication
-        from qgis.PyQt.QtCore import QTimer
-
-        Path(os.environ[ENV_PREFIX + "WORK"], "status.txt").write_text(
-            f"error: {exc}\n{traceback.format_exc()}"
-        )
-        QTimer.singleShot(0, lambda: QgsApplication.exit(1))
 
 
 if __name__ == "__main__":
     if os.environ.get(ENV_PREFIX + "OUT") and "qgis.core" in sys.modules:
-        in_qgis_safely()
+        sys.path.insert(0, str(SCRIPT.parent))  # `qgis --code` does not put this script's folder on sys.path
+        from screenshots import run_in_qgis
+
+        run_in_qgis(in_qgis, Path(os.environ[ENV_PREFIX + "WORK"]))
     else:
         sys.exit(main())

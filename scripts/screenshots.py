@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ENV_PREFIX = "EARTHDIAL_SHOT_"
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def in_qgis() -> None:
-    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
-    from qgis.PyQt.QtCore import QTimer
+    from qgis.core import QgsProject, QgsRasterLayer
     from qgis.utils import iface
 
     def env(name: str) -> str:
@@ -187,6 +187,17 @@ def in_qgis() -> None:
         plugin.unload()
         (work / "status.txt").write_text("ok\n")
 
+    run_steps(steps(), work, state)
+    globals()["_earthdial_shots"] = state
+
+
+def run_steps(steps: Iterator[None], work: Path, state: dict) -> None:
+    """Runs `steps` on QGIS's event loop, one step every 200 ms, then quits QGIS. An error goes to
+    work/status.txt, where the outer run looks for it, and unloads the plugin in state["plugin"]; the
+    steps write their own "ok" there. Shared with install_screenshots.py."""
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QTimer
+
     def finish(error: str = "") -> None:
         if error:
             (work / "status.txt").write_text(error)
@@ -195,15 +206,13 @@ def in_qgis() -> None:
                 plugin.unload()
         QgsApplication.exit(0)
 
-    runner = steps()
-
     def tick() -> None:
         try:
-            next(runner)
+            next(steps)
         except StopIteration:
             timer.stop()
             finish()
-        except Exception as exc:  # written where the outer script looks for it
+        except Exception as exc:
             timer.stop()
             import traceback
 
@@ -213,7 +222,21 @@ def in_qgis() -> None:
     timer.timeout.connect(tick)
     timer.start(200)
     state["timer"] = timer  # kept alive after this script returns
-    globals()["_earthdial_shots"] = state
+
+
+def run_in_qgis(in_qgis: Callable[[], None], work: Path) -> None:
+    """Calls `in_qgis` (the setup, before QGIS's event loop runs); if it fails, reports it in work/status.txt
+    and quits QGIS once the loop runs. Shared with install_screenshots.py."""
+    try:
+        in_qgis()
+    except Exception as exc:
+        import traceback
+
+        from qgis.core import QgsApplication
+        from qgis.PyQt.QtCore import QTimer
+
+        (work / "status.txt").write_text(f"error: {exc}\n{traceback.format_exc()}")
+        QTimer.singleShot(0, lambda: QgsApplication.exit(1))
 
 
 def wait(condition, seconds: float):  # a generator step: yield until the condition holds
@@ -292,23 +315,8 @@ def scan_steps(window, dock, out: Path):
     window.grab().save(str(out / "scan-resumed.jpg"), "JPG", 85)
 
 
-def in_qgis_safely() -> None:
-    try:
-        in_qgis()
-    except Exception as exc:  # before the event loop runs: report, and quit once it does
-        import traceback
-
-        from qgis.core import QgsApplication
-        from qgis.PyQt.QtCore import QTimer
-
-        Path(os.environ[ENV_PREFIX + "WORK"], "status.txt").write_text(
-            f"error: {exc}\n{traceback.format_exc()}"
-        )
-        QTimer.singleShot(0, lambda: QgsApplication.exit(1))
-
-
 if __name__ == "__main__":
     if os.environ.get(ENV_PREFIX + "OUT") and "qgis.core" in sys.modules:
-        in_qgis_safely()
+        run_in_qgis(in_qgis, Path(os.environ[ENV_PREFIX + "WORK"]))
     else:
         sys.exit(main())

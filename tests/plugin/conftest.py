@@ -45,6 +45,27 @@ def backend_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def finetune_and_serve(dock: Any, records: Path, adapter: Path) -> subprocess.CompletedProcess[str]:
+    """A two-step CPU fine-tune of `earthdial finetune` on `records` into `adapter`, then the dock's local
+    backend restarted from the settings with that adapter (waits until its status names it)."""
+    from earthdial_qgis.core import settings
+
+    done = subprocess.run(
+        [str(EARTHDIAL), "finetune", str(records), "-o", str(adapter)]
+        + "--steps 2 --batch-size 2 --threads 1 --device cpu".split(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=backend_env(),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    dock.stop_button.click()
+    settings.set_value(settings.ADAPTER_DIR, str(adapter))
+    dock.start_button.click()
+    wait_until(lambda: f"adapter {adapter.name}" in dock.status_label.text(), 180)
+    return done
+
+
 @pytest.fixture(scope="session", autouse=True)
 def layer_tree_view(qgis_iface: Any, qgis_parent: Any) -> QgsLayerTreeView:
     """A real layer tree view for the test iface, as QGIS's window has: pytest-qgis answers

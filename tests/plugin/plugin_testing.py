@@ -49,17 +49,23 @@ def write_geotiff(path: str, bands: int = 3, seed: int = 0, epsg: int | None = E
     """The test raster at ``path`` (a file, or /vsimem/...): random uint8 pixels. Returns them.
     ``epsg=None`` writes a raster without a CRS."""
     data = np.random.default_rng(seed).integers(0, 256, size=(bands, SIZE[1], SIZE[0]), dtype=np.uint8)
-    ds = gdal.GetDriverByName("GTiff").Create(path, SIZE[0], SIZE[1], bands, gdal.GDT_Byte)
+    write_raster(path, data, gdal.GDT_Byte, epsg)
+    return data
+
+
+def write_raster(path: str, data: np.ndarray, gdal_type: int, epsg: int | None = EPSG) -> None:
+    """`data` (bands, rows, cols) as a GeoTIFF of `gdal_type` at the test grid's origin and pixel size."""
+    count, rows, cols = data.shape
+    ds = gdal.GetDriverByName("GTiff").Create(path, cols, rows, count, gdal_type)
     ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
     if epsg is not None:
         srs = osr.SpatialReference()
         srs.ImportFromEPSG(epsg)
         ds.SetProjection(srs.ExportToWkt())
-    for i in range(bands):
+    for i in range(count):
         ds.GetRasterBand(i + 1).WriteArray(data[i])
     ds.FlushCache()
     ds = None
-    return data
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:

@@ -21,8 +21,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from conftest import backend_env, local_demo_plugin
-from earthdial_qgis.core import settings
+from conftest import backend_env, finetune_and_serve, local_demo_plugin
 from earthdial_qgis.core.area import WHOLE_LAYER
 from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED, REJECTED
 
@@ -176,33 +175,7 @@ def test_scan_review_reopen_export_finetune_and_ask_again(
         assert all((records / r["image"]).is_file() for r in rows)
 
         # 5. a short fine-tune; the plugin's local backend serves the demo model with the adapter
-        adapter = tmp_path / "lora-ships"
-        tuned = subprocess.run(
-            [
-                str(EARTHDIAL),
-                "finetune",
-                str(records),
-                "-o",
-                str(adapter),
-                "--steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=backend_env(),
-        )
-        assert tuned.returncode == 0, tuned.stderr[-2000:]
-        dock.stop_button.click()
-        settings.set_value(settings.ADAPTER_DIR, str(adapter))
-        dock.start_button.click()
-        wait_until(lambda: "adapter lora-ships" in dock.status_label.text(), 180)
+        finetune_and_serve(dock, records, tmp_path / "lora-ships")
 
         # 6. ask again, one window: the adapter's answer comes back as boxes on the map
         (raster,) = project.mapLayersByName("harbour")

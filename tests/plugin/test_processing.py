@@ -65,18 +65,23 @@ def test_algorithms_are_registered(processing) -> None:
     assert registry.providerById("earthdial").defaultVectorFileExtension() == "gpkg"
 
 
+def ship_detect(layer: Any, endpoint: str, output: Any) -> dict[str, Any]:
+    """earthdial:detect's parameters for ships in `layer`, in 100 px tiles, on the backend at `endpoint`."""
+    return {
+        "INPUT": layer,
+        "PROMPT": "ship",
+        "TILE_SIZE": 100,
+        "ENDPOINT": endpoint,
+        "TIMEOUT": 120,
+        "OUTPUT": output,
+    }
+
+
 def test_detect_tiles_the_layer_and_writes_a_geopackage(processing, backend, geotiff, tmp_path: Path) -> None:
     out = tmp_path / "ships.gpkg"
     result = processing.run(
         "earthdial:detect",
-        {
-            "INPUT": str(geotiff[0]),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": str(out),
-        },
+        ship_detect(str(geotiff[0]), backend.endpoint, str(out)),
     )
     assert (
         result["TILES"] == 3
@@ -207,23 +212,22 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
         capture_output=True,
         timeout=120,
     )
+
+    def qgis_process(
+        algorithm: str, *parameters: str, timeout: int = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """`qgis_process run` of one of the plugin's algorithms, in the profile it is installed in."""
+        command = [program, "run", algorithm, "--", *parameters]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
     out = tmp_path / "detect.gpkg"
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:detect",
-            "--",
-            f"INPUT={geotiff[0]}",
-            "PROMPT=ship",
-            "TILE_SIZE=448",
-            f"ENDPOINT={backend.endpoint}",
-            f"OUTPUT={out}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = qgis_process(
+        "earthdial:detect",
+        f"INPUT={geotiff[0]}",
+        "PROMPT=ship",
+        "TILE_SIZE=448",
+        f"ENDPOINT={backend.endpoint}",
+        f"OUTPUT={out}",
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "TILES" in run.stdout
@@ -231,23 +235,14 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
     after = tmp_path / "after.tif"
     write_geotiff(str(after), seed=4)
     changes, tiles = tmp_path / "changes.gpkg", tmp_path / "change_tiles.gpkg"
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:detect_changes",
-            "--",
-            f"INPUT={geotiff[0]}",
-            f"INPUT_2={after}",
-            "TILE_SIZE=100",
-            f"ENDPOINT={backend.endpoint}",
-            f"OUTPUT={changes}",
-            f"OUTPUT_TILES={tiles}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = qgis_process(
+        "earthdial:detect_changes",
+        f"INPUT={geotiff[0]}",
+        f"INPUT_2={after}",
+        "TILE_SIZE=100",
+        f"ENDPOINT={backend.endpoint}",
+        f"OUTPUT={changes}",
+        f"OUTPUT_TILES={tiles}",
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     tile_map = read_gpkg(str(tiles))
@@ -261,20 +256,12 @@ def test_qgis_process_runs_detect_from_the_installed_plugin(backend, geotiff, tm
 
     dead = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    run = subprocess.run(
-        [
-            program,
-            "run",
-            "earthdial:ask",
-            "--",
-            f"INPUT={geotiff[0]}",
-            "PROMPT=ships",
-            f"ENDPOINT={dead}",
-            f"OUTPUT={tmp_path / 'ask.gpkg'}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    run = qgis_process(
+        "earthdial:ask",
+        f"INPUT={geotiff[0]}",
+        "PROMPT=ships",
+        f"ENDPOINT={dead}",
+        f"OUTPUT={tmp_path / 'ask.gpkg'}",
         timeout=120,
     )
     assert run.returncode != 0 and time.monotonic() - started < 15
@@ -286,14 +273,7 @@ def test_detect_loads_one_styled_layer_named_for_the_request(processing, backend
 
     result = processing.runAndLoadResults(
         "earthdial:detect",
-        {
-            "INPUT": str(geotiff[0]),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": "TEMPORARY_OUTPUT",
-        },
+        ship_detect(str(geotiff[0]), backend.endpoint, "TEMPORARY_OUTPUT"),
     )
     layer = QgsProject.instance().mapLayer(result["OUTPUT"]) or next(
         iter(QgsProject.instance().mapLayersByName(f"ship — {Path(geotiff[0]).stem}")), None
@@ -365,14 +345,7 @@ def test_algorithms_work_in_the_context_project_not_the_current_one(
     output = QgsProcessingOutputLayerDefinition("TEMPORARY_OUTPUT", other)
     result = processing.run(
         "earthdial:detect",
-        {
-            "INPUT": first.id(),
-            "PROMPT": "ship",
-            "TILE_SIZE": 100,
-            "ENDPOINT": backend.endpoint,
-            "TIMEOUT": 120,
-            "OUTPUT": output,
-        },
+        ship_detect(first.id(), backend.endpoint, output),
         onFinish=handleAlgorithmResults,
         context=context,
         feedback=feedback,

@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from osgeo import gdal, osr
-from plugin_testing import ANSWER, EARTHDIAL, EPSG, ORIGIN, PIXEL, free_port, wait_until, write_geotiff
+from osgeo import gdal
+from plugin_testing import (
+    ANSWER,
+    EARTHDIAL,
+    free_port,
+    wait_until,
+    write_geotiff,
+    write_raster,
+)
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorFileWriter, QgsVectorLayer
 
 from conftest import backend_env, running_backend
@@ -154,19 +161,6 @@ def test_cancel_stops_the_backends_job_and_the_next_request_is_answered_at_once(
 
 
 # -- the summary before sending -----------------------------------------------------------------------------
-
-
-def write_raster(path: str, data: np.ndarray, gdal_type: int) -> None:
-    count, rows, cols = data.shape
-    ds = gdal.GetDriverByName("GTiff").Create(path, cols, rows, count, gdal_type)
-    ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(EPSG)
-    ds.SetProjection(srs.ExportToWkt())
-    for i in range(count):
-        ds.GetRasterBand(i + 1).WriteArray(data[i])
-    ds.FlushCache()
-    ds = None
 
 
 @pytest.fixture(scope="module")

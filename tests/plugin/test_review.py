@@ -14,8 +14,7 @@ import pytest
 from plugin_testing import EARTHDIAL, ROOT, wait_until
 from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
 
-from conftest import backend_env, local_demo_plugin
-from earthdial_qgis.core import settings
+from conftest import backend_env, finetune_and_serve, local_demo_plugin
 from earthdial_qgis.core.area import WHOLE_LAYER
 from earthdial_qgis.core.backend_process import serve_arguments
 from earthdial_qgis.gui.review import ACCEPTED, ADDED, CORRECTED
@@ -114,34 +113,8 @@ def test_review_export_finetune_and_serve_the_adapter(qgis_iface, qgis_new_proje
         assert row["conversations"][1]["value"].count("[[") == 2 and (records / row["image"]).is_file()
 
         # a short fine-tune, then the plugin's local backend serves the demo model with the adapter
-        adapter = tmp_path / "lora-ships"
-        done = subprocess.run(
-            [
-                str(EARTHDIAL),
-                "finetune",
-                str(records),
-                "-o",
-                str(adapter),
-                "--steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=backend_env(),
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = finetune_and_serve(dock, records, tmp_path / "lora-ships")
         assert "s a step" in done.stdout  # the time estimate before the run goes on
-        dock.stop_button.click()
-        settings.set_value(settings.ADAPTER_DIR, str(adapter))
-        dock.start_button.click()
-        wait_until(lambda: "adapter lora-ships" in dock.status_label.text(), 180)
         assert any("LoRA adapter" in line for line in dock.local_backend.output)
         again = ask_ships(dock, raster)
         assert again.featureCount() >= 1 and next(again.getFeatures())["label"]

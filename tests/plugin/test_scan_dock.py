@@ -98,6 +98,19 @@ def _dock(
     return dock
 
 
+def _cancelled_scan(qgis_iface: Any, endpoint: str, path: Path) -> Any:
+    """The panel of a whole-layer scan of `path` cancelled once its first boxes have come."""
+    layer = QgsRasterLayer(str(path), "big mosaic", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    dock = _dock(qgis_iface, endpoint, layer)
+    dock.send_button.click()
+    wait_until(lambda: dock.scan.live is not None or not dock.is_busy(), 120)
+    assert dock.is_busy(), "the scan ended before its first boxes arrived"
+    dock.cancel_button.click()
+    wait_until(lambda: not dock.is_busy(), 60)
+    return dock
+
+
 def _scan(qgis_iface: Any, endpoint: str, path: Path) -> tuple[Any, list[float], list[QgsVectorLayer]]:
     layer = QgsRasterLayer(str(path), "mosaic", "gdal")
     assert layer.isValid()
@@ -210,14 +223,7 @@ def test_a_cancelled_scan_keeps_its_finished_tiles_in_the_results_geopackage(
     table of the results GeoPackage, marked unmerged."""
     from earthdial_qgis.core import geopackage
 
-    layer = QgsRasterLayer(str(big_mosaic), "big mosaic", "gdal")
-    QgsProject.instance().addMapLayer(layer)
-    dock = _dock(qgis_iface, demo_backend.endpoint, layer)
-    dock.send_button.click()
-    wait_until(lambda: dock.scan.live is not None or not dock.is_busy(), 120)
-    assert dock.is_busy(), "the scan ended before its first boxes arrived"
-    dock.cancel_button.click()
-    wait_until(lambda: not dock.is_busy(), 60)
+    dock = _cancelled_scan(qgis_iface, demo_backend.endpoint, big_mosaic)
     assert dock.last_error is not None and dock.last_error.code == "cancelled"
     stopped = dock.scan.live
     assert stopped is not None and "stopped: unmerged" in stopped.name()

@@ -160,30 +160,32 @@ def vsimem_layer(qgis_new_project, qgis_iface) -> Any:
     gdal.Unlink(path)
 
 
+def send_from(dock: Any, task: str, prompt: str, timeout_s: float = 60.0) -> list[QgsRasterLayer]:
+    """Ask through the dock as a user does, wait for the answer (which must not be an error), and return the
+    layers the answer added to the project."""
+    before = set(QgsProject.instance().mapLayers())
+    dock.select_task(task)
+    dock.prompt_edit.setPlainText(prompt)
+    dock.send_button.click()
+    wait_until(lambda: not dock.is_busy(), timeout_s)
+    assert dock.last_error is None, dock.answer_view.toPlainText()
+    return [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
+
+
 def test_memory_raster_through_the_dock(vsimem_layer, make_dock, show_view, geotiff, backend, plans) -> None:
     extent = show_view()
     dock = make_dock()
     assert dock.layer_combo.currentLayer() is vsimem_layer
     assert plans(vsimem_layer, VIEW).by_value
-    before = set(QgsProject.instance().mapLayers())
 
-    dock.select_task(GEOREF)
-    dock.prompt_edit.setPlainText(ANSWER)
-    dock.send_button.click()
-    wait_until(lambda: not dock.is_busy())
-    assert dock.last_error is None, dock.answer_view.toPlainText()
-    (layer,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
+    (layer,) = send_from(dock, GEOREF, ANSWER)
     (feature,) = list(layer.getFeatures())
     assert layer.crs().authid() == f"EPSG:{EPSG}"
     assert feature["source"] == vsimem_layer.source()
     ring = [(p.x(), p.y()) for p in feature.geometry().asPolygon()[0]]
     assert same_corners(ring, expected_ring(extent, (20, 30, 40, 60)))
 
-    dock.select_task("refer")
-    dock.prompt_edit.setPlainText("ship")
-    dock.send_button.click()
-    wait_until(lambda: not dock.is_busy(), 120)
-    assert dock.last_error is None, dock.answer_view.toPlainText()
+    send_from(dock, "refer", "ship", 120)
     with Client(backend.endpoint, timeout_s=60) as client:
         ref_source = {
             "kind": "ref",
@@ -268,22 +270,12 @@ def test_web_layer_through_the_dock(xyz_layer, make_dock, show_view) -> None:
     extent = show_view(XYZ_VIEW, "EPSG:3857")
     dock = make_dock()
     assert dock.layer_combo.currentLayer() is xyz_layer
-    before = set(QgsProject.instance().mapLayers())
-    dock.select_task(GEOREF)
-    dock.prompt_edit.setPlainText(ANSWER)
-    dock.send_button.click()
-    wait_until(lambda: not dock.is_busy())
-    assert dock.last_error is None, dock.answer_view.toPlainText()
-    (layer,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
+    (layer,) = send_from(dock, GEOREF, ANSWER)
     assert layer.crs().authid() == "EPSG:3857"
     ring = [(p.x(), p.y()) for p in next(layer.getFeatures()).geometry().asPolygon()[0]]
     assert same_corners(ring, expected_ring(extent, (20, 30, 40, 60)), tol=1e-3)
 
-    dock.select_task("caption")  # pixels read from the web layer on the task's thread
-    dock.prompt_edit.setPlainText("")
-    dock.send_button.click()
-    wait_until(lambda: not dock.is_busy(), 120)
-    assert dock.last_error is None, dock.answer_view.toPlainText()
+    send_from(dock, "caption", "", 120)  # pixels read from the web layer on the task's thread
     # pixels by value name the layer they came from (its public source), not "<array>"
     assert dock.last_reply["chip"]["width"] == 1024 and dock.last_reply["chip"]["source"].startswith(
         "type=xyz"
@@ -310,15 +302,9 @@ def test_file_the_backend_may_not_read_is_sent_as_pixels(
 
         extent = show_view()
         dock = make_dock()
-        before = set(QgsProject.instance().mapLayers())
-        dock.select_task(GEOREF)
-        dock.prompt_edit.setPlainText(ANSWER)
-        dock.send_button.click()
-        wait_until(lambda: not dock.is_busy())
-        assert dock.last_error is None, dock.answer_view.toPlainText()
+        (result,) = send_from(dock, GEOREF, ANSWER)
         assert "pixels were sent instead" in dock.result_label.text()
         assert dock.last_reply["chip"]["source"] == str(path)  # the pixels name the file they came from
-        (result,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
         (feature,) = list(result.getFeatures())
         assert feature["source"] == str(path)
         ring = [(p.x(), p.y()) for p in feature.geometry().asPolygon()[0]]
@@ -351,14 +337,8 @@ def test_a_vrt_layer_the_backend_does_not_open_is_sent_as_pixels(
                 assert refused.code == "not_a_raster"
         extent = show_view()
         dock = make_dock()
-        before = set(QgsProject.instance().mapLayers())
-        dock.select_task(GEOREF)
-        dock.prompt_edit.setPlainText(ANSWER)
-        dock.send_button.click()
-        wait_until(lambda: not dock.is_busy())
-        assert dock.last_error is None, dock.answer_view.toPlainText()
+        (result,) = send_from(dock, GEOREF, ANSWER)
         assert dock.last_reply["chip"]["source"] == str(vrt)  # the pixels name the layer they came from
-        (result,) = [lyr for lid, lyr in QgsProject.instance().mapLayers().items() if lid not in before]
         ring = [(p.x(), p.y()) for p in next(result.getFeatures()).geometry().asPolygon()[0]]
         assert same_corners(ring, expected_ring(extent, (20, 30, 40, 60)))
     finally:

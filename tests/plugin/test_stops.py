@@ -15,14 +15,13 @@ from plugin_testing import ROOT, free_port, random_raster_layer, wait_until
 from qgis.core import (
     Qgis,
     QgsApplication,
-    QgsProject,
     QgsRasterLayer,
     QgsSettings,
     QgsTask,
     QgsVectorLayer,
 )
 from qgis.gui import QgsMessageBarItem
-from test_scan_dock import _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
+from test_scan_dock import _cancelled_scan, _dock, big_mosaic, demo_backend  # noqa: F401  (module fixtures, reused)
 
 from earthdial_qgis.contract.wire import ErrorCode
 from earthdial_qgis.core import settings
@@ -61,14 +60,7 @@ def test_a_cancelled_scan_keeps_zoom_and_save_and_says_so_once(
     bar.clear_messages()
     notices = QgisAppNotices(bar)
     try:
-        layer = QgsRasterLayer(str(big_mosaic), "big mosaic", "gdal")
-        QgsProject.instance().addMapLayer(layer)
-        dock = _dock(qgis_iface, demo_backend.endpoint, layer)
-        dock.send_button.click()
-        wait_until(lambda: dock.scan.live is not None or not dock.is_busy(), 120)
-        assert dock.is_busy(), "the scan ended before its first boxes arrived"
-        dock.cancel_button.click()
-        wait_until(lambda: not dock.is_busy(), 60)
+        dock = _cancelled_scan(qgis_iface, demo_backend.endpoint, big_mosaic)
         try:
             wait_until(lambda: not notices.task_notices(), 5)  # QGIS's notice, if any came, is gone again
         except AssertionError:

@@ -10,9 +10,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from earthdial.cli.arguments import DEVICES
 from earthdial.cli.model_choice import choose as choose_model
+
+if TYPE_CHECKING:
+    from earthdial.training.finetune import FinetuneConfig
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -120,6 +124,40 @@ def cmd_export_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tuning_args(p: argparse.ArgumentParser, minutes: float) -> None:
+    """The LoRA run's knobs, as `finetune` and benchmarks/proof_lora.py both take them (`tuning_config`)."""
+    p.add_argument("--minutes", type=float, default=minutes, help=f"wall-clock budget (default {minutes:g})")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--projector", action="store_true", help="also train the vision-language projector")
+    p.add_argument(
+        "--vision", action="store_true", help="also adapt the vision tower (LoRA on its attention/MLP)"
+    )
+    p.add_argument(
+        "--look",
+        type=float,
+        default=0.0,
+        help="weight of the demo trainer's look aid (attention on each box's object; demo model only)",
+    )
+
+
+def tuning_config(args: argparse.Namespace, **more: Any) -> FinetuneConfig:
+    """The FinetuneConfig of `add_tuning_args`' arguments, with `more` of its fields."""
+    from earthdial.training.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        projector=args.projector,
+        vision=args.vision,
+        look=args.look,
+        **more,
+    )
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     import time
 
@@ -134,18 +172,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ImportError:
         print("earthdial finetune: needs peft: pip install 'earthdial-qgis[finetune]'", file=sys.stderr)
         return 2
-    cfg = finetune.FinetuneConfig(
-        minutes=args.minutes,
-        steps=args.steps or None,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        rank=args.rank,
-        projector=args.projector,
-        vision=args.vision,
-        look=args.look,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
+    cfg = tuning_config(
+        args, steps=args.steps or None, seed=args.seed, threads=args.threads, device=args.device
     )
     finetune.finetune(
         args.records,
@@ -225,21 +253,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--model", help="base checkpoint (default: $EARTHDIAL_MODEL, else the built-in demo model)"
     )
     p.add_argument("-o", "--output", required=True, help="new folder for the adapter")
-    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget (default 10)")
+    add_tuning_args(p, minutes=10.0)
     p.add_argument("--steps", type=int, default=0, help="fixed optimiser steps (default 0: as many as fit)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--projector", action="store_true", help="also train the vision-language projector")
-    p.add_argument(
-        "--vision", action="store_true", help="also adapt the vision tower (LoRA on its attention/MLP)"
-    )
-    p.add_argument(
-        "--look",
-        type=float,
-        default=0.0,
-        help="weight of the demo trainer's look aid (attention on each box's object; demo model only)",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=DEVICES)

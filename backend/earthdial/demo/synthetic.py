@@ -635,15 +635,23 @@ SCENE_METRES = 112.0  # every scene covers 112 m x 112 m of ground, whatever its
 ORIGIN = (500_000.0, 4_000_000.0)  # upper-left corner in UTM 33N (EPSG:32633)
 
 
-def write_geotiff(path: str | Path, image: np.ndarray, crs: str = "EPSG:32633", origin=ORIGIN) -> Path:
-    """Write a (3, rows, cols) uint8 image as an RGB GeoTIFF covering SCENE_METRES square."""
+def write_geotiff(
+    path: str | Path,
+    image: np.ndarray,
+    crs: str = "EPSG:32633",
+    origin=ORIGIN,
+    pixel_m: float | None = None,
+) -> Path:
+    """Write a (3, rows, cols) uint8 image as an RGB GeoTIFF covering SCENE_METRES square, or with square
+    pixels of `pixel_m` metres."""
     import rasterio
     from rasterio.transform import from_origin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     bands, rows, cols = image.shape
-    transform = from_origin(origin[0], origin[1], SCENE_METRES / cols, SCENE_METRES / rows)
+    size_x, size_y = (pixel_m, pixel_m) if pixel_m else (SCENE_METRES / cols, SCENE_METRES / rows)
+    transform = from_origin(origin[0], origin[1], size_x, size_y)
     with rasterio.open(
         path,
         "w",

@@ -72,20 +72,12 @@ def features_for(answer: str, chip: imagery.Chip, properties: dict[str, Any]) ->
 
 
 def chip_description(chip: imagery.Chip) -> dict[str, Any]:
-    a, b, c, d, e, f = (
-        chip.transform.a,
-        chip.transform.b,
-        chip.transform.c,
-        chip.transform.d,
-        chip.transform.e,
-        chip.transform.f,
-    )
     return {
         "source": chip.source,
         "bands": chip.band_indexes,
         "width": chip.width,
         "height": chip.height,
-        "transform": [a, b, c, d, e, f],
+        "transform": list(chip.transform[:6]),  # a, b, c, d, e, f (the last row is 0, 0, 1)
         "crs": chip.crs,
     }
 

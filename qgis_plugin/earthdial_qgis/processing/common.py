@@ -232,6 +232,27 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
             )
         return name
 
+    def add_connection(self, timeout_label: str) -> None:
+        """The backend's endpoint and how long to wait for it (advanced: the settings give both)."""
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterString(
+                    ENDPOINT, self.tr("Backend endpoint"), defaultValue=settings.endpoint()
+                )
+            )
+        )
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterNumber(
+                    TIMEOUT,
+                    timeout_label,
+                    number_type("Integer"),
+                    defaultValue=settings.timeout_s(),
+                    minValue=1,
+                )
+            )
+        )
+
     def add_common(self, prompt_optional: bool = True) -> None:
         self.addParameter(QgsProcessingParameterString(PROMPT, self.tr("Prompt"), optional=prompt_optional))
         self.addParameter(
@@ -268,24 +289,7 @@ class EarthDialAlgorithm(QgsProcessingAlgorithm):
                 )
             )
         )
-        self.addParameter(
-            advanced(
-                QgsProcessingParameterString(
-                    ENDPOINT, self.tr("Backend endpoint"), defaultValue=settings.endpoint()
-                )
-            )
-        )
-        self.addParameter(
-            advanced(
-                QgsProcessingParameterNumber(
-                    TIMEOUT,
-                    self.tr("Timeout per request, seconds"),
-                    number_type("Integer"),
-                    defaultValue=settings.timeout_s(),
-                    minValue=1,
-                )
-            )
-        )
+        self.add_connection(self.tr("Timeout per request, seconds"))
         self.addParameter(
             QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Boxes"), type=_polygon_source_type())
         )

@@ -52,68 +52,31 @@ def style_on_load(context: Any, dest: str, name: str) -> None:
         details.setPostProcessor(_KEEP[-1])
 
 
+# The scan's numeric parameters: (parameter, option sent to the backend, label, type, default, min, max,
+# advanced). One table serves both the parameter definitions and the options read back from them.
+_SCAN_NUMBERS: tuple[tuple[str, str, str, str, float, float, float, bool], ...] = (
+    (TILE_SIZE, "tile_size", "Tile size, pixels", "Integer", 448, 32, 8192, False),
+    (OVERLAP, "overlap", "Tile overlap (share of a tile)", "Double", 0.1, 0.0, 0.5, True),
+    (BATCH, "batch", "Tiles per model batch", "Integer", 8, 1, 64, True),
+    (MIN_SCORE, "min_score", "Minimum box score (0-1)", "Double", 0.0, 0.0, 1.0, True),
+)  # fmt: skip
+
+
 def add_scan_parameters(algorithm: EarthDialAlgorithm) -> None:
-    tr = algorithm.tr
-    algorithm.addParameter(
-        QgsProcessingParameterNumber(
-            TILE_SIZE,
-            tr("Tile size, pixels"),
-            number_type("Integer"),
-            defaultValue=448,
-            minValue=32,
-            maxValue=8192,
+    for name, _option, label, kind, default, low, high, is_advanced in _SCAN_NUMBERS:
+        parameter = QgsProcessingParameterNumber(
+            name, algorithm.tr(label), number_type(kind), defaultValue=default, minValue=low, maxValue=high
         )
-    )
-    algorithm.addParameter(
-        advanced(
-            QgsProcessingParameterNumber(
-                OVERLAP,
-                tr("Tile overlap (share of a tile)"),
-                number_type("Double"),
-                defaultValue=0.1,
-                minValue=0.0,
-                maxValue=0.5,
-            )
-        )
-    )
-    algorithm.addParameter(
-        advanced(
-            QgsProcessingParameterNumber(
-                BATCH,
-                tr("Tiles per model batch"),
-                number_type("Integer"),
-                defaultValue=8,
-                minValue=1,
-                maxValue=64,
-            )
-        )
-    )
-    algorithm.addParameter(
-        advanced(
-            QgsProcessingParameterNumber(
-                MIN_SCORE,
-                tr("Minimum box score (0-1)"),
-                number_type("Double"),
-                defaultValue=0.0,
-                minValue=0.0,
-                maxValue=1.0,
-            )
-        )
-    )
-    algorithm.addOutput(QgsProcessingOutputNumber(TILES, tr("Tiles scanned")))
+        algorithm.addParameter(advanced(parameter) if is_advanced else parameter)
+    algorithm.addOutput(QgsProcessingOutputNumber(TILES, algorithm.tr("Tiles scanned")))
 
 
 def scan_options(algorithm: EarthDialAlgorithm, parameters: dict[str, Any], context: Any) -> dict[str, Any]:
-    def get(name: str, default: Any, kind: str) -> Any:
-        if parameters.get(name) is None:
-            return default
-        return (algorithm.parameterAsInt if kind == "int" else algorithm.parameterAsDouble)(
-            parameters, name, context
-        )
-
-    return {**algorithm.options(parameters, context), "tile_size": get(TILE_SIZE, 448, "int"),
-            "overlap": get(OVERLAP, 0.1, "float"), "batch": get(BATCH, 8, "int"),
-            "min_score": get(MIN_SCORE, 0.0, "float")}  # fmt: skip
+    options = algorithm.options(parameters, context)
+    for name, option, _label, kind, default, _low, _high, _advanced in _SCAN_NUMBERS:
+        read = algorithm.parameterAsInt if kind == "Integer" else algorithm.parameterAsDouble
+        options[option] = default if parameters.get(name) is None else read(parameters, name, context)
+    return options
 
 
 def follow(feedback: Any) -> Any:

@@ -15,26 +15,20 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterMultipleLayers,
-    QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
 )
 
 from ..contract.wire import EarthDialError
-from ..core import scanning, settings
+from ..core import scanning
 from ..core.layers import result_fields
 from .common import (
-    ENDPOINT,
     INPUT,
     INPUT_2,
     OUTPUT,
-    TIMEOUT,
     EarthDialAlgorithm,
     _polygon_source_type,
-    advanced,
     connected,
     fail,
-    number_type,
     polygon_type,
 )
 from .detect import TILES, add_scan_parameters, follow, scan_options, style_on_load
@@ -73,24 +67,7 @@ class DetectChangesAlgorithm(EarthDialAlgorithm):
             )
         )
         add_scan_parameters(self)
-        self.addParameter(
-            advanced(
-                QgsProcessingParameterString(
-                    ENDPOINT, self.tr("Backend endpoint"), defaultValue=settings.endpoint()
-                )
-            )
-        )
-        self.addParameter(
-            advanced(
-                QgsProcessingParameterNumber(
-                    TIMEOUT,
-                    self.tr("Timeout without progress, seconds"),
-                    number_type("Integer"),
-                    defaultValue=settings.timeout_s(),
-                    minValue=1,
-                )
-            )
-        )
+        self.add_connection(self.tr("Timeout without progress, seconds"))
         self.addParameter(
             QgsProcessingParameterFeatureSink(OUTPUT, self.tr("Changes"), type=_polygon_source_type())
         )
