@@ -52,7 +52,7 @@ def run_one(model: str, raster: str, tile: int, batch: int) -> None:
     """Child process: one detect, then print its figures as JSON."""
     from earthdial.contract.wire import source_by_reference
     from earthdial.model.engine import Engine
-    from earthdial.scenes import scan
+    from earthdial.serving import scan
 
     engine = Engine(model, device="cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -34,7 +34,7 @@ BASELINE = r"""
 import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[5]))
-from earthdial.scenes import many
+from earthdial.jobs import many
 from earthdial.outputs import files as output
 from earthdial.model.engine import Engine
 paths, out, model, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

@@ -24,9 +24,10 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
+from earthdial import limits
 from earthdial.contract.wire import source_by_reference
 from earthdial.geo import file_access, imagery
-from earthdial.serving import limits, readers, service
+from earthdial.serving import readers, service
 
 
 def _raster(path: Path, size: int) -> Path:

@@ -85,7 +85,7 @@ def demo_mosaic(path: Path, n: int = 12, size: int = 448, seed: int = 7) -> Trut
 def scan(path: Path, engine: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]], float]:
     """The scan's per-tile boxes and tile entries, unmerged (as a journal holds them)."""
     from earthdial.contract.wire import source_by_reference
-    from earthdial.scenes import scan as scan_op
+    from earthdial.serving import scan as scan_op
 
     features: list[dict[str, Any]] = []
     tiles: dict[int, dict[str, Any]] = {}

@@ -1,6 +1,8 @@
 """EarthDial's local backend: the model, the ZeroMQ server the QGIS plugin talks to, and the `earthdial` command.
 
-Packages (docs/architecture.md follows one request through them): contract (the wire format and the
-client, shared with the plugin), model (the checkpoint and its generation path), geo (rasters, bands,
-boxes on the map), outputs (result files), scenes (whole scenes in tiles), serving (the server and what a
-request does), install, demo, cli, and training (which nothing at run time imports)."""
+Its packages are layers, lowest first; a module imports only from its own and lower ones
+(tests/backend/test_import_graph.py): contract (the wire format and the client, shared with the plugin) -
+limits (budgets, cancellation) - model (the checkpoint and its generation path) - demo (synthetic scenes) -
+geo (rasters, bands, tiling, boxes on the map) - outputs (result files) - scenes (the tile runner) -
+serving (the server and its ops) - jobs (journalled scans, archives, Ray) - install - training - cli.
+docs/architecture.md follows one request through them."""

@@ -32,9 +32,9 @@ from earthdial.contract import wire
 from earthdial.contract.client import Client
 from earthdial.contract.wire import MAX_HEADER_BYTES, EarthDialError, source_by_reference
 from earthdial.demo import synthetic
+from earthdial.jobs import journal
 from earthdial.model.engine import Engine
 from earthdial.model.scoring import Answer
-from earthdial.scenes import journal
 from earthdial.serving.server import Server
 from earthdial.training import DEMO_DIR
 

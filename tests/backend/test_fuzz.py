@@ -876,8 +876,8 @@ def test_a_tile_larger_than_its_image_counts_whole_in_the_pixel_budget(
     """Fuzz finding: a 7 x 16 px GeoTIFF in one 32 768 x 32 768 px tile. The budget counted the tile
     clipped to the image (112 px); GDAL decodes it whole (1 G px; 2 GiB as int16): `plan` held the I/O
     loop for 2.5 s and the server grew by 2 GB. Scaled: a 4 096 px tile, a budget of 1 M px."""
+    from earthdial import limits
     from earthdial.geo import imagery
-    from earthdial.serving import limits
 
     tif = tiff_of_entries(tmp_path / "tile.tif", [], size=(7, 16), tile=4096)
     assert limits.blocks_cost((0, 0, 7, 16), (7, 16), (4096, 4096), 1) == 4096 * 4096

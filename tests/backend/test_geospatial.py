@@ -294,7 +294,7 @@ def test_merge_keeps_one_of_overlapping_boxes_per_label() -> None:
 
 
 def test_a_scan_streams_tiles_reports_progress_and_can_be_cancelled(tmp_path: Path, engine: Engine) -> None:
-    from earthdial.scenes import scan
+    from earthdial.serving import scan
 
     data = (np.random.default_rng(4).random((3, 300, 500)) * 255).astype(np.uint8)
     path = write(tmp_path / "scene.tif", data, "EPSG:32633", GRIDS["utm_32633"][1])

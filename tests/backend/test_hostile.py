@@ -380,7 +380,7 @@ def test_detect_many_refuses_vsi_hrefs_and_sends_no_request(
     """detect-many's workers sent HEAD/GET to a loopback listener for STAC hrefs `/vsicurl/http://...`."""
     import json
 
-    from earthdial.scenes import archive, many
+    from earthdial.jobs import archive, many
     from earthdial.training import DEMO_DIR
 
     port, listener = http_listener

@@ -74,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_backend_package_has_no_import_cycle() -> None:
     graph = import_graph(PACKAGE)
-    assert graph["earthdial.geo.imagery"] >= {"earthdial.serving.limits"}  # the walk sees imports,
+    assert graph["earthdial.geo.imagery"] >= {"earthdial.limits"}  # the walk sees imports,
     # and resolves the contract's relative ones (the client uses the wire format)
     assert graph["earthdial.contract.client"] == {"earthdial.contract.wire"}
     cycle = find_cycle(graph)
@@ -111,3 +111,56 @@ def test_a_type_checking_import_is_an_edge(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from pkg.a import X\n"
     )
     assert find_cycle(import_graph(package)) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+# The packages in layers, lowest first: a module imports only from its own package and the ones before it.
+# `limits` (budgets and cancellation) is one module below everything that reads or scans.
+LAYERS = (
+    "contract",
+    "limits",
+    "model",
+    "demo",
+    "geo",
+    "outputs",
+    "scenes",
+    "serving",
+    "jobs",
+    "install",
+    "training",
+    "cli",
+)
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None  # earthdial itself has no layer
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...]) -> list[str]:
+    """Each import of a module from a later layer than its own (or from a package not in `layers`)."""
+    rank = {name: i for i, name in enumerate(layers)}
+    found = []
+    for module, targets in sorted(graph.items()):
+        own = layer_of(module)
+        for target in sorted(targets):
+            other = layer_of(target)
+            if own is None or other is None or other == own:
+                continue
+            if own not in rank or other not in rank or rank[other] > rank[own]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_the_packages_are_layers() -> None:
+    graph = import_graph(PACKAGE)
+    packages = {layer_of(m) for m in graph} - {None}
+    assert packages == set(LAYERS), packages ^ set(LAYERS)  # a new package takes its place in LAYERS
+    assert upward_imports(graph, LAYERS) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"earthdial.geo.imagery": {"earthdial.serving.limits", "earthdial.model.pixels"}}
+    assert upward_imports(graph, ("model", "geo", "serving")) == [
+        "earthdial.geo.imagery -> earthdial.serving.limits"
+    ]
+    assert upward_imports(graph, ("model", "serving", "geo")) == []

@@ -23,6 +23,7 @@ import zmq
 from rasterio.windows import Window
 
 from conftest import dealer, free_port, sparse_geotiff, start_server, stop_server, write_geotiff
+from earthdial import limits
 from earthdial.contract.client import Client
 from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
@@ -33,7 +34,6 @@ from earthdial.contract.wire import (
     source_by_value,
 )
 from earthdial.geo import tiling
-from earthdial.serving import limits
 from earthdial.serving.connections import Connections
 from earthdial.serving.scheduling import FairQueue, Pending
 

@@ -28,8 +28,8 @@ from conftest import TILES_224, demo_model_args, run_earthdial
 from earthdial.cli import main as cli
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.demo import synthetic
-from earthdial.scenes import archive, journal, many
-from earthdial.scenes import job as scan_job
+from earthdial.jobs import archive, journal, many
+from earthdial.jobs import job as scan_job
 from earthdial.training import DEMO_DIR
 
 TILING = [
@@ -338,7 +338,7 @@ def test_without_ray_detect_many_says_how_to_install_it(tmp_path: Path, monkeypa
 
 def test_the_runtime_and_the_rest_of_the_cli_never_import_ray() -> None:
     code = (
-        "import sys, earthdial.cli.main, earthdial.serving.server, earthdial.scenes.many, earthdial.scenes.archive, earthdial.scenes.scan; "
+        "import sys, earthdial.cli.main, earthdial.serving.server, earthdial.jobs.many, earthdial.jobs.archive, earthdial.serving.scan; "
         "earthdial.cli.main.build_parser().parse_args(['detect-many', 'x.tif', '--prompt', 'p', '-o', 'o.gpkg']); "
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )

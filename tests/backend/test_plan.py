@@ -182,7 +182,7 @@ def _wait(condition, timeout_s: float = 30.0) -> None:
 def test_the_plan_of_a_scan_counts_the_tiles_the_scan_runs_and_the_gsd_each_is_seen_at(
     tmp_path: Path, rgb_engine: Engine
 ) -> None:
-    from earthdial.scenes import scan
+    from earthdial.serving import scan
 
     path = tif(
         tmp_path / "wide.tif", np.random.default_rng(0).integers(0, 255, (3, 100, 300), dtype=np.uint8)

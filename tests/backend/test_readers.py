@@ -196,8 +196,9 @@ def test_an_open_that_blocks_for_good_is_killed_and_the_server_keeps_answering(
 def test_a_reader_s_address_space_is_bounded_by_the_pixel_budget(tmp_path: Path) -> None:
     """Each reader runs under RLIMIT_AS: what it holds when ready plus the pixel budget (8 bytes a
     pixel) and the headroom; a read it cannot allocate fails in the reader, not in the server."""
+    from earthdial import limits
     from earthdial.geo import imagery
-    from earthdial.serving import limits, readers
+    from earthdial.serving import readers
 
     path = str(_tif(tmp_path / "x.tif", 8, "EPSG:32633"))
     previous = file_access.allowed_dirs()
@@ -226,8 +227,9 @@ def test_a_scan_s_tiles_are_read_in_a_reader_that_keeps_the_file_open_until_it_c
     under the same name since: a second scan after the file changed reads the new pixels."""
     from rasterio.windows import Window
 
+    from earthdial import limits
     from earthdial.geo import imagery
-    from earthdial.serving import limits, readers
+    from earthdial.serving import readers
 
     path = tmp_path / "scene.tif"
     _tif(path, 64, "EPSG:32633")  # all ones
@@ -271,9 +273,10 @@ def test_a_stopped_scan_kills_the_tile_read_it_waits_for(
     from rasterio.windows import Window
     from test_hostile import geotiff_with_pe_citation, pe_citations
 
+    from earthdial import limits
     from earthdial.geo import imagery
     from earthdial.scenes import runner as scenes
-    from earthdial.serving import limits, readers
+    from earthdial.serving import readers
 
     os.mkfifo(outside_dir / "grid.gsb")
     trap = str(

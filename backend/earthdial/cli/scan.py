@@ -81,9 +81,9 @@ def cmd_detect_changes(args: argparse.Namespace) -> int:
 
 
 def cmd_detect_many(args: argparse.Namespace) -> int:
-    """Many scenes on Ray workers (earthdial.scenes.many): a layer per scene and a merged layer in -o."""
+    """Many scenes on Ray workers (earthdial.jobs.many): a layer per scene and a merged layer in -o."""
+    from earthdial.jobs import archive, many
     from earthdial.model import prompts
-    from earthdial.scenes import archive, many
 
     many.require_ray()  # a missing extra is said before anything else is looked at
     spec = prompts.task(args.task)
@@ -104,7 +104,7 @@ def cmd_detect_many(args: argparse.Namespace) -> int:
     if not model:
         print("earthdial detect-many: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
         return 2
-    from earthdial.scenes.scan import options_of
+    from earthdial.serving.scan import options_of
 
     options = _scan_options(args)
     options_of({"options": options})  # tiling and score checked once, here, not in every worker
@@ -161,7 +161,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     """A whole-scene scan (in-process or over the protocol) whose finished tiles go into a journal as they
     come; the output is written from the journal at the end. Ctrl-C, a lost server or an error leaves the
     journal for `--resume`."""
-    from earthdial.scenes.job import ScanJob, journalled_options
+    from earthdial.jobs.job import ScanJob, journalled_options
 
     name = f"earthdial {args.command}"
     stop = {"now": False}
@@ -205,7 +205,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
                 )
         else:
             from earthdial.model.engine import Engine
-            from earthdial.scenes import scan
+            from earthdial.serving import scan
 
             model = choose_model(args.model).path
             if not model:

@@ -16,8 +16,8 @@ from earthdial.cli.model_choice import choose as choose_model
 from earthdial.contract.wire import DEFAULT_ENDPOINT
 
 if TYPE_CHECKING:  # torch and zmq only once serve runs
+    from earthdial.limits import Limits
     from earthdial.model.engine import Engine
-    from earthdial.serving.limits import Limits
     from earthdial.serving.server import Server
 
 
@@ -166,7 +166,7 @@ def _load_engine(args: argparse.Namespace) -> Engine:
 
 
 def _limits(args: argparse.Namespace) -> Limits:
-    from earthdial.serving.limits import MIB, Limits
+    from earthdial.limits import MIB, Limits
 
     return Limits(
         max_pixels=args.max_pixels,

@@ -28,11 +28,11 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform as warp_transform
 
+from earthdial import limits
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.contract.wire import snap_ceil as _ceil
 from earthdial.contract.wire import snap_floor as _floor
 from earthdial.geo import file_access, geokeys
-from earthdial.serving import limits
 
 __all__ = [
     "Chip",

@@ -1,6 +1,6 @@
 """How a region is laid out in model-sized tiles: the tile plan of every whole-scene scan, and its tile
 count. Arithmetic only (a list of column and row starts), so the scan engine (scenes/runner.py), the scan
-budget (serving/limits.py) and `plan` (serving/service.py) count tiles by one rule, and a client that
+budget (limits.py) and `plan` (serving/service.py) count tiles by one rule, and a client that
 needs tile positions receives the plan instead of computing its own (`wire.plan_window`).
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from rasterio.windows import Window
 
+from earthdial import limits
 from earthdial.contract import wire
 from earthdial.contract.wire import EarthDialError, ErrorCode
 
@@ -102,3 +103,20 @@ def tile_count(width: int, height: int, tile: int, overlap: float) -> int:
     """How many tiles the plan of a width x height region has: its column starts times its row starts,
     without building any tile (typed errors as `plan_tiles`)."""
     return len(plan_tiles(int(width), int(height), tile, overlap))
+
+
+def check_scan(width: int, height: int, tile: int, overlap: float) -> int:
+    """The tile count of a scan, or `too_large` when it exceeds the scan budget (0, unchecked, for a
+    tile size or overlap the tiling itself refuses)."""
+    if tile < 16 or not 0 <= overlap < 0.9:
+        return 0
+    n = tile_count(width, height, tile, overlap)  # the scan's own tile plan, counted
+    budget = limits.current()
+    if budget is not None and n > budget.max_scan_tiles:
+        raise limits.too_large(
+            f"a scan of {int(width)} x {int(height)} px in tiles of {tile} px with overlap {overlap:g} makes "
+            f"{n:,} tiles (use larger tiles, less overlap or smaller bounds)",
+            n,
+            "max_scan_tiles",
+        )
+    return n

@@ -1,2 +1,2 @@
-"""Whole scenes: laying a region out in tiles, running the model over them, merging boxes across tile
-seams, journals that let a stopped scan resume, and archives of many scenes (Ray)."""
+"""Whole scenes: the scene runner lays a region out in model-sized tiles, reads them ahead of the model,
+runs them in batches and merges boxes across tile seams."""

@@ -25,12 +25,12 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from earthdial import limits
 from earthdial.contract import wire
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import georef, imagery
 from earthdial.geo.tiling import MAX_BATCH, TilePlan
 from earthdial.model import answers, prompts
-from earthdial.serving import limits
 
 if TYPE_CHECKING:  # torch only where the model runs
     from earthdial.model.engine import Engine

@@ -41,9 +41,9 @@ import numpy as np
 from affine import Affine
 from rasterio.windows import Window
 
+from earthdial import limits
 from earthdial.contract.wire import EarthDialError, ErrorCode, error_codes
 from earthdial.geo import file_access, imagery
-from earthdial.serving import limits
 
 log = logging.getLogger("earthdial.serving.readers")
 

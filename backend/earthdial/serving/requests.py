@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from earthdial import limits
 from earthdial.contract.wire import EarthDialError, ErrorCode, from_json_frame
 from earthdial.geo import file_access, imagery, tiling
 from earthdial.model import prompts, sensors
-from earthdial.serving import limits
 
 MAX_NEW_TOKENS = 2048
 MAX_IMAGES = 8  # images in one `ask` (a pair, or a short time series)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earthdial.contract.wire import EarthDialError, ErrorCode
-from earthdial.serving.limits import MIB
+from earthdial.limits import MIB
 
 
 @dataclass(eq=False)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from earthdial import limits
 from earthdial.contract.wire import (
     MAX_HEADER_BYTES,
     MAX_ID_CHARS,
@@ -49,8 +50,7 @@ from earthdial.contract.wire import (
 )
 from earthdial.geo import file_access, imagery
 from earthdial.scenes import runner as scenes
-from earthdial.scenes import scan
-from earthdial.serving import auth, limits, readers, requests, service
+from earthdial.serving import auth, readers, requests, scan, service
 from earthdial.serving.connections import HANDSHAKE_IVL_MS, Connections, connection_cap
 from earthdial.serving.scheduling import FairQueue, Pending
 

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from earthdial import limits
 from earthdial.contract import result_features
 from earthdial.contract.wire import PROTOCOL_VERSION, EarthDialError, ErrorCode, error_codes
 from earthdial.geo import file_access, georef, imagery, presets, tiling
 from earthdial.model import answers, prompts, sensors
 from earthdial.model.prompts import TASKS
 from earthdial.model.tokens import VARIANTS, earthdial_tokens
-from earthdial.serving import limits, requests
+from earthdial.serving import requests
 
 if TYPE_CHECKING:  # torch only where the model runs
     from earthdial.model.engine import Engine
@@ -442,7 +443,7 @@ def describe_scan(
     is; a change scan of `images` layers runs them for each of its pairs) and the GSD the model sees each
     tile at (a tile is resized to the model's `image_size`)."""
     tile, overlap, batch = options.tile_size, options.overlap, options.batch
-    limits.check_scan(width, height, tile, overlap)
+    tiling.check_scan(width, height, tile, overlap)
     tiles = tiling.tile_count(width, height, tile, overlap) * max(1, images - 1)
     side = max(min(tile, width), min(tile, height))  # a tile is cut to a region smaller than it
     return {

@@ -19,8 +19,7 @@ from earthdial.geo.georef import box_pixel_corners
 from earthdial.model import prompts
 from earthdial.model.answers import Box, parse_boxes
 from earthdial.model.engine import Query
-from earthdial.scenes import scan
-from earthdial.serving import service
+from earthdial.serving import scan, service
 from earthdial.training.data import _render_size
 from earthdial.training.model import EVAL_SEED, IMAGE_SIZE, SYNONYMS
 

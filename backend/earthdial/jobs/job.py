@@ -5,7 +5,7 @@ entries are JSON), shared by the two commands that run whole scenes:
 - `earthdial detect` / `detect-changes` (cli): the units are the tiles of a scan, as the `detect` op's
   progress events bring them (each tile's raw boxes); at the end the boxes are merged across the tile
   seams and written as one output. Without -o the tiles are kept in memory only.
-- `earthdial detect-many` (scenes.many): the units are whole scenes, each merged by its worker (through
+- `earthdial detect-many` (jobs.many): the units are whole scenes, each merged by its worker (through
   the same `Progress` as a tile scan); each is journalled and then written as a layer of its own, and at
   the end every scene's boxes go into one merged layer, whose name is journalled first too.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earthdial.contract.wire import EarthDialError, ErrorCode
+from earthdial.jobs import journal
 from earthdial.outputs import files as output
-from earthdial.scenes import journal
 
 # how a run goes, not what it finds: a resume may change them, so the journal's request leaves them out
 UNJOURNALLED_OPTIONS = ("batch", "merge", "skip")

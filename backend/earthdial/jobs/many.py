@@ -36,10 +36,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from earthdial.contract.wire import EarthDialError, ErrorCode, source_by_reference
+from earthdial.jobs import job as scan_job
+from earthdial.jobs.archive import Scene
 from earthdial.outputs import files as output
-from earthdial.scenes import job as scan_job
-from earthdial.scenes import scan
-from earthdial.scenes.archive import Scene
+from earthdial.serving import scan
 
 if TYPE_CHECKING:  # torch only where the model runs
     from earthdial.model.engine import Engine

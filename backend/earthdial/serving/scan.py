@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from affine import Affine
 
+from earthdial import limits
 from earthdial.contract import result_features
 from earthdial.contract.result_features import change_of, said_changed
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import file_access, imagery, presets, tiling
 from earthdial.model import prompts
 from earthdial.scenes import runner as scenes
-from earthdial.serving import limits, requests, service
+from earthdial.serving import requests, service
 from earthdial.serving.requests import field
 
 if TYPE_CHECKING:  # torch only where the model runs
@@ -301,7 +302,7 @@ def _detect_jobs(
         bands = list(source.bands or preset.bands or []) or None
         area = imagery.scan_grid(path, bands, list(source.bounds) if source.bounds else None, source.crs)
         indexes, region, crs, transform = area.band_indexes, area.window, area.crs, area.transform
-        limits.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
+        tiling.check_scan(region.width, region.height, options.tile_size, options.overlap)  # the budget
         plan = tiling.plan_for_window(region, options.tile_size, options.overlap)
         tiles = scenes.file_tiles([path], indexes, plan, out_size, options.skip)
         name, gsd_src = source.path, info.gsd_m
@@ -313,7 +314,7 @@ def _detect_jobs(
                 "a streamed scan needs the server (its tiles come as scan_tiles messages)",
             )
         grid = _stream_grid(source, options)
-        limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
+        tiling.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
         plan = tiling.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
         tiles = scenes.stream_tiles(
             stream, plan, grid.transform, grid.crs, grid.nodata, options.skip, cancelled
@@ -432,7 +433,7 @@ def _change_jobs(
     else:
         seq = _sequence_by_reference([s for s in sources if isinstance(s, requests.Ref)], options, engine)
     pairs = len(seq.names) - 1
-    per_pair = limits.check_scan(seq.plan.width, seq.plan.height, options.tile_size, options.overlap)
+    per_pair = tiling.check_scan(seq.plan.width, seq.plan.height, options.tile_size, options.overlap)
     budget = limits.current()
     if budget is not None and per_pair * pairs > budget.max_scan_tiles:
         raise limits.too_large(f"{pairs} pairs of {per_pair:,} tiles", per_pair * pairs, "max_scan_tiles")
@@ -509,7 +510,7 @@ def _sequence_by_reference(
     preset, _ = service.choose_preset(None, options, infos[0])
     bands = list(preset.bands or []) or None
     indexes = imagery.check_bands(bands, infos[0].count, paths[0])
-    limits.check_scan(region.width, region.height, options.tile_size, options.overlap)
+    tiling.check_scan(region.width, region.height, options.tile_size, options.overlap)
     plan = tiling.plan_for_window(region, options.tile_size, options.overlap)
     out_size = engine.info.image_size
 
@@ -537,7 +538,7 @@ def _streamed_sequence(
         )
     names = list(source.layers)
     grid = _stream_grid(source, options)
-    limits.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
+    tiling.check_scan(grid.width, grid.height, options.tile_size, options.overlap)
     plan = tiling.plan_tiles(grid.width, grid.height, options.tile_size, options.overlap)
     total = len(plan) * (len(names) - 1)
 

@@ -1,4 +1,5 @@
-"""A server's budgets: every request is bounded before its work starts, and work in progress can stop.
+"""Budgets: every request is bounded before its work starts, and work in progress can stop. One module
+below every package that reads or scans (geo, scenes, serving), set by the server (`configure`).
 
 - Admission (`requests.admit`, in the I/O loop, before a request is queued, after `requests.check` has
   checked the form of its fields): the paths and CRSs its sources name are ones this server may use, the
@@ -6,7 +7,7 @@
   (`check_text`).
 - Before a read (`plan_read`): the source pixels GDAL would decode for a window (through the overview it
   would use, or a decimated nearest read when averaging costs too much) are within budget; before a scan
-  (`check_scan`): its tile count, computed arithmetically (`tiling.tile_count`), is.
+  (`tiling.check_scan`): its tile count, computed arithmetically, is.
 - While working (`checkpoint`): a job's cancel flag (a `cancel`, its client gone) and deadline are
   checked between the strips of a read and between stages, so neither waits for the end of the job.
 
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from earthdial.contract.wire import EarthDialError, ErrorCode
-from earthdial.geo import tiling
 
 MIB = 1024 * 1024
 STRIP_PIXELS = 16 * MIB  # source pixels per strip of a large read: a cancel is seen within one strip
@@ -241,22 +241,6 @@ def check_source_pixels(pixels: int, what: str) -> None:
     """A read whose source pixel count is known (e.g. a warp onto another image's grid)."""
     if _limits is not None and pixels > _limits.max_pixels:
         raise too_large(what, pixels, "max_pixels")
-
-
-def check_scan(width: int, height: int, tile: int, overlap: float) -> int:
-    """The tile count of a scan, or `too_large` when it exceeds the scan budget (0, unchecked, for a
-    tile size or overlap the tiling itself refuses)."""
-    if tile < 16 or not 0 <= overlap < 0.9:
-        return 0
-    n = tiling.tile_count(width, height, tile, overlap)  # the scan's own tile plan, counted
-    if _limits is not None and n > _limits.max_scan_tiles:
-        raise too_large(
-            f"a scan of {int(width)} x {int(height)} px in tiles of {tile} px with overlap {overlap:g} makes "
-            f"{n:,} tiles (use larger tiles, less overlap or smaller bounds)",
-            n,
-            "max_scan_tiles",
-        )
-    return n
 
 
 def check_features(count: int, chars_each: int) -> None:
