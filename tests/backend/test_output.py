@@ -19,7 +19,7 @@ import shapely
 
 from conftest import python_child
 from earthdial.contract.wire import EarthDialError, ErrorCode
-from earthdial.outputs import files as output
+from earthdial.outputs import atomic, geopackage
 from earthdial.outputs.files import FIELDS, MARK, check_target, write_features
 
 RING_A = [
@@ -460,14 +460,14 @@ def test_a_failure_inside_the_transaction_keeps_the_old_layer(tmp_path, monkeypa
     path = str(tmp_path / "project.gpkg")
     user_geopackage(path)
     write_features(path, TWO, "earthdial")
-    real_copy = output._copy_layer
+    real_copy = geopackage._copy_layer
 
     def copy_then_fail(con, name):
         real_copy(con, name)
         assert con.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0] == 1  # the new one, in place
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(output, "_copy_layer", copy_then_fail)
+    monkeypatch.setattr(geopackage, "_copy_layer", copy_then_fail)
     with pytest.raises(EarthDialError) as info:
         write_features(path, collection(feature(RING_B, label="new")), "earthdial", overwrite=True)
     assert info.value.code == ErrorCode.DISK_FULL
@@ -492,7 +492,7 @@ def test_a_geopackage_another_program_keeps_locked_is_busy_and_untouched(tmp_pat
     user_geopackage(path)
     write_features(path, TWO, "earthdial")
     before = open(path, "rb").read()
-    monkeypatch.setattr(output, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(geopackage, "BUSY_TIMEOUT_S", 0.3)
     locker = python_child(LOCKER, path)
     try:
         assert locker.stdout.readline().strip() == "locked"
@@ -529,7 +529,7 @@ def test_a_folder_that_cannot_be_written_is_read_only(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(output.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", refuse)
     with pytest.raises(EarthDialError) as info:
         write_features(str(tmp_path / "new.gpkg"), TWO)
     assert info.value.code == ErrorCode.READ_ONLY
@@ -612,8 +612,8 @@ def test_a_real_read_only_folder_is_read_only(tmp_path):
 # A writer that holds its scratch folder's lock until told to let go (a live write in another process).
 LIVE_WRITER = """
 import sys
-from earthdial.outputs import files as output
-with output._scratch(sys.argv[1]) as scratch:
+from earthdial.outputs import atomic
+with atomic.scratch_folder(sys.argv[1]) as scratch:
     print(scratch, flush=True)
     sys.stdin.readline()
 """
@@ -678,7 +678,7 @@ def test_a_file_name_too_long_is_a_bad_request_not_internal(tmp_path) -> None:
     import errno
 
     from earthdial.contract.wire import ErrorCode
-    from earthdial.outputs.files import write_error
+    from earthdial.outputs.write_errors import write_error
 
     long_name = str(tmp_path / ("x" * 300 + ".gpkg"))
     error = write_error(OSError(errno.ENAMETOOLONG, "File name too long"), long_name, "writing it")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from earthdial.contract.wire import EarthDialError, ErrorCode
-from earthdial.outputs.files import write_error
+from earthdial.outputs.write_errors import write_error
 
 
 def path_for(output: str, kind: str = "scan") -> str:

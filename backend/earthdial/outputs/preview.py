@@ -13,7 +13,7 @@ import numpy as np
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.geo import imagery
 from earthdial.model import pixels
-from earthdial.outputs import files as output
+from earthdial.outputs import atomic
 
 COLOURS = ((255, 40, 40), (40, 220, 255), (255, 220, 0), (60, 255, 60), (255, 80, 255))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,12 +45,12 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     replaced only when it is a preview of ours (``foreign_output`` otherwise); the name must end in
     ``.png``. Written without GDAL, so that no side file (``.aux.xml``) is ever made beside it."""
     check_target(path)
-    return Path(output.replace_file(path, png_bytes(image), is_our_png, "preview"))
+    return Path(atomic.replace_file(path, png_bytes(image), is_our_png, "preview"))
 
 
 def check_target(path: str | Path) -> None:
     """The refusals of ``write_png`` that need no picture yet (a command checks before it runs a model)."""
-    text = output.user_path(path)
+    text = atomic.user_path(path)
     if not text.lower().endswith(".png"):
         raise EarthDialError(
             ErrorCode.BAD_REQUEST, f"a preview is a PNG: its name must end in .png, got {text}"
@@ -60,7 +60,7 @@ def check_target(path: str | Path) -> None:
         raise EarthDialError(
             ErrorCode.FILE_NOT_FOUND, f"folder {os.path.dirname(real)} does not exist (writing {real})"
         )
-    output.refuse_foreign(real, is_our_png, "preview")
+    atomic.refuse_foreign(real, is_our_png, "preview")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
