@@ -3,7 +3,7 @@ saving it to a GeoPackage (a mixin of EarthDialDock)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qgis.core import Qgis, QgsCoordinateTransform, QgsCsException, QgsProject
 from qgis.PyQt import sip
@@ -15,8 +15,39 @@ from ..core.qt import QtWidgets
 from ..core.request import GEOREF
 from ..tasks.request import RequestTask
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
-class ResultActions:
+    from .scan import DockScan
+    from .widgets import PreviewLabel
+
+    _DockBase: TypeAlias = QtWidgets.QDockWidget  # the class it is mixed into, for the type checker only
+else:
+    _DockBase = object
+
+
+class ResultActions(_DockBase):
+    # made by EarthDialDock.__init__
+    iface: Any
+    scan: DockScan
+    _task: RequestTask | None
+    last_layer: Any
+    last_preview: Any
+    # made by DockLayout._build_ui (dock_ui.py)
+    preview_label: PreviewLabel
+    preview_caption: QtWidgets.QLabel
+    result_label: QtWidgets.QLabel
+    zoom_button: QtWidgets.QPushButton
+    save_button: QtWidgets.QPushButton
+    resume_button: QtWidgets.QPushButton
+
+    if TYPE_CHECKING:  # the dock's own (dock.py)
+
+        @property
+        def endpoint(self) -> str: ...
+        def _message(self, text: str, level: Any, duration: int = 8) -> None: ...
+        def _show_error(self, error: EarthDialError, endpoint: str, note: str = "") -> None: ...
+
     def _show_preview(self, task: RequestTask, pending: dict[str, Any]) -> None:
         reply = task.reply or {}
         if task.preview is None:
