@@ -20,7 +20,9 @@ NO_AREA = "no_area"  # no rectangle drawn, nothing selected, a region off the ar
 BAD_INPUT = "bad_input"
 UNREACHABLE = "unreachable"  # nothing answered the ping sent before a request
 
-# the backend could not read the layer's file itself: the plugin sends the pixels instead
+# the backend could not read the layer's file itself (it runs on another machine or in a container, may not
+# read that folder, does not open that format, e.g. a VRT, or the read is over its pixel budget): QGIS can,
+# so the plugin sends the pixels instead
 UNREADABLE_FILE = {
     ErrorCode.FILE_NOT_FOUND,
     ErrorCode.FORBIDDEN_PATH,

@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     from .backend_panel import BackendPanel
     from .maptools import RectangleMapTool, RegionMapTool
 
-    _DockBase: TypeAlias = QtWidgets.QDockWidget  # the class it is mixed into, for the type checker only
+    DockBase: TypeAlias = (
+        QtWidgets.QDockWidget
+    )  # the class the dock's mixins go into, for the type checker only
 else:
-    _DockBase = object
+    DockBase = object
 
 
-class DockLayout(_DockBase):
+class DockLayout(DockBase):
     """Builds the panel's widgets as attributes of the dock (a mixin of EarthDialDock)."""
 
     # made by EarthDialDock.__init__ before _build_ui runs

@@ -14,19 +14,14 @@ from ..core.layers import save_to_geopackage
 from ..core.qt import QtWidgets
 from ..core.request import GEOREF
 from ..tasks.request import RequestTask
+from .dock_ui import DockBase
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
-
     from .scan import DockScan
     from .widgets import PreviewLabel
 
-    _DockBase: TypeAlias = QtWidgets.QDockWidget  # the class it is mixed into, for the type checker only
-else:
-    _DockBase = object
 
-
-class ResultActions(_DockBase):
+class ResultActions(DockBase):
     # made by EarthDialDock.__init__
     iface: Any
     scan: DockScan

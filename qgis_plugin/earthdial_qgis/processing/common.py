@@ -41,7 +41,6 @@ from ..tasks.request import ping_first, request_with_fallback
 
 INPUT, INPUT_2, PROMPT, TASK, EXTENT, BANDS = "INPUT", "INPUT_2", "PROMPT", "TASK", "EXTENT", "BANDS"
 PRESET, GSD, ENDPOINT, TIMEOUT, OUTPUT, ANSWER = "PRESET", "GSD", "ENDPOINT", "TIMEOUT", "OUTPUT", "ANSWER"
-# (and also: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
 
 
 def _flag(name: str) -> Any:

@@ -23,9 +23,6 @@ from ..core.sources import SourcePlan, planning_source
 PROBE_TIMEOUT_S = 1.5  # after a timeout: does the backend answer at all?
 PING_TIMEOUT_S = 3.0  # before a request: a backend that is not there is an error now, not after the timeout
 UNPINGED_OPS = ("status", "ping", "plan")  # short requests with short timeouts of their own
-# Replies meaning "the backend cannot read this file": it runs on another machine or in a container, or
-# may not read that directory. QGIS can, so the pixels are sent instead.
-# (and also: a format the backend does not open, e.g. a VRT, or a read over its pixel budget)
 
 
 def resolve_sources(
