@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from earthdial.contract.result_features import with_tile_fields
 from earthdial.contract.wire import EarthDialError, ErrorCode
 from earthdial.jobs import journal
 from earthdial.outputs import files as output
@@ -38,7 +39,6 @@ def journalled_options(options: dict[str, Any]) -> dict[str, Any]:
 def merge(features: list[dict[str, Any]], tiles: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """A scan's raw boxes merged across tile seams, each with the answer and request of its tile: what
     `earthdial detect` writes for a scene."""
-    from earthdial.contract.result_features import with_tile_fields
     from earthdial.scenes import runner  # rasterio and the merge: only where a scan ends
 
     return with_tile_fields(runner.finished(features, tiles), tiles)
