@@ -301,6 +301,22 @@ def _scan_args(path: Path, *flags: str) -> list[str]:
     return ["detect", str(path), "--prompt", "ships", "--tile-size", "224", "--batch", "2", *flags]
 
 
+def test_a_refused_cli_scan_leaves_no_journal_and_the_next_run_starts_afresh(tmp_path: Path) -> None:
+    """A scan refused before any tile finished (here a tile size out of range) keeps nothing to resume: no
+    journal is left beside the output, so the corrected command runs without --resume or a file to delete."""
+    path = mosaic(tmp_path / "mosaic.tif", n=1)
+    out = tmp_path / "out.gpkg"
+    log = Path(journal.path_for(str(out)))
+    refused = run_earthdial(
+        "detect", str(path), "--prompt", "ships", "--tile-size", "16", "-o", str(out), *demo_model_args()
+    )
+    assert refused.returncode == 1 and "bad_request" in refused.stderr, refused.stderr
+    assert not log.exists() and not out.exists()
+    again = run_earthdial(*_scan_args(path, *demo_model_args()), "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert out.exists() and not log.exists()
+
+
 def test_an_interrupted_cli_scan_resumes_skipping_done_tiles_and_equals_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:

@@ -160,7 +160,7 @@ def _scan_options(args: argparse.Namespace) -> dict[str, Any]:
 def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
     """A whole-scene scan (in-process or over the protocol) whose finished tiles go into a journal as they
     come; the output is written from the journal at the end. Ctrl-C, a lost server or an error leaves the
-    journal for `--resume`."""
+    journal for `--resume` when some tile had finished, and none when nothing had."""
     from earthdial.jobs.job import ScanJob, journalled_options
 
     name = f"earthdial {args.command}"
@@ -209,6 +209,7 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
 
             model = choose_model(args.model).path
             if not model:
+                job.discard()
                 print(f"{name}: pass --model DIR (or set EARTHDIAL_MODEL)", file=sys.stderr)
                 return 2
             engine = Engine(model, device=args.device)
@@ -222,16 +223,17 @@ def _run_scan(args: argparse.Namespace, header: dict[str, Any]) -> int:
                 header, engine, lambda event, **f: on_event({"event": event, **f}), lambda: stop["now"]
             )
     except EarthDialError as exc:
-        if job.log is not None:
+        if job.log is not None and job.tiles:
             job.close()
-            if exc.code in ("cancelled", "disconnected", "timeout") or job.tiles:
-                print(
-                    f"\n{name}: {exc.message}\n{len(job.tiles)} finished tile(s) are kept in {job.log.path}; "
-                    "run the same command with --resume to go on",
-                    file=sys.stderr,
-                )
-        elif exc.code == "cancelled":
-            print(f"\n{name}: {exc.message}; nothing written", file=sys.stderr)
+            print(
+                f"\n{name}: {exc.message}\n{len(job.tiles)} finished tile(s) are kept in {job.log.path}; "
+                "run the same command with --resume to go on",
+                file=sys.stderr,
+            )
+        else:
+            job.discard()  # nothing finished (e.g. the request refused): no journal to trip the next run
+            if exc.code == "cancelled":
+                print(f"\n{name}: {exc.message}; nothing written", file=sys.stderr)
         return 130 if exc.code == "cancelled" else _fail(name, exc)
     tiles = job.tiles
     merged = job.merged()
